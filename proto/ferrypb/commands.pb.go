@@ -404,6 +404,76 @@ func (x *CommandResult) GetEntries() []*Entry {
 	return nil
 }
 
+// AppliedRequest remembers the result of an applied request ID, so a retry of the
+// same command is answered without applying it again.
+type AppliedRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	RequestId     string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	TimeUnixNano  int64                  `protobuf:"varint,3,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
+	Result        *CommandResult         `protobuf:"bytes,4,opt,name=result,proto3" json:"result,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AppliedRequest) Reset() {
+	*x = AppliedRequest{}
+	mi := &file_commands_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AppliedRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AppliedRequest) ProtoMessage() {}
+
+func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AppliedRequest.ProtoReflect.Descriptor instead.
+func (*AppliedRequest) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *AppliedRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *AppliedRequest) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *AppliedRequest) GetTimeUnixNano() int64 {
+	if x != nil {
+		return x.TimeUnixNano
+	}
+	return 0
+}
+
+func (x *AppliedRequest) GetResult() *CommandResult {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
 var File_commands_proto protoreflect.FileDescriptor
 
 const file_commands_proto_rawDesc = "" +
@@ -432,7 +502,13 @@ const file_commands_proto_rawDesc = "" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12(\n" +
 	"\x06status\x18\x02 \x01(\v2\x10.ferry.v1.StatusR\x06status\x12&\n" +
 	"\x05items\x18\x03 \x03(\v2\x10.ferry.v1.StatusR\x05items\x12)\n" +
-	"\aentries\x18\x04 \x03(\v2\x0f.ferry.v1.EntryR\aentriesB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
+	"\aentries\x18\x04 \x03(\v2\x0f.ferry.v1.EntryR\aentries\"\x9c\x01\n" +
+	"\x0eAppliedRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\x12$\n" +
+	"\x0etime_unix_nano\x18\x03 \x01(\x03R\ftimeUnixNano\x12/\n" +
+	"\x06result\x18\x04 \x01(\v2\x17.ferry.v1.CommandResultR\x06resultB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
 
 var (
 	file_commands_proto_rawDescOnce sync.Once
@@ -446,30 +522,32 @@ func file_commands_proto_rawDescGZIP() []byte {
 	return file_commands_proto_rawDescData
 }
 
-var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_commands_proto_goTypes = []any{
-	(*Command)(nil),       // 0: ferry.v1.Command
-	(*EntriesCreate)(nil), // 1: ferry.v1.EntriesCreate
-	(*EntriesUpdate)(nil), // 2: ferry.v1.EntriesUpdate
-	(*EntriesDelete)(nil), // 3: ferry.v1.EntriesDelete
-	(*Status)(nil),        // 4: ferry.v1.Status
-	(*CommandResult)(nil), // 5: ferry.v1.CommandResult
-	(*Entry)(nil),         // 6: ferry.v1.Entry
+	(*Command)(nil),        // 0: ferry.v1.Command
+	(*EntriesCreate)(nil),  // 1: ferry.v1.EntriesCreate
+	(*EntriesUpdate)(nil),  // 2: ferry.v1.EntriesUpdate
+	(*EntriesDelete)(nil),  // 3: ferry.v1.EntriesDelete
+	(*Status)(nil),         // 4: ferry.v1.Status
+	(*CommandResult)(nil),  // 5: ferry.v1.CommandResult
+	(*AppliedRequest)(nil), // 6: ferry.v1.AppliedRequest
+	(*Entry)(nil),          // 7: ferry.v1.Entry
 }
 var file_commands_proto_depIdxs = []int32{
 	1, // 0: ferry.v1.Command.entries_create:type_name -> ferry.v1.EntriesCreate
 	2, // 1: ferry.v1.Command.entries_update:type_name -> ferry.v1.EntriesUpdate
 	3, // 2: ferry.v1.Command.entries_delete:type_name -> ferry.v1.EntriesDelete
-	6, // 3: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
-	6, // 4: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
+	7, // 3: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
+	7, // 4: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
 	4, // 5: ferry.v1.CommandResult.status:type_name -> ferry.v1.Status
 	4, // 6: ferry.v1.CommandResult.items:type_name -> ferry.v1.Status
-	6, // 7: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
-	8, // [8:8] is the sub-list for method output_type
-	8, // [8:8] is the sub-list for method input_type
-	8, // [8:8] is the sub-list for extension type_name
-	8, // [8:8] is the sub-list for extension extendee
-	0, // [0:8] is the sub-list for field type_name
+	7, // 7: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
+	5, // 8: ferry.v1.AppliedRequest.result:type_name -> ferry.v1.CommandResult
+	9, // [9:9] is the sub-list for method output_type
+	9, // [9:9] is the sub-list for method input_type
+	9, // [9:9] is the sub-list for extension type_name
+	9, // [9:9] is the sub-list for extension extendee
+	0, // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_commands_proto_init() }
@@ -489,7 +567,7 @@ func file_commands_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_commands_proto_rawDesc), len(file_commands_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

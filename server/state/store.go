@@ -1,0 +1,253 @@
+package state
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-memdb"
+	"github.com/hashicorp/raft"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/ferry-id/ferry/proto/ferrypb"
+)
+
+// DefaultDedupWindow is how long, in command time, a request ID is remembered.
+// A retry later than that is applied again.
+const DefaultDedupWindow = 15 * time.Minute
+
+// Config configures a Store. The zero value is usable.
+type Config struct {
+	Logger *slog.Logger
+	// DedupWindow is how long request IDs are remembered (DefaultDedupWindow if 0).
+	DedupWindow time.Duration
+	// FeedWindow is how many changes the change feed keeps (65,536 if 0).
+	FeedWindow int
+}
+
+// Store is the server's replicated state. It implements raft.FSM and
+// raft.BatchingFSM; reads go through View.
+type Store struct {
+	log         *slog.Logger
+	dedupWindow time.Duration
+	feedWindow  int
+
+	// mu makes (db, feed, applied) change together: a View sees a database and an
+	// index that belong to each other. Apply holds it only for the commit.
+	mu      sync.RWMutex
+	db      *memdb.MemDB
+	feed    *feed
+	applied atomic.Uint64
+	// appliedCh is closed and replaced whenever applied moves.
+	appliedCh chan struct{}
+}
+
+var (
+	_ raft.FSM         = (*Store)(nil)
+	_ raft.BatchingFSM = (*Store)(nil)
+)
+
+// New returns an empty store.
+func New(cfg Config) (*Store, error) {
+	db, err := memdb.NewMemDB(schema())
+	if err != nil {
+		return nil, fmt.Errorf("state: schema: %w", err)
+	}
+	s := &Store{
+		log:         cfg.Logger,
+		dedupWindow: cfg.DedupWindow,
+		feedWindow:  cfg.FeedWindow,
+		db:          db,
+		appliedCh:   make(chan struct{}),
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	if s.dedupWindow <= 0 {
+		s.dedupWindow = DefaultDedupWindow
+	}
+	if s.feedWindow <= 0 {
+		s.feedWindow = defaultFeedWindow
+	}
+	s.feed = newFeed(s.feedWindow, 0)
+	return s, nil
+}
+
+// AppliedIndex is the Raft index of the last log entry applied.
+func (s *Store) AppliedIndex() uint64 { return s.applied.Load() }
+
+// WaitForIndex blocks until the store has applied index, or ctx ends.
+func (s *Store) WaitForIndex(ctx context.Context, index uint64) error {
+	for {
+		s.mu.RLock()
+		ch := s.appliedCh
+		s.mu.RUnlock()
+		if s.applied.Load() >= index {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-ch:
+		}
+	}
+}
+
+// ChangesSince returns every change to the given tables (all tables when none are
+// named) made by commands after index, blocking until there is at least one or ctx
+// ends. It returns ErrCompacted when the feed no longer reaches back to index: the
+// caller reloads from a View and continues from View.Index.
+func (s *Store) ChangesSince(ctx context.Context, index uint64, tables ...string) ([]Change, error) {
+	s.mu.RLock()
+	f := s.feed
+	s.mu.RUnlock()
+	return f.since(ctx, index, tables)
+}
+
+// Apply applies one Raft log entry. It returns a *ferrypb.CommandResult for
+// commands, nil for other log types.
+func (s *Store) Apply(l *raft.Log) any {
+	return s.ApplyBatch([]*raft.Log{l})[0]
+}
+
+// ApplyBatch applies several log entries in one transaction.
+func (s *Store) ApplyBatch(logs []*raft.Log) []any {
+	out := make([]any, len(logs))
+	if len(logs) == 0 {
+		return out
+	}
+	txn := s.db.Txn(true)
+	var changes []Change
+	for i, l := range logs {
+		if l.Type != raft.LogCommand {
+			continue
+		}
+		res, cs := s.applyOne(txn, l)
+		out[i] = res
+		changes = append(changes, cs...)
+	}
+	last := logs[len(logs)-1].Index
+	s.mu.Lock()
+	txn.Commit()
+	s.feed.append(changes, last)
+	s.applied.Store(last)
+	close(s.appliedCh)
+	s.appliedCh = make(chan struct{})
+	s.mu.Unlock()
+	return out
+}
+
+// applyOne applies a command inside txn, de-duplicating by request ID.
+func (s *Store) applyOne(txn *memdb.Txn, l *raft.Log) (*ferrypb.CommandResult, []Change) {
+	cmd, err := DecodeCommand(l.Data)
+	if err != nil {
+		// Every node decodes the same bytes the same way, so refusing is
+		// deterministic; the submitter gets the error.
+		s.log.Error("undecodable log entry", "index", l.Index, "error", err)
+		return failed(l.Index, codes.InvalidArgument, err.Error()), nil
+	}
+	if cmd.RequestId != "" {
+		raw, err := txn.First(TableRequests, "id", cmd.RequestId)
+		if err != nil {
+			panic(fmt.Sprintf("state: requests lookup: %v", err))
+		}
+		if raw != nil {
+			return raw.(*ferrypb.AppliedRequest).Result, nil
+		}
+	}
+	a := &applier{txn: txn, index: l.Index, now: time.Unix(0, cmd.TimeUnixNano)}
+	res := a.apply(cmd)
+	res.Index = l.Index
+	if cmd.RequestId != "" {
+		must(txn.Insert(TableRequests, &ferrypb.AppliedRequest{
+			RequestId:    cmd.RequestId,
+			Index:        l.Index,
+			TimeUnixNano: cmd.TimeUnixNano,
+			Result:       res,
+		}))
+	}
+	s.pruneRequests(txn, cmd.TimeUnixNano)
+	return res, a.changes
+}
+
+// pruneRequests forgets request IDs older than the dedup window, measured in
+// command time so every node prunes the same rows.
+func (s *Store) pruneRequests(txn *memdb.Txn, now int64) {
+	cutoff := now - s.dedupWindow.Nanoseconds()
+	if cutoff <= 0 {
+		return
+	}
+	// Few rows expire per command; stop at the first one still inside the window.
+	for {
+		it, err := txn.LowerBound(TableRequests, "time", int64(0))
+		if err != nil {
+			panic(fmt.Sprintf("state: requests scan: %v", err))
+		}
+		raw := it.Next()
+		if raw == nil || raw.(*ferrypb.AppliedRequest).TimeUnixNano >= cutoff {
+			return
+		}
+		must(txn.Delete(TableRequests, raw))
+	}
+}
+
+// applier applies one command at one index.
+type applier struct {
+	txn     *memdb.Txn
+	index   uint64
+	now     time.Time
+	changes []Change
+}
+
+func (a *applier) apply(cmd *ferrypb.Command) *ferrypb.CommandResult {
+	switch op := cmd.Op.(type) {
+	case *ferrypb.Command_EntriesCreate:
+		return a.createEntries(op.EntriesCreate.Entries)
+	case *ferrypb.Command_EntriesUpdate:
+		return a.updateEntries(op.EntriesUpdate.Entries)
+	case *ferrypb.Command_EntriesDelete:
+		return a.deleteEntries(op.EntriesDelete.Ids)
+	case nil:
+		if cmd.IgnoreUnknown {
+			return &ferrypb.CommandResult{Status: ok()}
+		}
+		// A newer server wrote a command this one does not know. Applying
+		// nothing would make this node's state diverge from the others; stopping
+		// lets the operator upgrade it.
+		panic("state: unknown command type in the log; upgrade this server")
+	default:
+		panic(fmt.Sprintf("state: command %T has no handler", op))
+	}
+}
+
+func (a *applier) upsert(table, key string, row proto.Message) {
+	must(a.txn.Insert(table, row))
+	a.changes = append(a.changes, Change{Index: a.index, Table: table, Op: OpUpsert, Key: key, Row: row})
+}
+
+func (a *applier) delete(table, key string, row proto.Message) {
+	must(a.txn.Delete(table, row))
+	a.changes = append(a.changes, Change{Index: a.index, Table: table, Op: OpDelete, Key: key, Row: row})
+}
+
+func ok() *ferrypb.Status { return &ferrypb.Status{Code: int32(codes.OK)} }
+
+func status(c codes.Code, format string, args ...any) *ferrypb.Status {
+	return &ferrypb.Status{Code: int32(c), Message: fmt.Sprintf(format, args...)}
+}
+
+func failed(index uint64, c codes.Code, msg string) *ferrypb.CommandResult {
+	return &ferrypb.CommandResult{Index: index, Status: &ferrypb.Status{Code: int32(c), Message: msg}}
+}
+
+// must stops the FSM on a go-memdb error: they come only from schema mistakes,
+// and carrying on would let this node diverge.
+func must(err error) {
+	if err != nil {
+		panic(fmt.Sprintf("state: %v", err))
+	}
+}
