@@ -1,0 +1,48 @@
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/ferry-id/ferry/internal/logging"
+	"github.com/ferry-id/ferry/server"
+)
+
+func serverCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "server",
+		Usage: "run a server node",
+		Subcommands: []*cli.Command{{
+			Name:  "run",
+			Usage: "start a server node from its config file",
+			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "config", Usage: "path of server.conf", Value: "conf/server.conf"},
+				&cli.StringFlag{Name: "socket", Usage: "admin socket path (overrides the config)", EnvVars: []string{"FERRY_ADMIN_SOCKET"}},
+			},
+			Action: func(c *cli.Context) error {
+				cfg, err := server.LoadConfig(c.String("config"))
+				if err != nil {
+					return err
+				}
+				if s := c.String("socket"); s != "" {
+					cfg.AdminSocket = s
+				}
+				log, err := logging.New(os.Stderr, cfg.LogLevel, cfg.LogFormat)
+				if err != nil {
+					return err
+				}
+				cfg.Logger = log
+				srv, err := server.New(cfg)
+				if err != nil {
+					return err
+				}
+				ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+				defer stop()
+				return srv.Run(ctx)
+			},
+		}},
+	}
+}

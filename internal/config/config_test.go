@@ -1,0 +1,54 @@
+package config_test
+
+import (
+	"testing"
+
+	"github.com/hashicorp/hcl/hcl/token"
+	"github.com/stretchr/testify/require"
+
+	"github.com/ferry-id/ferry/internal/config"
+)
+
+type inner struct {
+	Addr       string                 `hcl:"addr"`
+	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type outer struct {
+	Name       string                 `hcl:"name"`
+	Inner      *inner                 `hcl:"inner"`
+	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type file struct {
+	Outer      *outer                 `hcl:"outer"`
+	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+func TestDecode(t *testing.T) {
+	var f file
+	require.NoError(t, config.DecodeString("t.conf", `
+outer {
+  name = "a"
+  inner { addr = "127.0.0.1:1" }
+}`, &f))
+	require.Equal(t, "a", f.Outer.Name)
+	require.Equal(t, "127.0.0.1:1", f.Outer.Inner.Addr)
+}
+
+func TestDecodeRefusesUnknownKeys(t *testing.T) {
+	var f file
+	err := config.DecodeString("t.conf", `
+outer {
+  nmae = "a"
+  inner { adr = "x" }
+}
+other = 1`, &f)
+	require.EqualError(t, err, "config: t.conf: unknown setting(s): other (line 6), outer.inner.adr (line 4), outer.nmae (line 3)")
+}
+
+func TestResolve(t *testing.T) {
+	require.Equal(t, "/etc/ferry/data", config.Resolve("/etc/ferry/server.conf", "data"))
+	require.Equal(t, "/abs", config.Resolve("/etc/ferry/server.conf", "/abs"))
+	require.Equal(t, "", config.Resolve("/etc/ferry/server.conf", ""))
+}

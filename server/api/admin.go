@@ -1,0 +1,333 @@
+// Package api implements the server's gRPC services: the operator's Admin API on
+// the admin unix socket. Errors leave as gRPC status codes; everything underneath
+// returns plain Go errors.
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+
+	"github.com/google/uuid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/state"
+)
+
+// Cluster is what the Admin API needs from the server's Raft membership.
+// Implementations are safe for concurrent use.
+type Cluster interface {
+	// Apply commits a command (forwarding it to the leader when needed) and returns
+	// the FSM's result.
+	Apply(ctx context.Context, cmd *ferrypb.Command) (*ferrypb.CommandResult, error)
+	// VerifyRead returns once this node's state reflects every write acknowledged
+	// before the call (a linearizable read barrier).
+	VerifyRead(ctx context.Context) error
+	Join(ctx context.Context, addr string) error
+	Members(ctx context.Context) (*ferrypb.ClusterListResponse, error)
+	Remove(ctx context.Context, id string) error
+	SnapshotSave(ctx context.Context, w io.Writer) error
+	SnapshotRestore(ctx context.Context, r io.Reader) (uint64, error)
+}
+
+// Config configures the Admin service.
+type Config struct {
+	Cluster Cluster
+	Store   *state.Store
+	Logger  *slog.Logger
+	// MaxBatch is the most entries one command carries (a bigger request is split
+	// into several commands). Default 1,000.
+	MaxBatch int
+}
+
+// Admin implements ferrypb.AdminServer.
+type Admin struct {
+	ferrypb.UnimplementedAdminServer
+	cfg Config
+	log *slog.Logger
+}
+
+var _ ferrypb.AdminServer = (*Admin)(nil)
+
+// NewAdmin returns the Admin service.
+func NewAdmin(cfg Config) (*Admin, error) {
+	if cfg.Cluster == nil || cfg.Store == nil {
+		return nil, errors.New("api: cluster and store are required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.MaxBatch <= 0 {
+		cfg.MaxBatch = 1000
+	}
+	return &Admin{cfg: cfg, log: cfg.Logger}, nil
+}
+
+// ClusterJoin asks this node to join the cluster a member of which listens at the
+// given address.
+func (a *Admin) ClusterJoin(ctx context.Context, req *ferrypb.ClusterJoinRequest) (*ferrypb.ClusterJoinResponse, error) {
+	if req.Address == "" {
+		return nil, status.Error(codes.InvalidArgument, "address is required")
+	}
+	if err := a.cfg.Cluster.Join(ctx, req.Address); err != nil {
+		return nil, toStatus(err)
+	}
+	return &ferrypb.ClusterJoinResponse{}, nil
+}
+
+func (a *Admin) ClusterList(ctx context.Context, _ *ferrypb.ClusterListRequest) (*ferrypb.ClusterListResponse, error) {
+	resp, err := a.cfg.Cluster.Members(ctx)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return resp, nil
+}
+
+func (a *Admin) ClusterRemove(ctx context.Context, req *ferrypb.ClusterRemoveRequest) (*ferrypb.ClusterRemoveResponse, error) {
+	if req.Id == "" {
+		return nil, status.Error(codes.InvalidArgument, "id is required")
+	}
+	if err := a.cfg.Cluster.Remove(ctx, req.Id); err != nil {
+		return nil, toStatus(err)
+	}
+	return &ferrypb.ClusterRemoveResponse{}, nil
+}
+
+// chunkWriter streams what is written to it as SnapshotChunks.
+type chunkWriter struct {
+	stream ferrypb.Admin_SnapshotSaveServer
+}
+
+func (w chunkWriter) Write(p []byte) (int, error) {
+	const max = 1 << 20
+	for off := 0; off < len(p); off += max {
+		end := min(off+max, len(p))
+		if err := w.stream.Send(&ferrypb.SnapshotChunk{Data: p[off:end]}); err != nil {
+			return off, err
+		}
+	}
+	return len(p), nil
+}
+
+func (a *Admin) SnapshotSave(_ *ferrypb.SnapshotSaveRequest, stream ferrypb.Admin_SnapshotSaveServer) error {
+	if err := a.cfg.Cluster.SnapshotSave(stream.Context(), chunkWriter{stream}); err != nil {
+		return toStatus(err)
+	}
+	return nil
+}
+
+// chunkReader reads the bytes of a SnapshotChunk client stream.
+type chunkReader struct {
+	stream ferrypb.Admin_SnapshotRestoreServer
+	buf    []byte
+}
+
+func (r *chunkReader) Read(p []byte) (int, error) {
+	for len(r.buf) == 0 {
+		c, err := r.stream.Recv()
+		if err != nil {
+			return 0, err // io.EOF at the end of the stream
+		}
+		r.buf = c.Data
+	}
+	n := copy(p, r.buf)
+	r.buf = r.buf[n:]
+	return n, nil
+}
+
+func (a *Admin) SnapshotRestore(stream ferrypb.Admin_SnapshotRestoreServer) error {
+	index, err := a.cfg.Cluster.SnapshotRestore(stream.Context(), &chunkReader{stream: stream})
+	if err != nil {
+		return toStatus(err)
+	}
+	a.log.Warn("cluster state restored from a snapshot", "index", index)
+	return stream.SendAndClose(&ferrypb.SnapshotRestoreResponse{Index: index})
+}
+
+// BatchCreateEntry creates entries; each gets its own status. Entries without an
+// ID get a new random one.
+func (a *Admin) BatchCreateEntry(ctx context.Context, req *ferrypb.BatchCreateEntryRequest) (*ferrypb.BatchEntryResponse, error) {
+	entries := make([]*ferrypb.Entry, len(req.Entries))
+	for i, e := range req.Entries {
+		e = proto.Clone(e).(*ferrypb.Entry)
+		if e.Id == "" {
+			e.Id = uuid.NewString()
+		}
+		e.Revision, e.CreatedIndex, e.CreatedAt = 0, 0, 0
+		entries[i] = e
+	}
+	return a.batchEntries(ctx, req.RequestId, entries, func(es []*ferrypb.Entry) *ferrypb.Command {
+		return &ferrypb.Command{Op: &ferrypb.Command_EntriesCreate{EntriesCreate: &ferrypb.EntriesCreate{Entries: es}}}
+	})
+}
+
+// BatchUpdateEntry replaces entries by ID. An entry carrying a non-zero revision
+// is updated only if it still has that revision (compare-and-set).
+func (a *Admin) BatchUpdateEntry(ctx context.Context, req *ferrypb.BatchUpdateEntryRequest) (*ferrypb.BatchEntryResponse, error) {
+	return a.batchEntries(ctx, req.RequestId, req.Entries, func(es []*ferrypb.Entry) *ferrypb.Command {
+		return &ferrypb.Command{Op: &ferrypb.Command_EntriesUpdate{EntriesUpdate: &ferrypb.EntriesUpdate{Entries: es}}}
+	})
+}
+
+func (a *Admin) BatchDeleteEntry(ctx context.Context, req *ferrypb.BatchDeleteEntryRequest) (*ferrypb.BatchEntryResponse, error) {
+	resp := &ferrypb.BatchEntryResponse{}
+	for n, chunk := range chunks(req.Ids, a.cfg.MaxBatch) {
+		res, err := a.cfg.Cluster.Apply(ctx, &ferrypb.Command{
+			RequestId: chunkRequestID(req.RequestId, n),
+			Op:        &ferrypb.Command_EntriesDelete{EntriesDelete: &ferrypb.EntriesDelete{Ids: chunk}},
+		})
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		if err := resultError(res); err != nil {
+			return nil, err
+		}
+		resp.Results = append(resp.Results, res.Items...)
+		resp.Entries = append(resp.Entries, res.Entries...)
+		resp.Index = res.Index
+	}
+	return resp, nil
+}
+
+// batchEntries validates entries, commits the valid ones in commands of at most
+// MaxBatch, and returns one status per input entry, in order.
+func (a *Admin) batchEntries(ctx context.Context, requestID string, in []*ferrypb.Entry, mk func([]*ferrypb.Entry) *ferrypb.Command) (*ferrypb.BatchEntryResponse, error) {
+	resp := &ferrypb.BatchEntryResponse{
+		Results: make([]*ferrypb.Status, len(in)),
+		Entries: make([]*ferrypb.Entry, len(in)),
+	}
+	var valid []*ferrypb.Entry
+	var pos []int
+	for i, e := range in {
+		if err := state.ValidateEntry(e); err != nil {
+			resp.Results[i] = &ferrypb.Status{Code: int32(codes.InvalidArgument), Message: "invalid entry: " + err.Error()}
+			continue
+		}
+		valid = append(valid, e)
+		pos = append(pos, i)
+	}
+	done := 0
+	for n, chunk := range chunks(valid, a.cfg.MaxBatch) {
+		cmd := mk(chunk)
+		cmd.RequestId = chunkRequestID(requestID, n)
+		res, err := a.cfg.Cluster.Apply(ctx, cmd)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		if err := resultError(res); err != nil {
+			return nil, err
+		}
+		for j := range chunk {
+			i := pos[done+j]
+			if j < len(res.Items) {
+				resp.Results[i] = res.Items[j]
+			}
+			if j < len(res.Entries) {
+				resp.Entries[i] = res.Entries[j]
+			}
+		}
+		done += len(chunk)
+		resp.Index = res.Index
+	}
+	return resp, nil
+}
+
+func chunks[T any](in []T, size int) [][]T {
+	var out [][]T
+	for len(in) > 0 {
+		n := min(size, len(in))
+		out = append(out, in[:n])
+		in = in[n:]
+	}
+	return out
+}
+
+// chunkRequestID derives a request ID per command from the caller's, so a retried
+// request replays every chunk idempotently. No caller ID: a fresh one per chunk.
+func chunkRequestID(requestID string, n int) string {
+	if requestID == "" {
+		return uuid.NewString()
+	}
+	if n == 0 {
+		return requestID
+	}
+	return fmt.Sprintf("%s/%d", requestID, n)
+}
+
+func (a *Admin) GetEntry(ctx context.Context, req *ferrypb.GetEntryRequest) (*ferrypb.Entry, error) {
+	if err := a.read(ctx, req.Consistency); err != nil {
+		return nil, err
+	}
+	e := a.cfg.Store.View().Entry(req.Id)
+	if e == nil {
+		return nil, status.Errorf(codes.NotFound, "entry %q not found", req.Id)
+	}
+	return e, nil
+}
+
+const maxPageSize = 10000
+
+func (a *Admin) ListEntries(ctx context.Context, req *ferrypb.ListEntriesRequest) (*ferrypb.ListEntriesResponse, error) {
+	if err := a.read(ctx, req.Consistency); err != nil {
+		return nil, err
+	}
+	size := int(req.PageSize)
+	if size <= 0 || size > maxPageSize {
+		size = maxPageSize
+	}
+	entries, next := a.cfg.Store.View().ListEntries(state.EntryFilter{
+		SpiffeID:  req.BySpiffeId,
+		ParentID:  req.ByParentId,
+		Hint:      req.ByHint,
+		Selectors: req.BySelectors,
+	}, req.PageToken, size)
+	return &ferrypb.ListEntriesResponse{Entries: entries, NextPageToken: next}, nil
+}
+
+func (a *Admin) CountEntries(ctx context.Context, req *ferrypb.CountEntriesRequest) (*ferrypb.CountEntriesResponse, error) {
+	if err := a.read(ctx, req.Consistency); err != nil {
+		return nil, err
+	}
+	return &ferrypb.CountEntriesResponse{Count: int64(a.cfg.Store.View().CountEntries())}, nil
+}
+
+func (a *Admin) read(ctx context.Context, c ferrypb.ReadConsistency) error {
+	if c != ferrypb.ReadConsistency_READ_LINEARIZABLE {
+		return nil
+	}
+	if err := a.cfg.Cluster.VerifyRead(ctx); err != nil {
+		return toStatus(err)
+	}
+	return nil
+}
+
+// resultError turns a whole-command failure into a gRPC status.
+func resultError(res *ferrypb.CommandResult) error {
+	if st := res.GetStatus(); st != nil && codes.Code(st.Code) != codes.OK {
+		return status.Error(codes.Code(st.Code), st.Message)
+	}
+	return nil
+}
+
+// toStatus maps an error from below to a gRPC status, keeping one that already is.
+func toStatus(err error) error {
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	switch {
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Canceled, err.Error())
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.Error(codes.DeadlineExceeded, err.Error())
+	case errors.Is(err, state.ErrCommandTooLarge):
+		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, state.ErrBadSnapshot):
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	return status.Error(codes.Unavailable, err.Error())
+}

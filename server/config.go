@@ -1,0 +1,115 @@
+package server
+
+import (
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/hashicorp/hcl/hcl/token"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/ferry-id/ferry/internal/config"
+	"github.com/ferry-id/ferry/server/cluster"
+)
+
+// fileConfig is server.conf as written; LoadConfig turns it into a Config.
+type fileConfig struct {
+	Server     *serverBlock             `hcl:"server"`
+	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type serverBlock struct {
+	NodeID      string                 `hcl:"node_id"`
+	TrustDomain string                 `hcl:"trust_domain"`
+	DataDir     string                 `hcl:"data_dir"`
+	AdminSocket string                 `hcl:"admin_socket"`
+	HealthAddr  string                 `hcl:"health_addr"`
+	LogLevel    string                 `hcl:"log_level"`
+	LogFormat   string                 `hcl:"log_format"`
+	Cluster     *clusterBlock          `hcl:"cluster"`
+	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type clusterBlock struct {
+	BindAddr          string                 `hcl:"bind_addr"`
+	AdvertiseAddr     string                 `hcl:"advertise_addr"`
+	Bootstrap         bool                   `hcl:"bootstrap"`
+	RetryJoin         []string               `hcl:"retry_join"`
+	LogStore          string                 `hcl:"log_store"`
+	CAFile            string                 `hcl:"ca_file"`
+	CertFile          string                 `hcl:"cert_file"`
+	KeyFile           string                 `hcl:"key_file"`
+	SnapshotThreshold int                    `hcl:"snapshot_threshold"`
+	TrailingLogs      int                    `hcl:"trailing_logs"`
+	SnapshotInterval  string                 `hcl:"snapshot_interval"`
+	UnusedKeys        map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+// LoadConfig reads server.conf. Relative paths in it are relative to the file.
+func LoadConfig(path string) (Config, error) {
+	var f fileConfig
+	if err := config.Decode(path, &f); err != nil {
+		return Config{}, err
+	}
+	if f.Server == nil {
+		return Config{}, fmt.Errorf("server: %s has no server block", path)
+	}
+	s := f.Server
+	c := Config{
+		NodeID:      s.NodeID,
+		DataDir:     config.Resolve(path, s.DataDir),
+		AdminSocket: config.Resolve(path, s.AdminSocket),
+		HealthAddr:  s.HealthAddr,
+		LogLevel:    s.LogLevel,
+		LogFormat:   s.LogFormat,
+	}
+	if s.TrustDomain != "" {
+		td, err := spiffeid.TrustDomainFromString(s.TrustDomain)
+		if err != nil {
+			return Config{}, fmt.Errorf("server: trust_domain: %w", err)
+		}
+		c.TrustDomain = td
+	}
+	if cb := s.Cluster; cb != nil {
+		c.Cluster = ClusterConfig{
+			BindAddr:          cb.BindAddr,
+			AdvertiseAddr:     cb.AdvertiseAddr,
+			Bootstrap:         cb.Bootstrap,
+			RetryJoin:         cb.RetryJoin,
+			LogStore:          cb.LogStore,
+			TLS:               cluster.TLSFiles{CAFile: config.Resolve(path, cb.CAFile), CertFile: config.Resolve(path, cb.CertFile), KeyFile: config.Resolve(path, cb.KeyFile)},
+			SnapshotThreshold: uint64(max(cb.SnapshotThreshold, 0)),
+			TrailingLogs:      uint64(max(cb.TrailingLogs, 0)),
+		}
+		if cb.SnapshotInterval != "" {
+			d, err := time.ParseDuration(cb.SnapshotInterval)
+			if err != nil {
+				return Config{}, fmt.Errorf("server: cluster.snapshot_interval: %w", err)
+			}
+			c.Cluster.SnapshotInterval = d
+		}
+	}
+	return c, c.validate()
+}
+
+func (c *Config) validate() error {
+	if c.NodeID == "" {
+		return fmt.Errorf("server: node_id is required")
+	}
+	if c.DataDir == "" {
+		return fmt.Errorf("server: data_dir is required")
+	}
+	if c.TrustDomain.IsZero() {
+		return fmt.Errorf("server: trust_domain is required")
+	}
+	if c.Cluster.BindAddr == "" {
+		return fmt.Errorf("server: cluster.bind_addr is required")
+	}
+	if c.Cluster.TLS.CAFile == "" || c.Cluster.TLS.CertFile == "" || c.Cluster.TLS.KeyFile == "" {
+		return fmt.Errorf("server: cluster.ca_file, cert_file and key_file are required (create them with `ferry cluster tls ca create` and `ferry cluster tls cert create`)")
+	}
+	if c.AdminSocket == "" {
+		c.AdminSocket = filepath.Join(c.DataDir, "admin.sock")
+	}
+	return nil
+}

@@ -1,0 +1,352 @@
+// Package server is the ferry server role: one node of a Raft-replicated
+// trust-domain authority. It wires the replicated state (server/state), the Raft
+// membership (server/cluster) and the gRPC APIs (server/api), and serves health
+// and metrics.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/api"
+	"github.com/ferry-id/ferry/server/cluster"
+	"github.com/ferry-id/ferry/server/state"
+)
+
+// Config configures one server node.
+type Config struct {
+	NodeID      string
+	TrustDomain spiffeid.TrustDomain
+	// DataDir holds Raft's log and snapshots and this node's keys (created 0700).
+	DataDir string
+	// AdminSocket is the admin API's unix socket (mode 0600); default DataDir/admin.sock.
+	AdminSocket string
+	// HealthAddr serves /live, /ready and /metrics over plain HTTP; empty disables it.
+	HealthAddr string
+	LogLevel   string
+	LogFormat  string
+	Cluster    ClusterConfig
+	// Logger overrides the logger built from LogLevel and LogFormat.
+	Logger *slog.Logger
+}
+
+// ClusterConfig is the Raft part of Config.
+type ClusterConfig struct {
+	BindAddr      string
+	AdvertiseAddr string
+	// Bootstrap makes a node with an empty data dir start a new one-node cluster.
+	Bootstrap bool
+	// RetryJoin lists members to join through until one accepts, when this node
+	// is in no cluster yet.
+	RetryJoin         []string
+	LogStore          string
+	TLS               cluster.TLSFiles
+	SnapshotThreshold uint64
+	TrailingLogs      uint64
+	SnapshotInterval  time.Duration
+}
+
+// Server is a running server node.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	store   *state.Store
+	node    *cluster.Node
+	metrics *prometheus.Registry
+
+	readyOnce sync.Once
+	ready     chan struct{}
+}
+
+// New validates cfg and prepares a server; Run starts it.
+func New(cfg Config) (*Server, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	log = log.With("node", cfg.NodeID)
+	store, err := state.New(state.Config{Logger: log.With("component", "state")})
+	if err != nil {
+		return nil, err
+	}
+	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{})}, nil
+}
+
+// Store is the node's replicated state (read-only use).
+func (s *Server) Store() *state.Store { return s.store }
+
+// Ready is closed once the admin API is listening.
+func (s *Server) Ready() <-chan struct{} { return s.ready }
+
+// Run starts the node and serves until ctx ends.
+func (s *Server) Run(ctx context.Context) error {
+	if err := os.MkdirAll(s.cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("server: data dir: %w", err)
+	}
+	if err := os.Chmod(s.cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("server: data dir: %w", err)
+	}
+	node, err := cluster.New(cluster.Config{
+		NodeID:            s.cfg.NodeID,
+		DataDir:           filepath.Join(s.cfg.DataDir, "raft"),
+		BindAddr:          s.cfg.Cluster.BindAddr,
+		AdvertiseAddr:     s.cfg.Cluster.AdvertiseAddr,
+		TLS:               s.cfg.Cluster.TLS,
+		Bootstrap:         s.cfg.Cluster.Bootstrap,
+		FSM:               s.store,
+		LogStore:          s.cfg.Cluster.LogStore,
+		Logger:            s.log.With("component", "cluster"),
+		SnapshotThreshold: s.cfg.Cluster.SnapshotThreshold,
+		TrailingLogs:      s.cfg.Cluster.TrailingLogs,
+		SnapshotInterval:  s.cfg.Cluster.SnapshotInterval,
+	})
+	if err != nil {
+		return fmt.Errorf("server: %w", err)
+	}
+	s.node = node
+	defer node.Close()
+	s.registerMetrics()
+
+	admin, err := api.NewAdmin(api.Config{Cluster: clusterAPI{node, s.store}, Store: s.store, Logger: s.log.With("component", "admin")})
+	if err != nil {
+		return err
+	}
+	lis, err := listenUnix(s.cfg.AdminSocket)
+	if err != nil {
+		return err
+	}
+	gs := grpc.NewServer(grpc.ChainUnaryInterceptor(s.unaryInterceptor), grpc.ChainStreamInterceptor(s.streamInterceptor))
+	ferrypb.RegisterAdminServer(gs, admin)
+
+	errc := make(chan error, 3)
+	go func() { errc <- gs.Serve(lis) }()
+	var hs *http.Server
+	if s.cfg.HealthAddr != "" {
+		hl, err := net.Listen("tcp", s.cfg.HealthAddr)
+		if err != nil {
+			gs.Stop()
+			return fmt.Errorf("server: health listener: %w", err)
+		}
+		hs = &http.Server{Handler: s.healthHandler(), ReadHeaderTimeout: 5 * time.Second}
+		go func() { errc <- hs.Serve(hl) }()
+		s.log.Info("health and metrics", "addr", hl.Addr().String())
+	}
+	if len(s.cfg.Cluster.RetryJoin) > 0 {
+		go s.retryJoin(ctx)
+	}
+	s.log.Info("server running", "trust_domain", s.cfg.TrustDomain.String(), "cluster_addr", node.Addr(), "admin_socket", s.cfg.AdminSocket)
+	s.readyOnce.Do(func() { close(s.ready) })
+
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+		s.log.Error("listener failed", "error", err)
+	}
+	stopped := make(chan struct{})
+	go func() { gs.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		gs.Stop()
+	}
+	if hs != nil {
+		_ = hs.Close()
+	}
+	_ = os.Remove(s.cfg.AdminSocket)
+	s.log.Info("server stopped")
+	return err
+}
+
+// retryJoin joins the cluster through the configured members while this node is
+// in no cluster: not a leader, no known leader, and a configuration of itself at most.
+func (s *Server) retryJoin(ctx context.Context) {
+	for attempt := 0; ; attempt++ {
+		if s.inCluster(ctx) {
+			return
+		}
+		for _, addr := range s.cfg.Cluster.RetryJoin {
+			jctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			err := s.node.Join(jctx, addr)
+			cancel()
+			if err == nil {
+				s.log.Info("joined cluster", "via", addr)
+				return
+			}
+			if attempt%10 == 0 {
+				s.log.Warn("join failed; retrying", "via", addr, "error", err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
+
+func (s *Server) inCluster(ctx context.Context) bool {
+	members, err := s.node.Members(ctx)
+	if err != nil {
+		return false
+	}
+	return len(members) > 1 || (len(members) == 1 && members[0].ID == s.cfg.NodeID && s.node.IsLeader())
+}
+
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("server: admin socket: %w", err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("server: admin socket: %s exists and is not a socket", path)
+		}
+		// A socket nobody answers on is left over from a stopped server.
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("server: admin socket: %s is in use by another process", path)
+		}
+		_ = os.Remove(path)
+	}
+	lis, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("server: admin socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		lis.Close()
+		return nil, fmt.Errorf("server: admin socket: %w", err)
+	}
+	return lis, nil
+}
+
+// unaryInterceptor keeps a panic from reaching the client or killing the server,
+// and counts requests.
+func (s *Server) unaryInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("panic in handler", "method", info.FullMethod, "panic", r, "stack", string(debug.Stack()))
+			err = status.Error(codes.Internal, "internal error")
+		}
+		adminRequests.WithLabelValues(info.FullMethod, status.Code(err).String()).Inc()
+	}()
+	return h(ctx, req)
+}
+
+func (s *Server) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("panic in handler", "method", info.FullMethod, "panic", r, "stack", string(debug.Stack()))
+			err = status.Error(codes.Internal, "internal error")
+		}
+		adminRequests.WithLabelValues(info.FullMethod, status.Code(err).String()).Inc()
+	}()
+	return h(srv, ss)
+}
+
+var adminRequests = prometheus.NewCounterVec(prometheus.CounterOpts{
+	Name: "ferry_admin_requests_total",
+	Help: "Admin API requests by method and gRPC code.",
+}, []string{"method", "code"})
+
+func (s *Server) registerMetrics() {
+	s.metrics.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		adminRequests,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ferry_raft_applied_index", Help: "Last Raft index applied by this node's state machine."},
+			func() float64 { return float64(s.store.AppliedIndex()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ferry_raft_leader", Help: "1 if this node is the Raft leader."},
+			func() float64 {
+				if s.node.IsLeader() {
+					return 1
+				}
+				return 0
+			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ferry_raft_term", Help: "Current Raft term."},
+			func() float64 { v, _ := strconv.ParseFloat(s.node.Stats()["term"], 64); return v }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ferry_entries", Help: "Registration entries in the state."},
+			func() float64 { return float64(s.store.View().CountEntries()) }),
+	)
+}
+
+func (s *Server) healthHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /live", func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
+		if id, _ := s.node.Leader(); id == "" {
+			http.Error(w, "no cluster leader known", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = io.WriteString(w, "ok\n")
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics, promhttp.HandlerOpts{}))
+	return mux
+}
+
+// clusterAPI adapts cluster.Node to what the Admin API needs.
+type clusterAPI struct {
+	n     *cluster.Node
+	store *state.Store
+}
+
+func (c clusterAPI) Apply(ctx context.Context, cmd *ferrypb.Command) (*ferrypb.CommandResult, error) {
+	return c.n.Apply(ctx, cmd)
+}
+func (c clusterAPI) VerifyRead(ctx context.Context) error        { return c.n.VerifyRead(ctx) }
+func (c clusterAPI) Join(ctx context.Context, addr string) error { return c.n.Join(ctx, addr) }
+func (c clusterAPI) Remove(ctx context.Context, id string) error { return c.n.Remove(ctx, id) }
+
+func (c clusterAPI) Members(ctx context.Context) (*ferrypb.ClusterListResponse, error) {
+	ms, err := c.n.Members(ctx)
+	if err != nil {
+		return nil, err
+	}
+	stats := c.n.Stats()
+	resp := &ferrypb.ClusterListResponse{}
+	resp.Term, _ = strconv.ParseUint(stats["term"], 10, 64)
+	resp.CommitIndex, _ = strconv.ParseUint(stats["commit_index"], 10, 64)
+	resp.AppliedIndex, _ = strconv.ParseUint(stats["applied_index"], 10, 64)
+	for _, m := range ms {
+		resp.Members = append(resp.Members, &ferrypb.ClusterMember{Id: m.ID, Address: m.Address, Voter: m.Voter, Leader: m.Leader, LastIndex: m.LastIndex})
+	}
+	return resp, nil
+}
+
+func (c clusterAPI) SnapshotSave(ctx context.Context, w io.Writer) error {
+	return c.n.SnapshotSave(ctx, w)
+}
+
+func (c clusterAPI) SnapshotRestore(ctx context.Context, r io.Reader) (uint64, error) {
+	if err := c.n.SnapshotRestore(ctx, r); err != nil {
+		if errors.Is(err, cluster.ErrSnapshotCorrupt) {
+			return 0, status.Error(codes.InvalidArgument, err.Error())
+		}
+		return 0, err
+	}
+	return c.store.AppliedIndex(), nil
+}
