@@ -14,7 +14,7 @@ import (
 
 // fileConfig is server.conf as written; LoadConfig turns it into a Config.
 type fileConfig struct {
-	Server     *serverBlock             `hcl:"server"`
+	Server     *serverBlock           `hcl:"server"`
 	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
