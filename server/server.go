@@ -330,7 +330,9 @@ func (c clusterAPI) Members(ctx context.Context) (*ferrypb.ClusterListResponse, 
 	resp := &ferrypb.ClusterListResponse{}
 	resp.Term, _ = strconv.ParseUint(stats["term"], 10, 64)
 	resp.CommitIndex, _ = strconv.ParseUint(stats["commit_index"], 10, 64)
-	resp.AppliedIndex, _ = strconv.ParseUint(stats["applied_index"], 10, 64)
+	// Raft's own applied_index moves when entries are handed to the FSM; the
+	// store's moves when they are applied, which is what readers care about.
+	resp.AppliedIndex = c.store.AppliedIndex()
 	for _, m := range ms {
 		resp.Members = append(resp.Members, &ferrypb.ClusterMember{Id: m.ID, Address: m.Address, Voter: m.Voter, Leader: m.Leader, LastIndex: m.LastIndex})
 	}

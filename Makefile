@@ -1,0 +1,44 @@
+# ferry — run `make help` for the list of targets.
+SHELL := /bin/bash
+GO    ?= go
+BIN   := bin/ferry
+DEV   ?= .dev
+
+.PHONY: help build run test test-short interop bench proto lint fuzz clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+build: ## build bin/ferry
+	$(GO) build -o $(BIN) ./cmd/ferry
+
+run: build ## start everything on this machine (server, agent, bridge) with embedded defaults in .dev/
+	./$(BIN) dev --data-dir $(DEV)
+
+test: ## what every commit must pass: vet, unit, cluster and end-to-end tests with the race detector
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+test-short: ## the fast unit tier only
+	$(GO) test -short -count=1 ./...
+
+interop: ## unmodified go-spiffe and Azure SDK clients against a running ferry (test/interop)
+	@if [ -f test/interop/go.mod ]; then cd test/interop && $(GO) test -count=1 -timeout 15m ./...; \
+	else echo "test/interop: no suites yet"; fi
+
+bench: ## benchmarks that print figures (3-node write throughput, and package benchmarks)
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./test/e2e/
+	$(GO) test -run '^$$' -bench . -timeout 30m ./server/... ./bridge/... ./agent/...
+
+fuzz: ## run every fuzz target for FUZZTIME each (default 20s)
+	@./scripts/fuzz.sh $${FUZZTIME:-20s}
+
+proto: ## regenerate proto/ferrypb from proto/*.proto (needs protoc: apt-get install protobuf-compiler)
+	./proto/gen.sh
+
+lint: ## gofmt and go vet
+	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+clean: ## remove build output and the dev data dir
+	rm -rf bin $(DEV)
