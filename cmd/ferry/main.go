@@ -29,6 +29,7 @@ func newApp() *cli.App {
 			serverCommand(),
 			clusterCommand(),
 			entryCommand(),
+			devCommand(),
 		},
 	}
 }

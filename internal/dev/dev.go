@@ -1,0 +1,190 @@
+// Package dev runs a whole ferry on one machine in one process, for trying it out:
+// a one-node server with everything it needs generated under a data directory.
+// `make run` starts it. Nothing here is for production: the cluster CA key lives
+// next to the data it protects.
+package dev
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/ferry-id/ferry/server"
+	"github.com/ferry-id/ferry/server/cluster"
+)
+
+// Config configures a dev stack.
+type Config struct {
+	DataDir     string
+	TrustDomain spiffeid.TrustDomain
+	Logger      *slog.Logger
+	// Out receives the "what to try next" text once the stack is ready.
+	Out io.Writer
+}
+
+// Stack is a running dev stack.
+type Stack struct {
+	cfg Config
+	log *slog.Logger
+}
+
+// New prepares a dev stack; Run starts it.
+func New(cfg Config) (*Stack, error) {
+	if cfg.DataDir == "" {
+		return nil, errors.New("dev: data dir is required")
+	}
+	if cfg.TrustDomain.IsZero() {
+		cfg.TrustDomain = spiffeid.RequireTrustDomainFromString("example.org")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Out == nil {
+		cfg.Out = io.Discard
+	}
+	abs, err := filepath.Abs(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	cfg.DataDir = abs
+	return &Stack{cfg: cfg, log: cfg.Logger}, nil
+}
+
+// ports remembers the loopback ports the stack chose the first time, so a
+// restart from the same data dir finds its one-node Raft cluster where it left it.
+type ports struct {
+	Cluster int `json:"cluster"`
+	Health  int `json:"health"`
+}
+
+func (s *Stack) ports() (ports, error) {
+	path := filepath.Join(s.cfg.DataDir, "ports.json")
+	var p ports
+	if data, err := os.ReadFile(path); err == nil {
+		if err := json.Unmarshal(data, &p); err != nil {
+			return p, fmt.Errorf("dev: %s: %w", path, err)
+		}
+		return p, nil
+	}
+	var err error
+	if p.Cluster, err = freePort(); err != nil {
+		return p, err
+	}
+	if p.Health, err = freePort(); err != nil {
+		return p, err
+	}
+	data, _ := json.Marshal(p)
+	return p, os.WriteFile(path, data, 0o600)
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("dev: %w", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// Run starts the stack and blocks until ctx ends.
+func (s *Stack) Run(ctx context.Context) error {
+	dir := s.cfg.DataDir
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("dev: %w", err)
+	}
+	p, err := s.ports()
+	if err != nil {
+		return err
+	}
+	tlsDir := filepath.Join(dir, "cluster-tls")
+	if _, err := os.Stat(filepath.Join(tlsDir, "ca.pem")); err != nil {
+		if _, err := cluster.CreateCA(cluster.CAOptions{Dir: tlsDir}); err != nil {
+			return err
+		}
+	}
+	nodeDir := filepath.Join(tlsDir, "dev")
+	if _, err := os.Stat(filepath.Join(nodeDir, "node.pem")); err != nil {
+		if _, err := cluster.CreateNodeCert(cluster.CertOptions{
+			Dir: nodeDir, NodeID: "dev",
+			CACertFile: filepath.Join(tlsDir, "ca.pem"), CAKeyFile: filepath.Join(tlsDir, "ca-key.pem"),
+		}); err != nil {
+			return err
+		}
+	}
+	adminSocket := filepath.Join(dir, "admin.sock")
+	srv, err := server.New(server.Config{
+		NodeID:      "dev",
+		TrustDomain: s.cfg.TrustDomain,
+		DataDir:     filepath.Join(dir, "server"),
+		AdminSocket: adminSocket,
+		HealthAddr:  fmt.Sprintf("127.0.0.1:%d", p.Health),
+		Logger:      s.log.With("role", "server"),
+		Cluster: server.ClusterConfig{
+			BindAddr:  fmt.Sprintf("127.0.0.1:%d", p.Cluster),
+			Bootstrap: true,
+			TLS: cluster.TLSFiles{
+				CAFile:   filepath.Join(tlsDir, "ca.pem"),
+				CertFile: filepath.Join(nodeDir, "node.pem"),
+				KeyFile:  filepath.Join(nodeDir, "node-key.pem"),
+			},
+		},
+	})
+	if err != nil {
+		return err
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Run(ctx) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-srv.Ready():
+	}
+
+	env := map[string]string{
+		"FERRY_ADMIN_SOCKET": adminSocket,
+		"FERRY_TRUST_DOMAIN": s.cfg.TrustDomain.String(),
+	}
+	envFile := filepath.Join(dir, "env")
+	if err := writeEnv(envFile, env); err != nil {
+		return err
+	}
+	fmt.Fprintf(s.cfg.Out, `
+ferry is running (trust domain %s). In another shell:
+
+  . %s
+  ferry entry create --spiffe-id spiffe://%s/web --parent-id spiffe://%s/agent/dev --selector unix:uid:$(id -u)
+  ferry entry list
+  ferry cluster list
+
+Stop with Ctrl-C; start again with the same data dir to carry on where you left off.
+`, s.cfg.TrustDomain, envFile, s.cfg.TrustDomain, s.cfg.TrustDomain)
+	return <-errc
+}
+
+// writeEnv writes lines of `export NAME=value`, sorted, quoted for sh.
+func writeEnv(path string, env map[string]string) error {
+	names := make([]string, 0, len(env))
+	for k := range env {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	var b strings.Builder
+	for _, k := range names {
+		fmt.Fprintf(&b, "export %s='%s'\n", k, strings.ReplaceAll(env[k], "'", `'\''`))
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(b.String()), 0o600); err != nil {
+		return fmt.Errorf("dev: %w", err)
+	}
+	return os.Rename(tmp, path)
+}
