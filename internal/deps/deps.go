@@ -1,5 +1,4 @@
 // Package deps pins modules the project uses before their first import lands.
-
 package deps
 
 import (
