@@ -39,6 +39,17 @@ type Command struct {
 	//	*Command_EntriesCreate
 	//	*Command_EntriesUpdate
 	//	*Command_EntriesDelete
+	//	*Command_JoinTokenCreate
+	//	*Command_JoinTokenConsume
+	//	*Command_NodePut
+	//	*Command_NodeDelete
+	//	*Command_NodeBan
+	//	*Command_BundleX509AuthorityPut
+	//	*Command_BundleX509AuthorityRemove
+	//	*Command_BundleJwtAuthorityPut
+	//	*Command_BundleJwtAuthorityRemove
+	//	*Command_BundleSet
+	//	*Command_BundleDelete
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -129,6 +140,105 @@ func (x *Command) GetEntriesDelete() *EntriesDelete {
 	return nil
 }
 
+func (x *Command) GetJoinTokenCreate() *JoinTokenCreate {
+	if x != nil {
+		if x, ok := x.Op.(*Command_JoinTokenCreate); ok {
+			return x.JoinTokenCreate
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetJoinTokenConsume() *JoinTokenConsume {
+	if x != nil {
+		if x, ok := x.Op.(*Command_JoinTokenConsume); ok {
+			return x.JoinTokenConsume
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetNodePut() *NodePut {
+	if x != nil {
+		if x, ok := x.Op.(*Command_NodePut); ok {
+			return x.NodePut
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetNodeDelete() *NodeDelete {
+	if x != nil {
+		if x, ok := x.Op.(*Command_NodeDelete); ok {
+			return x.NodeDelete
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetNodeBan() *NodeBan {
+	if x != nil {
+		if x, ok := x.Op.(*Command_NodeBan); ok {
+			return x.NodeBan
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetBundleX509AuthorityPut() *BundleX509AuthorityPut {
+	if x != nil {
+		if x, ok := x.Op.(*Command_BundleX509AuthorityPut); ok {
+			return x.BundleX509AuthorityPut
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetBundleX509AuthorityRemove() *BundleX509AuthorityRemove {
+	if x != nil {
+		if x, ok := x.Op.(*Command_BundleX509AuthorityRemove); ok {
+			return x.BundleX509AuthorityRemove
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetBundleJwtAuthorityPut() *BundleJWTAuthorityPut {
+	if x != nil {
+		if x, ok := x.Op.(*Command_BundleJwtAuthorityPut); ok {
+			return x.BundleJwtAuthorityPut
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetBundleJwtAuthorityRemove() *BundleJWTAuthorityRemove {
+	if x != nil {
+		if x, ok := x.Op.(*Command_BundleJwtAuthorityRemove); ok {
+			return x.BundleJwtAuthorityRemove
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetBundleSet() *BundleSet {
+	if x != nil {
+		if x, ok := x.Op.(*Command_BundleSet); ok {
+			return x.BundleSet
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetBundleDelete() *BundleDelete {
+	if x != nil {
+		if x, ok := x.Op.(*Command_BundleDelete); ok {
+			return x.BundleDelete
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -145,11 +255,624 @@ type Command_EntriesDelete struct {
 	EntriesDelete *EntriesDelete `protobuf:"bytes,12,opt,name=entries_delete,json=entriesDelete,proto3,oneof"`
 }
 
+type Command_JoinTokenCreate struct {
+	JoinTokenCreate *JoinTokenCreate `protobuf:"bytes,13,opt,name=join_token_create,json=joinTokenCreate,proto3,oneof"`
+}
+
+type Command_JoinTokenConsume struct {
+	JoinTokenConsume *JoinTokenConsume `protobuf:"bytes,14,opt,name=join_token_consume,json=joinTokenConsume,proto3,oneof"`
+}
+
+type Command_NodePut struct {
+	NodePut *NodePut `protobuf:"bytes,15,opt,name=node_put,json=nodePut,proto3,oneof"`
+}
+
+type Command_NodeDelete struct {
+	NodeDelete *NodeDelete `protobuf:"bytes,16,opt,name=node_delete,json=nodeDelete,proto3,oneof"`
+}
+
+type Command_NodeBan struct {
+	NodeBan *NodeBan `protobuf:"bytes,17,opt,name=node_ban,json=nodeBan,proto3,oneof"`
+}
+
+type Command_BundleX509AuthorityPut struct {
+	BundleX509AuthorityPut *BundleX509AuthorityPut `protobuf:"bytes,18,opt,name=bundle_x509_authority_put,json=bundleX509AuthorityPut,proto3,oneof"`
+}
+
+type Command_BundleX509AuthorityRemove struct {
+	BundleX509AuthorityRemove *BundleX509AuthorityRemove `protobuf:"bytes,19,opt,name=bundle_x509_authority_remove,json=bundleX509AuthorityRemove,proto3,oneof"`
+}
+
+type Command_BundleJwtAuthorityPut struct {
+	BundleJwtAuthorityPut *BundleJWTAuthorityPut `protobuf:"bytes,20,opt,name=bundle_jwt_authority_put,json=bundleJwtAuthorityPut,proto3,oneof"`
+}
+
+type Command_BundleJwtAuthorityRemove struct {
+	BundleJwtAuthorityRemove *BundleJWTAuthorityRemove `protobuf:"bytes,21,opt,name=bundle_jwt_authority_remove,json=bundleJwtAuthorityRemove,proto3,oneof"`
+}
+
+type Command_BundleSet struct {
+	BundleSet *BundleSet `protobuf:"bytes,22,opt,name=bundle_set,json=bundleSet,proto3,oneof"`
+}
+
+type Command_BundleDelete struct {
+	BundleDelete *BundleDelete `protobuf:"bytes,23,opt,name=bundle_delete,json=bundleDelete,proto3,oneof"`
+}
+
 func (*Command_EntriesCreate) isCommand_Op() {}
 
 func (*Command_EntriesUpdate) isCommand_Op() {}
 
 func (*Command_EntriesDelete) isCommand_Op() {}
+
+func (*Command_JoinTokenCreate) isCommand_Op() {}
+
+func (*Command_JoinTokenConsume) isCommand_Op() {}
+
+func (*Command_NodePut) isCommand_Op() {}
+
+func (*Command_NodeDelete) isCommand_Op() {}
+
+func (*Command_NodeBan) isCommand_Op() {}
+
+func (*Command_BundleX509AuthorityPut) isCommand_Op() {}
+
+func (*Command_BundleX509AuthorityRemove) isCommand_Op() {}
+
+func (*Command_BundleJwtAuthorityPut) isCommand_Op() {}
+
+func (*Command_BundleJwtAuthorityRemove) isCommand_Op() {}
+
+func (*Command_BundleSet) isCommand_Op() {}
+
+func (*Command_BundleDelete) isCommand_Op() {}
+
+type JoinTokenCreate struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         *JoinToken             `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinTokenCreate) Reset() {
+	*x = JoinTokenCreate{}
+	mi := &file_commands_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinTokenCreate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinTokenCreate) ProtoMessage() {}
+
+func (x *JoinTokenCreate) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinTokenCreate.ProtoReflect.Descriptor instead.
+func (*JoinTokenCreate) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *JoinTokenCreate) GetToken() *JoinToken {
+	if x != nil {
+		return x.Token
+	}
+	return nil
+}
+
+// JoinTokenConsume uses a join token up: of several attestations racing with one
+// token on different servers, the log orders them and exactly one wins.
+type JoinTokenConsume struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Hash          string                 `protobuf:"bytes,1,opt,name=hash,proto3" json:"hash,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinTokenConsume) Reset() {
+	*x = JoinTokenConsume{}
+	mi := &file_commands_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinTokenConsume) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinTokenConsume) ProtoMessage() {}
+
+func (x *JoinTokenConsume) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinTokenConsume.ProtoReflect.Descriptor instead.
+func (*JoinTokenConsume) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *JoinTokenConsume) GetHash() string {
+	if x != nil {
+		return x.Hash
+	}
+	return ""
+}
+
+// NodePut records an attested (or re-attested, or renewed) agent.
+type NodePut struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  *AttestedNode          `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// expect_serial, when set, makes the put conditional on the node's current
+	// certificate serial (renewal races).
+	ExpectSerial  string `protobuf:"bytes,2,opt,name=expect_serial,json=expectSerial,proto3" json:"expect_serial,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodePut) Reset() {
+	*x = NodePut{}
+	mi := &file_commands_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodePut) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodePut) ProtoMessage() {}
+
+func (x *NodePut) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodePut.ProtoReflect.Descriptor instead.
+func (*NodePut) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *NodePut) GetNode() *AttestedNode {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
+func (x *NodePut) GetExpectSerial() string {
+	if x != nil {
+		return x.ExpectSerial
+	}
+	return ""
+}
+
+type NodeDelete struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeDelete) Reset() {
+	*x = NodeDelete{}
+	mi := &file_commands_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeDelete) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeDelete) ProtoMessage() {}
+
+func (x *NodeDelete) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeDelete.ProtoReflect.Descriptor instead.
+func (*NodeDelete) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *NodeDelete) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+type NodeBan struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	Banned        bool                   `protobuf:"varint,2,opt,name=banned,proto3" json:"banned,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeBan) Reset() {
+	*x = NodeBan{}
+	mi := &file_commands_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeBan) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeBan) ProtoMessage() {}
+
+func (x *NodeBan) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeBan.ProtoReflect.Descriptor instead.
+func (*NodeBan) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *NodeBan) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *NodeBan) GetBanned() bool {
+	if x != nil {
+		return x.Banned
+	}
+	return false
+}
+
+type BundleX509AuthorityPut struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TrustDomain   string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	Authority     *X509Authority         `protobuf:"bytes,2,opt,name=authority,proto3" json:"authority,omitempty"` // added, or its tainted flag updated
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BundleX509AuthorityPut) Reset() {
+	*x = BundleX509AuthorityPut{}
+	mi := &file_commands_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BundleX509AuthorityPut) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BundleX509AuthorityPut) ProtoMessage() {}
+
+func (x *BundleX509AuthorityPut) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BundleX509AuthorityPut.ProtoReflect.Descriptor instead.
+func (*BundleX509AuthorityPut) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *BundleX509AuthorityPut) GetTrustDomain() string {
+	if x != nil {
+		return x.TrustDomain
+	}
+	return ""
+}
+
+func (x *BundleX509AuthorityPut) GetAuthority() *X509Authority {
+	if x != nil {
+		return x.Authority
+	}
+	return nil
+}
+
+type BundleX509AuthorityRemove struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TrustDomain   string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	Certificate   []byte                 `protobuf:"bytes,2,opt,name=certificate,proto3" json:"certificate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BundleX509AuthorityRemove) Reset() {
+	*x = BundleX509AuthorityRemove{}
+	mi := &file_commands_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BundleX509AuthorityRemove) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BundleX509AuthorityRemove) ProtoMessage() {}
+
+func (x *BundleX509AuthorityRemove) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BundleX509AuthorityRemove.ProtoReflect.Descriptor instead.
+func (*BundleX509AuthorityRemove) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *BundleX509AuthorityRemove) GetTrustDomain() string {
+	if x != nil {
+		return x.TrustDomain
+	}
+	return ""
+}
+
+func (x *BundleX509AuthorityRemove) GetCertificate() []byte {
+	if x != nil {
+		return x.Certificate
+	}
+	return nil
+}
+
+type BundleJWTAuthorityPut struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TrustDomain   string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	Authority     *JWTAuthority          `protobuf:"bytes,2,opt,name=authority,proto3" json:"authority,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BundleJWTAuthorityPut) Reset() {
+	*x = BundleJWTAuthorityPut{}
+	mi := &file_commands_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BundleJWTAuthorityPut) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BundleJWTAuthorityPut) ProtoMessage() {}
+
+func (x *BundleJWTAuthorityPut) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BundleJWTAuthorityPut.ProtoReflect.Descriptor instead.
+func (*BundleJWTAuthorityPut) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *BundleJWTAuthorityPut) GetTrustDomain() string {
+	if x != nil {
+		return x.TrustDomain
+	}
+	return ""
+}
+
+func (x *BundleJWTAuthorityPut) GetAuthority() *JWTAuthority {
+	if x != nil {
+		return x.Authority
+	}
+	return nil
+}
+
+type BundleJWTAuthorityRemove struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TrustDomain   string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	KeyId         string                 `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BundleJWTAuthorityRemove) Reset() {
+	*x = BundleJWTAuthorityRemove{}
+	mi := &file_commands_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BundleJWTAuthorityRemove) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BundleJWTAuthorityRemove) ProtoMessage() {}
+
+func (x *BundleJWTAuthorityRemove) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BundleJWTAuthorityRemove.ProtoReflect.Descriptor instead.
+func (*BundleJWTAuthorityRemove) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *BundleJWTAuthorityRemove) GetTrustDomain() string {
+	if x != nil {
+		return x.TrustDomain
+	}
+	return ""
+}
+
+func (x *BundleJWTAuthorityRemove) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+// BundleSet replaces a (federated) trust domain's bundle.
+type BundleSet struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Bundle *Bundle                `protobuf:"bytes,1,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	// require_newer refuses a bundle whose sequence number is not above the stored one.
+	RequireNewer  bool `protobuf:"varint,2,opt,name=require_newer,json=requireNewer,proto3" json:"require_newer,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BundleSet) Reset() {
+	*x = BundleSet{}
+	mi := &file_commands_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BundleSet) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BundleSet) ProtoMessage() {}
+
+func (x *BundleSet) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BundleSet.ProtoReflect.Descriptor instead.
+func (*BundleSet) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *BundleSet) GetBundle() *Bundle {
+	if x != nil {
+		return x.Bundle
+	}
+	return nil
+}
+
+func (x *BundleSet) GetRequireNewer() bool {
+	if x != nil {
+		return x.RequireNewer
+	}
+	return false
+}
+
+type BundleDelete struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TrustDomain   string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BundleDelete) Reset() {
+	*x = BundleDelete{}
+	mi := &file_commands_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BundleDelete) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BundleDelete) ProtoMessage() {}
+
+func (x *BundleDelete) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BundleDelete.ProtoReflect.Descriptor instead.
+func (*BundleDelete) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *BundleDelete) GetTrustDomain() string {
+	if x != nil {
+		return x.TrustDomain
+	}
+	return ""
+}
 
 type EntriesCreate struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -160,7 +883,7 @@ type EntriesCreate struct {
 
 func (x *EntriesCreate) Reset() {
 	*x = EntriesCreate{}
-	mi := &file_commands_proto_msgTypes[1]
+	mi := &file_commands_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -172,7 +895,7 @@ func (x *EntriesCreate) String() string {
 func (*EntriesCreate) ProtoMessage() {}
 
 func (x *EntriesCreate) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[1]
+	mi := &file_commands_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -185,7 +908,7 @@ func (x *EntriesCreate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EntriesCreate.ProtoReflect.Descriptor instead.
 func (*EntriesCreate) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{1}
+	return file_commands_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *EntriesCreate) GetEntries() []*Entry {
@@ -204,7 +927,7 @@ type EntriesUpdate struct {
 
 func (x *EntriesUpdate) Reset() {
 	*x = EntriesUpdate{}
-	mi := &file_commands_proto_msgTypes[2]
+	mi := &file_commands_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -216,7 +939,7 @@ func (x *EntriesUpdate) String() string {
 func (*EntriesUpdate) ProtoMessage() {}
 
 func (x *EntriesUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[2]
+	mi := &file_commands_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -229,7 +952,7 @@ func (x *EntriesUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EntriesUpdate.ProtoReflect.Descriptor instead.
 func (*EntriesUpdate) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{2}
+	return file_commands_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *EntriesUpdate) GetEntries() []*Entry {
@@ -248,7 +971,7 @@ type EntriesDelete struct {
 
 func (x *EntriesDelete) Reset() {
 	*x = EntriesDelete{}
-	mi := &file_commands_proto_msgTypes[3]
+	mi := &file_commands_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -260,7 +983,7 @@ func (x *EntriesDelete) String() string {
 func (*EntriesDelete) ProtoMessage() {}
 
 func (x *EntriesDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[3]
+	mi := &file_commands_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -273,7 +996,7 @@ func (x *EntriesDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EntriesDelete.ProtoReflect.Descriptor instead.
 func (*EntriesDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{3}
+	return file_commands_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *EntriesDelete) GetIds() []string {
@@ -294,7 +1017,7 @@ type Status struct {
 
 func (x *Status) Reset() {
 	*x = Status{}
-	mi := &file_commands_proto_msgTypes[4]
+	mi := &file_commands_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -306,7 +1029,7 @@ func (x *Status) String() string {
 func (*Status) ProtoMessage() {}
 
 func (x *Status) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[4]
+	mi := &file_commands_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -319,7 +1042,7 @@ func (x *Status) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Status.ProtoReflect.Descriptor instead.
 func (*Status) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{4}
+	return file_commands_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Status) GetCode() int32 {
@@ -342,13 +1065,16 @@ type CommandResult struct {
 	Status        *Status                `protobuf:"bytes,2,opt,name=status,proto3" json:"status,omitempty"`
 	Items         []*Status              `protobuf:"bytes,3,rep,name=items,proto3" json:"items,omitempty"`
 	Entries       []*Entry               `protobuf:"bytes,4,rep,name=entries,proto3" json:"entries,omitempty"`
+	Node          *AttestedNode          `protobuf:"bytes,5,opt,name=node,proto3" json:"node,omitempty"`
+	JoinToken     *JoinToken             `protobuf:"bytes,6,opt,name=join_token,json=joinToken,proto3" json:"join_token,omitempty"`
+	Bundle        *Bundle                `protobuf:"bytes,7,opt,name=bundle,proto3" json:"bundle,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CommandResult) Reset() {
 	*x = CommandResult{}
-	mi := &file_commands_proto_msgTypes[5]
+	mi := &file_commands_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -360,7 +1086,7 @@ func (x *CommandResult) String() string {
 func (*CommandResult) ProtoMessage() {}
 
 func (x *CommandResult) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[5]
+	mi := &file_commands_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -373,7 +1099,7 @@ func (x *CommandResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommandResult.ProtoReflect.Descriptor instead.
 func (*CommandResult) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{5}
+	return file_commands_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CommandResult) GetIndex() uint64 {
@@ -404,6 +1130,27 @@ func (x *CommandResult) GetEntries() []*Entry {
 	return nil
 }
 
+func (x *CommandResult) GetNode() *AttestedNode {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
+func (x *CommandResult) GetJoinToken() *JoinToken {
+	if x != nil {
+		return x.JoinToken
+	}
+	return nil
+}
+
+func (x *CommandResult) GetBundle() *Bundle {
+	if x != nil {
+		return x.Bundle
+	}
+	return nil
+}
+
 // AppliedRequest remembers the result of an applied request ID, so a retry of the
 // same command is answered without applying it again.
 type AppliedRequest struct {
@@ -418,7 +1165,7 @@ type AppliedRequest struct {
 
 func (x *AppliedRequest) Reset() {
 	*x = AppliedRequest{}
-	mi := &file_commands_proto_msgTypes[6]
+	mi := &file_commands_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -430,7 +1177,7 @@ func (x *AppliedRequest) String() string {
 func (*AppliedRequest) ProtoMessage() {}
 
 func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[6]
+	mi := &file_commands_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -443,7 +1190,7 @@ func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppliedRequest.ProtoReflect.Descriptor instead.
 func (*AppliedRequest) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{6}
+	return file_commands_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *AppliedRequest) GetRequestId() string {
@@ -478,7 +1225,7 @@ var File_commands_proto protoreflect.FileDescriptor
 
 const file_commands_proto_rawDesc = "" +
 	"\n" +
-	"\x0ecommands.proto\x12\bferry.v1\x1a\vtypes.proto\"\xc1\x02\n" +
+	"\x0ecommands.proto\x12\bferry.v1\x1a\vtypes.proto\"\xec\b\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
@@ -487,8 +1234,51 @@ const file_commands_proto_rawDesc = "" +
 	"\x0eentries_create\x18\n" +
 	" \x01(\v2\x17.ferry.v1.EntriesCreateH\x00R\rentriesCreate\x12@\n" +
 	"\x0eentries_update\x18\v \x01(\v2\x17.ferry.v1.EntriesUpdateH\x00R\rentriesUpdate\x12@\n" +
-	"\x0eentries_delete\x18\f \x01(\v2\x17.ferry.v1.EntriesDeleteH\x00R\rentriesDeleteB\x04\n" +
-	"\x02op\":\n" +
+	"\x0eentries_delete\x18\f \x01(\v2\x17.ferry.v1.EntriesDeleteH\x00R\rentriesDelete\x12G\n" +
+	"\x11join_token_create\x18\r \x01(\v2\x19.ferry.v1.JoinTokenCreateH\x00R\x0fjoinTokenCreate\x12J\n" +
+	"\x12join_token_consume\x18\x0e \x01(\v2\x1a.ferry.v1.JoinTokenConsumeH\x00R\x10joinTokenConsume\x12.\n" +
+	"\bnode_put\x18\x0f \x01(\v2\x11.ferry.v1.NodePutH\x00R\anodePut\x127\n" +
+	"\vnode_delete\x18\x10 \x01(\v2\x14.ferry.v1.NodeDeleteH\x00R\n" +
+	"nodeDelete\x12.\n" +
+	"\bnode_ban\x18\x11 \x01(\v2\x11.ferry.v1.NodeBanH\x00R\anodeBan\x12]\n" +
+	"\x19bundle_x509_authority_put\x18\x12 \x01(\v2 .ferry.v1.BundleX509AuthorityPutH\x00R\x16bundleX509AuthorityPut\x12f\n" +
+	"\x1cbundle_x509_authority_remove\x18\x13 \x01(\v2#.ferry.v1.BundleX509AuthorityRemoveH\x00R\x19bundleX509AuthorityRemove\x12Z\n" +
+	"\x18bundle_jwt_authority_put\x18\x14 \x01(\v2\x1f.ferry.v1.BundleJWTAuthorityPutH\x00R\x15bundleJwtAuthorityPut\x12c\n" +
+	"\x1bbundle_jwt_authority_remove\x18\x15 \x01(\v2\".ferry.v1.BundleJWTAuthorityRemoveH\x00R\x18bundleJwtAuthorityRemove\x124\n" +
+	"\n" +
+	"bundle_set\x18\x16 \x01(\v2\x13.ferry.v1.BundleSetH\x00R\tbundleSet\x12=\n" +
+	"\rbundle_delete\x18\x17 \x01(\v2\x16.ferry.v1.BundleDeleteH\x00R\fbundleDeleteB\x04\n" +
+	"\x02op\"<\n" +
+	"\x0fJoinTokenCreate\x12)\n" +
+	"\x05token\x18\x01 \x01(\v2\x13.ferry.v1.JoinTokenR\x05token\"&\n" +
+	"\x10JoinTokenConsume\x12\x12\n" +
+	"\x04hash\x18\x01 \x01(\tR\x04hash\"Z\n" +
+	"\aNodePut\x12*\n" +
+	"\x04node\x18\x01 \x01(\v2\x16.ferry.v1.AttestedNodeR\x04node\x12#\n" +
+	"\rexpect_serial\x18\x02 \x01(\tR\fexpectSerial\")\n" +
+	"\n" +
+	"NodeDelete\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\">\n" +
+	"\aNodeBan\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x16\n" +
+	"\x06banned\x18\x02 \x01(\bR\x06banned\"r\n" +
+	"\x16BundleX509AuthorityPut\x12!\n" +
+	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x125\n" +
+	"\tauthority\x18\x02 \x01(\v2\x17.ferry.v1.X509AuthorityR\tauthority\"`\n" +
+	"\x19BundleX509AuthorityRemove\x12!\n" +
+	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12 \n" +
+	"\vcertificate\x18\x02 \x01(\fR\vcertificate\"p\n" +
+	"\x15BundleJWTAuthorityPut\x12!\n" +
+	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x124\n" +
+	"\tauthority\x18\x02 \x01(\v2\x16.ferry.v1.JWTAuthorityR\tauthority\"T\n" +
+	"\x18BundleJWTAuthorityRemove\x12!\n" +
+	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\tR\x05keyId\"Z\n" +
+	"\tBundleSet\x12(\n" +
+	"\x06bundle\x18\x01 \x01(\v2\x10.ferry.v1.BundleR\x06bundle\x12#\n" +
+	"\rrequire_newer\x18\x02 \x01(\bR\frequireNewer\"1\n" +
+	"\fBundleDelete\x12!\n" +
+	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\":\n" +
 	"\rEntriesCreate\x12)\n" +
 	"\aentries\x18\x01 \x03(\v2\x0f.ferry.v1.EntryR\aentries\":\n" +
 	"\rEntriesUpdate\x12)\n" +
@@ -497,12 +1287,16 @@ const file_commands_proto_rawDesc = "" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\"6\n" +
 	"\x06Status\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\"\xa2\x01\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\xac\x02\n" +
 	"\rCommandResult\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12(\n" +
 	"\x06status\x18\x02 \x01(\v2\x10.ferry.v1.StatusR\x06status\x12&\n" +
 	"\x05items\x18\x03 \x03(\v2\x10.ferry.v1.StatusR\x05items\x12)\n" +
-	"\aentries\x18\x04 \x03(\v2\x0f.ferry.v1.EntryR\aentries\"\x9c\x01\n" +
+	"\aentries\x18\x04 \x03(\v2\x0f.ferry.v1.EntryR\aentries\x12*\n" +
+	"\x04node\x18\x05 \x01(\v2\x16.ferry.v1.AttestedNodeR\x04node\x122\n" +
+	"\n" +
+	"join_token\x18\x06 \x01(\v2\x13.ferry.v1.JoinTokenR\tjoinToken\x12(\n" +
+	"\x06bundle\x18\a \x01(\v2\x10.ferry.v1.BundleR\x06bundle\"\x9c\x01\n" +
 	"\x0eAppliedRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
@@ -522,32 +1316,67 @@ func file_commands_proto_rawDescGZIP() []byte {
 	return file_commands_proto_rawDescData
 }
 
-var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_commands_proto_goTypes = []any{
-	(*Command)(nil),        // 0: ferry.v1.Command
-	(*EntriesCreate)(nil),  // 1: ferry.v1.EntriesCreate
-	(*EntriesUpdate)(nil),  // 2: ferry.v1.EntriesUpdate
-	(*EntriesDelete)(nil),  // 3: ferry.v1.EntriesDelete
-	(*Status)(nil),         // 4: ferry.v1.Status
-	(*CommandResult)(nil),  // 5: ferry.v1.CommandResult
-	(*AppliedRequest)(nil), // 6: ferry.v1.AppliedRequest
-	(*Entry)(nil),          // 7: ferry.v1.Entry
+	(*Command)(nil),                   // 0: ferry.v1.Command
+	(*JoinTokenCreate)(nil),           // 1: ferry.v1.JoinTokenCreate
+	(*JoinTokenConsume)(nil),          // 2: ferry.v1.JoinTokenConsume
+	(*NodePut)(nil),                   // 3: ferry.v1.NodePut
+	(*NodeDelete)(nil),                // 4: ferry.v1.NodeDelete
+	(*NodeBan)(nil),                   // 5: ferry.v1.NodeBan
+	(*BundleX509AuthorityPut)(nil),    // 6: ferry.v1.BundleX509AuthorityPut
+	(*BundleX509AuthorityRemove)(nil), // 7: ferry.v1.BundleX509AuthorityRemove
+	(*BundleJWTAuthorityPut)(nil),     // 8: ferry.v1.BundleJWTAuthorityPut
+	(*BundleJWTAuthorityRemove)(nil),  // 9: ferry.v1.BundleJWTAuthorityRemove
+	(*BundleSet)(nil),                 // 10: ferry.v1.BundleSet
+	(*BundleDelete)(nil),              // 11: ferry.v1.BundleDelete
+	(*EntriesCreate)(nil),             // 12: ferry.v1.EntriesCreate
+	(*EntriesUpdate)(nil),             // 13: ferry.v1.EntriesUpdate
+	(*EntriesDelete)(nil),             // 14: ferry.v1.EntriesDelete
+	(*Status)(nil),                    // 15: ferry.v1.Status
+	(*CommandResult)(nil),             // 16: ferry.v1.CommandResult
+	(*AppliedRequest)(nil),            // 17: ferry.v1.AppliedRequest
+	(*JoinToken)(nil),                 // 18: ferry.v1.JoinToken
+	(*AttestedNode)(nil),              // 19: ferry.v1.AttestedNode
+	(*X509Authority)(nil),             // 20: ferry.v1.X509Authority
+	(*JWTAuthority)(nil),              // 21: ferry.v1.JWTAuthority
+	(*Bundle)(nil),                    // 22: ferry.v1.Bundle
+	(*Entry)(nil),                     // 23: ferry.v1.Entry
 }
 var file_commands_proto_depIdxs = []int32{
-	1, // 0: ferry.v1.Command.entries_create:type_name -> ferry.v1.EntriesCreate
-	2, // 1: ferry.v1.Command.entries_update:type_name -> ferry.v1.EntriesUpdate
-	3, // 2: ferry.v1.Command.entries_delete:type_name -> ferry.v1.EntriesDelete
-	7, // 3: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
-	7, // 4: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
-	4, // 5: ferry.v1.CommandResult.status:type_name -> ferry.v1.Status
-	4, // 6: ferry.v1.CommandResult.items:type_name -> ferry.v1.Status
-	7, // 7: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
-	5, // 8: ferry.v1.AppliedRequest.result:type_name -> ferry.v1.CommandResult
-	9, // [9:9] is the sub-list for method output_type
-	9, // [9:9] is the sub-list for method input_type
-	9, // [9:9] is the sub-list for extension type_name
-	9, // [9:9] is the sub-list for extension extendee
-	0, // [0:9] is the sub-list for field type_name
+	12, // 0: ferry.v1.Command.entries_create:type_name -> ferry.v1.EntriesCreate
+	13, // 1: ferry.v1.Command.entries_update:type_name -> ferry.v1.EntriesUpdate
+	14, // 2: ferry.v1.Command.entries_delete:type_name -> ferry.v1.EntriesDelete
+	1,  // 3: ferry.v1.Command.join_token_create:type_name -> ferry.v1.JoinTokenCreate
+	2,  // 4: ferry.v1.Command.join_token_consume:type_name -> ferry.v1.JoinTokenConsume
+	3,  // 5: ferry.v1.Command.node_put:type_name -> ferry.v1.NodePut
+	4,  // 6: ferry.v1.Command.node_delete:type_name -> ferry.v1.NodeDelete
+	5,  // 7: ferry.v1.Command.node_ban:type_name -> ferry.v1.NodeBan
+	6,  // 8: ferry.v1.Command.bundle_x509_authority_put:type_name -> ferry.v1.BundleX509AuthorityPut
+	7,  // 9: ferry.v1.Command.bundle_x509_authority_remove:type_name -> ferry.v1.BundleX509AuthorityRemove
+	8,  // 10: ferry.v1.Command.bundle_jwt_authority_put:type_name -> ferry.v1.BundleJWTAuthorityPut
+	9,  // 11: ferry.v1.Command.bundle_jwt_authority_remove:type_name -> ferry.v1.BundleJWTAuthorityRemove
+	10, // 12: ferry.v1.Command.bundle_set:type_name -> ferry.v1.BundleSet
+	11, // 13: ferry.v1.Command.bundle_delete:type_name -> ferry.v1.BundleDelete
+	18, // 14: ferry.v1.JoinTokenCreate.token:type_name -> ferry.v1.JoinToken
+	19, // 15: ferry.v1.NodePut.node:type_name -> ferry.v1.AttestedNode
+	20, // 16: ferry.v1.BundleX509AuthorityPut.authority:type_name -> ferry.v1.X509Authority
+	21, // 17: ferry.v1.BundleJWTAuthorityPut.authority:type_name -> ferry.v1.JWTAuthority
+	22, // 18: ferry.v1.BundleSet.bundle:type_name -> ferry.v1.Bundle
+	23, // 19: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
+	23, // 20: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
+	15, // 21: ferry.v1.CommandResult.status:type_name -> ferry.v1.Status
+	15, // 22: ferry.v1.CommandResult.items:type_name -> ferry.v1.Status
+	23, // 23: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
+	19, // 24: ferry.v1.CommandResult.node:type_name -> ferry.v1.AttestedNode
+	18, // 25: ferry.v1.CommandResult.join_token:type_name -> ferry.v1.JoinToken
+	22, // 26: ferry.v1.CommandResult.bundle:type_name -> ferry.v1.Bundle
+	16, // 27: ferry.v1.AppliedRequest.result:type_name -> ferry.v1.CommandResult
+	28, // [28:28] is the sub-list for method output_type
+	28, // [28:28] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_commands_proto_init() }
@@ -560,6 +1389,17 @@ func file_commands_proto_init() {
 		(*Command_EntriesCreate)(nil),
 		(*Command_EntriesUpdate)(nil),
 		(*Command_EntriesDelete)(nil),
+		(*Command_JoinTokenCreate)(nil),
+		(*Command_JoinTokenConsume)(nil),
+		(*Command_NodePut)(nil),
+		(*Command_NodeDelete)(nil),
+		(*Command_NodeBan)(nil),
+		(*Command_BundleX509AuthorityPut)(nil),
+		(*Command_BundleX509AuthorityRemove)(nil),
+		(*Command_BundleJwtAuthorityPut)(nil),
+		(*Command_BundleJwtAuthorityRemove)(nil),
+		(*Command_BundleSet)(nil),
+		(*Command_BundleDelete)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -567,7 +1407,7 @@ func file_commands_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_commands_proto_rawDesc), len(file_commands_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   7,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -11,14 +11,26 @@ import (
 
 // Table names. Each table has one schema function below.
 const (
-	TableEntries  = "entries"
-	TableRequests = "requests"
+	TableEntries    = "entries"
+	TableRequests   = "requests"
+	TableJoinTokens = "join_tokens"
+	TableNodes      = "nodes"
+	TableBundles    = "bundles"
 )
 
 func schema() *memdb.DBSchema {
 	return &memdb.DBSchema{Tables: map[string]*memdb.TableSchema{
 		TableEntries:  entriesTable(),
 		TableRequests: requestsTable(),
+		TableJoinTokens: {Name: TableJoinTokens, Indexes: map[string]*memdb.IndexSchema{
+			"id": {Name: "id", Unique: true, Indexer: &memdb.StringFieldIndex{Field: "Hash"}},
+		}},
+		TableNodes: {Name: TableNodes, Indexes: map[string]*memdb.IndexSchema{
+			"id": {Name: "id", Unique: true, Indexer: &memdb.StringFieldIndex{Field: "SpiffeId"}},
+		}},
+		TableBundles: {Name: TableBundles, Indexes: map[string]*memdb.IndexSchema{
+			"id": {Name: "id", Unique: true, Indexer: &memdb.StringFieldIndex{Field: "TrustDomain"}},
+		}},
 	}}
 }
 

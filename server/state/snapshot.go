@@ -31,6 +31,9 @@ const (
 	tagEnd     byte = 0
 	tagEntry   byte = 1
 	tagRequest byte = 2
+	tagToken   byte = 3
+	tagNode    byte = 4
+	tagBundle  byte = 5
 )
 
 // maxSnapshotRecord bounds one row, so a corrupt length cannot make Restore
@@ -45,6 +48,9 @@ var snapshotTables = []struct {
 }{
 	{tagEntry, TableEntries, func() proto.Message { return new(ferrypb.Entry) }},
 	{tagRequest, TableRequests, func() proto.Message { return new(ferrypb.AppliedRequest) }},
+	{tagToken, TableJoinTokens, func() proto.Message { return new(ferrypb.JoinToken) }},
+	{tagNode, TableNodes, func() proto.Message { return new(ferrypb.AttestedNode) }},
+	{tagBundle, TableBundles, func() proto.Message { return new(ferrypb.Bundle) }},
 }
 
 // Snapshot captures the current state. It runs concurrently with later Apply calls

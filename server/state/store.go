@@ -211,6 +211,28 @@ func (a *applier) apply(cmd *ferrypb.Command) *ferrypb.CommandResult {
 		return a.updateEntries(op.EntriesUpdate.Entries)
 	case *ferrypb.Command_EntriesDelete:
 		return a.deleteEntries(op.EntriesDelete.Ids)
+	case *ferrypb.Command_JoinTokenCreate:
+		return a.createJoinToken(op.JoinTokenCreate.Token)
+	case *ferrypb.Command_JoinTokenConsume:
+		return a.consumeJoinToken(op.JoinTokenConsume.Hash)
+	case *ferrypb.Command_NodePut:
+		return a.putNode(op.NodePut)
+	case *ferrypb.Command_NodeDelete:
+		return a.deleteNode(op.NodeDelete.SpiffeId)
+	case *ferrypb.Command_NodeBan:
+		return a.banNode(op.NodeBan)
+	case *ferrypb.Command_BundleX509AuthorityPut:
+		return a.putX509Authority(op.BundleX509AuthorityPut)
+	case *ferrypb.Command_BundleX509AuthorityRemove:
+		return a.removeX509Authority(op.BundleX509AuthorityRemove)
+	case *ferrypb.Command_BundleJwtAuthorityPut:
+		return a.putJWTAuthority(op.BundleJwtAuthorityPut)
+	case *ferrypb.Command_BundleJwtAuthorityRemove:
+		return a.removeJWTAuthority(op.BundleJwtAuthorityRemove)
+	case *ferrypb.Command_BundleSet:
+		return a.setBundle(op.BundleSet)
+	case *ferrypb.Command_BundleDelete:
+		return a.deleteBundle(op.BundleDelete.TrustDomain)
 	case nil:
 		if cmd.IgnoreUnknown {
 			return &ferrypb.CommandResult{Status: ok()}

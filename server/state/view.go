@@ -130,3 +130,102 @@ func (v *View) CountEntries() int {
 	}
 	return n
 }
+
+// Node returns the attested node with the given SPIFFE ID, or nil.
+func (v *View) Node(id string) *ferrypb.AttestedNode {
+	raw, err := v.txn.First(TableNodes, "id", id)
+	if err != nil || raw == nil {
+		return nil
+	}
+	return raw.(*ferrypb.AttestedNode)
+}
+
+// Nodes returns every attested node, by SPIFFE ID.
+func (v *View) Nodes() []*ferrypb.AttestedNode {
+	var out []*ferrypb.AttestedNode
+	it, err := v.txn.Get(TableNodes, "id")
+	if err != nil {
+		return nil
+	}
+	for raw := it.Next(); raw != nil; raw = it.Next() {
+		out = append(out, raw.(*ferrypb.AttestedNode))
+	}
+	return out
+}
+
+// JoinToken returns the unused join token with the given hash, or nil.
+func (v *View) JoinToken(hash string) *ferrypb.JoinToken {
+	raw, err := v.txn.First(TableJoinTokens, "id", hash)
+	if err != nil || raw == nil {
+		return nil
+	}
+	return raw.(*ferrypb.JoinToken)
+}
+
+// Bundle returns the bundle of a trust domain, or nil.
+func (v *View) Bundle(td string) *ferrypb.Bundle {
+	raw, err := v.txn.First(TableBundles, "id", td)
+	if err != nil || raw == nil {
+		return nil
+	}
+	return raw.(*ferrypb.Bundle)
+}
+
+// Bundles returns every bundle, by trust domain.
+func (v *View) Bundles() []*ferrypb.Bundle {
+	var out []*ferrypb.Bundle
+	it, err := v.txn.Get(TableBundles, "id")
+	if err != nil {
+		return nil
+	}
+	for raw := it.Next(); raw != nil; raw = it.Next() {
+		out = append(out, raw.(*ferrypb.Bundle))
+	}
+	return out
+}
+
+// AuthorizedEntries returns the entries an agent may serve: those parented on the
+// agent, on a node alias the agent belongs to (an entry parented on serverID whose
+// selectors are all among the agent's node selectors), and, transitively, on any
+// SPIFFE ID those entries issue (downstream and nested workloads).
+func (v *View) AuthorizedEntries(agentID, serverID string, nodeSelectors []*ferrypb.Selector) []*ferrypb.Entry {
+	have := selectorKeys(nodeSelectors)
+	parents := []string{agentID}
+	seen := map[string]bool{agentID: true}
+	aliases, _ := v.ListEntries(EntryFilter{ParentID: serverID}, "", 0)
+	for _, e := range aliases {
+		if len(e.Selectors) == 0 || seen[e.SpiffeId] {
+			continue
+		}
+		all := true
+		for _, k := range selectorKeys(e.Selectors) {
+			if !containsSorted(have, k) {
+				all = false
+				break
+			}
+		}
+		if all {
+			seen[e.SpiffeId] = true
+			parents = append(parents, e.SpiffeId)
+		}
+	}
+	var out []*ferrypb.Entry
+	got := map[string]bool{}
+	for len(parents) > 0 {
+		p := parents[0]
+		parents = parents[1:]
+		children, _ := v.ListEntries(EntryFilter{ParentID: p}, "", 0)
+		for _, e := range children {
+			if got[e.Id] {
+				continue
+			}
+			got[e.Id] = true
+			out = append(out, e)
+			if !seen[e.SpiffeId] {
+				seen[e.SpiffeId] = true
+				parents = append(parents, e.SpiffeId)
+			}
+		}
+	}
+	return out
+}
