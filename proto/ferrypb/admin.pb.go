@@ -70,6 +70,410 @@ func (ReadConsistency) EnumDescriptor() ([]byte, []int) {
 	return file_admin_proto_rawDescGZIP(), []int{0}
 }
 
+type CreateJoinTokenRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"` // optional: the agent ID the token attests to
+	TtlSeconds    int64                  `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateJoinTokenRequest) Reset() {
+	*x = CreateJoinTokenRequest{}
+	mi := &file_admin_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateJoinTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateJoinTokenRequest) ProtoMessage() {}
+
+func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
+func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *CreateJoinTokenRequest) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *CreateJoinTokenRequest) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+type CreateJoinTokenResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	ExpiresAt     int64                  `protobuf:"varint,2,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateJoinTokenResponse) Reset() {
+	*x = CreateJoinTokenResponse{}
+	mi := &file_admin_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateJoinTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateJoinTokenResponse) ProtoMessage() {}
+
+func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
+func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *CreateJoinTokenResponse) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *CreateJoinTokenResponse) GetExpiresAt() int64 {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return 0
+}
+
+type ListAgentsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAgentsRequest) Reset() {
+	*x = ListAgentsRequest{}
+	mi := &file_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAgentsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAgentsRequest) ProtoMessage() {}
+
+func (x *ListAgentsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAgentsRequest.ProtoReflect.Descriptor instead.
+func (*ListAgentsRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{2}
+}
+
+type ListAgentsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Agents        []*AttestedNode        `protobuf:"bytes,1,rep,name=agents,proto3" json:"agents,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAgentsResponse) Reset() {
+	*x = ListAgentsResponse{}
+	mi := &file_admin_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAgentsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAgentsResponse) ProtoMessage() {}
+
+func (x *ListAgentsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAgentsResponse.ProtoReflect.Descriptor instead.
+func (*ListAgentsResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ListAgentsResponse) GetAgents() []*AttestedNode {
+	if x != nil {
+		return x.Agents
+	}
+	return nil
+}
+
+type GetAgentRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAgentRequest) Reset() {
+	*x = GetAgentRequest{}
+	mi := &file_admin_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAgentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAgentRequest) ProtoMessage() {}
+
+func (x *GetAgentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAgentRequest.ProtoReflect.Descriptor instead.
+func (*GetAgentRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *GetAgentRequest) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+type EvictAgentRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EvictAgentRequest) Reset() {
+	*x = EvictAgentRequest{}
+	mi := &file_admin_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EvictAgentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EvictAgentRequest) ProtoMessage() {}
+
+func (x *EvictAgentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EvictAgentRequest.ProtoReflect.Descriptor instead.
+func (*EvictAgentRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *EvictAgentRequest) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+type BanAgentRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	Unban         bool                   `protobuf:"varint,2,opt,name=unban,proto3" json:"unban,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BanAgentRequest) Reset() {
+	*x = BanAgentRequest{}
+	mi := &file_admin_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BanAgentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BanAgentRequest) ProtoMessage() {}
+
+func (x *BanAgentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BanAgentRequest.ProtoReflect.Descriptor instead.
+func (*BanAgentRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *BanAgentRequest) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *BanAgentRequest) GetUnban() bool {
+	if x != nil {
+		return x.Unban
+	}
+	return false
+}
+
+type ListBundlesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListBundlesRequest) Reset() {
+	*x = ListBundlesRequest{}
+	mi := &file_admin_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListBundlesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListBundlesRequest) ProtoMessage() {}
+
+func (x *ListBundlesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListBundlesRequest.ProtoReflect.Descriptor instead.
+func (*ListBundlesRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{7}
+}
+
+type ListBundlesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Bundles       []*Bundle              `protobuf:"bytes,1,rep,name=bundles,proto3" json:"bundles,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListBundlesResponse) Reset() {
+	*x = ListBundlesResponse{}
+	mi := &file_admin_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListBundlesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListBundlesResponse) ProtoMessage() {}
+
+func (x *ListBundlesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListBundlesResponse.ProtoReflect.Descriptor instead.
+func (*ListBundlesResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ListBundlesResponse) GetBundles() []*Bundle {
+	if x != nil {
+		return x.Bundles
+	}
+	return nil
+}
+
 type ClusterJoinRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Address       string                 `protobuf:"bytes,1,opt,name=address,proto3" json:"address,omitempty"` // cluster address of any current member
@@ -79,7 +483,7 @@ type ClusterJoinRequest struct {
 
 func (x *ClusterJoinRequest) Reset() {
 	*x = ClusterJoinRequest{}
-	mi := &file_admin_proto_msgTypes[0]
+	mi := &file_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -91,7 +495,7 @@ func (x *ClusterJoinRequest) String() string {
 func (*ClusterJoinRequest) ProtoMessage() {}
 
 func (x *ClusterJoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[0]
+	mi := &file_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -104,7 +508,7 @@ func (x *ClusterJoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterJoinRequest.ProtoReflect.Descriptor instead.
 func (*ClusterJoinRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{0}
+	return file_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ClusterJoinRequest) GetAddress() string {
@@ -122,7 +526,7 @@ type ClusterJoinResponse struct {
 
 func (x *ClusterJoinResponse) Reset() {
 	*x = ClusterJoinResponse{}
-	mi := &file_admin_proto_msgTypes[1]
+	mi := &file_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -134,7 +538,7 @@ func (x *ClusterJoinResponse) String() string {
 func (*ClusterJoinResponse) ProtoMessage() {}
 
 func (x *ClusterJoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[1]
+	mi := &file_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -147,7 +551,7 @@ func (x *ClusterJoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterJoinResponse.ProtoReflect.Descriptor instead.
 func (*ClusterJoinResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{1}
+	return file_admin_proto_rawDescGZIP(), []int{10}
 }
 
 type ClusterListRequest struct {
@@ -158,7 +562,7 @@ type ClusterListRequest struct {
 
 func (x *ClusterListRequest) Reset() {
 	*x = ClusterListRequest{}
-	mi := &file_admin_proto_msgTypes[2]
+	mi := &file_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -170,7 +574,7 @@ func (x *ClusterListRequest) String() string {
 func (*ClusterListRequest) ProtoMessage() {}
 
 func (x *ClusterListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[2]
+	mi := &file_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -183,7 +587,7 @@ func (x *ClusterListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterListRequest.ProtoReflect.Descriptor instead.
 func (*ClusterListRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{2}
+	return file_admin_proto_rawDescGZIP(), []int{11}
 }
 
 type ClusterMember struct {
@@ -199,7 +603,7 @@ type ClusterMember struct {
 
 func (x *ClusterMember) Reset() {
 	*x = ClusterMember{}
-	mi := &file_admin_proto_msgTypes[3]
+	mi := &file_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -211,7 +615,7 @@ func (x *ClusterMember) String() string {
 func (*ClusterMember) ProtoMessage() {}
 
 func (x *ClusterMember) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[3]
+	mi := &file_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -224,7 +628,7 @@ func (x *ClusterMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterMember.ProtoReflect.Descriptor instead.
 func (*ClusterMember) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{3}
+	return file_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ClusterMember) GetId() string {
@@ -274,7 +678,7 @@ type ClusterListResponse struct {
 
 func (x *ClusterListResponse) Reset() {
 	*x = ClusterListResponse{}
-	mi := &file_admin_proto_msgTypes[4]
+	mi := &file_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -286,7 +690,7 @@ func (x *ClusterListResponse) String() string {
 func (*ClusterListResponse) ProtoMessage() {}
 
 func (x *ClusterListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[4]
+	mi := &file_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -299,7 +703,7 @@ func (x *ClusterListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterListResponse.ProtoReflect.Descriptor instead.
 func (*ClusterListResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{4}
+	return file_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ClusterListResponse) GetMembers() []*ClusterMember {
@@ -339,7 +743,7 @@ type ClusterRemoveRequest struct {
 
 func (x *ClusterRemoveRequest) Reset() {
 	*x = ClusterRemoveRequest{}
-	mi := &file_admin_proto_msgTypes[5]
+	mi := &file_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -351,7 +755,7 @@ func (x *ClusterRemoveRequest) String() string {
 func (*ClusterRemoveRequest) ProtoMessage() {}
 
 func (x *ClusterRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[5]
+	mi := &file_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -364,7 +768,7 @@ func (x *ClusterRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterRemoveRequest.ProtoReflect.Descriptor instead.
 func (*ClusterRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{5}
+	return file_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ClusterRemoveRequest) GetId() string {
@@ -382,7 +786,7 @@ type ClusterRemoveResponse struct {
 
 func (x *ClusterRemoveResponse) Reset() {
 	*x = ClusterRemoveResponse{}
-	mi := &file_admin_proto_msgTypes[6]
+	mi := &file_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -394,7 +798,7 @@ func (x *ClusterRemoveResponse) String() string {
 func (*ClusterRemoveResponse) ProtoMessage() {}
 
 func (x *ClusterRemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[6]
+	mi := &file_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -407,7 +811,7 @@ func (x *ClusterRemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterRemoveResponse.ProtoReflect.Descriptor instead.
 func (*ClusterRemoveResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{6}
+	return file_admin_proto_rawDescGZIP(), []int{15}
 }
 
 type SnapshotSaveRequest struct {
@@ -418,7 +822,7 @@ type SnapshotSaveRequest struct {
 
 func (x *SnapshotSaveRequest) Reset() {
 	*x = SnapshotSaveRequest{}
-	mi := &file_admin_proto_msgTypes[7]
+	mi := &file_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -430,7 +834,7 @@ func (x *SnapshotSaveRequest) String() string {
 func (*SnapshotSaveRequest) ProtoMessage() {}
 
 func (x *SnapshotSaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[7]
+	mi := &file_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -443,7 +847,7 @@ func (x *SnapshotSaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotSaveRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotSaveRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{7}
+	return file_admin_proto_rawDescGZIP(), []int{16}
 }
 
 type SnapshotChunk struct {
@@ -455,7 +859,7 @@ type SnapshotChunk struct {
 
 func (x *SnapshotChunk) Reset() {
 	*x = SnapshotChunk{}
-	mi := &file_admin_proto_msgTypes[8]
+	mi := &file_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -467,7 +871,7 @@ func (x *SnapshotChunk) String() string {
 func (*SnapshotChunk) ProtoMessage() {}
 
 func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[8]
+	mi := &file_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -480,7 +884,7 @@ func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotChunk.ProtoReflect.Descriptor instead.
 func (*SnapshotChunk) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{8}
+	return file_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SnapshotChunk) GetData() []byte {
@@ -499,7 +903,7 @@ type SnapshotRestoreResponse struct {
 
 func (x *SnapshotRestoreResponse) Reset() {
 	*x = SnapshotRestoreResponse{}
-	mi := &file_admin_proto_msgTypes[9]
+	mi := &file_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -511,7 +915,7 @@ func (x *SnapshotRestoreResponse) String() string {
 func (*SnapshotRestoreResponse) ProtoMessage() {}
 
 func (x *SnapshotRestoreResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[9]
+	mi := &file_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -524,7 +928,7 @@ func (x *SnapshotRestoreResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRestoreResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotRestoreResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{9}
+	return file_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SnapshotRestoreResponse) GetIndex() uint64 {
@@ -544,7 +948,7 @@ type BatchCreateEntryRequest struct {
 
 func (x *BatchCreateEntryRequest) Reset() {
 	*x = BatchCreateEntryRequest{}
-	mi := &file_admin_proto_msgTypes[10]
+	mi := &file_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -556,7 +960,7 @@ func (x *BatchCreateEntryRequest) String() string {
 func (*BatchCreateEntryRequest) ProtoMessage() {}
 
 func (x *BatchCreateEntryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[10]
+	mi := &file_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -569,7 +973,7 @@ func (x *BatchCreateEntryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchCreateEntryRequest.ProtoReflect.Descriptor instead.
 func (*BatchCreateEntryRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{10}
+	return file_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *BatchCreateEntryRequest) GetEntries() []*Entry {
@@ -596,7 +1000,7 @@ type BatchUpdateEntryRequest struct {
 
 func (x *BatchUpdateEntryRequest) Reset() {
 	*x = BatchUpdateEntryRequest{}
-	mi := &file_admin_proto_msgTypes[11]
+	mi := &file_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -608,7 +1012,7 @@ func (x *BatchUpdateEntryRequest) String() string {
 func (*BatchUpdateEntryRequest) ProtoMessage() {}
 
 func (x *BatchUpdateEntryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[11]
+	mi := &file_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -621,7 +1025,7 @@ func (x *BatchUpdateEntryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchUpdateEntryRequest.ProtoReflect.Descriptor instead.
 func (*BatchUpdateEntryRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{11}
+	return file_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *BatchUpdateEntryRequest) GetEntries() []*Entry {
@@ -648,7 +1052,7 @@ type BatchDeleteEntryRequest struct {
 
 func (x *BatchDeleteEntryRequest) Reset() {
 	*x = BatchDeleteEntryRequest{}
-	mi := &file_admin_proto_msgTypes[12]
+	mi := &file_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -660,7 +1064,7 @@ func (x *BatchDeleteEntryRequest) String() string {
 func (*BatchDeleteEntryRequest) ProtoMessage() {}
 
 func (x *BatchDeleteEntryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[12]
+	mi := &file_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -673,7 +1077,7 @@ func (x *BatchDeleteEntryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchDeleteEntryRequest.ProtoReflect.Descriptor instead.
 func (*BatchDeleteEntryRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{12}
+	return file_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *BatchDeleteEntryRequest) GetIds() []string {
@@ -701,7 +1105,7 @@ type BatchEntryResponse struct {
 
 func (x *BatchEntryResponse) Reset() {
 	*x = BatchEntryResponse{}
-	mi := &file_admin_proto_msgTypes[13]
+	mi := &file_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -713,7 +1117,7 @@ func (x *BatchEntryResponse) String() string {
 func (*BatchEntryResponse) ProtoMessage() {}
 
 func (x *BatchEntryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[13]
+	mi := &file_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -726,7 +1130,7 @@ func (x *BatchEntryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchEntryResponse.ProtoReflect.Descriptor instead.
 func (*BatchEntryResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{13}
+	return file_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *BatchEntryResponse) GetResults() []*Status {
@@ -760,7 +1164,7 @@ type GetEntryRequest struct {
 
 func (x *GetEntryRequest) Reset() {
 	*x = GetEntryRequest{}
-	mi := &file_admin_proto_msgTypes[14]
+	mi := &file_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -772,7 +1176,7 @@ func (x *GetEntryRequest) String() string {
 func (*GetEntryRequest) ProtoMessage() {}
 
 func (x *GetEntryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[14]
+	mi := &file_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -785,7 +1189,7 @@ func (x *GetEntryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetEntryRequest.ProtoReflect.Descriptor instead.
 func (*GetEntryRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{14}
+	return file_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetEntryRequest) GetId() string {
@@ -817,7 +1221,7 @@ type ListEntriesRequest struct {
 
 func (x *ListEntriesRequest) Reset() {
 	*x = ListEntriesRequest{}
-	mi := &file_admin_proto_msgTypes[15]
+	mi := &file_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -829,7 +1233,7 @@ func (x *ListEntriesRequest) String() string {
 func (*ListEntriesRequest) ProtoMessage() {}
 
 func (x *ListEntriesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[15]
+	mi := &file_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -842,7 +1246,7 @@ func (x *ListEntriesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEntriesRequest.ProtoReflect.Descriptor instead.
 func (*ListEntriesRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{15}
+	return file_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListEntriesRequest) GetBySpiffeId() string {
@@ -904,7 +1308,7 @@ type ListEntriesResponse struct {
 
 func (x *ListEntriesResponse) Reset() {
 	*x = ListEntriesResponse{}
-	mi := &file_admin_proto_msgTypes[16]
+	mi := &file_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -916,7 +1320,7 @@ func (x *ListEntriesResponse) String() string {
 func (*ListEntriesResponse) ProtoMessage() {}
 
 func (x *ListEntriesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[16]
+	mi := &file_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -929,7 +1333,7 @@ func (x *ListEntriesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEntriesResponse.ProtoReflect.Descriptor instead.
 func (*ListEntriesResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{16}
+	return file_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ListEntriesResponse) GetEntries() []*Entry {
@@ -955,7 +1359,7 @@ type CountEntriesRequest struct {
 
 func (x *CountEntriesRequest) Reset() {
 	*x = CountEntriesRequest{}
-	mi := &file_admin_proto_msgTypes[17]
+	mi := &file_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -967,7 +1371,7 @@ func (x *CountEntriesRequest) String() string {
 func (*CountEntriesRequest) ProtoMessage() {}
 
 func (x *CountEntriesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[17]
+	mi := &file_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -980,7 +1384,7 @@ func (x *CountEntriesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CountEntriesRequest.ProtoReflect.Descriptor instead.
 func (*CountEntriesRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{17}
+	return file_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CountEntriesRequest) GetConsistency() ReadConsistency {
@@ -999,7 +1403,7 @@ type CountEntriesResponse struct {
 
 func (x *CountEntriesResponse) Reset() {
 	*x = CountEntriesResponse{}
-	mi := &file_admin_proto_msgTypes[18]
+	mi := &file_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1011,7 +1415,7 @@ func (x *CountEntriesResponse) String() string {
 func (*CountEntriesResponse) ProtoMessage() {}
 
 func (x *CountEntriesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[18]
+	mi := &file_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1024,7 +1428,7 @@ func (x *CountEntriesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CountEntriesResponse.ProtoReflect.Descriptor instead.
 func (*CountEntriesResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{18}
+	return file_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CountEntriesResponse) GetCount() int64 {
@@ -1038,7 +1442,28 @@ var File_admin_proto protoreflect.FileDescriptor
 
 const file_admin_proto_rawDesc = "" +
 	"\n" +
-	"\vadmin.proto\x12\bferry.v1\x1a\vtypes.proto\x1a\x0ecommands.proto\".\n" +
+	"\vadmin.proto\x12\bferry.v1\x1a\vtypes.proto\x1a\x0ecommands.proto\"V\n" +
+	"\x16CreateJoinTokenRequest\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x1f\n" +
+	"\vttl_seconds\x18\x02 \x01(\x03R\n" +
+	"ttlSeconds\"N\n" +
+	"\x17CreateJoinTokenResponse\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x1d\n" +
+	"\n" +
+	"expires_at\x18\x02 \x01(\x03R\texpiresAt\"\x13\n" +
+	"\x11ListAgentsRequest\"D\n" +
+	"\x12ListAgentsResponse\x12.\n" +
+	"\x06agents\x18\x01 \x03(\v2\x16.ferry.v1.AttestedNodeR\x06agents\".\n" +
+	"\x0fGetAgentRequest\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\"0\n" +
+	"\x11EvictAgentRequest\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\"D\n" +
+	"\x0fBanAgentRequest\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x14\n" +
+	"\x05unban\x18\x02 \x01(\bR\x05unban\"\x14\n" +
+	"\x12ListBundlesRequest\"A\n" +
+	"\x13ListBundlesResponse\x12*\n" +
+	"\abundles\x18\x01 \x03(\v2\x10.ferry.v1.BundleR\abundles\".\n" +
 	"\x12ClusterJoinRequest\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\"\x15\n" +
 	"\x13ClusterJoinResponse\"\x14\n" +
@@ -1103,7 +1528,8 @@ const file_admin_proto_rawDesc = "" +
 	"\x0fReadConsistency\x12\x0e\n" +
 	"\n" +
 	"READ_LOCAL\x10\x00\x12\x15\n" +
-	"\x11READ_LINEARIZABLE\x10\x012\xde\x06\n" +
+	"\x11READ_LINEARIZABLE\x10\x012\x8c\n" +
+	"\n" +
 	"\x05Admin\x12J\n" +
 	"\vClusterJoin\x12\x1c.ferry.v1.ClusterJoinRequest\x1a\x1d.ferry.v1.ClusterJoinResponse\x12J\n" +
 	"\vClusterList\x12\x1c.ferry.v1.ClusterListRequest\x1a\x1d.ferry.v1.ClusterListResponse\x12P\n" +
@@ -1115,7 +1541,15 @@ const file_admin_proto_rawDesc = "" +
 	"\x10BatchDeleteEntry\x12!.ferry.v1.BatchDeleteEntryRequest\x1a\x1c.ferry.v1.BatchEntryResponse\x126\n" +
 	"\bGetEntry\x12\x19.ferry.v1.GetEntryRequest\x1a\x0f.ferry.v1.Entry\x12J\n" +
 	"\vListEntries\x12\x1c.ferry.v1.ListEntriesRequest\x1a\x1d.ferry.v1.ListEntriesResponse\x12M\n" +
-	"\fCountEntries\x12\x1d.ferry.v1.CountEntriesRequest\x1a\x1e.ferry.v1.CountEntriesResponseB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
+	"\fCountEntries\x12\x1d.ferry.v1.CountEntriesRequest\x1a\x1e.ferry.v1.CountEntriesResponse\x12V\n" +
+	"\x0fCreateJoinToken\x12 .ferry.v1.CreateJoinTokenRequest\x1a!.ferry.v1.CreateJoinTokenResponse\x12G\n" +
+	"\n" +
+	"ListAgents\x12\x1b.ferry.v1.ListAgentsRequest\x1a\x1c.ferry.v1.ListAgentsResponse\x12=\n" +
+	"\bGetAgent\x12\x19.ferry.v1.GetAgentRequest\x1a\x16.ferry.v1.AttestedNode\x12A\n" +
+	"\n" +
+	"EvictAgent\x12\x1b.ferry.v1.EvictAgentRequest\x1a\x16.ferry.v1.AttestedNode\x12=\n" +
+	"\bBanAgent\x12\x19.ferry.v1.BanAgentRequest\x1a\x16.ferry.v1.AttestedNode\x12J\n" +
+	"\vListBundles\x12\x1c.ferry.v1.ListBundlesRequest\x1a\x1d.ferry.v1.ListBundlesResponseB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
 
 var (
 	file_admin_proto_rawDescOnce sync.Once
@@ -1130,70 +1564,95 @@ func file_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_admin_proto_goTypes = []any{
 	(ReadConsistency)(0),            // 0: ferry.v1.ReadConsistency
-	(*ClusterJoinRequest)(nil),      // 1: ferry.v1.ClusterJoinRequest
-	(*ClusterJoinResponse)(nil),     // 2: ferry.v1.ClusterJoinResponse
-	(*ClusterListRequest)(nil),      // 3: ferry.v1.ClusterListRequest
-	(*ClusterMember)(nil),           // 4: ferry.v1.ClusterMember
-	(*ClusterListResponse)(nil),     // 5: ferry.v1.ClusterListResponse
-	(*ClusterRemoveRequest)(nil),    // 6: ferry.v1.ClusterRemoveRequest
-	(*ClusterRemoveResponse)(nil),   // 7: ferry.v1.ClusterRemoveResponse
-	(*SnapshotSaveRequest)(nil),     // 8: ferry.v1.SnapshotSaveRequest
-	(*SnapshotChunk)(nil),           // 9: ferry.v1.SnapshotChunk
-	(*SnapshotRestoreResponse)(nil), // 10: ferry.v1.SnapshotRestoreResponse
-	(*BatchCreateEntryRequest)(nil), // 11: ferry.v1.BatchCreateEntryRequest
-	(*BatchUpdateEntryRequest)(nil), // 12: ferry.v1.BatchUpdateEntryRequest
-	(*BatchDeleteEntryRequest)(nil), // 13: ferry.v1.BatchDeleteEntryRequest
-	(*BatchEntryResponse)(nil),      // 14: ferry.v1.BatchEntryResponse
-	(*GetEntryRequest)(nil),         // 15: ferry.v1.GetEntryRequest
-	(*ListEntriesRequest)(nil),      // 16: ferry.v1.ListEntriesRequest
-	(*ListEntriesResponse)(nil),     // 17: ferry.v1.ListEntriesResponse
-	(*CountEntriesRequest)(nil),     // 18: ferry.v1.CountEntriesRequest
-	(*CountEntriesResponse)(nil),    // 19: ferry.v1.CountEntriesResponse
-	(*Entry)(nil),                   // 20: ferry.v1.Entry
-	(*Status)(nil),                  // 21: ferry.v1.Status
-	(*Selector)(nil),                // 22: ferry.v1.Selector
+	(*CreateJoinTokenRequest)(nil),  // 1: ferry.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil), // 2: ferry.v1.CreateJoinTokenResponse
+	(*ListAgentsRequest)(nil),       // 3: ferry.v1.ListAgentsRequest
+	(*ListAgentsResponse)(nil),      // 4: ferry.v1.ListAgentsResponse
+	(*GetAgentRequest)(nil),         // 5: ferry.v1.GetAgentRequest
+	(*EvictAgentRequest)(nil),       // 6: ferry.v1.EvictAgentRequest
+	(*BanAgentRequest)(nil),         // 7: ferry.v1.BanAgentRequest
+	(*ListBundlesRequest)(nil),      // 8: ferry.v1.ListBundlesRequest
+	(*ListBundlesResponse)(nil),     // 9: ferry.v1.ListBundlesResponse
+	(*ClusterJoinRequest)(nil),      // 10: ferry.v1.ClusterJoinRequest
+	(*ClusterJoinResponse)(nil),     // 11: ferry.v1.ClusterJoinResponse
+	(*ClusterListRequest)(nil),      // 12: ferry.v1.ClusterListRequest
+	(*ClusterMember)(nil),           // 13: ferry.v1.ClusterMember
+	(*ClusterListResponse)(nil),     // 14: ferry.v1.ClusterListResponse
+	(*ClusterRemoveRequest)(nil),    // 15: ferry.v1.ClusterRemoveRequest
+	(*ClusterRemoveResponse)(nil),   // 16: ferry.v1.ClusterRemoveResponse
+	(*SnapshotSaveRequest)(nil),     // 17: ferry.v1.SnapshotSaveRequest
+	(*SnapshotChunk)(nil),           // 18: ferry.v1.SnapshotChunk
+	(*SnapshotRestoreResponse)(nil), // 19: ferry.v1.SnapshotRestoreResponse
+	(*BatchCreateEntryRequest)(nil), // 20: ferry.v1.BatchCreateEntryRequest
+	(*BatchUpdateEntryRequest)(nil), // 21: ferry.v1.BatchUpdateEntryRequest
+	(*BatchDeleteEntryRequest)(nil), // 22: ferry.v1.BatchDeleteEntryRequest
+	(*BatchEntryResponse)(nil),      // 23: ferry.v1.BatchEntryResponse
+	(*GetEntryRequest)(nil),         // 24: ferry.v1.GetEntryRequest
+	(*ListEntriesRequest)(nil),      // 25: ferry.v1.ListEntriesRequest
+	(*ListEntriesResponse)(nil),     // 26: ferry.v1.ListEntriesResponse
+	(*CountEntriesRequest)(nil),     // 27: ferry.v1.CountEntriesRequest
+	(*CountEntriesResponse)(nil),    // 28: ferry.v1.CountEntriesResponse
+	(*AttestedNode)(nil),            // 29: ferry.v1.AttestedNode
+	(*Bundle)(nil),                  // 30: ferry.v1.Bundle
+	(*Entry)(nil),                   // 31: ferry.v1.Entry
+	(*Status)(nil),                  // 32: ferry.v1.Status
+	(*Selector)(nil),                // 33: ferry.v1.Selector
 }
 var file_admin_proto_depIdxs = []int32{
-	4,  // 0: ferry.v1.ClusterListResponse.members:type_name -> ferry.v1.ClusterMember
-	20, // 1: ferry.v1.BatchCreateEntryRequest.entries:type_name -> ferry.v1.Entry
-	20, // 2: ferry.v1.BatchUpdateEntryRequest.entries:type_name -> ferry.v1.Entry
-	21, // 3: ferry.v1.BatchEntryResponse.results:type_name -> ferry.v1.Status
-	20, // 4: ferry.v1.BatchEntryResponse.entries:type_name -> ferry.v1.Entry
-	0,  // 5: ferry.v1.GetEntryRequest.consistency:type_name -> ferry.v1.ReadConsistency
-	22, // 6: ferry.v1.ListEntriesRequest.by_selectors:type_name -> ferry.v1.Selector
-	0,  // 7: ferry.v1.ListEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
-	20, // 8: ferry.v1.ListEntriesResponse.entries:type_name -> ferry.v1.Entry
-	0,  // 9: ferry.v1.CountEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
-	1,  // 10: ferry.v1.Admin.ClusterJoin:input_type -> ferry.v1.ClusterJoinRequest
-	3,  // 11: ferry.v1.Admin.ClusterList:input_type -> ferry.v1.ClusterListRequest
-	6,  // 12: ferry.v1.Admin.ClusterRemove:input_type -> ferry.v1.ClusterRemoveRequest
-	8,  // 13: ferry.v1.Admin.SnapshotSave:input_type -> ferry.v1.SnapshotSaveRequest
-	9,  // 14: ferry.v1.Admin.SnapshotRestore:input_type -> ferry.v1.SnapshotChunk
-	11, // 15: ferry.v1.Admin.BatchCreateEntry:input_type -> ferry.v1.BatchCreateEntryRequest
-	12, // 16: ferry.v1.Admin.BatchUpdateEntry:input_type -> ferry.v1.BatchUpdateEntryRequest
-	13, // 17: ferry.v1.Admin.BatchDeleteEntry:input_type -> ferry.v1.BatchDeleteEntryRequest
-	15, // 18: ferry.v1.Admin.GetEntry:input_type -> ferry.v1.GetEntryRequest
-	16, // 19: ferry.v1.Admin.ListEntries:input_type -> ferry.v1.ListEntriesRequest
-	18, // 20: ferry.v1.Admin.CountEntries:input_type -> ferry.v1.CountEntriesRequest
-	2,  // 21: ferry.v1.Admin.ClusterJoin:output_type -> ferry.v1.ClusterJoinResponse
-	5,  // 22: ferry.v1.Admin.ClusterList:output_type -> ferry.v1.ClusterListResponse
-	7,  // 23: ferry.v1.Admin.ClusterRemove:output_type -> ferry.v1.ClusterRemoveResponse
-	9,  // 24: ferry.v1.Admin.SnapshotSave:output_type -> ferry.v1.SnapshotChunk
-	10, // 25: ferry.v1.Admin.SnapshotRestore:output_type -> ferry.v1.SnapshotRestoreResponse
-	14, // 26: ferry.v1.Admin.BatchCreateEntry:output_type -> ferry.v1.BatchEntryResponse
-	14, // 27: ferry.v1.Admin.BatchUpdateEntry:output_type -> ferry.v1.BatchEntryResponse
-	14, // 28: ferry.v1.Admin.BatchDeleteEntry:output_type -> ferry.v1.BatchEntryResponse
-	20, // 29: ferry.v1.Admin.GetEntry:output_type -> ferry.v1.Entry
-	17, // 30: ferry.v1.Admin.ListEntries:output_type -> ferry.v1.ListEntriesResponse
-	19, // 31: ferry.v1.Admin.CountEntries:output_type -> ferry.v1.CountEntriesResponse
-	21, // [21:32] is the sub-list for method output_type
-	10, // [10:21] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	29, // 0: ferry.v1.ListAgentsResponse.agents:type_name -> ferry.v1.AttestedNode
+	30, // 1: ferry.v1.ListBundlesResponse.bundles:type_name -> ferry.v1.Bundle
+	13, // 2: ferry.v1.ClusterListResponse.members:type_name -> ferry.v1.ClusterMember
+	31, // 3: ferry.v1.BatchCreateEntryRequest.entries:type_name -> ferry.v1.Entry
+	31, // 4: ferry.v1.BatchUpdateEntryRequest.entries:type_name -> ferry.v1.Entry
+	32, // 5: ferry.v1.BatchEntryResponse.results:type_name -> ferry.v1.Status
+	31, // 6: ferry.v1.BatchEntryResponse.entries:type_name -> ferry.v1.Entry
+	0,  // 7: ferry.v1.GetEntryRequest.consistency:type_name -> ferry.v1.ReadConsistency
+	33, // 8: ferry.v1.ListEntriesRequest.by_selectors:type_name -> ferry.v1.Selector
+	0,  // 9: ferry.v1.ListEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
+	31, // 10: ferry.v1.ListEntriesResponse.entries:type_name -> ferry.v1.Entry
+	0,  // 11: ferry.v1.CountEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
+	10, // 12: ferry.v1.Admin.ClusterJoin:input_type -> ferry.v1.ClusterJoinRequest
+	12, // 13: ferry.v1.Admin.ClusterList:input_type -> ferry.v1.ClusterListRequest
+	15, // 14: ferry.v1.Admin.ClusterRemove:input_type -> ferry.v1.ClusterRemoveRequest
+	17, // 15: ferry.v1.Admin.SnapshotSave:input_type -> ferry.v1.SnapshotSaveRequest
+	18, // 16: ferry.v1.Admin.SnapshotRestore:input_type -> ferry.v1.SnapshotChunk
+	20, // 17: ferry.v1.Admin.BatchCreateEntry:input_type -> ferry.v1.BatchCreateEntryRequest
+	21, // 18: ferry.v1.Admin.BatchUpdateEntry:input_type -> ferry.v1.BatchUpdateEntryRequest
+	22, // 19: ferry.v1.Admin.BatchDeleteEntry:input_type -> ferry.v1.BatchDeleteEntryRequest
+	24, // 20: ferry.v1.Admin.GetEntry:input_type -> ferry.v1.GetEntryRequest
+	25, // 21: ferry.v1.Admin.ListEntries:input_type -> ferry.v1.ListEntriesRequest
+	27, // 22: ferry.v1.Admin.CountEntries:input_type -> ferry.v1.CountEntriesRequest
+	1,  // 23: ferry.v1.Admin.CreateJoinToken:input_type -> ferry.v1.CreateJoinTokenRequest
+	3,  // 24: ferry.v1.Admin.ListAgents:input_type -> ferry.v1.ListAgentsRequest
+	5,  // 25: ferry.v1.Admin.GetAgent:input_type -> ferry.v1.GetAgentRequest
+	6,  // 26: ferry.v1.Admin.EvictAgent:input_type -> ferry.v1.EvictAgentRequest
+	7,  // 27: ferry.v1.Admin.BanAgent:input_type -> ferry.v1.BanAgentRequest
+	8,  // 28: ferry.v1.Admin.ListBundles:input_type -> ferry.v1.ListBundlesRequest
+	11, // 29: ferry.v1.Admin.ClusterJoin:output_type -> ferry.v1.ClusterJoinResponse
+	14, // 30: ferry.v1.Admin.ClusterList:output_type -> ferry.v1.ClusterListResponse
+	16, // 31: ferry.v1.Admin.ClusterRemove:output_type -> ferry.v1.ClusterRemoveResponse
+	18, // 32: ferry.v1.Admin.SnapshotSave:output_type -> ferry.v1.SnapshotChunk
+	19, // 33: ferry.v1.Admin.SnapshotRestore:output_type -> ferry.v1.SnapshotRestoreResponse
+	23, // 34: ferry.v1.Admin.BatchCreateEntry:output_type -> ferry.v1.BatchEntryResponse
+	23, // 35: ferry.v1.Admin.BatchUpdateEntry:output_type -> ferry.v1.BatchEntryResponse
+	23, // 36: ferry.v1.Admin.BatchDeleteEntry:output_type -> ferry.v1.BatchEntryResponse
+	31, // 37: ferry.v1.Admin.GetEntry:output_type -> ferry.v1.Entry
+	26, // 38: ferry.v1.Admin.ListEntries:output_type -> ferry.v1.ListEntriesResponse
+	28, // 39: ferry.v1.Admin.CountEntries:output_type -> ferry.v1.CountEntriesResponse
+	2,  // 40: ferry.v1.Admin.CreateJoinToken:output_type -> ferry.v1.CreateJoinTokenResponse
+	4,  // 41: ferry.v1.Admin.ListAgents:output_type -> ferry.v1.ListAgentsResponse
+	29, // 42: ferry.v1.Admin.GetAgent:output_type -> ferry.v1.AttestedNode
+	29, // 43: ferry.v1.Admin.EvictAgent:output_type -> ferry.v1.AttestedNode
+	29, // 44: ferry.v1.Admin.BanAgent:output_type -> ferry.v1.AttestedNode
+	9,  // 45: ferry.v1.Admin.ListBundles:output_type -> ferry.v1.ListBundlesResponse
+	29, // [29:46] is the sub-list for method output_type
+	12, // [12:29] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_admin_proto_init() }
@@ -1209,7 +1668,7 @@ func file_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_admin_proto_rawDesc), len(file_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   19,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -50,6 +50,18 @@ type Command struct {
 	//	*Command_BundleJwtAuthorityRemove
 	//	*Command_BundleSet
 	//	*Command_BundleDelete
+	//	*Command_TenantPut
+	//	*Command_TenantDelete
+	//	*Command_IdentityPut
+	//	*Command_IdentityDelete
+	//	*Command_FederatedCredentialPut
+	//	*Command_FederatedCredentialDelete
+	//	*Command_ResourcePut
+	//	*Command_ResourceDelete
+	//	*Command_RoleAssignmentPut
+	//	*Command_RoleAssignmentDelete
+	//	*Command_SigningKeyPut
+	//	*Command_SigningKeyDelete
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -239,6 +251,114 @@ func (x *Command) GetBundleDelete() *BundleDelete {
 	return nil
 }
 
+func (x *Command) GetTenantPut() *TenantPut {
+	if x != nil {
+		if x, ok := x.Op.(*Command_TenantPut); ok {
+			return x.TenantPut
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetTenantDelete() *TenantDelete {
+	if x != nil {
+		if x, ok := x.Op.(*Command_TenantDelete); ok {
+			return x.TenantDelete
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetIdentityPut() *IdentityPut {
+	if x != nil {
+		if x, ok := x.Op.(*Command_IdentityPut); ok {
+			return x.IdentityPut
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetIdentityDelete() *IdentityDelete {
+	if x != nil {
+		if x, ok := x.Op.(*Command_IdentityDelete); ok {
+			return x.IdentityDelete
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetFederatedCredentialPut() *FederatedCredentialPut {
+	if x != nil {
+		if x, ok := x.Op.(*Command_FederatedCredentialPut); ok {
+			return x.FederatedCredentialPut
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetFederatedCredentialDelete() *FederatedCredentialDelete {
+	if x != nil {
+		if x, ok := x.Op.(*Command_FederatedCredentialDelete); ok {
+			return x.FederatedCredentialDelete
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetResourcePut() *ResourcePut {
+	if x != nil {
+		if x, ok := x.Op.(*Command_ResourcePut); ok {
+			return x.ResourcePut
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetResourceDelete() *ResourceDelete {
+	if x != nil {
+		if x, ok := x.Op.(*Command_ResourceDelete); ok {
+			return x.ResourceDelete
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetRoleAssignmentPut() *RoleAssignmentPut {
+	if x != nil {
+		if x, ok := x.Op.(*Command_RoleAssignmentPut); ok {
+			return x.RoleAssignmentPut
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetRoleAssignmentDelete() *RoleAssignmentDelete {
+	if x != nil {
+		if x, ok := x.Op.(*Command_RoleAssignmentDelete); ok {
+			return x.RoleAssignmentDelete
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetSigningKeyPut() *SigningKeyPut {
+	if x != nil {
+		if x, ok := x.Op.(*Command_SigningKeyPut); ok {
+			return x.SigningKeyPut
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetSigningKeyDelete() *SigningKeyDelete {
+	if x != nil {
+		if x, ok := x.Op.(*Command_SigningKeyDelete); ok {
+			return x.SigningKeyDelete
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -299,6 +419,55 @@ type Command_BundleDelete struct {
 	BundleDelete *BundleDelete `protobuf:"bytes,23,opt,name=bundle_delete,json=bundleDelete,proto3,oneof"`
 }
 
+type Command_TenantPut struct {
+	// Directory (bridge) commands: 30-49.
+	TenantPut *TenantPut `protobuf:"bytes,30,opt,name=tenant_put,json=tenantPut,proto3,oneof"`
+}
+
+type Command_TenantDelete struct {
+	TenantDelete *TenantDelete `protobuf:"bytes,31,opt,name=tenant_delete,json=tenantDelete,proto3,oneof"`
+}
+
+type Command_IdentityPut struct {
+	IdentityPut *IdentityPut `protobuf:"bytes,32,opt,name=identity_put,json=identityPut,proto3,oneof"`
+}
+
+type Command_IdentityDelete struct {
+	IdentityDelete *IdentityDelete `protobuf:"bytes,33,opt,name=identity_delete,json=identityDelete,proto3,oneof"`
+}
+
+type Command_FederatedCredentialPut struct {
+	FederatedCredentialPut *FederatedCredentialPut `protobuf:"bytes,34,opt,name=federated_credential_put,json=federatedCredentialPut,proto3,oneof"`
+}
+
+type Command_FederatedCredentialDelete struct {
+	FederatedCredentialDelete *FederatedCredentialDelete `protobuf:"bytes,35,opt,name=federated_credential_delete,json=federatedCredentialDelete,proto3,oneof"`
+}
+
+type Command_ResourcePut struct {
+	ResourcePut *ResourcePut `protobuf:"bytes,36,opt,name=resource_put,json=resourcePut,proto3,oneof"`
+}
+
+type Command_ResourceDelete struct {
+	ResourceDelete *ResourceDelete `protobuf:"bytes,37,opt,name=resource_delete,json=resourceDelete,proto3,oneof"`
+}
+
+type Command_RoleAssignmentPut struct {
+	RoleAssignmentPut *RoleAssignmentPut `protobuf:"bytes,38,opt,name=role_assignment_put,json=roleAssignmentPut,proto3,oneof"`
+}
+
+type Command_RoleAssignmentDelete struct {
+	RoleAssignmentDelete *RoleAssignmentDelete `protobuf:"bytes,39,opt,name=role_assignment_delete,json=roleAssignmentDelete,proto3,oneof"`
+}
+
+type Command_SigningKeyPut struct {
+	SigningKeyPut *SigningKeyPut `protobuf:"bytes,40,opt,name=signing_key_put,json=signingKeyPut,proto3,oneof"`
+}
+
+type Command_SigningKeyDelete struct {
+	SigningKeyDelete *SigningKeyDelete `protobuf:"bytes,41,opt,name=signing_key_delete,json=signingKeyDelete,proto3,oneof"`
+}
+
 func (*Command_EntriesCreate) isCommand_Op() {}
 
 func (*Command_EntriesUpdate) isCommand_Op() {}
@@ -326,6 +495,30 @@ func (*Command_BundleJwtAuthorityRemove) isCommand_Op() {}
 func (*Command_BundleSet) isCommand_Op() {}
 
 func (*Command_BundleDelete) isCommand_Op() {}
+
+func (*Command_TenantPut) isCommand_Op() {}
+
+func (*Command_TenantDelete) isCommand_Op() {}
+
+func (*Command_IdentityPut) isCommand_Op() {}
+
+func (*Command_IdentityDelete) isCommand_Op() {}
+
+func (*Command_FederatedCredentialPut) isCommand_Op() {}
+
+func (*Command_FederatedCredentialDelete) isCommand_Op() {}
+
+func (*Command_ResourcePut) isCommand_Op() {}
+
+func (*Command_ResourceDelete) isCommand_Op() {}
+
+func (*Command_RoleAssignmentPut) isCommand_Op() {}
+
+func (*Command_RoleAssignmentDelete) isCommand_Op() {}
+
+func (*Command_SigningKeyPut) isCommand_Op() {}
+
+func (*Command_SigningKeyDelete) isCommand_Op() {}
 
 type JoinTokenCreate struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1060,16 +1253,23 @@ func (x *Status) GetMessage() string {
 }
 
 type CommandResult struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
-	Status        *Status                `protobuf:"bytes,2,opt,name=status,proto3" json:"status,omitempty"`
-	Items         []*Status              `protobuf:"bytes,3,rep,name=items,proto3" json:"items,omitempty"`
-	Entries       []*Entry               `protobuf:"bytes,4,rep,name=entries,proto3" json:"entries,omitempty"`
-	Node          *AttestedNode          `protobuf:"bytes,5,opt,name=node,proto3" json:"node,omitempty"`
-	JoinToken     *JoinToken             `protobuf:"bytes,6,opt,name=join_token,json=joinToken,proto3" json:"join_token,omitempty"`
-	Bundle        *Bundle                `protobuf:"bytes,7,opt,name=bundle,proto3" json:"bundle,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Index     uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Status    *Status                `protobuf:"bytes,2,opt,name=status,proto3" json:"status,omitempty"`
+	Items     []*Status              `protobuf:"bytes,3,rep,name=items,proto3" json:"items,omitempty"`
+	Entries   []*Entry               `protobuf:"bytes,4,rep,name=entries,proto3" json:"entries,omitempty"`
+	Node      *AttestedNode          `protobuf:"bytes,5,opt,name=node,proto3" json:"node,omitempty"`
+	JoinToken *JoinToken             `protobuf:"bytes,6,opt,name=join_token,json=joinToken,proto3" json:"join_token,omitempty"`
+	Bundle    *Bundle                `protobuf:"bytes,7,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	// Directory results: 20-29.
+	Tenant              *Tenant              `protobuf:"bytes,20,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	Identity            *Identity            `protobuf:"bytes,21,opt,name=identity,proto3" json:"identity,omitempty"`
+	FederatedCredential *FederatedCredential `protobuf:"bytes,22,opt,name=federated_credential,json=federatedCredential,proto3" json:"federated_credential,omitempty"`
+	Resource            *Resource            `protobuf:"bytes,23,opt,name=resource,proto3" json:"resource,omitempty"`
+	RoleAssignment      *RoleAssignment      `protobuf:"bytes,24,opt,name=role_assignment,json=roleAssignment,proto3" json:"role_assignment,omitempty"`
+	SigningKey          *SigningKey          `protobuf:"bytes,25,opt,name=signing_key,json=signingKey,proto3" json:"signing_key,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *CommandResult) Reset() {
@@ -1151,6 +1351,48 @@ func (x *CommandResult) GetBundle() *Bundle {
 	return nil
 }
 
+func (x *CommandResult) GetTenant() *Tenant {
+	if x != nil {
+		return x.Tenant
+	}
+	return nil
+}
+
+func (x *CommandResult) GetIdentity() *Identity {
+	if x != nil {
+		return x.Identity
+	}
+	return nil
+}
+
+func (x *CommandResult) GetFederatedCredential() *FederatedCredential {
+	if x != nil {
+		return x.FederatedCredential
+	}
+	return nil
+}
+
+func (x *CommandResult) GetResource() *Resource {
+	if x != nil {
+		return x.Resource
+	}
+	return nil
+}
+
+func (x *CommandResult) GetRoleAssignment() *RoleAssignment {
+	if x != nil {
+		return x.RoleAssignment
+	}
+	return nil
+}
+
+func (x *CommandResult) GetSigningKey() *SigningKey {
+	if x != nil {
+		return x.SigningKey
+	}
+	return nil
+}
+
 // AppliedRequest remembers the result of an applied request ID, so a retry of the
 // same command is answered without applying it again.
 type AppliedRequest struct {
@@ -1221,11 +1463,571 @@ func (x *AppliedRequest) GetResult() *CommandResult {
 	return nil
 }
 
+type TenantPut struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tenant        *Tenant                `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TenantPut) Reset() {
+	*x = TenantPut{}
+	mi := &file_commands_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TenantPut) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TenantPut) ProtoMessage() {}
+
+func (x *TenantPut) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TenantPut.ProtoReflect.Descriptor instead.
+func (*TenantPut) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *TenantPut) GetTenant() *Tenant {
+	if x != nil {
+		return x.Tenant
+	}
+	return nil
+}
+
+type TenantDelete struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TenantDelete) Reset() {
+	*x = TenantDelete{}
+	mi := &file_commands_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TenantDelete) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TenantDelete) ProtoMessage() {}
+
+func (x *TenantDelete) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TenantDelete.ProtoReflect.Descriptor instead.
+func (*TenantDelete) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *TenantDelete) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type IdentityPut struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Identity      *Identity              `protobuf:"bytes,1,opt,name=identity,proto3" json:"identity,omitempty"`
+	CreateOnly    bool                   `protobuf:"varint,2,opt,name=create_only,json=createOnly,proto3" json:"create_only,omitempty"` // refuse if it exists
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IdentityPut) Reset() {
+	*x = IdentityPut{}
+	mi := &file_commands_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IdentityPut) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IdentityPut) ProtoMessage() {}
+
+func (x *IdentityPut) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IdentityPut.ProtoReflect.Descriptor instead.
+func (*IdentityPut) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *IdentityPut) GetIdentity() *Identity {
+	if x != nil {
+		return x.Identity
+	}
+	return nil
+}
+
+func (x *IdentityPut) GetCreateOnly() bool {
+	if x != nil {
+		return x.CreateOnly
+	}
+	return false
+}
+
+type IdentityDelete struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ObjectId      string                 `protobuf:"bytes,1,opt,name=object_id,json=objectId,proto3" json:"object_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IdentityDelete) Reset() {
+	*x = IdentityDelete{}
+	mi := &file_commands_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IdentityDelete) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IdentityDelete) ProtoMessage() {}
+
+func (x *IdentityDelete) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IdentityDelete.ProtoReflect.Descriptor instead.
+func (*IdentityDelete) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *IdentityDelete) GetObjectId() string {
+	if x != nil {
+		return x.ObjectId
+	}
+	return ""
+}
+
+type FederatedCredentialPut struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Credential    *FederatedCredential   `protobuf:"bytes,1,opt,name=credential,proto3" json:"credential,omitempty"`
+	CreateOnly    bool                   `protobuf:"varint,2,opt,name=create_only,json=createOnly,proto3" json:"create_only,omitempty"` // create (Entra's rules for a new FIC) vs update (name immutable)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FederatedCredentialPut) Reset() {
+	*x = FederatedCredentialPut{}
+	mi := &file_commands_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FederatedCredentialPut) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FederatedCredentialPut) ProtoMessage() {}
+
+func (x *FederatedCredentialPut) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FederatedCredentialPut.ProtoReflect.Descriptor instead.
+func (*FederatedCredentialPut) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *FederatedCredentialPut) GetCredential() *FederatedCredential {
+	if x != nil {
+		return x.Credential
+	}
+	return nil
+}
+
+func (x *FederatedCredentialPut) GetCreateOnly() bool {
+	if x != nil {
+		return x.CreateOnly
+	}
+	return false
+}
+
+type FederatedCredentialDelete struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	IdentityObjectId string                 `protobuf:"bytes,1,opt,name=identity_object_id,json=identityObjectId,proto3" json:"identity_object_id,omitempty"`
+	Name             string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *FederatedCredentialDelete) Reset() {
+	*x = FederatedCredentialDelete{}
+	mi := &file_commands_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FederatedCredentialDelete) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FederatedCredentialDelete) ProtoMessage() {}
+
+func (x *FederatedCredentialDelete) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FederatedCredentialDelete.ProtoReflect.Descriptor instead.
+func (*FederatedCredentialDelete) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *FederatedCredentialDelete) GetIdentityObjectId() string {
+	if x != nil {
+		return x.IdentityObjectId
+	}
+	return ""
+}
+
+func (x *FederatedCredentialDelete) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type ResourcePut struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Resource      *Resource              `protobuf:"bytes,1,opt,name=resource,proto3" json:"resource,omitempty"`
+	CreateOnly    bool                   `protobuf:"varint,2,opt,name=create_only,json=createOnly,proto3" json:"create_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResourcePut) Reset() {
+	*x = ResourcePut{}
+	mi := &file_commands_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResourcePut) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResourcePut) ProtoMessage() {}
+
+func (x *ResourcePut) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResourcePut.ProtoReflect.Descriptor instead.
+func (*ResourcePut) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ResourcePut) GetResource() *Resource {
+	if x != nil {
+		return x.Resource
+	}
+	return nil
+}
+
+func (x *ResourcePut) GetCreateOnly() bool {
+	if x != nil {
+		return x.CreateOnly
+	}
+	return false
+}
+
+type ResourceDelete struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ObjectId      string                 `protobuf:"bytes,1,opt,name=object_id,json=objectId,proto3" json:"object_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResourceDelete) Reset() {
+	*x = ResourceDelete{}
+	mi := &file_commands_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResourceDelete) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResourceDelete) ProtoMessage() {}
+
+func (x *ResourceDelete) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResourceDelete.ProtoReflect.Descriptor instead.
+func (*ResourceDelete) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ResourceDelete) GetObjectId() string {
+	if x != nil {
+		return x.ObjectId
+	}
+	return ""
+}
+
+type RoleAssignmentPut struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Assignment    *RoleAssignment        `protobuf:"bytes,1,opt,name=assignment,proto3" json:"assignment,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RoleAssignmentPut) Reset() {
+	*x = RoleAssignmentPut{}
+	mi := &file_commands_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RoleAssignmentPut) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RoleAssignmentPut) ProtoMessage() {}
+
+func (x *RoleAssignmentPut) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RoleAssignmentPut.ProtoReflect.Descriptor instead.
+func (*RoleAssignmentPut) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *RoleAssignmentPut) GetAssignment() *RoleAssignment {
+	if x != nil {
+		return x.Assignment
+	}
+	return nil
+}
+
+type RoleAssignmentDelete struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RoleAssignmentDelete) Reset() {
+	*x = RoleAssignmentDelete{}
+	mi := &file_commands_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RoleAssignmentDelete) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RoleAssignmentDelete) ProtoMessage() {}
+
+func (x *RoleAssignmentDelete) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RoleAssignmentDelete.ProtoReflect.Descriptor instead.
+func (*RoleAssignmentDelete) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *RoleAssignmentDelete) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type SigningKeyPut struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *SigningKey            `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SigningKeyPut) Reset() {
+	*x = SigningKeyPut{}
+	mi := &file_commands_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SigningKeyPut) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SigningKeyPut) ProtoMessage() {}
+
+func (x *SigningKeyPut) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SigningKeyPut.ProtoReflect.Descriptor instead.
+func (*SigningKeyPut) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *SigningKeyPut) GetKey() *SigningKey {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+type SigningKeyDelete struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Kid           string                 `protobuf:"bytes,1,opt,name=kid,proto3" json:"kid,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SigningKeyDelete) Reset() {
+	*x = SigningKeyDelete{}
+	mi := &file_commands_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SigningKeyDelete) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SigningKeyDelete) ProtoMessage() {}
+
+func (x *SigningKeyDelete) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SigningKeyDelete.ProtoReflect.Descriptor instead.
+func (*SigningKeyDelete) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *SigningKeyDelete) GetKid() string {
+	if x != nil {
+		return x.Kid
+	}
+	return ""
+}
+
 var File_commands_proto protoreflect.FileDescriptor
 
 const file_commands_proto_rawDesc = "" +
 	"\n" +
-	"\x0ecommands.proto\x12\bferry.v1\x1a\vtypes.proto\"\xec\b\n" +
+	"\x0ecommands.proto\x12\bferry.v1\x1a\vtypes.proto\"\xde\x0f\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
@@ -1247,7 +2049,20 @@ const file_commands_proto_rawDesc = "" +
 	"\x1bbundle_jwt_authority_remove\x18\x15 \x01(\v2\".ferry.v1.BundleJWTAuthorityRemoveH\x00R\x18bundleJwtAuthorityRemove\x124\n" +
 	"\n" +
 	"bundle_set\x18\x16 \x01(\v2\x13.ferry.v1.BundleSetH\x00R\tbundleSet\x12=\n" +
-	"\rbundle_delete\x18\x17 \x01(\v2\x16.ferry.v1.BundleDeleteH\x00R\fbundleDeleteB\x04\n" +
+	"\rbundle_delete\x18\x17 \x01(\v2\x16.ferry.v1.BundleDeleteH\x00R\fbundleDelete\x124\n" +
+	"\n" +
+	"tenant_put\x18\x1e \x01(\v2\x13.ferry.v1.TenantPutH\x00R\ttenantPut\x12=\n" +
+	"\rtenant_delete\x18\x1f \x01(\v2\x16.ferry.v1.TenantDeleteH\x00R\ftenantDelete\x12:\n" +
+	"\fidentity_put\x18  \x01(\v2\x15.ferry.v1.IdentityPutH\x00R\videntityPut\x12C\n" +
+	"\x0fidentity_delete\x18! \x01(\v2\x18.ferry.v1.IdentityDeleteH\x00R\x0eidentityDelete\x12\\\n" +
+	"\x18federated_credential_put\x18\" \x01(\v2 .ferry.v1.FederatedCredentialPutH\x00R\x16federatedCredentialPut\x12e\n" +
+	"\x1bfederated_credential_delete\x18# \x01(\v2#.ferry.v1.FederatedCredentialDeleteH\x00R\x19federatedCredentialDelete\x12:\n" +
+	"\fresource_put\x18$ \x01(\v2\x15.ferry.v1.ResourcePutH\x00R\vresourcePut\x12C\n" +
+	"\x0fresource_delete\x18% \x01(\v2\x18.ferry.v1.ResourceDeleteH\x00R\x0eresourceDelete\x12M\n" +
+	"\x13role_assignment_put\x18& \x01(\v2\x1b.ferry.v1.RoleAssignmentPutH\x00R\x11roleAssignmentPut\x12V\n" +
+	"\x16role_assignment_delete\x18' \x01(\v2\x1e.ferry.v1.RoleAssignmentDeleteH\x00R\x14roleAssignmentDelete\x12A\n" +
+	"\x0fsigning_key_put\x18( \x01(\v2\x17.ferry.v1.SigningKeyPutH\x00R\rsigningKeyPut\x12J\n" +
+	"\x12signing_key_delete\x18) \x01(\v2\x1a.ferry.v1.SigningKeyDeleteH\x00R\x10signingKeyDeleteB\x04\n" +
 	"\x02op\"<\n" +
 	"\x0fJoinTokenCreate\x12)\n" +
 	"\x05token\x18\x01 \x01(\v2\x13.ferry.v1.JoinTokenR\x05token\"&\n" +
@@ -1287,7 +2102,7 @@ const file_commands_proto_rawDesc = "" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\"6\n" +
 	"\x06Status\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\"\xac\x02\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\x82\x05\n" +
 	"\rCommandResult\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12(\n" +
 	"\x06status\x18\x02 \x01(\v2\x10.ferry.v1.StatusR\x06status\x12&\n" +
@@ -1296,13 +2111,55 @@ const file_commands_proto_rawDesc = "" +
 	"\x04node\x18\x05 \x01(\v2\x16.ferry.v1.AttestedNodeR\x04node\x122\n" +
 	"\n" +
 	"join_token\x18\x06 \x01(\v2\x13.ferry.v1.JoinTokenR\tjoinToken\x12(\n" +
-	"\x06bundle\x18\a \x01(\v2\x10.ferry.v1.BundleR\x06bundle\"\x9c\x01\n" +
+	"\x06bundle\x18\a \x01(\v2\x10.ferry.v1.BundleR\x06bundle\x12(\n" +
+	"\x06tenant\x18\x14 \x01(\v2\x10.ferry.v1.TenantR\x06tenant\x12.\n" +
+	"\bidentity\x18\x15 \x01(\v2\x12.ferry.v1.IdentityR\bidentity\x12P\n" +
+	"\x14federated_credential\x18\x16 \x01(\v2\x1d.ferry.v1.FederatedCredentialR\x13federatedCredential\x12.\n" +
+	"\bresource\x18\x17 \x01(\v2\x12.ferry.v1.ResourceR\bresource\x12A\n" +
+	"\x0frole_assignment\x18\x18 \x01(\v2\x18.ferry.v1.RoleAssignmentR\x0eroleAssignment\x125\n" +
+	"\vsigning_key\x18\x19 \x01(\v2\x14.ferry.v1.SigningKeyR\n" +
+	"signingKey\"\x9c\x01\n" +
 	"\x0eAppliedRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12$\n" +
 	"\x0etime_unix_nano\x18\x03 \x01(\x03R\ftimeUnixNano\x12/\n" +
-	"\x06result\x18\x04 \x01(\v2\x17.ferry.v1.CommandResultR\x06resultB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
+	"\x06result\x18\x04 \x01(\v2\x17.ferry.v1.CommandResultR\x06result\"5\n" +
+	"\tTenantPut\x12(\n" +
+	"\x06tenant\x18\x01 \x01(\v2\x10.ferry.v1.TenantR\x06tenant\"\x1e\n" +
+	"\fTenantDelete\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"^\n" +
+	"\vIdentityPut\x12.\n" +
+	"\bidentity\x18\x01 \x01(\v2\x12.ferry.v1.IdentityR\bidentity\x12\x1f\n" +
+	"\vcreate_only\x18\x02 \x01(\bR\n" +
+	"createOnly\"-\n" +
+	"\x0eIdentityDelete\x12\x1b\n" +
+	"\tobject_id\x18\x01 \x01(\tR\bobjectId\"x\n" +
+	"\x16FederatedCredentialPut\x12=\n" +
+	"\n" +
+	"credential\x18\x01 \x01(\v2\x1d.ferry.v1.FederatedCredentialR\n" +
+	"credential\x12\x1f\n" +
+	"\vcreate_only\x18\x02 \x01(\bR\n" +
+	"createOnly\"]\n" +
+	"\x19FederatedCredentialDelete\x12,\n" +
+	"\x12identity_object_id\x18\x01 \x01(\tR\x10identityObjectId\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"^\n" +
+	"\vResourcePut\x12.\n" +
+	"\bresource\x18\x01 \x01(\v2\x12.ferry.v1.ResourceR\bresource\x12\x1f\n" +
+	"\vcreate_only\x18\x02 \x01(\bR\n" +
+	"createOnly\"-\n" +
+	"\x0eResourceDelete\x12\x1b\n" +
+	"\tobject_id\x18\x01 \x01(\tR\bobjectId\"M\n" +
+	"\x11RoleAssignmentPut\x128\n" +
+	"\n" +
+	"assignment\x18\x01 \x01(\v2\x18.ferry.v1.RoleAssignmentR\n" +
+	"assignment\"&\n" +
+	"\x14RoleAssignmentDelete\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"7\n" +
+	"\rSigningKeyPut\x12&\n" +
+	"\x03key\x18\x01 \x01(\v2\x14.ferry.v1.SigningKeyR\x03key\"$\n" +
+	"\x10SigningKeyDelete\x12\x10\n" +
+	"\x03kid\x18\x01 \x01(\tR\x03kidB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
 
 var (
 	file_commands_proto_rawDescOnce sync.Once
@@ -1316,7 +2173,7 @@ func file_commands_proto_rawDescGZIP() []byte {
 	return file_commands_proto_rawDescData
 }
 
-var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_commands_proto_goTypes = []any{
 	(*Command)(nil),                   // 0: ferry.v1.Command
 	(*JoinTokenCreate)(nil),           // 1: ferry.v1.JoinTokenCreate
@@ -1336,12 +2193,30 @@ var file_commands_proto_goTypes = []any{
 	(*Status)(nil),                    // 15: ferry.v1.Status
 	(*CommandResult)(nil),             // 16: ferry.v1.CommandResult
 	(*AppliedRequest)(nil),            // 17: ferry.v1.AppliedRequest
-	(*JoinToken)(nil),                 // 18: ferry.v1.JoinToken
-	(*AttestedNode)(nil),              // 19: ferry.v1.AttestedNode
-	(*X509Authority)(nil),             // 20: ferry.v1.X509Authority
-	(*JWTAuthority)(nil),              // 21: ferry.v1.JWTAuthority
-	(*Bundle)(nil),                    // 22: ferry.v1.Bundle
-	(*Entry)(nil),                     // 23: ferry.v1.Entry
+	(*TenantPut)(nil),                 // 18: ferry.v1.TenantPut
+	(*TenantDelete)(nil),              // 19: ferry.v1.TenantDelete
+	(*IdentityPut)(nil),               // 20: ferry.v1.IdentityPut
+	(*IdentityDelete)(nil),            // 21: ferry.v1.IdentityDelete
+	(*FederatedCredentialPut)(nil),    // 22: ferry.v1.FederatedCredentialPut
+	(*FederatedCredentialDelete)(nil), // 23: ferry.v1.FederatedCredentialDelete
+	(*ResourcePut)(nil),               // 24: ferry.v1.ResourcePut
+	(*ResourceDelete)(nil),            // 25: ferry.v1.ResourceDelete
+	(*RoleAssignmentPut)(nil),         // 26: ferry.v1.RoleAssignmentPut
+	(*RoleAssignmentDelete)(nil),      // 27: ferry.v1.RoleAssignmentDelete
+	(*SigningKeyPut)(nil),             // 28: ferry.v1.SigningKeyPut
+	(*SigningKeyDelete)(nil),          // 29: ferry.v1.SigningKeyDelete
+	(*JoinToken)(nil),                 // 30: ferry.v1.JoinToken
+	(*AttestedNode)(nil),              // 31: ferry.v1.AttestedNode
+	(*X509Authority)(nil),             // 32: ferry.v1.X509Authority
+	(*JWTAuthority)(nil),              // 33: ferry.v1.JWTAuthority
+	(*Bundle)(nil),                    // 34: ferry.v1.Bundle
+	(*Entry)(nil),                     // 35: ferry.v1.Entry
+	(*Tenant)(nil),                    // 36: ferry.v1.Tenant
+	(*Identity)(nil),                  // 37: ferry.v1.Identity
+	(*FederatedCredential)(nil),       // 38: ferry.v1.FederatedCredential
+	(*Resource)(nil),                  // 39: ferry.v1.Resource
+	(*RoleAssignment)(nil),            // 40: ferry.v1.RoleAssignment
+	(*SigningKey)(nil),                // 41: ferry.v1.SigningKey
 }
 var file_commands_proto_depIdxs = []int32{
 	12, // 0: ferry.v1.Command.entries_create:type_name -> ferry.v1.EntriesCreate
@@ -1358,25 +2233,49 @@ var file_commands_proto_depIdxs = []int32{
 	9,  // 11: ferry.v1.Command.bundle_jwt_authority_remove:type_name -> ferry.v1.BundleJWTAuthorityRemove
 	10, // 12: ferry.v1.Command.bundle_set:type_name -> ferry.v1.BundleSet
 	11, // 13: ferry.v1.Command.bundle_delete:type_name -> ferry.v1.BundleDelete
-	18, // 14: ferry.v1.JoinTokenCreate.token:type_name -> ferry.v1.JoinToken
-	19, // 15: ferry.v1.NodePut.node:type_name -> ferry.v1.AttestedNode
-	20, // 16: ferry.v1.BundleX509AuthorityPut.authority:type_name -> ferry.v1.X509Authority
-	21, // 17: ferry.v1.BundleJWTAuthorityPut.authority:type_name -> ferry.v1.JWTAuthority
-	22, // 18: ferry.v1.BundleSet.bundle:type_name -> ferry.v1.Bundle
-	23, // 19: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
-	23, // 20: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
-	15, // 21: ferry.v1.CommandResult.status:type_name -> ferry.v1.Status
-	15, // 22: ferry.v1.CommandResult.items:type_name -> ferry.v1.Status
-	23, // 23: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
-	19, // 24: ferry.v1.CommandResult.node:type_name -> ferry.v1.AttestedNode
-	18, // 25: ferry.v1.CommandResult.join_token:type_name -> ferry.v1.JoinToken
-	22, // 26: ferry.v1.CommandResult.bundle:type_name -> ferry.v1.Bundle
-	16, // 27: ferry.v1.AppliedRequest.result:type_name -> ferry.v1.CommandResult
-	28, // [28:28] is the sub-list for method output_type
-	28, // [28:28] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	18, // 14: ferry.v1.Command.tenant_put:type_name -> ferry.v1.TenantPut
+	19, // 15: ferry.v1.Command.tenant_delete:type_name -> ferry.v1.TenantDelete
+	20, // 16: ferry.v1.Command.identity_put:type_name -> ferry.v1.IdentityPut
+	21, // 17: ferry.v1.Command.identity_delete:type_name -> ferry.v1.IdentityDelete
+	22, // 18: ferry.v1.Command.federated_credential_put:type_name -> ferry.v1.FederatedCredentialPut
+	23, // 19: ferry.v1.Command.federated_credential_delete:type_name -> ferry.v1.FederatedCredentialDelete
+	24, // 20: ferry.v1.Command.resource_put:type_name -> ferry.v1.ResourcePut
+	25, // 21: ferry.v1.Command.resource_delete:type_name -> ferry.v1.ResourceDelete
+	26, // 22: ferry.v1.Command.role_assignment_put:type_name -> ferry.v1.RoleAssignmentPut
+	27, // 23: ferry.v1.Command.role_assignment_delete:type_name -> ferry.v1.RoleAssignmentDelete
+	28, // 24: ferry.v1.Command.signing_key_put:type_name -> ferry.v1.SigningKeyPut
+	29, // 25: ferry.v1.Command.signing_key_delete:type_name -> ferry.v1.SigningKeyDelete
+	30, // 26: ferry.v1.JoinTokenCreate.token:type_name -> ferry.v1.JoinToken
+	31, // 27: ferry.v1.NodePut.node:type_name -> ferry.v1.AttestedNode
+	32, // 28: ferry.v1.BundleX509AuthorityPut.authority:type_name -> ferry.v1.X509Authority
+	33, // 29: ferry.v1.BundleJWTAuthorityPut.authority:type_name -> ferry.v1.JWTAuthority
+	34, // 30: ferry.v1.BundleSet.bundle:type_name -> ferry.v1.Bundle
+	35, // 31: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
+	35, // 32: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
+	15, // 33: ferry.v1.CommandResult.status:type_name -> ferry.v1.Status
+	15, // 34: ferry.v1.CommandResult.items:type_name -> ferry.v1.Status
+	35, // 35: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
+	31, // 36: ferry.v1.CommandResult.node:type_name -> ferry.v1.AttestedNode
+	30, // 37: ferry.v1.CommandResult.join_token:type_name -> ferry.v1.JoinToken
+	34, // 38: ferry.v1.CommandResult.bundle:type_name -> ferry.v1.Bundle
+	36, // 39: ferry.v1.CommandResult.tenant:type_name -> ferry.v1.Tenant
+	37, // 40: ferry.v1.CommandResult.identity:type_name -> ferry.v1.Identity
+	38, // 41: ferry.v1.CommandResult.federated_credential:type_name -> ferry.v1.FederatedCredential
+	39, // 42: ferry.v1.CommandResult.resource:type_name -> ferry.v1.Resource
+	40, // 43: ferry.v1.CommandResult.role_assignment:type_name -> ferry.v1.RoleAssignment
+	41, // 44: ferry.v1.CommandResult.signing_key:type_name -> ferry.v1.SigningKey
+	16, // 45: ferry.v1.AppliedRequest.result:type_name -> ferry.v1.CommandResult
+	36, // 46: ferry.v1.TenantPut.tenant:type_name -> ferry.v1.Tenant
+	37, // 47: ferry.v1.IdentityPut.identity:type_name -> ferry.v1.Identity
+	38, // 48: ferry.v1.FederatedCredentialPut.credential:type_name -> ferry.v1.FederatedCredential
+	39, // 49: ferry.v1.ResourcePut.resource:type_name -> ferry.v1.Resource
+	40, // 50: ferry.v1.RoleAssignmentPut.assignment:type_name -> ferry.v1.RoleAssignment
+	41, // 51: ferry.v1.SigningKeyPut.key:type_name -> ferry.v1.SigningKey
+	52, // [52:52] is the sub-list for method output_type
+	52, // [52:52] is the sub-list for method input_type
+	52, // [52:52] is the sub-list for extension type_name
+	52, // [52:52] is the sub-list for extension extendee
+	0,  // [0:52] is the sub-list for field type_name
 }
 
 func init() { file_commands_proto_init() }
@@ -1400,6 +2299,18 @@ func file_commands_proto_init() {
 		(*Command_BundleJwtAuthorityRemove)(nil),
 		(*Command_BundleSet)(nil),
 		(*Command_BundleDelete)(nil),
+		(*Command_TenantPut)(nil),
+		(*Command_TenantDelete)(nil),
+		(*Command_IdentityPut)(nil),
+		(*Command_IdentityDelete)(nil),
+		(*Command_FederatedCredentialPut)(nil),
+		(*Command_FederatedCredentialDelete)(nil),
+		(*Command_ResourcePut)(nil),
+		(*Command_ResourceDelete)(nil),
+		(*Command_RoleAssignmentPut)(nil),
+		(*Command_RoleAssignmentDelete)(nil),
+		(*Command_SigningKeyPut)(nil),
+		(*Command_SigningKeyDelete)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1407,7 +2318,7 @@ func file_commands_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_commands_proto_rawDesc), len(file_commands_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   18,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

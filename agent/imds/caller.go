@@ -1,0 +1,91 @@
+package imds
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+
+	"github.com/ferry-id/ferry/agent/peer"
+)
+
+type connKey struct{}
+
+// connState caches the caller of one TCP connection: the client socket, and
+// so its owner, cannot change while the connection lives.
+type connState struct {
+	conn   net.Conn
+	once   sync.Once
+	caller Caller
+	proc   *peer.Process
+	err    error
+}
+
+func connContext(ctx context.Context, c net.Conn) context.Context {
+	return context.WithValue(ctx, connKey{}, &connState{conn: c})
+}
+
+// caller identifies the process behind r's connection.
+func (s *Server) caller(r *http.Request) (Caller, *peer.Process, error) {
+	if st, ok := r.Context().Value(connKey{}).(*connState); ok {
+		st.once.Do(func() {
+			local, err1 := tcpAddrPort(st.conn.LocalAddr())
+			remote, err2 := tcpAddrPort(st.conn.RemoteAddr())
+			if err := errors.Join(err1, err2); err != nil {
+				st.err = err
+				return
+			}
+			st.caller, st.proc, st.err = s.lookup(local, remote)
+		})
+		return st.caller, st.proc, st.err
+	}
+	// Served outside our http.Server (a handler test or a wrapper): use the
+	// addresses net/http records.
+	la, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	local, err1 := tcpAddrPort(la)
+	remote, err2 := netip.ParseAddrPort(r.RemoteAddr)
+	if err := errors.Join(err1, err2); err != nil {
+		return Caller{}, nil, fmt.Errorf("imds: connection addresses: %w", err)
+	}
+	return s.lookup(local, remote)
+}
+
+func (s *Server) lookup(local, remote netip.AddrPort) (Caller, *peer.Process, error) {
+	la, ra := local.Addr().Unmap(), remote.Addr().Unmap()
+	// A local client connects from a loopback address, or from the address
+	// it connects to (169.254.169.254 on lo). The socket lookup below is
+	// what proves the client is on this host.
+	if !ra.IsLoopback() && ra != la {
+		return Caller{}, nil, fmt.Errorf("imds: remote address %v is not local", ra)
+	}
+	sock, err := s.peers.Lookup(local, remote)
+	if err != nil {
+		return Caller{}, nil, err
+	}
+	c := Caller{UID: sock.UID, GID: NoGID}
+	if !s.resolvePID {
+		return c, nil, nil
+	}
+	p, err := s.peers.FindProcess(sock.Inode)
+	if err != nil {
+		return Caller{}, nil, err
+	}
+	if p.UID != sock.UID {
+		// The socket was created under one uid and is held by a process of
+		// another (passed or inherited across setuid): trust neither.
+		return Caller{}, nil, fmt.Errorf("imds: socket uid %d differs from process %d uid %d", sock.UID, p.PID, p.UID)
+	}
+	c.GID, c.PID, c.StartTime = p.GID, p.PID, p.StartTime
+	return c, &p, nil
+}
+
+func tcpAddrPort(a net.Addr) (netip.AddrPort, error) {
+	t, ok := a.(*net.TCPAddr)
+	if !ok {
+		return netip.AddrPort{}, fmt.Errorf("imds: not a TCP address: %v", a)
+	}
+	return t.AddrPort(), nil
+}

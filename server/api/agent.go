@@ -1,0 +1,482 @@
+package api
+
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/time/rate"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/ferry-id/ferry/attestors/node"
+	"github.com/ferry-id/ferry/attestors/node/jointoken"
+	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/ca"
+	"github.com/ferry-id/ferry/server/state"
+)
+
+// Signer is the part of the node's CA the agent service uses.
+type Signer interface {
+	SignAgentX509SVID(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) ([]*x509.Certificate, error)
+	SignWorkloadX509SVIDs(ctx context.Context, reqs []ca.X509SVIDRequest) []ca.X509SVIDResult
+	MintJWTSVID(id spiffeid.ID, audience []string, ttl time.Duration, extra map[string]any) (*ca.JWTSVID, error)
+}
+
+// AgentConfig configures the Agent service.
+type AgentConfig struct {
+	Cluster     Cluster
+	Store       *state.Store
+	Signer      Signer
+	TrustDomain spiffeid.TrustDomain
+	Attestors   []node.ServerAttestor
+	Logger      *slog.Logger
+	// AgentSVIDTTL is the lifetime of agent X509-SVIDs (default 1h).
+	AgentSVIDTTL time.Duration
+	// Limits on signing: per agent and for the whole server, in signatures per
+	// second (burst = rate). Over the limit a call gets ResourceExhausted and
+	// the agent retries later. Defaults: 500 per agent, 5,000 overall.
+	PerAgentRate, GlobalRate float64
+	// MaxBatch is the most CSRs one BatchNewX509SVID call may carry (default 500).
+	MaxBatch int
+}
+
+// Agent implements ferrypb.AgentServer.
+type Agent struct {
+	ferrypb.UnimplementedAgentServer
+	cfg       AgentConfig
+	log       *slog.Logger
+	serverID  string
+	attestors map[string]node.ServerAttestor
+	global    *rate.Limiter
+
+	mu      sync.Mutex
+	limiter map[string]*rate.Limiter
+}
+
+var _ ferrypb.AgentServer = (*Agent)(nil)
+
+// NewAgent returns the Agent service.
+func NewAgent(cfg AgentConfig) (*Agent, error) {
+	if cfg.Cluster == nil || cfg.Store == nil || cfg.Signer == nil || cfg.TrustDomain.IsZero() {
+		return nil, errors.New("api: agent service needs cluster, store, signer and trust domain")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.AgentSVIDTTL <= 0 {
+		cfg.AgentSVIDTTL = time.Hour
+	}
+	if cfg.PerAgentRate <= 0 {
+		cfg.PerAgentRate = 500
+	}
+	if cfg.GlobalRate <= 0 {
+		cfg.GlobalRate = 5000
+	}
+	if cfg.MaxBatch <= 0 {
+		cfg.MaxBatch = 500
+	}
+	a := &Agent{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		serverID:  ServerID(cfg.TrustDomain).String(),
+		attestors: map[string]node.ServerAttestor{},
+		global:    rate.NewLimiter(rate.Limit(cfg.GlobalRate), int(cfg.GlobalRate)),
+		limiter:   map[string]*rate.Limiter{},
+	}
+	for _, at := range cfg.Attestors {
+		a.attestors[at.Name()] = at
+	}
+	return a, nil
+}
+
+// ServerID is the SPIFFE ID of the trust domain's servers (node-alias entries
+// are parented on it).
+func ServerID(td spiffeid.TrustDomain) spiffeid.ID {
+	return spiffeid.RequireFromPath(td, ca.ServerPath)
+}
+
+// ClusterTokens consumes join tokens through the Raft log, so one token admits
+// one agent across the whole cluster.
+type ClusterTokens struct{ Cluster Cluster }
+
+func (t ClusterTokens) Consume(ctx context.Context, hash string) (*ferrypb.JoinToken, error) {
+	res, err := t.Cluster.Apply(ctx, &ferrypb.Command{Op: &ferrypb.Command_JoinTokenConsume{JoinTokenConsume: &ferrypb.JoinTokenConsume{Hash: hash}}})
+	if err != nil {
+		return nil, err
+	}
+	switch codes.Code(res.GetStatus().GetCode()) {
+	case codes.OK:
+		return res.JoinToken, nil
+	case codes.NotFound:
+		return nil, jointoken.ErrUnknown
+	case codes.PermissionDenied:
+		return nil, jointoken.ErrExpired
+	default:
+		return nil, status.Error(codes.Code(res.Status.Code), res.Status.Message)
+	}
+}
+
+// AttestAgent runs one node attestation: params, then any challenges, then the
+// agent's SVID.
+func (a *Agent) AttestAgent(stream ferrypb.Agent_AttestAgentServer) error {
+	ctx := stream.Context()
+	req, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	params := req.GetParams()
+	if params == nil {
+		return status.Error(codes.InvalidArgument, "the first message must carry attestation params")
+	}
+	at, ok := a.attestors[params.Attestor]
+	if !ok {
+		return status.Errorf(codes.InvalidArgument, "node attestor %q is not enabled on this server", params.Attestor)
+	}
+	pub, err := ca.ParseCSR(params.Csr)
+	if err != nil {
+		return status.Errorf(codes.InvalidArgument, "agent CSR: %v", err)
+	}
+	challenge := func(ctx context.Context, c []byte) ([]byte, error) {
+		if err := stream.Send(&ferrypb.AttestAgentResponse{Step: &ferrypb.AttestAgentResponse_Challenge{Challenge: c}}); err != nil {
+			return nil, err
+		}
+		resp, err := stream.Recv()
+		if err != nil {
+			return nil, err
+		}
+		if resp.GetChallengeResponse() == nil {
+			return nil, errors.New("expected a challenge response")
+		}
+		return resp.GetChallengeResponse(), nil
+	}
+	res, err := at.Attest(ctx, params.Payload, challenge)
+	if err != nil {
+		a.log.Warn("node attestation failed", "attestor", params.Attestor, "error", err)
+		if st, ok := status.FromError(err); ok && st.Code() != codes.Unknown {
+			return err
+		}
+		return status.Errorf(codes.PermissionDenied, "node attestation failed: %v", err)
+	}
+	if res.AgentID.TrustDomain() != a.cfg.TrustDomain {
+		return status.Errorf(codes.PermissionDenied, "agent ID %s is not in trust domain %s", res.AgentID, a.cfg.TrustDomain)
+	}
+	if n := a.cfg.Store.View().Node(res.AgentID.String()); n != nil && n.Banned {
+		return status.Errorf(codes.PermissionDenied, "agent %s is banned", res.AgentID)
+	}
+	chain, err := a.cfg.Signer.SignAgentX509SVID(pub, res.AgentID, a.cfg.AgentSVIDTTL)
+	if err != nil {
+		return status.Errorf(codes.Unavailable, "signing agent SVID: %v", err)
+	}
+	put, err := a.cfg.Cluster.Apply(ctx, &ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: &ferrypb.AttestedNode{
+		SpiffeId:        res.AgentID.String(),
+		AttestationType: params.Attestor,
+		CertSerial:      chain[0].SerialNumber.String(),
+		CertNotAfter:    chain[0].NotAfter.Unix(),
+		Selectors:       res.Selectors,
+	}}}})
+	if err != nil {
+		return toStatus(err)
+	}
+	if err := resultError(put); err != nil {
+		return err
+	}
+	a.log.Info("agent attested", "agent_id", res.AgentID.String(), "attestor", params.Attestor, "serial", chain[0].SerialNumber.String())
+	return stream.Send(&ferrypb.AttestAgentResponse{Step: &ferrypb.AttestAgentResponse_Result{Result: &ferrypb.AttestResult{
+		SpiffeId:  res.AgentID.String(),
+		SvidChain: derChain(chain),
+		Bundle:    a.cfg.Store.View().Bundle(a.cfg.TrustDomain.String()),
+	}}})
+}
+
+// caller authenticates the calling agent from its client certificate: a valid
+// X509-SVID (the TLS layer verified the chain against the bundle) of a known,
+// unbanned agent, whose serial is the one on record.
+func (a *Agent) caller(ctx context.Context) (*ferrypb.AttestedNode, *x509.Certificate, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return nil, nil, status.Error(codes.Unauthenticated, "no peer")
+	}
+	ti, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(ti.State.VerifiedChains) == 0 || len(ti.State.PeerCertificates) == 0 {
+		return nil, nil, status.Error(codes.Unauthenticated, "an agent X509-SVID is required")
+	}
+	leaf := ti.State.PeerCertificates[0]
+	id, err := x509svid.IDFromCert(leaf)
+	if err != nil {
+		return nil, nil, status.Errorf(codes.Unauthenticated, "client certificate is not an X509-SVID: %v", err)
+	}
+	n := a.cfg.Store.View().Node(id.String())
+	if n == nil {
+		return nil, nil, status.Errorf(codes.PermissionDenied, "%s is not an attested agent", id)
+	}
+	if n.Banned {
+		return nil, nil, status.Errorf(codes.PermissionDenied, "agent %s is banned", id)
+	}
+	serial := leaf.SerialNumber.String()
+	if serial != n.CertSerial && serial != n.NewCertSerial {
+		return nil, nil, status.Errorf(codes.PermissionDenied, "agent %s presented an SVID that is no longer current", id)
+	}
+	return n, leaf, nil
+}
+
+// RenewAgent signs a new agent SVID for the caller's current identity.
+func (a *Agent) RenewAgent(ctx context.Context, req *ferrypb.RenewAgentRequest) (*ferrypb.RenewAgentResponse, error) {
+	n, leaf, err := a.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	pub, err := ca.ParseCSR(req.Csr)
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "agent CSR: %v", err)
+	}
+	id, _ := spiffeid.FromString(n.SpiffeId)
+	chain, err := a.cfg.Signer.SignAgentX509SVID(pub, id, a.cfg.AgentSVIDTTL)
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "signing agent SVID: %v", err)
+	}
+	upd := proto.Clone(n).(*ferrypb.AttestedNode)
+	upd.CertSerial, upd.CertNotAfter = chain[0].SerialNumber.String(), chain[0].NotAfter.Unix()
+	// The SVID the agent renewed with stays acceptable until the agent uses the
+	// new one, so a lost response does not lock it out.
+	upd.NewCertSerial, upd.NewCertNotAfter = leaf.SerialNumber.String(), leaf.NotAfter.Unix()
+	res, err := a.cfg.Cluster.Apply(ctx, &ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: upd, ExpectSerial: n.CertSerial}}})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := resultError(res); err != nil {
+		return nil, err
+	}
+	return &ferrypb.RenewAgentResponse{SvidChain: derChain(chain)}, nil
+}
+
+func (a *Agent) allow(agentID string, n int) error {
+	a.mu.Lock()
+	l, ok := a.limiter[agentID]
+	if !ok {
+		l = rate.NewLimiter(rate.Limit(a.cfg.PerAgentRate), int(a.cfg.PerAgentRate))
+		a.limiter[agentID] = l
+	}
+	a.mu.Unlock()
+	now := time.Now()
+	if !l.AllowN(now, n) {
+		return status.Errorf(codes.ResourceExhausted, "agent %s is over its signing rate (%.0f/s); retry later", agentID, a.cfg.PerAgentRate)
+	}
+	if !a.global.AllowN(now, n) {
+		return status.Errorf(codes.ResourceExhausted, "server is over its signing rate (%.0f/s); retry later", a.cfg.GlobalRate)
+	}
+	return nil
+}
+
+// authorized returns the entries the agent may serve, by ID.
+func (a *Agent) authorized(v *state.View, n *ferrypb.AttestedNode) map[string]*ferrypb.Entry {
+	out := map[string]*ferrypb.Entry{}
+	for _, e := range v.AuthorizedEntries(n.SpiffeId, a.serverID, n.Selectors) {
+		out[e.Id] = e
+	}
+	return out
+}
+
+// BatchNewX509SVID signs CSRs for authorized entries. The SPIFFE ID always comes
+// from the entry, never from the CSR.
+func (a *Agent) BatchNewX509SVID(ctx context.Context, req *ferrypb.BatchNewX509SVIDRequest) (*ferrypb.BatchNewX509SVIDResponse, error) {
+	n, _, err := a.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if len(req.Params) > a.cfg.MaxBatch {
+		return nil, status.Errorf(codes.InvalidArgument, "at most %d CSRs per call", a.cfg.MaxBatch)
+	}
+	if err := a.allow(n.SpiffeId, len(req.Params)); err != nil {
+		return nil, err
+	}
+	entries := a.authorized(a.cfg.Store.View(), n)
+	resp := &ferrypb.BatchNewX509SVIDResponse{Results: make([]*ferrypb.X509SVIDResult, len(req.Params))}
+	var reqs []ca.X509SVIDRequest
+	var pos []int
+	for i, p := range req.Params {
+		e, ok := entries[p.EntryId]
+		if !ok {
+			resp.Results[i] = &ferrypb.X509SVIDResult{Status: &ferrypb.Status{Code: int32(codes.PermissionDenied), Message: fmt.Sprintf("agent is not authorized for entry %q", p.EntryId)}}
+			continue
+		}
+		id, err := spiffeid.FromString(e.SpiffeId)
+		if err != nil {
+			resp.Results[i] = &ferrypb.X509SVIDResult{Status: &ferrypb.Status{Code: int32(codes.Internal), Message: err.Error()}}
+			continue
+		}
+		if id == ServerID(a.cfg.TrustDomain) {
+			resp.Results[i] = &ferrypb.X509SVIDResult{Status: &ferrypb.Status{Code: int32(codes.PermissionDenied), Message: "the server's SPIFFE ID is never issued to workloads"}}
+			continue
+		}
+		reqs = append(reqs, ca.X509SVIDRequest{CSR: p.Csr, SPIFFEID: id, DNSNames: e.DnsNames, TTL: time.Duration(e.X509SvidTtl) * time.Second})
+		pos = append(pos, i)
+	}
+	for j, r := range a.cfg.Signer.SignWorkloadX509SVIDs(ctx, reqs) {
+		i := pos[j]
+		if r.Err != nil {
+			code := codes.Internal
+			if errors.Is(r.Err, ca.ErrInvalidCSR) || errors.Is(r.Err, ca.ErrUnsupportedKey) || errors.Is(r.Err, ca.ErrInvalidRequest) {
+				code = codes.InvalidArgument
+			} else if errors.Is(r.Err, ca.ErrNoAuthority) {
+				code = codes.Unavailable
+			}
+			resp.Results[i] = &ferrypb.X509SVIDResult{Status: &ferrypb.Status{Code: int32(code), Message: r.Err.Error()}}
+			continue
+		}
+		resp.Results[i] = &ferrypb.X509SVIDResult{Status: &ferrypb.Status{}, CertChain: derChain(r.Certificates)}
+	}
+	return resp, nil
+}
+
+// NewJWTSVID mints a JWT-SVID for an authorized entry.
+func (a *Agent) NewJWTSVID(ctx context.Context, req *ferrypb.NewJWTSVIDRequest) (*ferrypb.NewJWTSVIDResponse, error) {
+	n, _, err := a.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if len(req.Audience) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "audience is required")
+	}
+	if err := a.allow(n.SpiffeId, 1); err != nil {
+		return nil, err
+	}
+	e, ok := a.authorized(a.cfg.Store.View(), n)[req.EntryId]
+	if !ok {
+		return nil, status.Errorf(codes.PermissionDenied, "agent is not authorized for entry %q", req.EntryId)
+	}
+	id, err := spiffeid.FromString(e.SpiffeId)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	svid, err := a.cfg.Signer.MintJWTSVID(id, req.Audience, time.Duration(e.JwtSvidTtl)*time.Second, nil)
+	if err != nil {
+		if errors.Is(err, ca.ErrNoAuthority) {
+			return nil, status.Error(codes.Unavailable, err.Error())
+		}
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	return &ferrypb.NewJWTSVIDResponse{Token: svid.Token, IssuedAt: svid.IssuedAt.Unix(), ExpiresAt: svid.ExpiresAt.Unix()}, nil
+}
+
+// SyncEntries streams the caller's authorized entries: everything first, then the
+// difference after every committed change to entries, nodes or bundles. Nothing
+// is polled: the stream waits on the state's change feed.
+func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_SyncEntriesServer) error {
+	ctx := stream.Context()
+	n, _, err := a.caller(ctx)
+	if err != nil {
+		return err
+	}
+	v := a.cfg.Store.View()
+	sent := a.authorized(v, n)
+	bundles := a.bundlesFor(v, sent)
+	first := &ferrypb.SyncEntriesResponse{Full: true, Bundles: bundles, Revision: v.Index()}
+	for _, e := range sent {
+		first.Entries = append(first.Entries, e)
+	}
+	if err := stream.Send(first); err != nil {
+		return err
+	}
+	index := v.Index()
+	for {
+		_, err := a.cfg.Store.ChangesSince(ctx, index, state.TableEntries, state.TableNodes, state.TableBundles)
+		if err != nil && !errors.Is(err, state.ErrCompacted) {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return toStatus(err)
+		}
+		v = a.cfg.Store.View()
+		index = v.Index()
+		cur := v.Node(n.SpiffeId)
+		if cur == nil || cur.Banned {
+			return status.Errorf(codes.PermissionDenied, "agent %s was evicted or banned", n.SpiffeId)
+		}
+		now := a.authorized(v, cur)
+		msg := &ferrypb.SyncEntriesResponse{Revision: index}
+		for id, e := range now {
+			if old, ok := sent[id]; !ok || old.Revision != e.Revision {
+				msg.Entries = append(msg.Entries, e)
+			}
+		}
+		for id := range sent {
+			if _, ok := now[id]; !ok {
+				msg.DeletedIds = append(msg.DeletedIds, id)
+			}
+		}
+		nb := a.bundlesFor(v, now)
+		if !sameBundles(nb, bundles) {
+			msg.Bundles = nb
+			bundles = nb
+		}
+		sent = now
+		if len(msg.Entries) == 0 && len(msg.DeletedIds) == 0 && msg.Bundles == nil {
+			continue
+		}
+		if err := stream.Send(msg); err != nil {
+			if errors.Is(err, io.EOF) || ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+// bundlesFor returns our own bundle and those the entries federate with.
+func (a *Agent) bundlesFor(v *state.View, entries map[string]*ferrypb.Entry) []*ferrypb.Bundle {
+	tds := map[string]bool{a.cfg.TrustDomain.String(): true}
+	for _, e := range entries {
+		for _, td := range e.FederatesWith {
+			tds[td] = true
+		}
+	}
+	var out []*ferrypb.Bundle
+	for td := range tds {
+		if b := v.Bundle(td); b != nil {
+			out = append(out, b)
+		}
+	}
+	slices.SortFunc(out, func(x, y *ferrypb.Bundle) int {
+		switch {
+		case x.TrustDomain < y.TrustDomain:
+			return -1
+		case x.TrustDomain > y.TrustDomain:
+			return 1
+		}
+		return 0
+	})
+	return out
+}
+
+func sameBundles(x, y []*ferrypb.Bundle) bool {
+	if len(x) != len(y) {
+		return false
+	}
+	for i := range x {
+		if x[i].TrustDomain != y[i].TrustDomain || x[i].Revision != y[i].Revision {
+			return false
+		}
+	}
+	return true
+}
+
+func derChain(certs []*x509.Certificate) [][]byte {
+	out := make([][]byte, len(certs))
+	for i, c := range certs {
+		out[i] = c.Raw
+	}
+	return out
+}

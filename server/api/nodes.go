@@ -1,0 +1,87 @@
+package api
+
+import (
+	"context"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/ferry-id/ferry/attestors/node/jointoken"
+	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/state"
+)
+
+// maxJoinTokenTTL caps how long a join token stays usable.
+const maxJoinTokenTTL = 7 * 24 * time.Hour
+
+// CreateJoinToken makes a one-time join token. Only its hash enters the log; the
+// token itself is returned once, here.
+func (a *Admin) CreateJoinToken(ctx context.Context, req *ferrypb.CreateJoinTokenRequest) (*ferrypb.CreateJoinTokenResponse, error) {
+	ttl := time.Duration(req.TtlSeconds) * time.Second
+	if ttl <= 0 || ttl > maxJoinTokenTTL {
+		return nil, status.Errorf(codes.InvalidArgument, "ttl must be between 1s and %s", maxJoinTokenTTL)
+	}
+	if req.SpiffeId != "" {
+		if err := state.ValidateSPIFFEID(req.SpiffeId); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "spiffe_id: %v", err)
+		}
+	}
+	token, err := jointoken.Generate()
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	expires := time.Now().Add(ttl).Unix()
+	res, err := a.cfg.Cluster.Apply(ctx, &ferrypb.Command{Op: &ferrypb.Command_JoinTokenCreate{JoinTokenCreate: &ferrypb.JoinTokenCreate{
+		Token: &ferrypb.JoinToken{Hash: jointoken.Hash(token), SpiffeId: req.SpiffeId, ExpiresAt: expires},
+	}}})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := resultError(res); err != nil {
+		return nil, err
+	}
+	return &ferrypb.CreateJoinTokenResponse{Token: token, ExpiresAt: expires}, nil
+}
+
+func (a *Admin) ListAgents(ctx context.Context, _ *ferrypb.ListAgentsRequest) (*ferrypb.ListAgentsResponse, error) {
+	return &ferrypb.ListAgentsResponse{Agents: a.cfg.Store.View().Nodes()}, nil
+}
+
+func (a *Admin) GetAgent(ctx context.Context, req *ferrypb.GetAgentRequest) (*ferrypb.AttestedNode, error) {
+	n := a.cfg.Store.View().Node(req.SpiffeId)
+	if n == nil {
+		return nil, status.Errorf(codes.NotFound, "agent %s not found", req.SpiffeId)
+	}
+	return n, nil
+}
+
+// EvictAgent forgets an agent: its SVID stops being accepted at once, and it must
+// attest again (which a consumed join token cannot).
+func (a *Admin) EvictAgent(ctx context.Context, req *ferrypb.EvictAgentRequest) (*ferrypb.AttestedNode, error) {
+	res, err := a.cfg.Cluster.Apply(ctx, &ferrypb.Command{Op: &ferrypb.Command_NodeDelete{NodeDelete: &ferrypb.NodeDelete{SpiffeId: req.SpiffeId}}})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := resultError(res); err != nil {
+		return nil, err
+	}
+	return res.Node, nil
+}
+
+// BanAgent keeps an agent out: its SVID is refused and it may not attest again
+// until unbanned.
+func (a *Admin) BanAgent(ctx context.Context, req *ferrypb.BanAgentRequest) (*ferrypb.AttestedNode, error) {
+	res, err := a.cfg.Cluster.Apply(ctx, &ferrypb.Command{Op: &ferrypb.Command_NodeBan{NodeBan: &ferrypb.NodeBan{SpiffeId: req.SpiffeId, Banned: !req.Unban}}})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := resultError(res); err != nil {
+		return nil, err
+	}
+	return res.Node, nil
+}
+
+func (a *Admin) ListBundles(ctx context.Context, _ *ferrypb.ListBundlesRequest) (*ferrypb.ListBundlesResponse, error) {
+	return &ferrypb.ListBundlesResponse{Bundles: a.cfg.Store.View().Bundles()}, nil
+}
