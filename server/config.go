@@ -9,6 +9,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ferry-id/ferry/internal/config"
+	"github.com/ferry-id/ferry/server/ca"
 	"github.com/ferry-id/ferry/server/cluster"
 )
 
@@ -26,8 +27,35 @@ type serverBlock struct {
 	HealthAddr  string                 `hcl:"health_addr"`
 	LogLevel    string                 `hcl:"log_level"`
 	LogFormat   string                 `hcl:"log_format"`
+	AgentAddr   string                 `hcl:"agent_addr"`
 	Cluster     *clusterBlock          `hcl:"cluster"`
+	CA          *caBlock               `hcl:"ca"`
+	X509PoP     *x509popBlock          `hcl:"x509pop"`
 	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type caBlock struct {
+	TTL          string                 `hcl:"ttl"`
+	KeyType      string                 `hcl:"key_type"`
+	JWTAlgorithm string                 `hcl:"jwt_algorithm"`
+	JWTIssuer    string                 `hcl:"jwt_issuer"`
+	X509SVIDTTL  string                 `hcl:"x509_svid_ttl"`
+	JWTSVIDTTL   string                 `hcl:"jwt_svid_ttl"`
+	AgentSVIDTTL string                 `hcl:"agent_svid_ttl"`
+	Upstream     *upstreamBlock         `hcl:"upstream"`
+	UnusedKeys   map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type upstreamBlock struct {
+	CertFile   string                 `hcl:"cert_file"`
+	KeyFile    string                 `hcl:"key_file"`
+	BundleFile string                 `hcl:"bundle_file"`
+	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type x509popBlock struct {
+	CABundleFile string                 `hcl:"ca_bundle_file"`
+	UnusedKeys   map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
 type clusterBlock struct {
@@ -62,6 +90,30 @@ func LoadConfig(path string) (Config, error) {
 		HealthAddr:  s.HealthAddr,
 		LogLevel:    s.LogLevel,
 		LogFormat:   s.LogFormat,
+		AgentAddr:   s.AgentAddr,
+	}
+	if s.X509PoP != nil {
+		c.X509PoPBundle = config.Resolve(path, s.X509PoP.CABundleFile)
+	}
+	if cb := s.CA; cb != nil {
+		c.CA = CAConfig{KeyType: cb.KeyType, JWTAlgorithm: cb.JWTAlgorithm, JWTIssuer: cb.JWTIssuer}
+		for _, d := range []struct {
+			name string
+			in   string
+			out  *time.Duration
+		}{{"ca.ttl", cb.TTL, &c.CA.TTL}, {"ca.x509_svid_ttl", cb.X509SVIDTTL, &c.CA.X509SVIDTTL}, {"ca.jwt_svid_ttl", cb.JWTSVIDTTL, &c.CA.JWTSVIDTTL}, {"ca.agent_svid_ttl", cb.AgentSVIDTTL, &c.CA.AgentSVIDTTL}} {
+			if d.in == "" {
+				continue
+			}
+			v, err := time.ParseDuration(d.in)
+			if err != nil {
+				return Config{}, fmt.Errorf("server: %s: %w", d.name, err)
+			}
+			*d.out = v
+		}
+		if u := cb.Upstream; u != nil {
+			c.CA.Upstream = &ca.UpstreamConfig{CertFile: config.Resolve(path, u.CertFile), KeyFile: config.Resolve(path, u.KeyFile), BundleFile: config.Resolve(path, u.BundleFile)}
+		}
 	}
 	if s.TrustDomain != "" {
 		td, err := spiffeid.TrustDomainFromString(s.TrustDomain)
@@ -107,6 +159,9 @@ func (c *Config) validate() error {
 	}
 	if c.Cluster.TLS.CAFile == "" || c.Cluster.TLS.CertFile == "" || c.Cluster.TLS.KeyFile == "" {
 		return fmt.Errorf("server: cluster.ca_file, cert_file and key_file are required (create them with `ferry cluster tls ca create` and `ferry cluster tls cert create`)")
+	}
+	if c.AgentAddr == "" {
+		c.AgentAddr = "127.0.0.1:8081"
 	}
 	if c.AdminSocket == "" {
 		c.AdminSocket = filepath.Join(c.DataDir, "admin.sock")

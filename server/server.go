@@ -25,10 +25,15 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
+	nodeattestor "github.com/ferry-id/ferry/attestors/node"
+	"github.com/ferry-id/ferry/attestors/node/jointoken"
+	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/api"
+	"github.com/ferry-id/ferry/server/ca"
 	"github.com/ferry-id/ferry/server/cluster"
 	"github.com/ferry-id/ferry/server/state"
 )
@@ -46,6 +51,12 @@ type Config struct {
 	LogLevel   string
 	LogFormat  string
 	Cluster    ClusterConfig
+	// AgentAddr is the agent API's TCP address (TLS with the server's SVID).
+	AgentAddr string
+	CA        CAConfig
+	// X509PoPBundle is a PEM file of CAs for the x509pop node attestor; empty
+	// disables it. join_token is always on.
+	X509PoPBundle string
 	// Logger overrides the logger built from LogLevel and LogFormat.
 	Logger *slog.Logger
 }
@@ -64,6 +75,18 @@ type ClusterConfig struct {
 	SnapshotThreshold uint64
 	TrailingLogs      uint64
 	SnapshotInterval  time.Duration
+}
+
+// CAConfig shapes this node's authorities (see ca.Config for the defaults).
+type CAConfig struct {
+	TTL          time.Duration
+	KeyType      string
+	JWTAlgorithm string
+	JWTIssuer    string
+	X509SVIDTTL  time.Duration
+	JWTSVIDTTL   time.Duration
+	AgentSVIDTTL time.Duration
+	Upstream     *ca.UpstreamConfig
 }
 
 // Server is a running server node.
@@ -141,8 +164,23 @@ func (s *Server) Run(ctx context.Context) error {
 	gs := grpc.NewServer(grpc.ChainUnaryInterceptor(s.unaryInterceptor), grpc.ChainStreamInterceptor(s.streamInterceptor))
 	ferrypb.RegisterAdminServer(gs, admin)
 
-	errc := make(chan error, 3)
+	authority, agentAPI, err := s.startAuthority(ctx, node)
+	if err != nil {
+		return err
+	}
+	agentLis, err := net.Listen("tcp", s.cfg.AgentAddr)
+	if err != nil {
+		return fmt.Errorf("server: agent listener: %w", err)
+	}
+	tlsCfg := &svidTLS{ca: authority, store: s.store, td: s.cfg.TrustDomain.String(), log: s.log}
+	ags := grpc.NewServer(grpc.Creds(credentials.NewTLS(tlsCfg.config())),
+		grpc.ChainUnaryInterceptor(s.unaryInterceptor), grpc.ChainStreamInterceptor(s.streamInterceptor))
+	ferrypb.RegisterAgentServer(ags, agentAPI)
+	defer ags.Stop()
+
+	errc := make(chan error, 4)
 	go func() { errc <- gs.Serve(lis) }()
+	go func() { errc <- ags.Serve(agentLis) }()
 	var hs *http.Server
 	if s.cfg.HealthAddr != "" {
 		hl, err := net.Listen("tcp", s.cfg.HealthAddr)
@@ -157,7 +195,7 @@ func (s *Server) Run(ctx context.Context) error {
 	if len(s.cfg.Cluster.RetryJoin) > 0 {
 		go s.retryJoin(ctx)
 	}
-	s.log.Info("server running", "trust_domain", s.cfg.TrustDomain.String(), "cluster_addr", node.Addr(), "admin_socket", s.cfg.AdminSocket)
+	s.log.Info("server running", "trust_domain", s.cfg.TrustDomain.String(), "cluster_addr", node.Addr(), "agent_addr", agentLis.Addr().String(), "admin_socket", s.cfg.AdminSocket)
 	s.readyOnce.Do(func() { close(s.ready) })
 
 	select {
@@ -178,6 +216,62 @@ func (s *Server) Run(ctx context.Context) error {
 	_ = os.Remove(s.cfg.AdminSocket)
 	s.log.Info("server stopped")
 	return err
+}
+
+// startAuthority opens this node's CA (keys on its own disk), starts its rotation
+// loop once the cluster has a leader to publish through, and builds the agent API.
+func (s *Server) startAuthority(ctx context.Context, node *cluster.Node) (*ca.CA, *api.Agent, error) {
+	cl := clusterAPI{node, s.store}
+	authority, err := ca.New(ca.Config{
+		TrustDomain:  s.cfg.TrustDomain,
+		DataDir:      filepath.Join(s.cfg.DataDir, "ca"),
+		NodeID:       s.cfg.NodeID,
+		Publisher:    api.BundlePublisher{Cluster: cl, TrustDomain: s.cfg.TrustDomain},
+		Logger:       s.log.With("component", "ca"),
+		CATTL:        s.cfg.CA.TTL,
+		CAKeyType:    ca.KeyType(s.cfg.CA.KeyType),
+		JWTAlgorithm: ca.JWTAlgorithm(s.cfg.CA.JWTAlgorithm),
+		JWTIssuer:    s.cfg.CA.JWTIssuer,
+		X509SVIDTTL:  s.cfg.CA.X509SVIDTTL,
+		JWTSVIDTTL:   s.cfg.CA.JWTSVIDTTL,
+		Upstream:     s.cfg.CA.Upstream,
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("server: %w", err)
+	}
+	go func() {
+		if err := waitLeader(ctx, func() string { id, _ := node.Leader(); return id }); err != nil {
+			return
+		}
+		if err := authority.Run(ctx); err != nil && ctx.Err() == nil {
+			s.log.Error("CA rotation stopped", "error", err)
+		}
+	}()
+	attestors := []nodeattestor.ServerAttestor{}
+	jt, err := jointoken.NewServer(jointoken.ServerConfig{TrustDomain: s.cfg.TrustDomain, Tokens: api.ClusterTokens{Cluster: cl}, Log: s.log.With("attestor", "join_token")})
+	if err != nil {
+		return nil, nil, err
+	}
+	attestors = append(attestors, jt)
+	if s.cfg.X509PoPBundle != "" {
+		roots, err := x509pop.LoadCertificates(s.cfg.X509PoPBundle)
+		if err != nil {
+			return nil, nil, fmt.Errorf("server: x509pop: %w", err)
+		}
+		xp, err := x509pop.NewServer(x509pop.ServerConfig{TrustDomain: s.cfg.TrustDomain, Roots: roots, Log: s.log.With("attestor", "x509pop")})
+		if err != nil {
+			return nil, nil, err
+		}
+		attestors = append(attestors, xp)
+	}
+	agentAPI, err := api.NewAgent(api.AgentConfig{
+		Cluster: cl, Store: s.store, Signer: authority, TrustDomain: s.cfg.TrustDomain,
+		Attestors: attestors, Logger: s.log.With("component", "agent-api"), AgentSVIDTTL: s.cfg.CA.AgentSVIDTTL,
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return authority, agentAPI, nil
 }
 
 // retryJoin joins the cluster through the configured members while this node is

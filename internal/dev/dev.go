@@ -65,6 +65,7 @@ func New(cfg Config) (*Stack, error) {
 type ports struct {
 	Cluster int `json:"cluster"`
 	Health  int `json:"health"`
+	Agent   int `json:"agent"`
 }
 
 func (s *Stack) ports() (ports, error) {
@@ -81,6 +82,9 @@ func (s *Stack) ports() (ports, error) {
 		return p, err
 	}
 	if p.Health, err = freePort(); err != nil {
+		return p, err
+	}
+	if p.Agent, err = freePort(); err != nil {
 		return p, err
 	}
 	data, _ := json.Marshal(p)
@@ -128,6 +132,7 @@ func (s *Stack) Run(ctx context.Context) error {
 		DataDir:     filepath.Join(dir, "server"),
 		AdminSocket: adminSocket,
 		HealthAddr:  fmt.Sprintf("127.0.0.1:%d", p.Health),
+		AgentAddr:   fmt.Sprintf("127.0.0.1:%d", p.Agent),
 		Logger:      s.log.With("role", "server"),
 		Cluster: server.ClusterConfig{
 			BindAddr:  fmt.Sprintf("127.0.0.1:%d", p.Cluster),

@@ -79,6 +79,7 @@ type Node struct {
 	Socket      string
 	ClusterAddr string
 	HealthAddr  string
+	AgentAddr   string
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -144,6 +145,7 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
 		Socket:      filepath.Join(dir, "admin.sock"),
 		ClusterAddr: FreeAddr(c.t),
 		HealthAddr:  FreeAddr(c.t),
+		AgentAddr:   FreeAddr(c.t),
 	}
 	tlsDir := filepath.Join(dir, "tls")
 	c.run("cluster", "tls", "cert", "create", "--node", id, "--dir", tlsDir,
@@ -171,6 +173,7 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
   data_dir     = "data"
   admin_socket = "admin.sock"
   health_addr  = %q
+  agent_addr   = %q
   log_level    = "debug"
   cluster {
     bind_addr = %q
@@ -181,7 +184,7 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
     key_file  = "tls/node-key.pem"
 %s  }
 }
-`, id, c.Opts.TrustDomain, n.HealthAddr, n.ClusterAddr, bootstrap, join, filepath.Join(caDir, "ca.pem"), extra.String())
+`, id, c.Opts.TrustDomain, n.HealthAddr, n.AgentAddr, n.ClusterAddr, bootstrap, join, filepath.Join(caDir, "ca.pem"), extra.String())
 	if err := os.WriteFile(n.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
 	}

@@ -141,6 +141,9 @@ func (a *Agent) AttestAgent(stream ferrypb.Agent_AttestAgentServer) error {
 	if params == nil {
 		return status.Error(codes.InvalidArgument, "the first message must carry attestation params")
 	}
+	if len(params.Payload) > node.MaxPayloadSize {
+		return status.Errorf(codes.InvalidArgument, "attestation payload over %d bytes", node.MaxPayloadSize)
+	}
 	at, ok := a.attestors[params.Attestor]
 	if !ok {
 		return status.Errorf(codes.InvalidArgument, "node attestor %q is not enabled on this server", params.Attestor)
@@ -169,6 +172,9 @@ func (a *Agent) AttestAgent(stream ferrypb.Agent_AttestAgentServer) error {
 			return err
 		}
 		return status.Errorf(codes.PermissionDenied, "node attestation failed: %v", err)
+	}
+	if res.AgentID.String() == a.serverID {
+		return status.Error(codes.PermissionDenied, "an agent cannot be issued the server's SPIFFE ID")
 	}
 	if res.AgentID.TrustDomain() != a.cfg.TrustDomain {
 		return status.Errorf(codes.PermissionDenied, "agent ID %s is not in trust domain %s", res.AgentID, a.cfg.TrustDomain)

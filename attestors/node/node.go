@@ -1,0 +1,113 @@
+// Package node defines node attestation: how an agent proves which machine it
+// runs on, and how the server turns that proof into the agent's SPIFFE ID and
+// node selectors.
+//
+// Each attestor package (attestors/node/jointoken, attestors/node/x509pop, …)
+// holds both halves. The agent half produces a payload and answers challenges;
+// the server half verifies the payload, may issue any number of challenges and
+// returns a Result. The server's attestation stream carries the bytes:
+//
+//	agent                                server
+//	Payload()         ── payload ──>     Attest(payload, challenge)
+//	Respond(c)        <── c ──────       challenge(ctx, c)
+//	                  ── response ──>
+//	                  <── SVID ───────   (the caller signs for Result.AgentID)
+//
+// Attestor implementations must not trust anything in the payload or
+// responses before verifying it, must bound the work an unauthenticated payload
+// can cause, and must never log secrets carried in it.
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/ferry-id/ferry/proto/ferrypb"
+)
+
+// MaxPayloadSize is the largest payload or challenge response the server's
+// attestation stream should accept; attestors enforce it too.
+const MaxPayloadSize = 64 << 10
+
+// AgentAttestor is the agent half of a node attestor. Calls for one
+// attestation are sequential: Payload, then Respond once per challenge.
+type AgentAttestor interface {
+	// Name returns the attestor name, e.g. "join_token"; the server uses it to
+	// pick the matching ServerAttestor.
+	Name() string
+	// Payload returns the initial attestation data.
+	Payload(ctx context.Context) ([]byte, error)
+	// Respond answers a challenge from the server.
+	Respond(ctx context.Context, challenge []byte) ([]byte, error)
+}
+
+// ChallengeFunc sends challenge c to the agent and returns its response.
+type ChallengeFunc func(ctx context.Context, c []byte) ([]byte, error)
+
+// ServerAttestor is the server half of a node attestor. Implementations must be
+// safe for concurrent use: many agents attest at once.
+type ServerAttestor interface {
+	// Name returns the attestor name; it matches the agent half's.
+	Name() string
+	// Attest verifies payload, issuing challenges through challenge as needed,
+	// and returns who the agent is. Any error means the agent is not attested.
+	Attest(ctx context.Context, payload []byte, challenge ChallengeFunc) (*Result, error)
+}
+
+// Result is the outcome of a successful attestation.
+type Result struct {
+	// AgentID is the SPIFFE ID the agent's SVID is issued for.
+	AgentID spiffeid.ID
+	// Selectors are the node selectors, used to match node-alias entries.
+	Selectors []*ferrypb.Selector
+	// CanReattest says the agent can prove itself again with the same
+	// credential (x509pop can; a consumed join token cannot), so it may renew
+	// by re-attesting rather than only with its current SVID.
+	CanReattest bool
+}
+
+// ErrNoChallenge is returned by agent halves of attestors that never expect a
+// challenge.
+var ErrNoChallenge = errors.New("node: attestor does not expect a challenge")
+
+// AgentPath returns spiffe://<td>/spire/agent/<attestor>/<segments…>, the agent
+// ID layout SPIRE uses, validating every segment.
+func AgentPath(td spiffeid.TrustDomain, attestor string, segments ...string) (spiffeid.ID, error) {
+	if td.IsZero() {
+		return spiffeid.ID{}, errors.New("node: trust domain is required")
+	}
+	id, err := spiffeid.FromSegments(td, append([]string{"spire", "agent", attestor}, segments...)...)
+	if err != nil {
+		return spiffeid.ID{}, fmt.Errorf("node: agent ID: %w", err)
+	}
+	return id, nil
+}
+
+// Exchange runs agent against server in process, carrying payload, challenges
+// and responses directly, with the same size limit the attestation stream
+// applies. It serves tests and single-process setups.
+func Exchange(ctx context.Context, agent AgentAttestor, server ServerAttestor) (*Result, error) {
+	if agent.Name() != server.Name() {
+		return nil, fmt.Errorf("node: agent attestor %q does not match server attestor %q", agent.Name(), server.Name())
+	}
+	payload, err := agent.Payload(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("node: %s payload: %w", agent.Name(), err)
+	}
+	if len(payload) > MaxPayloadSize {
+		return nil, fmt.Errorf("node: %s payload is %d bytes, over %d", agent.Name(), len(payload), MaxPayloadSize)
+	}
+	return server.Attest(ctx, payload, func(ctx context.Context, c []byte) ([]byte, error) {
+		resp, err := agent.Respond(ctx, c)
+		if err != nil {
+			return nil, err
+		}
+		if len(resp) > MaxPayloadSize {
+			return nil, fmt.Errorf("node: %s response is %d bytes, over %d", agent.Name(), len(resp), MaxPayloadSize)
+		}
+		return resp, nil
+	})
+}

@@ -1,0 +1,334 @@
+package unix_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/ferry-id/ferry/attestors/workload"
+	"github.com/ferry-id/ferry/attestors/workload/unix"
+	"github.com/ferry-id/ferry/proto/ferrypb"
+)
+
+func testLog(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type tWriter struct{ t *testing.T }
+
+func (w tWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
+
+func newAttestor(t *testing.T, c unix.Config) *unix.Attestor {
+	t.Helper()
+	c.Log = testLog(t)
+	a, err := unix.New(c)
+	require.NoError(t, err)
+	return a
+}
+
+func values(sels []*ferrypb.Selector) []string {
+	out := make([]string, 0, len(sels))
+	for _, s := range sels {
+		out = append(out, s.GetType()+":"+s.GetValue())
+	}
+	return out
+}
+
+func fileSHA256(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// expectedIdentity computes the selectors for uid/gid/groups independently of
+// the attestor, from os/user.
+func expectedIdentity(t *testing.T, uid, gid int, groups []int) []string {
+	t.Helper()
+	var want []string
+	want = append(want, fmt.Sprintf("unix:uid:%d", uid))
+	if u, err := user.LookupId(strconv.Itoa(uid)); err == nil {
+		want = append(want, "unix:user:"+u.Username)
+	}
+	want = append(want, fmt.Sprintf("unix:gid:%d", gid))
+	if g, err := user.LookupGroupId(strconv.Itoa(gid)); err == nil {
+		want = append(want, "unix:group:"+g.Name)
+	}
+	for _, sg := range groups {
+		want = append(want, fmt.Sprintf("unix:supplementary_gid:%d", sg))
+		if g, err := user.LookupGroupId(strconv.Itoa(sg)); err == nil {
+			want = append(want, "unix:supplementary_group:"+g.Name)
+		}
+	}
+	return want
+}
+
+func TestAttestSelf(t *testing.T) {
+	a := newAttestor(t, unix.Config{})
+	assert.Equal(t, "unix", a.Name())
+	got, err := a.Attest(context.Background(), int32(os.Getpid()), nil)
+	require.NoError(t, err)
+
+	groups, err := os.Getgroups()
+	require.NoError(t, err)
+	want := expectedIdentity(t, os.Geteuid(), os.Getegid(), groups)
+	exe, err := os.Executable()
+	require.NoError(t, err)
+	exe, err = filepath.EvalSymlinks(exe)
+	require.NoError(t, err)
+	want = append(want, "unix:path:"+exe, "unix:sha256:"+fileSHA256(t, exe))
+	assert.ElementsMatch(t, want, values(got))
+}
+
+// TestAttestOtherUser attests a real child running under another uid, gid and
+// supplementary groups.
+func TestAttestOtherUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to start a child under another uid")
+	}
+	sleep, err := exec.LookPath("sleep")
+	require.NoError(t, err)
+	sleep, err = filepath.EvalSymlinks(sleep)
+	require.NoError(t, err)
+
+	const uid, gid = 65534, 65534
+	groups := []int{100, 4242}
+	cmd := exec.Command(sleep, "60")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{
+		Uid: uid, Gid: gid, Groups: []uint32{100, 4242},
+	}}
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	waitExec(t, cmd.Process.Pid, sleep)
+
+	a := newAttestor(t, unix.Config{})
+	got, err := a.Attest(context.Background(), int32(cmd.Process.Pid), nil)
+	require.NoError(t, err)
+	want := expectedIdentity(t, uid, gid, groups)
+	want = append(want, "unix:path:"+sleep, "unix:sha256:"+fileSHA256(t, sleep))
+	assert.ElementsMatch(t, want, values(got))
+	assert.Contains(t, values(got), "unix:supplementary_gid:4242")
+	assert.NotContains(t, values(got), "unix:uid:0")
+}
+
+// waitExec waits until pid has exec'd path (right after Start the child may
+// still be the forked test binary).
+func waitExec(t *testing.T, pid int, path string) {
+	t.Helper()
+	for i := 0; i < 500; i++ {
+		if p, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); err == nil && p == path {
+			return
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	t.Fatalf("pid %d never exec'd %s", pid, path)
+}
+
+func TestAttestOnlyRequestedKinds(t *testing.T) {
+	var userLookups, groupLookups atomic.Int32
+	a := newAttestor(t, unix.Config{Hooks: unix.Hooks{
+		LookupUser:  func(uid string) (*user.User, error) { userLookups.Add(1); return user.LookupId(uid) },
+		LookupGroup: func(gid string) (*user.Group, error) { groupLookups.Add(1); return user.LookupGroupId(gid) },
+	}})
+	kinds := workload.KindsOf([]*ferrypb.Selector{{Type: "unix", Value: "uid:0"}, {Type: "other", Value: "sha256:x"}})
+	got, err := a.Attest(context.Background(), int32(os.Getpid()), kinds)
+	require.NoError(t, err)
+	assert.Equal(t, []string{fmt.Sprintf("unix:uid:%d", os.Geteuid())}, values(got))
+	assert.Zero(t, userLookups.Load())
+	assert.Zero(t, groupLookups.Load())
+
+	got, err = a.Attest(context.Background(), int32(os.Getpid()), workload.Kinds{})
+	require.NoError(t, err)
+	assert.Empty(t, got)
+}
+
+func TestHashSizeLimit(t *testing.T) {
+	exe, err := os.Executable()
+	require.NoError(t, err)
+	fi, err := os.Stat(exe)
+	require.NoError(t, err)
+
+	kinds := workload.KindsOf([]*ferrypb.Selector{{Type: "unix", Value: "sha256:x"}})
+	a := newAttestor(t, unix.Config{WorkloadSizeLimit: fi.Size() - 1})
+	_, err = a.Attest(context.Background(), int32(os.Getpid()), kinds)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "over the hashing limit")
+	assert.Contains(t, err.Error(), strconv.FormatInt(fi.Size(), 10))
+
+	a = newAttestor(t, unix.Config{WorkloadSizeLimit: fi.Size()})
+	got, err := a.Attest(context.Background(), int32(os.Getpid()), kinds)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"unix:sha256:" + fileSHA256(t, exe)}, values(got))
+
+	// Negative: never hash, even when asked.
+	a = newAttestor(t, unix.Config{WorkloadSizeLimit: -1})
+	got, err = a.Attest(context.Background(), int32(os.Getpid()), nil)
+	require.NoError(t, err)
+	for _, v := range values(got) {
+		assert.NotContains(t, v, "unix:sha256:")
+	}
+}
+
+func TestDisableWorkloadPath(t *testing.T) {
+	a := newAttestor(t, unix.Config{DisableWorkloadPath: true})
+	got, err := a.Attest(context.Background(), int32(os.Getpid()), nil)
+	require.NoError(t, err)
+	for _, v := range values(got) {
+		assert.NotContains(t, v, "unix:path:")
+		assert.NotContains(t, v, "unix:sha256:")
+	}
+	assert.Contains(t, values(got), fmt.Sprintf("unix:uid:%d", os.Geteuid()))
+}
+
+func TestHashCacheSeesRewrittenFile(t *testing.T) {
+	// A fake procfs whose exe link points at a file we control.
+	root := t.TempDir()
+	bin := filepath.Join(t.TempDir(), "bin")
+	require.NoError(t, os.WriteFile(bin, []byte("version one"), 0o755))
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "7"), 0o755))
+	require.NoError(t, os.Symlink(bin, filepath.Join(root, "7", "exe")))
+
+	a := newAttestor(t, unix.Config{Hooks: unix.Hooks{ProcRoot: root}})
+	kinds := workload.KindsOf([]*ferrypb.Selector{{Type: "unix", Value: "sha256:x"}, {Type: "unix", Value: "path:x"}})
+	got, err := a.Attest(context.Background(), 7, kinds)
+	require.NoError(t, err)
+	assert.ElementsMatch(t, []string{"unix:path:" + bin, "unix:sha256:" + fileSHA256(t, bin)}, values(got))
+
+	require.NoError(t, os.WriteFile(bin, []byte("version two, longer"), 0o755))
+	got, err = a.Attest(context.Background(), 7, kinds)
+	require.NoError(t, err)
+	assert.Contains(t, values(got), "unix:sha256:"+fileSHA256(t, bin))
+}
+
+func TestHashCancelled(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	a := newAttestor(t, unix.Config{})
+	_, err := a.Attest(ctx, int32(os.Getpid()), workload.KindsOf([]*ferrypb.Selector{{Type: "unix", Value: "sha256:x"}}))
+	require.ErrorIs(t, err, context.Canceled)
+}
+
+func writeStatus(t *testing.T, root string, pid int, content string) {
+	t.Helper()
+	dir := filepath.Join(root, strconv.Itoa(pid))
+	require.NoError(t, os.MkdirAll(dir, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "status"), []byte(content), 0o644))
+}
+
+func TestStatusEdgeCases(t *testing.T) {
+	idKinds := workload.KindsOf([]*ferrypb.Selector{
+		{Type: "unix", Value: "uid:x"}, {Type: "unix", Value: "user:x"},
+		{Type: "unix", Value: "gid:x"}, {Type: "unix", Value: "group:x"},
+		{Type: "unix", Value: "supplementary_gid:x"}, {Type: "unix", Value: "supplementary_group:x"},
+	})
+	users := map[string]string{"1000": "alice", "0": "root"}
+	groups := map[string]string{"2000": "staff", "3": "sys", "5": "bad\nname"}
+	hooks := unix.Hooks{
+		LookupUser: func(uid string) (*user.User, error) {
+			if n, ok := users[uid]; ok {
+				return &user.User{Uid: uid, Username: n}, nil
+			}
+			return nil, user.UnknownUserIdError(0)
+		},
+		LookupGroup: func(gid string) (*user.Group, error) {
+			if n, ok := groups[gid]; ok {
+				return &user.Group{Gid: gid, Name: n}, nil
+			}
+			return nil, errors.New("unknown group")
+		},
+	}
+
+	tests := []struct {
+		name    string
+		status  string
+		want    []string
+		wantErr string
+	}{
+		{
+			name:   "effective ids and groups",
+			status: "Name:\tx\nUid:\t0\t1000\t1000\t1000\nGid:\t0\t2000\t2000\t2000\nGroups:\t3 4 5\n",
+			// gid 4 has no name; gid 5's name cannot be a selector value.
+			want: []string{"unix:uid:1000", "unix:user:alice", "unix:gid:2000", "unix:group:staff",
+				"unix:supplementary_gid:3", "unix:supplementary_group:sys", "unix:supplementary_gid:4", "unix:supplementary_gid:5"},
+		},
+		{
+			name:   "unknown user, no groups",
+			status: "Uid:\t7\t7\t7\t7\nGid:\t7\t7\t7\t7\nGroups:\t\n",
+			want:   []string{"unix:uid:7", "unix:gid:7"},
+		},
+		{name: "no uid", status: "Gid:\t7\t7\t7\t7\n", wantErr: "no valid Uid/Gid"},
+		{name: "short uid", status: "Uid:\t7\nGid:\t7\t7\t7\t7\n", wantErr: "no valid Uid/Gid"},
+		{name: "non-numeric uid", status: "Uid:\t7\tx\t7\t7\nGid:\t7\t7\t7\t7\n", wantErr: "no valid Uid/Gid"},
+		{name: "bad group", status: "Uid:\t7\t7\t7\t7\nGid:\t7\t7\t7\t7\nGroups:\t1 ../x\n", wantErr: "malformed supplementary gid"},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			root := t.TempDir()
+			writeStatus(t, root, 100+i, tt.status)
+			h := hooks
+			h.ProcRoot = root
+			a := newAttestor(t, unix.Config{Hooks: h})
+			got, err := a.Attest(context.Background(), int32(100+i), idKinds)
+			if tt.wantErr != "" {
+				require.Error(t, err)
+				assert.Contains(t, err.Error(), tt.wantErr)
+				assert.Contains(t, err.Error(), "unix: ")
+				return
+			}
+			require.NoError(t, err)
+			assert.ElementsMatch(t, tt.want, values(got))
+		})
+	}
+}
+
+func TestMissingProcess(t *testing.T) {
+	a := newAttestor(t, unix.Config{Hooks: unix.Hooks{ProcRoot: t.TempDir()}})
+	_, err := a.Attest(context.Background(), 12345, nil)
+	require.ErrorIs(t, err, os.ErrNotExist)
+}
+
+// TestWithProcessPinning runs the attestor the way the agent does.
+func TestWithProcessPinning(t *testing.T) {
+	a := newAttestor(t, unix.Config{})
+	got, err := workload.Attest(context.Background(), int32(os.Getpid()), []workload.Attestor{a},
+		workload.KindsOf([]*ferrypb.Selector{{Type: "unix", Value: "uid:0"}}))
+	require.NoError(t, err)
+	assert.Equal(t, []string{fmt.Sprintf("unix:uid:%d", os.Geteuid())}, values(got))
+}
+
+func BenchmarkAttestSelf(b *testing.B) {
+	for _, bc := range []struct {
+		name  string
+		kinds workload.Kinds
+	}{
+		{"ids", workload.KindsOf([]*ferrypb.Selector{{Type: "unix", Value: "uid:0"}, {Type: "unix", Value: "gid:0"}})},
+		{"all-cached-hash", nil},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			a, err := unix.New(unix.Config{Log: slog.New(slog.DiscardHandler)})
+			require.NoError(b, err)
+			pid := int32(os.Getpid())
+			for b.Loop() {
+				if _, err := a.Attest(context.Background(), pid, bc.kinds); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

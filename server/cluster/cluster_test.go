@@ -1,0 +1,212 @@
+package cluster_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ferry-id/ferry/server/cluster"
+	"github.com/ferry-id/ferry/server/state"
+)
+
+// TestCluster runs the non-destructive scenarios on one 3-node cluster.
+func TestCluster(t *testing.T) {
+	nodes, _ := startCluster(t, 3, nil)
+	leader := waitLeader(t, nodes)
+	fs := followers(nodes, leader)
+	total := 0
+
+	t.Run("WritesThroughLeaderAndFollowersConverge", func(t *testing.T) {
+		var wg sync.WaitGroup
+		errs := make(chan error, 3)
+		for _, n := range nodes {
+			wg.Add(1)
+			go func(n *testNode) {
+				defer wg.Done()
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				for i := 0; i < 30; i++ {
+					if _, err := n.Apply(ctx, entryCommand(fmt.Sprintf("%s-%d", n.ID(), i), 100)); err != nil {
+						errs <- fmt.Errorf("%s: %w", n.ID(), err)
+						return
+					}
+				}
+			}(n)
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+		total += 90
+		waitConverged(t, nodes, total)
+		for _, n := range nodes {
+			if d := n.fsm.Dupes(); d != 0 {
+				t.Errorf("%s applied %d duplicate request IDs", n.ID(), d)
+			}
+		}
+	})
+
+	t.Run("ApplyKeepsGivenRequestID", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		cmd := entryCommand("given", 10)
+		cmd.RequestId = "req-given-1"
+		cmd.TimeUnixNano = 42
+		first, err := fs[0].Apply(ctx, cmd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		total++
+		// The same request again is answered with the stored result.
+		again, err := fs[1].Apply(ctx, cmd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if again.GetIndex() != first.GetIndex() {
+			t.Fatalf("retried request applied at %d, first at %d", again.GetIndex(), first.GetIndex())
+		}
+		if cmd.GetRequestId() != "req-given-1" || cmd.GetTimeUnixNano() != 42 {
+			t.Fatalf("Apply changed given fields: %q %d", cmd.GetRequestId(), cmd.GetTimeUnixNano())
+		}
+		waitConverged(t, nodes, total)
+	})
+
+	t.Run("VerifyReadOnFollowerSeesLeaderWrite", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		for i := 0; i < 40; i++ {
+			cmd := entryCommand(fmt.Sprintf("read-%d", i), 10)
+			if _, err := leader.Apply(ctx, cmd); err != nil {
+				t.Fatal(err)
+			}
+			total++
+			f := fs[i%len(fs)]
+			if err := f.VerifyRead(ctx); err != nil {
+				t.Fatalf("VerifyRead on %s: %v", f.ID(), err)
+			}
+			if !f.fsm.Has(cmd.GetRequestId()) {
+				t.Fatalf("write %d acknowledged by the leader is not visible on %s after VerifyRead", i, f.ID())
+			}
+		}
+		if err := leader.VerifyRead(ctx); err != nil {
+			t.Fatalf("VerifyRead on leader: %v", err)
+		}
+	})
+
+	t.Run("OversizeCommandRefusedBeforeRaft", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		before := leader.Stats()["last_log_index"]
+		for _, n := range nodes {
+			_, err := n.Apply(ctx, entryCommand("big", state.MaxCommandSize))
+			if !errors.Is(err, state.ErrCommandTooLarge) {
+				t.Fatalf("Apply of %d bytes on %s: got %v, want ErrCommandTooLarge", state.MaxCommandSize, n.ID(), err)
+			}
+		}
+		if after := leader.Stats()["last_log_index"]; after != before {
+			t.Fatalf("leader log moved from %s to %s", before, after)
+		}
+		// Just under the limit still goes through.
+		if _, err := fs[0].Apply(ctx, entryCommand("almost", state.MaxCommandSize-1024)); err != nil {
+			t.Fatalf("Apply just under the limit: %v", err)
+		}
+		total++
+		waitConverged(t, nodes, total)
+	})
+
+	t.Run("Members", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		for _, n := range nodes {
+			ms, err := n.Members(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			leaders := 0
+			for _, m := range ms {
+				if m.Leader {
+					leaders++
+					if m.ID != leader.ID() {
+						t.Errorf("%s reports leader %s, want %s", n.ID(), m.ID, leader.ID())
+					}
+				}
+				if !m.Voter || !m.Reachable || m.LastIndex == 0 {
+					t.Errorf("%s reports %+v", n.ID(), m)
+				}
+			}
+			if len(ms) != 3 || leaders != 1 {
+				t.Errorf("%s: %d members, %d leaders", n.ID(), len(ms), leaders)
+			}
+		}
+	})
+
+	t.Run("SnapshotSaveRestoreRoundTrip", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		waitConverged(t, nodes, total)
+		saved := leader.fsm.IDs()
+		var archive bytes.Buffer
+		if err := fs[0].SnapshotSave(ctx, &archive); err != nil {
+			t.Fatal(err)
+		}
+		hdr, err := cluster.ReadSnapshotHeader(bytes.NewReader(archive.Bytes()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if hdr.Node != fs[0].ID() || hdr.Index == 0 || len(hdr.Configuration) != 3 {
+			t.Fatalf("header %+v", hdr)
+		}
+		applyN(t, fs[1], 20)
+		total += 20
+		waitConverged(t, nodes, total)
+
+		// A follower refuses, naming the leader.
+		err = fs[0].SnapshotRestore(ctx, bytes.NewReader(archive.Bytes()))
+		if err == nil || !strings.Contains(err.Error(), leader.ID()) {
+			t.Fatalf("restore on follower: %v", err)
+		}
+
+		// Tampered or truncated archives are refused and change nothing.
+		lastIndex := leader.Stats()["last_log_index"]
+		for _, pos := range []int{3, 20, archive.Len() / 2, archive.Len() - 40, archive.Len() - 1} {
+			bad := bytes.Clone(archive.Bytes())
+			bad[pos] ^= 0x01
+			if err := leader.SnapshotRestore(ctx, bytes.NewReader(bad)); !errors.Is(err, cluster.ErrSnapshotCorrupt) {
+				t.Fatalf("flipped byte %d of %d: got %v, want ErrSnapshotCorrupt", pos, archive.Len(), err)
+			}
+		}
+		for _, bad := range [][]byte{archive.Bytes()[:archive.Len()-1], archive.Bytes()[:archive.Len()/2], append(bytes.Clone(archive.Bytes()), 0)} {
+			if err := leader.SnapshotRestore(ctx, bytes.NewReader(bad)); !errors.Is(err, cluster.ErrSnapshotCorrupt) {
+				t.Fatalf("archive of %d bytes: got %v, want ErrSnapshotCorrupt", len(bad), err)
+			}
+		}
+		if got := leader.Stats()["last_log_index"]; got != lastIndex {
+			t.Fatalf("refused restore moved the log from %s to %s", lastIndex, got)
+		}
+		if got := leader.fsm.Count(); got != total {
+			t.Fatalf("refused restore changed the FSM: %d entries, want %d", got, total)
+		}
+
+		if err := leader.SnapshotRestore(ctx, bytes.NewReader(archive.Bytes())); err != nil {
+			t.Fatal(err)
+		}
+		total = len(saved)
+		waitConverged(t, nodes, total)
+		got := leader.fsm.IDs()
+		for i := range saved {
+			if got[i] != saved[i] {
+				t.Fatalf("restored entry %d = %s, want %s", i, got[i], saved[i])
+			}
+		}
+		// The cluster keeps working after a restore.
+		applyN(t, fs[1], 5)
+		total += 5
+		waitConverged(t, nodes, total)
+	})
+}
