@@ -30,6 +30,9 @@ func newApp() *cli.App {
 			clusterCommand(),
 			entryCommand(),
 			devCommand(),
+			tokenCommand(),
+			bundleCommand(),
+			agentCommand(),
 		},
 	}
 }

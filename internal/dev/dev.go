@@ -17,7 +17,16 @@ import (
 	"sort"
 	"strings"
 
+	"crypto/x509"
+	"time"
+
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/ferry-id/ferry/agent"
+	"github.com/ferry-id/ferry/attestors/node/jointoken"
+	"github.com/ferry-id/ferry/proto/ferrypb"
 
 	"github.com/ferry-id/ferry/server"
 	"github.com/ferry-id/ferry/server/cluster"
@@ -147,7 +156,7 @@ func (s *Stack) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	errc := make(chan error, 1)
+	errc := make(chan error, 4)
 	go func() { errc <- srv.Run(ctx) }()
 	select {
 	case err := <-errc:
@@ -155,9 +164,16 @@ func (s *Stack) Run(ctx context.Context) error {
 	case <-srv.Ready():
 	}
 
+	ag, err := s.startAgent(ctx, srv, adminSocket, fmt.Sprintf("127.0.0.1:%d", p.Agent), errc)
+	if err != nil {
+		return err
+	}
+	agentSocket := filepath.Join(dir, "agent", "public", "api.sock")
 	env := map[string]string{
-		"FERRY_ADMIN_SOCKET": adminSocket,
-		"FERRY_TRUST_DOMAIN": s.cfg.TrustDomain.String(),
+		"FERRY_ADMIN_SOCKET":     adminSocket,
+		"FERRY_TRUST_DOMAIN":     s.cfg.TrustDomain.String(),
+		"SPIFFE_ENDPOINT_SOCKET": "unix://" + agentSocket,
+		"FERRY_AGENT_ID":         ag.Session().SpiffeID().String(),
 	}
 	envFile := filepath.Join(dir, "env")
 	if err := writeEnv(envFile, env); err != nil {
@@ -167,13 +183,76 @@ func (s *Stack) Run(ctx context.Context) error {
 ferry is running (trust domain %s). In another shell:
 
   . %s
-  ferry entry create --spiffe-id spiffe://%s/web --parent-id spiffe://%s/agent/dev --selector unix:uid:$(id -u)
+  ferry entry create --spiffe-id spiffe://%s/web --parent-id $FERRY_AGENT_ID --selector unix:uid:$(id -u)
+  ferry api fetch x509
   ferry entry list
   ferry cluster list
 
 Stop with Ctrl-C; start again with the same data dir to carry on where you left off.
-`, s.cfg.TrustDomain, envFile, s.cfg.TrustDomain, s.cfg.TrustDomain)
+`, s.cfg.TrustDomain, envFile, s.cfg.TrustDomain)
 	return <-errc
+}
+
+// startAgent waits for the server's CA to publish its first keys, gets a join
+// token through the admin socket, and starts an agent in this process.
+func (s *Stack) startAgent(ctx context.Context, srv *server.Server, adminSocket, agentAddr string, errc chan error) (*agent.Agent, error) {
+	var roots []*x509.Certificate
+	for len(roots) == 0 {
+		if b := srv.Store().View().Bundle(s.cfg.TrustDomain.String()); b != nil {
+			for _, a := range b.X509Authorities {
+				if c, err := x509.ParseCertificate(a.Certificate); err == nil {
+					roots = append(roots, c)
+				}
+			}
+		}
+		if len(roots) > 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case err := <-errc:
+			return nil, err
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	conn, err := grpc.NewClient("unix://"+adminSocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	tok, err := ferrypb.NewAdminClient(conn).CreateJoinToken(ctx, &ferrypb.CreateJoinTokenRequest{
+		SpiffeId:   spiffeid.RequireFromPath(s.cfg.TrustDomain, "/spire/agent/dev").String(),
+		TtlSeconds: 600,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dev: join token: %w", err)
+	}
+	at, err := jointoken.NewAgent(jointoken.AgentConfig{Token: tok.Token})
+	if err != nil {
+		return nil, err
+	}
+	ag, err := agent.New(agent.Config{
+		TrustDomain:  s.cfg.TrustDomain,
+		Servers:      []string{agentAddr},
+		TrustBundle:  roots,
+		DataDir:      filepath.Join(s.cfg.DataDir, "agent"),
+		SocketPath:   filepath.Join(s.cfg.DataDir, "agent", "public", "api.sock"),
+		NodeAttestor: at,
+		Logger:       s.log.With("role", "agent"),
+	})
+	if err != nil {
+		return nil, err
+	}
+	go func() { errc <- ag.Run(ctx) }()
+	select {
+	case <-ag.Session().Ready():
+		return ag, nil
+	case err := <-errc:
+		return nil, err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 // writeEnv writes lines of `export NAME=value`, sorted, quoted for sh.

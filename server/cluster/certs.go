@@ -54,9 +54,9 @@ type CertOptions struct {
 	CACertFile  string
 	CAKeyFile   string
 	NodeID      string
-	TrustDomain string   // defaults to DefaultTrustDomain
-	DNSNames    []string // added to "localhost"
-	IPs         []net.IP // added to 127.0.0.1 and ::1
+	TrustDomain string        // defaults to DefaultTrustDomain
+	DNSNames    []string      // added to "localhost"
+	IPs         []net.IP      // added to 127.0.0.1 and ::1
 	Validity    time.Duration // defaults to 1 year
 	Force       bool          // overwrite existing files
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -209,4 +210,26 @@ func TestCluster(t *testing.T) {
 		total += 5
 		waitConverged(t, nodes, total)
 	})
+}
+
+// TestCloseReleasesEverything: a closed node leaves no goroutines behind and
+// its data dir can be opened again at once.
+func TestCloseReleasesEverything(t *testing.T) {
+	before := runtime.NumGoroutine()
+	pki := newPKI(t)
+	cfg := fastConfig(t, pki, "n1")
+	cfg.Bootstrap = true
+	n := startNode(t, cfg)
+	waitLeader(t, []*testNode{n})
+	applyN(t, n, 5)
+	if err := n.VerifyRead(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
+	again := startNode(t, n.cfg)
+	waitLeader(t, []*testNode{again})
+	waitConverged(t, []*testNode{again}, 5)
 }

@@ -19,7 +19,7 @@ const (
 )
 
 func schema() *memdb.DBSchema {
-	return &memdb.DBSchema{Tables: map[string]*memdb.TableSchema{
+	s := &memdb.DBSchema{Tables: map[string]*memdb.TableSchema{
 		TableEntries:  entriesTable(),
 		TableRequests: requestsTable(),
 		TableJoinTokens: {Name: TableJoinTokens, Indexes: map[string]*memdb.IndexSchema{
@@ -32,6 +32,8 @@ func schema() *memdb.DBSchema {
 			"id": {Name: "id", Unique: true, Indexer: &memdb.StringFieldIndex{Field: "TrustDomain"}},
 		}},
 	}}
+	directorySchema(s.Tables) // directory.go
+	return s
 }
 
 func entriesTable() *memdb.TableSchema {

@@ -34,6 +34,14 @@ const (
 	tagToken   byte = 3
 	tagNode    byte = 4
 	tagBundle  byte = 5
+
+	// Directory tables (directory.go): 10-19.
+	tagTenant              byte = 10
+	tagIdentity            byte = 11
+	tagFederatedCredential byte = 12
+	tagResource            byte = 13
+	tagRoleAssignment      byte = 14
+	tagSigningKey          byte = 15
 )
 
 // maxSnapshotRecord bounds one row, so a corrupt length cannot make Restore
@@ -51,6 +59,12 @@ var snapshotTables = []struct {
 	{tagToken, TableJoinTokens, func() proto.Message { return new(ferrypb.JoinToken) }},
 	{tagNode, TableNodes, func() proto.Message { return new(ferrypb.AttestedNode) }},
 	{tagBundle, TableBundles, func() proto.Message { return new(ferrypb.Bundle) }},
+	{tagTenant, TableTenants, func() proto.Message { return new(ferrypb.Tenant) }},
+	{tagIdentity, TableIdentities, func() proto.Message { return new(ferrypb.Identity) }},
+	{tagFederatedCredential, TableFederatedCredentials, func() proto.Message { return new(ferrypb.FederatedCredential) }},
+	{tagResource, TableResources, func() proto.Message { return new(ferrypb.Resource) }},
+	{tagRoleAssignment, TableRoleAssignments, func() proto.Message { return new(ferrypb.RoleAssignment) }},
+	{tagSigningKey, TableSigningKeys, func() proto.Message { return new(ferrypb.SigningKey) }},
 }
 
 // Snapshot captures the current state. It runs concurrently with later Apply calls

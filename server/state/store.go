@@ -233,6 +233,31 @@ func (a *applier) apply(cmd *ferrypb.Command) *ferrypb.CommandResult {
 		return a.setBundle(op.BundleSet)
 	case *ferrypb.Command_BundleDelete:
 		return a.deleteBundle(op.BundleDelete.TrustDomain)
+	// Directory (directory.go).
+	case *ferrypb.Command_TenantPut:
+		return a.putTenant(op.TenantPut.Tenant)
+	case *ferrypb.Command_TenantDelete:
+		return a.deleteTenant(op.TenantDelete.Id)
+	case *ferrypb.Command_IdentityPut:
+		return a.putIdentity(op.IdentityPut)
+	case *ferrypb.Command_IdentityDelete:
+		return a.deleteIdentity(op.IdentityDelete.ObjectId)
+	case *ferrypb.Command_FederatedCredentialPut:
+		return a.putCredential(op.FederatedCredentialPut)
+	case *ferrypb.Command_FederatedCredentialDelete:
+		return a.deleteCredential(op.FederatedCredentialDelete)
+	case *ferrypb.Command_ResourcePut:
+		return a.putResource(op.ResourcePut)
+	case *ferrypb.Command_ResourceDelete:
+		return a.deleteResource(op.ResourceDelete.ObjectId)
+	case *ferrypb.Command_RoleAssignmentPut:
+		return a.putRoleAssignment(op.RoleAssignmentPut.Assignment)
+	case *ferrypb.Command_RoleAssignmentDelete:
+		return a.deleteRoleAssignment(op.RoleAssignmentDelete.Id)
+	case *ferrypb.Command_SigningKeyPut:
+		return a.putSigningKey(op.SigningKeyPut.Key)
+	case *ferrypb.Command_SigningKeyDelete:
+		return a.deleteSigningKey(op.SigningKeyDelete.Kid)
 	case nil:
 		if cmd.IgnoreUnknown {
 			return &ferrypb.CommandResult{Status: ok()}

@@ -1,0 +1,146 @@
+// Package agent is the ferry agent role: it attests its node to the servers,
+// keeps an SVID cache filled from the server's stream of authorized entries, and
+// serves the SPIFFE Workload API to local processes.
+package agent
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/ferry-id/ferry/agent/cache"
+	"github.com/ferry-id/ferry/agent/session"
+	"github.com/ferry-id/ferry/agent/workloadapi"
+	"github.com/ferry-id/ferry/attestors/node"
+	"github.com/ferry-id/ferry/attestors/workload"
+	"github.com/ferry-id/ferry/attestors/workload/systemd"
+	"github.com/ferry-id/ferry/attestors/workload/unix"
+)
+
+// Config configures an agent.
+type Config struct {
+	TrustDomain spiffeid.TrustDomain
+	// Servers are agent API addresses of the servers (any number; the agent
+	// fails over between them).
+	Servers []string
+	// TrustBundle is what the agent trusts for its first connection.
+	TrustBundle []*x509.Certificate
+	DataDir     string
+	// SocketPath is the Workload API's unix socket.
+	SocketPath string
+	// NodeAttestor proves the node's identity (join_token, x509pop).
+	NodeAttestor node.AgentAttestor
+	// Systemd enables the systemd workload attestor (unix is always on).
+	Systemd bool
+	Logger  *slog.Logger
+}
+
+// Agent is a running agent.
+type Agent struct {
+	cfg     Config
+	log     *slog.Logger
+	cache   *cache.Cache
+	session *session.Session
+}
+
+// New prepares an agent; Run starts it.
+func New(cfg Config) (*Agent, error) {
+	if cfg.SocketPath == "" {
+		return nil, errors.New("agent: socket path is required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("agent: data dir: %w", err)
+	}
+	a := &Agent{cfg: cfg, log: cfg.Logger}
+	// The cache signs through the session and the session feeds the cache:
+	// tie the knot with a forwarding signer.
+	fwd := &signer{}
+	c, err := cache.New(cache.Config{Signer: fwd, Logger: a.log.With("component", "cache")})
+	if err != nil {
+		return nil, err
+	}
+	s, err := session.New(session.Config{
+		TrustDomain: cfg.TrustDomain,
+		Servers:     cfg.Servers,
+		TrustBundle: cfg.TrustBundle,
+		DataDir:     filepath.Join(cfg.DataDir, "session"),
+		Attestor:    cfg.NodeAttestor,
+		Sink:        c,
+		Logger:      a.log.With("component", "session"),
+	})
+	if err != nil {
+		return nil, err
+	}
+	fwd.Session = s
+	a.cache, a.session = c, s
+	return a, nil
+}
+
+// signer lets the cache be built before the session it signs through.
+type signer struct{ *session.Session }
+
+// Cache is the agent's SVID cache (the Workload API and the token endpoint read it).
+func (a *Agent) Cache() *cache.Cache { return a.cache }
+
+// Session is the agent's server session.
+func (a *Agent) Session() *session.Session { return a.session }
+
+// Run attests the node and serves until ctx ends.
+func (a *Agent) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer a.session.Close()
+
+	attestors := []workload.Attestor{}
+	ux, err := unix.New(unix.Config{Log: a.log.With("attestor", "unix")})
+	if err != nil {
+		return err
+	}
+	attestors = append(attestors, ux)
+	if a.cfg.Systemd {
+		sd, err := systemd.New(systemd.Config{Log: a.log.With("attestor", "systemd")})
+		if err != nil {
+			return err
+		}
+		attestors = append(attestors, sd)
+	}
+	api, err := workloadapi.New(workloadapi.Config{
+		SocketPath: a.cfg.SocketPath,
+		Manager:    a.cache,
+		Attestor:   workloadapi.WorkloadAttestors(a.cache, attestors...),
+		Log:        a.log.With("component", "workloadapi"),
+	})
+	if err != nil {
+		return err
+	}
+
+	errc := make(chan error, 3)
+	go func() { errc <- a.session.Run(ctx) }()
+	go func() { errc <- a.cache.Run(ctx) }()
+	select {
+	case <-a.session.Ready():
+	case err := <-errc:
+		return fmt.Errorf("agent: %w", err)
+	}
+	a.log.Info("agent attested", "agent_id", a.session.SpiffeID().String())
+	go func() { errc <- api.Run(ctx) }()
+	a.log.Info("workload API listening", "socket", a.cfg.SocketPath)
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-errc:
+		if ctx.Err() != nil {
+			return nil
+		}
+		return fmt.Errorf("agent: %w", err)
+	}
+}

@@ -1,0 +1,117 @@
+package agent
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/hashicorp/hcl/hcl/token"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/ferry-id/ferry/attestors/node/jointoken"
+	"github.com/ferry-id/ferry/attestors/node/x509pop"
+	"github.com/ferry-id/ferry/internal/config"
+)
+
+type fileConfig struct {
+	Agent      *agentBlock            `hcl:"agent"`
+	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type agentBlock struct {
+	TrustDomain     string                 `hcl:"trust_domain"`
+	DataDir         string                 `hcl:"data_dir"`
+	ServerAddresses []string               `hcl:"server_addresses"`
+	TrustBundleFile string                 `hcl:"trust_bundle_file"`
+	SocketPath      string                 `hcl:"socket_path"`
+	LogLevel        string                 `hcl:"log_level"`
+	LogFormat       string                 `hcl:"log_format"`
+	JoinToken       string                 `hcl:"join_token"`
+	X509PoP         *x509popAgentBlock     `hcl:"x509pop"`
+	Systemd         bool                   `hcl:"systemd"`
+	UnusedKeys      map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type x509popAgentBlock struct {
+	CertFile          string                 `hcl:"cert_file"`
+	KeyFile           string                 `hcl:"key_file"`
+	IntermediatesFile string                 `hcl:"intermediates_file"`
+	UnusedKeys        map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+// FileConfig is agent.conf as read, plus the settings only the CLI uses.
+type FileConfig struct {
+	Config
+	LogLevel, LogFormat string
+}
+
+// LoadConfig reads agent.conf. joinToken, when not empty, overrides the file's
+// join_token (so a token need not be written to disk).
+func LoadConfig(path, joinToken string) (FileConfig, error) {
+	var f fileConfig
+	if err := config.Decode(path, &f); err != nil {
+		return FileConfig{}, err
+	}
+	a := f.Agent
+	if a == nil {
+		return FileConfig{}, fmt.Errorf("agent: %s has no agent block", path)
+	}
+	td, err := spiffeid.TrustDomainFromString(a.TrustDomain)
+	if err != nil {
+		return FileConfig{}, fmt.Errorf("agent: trust_domain: %w", err)
+	}
+	out := FileConfig{LogLevel: a.LogLevel, LogFormat: a.LogFormat, Config: Config{
+		TrustDomain: td,
+		Servers:     a.ServerAddresses,
+		DataDir:     config.Resolve(path, a.DataDir),
+		SocketPath:  config.Resolve(path, a.SocketPath),
+		Systemd:     a.Systemd,
+	}}
+	if len(out.Servers) == 0 {
+		return FileConfig{}, fmt.Errorf("agent: server_addresses is required")
+	}
+	if out.DataDir == "" {
+		return FileConfig{}, fmt.Errorf("agent: data_dir is required")
+	}
+	if out.SocketPath == "" {
+		out.SocketPath = "/tmp/ferry/agent/public/api.sock"
+	}
+	if a.TrustBundleFile != "" {
+		b, err := x509bundle.Load(td, config.Resolve(path, a.TrustBundleFile))
+		if err != nil {
+			return FileConfig{}, fmt.Errorf("agent: trust_bundle_file: %w", err)
+		}
+		out.TrustBundle = b.X509Authorities()
+	}
+	if joinToken == "" {
+		joinToken = a.JoinToken
+	}
+	switch {
+	case joinToken != "" && a.X509PoP != nil:
+		return FileConfig{}, fmt.Errorf("agent: choose one node attestor: join_token or x509pop")
+	case joinToken != "":
+		at, err := jointoken.NewAgent(jointoken.AgentConfig{Token: joinToken})
+		if err != nil {
+			return FileConfig{}, fmt.Errorf("agent: %w", err)
+		}
+		out.NodeAttestor = at
+	case a.X509PoP != nil:
+		at, err := x509pop.NewAgent(x509pop.AgentConfig{
+			CertificatePath:   config.Resolve(path, a.X509PoP.CertFile),
+			PrivateKeyPath:    config.Resolve(path, a.X509PoP.KeyFile),
+			IntermediatesPath: config.Resolve(path, a.X509PoP.IntermediatesFile),
+		})
+		if err != nil {
+			return FileConfig{}, fmt.Errorf("agent: %w", err)
+		}
+		out.NodeAttestor = at
+	default:
+		// A saved agent SVID may make attestation unnecessary; without one
+		// the session reports that no attestor is configured.
+		out.NodeAttestor = noAttestor{}
+	}
+	if _, err := os.Stat(out.DataDir); err != nil && !os.IsNotExist(err) {
+		return FileConfig{}, fmt.Errorf("agent: data_dir: %w", err)
+	}
+	return out, nil
+}

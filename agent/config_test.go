@@ -1,0 +1,62 @@
+package agent_test
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"math/big"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/ferry-id/ferry/agent"
+)
+
+// TestSampleConfig keeps conf/agent.conf parseable.
+func TestSampleConfig(t *testing.T) {
+	// The sample names a bundle file in /etc; parse a copy that points at a
+	// real one.
+	data, err := os.ReadFile("../conf/agent.conf")
+	require.NoError(t, err)
+	dir := t.TempDir()
+	bundle := filepath.Join(dir, "bundle.pem")
+	require.NoError(t, os.WriteFile(bundle, testBundlePEM(t), 0o644))
+	conf := filepath.Join(dir, "agent.conf")
+	require.NoError(t, os.WriteFile(conf, []byte(strings.ReplaceAll(string(data), "/etc/ferry/bundle.pem", bundle)), 0o600))
+
+	fc, err := agent.LoadConfig(conf, "0123456789abcdef0123456789")
+	require.NoError(t, err)
+	require.Equal(t, "example.org", fc.TrustDomain.String())
+	require.Equal(t, []string{"127.0.0.1:8081"}, fc.Servers)
+	require.Equal(t, "/tmp/ferry/agent/public/api.sock", fc.SocketPath)
+	require.True(t, fc.Systemd)
+	require.Len(t, fc.TrustBundle, 1)
+	require.Equal(t, "join_token", fc.NodeAttestor.Name())
+}
+
+func TestConfigErrors(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "a.conf")
+	require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"] sockt = "s" }`), 0o600))
+	_, err := agent.LoadConfig(p, "")
+	require.ErrorContains(t, err, "unknown setting(s): agent.sockt")
+
+	require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" }`), 0o600))
+	_, err = agent.LoadConfig(p, "")
+	require.ErrorContains(t, err, "server_addresses")
+}
+
+func testBundlePEM(t *testing.T) []byte {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	require.NoError(t, err)
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+}

@@ -1,0 +1,577 @@
+// Package session is the agent's connection to the servers: it attests the node,
+// keeps the agent X509-SVID renewed (and on disk, so a restart needs no new
+// attestation), follows the server's stream of authorized entries and bundles,
+// and signs workload CSRs and JWT-SVIDs through the servers for the SVID cache.
+package session
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	mathrand "math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
+	"google.golang.org/grpc/status"
+
+	"github.com/ferry-id/ferry/agent/cache"
+	"github.com/ferry-id/ferry/attestors/node"
+	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/ca"
+)
+
+// Sink receives what the server streams: the cache implements it.
+type Sink interface {
+	SetEntries(all []*ferrypb.Entry, revision uint64)
+	ApplyEntryChanges(upserts []*ferrypb.Entry, deletes []string, revision uint64)
+	SetBundles(own *spiffebundle.Bundle, federated map[spiffeid.TrustDomain]*spiffebundle.Bundle)
+}
+
+// Config configures a Session.
+type Config struct {
+	TrustDomain spiffeid.TrustDomain
+	// Servers are the servers' agent API addresses; the session fails over
+	// between them.
+	Servers []string
+	// TrustBundle holds the CAs the first connection trusts (the trust
+	// domain's bundle, as `ferry bundle show` prints it). Later connections
+	// use the bundle the server streams.
+	TrustBundle []*x509.Certificate
+	// DataDir keeps the agent SVID, its key (0600) and the last bundle.
+	DataDir  string
+	Attestor node.AgentAttestor
+	Sink     Sink
+	Logger   *slog.Logger
+}
+
+// Session is the agent's identity and server connection. It is safe for
+// concurrent use.
+type Session struct {
+	cfg      Config
+	log      *slog.Logger
+	serverID spiffeid.ID
+	res      *manual.Resolver
+
+	mu     sync.RWMutex
+	conn   *grpc.ClientConn // mutual TLS with the agent SVID; replaced on renewal
+	client ferrypb.AgentClient
+	svid   *x509svid.SVID
+	bundle *x509bundle.Bundle
+	ready  chan struct{}
+	once   sync.Once
+}
+
+var _ cache.Signer = (*Session)(nil)
+
+// New prepares a session; Run attests (or loads the saved SVID) and runs it.
+func New(cfg Config) (*Session, error) {
+	if cfg.TrustDomain.IsZero() || len(cfg.Servers) == 0 || cfg.DataDir == "" || cfg.Attestor == nil || cfg.Sink == nil {
+		return nil, errors.New("session: trust domain, servers, data dir, attestor and sink are required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Session{
+		cfg:      cfg,
+		log:      cfg.Logger,
+		serverID: spiffeid.RequireFromPath(cfg.TrustDomain, ca.ServerPath),
+		bundle:   x509bundle.FromX509Authorities(cfg.TrustDomain, cfg.TrustBundle),
+		ready:    make(chan struct{}),
+	}
+	// One connection over every server: pick_first moves to the next address
+	// when the current one fails.
+	s.res = manual.NewBuilderWithScheme("ferry-servers")
+	var addrs []resolver.Address
+	for _, a := range cfg.Servers {
+		addrs = append(addrs, resolver.Address{Addr: a})
+	}
+	s.res.InitialState(resolver.State{Addresses: addrs})
+	conn, err := s.dial(true)
+	if err != nil {
+		return nil, err
+	}
+	s.conn, s.client = conn, ferrypb.NewAgentClient(conn)
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("session: %w", err)
+	}
+	if b, err := x509bundle.Load(cfg.TrustDomain, s.path("bundle.pem")); err == nil && len(b.X509Authorities()) > 0 {
+		s.bundle = b
+	}
+	return s, nil
+}
+
+// Ready is closed once the agent has an SVID.
+func (s *Session) Ready() <-chan struct{} { return s.ready }
+
+// SpiffeID is the agent's SPIFFE ID (zero before attestation).
+func (s *Session) SpiffeID() spiffeid.ID {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.svid == nil {
+		return spiffeid.ID{}
+	}
+	return s.svid.ID
+}
+
+// GetX509SVID implements x509svid.Source for the TLS client.
+func (s *Session) GetX509SVID() (*x509svid.SVID, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.svid == nil {
+		return nil, errors.New("session: not attested yet")
+	}
+	return s.svid, nil
+}
+
+// GetX509BundleForTrustDomain implements x509bundle.Source for the TLS client.
+func (s *Session) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if td != s.cfg.TrustDomain {
+		return nil, fmt.Errorf("session: no bundle for %s", td)
+	}
+	return s.bundle, nil
+}
+
+func (s *Session) clientCertificate(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.svid == nil {
+		return &tls.Certificate{}, nil
+	}
+	c := &tls.Certificate{PrivateKey: s.svid.PrivateKey, Leaf: s.svid.Certificates[0]}
+	for _, x := range s.svid.Certificates {
+		c.Certificate = append(c.Certificate, x.Raw)
+	}
+	return c, nil
+}
+
+// dial connects to the servers; withSVID presents the agent SVID (every call but
+// attestation needs it). Connections are lazy: nothing is dialled until a call.
+func (s *Session) dial(withSVID bool) (*grpc.ClientConn, error) {
+	var tlsCfg *tls.Config
+	if withSVID {
+		tlsCfg = tlsconfig.MTLSClientConfig(s, s, tlsconfig.AuthorizeID(s.serverID))
+		tlsCfg.GetClientCertificate = s.clientCertificate
+	} else {
+		tlsCfg = tlsconfig.TLSClientConfig(s, tlsconfig.AuthorizeID(s.serverID))
+	}
+	conn, err := grpc.NewClient(s.res.Scheme()+":///servers",
+		grpc.WithResolvers(s.res),
+		grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)))
+	if err != nil {
+		return nil, fmt.Errorf("session: %w", err)
+	}
+	return conn, nil
+}
+
+func (s *Session) agentClient() ferrypb.AgentClient {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.client
+}
+
+// reconnect replaces the authenticated connection, so the next calls present
+// the current SVID; calls on the old one finish (streams end and reconnect).
+func (s *Session) reconnect() {
+	conn, err := s.dial(true)
+	if err != nil {
+		s.log.Warn("reconnecting", "error", err)
+		return
+	}
+	s.mu.Lock()
+	old := s.conn
+	s.conn, s.client = conn, ferrypb.NewAgentClient(conn)
+	s.mu.Unlock()
+	go func() {
+		time.Sleep(30 * time.Second)
+		old.Close()
+	}()
+}
+
+func (s *Session) path(name string) string { return filepath.Join(s.cfg.DataDir, name) }
+
+// Close releases the connection.
+func (s *Session) Close() error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.conn.Close()
+}
+
+// Run attests (unless a saved SVID is still valid), then renews the SVID and
+// follows the entry stream until ctx ends.
+func (s *Session) Run(ctx context.Context) error {
+	if err := s.loadSVID(); err != nil {
+		s.log.Info("no usable saved agent SVID; attesting", "reason", err)
+		if err := s.attestWithRetry(ctx); err != nil {
+			return err
+		}
+	}
+	s.once.Do(func() { close(s.ready) })
+	go s.renewLoop(ctx)
+	s.syncLoop(ctx)
+	return ctx.Err()
+}
+
+func (s *Session) attestWithRetry(ctx context.Context) error {
+	for attempt := 0; ; attempt++ {
+		err := s.attest(ctx)
+		if err == nil {
+			return nil
+		}
+		// A refused attestation (a used token, a banned node) will not succeed
+		// by retrying; an unreachable server might.
+		if c := status.Code(err); c == codes.PermissionDenied || c == codes.InvalidArgument {
+			return fmt.Errorf("session: attestation refused: %w", err)
+		}
+		s.log.Warn("attestation failed; retrying", "error", err)
+		if err := sleep(ctx, backoff(attempt)); err != nil {
+			return err
+		}
+	}
+}
+
+func (s *Session) attest(ctx context.Context) error {
+	key, csr, err := newKeyAndCSR()
+	if err != nil {
+		return err
+	}
+	payload, err := s.cfg.Attestor.Payload(ctx)
+	if err != nil {
+		return fmt.Errorf("session: attestor: %w", err)
+	}
+	actx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	conn, err := s.dial(false)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	stream, err := ferrypb.NewAgentClient(conn).AttestAgent(actx)
+	if err != nil {
+		return err
+	}
+	if err := stream.Send(&ferrypb.AttestAgentRequest{Step: &ferrypb.AttestAgentRequest_Params{Params: &ferrypb.AttestParams{
+		Attestor: s.cfg.Attestor.Name(), Payload: payload, Csr: csr,
+	}}}); err != nil {
+		return err
+	}
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		if c := resp.GetChallenge(); c != nil {
+			answer, err := s.cfg.Attestor.Respond(ctx, c)
+			if err != nil {
+				return fmt.Errorf("session: attestor challenge: %w", err)
+			}
+			if err := stream.Send(&ferrypb.AttestAgentRequest{Step: &ferrypb.AttestAgentRequest_ChallengeResponse{ChallengeResponse: answer}}); err != nil {
+				return err
+			}
+			continue
+		}
+		r := resp.GetResult()
+		if r == nil {
+			return errors.New("session: empty attestation response")
+		}
+		if err := s.setSVID(r.SvidChain, key); err != nil {
+			return err
+		}
+		if r.Bundle != nil {
+			s.setBundle(r.Bundle)
+		}
+		s.reconnect()
+		s.log.Info("node attested", "agent_id", s.SpiffeID().String())
+		return nil
+	}
+}
+
+func (s *Session) setSVID(chain [][]byte, key crypto.Signer) error {
+	var certs []*x509.Certificate
+	var pemOut []byte
+	for _, der := range chain {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return fmt.Errorf("session: server sent a bad certificate: %w", err)
+		}
+		certs = append(certs, c)
+		pemOut = append(pemOut, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	}
+	if len(certs) == 0 {
+		return errors.New("session: server sent no SVID")
+	}
+	id, err := x509svid.IDFromCert(certs[0])
+	if err != nil {
+		return fmt.Errorf("session: server sent a bad SVID: %w", err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return err
+	}
+	if err := writeFile(s.path("agent-key.pem"), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		return err
+	}
+	if err := writeFile(s.path("agent-svid.pem"), pemOut, 0o644); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.svid = &x509svid.SVID{ID: id, Certificates: certs, PrivateKey: key}
+	s.mu.Unlock()
+	return nil
+}
+
+func (s *Session) loadSVID() error {
+	svid, err := x509svid.Load(s.path("agent-svid.pem"), s.path("agent-key.pem"))
+	if err != nil {
+		return err
+	}
+	if time.Now().After(svid.Certificates[0].NotAfter.Add(-time.Minute)) {
+		return errors.New("saved agent SVID expired")
+	}
+	if svid.ID.TrustDomain() != s.cfg.TrustDomain {
+		return errors.New("saved agent SVID is for another trust domain")
+	}
+	s.mu.Lock()
+	s.svid = svid
+	s.mu.Unlock()
+	return nil
+}
+
+func (s *Session) setBundle(b *ferrypb.Bundle) {
+	var roots []*x509.Certificate
+	var pemOut []byte
+	for _, a := range b.X509Authorities {
+		if c, err := x509.ParseCertificate(a.Certificate); err == nil {
+			roots = append(roots, c)
+			pemOut = append(pemOut, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: a.Certificate})...)
+		}
+	}
+	if len(roots) == 0 {
+		return
+	}
+	s.mu.Lock()
+	s.bundle = x509bundle.FromX509Authorities(s.cfg.TrustDomain, roots)
+	s.mu.Unlock()
+	if err := writeFile(s.path("bundle.pem"), pemOut, 0o644); err != nil {
+		s.log.Warn("saving bundle", "error", err)
+	}
+}
+
+// renewLoop renews the agent SVID at half of its lifetime.
+func (s *Session) renewLoop(ctx context.Context) {
+	for attempt := 0; ; {
+		s.mu.RLock()
+		leaf := s.svid.Certificates[0]
+		s.mu.RUnlock()
+		at := leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) / 2)
+		wait := time.Until(at)
+		if attempt > 0 {
+			wait = backoff(attempt)
+		}
+		if err := sleep(ctx, wait); err != nil {
+			return
+		}
+		if err := s.renew(ctx); err != nil {
+			attempt++
+			s.log.Warn("agent SVID renewal failed", "error", err)
+			if status.Code(err) == codes.PermissionDenied && time.Now().After(leaf.NotAfter) {
+				s.log.Error("agent SVID expired and renewal is refused; re-attesting")
+				if err := s.attestWithRetry(ctx); err != nil {
+					s.log.Error("re-attestation failed", "error", err)
+					return
+				}
+				attempt = 0
+			}
+			continue
+		}
+		attempt = 0
+	}
+}
+
+func (s *Session) renew(ctx context.Context) error {
+	key, csr, err := newKeyAndCSR()
+	if err != nil {
+		return err
+	}
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	resp, err := s.agentClient().RenewAgent(rctx, &ferrypb.RenewAgentRequest{Csr: csr})
+	if err != nil {
+		return err
+	}
+	if err := s.setSVID(resp.SvidChain, key); err != nil {
+		return err
+	}
+	s.reconnect()
+	s.log.Info("agent SVID renewed", "expires", s.svid.Certificates[0].NotAfter)
+	return nil
+}
+
+// syncLoop follows the server's entry stream, reconnecting with backoff. The
+// cache keeps serving what it has while no server answers.
+func (s *Session) syncLoop(ctx context.Context) {
+	for attempt := 0; ctx.Err() == nil; attempt++ {
+		got, err := s.syncOnce(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		if got {
+			attempt = 0
+		}
+		s.log.Warn("entry stream ended; reconnecting", "error", err)
+		if err := sleep(ctx, backoff(attempt)); err != nil {
+			return
+		}
+	}
+}
+
+func (s *Session) syncOnce(ctx context.Context) (gotAny bool, err error) {
+	stream, err := s.agentClient().SyncEntries(ctx, &ferrypb.SyncEntriesRequest{})
+	if err != nil {
+		return false, err
+	}
+	for {
+		msg, err := stream.Recv()
+		if err != nil {
+			return gotAny, err
+		}
+		gotAny = true
+		if msg.Bundles != nil {
+			s.applyBundles(msg.Bundles)
+		}
+		if msg.Full {
+			s.cfg.Sink.SetEntries(msg.Entries, msg.Revision)
+		} else if len(msg.Entries) > 0 || len(msg.DeletedIds) > 0 {
+			s.cfg.Sink.ApplyEntryChanges(msg.Entries, msg.DeletedIds, msg.Revision)
+		}
+	}
+}
+
+func (s *Session) applyBundles(bs []*ferrypb.Bundle) {
+	var own *spiffebundle.Bundle
+	fed := map[spiffeid.TrustDomain]*spiffebundle.Bundle{}
+	for _, b := range bs {
+		sb, err := ca.ToSPIFFEBundle(b)
+		if err != nil {
+			s.log.Warn("bad bundle from server", "trust_domain", b.TrustDomain, "error", err)
+			continue
+		}
+		if b.TrustDomain == s.cfg.TrustDomain.String() {
+			own = sb
+			s.setBundle(b)
+		} else {
+			fed[sb.TrustDomain()] = sb
+		}
+	}
+	if own != nil {
+		s.cfg.Sink.SetBundles(own, fed)
+	}
+}
+
+// SignX509SVIDs implements cache.Signer through BatchNewX509SVID.
+func (s *Session) SignX509SVIDs(ctx context.Context, reqs []cache.SignRequest) ([]cache.SignResult, error) {
+	params := make([]*ferrypb.X509SVIDParams, len(reqs))
+	for i, r := range reqs {
+		params[i] = &ferrypb.X509SVIDParams{EntryId: r.EntryID, Csr: r.CSR}
+	}
+	resp, err := s.agentClient().BatchNewX509SVID(ctx, &ferrypb.BatchNewX509SVIDRequest{Params: params})
+	if err != nil {
+		return nil, err
+	}
+	if len(resp.Results) != len(reqs) {
+		return nil, fmt.Errorf("session: %d results for %d CSRs", len(resp.Results), len(reqs))
+	}
+	out := make([]cache.SignResult, len(reqs))
+	for i, r := range resp.Results {
+		if c := codes.Code(r.GetStatus().GetCode()); c != codes.OK {
+			out[i].Err = status.Error(c, r.Status.Message)
+			continue
+		}
+		for _, der := range r.CertChain {
+			cert, err := x509.ParseCertificate(der)
+			if err != nil {
+				out[i].Err = err
+				break
+			}
+			out[i].Chain = append(out[i].Chain, cert)
+		}
+	}
+	return out, nil
+}
+
+// MintJWTSVID implements cache.Signer through NewJWTSVID.
+func (s *Session) MintJWTSVID(ctx context.Context, entryID string, audience []string) (string, error) {
+	resp, err := s.agentClient().NewJWTSVID(ctx, &ferrypb.NewJWTSVIDRequest{EntryId: entryID, Audience: audience})
+	if err != nil {
+		return "", err
+	}
+	return resp.Token, nil
+}
+
+// MintWITSVID implements cache.Signer. The servers do not issue WIT-SVIDs yet.
+func (s *Session) MintWITSVID(ctx context.Context, entryID string, publicKey crypto.PublicKey) (string, error) {
+	return "", status.Error(codes.Unimplemented, "the servers do not issue WIT-SVIDs yet")
+}
+
+func newKeyAndCSR() (crypto.Signer, []byte, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if err != nil {
+		return nil, nil, err
+	}
+	return key, csr, nil
+}
+
+func writeFile(path string, data []byte, mode os.FileMode) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, mode); err != nil {
+		return fmt.Errorf("session: %w", err)
+	}
+	if err := os.Chmod(tmp, mode); err != nil {
+		return fmt.Errorf("session: %w", err)
+	}
+	return os.Rename(tmp, path)
+}
+
+// backoff is exponential with jitter, from 200 ms to 30 s.
+func backoff(attempt int) time.Duration {
+	d := 200 * time.Millisecond * time.Duration(math.Pow(2, float64(min(attempt, 8))))
+	d = min(d, 30*time.Second)
+	return d/2 + time.Duration(mathrand.Int64N(int64(d/2)+1))
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}

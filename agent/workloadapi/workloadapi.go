@@ -1,0 +1,240 @@
+// Package workloadapi is the agent's SPIFFE Workload API: the standard
+// SpiffeWorkloadAPI gRPC service (go-spiffe's generated code) on a unix socket,
+// serving X509-SVIDs, JWT-SVIDs, WIT-SVIDs and trust bundles to local processes.
+//
+// A caller is identified by the kernel, never by anything it sends: when it
+// connects, the server reads the socket's SO_PEERCRED credentials and pins the
+// peer process (its /proc/PID directory held open and its start time
+// recorded). Each call attests that PID through Config.Attestor and then checks
+// that the pinned process is still the one alive under that PID, so a caller
+// that exits and whose PID is recycled mid-attestation cannot pass its identity
+// on; such calls fail with Unauthenticated, as SPIRE's peertracker does.
+//
+// Every call must carry the metadata `workload.spiffe.io: true` (exactly one
+// value), else InvalidArgument: the header defeats server-side request forgery.
+// A caller that matches no entry gets PermissionDenied "no identity issued".
+// Streams send the full state in every message, the first at once, and a new
+// one on every update the cache delivers. Every call is logged once, with the
+// method, the caller's pid and uid, and the result code; keys and tokens are
+// never logged.
+//
+// The socket file is made world-accessible (mode 0777) inside a directory that
+// only the agent may write: access is decided by attestation, not file modes.
+package workloadapi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"google.golang.org/grpc"
+
+	"github.com/ferry-id/ferry/agent/cache"
+	"github.com/ferry-id/ferry/attestors/workload"
+)
+
+// Config configures a Server.
+type Config struct {
+	// SocketPath is the unix socket Run listens on. Its directory is created
+	// (0755) if missing and must not be writable by group or others.
+	SocketPath string
+	// Manager serves identities and bundles. Required.
+	Manager cache.Manager
+	// WITSource serves WIT-SVIDs. When nil, Manager is used if it implements
+	// cache.WITSource; otherwise the WIT RPCs answer Unimplemented.
+	WITSource cache.WITSource
+	// Attestor turns a caller's PID into selectors. Required.
+	Attestor Attestor
+	// Log receives one line per call. Defaults to slog.Default().
+	Log *slog.Logger
+	// ProcRoot is the procfs mount used to pin callers. Defaults to /proc.
+	ProcRoot string
+	// AllowedForeignJWTClaims lists claims, beyond sub, aud and exp, that
+	// ValidateJWTSVID returns for tokens of other trust domains. Claims of
+	// foreign tokens are otherwise dropped: another domain's claims mean
+	// nothing here.
+	AllowedForeignJWTClaims []string
+	// AllowUnauthenticatedVerifiers lets callers without an identity fetch the
+	// agent's own trust bundle (FetchX509Bundles, FetchJWTBundles,
+	// FetchWITBundles), as SPIRE's allow_unauthenticated_verifiers does.
+	AllowUnauthenticatedVerifiers bool
+	// ShutdownTimeout bounds how long Stop waits for in-flight calls.
+	// Defaults to 5 s.
+	ShutdownTimeout time.Duration
+}
+
+// Server is a Workload API server. Serve (or Run) may be called once.
+type Server struct {
+	workloadpb.UnsafeSpiffeWorkloadAPIServer
+
+	manager        cache.Manager
+	wit            cache.WITSource
+	attestor       Attestor
+	log            *slog.Logger
+	socketPath     string
+	foreignClaims  map[string]bool
+	unauthVerifier bool
+	shutdown       time.Duration
+
+	grpc     *grpc.Server
+	quit     chan struct{}
+	stopOnce sync.Once
+}
+
+var _ workloadpb.SpiffeWorkloadAPIServer = (*Server)(nil)
+
+// New validates c and returns a Server.
+func New(c Config) (*Server, error) {
+	if c.Manager == nil {
+		return nil, errors.New("workloadapi: Manager is required")
+	}
+	if c.Attestor == nil {
+		return nil, errors.New("workloadapi: Attestor is required")
+	}
+	s := &Server{
+		manager:        c.Manager,
+		wit:            c.WITSource,
+		attestor:       c.Attestor,
+		log:            c.Log,
+		socketPath:     c.SocketPath,
+		foreignClaims:  make(map[string]bool, len(c.AllowedForeignJWTClaims)),
+		unauthVerifier: c.AllowUnauthenticatedVerifiers,
+		shutdown:       c.ShutdownTimeout,
+		quit:           make(chan struct{}),
+	}
+	if s.wit == nil {
+		s.wit, _ = c.Manager.(cache.WITSource)
+	}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	if s.shutdown <= 0 {
+		s.shutdown = 5 * time.Second
+	}
+	for _, claim := range c.AllowedForeignJWTClaims {
+		s.foreignClaims[claim] = true
+	}
+	procRoot := c.ProcRoot
+	if procRoot == "" {
+		procRoot = workload.DefaultProcRoot
+	}
+	s.grpc = s.newGRPCServer(procPinner(procRoot))
+	return s, nil
+}
+
+func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
+	srv := grpc.NewServer(
+		grpc.Creds(&peerCreds{pin: pin}),
+		grpc.ChainUnaryInterceptor(s.unaryInterceptor),
+		grpc.ChainStreamInterceptor(s.streamInterceptor),
+		// Requests are small; a JWT to validate is the largest.
+		grpc.MaxRecvMsgSize(1<<20),
+	)
+	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, s)
+	return srv
+}
+
+// Run listens on Config.SocketPath and serves until ctx is done, then stops
+// and removes the socket.
+func (s *Server) Run(ctx context.Context) error {
+	l, err := Listen(s.socketPath)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(s.socketPath)
+	errc := make(chan error, 1)
+	go func() { errc <- s.Serve(l) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		s.Stop()
+		return <-errc
+	}
+}
+
+// Serve serves the Workload API on l, which must yield unix socket
+// connections, until Stop. It returns nil after Stop.
+func (s *Server) Serve(l net.Listener) error {
+	s.log.Info("workload API serving", "addr", l.Addr().String())
+	if err := s.grpc.Serve(l); err != nil {
+		return fmt.Errorf("workloadapi: serve: %w", err)
+	}
+	return nil
+}
+
+// Stop ends every stream (clients see Unavailable and reconnect with
+// backoff), waits up to Config.ShutdownTimeout for unary calls in flight, and
+// closes every connection. It is safe to call more than once.
+func (s *Server) Stop() {
+	s.stopOnce.Do(func() {
+		close(s.quit)
+		done := make(chan struct{})
+		go func() {
+			s.grpc.GracefulStop()
+			close(done)
+		}()
+		t := time.NewTimer(s.shutdown)
+		defer t.Stop()
+		select {
+		case <-done:
+		case <-t.C:
+			s.grpc.Stop()
+			<-done
+		}
+	})
+}
+
+// Listen creates the Workload API socket at path: it creates the directory
+// (0755) if missing, refuses a directory that group or others may write (they
+// could swap the socket for their own), replaces a stale socket left by a
+// previous run but never a live one or a non-socket file, and makes the
+// socket mode 0777.
+func Listen(path string) (net.Listener, error) {
+	if path == "" {
+		return nil, errors.New("workloadapi: SocketPath is required")
+	}
+	if !filepath.IsAbs(path) {
+		return nil, fmt.Errorf("workloadapi: socket path %q is not absolute", path)
+	}
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("workloadapi: create socket directory: %w", err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("workloadapi: socket directory: %w", err)
+	}
+	if fi.Mode().Perm()&0o022 != 0 {
+		return nil, fmt.Errorf("workloadapi: socket directory %s is writable by group or others (mode %v)", dir, fi.Mode().Perm())
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("workloadapi: %s exists and is not a socket", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("workloadapi: %s is in use by another process", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("workloadapi: remove stale socket: %w", err)
+		}
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("workloadapi: listen: %w", err)
+	}
+	// Access is governed by attestation: every local process may connect.
+	if err := os.Chmod(path, 0o777); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("workloadapi: chmod socket: %w", err)
+	}
+	return l, nil
+}

@@ -1,0 +1,215 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/ca"
+)
+
+func tokenCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "token",
+		Usage: "join tokens for agent attestation",
+		Subcommands: []*cli.Command{{
+			Name:  "generate",
+			Usage: "create a one-time join token",
+			Flags: adminFlags(
+				&cli.StringFlag{Name: "spiffe-id", Usage: "agent SPIFFE ID the token attests to (default: derived from the token)"},
+				&cli.DurationFlag{Name: "ttl", Value: 10 * time.Minute, Usage: "how long the token stays usable"},
+			),
+			Action: func(c *cli.Context) error {
+				return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
+					resp, err := a.CreateJoinToken(ctx, &ferrypb.CreateJoinTokenRequest{SpiffeId: c.String("spiffe-id"), TtlSeconds: int64(c.Duration("ttl") / time.Second)})
+					if err != nil {
+						return err
+					}
+					if jsonOutput(c) {
+						return printJSON(c.App.Writer, resp)
+					}
+					fmt.Fprintf(c.App.Writer, "Token: %s\nExpires: %s\n", resp.Token, time.Unix(resp.ExpiresAt, 0).UTC().Format(time.RFC3339))
+					return nil
+				})
+			},
+		}},
+	}
+}
+
+func agentIDFlag() cli.Flag {
+	return &cli.StringFlag{Name: "spiffe-id", Required: true, Usage: "the agent's SPIFFE ID"}
+}
+
+func agentAdminCommands() []*cli.Command {
+	printNode := func(c *cli.Context, n *ferrypb.AttestedNode) error {
+		if jsonOutput(c) {
+			return printJSON(c.App.Writer, n)
+		}
+		tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 1, ' ', 0)
+		fmt.Fprintf(tw, "SPIFFE ID\t: %s\n", n.SpiffeId)
+		fmt.Fprintf(tw, "Attestation type\t: %s\n", n.AttestationType)
+		fmt.Fprintf(tw, "Serial\t: %s\n", n.CertSerial)
+		if n.CertNotAfter != 0 {
+			fmt.Fprintf(tw, "SVID expires\t: %s\n", time.Unix(n.CertNotAfter, 0).UTC().Format(time.RFC3339))
+		}
+		fmt.Fprintf(tw, "Banned\t: %t\n", n.Banned)
+		for _, s := range n.Selectors {
+			fmt.Fprintf(tw, "Selector\t: %s:%s\n", s.Type, s.Value)
+		}
+		tw.Flush()
+		fmt.Fprintln(c.App.Writer)
+		return nil
+	}
+	return []*cli.Command{
+		{
+			Name: "list", Usage: "list attested agents", Flags: adminFlags(),
+			Action: func(c *cli.Context) error {
+				return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
+					resp, err := a.ListAgents(ctx, &ferrypb.ListAgentsRequest{})
+					if err != nil {
+						return err
+					}
+					if jsonOutput(c) {
+						return printJSON(c.App.Writer, resp)
+					}
+					fmt.Fprintf(c.App.Writer, "Found %d attested agents\n\n", len(resp.Agents))
+					for _, n := range resp.Agents {
+						if err := printNode(c, n); err != nil {
+							return err
+						}
+					}
+					return nil
+				})
+			},
+		},
+		{
+			Name: "show", Usage: "show one agent", Flags: adminFlags(agentIDFlag()),
+			Action: func(c *cli.Context) error {
+				return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
+					n, err := a.GetAgent(ctx, &ferrypb.GetAgentRequest{SpiffeId: c.String("spiffe-id")})
+					if err != nil {
+						return err
+					}
+					return printNode(c, n)
+				})
+			},
+		},
+		{
+			Name: "evict", Usage: "forget an agent: its SVID stops working and it must attest again", Flags: adminFlags(agentIDFlag()),
+			Action: func(c *cli.Context) error {
+				return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
+					if _, err := a.EvictAgent(ctx, &ferrypb.EvictAgentRequest{SpiffeId: c.String("spiffe-id")}); err != nil {
+						return err
+					}
+					fmt.Fprintln(c.App.Writer, "evicted", c.String("spiffe-id"))
+					return nil
+				})
+			},
+		},
+		{
+			Name: "ban", Usage: "refuse an agent's SVID and any new attestation (--unban lifts it)",
+			Flags: adminFlags(agentIDFlag(), &cli.BoolFlag{Name: "unban"}),
+			Action: func(c *cli.Context) error {
+				return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
+					if _, err := a.BanAgent(ctx, &ferrypb.BanAgentRequest{SpiffeId: c.String("spiffe-id"), Unban: c.Bool("unban")}); err != nil {
+						return err
+					}
+					if c.Bool("unban") {
+						fmt.Fprintln(c.App.Writer, "unbanned", c.String("spiffe-id"))
+					} else {
+						fmt.Fprintln(c.App.Writer, "banned", c.String("spiffe-id"))
+					}
+					return nil
+				})
+			},
+		},
+	}
+}
+
+func bundleCommand() *cli.Command {
+	format := &cli.StringFlag{Name: "format", Value: "pem", Usage: "pem or spiffe (JWKS)"}
+	show := func(c *cli.Context, b *ferrypb.Bundle) error {
+		if jsonOutput(c) {
+			return printJSON(c.App.Writer, b)
+		}
+		switch c.String("format") {
+		case "pem":
+			for _, a := range b.X509Authorities {
+				if err := pem.Encode(c.App.Writer, &pem.Block{Type: "CERTIFICATE", Bytes: a.Certificate}); err != nil {
+					return err
+				}
+			}
+			return nil
+		case "spiffe":
+			sb, err := ca.ToSPIFFEBundle(b)
+			if err != nil {
+				return err
+			}
+			doc, err := sb.Marshal()
+			if err != nil {
+				return err
+			}
+			var pretty any
+			if err := json.Unmarshal(doc, &pretty); err != nil {
+				return err
+			}
+			out, _ := json.MarshalIndent(pretty, "", "  ")
+			fmt.Fprintln(c.App.Writer, string(out))
+			return nil
+		}
+		return fmt.Errorf("--format %q: want pem or spiffe", c.String("format"))
+	}
+	return &cli.Command{
+		Name:  "bundle",
+		Usage: "trust bundles",
+		Subcommands: []*cli.Command{
+			{
+				Name: "show", Usage: "show this trust domain's bundle (or --trust-domain's)",
+				Flags: adminFlags(format, &cli.StringFlag{Name: "trust-domain", EnvVars: []string{"FERRY_TRUST_DOMAIN"}, Usage: "trust domain (default: the server's)"}),
+				Action: func(c *cli.Context) error {
+					return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
+						resp, err := a.ListBundles(ctx, &ferrypb.ListBundlesRequest{})
+						if err != nil {
+							return err
+						}
+						td := c.String("trust-domain")
+						for _, b := range resp.Bundles {
+							if td == "" || b.TrustDomain == td {
+								return show(c, b)
+							}
+						}
+						return errors.New("no such bundle")
+					})
+				},
+			},
+			{
+				Name: "list", Usage: "list every bundle the server holds", Flags: adminFlags(format),
+				Action: func(c *cli.Context) error {
+					return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
+						resp, err := a.ListBundles(ctx, &ferrypb.ListBundlesRequest{})
+						if err != nil {
+							return err
+						}
+						if jsonOutput(c) {
+							return printJSON(c.App.Writer, resp)
+						}
+						for _, b := range resp.Bundles {
+							fmt.Fprintf(c.App.Writer, "* %s (sequence %d)\n", b.TrustDomain, b.SequenceNumber)
+							if err := show(c, b); err != nil {
+								return err
+							}
+						}
+						return nil
+					})
+				},
+			},
+		},
+	}
+}
