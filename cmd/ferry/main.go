@@ -33,6 +33,7 @@ func newApp() *cli.App {
 			tokenCommand(),
 			bundleCommand(),
 			agentCommand(),
+			apiCommand(),
 		},
 	}
 }

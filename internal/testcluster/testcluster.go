@@ -38,6 +38,8 @@ func Binary(t testing.TB) string {
 			buildErr = err
 			return
 		}
+		// Tests run the binary as other users too.
+		_ = os.Chmod(dir, 0o755)
 		buildPath = filepath.Join(dir, "ferry")
 		cmd := exec.Command("go", "build", "-o", buildPath, "github.com/ferry-id/ferry/cmd/ferry")
 		out, err := cmd.CombinedOutput()

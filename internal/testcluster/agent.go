@@ -1,0 +1,168 @@
+package testcluster
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Agent is one `ferry agent run` process attested to the cluster.
+type Agent struct {
+	c      *Cluster
+	Name   string
+	Dir    string
+	Config string
+	// Socket is the Workload API socket, in a directory every user may
+	// traverse (access is governed by attestation, not file modes).
+	Socket string
+	// ID is the agent's SPIFFE ID.
+	ID string
+
+	mu   sync.Mutex
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// SocketAddr is the Workload API address as SPIFFE_ENDPOINT_SOCKET takes it.
+func (a *Agent) SocketAddr() string { return "unix://" + a.Socket }
+
+// StartAgent creates a join token, writes an agent config that lists every
+// server, and starts the agent.
+func (c *Cluster) StartAgent(name string) *Agent {
+	c.t.Helper()
+	leader := c.WaitLeader(30*time.Second, nil)
+	id := fmt.Sprintf("spiffe://%s/spire/agent/%s", c.Opts.TrustDomain, name)
+	var bundle string
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out, err := leader.CLI("bundle", "show")
+		if err == nil && strings.Contains(out, "BEGIN CERTIFICATE") {
+			bundle = out
+			break
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("no trust bundle published: %v %s", err, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	out, err := leader.CLI("token", "generate", "--spiffe-id", id, "--ttl", "10m", "--output", "json")
+	if err != nil {
+		c.t.Fatalf("token generate: %v %s", err, out)
+	}
+	token := between(out, `"token": "`, `"`)
+
+	dir := filepath.Join(c.Dir, "agent-"+name)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		c.t.Fatal(err)
+	}
+	sockDir, err := os.MkdirTemp("", "ferry-agent-sock-")
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	_ = os.Chmod(sockDir, 0o755)
+	c.t.Cleanup(func() { os.RemoveAll(sockDir) })
+	a := &Agent{c: c, Name: name, Dir: dir, Config: filepath.Join(dir, "agent.conf"), Socket: filepath.Join(sockDir, "public", "api.sock"), ID: id}
+	if err := os.WriteFile(filepath.Join(dir, "bundle.pem"), []byte(bundle), 0o644); err != nil {
+		c.t.Fatal(err)
+	}
+	var servers []string
+	for _, n := range c.Nodes {
+		servers = append(servers, fmt.Sprintf("%q", n.AgentAddr))
+	}
+	conf := fmt.Sprintf(`agent {
+  trust_domain      = %q
+  server_addresses  = [%s]
+  trust_bundle_file = "bundle.pem"
+  data_dir          = "data"
+  socket_path       = %q
+  log_level         = "debug"
+  join_token        = %q
+}
+`, c.Opts.TrustDomain, strings.Join(servers, ", "), a.Socket, token)
+	if err := os.WriteFile(a.Config, []byte(conf), 0o600); err != nil {
+		c.t.Fatal(err)
+	}
+	c.t.Cleanup(a.Stop)
+	a.Start()
+	return a
+}
+
+func between(s, start, end string) string {
+	i := strings.Index(s, start)
+	if i < 0 {
+		return ""
+	}
+	s = s[i+len(start):]
+	if j := strings.Index(s, end); j >= 0 {
+		return s[:j]
+	}
+	return s
+}
+
+// Start starts (or restarts) the agent process and waits for its socket.
+func (a *Agent) Start() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	logf, err := os.OpenFile(filepath.Join(a.Dir, "agent.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		a.c.t.Fatal(err)
+	}
+	cmd := exec.Command(a.c.Bin, "agent", "run", "--config", a.Config)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		a.c.t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); logf.Close(); close(done) }()
+	a.cmd, a.done = cmd, done
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if conn, err := net.Dial("unix", a.Socket); err == nil {
+			conn.Close()
+			return
+		}
+		select {
+		case <-done:
+			a.c.t.Fatalf("agent %s exited:\n%s", a.Name, a.LogTail(40))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	a.c.t.Fatalf("agent %s: socket not ready:\n%s", a.Name, a.LogTail(40))
+}
+
+// Stop ends the agent process.
+func (a *Agent) Stop() {
+	a.mu.Lock()
+	cmd, done := a.cmd, a.done
+	a.cmd = nil
+	a.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
+	}
+	if a.c.t.Failed() {
+		a.c.t.Logf("==== agent %s\n%s", a.Name, a.LogTail(60))
+	}
+}
+
+// LogTail returns the last lines of the agent's log.
+func (a *Agent) LogTail(lines int) string {
+	data, _ := os.ReadFile(filepath.Join(a.Dir, "agent.log"))
+	all := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+	if len(all) > lines {
+		all = all[len(all)-lines:]
+	}
+	return strings.Join(all, "\n")
+}
