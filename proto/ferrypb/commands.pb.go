@@ -62,6 +62,7 @@ type Command struct {
 	//	*Command_RoleAssignmentDelete
 	//	*Command_SigningKeyPut
 	//	*Command_SigningKeyDelete
+	//	*Command_Batch
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -359,6 +360,15 @@ func (x *Command) GetSigningKeyDelete() *SigningKeyDelete {
 	return nil
 }
 
+func (x *Command) GetBatch() *CommandBatch {
+	if x != nil {
+		if x, ok := x.Op.(*Command_Batch); ok {
+			return x.Batch
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -468,6 +478,12 @@ type Command_SigningKeyDelete struct {
 	SigningKeyDelete *SigningKeyDelete `protobuf:"bytes,41,opt,name=signing_key_delete,json=signingKeyDelete,proto3,oneof"`
 }
 
+type Command_Batch struct {
+	// batch carries several independent commands in one log entry (group
+	// commit). Each keeps its own request ID and gets its own result.
+	Batch *CommandBatch `protobuf:"bytes,50,opt,name=batch,proto3,oneof"`
+}
+
 func (*Command_EntriesCreate) isCommand_Op() {}
 
 func (*Command_EntriesUpdate) isCommand_Op() {}
@@ -519,6 +535,8 @@ func (*Command_RoleAssignmentDelete) isCommand_Op() {}
 func (*Command_SigningKeyPut) isCommand_Op() {}
 
 func (*Command_SigningKeyDelete) isCommand_Op() {}
+
+func (*Command_Batch) isCommand_Op() {}
 
 type JoinTokenCreate struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1067,6 +1085,50 @@ func (x *BundleDelete) GetTrustDomain() string {
 	return ""
 }
 
+type CommandBatch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Commands      []*Command             `protobuf:"bytes,1,rep,name=commands,proto3" json:"commands,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CommandBatch) Reset() {
+	*x = CommandBatch{}
+	mi := &file_commands_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CommandBatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CommandBatch) ProtoMessage() {}
+
+func (x *CommandBatch) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CommandBatch.ProtoReflect.Descriptor instead.
+func (*CommandBatch) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *CommandBatch) GetCommands() []*Command {
+	if x != nil {
+		return x.Commands
+	}
+	return nil
+}
+
 type EntriesCreate struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Entries       []*Entry               `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
@@ -1076,7 +1138,7 @@ type EntriesCreate struct {
 
 func (x *EntriesCreate) Reset() {
 	*x = EntriesCreate{}
-	mi := &file_commands_proto_msgTypes[12]
+	mi := &file_commands_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1088,7 +1150,7 @@ func (x *EntriesCreate) String() string {
 func (*EntriesCreate) ProtoMessage() {}
 
 func (x *EntriesCreate) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[12]
+	mi := &file_commands_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1101,7 +1163,7 @@ func (x *EntriesCreate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EntriesCreate.ProtoReflect.Descriptor instead.
 func (*EntriesCreate) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{12}
+	return file_commands_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *EntriesCreate) GetEntries() []*Entry {
@@ -1120,7 +1182,7 @@ type EntriesUpdate struct {
 
 func (x *EntriesUpdate) Reset() {
 	*x = EntriesUpdate{}
-	mi := &file_commands_proto_msgTypes[13]
+	mi := &file_commands_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1132,7 +1194,7 @@ func (x *EntriesUpdate) String() string {
 func (*EntriesUpdate) ProtoMessage() {}
 
 func (x *EntriesUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[13]
+	mi := &file_commands_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1145,7 +1207,7 @@ func (x *EntriesUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EntriesUpdate.ProtoReflect.Descriptor instead.
 func (*EntriesUpdate) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{13}
+	return file_commands_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *EntriesUpdate) GetEntries() []*Entry {
@@ -1164,7 +1226,7 @@ type EntriesDelete struct {
 
 func (x *EntriesDelete) Reset() {
 	*x = EntriesDelete{}
-	mi := &file_commands_proto_msgTypes[14]
+	mi := &file_commands_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1176,7 +1238,7 @@ func (x *EntriesDelete) String() string {
 func (*EntriesDelete) ProtoMessage() {}
 
 func (x *EntriesDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[14]
+	mi := &file_commands_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1189,7 +1251,7 @@ func (x *EntriesDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EntriesDelete.ProtoReflect.Descriptor instead.
 func (*EntriesDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{14}
+	return file_commands_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *EntriesDelete) GetIds() []string {
@@ -1210,7 +1272,7 @@ type Status struct {
 
 func (x *Status) Reset() {
 	*x = Status{}
-	mi := &file_commands_proto_msgTypes[15]
+	mi := &file_commands_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1222,7 +1284,7 @@ func (x *Status) String() string {
 func (*Status) ProtoMessage() {}
 
 func (x *Status) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[15]
+	mi := &file_commands_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1235,7 +1297,7 @@ func (x *Status) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Status.ProtoReflect.Descriptor instead.
 func (*Status) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{15}
+	return file_commands_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Status) GetCode() int32 {
@@ -1268,13 +1330,15 @@ type CommandResult struct {
 	Resource            *Resource            `protobuf:"bytes,23,opt,name=resource,proto3" json:"resource,omitempty"`
 	RoleAssignment      *RoleAssignment      `protobuf:"bytes,24,opt,name=role_assignment,json=roleAssignment,proto3" json:"role_assignment,omitempty"`
 	SigningKey          *SigningKey          `protobuf:"bytes,25,opt,name=signing_key,json=signingKey,proto3" json:"signing_key,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// batch: one result per command of a CommandBatch, in order.
+	Batch         []*CommandResult `protobuf:"bytes,30,rep,name=batch,proto3" json:"batch,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CommandResult) Reset() {
 	*x = CommandResult{}
-	mi := &file_commands_proto_msgTypes[16]
+	mi := &file_commands_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1286,7 +1350,7 @@ func (x *CommandResult) String() string {
 func (*CommandResult) ProtoMessage() {}
 
 func (x *CommandResult) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[16]
+	mi := &file_commands_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1299,7 +1363,7 @@ func (x *CommandResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommandResult.ProtoReflect.Descriptor instead.
 func (*CommandResult) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{16}
+	return file_commands_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CommandResult) GetIndex() uint64 {
@@ -1393,6 +1457,13 @@ func (x *CommandResult) GetSigningKey() *SigningKey {
 	return nil
 }
 
+func (x *CommandResult) GetBatch() []*CommandResult {
+	if x != nil {
+		return x.Batch
+	}
+	return nil
+}
+
 // AppliedRequest remembers the result of an applied request ID, so a retry of the
 // same command is answered without applying it again.
 type AppliedRequest struct {
@@ -1407,7 +1478,7 @@ type AppliedRequest struct {
 
 func (x *AppliedRequest) Reset() {
 	*x = AppliedRequest{}
-	mi := &file_commands_proto_msgTypes[17]
+	mi := &file_commands_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1419,7 +1490,7 @@ func (x *AppliedRequest) String() string {
 func (*AppliedRequest) ProtoMessage() {}
 
 func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[17]
+	mi := &file_commands_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1432,7 +1503,7 @@ func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppliedRequest.ProtoReflect.Descriptor instead.
 func (*AppliedRequest) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{17}
+	return file_commands_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *AppliedRequest) GetRequestId() string {
@@ -1472,7 +1543,7 @@ type TenantPut struct {
 
 func (x *TenantPut) Reset() {
 	*x = TenantPut{}
-	mi := &file_commands_proto_msgTypes[18]
+	mi := &file_commands_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1484,7 +1555,7 @@ func (x *TenantPut) String() string {
 func (*TenantPut) ProtoMessage() {}
 
 func (x *TenantPut) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[18]
+	mi := &file_commands_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1497,7 +1568,7 @@ func (x *TenantPut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TenantPut.ProtoReflect.Descriptor instead.
 func (*TenantPut) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{18}
+	return file_commands_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *TenantPut) GetTenant() *Tenant {
@@ -1516,7 +1587,7 @@ type TenantDelete struct {
 
 func (x *TenantDelete) Reset() {
 	*x = TenantDelete{}
-	mi := &file_commands_proto_msgTypes[19]
+	mi := &file_commands_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1528,7 +1599,7 @@ func (x *TenantDelete) String() string {
 func (*TenantDelete) ProtoMessage() {}
 
 func (x *TenantDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[19]
+	mi := &file_commands_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1541,7 +1612,7 @@ func (x *TenantDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TenantDelete.ProtoReflect.Descriptor instead.
 func (*TenantDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{19}
+	return file_commands_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *TenantDelete) GetId() string {
@@ -1561,7 +1632,7 @@ type IdentityPut struct {
 
 func (x *IdentityPut) Reset() {
 	*x = IdentityPut{}
-	mi := &file_commands_proto_msgTypes[20]
+	mi := &file_commands_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1573,7 +1644,7 @@ func (x *IdentityPut) String() string {
 func (*IdentityPut) ProtoMessage() {}
 
 func (x *IdentityPut) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[20]
+	mi := &file_commands_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1586,7 +1657,7 @@ func (x *IdentityPut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IdentityPut.ProtoReflect.Descriptor instead.
 func (*IdentityPut) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{20}
+	return file_commands_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *IdentityPut) GetIdentity() *Identity {
@@ -1612,7 +1683,7 @@ type IdentityDelete struct {
 
 func (x *IdentityDelete) Reset() {
 	*x = IdentityDelete{}
-	mi := &file_commands_proto_msgTypes[21]
+	mi := &file_commands_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1624,7 +1695,7 @@ func (x *IdentityDelete) String() string {
 func (*IdentityDelete) ProtoMessage() {}
 
 func (x *IdentityDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[21]
+	mi := &file_commands_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1637,7 +1708,7 @@ func (x *IdentityDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IdentityDelete.ProtoReflect.Descriptor instead.
 func (*IdentityDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{21}
+	return file_commands_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *IdentityDelete) GetObjectId() string {
@@ -1657,7 +1728,7 @@ type FederatedCredentialPut struct {
 
 func (x *FederatedCredentialPut) Reset() {
 	*x = FederatedCredentialPut{}
-	mi := &file_commands_proto_msgTypes[22]
+	mi := &file_commands_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1669,7 +1740,7 @@ func (x *FederatedCredentialPut) String() string {
 func (*FederatedCredentialPut) ProtoMessage() {}
 
 func (x *FederatedCredentialPut) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[22]
+	mi := &file_commands_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1682,7 +1753,7 @@ func (x *FederatedCredentialPut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FederatedCredentialPut.ProtoReflect.Descriptor instead.
 func (*FederatedCredentialPut) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{22}
+	return file_commands_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *FederatedCredentialPut) GetCredential() *FederatedCredential {
@@ -1709,7 +1780,7 @@ type FederatedCredentialDelete struct {
 
 func (x *FederatedCredentialDelete) Reset() {
 	*x = FederatedCredentialDelete{}
-	mi := &file_commands_proto_msgTypes[23]
+	mi := &file_commands_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1721,7 +1792,7 @@ func (x *FederatedCredentialDelete) String() string {
 func (*FederatedCredentialDelete) ProtoMessage() {}
 
 func (x *FederatedCredentialDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[23]
+	mi := &file_commands_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1734,7 +1805,7 @@ func (x *FederatedCredentialDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FederatedCredentialDelete.ProtoReflect.Descriptor instead.
 func (*FederatedCredentialDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{23}
+	return file_commands_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *FederatedCredentialDelete) GetIdentityObjectId() string {
@@ -1761,7 +1832,7 @@ type ResourcePut struct {
 
 func (x *ResourcePut) Reset() {
 	*x = ResourcePut{}
-	mi := &file_commands_proto_msgTypes[24]
+	mi := &file_commands_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1773,7 +1844,7 @@ func (x *ResourcePut) String() string {
 func (*ResourcePut) ProtoMessage() {}
 
 func (x *ResourcePut) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[24]
+	mi := &file_commands_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1786,7 +1857,7 @@ func (x *ResourcePut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResourcePut.ProtoReflect.Descriptor instead.
 func (*ResourcePut) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{24}
+	return file_commands_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ResourcePut) GetResource() *Resource {
@@ -1812,7 +1883,7 @@ type ResourceDelete struct {
 
 func (x *ResourceDelete) Reset() {
 	*x = ResourceDelete{}
-	mi := &file_commands_proto_msgTypes[25]
+	mi := &file_commands_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1824,7 +1895,7 @@ func (x *ResourceDelete) String() string {
 func (*ResourceDelete) ProtoMessage() {}
 
 func (x *ResourceDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[25]
+	mi := &file_commands_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1837,7 +1908,7 @@ func (x *ResourceDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResourceDelete.ProtoReflect.Descriptor instead.
 func (*ResourceDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{25}
+	return file_commands_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ResourceDelete) GetObjectId() string {
@@ -1856,7 +1927,7 @@ type RoleAssignmentPut struct {
 
 func (x *RoleAssignmentPut) Reset() {
 	*x = RoleAssignmentPut{}
-	mi := &file_commands_proto_msgTypes[26]
+	mi := &file_commands_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1868,7 +1939,7 @@ func (x *RoleAssignmentPut) String() string {
 func (*RoleAssignmentPut) ProtoMessage() {}
 
 func (x *RoleAssignmentPut) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[26]
+	mi := &file_commands_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1881,7 +1952,7 @@ func (x *RoleAssignmentPut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoleAssignmentPut.ProtoReflect.Descriptor instead.
 func (*RoleAssignmentPut) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{26}
+	return file_commands_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RoleAssignmentPut) GetAssignment() *RoleAssignment {
@@ -1900,7 +1971,7 @@ type RoleAssignmentDelete struct {
 
 func (x *RoleAssignmentDelete) Reset() {
 	*x = RoleAssignmentDelete{}
-	mi := &file_commands_proto_msgTypes[27]
+	mi := &file_commands_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1912,7 +1983,7 @@ func (x *RoleAssignmentDelete) String() string {
 func (*RoleAssignmentDelete) ProtoMessage() {}
 
 func (x *RoleAssignmentDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[27]
+	mi := &file_commands_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1925,7 +1996,7 @@ func (x *RoleAssignmentDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoleAssignmentDelete.ProtoReflect.Descriptor instead.
 func (*RoleAssignmentDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{27}
+	return file_commands_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RoleAssignmentDelete) GetId() string {
@@ -1944,7 +2015,7 @@ type SigningKeyPut struct {
 
 func (x *SigningKeyPut) Reset() {
 	*x = SigningKeyPut{}
-	mi := &file_commands_proto_msgTypes[28]
+	mi := &file_commands_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1956,7 +2027,7 @@ func (x *SigningKeyPut) String() string {
 func (*SigningKeyPut) ProtoMessage() {}
 
 func (x *SigningKeyPut) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[28]
+	mi := &file_commands_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1969,7 +2040,7 @@ func (x *SigningKeyPut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigningKeyPut.ProtoReflect.Descriptor instead.
 func (*SigningKeyPut) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{28}
+	return file_commands_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SigningKeyPut) GetKey() *SigningKey {
@@ -1988,7 +2059,7 @@ type SigningKeyDelete struct {
 
 func (x *SigningKeyDelete) Reset() {
 	*x = SigningKeyDelete{}
-	mi := &file_commands_proto_msgTypes[29]
+	mi := &file_commands_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2000,7 +2071,7 @@ func (x *SigningKeyDelete) String() string {
 func (*SigningKeyDelete) ProtoMessage() {}
 
 func (x *SigningKeyDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[29]
+	mi := &file_commands_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2013,7 +2084,7 @@ func (x *SigningKeyDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigningKeyDelete.ProtoReflect.Descriptor instead.
 func (*SigningKeyDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{29}
+	return file_commands_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SigningKeyDelete) GetKid() string {
@@ -2027,7 +2098,7 @@ var File_commands_proto protoreflect.FileDescriptor
 
 const file_commands_proto_rawDesc = "" +
 	"\n" +
-	"\x0ecommands.proto\x12\bferry.v1\x1a\vtypes.proto\"\xde\x0f\n" +
+	"\x0ecommands.proto\x12\bferry.v1\x1a\vtypes.proto\"\x8e\x10\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
@@ -2062,7 +2133,8 @@ const file_commands_proto_rawDesc = "" +
 	"\x13role_assignment_put\x18& \x01(\v2\x1b.ferry.v1.RoleAssignmentPutH\x00R\x11roleAssignmentPut\x12V\n" +
 	"\x16role_assignment_delete\x18' \x01(\v2\x1e.ferry.v1.RoleAssignmentDeleteH\x00R\x14roleAssignmentDelete\x12A\n" +
 	"\x0fsigning_key_put\x18( \x01(\v2\x17.ferry.v1.SigningKeyPutH\x00R\rsigningKeyPut\x12J\n" +
-	"\x12signing_key_delete\x18) \x01(\v2\x1a.ferry.v1.SigningKeyDeleteH\x00R\x10signingKeyDeleteB\x04\n" +
+	"\x12signing_key_delete\x18) \x01(\v2\x1a.ferry.v1.SigningKeyDeleteH\x00R\x10signingKeyDelete\x12.\n" +
+	"\x05batch\x182 \x01(\v2\x16.ferry.v1.CommandBatchH\x00R\x05batchB\x04\n" +
 	"\x02op\"<\n" +
 	"\x0fJoinTokenCreate\x12)\n" +
 	"\x05token\x18\x01 \x01(\v2\x13.ferry.v1.JoinTokenR\x05token\"&\n" +
@@ -2093,7 +2165,9 @@ const file_commands_proto_rawDesc = "" +
 	"\x06bundle\x18\x01 \x01(\v2\x10.ferry.v1.BundleR\x06bundle\x12#\n" +
 	"\rrequire_newer\x18\x02 \x01(\bR\frequireNewer\"1\n" +
 	"\fBundleDelete\x12!\n" +
-	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\":\n" +
+	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\"=\n" +
+	"\fCommandBatch\x12-\n" +
+	"\bcommands\x18\x01 \x03(\v2\x11.ferry.v1.CommandR\bcommands\":\n" +
 	"\rEntriesCreate\x12)\n" +
 	"\aentries\x18\x01 \x03(\v2\x0f.ferry.v1.EntryR\aentries\":\n" +
 	"\rEntriesUpdate\x12)\n" +
@@ -2102,7 +2176,7 @@ const file_commands_proto_rawDesc = "" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\"6\n" +
 	"\x06Status\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\"\x82\x05\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\xb1\x05\n" +
 	"\rCommandResult\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12(\n" +
 	"\x06status\x18\x02 \x01(\v2\x10.ferry.v1.StatusR\x06status\x12&\n" +
@@ -2118,7 +2192,8 @@ const file_commands_proto_rawDesc = "" +
 	"\bresource\x18\x17 \x01(\v2\x12.ferry.v1.ResourceR\bresource\x12A\n" +
 	"\x0frole_assignment\x18\x18 \x01(\v2\x18.ferry.v1.RoleAssignmentR\x0eroleAssignment\x125\n" +
 	"\vsigning_key\x18\x19 \x01(\v2\x14.ferry.v1.SigningKeyR\n" +
-	"signingKey\"\x9c\x01\n" +
+	"signingKey\x12-\n" +
+	"\x05batch\x18\x1e \x03(\v2\x17.ferry.v1.CommandResultR\x05batch\"\x9c\x01\n" +
 	"\x0eAppliedRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
@@ -2173,7 +2248,7 @@ func file_commands_proto_rawDescGZIP() []byte {
 	return file_commands_proto_rawDescData
 }
 
-var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_commands_proto_goTypes = []any{
 	(*Command)(nil),                   // 0: ferry.v1.Command
 	(*JoinTokenCreate)(nil),           // 1: ferry.v1.JoinTokenCreate
@@ -2187,41 +2262,42 @@ var file_commands_proto_goTypes = []any{
 	(*BundleJWTAuthorityRemove)(nil),  // 9: ferry.v1.BundleJWTAuthorityRemove
 	(*BundleSet)(nil),                 // 10: ferry.v1.BundleSet
 	(*BundleDelete)(nil),              // 11: ferry.v1.BundleDelete
-	(*EntriesCreate)(nil),             // 12: ferry.v1.EntriesCreate
-	(*EntriesUpdate)(nil),             // 13: ferry.v1.EntriesUpdate
-	(*EntriesDelete)(nil),             // 14: ferry.v1.EntriesDelete
-	(*Status)(nil),                    // 15: ferry.v1.Status
-	(*CommandResult)(nil),             // 16: ferry.v1.CommandResult
-	(*AppliedRequest)(nil),            // 17: ferry.v1.AppliedRequest
-	(*TenantPut)(nil),                 // 18: ferry.v1.TenantPut
-	(*TenantDelete)(nil),              // 19: ferry.v1.TenantDelete
-	(*IdentityPut)(nil),               // 20: ferry.v1.IdentityPut
-	(*IdentityDelete)(nil),            // 21: ferry.v1.IdentityDelete
-	(*FederatedCredentialPut)(nil),    // 22: ferry.v1.FederatedCredentialPut
-	(*FederatedCredentialDelete)(nil), // 23: ferry.v1.FederatedCredentialDelete
-	(*ResourcePut)(nil),               // 24: ferry.v1.ResourcePut
-	(*ResourceDelete)(nil),            // 25: ferry.v1.ResourceDelete
-	(*RoleAssignmentPut)(nil),         // 26: ferry.v1.RoleAssignmentPut
-	(*RoleAssignmentDelete)(nil),      // 27: ferry.v1.RoleAssignmentDelete
-	(*SigningKeyPut)(nil),             // 28: ferry.v1.SigningKeyPut
-	(*SigningKeyDelete)(nil),          // 29: ferry.v1.SigningKeyDelete
-	(*JoinToken)(nil),                 // 30: ferry.v1.JoinToken
-	(*AttestedNode)(nil),              // 31: ferry.v1.AttestedNode
-	(*X509Authority)(nil),             // 32: ferry.v1.X509Authority
-	(*JWTAuthority)(nil),              // 33: ferry.v1.JWTAuthority
-	(*Bundle)(nil),                    // 34: ferry.v1.Bundle
-	(*Entry)(nil),                     // 35: ferry.v1.Entry
-	(*Tenant)(nil),                    // 36: ferry.v1.Tenant
-	(*Identity)(nil),                  // 37: ferry.v1.Identity
-	(*FederatedCredential)(nil),       // 38: ferry.v1.FederatedCredential
-	(*Resource)(nil),                  // 39: ferry.v1.Resource
-	(*RoleAssignment)(nil),            // 40: ferry.v1.RoleAssignment
-	(*SigningKey)(nil),                // 41: ferry.v1.SigningKey
+	(*CommandBatch)(nil),              // 12: ferry.v1.CommandBatch
+	(*EntriesCreate)(nil),             // 13: ferry.v1.EntriesCreate
+	(*EntriesUpdate)(nil),             // 14: ferry.v1.EntriesUpdate
+	(*EntriesDelete)(nil),             // 15: ferry.v1.EntriesDelete
+	(*Status)(nil),                    // 16: ferry.v1.Status
+	(*CommandResult)(nil),             // 17: ferry.v1.CommandResult
+	(*AppliedRequest)(nil),            // 18: ferry.v1.AppliedRequest
+	(*TenantPut)(nil),                 // 19: ferry.v1.TenantPut
+	(*TenantDelete)(nil),              // 20: ferry.v1.TenantDelete
+	(*IdentityPut)(nil),               // 21: ferry.v1.IdentityPut
+	(*IdentityDelete)(nil),            // 22: ferry.v1.IdentityDelete
+	(*FederatedCredentialPut)(nil),    // 23: ferry.v1.FederatedCredentialPut
+	(*FederatedCredentialDelete)(nil), // 24: ferry.v1.FederatedCredentialDelete
+	(*ResourcePut)(nil),               // 25: ferry.v1.ResourcePut
+	(*ResourceDelete)(nil),            // 26: ferry.v1.ResourceDelete
+	(*RoleAssignmentPut)(nil),         // 27: ferry.v1.RoleAssignmentPut
+	(*RoleAssignmentDelete)(nil),      // 28: ferry.v1.RoleAssignmentDelete
+	(*SigningKeyPut)(nil),             // 29: ferry.v1.SigningKeyPut
+	(*SigningKeyDelete)(nil),          // 30: ferry.v1.SigningKeyDelete
+	(*JoinToken)(nil),                 // 31: ferry.v1.JoinToken
+	(*AttestedNode)(nil),              // 32: ferry.v1.AttestedNode
+	(*X509Authority)(nil),             // 33: ferry.v1.X509Authority
+	(*JWTAuthority)(nil),              // 34: ferry.v1.JWTAuthority
+	(*Bundle)(nil),                    // 35: ferry.v1.Bundle
+	(*Entry)(nil),                     // 36: ferry.v1.Entry
+	(*Tenant)(nil),                    // 37: ferry.v1.Tenant
+	(*Identity)(nil),                  // 38: ferry.v1.Identity
+	(*FederatedCredential)(nil),       // 39: ferry.v1.FederatedCredential
+	(*Resource)(nil),                  // 40: ferry.v1.Resource
+	(*RoleAssignment)(nil),            // 41: ferry.v1.RoleAssignment
+	(*SigningKey)(nil),                // 42: ferry.v1.SigningKey
 }
 var file_commands_proto_depIdxs = []int32{
-	12, // 0: ferry.v1.Command.entries_create:type_name -> ferry.v1.EntriesCreate
-	13, // 1: ferry.v1.Command.entries_update:type_name -> ferry.v1.EntriesUpdate
-	14, // 2: ferry.v1.Command.entries_delete:type_name -> ferry.v1.EntriesDelete
+	13, // 0: ferry.v1.Command.entries_create:type_name -> ferry.v1.EntriesCreate
+	14, // 1: ferry.v1.Command.entries_update:type_name -> ferry.v1.EntriesUpdate
+	15, // 2: ferry.v1.Command.entries_delete:type_name -> ferry.v1.EntriesDelete
 	1,  // 3: ferry.v1.Command.join_token_create:type_name -> ferry.v1.JoinTokenCreate
 	2,  // 4: ferry.v1.Command.join_token_consume:type_name -> ferry.v1.JoinTokenConsume
 	3,  // 5: ferry.v1.Command.node_put:type_name -> ferry.v1.NodePut
@@ -2233,49 +2309,52 @@ var file_commands_proto_depIdxs = []int32{
 	9,  // 11: ferry.v1.Command.bundle_jwt_authority_remove:type_name -> ferry.v1.BundleJWTAuthorityRemove
 	10, // 12: ferry.v1.Command.bundle_set:type_name -> ferry.v1.BundleSet
 	11, // 13: ferry.v1.Command.bundle_delete:type_name -> ferry.v1.BundleDelete
-	18, // 14: ferry.v1.Command.tenant_put:type_name -> ferry.v1.TenantPut
-	19, // 15: ferry.v1.Command.tenant_delete:type_name -> ferry.v1.TenantDelete
-	20, // 16: ferry.v1.Command.identity_put:type_name -> ferry.v1.IdentityPut
-	21, // 17: ferry.v1.Command.identity_delete:type_name -> ferry.v1.IdentityDelete
-	22, // 18: ferry.v1.Command.federated_credential_put:type_name -> ferry.v1.FederatedCredentialPut
-	23, // 19: ferry.v1.Command.federated_credential_delete:type_name -> ferry.v1.FederatedCredentialDelete
-	24, // 20: ferry.v1.Command.resource_put:type_name -> ferry.v1.ResourcePut
-	25, // 21: ferry.v1.Command.resource_delete:type_name -> ferry.v1.ResourceDelete
-	26, // 22: ferry.v1.Command.role_assignment_put:type_name -> ferry.v1.RoleAssignmentPut
-	27, // 23: ferry.v1.Command.role_assignment_delete:type_name -> ferry.v1.RoleAssignmentDelete
-	28, // 24: ferry.v1.Command.signing_key_put:type_name -> ferry.v1.SigningKeyPut
-	29, // 25: ferry.v1.Command.signing_key_delete:type_name -> ferry.v1.SigningKeyDelete
-	30, // 26: ferry.v1.JoinTokenCreate.token:type_name -> ferry.v1.JoinToken
-	31, // 27: ferry.v1.NodePut.node:type_name -> ferry.v1.AttestedNode
-	32, // 28: ferry.v1.BundleX509AuthorityPut.authority:type_name -> ferry.v1.X509Authority
-	33, // 29: ferry.v1.BundleJWTAuthorityPut.authority:type_name -> ferry.v1.JWTAuthority
-	34, // 30: ferry.v1.BundleSet.bundle:type_name -> ferry.v1.Bundle
-	35, // 31: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
-	35, // 32: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
-	15, // 33: ferry.v1.CommandResult.status:type_name -> ferry.v1.Status
-	15, // 34: ferry.v1.CommandResult.items:type_name -> ferry.v1.Status
-	35, // 35: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
-	31, // 36: ferry.v1.CommandResult.node:type_name -> ferry.v1.AttestedNode
-	30, // 37: ferry.v1.CommandResult.join_token:type_name -> ferry.v1.JoinToken
-	34, // 38: ferry.v1.CommandResult.bundle:type_name -> ferry.v1.Bundle
-	36, // 39: ferry.v1.CommandResult.tenant:type_name -> ferry.v1.Tenant
-	37, // 40: ferry.v1.CommandResult.identity:type_name -> ferry.v1.Identity
-	38, // 41: ferry.v1.CommandResult.federated_credential:type_name -> ferry.v1.FederatedCredential
-	39, // 42: ferry.v1.CommandResult.resource:type_name -> ferry.v1.Resource
-	40, // 43: ferry.v1.CommandResult.role_assignment:type_name -> ferry.v1.RoleAssignment
-	41, // 44: ferry.v1.CommandResult.signing_key:type_name -> ferry.v1.SigningKey
-	16, // 45: ferry.v1.AppliedRequest.result:type_name -> ferry.v1.CommandResult
-	36, // 46: ferry.v1.TenantPut.tenant:type_name -> ferry.v1.Tenant
-	37, // 47: ferry.v1.IdentityPut.identity:type_name -> ferry.v1.Identity
-	38, // 48: ferry.v1.FederatedCredentialPut.credential:type_name -> ferry.v1.FederatedCredential
-	39, // 49: ferry.v1.ResourcePut.resource:type_name -> ferry.v1.Resource
-	40, // 50: ferry.v1.RoleAssignmentPut.assignment:type_name -> ferry.v1.RoleAssignment
-	41, // 51: ferry.v1.SigningKeyPut.key:type_name -> ferry.v1.SigningKey
-	52, // [52:52] is the sub-list for method output_type
-	52, // [52:52] is the sub-list for method input_type
-	52, // [52:52] is the sub-list for extension type_name
-	52, // [52:52] is the sub-list for extension extendee
-	0,  // [0:52] is the sub-list for field type_name
+	19, // 14: ferry.v1.Command.tenant_put:type_name -> ferry.v1.TenantPut
+	20, // 15: ferry.v1.Command.tenant_delete:type_name -> ferry.v1.TenantDelete
+	21, // 16: ferry.v1.Command.identity_put:type_name -> ferry.v1.IdentityPut
+	22, // 17: ferry.v1.Command.identity_delete:type_name -> ferry.v1.IdentityDelete
+	23, // 18: ferry.v1.Command.federated_credential_put:type_name -> ferry.v1.FederatedCredentialPut
+	24, // 19: ferry.v1.Command.federated_credential_delete:type_name -> ferry.v1.FederatedCredentialDelete
+	25, // 20: ferry.v1.Command.resource_put:type_name -> ferry.v1.ResourcePut
+	26, // 21: ferry.v1.Command.resource_delete:type_name -> ferry.v1.ResourceDelete
+	27, // 22: ferry.v1.Command.role_assignment_put:type_name -> ferry.v1.RoleAssignmentPut
+	28, // 23: ferry.v1.Command.role_assignment_delete:type_name -> ferry.v1.RoleAssignmentDelete
+	29, // 24: ferry.v1.Command.signing_key_put:type_name -> ferry.v1.SigningKeyPut
+	30, // 25: ferry.v1.Command.signing_key_delete:type_name -> ferry.v1.SigningKeyDelete
+	12, // 26: ferry.v1.Command.batch:type_name -> ferry.v1.CommandBatch
+	31, // 27: ferry.v1.JoinTokenCreate.token:type_name -> ferry.v1.JoinToken
+	32, // 28: ferry.v1.NodePut.node:type_name -> ferry.v1.AttestedNode
+	33, // 29: ferry.v1.BundleX509AuthorityPut.authority:type_name -> ferry.v1.X509Authority
+	34, // 30: ferry.v1.BundleJWTAuthorityPut.authority:type_name -> ferry.v1.JWTAuthority
+	35, // 31: ferry.v1.BundleSet.bundle:type_name -> ferry.v1.Bundle
+	0,  // 32: ferry.v1.CommandBatch.commands:type_name -> ferry.v1.Command
+	36, // 33: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
+	36, // 34: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
+	16, // 35: ferry.v1.CommandResult.status:type_name -> ferry.v1.Status
+	16, // 36: ferry.v1.CommandResult.items:type_name -> ferry.v1.Status
+	36, // 37: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
+	32, // 38: ferry.v1.CommandResult.node:type_name -> ferry.v1.AttestedNode
+	31, // 39: ferry.v1.CommandResult.join_token:type_name -> ferry.v1.JoinToken
+	35, // 40: ferry.v1.CommandResult.bundle:type_name -> ferry.v1.Bundle
+	37, // 41: ferry.v1.CommandResult.tenant:type_name -> ferry.v1.Tenant
+	38, // 42: ferry.v1.CommandResult.identity:type_name -> ferry.v1.Identity
+	39, // 43: ferry.v1.CommandResult.federated_credential:type_name -> ferry.v1.FederatedCredential
+	40, // 44: ferry.v1.CommandResult.resource:type_name -> ferry.v1.Resource
+	41, // 45: ferry.v1.CommandResult.role_assignment:type_name -> ferry.v1.RoleAssignment
+	42, // 46: ferry.v1.CommandResult.signing_key:type_name -> ferry.v1.SigningKey
+	17, // 47: ferry.v1.CommandResult.batch:type_name -> ferry.v1.CommandResult
+	17, // 48: ferry.v1.AppliedRequest.result:type_name -> ferry.v1.CommandResult
+	37, // 49: ferry.v1.TenantPut.tenant:type_name -> ferry.v1.Tenant
+	38, // 50: ferry.v1.IdentityPut.identity:type_name -> ferry.v1.Identity
+	39, // 51: ferry.v1.FederatedCredentialPut.credential:type_name -> ferry.v1.FederatedCredential
+	40, // 52: ferry.v1.ResourcePut.resource:type_name -> ferry.v1.Resource
+	41, // 53: ferry.v1.RoleAssignmentPut.assignment:type_name -> ferry.v1.RoleAssignment
+	42, // 54: ferry.v1.SigningKeyPut.key:type_name -> ferry.v1.SigningKey
+	55, // [55:55] is the sub-list for method output_type
+	55, // [55:55] is the sub-list for method input_type
+	55, // [55:55] is the sub-list for extension type_name
+	55, // [55:55] is the sub-list for extension extendee
+	0,  // [0:55] is the sub-list for field type_name
 }
 
 func init() { file_commands_proto_init() }
@@ -2311,6 +2390,7 @@ func file_commands_proto_init() {
 		(*Command_RoleAssignmentDelete)(nil),
 		(*Command_SigningKeyPut)(nil),
 		(*Command_SigningKeyDelete)(nil),
+		(*Command_Batch)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2318,7 +2398,7 @@ func file_commands_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_commands_proto_rawDesc), len(file_commands_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   30,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

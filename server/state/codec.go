@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
@@ -48,4 +49,34 @@ func DecodeCommand(data []byte) (*ferrypb.Command, error) {
 		return nil, fmt.Errorf("state: decode command: %w", err)
 	}
 	return cmd, nil
+}
+
+// batchField is Command.batch's field number, and commandsField is
+// CommandBatch.commands'.
+const (
+	batchField    protowire.Number = 50
+	commandsField protowire.Number = 1
+)
+
+// EncodeBatch joins encoded commands (each as EncodeCommand returned it) into
+// one log entry carrying a CommandBatch, without decoding them: a repeated
+// message field is the concatenation of its elements. The FSM answers with one
+// result per command in CommandResult.Batch, in order.
+func EncodeBatch(encoded [][]byte) ([]byte, error) {
+	var inner []byte
+	for _, e := range encoded {
+		if len(e) == 0 || e[0] != commandFormat {
+			return nil, errors.New("state: batch element is not an encoded command")
+		}
+		inner = protowire.AppendTag(inner, commandsField, protowire.BytesType)
+		inner = protowire.AppendBytes(inner, e[1:])
+	}
+	out := make([]byte, 0, len(inner)+16)
+	out = append(out, commandFormat)
+	out = protowire.AppendTag(out, batchField, protowire.BytesType)
+	out = protowire.AppendBytes(out, inner)
+	if len(out) > MaxCommandSize {
+		return nil, fmt.Errorf("%w (batch of %d bytes)", ErrCommandTooLarge, len(out))
+	}
+	return out, nil
 }

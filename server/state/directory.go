@@ -64,7 +64,9 @@ const (
 
 func directorySchema(tables map[string]*memdb.TableSchema) {
 	str := func(field string) *memdb.StringFieldIndex { return &memdb.StringFieldIndex{Field: field} }
-	lower := func(field string) *memdb.StringFieldIndex { return &memdb.StringFieldIndex{Field: field, Lowercase: true} }
+	lower := func(field string) *memdb.StringFieldIndex {
+		return &memdb.StringFieldIndex{Field: field, Lowercase: true}
+	}
 	tables[TableTenants] = &memdb.TableSchema{Name: TableTenants, Indexes: map[string]*memdb.IndexSchema{
 		"id": {Name: "id", Unique: true, Indexer: str("Id")},
 	}}

@@ -150,6 +150,33 @@ func (s *Store) applyOne(txn *memdb.Txn, l *raft.Log) (*ferrypb.CommandResult, [
 		s.log.Error("undecodable log entry", "index", l.Index, "error", err)
 		return failed(l.Index, codes.InvalidArgument, err.Error()), nil
 	}
+	if b, isBatch := cmd.Op.(*ferrypb.Command_Batch); isBatch {
+		// A group commit: independent commands sharing one log entry, each
+		// de-duplicated and answered on its own.
+		out := &ferrypb.CommandResult{Index: l.Index, Status: ok()}
+		var changes []Change
+		var latest int64
+		for _, sub := range b.Batch.Commands {
+			if _, nested := sub.Op.(*ferrypb.Command_Batch); nested {
+				out.Batch = append(out.Batch, failed(l.Index, codes.InvalidArgument, "batches do not nest"))
+				continue
+			}
+			res, cs := s.applyCommand(txn, l.Index, sub)
+			out.Batch = append(out.Batch, res)
+			changes = append(changes, cs...)
+			latest = max(latest, sub.TimeUnixNano)
+		}
+		s.pruneRequests(txn, latest)
+		return out, changes
+	}
+	res, changes := s.applyCommand(txn, l.Index, cmd)
+	s.pruneRequests(txn, cmd.TimeUnixNano)
+	return res, changes
+}
+
+// applyCommand applies one command at index, or answers a request ID it has
+// already applied with the stored result.
+func (s *Store) applyCommand(txn *memdb.Txn, index uint64, cmd *ferrypb.Command) (*ferrypb.CommandResult, []Change) {
 	if cmd.RequestId != "" {
 		raw, err := txn.First(TableRequests, "id", cmd.RequestId)
 		if err != nil {
@@ -159,18 +186,17 @@ func (s *Store) applyOne(txn *memdb.Txn, l *raft.Log) (*ferrypb.CommandResult, [
 			return raw.(*ferrypb.AppliedRequest).Result, nil
 		}
 	}
-	a := &applier{txn: txn, index: l.Index, now: time.Unix(0, cmd.TimeUnixNano)}
+	a := &applier{txn: txn, index: index, now: time.Unix(0, cmd.TimeUnixNano)}
 	res := a.apply(cmd)
-	res.Index = l.Index
+	res.Index = index
 	if cmd.RequestId != "" {
 		must(txn.Insert(TableRequests, &ferrypb.AppliedRequest{
 			RequestId:    cmd.RequestId,
-			Index:        l.Index,
+			Index:        index,
 			TimeUnixNano: cmd.TimeUnixNano,
 			Result:       res,
 		}))
 	}
-	s.pruneRequests(txn, cmd.TimeUnixNano)
 	return res, a.changes
 }
 
