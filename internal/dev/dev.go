@@ -112,7 +112,12 @@ func freePort() (int, error) {
 // Run starts the stack and blocks until ctx ends.
 func (s *Stack) Run(ctx context.Context) error {
 	dir := s.cfg.DataDir
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	// Other users may traverse (not list) the data dir to reach the Workload
+	// API socket in public/; everything secret is in 0700 directories below.
+	if err := os.MkdirAll(dir, 0o711); err != nil {
+		return fmt.Errorf("dev: %w", err)
+	}
+	if err := os.Chmod(dir, 0o711); err != nil {
 		return fmt.Errorf("dev: %w", err)
 	}
 	p, err := s.ports()
@@ -168,7 +173,7 @@ func (s *Stack) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	agentSocket := filepath.Join(dir, "agent", "public", "api.sock")
+	agentSocket := filepath.Join(dir, "public", "api.sock")
 	env := map[string]string{
 		"FERRY_ADMIN_SOCKET":     adminSocket,
 		"FERRY_TRUST_DOMAIN":     s.cfg.TrustDomain.String(),
@@ -237,7 +242,7 @@ func (s *Stack) startAgent(ctx context.Context, srv *server.Server, adminSocket,
 		Servers:      []string{agentAddr},
 		TrustBundle:  roots,
 		DataDir:      filepath.Join(s.cfg.DataDir, "agent"),
-		SocketPath:   filepath.Join(s.cfg.DataDir, "agent", "public", "api.sock"),
+		SocketPath:   filepath.Join(s.cfg.DataDir, "public", "api.sock"),
 		NodeAttestor: at,
 		Logger:       s.log.With("role", "agent"),
 	})
