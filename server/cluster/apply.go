@@ -89,9 +89,13 @@ func (n *Node) applyEncoded(ctx context.Context, data []byte) (*ferrypb.CommandR
 	}
 }
 
-// sleep waits d, or less if leadership changes first.
+// sleep waits d, or less if this node's leadership changes or a new leader
+// becomes known first.
 func (n *Node) sleep(ctx context.Context, d time.Duration) error {
 	_, _, changed := n.lead.get()
+	n.seenMu.Lock()
+	seen := n.leaderSeen
+	n.seenMu.Unlock()
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
@@ -100,6 +104,8 @@ func (n *Node) sleep(ctx context.Context, d time.Duration) error {
 	case <-n.ctx.Done():
 		return raft.ErrRaftShutdown
 	case <-changed:
+		return nil
+	case <-seen:
 		return nil
 	case <-t.C:
 		return nil

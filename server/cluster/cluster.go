@@ -38,6 +38,14 @@ type Applied interface {
 }
 
 // Defaults for Config's zero values.
+//
+// DefaultLogStore is raft-wal: on a 3-node loopback cluster over mutual TLS it
+// commits about 2.3 times the writes of raft-boltdb/v2 at concurrency 64 (one
+// fsync per append instead of two), and its appends do not slow down as the
+// retained log grows. BoltDB stays selectable for operators who prefer the
+// older store. DefaultMaxAppendEntries is raised from Raft's 64 so the leader
+// batches more of a write burst into one disk write and one RPC (+17% with
+// wal, +60% with boltdb at concurrency 64); see BenchmarkApply.
 const (
 	DefaultLogStore          = LogStoreWAL
 	DefaultHeartbeatTimeout  = 1000 * time.Millisecond
@@ -150,6 +158,10 @@ type Node struct {
 	snaps     *raft.FileSnapshotStore
 
 	lead leadership
+	// leaderSeen is closed and replaced whenever this node learns of a new
+	// leader (or of having none), so retry loops wake without polling.
+	seenMu     sync.Mutex
+	leaderSeen chan struct{}
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -180,6 +192,7 @@ func New(cfg Config) (*Node, error) {
 
 	n := &Node{cfg: cfg, log: log, id: raft.ServerID(cfg.NodeID)}
 	n.lead.init()
+	n.leaderSeen = make(chan struct{})
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	ok := false
 	defer func() {
@@ -262,6 +275,28 @@ func New(cfg Config) (*Node, error) {
 	go func() {
 		defer n.wg.Done()
 		n.leaderLoop(notify)
+	}()
+	obs := make(chan raft.Observation, 8)
+	observer := raft.NewObserver(obs, false, func(o *raft.Observation) bool {
+		_, ok := o.Data.(raft.LeaderObservation)
+		return ok
+	})
+	n.raft.RegisterObserver(observer)
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		defer n.raft.DeregisterObserver(observer)
+		for {
+			select {
+			case <-n.ctx.Done():
+				return
+			case <-obs:
+				n.seenMu.Lock()
+				close(n.leaderSeen)
+				n.leaderSeen = make(chan struct{})
+				n.seenMu.Unlock()
+			}
+		}
 	}()
 
 	if cfg.Bootstrap && !hasState {

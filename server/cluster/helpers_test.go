@@ -291,6 +291,9 @@ func (tn *testNode) restart(t testing.TB) *testNode {
 // startCluster bootstraps nodes[0] and joins the others through it.
 func startCluster(t testing.TB, size int, mod func(*cluster.Config)) ([]*testNode, *testPKI) {
 	t.Helper()
+	if size > 1 && testing.Short() {
+		t.Skip("multi-node cluster test; skipped with -short")
+	}
 	pki := newPKI(t)
 	nodes := make([]*testNode, size)
 	for i := range nodes {
