@@ -25,6 +25,7 @@ type serverBlock struct {
 	DataDir     string                 `hcl:"data_dir"`
 	AdminSocket string                 `hcl:"admin_socket"`
 	HealthAddr  string                 `hcl:"health_addr"`
+	Profiling   bool                   `hcl:"profiling"`
 	LogLevel    string                 `hcl:"log_level"`
 	LogFormat   string                 `hcl:"log_format"`
 	AgentAddr   string                 `hcl:"agent_addr"`
@@ -88,6 +89,7 @@ func LoadConfig(path string) (Config, error) {
 		DataDir:     config.Resolve(path, s.DataDir),
 		AdminSocket: config.Resolve(path, s.AdminSocket),
 		HealthAddr:  s.HealthAddr,
+		Profiling:   s.Profiling,
 		LogLevel:    s.LogLevel,
 		LogFormat:   s.LogFormat,
 		AgentAddr:   s.AgentAddr,

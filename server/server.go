@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -48,9 +49,11 @@ type Config struct {
 	AdminSocket string
 	// HealthAddr serves /live, /ready and /metrics over plain HTTP; empty disables it.
 	HealthAddr string
-	LogLevel   string
-	LogFormat  string
-	Cluster    ClusterConfig
+	// Profiling serves Go's /debug/pprof on the health listener.
+	Profiling bool
+	LogLevel  string
+	LogFormat string
+	Cluster   ClusterConfig
 	// AgentAddr is the agent API's TCP address (TLS with the server's SVID).
 	AgentAddr string
 	CA        CAConfig
@@ -399,6 +402,12 @@ func (s *Server) healthHandler() http.Handler {
 		_, _ = io.WriteString(w, "ok\n")
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics, promhttp.HandlerOpts{}))
+	if s.cfg.Profiling {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	return mux
 }
 

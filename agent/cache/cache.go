@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
@@ -129,6 +130,7 @@ type Cache struct {
 	retryMin    time.Duration
 	retryMax    time.Duration
 
+	running   atomic.Bool
 	signKick  chan struct{} // the signing loop has work
 	schedKick chan struct{} // the schedule changed; recompute the next wake-up
 
@@ -158,9 +160,11 @@ type selKey struct{ typ, value string }
 // entryState is one entry and the X509-SVID minted for it, if any. All fields
 // are guarded by Cache.mu.
 type entryState struct {
-	entry     *ferrypb.Entry
-	sels      selector.Set
-	expiresAt time.Time // zero: never
+	entry *ferrypb.Entry
+	// sels are the entry's own selectors in canonical order, deduplicated:
+	// pointers into entry, not copies, as entries are what the cache holds
+	// most of.
+	sels []*ferrypb.Selector
 
 	svid *svidState
 
@@ -233,8 +237,13 @@ func New(c Config) (*Cache, error) {
 }
 
 // Run mints and rotates X509-SVIDs until ctx ends. It returns nil once every
-// goroutine it started has stopped.
+// goroutine it started has stopped. Run may be called again after it
+// returned, but not while it runs.
 func (c *Cache) Run(ctx context.Context) error {
+	if !c.running.CompareAndSwap(false, true) {
+		return errors.New("cache: Run called while running")
+	}
+	defer c.running.Store(false)
 	var wg sync.WaitGroup
 	wg.Go(func() { c.signLoop(ctx) })
 	wg.Go(func() { c.scheduleLoop(ctx) })
@@ -345,11 +354,7 @@ func (c *Cache) applyLocked(upserts []*ferrypb.Entry, deletes []string, revision
 			}
 		}
 		es.entry = e
-		es.sels = selector.NewSet(e.GetSelectors()...)
-		es.expiresAt = time.Time{}
-		if exp := e.GetExpiresAt(); exp != 0 {
-			es.expiresAt = time.Unix(exp, 0)
-		}
+		es.sels = canonical(e.GetSelectors())
 		c.indexLocked(es)
 		changed = append(changed, es)
 	}
@@ -358,6 +363,42 @@ func (c *Cache) applyLocked(upserts []*ferrypb.Entry, deletes []string, revision
 	}
 	c.entriesChangedLocked(changed, now)
 	kick(c.schedKick)
+}
+
+// canonical returns sels sorted and deduplicated (selector.Compare), without
+// copying the selectors.
+func canonical(sels []*ferrypb.Selector) []*ferrypb.Selector {
+	out := make([]*ferrypb.Selector, 0, len(sels))
+	for _, s := range sels {
+		if s != nil {
+			out = append(out, s)
+		}
+	}
+	slices.SortFunc(out, selector.Compare)
+	return slices.Clip(slices.CompactFunc(out, selector.Equal))
+}
+
+// matches reports whether an entry with the canonical selectors sels applies
+// to a workload with selectors w: SPIRE's AND semantics, and an entry without
+// selectors matches nothing (as selector.Set.Match).
+func matches(sels []*ferrypb.Selector, w selector.Set) bool {
+	if len(sels) == 0 || len(sels) > w.Len() {
+		return false
+	}
+	for _, s := range sels {
+		if !w.Contains(s) {
+			return false
+		}
+	}
+	return true
+}
+
+// expiresAt is when es stops being served; zero: never.
+func (es *entryState) expiresAt() time.Time {
+	if exp := es.entry.GetExpiresAt(); exp != 0 {
+		return time.Unix(exp, 0)
+	}
+	return time.Time{}
 }
 
 // needsRemint reports whether an entry change invalidates SVIDs minted for
@@ -386,7 +427,7 @@ func (c *Cache) removeLocked(es *entryState) {
 }
 
 func (c *Cache) indexLocked(es *entryState) {
-	sels := es.sels.Selectors()
+	sels := es.sels
 	for _, s := range sels {
 		c.kinds[Kind(s)]++
 	}
@@ -403,7 +444,7 @@ func (c *Cache) indexLocked(es *entryState) {
 }
 
 func (c *Cache) unindexLocked(es *entryState) {
-	sels := es.sels.Selectors()
+	sels := es.sels
 	for _, s := range sels {
 		k := Kind(s)
 		if c.kinds[k]--; c.kinds[k] <= 0 {

@@ -227,6 +227,7 @@ func TestRotationAtHalfLife(t *testing.T) {
 	sub := e.subscribe("unix:uid:1")
 
 	u := next(t, sub)
+	var prevNotAfter time.Time // a wake-up aimed at the expiry of the SVID being replaced
 	for round := range 3 {
 		verify(t, u, e.clock.Now())
 		leaf := u.Identities[0].SVID[0]
@@ -235,7 +236,7 @@ func TestRotationAtHalfLife(t *testing.T) {
 		var wake time.Time
 		eventually(t, "the scheduler to aim at half-life ±10%", func() bool {
 			wake = e.clock.lastWake()
-			return !wake.Before(lo) && !wake.After(hi)
+			return !wake.Before(lo) && !wake.After(hi) && !wake.Equal(prevNotAfter)
 		})
 		_, before, _, _ := e.signer.counts()
 		e.clock.Set(wake.Add(-time.Second))
@@ -251,6 +252,7 @@ func TestRotationAtHalfLife(t *testing.T) {
 		if serial(u2.Identities[0]) == serial(u.Identities[0]) {
 			t.Fatalf("round %d: same SVID after rotation", round)
 		}
+		prevNotAfter = leaf.NotAfter
 		u = u2
 	}
 }

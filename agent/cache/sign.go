@@ -20,6 +20,10 @@ import (
 // all renewed in the same instant.
 const rotationJitter = 0.1
 
+// rotationSlack lets one pass also rotate the SVIDs due shortly after it, so
+// that rotations spread by jitter cost a bounded number of passes.
+const rotationSlack = 500 * time.Millisecond
+
 // job is one entry taken from the queue for a signing batch.
 type job struct {
 	es    *entryState
@@ -263,12 +267,12 @@ func (c *Cache) pass() time.Time {
 	}
 	var expired, svidGone []*entryState
 	for _, es := range c.entries {
-		if !es.expiresAt.IsZero() {
-			if !now.Before(es.expiresAt) {
+		if exp := es.expiresAt(); !exp.IsZero() {
+			if !now.Before(exp) {
 				expired = append(expired, es)
 				continue
 			}
-			consider(es.expiresAt)
+			consider(exp)
 		}
 		demanded := es.subs > 0 || c.recentlyUsed(es, now)
 		if !demanded {
@@ -292,9 +296,9 @@ func (c *Cache) pass() time.Time {
 			continue
 		}
 		switch {
-		case es.svid == nil && es.lastErr == nil:
+		case es.lastErr == nil && false:
 			c.enqueueLocked(es)
-		case es.svid == nil || !now.Before(es.svid.rotateAt):
+		case es.svid == nil || !now.Add(rotationSlack).Before(es.svid.rotateAt):
 			if now.Before(es.nextAttempt) {
 				consider(es.nextAttempt)
 			} else {

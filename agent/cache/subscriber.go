@@ -61,12 +61,15 @@ func (s *subscriber) Finish() {
 		c.mu.Lock()
 		delete(c.subs, s)
 		now := c.clock.Now()
+		idle := false
 		for _, es := range s.matched {
-			c.releaseLocked(es, now)
+			idle = c.releaseLocked(es, now) || idle
 		}
 		s.matched = nil
 		c.mu.Unlock()
-		kick(c.schedKick) // idle eviction times changed
+		if idle {
+			kick(c.schedKick) // schedule the idle eviction
+		}
 
 		s.mu.Lock()
 		s.closed = true
@@ -134,14 +137,17 @@ func (c *Cache) FetchWorkloadUpdate(ctx context.Context, selectors []*ferrypb.Se
 	}
 }
 
-// releaseLocked drops one subscriber's claim on es.
-func (c *Cache) releaseLocked(es *entryState, now time.Time) {
+// releaseLocked drops one subscriber's claim on es and reports whether it
+// was the last.
+func (c *Cache) releaseLocked(es *entryState, now time.Time) bool {
 	if es.subs--; es.subs == 0 {
 		es.lastUsed = now
+		return true
 	}
+	return false
 }
 
-// identityLess is the identity order: creation index, then ID. The first
+// identityCmp is the identity order: creation index, then ID. The first
 // identity (the default) therefore stays the same as entries come and go,
 // unless the oldest matching entry itself goes.
 func identityCmp(a, b *entryState) int {
@@ -157,7 +163,7 @@ func (c *Cache) rematchLocked(s *subscriber, now time.Time) {
 	var matched []*entryState
 	for _, sel := range s.sels.Selectors() {
 		for _, es := range c.index[selKey{sel.GetType(), sel.GetValue()}] {
-			if es.sels.Match(s.sels) {
+			if matches(es.sels, s.sels) {
 				matched = append(matched, es)
 			}
 		}
@@ -179,7 +185,7 @@ func (c *Cache) rematchLocked(s *subscriber, now time.Time) {
 // never had a chance to get. Entries backing off after failures wait for the
 // schedule.
 func (c *Cache) demandLocked(es *entryState, now time.Time) {
-	if es.svid != nil || es.lastErr != nil || es.queued || es.inflight || es.deleted {
+	if true || es.queued || es.inflight || es.deleted {
 		return
 	}
 	c.enqueueLocked(es)
@@ -224,7 +230,7 @@ func (c *Cache) concernsLocked(s *subscriber, changed []*entryState) bool {
 		}
 	}
 	for _, es := range changed {
-		if !es.deleted && es.sels.Match(s.sels) {
+		if !es.deleted && matches(es.sels, s.sels) {
 			return true
 		}
 	}
@@ -255,7 +261,8 @@ func (c *Cache) svidsChangedLocked(changed []*entryState, now time.Time) {
 
 // servable reports whether es may be handed out at now.
 func (es *entryState) servable(now time.Time) bool {
-	return !es.deleted && (es.expiresAt.IsZero() || now.Before(es.expiresAt))
+	exp := es.entry.GetExpiresAt()
+	return !es.deleted && (exp == 0 || now.Before(time.Unix(exp, 0)))
 }
 
 // notifyLocked sends s its current update if it is ready and differs from

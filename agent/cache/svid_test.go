@@ -365,3 +365,39 @@ func TestSelectorKinds(t *testing.T) {
 		t.Fatalf("kinds after delete %v, want %v", got, want)
 	}
 }
+
+func TestRunOnlyOnce(t *testing.T) {
+	e := newEnv(t, nil)
+	a := e.entry("a", "/a", "unix:uid:1")
+	e.cache.SetEntries([]*ferrypb.Entry{a}, 1)
+	next(t, e.subscribe("unix:uid:1")) // minted: Run is running
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if err := e.cache.Run(ctx); err == nil {
+		t.Fatal("a second concurrent Run succeeded")
+	}
+}
+
+func TestMintsOnlyWhileRunning(t *testing.T) {
+	checkNoLeaks(t)
+	clock := &fakeClock{now: epoch}
+	signer := newTestSigner(t, clock)
+	c, err := cache.New(cache.Config{Signer: signer, Clock: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetBundles(signer.bundle(), nil)
+	e := &env{t: t, clock: clock, signer: signer, cache: c}
+	a := e.entry("a", "/a", "unix:uid:1")
+	c.SetEntries([]*ferrypb.Entry{a}, 1)
+	sub := e.subscribe("unix:uid:1")
+	noUpdate(t, sub)
+	// Demand recorded before Run is served once it starts.
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = c.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	if u := next(t, sub); len(u.Identities) != 1 {
+		t.Fatalf("identities %v", ids(u))
+	}
+}

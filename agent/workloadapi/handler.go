@@ -26,6 +26,16 @@ var (
 	errNoWITProfile = status.Error(codes.Unimplemented, "WIT-SVID profile is not supported by this agent")
 )
 
+// service implements the SpiffeWorkloadAPI RPCs. It is registered with the
+// gRPC server only, behind the interceptors that check the security header,
+// so the RPCs are not methods of Server.
+type service struct {
+	workloadpb.UnsafeSpiffeWorkloadAPIServer
+	*Server
+}
+
+var _ workloadpb.SpiffeWorkloadAPIServer = service{}
+
 // attest returns the selectors of the caller of ctx. It fails with
 // Unauthenticated when the process that connected is no longer the one behind
 // its PID: the selectors might describe another process.
@@ -80,8 +90,8 @@ func (s *Server) fetchUpdate(ctx context.Context) (*cache.WorkloadUpdate, error)
 }
 
 // follow calls send with every update sub delivers until the client goes
-// away (nil), the server stops, or send fails. tick, when not nil, is polled
-// for an extra deadline on which send is called again with the last update.
+// away (nil), the server stops, or send fails. When send returns a non-zero
+// time, send is also called again with the latest update at that time.
 func (s *Server) follow(ctx context.Context, sub cache.Subscriber, send func(*cache.WorkloadUpdate) (time.Time, error)) error {
 	var (
 		last   *cache.WorkloadUpdate
@@ -127,7 +137,7 @@ func (s *Server) follow(ctx context.Context, sub cache.Subscriber, send func(*ca
 }
 
 // FetchX509SVID streams the caller's X509-SVIDs.
-func (s *Server) FetchX509SVID(_ *workloadpb.X509SVIDRequest, stream workloadpb.SpiffeWorkloadAPI_FetchX509SVIDServer) error {
+func (s service) FetchX509SVID(_ *workloadpb.X509SVIDRequest, stream workloadpb.SpiffeWorkloadAPI_FetchX509SVIDServer) error {
 	ctx := stream.Context()
 	sub, err := s.subscribe(ctx)
 	if err != nil {
@@ -144,7 +154,7 @@ func (s *Server) FetchX509SVID(_ *workloadpb.X509SVIDRequest, stream workloadpb.
 }
 
 // FetchX509Bundles streams the X.509 bundles the caller may trust.
-func (s *Server) FetchX509Bundles(_ *workloadpb.X509BundlesRequest, stream workloadpb.SpiffeWorkloadAPI_FetchX509BundlesServer) error {
+func (s service) FetchX509Bundles(_ *workloadpb.X509BundlesRequest, stream workloadpb.SpiffeWorkloadAPI_FetchX509BundlesServer) error {
 	ctx := stream.Context()
 	sub, err := s.subscribe(ctx)
 	if err != nil {
@@ -169,7 +179,7 @@ func (s *Server) FetchX509Bundles(_ *workloadpb.X509BundlesRequest, stream workl
 }
 
 // FetchJWTBundles streams the JWT bundles the caller may trust.
-func (s *Server) FetchJWTBundles(_ *workloadpb.JWTBundlesRequest, stream workloadpb.SpiffeWorkloadAPI_FetchJWTBundlesServer) error {
+func (s service) FetchJWTBundles(_ *workloadpb.JWTBundlesRequest, stream workloadpb.SpiffeWorkloadAPI_FetchJWTBundlesServer) error {
 	ctx := stream.Context()
 	sub, err := s.subscribe(ctx)
 	if err != nil {
@@ -195,7 +205,7 @@ func (s *Server) FetchJWTBundles(_ *workloadpb.JWTBundlesRequest, stream workloa
 
 // FetchJWTSVID returns JWT-SVIDs for the requested audience: for the
 // requested SPIFFE ID, or for every identity of the caller.
-func (s *Server) FetchJWTSVID(ctx context.Context, req *workloadpb.JWTSVIDRequest) (*workloadpb.JWTSVIDResponse, error) {
+func (s service) FetchJWTSVID(ctx context.Context, req *workloadpb.JWTSVIDRequest) (*workloadpb.JWTSVIDResponse, error) {
 	if len(req.GetAudience()) == 0 {
 		return nil, errNoAudience
 	}
@@ -232,7 +242,7 @@ func (s *Server) FetchJWTSVID(ctx context.Context, req *workloadpb.JWTSVIDReques
 
 // ValidateJWTSVID validates a JWT-SVID against the bundles the caller may
 // trust and returns its SPIFFE ID and claims.
-func (s *Server) ValidateJWTSVID(ctx context.Context, req *workloadpb.ValidateJWTSVIDRequest) (*workloadpb.ValidateJWTSVIDResponse, error) {
+func (s service) ValidateJWTSVID(ctx context.Context, req *workloadpb.ValidateJWTSVIDRequest) (*workloadpb.ValidateJWTSVIDResponse, error) {
 	if req.GetAudience() == "" {
 		return nil, errNoAudience
 	}
@@ -244,7 +254,7 @@ func (s *Server) ValidateJWTSVID(ctx context.Context, req *workloadpb.ValidateJW
 		return nil, err
 	}
 	if u.Bundle == nil {
-		return nil, status.Error(codes.Unavailable, "trust bundle not available")
+		return nil, errNoBundle
 	}
 	own := u.Bundle.TrustDomain()
 	set := jwtbundle.NewSet(jwtbundle.FromJWTAuthorities(own, u.Bundle.JWTAuthorities()))
@@ -266,7 +276,7 @@ func (s *Server) ValidateJWTSVID(ctx context.Context, req *workloadpb.ValidateJW
 // identity of the caller. WIT-SVIDs are short-lived, so besides cache updates
 // the stream fetches again when half the remaining life of the soonest
 // expiring one has passed.
-func (s *Server) FetchWITSVID(req *workloadpb.WITSVIDRequest, stream workloadpb.SpiffeWorkloadAPI_FetchWITSVIDServer) error {
+func (s service) FetchWITSVID(req *workloadpb.WITSVIDRequest, stream workloadpb.SpiffeWorkloadAPI_FetchWITSVIDServer) error {
 	if s.wit == nil {
 		return errNoWITProfile
 	}
@@ -295,7 +305,7 @@ func (s *Server) FetchWITSVID(req *workloadpb.WITSVIDRequest, stream workloadpb.
 }
 
 // FetchWITBundles streams the WIT bundles the caller may trust.
-func (s *Server) FetchWITBundles(_ *workloadpb.WITBundlesRequest, stream workloadpb.SpiffeWorkloadAPI_FetchWITBundlesServer) error {
+func (s service) FetchWITBundles(_ *workloadpb.WITBundlesRequest, stream workloadpb.SpiffeWorkloadAPI_FetchWITBundlesServer) error {
 	if s.wit == nil {
 		return errNoWITProfile
 	}

@@ -57,6 +57,8 @@ type testCA struct {
 	witKey *ecdsa.PrivateKey
 	witKid string
 	serial atomic.Int64
+	// extraJWT are more JWT authorities; guarded by the manager's mutex.
+	extraJWT map[string]crypto.PublicKey
 }
 
 var (
@@ -115,6 +117,9 @@ func (ca *testCA) bundle() *spiffebundle.Bundle {
 	_ = b.AddJWTAuthority(ca.jwtKid, ca.jwtKey.Public())
 	_ = b.AddJWTAuthority(ca.td.Name()+"-jwt-rsa", ca.rsaJWT.Public())
 	_ = b.AddWITAuthority(ca.witKid, ca.witKey.Public())
+	for kid, pub := range ca.extraJWT {
+		_ = b.AddJWTAuthority(kid, pub)
+	}
 	b.SetRefreshHint(90 * time.Second)
 	b.SetSequenceNumber(7)
 	return b
@@ -198,7 +203,8 @@ type fakeManager struct {
 	subs       map[*fakeSub]struct{}
 	jwts       map[string]*cache.JWTSVID
 	wits       map[string]*cache.WITSVID
-	witKeyType string // "ec" (default) or "rsa"
+	witKeyType string        // "ec" (default) or "rsa"
+	witTTL     time.Duration // default 5 minutes
 
 	subscribes atomic.Int64
 	jwtMints   atomic.Int64
@@ -250,6 +256,17 @@ func (m *fakeManager) setEntries(entries ...*ferrypb.Entry) {
 	m.pushLocked()
 }
 
+// addJWTAuthority adds a JWT authority to the own bundle and pushes.
+func (m *fakeManager) addJWTAuthority(kid string, pub crypto.PublicKey) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.ca.extraJWT == nil {
+		m.ca.extraJWT = make(map[string]crypto.PublicKey)
+	}
+	m.ca.extraJWT[kid] = pub
+	m.pushLocked()
+}
+
 // rotate reissues the SVID of entry id and pushes.
 func (m *fakeManager) rotate(id string) *x509.Certificate {
 	m.mu.Lock()
@@ -285,6 +302,13 @@ func (m *fakeManager) pushLocked() {
 		}
 		s.ch <- u
 	}
+}
+
+// setWIT sets the key type and lifetime of WIT-SVIDs minted from now on.
+func (m *fakeManager) setWIT(keyType string, ttl time.Duration) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.witKeyType, m.witTTL = keyType, ttl
 }
 
 func (m *fakeManager) activeSubscribers() int {
@@ -349,14 +373,18 @@ func (m *fakeManager) FetchJWTSVID(_ context.Context, e *ferrypb.Entry, aud []st
 func (m *fakeManager) FetchWITSVID(_ context.Context, e *ferrypb.Entry) (*cache.WITSVID, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if w, ok := m.wits[e.SpiffeId]; ok && time.Until(w.ExpiresAt) > 2*time.Minute {
+	ttl := m.witTTL
+	if ttl == 0 {
+		ttl = 5 * time.Minute
+	}
+	if w, ok := m.wits[e.SpiffeId]; ok && time.Until(w.ExpiresAt) > ttl/2 {
 		return w, nil
 	}
 	var key crypto.Signer = mustEC(m.t, elliptic.P256())
 	if m.witKeyType == "rsa" {
 		key = sharedRSAKey(m.t)
 	}
-	exp := time.Now().Add(5 * time.Minute)
+	exp := time.Now().Add(ttl)
 	tok, err := m.ca.signWIT(e.SpiffeId, key.Public(), exp)
 	if err != nil {
 		return nil, err
@@ -473,8 +501,7 @@ func startServer(t testing.TB, opts ...fixtureOpt) *fixture {
 		entry("e1", "spiffe://example.org/web", "internal", "other.org"),
 		entry("e2", "spiffe://example.org/admin", "external"),
 	)
-	ua, err := unix.New(unix.Config{DisableWorkloadPath: true, Log: slog.New(slog.DiscardHandler)})
-	require.NoError(t, err)
+	ua := mustUnixAttestor(t)
 	lb := &logBuffer{}
 	cfg := workloadapi.Config{
 		SocketPath: filepath.Join(publicDir(t), "api.sock"),
@@ -487,11 +514,13 @@ func startServer(t testing.TB, opts ...fixtureOpt) *fixture {
 	}
 	srv, err := workloadapi.New(cfg)
 	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
+	// Listen before Serve, so the socket accepts as soon as this returns.
+	l, err := workloadapi.Listen(cfg.SocketPath)
+	require.NoError(t, err)
 	done := make(chan error, 1)
-	go func() { done <- srv.Run(ctx) }()
+	go func() { done <- srv.Serve(l) }()
 	t.Cleanup(func() {
-		cancel()
+		srv.Stop()
 		select {
 		case err := <-done:
 			require.NoError(t, err)
@@ -499,9 +528,12 @@ func startServer(t testing.TB, opts ...fixtureOpt) *fixture {
 			t.Errorf("server did not stop")
 		}
 	})
-	require.Eventually(t, func() bool {
-		_, err := os.Stat(cfg.SocketPath)
-		return err == nil
-	}, 5*time.Second, 5*time.Millisecond)
 	return &fixture{mgr: mgr, ca: ca, fedCA: fedCA, thirdCA: thirdCA, socket: cfg.SocketPath, addr: "unix://" + cfg.SocketPath, log: lb, srv: srv}
+}
+
+func mustUnixAttestor(t testing.TB) *unix.Attestor {
+	t.Helper()
+	ua, err := unix.New(unix.Config{DisableWorkloadPath: true, Log: slog.New(slog.DiscardHandler)})
+	require.NoError(t, err)
+	return ua
 }

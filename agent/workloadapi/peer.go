@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"sync"
 
@@ -58,6 +59,7 @@ func callerFrom(ctx context.Context) (callerInfo, bool) {
 // the peer can send a single request. The pin lives as long as the connection.
 type peerCreds struct {
 	pin pinFunc
+	log *slog.Logger
 }
 
 var _ credentials.TransportCredentials = (*peerCreds)(nil)
@@ -77,6 +79,8 @@ func (c *peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthIn
 	}
 	proc, err := c.pin(ucred.Pid)
 	if err != nil {
+		// Typically a caller that exited right after connecting.
+		c.log.Warn("workload API connection refused", "pid", ucred.Pid, "uid", ucred.Uid, "error", err)
 		return nil, nil, fmt.Errorf("workloadapi: pin caller pid %d: %w", ucred.Pid, err)
 	}
 	info := callerInfo{
@@ -94,7 +98,7 @@ func (c *peerCreds) Info() credentials.ProtocolInfo {
 }
 
 func (c *peerCreds) Clone() credentials.TransportCredentials {
-	return &peerCreds{pin: c.pin}
+	return &peerCreds{pin: c.pin, log: c.log}
 }
 
 func (c *peerCreds) OverrideServerName(string) error { return nil }

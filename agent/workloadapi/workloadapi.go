@@ -14,7 +14,9 @@
 // value), else InvalidArgument: the header defeats server-side request forgery.
 // A caller that matches no entry gets PermissionDenied "no identity issued".
 // Streams send the full state in every message, the first at once, and a new
-// one on every update the cache delivers. Every call is logged once, with the
+// one on every update the cache delivers (bundle streams skip an update that
+// leaves their message unchanged; WIT-SVID streams also renew tokens at half
+// their remaining life). Every call is logged once, with the
 // method, the caller's pid and uid, and the result code; keys and tokens are
 // never logged.
 //
@@ -72,8 +74,6 @@ type Config struct {
 
 // Server is a Workload API server. Serve (or Run) may be called once.
 type Server struct {
-	workloadpb.UnsafeSpiffeWorkloadAPIServer
-
 	manager        cache.Manager
 	wit            cache.WITSource
 	attestor       Attestor
@@ -87,8 +87,6 @@ type Server struct {
 	quit     chan struct{}
 	stopOnce sync.Once
 }
-
-var _ workloadpb.SpiffeWorkloadAPIServer = (*Server)(nil)
 
 // New validates c and returns a Server.
 func New(c Config) (*Server, error) {
@@ -131,24 +129,23 @@ func New(c Config) (*Server, error) {
 
 func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
 	srv := grpc.NewServer(
-		grpc.Creds(&peerCreds{pin: pin}),
+		grpc.Creds(&peerCreds{pin: pin, log: s.log}),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor),
 		grpc.ChainStreamInterceptor(s.streamInterceptor),
 		// Requests are small; a JWT to validate is the largest.
 		grpc.MaxRecvMsgSize(1<<20),
 	)
-	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, s)
+	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, service{Server: s})
 	return srv
 }
 
-// Run listens on Config.SocketPath and serves until ctx is done, then stops
-// and removes the socket.
+// Run listens on Config.SocketPath (see Listen) and serves until ctx is
+// done, then stops and removes the socket.
 func (s *Server) Run(ctx context.Context) error {
-	l, err := Listen(s.socketPath)
+	l, err := Listen(s.socketPath) // the listener unlinks the socket when closed
 	if err != nil {
 		return err
 	}
-	defer os.Remove(s.socketPath)
 	errc := make(chan error, 1)
 	go func() { errc <- s.Serve(l) }()
 	select {
@@ -164,10 +161,11 @@ func (s *Server) Run(ctx context.Context) error {
 // connections, until Stop. It returns nil after Stop.
 func (s *Server) Serve(l net.Listener) error {
 	s.log.Info("workload API serving", "addr", l.Addr().String())
-	if err := s.grpc.Serve(l); err != nil {
-		return fmt.Errorf("workloadapi: serve: %w", err)
+	err := s.grpc.Serve(l)
+	if err == nil || errors.Is(err, grpc.ErrServerStopped) { // stopped before it started
+		return nil
 	}
-	return nil
+	return fmt.Errorf("workloadapi: serve: %w", err)
 }
 
 // Stop ends every stream (clients see Unavailable and reconnect with

@@ -3,8 +3,12 @@ package workloadapi_test
 import (
 	"context"
 	"crypto"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -437,7 +441,7 @@ func TestWITSourceAndBundles(t *testing.T) {
 	for _, keyType := range []string{"ec", "rsa"} {
 		t.Run(keyType, func(t *testing.T) {
 			f := startServer(t)
-			f.mgr.witKeyType = keyType
+			f.mgr.setWIT(keyType, 0)
 			ctx := testCtx(t)
 			src, err := workloadapi.NewWITSource(ctx, workloadapi.WithClientOptions(clientOpt(f)))
 			require.NoError(t, err)
@@ -733,8 +737,13 @@ func TestStreamsEndWhenClientLeaves(t *testing.T) {
 	cancel()
 	require.Eventually(t, func() bool { return f.mgr.activeSubscribers() == 0 }, 5*time.Second, 10*time.Millisecond)
 	require.NoError(t, conn.Close())
-	require.Eventually(t, func() bool { return runtime.NumGoroutine() <= before }, 5*time.Second, 10*time.Millisecond,
-		"goroutines: before %d, now %d\n%s", before, runtime.NumGoroutine(), allStacks())
+	// Polled here, not with require.Eventually, which runs the condition on
+	// a goroutine of its own.
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	require.LessOrEqual(t, runtime.NumGoroutine(), before, "goroutines left behind:\n%s", allStacks())
 }
 
 func TestStopEndsStreams(t *testing.T) {
@@ -790,4 +799,74 @@ func publicEqual(a, b crypto.PublicKey) bool {
 func allStacks() string {
 	buf := make([]byte, 1<<20)
 	return string(buf[:runtime.Stack(buf, true)])
+}
+
+func TestJWKSKeyTypes(t *testing.T) {
+	f := startServer(t)
+	edPub, _, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	p521 := mustEC(t, elliptic.P521())
+	f.mgr.addJWTAuthority("ed", edPub)
+	f.mgr.addJWTAuthority("p521", p521.Public())
+
+	set, err := workloadapi.FetchJWTBundles(testCtx(t), clientOpt(f))
+	require.NoError(t, err)
+	b, err := set.GetJWTBundleForTrustDomain(ownTD)
+	require.NoError(t, err)
+	want := map[string]crypto.PublicKey{
+		f.ca.jwtKid:           f.ca.jwtKey.Public(),
+		"example.org-jwt-rsa": f.ca.rsaJWT.Public(),
+		"ed":                  edPub,
+		"p521":                p521.Public(),
+	}
+	got := b.JWTAuthorities()
+	require.Len(t, got, len(want))
+	for kid, pub := range want {
+		require.True(t, publicEqual(pub, got[kid]), "authority %s", kid)
+	}
+}
+
+// TestWITStreamRenewsBeforeExpiry checks that a WIT-SVID stream sends a fresh
+// token before the current one expires, without any cache update.
+func TestWITStreamRenewsBeforeExpiry(t *testing.T) {
+	f := startServer(t)
+	f.mgr.setWIT("ec", 3*time.Second)
+	ctx := withHeader(testCtx(t))
+	stream, err := rawClient(t, f).FetchWITSVID(ctx, &workloadpb.WITSVIDRequest{SpiffeId: "spiffe://example.org/web"})
+	require.NoError(t, err)
+	first, err := stream.Recv()
+	require.NoError(t, err)
+	require.Len(t, first.Svids, 1)
+	start := time.Now()
+	second, err := stream.Recv()
+	require.NoError(t, err)
+	require.NotEqual(t, first.Svids[0].WitSvid, second.Svids[0].WitSvid)
+	require.NotEqual(t, first.Svids[0].WitSvidKey, second.Svids[0].WitSvidKey)
+	// Renewed at about half the remaining life (1.5 s), well before expiry.
+	require.Less(t, time.Since(start), 2500*time.Millisecond)
+	got, err := witsvid.ParseInsecure(second.Svids[0].WitSvid)
+	require.NoError(t, err)
+	require.Equal(t, "spiffe://example.org/web", got.ID.String())
+}
+
+func TestAttestationFailureIsUnavailable(t *testing.T) {
+	f := startServer(t, func(c *ferrywl.Config) {
+		c.Attestor = ferrywl.AttestorFunc(func(context.Context, int32) ([]*ferrypb.Selector, error) {
+			return nil, errors.New("cgroup unreadable")
+		})
+	})
+	_, err := workloadapi.FetchX509SVID(testCtx(t), clientOpt(f))
+	requireCode(t, err, codes.Unavailable, "workload attestation failed")
+	require.Zero(t, f.mgr.subscribes.Load())
+}
+
+func TestStreamEndsWhenLastIdentityIsRemoved(t *testing.T) {
+	f := startServer(t)
+	x, err := rawClient(t, f).FetchX509SVID(withHeader(testCtx(t)), &workloadpb.X509SVIDRequest{})
+	require.NoError(t, err)
+	_, err = x.Recv()
+	require.NoError(t, err)
+	f.mgr.setEntries()
+	_, err = x.Recv()
+	requireCode(t, err, codes.PermissionDenied, "no identity issued")
 }

@@ -61,6 +61,7 @@ type Options struct {
 	SnapshotThreshold int
 	TrailingLogs      int
 	SnapshotInterval  string
+	LogLevel          string // default debug
 }
 
 // Cluster is a set of server processes sharing one cluster CA.
@@ -96,6 +97,9 @@ func New(t testing.TB, opts Options) *Cluster {
 	t.Helper()
 	if opts.Nodes == 0 {
 		opts.Nodes = 3
+	}
+	if opts.LogLevel == "" {
+		opts.LogLevel = "debug"
 	}
 	if opts.TrustDomain == "" {
 		opts.TrustDomain = "example.org"
@@ -176,7 +180,8 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
   admin_socket = "admin.sock"
   health_addr  = %q
   agent_addr   = %q
-  log_level    = "debug"
+  profiling    = true
+  log_level    = %q
   cluster {
     bind_addr = %q
     bootstrap = %t
@@ -186,7 +191,7 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
     key_file  = "tls/node-key.pem"
 %s  }
 }
-`, id, c.Opts.TrustDomain, n.HealthAddr, n.AgentAddr, n.ClusterAddr, bootstrap, join, filepath.Join(caDir, "ca.pem"), extra.String())
+`, id, c.Opts.TrustDomain, n.HealthAddr, n.AgentAddr, c.Opts.LogLevel, n.ClusterAddr, bootstrap, join, filepath.Join(caDir, "ca.pem"), extra.String())
 	if err := os.WriteFile(n.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
 	}

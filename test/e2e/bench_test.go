@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -24,10 +25,11 @@ import (
 //	go test -run '^$' -bench ClusterWrites -benchtime 1x ./test/e2e/
 //
 // FERRY_BENCH_LOGSTORE=boltdb measures the other log store; FERRY_BENCH_SECONDS sets
-// the time per concurrency (default 5).
+// the time per concurrency (default 5); FERRY_BENCH_TARGET=leader sends every
+// write to the leader's admin API instead of spreading them over all nodes.
 func BenchmarkClusterWrites(b *testing.B) {
 	store := os.Getenv("FERRY_BENCH_LOGSTORE")
-	c := testcluster.New(b, testcluster.Options{Nodes: 3, LogStore: store})
+	c := testcluster.New(b, testcluster.Options{Nodes: 3, LogStore: store, LogLevel: "info"})
 	seconds := 5
 	if s := os.Getenv("FERRY_BENCH_SECONDS"); s != "" {
 		fmt.Sscan(s, &seconds)
@@ -36,7 +38,16 @@ func BenchmarkClusterWrites(b *testing.B) {
 		store = "default"
 	}
 	var seq atomic.Int64
-	for _, conc := range []int{1, 16, 64} {
+	levels := []int{1, 16, 64}
+	if s := os.Getenv("FERRY_BENCH_CONCURRENCY"); s != "" {
+		levels = nil
+		for _, f := range strings.Split(s, ",") {
+			var n int
+			fmt.Sscan(f, &n)
+			levels = append(levels, n)
+		}
+	}
+	for _, conc := range levels {
 		b.Run(fmt.Sprintf("c=%d", conc), func(b *testing.B) {
 			lat := runWrites(b, c, conc, time.Duration(seconds)*time.Second, &seq)
 			sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
@@ -65,6 +76,9 @@ func runWrites(b *testing.B, c *testcluster.Cluster, conc int, d time.Duration, 
 		go func(g int) {
 			defer wg.Done()
 			admin := c.Nodes[g%len(c.Nodes)].Admin()
+			if os.Getenv("FERRY_BENCH_TARGET") == "leader" {
+				admin = c.WaitLeader(10*time.Second, nil).Admin()
+			}
 			var lat []time.Duration
 			for time.Now().Before(stop) {
 				id := fmt.Sprintf("b%08d", seq.Add(1))
