@@ -131,30 +131,10 @@ func (n *Node) forwardApply(ctx context.Context, data []byte) (*ferrypb.CommandR
 	return resp.GetResult(), nil
 }
 
-// applyLocal submits data to Raft on this node (which must be the leader) and
-// waits for the FSM's response or ctx.
+// applyLocal submits data to Raft on this node (which must be the leader),
+// through the group committer, and waits for the FSM's response or ctx.
 func (n *Node) applyLocal(ctx context.Context, data []byte) (*ferrypb.CommandResult, error) {
-	timeout := enqueueLimit
-	if dl, ok := ctx.Deadline(); ok {
-		timeout = min(timeout, max(time.Until(dl), time.Millisecond))
-	}
-	fut := n.raft.Apply(data, timeout)
-	if err := waitFuture(ctx, fut); err != nil {
-		return nil, err
-	}
-	switch r := fut.Response().(type) {
-	case *ferrypb.CommandResult:
-		if r.Index == 0 {
-			r.Index = fut.Index()
-		}
-		return r, nil
-	case error:
-		return nil, fmt.Errorf("cluster: FSM: %w", r)
-	case nil:
-		return &ferrypb.CommandResult{Index: fut.Index()}, nil
-	default:
-		return nil, fmt.Errorf("cluster: FSM returned %T, want *ferrypb.CommandResult", r)
-	}
+	return n.commit.submit(ctx, data)
 }
 
 // waitFuture waits for a Raft future or ctx. The future still completes in the

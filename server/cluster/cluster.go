@@ -154,6 +154,7 @@ type Node struct {
 	mux       *mux
 	grpc      *grpc.Server
 	pool      *connPool
+	commit    *committer
 	store     *logStore
 	snaps     *raft.FileSnapshotStore
 
@@ -194,6 +195,9 @@ func New(cfg Config) (*Node, error) {
 	n.lead.init()
 	n.leaderSeen = make(chan struct{})
 	n.ctx, n.cancel = context.WithCancel(context.Background())
+	n.commit = newCommitter(n)
+	n.wg.Add(1)
+	go func() { defer n.wg.Done(); n.commit.run() }()
 	ok := false
 	defer func() {
 		if !ok {

@@ -51,11 +51,24 @@ func (f *recordFSM) Apply(l *raft.Log) any {
 	if err != nil {
 		return err
 	}
+	// Group commits arrive as one entry; each command is answered on its own.
+	if b := cmd.GetBatch(); b != nil {
+		out := &ferrypb.CommandResult{Index: l.Index}
+		for _, sub := range b.Commands {
+			out.Batch = append(out.Batch, f.applyOne(sub, l.Index))
+		}
+		return out
+	}
+	return f.applyOne(cmd, l.Index)
+}
+
+// applyOne is called with mu held.
+func (f *recordFSM) applyOne(cmd *ferrypb.Command, index uint64) *ferrypb.CommandResult {
 	if r, ok := f.results[cmd.GetRequestId()]; ok {
 		f.dupes++
 		return r
 	}
-	r := &ferrypb.CommandResult{Index: l.Index}
+	r := &ferrypb.CommandResult{Index: index}
 	f.results[cmd.GetRequestId()] = r
 	f.ids = append(f.ids, cmd.GetRequestId())
 	return r
