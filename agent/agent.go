@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -64,7 +65,9 @@ func New(cfg Config) (*Agent, error) {
 	// The cache signs through the session and the session feeds the cache:
 	// tie the knot with a forwarding signer.
 	fwd := &signer{}
-	c, err := cache.New(cache.Config{Signer: fwd, Logger: a.log.With("component", "cache")})
+	// A signing call that hangs (a server dying mid-call) is abandoned and retried
+	// well before a workload waiting for its first SVID gives up.
+	c, err := cache.New(cache.Config{Signer: fwd, Logger: a.log.With("component", "cache"), SignTimeout: 5 * time.Second})
 	if err != nil {
 		return nil, err
 	}

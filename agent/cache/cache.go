@@ -16,6 +16,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
@@ -137,7 +138,7 @@ type Cache struct {
 	mu        sync.Mutex
 	revision  uint64
 	entries   map[string]*entryState
-	index     map[selKey]map[string]*entryState // by each entry's first canonical selector
+	index     map[selKey][]*entryState // see indexLocked
 	kinds     map[string]int
 	subs      map[*subscriber]struct{}
 	queue     []*entryState // waiting for the signing loop, FIFO
@@ -165,6 +166,7 @@ type entryState struct {
 	// pointers into entry, not copies, as entries are what the cache holds
 	// most of.
 	sels []*ferrypb.Selector
+	slot int // position in its index bucket
 
 	svid *svidState
 
@@ -219,15 +221,14 @@ func New(c Config) (*Cache, error) {
 	if c.MaxTokens <= 0 {
 		c.MaxTokens = DefaultMaxTokens
 	}
-	log := c.Logger.With("component", "cache")
 	return &Cache{
-		signer: c.Signer, log: log, clock: c.Clock, idle: c.IdleTimeout,
+		signer: c.Signer, log: c.Logger, clock: c.Clock, idle: c.IdleTimeout,
 		maxBatch: c.MaxBatch, batchSize: c.MaxBatch, signTimeout: c.SignTimeout,
 		retryMin: c.RetryMin, retryMax: c.RetryMax,
 		signKick:  make(chan struct{}, 1),
 		schedKick: make(chan struct{}, 1),
 		entries:   make(map[string]*entryState),
-		index:     make(map[selKey]map[string]*entryState),
+		index:     make(map[selKey][]*entryState),
 		kinds:     make(map[string]int),
 		subs:      make(map[*subscriber]struct{}),
 		federated: make(map[spiffeid.TrustDomain]*spiffebundle.Bundle),
@@ -285,7 +286,9 @@ func (c *Cache) Revision() uint64 {
 }
 
 // SetEntries replaces the entries with all (initial sync or resync at
-// revision). Entries whose revision did not change keep their SVIDs.
+// revision). Entries whose revision did not change keep their SVIDs. The
+// cache keeps the entries it is given (here and in ApplyEntryChanges); the
+// caller must not modify them afterwards.
 func (c *Cache) SetEntries(all []*ferrypb.Entry, revision uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -334,8 +337,11 @@ func (c *Cache) applyLocked(upserts []*ferrypb.Entry, deletes []string, revision
 			continue
 		}
 		es := c.entries[e.GetId()]
-		if es != nil && e.GetRevision() != 0 && e.GetRevision() <= es.entry.GetRevision() {
-			continue // unchanged, or older than what we hold
+		if es != nil && (e == es.entry || !full && e.GetRevision() < es.entry.GetRevision() ||
+			(full || e.GetRevision() == es.entry.GetRevision()) && proto.Equal(e, es.entry)) {
+			// Unchanged, or (in a change, not a full set, which is
+			// authoritative) older than what we hold.
+			continue
 		}
 		if exp := e.GetExpiresAt(); exp != 0 && !now.Before(time.Unix(exp, 0)) {
 			if es != nil {
@@ -426,40 +432,52 @@ func (c *Cache) removeLocked(es *entryState) {
 	es.svid = nil
 }
 
+// indexLocked files es under one of its selectors: a workload can only
+// match es if it has all of them, so looking up the workload's selectors
+// finds es exactly once. The selector chosen is the one with the fewest
+// entries filed under it so far, so that a selector most entries share
+// (unix:gid:100, k8s:ns:prod) does not make every lookup walk them all.
 func (c *Cache) indexLocked(es *entryState) {
-	sels := es.sels
-	for _, s := range sels {
+	for _, s := range es.sels {
 		c.kinds[Kind(s)]++
 	}
-	if len(sels) == 0 {
+	if len(es.sels) == 0 {
 		return // matches nothing
 	}
-	k := selKey{sels[0].GetType(), sels[0].GetValue()}
-	m := c.index[k]
-	if m == nil {
-		m = make(map[string]*entryState, 1)
-		c.index[k] = m
+	var best selKey
+	n := -1
+	for _, s := range es.sels {
+		k := selKey{s.GetType(), s.GetValue()}
+		if l := len(c.index[k]); n < 0 || l <= n {
+			best, n = k, l
+		}
 	}
-	m[es.entry.GetId()] = es
+	es.slot = n
+	c.index[best] = append(c.index[best], es)
 }
 
 func (c *Cache) unindexLocked(es *entryState) {
-	sels := es.sels
-	for _, s := range sels {
+	for _, s := range es.sels {
 		k := Kind(s)
 		if c.kinds[k]--; c.kinds[k] <= 0 {
 			delete(c.kinds, k)
 		}
 	}
-	if len(sels) == 0 {
-		return
-	}
-	k := selKey{sels[0].GetType(), sels[0].GetValue()}
-	if m := c.index[k]; m != nil {
-		delete(m, es.entry.GetId())
-		if len(m) == 0 {
-			delete(c.index, k)
+	for _, s := range es.sels {
+		k := selKey{s.GetType(), s.GetValue()}
+		b := c.index[k]
+		if es.slot >= len(b) || b[es.slot] != es {
+			continue
 		}
+		last := b[len(b)-1]
+		b[es.slot], last.slot = last, es.slot
+		b[len(b)-1] = nil
+		if b = b[:len(b)-1]; len(b) == 0 {
+			delete(c.index, k)
+		} else {
+			c.index[k] = b
+		}
+		return
 	}
 }
 

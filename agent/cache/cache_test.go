@@ -1,8 +1,11 @@
 package cache_test
 
 import (
+	"cmp"
 	"crypto/x509"
+	"fmt"
 	"maps"
+	"math/rand/v2"
 	"slices"
 	"testing"
 	"time"
@@ -12,6 +15,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/ferry-id/ferry/agent/cache"
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -254,5 +258,73 @@ func TestRotationAtHalfLife(t *testing.T) {
 		}
 		prevNotAfter = leaf.NotAfter
 		u = u2
+	}
+}
+
+// TestMatchingAgreesWithSelectorMatch drives the index through random
+// entry sets, changes and deletions and compares every lookup with a brute
+// force selector.Match over all entries.
+func TestMatchingAgreesWithSelectorMatch(t *testing.T) {
+	e := newEnv(t, nil)
+	rng := rand.New(rand.NewPCG(1, 2))
+	universe := []string{"unix:uid:0", "unix:uid:1", "unix:gid:0", "unix:gid:1", "unix:user:a", "systemd:id:x", "docker:label:a:b"}
+	pick := func(max int) []*ferrypb.Selector {
+		n := rng.IntN(max + 1)
+		var out []string
+		for range n {
+			out = append(out, universe[rng.IntN(len(universe))])
+		}
+		return sels(t, out...)
+	}
+	live := map[string]*ferrypb.Entry{}
+	rev := uint64(0)
+	for round := range 200 {
+		rev++
+		var upserts []*ferrypb.Entry
+		var deletes []string
+		touched := map[string]bool{} // one change per entry per revision, as the server sends
+		for range rng.IntN(8) {
+			id := fmt.Sprint(rng.IntN(60))
+			if touched[id] {
+				continue
+			}
+			touched[id] = true
+			if _, ok := live[id]; ok && rng.IntN(3) == 0 {
+				deletes = append(deletes, id)
+				delete(live, id)
+				continue
+			}
+			ent := &ferrypb.Entry{Id: id, SpiffeId: "spiffe://example.org/" + id, Selectors: pick(3), Revision: rev, CreatedIndex: uint64(rng.IntN(5))}
+			live[id] = ent
+			upserts = append(upserts, ent)
+		}
+		if round%50 == 0 {
+			all := slices.Collect(maps.Values(live))
+			e.cache.SetEntries(all, rev)
+		} else {
+			e.cache.ApplyEntryChanges(upserts, deletes, rev)
+		}
+		for range 5 {
+			w := pick(5)
+			var want []*ferrypb.Entry
+			for _, ent := range live {
+				if selector.Match(ent.Selectors, w) {
+					want = append(want, ent)
+				}
+			}
+			slices.SortFunc(want, func(a, b *ferrypb.Entry) int {
+				if c := cmp.Compare(a.CreatedIndex, b.CreatedIndex); c != 0 {
+					return c
+				}
+				return cmp.Compare(a.Id, b.Id)
+			})
+			var wantIDs []string
+			for _, ent := range want {
+				wantIDs = append(wantIDs, ent.Id)
+			}
+			if got := cache.MatchedEntryIDs(e.cache, w); !slices.Equal(got, wantIDs) {
+				t.Fatalf("round %d, workload %v: matched %v, want %v", round, selector.NewSet(w...), got, wantIDs)
+			}
+		}
 	}
 }

@@ -296,7 +296,7 @@ func (c *Cache) pass() time.Time {
 			continue
 		}
 		switch {
-		case es.lastErr == nil && false:
+		case es.svid == nil && es.lastErr == nil:
 			c.enqueueLocked(es)
 		case es.svid == nil || !now.Add(rotationSlack).Before(es.svid.rotateAt):
 			if now.Before(es.nextAttempt) {

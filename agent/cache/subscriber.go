@@ -160,15 +160,7 @@ func identityCmp(a, b *entryState) int {
 // rematchLocked recomputes the entries s matches, keeps the entries' claim
 // counts right, and asks for SVIDs the new matches lack.
 func (c *Cache) rematchLocked(s *subscriber, now time.Time) {
-	var matched []*entryState
-	for _, sel := range s.sels.Selectors() {
-		for _, es := range c.index[selKey{sel.GetType(), sel.GetValue()}] {
-			if matches(es.sels, s.sels) {
-				matched = append(matched, es)
-			}
-		}
-	}
-	slices.SortFunc(matched, identityCmp)
+	matched := c.matchLocked(s.sels)
 	for _, es := range matched {
 		es.subs++
 	}
@@ -181,11 +173,26 @@ func (c *Cache) rematchLocked(s *subscriber, now time.Time) {
 	}
 }
 
+// matchLocked returns the entries a workload with selectors w gets, in
+// identity order.
+func (c *Cache) matchLocked(w selector.Set) []*entryState {
+	var matched []*entryState
+	for _, sel := range w.Selectors() {
+		for _, es := range c.index[selKey{sel.GetType(), sel.GetValue()}] {
+			if matches(es.sels, w) {
+				matched = append(matched, es)
+			}
+		}
+	}
+	slices.SortFunc(matched, identityCmp)
+	return matched
+}
+
 // demandLocked queues es for signing when a subscriber needs an SVID it has
 // never had a chance to get. Entries backing off after failures wait for the
 // schedule.
 func (c *Cache) demandLocked(es *entryState, now time.Time) {
-	if true || es.queued || es.inflight || es.deleted {
+	if es.svid != nil || es.lastErr != nil || es.queued || es.inflight || es.deleted {
 		return
 	}
 	c.enqueueLocked(es)

@@ -71,7 +71,6 @@ type Session struct {
 	cfg      Config
 	log      *slog.Logger
 	serverID spiffeid.ID
-	res      *manual.Resolver
 
 	mu     sync.RWMutex
 	conn   *grpc.ClientConn // mutual TLS with the agent SVID; replaced on renewal
@@ -99,14 +98,6 @@ func New(cfg Config) (*Session, error) {
 		bundle:   x509bundle.FromX509Authorities(cfg.TrustDomain, cfg.TrustBundle),
 		ready:    make(chan struct{}),
 	}
-	// One connection over every server: pick_first moves to the next address
-	// when the current one fails.
-	s.res = manual.NewBuilderWithScheme("ferry-servers")
-	var addrs []resolver.Address
-	for _, a := range cfg.Servers {
-		addrs = append(addrs, resolver.Address{Addr: a})
-	}
-	s.res.InitialState(resolver.State{Addresses: addrs})
 	conn, err := s.dial(true)
 	if err != nil {
 		return nil, err
@@ -177,8 +168,16 @@ func (s *Session) dial(withSVID bool) (*grpc.ClientConn, error) {
 	} else {
 		tlsCfg = tlsconfig.TLSClientConfig(s, tlsconfig.AuthorizeID(s.serverID))
 	}
-	conn, err := grpc.NewClient(s.res.Scheme()+":///servers",
-		grpc.WithResolvers(s.res),
+	// One connection over every server: pick_first moves to the next address
+	// when the current one fails. A manual resolver serves one connection only.
+	res := manual.NewBuilderWithScheme("ferry-servers")
+	var addrs []resolver.Address
+	for _, a := range s.cfg.Servers {
+		addrs = append(addrs, resolver.Address{Addr: a})
+	}
+	res.InitialState(resolver.State{Addresses: addrs})
+	conn, err := grpc.NewClient(res.Scheme()+":///servers",
+		grpc.WithResolvers(res),
 		grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)))
 	if err != nil {
 		return nil, fmt.Errorf("session: %w", err)

@@ -107,6 +107,9 @@ func (s *Server) follow(ctx context.Context, sub cache.Subscriber, send func(*ca
 		select {
 		case u, ok := <-sub.Updates():
 			if !ok {
+				if ctx.Err() != nil { // the cache ends subscriptions with ctx
+					return nil
+				}
 				return errSubEnded
 			}
 			if u == nil {
