@@ -174,6 +174,16 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	gs := grpc.NewServer(grpc.ChainUnaryInterceptor(s.unaryInterceptor), grpc.ChainStreamInterceptor(s.streamInterceptor))
 	ferrypb.RegisterAdminServer(gs, admin)
+	issuers := map[string]string{}
+	if s.cfg.CA.JWTIssuer != "" {
+		issuers[s.cfg.CA.JWTIssuer] = s.cfg.TrustDomain.Name()
+	}
+	directory, err := api.NewDirectory(api.DirectoryConfig{Cluster: clusterAPI{node, s.store}, Store: s.store,
+		Logger: s.log.With("component", "directory"), Issuers: issuers})
+	if err != nil {
+		return err
+	}
+	ferrypb.RegisterDirectoryServer(gs, directory)
 
 	authority, agentAPI, err := s.startAuthority(ctx, node)
 	if err != nil {
