@@ -38,6 +38,7 @@ func newApp() *cli.App {
 			bundleCommand(),
 			agentCommand(),
 			apiCommand(),
+			bridgeCommand(),
 		},
 	}
 }

@@ -26,6 +26,7 @@ import (
 
 	"github.com/ferry-id/ferry/agent"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
+	"github.com/ferry-id/ferry/bridge/service"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 
 	"github.com/ferry-id/ferry/server"
@@ -75,6 +76,8 @@ type ports struct {
 	Cluster int `json:"cluster"`
 	Health  int `json:"health"`
 	Agent   int `json:"agent"`
+	Bridge  int `json:"bridge"`
+	OIDC    int `json:"oidc"`
 }
 
 func (s *Stack) ports() (ports, error) {
@@ -94,6 +97,12 @@ func (s *Stack) ports() (ports, error) {
 		return p, err
 	}
 	if p.Agent, err = freePort(); err != nil {
+		return p, err
+	}
+	if p.Bridge, err = freePort(); err != nil {
+		return p, err
+	}
+	if p.OIDC, err = freePort(); err != nil {
 		return p, err
 	}
 	data, _ := json.Marshal(p)
@@ -147,7 +156,10 @@ func (s *Stack) Run(ctx context.Context) error {
 		AdminSocket: adminSocket,
 		HealthAddr:  fmt.Sprintf("127.0.0.1:%d", p.Health),
 		AgentAddr:   fmt.Sprintf("127.0.0.1:%d", p.Agent),
-		Logger:      s.log.With("role", "server"),
+		// JWT-SVIDs name the trust domain's OIDC issuer, which is how the
+		// bridge (and Entra) know whose keys verify them.
+		CA:     server.CAConfig{JWTIssuer: fmt.Sprintf("https://127.0.0.1:%d", p.OIDC)},
+		Logger: s.log.With("role", "server"),
 		Cluster: server.ClusterConfig{
 			BindAddr:  fmt.Sprintf("127.0.0.1:%d", p.Cluster),
 			Bootstrap: true,
@@ -174,7 +186,15 @@ func (s *Stack) Run(ctx context.Context) error {
 		return err
 	}
 	agentSocket := filepath.Join(dir, "public", "api.sock")
+	br, tenant, err := s.startBridge(ctx, adminSocket, fmt.Sprintf("127.0.0.1:%d", p.Bridge), errc)
+	if err != nil {
+		return err
+	}
 	env := map[string]string{
+		"AZURE_AUTHORITY_HOST":   br.BaseURL(),
+		"AZURE_TENANT_ID":        tenant,
+		"FERRY_BRIDGE_CA":        br.CAFile(),
+		"FERRY_JWT_ISSUER":       fmt.Sprintf("https://127.0.0.1:%d", p.OIDC),
 		"FERRY_ADMIN_SOCKET":     adminSocket,
 		"FERRY_TRUST_DOMAIN":     s.cfg.TrustDomain.String(),
 		"SPIFFE_ENDPOINT_SOCKET": "unix://" + agentSocket,
@@ -257,6 +277,50 @@ func (s *Stack) startAgent(ctx context.Context, srv *server.Server, adminSocket,
 		return nil, err
 	case <-ctx.Done():
 		return nil, ctx.Err()
+	}
+}
+
+// startBridge makes sure a tenant exists and starts a bridge replica in this
+// process, following the server's directory through the admin socket.
+func (s *Stack) startBridge(ctx context.Context, adminSocket, addr string, errc chan error) (*service.Service, string, error) {
+	conn, err := grpc.NewClient("unix://"+adminSocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, "", err
+	}
+	defer conn.Close()
+	dir := ferrypb.NewDirectoryClient(conn)
+	tenants, err := dir.ListTenants(ctx, &ferrypb.ListTenantsRequest{})
+	if err != nil {
+		return nil, "", fmt.Errorf("dev: tenants: %w", err)
+	}
+	var tenant string
+	if len(tenants.Tenants) > 0 {
+		tenant = tenants.Tenants[0].Id
+	} else {
+		t, err := dir.CreateTenant(ctx, &ferrypb.CreateTenantRequest{Name: "default"})
+		if err != nil {
+			return nil, "", fmt.Errorf("dev: tenant: %w", err)
+		}
+		tenant = t.Id
+	}
+	br, err := service.New(service.Config{
+		ListenAddr:   addr,
+		DataDir:      filepath.Join(s.cfg.DataDir, "bridge"),
+		ServerSocket: adminSocket,
+		Name:         "dev",
+		Logger:       s.log.With("role", "bridge"),
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	go func() { errc <- br.Run(ctx) }()
+	select {
+	case <-br.Ready():
+		return br, tenant, nil
+	case err := <-errc:
+		return nil, "", err
+	case <-ctx.Done():
+		return nil, "", ctx.Err()
 	}
 }
 

@@ -1,0 +1,67 @@
+package service
+
+import (
+	"fmt"
+
+	"github.com/hashicorp/hcl/hcl/token"
+
+	"github.com/ferry-id/ferry/internal/config"
+)
+
+type fileConfig struct {
+	Bridge     *bridgeBlock           `hcl:"bridge"`
+	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type bridgeBlock struct {
+	ListenAddr   string                 `hcl:"listen_addr"`
+	BaseURL      string                 `hcl:"base_url"`
+	TLSCertFile  string                 `hcl:"tls_cert_file"`
+	TLSKeyFile   string                 `hcl:"tls_key_file"`
+	DataDir      string                 `hcl:"data_dir"`
+	ServerSocket string                 `hcl:"server_socket"`
+	Name         string                 `hcl:"name"`
+	LogLevel     string                 `hcl:"log_level"`
+	LogFormat    string                 `hcl:"log_format"`
+	UnusedKeys   map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+// FileConfig is bridge.conf as read.
+type FileConfig struct {
+	Config
+	LogLevel, LogFormat string
+}
+
+// LoadConfig reads bridge.conf; relative paths are relative to the file.
+func LoadConfig(path string) (FileConfig, error) {
+	var f fileConfig
+	if err := config.Decode(path, &f); err != nil {
+		return FileConfig{}, err
+	}
+	b := f.Bridge
+	if b == nil {
+		return FileConfig{}, fmt.Errorf("service: %s has no bridge block", path)
+	}
+	out := FileConfig{LogLevel: b.LogLevel, LogFormat: b.LogFormat, Config: Config{
+		ListenAddr:   b.ListenAddr,
+		BaseURL:      b.BaseURL,
+		TLSCertFile:  config.Resolve(path, b.TLSCertFile),
+		TLSKeyFile:   config.Resolve(path, b.TLSKeyFile),
+		DataDir:      config.Resolve(path, b.DataDir),
+		ServerSocket: config.Resolve(path, b.ServerSocket),
+		Name:         b.Name,
+	}}
+	if out.ListenAddr == "" {
+		return FileConfig{}, fmt.Errorf("service: listen_addr is required")
+	}
+	if out.DataDir == "" {
+		return FileConfig{}, fmt.Errorf("service: data_dir is required")
+	}
+	if out.ServerSocket == "" {
+		out.ServerSocket = "/tmp/ferry/server/admin.sock"
+	}
+	if (out.TLSCertFile == "") != (out.TLSKeyFile == "") {
+		return FileConfig{}, fmt.Errorf("service: tls_cert_file and tls_key_file go together")
+	}
+	return out, nil
+}

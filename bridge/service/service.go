@@ -1,0 +1,256 @@
+// Package service runs the bridge as a process: it follows the server's
+// directory (bridge/replica), holds this replica's signing key, publishes the
+// key's public half through the server, and serves the token endpoints over
+// HTTPS.
+package service
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/big"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/ferry-id/ferry/bridge"
+	"github.com/ferry-id/ferry/bridge/replica"
+	"github.com/ferry-id/ferry/bridge/signing"
+	"github.com/ferry-id/ferry/proto/ferrypb"
+)
+
+// Config configures a bridge replica.
+type Config struct {
+	// ListenAddr is the HTTPS address, e.g. 127.0.0.1:8443.
+	ListenAddr string
+	// BaseURL is the public https://host:port clients use (the authority
+	// host); default https://<ListenAddr>.
+	BaseURL string
+	// TLSCertFile and TLSKeyFile hold the HTTPS certificate. When empty the
+	// service makes its own CA and certificate under DataDir and writes the CA
+	// to DataDir/tls-ca.pem for clients to trust (SSL_CERT_FILE).
+	TLSCertFile, TLSKeyFile string
+	// DataDir holds the signing key (0600) and any generated TLS material.
+	DataDir string
+	// ServerSocket is the server's admin socket, where the Directory service is.
+	ServerSocket string
+	// Name names this replica in its signing key's certificate.
+	Name   string
+	Logger *slog.Logger
+}
+
+// Service is a running bridge replica.
+type Service struct {
+	cfg    Config
+	log    *slog.Logger
+	lis    net.Listener
+	tls    *tls.Config
+	caFile string
+	key    *signing.Key
+	ready  chan struct{}
+}
+
+// New validates cfg, loads (or creates) the signing key and TLS material, and
+// binds the listener; Run serves.
+func New(cfg Config) (*Service, error) {
+	if cfg.ListenAddr == "" || cfg.DataDir == "" || cfg.ServerSocket == "" {
+		return nil, errors.New("service: listen address, data dir and server socket are required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Name == "" {
+		cfg.Name, _ = os.Hostname()
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("service: %w", err)
+	}
+	lis, err := net.Listen("tcp", cfg.ListenAddr)
+	if err != nil {
+		return nil, fmt.Errorf("service: %w", err)
+	}
+	if cfg.BaseURL == "" {
+		cfg.BaseURL = "https://" + lis.Addr().String()
+	}
+	s := &Service{cfg: cfg, log: cfg.Logger, lis: lis, ready: make(chan struct{})}
+	if s.key, err = signing.LoadOrCreate(filepath.Join(cfg.DataDir, "signing-key.pem"), cfg.Name, time.Now()); err != nil {
+		lis.Close()
+		return nil, err
+	}
+	if err := s.loadTLS(); err != nil {
+		lis.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// Addr is the bound HTTPS address.
+func (s *Service) Addr() string { return s.lis.Addr().String() }
+
+// BaseURL is the authority host clients use.
+func (s *Service) BaseURL() string { return s.cfg.BaseURL }
+
+// CAFile is the PEM file of the CA that issued the generated HTTPS
+// certificate, or "" when the certificate came from files.
+func (s *Service) CAFile() string { return s.caFile }
+
+// Ready is closed once the replica has its first copy of the directory.
+func (s *Service) Ready() <-chan struct{} { return s.ready }
+
+// Run follows the directory and serves until ctx ends.
+func (s *Service) Run(ctx context.Context) error {
+	defer s.lis.Close()
+	conn, err := grpc.NewClient("unix://"+s.cfg.ServerSocket,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		// Come back quickly after a server restart (gRPC's default waits up
+		// to two minutes between attempts).
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second}, MinConnectTimeout: 5 * time.Second}))
+	if err != nil {
+		return fmt.Errorf("service: %w", err)
+	}
+	defer conn.Close()
+	rep, err := replica.New(replica.Config{Source: ferrypb.NewDirectoryClient(conn), Key: s.key.Public(), Logger: s.log.With("component", "replica")})
+	if err != nil {
+		return err
+	}
+	errc := make(chan error, 2)
+	go func() { errc <- rep.Run(ctx) }()
+	select {
+	case <-rep.Ready():
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		return nil
+	}
+	b, err := bridge.New(bridge.Config{
+		Directory: rep,
+		Key:       s.key,
+		BaseURL:   s.cfg.BaseURL,
+		Listener:  s.lis,
+		TLSConfig: s.tls,
+		Logger:    s.log,
+	})
+	if err != nil {
+		return err
+	}
+	close(s.ready)
+	s.log.Info("bridge serving", "base_url", s.cfg.BaseURL, "kid", s.key.KID())
+	go func() { errc <- b.Run(ctx) }()
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-errc:
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+}
+
+func (s *Service) loadTLS() error {
+	if s.cfg.TLSCertFile != "" || s.cfg.TLSKeyFile != "" {
+		cert, err := tls.LoadX509KeyPair(s.cfg.TLSCertFile, s.cfg.TLSKeyFile)
+		if err != nil {
+			return fmt.Errorf("service: TLS certificate: %w", err)
+		}
+		s.tls = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		return nil
+	}
+	certFile := filepath.Join(s.cfg.DataDir, "tls-cert.pem")
+	keyFile := filepath.Join(s.cfg.DataDir, "tls-key.pem")
+	s.caFile = filepath.Join(s.cfg.DataDir, "tls-ca.pem")
+	if cert, err := tls.LoadX509KeyPair(certFile, keyFile); err == nil {
+		if leaf, err := x509.ParseCertificate(cert.Certificate[0]); err == nil && time.Until(leaf.NotAfter) > 24*time.Hour && coversHost(leaf, s.cfg.BaseURL) {
+			s.tls = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+			return nil
+		}
+	}
+	if err := generateTLS(s.caFile, certFile, keyFile, s.cfg.BaseURL); err != nil {
+		return err
+	}
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return fmt.Errorf("service: %w", err)
+	}
+	s.tls = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	return nil
+}
+
+func coversHost(leaf *x509.Certificate, baseURL string) bool {
+	u, err := url.Parse(baseURL)
+	if err != nil {
+		return false
+	}
+	return leaf.VerifyHostname(u.Hostname()) == nil
+}
+
+// generateTLS makes a small CA and an HTTPS certificate for localhost, the
+// loopback addresses and the base URL's host.
+func generateTLS(caFile, certFile, keyFile, baseURL string) error {
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	caTmpl := &x509.Certificate{
+		SerialNumber: serial(), Subject: pkix.Name{Organization: []string{"ferry"}, CommonName: "ferry bridge CA"},
+		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(5 * 365 * 24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
+	if err != nil {
+		return err
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial(), Subject: pkix.Name{Organization: []string{"ferry"}, CommonName: "ferry bridge"},
+		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(365 * 24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		DNSNames: []string{"localhost"}, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+	}
+	if u, err := url.Parse(baseURL); err == nil && u.Hostname() != "" {
+		if ip := net.ParseIP(u.Hostname()); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else if u.Hostname() != "localhost" {
+			tmpl.DNSNames = append(tmpl.DNSNames, u.Hostname())
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, key.Public(), caKey)
+	if err != nil {
+		return err
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		return err
+	}
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		return err
+	}
+	return os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), 0o644)
+}
+
+func serial() *big.Int {
+	n, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	return n
+}
