@@ -6,6 +6,7 @@ package interop
 
 import (
 	"bufio"
+	"encoding/base64"
 	"fmt"
 	"os"
 	"os/exec"
@@ -72,6 +73,12 @@ func run(m *testing.M) int {
 		return 1
 	}
 	dev = &stack{bin: bin, dir: dir, env: env}
+	// The only concession the Azure clients need: trust the bridge's CA. Go
+	// reads SSL_CERT_FILE when it first loads the system roots, which has not
+	// happened yet in this process.
+	if ca := env["FERRY_BRIDGE_CA"]; ca != "" {
+		os.Setenv("SSL_CERT_FILE", ca)
+	}
 	// Copy the test binary where another user can run it.
 	self, _ := os.Executable()
 	if data, err := os.ReadFile(self); err == nil {
@@ -127,3 +134,6 @@ func (s *stack) ferry(t *testing.T, args ...string) string {
 	}
 	return string(out)
 }
+
+// decodeStd decodes standard base64 (x5c entries).
+func decodeStd(s string) ([]byte, error) { return base64.StdEncoding.DecodeString(s) }
