@@ -23,6 +23,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferry-id/ferry/bridge/assertion"
@@ -108,7 +109,20 @@ type Bridge struct {
 
 	keysMu sync.Mutex
 	keys   map[string]crypto.PublicKey // PKIX DER -> parsed local JWT authority
+
+	// key signs tokens; SetKey swaps it when the replica's key rotates.
+	key atomic.Pointer[signing.Key]
 }
+
+// SetKey makes k the key new tokens are signed with. The previous key must stay
+// published (in the directory) while tokens it signed live.
+func (b *Bridge) SetKey(k *signing.Key) {
+	if k != nil {
+		b.key.Store(k)
+	}
+}
+
+func (b *Bridge) signingKey() *signing.Key { return b.key.Load() }
 
 // New validates cfg and returns a Bridge.
 func New(cfg Config) (*Bridge, error) {
@@ -153,14 +167,16 @@ func New(cfg Config) (*Bridge, error) {
 	if dc.Logger == nil {
 		dc.Logger = cfg.Logger
 	}
-	return &Bridge{
+	b := &Bridge{
 		cfg:    cfg,
 		dir:    cfg.Directory,
 		issuer: discovery.New(dc),
 		log:    cfg.Logger,
 		rules:  make(map[string]*fic.Rule),
 		keys:   make(map[string]crypto.PublicKey),
-	}, nil
+	}
+	b.key.Store(cfg.Key)
+	return b, nil
 }
 
 // Handler returns the HTTP handler serving every bridge endpoint.

@@ -73,7 +73,7 @@ func (b *Bridge) serveKeys(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	keys := append([]*ferrypb.SigningKey{b.cfg.Key.Public()}, b.dir.SigningKeys()...)
+	keys := append([]*ferrypb.SigningKey{b.signingKey().Public()}, b.dir.SigningKeys()...)
 	w.Header().Set("Access-Control-Allow-Origin", "*")
 	// Short, so that a new replica's key is picked up soon.
 	w.Header().Set("Cache-Control", "max-age=300, public")

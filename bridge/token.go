@@ -320,7 +320,7 @@ func (b *Bridge) isOwnToken(r *http.Request, tok *assertion.Token) bool {
 			return true
 		}
 	}
-	if tok.Kid == b.cfg.Key.KID() {
+	if tok.Kid == b.signingKey().KID() {
 		return true
 	}
 	for _, k := range b.dir.SigningKeys() {
@@ -408,7 +408,7 @@ func (b *Bridge) issue(r *http.Request, req *tokenRequest, ident *ferrypb.Identi
 		c.Ver = "2.0"
 	}
 	c.Idp = c.Iss
-	tok, err := b.cfg.Key.Sign(c, req.v1)
+	tok, err := b.signingKey().Sign(c, req.v1)
 	if err != nil {
 		b.log.Error("signing access token failed", "error", err)
 		return nil, errf(http.StatusInternalServerError, "server_error", CodeTokenIssuance, "There was an error issuing a token.")

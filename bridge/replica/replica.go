@@ -37,6 +37,7 @@ import (
 type Source interface {
 	Watch(ctx context.Context, in *ferrypb.WatchRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ferrypb.WatchResponse], error)
 	PublishSigningKey(ctx context.Context, in *ferrypb.SigningKey, opts ...grpc.CallOption) (*ferrypb.SigningKey, error)
+	RetireSigningKey(ctx context.Context, in *ferrypb.RetireSigningKeyRequest, opts ...grpc.CallOption) (*ferrypb.RetireSigningKeyResponse, error)
 }
 
 // Config configures a Replica.
@@ -70,7 +71,8 @@ type Replica struct {
 
 	readyOnce sync.Once
 	ready     chan struct{}
-	publish   chan struct{} // a pending "make sure the key is published"
+	publish   chan struct{} // a pending "make sure the keys are published"
+	own       atomic.Pointer[[]*ferrypb.SigningKey]
 }
 
 var _ bridge.Directory = (*Replica)(nil)
@@ -94,6 +96,11 @@ func New(cfg Config) (*Replica, error) {
 		cfg.PublishTimeout = 10 * time.Second
 	}
 	r := &Replica{cfg: cfg, log: cfg.Logger, ready: make(chan struct{}), publish: make(chan struct{}, 1)}
+	var own []*ferrypb.SigningKey
+	if cfg.Key != nil {
+		own = []*ferrypb.SigningKey{cfg.Key}
+	}
+	r.own.Store(&own)
 	db, err := newDB()
 	if err != nil {
 		return nil, err
@@ -113,7 +120,7 @@ func (r *Replica) Revision() uint64 { return r.revision.Load() }
 // when ctx ends.
 func (r *Replica) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
-	if r.cfg.Key != nil {
+	{
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -298,9 +305,29 @@ func (r *Replica) setIssuers(fromServer map[string]string) {
 	r.issuers.Store(&m)
 }
 
-// checkKey asks publishLoop to publish the key when the directory lacks it.
+// SetKeys replaces the set of this replica's keys that must be published (a
+// key ring's current, next and previous keys); missing ones are published.
+func (r *Replica) SetKeys(keys []*ferrypb.SigningKey) {
+	keys = append([]*ferrypb.SigningKey(nil), keys...)
+	r.own.Store(&keys)
+	r.checkKey()
+}
+
+// Retire withdraws one of this replica's keys from the directory.
+func (r *Replica) Retire(ctx context.Context, kid string) error {
+	pctx, cancel := context.WithTimeout(ctx, r.cfg.PublishTimeout)
+	defer cancel()
+	_, err := r.cfg.Source.RetireSigningKey(pctx, &ferrypb.RetireSigningKeyRequest{Kid: kid})
+	if err != nil {
+		return fmt.Errorf("replica: retire signing key %s: %w", kid, err)
+	}
+	r.log.Info("signing key retired", "kid", kid)
+	return nil
+}
+
+// checkKey asks publishLoop to publish the keys the directory lacks.
 func (r *Replica) checkKey() {
-	if r.cfg.Key == nil || r.hasKey() {
+	if len(r.missingKeys()) == 0 {
 		return
 	}
 	select {
@@ -309,13 +336,21 @@ func (r *Replica) checkKey() {
 	}
 }
 
-func (r *Replica) hasKey() bool {
-	raw, err := r.db.Load().Txn(false).First(tableKeys, "id", r.cfg.Key.Kid)
-	return err == nil && raw != nil && bytes.Equal(raw.(*ferrypb.SigningKey).PublicKey, r.cfg.Key.PublicKey)
+// missingKeys are this replica's keys the followed directory does not list.
+func (r *Replica) missingKeys() []*ferrypb.SigningKey {
+	txn := r.db.Load().Txn(false)
+	var out []*ferrypb.SigningKey
+	for _, k := range *r.own.Load() {
+		raw, err := txn.First(tableKeys, "id", k.Kid)
+		if err != nil || raw == nil || !bytes.Equal(raw.(*ferrypb.SigningKey).PublicKey, k.PublicKey) {
+			out = append(out, k)
+		}
+	}
+	return out
 }
 
-// publishLoop publishes the key when asked, retrying with backoff until the
-// server accepts it.
+// publishLoop publishes missing keys when asked, retrying with backoff until
+// the server accepts them.
 func (r *Replica) publishLoop(ctx context.Context) {
 	for {
 		select {
@@ -324,24 +359,26 @@ func (r *Replica) publishLoop(ctx context.Context) {
 		case <-r.publish:
 		}
 		backoff := r.cfg.MinBackoff
-		for {
-			pctx, cancel := context.WithTimeout(ctx, r.cfg.PublishTimeout)
-			_, err := r.cfg.Source.PublishSigningKey(pctx, r.cfg.Key)
-			cancel()
-			if err == nil {
-				r.log.Info("signing key published", "kid", r.cfg.Key.Kid)
-				break
+		for _, key := range r.missingKeys() {
+			for {
+				pctx, cancel := context.WithTimeout(ctx, r.cfg.PublishTimeout)
+				_, err := r.cfg.Source.PublishSigningKey(pctx, key)
+				cancel()
+				if err == nil {
+					r.log.Info("signing key published", "kid", key.Kid)
+					break
+				}
+				if ctx.Err() != nil {
+					return
+				}
+				r.log.Warn("publishing the signing key failed; retrying", "kid", key.Kid, "error", err)
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(backoff):
+				}
+				backoff = min(backoff*2, r.cfg.MaxBackoff)
 			}
-			if ctx.Err() != nil {
-				return
-			}
-			r.log.Warn("publishing the signing key failed; retrying", "kid", r.cfg.Key.Kid, "error", err)
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(backoff):
-			}
-			backoff = min(backoff*2, r.cfg.MaxBackoff)
 		}
 	}
 }

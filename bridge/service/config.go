@@ -2,6 +2,7 @@ package service
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/hashicorp/hcl/hcl/token"
 
@@ -21,6 +22,8 @@ type bridgeBlock struct {
 	DataDir      string                 `hcl:"data_dir"`
 	ServerSocket string                 `hcl:"server_socket"`
 	Name         string                 `hcl:"name"`
+	KeyLifetime  string                 `hcl:"key_lifetime"`
+	KeyRetire    string                 `hcl:"key_retire_after"`
 	LogLevel     string                 `hcl:"log_level"`
 	LogFormat    string                 `hcl:"log_format"`
 	UnusedKeys   map[string][]token.Pos `hcl:",unusedKeyPositions"`
@@ -51,6 +54,20 @@ func LoadConfig(path string) (FileConfig, error) {
 		ServerSocket: config.Resolve(path, b.ServerSocket),
 		Name:         b.Name,
 	}}
+	for _, d := range []struct {
+		name string
+		in   string
+		out  *time.Duration
+	}{{"key_lifetime", b.KeyLifetime, &out.KeyLifetime}, {"key_retire_after", b.KeyRetire, &out.KeyRetireAfter}} {
+		if d.in == "" {
+			continue
+		}
+		v, err := time.ParseDuration(d.in)
+		if err != nil {
+			return FileConfig{}, fmt.Errorf("service: %s: %w", d.name, err)
+		}
+		*d.out = v
+	}
 	if out.ListenAddr == "" {
 		return FileConfig{}, fmt.Errorf("service: listen_addr is required")
 	}

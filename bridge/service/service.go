@@ -49,8 +49,12 @@ type Config struct {
 	// ServerSocket is the server's admin socket, where the Directory service is.
 	ServerSocket string
 	// Name names this replica in its signing key's certificate.
-	Name   string
-	Logger *slog.Logger
+	Name string
+	// KeyLifetime is the validity of each signing key (90 days by default);
+	// keys rotate as signing.Ring describes. KeyRetireAfter is how long a
+	// replaced key stays published (2 h by default).
+	KeyLifetime, KeyRetireAfter time.Duration
+	Logger                      *slog.Logger
 }
 
 // Service is a running bridge replica.
@@ -60,7 +64,7 @@ type Service struct {
 	lis    net.Listener
 	tls    *tls.Config
 	caFile string
-	key    *signing.Key
+	ring   *signing.Ring
 	ready  chan struct{}
 }
 
@@ -87,7 +91,7 @@ func New(cfg Config) (*Service, error) {
 		cfg.BaseURL = "https://" + lis.Addr().String()
 	}
 	s := &Service{cfg: cfg, log: cfg.Logger, lis: lis, ready: make(chan struct{})}
-	if s.key, err = signing.LoadOrCreate(filepath.Join(cfg.DataDir, "signing-key.pem"), cfg.Name, time.Now()); err != nil {
+	if s.ring, err = signing.OpenRing(signing.RingConfig{Dir: cfg.DataDir, Owner: cfg.Name, Lifetime: cfg.KeyLifetime, RetireAfter: cfg.KeyRetireAfter}); err != nil {
 		lis.Close()
 		return nil, err
 	}
@@ -123,10 +127,11 @@ func (s *Service) Run(ctx context.Context) error {
 		return fmt.Errorf("service: %w", err)
 	}
 	defer conn.Close()
-	rep, err := replica.New(replica.Config{Source: ferrypb.NewDirectoryClient(conn), Key: s.key.Public(), Logger: s.log.With("component", "replica")})
+	rep, err := replica.New(replica.Config{Source: ferrypb.NewDirectoryClient(conn), Logger: s.log.With("component", "replica")})
 	if err != nil {
 		return err
 	}
+	rep.SetKeys(s.ring.Published())
 	errc := make(chan error, 2)
 	go func() { errc <- rep.Run(ctx) }()
 	select {
@@ -138,7 +143,7 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	b, err := bridge.New(bridge.Config{
 		Directory: rep,
-		Key:       s.key,
+		Key:       s.ring.Current(),
 		BaseURL:   s.cfg.BaseURL,
 		Listener:  s.lis,
 		TLSConfig: s.tls,
@@ -148,8 +153,9 @@ func (s *Service) Run(ctx context.Context) error {
 		return err
 	}
 	close(s.ready)
-	s.log.Info("bridge serving", "base_url", s.cfg.BaseURL, "kid", s.key.KID())
+	s.log.Info("bridge serving", "base_url", s.cfg.BaseURL, "kid", s.ring.Current().KID())
 	go func() { errc <- b.Run(ctx) }()
+	go s.rotate(ctx, rep, b)
 	select {
 	case <-ctx.Done():
 		return nil
@@ -158,6 +164,45 @@ func (s *Service) Run(ctx context.Context) error {
 			return nil
 		}
 		return err
+	}
+}
+
+// rotate drives the signing key ring: a new key is published long before it
+// signs, and a replaced key is withdrawn once its tokens have expired.
+func (s *Service) rotate(ctx context.Context, rep *replica.Replica, b *bridge.Bridge) {
+	life := s.cfg.KeyLifetime
+	if life <= 0 {
+		life = signing.DefaultLifetime
+	}
+	every := min(time.Minute, max(life/100, 100*time.Millisecond))
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rot, err := s.ring.Tick()
+		if err != nil {
+			s.log.Error("signing key rotation", "error", err)
+			continue
+		}
+		if rot.Prepared != nil {
+			s.log.Info("next signing key prepared and published", "kid", rot.Prepared.KID())
+		}
+		if rot.Activated != nil {
+			b.SetKey(rot.Activated)
+			s.log.Info("signing key rotated", "kid", rot.Activated.KID())
+		}
+		if rot.Retired != "" {
+			if err := rep.Retire(ctx, rot.Retired); err != nil {
+				s.log.Warn("retiring signing key", "kid", rot.Retired, "error", err)
+			}
+		}
+		if rot.Prepared != nil || rot.Activated != nil || rot.Retired != "" {
+			rep.SetKeys(s.ring.Published())
+		}
 	}
 }
 

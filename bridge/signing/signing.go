@@ -61,9 +61,11 @@ func Generate(owner string, now time.Time, lifetime time.Duration) (*Key, error)
 		return nil, fmt.Errorf("signing: serial: %w", err)
 	}
 	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: "ferry bridge token signing " + owner},
-		NotBefore:             now.Add(-5 * time.Minute),
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: "ferry bridge token signing " + owner},
+		// Backdated for clock skew, by at most a tenth of the lifetime so a
+		// short-lived key's rotation schedule still means something.
+		NotBefore:             now.Add(-min(5*time.Minute, lifetime/10)),
 		NotAfter:              now.Add(lifetime),
 		KeyUsage:              x509.KeyUsageDigitalSignature,
 		BasicConstraintsValid: true,
