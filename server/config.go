@@ -29,6 +29,7 @@ type serverBlock struct {
 	LogLevel    string                 `hcl:"log_level"`
 	LogFormat   string                 `hcl:"log_format"`
 	AgentAddr   string                 `hcl:"agent_addr"`
+	AdminAddr   string                 `hcl:"admin_addr"`
 	Cluster     *clusterBlock          `hcl:"cluster"`
 	CA          *caBlock               `hcl:"ca"`
 	X509PoP     *x509popBlock          `hcl:"x509pop"`
@@ -93,6 +94,7 @@ func LoadConfig(path string) (Config, error) {
 		LogLevel:    s.LogLevel,
 		LogFormat:   s.LogFormat,
 		AgentAddr:   s.AgentAddr,
+		AdminAddr:   s.AdminAddr,
 	}
 	if s.X509PoP != nil {
 		c.X509PoPBundle = config.Resolve(path, s.X509PoP.CABundleFile)

@@ -56,6 +56,10 @@ type Config struct {
 	Cluster   ClusterConfig
 	// AgentAddr is the agent API's TCP address (TLS with the server's SVID).
 	AgentAddr string
+	// AdminAddr, when set, also serves the admin services (Admin, Directory,
+	// ...) over mutual TLS, to workloads whose X509-SVID is issued by an entry
+	// marked admin (remote bridge replicas, remote operators).
+	AdminAddr string
 	CA        CAConfig
 	// X509PoPBundle is a PEM file of CAs for the x509pop node attestor; empty
 	// disables it. join_token is always on.
@@ -164,7 +168,12 @@ func (s *Server) Run(ctx context.Context) error {
 	defer node.Close()
 	s.registerMetrics()
 
-	admin, err := api.NewAdmin(api.Config{Cluster: clusterAPI{node, s.store}, Store: s.store, Logger: s.log.With("component", "admin")})
+	authority, agentAPI, err := s.startAuthority(ctx, node)
+	if err != nil {
+		return err
+	}
+	admin, err := api.NewAdmin(api.Config{Cluster: clusterAPI{node, s.store}, Store: s.store, Logger: s.log.With("component", "admin"),
+		Authority: authority, TrustDomain: s.cfg.TrustDomain})
 	if err != nil {
 		return err
 	}
@@ -172,7 +181,11 @@ func (s *Server) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	gs := grpc.NewServer(grpc.ChainUnaryInterceptor(s.unaryInterceptor), grpc.ChainStreamInterceptor(s.streamInterceptor))
+	// The admin services answer on the unix socket (file permissions guard it)
+	// and, when admin_addr is set, over mutual TLS to admin workloads.
+	tlsCfg := &svidTLS{store: s.store, td: s.cfg.TrustDomain.String(), log: s.log}
+	gs := grpc.NewServer(grpc.Creds(adminCreds{tls: tlsCfg}),
+		grpc.ChainUnaryInterceptor(s.unaryInterceptor, s.adminUnaryAuth), grpc.ChainStreamInterceptor(s.streamInterceptor, s.adminStreamAuth))
 	ferrypb.RegisterAdminServer(gs, admin)
 	issuers := map[string]string{}
 	if s.cfg.CA.JWTIssuer != "" {
@@ -185,23 +198,28 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	ferrypb.RegisterDirectoryServer(gs, directory)
 
-	authority, agentAPI, err := s.startAuthority(ctx, node)
-	if err != nil {
-		return err
-	}
 	agentLis, err := net.Listen("tcp", s.cfg.AgentAddr)
 	if err != nil {
 		return fmt.Errorf("server: agent listener: %w", err)
 	}
-	tlsCfg := &svidTLS{ca: authority, store: s.store, td: s.cfg.TrustDomain.String(), log: s.log}
+	tlsCfg.ca = authority
 	ags := grpc.NewServer(grpc.Creds(credentials.NewTLS(tlsCfg.config())),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor), grpc.ChainStreamInterceptor(s.streamInterceptor))
 	ferrypb.RegisterAgentServer(ags, agentAPI)
 	defer ags.Stop()
 
-	errc := make(chan error, 4)
+	errc := make(chan error, 5)
 	go func() { errc <- gs.Serve(lis) }()
 	go func() { errc <- ags.Serve(agentLis) }()
+	if s.cfg.AdminAddr != "" {
+		adminLis, err := net.Listen("tcp", s.cfg.AdminAddr)
+		if err != nil {
+			gs.Stop()
+			return fmt.Errorf("server: admin listener: %w", err)
+		}
+		go func() { errc <- gs.Serve(adminLis) }()
+		s.log.Info("admin API over mutual TLS", "addr", adminLis.Addr().String())
+	}
 	var hs *http.Server
 	if s.cfg.HealthAddr != "" {
 		hl, err := net.Listen("tcp", s.cfg.HealthAddr)

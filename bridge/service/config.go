@@ -21,6 +21,8 @@ type bridgeBlock struct {
 	TLSKeyFile   string                 `hcl:"tls_key_file"`
 	DataDir      string                 `hcl:"data_dir"`
 	ServerSocket string                 `hcl:"server_socket"`
+	ServerAddr   string                 `hcl:"server_address"`
+	WorkloadAPI  string                 `hcl:"workload_api_socket"`
 	Name         string                 `hcl:"name"`
 	KeyLifetime  string                 `hcl:"key_lifetime"`
 	KeyRetire    string                 `hcl:"key_retire_after"`
@@ -46,13 +48,15 @@ func LoadConfig(path string) (FileConfig, error) {
 		return FileConfig{}, fmt.Errorf("service: %s has no bridge block", path)
 	}
 	out := FileConfig{LogLevel: b.LogLevel, LogFormat: b.LogFormat, Config: Config{
-		ListenAddr:   b.ListenAddr,
-		BaseURL:      b.BaseURL,
-		TLSCertFile:  config.Resolve(path, b.TLSCertFile),
-		TLSKeyFile:   config.Resolve(path, b.TLSKeyFile),
-		DataDir:      config.Resolve(path, b.DataDir),
-		ServerSocket: config.Resolve(path, b.ServerSocket),
-		Name:         b.Name,
+		ListenAddr:    b.ListenAddr,
+		BaseURL:       b.BaseURL,
+		TLSCertFile:   config.Resolve(path, b.TLSCertFile),
+		TLSKeyFile:    config.Resolve(path, b.TLSKeyFile),
+		DataDir:       config.Resolve(path, b.DataDir),
+		ServerSocket:  config.Resolve(path, b.ServerSocket),
+		ServerAddress: b.ServerAddr,
+		WorkloadAPI:   b.WorkloadAPI,
+		Name:          b.Name,
 	}}
 	for _, d := range []struct {
 		name string
@@ -74,8 +78,11 @@ func LoadConfig(path string) (FileConfig, error) {
 	if out.DataDir == "" {
 		return FileConfig{}, fmt.Errorf("service: data_dir is required")
 	}
-	if out.ServerSocket == "" {
+	if out.ServerSocket == "" && out.ServerAddress == "" {
 		out.ServerSocket = "/tmp/ferry/server/admin.sock"
+	}
+	if out.ServerAddress != "" && out.WorkloadAPI == "" {
+		out.WorkloadAPI = "unix:///tmp/ferry/agent/public/api.sock"
 	}
 	if (out.TLSCertFile == "") != (out.TLSKeyFile == "") {
 		return FileConfig{}, fmt.Errorf("service: tls_cert_file and tls_key_file go together")

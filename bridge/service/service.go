@@ -23,8 +23,12 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/ferry-id/ferry/bridge"
@@ -46,8 +50,14 @@ type Config struct {
 	TLSCertFile, TLSKeyFile string
 	// DataDir holds the signing key (0600) and any generated TLS material.
 	DataDir string
-	// ServerSocket is the server's admin socket, where the Directory service is.
+	// ServerSocket is the server's admin socket, where the Directory service is
+	// (a replica on a server's machine).
 	ServerSocket string
+	// ServerAddress is a server's admin_addr, reached over mutual TLS with the
+	// X509-SVID this replica gets from its local agent's Workload API at
+	// WorkloadAPI (a replica on any machine; its entry must be marked admin).
+	ServerAddress string
+	WorkloadAPI   string
 	// Name names this replica in its signing key's certificate.
 	Name string
 	// KeyLifetime is the validity of each signing key (90 days by default);
@@ -71,8 +81,8 @@ type Service struct {
 // New validates cfg, loads (or creates) the signing key and TLS material, and
 // binds the listener; Run serves.
 func New(cfg Config) (*Service, error) {
-	if cfg.ListenAddr == "" || cfg.DataDir == "" || cfg.ServerSocket == "" {
-		return nil, errors.New("service: listen address, data dir and server socket are required")
+	if cfg.ListenAddr == "" || cfg.DataDir == "" || (cfg.ServerSocket == "") == (cfg.ServerAddress == "") {
+		return nil, errors.New("service: listen address, data dir and one of server socket or server address are required")
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -118,8 +128,23 @@ func (s *Service) Ready() <-chan struct{} { return s.ready }
 // Run follows the directory and serves until ctx ends.
 func (s *Service) Run(ctx context.Context) error {
 	defer s.lis.Close()
-	conn, err := grpc.NewClient("unix://"+s.cfg.ServerSocket,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+	target, creds := "unix://"+s.cfg.ServerSocket, insecure.NewCredentials()
+	if s.cfg.ServerAddress != "" {
+		src, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(workloadapi.WithAddr(s.cfg.WorkloadAPI)))
+		if err != nil {
+			return fmt.Errorf("service: X509-SVID from the Workload API: %w", err)
+		}
+		defer src.Close()
+		svid, err := src.GetX509SVID()
+		if err != nil {
+			return fmt.Errorf("service: %w", err)
+		}
+		serverID := spiffeid.RequireFromPath(svid.ID.TrustDomain(), "/spire/server")
+		target, creds = s.cfg.ServerAddress, credentials.NewTLS(tlsconfig.MTLSClientConfig(src, src, tlsconfig.AuthorizeID(serverID)))
+		s.log.Info("following the directory over mutual TLS", "server", s.cfg.ServerAddress, "spiffe_id", svid.ID.String())
+	}
+	conn, err := grpc.NewClient(target,
+		grpc.WithTransportCredentials(creds),
 		// Come back quickly after a server restart (gRPC's default waits up
 		// to two minutes between attempts).
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second}, MinConnectTimeout: 5 * time.Second}))

@@ -62,6 +62,8 @@ type Options struct {
 	TrailingLogs      int
 	SnapshotInterval  string
 	LogLevel          string // default debug
+	// AdminTCP also serves the admin services over mutual TLS (admin_addr).
+	AdminTCP bool
 }
 
 // Cluster is a set of server processes sharing one cluster CA.
@@ -83,6 +85,7 @@ type Node struct {
 	ClusterAddr string
 	HealthAddr  string
 	AgentAddr   string
+	AdminAddr   string // set when Options.AdminTCP
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -156,6 +159,11 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
 	tlsDir := filepath.Join(dir, "tls")
 	c.run("cluster", "tls", "cert", "create", "--node", id, "--dir", tlsDir,
 		"--ca", filepath.Join(caDir, "ca.pem"), "--ca-key", filepath.Join(caDir, "ca-key.pem"))
+	var adminAddr string
+	if c.Opts.AdminTCP {
+		n.AdminAddr = FreeAddr(c.t)
+		adminAddr = fmt.Sprintf("admin_addr = %q", n.AdminAddr)
+	}
 	var join string
 	if joinAddr != "" {
 		join = fmt.Sprintf("retry_join = [%q]", joinAddr)
@@ -181,6 +189,7 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
   health_addr  = %q
   agent_addr   = %q
   profiling    = true
+  %s
   log_level    = %q
   cluster {
     bind_addr = %q
@@ -191,7 +200,7 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
     key_file  = "tls/node-key.pem"
 %s  }
 }
-`, id, c.Opts.TrustDomain, n.HealthAddr, n.AgentAddr, c.Opts.LogLevel, n.ClusterAddr, bootstrap, join, filepath.Join(caDir, "ca.pem"), extra.String())
+`, id, c.Opts.TrustDomain, n.HealthAddr, n.AgentAddr, adminAddr, c.Opts.LogLevel, n.ClusterAddr, bootstrap, join, filepath.Join(caDir, "ca.pem"), extra.String())
 	if err := os.WriteFile(n.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -13,9 +14,17 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 
 	"github.com/ferry-id/ferry/internal/testcluster"
+	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
 // TestBridgeKeyRotation runs a real bridge process with short-lived signing
@@ -118,4 +127,86 @@ func jwksKids(c *http.Client, addr string) ([]string, error) {
 	}
 	slices.Sort(out)
 	return out, nil
+}
+
+// TestBridgeRemoteReplica runs a bridge that reaches the server over mutual TLS
+// with an admin X509-SVID from its agent, as a replica on another machine would;
+// a workload without an admin entry is refused there.
+func TestBridgeRemoteReplica(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts real server, agent and bridge processes")
+	}
+	c := testcluster.New(t, testcluster.Options{Nodes: 1, AdminTCP: true})
+	a := c.StartAgent("bnode")
+	srv := c.Nodes[0]
+	for _, args := range [][]string{
+		{"entry", "create", "--spiffe-id", "spiffe://example.org/bridge", "--parent-id", a.ID, "--selector", fmt.Sprintf("unix:uid:%d", os.Getuid()), "--admin"},
+		{"entry", "create", "--spiffe-id", "spiffe://example.org/plain", "--parent-id", a.ID, "--selector", fmt.Sprintf("unix:uid:%d", os.Getuid())},
+	} {
+		out, err := srv.CLI(args...)
+		require.NoError(t, err, out)
+	}
+
+	// Plain and admin identities against the admin listener.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	x, err := workloadapi.FetchX509Context(ctx, workloadapi.WithAddr(a.SocketAddr()))
+	require.NoError(t, err)
+	require.Len(t, x.SVIDs, 2)
+	serverID := spiffeid.RequireFromString("spiffe://example.org/spire/server")
+	for _, svid := range x.SVIDs {
+		conn, err := grpc.NewClient(srv.AdminAddr, grpc.WithTransportCredentials(
+			credentials.NewTLS(tlsconfig.MTLSClientConfig(svid, x.Bundles, tlsconfig.AuthorizeID(serverID)))))
+		require.NoError(t, err)
+		_, err = ferrypb.NewDirectoryClient(conn).ListTenants(ctx, &ferrypb.ListTenantsRequest{})
+		conn.Close()
+		if svid.ID.Path() == "/bridge" {
+			require.NoError(t, err)
+		} else {
+			require.Equal(t, codes.PermissionDenied, status.Code(err), "%v", err)
+		}
+	}
+	// No client certificate at all: the handshake fails.
+	conn, err := grpc.NewClient(srv.AdminAddr, grpc.WithTransportCredentials(
+		credentials.NewTLS(tlsconfig.TLSClientConfig(x.Bundles, tlsconfig.AuthorizeID(serverID)))))
+	require.NoError(t, err)
+	_, err = ferrypb.NewDirectoryClient(conn).ListTenants(ctx, &ferrypb.ListTenantsRequest{})
+	conn.Close()
+	require.Error(t, err)
+
+	dir := t.TempDir()
+	addr := testcluster.FreeAddr(t)
+	conf := filepath.Join(dir, "bridge.conf")
+	require.NoError(t, os.WriteFile(conf, []byte(fmt.Sprintf(`bridge {
+  listen_addr         = %q
+  data_dir            = "data"
+  server_address      = %q
+  workload_api_socket = %q
+  log_level           = "debug"
+}
+`, addr, srv.AdminAddr, a.SocketAddr())), 0o600))
+	logf, err := os.Create(filepath.Join(dir, "bridge.log"))
+	require.NoError(t, err)
+	cmd := exec.Command(c.Bin, "bridge", "run", "--config", conf)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	require.NoError(t, cmd.Start())
+	defer func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		_ = cmd.Wait()
+		if t.Failed() {
+			out, _ := os.ReadFile(filepath.Join(dir, "bridge.log"))
+			t.Logf("bridge log:\n%s", out)
+		}
+	}()
+	require.Eventually(t, func() bool {
+		pem, err := os.ReadFile(filepath.Join(dir, "data", "tls-ca.pem"))
+		if err != nil {
+			return false
+		}
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(pem)
+		client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+		kids, err := jwksKids(client, addr)
+		return err == nil && len(kids) == 1
+	}, 30*time.Second, 100*time.Millisecond, "the remote replica follows the directory and publishes its key")
 }
