@@ -205,16 +205,29 @@ func (s *Stack) Run(ctx context.Context) error {
 		return err
 	}
 	fmt.Fprintf(s.cfg.Out, `
-ferry is running (trust domain %s). In another shell:
+ferry is running (trust domain %s). In another shell (bin/ on your PATH):
 
   . %s
+  # an identity for this user's processes, delivered by the Workload API
   ferry entry create --spiffe-id spiffe://%s/web --parent-id $FERRY_AGENT_ID --selector unix:uid:$(id -u)
   ferry api fetch x509
-  ferry entry list
-  ferry cluster list
+  ferry api fetch jwt --audience api://AzureADTokenExchange
+
+  # spend it at the Entra-style bridge: an identity federated to that SPIFFE ID,
+  # an API with an app role, and a token for it
+  ferry identity create --name web-id
+  ferry identity federated-credential create --identity-name web-id --name web \
+      --issuer $FERRY_JWT_ISSUER --subject spiffe://%s/web
+  ferry resource create --name demo --identifier-uri api://demo --app-role reader
+  ferry role assign --identity-name web-id --resource api://demo --role reader
+  curl -s --cacert $FERRY_BRIDGE_CA $AZURE_AUTHORITY_HOST/$AZURE_TENANT_ID/oauth2/v2.0/token \
+      -d grant_type=client_credentials -d scope=api://demo/.default \
+      -d client_id=$(ferry identity show --name web-id --output json | sed -n 's/.*"client_id": "\(.*\)".*/\1/p') \
+      -d client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer \
+      -d client_assertion=$(ferry api fetch jwt --audience api://AzureADTokenExchange)
 
 Stop with Ctrl-C; start again with the same data dir to carry on where you left off.
-`, s.cfg.TrustDomain, envFile, s.cfg.TrustDomain)
+`, s.cfg.TrustDomain, envFile, s.cfg.TrustDomain, s.cfg.TrustDomain)
 	return <-errc
 }
 
