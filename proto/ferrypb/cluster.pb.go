@@ -24,8 +24,11 @@ const (
 )
 
 type ApplyRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Command       []byte                 `protobuf:"bytes,1,opt,name=command,proto3" json:"command,omitempty"` // encoded Command, as it goes into the log
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Command []byte                 `protobuf:"bytes,1,opt,name=command,proto3" json:"command,omitempty"` // encoded Command, as it goes into the log
+	// commands: several encoded Commands forwarded together (a follower's group
+	// forward); each is committed and answered on its own, in order.
+	Commands      [][]byte `protobuf:"bytes,2,rep,name=commands,proto3" json:"commands,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -67,9 +70,17 @@ func (x *ApplyRequest) GetCommand() []byte {
 	return nil
 }
 
+func (x *ApplyRequest) GetCommands() [][]byte {
+	if x != nil {
+		return x.Commands
+	}
+	return nil
+}
+
 type ApplyResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Result        *CommandResult         `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
+	Results       []*CommandResult       `protobuf:"bytes,2,rep,name=results,proto3" json:"results,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -107,6 +118,13 @@ func (*ApplyResponse) Descriptor() ([]byte, []int) {
 func (x *ApplyResponse) GetResult() *CommandResult {
 	if x != nil {
 		return x.Result
+	}
+	return nil
+}
+
+func (x *ApplyResponse) GetResults() []*CommandResult {
+	if x != nil {
+		return x.Results
 	}
 	return nil
 }
@@ -299,11 +317,13 @@ var File_cluster_proto protoreflect.FileDescriptor
 
 const file_cluster_proto_rawDesc = "" +
 	"\n" +
-	"\rcluster.proto\x12\bferry.v1\x1a\x0ecommands.proto\"(\n" +
+	"\rcluster.proto\x12\bferry.v1\x1a\x0ecommands.proto\"D\n" +
 	"\fApplyRequest\x12\x18\n" +
-	"\acommand\x18\x01 \x01(\fR\acommand\"@\n" +
+	"\acommand\x18\x01 \x01(\fR\acommand\x12\x1a\n" +
+	"\bcommands\x18\x02 \x03(\fR\bcommands\"s\n" +
 	"\rApplyResponse\x12/\n" +
-	"\x06result\x18\x01 \x01(\v2\x17.ferry.v1.CommandResultR\x06result\"T\n" +
+	"\x06result\x18\x01 \x01(\v2\x17.ferry.v1.CommandResultR\x06result\x121\n" +
+	"\aresults\x18\x02 \x03(\v2\x17.ferry.v1.CommandResultR\aresults\"T\n" +
 	"\vJoinRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1b\n" +
@@ -342,17 +362,18 @@ var file_cluster_proto_goTypes = []any{
 }
 var file_cluster_proto_depIdxs = []int32{
 	6, // 0: ferry.v1.ApplyResponse.result:type_name -> ferry.v1.CommandResult
-	0, // 1: ferry.v1.Cluster.Apply:input_type -> ferry.v1.ApplyRequest
-	2, // 2: ferry.v1.Cluster.Join:input_type -> ferry.v1.JoinRequest
-	4, // 3: ferry.v1.Cluster.ReadIndex:input_type -> ferry.v1.ReadIndexRequest
-	1, // 4: ferry.v1.Cluster.Apply:output_type -> ferry.v1.ApplyResponse
-	3, // 5: ferry.v1.Cluster.Join:output_type -> ferry.v1.JoinResponse
-	5, // 6: ferry.v1.Cluster.ReadIndex:output_type -> ferry.v1.ReadIndexResponse
-	4, // [4:7] is the sub-list for method output_type
-	1, // [1:4] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	6, // 1: ferry.v1.ApplyResponse.results:type_name -> ferry.v1.CommandResult
+	0, // 2: ferry.v1.Cluster.Apply:input_type -> ferry.v1.ApplyRequest
+	2, // 3: ferry.v1.Cluster.Join:input_type -> ferry.v1.JoinRequest
+	4, // 4: ferry.v1.Cluster.ReadIndex:input_type -> ferry.v1.ReadIndexRequest
+	1, // 5: ferry.v1.Cluster.Apply:output_type -> ferry.v1.ApplyResponse
+	3, // 6: ferry.v1.Cluster.Join:output_type -> ferry.v1.JoinResponse
+	5, // 7: ferry.v1.Cluster.ReadIndex:output_type -> ferry.v1.ReadIndexResponse
+	5, // [5:8] is the sub-list for method output_type
+	2, // [2:5] is the sub-list for method input_type
+	2, // [2:2] is the sub-list for extension type_name
+	2, // [2:2] is the sub-list for extension extendee
+	0, // [0:2] is the sub-list for field type_name
 }
 
 func init() { file_cluster_proto_init() }

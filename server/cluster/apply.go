@@ -113,22 +113,7 @@ func (n *Node) sleep(ctx context.Context, d time.Duration) error {
 }
 
 func (n *Node) forwardApply(ctx context.Context, data []byte) (*ferrypb.CommandResult, error) {
-	_, addr := n.Leader()
-	if addr == "" || addr == n.advertise {
-		return nil, errNoLeader
-	}
-	c, err := n.pool.cluster(addr)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := c.Apply(ctx, &ferrypb.ApplyRequest{Command: data})
-	if err != nil {
-		return nil, fmt.Errorf("forward to %s: %w", addr, err)
-	}
-	if resp.GetResult() == nil {
-		return nil, fmt.Errorf("cluster: leader %s returned no result", addr)
-	}
-	return resp.GetResult(), nil
+	return n.forward.submit(ctx, data)
 }
 
 // applyLocal submits data to Raft on this node (which must be the leader),

@@ -38,14 +38,27 @@ type applyOutcome struct {
 	err error
 }
 
+// committer groups queued commands and hands each group to send: on the
+// leader, send commits one log entry; on a follower, send forwards the group to
+// the leader in one call.
 type committer struct {
 	n     *Node
 	queue chan *pendingApply
 	slots chan struct{}
+	send  func([]*pendingApply)
 }
 
 func newCommitter(n *Node) *committer {
-	return &committer{n: n, queue: make(chan *pendingApply, queueLength), slots: make(chan struct{}, maxInFlight)}
+	c := &committer{n: n, queue: make(chan *pendingApply, queueLength), slots: make(chan struct{}, maxInFlight)}
+	c.send = c.commit
+	return c
+}
+
+// newForwarder groups a follower's writes into one forward to the leader.
+func newForwarder(n *Node) *committer {
+	c := &committer{n: n, queue: make(chan *pendingApply, queueLength), slots: make(chan struct{}, maxInFlight)}
+	c.send = c.forward
+	return c
 }
 
 // submit queues data and waits for its own result.
@@ -108,7 +121,7 @@ func (c *committer) run() {
 		}
 		go func() {
 			defer func() { <-c.slots }()
-			c.commit(batch)
+			c.send(batch)
 		}()
 	}
 }
@@ -168,6 +181,66 @@ func (c *committer) commit(batch []*pendingApply) {
 			r.Index = res.Index
 		}
 		p.done <- applyOutcome{res: r}
+	}
+}
+
+// forward sends a group of commands to the leader in one call and hands every
+// waiter its own result (or the call's error: the waiter's retry loop resends).
+func (c *committer) forward(batch []*pendingApply) {
+	live := batch[:0]
+	for _, p := range batch {
+		if p.ctx.Err() != nil {
+			p.done <- applyOutcome{err: p.ctx.Err()}
+			continue
+		}
+		live = append(live, p)
+	}
+	if len(live) == 0 {
+		return
+	}
+	fail := func(err error) {
+		for _, p := range live {
+			p.done <- applyOutcome{err: err}
+		}
+	}
+	_, addr := c.n.Leader()
+	if addr == "" || addr == c.n.advertise {
+		fail(errNoLeader)
+		return
+	}
+	client, err := c.n.pool.cluster(addr)
+	if err != nil {
+		fail(err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(c.n.ctx, enqueueLimit)
+	defer cancel()
+	if len(live) == 1 {
+		resp, err := client.Apply(live[0].ctx, &ferrypb.ApplyRequest{Command: live[0].data})
+		switch {
+		case err != nil:
+			err = fmt.Errorf("forward to %s: %w", addr, err)
+		case resp.GetResult() == nil:
+			err = fmt.Errorf("cluster: leader %s returned no result", addr)
+		}
+		live[0].done <- applyOutcome{res: resp.GetResult(), err: err}
+		return
+	}
+	req := &ferrypb.ApplyRequest{Commands: make([][]byte, len(live))}
+	for i, p := range live {
+		req.Commands[i] = p.data
+	}
+	resp, err := client.Apply(ctx, req)
+	if err != nil {
+		fail(fmt.Errorf("forward to %s: %w", addr, err))
+		return
+	}
+	if len(resp.GetResults()) != len(live) {
+		fail(fmt.Errorf("cluster: leader %s returned %d results for %d commands", addr, len(resp.GetResults()), len(live)))
+		return
+	}
+	for i, p := range live {
+		p.done <- applyOutcome{res: resp.Results[i]}
 	}
 }
 

@@ -154,7 +154,8 @@ type Node struct {
 	mux       *mux
 	grpc      *grpc.Server
 	pool      *connPool
-	commit    *committer
+	commit    *committer // group commit, on the leader
+	forward   *committer // group forward, on a follower
 	store     *logStore
 	snaps     *raft.FileSnapshotStore
 
@@ -195,9 +196,10 @@ func New(cfg Config) (*Node, error) {
 	n.lead.init()
 	n.leaderSeen = make(chan struct{})
 	n.ctx, n.cancel = context.WithCancel(context.Background())
-	n.commit = newCommitter(n)
-	n.wg.Add(1)
+	n.commit, n.forward = newCommitter(n), newForwarder(n)
+	n.wg.Add(2)
 	go func() { defer n.wg.Done(); n.commit.run() }()
+	go func() { defer n.wg.Done(); n.forward.run() }()
 	ok := false
 	defer func() {
 		if !ok {

@@ -88,6 +88,9 @@ type clusterService struct {
 }
 
 func (s *clusterService) Apply(ctx context.Context, req *ferrypb.ApplyRequest) (*ferrypb.ApplyResponse, error) {
+	if cmds := req.GetCommands(); len(cmds) > 0 {
+		return s.applyMany(ctx, cmds)
+	}
 	if len(req.GetCommand()) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "cluster: empty command")
 	}
@@ -99,6 +102,31 @@ func (s *clusterService) Apply(ctx context.Context, req *ferrypb.ApplyRequest) (
 		return nil, toStatus(err)
 	}
 	return &ferrypb.ApplyResponse{Result: res}, nil
+}
+
+// applyMany commits commands a follower forwarded together. They join the
+// leader's group commit one by one (and so may share log entries with others);
+// one failure fails the call, and the follower retries every command of it (the
+// FSM answers those already applied from its record).
+func (s *clusterService) applyMany(ctx context.Context, cmds [][]byte) (*ferrypb.ApplyResponse, error) {
+	for _, c := range cmds {
+		if len(c) == 0 || len(c) > state.MaxCommandSize {
+			return nil, status.Errorf(codes.InvalidArgument, "cluster: forwarded command of %d bytes", len(c))
+		}
+	}
+	out := &ferrypb.ApplyResponse{Results: make([]*ferrypb.CommandResult, len(cmds))}
+	errs := make([]error, len(cmds))
+	var wg sync.WaitGroup
+	for i, c := range cmds {
+		wg.Go(func() { out.Results[i], errs[i] = s.n.applyLocal(ctx, c) })
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return nil, toStatus(err)
+		}
+	}
+	return out, nil
 }
 
 func (s *clusterService) Join(ctx context.Context, req *ferrypb.JoinRequest) (*ferrypb.JoinResponse, error) {
