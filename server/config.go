@@ -33,6 +33,7 @@ type serverBlock struct {
 	Cluster     *clusterBlock          `hcl:"cluster"`
 	CA          *caBlock               `hcl:"ca"`
 	X509PoP     *x509popBlock          `hcl:"x509pop"`
+	OIDC        *oidcBlock             `hcl:"oidc"`
 	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
@@ -58,6 +59,14 @@ type upstreamBlock struct {
 type x509popBlock struct {
 	CABundleFile string                 `hcl:"ca_bundle_file"`
 	UnusedKeys   map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type oidcBlock struct {
+	Addr       string                 `hcl:"addr"`
+	Issuer     string                 `hcl:"issuer"`
+	CertFile   string                 `hcl:"cert_file"`
+	KeyFile    string                 `hcl:"key_file"`
+	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
 type clusterBlock struct {
@@ -119,6 +128,9 @@ func LoadConfig(path string) (Config, error) {
 			c.CA.Upstream = &ca.UpstreamConfig{CertFile: config.Resolve(path, u.CertFile), KeyFile: config.Resolve(path, u.KeyFile), BundleFile: config.Resolve(path, u.BundleFile)}
 		}
 	}
+	if o := s.OIDC; o != nil {
+		c.OIDC = OIDCConfig{Addr: o.Addr, Issuer: o.Issuer, CertFile: config.Resolve(path, o.CertFile), KeyFile: config.Resolve(path, o.KeyFile)}
+	}
 	if s.TrustDomain != "" {
 		td, err := spiffeid.TrustDomainFromString(s.TrustDomain)
 		if err != nil {
@@ -166,6 +178,13 @@ func (c *Config) validate() error {
 	}
 	if c.AgentAddr == "" {
 		c.AgentAddr = "127.0.0.1:8081"
+	}
+	if err := c.OIDC.validate(); err != nil {
+		return err
+	}
+	if c.CA.JWTIssuer == "" {
+		// JWT-SVIDs must name the issuer relying parties discover their keys at.
+		c.CA.JWTIssuer = c.OIDC.Issuer
 	}
 	if c.AdminSocket == "" {
 		c.AdminSocket = filepath.Join(c.DataDir, "admin.sock")

@@ -55,3 +55,60 @@ func TestConfigErrors(t *testing.T) {
 	require.Equal(t, filepath.Join(dir, "data", "admin.sock"), cfg.AdminSocket)
 	require.Equal(t, filepath.Join(dir, "tls", "ca.pem"), cfg.Cluster.TLS.CAFile)
 }
+
+func TestOIDCConfig(t *testing.T) {
+	dir := t.TempDir()
+	write := func(oidc, ca string) string {
+		p := filepath.Join(dir, "s.conf")
+		body := `server {
+  node_id = "a"
+  trust_domain = "example.org"
+  data_dir = "data"
+  ` + ca + `
+  ` + oidc + `
+  cluster {
+    bind_addr = "127.0.0.1:1"
+    ca_file = "tls/ca.pem"
+    cert_file = "tls/n.pem"
+    key_file = "tls/n-key.pem"
+  }
+}`
+		require.NoError(t, os.WriteFile(p, []byte(body), 0o600))
+		return p
+	}
+
+	cfg, err := server.LoadConfig(write(`oidc {
+    addr = "127.0.0.1:8443"
+    issuer = "https://oidc.example.org"
+    cert_file = "oidc.pem"
+    key_file = "/etc/ferry/oidc-key.pem"
+  }`, ""))
+	require.NoError(t, err)
+	require.Equal(t, server.OIDCConfig{Addr: "127.0.0.1:8443", Issuer: "https://oidc.example.org",
+		CertFile: filepath.Join(dir, "oidc.pem"), KeyFile: "/etc/ferry/oidc-key.pem"}, cfg.OIDC)
+	require.Equal(t, "https://oidc.example.org", cfg.CA.JWTIssuer, "the OIDC issuer becomes the JWT-SVID issuer")
+
+	cfg, err = server.LoadConfig(write(`oidc {
+    addr = "127.0.0.1:8443"
+    issuer = "https://oidc.example.org/td"
+  }`, `ca { jwt_issuer = "https://other.example.org" }`))
+	require.NoError(t, err)
+	require.Equal(t, "https://other.example.org", cfg.CA.JWTIssuer, "an explicit ca.jwt_issuer wins")
+	require.Empty(t, cfg.OIDC.CertFile)
+
+	cfg, err = server.LoadConfig(write("", ""))
+	require.NoError(t, err)
+	require.Equal(t, server.OIDCConfig{}, cfg.OIDC)
+	require.Empty(t, cfg.CA.JWTIssuer)
+
+	for _, tc := range []struct{ block, want string }{
+		{`oidc { addr = "127.0.0.1:8443" }`, "oidc.issuer is required"},
+		{`oidc { addr = "127.0.0.1:8443" issuer = "http://oidc.example.org" }`, "not an https URL"},
+		{`oidc { addr = "127.0.0.1:8443" issuer = "https://oidc.example.org?x=1" }`, "query"},
+		{`oidc { addr = "127.0.0.1:8443" issuer = "https://oidc.example.org" cert_file = "c.pem" }`, "go together"},
+		{`oidc { addr = "127.0.0.1:8443" issuer = "https://oidc.example.org" port = 1 }`, "unknown setting(s): server.oidc.port"},
+	} {
+		_, err := server.LoadConfig(write(tc.block, ""))
+		require.ErrorContains(t, err, tc.want, tc.block)
+	}
+}

@@ -64,6 +64,8 @@ type Config struct {
 	// X509PoPBundle is a PEM file of CAs for the x509pop node attestor; empty
 	// disables it. join_token is always on.
 	X509PoPBundle string
+	// OIDC serves OIDC discovery for JWT-SVIDs; zero serves none.
+	OIDC OIDCConfig
 	// Logger overrides the logger built from LogLevel and LogFormat.
 	Logger *slog.Logger
 }
@@ -211,6 +213,12 @@ func (s *Server) Run(ctx context.Context) error {
 	errc := make(chan error, 5)
 	go func() { errc <- gs.Serve(lis) }()
 	go func() { errc <- ags.Serve(agentLis) }()
+	oidcSrv, err := s.startOIDC(authority, errc)
+	if err != nil {
+		gs.Stop()
+		return err
+	}
+	defer oidcShutdown(oidcSrv)
 	if s.cfg.AdminAddr != "" {
 		adminLis, err := net.Listen("tcp", s.cfg.AdminAddr)
 		if err != nil {

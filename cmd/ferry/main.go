@@ -35,10 +35,13 @@ func newApp() *cli.App {
 			resourceCommand(),
 			roleCommand(),
 			tokenCommand(),
-			bundleCommand(),
+			withBundleEdits(bundleCommand()),
 			agentCommand(),
 			apiCommand(),
 			bridgeCommand(),
+			authorityCommand(),
+			x509Command(),
+			jwtCommand(),
 		},
 	}
 }

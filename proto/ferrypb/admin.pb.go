@@ -1438,6 +1438,607 @@ func (x *CountEntriesResponse) GetCount() int64 {
 	return 0
 }
 
+// LocalAuthority is one of a server node's signing authorities; never key material.
+type LocalAuthority struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`     // "x509" or "jwt"
+	Id            string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`         // X.509: hex subject key ID; JWT: key ID (kid)
+	Status        string                 `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"` // prepared | active | old
+	Tainted       bool                   `protobuf:"varint,4,opt,name=tainted,proto3" json:"tainted,omitempty"`
+	Published     bool                   `protobuf:"varint,5,opt,name=published,proto3" json:"published,omitempty"`                 // public half is in the trust bundle
+	IssuedAt      int64                  `protobuf:"varint,6,opt,name=issued_at,json=issuedAt,proto3" json:"issued_at,omitempty"`   // unix seconds
+	NotAfter      int64                  `protobuf:"varint,7,opt,name=not_after,json=notAfter,proto3" json:"not_after,omitempty"`   // unix seconds
+	Certificate   []byte                 `protobuf:"bytes,8,opt,name=certificate,proto3" json:"certificate,omitempty"`              // X.509 CA certificate (DER)
+	PublicKey     []byte                 `protobuf:"bytes,9,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"` // PKIX DER
+	Upstream      bool                   `protobuf:"varint,10,opt,name=upstream,proto3" json:"upstream,omitempty"`                  // X.509 intermediate under the upstream CA
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LocalAuthority) Reset() {
+	*x = LocalAuthority{}
+	mi := &file_admin_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LocalAuthority) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LocalAuthority) ProtoMessage() {}
+
+func (x *LocalAuthority) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LocalAuthority.ProtoReflect.Descriptor instead.
+func (*LocalAuthority) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *LocalAuthority) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *LocalAuthority) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *LocalAuthority) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+func (x *LocalAuthority) GetTainted() bool {
+	if x != nil {
+		return x.Tainted
+	}
+	return false
+}
+
+func (x *LocalAuthority) GetPublished() bool {
+	if x != nil {
+		return x.Published
+	}
+	return false
+}
+
+func (x *LocalAuthority) GetIssuedAt() int64 {
+	if x != nil {
+		return x.IssuedAt
+	}
+	return 0
+}
+
+func (x *LocalAuthority) GetNotAfter() int64 {
+	if x != nil {
+		return x.NotAfter
+	}
+	return 0
+}
+
+func (x *LocalAuthority) GetCertificate() []byte {
+	if x != nil {
+		return x.Certificate
+	}
+	return nil
+}
+
+func (x *LocalAuthority) GetPublicKey() []byte {
+	if x != nil {
+		return x.PublicKey
+	}
+	return nil
+}
+
+func (x *LocalAuthority) GetUpstream() bool {
+	if x != nil {
+		return x.Upstream
+	}
+	return false
+}
+
+type ListLocalAuthoritiesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"` // "x509", "jwt", or "" for both
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListLocalAuthoritiesRequest) Reset() {
+	*x = ListLocalAuthoritiesRequest{}
+	mi := &file_admin_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListLocalAuthoritiesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListLocalAuthoritiesRequest) ProtoMessage() {}
+
+func (x *ListLocalAuthoritiesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListLocalAuthoritiesRequest.ProtoReflect.Descriptor instead.
+func (*ListLocalAuthoritiesRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ListLocalAuthoritiesRequest) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+type ListLocalAuthoritiesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Authorities   []*LocalAuthority      `protobuf:"bytes,1,rep,name=authorities,proto3" json:"authorities,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListLocalAuthoritiesResponse) Reset() {
+	*x = ListLocalAuthoritiesResponse{}
+	mi := &file_admin_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListLocalAuthoritiesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListLocalAuthoritiesResponse) ProtoMessage() {}
+
+func (x *ListLocalAuthoritiesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListLocalAuthoritiesResponse.ProtoReflect.Descriptor instead.
+func (*ListLocalAuthoritiesResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *ListLocalAuthoritiesResponse) GetAuthorities() []*LocalAuthority {
+	if x != nil {
+		return x.Authorities
+	}
+	return nil
+}
+
+type LocalAuthorityRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`                                  // "x509" or "jwt"
+	AuthorityId   string                 `protobuf:"bytes,2,opt,name=authority_id,json=authorityId,proto3" json:"authority_id,omitempty"` // activate: default the prepared one; taint and revoke: required
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LocalAuthorityRequest) Reset() {
+	*x = LocalAuthorityRequest{}
+	mi := &file_admin_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LocalAuthorityRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LocalAuthorityRequest) ProtoMessage() {}
+
+func (x *LocalAuthorityRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LocalAuthorityRequest.ProtoReflect.Descriptor instead.
+func (*LocalAuthorityRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *LocalAuthorityRequest) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *LocalAuthorityRequest) GetAuthorityId() string {
+	if x != nil {
+		return x.AuthorityId
+	}
+	return ""
+}
+
+type MintX509SVIDRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Csr           []byte                 `protobuf:"bytes,1,opt,name=csr,proto3" json:"csr,omitempty"` // DER PKCS#10; only its public key is used
+	SpiffeId      string                 `protobuf:"bytes,2,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	TtlSeconds    int64                  `protobuf:"varint,3,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"` // 0: the server's default
+	DnsNames      []string               `protobuf:"bytes,4,rep,name=dns_names,json=dnsNames,proto3" json:"dns_names,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MintX509SVIDRequest) Reset() {
+	*x = MintX509SVIDRequest{}
+	mi := &file_admin_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MintX509SVIDRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MintX509SVIDRequest) ProtoMessage() {}
+
+func (x *MintX509SVIDRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MintX509SVIDRequest.ProtoReflect.Descriptor instead.
+func (*MintX509SVIDRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *MintX509SVIDRequest) GetCsr() []byte {
+	if x != nil {
+		return x.Csr
+	}
+	return nil
+}
+
+func (x *MintX509SVIDRequest) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *MintX509SVIDRequest) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+func (x *MintX509SVIDRequest) GetDnsNames() []string {
+	if x != nil {
+		return x.DnsNames
+	}
+	return nil
+}
+
+type MintX509SVIDResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SvidChain     [][]byte               `protobuf:"bytes,1,rep,name=svid_chain,json=svidChain,proto3" json:"svid_chain,omitempty"` // DER, leaf first
+	RootCas       [][]byte               `protobuf:"bytes,2,rep,name=root_cas,json=rootCas,proto3" json:"root_cas,omitempty"`       // DER, the trust domain's X.509 authorities
+	ExpiresAt     int64                  `protobuf:"varint,3,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MintX509SVIDResponse) Reset() {
+	*x = MintX509SVIDResponse{}
+	mi := &file_admin_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MintX509SVIDResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MintX509SVIDResponse) ProtoMessage() {}
+
+func (x *MintX509SVIDResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MintX509SVIDResponse.ProtoReflect.Descriptor instead.
+func (*MintX509SVIDResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *MintX509SVIDResponse) GetSvidChain() [][]byte {
+	if x != nil {
+		return x.SvidChain
+	}
+	return nil
+}
+
+func (x *MintX509SVIDResponse) GetRootCas() [][]byte {
+	if x != nil {
+		return x.RootCas
+	}
+	return nil
+}
+
+func (x *MintX509SVIDResponse) GetExpiresAt() int64 {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return 0
+}
+
+type MintJWTSVIDRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	Audience      []string               `protobuf:"bytes,2,rep,name=audience,proto3" json:"audience,omitempty"`
+	TtlSeconds    int64                  `protobuf:"varint,3,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"` // 0: the server's default
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MintJWTSVIDRequest) Reset() {
+	*x = MintJWTSVIDRequest{}
+	mi := &file_admin_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MintJWTSVIDRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MintJWTSVIDRequest) ProtoMessage() {}
+
+func (x *MintJWTSVIDRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MintJWTSVIDRequest.ProtoReflect.Descriptor instead.
+func (*MintJWTSVIDRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *MintJWTSVIDRequest) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *MintJWTSVIDRequest) GetAudience() []string {
+	if x != nil {
+		return x.Audience
+	}
+	return nil
+}
+
+func (x *MintJWTSVIDRequest) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+type MintJWTSVIDResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	KeyId         string                 `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	IssuedAt      int64                  `protobuf:"varint,3,opt,name=issued_at,json=issuedAt,proto3" json:"issued_at,omitempty"`
+	ExpiresAt     int64                  `protobuf:"varint,4,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MintJWTSVIDResponse) Reset() {
+	*x = MintJWTSVIDResponse{}
+	mi := &file_admin_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MintJWTSVIDResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MintJWTSVIDResponse) ProtoMessage() {}
+
+func (x *MintJWTSVIDResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MintJWTSVIDResponse.ProtoReflect.Descriptor instead.
+func (*MintJWTSVIDResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *MintJWTSVIDResponse) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *MintJWTSVIDResponse) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *MintJWTSVIDResponse) GetIssuedAt() int64 {
+	if x != nil {
+		return x.IssuedAt
+	}
+	return 0
+}
+
+func (x *MintJWTSVIDResponse) GetExpiresAt() int64 {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return 0
+}
+
+type SetFederatedBundleRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Bundle        *Bundle                `protobuf:"bytes,1,opt,name=bundle,proto3" json:"bundle,omitempty"` // replaces the trust domain's bundle
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetFederatedBundleRequest) Reset() {
+	*x = SetFederatedBundleRequest{}
+	mi := &file_admin_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetFederatedBundleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetFederatedBundleRequest) ProtoMessage() {}
+
+func (x *SetFederatedBundleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetFederatedBundleRequest.ProtoReflect.Descriptor instead.
+func (*SetFederatedBundleRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *SetFederatedBundleRequest) GetBundle() *Bundle {
+	if x != nil {
+		return x.Bundle
+	}
+	return nil
+}
+
+type DeleteFederatedBundleRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TrustDomain   string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteFederatedBundleRequest) Reset() {
+	*x = DeleteFederatedBundleRequest{}
+	mi := &file_admin_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteFederatedBundleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteFederatedBundleRequest) ProtoMessage() {}
+
+func (x *DeleteFederatedBundleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteFederatedBundleRequest.ProtoReflect.Descriptor instead.
+func (*DeleteFederatedBundleRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *DeleteFederatedBundleRequest) GetTrustDomain() string {
+	if x != nil {
+		return x.TrustDomain
+	}
+	return ""
+}
+
 var File_admin_proto protoreflect.FileDescriptor
 
 const file_admin_proto_rawDesc = "" +
@@ -1524,12 +2125,58 @@ const file_admin_proto_rawDesc = "" +
 	"\x13CountEntriesRequest\x12;\n" +
 	"\vconsistency\x18\x01 \x01(\x0e2\x19.ferry.v1.ReadConsistencyR\vconsistency\",\n" +
 	"\x14CountEntriesResponse\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x03R\x05count*8\n" +
+	"\x05count\x18\x01 \x01(\x03R\x05count\"\x9b\x02\n" +
+	"\x0eLocalAuthority\x12\x12\n" +
+	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\x12\x16\n" +
+	"\x06status\x18\x03 \x01(\tR\x06status\x12\x18\n" +
+	"\atainted\x18\x04 \x01(\bR\atainted\x12\x1c\n" +
+	"\tpublished\x18\x05 \x01(\bR\tpublished\x12\x1b\n" +
+	"\tissued_at\x18\x06 \x01(\x03R\bissuedAt\x12\x1b\n" +
+	"\tnot_after\x18\a \x01(\x03R\bnotAfter\x12 \n" +
+	"\vcertificate\x18\b \x01(\fR\vcertificate\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\t \x01(\fR\tpublicKey\x12\x1a\n" +
+	"\bupstream\x18\n" +
+	" \x01(\bR\bupstream\"1\n" +
+	"\x1bListLocalAuthoritiesRequest\x12\x12\n" +
+	"\x04kind\x18\x01 \x01(\tR\x04kind\"Z\n" +
+	"\x1cListLocalAuthoritiesResponse\x12:\n" +
+	"\vauthorities\x18\x01 \x03(\v2\x18.ferry.v1.LocalAuthorityR\vauthorities\"N\n" +
+	"\x15LocalAuthorityRequest\x12\x12\n" +
+	"\x04kind\x18\x01 \x01(\tR\x04kind\x12!\n" +
+	"\fauthority_id\x18\x02 \x01(\tR\vauthorityId\"\x82\x01\n" +
+	"\x13MintX509SVIDRequest\x12\x10\n" +
+	"\x03csr\x18\x01 \x01(\fR\x03csr\x12\x1b\n" +
+	"\tspiffe_id\x18\x02 \x01(\tR\bspiffeId\x12\x1f\n" +
+	"\vttl_seconds\x18\x03 \x01(\x03R\n" +
+	"ttlSeconds\x12\x1b\n" +
+	"\tdns_names\x18\x04 \x03(\tR\bdnsNames\"o\n" +
+	"\x14MintX509SVIDResponse\x12\x1d\n" +
+	"\n" +
+	"svid_chain\x18\x01 \x03(\fR\tsvidChain\x12\x19\n" +
+	"\broot_cas\x18\x02 \x03(\fR\arootCas\x12\x1d\n" +
+	"\n" +
+	"expires_at\x18\x03 \x01(\x03R\texpiresAt\"n\n" +
+	"\x12MintJWTSVIDRequest\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x1a\n" +
+	"\baudience\x18\x02 \x03(\tR\baudience\x12\x1f\n" +
+	"\vttl_seconds\x18\x03 \x01(\x03R\n" +
+	"ttlSeconds\"~\n" +
+	"\x13MintJWTSVIDResponse\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\tR\x05keyId\x12\x1b\n" +
+	"\tissued_at\x18\x03 \x01(\x03R\bissuedAt\x12\x1d\n" +
+	"\n" +
+	"expires_at\x18\x04 \x01(\x03R\texpiresAt\"E\n" +
+	"\x19SetFederatedBundleRequest\x12(\n" +
+	"\x06bundle\x18\x01 \x01(\v2\x10.ferry.v1.BundleR\x06bundle\"A\n" +
+	"\x1cDeleteFederatedBundleRequest\x12!\n" +
+	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain*8\n" +
 	"\x0fReadConsistency\x12\x0e\n" +
 	"\n" +
 	"READ_LOCAL\x10\x00\x12\x15\n" +
-	"\x11READ_LINEARIZABLE\x10\x012\x8c\n" +
-	"\n" +
+	"\x11READ_LINEARIZABLE\x10\x012\xfc\x0f\n" +
 	"\x05Admin\x12J\n" +
 	"\vClusterJoin\x12\x1c.ferry.v1.ClusterJoinRequest\x1a\x1d.ferry.v1.ClusterJoinResponse\x12J\n" +
 	"\vClusterList\x12\x1c.ferry.v1.ClusterListRequest\x1a\x1d.ferry.v1.ClusterListResponse\x12P\n" +
@@ -1549,7 +2196,16 @@ const file_admin_proto_rawDesc = "" +
 	"\n" +
 	"EvictAgent\x12\x1b.ferry.v1.EvictAgentRequest\x1a\x16.ferry.v1.AttestedNode\x12=\n" +
 	"\bBanAgent\x12\x19.ferry.v1.BanAgentRequest\x1a\x16.ferry.v1.AttestedNode\x12J\n" +
-	"\vListBundles\x12\x1c.ferry.v1.ListBundlesRequest\x1a\x1d.ferry.v1.ListBundlesResponseB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
+	"\vListBundles\x12\x1c.ferry.v1.ListBundlesRequest\x1a\x1d.ferry.v1.ListBundlesResponse\x12e\n" +
+	"\x14ListLocalAuthorities\x12%.ferry.v1.ListLocalAuthoritiesRequest\x1a&.ferry.v1.ListLocalAuthoritiesResponse\x12R\n" +
+	"\x15PrepareLocalAuthority\x12\x1f.ferry.v1.LocalAuthorityRequest\x1a\x18.ferry.v1.LocalAuthority\x12S\n" +
+	"\x16ActivateLocalAuthority\x12\x1f.ferry.v1.LocalAuthorityRequest\x1a\x18.ferry.v1.LocalAuthority\x12P\n" +
+	"\x13TaintLocalAuthority\x12\x1f.ferry.v1.LocalAuthorityRequest\x1a\x18.ferry.v1.LocalAuthority\x12Q\n" +
+	"\x14RevokeLocalAuthority\x12\x1f.ferry.v1.LocalAuthorityRequest\x1a\x18.ferry.v1.LocalAuthority\x12M\n" +
+	"\fMintX509SVID\x12\x1d.ferry.v1.MintX509SVIDRequest\x1a\x1e.ferry.v1.MintX509SVIDResponse\x12J\n" +
+	"\vMintJWTSVID\x12\x1c.ferry.v1.MintJWTSVIDRequest\x1a\x1d.ferry.v1.MintJWTSVIDResponse\x12K\n" +
+	"\x12SetFederatedBundle\x12#.ferry.v1.SetFederatedBundleRequest\x1a\x10.ferry.v1.Bundle\x12Q\n" +
+	"\x15DeleteFederatedBundle\x12&.ferry.v1.DeleteFederatedBundleRequest\x1a\x10.ferry.v1.BundleB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
 
 var (
 	file_admin_proto_rawDescOnce sync.Once
@@ -1564,95 +2220,125 @@ func file_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_admin_proto_goTypes = []any{
-	(ReadConsistency)(0),            // 0: ferry.v1.ReadConsistency
-	(*CreateJoinTokenRequest)(nil),  // 1: ferry.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil), // 2: ferry.v1.CreateJoinTokenResponse
-	(*ListAgentsRequest)(nil),       // 3: ferry.v1.ListAgentsRequest
-	(*ListAgentsResponse)(nil),      // 4: ferry.v1.ListAgentsResponse
-	(*GetAgentRequest)(nil),         // 5: ferry.v1.GetAgentRequest
-	(*EvictAgentRequest)(nil),       // 6: ferry.v1.EvictAgentRequest
-	(*BanAgentRequest)(nil),         // 7: ferry.v1.BanAgentRequest
-	(*ListBundlesRequest)(nil),      // 8: ferry.v1.ListBundlesRequest
-	(*ListBundlesResponse)(nil),     // 9: ferry.v1.ListBundlesResponse
-	(*ClusterJoinRequest)(nil),      // 10: ferry.v1.ClusterJoinRequest
-	(*ClusterJoinResponse)(nil),     // 11: ferry.v1.ClusterJoinResponse
-	(*ClusterListRequest)(nil),      // 12: ferry.v1.ClusterListRequest
-	(*ClusterMember)(nil),           // 13: ferry.v1.ClusterMember
-	(*ClusterListResponse)(nil),     // 14: ferry.v1.ClusterListResponse
-	(*ClusterRemoveRequest)(nil),    // 15: ferry.v1.ClusterRemoveRequest
-	(*ClusterRemoveResponse)(nil),   // 16: ferry.v1.ClusterRemoveResponse
-	(*SnapshotSaveRequest)(nil),     // 17: ferry.v1.SnapshotSaveRequest
-	(*SnapshotChunk)(nil),           // 18: ferry.v1.SnapshotChunk
-	(*SnapshotRestoreResponse)(nil), // 19: ferry.v1.SnapshotRestoreResponse
-	(*BatchCreateEntryRequest)(nil), // 20: ferry.v1.BatchCreateEntryRequest
-	(*BatchUpdateEntryRequest)(nil), // 21: ferry.v1.BatchUpdateEntryRequest
-	(*BatchDeleteEntryRequest)(nil), // 22: ferry.v1.BatchDeleteEntryRequest
-	(*BatchEntryResponse)(nil),      // 23: ferry.v1.BatchEntryResponse
-	(*GetEntryRequest)(nil),         // 24: ferry.v1.GetEntryRequest
-	(*ListEntriesRequest)(nil),      // 25: ferry.v1.ListEntriesRequest
-	(*ListEntriesResponse)(nil),     // 26: ferry.v1.ListEntriesResponse
-	(*CountEntriesRequest)(nil),     // 27: ferry.v1.CountEntriesRequest
-	(*CountEntriesResponse)(nil),    // 28: ferry.v1.CountEntriesResponse
-	(*AttestedNode)(nil),            // 29: ferry.v1.AttestedNode
-	(*Bundle)(nil),                  // 30: ferry.v1.Bundle
-	(*Entry)(nil),                   // 31: ferry.v1.Entry
-	(*Status)(nil),                  // 32: ferry.v1.Status
-	(*Selector)(nil),                // 33: ferry.v1.Selector
+	(ReadConsistency)(0),                 // 0: ferry.v1.ReadConsistency
+	(*CreateJoinTokenRequest)(nil),       // 1: ferry.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil),      // 2: ferry.v1.CreateJoinTokenResponse
+	(*ListAgentsRequest)(nil),            // 3: ferry.v1.ListAgentsRequest
+	(*ListAgentsResponse)(nil),           // 4: ferry.v1.ListAgentsResponse
+	(*GetAgentRequest)(nil),              // 5: ferry.v1.GetAgentRequest
+	(*EvictAgentRequest)(nil),            // 6: ferry.v1.EvictAgentRequest
+	(*BanAgentRequest)(nil),              // 7: ferry.v1.BanAgentRequest
+	(*ListBundlesRequest)(nil),           // 8: ferry.v1.ListBundlesRequest
+	(*ListBundlesResponse)(nil),          // 9: ferry.v1.ListBundlesResponse
+	(*ClusterJoinRequest)(nil),           // 10: ferry.v1.ClusterJoinRequest
+	(*ClusterJoinResponse)(nil),          // 11: ferry.v1.ClusterJoinResponse
+	(*ClusterListRequest)(nil),           // 12: ferry.v1.ClusterListRequest
+	(*ClusterMember)(nil),                // 13: ferry.v1.ClusterMember
+	(*ClusterListResponse)(nil),          // 14: ferry.v1.ClusterListResponse
+	(*ClusterRemoveRequest)(nil),         // 15: ferry.v1.ClusterRemoveRequest
+	(*ClusterRemoveResponse)(nil),        // 16: ferry.v1.ClusterRemoveResponse
+	(*SnapshotSaveRequest)(nil),          // 17: ferry.v1.SnapshotSaveRequest
+	(*SnapshotChunk)(nil),                // 18: ferry.v1.SnapshotChunk
+	(*SnapshotRestoreResponse)(nil),      // 19: ferry.v1.SnapshotRestoreResponse
+	(*BatchCreateEntryRequest)(nil),      // 20: ferry.v1.BatchCreateEntryRequest
+	(*BatchUpdateEntryRequest)(nil),      // 21: ferry.v1.BatchUpdateEntryRequest
+	(*BatchDeleteEntryRequest)(nil),      // 22: ferry.v1.BatchDeleteEntryRequest
+	(*BatchEntryResponse)(nil),           // 23: ferry.v1.BatchEntryResponse
+	(*GetEntryRequest)(nil),              // 24: ferry.v1.GetEntryRequest
+	(*ListEntriesRequest)(nil),           // 25: ferry.v1.ListEntriesRequest
+	(*ListEntriesResponse)(nil),          // 26: ferry.v1.ListEntriesResponse
+	(*CountEntriesRequest)(nil),          // 27: ferry.v1.CountEntriesRequest
+	(*CountEntriesResponse)(nil),         // 28: ferry.v1.CountEntriesResponse
+	(*LocalAuthority)(nil),               // 29: ferry.v1.LocalAuthority
+	(*ListLocalAuthoritiesRequest)(nil),  // 30: ferry.v1.ListLocalAuthoritiesRequest
+	(*ListLocalAuthoritiesResponse)(nil), // 31: ferry.v1.ListLocalAuthoritiesResponse
+	(*LocalAuthorityRequest)(nil),        // 32: ferry.v1.LocalAuthorityRequest
+	(*MintX509SVIDRequest)(nil),          // 33: ferry.v1.MintX509SVIDRequest
+	(*MintX509SVIDResponse)(nil),         // 34: ferry.v1.MintX509SVIDResponse
+	(*MintJWTSVIDRequest)(nil),           // 35: ferry.v1.MintJWTSVIDRequest
+	(*MintJWTSVIDResponse)(nil),          // 36: ferry.v1.MintJWTSVIDResponse
+	(*SetFederatedBundleRequest)(nil),    // 37: ferry.v1.SetFederatedBundleRequest
+	(*DeleteFederatedBundleRequest)(nil), // 38: ferry.v1.DeleteFederatedBundleRequest
+	(*AttestedNode)(nil),                 // 39: ferry.v1.AttestedNode
+	(*Bundle)(nil),                       // 40: ferry.v1.Bundle
+	(*Entry)(nil),                        // 41: ferry.v1.Entry
+	(*Status)(nil),                       // 42: ferry.v1.Status
+	(*Selector)(nil),                     // 43: ferry.v1.Selector
 }
 var file_admin_proto_depIdxs = []int32{
-	29, // 0: ferry.v1.ListAgentsResponse.agents:type_name -> ferry.v1.AttestedNode
-	30, // 1: ferry.v1.ListBundlesResponse.bundles:type_name -> ferry.v1.Bundle
+	39, // 0: ferry.v1.ListAgentsResponse.agents:type_name -> ferry.v1.AttestedNode
+	40, // 1: ferry.v1.ListBundlesResponse.bundles:type_name -> ferry.v1.Bundle
 	13, // 2: ferry.v1.ClusterListResponse.members:type_name -> ferry.v1.ClusterMember
-	31, // 3: ferry.v1.BatchCreateEntryRequest.entries:type_name -> ferry.v1.Entry
-	31, // 4: ferry.v1.BatchUpdateEntryRequest.entries:type_name -> ferry.v1.Entry
-	32, // 5: ferry.v1.BatchEntryResponse.results:type_name -> ferry.v1.Status
-	31, // 6: ferry.v1.BatchEntryResponse.entries:type_name -> ferry.v1.Entry
+	41, // 3: ferry.v1.BatchCreateEntryRequest.entries:type_name -> ferry.v1.Entry
+	41, // 4: ferry.v1.BatchUpdateEntryRequest.entries:type_name -> ferry.v1.Entry
+	42, // 5: ferry.v1.BatchEntryResponse.results:type_name -> ferry.v1.Status
+	41, // 6: ferry.v1.BatchEntryResponse.entries:type_name -> ferry.v1.Entry
 	0,  // 7: ferry.v1.GetEntryRequest.consistency:type_name -> ferry.v1.ReadConsistency
-	33, // 8: ferry.v1.ListEntriesRequest.by_selectors:type_name -> ferry.v1.Selector
+	43, // 8: ferry.v1.ListEntriesRequest.by_selectors:type_name -> ferry.v1.Selector
 	0,  // 9: ferry.v1.ListEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
-	31, // 10: ferry.v1.ListEntriesResponse.entries:type_name -> ferry.v1.Entry
+	41, // 10: ferry.v1.ListEntriesResponse.entries:type_name -> ferry.v1.Entry
 	0,  // 11: ferry.v1.CountEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
-	10, // 12: ferry.v1.Admin.ClusterJoin:input_type -> ferry.v1.ClusterJoinRequest
-	12, // 13: ferry.v1.Admin.ClusterList:input_type -> ferry.v1.ClusterListRequest
-	15, // 14: ferry.v1.Admin.ClusterRemove:input_type -> ferry.v1.ClusterRemoveRequest
-	17, // 15: ferry.v1.Admin.SnapshotSave:input_type -> ferry.v1.SnapshotSaveRequest
-	18, // 16: ferry.v1.Admin.SnapshotRestore:input_type -> ferry.v1.SnapshotChunk
-	20, // 17: ferry.v1.Admin.BatchCreateEntry:input_type -> ferry.v1.BatchCreateEntryRequest
-	21, // 18: ferry.v1.Admin.BatchUpdateEntry:input_type -> ferry.v1.BatchUpdateEntryRequest
-	22, // 19: ferry.v1.Admin.BatchDeleteEntry:input_type -> ferry.v1.BatchDeleteEntryRequest
-	24, // 20: ferry.v1.Admin.GetEntry:input_type -> ferry.v1.GetEntryRequest
-	25, // 21: ferry.v1.Admin.ListEntries:input_type -> ferry.v1.ListEntriesRequest
-	27, // 22: ferry.v1.Admin.CountEntries:input_type -> ferry.v1.CountEntriesRequest
-	1,  // 23: ferry.v1.Admin.CreateJoinToken:input_type -> ferry.v1.CreateJoinTokenRequest
-	3,  // 24: ferry.v1.Admin.ListAgents:input_type -> ferry.v1.ListAgentsRequest
-	5,  // 25: ferry.v1.Admin.GetAgent:input_type -> ferry.v1.GetAgentRequest
-	6,  // 26: ferry.v1.Admin.EvictAgent:input_type -> ferry.v1.EvictAgentRequest
-	7,  // 27: ferry.v1.Admin.BanAgent:input_type -> ferry.v1.BanAgentRequest
-	8,  // 28: ferry.v1.Admin.ListBundles:input_type -> ferry.v1.ListBundlesRequest
-	11, // 29: ferry.v1.Admin.ClusterJoin:output_type -> ferry.v1.ClusterJoinResponse
-	14, // 30: ferry.v1.Admin.ClusterList:output_type -> ferry.v1.ClusterListResponse
-	16, // 31: ferry.v1.Admin.ClusterRemove:output_type -> ferry.v1.ClusterRemoveResponse
-	18, // 32: ferry.v1.Admin.SnapshotSave:output_type -> ferry.v1.SnapshotChunk
-	19, // 33: ferry.v1.Admin.SnapshotRestore:output_type -> ferry.v1.SnapshotRestoreResponse
-	23, // 34: ferry.v1.Admin.BatchCreateEntry:output_type -> ferry.v1.BatchEntryResponse
-	23, // 35: ferry.v1.Admin.BatchUpdateEntry:output_type -> ferry.v1.BatchEntryResponse
-	23, // 36: ferry.v1.Admin.BatchDeleteEntry:output_type -> ferry.v1.BatchEntryResponse
-	31, // 37: ferry.v1.Admin.GetEntry:output_type -> ferry.v1.Entry
-	26, // 38: ferry.v1.Admin.ListEntries:output_type -> ferry.v1.ListEntriesResponse
-	28, // 39: ferry.v1.Admin.CountEntries:output_type -> ferry.v1.CountEntriesResponse
-	2,  // 40: ferry.v1.Admin.CreateJoinToken:output_type -> ferry.v1.CreateJoinTokenResponse
-	4,  // 41: ferry.v1.Admin.ListAgents:output_type -> ferry.v1.ListAgentsResponse
-	29, // 42: ferry.v1.Admin.GetAgent:output_type -> ferry.v1.AttestedNode
-	29, // 43: ferry.v1.Admin.EvictAgent:output_type -> ferry.v1.AttestedNode
-	29, // 44: ferry.v1.Admin.BanAgent:output_type -> ferry.v1.AttestedNode
-	9,  // 45: ferry.v1.Admin.ListBundles:output_type -> ferry.v1.ListBundlesResponse
-	29, // [29:46] is the sub-list for method output_type
-	12, // [12:29] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	29, // 12: ferry.v1.ListLocalAuthoritiesResponse.authorities:type_name -> ferry.v1.LocalAuthority
+	40, // 13: ferry.v1.SetFederatedBundleRequest.bundle:type_name -> ferry.v1.Bundle
+	10, // 14: ferry.v1.Admin.ClusterJoin:input_type -> ferry.v1.ClusterJoinRequest
+	12, // 15: ferry.v1.Admin.ClusterList:input_type -> ferry.v1.ClusterListRequest
+	15, // 16: ferry.v1.Admin.ClusterRemove:input_type -> ferry.v1.ClusterRemoveRequest
+	17, // 17: ferry.v1.Admin.SnapshotSave:input_type -> ferry.v1.SnapshotSaveRequest
+	18, // 18: ferry.v1.Admin.SnapshotRestore:input_type -> ferry.v1.SnapshotChunk
+	20, // 19: ferry.v1.Admin.BatchCreateEntry:input_type -> ferry.v1.BatchCreateEntryRequest
+	21, // 20: ferry.v1.Admin.BatchUpdateEntry:input_type -> ferry.v1.BatchUpdateEntryRequest
+	22, // 21: ferry.v1.Admin.BatchDeleteEntry:input_type -> ferry.v1.BatchDeleteEntryRequest
+	24, // 22: ferry.v1.Admin.GetEntry:input_type -> ferry.v1.GetEntryRequest
+	25, // 23: ferry.v1.Admin.ListEntries:input_type -> ferry.v1.ListEntriesRequest
+	27, // 24: ferry.v1.Admin.CountEntries:input_type -> ferry.v1.CountEntriesRequest
+	1,  // 25: ferry.v1.Admin.CreateJoinToken:input_type -> ferry.v1.CreateJoinTokenRequest
+	3,  // 26: ferry.v1.Admin.ListAgents:input_type -> ferry.v1.ListAgentsRequest
+	5,  // 27: ferry.v1.Admin.GetAgent:input_type -> ferry.v1.GetAgentRequest
+	6,  // 28: ferry.v1.Admin.EvictAgent:input_type -> ferry.v1.EvictAgentRequest
+	7,  // 29: ferry.v1.Admin.BanAgent:input_type -> ferry.v1.BanAgentRequest
+	8,  // 30: ferry.v1.Admin.ListBundles:input_type -> ferry.v1.ListBundlesRequest
+	30, // 31: ferry.v1.Admin.ListLocalAuthorities:input_type -> ferry.v1.ListLocalAuthoritiesRequest
+	32, // 32: ferry.v1.Admin.PrepareLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
+	32, // 33: ferry.v1.Admin.ActivateLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
+	32, // 34: ferry.v1.Admin.TaintLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
+	32, // 35: ferry.v1.Admin.RevokeLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
+	33, // 36: ferry.v1.Admin.MintX509SVID:input_type -> ferry.v1.MintX509SVIDRequest
+	35, // 37: ferry.v1.Admin.MintJWTSVID:input_type -> ferry.v1.MintJWTSVIDRequest
+	37, // 38: ferry.v1.Admin.SetFederatedBundle:input_type -> ferry.v1.SetFederatedBundleRequest
+	38, // 39: ferry.v1.Admin.DeleteFederatedBundle:input_type -> ferry.v1.DeleteFederatedBundleRequest
+	11, // 40: ferry.v1.Admin.ClusterJoin:output_type -> ferry.v1.ClusterJoinResponse
+	14, // 41: ferry.v1.Admin.ClusterList:output_type -> ferry.v1.ClusterListResponse
+	16, // 42: ferry.v1.Admin.ClusterRemove:output_type -> ferry.v1.ClusterRemoveResponse
+	18, // 43: ferry.v1.Admin.SnapshotSave:output_type -> ferry.v1.SnapshotChunk
+	19, // 44: ferry.v1.Admin.SnapshotRestore:output_type -> ferry.v1.SnapshotRestoreResponse
+	23, // 45: ferry.v1.Admin.BatchCreateEntry:output_type -> ferry.v1.BatchEntryResponse
+	23, // 46: ferry.v1.Admin.BatchUpdateEntry:output_type -> ferry.v1.BatchEntryResponse
+	23, // 47: ferry.v1.Admin.BatchDeleteEntry:output_type -> ferry.v1.BatchEntryResponse
+	41, // 48: ferry.v1.Admin.GetEntry:output_type -> ferry.v1.Entry
+	26, // 49: ferry.v1.Admin.ListEntries:output_type -> ferry.v1.ListEntriesResponse
+	28, // 50: ferry.v1.Admin.CountEntries:output_type -> ferry.v1.CountEntriesResponse
+	2,  // 51: ferry.v1.Admin.CreateJoinToken:output_type -> ferry.v1.CreateJoinTokenResponse
+	4,  // 52: ferry.v1.Admin.ListAgents:output_type -> ferry.v1.ListAgentsResponse
+	39, // 53: ferry.v1.Admin.GetAgent:output_type -> ferry.v1.AttestedNode
+	39, // 54: ferry.v1.Admin.EvictAgent:output_type -> ferry.v1.AttestedNode
+	39, // 55: ferry.v1.Admin.BanAgent:output_type -> ferry.v1.AttestedNode
+	9,  // 56: ferry.v1.Admin.ListBundles:output_type -> ferry.v1.ListBundlesResponse
+	31, // 57: ferry.v1.Admin.ListLocalAuthorities:output_type -> ferry.v1.ListLocalAuthoritiesResponse
+	29, // 58: ferry.v1.Admin.PrepareLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	29, // 59: ferry.v1.Admin.ActivateLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	29, // 60: ferry.v1.Admin.TaintLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	29, // 61: ferry.v1.Admin.RevokeLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	34, // 62: ferry.v1.Admin.MintX509SVID:output_type -> ferry.v1.MintX509SVIDResponse
+	36, // 63: ferry.v1.Admin.MintJWTSVID:output_type -> ferry.v1.MintJWTSVIDResponse
+	40, // 64: ferry.v1.Admin.SetFederatedBundle:output_type -> ferry.v1.Bundle
+	40, // 65: ferry.v1.Admin.DeleteFederatedBundle:output_type -> ferry.v1.Bundle
+	40, // [40:66] is the sub-list for method output_type
+	14, // [14:40] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_admin_proto_init() }
@@ -1668,7 +2354,7 @@ func file_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_admin_proto_rawDesc), len(file_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   28,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -21,23 +21,32 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Admin_ClusterJoin_FullMethodName      = "/ferry.v1.Admin/ClusterJoin"
-	Admin_ClusterList_FullMethodName      = "/ferry.v1.Admin/ClusterList"
-	Admin_ClusterRemove_FullMethodName    = "/ferry.v1.Admin/ClusterRemove"
-	Admin_SnapshotSave_FullMethodName     = "/ferry.v1.Admin/SnapshotSave"
-	Admin_SnapshotRestore_FullMethodName  = "/ferry.v1.Admin/SnapshotRestore"
-	Admin_BatchCreateEntry_FullMethodName = "/ferry.v1.Admin/BatchCreateEntry"
-	Admin_BatchUpdateEntry_FullMethodName = "/ferry.v1.Admin/BatchUpdateEntry"
-	Admin_BatchDeleteEntry_FullMethodName = "/ferry.v1.Admin/BatchDeleteEntry"
-	Admin_GetEntry_FullMethodName         = "/ferry.v1.Admin/GetEntry"
-	Admin_ListEntries_FullMethodName      = "/ferry.v1.Admin/ListEntries"
-	Admin_CountEntries_FullMethodName     = "/ferry.v1.Admin/CountEntries"
-	Admin_CreateJoinToken_FullMethodName  = "/ferry.v1.Admin/CreateJoinToken"
-	Admin_ListAgents_FullMethodName       = "/ferry.v1.Admin/ListAgents"
-	Admin_GetAgent_FullMethodName         = "/ferry.v1.Admin/GetAgent"
-	Admin_EvictAgent_FullMethodName       = "/ferry.v1.Admin/EvictAgent"
-	Admin_BanAgent_FullMethodName         = "/ferry.v1.Admin/BanAgent"
-	Admin_ListBundles_FullMethodName      = "/ferry.v1.Admin/ListBundles"
+	Admin_ClusterJoin_FullMethodName            = "/ferry.v1.Admin/ClusterJoin"
+	Admin_ClusterList_FullMethodName            = "/ferry.v1.Admin/ClusterList"
+	Admin_ClusterRemove_FullMethodName          = "/ferry.v1.Admin/ClusterRemove"
+	Admin_SnapshotSave_FullMethodName           = "/ferry.v1.Admin/SnapshotSave"
+	Admin_SnapshotRestore_FullMethodName        = "/ferry.v1.Admin/SnapshotRestore"
+	Admin_BatchCreateEntry_FullMethodName       = "/ferry.v1.Admin/BatchCreateEntry"
+	Admin_BatchUpdateEntry_FullMethodName       = "/ferry.v1.Admin/BatchUpdateEntry"
+	Admin_BatchDeleteEntry_FullMethodName       = "/ferry.v1.Admin/BatchDeleteEntry"
+	Admin_GetEntry_FullMethodName               = "/ferry.v1.Admin/GetEntry"
+	Admin_ListEntries_FullMethodName            = "/ferry.v1.Admin/ListEntries"
+	Admin_CountEntries_FullMethodName           = "/ferry.v1.Admin/CountEntries"
+	Admin_CreateJoinToken_FullMethodName        = "/ferry.v1.Admin/CreateJoinToken"
+	Admin_ListAgents_FullMethodName             = "/ferry.v1.Admin/ListAgents"
+	Admin_GetAgent_FullMethodName               = "/ferry.v1.Admin/GetAgent"
+	Admin_EvictAgent_FullMethodName             = "/ferry.v1.Admin/EvictAgent"
+	Admin_BanAgent_FullMethodName               = "/ferry.v1.Admin/BanAgent"
+	Admin_ListBundles_FullMethodName            = "/ferry.v1.Admin/ListBundles"
+	Admin_ListLocalAuthorities_FullMethodName   = "/ferry.v1.Admin/ListLocalAuthorities"
+	Admin_PrepareLocalAuthority_FullMethodName  = "/ferry.v1.Admin/PrepareLocalAuthority"
+	Admin_ActivateLocalAuthority_FullMethodName = "/ferry.v1.Admin/ActivateLocalAuthority"
+	Admin_TaintLocalAuthority_FullMethodName    = "/ferry.v1.Admin/TaintLocalAuthority"
+	Admin_RevokeLocalAuthority_FullMethodName   = "/ferry.v1.Admin/RevokeLocalAuthority"
+	Admin_MintX509SVID_FullMethodName           = "/ferry.v1.Admin/MintX509SVID"
+	Admin_MintJWTSVID_FullMethodName            = "/ferry.v1.Admin/MintJWTSVID"
+	Admin_SetFederatedBundle_FullMethodName     = "/ferry.v1.Admin/SetFederatedBundle"
+	Admin_DeleteFederatedBundle_FullMethodName  = "/ferry.v1.Admin/DeleteFederatedBundle"
 )
 
 // AdminClient is the client API for Admin service.
@@ -61,6 +70,18 @@ type AdminClient interface {
 	EvictAgent(ctx context.Context, in *EvictAgentRequest, opts ...grpc.CallOption) (*AttestedNode, error)
 	BanAgent(ctx context.Context, in *BanAgentRequest, opts ...grpc.CallOption) (*AttestedNode, error)
 	ListBundles(ctx context.Context, in *ListBundlesRequest, opts ...grpc.CallOption) (*ListBundlesResponse, error)
+	// Authorities of the node serving this admin socket (each node has its own keys).
+	ListLocalAuthorities(ctx context.Context, in *ListLocalAuthoritiesRequest, opts ...grpc.CallOption) (*ListLocalAuthoritiesResponse, error)
+	PrepareLocalAuthority(ctx context.Context, in *LocalAuthorityRequest, opts ...grpc.CallOption) (*LocalAuthority, error)
+	ActivateLocalAuthority(ctx context.Context, in *LocalAuthorityRequest, opts ...grpc.CallOption) (*LocalAuthority, error)
+	TaintLocalAuthority(ctx context.Context, in *LocalAuthorityRequest, opts ...grpc.CallOption) (*LocalAuthority, error)
+	RevokeLocalAuthority(ctx context.Context, in *LocalAuthorityRequest, opts ...grpc.CallOption) (*LocalAuthority, error)
+	// SVIDs minted by this node's active authorities, for operators.
+	MintX509SVID(ctx context.Context, in *MintX509SVIDRequest, opts ...grpc.CallOption) (*MintX509SVIDResponse, error)
+	MintJWTSVID(ctx context.Context, in *MintJWTSVIDRequest, opts ...grpc.CallOption) (*MintJWTSVIDResponse, error)
+	// Bundles of federated trust domains (never our own).
+	SetFederatedBundle(ctx context.Context, in *SetFederatedBundleRequest, opts ...grpc.CallOption) (*Bundle, error)
+	DeleteFederatedBundle(ctx context.Context, in *DeleteFederatedBundleRequest, opts ...grpc.CallOption) (*Bundle, error)
 }
 
 type adminClient struct {
@@ -253,6 +274,96 @@ func (c *adminClient) ListBundles(ctx context.Context, in *ListBundlesRequest, o
 	return out, nil
 }
 
+func (c *adminClient) ListLocalAuthorities(ctx context.Context, in *ListLocalAuthoritiesRequest, opts ...grpc.CallOption) (*ListLocalAuthoritiesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListLocalAuthoritiesResponse)
+	err := c.cc.Invoke(ctx, Admin_ListLocalAuthorities_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) PrepareLocalAuthority(ctx context.Context, in *LocalAuthorityRequest, opts ...grpc.CallOption) (*LocalAuthority, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LocalAuthority)
+	err := c.cc.Invoke(ctx, Admin_PrepareLocalAuthority_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) ActivateLocalAuthority(ctx context.Context, in *LocalAuthorityRequest, opts ...grpc.CallOption) (*LocalAuthority, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LocalAuthority)
+	err := c.cc.Invoke(ctx, Admin_ActivateLocalAuthority_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) TaintLocalAuthority(ctx context.Context, in *LocalAuthorityRequest, opts ...grpc.CallOption) (*LocalAuthority, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LocalAuthority)
+	err := c.cc.Invoke(ctx, Admin_TaintLocalAuthority_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) RevokeLocalAuthority(ctx context.Context, in *LocalAuthorityRequest, opts ...grpc.CallOption) (*LocalAuthority, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LocalAuthority)
+	err := c.cc.Invoke(ctx, Admin_RevokeLocalAuthority_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) MintX509SVID(ctx context.Context, in *MintX509SVIDRequest, opts ...grpc.CallOption) (*MintX509SVIDResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(MintX509SVIDResponse)
+	err := c.cc.Invoke(ctx, Admin_MintX509SVID_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) MintJWTSVID(ctx context.Context, in *MintJWTSVIDRequest, opts ...grpc.CallOption) (*MintJWTSVIDResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(MintJWTSVIDResponse)
+	err := c.cc.Invoke(ctx, Admin_MintJWTSVID_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) SetFederatedBundle(ctx context.Context, in *SetFederatedBundleRequest, opts ...grpc.CallOption) (*Bundle, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Bundle)
+	err := c.cc.Invoke(ctx, Admin_SetFederatedBundle_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) DeleteFederatedBundle(ctx context.Context, in *DeleteFederatedBundleRequest, opts ...grpc.CallOption) (*Bundle, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Bundle)
+	err := c.cc.Invoke(ctx, Admin_DeleteFederatedBundle_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -274,6 +385,18 @@ type AdminServer interface {
 	EvictAgent(context.Context, *EvictAgentRequest) (*AttestedNode, error)
 	BanAgent(context.Context, *BanAgentRequest) (*AttestedNode, error)
 	ListBundles(context.Context, *ListBundlesRequest) (*ListBundlesResponse, error)
+	// Authorities of the node serving this admin socket (each node has its own keys).
+	ListLocalAuthorities(context.Context, *ListLocalAuthoritiesRequest) (*ListLocalAuthoritiesResponse, error)
+	PrepareLocalAuthority(context.Context, *LocalAuthorityRequest) (*LocalAuthority, error)
+	ActivateLocalAuthority(context.Context, *LocalAuthorityRequest) (*LocalAuthority, error)
+	TaintLocalAuthority(context.Context, *LocalAuthorityRequest) (*LocalAuthority, error)
+	RevokeLocalAuthority(context.Context, *LocalAuthorityRequest) (*LocalAuthority, error)
+	// SVIDs minted by this node's active authorities, for operators.
+	MintX509SVID(context.Context, *MintX509SVIDRequest) (*MintX509SVIDResponse, error)
+	MintJWTSVID(context.Context, *MintJWTSVIDRequest) (*MintJWTSVIDResponse, error)
+	// Bundles of federated trust domains (never our own).
+	SetFederatedBundle(context.Context, *SetFederatedBundleRequest) (*Bundle, error)
+	DeleteFederatedBundle(context.Context, *DeleteFederatedBundleRequest) (*Bundle, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -334,6 +457,33 @@ func (UnimplementedAdminServer) BanAgent(context.Context, *BanAgentRequest) (*At
 }
 func (UnimplementedAdminServer) ListBundles(context.Context, *ListBundlesRequest) (*ListBundlesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListBundles not implemented")
+}
+func (UnimplementedAdminServer) ListLocalAuthorities(context.Context, *ListLocalAuthoritiesRequest) (*ListLocalAuthoritiesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListLocalAuthorities not implemented")
+}
+func (UnimplementedAdminServer) PrepareLocalAuthority(context.Context, *LocalAuthorityRequest) (*LocalAuthority, error) {
+	return nil, status.Error(codes.Unimplemented, "method PrepareLocalAuthority not implemented")
+}
+func (UnimplementedAdminServer) ActivateLocalAuthority(context.Context, *LocalAuthorityRequest) (*LocalAuthority, error) {
+	return nil, status.Error(codes.Unimplemented, "method ActivateLocalAuthority not implemented")
+}
+func (UnimplementedAdminServer) TaintLocalAuthority(context.Context, *LocalAuthorityRequest) (*LocalAuthority, error) {
+	return nil, status.Error(codes.Unimplemented, "method TaintLocalAuthority not implemented")
+}
+func (UnimplementedAdminServer) RevokeLocalAuthority(context.Context, *LocalAuthorityRequest) (*LocalAuthority, error) {
+	return nil, status.Error(codes.Unimplemented, "method RevokeLocalAuthority not implemented")
+}
+func (UnimplementedAdminServer) MintX509SVID(context.Context, *MintX509SVIDRequest) (*MintX509SVIDResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method MintX509SVID not implemented")
+}
+func (UnimplementedAdminServer) MintJWTSVID(context.Context, *MintJWTSVIDRequest) (*MintJWTSVIDResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method MintJWTSVID not implemented")
+}
+func (UnimplementedAdminServer) SetFederatedBundle(context.Context, *SetFederatedBundleRequest) (*Bundle, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetFederatedBundle not implemented")
+}
+func (UnimplementedAdminServer) DeleteFederatedBundle(context.Context, *DeleteFederatedBundleRequest) (*Bundle, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteFederatedBundle not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -644,6 +794,168 @@ func _Admin_ListBundles_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_ListLocalAuthorities_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListLocalAuthoritiesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ListLocalAuthorities(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ListLocalAuthorities_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ListLocalAuthorities(ctx, req.(*ListLocalAuthoritiesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_PrepareLocalAuthority_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LocalAuthorityRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).PrepareLocalAuthority(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_PrepareLocalAuthority_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).PrepareLocalAuthority(ctx, req.(*LocalAuthorityRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_ActivateLocalAuthority_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LocalAuthorityRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ActivateLocalAuthority(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ActivateLocalAuthority_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ActivateLocalAuthority(ctx, req.(*LocalAuthorityRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_TaintLocalAuthority_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LocalAuthorityRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).TaintLocalAuthority(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_TaintLocalAuthority_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).TaintLocalAuthority(ctx, req.(*LocalAuthorityRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_RevokeLocalAuthority_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LocalAuthorityRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RevokeLocalAuthority(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RevokeLocalAuthority_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RevokeLocalAuthority(ctx, req.(*LocalAuthorityRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_MintX509SVID_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(MintX509SVIDRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).MintX509SVID(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_MintX509SVID_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).MintX509SVID(ctx, req.(*MintX509SVIDRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_MintJWTSVID_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(MintJWTSVIDRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).MintJWTSVID(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_MintJWTSVID_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).MintJWTSVID(ctx, req.(*MintJWTSVIDRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_SetFederatedBundle_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetFederatedBundleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).SetFederatedBundle(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_SetFederatedBundle_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).SetFederatedBundle(ctx, req.(*SetFederatedBundleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_DeleteFederatedBundle_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteFederatedBundleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).DeleteFederatedBundle(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_DeleteFederatedBundle_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).DeleteFederatedBundle(ctx, req.(*DeleteFederatedBundleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -710,6 +1022,42 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListBundles",
 			Handler:    _Admin_ListBundles_Handler,
+		},
+		{
+			MethodName: "ListLocalAuthorities",
+			Handler:    _Admin_ListLocalAuthorities_Handler,
+		},
+		{
+			MethodName: "PrepareLocalAuthority",
+			Handler:    _Admin_PrepareLocalAuthority_Handler,
+		},
+		{
+			MethodName: "ActivateLocalAuthority",
+			Handler:    _Admin_ActivateLocalAuthority_Handler,
+		},
+		{
+			MethodName: "TaintLocalAuthority",
+			Handler:    _Admin_TaintLocalAuthority_Handler,
+		},
+		{
+			MethodName: "RevokeLocalAuthority",
+			Handler:    _Admin_RevokeLocalAuthority_Handler,
+		},
+		{
+			MethodName: "MintX509SVID",
+			Handler:    _Admin_MintX509SVID_Handler,
+		},
+		{
+			MethodName: "MintJWTSVID",
+			Handler:    _Admin_MintJWTSVID_Handler,
+		},
+		{
+			MethodName: "SetFederatedBundle",
+			Handler:    _Admin_SetFederatedBundle_Handler,
+		},
+		{
+			MethodName: "DeleteFederatedBundle",
+			Handler:    _Admin_DeleteFederatedBundle_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 
 	"github.com/google/uuid"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -43,6 +44,12 @@ type Config struct {
 	// MaxBatch is the most entries one command carries (a bigger request is split
 	// into several commands). Default 1,000.
 	MaxBatch int
+	// Authority is this node's CA, for the local authority and mint RPCs;
+	// nil answers them Unimplemented.
+	Authority AuthorityManager
+	// TrustDomain is ours, whose bundle the federated bundle RPCs refuse to
+	// touch; default Authority's.
+	TrustDomain spiffeid.TrustDomain
 }
 
 // Admin implements ferrypb.AdminServer.

@@ -137,9 +137,9 @@ func (c *committer) failQueued() {
 	}
 }
 
-// commit sends one log entry and hands every waiter its own result.
-func (c *committer) commit(batch []*pendingApply) {
-	// Drop waiters that gave up before their command was sent.
+// stillWaiting answers the waiters that gave up before their command was sent
+// and returns the others.
+func stillWaiting(batch []*pendingApply) []*pendingApply {
 	live := batch[:0]
 	for _, p := range batch {
 		if p.ctx.Err() != nil {
@@ -148,6 +148,12 @@ func (c *committer) commit(batch []*pendingApply) {
 		}
 		live = append(live, p)
 	}
+	return live
+}
+
+// commit sends one log entry and hands every waiter its own result.
+func (c *committer) commit(batch []*pendingApply) {
+	live := stillWaiting(batch)
 	if len(live) == 0 {
 		return
 	}
@@ -187,14 +193,7 @@ func (c *committer) commit(batch []*pendingApply) {
 // forward sends a group of commands to the leader in one call and hands every
 // waiter its own result (or the call's error: the waiter's retry loop resends).
 func (c *committer) forward(batch []*pendingApply) {
-	live := batch[:0]
-	for _, p := range batch {
-		if p.ctx.Err() != nil {
-			p.done <- applyOutcome{err: p.ctx.Err()}
-			continue
-		}
-		live = append(live, p)
-	}
+	live := stillWaiting(batch)
 	if len(live) == 0 {
 		return
 	}
