@@ -314,6 +314,7 @@ func (s *Server) startAuthority(ctx context.Context, node *cluster.Node) (*ca.CA
 	agentAPI, err := api.NewAgent(api.AgentConfig{
 		Cluster: cl, Store: s.store, Signer: authority, TrustDomain: s.cfg.TrustDomain,
 		Attestors: attestors, Logger: s.log.With("component", "agent-api"), AgentSVIDTTL: s.cfg.CA.AgentSVIDTTL,
+		JWTIssuer: s.cfg.CA.JWTIssuer,
 	})
 	if err != nil {
 		return nil, nil, err

@@ -64,6 +64,9 @@ type Options struct {
 	LogLevel          string // default debug
 	// AdminTCP also serves the admin services over mutual TLS (admin_addr).
 	AdminTCP bool
+	// ExtraServerConfig is inserted verbatim in every node's server block
+	// (e.g. an oidc block).
+	ExtraServerConfig string
 }
 
 // Cluster is a set of server processes sharing one cluster CA.
@@ -191,6 +194,7 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
   profiling    = true
   %s
   log_level    = %q
+%s
   cluster {
     bind_addr = %q
     bootstrap = %t
@@ -200,7 +204,7 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
     key_file  = "tls/node-key.pem"
 %s  }
 }
-`, id, c.Opts.TrustDomain, n.HealthAddr, n.AgentAddr, adminAddr, c.Opts.LogLevel, n.ClusterAddr, bootstrap, join, filepath.Join(caDir, "ca.pem"), extra.String())
+`, id, c.Opts.TrustDomain, n.HealthAddr, n.AgentAddr, adminAddr, c.Opts.LogLevel, c.Opts.ExtraServerConfig, n.ClusterAddr, bootstrap, join, filepath.Join(caDir, "ca.pem"), extra.String())
 	if err := os.WriteFile(n.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
 	}

@@ -816,6 +816,187 @@ func (x *SyncEntriesResponse) GetRevision() uint64 {
 	return 0
 }
 
+type ListAgentIdentitiesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeIds     []string               `protobuf:"bytes,1,rep,name=spiffe_ids,json=spiffeIds,proto3" json:"spiffe_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAgentIdentitiesRequest) Reset() {
+	*x = ListAgentIdentitiesRequest{}
+	mi := &file_agent_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAgentIdentitiesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAgentIdentitiesRequest) ProtoMessage() {}
+
+func (x *ListAgentIdentitiesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAgentIdentitiesRequest.ProtoReflect.Descriptor instead.
+func (*ListAgentIdentitiesRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ListAgentIdentitiesRequest) GetSpiffeIds() []string {
+	if x != nil {
+		return x.SpiffeIds
+	}
+	return nil
+}
+
+// AgentIdentity is a managed identity one SPIFFE ID may use.
+type AgentIdentity struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	ClientId      string                 `protobuf:"bytes,2,opt,name=client_id,json=clientId,proto3" json:"client_id,omitempty"`
+	ObjectId      string                 `protobuf:"bytes,3,opt,name=object_id,json=objectId,proto3" json:"object_id,omitempty"`
+	ResourceId    string                 `protobuf:"bytes,4,opt,name=resource_id,json=resourceId,proto3" json:"resource_id,omitempty"`
+	TenantId      string                 `protobuf:"bytes,5,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	Name          string                 `protobuf:"bytes,6,opt,name=name,proto3" json:"name,omitempty"`
+	Kind          string                 `protobuf:"bytes,7,opt,name=kind,proto3" json:"kind,omitempty"` // "user-assigned" | "system-assigned" | "application"
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AgentIdentity) Reset() {
+	*x = AgentIdentity{}
+	mi := &file_agent_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AgentIdentity) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AgentIdentity) ProtoMessage() {}
+
+func (x *AgentIdentity) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AgentIdentity.ProtoReflect.Descriptor instead.
+func (*AgentIdentity) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *AgentIdentity) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *AgentIdentity) GetClientId() string {
+	if x != nil {
+		return x.ClientId
+	}
+	return ""
+}
+
+func (x *AgentIdentity) GetObjectId() string {
+	if x != nil {
+		return x.ObjectId
+	}
+	return ""
+}
+
+func (x *AgentIdentity) GetResourceId() string {
+	if x != nil {
+		return x.ResourceId
+	}
+	return ""
+}
+
+func (x *AgentIdentity) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *AgentIdentity) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AgentIdentity) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+type ListAgentIdentitiesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Identities    []*AgentIdentity       `protobuf:"bytes,1,rep,name=identities,proto3" json:"identities,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAgentIdentitiesResponse) Reset() {
+	*x = ListAgentIdentitiesResponse{}
+	mi := &file_agent_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAgentIdentitiesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAgentIdentitiesResponse) ProtoMessage() {}
+
+func (x *ListAgentIdentitiesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAgentIdentitiesResponse.ProtoReflect.Descriptor instead.
+func (*ListAgentIdentitiesResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ListAgentIdentitiesResponse) GetIdentities() []*AgentIdentity {
+	if x != nil {
+		return x.Identities
+	}
+	return nil
+}
+
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -869,7 +1050,23 @@ const file_agent_proto_rawDesc = "" +
 	"\vdeleted_ids\x18\x03 \x03(\tR\n" +
 	"deletedIds\x12*\n" +
 	"\abundles\x18\x04 \x03(\v2\x10.ferry.v1.BundleR\abundles\x12\x1a\n" +
-	"\brevision\x18\x05 \x01(\x04R\brevision2\x92\x03\n" +
+	"\brevision\x18\x05 \x01(\x04R\brevision\";\n" +
+	"\x1aListAgentIdentitiesRequest\x12\x1d\n" +
+	"\n" +
+	"spiffe_ids\x18\x01 \x03(\tR\tspiffeIds\"\xcc\x01\n" +
+	"\rAgentIdentity\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x1b\n" +
+	"\tclient_id\x18\x02 \x01(\tR\bclientId\x12\x1b\n" +
+	"\tobject_id\x18\x03 \x01(\tR\bobjectId\x12\x1f\n" +
+	"\vresource_id\x18\x04 \x01(\tR\n" +
+	"resourceId\x12\x1b\n" +
+	"\ttenant_id\x18\x05 \x01(\tR\btenantId\x12\x12\n" +
+	"\x04name\x18\x06 \x01(\tR\x04name\x12\x12\n" +
+	"\x04kind\x18\a \x01(\tR\x04kind\"V\n" +
+	"\x1bListAgentIdentitiesResponse\x127\n" +
+	"\n" +
+	"identities\x18\x01 \x03(\v2\x17.ferry.v1.AgentIdentityR\n" +
+	"identities2\xf6\x03\n" +
 	"\x05Agent\x12N\n" +
 	"\vAttestAgent\x12\x1c.ferry.v1.AttestAgentRequest\x1a\x1d.ferry.v1.AttestAgentResponse(\x010\x01\x12G\n" +
 	"\n" +
@@ -877,7 +1074,8 @@ const file_agent_proto_rawDesc = "" +
 	"\x10BatchNewX509SVID\x12!.ferry.v1.BatchNewX509SVIDRequest\x1a\".ferry.v1.BatchNewX509SVIDResponse\x12G\n" +
 	"\n" +
 	"NewJWTSVID\x12\x1b.ferry.v1.NewJWTSVIDRequest\x1a\x1c.ferry.v1.NewJWTSVIDResponse\x12L\n" +
-	"\vSyncEntries\x12\x1c.ferry.v1.SyncEntriesRequest\x1a\x1d.ferry.v1.SyncEntriesResponse0\x01B)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
+	"\vSyncEntries\x12\x1c.ferry.v1.SyncEntriesRequest\x1a\x1d.ferry.v1.SyncEntriesResponse0\x01\x12b\n" +
+	"\x13ListAgentIdentities\x12$.ferry.v1.ListAgentIdentitiesRequest\x1a%.ferry.v1.ListAgentIdentitiesResponseB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -891,50 +1089,56 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_agent_proto_goTypes = []any{
-	(*AttestAgentRequest)(nil),       // 0: ferry.v1.AttestAgentRequest
-	(*AttestParams)(nil),             // 1: ferry.v1.AttestParams
-	(*AttestAgentResponse)(nil),      // 2: ferry.v1.AttestAgentResponse
-	(*AttestResult)(nil),             // 3: ferry.v1.AttestResult
-	(*RenewAgentRequest)(nil),        // 4: ferry.v1.RenewAgentRequest
-	(*RenewAgentResponse)(nil),       // 5: ferry.v1.RenewAgentResponse
-	(*X509SVIDParams)(nil),           // 6: ferry.v1.X509SVIDParams
-	(*BatchNewX509SVIDRequest)(nil),  // 7: ferry.v1.BatchNewX509SVIDRequest
-	(*X509SVIDResult)(nil),           // 8: ferry.v1.X509SVIDResult
-	(*BatchNewX509SVIDResponse)(nil), // 9: ferry.v1.BatchNewX509SVIDResponse
-	(*NewJWTSVIDRequest)(nil),        // 10: ferry.v1.NewJWTSVIDRequest
-	(*NewJWTSVIDResponse)(nil),       // 11: ferry.v1.NewJWTSVIDResponse
-	(*SyncEntriesRequest)(nil),       // 12: ferry.v1.SyncEntriesRequest
-	(*SyncEntriesResponse)(nil),      // 13: ferry.v1.SyncEntriesResponse
-	(*Bundle)(nil),                   // 14: ferry.v1.Bundle
-	(*Status)(nil),                   // 15: ferry.v1.Status
-	(*Entry)(nil),                    // 16: ferry.v1.Entry
+	(*AttestAgentRequest)(nil),          // 0: ferry.v1.AttestAgentRequest
+	(*AttestParams)(nil),                // 1: ferry.v1.AttestParams
+	(*AttestAgentResponse)(nil),         // 2: ferry.v1.AttestAgentResponse
+	(*AttestResult)(nil),                // 3: ferry.v1.AttestResult
+	(*RenewAgentRequest)(nil),           // 4: ferry.v1.RenewAgentRequest
+	(*RenewAgentResponse)(nil),          // 5: ferry.v1.RenewAgentResponse
+	(*X509SVIDParams)(nil),              // 6: ferry.v1.X509SVIDParams
+	(*BatchNewX509SVIDRequest)(nil),     // 7: ferry.v1.BatchNewX509SVIDRequest
+	(*X509SVIDResult)(nil),              // 8: ferry.v1.X509SVIDResult
+	(*BatchNewX509SVIDResponse)(nil),    // 9: ferry.v1.BatchNewX509SVIDResponse
+	(*NewJWTSVIDRequest)(nil),           // 10: ferry.v1.NewJWTSVIDRequest
+	(*NewJWTSVIDResponse)(nil),          // 11: ferry.v1.NewJWTSVIDResponse
+	(*SyncEntriesRequest)(nil),          // 12: ferry.v1.SyncEntriesRequest
+	(*SyncEntriesResponse)(nil),         // 13: ferry.v1.SyncEntriesResponse
+	(*ListAgentIdentitiesRequest)(nil),  // 14: ferry.v1.ListAgentIdentitiesRequest
+	(*AgentIdentity)(nil),               // 15: ferry.v1.AgentIdentity
+	(*ListAgentIdentitiesResponse)(nil), // 16: ferry.v1.ListAgentIdentitiesResponse
+	(*Bundle)(nil),                      // 17: ferry.v1.Bundle
+	(*Status)(nil),                      // 18: ferry.v1.Status
+	(*Entry)(nil),                       // 19: ferry.v1.Entry
 }
 var file_agent_proto_depIdxs = []int32{
 	1,  // 0: ferry.v1.AttestAgentRequest.params:type_name -> ferry.v1.AttestParams
 	3,  // 1: ferry.v1.AttestAgentResponse.result:type_name -> ferry.v1.AttestResult
-	14, // 2: ferry.v1.AttestResult.bundle:type_name -> ferry.v1.Bundle
+	17, // 2: ferry.v1.AttestResult.bundle:type_name -> ferry.v1.Bundle
 	6,  // 3: ferry.v1.BatchNewX509SVIDRequest.params:type_name -> ferry.v1.X509SVIDParams
-	15, // 4: ferry.v1.X509SVIDResult.status:type_name -> ferry.v1.Status
+	18, // 4: ferry.v1.X509SVIDResult.status:type_name -> ferry.v1.Status
 	8,  // 5: ferry.v1.BatchNewX509SVIDResponse.results:type_name -> ferry.v1.X509SVIDResult
-	16, // 6: ferry.v1.SyncEntriesResponse.entries:type_name -> ferry.v1.Entry
-	14, // 7: ferry.v1.SyncEntriesResponse.bundles:type_name -> ferry.v1.Bundle
-	0,  // 8: ferry.v1.Agent.AttestAgent:input_type -> ferry.v1.AttestAgentRequest
-	4,  // 9: ferry.v1.Agent.RenewAgent:input_type -> ferry.v1.RenewAgentRequest
-	7,  // 10: ferry.v1.Agent.BatchNewX509SVID:input_type -> ferry.v1.BatchNewX509SVIDRequest
-	10, // 11: ferry.v1.Agent.NewJWTSVID:input_type -> ferry.v1.NewJWTSVIDRequest
-	12, // 12: ferry.v1.Agent.SyncEntries:input_type -> ferry.v1.SyncEntriesRequest
-	2,  // 13: ferry.v1.Agent.AttestAgent:output_type -> ferry.v1.AttestAgentResponse
-	5,  // 14: ferry.v1.Agent.RenewAgent:output_type -> ferry.v1.RenewAgentResponse
-	9,  // 15: ferry.v1.Agent.BatchNewX509SVID:output_type -> ferry.v1.BatchNewX509SVIDResponse
-	11, // 16: ferry.v1.Agent.NewJWTSVID:output_type -> ferry.v1.NewJWTSVIDResponse
-	13, // 17: ferry.v1.Agent.SyncEntries:output_type -> ferry.v1.SyncEntriesResponse
-	13, // [13:18] is the sub-list for method output_type
-	8,  // [8:13] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	19, // 6: ferry.v1.SyncEntriesResponse.entries:type_name -> ferry.v1.Entry
+	17, // 7: ferry.v1.SyncEntriesResponse.bundles:type_name -> ferry.v1.Bundle
+	15, // 8: ferry.v1.ListAgentIdentitiesResponse.identities:type_name -> ferry.v1.AgentIdentity
+	0,  // 9: ferry.v1.Agent.AttestAgent:input_type -> ferry.v1.AttestAgentRequest
+	4,  // 10: ferry.v1.Agent.RenewAgent:input_type -> ferry.v1.RenewAgentRequest
+	7,  // 11: ferry.v1.Agent.BatchNewX509SVID:input_type -> ferry.v1.BatchNewX509SVIDRequest
+	10, // 12: ferry.v1.Agent.NewJWTSVID:input_type -> ferry.v1.NewJWTSVIDRequest
+	12, // 13: ferry.v1.Agent.SyncEntries:input_type -> ferry.v1.SyncEntriesRequest
+	14, // 14: ferry.v1.Agent.ListAgentIdentities:input_type -> ferry.v1.ListAgentIdentitiesRequest
+	2,  // 15: ferry.v1.Agent.AttestAgent:output_type -> ferry.v1.AttestAgentResponse
+	5,  // 16: ferry.v1.Agent.RenewAgent:output_type -> ferry.v1.RenewAgentResponse
+	9,  // 17: ferry.v1.Agent.BatchNewX509SVID:output_type -> ferry.v1.BatchNewX509SVIDResponse
+	11, // 18: ferry.v1.Agent.NewJWTSVID:output_type -> ferry.v1.NewJWTSVIDResponse
+	13, // 19: ferry.v1.Agent.SyncEntries:output_type -> ferry.v1.SyncEntriesResponse
+	16, // 20: ferry.v1.Agent.ListAgentIdentities:output_type -> ferry.v1.ListAgentIdentitiesResponse
+	15, // [15:21] is the sub-list for method output_type
+	9,  // [9:15] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -958,7 +1162,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -23,11 +23,12 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Agent_AttestAgent_FullMethodName      = "/ferry.v1.Agent/AttestAgent"
-	Agent_RenewAgent_FullMethodName       = "/ferry.v1.Agent/RenewAgent"
-	Agent_BatchNewX509SVID_FullMethodName = "/ferry.v1.Agent/BatchNewX509SVID"
-	Agent_NewJWTSVID_FullMethodName       = "/ferry.v1.Agent/NewJWTSVID"
-	Agent_SyncEntries_FullMethodName      = "/ferry.v1.Agent/SyncEntries"
+	Agent_AttestAgent_FullMethodName         = "/ferry.v1.Agent/AttestAgent"
+	Agent_RenewAgent_FullMethodName          = "/ferry.v1.Agent/RenewAgent"
+	Agent_BatchNewX509SVID_FullMethodName    = "/ferry.v1.Agent/BatchNewX509SVID"
+	Agent_NewJWTSVID_FullMethodName          = "/ferry.v1.Agent/NewJWTSVID"
+	Agent_SyncEntries_FullMethodName         = "/ferry.v1.Agent/SyncEntries"
+	Agent_ListAgentIdentities_FullMethodName = "/ferry.v1.Agent/ListAgentIdentities"
 )
 
 // AgentClient is the client API for Agent service.
@@ -46,6 +47,12 @@ type AgentClient interface {
 	// SyncEntries streams the agent's authorized entries and the bundles they
 	// need: the full set first, then changes as they are committed.
 	SyncEntries(ctx context.Context, in *SyncEntriesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[SyncEntriesResponse], error)
+	// ListAgentIdentities returns the managed identities that SPIFFE IDs of the
+	// agent's authorized entries may use: those with a federated identity
+	// credential accepting a JWT-SVID for the ID (issuer = the trust domain's JWT
+	// issuer, audience api://AzureADTokenExchange). IDs of entries the agent is
+	// not authorized for are ignored.
+	ListAgentIdentities(ctx context.Context, in *ListAgentIdentitiesRequest, opts ...grpc.CallOption) (*ListAgentIdentitiesResponse, error)
 }
 
 type agentClient struct {
@@ -118,6 +125,16 @@ func (c *agentClient) SyncEntries(ctx context.Context, in *SyncEntriesRequest, o
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Agent_SyncEntriesClient = grpc.ServerStreamingClient[SyncEntriesResponse]
 
+func (c *agentClient) ListAgentIdentities(ctx context.Context, in *ListAgentIdentitiesRequest, opts ...grpc.CallOption) (*ListAgentIdentitiesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListAgentIdentitiesResponse)
+	err := c.cc.Invoke(ctx, Agent_ListAgentIdentities_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServer is the server API for Agent service.
 // All implementations must embed UnimplementedAgentServer
 // for forward compatibility.
@@ -134,6 +151,12 @@ type AgentServer interface {
 	// SyncEntries streams the agent's authorized entries and the bundles they
 	// need: the full set first, then changes as they are committed.
 	SyncEntries(*SyncEntriesRequest, grpc.ServerStreamingServer[SyncEntriesResponse]) error
+	// ListAgentIdentities returns the managed identities that SPIFFE IDs of the
+	// agent's authorized entries may use: those with a federated identity
+	// credential accepting a JWT-SVID for the ID (issuer = the trust domain's JWT
+	// issuer, audience api://AzureADTokenExchange). IDs of entries the agent is
+	// not authorized for are ignored.
+	ListAgentIdentities(context.Context, *ListAgentIdentitiesRequest) (*ListAgentIdentitiesResponse, error)
 	mustEmbedUnimplementedAgentServer()
 }
 
@@ -158,6 +181,9 @@ func (UnimplementedAgentServer) NewJWTSVID(context.Context, *NewJWTSVIDRequest) 
 }
 func (UnimplementedAgentServer) SyncEntries(*SyncEntriesRequest, grpc.ServerStreamingServer[SyncEntriesResponse]) error {
 	return status.Error(codes.Unimplemented, "method SyncEntries not implemented")
+}
+func (UnimplementedAgentServer) ListAgentIdentities(context.Context, *ListAgentIdentitiesRequest) (*ListAgentIdentitiesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListAgentIdentities not implemented")
 }
 func (UnimplementedAgentServer) mustEmbedUnimplementedAgentServer() {}
 func (UnimplementedAgentServer) testEmbeddedByValue()               {}
@@ -252,6 +278,24 @@ func _Agent_SyncEntries_Handler(srv interface{}, stream grpc.ServerStream) error
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Agent_SyncEntriesServer = grpc.ServerStreamingServer[SyncEntriesResponse]
 
+func _Agent_ListAgentIdentities_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAgentIdentitiesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).ListAgentIdentities(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_ListAgentIdentities_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).ListAgentIdentities(ctx, req.(*ListAgentIdentitiesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Agent_ServiceDesc is the grpc.ServiceDesc for Agent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -270,6 +314,10 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "NewJWTSVID",
 			Handler:    _Agent_NewJWTSVID_Handler,
+		},
+		{
+			MethodName: "ListAgentIdentities",
+			Handler:    _Agent_ListAgentIdentities_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -51,6 +51,9 @@ type AgentConfig struct {
 	PerAgentRate, GlobalRate float64
 	// MaxBatch is the most CSRs one BatchNewX509SVID call may carry (default 500).
 	MaxBatch int
+	// JWTIssuer is the `iss` of the trust domain's JWT-SVIDs; ListAgentIdentities
+	// matches federated credentials against it (any issuer when empty).
+	JWTIssuer string
 }
 
 // Agent implements ferrypb.AgentServer.
@@ -234,6 +237,19 @@ func (a *Agent) caller(ctx context.Context) (*ferrypb.AttestedNode, *x509.Certif
 	serial := leaf.SerialNumber.String()
 	if serial != n.CertSerial && serial != n.NewCertSerial {
 		return nil, nil, status.Errorf(codes.PermissionDenied, "agent %s presented an SVID that is no longer current", id)
+	}
+	if serial == n.CertSerial && n.NewCertSerial != "" {
+		// The agent uses its renewed SVID: the one it renewed with retires.
+		upd := proto.Clone(n).(*ferrypb.AttestedNode)
+		upd.NewCertSerial, upd.NewCertNotAfter = "", 0
+		res, err := a.cfg.Cluster.Apply(ctx, &ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: upd, ExpectSerial: serial}}})
+		if err != nil {
+			return nil, nil, toStatus(err)
+		}
+		if err := resultError(res); err != nil {
+			return nil, nil, err
+		}
+		n = upd
 	}
 	return n, leaf, nil
 }

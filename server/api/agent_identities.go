@@ -1,0 +1,139 @@
+package api
+
+import (
+	"context"
+	"slices"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/ferry-id/ferry/bridge/fic"
+	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/state"
+)
+
+// TokenExchangeAudience is the audience of the JWT-SVIDs agents trade for
+// access tokens, and the audience a federated credential must accept for an
+// agent to offer its identity.
+const TokenExchangeAudience = "api://AzureADTokenExchange"
+
+// maxIdentityIDs bounds the SPIFFE IDs one ListAgentIdentities call may ask about.
+const maxIdentityIDs = 1000
+
+// ListAgentIdentities answers, for every SPIFFE ID of an entry the agent is
+// authorized for, the identities whose federated credentials accept a JWT-SVID
+// for that ID (issuer AgentConfig.JWTIssuer, audience TokenExchangeAudience,
+// subject the ID or a claims-matching expression that accepts it). A
+// system-assigned identity is offered only to its owner SPIFFE ID. The answer
+// comes from the local replica of the directory, so it may trail the leader
+// by a moment; the token authority checks the credential again at exchange.
+func (a *Agent) ListAgentIdentities(ctx context.Context, req *ferrypb.ListAgentIdentitiesRequest) (*ferrypb.ListAgentIdentitiesResponse, error) {
+	n, _, err := a.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if len(req.GetSpiffeIds()) > maxIdentityIDs {
+		return nil, status.Errorf(codes.InvalidArgument, "at most %d SPIFFE IDs per call", maxIdentityIDs)
+	}
+	v := a.cfg.Store.View()
+	allowed := map[string]bool{}
+	for _, e := range a.authorized(v, n) {
+		allowed[e.GetSpiffeId()] = true
+	}
+	var ids []string
+	for _, id := range req.GetSpiffeIds() {
+		if allowed[id] && !slices.Contains(ids, id) {
+			ids = append(ids, id)
+		}
+	}
+	resp := &ferrypb.ListAgentIdentitiesResponse{}
+	if len(ids) == 0 {
+		return resp, nil
+	}
+	rules := a.exchangeRules(v)
+	for _, id := range ids {
+		for _, ir := range rules {
+			if !ir.accepts(id, a.cfg.JWTIssuer) {
+				continue
+			}
+			idn := ir.identity
+			if idn.GetKind() == state.KindSystemAssigned && idn.GetOwnerSpiffeId() != "" && idn.GetOwnerSpiffeId() != id {
+				continue
+			}
+			resp.Identities = append(resp.Identities, &ferrypb.AgentIdentity{
+				SpiffeId:   id,
+				ClientId:   idn.GetClientId(),
+				ObjectId:   idn.GetObjectId(),
+				ResourceId: idn.GetResourceId(),
+				TenantId:   idn.GetTenantId(),
+				Name:       idn.GetName(),
+				Kind:       idn.GetKind(),
+			})
+		}
+	}
+	return resp, nil
+}
+
+// identityRules is an identity with its credentials that could accept a
+// JWT-SVID of this trust domain for the token exchange.
+type identityRules struct {
+	identity *ferrypb.Identity
+	rules    []*fic.Rule
+}
+
+// exchangeRules compiles the credentials with the exchange audience (and the
+// trust domain's issuer, when known), grouped by identity in object ID order.
+func (a *Agent) exchangeRules(v *state.View) []identityRules {
+	byID := map[string]int{}
+	var out []identityRules
+	for _, fc := range v.AllFederatedCredentials() {
+		if a.cfg.JWTIssuer != "" && fc.GetIssuer() != a.cfg.JWTIssuer {
+			continue
+		}
+		if !slices.Contains(fc.GetAudiences(), TokenExchangeAudience) && len(fc.GetAudiences()) != 0 {
+			continue
+		}
+		r, err := fic.Compile(fc)
+		if err != nil || r.Audience != TokenExchangeAudience {
+			continue
+		}
+		i, ok := byID[fc.GetIdentityObjectId()]
+		if !ok {
+			idn := v.Identity(fc.GetIdentityObjectId())
+			if idn == nil {
+				continue
+			}
+			i = len(out)
+			byID[fc.GetIdentityObjectId()] = i
+			out = append(out, identityRules{identity: idn})
+		}
+		out[i].rules = append(out[i].rules, r)
+	}
+	slices.SortFunc(out, func(x, y identityRules) int {
+		if x.identity.GetObjectId() < y.identity.GetObjectId() {
+			return -1
+		}
+		if x.identity.GetObjectId() > y.identity.GetObjectId() {
+			return 1
+		}
+		return 0
+	})
+	return out
+}
+
+// accepts reports whether one of the rules accepts a JWT-SVID for id.
+func (ir identityRules) accepts(id, issuer string) bool {
+	iss := issuer
+	for _, r := range ir.rules {
+		if issuer == "" {
+			iss = r.Issuer
+		}
+		claims := map[string]any{"iss": iss, "sub": id, "aud": TokenExchangeAudience}
+		if _, err := fic.Select([]*fic.Rule{r}, fic.Assertion{
+			Issuer: iss, Subject: id, Audiences: []string{TokenExchangeAudience}, Claims: claims,
+		}); err == nil {
+			return true
+		}
+	}
+	return false
+}

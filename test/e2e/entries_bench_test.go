@@ -1,0 +1,260 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/ferry-id/ferry/internal/testcluster"
+	"github.com/ferry-id/ferry/proto/ferrypb"
+)
+
+// benchEntry is a registration entry of a typical size: a Kubernetes-style
+// workload under one of 100 agents, with three selectors.
+func benchEntry(prefix string, i int) *ferrypb.Entry {
+	return &ferrypb.Entry{
+		Id:       fmt.Sprintf("%s-%07d", prefix, i),
+		SpiffeId: fmt.Sprintf("spiffe://example.org/ns/%s/sa/workload-%07d", prefix, i),
+		ParentId: fmt.Sprintf("spiffe://example.org/spire/agent/k8s/node-%03d", i%100),
+		Selectors: []*ferrypb.Selector{
+			{Type: "k8s", Value: "ns:" + prefix},
+			{Type: "k8s", Value: fmt.Sprintf("sa:workload-%07d", i)},
+			{Type: "unix", Value: "uid:1000"},
+		},
+		X509SvidTtl: 3600,
+	}
+}
+
+func benchEntries(prefix string, n int) []*ferrypb.Entry {
+	out := make([]*ferrypb.Entry, n)
+	for i := range out {
+		out[i] = benchEntry(prefix, i)
+	}
+	return out
+}
+
+// createBatches sends entries through BatchCreateEntry in batches of size,
+// from conc goroutines spread over the cluster's nodes, and returns the
+// elapsed time.
+func createBatches(b *testing.B, c *testcluster.Cluster, entries []*ferrypb.Entry, size, conc int) time.Duration {
+	b.Helper()
+	var batches [][]*ferrypb.Entry
+	for len(entries) > 0 {
+		n := min(size, len(entries))
+		batches = append(batches, entries[:n])
+		entries = entries[n:]
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	var failed atomic.Bool
+	start := time.Now()
+	for g := 0; g < conc; g++ {
+		admin := c.Nodes[g%len(c.Nodes)].Admin()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(batches) || failed.Load() {
+					return
+				}
+				resp, err := admin.BatchCreateEntry(context.Background(), &ferrypb.BatchCreateEntryRequest{Entries: batches[i]})
+				if err != nil {
+					b.Errorf("batch %d: %v", i, err)
+					failed.Store(true)
+					return
+				}
+				for _, r := range resp.Results {
+					if codes.Code(r.Code) != codes.OK {
+						b.Errorf("batch %d: %s", i, r.Message)
+						failed.Store(true)
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return time.Since(start)
+}
+
+func countEntries(b *testing.B, n *testcluster.Node) int64 {
+	b.Helper()
+	resp, err := n.Admin().CountEntries(context.Background(), &ferrypb.CountEntriesRequest{Consistency: ferrypb.ReadConsistency_READ_LINEARIZABLE})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return resp.Count
+}
+
+// BenchmarkEntryCreate measures registration entries created per second on a
+// one-node and a three-node cluster of real server processes: through the CLI
+// batch path (`ferry entry create --data FILE` with 10,000 entries, the whole
+// process run included) and through the admin API's BatchCreateEntry with
+// batches of 500 (one client, and 4 clients spread over the nodes) and of 1 (1
+// and 32 concurrent clients). Every figure counts only acknowledged entries.
+//
+//	go test -run '^$' -bench EntryCreate -benchtime 1x ./test/e2e/
+func BenchmarkEntryCreate(b *testing.B) {
+	const n = 10000
+	for _, nodes := range []int{1, 3} {
+		b.Run(fmt.Sprintf("nodes=%d", nodes), func(b *testing.B) {
+			c := testcluster.New(b, testcluster.Options{Nodes: nodes, LogLevel: "warn"})
+			leader := c.WaitLeader(30*time.Second, nil)
+			report := func(b *testing.B, what string, count int, d time.Duration) {
+				rate := float64(count) / d.Seconds()
+				b.ReportMetric(rate, "entries/s")
+				fmt.Printf("entry create (%d node(s)) %-28s %8.0f entries/s  (%d entries in %s)\n", nodes, what, rate, count, d.Round(time.Millisecond))
+			}
+			var round atomic.Int64
+			prefix := func() string { return fmt.Sprintf("r%d", round.Add(1)) }
+
+			b.Run("cli-data-10000", func(b *testing.B) {
+				for b.Loop() {
+					before := countEntries(b, leader)
+					req := &ferrypb.BatchCreateEntryRequest{Entries: benchEntries(prefix(), n)}
+					data, err := protojson.Marshal(req)
+					if err != nil {
+						b.Fatal(err)
+					}
+					path := filepath.Join(b.TempDir(), "entries.json")
+					if err := os.WriteFile(path, data, 0o600); err != nil {
+						b.Fatal(err)
+					}
+					start := time.Now()
+					out, err := leader.CLI("entry", "create", "--data", path, "--output", "json")
+					d := time.Since(start)
+					if err != nil {
+						b.Fatalf("ferry entry create --data: %v\n%.2000s", err, out)
+					}
+					if got := countEntries(b, leader) - before; got != n {
+						b.Fatalf("created %d entries, want %d", got, n)
+					}
+					report(b, "cli --data (10,000)", n, d)
+				}
+			})
+			for _, tc := range []struct {
+				name        string
+				size, conc  int
+				count       int
+				description string
+			}{
+				{"api-batch500-c1", 500, 1, n, "api batch 500, 1 client"},
+				{"api-batch500-c4", 500, 4, n, "api batch 500, 4 clients"},
+				{"api-batch1-c1", 1, 1, 1000, "api batch 1, 1 client"},
+				{"api-batch1-c32", 1, 32, 5000, "api batch 1, 32 clients"},
+			} {
+				b.Run(tc.name, func(b *testing.B) {
+					for b.Loop() {
+						before := countEntries(b, leader)
+						entries := benchEntries(prefix(), tc.count)
+						d := createBatches(b, c, entries, tc.size, tc.conc)
+						if got := countEntries(b, leader) - before; got != int64(tc.count) {
+							b.Fatalf("created %d entries, want %d", got, tc.count)
+						}
+						report(b, tc.description, tc.count, d)
+					}
+				})
+			}
+		})
+	}
+}
+
+// BenchmarkServerRSS loads 100,000 entries into a one-node and a three-node
+// cluster and reports each server process's resident memory (VmRSS) before
+// and after.
+//
+//	go test -run '^$' -bench ServerRSS -benchtime 1x ./test/e2e/
+func BenchmarkServerRSS(b *testing.B) {
+	const total = 100000
+	for _, nodes := range []int{1, 3} {
+		b.Run(fmt.Sprintf("nodes=%d", nodes), func(b *testing.B) {
+			for b.Loop() {
+				c := testcluster.New(b, testcluster.Options{Nodes: nodes, LogLevel: "warn"})
+				leader := c.WaitLeader(30*time.Second, nil)
+				before := map[string]int64{}
+				for _, n := range c.Nodes {
+					before[n.ID] = vmRSS(b, n)
+				}
+				d := createBatches(b, c, benchEntries("rss", total), 500, 4)
+				if got := countEntries(b, leader); got != total {
+					b.Fatalf("%d entries, want %d", got, total)
+				}
+				resp, err := leader.Admin().ClusterList(context.Background(), &ferrypb.ClusterListRequest{})
+				if err != nil {
+					b.Fatal(err)
+				}
+				c.WaitApplied(resp.AppliedIndex, 60*time.Second)
+				var maxRSS int64
+				for _, n := range c.Nodes {
+					rss := vmRSS(b, n)
+					maxRSS = max(maxRSS, rss)
+					role := "follower"
+					if n == leader {
+						role = "leader"
+					}
+					fmt.Printf("server RSS (%d node(s)) %s %-8s %6.1f MiB with %d entries (%6.1f MiB before; loaded in %s)\n",
+						nodes, n.ID, role, mib(rss), total, mib(before[n.ID]), d.Round(time.Millisecond))
+				}
+				b.ReportMetric(mib(maxRSS), "max-RSS-MiB")
+			}
+		})
+	}
+}
+
+func mib(kb int64) float64 { return float64(kb) / 1024 }
+
+// vmRSS returns the VmRSS of n's server process in KiB.
+func vmRSS(b *testing.B, n *testcluster.Node) int64 {
+	b.Helper()
+	pid := serverPID(b, n)
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			var kb int64
+			if _, err := fmt.Sscan(strings.TrimSuffix(strings.TrimSpace(v), " kB"), &kb); err != nil {
+				b.Fatal(err)
+			}
+			return kb
+		}
+	}
+	b.Fatalf("no VmRSS for pid %d", pid)
+	return 0
+}
+
+// serverPID finds the `ferry server run --config <n.Config>` process.
+func serverPID(b *testing.B, n *testcluster.Node) int {
+	b.Helper()
+	dirs, err := filepath.Glob("/proc/[0-9]*/cmdline")
+	if err != nil {
+		b.Fatal(err)
+	}
+	want := "server\x00run\x00--config\x00" + n.Config + "\x00"
+	for _, p := range dirs {
+		data, err := os.ReadFile(p)
+		if err != nil || !strings.HasSuffix(string(data), want) {
+			continue
+		}
+		var pid int
+		if _, err := fmt.Sscanf(p, "/proc/%d/cmdline", &pid); err == nil {
+			return pid
+		}
+	}
+	b.Fatalf("no server process for %s", n.Config)
+	return 0
+}
