@@ -180,6 +180,9 @@ func bundleCommand() *cli.Command {
 							return err
 						}
 						td := c.String("trust-domain")
+						if td == "" && len(resp.Bundles) > 1 {
+							return errors.New("the server holds several trust domains' bundles: pass --trust-domain (or set FERRY_TRUST_DOMAIN)")
+						}
 						for _, b := range resp.Bundles {
 							if td == "" || b.TrustDomain == td {
 								return show(c, b)

@@ -157,8 +157,9 @@ func (s *Stack) Run(ctx context.Context) error {
 		HealthAddr:  fmt.Sprintf("127.0.0.1:%d", p.Health),
 		AgentAddr:   fmt.Sprintf("127.0.0.1:%d", p.Agent),
 		// JWT-SVIDs name the trust domain's OIDC issuer, which is how the
-		// bridge (and Entra) know whose keys verify them.
-		CA:     server.CAConfig{JWTIssuer: fmt.Sprintf("https://127.0.0.1:%d", p.OIDC)},
+		// bridge (and Entra) know whose keys verify them; the server serves
+		// its discovery document and JWKS there.
+		OIDC:   server.OIDCConfig{Addr: fmt.Sprintf("127.0.0.1:%d", p.OIDC), Issuer: fmt.Sprintf("https://localhost:%d", p.OIDC)},
 		Logger: s.log.With("role", "server"),
 		Cluster: server.ClusterConfig{
 			BindAddr:  fmt.Sprintf("127.0.0.1:%d", p.Cluster),
@@ -194,7 +195,7 @@ func (s *Stack) Run(ctx context.Context) error {
 		"AZURE_AUTHORITY_HOST":   br.BaseURL(),
 		"AZURE_TENANT_ID":        tenant,
 		"FERRY_BRIDGE_CA":        br.CAFile(),
-		"FERRY_JWT_ISSUER":       fmt.Sprintf("https://127.0.0.1:%d", p.OIDC),
+		"FERRY_JWT_ISSUER":       fmt.Sprintf("https://localhost:%d", p.OIDC),
 		"FERRY_ADMIN_SOCKET":     adminSocket,
 		"FERRY_TRUST_DOMAIN":     s.cfg.TrustDomain.String(),
 		"SPIFFE_ENDPOINT_SOCKET": "unix://" + agentSocket,
