@@ -4,7 +4,7 @@ GO    ?= go
 BIN   := bin/ferry
 DEV   ?= .dev
 
-.PHONY: help build run test test-short interop bench proto lint fuzz clean
+.PHONY: help build run test test-short interop bench proto lint fuzz fuzz-ci clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ bench: ## benchmarks that print figures (3-node write throughput, and package be
 
 fuzz: ## run every fuzz target for FUZZTIME each (default 20s)
 	@./scripts/fuzz.sh $${FUZZTIME:-20s}
+
+fuzz-ci: ## every fuzz target for a short budget (FUZZTIME, default 10s), as CI runs them
+	@./scripts/fuzz.sh $${FUZZTIME:-10s}
 
 proto: ## regenerate proto/ferrypb from proto/*.proto (needs protoc: apt-get install protobuf-compiler)
 	./proto/gen.sh

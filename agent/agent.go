@@ -16,6 +16,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ferry-id/ferry/agent/cache"
+	"github.com/ferry-id/ferry/agent/imds"
 	"github.com/ferry-id/ferry/agent/session"
 	"github.com/ferry-id/ferry/agent/workloadapi"
 	"github.com/ferry-id/ferry/attestors/node"
@@ -39,7 +40,9 @@ type Config struct {
 	NodeAttestor node.AgentAttestor
 	// Systemd enables the systemd workload attestor (unix is always on).
 	Systemd bool
-	Logger  *slog.Logger
+	// IMDS, when set, enables the managed-identity token endpoint.
+	IMDS   *IMDSConfig
+	Logger *slog.Logger
 }
 
 // Agent is a running agent.
@@ -116,17 +119,28 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		attestors = append(attestors, sd)
 	}
+	wlAttestor := workloadapi.WorkloadAttestors(a.cache, attestors...)
 	api, err := workloadapi.New(workloadapi.Config{
 		SocketPath: a.cfg.SocketPath,
 		Manager:    a.cache,
-		Attestor:   workloadapi.WorkloadAttestors(a.cache, attestors...),
+		Attestor:   wlAttestor,
 		Log:        a.log.With("component", "workloadapi"),
 	})
 	if err != nil {
 		return err
 	}
 
-	errc := make(chan error, 3)
+	var imdsServers []*imds.Server
+	if a.cfg.IMDS != nil {
+		servers, conn, err := a.startIMDS(wlAttestor)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		imdsServers = servers
+	}
+
+	errc := make(chan error, 3+len(imdsServers))
 	go func() { errc <- a.session.Run(ctx) }()
 	go func() { errc <- a.cache.Run(ctx) }()
 	select {
@@ -137,6 +151,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.log.Info("agent attested", "agent_id", a.session.SpiffeID().String())
 	go func() { errc <- api.Run(ctx) }()
 	a.log.Info("workload API listening", "socket", a.cfg.SocketPath)
+	runIMDS(ctx, imdsServers, errc)
 	select {
 	case <-ctx.Done():
 		return nil

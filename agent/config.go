@@ -2,12 +2,15 @@ package agent
 
 import (
 	"fmt"
+	"net/netip"
+	"net/url"
 	"os"
 
 	"github.com/hashicorp/hcl/hcl/token"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/ferry-id/ferry/agent/imds"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/internal/config"
@@ -29,7 +32,20 @@ type agentBlock struct {
 	JoinToken       string                 `hcl:"join_token"`
 	X509PoP         *x509popAgentBlock     `hcl:"x509pop"`
 	Systemd         bool                   `hcl:"systemd"`
+	IMDS            *imdsBlock             `hcl:"imds"`
 	UnusedKeys      map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type imdsBlock struct {
+	ArcAddr            *string                `hcl:"arc_addr"`
+	VM                 bool                   `hcl:"vm"`
+	VMAddr             string                 `hcl:"vm_addr"`
+	AddLoopbackAddress bool                   `hcl:"add_loopback_address"`
+	TokenDir           string                 `hcl:"token_dir"`
+	Authority          string                 `hcl:"authority"`
+	AuthorityCAFile    string                 `hcl:"authority_ca_file"`
+	TenantID           string                 `hcl:"tenant_id"`
+	UnusedKeys         map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
 type x509popAgentBlock struct {
@@ -110,8 +126,59 @@ func LoadConfig(path, joinToken string) (FileConfig, error) {
 		// the session reports that no attestor is configured.
 		out.NodeAttestor = noAttestor{}
 	}
+	if a.IMDS != nil {
+		ic, err := loadIMDS(path, a.IMDS)
+		if err != nil {
+			return FileConfig{}, err
+		}
+		out.IMDS = ic
+	}
 	if _, err := os.Stat(out.DataDir); err != nil && !os.IsNotExist(err) {
 		return FileConfig{}, fmt.Errorf("agent: data_dir: %w", err)
 	}
 	return out, nil
+}
+
+// loadIMDS validates the imds block and applies its defaults.
+func loadIMDS(path string, b *imdsBlock) (*IMDSConfig, error) {
+	c := &IMDSConfig{
+		ArcAddr:            imds.DefaultArcAddress,
+		VM:                 b.VM,
+		VMAddr:             b.VMAddr,
+		AddLoopbackAddress: b.AddLoopbackAddress,
+		TokenDir:           config.Resolve(path, b.TokenDir),
+		Authority:          b.Authority,
+		AuthorityCAFile:    config.Resolve(path, b.AuthorityCAFile),
+		TenantID:           b.TenantID,
+	}
+	if b.ArcAddr != nil {
+		c.ArcAddr = *b.ArcAddr
+	}
+	if c.VMAddr == "" {
+		c.VMAddr = imds.DefaultVMAddress
+	}
+	if c.TokenDir == "" {
+		c.TokenDir = imds.DefaultTokenDir
+	}
+	if c.ArcAddr == "" && !c.VM {
+		return nil, fmt.Errorf("agent: imds: arc_addr is empty and vm is off: nothing to serve")
+	}
+	for name, addr := range map[string]string{"arc_addr": c.ArcAddr, "vm_addr": c.VMAddr} {
+		if addr == "" {
+			continue
+		}
+		if _, err := netip.ParseAddrPort(addr); err != nil {
+			return nil, fmt.Errorf("agent: imds: %s: %w", name, err)
+		}
+	}
+	u, err := url.Parse(c.Authority)
+	if err != nil || u.Scheme != "https" || u.Host == "" {
+		return nil, fmt.Errorf("agent: imds: authority %q must be an https URL", c.Authority)
+	}
+	if c.AuthorityCAFile != "" {
+		if _, err := loadCertPool(c.AuthorityCAFile); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
 }

@@ -60,3 +60,53 @@ func testBundlePEM(t *testing.T) []byte {
 	require.NoError(t, err)
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
 }
+
+func TestIMDSConfig(t *testing.T) {
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca.pem")
+	require.NoError(t, os.WriteFile(ca, testBundlePEM(t), 0o644))
+	p := filepath.Join(dir, "a.conf")
+	load := func(imds string) (agent.FileConfig, error) {
+		t.Helper()
+		text := `agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"] ` + imds + ` }`
+		require.NoError(t, os.WriteFile(p, []byte(text), 0o600))
+		return agent.LoadConfig(p, "")
+	}
+
+	fc, err := load(``)
+	require.NoError(t, err)
+	require.Nil(t, fc.IMDS, "no imds block, no endpoint")
+
+	fc, err = load(`imds { authority = "https://login.example.org" authority_ca_file = "ca.pem" }`)
+	require.NoError(t, err)
+	require.Equal(t, &agent.IMDSConfig{
+		ArcAddr:         "127.0.0.1:40342",
+		VMAddr:          "169.254.169.254:80",
+		TokenDir:        "/var/opt/azcmagent/tokens",
+		Authority:       "https://login.example.org",
+		AuthorityCAFile: ca,
+	}, fc.IMDS)
+
+	fc, err = load(`imds {
+		authority = "https://login.example.org/x" tenant_id = "t1"
+		arc_addr = "" vm = true vm_addr = "127.0.0.1:8080" add_loopback_address = true token_dir = "tok"
+	}`)
+	require.NoError(t, err)
+	require.Equal(t, &agent.IMDSConfig{
+		VM: true, VMAddr: "127.0.0.1:8080", AddLoopbackAddress: true,
+		TokenDir: filepath.Join(dir, "tok"), Authority: "https://login.example.org/x", TenantID: "t1",
+	}, fc.IMDS)
+
+	for _, tc := range []struct{ block, err string }{
+		{`imds { }`, "authority"},
+		{`imds { authority = "http://login.example.org" }`, "https URL"},
+		{`imds { authority = "https://a" arc_addr = "" }`, "nothing to serve"},
+		{`imds { authority = "https://a" arc_addr = "localhost" }`, "arc_addr"},
+		{`imds { authority = "https://a" vm = true vm_addr = "169.254.169.254" }`, "vm_addr"},
+		{`imds { authority = "https://a" authority_ca_file = "missing.pem" }`, "authority_ca_file"},
+		{`imds { authority = "https://a" arcaddr = "x" }`, "agent.imds.arcaddr"},
+	} {
+		_, err := load(tc.block)
+		require.ErrorContains(t, err, tc.err, tc.block)
+	}
+}

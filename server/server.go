@@ -186,7 +186,7 @@ func (s *Server) Run(ctx context.Context) error {
 	// The admin services answer on the unix socket (file permissions guard it)
 	// and, when admin_addr is set, over mutual TLS to admin workloads.
 	tlsCfg := &svidTLS{store: s.store, td: s.cfg.TrustDomain.String(), log: s.log}
-	gs := grpc.NewServer(grpc.Creds(adminCreds{tls: tlsCfg}),
+	gs := grpc.NewServer(grpc.Creds(adminCreds{tls: tlsCfg}), s.admission(),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor, s.adminUnaryAuth), grpc.ChainStreamInterceptor(s.streamInterceptor, s.adminStreamAuth))
 	ferrypb.RegisterAdminServer(gs, admin)
 	issuers := map[string]string{}
@@ -205,7 +205,7 @@ func (s *Server) Run(ctx context.Context) error {
 		return fmt.Errorf("server: agent listener: %w", err)
 	}
 	tlsCfg.ca = authority
-	ags := grpc.NewServer(grpc.Creds(credentials.NewTLS(tlsCfg.config())),
+	ags := grpc.NewServer(grpc.Creds(credentials.NewTLS(tlsCfg.config())), s.admission(),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor), grpc.ChainStreamInterceptor(s.streamInterceptor))
 	ferrypb.RegisterAgentServer(ags, agentAPI)
 	defer ags.Stop()

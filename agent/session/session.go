@@ -477,6 +477,8 @@ func (s *Session) applyBundles(bs []*ferrypb.Bundle) {
 			s.log.Warn("bad bundle from server", "trust_domain", b.TrustDomain, "error", err)
 			continue
 		}
+		// ferry signs WIT-SVIDs with its JWT authorities.
+		sb = ca.WithWITAuthorities(sb)
 		if b.TrustDomain == s.cfg.TrustDomain.String() {
 			own = sb
 			s.setBundle(b)
@@ -529,9 +531,18 @@ func (s *Session) MintJWTSVID(ctx context.Context, entryID string, audience []st
 	return resp.Token, nil
 }
 
-// MintWITSVID implements cache.Signer. The servers do not issue WIT-SVIDs yet.
+// MintWITSVID implements cache.Signer through NewWITSVID: the server binds the
+// token to publicKey; the private key never leaves the agent.
 func (s *Session) MintWITSVID(ctx context.Context, entryID string, publicKey crypto.PublicKey) (string, error) {
-	return "", status.Error(codes.Unimplemented, "the servers do not issue WIT-SVIDs yet")
+	der, err := x509.MarshalPKIXPublicKey(publicKey)
+	if err != nil {
+		return "", fmt.Errorf("session: WIT-SVID key: %w", err)
+	}
+	resp, err := s.agentClient().NewWITSVID(ctx, &ferrypb.NewWITSVIDRequest{EntryId: entryID, PublicKey: der})
+	if err != nil {
+		return "", err
+	}
+	return resp.Token, nil
 }
 
 func newKeyAndCSR() (crypto.Signer, []byte, error) {

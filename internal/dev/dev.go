@@ -78,6 +78,7 @@ type ports struct {
 	Agent   int `json:"agent"`
 	Bridge  int `json:"bridge"`
 	OIDC    int `json:"oidc"`
+	IMDS    int `json:"imds"`
 }
 
 func (s *Stack) ports() (ports, error) {
@@ -87,7 +88,16 @@ func (s *Stack) ports() (ports, error) {
 		if err := json.Unmarshal(data, &p); err != nil {
 			return p, fmt.Errorf("dev: %s: %w", path, err)
 		}
-		return p, nil
+		if p.IMDS != 0 {
+			return p, nil
+		}
+		// A data dir from before the token endpoint: add its port.
+		var err error
+		if p.IMDS, err = freePort(); err != nil {
+			return p, err
+		}
+		data, _ := json.Marshal(p)
+		return p, os.WriteFile(path, data, 0o600)
 	}
 	var err error
 	if p.Cluster, err = freePort(); err != nil {
@@ -103,6 +113,9 @@ func (s *Stack) ports() (ports, error) {
 		return p, err
 	}
 	if p.OIDC, err = freePort(); err != nil {
+		return p, err
+	}
+	if p.IMDS, err = freePort(); err != nil {
 		return p, err
 	}
 	data, _ := json.Marshal(p)
@@ -182,15 +195,25 @@ func (s *Stack) Run(ctx context.Context) error {
 	case <-srv.Ready():
 	}
 
-	ag, err := s.startAgent(ctx, srv, adminSocket, fmt.Sprintf("127.0.0.1:%d", p.Agent), errc)
-	if err != nil {
-		return err
-	}
-	agentSocket := filepath.Join(dir, "public", "api.sock")
 	br, tenant, err := s.startBridge(ctx, adminSocket, fmt.Sprintf("127.0.0.1:%d", p.Bridge), errc)
 	if err != nil {
 		return err
 	}
+	// The agent's managed-identity endpoint (Arc style) trades JWT-SVIDs at
+	// the bridge. Arc clients insist on challenge files under
+	// /var/opt/azcmagent/tokens; the dev stack keeps its own under the data
+	// dir so the host stays untouched (curl and VM-style clients do not care).
+	imdsAddr := fmt.Sprintf("127.0.0.1:%d", p.IMDS)
+	ag, err := s.startAgent(ctx, srv, adminSocket, fmt.Sprintf("127.0.0.1:%d", p.Agent), &agent.IMDSConfig{
+		ArcAddr:         imdsAddr,
+		TokenDir:        filepath.Join(dir, "tokens"),
+		Authority:       br.BaseURL(),
+		AuthorityCAFile: br.CAFile(),
+	}, errc)
+	if err != nil {
+		return err
+	}
+	agentSocket := filepath.Join(dir, "public", "api.sock")
 	env := map[string]string{
 		"AZURE_AUTHORITY_HOST":   br.BaseURL(),
 		"AZURE_TENANT_ID":        tenant,
@@ -200,6 +223,8 @@ func (s *Stack) Run(ctx context.Context) error {
 		"FERRY_TRUST_DOMAIN":     s.cfg.TrustDomain.String(),
 		"SPIFFE_ENDPOINT_SOCKET": "unix://" + agentSocket,
 		"FERRY_AGENT_ID":         ag.Session().SpiffeID().String(),
+		"IDENTITY_ENDPOINT":      "http://" + imdsAddr + "/metadata/identity/oauth2/token",
+		"IMDS_ENDPOINT":          "http://" + imdsAddr,
 	}
 	envFile := filepath.Join(dir, "env")
 	if err := writeEnv(envFile, env); err != nil {
@@ -234,7 +259,7 @@ Stop with Ctrl-C; start again with the same data dir to carry on where you left 
 
 // startAgent waits for the server's CA to publish its first keys, gets a join
 // token through the admin socket, and starts an agent in this process.
-func (s *Stack) startAgent(ctx context.Context, srv *server.Server, adminSocket, agentAddr string, errc chan error) (*agent.Agent, error) {
+func (s *Stack) startAgent(ctx context.Context, srv *server.Server, adminSocket, agentAddr string, imdsCfg *agent.IMDSConfig, errc chan error) (*agent.Agent, error) {
 	var roots []*x509.Certificate
 	for len(roots) == 0 {
 		if b := srv.Store().View().Bundle(s.cfg.TrustDomain.String()); b != nil {
@@ -278,6 +303,7 @@ func (s *Stack) startAgent(ctx context.Context, srv *server.Server, adminSocket,
 		DataDir:      filepath.Join(s.cfg.DataDir, "agent"),
 		SocketPath:   filepath.Join(s.cfg.DataDir, "public", "api.sock"),
 		NodeAttestor: at,
+		IMDS:         imdsCfg,
 		Logger:       s.log.With("role", "agent"),
 	})
 	if err != nil {

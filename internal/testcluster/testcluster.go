@@ -67,6 +67,9 @@ type Options struct {
 	// ExtraServerConfig is inserted verbatim in every node's server block
 	// (e.g. an oidc block).
 	ExtraServerConfig string
+	// AdvertiseAddr, when set, names each node's advertised cluster address
+	// (e.g. a fault-injecting proxy in front of bindAddr).
+	AdvertiseAddr func(nodeID, bindAddr string) string
 }
 
 // Cluster is a set of server processes sharing one cluster CA.
@@ -183,6 +186,9 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
 	}
 	if c.Opts.SnapshotInterval != "" {
 		fmt.Fprintf(&extra, "    snapshot_interval = %q\n", c.Opts.SnapshotInterval)
+	}
+	if c.Opts.AdvertiseAddr != nil {
+		fmt.Fprintf(&extra, "    advertise_addr = %q\n", c.Opts.AdvertiseAddr(id, n.ClusterAddr))
 	}
 	conf := fmt.Sprintf(`server {
   node_id      = %q
@@ -301,6 +307,16 @@ func (n *Node) Running() bool {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return n.cmd != nil
+}
+
+// PID returns the node's process ID, 0 when it is not running.
+func (n *Node) PID() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.cmd == nil {
+		return 0
+	}
+	return n.cmd.Process.Pid
 }
 
 // Admin returns an admin API client for the node (one connection, reused).

@@ -2039,6 +2039,94 @@ func (x *DeleteFederatedBundleRequest) GetTrustDomain() string {
 	return ""
 }
 
+type StateHashRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StateHashRequest) Reset() {
+	*x = StateHashRequest{}
+	mi := &file_admin_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StateHashRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StateHashRequest) ProtoMessage() {}
+
+func (x *StateHashRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StateHashRequest.ProtoReflect.Descriptor instead.
+func (*StateHashRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{38}
+}
+
+type StateHashResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	AppliedIndex  uint64                 `protobuf:"varint,1,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"` // the state's last applied Raft index
+	Sha256        []byte                 `protobuf:"bytes,2,opt,name=sha256,proto3" json:"sha256,omitempty"`                                  // SHA-256 of the state snapshot, applied index excluded
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StateHashResponse) Reset() {
+	*x = StateHashResponse{}
+	mi := &file_admin_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StateHashResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StateHashResponse) ProtoMessage() {}
+
+func (x *StateHashResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StateHashResponse.ProtoReflect.Descriptor instead.
+func (*StateHashResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *StateHashResponse) GetAppliedIndex() uint64 {
+	if x != nil {
+		return x.AppliedIndex
+	}
+	return 0
+}
+
+func (x *StateHashResponse) GetSha256() []byte {
+	if x != nil {
+		return x.Sha256
+	}
+	return nil
+}
+
 var File_admin_proto protoreflect.FileDescriptor
 
 const file_admin_proto_rawDesc = "" +
@@ -2172,11 +2260,15 @@ const file_admin_proto_rawDesc = "" +
 	"\x19SetFederatedBundleRequest\x12(\n" +
 	"\x06bundle\x18\x01 \x01(\v2\x10.ferry.v1.BundleR\x06bundle\"A\n" +
 	"\x1cDeleteFederatedBundleRequest\x12!\n" +
-	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain*8\n" +
+	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\"\x12\n" +
+	"\x10StateHashRequest\"P\n" +
+	"\x11StateHashResponse\x12#\n" +
+	"\rapplied_index\x18\x01 \x01(\x04R\fappliedIndex\x12\x16\n" +
+	"\x06sha256\x18\x02 \x01(\fR\x06sha256*8\n" +
 	"\x0fReadConsistency\x12\x0e\n" +
 	"\n" +
 	"READ_LOCAL\x10\x00\x12\x15\n" +
-	"\x11READ_LINEARIZABLE\x10\x012\xfc\x0f\n" +
+	"\x11READ_LINEARIZABLE\x10\x012\xc2\x10\n" +
 	"\x05Admin\x12J\n" +
 	"\vClusterJoin\x12\x1c.ferry.v1.ClusterJoinRequest\x1a\x1d.ferry.v1.ClusterJoinResponse\x12J\n" +
 	"\vClusterList\x12\x1c.ferry.v1.ClusterListRequest\x1a\x1d.ferry.v1.ClusterListResponse\x12P\n" +
@@ -2205,7 +2297,8 @@ const file_admin_proto_rawDesc = "" +
 	"\fMintX509SVID\x12\x1d.ferry.v1.MintX509SVIDRequest\x1a\x1e.ferry.v1.MintX509SVIDResponse\x12J\n" +
 	"\vMintJWTSVID\x12\x1c.ferry.v1.MintJWTSVIDRequest\x1a\x1d.ferry.v1.MintJWTSVIDResponse\x12K\n" +
 	"\x12SetFederatedBundle\x12#.ferry.v1.SetFederatedBundleRequest\x1a\x10.ferry.v1.Bundle\x12Q\n" +
-	"\x15DeleteFederatedBundle\x12&.ferry.v1.DeleteFederatedBundleRequest\x1a\x10.ferry.v1.BundleB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
+	"\x15DeleteFederatedBundle\x12&.ferry.v1.DeleteFederatedBundleRequest\x1a\x10.ferry.v1.Bundle\x12D\n" +
+	"\tStateHash\x12\x1a.ferry.v1.StateHashRequest\x1a\x1b.ferry.v1.StateHashResponseB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
 
 var (
 	file_admin_proto_rawDescOnce sync.Once
@@ -2220,7 +2313,7 @@ func file_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_admin_proto_goTypes = []any{
 	(ReadConsistency)(0),                 // 0: ferry.v1.ReadConsistency
 	(*CreateJoinTokenRequest)(nil),       // 1: ferry.v1.CreateJoinTokenRequest
@@ -2261,27 +2354,29 @@ var file_admin_proto_goTypes = []any{
 	(*MintJWTSVIDResponse)(nil),          // 36: ferry.v1.MintJWTSVIDResponse
 	(*SetFederatedBundleRequest)(nil),    // 37: ferry.v1.SetFederatedBundleRequest
 	(*DeleteFederatedBundleRequest)(nil), // 38: ferry.v1.DeleteFederatedBundleRequest
-	(*AttestedNode)(nil),                 // 39: ferry.v1.AttestedNode
-	(*Bundle)(nil),                       // 40: ferry.v1.Bundle
-	(*Entry)(nil),                        // 41: ferry.v1.Entry
-	(*Status)(nil),                       // 42: ferry.v1.Status
-	(*Selector)(nil),                     // 43: ferry.v1.Selector
+	(*StateHashRequest)(nil),             // 39: ferry.v1.StateHashRequest
+	(*StateHashResponse)(nil),            // 40: ferry.v1.StateHashResponse
+	(*AttestedNode)(nil),                 // 41: ferry.v1.AttestedNode
+	(*Bundle)(nil),                       // 42: ferry.v1.Bundle
+	(*Entry)(nil),                        // 43: ferry.v1.Entry
+	(*Status)(nil),                       // 44: ferry.v1.Status
+	(*Selector)(nil),                     // 45: ferry.v1.Selector
 }
 var file_admin_proto_depIdxs = []int32{
-	39, // 0: ferry.v1.ListAgentsResponse.agents:type_name -> ferry.v1.AttestedNode
-	40, // 1: ferry.v1.ListBundlesResponse.bundles:type_name -> ferry.v1.Bundle
+	41, // 0: ferry.v1.ListAgentsResponse.agents:type_name -> ferry.v1.AttestedNode
+	42, // 1: ferry.v1.ListBundlesResponse.bundles:type_name -> ferry.v1.Bundle
 	13, // 2: ferry.v1.ClusterListResponse.members:type_name -> ferry.v1.ClusterMember
-	41, // 3: ferry.v1.BatchCreateEntryRequest.entries:type_name -> ferry.v1.Entry
-	41, // 4: ferry.v1.BatchUpdateEntryRequest.entries:type_name -> ferry.v1.Entry
-	42, // 5: ferry.v1.BatchEntryResponse.results:type_name -> ferry.v1.Status
-	41, // 6: ferry.v1.BatchEntryResponse.entries:type_name -> ferry.v1.Entry
+	43, // 3: ferry.v1.BatchCreateEntryRequest.entries:type_name -> ferry.v1.Entry
+	43, // 4: ferry.v1.BatchUpdateEntryRequest.entries:type_name -> ferry.v1.Entry
+	44, // 5: ferry.v1.BatchEntryResponse.results:type_name -> ferry.v1.Status
+	43, // 6: ferry.v1.BatchEntryResponse.entries:type_name -> ferry.v1.Entry
 	0,  // 7: ferry.v1.GetEntryRequest.consistency:type_name -> ferry.v1.ReadConsistency
-	43, // 8: ferry.v1.ListEntriesRequest.by_selectors:type_name -> ferry.v1.Selector
+	45, // 8: ferry.v1.ListEntriesRequest.by_selectors:type_name -> ferry.v1.Selector
 	0,  // 9: ferry.v1.ListEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
-	41, // 10: ferry.v1.ListEntriesResponse.entries:type_name -> ferry.v1.Entry
+	43, // 10: ferry.v1.ListEntriesResponse.entries:type_name -> ferry.v1.Entry
 	0,  // 11: ferry.v1.CountEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
 	29, // 12: ferry.v1.ListLocalAuthoritiesResponse.authorities:type_name -> ferry.v1.LocalAuthority
-	40, // 13: ferry.v1.SetFederatedBundleRequest.bundle:type_name -> ferry.v1.Bundle
+	42, // 13: ferry.v1.SetFederatedBundleRequest.bundle:type_name -> ferry.v1.Bundle
 	10, // 14: ferry.v1.Admin.ClusterJoin:input_type -> ferry.v1.ClusterJoinRequest
 	12, // 15: ferry.v1.Admin.ClusterList:input_type -> ferry.v1.ClusterListRequest
 	15, // 16: ferry.v1.Admin.ClusterRemove:input_type -> ferry.v1.ClusterRemoveRequest
@@ -2308,34 +2403,36 @@ var file_admin_proto_depIdxs = []int32{
 	35, // 37: ferry.v1.Admin.MintJWTSVID:input_type -> ferry.v1.MintJWTSVIDRequest
 	37, // 38: ferry.v1.Admin.SetFederatedBundle:input_type -> ferry.v1.SetFederatedBundleRequest
 	38, // 39: ferry.v1.Admin.DeleteFederatedBundle:input_type -> ferry.v1.DeleteFederatedBundleRequest
-	11, // 40: ferry.v1.Admin.ClusterJoin:output_type -> ferry.v1.ClusterJoinResponse
-	14, // 41: ferry.v1.Admin.ClusterList:output_type -> ferry.v1.ClusterListResponse
-	16, // 42: ferry.v1.Admin.ClusterRemove:output_type -> ferry.v1.ClusterRemoveResponse
-	18, // 43: ferry.v1.Admin.SnapshotSave:output_type -> ferry.v1.SnapshotChunk
-	19, // 44: ferry.v1.Admin.SnapshotRestore:output_type -> ferry.v1.SnapshotRestoreResponse
-	23, // 45: ferry.v1.Admin.BatchCreateEntry:output_type -> ferry.v1.BatchEntryResponse
-	23, // 46: ferry.v1.Admin.BatchUpdateEntry:output_type -> ferry.v1.BatchEntryResponse
-	23, // 47: ferry.v1.Admin.BatchDeleteEntry:output_type -> ferry.v1.BatchEntryResponse
-	41, // 48: ferry.v1.Admin.GetEntry:output_type -> ferry.v1.Entry
-	26, // 49: ferry.v1.Admin.ListEntries:output_type -> ferry.v1.ListEntriesResponse
-	28, // 50: ferry.v1.Admin.CountEntries:output_type -> ferry.v1.CountEntriesResponse
-	2,  // 51: ferry.v1.Admin.CreateJoinToken:output_type -> ferry.v1.CreateJoinTokenResponse
-	4,  // 52: ferry.v1.Admin.ListAgents:output_type -> ferry.v1.ListAgentsResponse
-	39, // 53: ferry.v1.Admin.GetAgent:output_type -> ferry.v1.AttestedNode
-	39, // 54: ferry.v1.Admin.EvictAgent:output_type -> ferry.v1.AttestedNode
-	39, // 55: ferry.v1.Admin.BanAgent:output_type -> ferry.v1.AttestedNode
-	9,  // 56: ferry.v1.Admin.ListBundles:output_type -> ferry.v1.ListBundlesResponse
-	31, // 57: ferry.v1.Admin.ListLocalAuthorities:output_type -> ferry.v1.ListLocalAuthoritiesResponse
-	29, // 58: ferry.v1.Admin.PrepareLocalAuthority:output_type -> ferry.v1.LocalAuthority
-	29, // 59: ferry.v1.Admin.ActivateLocalAuthority:output_type -> ferry.v1.LocalAuthority
-	29, // 60: ferry.v1.Admin.TaintLocalAuthority:output_type -> ferry.v1.LocalAuthority
-	29, // 61: ferry.v1.Admin.RevokeLocalAuthority:output_type -> ferry.v1.LocalAuthority
-	34, // 62: ferry.v1.Admin.MintX509SVID:output_type -> ferry.v1.MintX509SVIDResponse
-	36, // 63: ferry.v1.Admin.MintJWTSVID:output_type -> ferry.v1.MintJWTSVIDResponse
-	40, // 64: ferry.v1.Admin.SetFederatedBundle:output_type -> ferry.v1.Bundle
-	40, // 65: ferry.v1.Admin.DeleteFederatedBundle:output_type -> ferry.v1.Bundle
-	40, // [40:66] is the sub-list for method output_type
-	14, // [14:40] is the sub-list for method input_type
+	39, // 40: ferry.v1.Admin.StateHash:input_type -> ferry.v1.StateHashRequest
+	11, // 41: ferry.v1.Admin.ClusterJoin:output_type -> ferry.v1.ClusterJoinResponse
+	14, // 42: ferry.v1.Admin.ClusterList:output_type -> ferry.v1.ClusterListResponse
+	16, // 43: ferry.v1.Admin.ClusterRemove:output_type -> ferry.v1.ClusterRemoveResponse
+	18, // 44: ferry.v1.Admin.SnapshotSave:output_type -> ferry.v1.SnapshotChunk
+	19, // 45: ferry.v1.Admin.SnapshotRestore:output_type -> ferry.v1.SnapshotRestoreResponse
+	23, // 46: ferry.v1.Admin.BatchCreateEntry:output_type -> ferry.v1.BatchEntryResponse
+	23, // 47: ferry.v1.Admin.BatchUpdateEntry:output_type -> ferry.v1.BatchEntryResponse
+	23, // 48: ferry.v1.Admin.BatchDeleteEntry:output_type -> ferry.v1.BatchEntryResponse
+	43, // 49: ferry.v1.Admin.GetEntry:output_type -> ferry.v1.Entry
+	26, // 50: ferry.v1.Admin.ListEntries:output_type -> ferry.v1.ListEntriesResponse
+	28, // 51: ferry.v1.Admin.CountEntries:output_type -> ferry.v1.CountEntriesResponse
+	2,  // 52: ferry.v1.Admin.CreateJoinToken:output_type -> ferry.v1.CreateJoinTokenResponse
+	4,  // 53: ferry.v1.Admin.ListAgents:output_type -> ferry.v1.ListAgentsResponse
+	41, // 54: ferry.v1.Admin.GetAgent:output_type -> ferry.v1.AttestedNode
+	41, // 55: ferry.v1.Admin.EvictAgent:output_type -> ferry.v1.AttestedNode
+	41, // 56: ferry.v1.Admin.BanAgent:output_type -> ferry.v1.AttestedNode
+	9,  // 57: ferry.v1.Admin.ListBundles:output_type -> ferry.v1.ListBundlesResponse
+	31, // 58: ferry.v1.Admin.ListLocalAuthorities:output_type -> ferry.v1.ListLocalAuthoritiesResponse
+	29, // 59: ferry.v1.Admin.PrepareLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	29, // 60: ferry.v1.Admin.ActivateLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	29, // 61: ferry.v1.Admin.TaintLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	29, // 62: ferry.v1.Admin.RevokeLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	34, // 63: ferry.v1.Admin.MintX509SVID:output_type -> ferry.v1.MintX509SVIDResponse
+	36, // 64: ferry.v1.Admin.MintJWTSVID:output_type -> ferry.v1.MintJWTSVIDResponse
+	42, // 65: ferry.v1.Admin.SetFederatedBundle:output_type -> ferry.v1.Bundle
+	42, // 66: ferry.v1.Admin.DeleteFederatedBundle:output_type -> ferry.v1.Bundle
+	40, // 67: ferry.v1.Admin.StateHash:output_type -> ferry.v1.StateHashResponse
+	41, // [41:68] is the sub-list for method output_type
+	14, // [14:41] is the sub-list for method input_type
 	14, // [14:14] is the sub-list for extension type_name
 	14, // [14:14] is the sub-list for extension extendee
 	0,  // [0:14] is the sub-list for field type_name
@@ -2354,7 +2451,7 @@ func file_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_admin_proto_rawDesc), len(file_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   38,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

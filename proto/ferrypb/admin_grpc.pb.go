@@ -47,6 +47,7 @@ const (
 	Admin_MintJWTSVID_FullMethodName            = "/ferry.v1.Admin/MintJWTSVID"
 	Admin_SetFederatedBundle_FullMethodName     = "/ferry.v1.Admin/SetFederatedBundle"
 	Admin_DeleteFederatedBundle_FullMethodName  = "/ferry.v1.Admin/DeleteFederatedBundle"
+	Admin_StateHash_FullMethodName              = "/ferry.v1.Admin/StateHash"
 )
 
 // AdminClient is the client API for Admin service.
@@ -82,6 +83,8 @@ type AdminClient interface {
 	// Bundles of federated trust domains (never our own).
 	SetFederatedBundle(ctx context.Context, in *SetFederatedBundleRequest, opts ...grpc.CallOption) (*Bundle, error)
 	DeleteFederatedBundle(ctx context.Context, in *DeleteFederatedBundleRequest, opts ...grpc.CallOption) (*Bundle, error)
+	// StateHash digests this node's replicated state, for comparing nodes.
+	StateHash(ctx context.Context, in *StateHashRequest, opts ...grpc.CallOption) (*StateHashResponse, error)
 }
 
 type adminClient struct {
@@ -364,6 +367,16 @@ func (c *adminClient) DeleteFederatedBundle(ctx context.Context, in *DeleteFeder
 	return out, nil
 }
 
+func (c *adminClient) StateHash(ctx context.Context, in *StateHashRequest, opts ...grpc.CallOption) (*StateHashResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StateHashResponse)
+	err := c.cc.Invoke(ctx, Admin_StateHash_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -397,6 +410,8 @@ type AdminServer interface {
 	// Bundles of federated trust domains (never our own).
 	SetFederatedBundle(context.Context, *SetFederatedBundleRequest) (*Bundle, error)
 	DeleteFederatedBundle(context.Context, *DeleteFederatedBundleRequest) (*Bundle, error)
+	// StateHash digests this node's replicated state, for comparing nodes.
+	StateHash(context.Context, *StateHashRequest) (*StateHashResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -484,6 +499,9 @@ func (UnimplementedAdminServer) SetFederatedBundle(context.Context, *SetFederate
 }
 func (UnimplementedAdminServer) DeleteFederatedBundle(context.Context, *DeleteFederatedBundleRequest) (*Bundle, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteFederatedBundle not implemented")
+}
+func (UnimplementedAdminServer) StateHash(context.Context, *StateHashRequest) (*StateHashResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StateHash not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -956,6 +974,24 @@ func _Admin_DeleteFederatedBundle_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_StateHash_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StateHashRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).StateHash(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_StateHash_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).StateHash(ctx, req.(*StateHashRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1058,6 +1094,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteFederatedBundle",
 			Handler:    _Admin_DeleteFederatedBundle_Handler,
+		},
+		{
+			MethodName: "StateHash",
+			Handler:    _Admin_StateHash_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

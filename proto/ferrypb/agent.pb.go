@@ -997,6 +997,118 @@ func (x *ListAgentIdentitiesResponse) GetIdentities() []*AgentIdentity {
 	return nil
 }
 
+type NewWITSVIDRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	EntryId       string                 `protobuf:"bytes,1,opt,name=entry_id,json=entryId,proto3" json:"entry_id,omitempty"`
+	PublicKey     []byte                 `protobuf:"bytes,2,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"` // PKIX DER; P-256/P-384/P-521 ECDSA or RSA (>= 2048 bits)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NewWITSVIDRequest) Reset() {
+	*x = NewWITSVIDRequest{}
+	mi := &file_agent_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NewWITSVIDRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NewWITSVIDRequest) ProtoMessage() {}
+
+func (x *NewWITSVIDRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NewWITSVIDRequest.ProtoReflect.Descriptor instead.
+func (*NewWITSVIDRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *NewWITSVIDRequest) GetEntryId() string {
+	if x != nil {
+		return x.EntryId
+	}
+	return ""
+}
+
+func (x *NewWITSVIDRequest) GetPublicKey() []byte {
+	if x != nil {
+		return x.PublicKey
+	}
+	return nil
+}
+
+type NewWITSVIDResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	IssuedAt      int64                  `protobuf:"varint,2,opt,name=issued_at,json=issuedAt,proto3" json:"issued_at,omitempty"`
+	ExpiresAt     int64                  `protobuf:"varint,3,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NewWITSVIDResponse) Reset() {
+	*x = NewWITSVIDResponse{}
+	mi := &file_agent_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NewWITSVIDResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NewWITSVIDResponse) ProtoMessage() {}
+
+func (x *NewWITSVIDResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NewWITSVIDResponse.ProtoReflect.Descriptor instead.
+func (*NewWITSVIDResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *NewWITSVIDResponse) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *NewWITSVIDResponse) GetIssuedAt() int64 {
+	if x != nil {
+		return x.IssuedAt
+	}
+	return 0
+}
+
+func (x *NewWITSVIDResponse) GetExpiresAt() int64 {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return 0
+}
+
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -1066,7 +1178,16 @@ const file_agent_proto_rawDesc = "" +
 	"\x1bListAgentIdentitiesResponse\x127\n" +
 	"\n" +
 	"identities\x18\x01 \x03(\v2\x17.ferry.v1.AgentIdentityR\n" +
-	"identities2\xf6\x03\n" +
+	"identities\"M\n" +
+	"\x11NewWITSVIDRequest\x12\x19\n" +
+	"\bentry_id\x18\x01 \x01(\tR\aentryId\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x02 \x01(\fR\tpublicKey\"f\n" +
+	"\x12NewWITSVIDResponse\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x1b\n" +
+	"\tissued_at\x18\x02 \x01(\x03R\bissuedAt\x12\x1d\n" +
+	"\n" +
+	"expires_at\x18\x03 \x01(\x03R\texpiresAt2\xbf\x04\n" +
 	"\x05Agent\x12N\n" +
 	"\vAttestAgent\x12\x1c.ferry.v1.AttestAgentRequest\x1a\x1d.ferry.v1.AttestAgentResponse(\x010\x01\x12G\n" +
 	"\n" +
@@ -1075,7 +1196,9 @@ const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"NewJWTSVID\x12\x1b.ferry.v1.NewJWTSVIDRequest\x1a\x1c.ferry.v1.NewJWTSVIDResponse\x12L\n" +
 	"\vSyncEntries\x12\x1c.ferry.v1.SyncEntriesRequest\x1a\x1d.ferry.v1.SyncEntriesResponse0\x01\x12b\n" +
-	"\x13ListAgentIdentities\x12$.ferry.v1.ListAgentIdentitiesRequest\x1a%.ferry.v1.ListAgentIdentitiesResponseB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
+	"\x13ListAgentIdentities\x12$.ferry.v1.ListAgentIdentitiesRequest\x1a%.ferry.v1.ListAgentIdentitiesResponse\x12G\n" +
+	"\n" +
+	"NewWITSVID\x12\x1b.ferry.v1.NewWITSVIDRequest\x1a\x1c.ferry.v1.NewWITSVIDResponseB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -1089,7 +1212,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_agent_proto_goTypes = []any{
 	(*AttestAgentRequest)(nil),          // 0: ferry.v1.AttestAgentRequest
 	(*AttestParams)(nil),                // 1: ferry.v1.AttestParams
@@ -1108,19 +1231,21 @@ var file_agent_proto_goTypes = []any{
 	(*ListAgentIdentitiesRequest)(nil),  // 14: ferry.v1.ListAgentIdentitiesRequest
 	(*AgentIdentity)(nil),               // 15: ferry.v1.AgentIdentity
 	(*ListAgentIdentitiesResponse)(nil), // 16: ferry.v1.ListAgentIdentitiesResponse
-	(*Bundle)(nil),                      // 17: ferry.v1.Bundle
-	(*Status)(nil),                      // 18: ferry.v1.Status
-	(*Entry)(nil),                       // 19: ferry.v1.Entry
+	(*NewWITSVIDRequest)(nil),           // 17: ferry.v1.NewWITSVIDRequest
+	(*NewWITSVIDResponse)(nil),          // 18: ferry.v1.NewWITSVIDResponse
+	(*Bundle)(nil),                      // 19: ferry.v1.Bundle
+	(*Status)(nil),                      // 20: ferry.v1.Status
+	(*Entry)(nil),                       // 21: ferry.v1.Entry
 }
 var file_agent_proto_depIdxs = []int32{
 	1,  // 0: ferry.v1.AttestAgentRequest.params:type_name -> ferry.v1.AttestParams
 	3,  // 1: ferry.v1.AttestAgentResponse.result:type_name -> ferry.v1.AttestResult
-	17, // 2: ferry.v1.AttestResult.bundle:type_name -> ferry.v1.Bundle
+	19, // 2: ferry.v1.AttestResult.bundle:type_name -> ferry.v1.Bundle
 	6,  // 3: ferry.v1.BatchNewX509SVIDRequest.params:type_name -> ferry.v1.X509SVIDParams
-	18, // 4: ferry.v1.X509SVIDResult.status:type_name -> ferry.v1.Status
+	20, // 4: ferry.v1.X509SVIDResult.status:type_name -> ferry.v1.Status
 	8,  // 5: ferry.v1.BatchNewX509SVIDResponse.results:type_name -> ferry.v1.X509SVIDResult
-	19, // 6: ferry.v1.SyncEntriesResponse.entries:type_name -> ferry.v1.Entry
-	17, // 7: ferry.v1.SyncEntriesResponse.bundles:type_name -> ferry.v1.Bundle
+	21, // 6: ferry.v1.SyncEntriesResponse.entries:type_name -> ferry.v1.Entry
+	19, // 7: ferry.v1.SyncEntriesResponse.bundles:type_name -> ferry.v1.Bundle
 	15, // 8: ferry.v1.ListAgentIdentitiesResponse.identities:type_name -> ferry.v1.AgentIdentity
 	0,  // 9: ferry.v1.Agent.AttestAgent:input_type -> ferry.v1.AttestAgentRequest
 	4,  // 10: ferry.v1.Agent.RenewAgent:input_type -> ferry.v1.RenewAgentRequest
@@ -1128,14 +1253,16 @@ var file_agent_proto_depIdxs = []int32{
 	10, // 12: ferry.v1.Agent.NewJWTSVID:input_type -> ferry.v1.NewJWTSVIDRequest
 	12, // 13: ferry.v1.Agent.SyncEntries:input_type -> ferry.v1.SyncEntriesRequest
 	14, // 14: ferry.v1.Agent.ListAgentIdentities:input_type -> ferry.v1.ListAgentIdentitiesRequest
-	2,  // 15: ferry.v1.Agent.AttestAgent:output_type -> ferry.v1.AttestAgentResponse
-	5,  // 16: ferry.v1.Agent.RenewAgent:output_type -> ferry.v1.RenewAgentResponse
-	9,  // 17: ferry.v1.Agent.BatchNewX509SVID:output_type -> ferry.v1.BatchNewX509SVIDResponse
-	11, // 18: ferry.v1.Agent.NewJWTSVID:output_type -> ferry.v1.NewJWTSVIDResponse
-	13, // 19: ferry.v1.Agent.SyncEntries:output_type -> ferry.v1.SyncEntriesResponse
-	16, // 20: ferry.v1.Agent.ListAgentIdentities:output_type -> ferry.v1.ListAgentIdentitiesResponse
-	15, // [15:21] is the sub-list for method output_type
-	9,  // [9:15] is the sub-list for method input_type
+	17, // 15: ferry.v1.Agent.NewWITSVID:input_type -> ferry.v1.NewWITSVIDRequest
+	2,  // 16: ferry.v1.Agent.AttestAgent:output_type -> ferry.v1.AttestAgentResponse
+	5,  // 17: ferry.v1.Agent.RenewAgent:output_type -> ferry.v1.RenewAgentResponse
+	9,  // 18: ferry.v1.Agent.BatchNewX509SVID:output_type -> ferry.v1.BatchNewX509SVIDResponse
+	11, // 19: ferry.v1.Agent.NewJWTSVID:output_type -> ferry.v1.NewJWTSVIDResponse
+	13, // 20: ferry.v1.Agent.SyncEntries:output_type -> ferry.v1.SyncEntriesResponse
+	16, // 21: ferry.v1.Agent.ListAgentIdentities:output_type -> ferry.v1.ListAgentIdentitiesResponse
+	18, // 22: ferry.v1.Agent.NewWITSVID:output_type -> ferry.v1.NewWITSVIDResponse
+	16, // [16:23] is the sub-list for method output_type
+	9,  // [9:16] is the sub-list for method input_type
 	9,  // [9:9] is the sub-list for extension type_name
 	9,  // [9:9] is the sub-list for extension extendee
 	0,  // [0:9] is the sub-list for field type_name
@@ -1162,7 +1289,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

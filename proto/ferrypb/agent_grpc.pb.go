@@ -29,6 +29,7 @@ const (
 	Agent_NewJWTSVID_FullMethodName          = "/ferry.v1.Agent/NewJWTSVID"
 	Agent_SyncEntries_FullMethodName         = "/ferry.v1.Agent/SyncEntries"
 	Agent_ListAgentIdentities_FullMethodName = "/ferry.v1.Agent/ListAgentIdentities"
+	Agent_NewWITSVID_FullMethodName          = "/ferry.v1.Agent/NewWITSVID"
 )
 
 // AgentClient is the client API for Agent service.
@@ -53,6 +54,11 @@ type AgentClient interface {
 	// issuer, audience api://AzureADTokenExchange). IDs of entries the agent is
 	// not authorized for are ignored.
 	ListAgentIdentities(ctx context.Context, in *ListAgentIdentitiesRequest, opts ...grpc.CallOption) (*ListAgentIdentitiesResponse, error)
+	// NewWITSVID mints a WIT-SVID (Workload Identity Token) for an entry the
+	// agent is authorized for, bound (cnf.jwk) to the public key the agent
+	// generated for it. It is signed by the trust domain's active JWT authority,
+	// so the bundle's JWT authorities are also its WIT authorities.
+	NewWITSVID(ctx context.Context, in *NewWITSVIDRequest, opts ...grpc.CallOption) (*NewWITSVIDResponse, error)
 }
 
 type agentClient struct {
@@ -135,6 +141,16 @@ func (c *agentClient) ListAgentIdentities(ctx context.Context, in *ListAgentIden
 	return out, nil
 }
 
+func (c *agentClient) NewWITSVID(ctx context.Context, in *NewWITSVIDRequest, opts ...grpc.CallOption) (*NewWITSVIDResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(NewWITSVIDResponse)
+	err := c.cc.Invoke(ctx, Agent_NewWITSVID_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServer is the server API for Agent service.
 // All implementations must embed UnimplementedAgentServer
 // for forward compatibility.
@@ -157,6 +173,11 @@ type AgentServer interface {
 	// issuer, audience api://AzureADTokenExchange). IDs of entries the agent is
 	// not authorized for are ignored.
 	ListAgentIdentities(context.Context, *ListAgentIdentitiesRequest) (*ListAgentIdentitiesResponse, error)
+	// NewWITSVID mints a WIT-SVID (Workload Identity Token) for an entry the
+	// agent is authorized for, bound (cnf.jwk) to the public key the agent
+	// generated for it. It is signed by the trust domain's active JWT authority,
+	// so the bundle's JWT authorities are also its WIT authorities.
+	NewWITSVID(context.Context, *NewWITSVIDRequest) (*NewWITSVIDResponse, error)
 	mustEmbedUnimplementedAgentServer()
 }
 
@@ -184,6 +205,9 @@ func (UnimplementedAgentServer) SyncEntries(*SyncEntriesRequest, grpc.ServerStre
 }
 func (UnimplementedAgentServer) ListAgentIdentities(context.Context, *ListAgentIdentitiesRequest) (*ListAgentIdentitiesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListAgentIdentities not implemented")
+}
+func (UnimplementedAgentServer) NewWITSVID(context.Context, *NewWITSVIDRequest) (*NewWITSVIDResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method NewWITSVID not implemented")
 }
 func (UnimplementedAgentServer) mustEmbedUnimplementedAgentServer() {}
 func (UnimplementedAgentServer) testEmbeddedByValue()               {}
@@ -296,6 +320,24 @@ func _Agent_ListAgentIdentities_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Agent_NewWITSVID_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(NewWITSVIDRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).NewWITSVID(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_NewWITSVID_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).NewWITSVID(ctx, req.(*NewWITSVIDRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Agent_ServiceDesc is the grpc.ServiceDesc for Agent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -318,6 +360,10 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListAgentIdentities",
 			Handler:    _Agent_ListAgentIdentities_Handler,
+		},
+		{
+			MethodName: "NewWITSVID",
+			Handler:    _Agent_NewWITSVID_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

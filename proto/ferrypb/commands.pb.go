@@ -63,6 +63,9 @@ type Command struct {
 	//	*Command_SigningKeyPut
 	//	*Command_SigningKeyDelete
 	//	*Command_Batch
+	//	*Command_FederationPut
+	//	*Command_FederationDelete
+	//	*Command_FederationStatusSet
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -369,6 +372,33 @@ func (x *Command) GetBatch() *CommandBatch {
 	return nil
 }
 
+func (x *Command) GetFederationPut() *FederationPut {
+	if x != nil {
+		if x, ok := x.Op.(*Command_FederationPut); ok {
+			return x.FederationPut
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetFederationDelete() *FederationDelete {
+	if x != nil {
+		if x, ok := x.Op.(*Command_FederationDelete); ok {
+			return x.FederationDelete
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetFederationStatusSet() *FederationStatusSet {
+	if x != nil {
+		if x, ok := x.Op.(*Command_FederationStatusSet); ok {
+			return x.FederationStatusSet
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -484,6 +514,19 @@ type Command_Batch struct {
 	Batch *CommandBatch `protobuf:"bytes,50,opt,name=batch,proto3,oneof"`
 }
 
+type Command_FederationPut struct {
+	// Federation commands: 60-69.
+	FederationPut *FederationPut `protobuf:"bytes,60,opt,name=federation_put,json=federationPut,proto3,oneof"`
+}
+
+type Command_FederationDelete struct {
+	FederationDelete *FederationDelete `protobuf:"bytes,61,opt,name=federation_delete,json=federationDelete,proto3,oneof"`
+}
+
+type Command_FederationStatusSet struct {
+	FederationStatusSet *FederationStatusSet `protobuf:"bytes,62,opt,name=federation_status_set,json=federationStatusSet,proto3,oneof"`
+}
+
 func (*Command_EntriesCreate) isCommand_Op() {}
 
 func (*Command_EntriesUpdate) isCommand_Op() {}
@@ -537,6 +580,12 @@ func (*Command_SigningKeyPut) isCommand_Op() {}
 func (*Command_SigningKeyDelete) isCommand_Op() {}
 
 func (*Command_Batch) isCommand_Op() {}
+
+func (*Command_FederationPut) isCommand_Op() {}
+
+func (*Command_FederationDelete) isCommand_Op() {}
+
+func (*Command_FederationStatusSet) isCommand_Op() {}
 
 type JoinTokenCreate struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1331,9 +1380,11 @@ type CommandResult struct {
 	RoleAssignment      *RoleAssignment      `protobuf:"bytes,24,opt,name=role_assignment,json=roleAssignment,proto3" json:"role_assignment,omitempty"`
 	SigningKey          *SigningKey          `protobuf:"bytes,25,opt,name=signing_key,json=signingKey,proto3" json:"signing_key,omitempty"`
 	// batch: one result per command of a CommandBatch, in order.
-	Batch         []*CommandResult `protobuf:"bytes,30,rep,name=batch,proto3" json:"batch,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Batch []*CommandResult `protobuf:"bytes,30,rep,name=batch,proto3" json:"batch,omitempty"`
+	// Federation results: 40-49.
+	FederationRelationship *FederationRelationship `protobuf:"bytes,40,opt,name=federation_relationship,json=federationRelationship,proto3" json:"federation_relationship,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *CommandResult) Reset() {
@@ -1460,6 +1511,13 @@ func (x *CommandResult) GetSigningKey() *SigningKey {
 func (x *CommandResult) GetBatch() []*CommandResult {
 	if x != nil {
 		return x.Batch
+	}
+	return nil
+}
+
+func (x *CommandResult) GetFederationRelationship() *FederationRelationship {
+	if x != nil {
+		return x.FederationRelationship
 	}
 	return nil
 }
@@ -2094,11 +2152,190 @@ func (x *SigningKeyDelete) GetKid() string {
 	return ""
 }
 
+// FederationPut creates or replaces a federation relationship. The refresher's
+// status (last_refresh, last_error) of an existing relationship is kept.
+type FederationPut struct {
+	state        protoimpl.MessageState  `protogen:"open.v1"`
+	Relationship *FederationRelationship `protobuf:"bytes,1,opt,name=relationship,proto3" json:"relationship,omitempty"`
+	CreateOnly   bool                    `protobuf:"varint,2,opt,name=create_only,json=createOnly,proto3" json:"create_only,omitempty"` // refuse if it exists
+	UpdateOnly   bool                    `protobuf:"varint,3,opt,name=update_only,json=updateOnly,proto3" json:"update_only,omitempty"` // refuse if it does not exist
+	// bundle, when set, replaces the foreign trust domain's bundle in the same
+	// command: the operator's initial bundle for the https_spiffe profile.
+	Bundle        *Bundle `protobuf:"bytes,4,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FederationPut) Reset() {
+	*x = FederationPut{}
+	mi := &file_commands_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FederationPut) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FederationPut) ProtoMessage() {}
+
+func (x *FederationPut) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FederationPut.ProtoReflect.Descriptor instead.
+func (*FederationPut) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *FederationPut) GetRelationship() *FederationRelationship {
+	if x != nil {
+		return x.Relationship
+	}
+	return nil
+}
+
+func (x *FederationPut) GetCreateOnly() bool {
+	if x != nil {
+		return x.CreateOnly
+	}
+	return false
+}
+
+func (x *FederationPut) GetUpdateOnly() bool {
+	if x != nil {
+		return x.UpdateOnly
+	}
+	return false
+}
+
+func (x *FederationPut) GetBundle() *Bundle {
+	if x != nil {
+		return x.Bundle
+	}
+	return nil
+}
+
+// FederationDelete removes a relationship; the trust domain's bundle stays
+// until deleted on its own (BundleDelete).
+type FederationDelete struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TrustDomain   string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FederationDelete) Reset() {
+	*x = FederationDelete{}
+	mi := &file_commands_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FederationDelete) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FederationDelete) ProtoMessage() {}
+
+func (x *FederationDelete) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FederationDelete.ProtoReflect.Descriptor instead.
+func (*FederationDelete) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *FederationDelete) GetTrustDomain() string {
+	if x != nil {
+		return x.TrustDomain
+	}
+	return ""
+}
+
+// FederationStatusSet records the outcome of a bundle refresh.
+type FederationStatusSet struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TrustDomain   string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	LastRefresh   int64                  `protobuf:"varint,2,opt,name=last_refresh,json=lastRefresh,proto3" json:"last_refresh,omitempty"` // unix seconds
+	LastError     string                 `protobuf:"bytes,3,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`        // empty after a success
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FederationStatusSet) Reset() {
+	*x = FederationStatusSet{}
+	mi := &file_commands_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FederationStatusSet) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FederationStatusSet) ProtoMessage() {}
+
+func (x *FederationStatusSet) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FederationStatusSet.ProtoReflect.Descriptor instead.
+func (*FederationStatusSet) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *FederationStatusSet) GetTrustDomain() string {
+	if x != nil {
+		return x.TrustDomain
+	}
+	return ""
+}
+
+func (x *FederationStatusSet) GetLastRefresh() int64 {
+	if x != nil {
+		return x.LastRefresh
+	}
+	return 0
+}
+
+func (x *FederationStatusSet) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
 var File_commands_proto protoreflect.FileDescriptor
 
 const file_commands_proto_rawDesc = "" +
 	"\n" +
-	"\x0ecommands.proto\x12\bferry.v1\x1a\vtypes.proto\"\x8e\x10\n" +
+	"\x0ecommands.proto\x12\bferry.v1\x1a\vtypes.proto\"\xf0\x11\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
@@ -2134,7 +2371,10 @@ const file_commands_proto_rawDesc = "" +
 	"\x16role_assignment_delete\x18' \x01(\v2\x1e.ferry.v1.RoleAssignmentDeleteH\x00R\x14roleAssignmentDelete\x12A\n" +
 	"\x0fsigning_key_put\x18( \x01(\v2\x17.ferry.v1.SigningKeyPutH\x00R\rsigningKeyPut\x12J\n" +
 	"\x12signing_key_delete\x18) \x01(\v2\x1a.ferry.v1.SigningKeyDeleteH\x00R\x10signingKeyDelete\x12.\n" +
-	"\x05batch\x182 \x01(\v2\x16.ferry.v1.CommandBatchH\x00R\x05batchB\x04\n" +
+	"\x05batch\x182 \x01(\v2\x16.ferry.v1.CommandBatchH\x00R\x05batch\x12@\n" +
+	"\x0efederation_put\x18< \x01(\v2\x17.ferry.v1.FederationPutH\x00R\rfederationPut\x12I\n" +
+	"\x11federation_delete\x18= \x01(\v2\x1a.ferry.v1.FederationDeleteH\x00R\x10federationDelete\x12S\n" +
+	"\x15federation_status_set\x18> \x01(\v2\x1d.ferry.v1.FederationStatusSetH\x00R\x13federationStatusSetB\x04\n" +
 	"\x02op\"<\n" +
 	"\x0fJoinTokenCreate\x12)\n" +
 	"\x05token\x18\x01 \x01(\v2\x13.ferry.v1.JoinTokenR\x05token\"&\n" +
@@ -2176,7 +2416,7 @@ const file_commands_proto_rawDesc = "" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\"6\n" +
 	"\x06Status\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\"\xb1\x05\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\x8c\x06\n" +
 	"\rCommandResult\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12(\n" +
 	"\x06status\x18\x02 \x01(\v2\x10.ferry.v1.StatusR\x06status\x12&\n" +
@@ -2193,7 +2433,8 @@ const file_commands_proto_rawDesc = "" +
 	"\x0frole_assignment\x18\x18 \x01(\v2\x18.ferry.v1.RoleAssignmentR\x0eroleAssignment\x125\n" +
 	"\vsigning_key\x18\x19 \x01(\v2\x14.ferry.v1.SigningKeyR\n" +
 	"signingKey\x12-\n" +
-	"\x05batch\x18\x1e \x03(\v2\x17.ferry.v1.CommandResultR\x05batch\"\x9c\x01\n" +
+	"\x05batch\x18\x1e \x03(\v2\x17.ferry.v1.CommandResultR\x05batch\x12Y\n" +
+	"\x17federation_relationship\x18( \x01(\v2 .ferry.v1.FederationRelationshipR\x16federationRelationship\"\x9c\x01\n" +
 	"\x0eAppliedRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
@@ -2234,7 +2475,21 @@ const file_commands_proto_rawDesc = "" +
 	"\rSigningKeyPut\x12&\n" +
 	"\x03key\x18\x01 \x01(\v2\x14.ferry.v1.SigningKeyR\x03key\"$\n" +
 	"\x10SigningKeyDelete\x12\x10\n" +
-	"\x03kid\x18\x01 \x01(\tR\x03kidB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
+	"\x03kid\x18\x01 \x01(\tR\x03kid\"\xc1\x01\n" +
+	"\rFederationPut\x12D\n" +
+	"\frelationship\x18\x01 \x01(\v2 .ferry.v1.FederationRelationshipR\frelationship\x12\x1f\n" +
+	"\vcreate_only\x18\x02 \x01(\bR\n" +
+	"createOnly\x12\x1f\n" +
+	"\vupdate_only\x18\x03 \x01(\bR\n" +
+	"updateOnly\x12(\n" +
+	"\x06bundle\x18\x04 \x01(\v2\x10.ferry.v1.BundleR\x06bundle\"5\n" +
+	"\x10FederationDelete\x12!\n" +
+	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\"z\n" +
+	"\x13FederationStatusSet\x12!\n" +
+	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12!\n" +
+	"\flast_refresh\x18\x02 \x01(\x03R\vlastRefresh\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\x03 \x01(\tR\tlastErrorB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
 
 var (
 	file_commands_proto_rawDescOnce sync.Once
@@ -2248,7 +2503,7 @@ func file_commands_proto_rawDescGZIP() []byte {
 	return file_commands_proto_rawDescData
 }
 
-var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_commands_proto_goTypes = []any{
 	(*Command)(nil),                   // 0: ferry.v1.Command
 	(*JoinTokenCreate)(nil),           // 1: ferry.v1.JoinTokenCreate
@@ -2281,18 +2536,22 @@ var file_commands_proto_goTypes = []any{
 	(*RoleAssignmentDelete)(nil),      // 28: ferry.v1.RoleAssignmentDelete
 	(*SigningKeyPut)(nil),             // 29: ferry.v1.SigningKeyPut
 	(*SigningKeyDelete)(nil),          // 30: ferry.v1.SigningKeyDelete
-	(*JoinToken)(nil),                 // 31: ferry.v1.JoinToken
-	(*AttestedNode)(nil),              // 32: ferry.v1.AttestedNode
-	(*X509Authority)(nil),             // 33: ferry.v1.X509Authority
-	(*JWTAuthority)(nil),              // 34: ferry.v1.JWTAuthority
-	(*Bundle)(nil),                    // 35: ferry.v1.Bundle
-	(*Entry)(nil),                     // 36: ferry.v1.Entry
-	(*Tenant)(nil),                    // 37: ferry.v1.Tenant
-	(*Identity)(nil),                  // 38: ferry.v1.Identity
-	(*FederatedCredential)(nil),       // 39: ferry.v1.FederatedCredential
-	(*Resource)(nil),                  // 40: ferry.v1.Resource
-	(*RoleAssignment)(nil),            // 41: ferry.v1.RoleAssignment
-	(*SigningKey)(nil),                // 42: ferry.v1.SigningKey
+	(*FederationPut)(nil),             // 31: ferry.v1.FederationPut
+	(*FederationDelete)(nil),          // 32: ferry.v1.FederationDelete
+	(*FederationStatusSet)(nil),       // 33: ferry.v1.FederationStatusSet
+	(*JoinToken)(nil),                 // 34: ferry.v1.JoinToken
+	(*AttestedNode)(nil),              // 35: ferry.v1.AttestedNode
+	(*X509Authority)(nil),             // 36: ferry.v1.X509Authority
+	(*JWTAuthority)(nil),              // 37: ferry.v1.JWTAuthority
+	(*Bundle)(nil),                    // 38: ferry.v1.Bundle
+	(*Entry)(nil),                     // 39: ferry.v1.Entry
+	(*Tenant)(nil),                    // 40: ferry.v1.Tenant
+	(*Identity)(nil),                  // 41: ferry.v1.Identity
+	(*FederatedCredential)(nil),       // 42: ferry.v1.FederatedCredential
+	(*Resource)(nil),                  // 43: ferry.v1.Resource
+	(*RoleAssignment)(nil),            // 44: ferry.v1.RoleAssignment
+	(*SigningKey)(nil),                // 45: ferry.v1.SigningKey
+	(*FederationRelationship)(nil),    // 46: ferry.v1.FederationRelationship
 }
 var file_commands_proto_depIdxs = []int32{
 	13, // 0: ferry.v1.Command.entries_create:type_name -> ferry.v1.EntriesCreate
@@ -2322,39 +2581,45 @@ var file_commands_proto_depIdxs = []int32{
 	29, // 24: ferry.v1.Command.signing_key_put:type_name -> ferry.v1.SigningKeyPut
 	30, // 25: ferry.v1.Command.signing_key_delete:type_name -> ferry.v1.SigningKeyDelete
 	12, // 26: ferry.v1.Command.batch:type_name -> ferry.v1.CommandBatch
-	31, // 27: ferry.v1.JoinTokenCreate.token:type_name -> ferry.v1.JoinToken
-	32, // 28: ferry.v1.NodePut.node:type_name -> ferry.v1.AttestedNode
-	33, // 29: ferry.v1.BundleX509AuthorityPut.authority:type_name -> ferry.v1.X509Authority
-	34, // 30: ferry.v1.BundleJWTAuthorityPut.authority:type_name -> ferry.v1.JWTAuthority
-	35, // 31: ferry.v1.BundleSet.bundle:type_name -> ferry.v1.Bundle
-	0,  // 32: ferry.v1.CommandBatch.commands:type_name -> ferry.v1.Command
-	36, // 33: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
-	36, // 34: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
-	16, // 35: ferry.v1.CommandResult.status:type_name -> ferry.v1.Status
-	16, // 36: ferry.v1.CommandResult.items:type_name -> ferry.v1.Status
-	36, // 37: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
-	32, // 38: ferry.v1.CommandResult.node:type_name -> ferry.v1.AttestedNode
-	31, // 39: ferry.v1.CommandResult.join_token:type_name -> ferry.v1.JoinToken
-	35, // 40: ferry.v1.CommandResult.bundle:type_name -> ferry.v1.Bundle
-	37, // 41: ferry.v1.CommandResult.tenant:type_name -> ferry.v1.Tenant
-	38, // 42: ferry.v1.CommandResult.identity:type_name -> ferry.v1.Identity
-	39, // 43: ferry.v1.CommandResult.federated_credential:type_name -> ferry.v1.FederatedCredential
-	40, // 44: ferry.v1.CommandResult.resource:type_name -> ferry.v1.Resource
-	41, // 45: ferry.v1.CommandResult.role_assignment:type_name -> ferry.v1.RoleAssignment
-	42, // 46: ferry.v1.CommandResult.signing_key:type_name -> ferry.v1.SigningKey
-	17, // 47: ferry.v1.CommandResult.batch:type_name -> ferry.v1.CommandResult
-	17, // 48: ferry.v1.AppliedRequest.result:type_name -> ferry.v1.CommandResult
-	37, // 49: ferry.v1.TenantPut.tenant:type_name -> ferry.v1.Tenant
-	38, // 50: ferry.v1.IdentityPut.identity:type_name -> ferry.v1.Identity
-	39, // 51: ferry.v1.FederatedCredentialPut.credential:type_name -> ferry.v1.FederatedCredential
-	40, // 52: ferry.v1.ResourcePut.resource:type_name -> ferry.v1.Resource
-	41, // 53: ferry.v1.RoleAssignmentPut.assignment:type_name -> ferry.v1.RoleAssignment
-	42, // 54: ferry.v1.SigningKeyPut.key:type_name -> ferry.v1.SigningKey
-	55, // [55:55] is the sub-list for method output_type
-	55, // [55:55] is the sub-list for method input_type
-	55, // [55:55] is the sub-list for extension type_name
-	55, // [55:55] is the sub-list for extension extendee
-	0,  // [0:55] is the sub-list for field type_name
+	31, // 27: ferry.v1.Command.federation_put:type_name -> ferry.v1.FederationPut
+	32, // 28: ferry.v1.Command.federation_delete:type_name -> ferry.v1.FederationDelete
+	33, // 29: ferry.v1.Command.federation_status_set:type_name -> ferry.v1.FederationStatusSet
+	34, // 30: ferry.v1.JoinTokenCreate.token:type_name -> ferry.v1.JoinToken
+	35, // 31: ferry.v1.NodePut.node:type_name -> ferry.v1.AttestedNode
+	36, // 32: ferry.v1.BundleX509AuthorityPut.authority:type_name -> ferry.v1.X509Authority
+	37, // 33: ferry.v1.BundleJWTAuthorityPut.authority:type_name -> ferry.v1.JWTAuthority
+	38, // 34: ferry.v1.BundleSet.bundle:type_name -> ferry.v1.Bundle
+	0,  // 35: ferry.v1.CommandBatch.commands:type_name -> ferry.v1.Command
+	39, // 36: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
+	39, // 37: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
+	16, // 38: ferry.v1.CommandResult.status:type_name -> ferry.v1.Status
+	16, // 39: ferry.v1.CommandResult.items:type_name -> ferry.v1.Status
+	39, // 40: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
+	35, // 41: ferry.v1.CommandResult.node:type_name -> ferry.v1.AttestedNode
+	34, // 42: ferry.v1.CommandResult.join_token:type_name -> ferry.v1.JoinToken
+	38, // 43: ferry.v1.CommandResult.bundle:type_name -> ferry.v1.Bundle
+	40, // 44: ferry.v1.CommandResult.tenant:type_name -> ferry.v1.Tenant
+	41, // 45: ferry.v1.CommandResult.identity:type_name -> ferry.v1.Identity
+	42, // 46: ferry.v1.CommandResult.federated_credential:type_name -> ferry.v1.FederatedCredential
+	43, // 47: ferry.v1.CommandResult.resource:type_name -> ferry.v1.Resource
+	44, // 48: ferry.v1.CommandResult.role_assignment:type_name -> ferry.v1.RoleAssignment
+	45, // 49: ferry.v1.CommandResult.signing_key:type_name -> ferry.v1.SigningKey
+	17, // 50: ferry.v1.CommandResult.batch:type_name -> ferry.v1.CommandResult
+	46, // 51: ferry.v1.CommandResult.federation_relationship:type_name -> ferry.v1.FederationRelationship
+	17, // 52: ferry.v1.AppliedRequest.result:type_name -> ferry.v1.CommandResult
+	40, // 53: ferry.v1.TenantPut.tenant:type_name -> ferry.v1.Tenant
+	41, // 54: ferry.v1.IdentityPut.identity:type_name -> ferry.v1.Identity
+	42, // 55: ferry.v1.FederatedCredentialPut.credential:type_name -> ferry.v1.FederatedCredential
+	43, // 56: ferry.v1.ResourcePut.resource:type_name -> ferry.v1.Resource
+	44, // 57: ferry.v1.RoleAssignmentPut.assignment:type_name -> ferry.v1.RoleAssignment
+	45, // 58: ferry.v1.SigningKeyPut.key:type_name -> ferry.v1.SigningKey
+	46, // 59: ferry.v1.FederationPut.relationship:type_name -> ferry.v1.FederationRelationship
+	38, // 60: ferry.v1.FederationPut.bundle:type_name -> ferry.v1.Bundle
+	61, // [61:61] is the sub-list for method output_type
+	61, // [61:61] is the sub-list for method input_type
+	61, // [61:61] is the sub-list for extension type_name
+	61, // [61:61] is the sub-list for extension extendee
+	0,  // [0:61] is the sub-list for field type_name
 }
 
 func init() { file_commands_proto_init() }
@@ -2391,6 +2656,9 @@ func file_commands_proto_init() {
 		(*Command_SigningKeyPut)(nil),
 		(*Command_SigningKeyDelete)(nil),
 		(*Command_Batch)(nil),
+		(*Command_FederationPut)(nil),
+		(*Command_FederationDelete)(nil),
+		(*Command_FederationStatusSet)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2398,7 +2666,7 @@ func file_commands_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_commands_proto_rawDesc), len(file_commands_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   31,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

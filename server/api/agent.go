@@ -502,3 +502,46 @@ func derChain(certs []*x509.Certificate) [][]byte {
 	}
 	return out
 }
+
+// WITSigner mints WIT-SVIDs; the Agent service's Signer implements it when
+// the servers issue them (ca.CA does).
+type WITSigner interface {
+	MintWITSVID(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration) (*ca.WITSVID, error)
+}
+
+// NewWITSVID mints a WIT-SVID for an authorized entry, bound to the public key
+// the agent generated for it. Its lifetime is the entry's JWT-SVID TTL (0 =
+// the CA's WIT default).
+func (a *Agent) NewWITSVID(ctx context.Context, req *ferrypb.NewWITSVIDRequest) (*ferrypb.NewWITSVIDResponse, error) {
+	n, _, err := a.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	signer, ok := a.cfg.Signer.(WITSigner)
+	if !ok {
+		return nil, status.Error(codes.Unimplemented, "this server does not issue WIT-SVIDs")
+	}
+	pub, err := x509.ParsePKIXPublicKey(req.PublicKey)
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "public key: %v", err)
+	}
+	if err := a.allow(n.SpiffeId, 1); err != nil {
+		return nil, err
+	}
+	e, ok := a.authorized(a.cfg.Store.View(), n)[req.EntryId]
+	if !ok {
+		return nil, status.Errorf(codes.PermissionDenied, "agent is not authorized for entry %q", req.EntryId)
+	}
+	id, err := spiffeid.FromString(e.SpiffeId)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	svid, err := signer.MintWITSVID(id, pub, time.Duration(e.JwtSvidTtl)*time.Second)
+	if err != nil {
+		if errors.Is(err, ca.ErrNoAuthority) {
+			return nil, status.Error(codes.Unavailable, err.Error())
+		}
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	return &ferrypb.NewWITSVIDResponse{Token: svid.Token, IssuedAt: svid.IssuedAt.Unix(), ExpiresAt: svid.ExpiresAt.Unix()}, nil
+}

@@ -33,6 +33,7 @@ func schema() *memdb.DBSchema {
 		}},
 	}}
 	directorySchema(s.Tables) // directory.go
+	s.Tables[TableFederation] = federationTable() // federation.go
 	return s
 }
 

@@ -42,6 +42,9 @@ const (
 	tagResource            byte = 13
 	tagRoleAssignment      byte = 14
 	tagSigningKey          byte = 15
+
+	// Federation (federation.go): 20-29.
+	tagFederation byte = 20
 )
 
 // maxSnapshotRecord bounds one row, so a corrupt length cannot make Restore
@@ -65,6 +68,7 @@ var snapshotTables = []struct {
 	{tagResource, TableResources, func() proto.Message { return new(ferrypb.Resource) }},
 	{tagRoleAssignment, TableRoleAssignments, func() proto.Message { return new(ferrypb.RoleAssignment) }},
 	{tagSigningKey, TableSigningKeys, func() proto.Message { return new(ferrypb.SigningKey) }},
+	{tagFederation, TableFederation, func() proto.Message { return new(ferrypb.FederationRelationship) }},
 }
 
 // Snapshot captures the current state. It runs concurrently with later Apply calls

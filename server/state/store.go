@@ -284,6 +284,13 @@ func (a *applier) apply(cmd *ferrypb.Command) *ferrypb.CommandResult {
 		return a.putSigningKey(op.SigningKeyPut.Key)
 	case *ferrypb.Command_SigningKeyDelete:
 		return a.deleteSigningKey(op.SigningKeyDelete.Kid)
+	// Federation (federation.go).
+	case *ferrypb.Command_FederationPut:
+		return a.putFederation(op.FederationPut)
+	case *ferrypb.Command_FederationDelete:
+		return a.deleteFederation(op.FederationDelete.TrustDomain)
+	case *ferrypb.Command_FederationStatusSet:
+		return a.setFederationStatus(op.FederationStatusSet)
 	case nil:
 		if cmd.IgnoreUnknown {
 			return &ferrypb.CommandResult{Status: ok()}

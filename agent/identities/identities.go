@@ -1,0 +1,335 @@
+// Package identities decides which managed identities a caller of the agent's
+// token endpoint may use, and signs the client assertions for them.
+//
+// A caller (a local process found by agent/peer) is attested with the same
+// workload attestors as the Workload API and matched against the agent's
+// cached entries, which gives its SPIFFE IDs. An identity is usable by a
+// SPIFFE ID when one of its federated identity credentials accepts a JWT-SVID
+// for that ID; the servers answer that from the replicated directory
+// (Agent.ListAgentIdentities), and the answer is cached here briefly. The
+// assertion is a JWT-SVID for the SPIFFE ID with audience
+// api://AzureADTokenExchange, from the agent's SVID cache.
+//
+// Resolver implements tokens.Identities and tokens.Assertions.
+package identities
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+
+	"github.com/ferry-id/ferry/agent/cache"
+	"github.com/ferry-id/ferry/agent/imds"
+	"github.com/ferry-id/ferry/agent/peer"
+	"github.com/ferry-id/ferry/agent/tokens"
+	"github.com/ferry-id/ferry/proto/ferrypb"
+)
+
+// Audience is the audience of the client assertions.
+const Audience = "api://AzureADTokenExchange"
+
+// KindSystemAssigned is the kind of a system-assigned identity, chosen when a
+// request names no identity.
+const KindSystemAssigned = "system-assigned"
+
+// Attestor turns a PID into its selectors; workloadapi.WorkloadAttestors
+// returns one. Safe for concurrent use.
+type Attestor interface {
+	Attest(ctx context.Context, pid int32) ([]*ferrypb.Selector, error)
+}
+
+// Workloads is the agent's SVID cache (*cache.Cache). Safe for concurrent use.
+type Workloads interface {
+	FetchWorkloadUpdate(ctx context.Context, selectors []*ferrypb.Selector) (*cache.WorkloadUpdate, error)
+	FetchJWTSVID(ctx context.Context, entry *ferrypb.Entry, audience []string) (*cache.JWTSVID, error)
+}
+
+// Directory asks the servers which identities SPIFFE IDs may use
+// (ferrypb.AgentClient). Safe for concurrent use.
+type Directory interface {
+	ListAgentIdentities(ctx context.Context, in *ferrypb.ListAgentIdentitiesRequest, opts ...grpc.CallOption) (*ferrypb.ListAgentIdentitiesResponse, error)
+}
+
+// Processes tells whether an attested process is still the one that called
+// (*peer.Finder).
+type Processes interface {
+	Alive(p peer.Process) error
+}
+
+// Config configures a Resolver.
+type Config struct {
+	Attestor  Attestor
+	Workloads Workloads
+	Directory Directory
+	// Processes; default peer.New(peer.Config{}).
+	Processes Processes
+	// Conns, when set, finds the calling process of requests whose Caller
+	// has no PID (the endpoint resolves uids only).
+	Conns *Conns
+	// TenantID, when set, is the tenant of every exchange; by default the
+	// identity's own tenant.
+	TenantID string
+	// TTL is how long the servers' answer for a SPIFFE ID is reused; default
+	// 30 s. When the servers cannot be reached an answer is reused up to
+	// StaleTTL (default 10 × TTL).
+	TTL, StaleTTL time.Duration
+	// Now; default time.Now.
+	Now func() time.Time
+	// Logger; default slog.Default().
+	Logger *slog.Logger
+}
+
+// Resolver implements tokens.Identities and tokens.Assertions.
+type Resolver struct {
+	cfg Config
+	log *slog.Logger
+
+	mu      sync.Mutex
+	dir     map[string]dirItem        // by SPIFFE ID
+	entries map[string]*ferrypb.Entry // by SPIFFE ID: the entry last seen granting it
+	fetch   sync.Mutex                // one directory call at a time
+}
+
+type dirItem struct {
+	ids []*ferrypb.AgentIdentity
+	at  time.Time
+}
+
+var (
+	_ tokens.Identities = (*Resolver)(nil)
+	_ tokens.Assertions = (*Resolver)(nil)
+)
+
+// New returns a Resolver.
+func New(c Config) (*Resolver, error) {
+	if c.Attestor == nil || c.Workloads == nil || c.Directory == nil {
+		return nil, errors.New("identities: Attestor, Workloads and Directory are required")
+	}
+	if c.Processes == nil {
+		c.Processes = peer.New(peer.Config{})
+	}
+	if c.TTL <= 0 {
+		c.TTL = 30 * time.Second
+	}
+	if c.StaleTTL < c.TTL {
+		c.StaleTTL = 10 * c.TTL
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return &Resolver{
+		cfg:     c,
+		log:     c.Logger.With("component", "identities"),
+		dir:     map[string]dirItem{},
+		entries: map[string]*ferrypb.Entry{},
+	}, nil
+}
+
+// Identity attests the caller, finds the identities its SPIFFE IDs may use and
+// picks the one the selector names (or the only one, preferring a
+// system-assigned identity, when none is named).
+func (r *Resolver) Identity(ctx context.Context, c imds.Caller, s imds.Selector) (tokens.Identity, error) {
+	if c.PID <= 0 && r.cfg.Conns != nil {
+		p, err := r.cfg.Conns.process(ctx, c.UID)
+		if err != nil {
+			return tokens.Identity{}, fmt.Errorf("identities: %w: %w", imds.ErrForbidden, err)
+		}
+		c.PID, c.GID, c.StartTime = p.PID, p.GID, p.StartTime
+	}
+	if c.PID <= 0 {
+		return tokens.Identity{}, errors.New("identities: the calling process is unknown")
+	}
+	sels, err := r.cfg.Attestor.Attest(ctx, c.PID)
+	if err != nil {
+		return tokens.Identity{}, fmt.Errorf("identities: attest pid %d: %w", c.PID, err)
+	}
+	// The selectors describe the process that called only if it is still
+	// running: a PID reused in between would lend its selectors.
+	if err := r.cfg.Processes.Alive(peer.Process{PID: c.PID, UID: c.UID, GID: c.GID, StartTime: c.StartTime}); err != nil {
+		return tokens.Identity{}, fmt.Errorf("identities: %w: %w", imds.ErrForbidden, err)
+	}
+	upd, err := r.cfg.Workloads.FetchWorkloadUpdate(ctx, sels)
+	if err != nil {
+		return tokens.Identity{}, fmt.Errorf("identities: %w", err)
+	}
+	var spiffeIDs []string
+	granted := map[string]*ferrypb.Entry{}
+	for _, id := range upd.Identities {
+		sid := id.Entry.GetSpiffeId()
+		if _, dup := granted[sid]; dup {
+			continue
+		}
+		granted[sid] = id.Entry
+		spiffeIDs = append(spiffeIDs, sid)
+	}
+	if len(spiffeIDs) == 0 {
+		return tokens.Identity{}, fmt.Errorf("identities: %w: no entry matches uid %d pid %d", imds.ErrIdentityNotFound, c.UID, c.PID)
+	}
+	usable, err := r.usable(ctx, spiffeIDs)
+	if err != nil {
+		return tokens.Identity{}, err
+	}
+	pick, err := choose(usable, s)
+	if err != nil {
+		return tokens.Identity{}, err
+	}
+	r.mu.Lock()
+	r.entries[pick.GetSpiffeId()] = granted[pick.GetSpiffeId()]
+	r.mu.Unlock()
+	tenant := pick.GetTenantId()
+	if r.cfg.TenantID != "" {
+		tenant = r.cfg.TenantID
+	}
+	return tokens.Identity{
+		TenantID: tenant,
+		ClientID: pick.GetClientId(),
+		ObjectID: pick.GetObjectId(),
+		SPIFFEID: pick.GetSpiffeId(),
+	}, nil
+}
+
+// choose applies the IMDS selection rules to the identities usable by the
+// caller, in the order of its SPIFFE IDs (default identity first).
+func choose(usable []*ferrypb.AgentIdentity, s imds.Selector) (*ferrypb.AgentIdentity, error) {
+	if s.Kind == imds.SelectorNone {
+		var system, distinct []*ferrypb.AgentIdentity
+		seen := map[string]bool{}
+		for _, u := range usable {
+			if seen[u.GetObjectId()] {
+				continue
+			}
+			seen[u.GetObjectId()] = true
+			distinct = append(distinct, u)
+			if u.GetKind() == KindSystemAssigned {
+				system = append(system, u)
+			}
+		}
+		switch {
+		case len(system) == 1:
+			return system[0], nil
+		case len(distinct) == 1:
+			return distinct[0], nil
+		case len(distinct) == 0:
+			return nil, fmt.Errorf("identities: %w: the caller may use no identity", imds.ErrIdentityNotFound)
+		}
+		return nil, fmt.Errorf("identities: %w: %d identities", imds.ErrAmbiguousIdentity, len(distinct))
+	}
+	for _, u := range usable {
+		var v string
+		switch s.Kind {
+		case imds.SelectorClientID:
+			v = u.GetClientId()
+		case imds.SelectorObjectID, imds.SelectorPrincipalID:
+			v = u.GetObjectId()
+		case imds.SelectorMSIResID, imds.SelectorMIResID:
+			v = u.GetResourceId()
+		default:
+			return nil, fmt.Errorf("identities: %w: unknown selector %q", imds.ErrIdentityNotFound, s.Kind)
+		}
+		// GUIDs and ARM resource IDs compare case-insensitively in Azure.
+		if v != "" && strings.EqualFold(v, s.Value) {
+			return u, nil
+		}
+	}
+	return nil, fmt.Errorf("identities: %w: %s not usable by the caller", imds.ErrIdentityNotFound, s.Kind)
+}
+
+// usable returns the identities the SPIFFE IDs may use, in their order,
+// asking the servers about IDs whose answer is missing or older than TTL.
+func (r *Resolver) usable(ctx context.Context, spiffeIDs []string) ([]*ferrypb.AgentIdentity, error) {
+	if out, ok := r.cached(spiffeIDs, r.cfg.TTL); ok {
+		return out, nil
+	}
+	r.fetch.Lock()
+	defer r.fetch.Unlock()
+	// Another request may have fetched them while this one waited.
+	if out, ok := r.cached(spiffeIDs, r.cfg.TTL); ok {
+		return out, nil
+	}
+	now := r.cfg.Now()
+	var missing []string
+	r.mu.Lock()
+	for _, id := range spiffeIDs {
+		if it, ok := r.dir[id]; !ok || now.Sub(it.at) >= r.cfg.TTL {
+			missing = append(missing, id)
+		}
+	}
+	r.mu.Unlock()
+	resp, err := r.cfg.Directory.ListAgentIdentities(ctx, &ferrypb.ListAgentIdentitiesRequest{SpiffeIds: missing})
+	if err != nil {
+		if out, ok := r.cached(spiffeIDs, r.cfg.StaleTTL); ok {
+			r.log.Warn("listing identities failed; using the last answer", "error", err)
+			return out, nil
+		}
+		return nil, fmt.Errorf("identities: list identities: %w", err)
+	}
+	fresh := make(map[string][]*ferrypb.AgentIdentity, len(missing))
+	for _, id := range missing {
+		fresh[id] = nil
+	}
+	for _, ai := range resp.GetIdentities() {
+		if _, asked := fresh[ai.GetSpiffeId()]; asked {
+			fresh[ai.GetSpiffeId()] = append(fresh[ai.GetSpiffeId()], ai)
+		}
+	}
+	r.mu.Lock()
+	for id, ids := range fresh {
+		r.dir[id] = dirItem{ids: ids, at: now}
+	}
+	r.sweepLocked(now)
+	r.mu.Unlock()
+	out, _ := r.cached(spiffeIDs, r.cfg.StaleTTL)
+	return out, nil
+}
+
+// cached returns the cached answers for every ID if all are younger than maxAge.
+func (r *Resolver) cached(spiffeIDs []string, maxAge time.Duration) ([]*ferrypb.AgentIdentity, bool) {
+	now := r.cfg.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []*ferrypb.AgentIdentity
+	for _, id := range spiffeIDs {
+		it, ok := r.dir[id]
+		if !ok || now.Sub(it.at) >= maxAge {
+			return nil, false
+		}
+		out = append(out, it.ids...)
+	}
+	return out, true
+}
+
+// sweepLocked forgets answers too old to be used even when stale.
+func (r *Resolver) sweepLocked(now time.Time) {
+	for id, it := range r.dir {
+		if now.Sub(it.at) >= r.cfg.StaleTTL {
+			delete(r.dir, id)
+			delete(r.entries, id)
+		}
+	}
+}
+
+// Assertion returns a JWT-SVID for id.SPIFFEID with audience Audience, from
+// the agent's cache. Identity must have chosen id first: it records the entry
+// that grants the SPIFFE ID.
+func (r *Resolver) Assertion(ctx context.Context, id tokens.Identity) (string, error) {
+	r.mu.Lock()
+	e := r.entries[id.SPIFFEID]
+	r.mu.Unlock()
+	if e == nil {
+		return "", fmt.Errorf("identities: no entry known for %s", id.SPIFFEID)
+	}
+	svid, err := r.cfg.Workloads.FetchJWTSVID(ctx, e, []string{Audience})
+	if err != nil {
+		return "", fmt.Errorf("identities: JWT-SVID for %s: %w", id.SPIFFEID, err)
+	}
+	return svid.Token, nil
+}

@@ -1,0 +1,332 @@
+package identities_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+
+	"github.com/ferry-id/ferry/agent/cache"
+	"github.com/ferry-id/ferry/agent/identities"
+	"github.com/ferry-id/ferry/agent/imds"
+	"github.com/ferry-id/ferry/agent/peer"
+	"github.com/ferry-id/ferry/agent/tokens"
+	"github.com/ferry-id/ferry/proto/ferrypb"
+)
+
+// attestor gives each PID the selector unix:pid:<pid> so workloads can tell
+// callers apart.
+type attestor struct{ err error }
+
+func (a attestor) Attest(_ context.Context, pid int32) ([]*ferrypb.Selector, error) {
+	if a.err != nil {
+		return nil, a.err
+	}
+	return []*ferrypb.Selector{{Type: "unix", Value: "pid:" + strconv.Itoa(int(pid))}}, nil
+}
+
+// workloads grants entries by the selector value "pid:N".
+type workloads struct {
+	byPID map[string][]*ferrypb.Entry
+
+	mu   sync.Mutex
+	jwts []string // "spiffeID aud"
+}
+
+func (w *workloads) FetchWorkloadUpdate(_ context.Context, sels []*ferrypb.Selector) (*cache.WorkloadUpdate, error) {
+	u := &cache.WorkloadUpdate{}
+	for _, s := range sels {
+		for _, e := range w.byPID[s.Value] {
+			u.Identities = append(u.Identities, cache.Identity{Entry: e})
+		}
+	}
+	return u, nil
+}
+
+func (w *workloads) FetchJWTSVID(_ context.Context, e *ferrypb.Entry, aud []string) (*cache.JWTSVID, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.jwts = append(w.jwts, e.SpiffeId+" "+aud[0])
+	return &cache.JWTSVID{Token: "jwt-for-" + e.SpiffeId}, nil
+}
+
+// directory answers from a fixed list, counting calls.
+type directory struct {
+	mu    sync.Mutex
+	ids   []*ferrypb.AgentIdentity
+	calls [][]string
+	err   error
+}
+
+func (d *directory) ListAgentIdentities(_ context.Context, in *ferrypb.ListAgentIdentitiesRequest, _ ...grpc.CallOption) (*ferrypb.ListAgentIdentitiesResponse, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.calls = append(d.calls, in.SpiffeIds)
+	if d.err != nil {
+		return nil, d.err
+	}
+	out := &ferrypb.ListAgentIdentitiesResponse{}
+	for _, id := range d.ids {
+		for _, s := range in.SpiffeIds {
+			if id.SpiffeId == s {
+				out.Identities = append(out.Identities, id)
+			}
+		}
+	}
+	return out, nil
+}
+
+func (d *directory) numCalls() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.calls)
+}
+
+type processes struct{ err error }
+
+func (p processes) Alive(peer.Process) error { return p.err }
+
+const (
+	web   = "spiffe://example.org/web"
+	batch = "spiffe://example.org/batch"
+	other = "spiffe://example.org/other"
+)
+
+var (
+	webUA = &ferrypb.AgentIdentity{SpiffeId: web, ClientId: "11111111-aaaa-4000-8000-000000000001", ObjectId: "21111111-aaaa-4000-8000-000000000001",
+		ResourceId: "/subscriptions/s/resourceGroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/web", TenantId: "t-web", Kind: "user-assigned"}
+	webUA2  = &ferrypb.AgentIdentity{SpiffeId: web, ClientId: "11111111-aaaa-4000-8000-000000000002", ObjectId: "21111111-aaaa-4000-8000-000000000002", TenantId: "t-web", Kind: "user-assigned"}
+	batchSA = &ferrypb.AgentIdentity{SpiffeId: batch, ClientId: "11111111-aaaa-4000-8000-000000000003", ObjectId: "21111111-aaaa-4000-8000-000000000003", TenantId: "t-batch", Kind: "system-assigned"}
+	otherUA = &ferrypb.AgentIdentity{SpiffeId: other, ClientId: "11111111-aaaa-4000-8000-000000000004", ObjectId: "21111111-aaaa-4000-8000-000000000004", TenantId: "t-other", Kind: "user-assigned"}
+)
+
+type fixture struct {
+	r   *identities.Resolver
+	w   *workloads
+	d   *directory
+	now time.Time
+	mu  sync.Mutex
+}
+
+func (f *fixture) advance(d time.Duration) {
+	f.mu.Lock()
+	f.now = f.now.Add(d)
+	f.mu.Unlock()
+}
+
+func newFixture(t *testing.T, mod func(*identities.Config)) *fixture {
+	t.Helper()
+	f := &fixture{now: time.Unix(1_800_000_000, 0)}
+	f.w = &workloads{byPID: map[string][]*ferrypb.Entry{
+		"pid:10": {{Id: "e-web", SpiffeId: web}},                                    // one SPIFFE ID, two identities
+		"pid:20": {{Id: "e-batch", SpiffeId: batch}, {Id: "e-web2", SpiffeId: web}}, // a system-assigned one among three
+		"pid:30": {{Id: "e-other", SpiffeId: other}},                                // exactly one
+		"pid:40": {{Id: "e-none", SpiffeId: "spiffe://example.org/none"}},           // federated to nothing
+	}}
+	f.d = &directory{ids: []*ferrypb.AgentIdentity{webUA, webUA2, batchSA, otherUA}}
+	cfg := identities.Config{
+		Attestor: attestor{}, Workloads: f.w, Directory: f.d, Processes: processes{},
+		Now: func() time.Time { f.mu.Lock(); defer f.mu.Unlock(); return f.now },
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	r, err := identities.New(cfg)
+	require.NoError(t, err)
+	f.r = r
+	return f
+}
+
+func caller(pid int32) imds.Caller { return imds.Caller{UID: 1000, GID: 1000, PID: pid, StartTime: 7} }
+
+func TestSelection(t *testing.T) {
+	f := newFixture(t, nil)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name string
+		pid  int32
+		sel  imds.Selector
+		want *ferrypb.AgentIdentity
+		err  error
+	}{
+		{"only identity without selector", 30, imds.Selector{}, otherUA, nil},
+		{"several without selector", 10, imds.Selector{}, nil, imds.ErrAmbiguousIdentity},
+		{"system-assigned preferred without selector", 20, imds.Selector{}, batchSA, nil},
+		{"none federated", 40, imds.Selector{}, nil, imds.ErrIdentityNotFound},
+		{"no entry for the caller", 50, imds.Selector{}, nil, imds.ErrIdentityNotFound},
+		{"client_id", 10, imds.Selector{Kind: imds.SelectorClientID, Value: webUA2.ClientId}, webUA2, nil},
+		{"client_id upper case", 10, imds.Selector{Kind: imds.SelectorClientID, Value: "11111111-AAAA-4000-8000-000000000001"}, webUA, nil},
+		{"object_id", 10, imds.Selector{Kind: imds.SelectorObjectID, Value: webUA.ObjectId}, webUA, nil},
+		{"principal_id", 10, imds.Selector{Kind: imds.SelectorPrincipalID, Value: webUA2.ObjectId}, webUA2, nil},
+		{"msi_res_id", 10, imds.Selector{Kind: imds.SelectorMSIResID, Value: webUA.ResourceId}, webUA, nil},
+		{"mi_res_id", 10, imds.Selector{Kind: imds.SelectorMIResID, Value: webUA.ResourceId}, webUA, nil},
+		{"another SPIFFE ID's identity", 10, imds.Selector{Kind: imds.SelectorClientID, Value: otherUA.ClientId}, nil, imds.ErrIdentityNotFound},
+		{"an identity of the second SPIFFE ID", 20, imds.Selector{Kind: imds.SelectorClientID, Value: webUA.ClientId}, webUA, nil},
+		{"unknown client_id", 30, imds.Selector{Kind: imds.SelectorClientID, Value: "11111111-aaaa-4000-8000-00000000ffff"}, nil, imds.ErrIdentityNotFound},
+		{"empty resource ID never matches", 10, imds.Selector{Kind: imds.SelectorMSIResID, Value: ""}, nil, imds.ErrIdentityNotFound},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := f.r.Identity(ctx, caller(tc.pid), tc.sel)
+			if tc.err != nil {
+				require.ErrorIs(t, err, tc.err)
+				return
+			}
+			require.NoError(t, err)
+			require.Equal(t, tokens.Identity{TenantID: tc.want.TenantId, ClientID: tc.want.ClientId, ObjectID: tc.want.ObjectId, SPIFFEID: tc.want.SpiffeId}, got)
+		})
+	}
+}
+
+func TestAssertionUsesTheGrantingEntry(t *testing.T) {
+	f := newFixture(t, func(c *identities.Config) { c.TenantID = "override" })
+	ctx := context.Background()
+	_, err := f.r.Assertion(ctx, tokens.Identity{SPIFFEID: other})
+	require.Error(t, err, "no entry recorded before Identity chose it")
+
+	id, err := f.r.Identity(ctx, caller(30), imds.Selector{})
+	require.NoError(t, err)
+	require.Equal(t, "override", id.TenantID)
+	tok, err := f.r.Assertion(ctx, id)
+	require.NoError(t, err)
+	require.Equal(t, "jwt-for-"+other, tok)
+	require.Equal(t, []string{other + " api://AzureADTokenExchange"}, f.w.jwts)
+}
+
+func TestCallerChecks(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t, func(c *identities.Config) { c.Processes = processes{err: peer.ErrNotFound} })
+	_, err := f.r.Identity(ctx, caller(30), imds.Selector{})
+	require.ErrorIs(t, err, imds.ErrForbidden, "a replaced process lends no selectors")
+
+	f = newFixture(t, func(c *identities.Config) { c.Attestor = attestor{err: errors.New("boom")} })
+	_, err = f.r.Identity(ctx, caller(30), imds.Selector{})
+	require.ErrorContains(t, err, "boom")
+
+	f = newFixture(t, nil)
+	_, err = f.r.Identity(ctx, imds.Caller{UID: 1000}, imds.Selector{})
+	require.ErrorContains(t, err, "process is unknown")
+	require.Zero(t, f.d.numCalls())
+}
+
+func TestDirectoryAnswersAreCached(t *testing.T) {
+	f := newFixture(t, func(c *identities.Config) { c.TTL = 10 * time.Second })
+	ctx := context.Background()
+	for range 3 {
+		_, err := f.r.Identity(ctx, caller(30), imds.Selector{})
+		require.NoError(t, err)
+	}
+	require.Equal(t, 1, f.d.numCalls())
+
+	// A caller with a known and an unknown ID asks only about the unknown one.
+	_, err := f.r.Identity(ctx, caller(20), imds.Selector{})
+	require.NoError(t, err)
+	_, err = f.r.Identity(ctx, caller(10), imds.Selector{Kind: imds.SelectorClientID, Value: webUA.ClientId})
+	require.NoError(t, err)
+	require.Equal(t, [][]string{{other}, {batch, web}}, f.d.calls)
+
+	// After the TTL the servers are asked again; a change is seen.
+	f.d.mu.Lock()
+	f.d.ids = []*ferrypb.AgentIdentity{webUA, webUA2, batchSA}
+	f.d.mu.Unlock()
+	f.advance(11 * time.Second)
+	_, err = f.r.Identity(ctx, caller(30), imds.Selector{})
+	require.ErrorIs(t, err, imds.ErrIdentityNotFound, "the credential was removed")
+
+	// Servers unreachable: the last answer serves until StaleTTL (10 × TTL).
+	f.d.mu.Lock()
+	f.d.err = errors.New("unavailable")
+	f.d.mu.Unlock()
+	f.advance(30 * time.Second)
+	_, err = f.r.Identity(ctx, caller(20), imds.Selector{})
+	require.NoError(t, err)
+	f.advance(2 * time.Minute)
+	_, err = f.r.Identity(ctx, caller(20), imds.Selector{})
+	require.ErrorContains(t, err, "unavailable")
+}
+
+func TestConcurrentMissesShareACall(t *testing.T) {
+	f := newFixture(t, nil)
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Go(func() {
+			_, err := f.r.Identity(context.Background(), caller(30), imds.Selector{})
+			require.NoError(t, err)
+		})
+	}
+	wg.Wait()
+	require.Equal(t, 1, f.d.numCalls())
+}
+
+// peers reports every loopback socket as held by one process.
+type peers struct {
+	proc    peer.Process
+	lookups atomic.Int32
+}
+
+func (p *peers) Lookup(local, remote netip.AddrPort) (peer.Socket, error) {
+	p.lookups.Add(1)
+	if !remote.Addr().IsLoopback() {
+		return peer.Socket{}, peer.ErrNotFound
+	}
+	return peer.Socket{UID: p.proc.UID, Inode: uint64(remote.Port())}, nil
+}
+
+func (p *peers) FindProcess(uint64) (peer.Process, error) { return p.proc, nil }
+
+func TestConnsFindTheCallingProcess(t *testing.T) {
+	ps := &peers{proc: peer.Process{PID: 30, UID: 1000, GID: 1000, StartTime: 7}}
+	conns := identities.NewConns(ps)
+	f := newFixture(t, func(c *identities.Config) { c.Conns = conns })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// The endpoint knows only the socket's uid.
+		uid, _ := strconv.Atoi(r.URL.Query().Get("uid"))
+		id, err := f.r.Identity(r.Context(), imds.Caller{UID: uint32(uid), GID: imds.NoGID}, imds.Selector{})
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusForbidden)
+			return
+		}
+		_, _ = w.Write([]byte(id.ClientID))
+	})}
+	go func() { _ = srv.Serve(conns.Listen(ln)) }()
+	t.Cleanup(func() { _ = srv.Close() })
+
+	get := func(c *http.Client, uid int) (int, string) {
+		resp, err := c.Get(fmt.Sprintf("http://%s/?uid=%d", ln.Addr(), uid))
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	c := &http.Client{Transport: &http.Transport{}}
+	for range 3 {
+		code, body := get(c, 1000)
+		require.Equal(t, http.StatusOK, code, body)
+		require.Equal(t, otherUA.ClientId, body, "pid 30's only identity")
+	}
+	require.EqualValues(t, 1, ps.lookups.Load(), "one lookup per connection, not per request")
+	require.Equal(t, 1, conns.Len())
+
+	code, body := get(c, 1001)
+	require.Equal(t, http.StatusForbidden, code)
+	require.Contains(t, body, "uid")
+
+	c.CloseIdleConnections()
+	require.Eventually(t, func() bool { return conns.Len() == 0 }, 5*time.Second, 10*time.Millisecond, "closed connections are forgotten")
+
+	// A request that did not come through the tracked listener is refused.
+	_, err = f.r.Identity(context.Background(), imds.Caller{UID: 1000}, imds.Selector{})
+	require.ErrorIs(t, err, imds.ErrForbidden)
+}

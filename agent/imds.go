@@ -1,0 +1,185 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
+
+	"github.com/ferry-id/ferry/agent/identities"
+	"github.com/ferry-id/ferry/agent/imds"
+	"github.com/ferry-id/ferry/agent/peer"
+	"github.com/ferry-id/ferry/agent/tokens"
+	"github.com/ferry-id/ferry/agent/workloadapi"
+	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/ca"
+)
+
+// IMDSConfig configures the agent's managed-identity token endpoint (agent.conf
+// `imds` block).
+type IMDSConfig struct {
+	// ArcAddr is the Arc-style listener; "" disables it.
+	ArcAddr string
+	// VM enables the VM-style listener on VMAddr; AddLoopbackAddress adds
+	// VMAddr's IP to lo first (needs CAP_NET_ADMIN).
+	VM                 bool
+	VMAddr             string
+	AddLoopbackAddress bool
+	// TokenDir holds the Arc challenge files.
+	TokenDir string
+	// Authority is the Entra-style token service (https URL); AuthorityCAFile,
+	// when set, holds the only roots trusted for it.
+	Authority       string
+	AuthorityCAFile string
+	// TenantID overrides the identity's tenant in exchanges.
+	TenantID string
+}
+
+func loadCertPool(path string) (*x509.CertPool, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("agent: imds: authority_ca_file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(data) {
+		return nil, fmt.Errorf("agent: imds: authority_ca_file %s holds no PEM certificate", path)
+	}
+	return pool, nil
+}
+
+// startIMDS builds the token endpoint's servers (listening already) and the
+// connection it asks the servers through; the caller runs them and closes
+// the connection.
+func (a *Agent) startIMDS(attestor workloadapi.Attestor) ([]*imds.Server, *grpc.ClientConn, error) {
+	c := a.cfg.IMDS
+	httpClient := &http.Client{Timeout: 30 * time.Second}
+	if c.AuthorityCAFile != "" {
+		pool, err := loadCertPool(c.AuthorityCAFile)
+		if err != nil {
+			return nil, nil, err
+		}
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+		httpClient.Transport = tr
+	}
+	exch, err := tokens.NewExchanger(tokens.ExchangerConfig{
+		Authority: c.Authority, HTTPClient: httpClient, Logger: a.log,
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("agent: %w", err)
+	}
+	conn, err := a.dialServers()
+	if err != nil {
+		return nil, nil, err
+	}
+	finder := peer.New(peer.Config{})
+	// The endpoint binds Arc challenges to the caller's uid (Azure's curl
+	// example answers the challenge from a second process); Conns finds the
+	// process for attestation.
+	conns := identities.NewConns(finder)
+	res, err := identities.New(identities.Config{
+		Attestor:  attestor,
+		Workloads: a.cache,
+		Directory: ferrypb.NewAgentClient(conn),
+		Processes: finder,
+		Conns:     conns,
+		TenantID:  c.TenantID,
+		Logger:    a.log,
+	})
+	if err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("agent: %w", err)
+	}
+	prov, err := tokens.New(tokens.Config{Identities: res, Assertions: res, Exchange: exch, Logger: a.log})
+	if err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("agent: %w", err)
+	}
+	var servers []*imds.Server
+	add := func(ic imds.Config) error {
+		ln, err := listenIMDS(ic.Address, ic.AddLoopbackAddress)
+		if err != nil {
+			return err
+		}
+		ic.Listener, ic.AddLoopbackAddress = conns.Listen(ln), false
+		ic.Tokens, ic.Peers, ic.Logger = prov, finder, a.log
+		s, err := imds.New(ic)
+		if err != nil {
+			ln.Close()
+		}
+		if err != nil {
+			return err
+		}
+		servers = append(servers, s)
+		return nil
+	}
+	if c.ArcAddr != "" {
+		err = add(imds.Config{Mode: imds.ModeArc, Address: c.ArcAddr, TokenDir: c.TokenDir})
+	}
+	if err == nil && c.VM {
+		err = add(imds.Config{Mode: imds.ModeVM, Address: c.VMAddr, AddLoopbackAddress: c.AddLoopbackAddress})
+	}
+	if err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("agent: %w", err)
+	}
+	return servers, conn, nil
+}
+
+// dialServers opens a connection to the servers' agent API that presents the
+// session's current agent SVID on every handshake.
+func (a *Agent) dialServers() (*grpc.ClientConn, error) {
+	serverID := spiffeid.RequireFromPath(a.cfg.TrustDomain, ca.ServerPath)
+	tlsCfg := tlsconfig.MTLSClientConfig(a.session, a.session, tlsconfig.AuthorizeID(serverID))
+	res := manual.NewBuilderWithScheme("ferry-imds-servers")
+	var addrs []resolver.Address
+	for _, s := range a.cfg.Servers {
+		addrs = append(addrs, resolver.Address{Addr: s})
+	}
+	res.InitialState(resolver.State{Addresses: addrs})
+	conn, err := grpc.NewClient(res.Scheme()+":///servers",
+		grpc.WithResolvers(res),
+		grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)))
+	if err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
+	}
+	return conn, nil
+}
+
+// runIMDS serves every endpoint server until ctx ends; errc gets the first
+// failure.
+func runIMDS(ctx context.Context, servers []*imds.Server, errc chan<- error) {
+	for _, s := range servers {
+		go func() { errc <- s.Run(ctx) }()
+	}
+}
+
+// listenIMDS listens on addr, first adding its IP to lo when asked.
+func listenIMDS(addr string, addLoopback bool) (net.Listener, error) {
+	if addLoopback {
+		ap, err := netip.ParseAddrPort(addr)
+		if err != nil {
+			return nil, fmt.Errorf("agent: imds address %q: %w", addr, err)
+		}
+		if err := imds.AddLoopbackAddress(ap.Addr()); err != nil {
+			return nil, fmt.Errorf("agent: %w", err)
+		}
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("agent: imds: %w", err)
+	}
+	return ln, nil
+}
