@@ -26,6 +26,7 @@ type serverBlock struct {
 	AdminSocket string                 `hcl:"admin_socket"`
 	HealthAddr  string                 `hcl:"health_addr"`
 	Profiling   bool                   `hcl:"profiling"`
+	MemoryLimit string                 `hcl:"memory_limit"`
 	LogLevel    string                 `hcl:"log_level"`
 	LogFormat   string                 `hcl:"log_format"`
 	AgentAddr   string                 `hcl:"agent_addr"`
@@ -34,6 +35,7 @@ type serverBlock struct {
 	CA          *caBlock               `hcl:"ca"`
 	X509PoP     *x509popBlock          `hcl:"x509pop"`
 	OIDC        *oidcBlock             `hcl:"oidc"`
+	Federation  *federationBlock       `hcl:"federation"`
 	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
@@ -100,6 +102,7 @@ func LoadConfig(path string) (Config, error) {
 		AdminSocket: config.Resolve(path, s.AdminSocket),
 		HealthAddr:  s.HealthAddr,
 		Profiling:   s.Profiling,
+		MemoryLimit: s.MemoryLimit,
 		LogLevel:    s.LogLevel,
 		LogFormat:   s.LogFormat,
 		AgentAddr:   s.AgentAddr,
@@ -130,6 +133,13 @@ func LoadConfig(path string) (Config, error) {
 	}
 	if o := s.OIDC; o != nil {
 		c.OIDC = OIDCConfig{Addr: o.Addr, Issuer: o.Issuer, CertFile: config.Resolve(path, o.CertFile), KeyFile: config.Resolve(path, o.KeyFile)}
+	}
+	if fb := s.Federation; fb != nil {
+		fc, err := fb.config(path)
+		if err != nil {
+			return Config{}, err
+		}
+		c.Federation = fc
 	}
 	if s.TrustDomain != "" {
 		td, err := spiffeid.TrustDomainFromString(s.TrustDomain)
@@ -182,12 +192,99 @@ func (c *Config) validate() error {
 	if err := c.OIDC.validate(); err != nil {
 		return err
 	}
+	if err := c.Federation.validate(); err != nil {
+		return err
+	}
 	if c.CA.JWTIssuer == "" {
 		// JWT-SVIDs must name the issuer relying parties discover their keys at.
 		c.CA.JWTIssuer = c.OIDC.Issuer
 	}
 	if c.AdminSocket == "" {
 		c.AdminSocket = filepath.Join(c.DataDir, "admin.sock")
+	}
+	return nil
+}
+
+// Federation --------------------------------------------------------------------
+
+// FederationConfig is SPIFFE federation: our bundle endpoint, and how to
+// authenticate https_web bundle endpoints of federated trust domains.
+type FederationConfig struct {
+	// BundleEndpoint serves our bundle to federated peers; nil serves none.
+	BundleEndpoint *BundleEndpointConfig
+	// WebPKICAFile is a PEM file of roots for https_web bundle endpoints;
+	// empty uses the system roots.
+	WebPKICAFile string
+}
+
+// BundleEndpointConfig is federation.bundle_endpoint.
+type BundleEndpointConfig struct {
+	Addr string
+	// Profile is https_spiffe (this node's server X509-SVID, the default) or
+	// https_web (CertFile and KeyFile).
+	Profile           string
+	CertFile, KeyFile string
+	// RefreshHint is the spiffe_refresh_hint served (default 5m), lowered to
+	// fit several refreshes between a new CA's publication and activation.
+	RefreshHint time.Duration
+}
+
+type federationBlock struct {
+	BundleEndpoint *bundleEndpointBlock   `hcl:"bundle_endpoint"`
+	WebPKICAFile   string                 `hcl:"web_pki_ca_file"`
+	UnusedKeys     map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type bundleEndpointBlock struct {
+	Addr        string                 `hcl:"addr"`
+	Profile     string                 `hcl:"profile"`
+	CertFile    string                 `hcl:"cert_file"`
+	KeyFile     string                 `hcl:"key_file"`
+	RefreshHint string                 `hcl:"refresh_hint"`
+	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+func (fb *federationBlock) config(path string) (FederationConfig, error) {
+	fc := FederationConfig{WebPKICAFile: config.Resolve(path, fb.WebPKICAFile)}
+	if be := fb.BundleEndpoint; be != nil {
+		fc.BundleEndpoint = &BundleEndpointConfig{Addr: be.Addr, Profile: be.Profile,
+			CertFile: config.Resolve(path, be.CertFile), KeyFile: config.Resolve(path, be.KeyFile)}
+		if be.RefreshHint != "" {
+			d, err := time.ParseDuration(be.RefreshHint)
+			if err != nil {
+				return FederationConfig{}, fmt.Errorf("server: federation.bundle_endpoint.refresh_hint: %w", err)
+			}
+			fc.BundleEndpoint.RefreshHint = d
+		}
+	}
+	return fc, nil
+}
+
+func (f *FederationConfig) validate() error {
+	be := f.BundleEndpoint
+	if be == nil {
+		return nil
+	}
+	if be.Addr == "" {
+		return fmt.Errorf("server: federation.bundle_endpoint.addr is required")
+	}
+	if be.Profile == "" {
+		be.Profile = "https_spiffe"
+	}
+	switch be.Profile {
+	case "https_spiffe":
+		if be.CertFile != "" || be.KeyFile != "" {
+			return fmt.Errorf("server: federation.bundle_endpoint: cert_file and key_file are for the https_web profile")
+		}
+	case "https_web":
+		if be.CertFile == "" || be.KeyFile == "" {
+			return fmt.Errorf("server: federation.bundle_endpoint: the https_web profile needs cert_file and key_file")
+		}
+	default:
+		return fmt.Errorf("server: federation.bundle_endpoint.profile %q: want https_spiffe or https_web", be.Profile)
+	}
+	if be.RefreshHint < 0 || be.RefreshHint >= 24*time.Hour {
+		return fmt.Errorf("server: federation.bundle_endpoint.refresh_hint %s: want more than 0 and less than 24h", be.RefreshHint)
 	}
 	return nil
 }

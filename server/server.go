@@ -51,6 +51,10 @@ type Config struct {
 	HealthAddr string
 	// Profiling serves Go's /debug/pprof on the health listener.
 	Profiling bool
+	// MemoryLimit is a soft limit on the process's memory ("1GiB", "800MB";
+	// empty: none). Near it the collector works harder instead of the heap
+	// growing to GOGC's target.
+	MemoryLimit string
 	LogLevel  string
 	LogFormat string
 	Cluster   ClusterConfig
@@ -142,6 +146,13 @@ const defaultGCPercent = 400
 func (s *Server) Run(ctx context.Context) error {
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(defaultGCPercent)
+	}
+	if s.cfg.MemoryLimit != "" {
+		n, err := parseBytes(s.cfg.MemoryLimit)
+		if err != nil {
+			return fmt.Errorf("server: memory_limit: %w", err)
+		}
+		debug.SetMemoryLimit(n)
 	}
 	if err := os.MkdirAll(s.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("server: data dir: %w", err)
