@@ -16,7 +16,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ferry-id/ferry/agent/cache"
-	"github.com/ferry-id/ferry/agent/imds"
 	"github.com/ferry-id/ferry/agent/session"
 	"github.com/ferry-id/ferry/agent/workloadapi"
 	"github.com/ferry-id/ferry/attestors/node"
@@ -130,17 +129,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 
-	var imdsServers []*imds.Server
-	if a.cfg.IMDS != nil {
-		servers, conn, err := a.startIMDS(wlAttestor)
-		if err != nil {
-			return err
-		}
-		defer conn.Close()
-		imdsServers = servers
-	}
-
-	errc := make(chan error, 3+len(imdsServers))
+	errc := make(chan error, 5)
 	go func() { errc <- a.session.Run(ctx) }()
 	go func() { errc <- a.cache.Run(ctx) }()
 	select {
@@ -151,7 +140,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.log.Info("agent attested", "agent_id", a.session.SpiffeID().String())
 	go func() { errc <- api.Run(ctx) }()
 	a.log.Info("workload API listening", "socket", a.cfg.SocketPath)
-	runIMDS(ctx, imdsServers, errc)
+	if a.cfg.IMDS != nil {
+		// After attestation: the endpoint asks the servers with the agent SVID.
+		servers, conn, err := a.startIMDS(wlAttestor)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		runIMDS(ctx, servers, errc)
+	}
 	select {
 	case <-ctx.Done():
 		return nil

@@ -132,6 +132,13 @@ func (a *Agent) startIMDS(attestor workloadapi.Attestor) ([]*imds.Server, *grpc.
 		err = add(imds.Config{Mode: imds.ModeVM, Address: c.VMAddr, AddLoopbackAddress: c.AddLoopbackAddress})
 	}
 	if err != nil {
+		// Release what was built: Run with a done context closes the
+		// listener and removes challenge files.
+		done, cancel := context.WithCancel(context.Background())
+		cancel()
+		for _, s := range servers {
+			_ = s.Run(done)
+		}
 		conn.Close()
 		return nil, nil, fmt.Errorf("agent: %w", err)
 	}

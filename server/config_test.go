@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -109,6 +110,65 @@ func TestOIDCConfig(t *testing.T) {
 		{`oidc { addr = "127.0.0.1:8443" issuer = "https://oidc.example.org" port = 1 }`, "unknown setting(s): server.oidc.port"},
 	} {
 		_, err := server.LoadConfig(write(tc.block, ""))
+		require.ErrorContains(t, err, tc.want, tc.block)
+	}
+}
+
+func TestFederationConfig(t *testing.T) {
+	dir := t.TempDir()
+	write := func(block string) string {
+		p := filepath.Join(dir, "s.conf")
+		body := `server {
+  node_id = "a"
+  trust_domain = "example.org"
+  data_dir = "data"
+  ` + block + `
+  cluster {
+    bind_addr = "127.0.0.1:1"
+    ca_file = "tls/ca.pem"
+    cert_file = "tls/n.pem"
+    key_file = "tls/n-key.pem"
+  }
+}`
+		require.NoError(t, os.WriteFile(p, []byte(body), 0o600))
+		return p
+	}
+
+	cfg, err := server.LoadConfig(write(`federation {
+    bundle_endpoint {
+      addr = "0.0.0.0:8443"
+      profile = "https_web"
+      cert_file = "web.pem"
+      key_file = "/etc/ferry/web-key.pem"
+      refresh_hint = "2m"
+    }
+    web_pki_ca_file = "roots.pem"
+  }`))
+	require.NoError(t, err)
+	require.Equal(t, server.FederationConfig{
+		BundleEndpoint: &server.BundleEndpointConfig{Addr: "0.0.0.0:8443", Profile: "https_web", CertFile: filepath.Join(dir, "web.pem"),
+			KeyFile: "/etc/ferry/web-key.pem", RefreshHint: 2 * time.Minute},
+		WebPKICAFile: filepath.Join(dir, "roots.pem"),
+	}, cfg.Federation)
+
+	cfg, err = server.LoadConfig(write(`federation { bundle_endpoint { addr = "127.0.0.1:8443" } }`))
+	require.NoError(t, err)
+	require.Equal(t, "https_spiffe", cfg.Federation.BundleEndpoint.Profile, "the default profile")
+
+	cfg, err = server.LoadConfig(write(""))
+	require.NoError(t, err)
+	require.Nil(t, cfg.Federation.BundleEndpoint)
+
+	for _, tc := range []struct{ block, want string }{
+		{`federation { bundle_endpoint { profile = "https_spiffe" } }`, "bundle_endpoint.addr is required"},
+		{`federation { bundle_endpoint { addr = ":8443" profile = "https_web" } }`, "needs cert_file and key_file"},
+		{`federation { bundle_endpoint { addr = ":8443" cert_file = "c.pem" key_file = "k.pem" } }`, "for the https_web profile"},
+		{`federation { bundle_endpoint { addr = ":8443" profile = "acme" } }`, "want https_spiffe or https_web"},
+		{`federation { bundle_endpoint { addr = ":8443" refresh_hint = "soon" } }`, "refresh_hint"},
+		{`federation { bundle_endpoint { addr = ":8443" refresh_hint = "48h" } }`, "less than 24h"},
+		{`federation { bundle_endpoint { addr = ":8443" port = 1 } }`, "unknown setting(s): server.federation.bundle_endpoint.port"},
+	} {
+		_, err := server.LoadConfig(write(tc.block))
 		require.ErrorContains(t, err, tc.want, tc.block)
 	}
 }

@@ -6,6 +6,7 @@ package server
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -36,6 +37,7 @@ import (
 	"github.com/ferry-id/ferry/server/api"
 	"github.com/ferry-id/ferry/server/ca"
 	"github.com/ferry-id/ferry/server/cluster"
+	"github.com/ferry-id/ferry/server/federation"
 	"github.com/ferry-id/ferry/server/state"
 )
 
@@ -70,6 +72,9 @@ type Config struct {
 	X509PoPBundle string
 	// OIDC serves OIDC discovery for JWT-SVIDs; zero serves none.
 	OIDC OIDCConfig
+	// Federation is SPIFFE federation: our bundle endpoint, and the roots of
+	// https_web endpoints of federated trust domains.
+	Federation FederationConfig
 	// Logger overrides the logger built from LogLevel and LogFormat.
 	Logger *slog.Logger
 }
@@ -210,6 +215,12 @@ func (s *Server) Run(ctx context.Context) error {
 		return err
 	}
 	ferrypb.RegisterDirectoryServer(gs, directory)
+	// --- federation (server/federation) ---
+	refresher, err := s.registerFederation(gs, node)
+	if err != nil {
+		return err
+	}
+	// --- end federation ---
 
 	agentLis, err := net.Listen("tcp", s.cfg.AgentAddr)
 	if err != nil {
@@ -230,6 +241,12 @@ func (s *Server) Run(ctx context.Context) error {
 		return err
 	}
 	defer oidcShutdown(oidcSrv)
+	// --- federation: bundle endpoint and leader-only refresher ---
+	if err := s.startFederation(ctx, refresher, tlsCfg, errc); err != nil {
+		gs.Stop()
+		return err
+	}
+	// --- end federation ---
 	if s.cfg.AdminAddr != "" {
 		adminLis, err := net.Listen("tcp", s.cfg.AdminAddr)
 		if err != nil {
@@ -510,4 +527,65 @@ func (c clusterAPI) SnapshotRestore(ctx context.Context, r io.Reader) (uint64, e
 		return 0, err
 	}
 	return c.store.AppliedIndex(), nil
+}
+
+// --- federation (server/federation) -------------------------------------------
+
+// registerFederation builds the bundle refresher and registers the Federation
+// admin service.
+func (s *Server) registerFederation(gs *grpc.Server, node *cluster.Node) (*federation.Refresher, error) {
+	var roots *x509.CertPool
+	if f := s.cfg.Federation.WebPKICAFile; f != "" {
+		pem, err := os.ReadFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("server: federation.web_pki_ca_file: %w", err)
+		}
+		roots = x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("server: federation.web_pki_ca_file %s: no certificates", f)
+		}
+	}
+	refresher, err := federation.NewRefresher(federation.RefresherConfig{TrustDomain: s.cfg.TrustDomain, State: s.store, Cluster: node,
+		WebPKIRoots: roots, Metrics: s.metrics, Logger: s.log.With("component", "federation")})
+	if err != nil {
+		return nil, err
+	}
+	svc, err := api.NewFederation(api.FederationConfig{Cluster: clusterAPI{node, s.store}, Store: s.store, TrustDomain: s.cfg.TrustDomain,
+		Refresher: refresher, Leader: node.Leader, Logger: s.log.With("component", "federation-api")})
+	if err != nil {
+		return nil, err
+	}
+	ferrypb.RegisterFederationServer(gs, svc)
+	return refresher, nil
+}
+
+// startFederation runs the refresher and, when configured, the bundle
+// endpoint (https_spiffe serves this node's server X509-SVID).
+func (s *Server) startFederation(ctx context.Context, refresher *federation.Refresher, tlsCfg *svidTLS, errc chan<- error) error {
+	go func() { _ = refresher.Run(ctx) }()
+	be := s.cfg.Federation.BundleEndpoint
+	if be == nil {
+		return nil
+	}
+	hint := federation.RefreshHint(be.RefreshHint, s.cfg.CA.TTL)
+	if be.RefreshHint > hint {
+		s.log.Warn("federation: bundle endpoint refresh hint lowered so peers see new keys before they sign",
+			"configured", be.RefreshHint, "served", hint, "ca_ttl", s.cfg.CA.TTL)
+	}
+	ep, err := federation.NewEndpoint(federation.EndpointConfig{TrustDomain: s.cfg.TrustDomain, Store: s.store, Profile: be.Profile,
+		CertFile: be.CertFile, KeyFile: be.KeyFile, GetCertificate: tlsCfg.getCertificate, RefreshHint: hint,
+		Logger: s.log.With("component", "bundle-endpoint")})
+	if err != nil {
+		return err
+	}
+	lis, err := net.Listen("tcp", be.Addr)
+	if err != nil {
+		return fmt.Errorf("server: bundle endpoint listener: %w", err)
+	}
+	go func() {
+		if err := ep.Serve(ctx, lis); err != nil {
+			errc <- err
+		}
+	}()
+	return nil
 }

@@ -76,9 +76,11 @@ type Config struct {
 	// identity's own tenant.
 	TenantID string
 	// TTL is how long the servers' answer for a SPIFFE ID is reused; default
-	// 30 s. When the servers cannot be reached an answer is reused up to
-	// StaleTTL (default 10 × TTL).
-	TTL, StaleTTL time.Duration
+	// 30 s. An answer of no identities is reused for NegativeTTL (default
+	// 5 s, at most TTL), so a credential just created is soon usable. When
+	// the servers cannot be reached an answer is reused up to StaleTTL
+	// (default 10 × TTL).
+	TTL, NegativeTTL, StaleTTL time.Duration
 	// Now; default time.Now.
 	Now func() time.Time
 	// Logger; default slog.Default().
@@ -117,6 +119,10 @@ func New(c Config) (*Resolver, error) {
 	if c.TTL <= 0 {
 		c.TTL = 30 * time.Second
 	}
+	if c.NegativeTTL <= 0 {
+		c.NegativeTTL = 5 * time.Second
+	}
+	c.NegativeTTL = min(c.NegativeTTL, c.TTL)
 	if c.StaleTTL < c.TTL {
 		c.StaleTTL = 10 * c.TTL
 	}
@@ -246,27 +252,27 @@ func choose(usable []*ferrypb.AgentIdentity, s imds.Selector) (*ferrypb.AgentIde
 // usable returns the identities the SPIFFE IDs may use, in their order,
 // asking the servers about IDs whose answer is missing or older than TTL.
 func (r *Resolver) usable(ctx context.Context, spiffeIDs []string) ([]*ferrypb.AgentIdentity, error) {
-	if out, ok := r.cached(spiffeIDs, r.cfg.TTL); ok {
+	if out, ok := r.cached(spiffeIDs, false); ok {
 		return out, nil
 	}
 	r.fetch.Lock()
 	defer r.fetch.Unlock()
 	// Another request may have fetched them while this one waited.
-	if out, ok := r.cached(spiffeIDs, r.cfg.TTL); ok {
+	if out, ok := r.cached(spiffeIDs, false); ok {
 		return out, nil
 	}
 	now := r.cfg.Now()
 	var missing []string
 	r.mu.Lock()
 	for _, id := range spiffeIDs {
-		if it, ok := r.dir[id]; !ok || now.Sub(it.at) >= r.cfg.TTL {
+		if it, ok := r.dir[id]; !ok || !r.usableLocked(it, now, false) {
 			missing = append(missing, id)
 		}
 	}
 	r.mu.Unlock()
 	resp, err := r.cfg.Directory.ListAgentIdentities(ctx, &ferrypb.ListAgentIdentitiesRequest{SpiffeIds: missing})
 	if err != nil {
-		if out, ok := r.cached(spiffeIDs, r.cfg.StaleTTL); ok {
+		if out, ok := r.cached(spiffeIDs, true); ok {
 			r.log.Warn("listing identities failed; using the last answer", "error", err)
 			return out, nil
 		}
@@ -287,24 +293,36 @@ func (r *Resolver) usable(ctx context.Context, spiffeIDs []string) ([]*ferrypb.A
 	}
 	r.sweepLocked(now)
 	r.mu.Unlock()
-	out, _ := r.cached(spiffeIDs, r.cfg.StaleTTL)
+	out, _ := r.cached(spiffeIDs, true)
 	return out, nil
 }
 
-// cached returns the cached answers for every ID if all are younger than maxAge.
-func (r *Resolver) cached(spiffeIDs []string, maxAge time.Duration) ([]*ferrypb.AgentIdentity, bool) {
+// cached returns the cached answers for every ID if all are fresh (or, with
+// stale, not older than StaleTTL).
+func (r *Resolver) cached(spiffeIDs []string, stale bool) ([]*ferrypb.AgentIdentity, bool) {
 	now := r.cfg.Now()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var out []*ferrypb.AgentIdentity
 	for _, id := range spiffeIDs {
 		it, ok := r.dir[id]
-		if !ok || now.Sub(it.at) >= maxAge {
+		if !ok || !r.usableLocked(it, now, stale) {
 			return nil, false
 		}
 		out = append(out, it.ids...)
 	}
 	return out, true
+}
+
+func (r *Resolver) usableLocked(it dirItem, now time.Time, stale bool) bool {
+	ttl := r.cfg.TTL
+	switch {
+	case stale:
+		ttl = r.cfg.StaleTTL
+	case len(it.ids) == 0:
+		ttl = r.cfg.NegativeTTL
+	}
+	return now.Sub(it.at) < ttl
 }
 
 // sweepLocked forgets answers too old to be used even when stale.

@@ -243,6 +243,18 @@ func TestDirectoryAnswersAreCached(t *testing.T) {
 	_, err = f.r.Identity(ctx, caller(30), imds.Selector{})
 	require.ErrorIs(t, err, imds.ErrIdentityNotFound, "the credential was removed")
 
+	// No identities is an answer kept only NegativeTTL (TTL/2 here): a new
+	// credential shows up soon.
+	f.d.mu.Lock()
+	f.d.ids = []*ferrypb.AgentIdentity{webUA, webUA2, batchSA, otherUA}
+	f.d.mu.Unlock()
+	f.advance(4 * time.Second)
+	_, err = f.r.Identity(ctx, caller(30), imds.Selector{})
+	require.ErrorIs(t, err, imds.ErrIdentityNotFound, "still the cached answer")
+	f.advance(2 * time.Second)
+	_, err = f.r.Identity(ctx, caller(30), imds.Selector{})
+	require.NoError(t, err)
+
 	// Servers unreachable: the last answer serves until StaleTTL (10 × TTL).
 	f.d.mu.Lock()
 	f.d.err = errors.New("unavailable")

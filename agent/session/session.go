@@ -79,7 +79,24 @@ type Session struct {
 	bundle *x509bundle.Bundle
 	ready  chan struct{}
 	once   sync.Once
+
+	// Used by the sync loop only: the highest entry revision applied, and
+	// since when servers have offered only older full sets.
+	revision    uint64
+	behindSince time.Time
 }
+
+// maxBehindWait bounds how long the agent refuses a full entry set older than
+// what it holds. A follower that has not yet learnt of the latest commits
+// (its leader just died) catches up within an election; waiting spares
+// workloads entries vanishing and coming back. After this long the servers'
+// state is taken as it is (e.g. a cluster restored from an older snapshot).
+const maxBehindWait = 10 * time.Second
+
+// behindRetry is how soon the agent asks a server that was behind again.
+const behindRetry = 100 * time.Millisecond
+
+var errBehind = errors.New("session: server is behind the agent")
 
 var _ cache.Signer = (*Session)(nil)
 
@@ -439,8 +456,15 @@ func (s *Session) syncLoop(ctx context.Context) {
 		if got {
 			attempt = 0
 		}
-		s.log.Warn("entry stream ended; reconnecting", "error", err)
-		if err := sleep(ctx, backoff(attempt)); err != nil {
+		wait := backoff(attempt)
+		if errors.Is(err, errBehind) {
+			// Catching up takes a heartbeat or an election: ask again soon.
+			s.log.Debug("server behind; asking again", "error", err)
+			wait, attempt = behindRetry, 0
+		} else {
+			s.log.Warn("entry stream ended; reconnecting", "error", err)
+		}
+		if err := sleep(ctx, wait); err != nil {
 			return
 		}
 	}
@@ -455,6 +479,21 @@ func (s *Session) syncOnce(ctx context.Context) (gotAny bool, err error) {
 		msg, err := stream.Recv()
 		if err != nil {
 			return gotAny, err
+		}
+		if msg.Full && msg.Revision < s.revision {
+			if s.behindSince.IsZero() {
+				s.behindSince = time.Now()
+			}
+			if time.Since(s.behindSince) < maxBehindWait {
+				return false, fmt.Errorf("%w: entry revision %d, agent has %d", errBehind, msg.Revision, s.revision)
+			}
+			s.log.Warn("servers stay behind the agent's entries; taking their state", "revision", msg.Revision, "had", s.revision)
+		}
+		if msg.Full {
+			s.behindSince = time.Time{}
+			s.revision = msg.Revision
+		} else if msg.Revision > s.revision {
+			s.revision = msg.Revision
 		}
 		gotAny = true
 		if msg.Bundles != nil {

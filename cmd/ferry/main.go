@@ -42,6 +42,7 @@ func newApp() *cli.App {
 			authorityCommand(),
 			x509Command(),
 			jwtCommand(),
+			federationCommand(),
 		},
 	}
 }

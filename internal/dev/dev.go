@@ -252,6 +252,11 @@ ferry is running (trust domain %s). In another shell (bin/ on your PATH):
       -d client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer \
       -d client_assertion=$(ferry api fetch jwt --audience api://AzureADTokenExchange)
 
+  # or let the agent do all that, as Azure Arc's endpoint does for Azure SDKs
+  # (IDENTITY_ENDPOINT and IMDS_ENDPOINT are in the env file):
+  p=$(curl -s -D - -H Metadata:true "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=api://demo" | grep Www-Authenticate | cut -d "=" -f 2 | tr -d "[:cntrl:]")
+  curl -s -H Metadata:true -H "Authorization: Basic $(cat $p)" "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=api://demo"
+
 Stop with Ctrl-C; start again with the same data dir to carry on where you left off.
 `, s.cfg.TrustDomain, envFile, s.cfg.TrustDomain, s.cfg.TrustDomain)
 	return <-errc

@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"slices"
+	"strings"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -110,13 +111,7 @@ func (a *Agent) exchangeRules(v *state.View) []identityRules {
 		out[i].rules = append(out[i].rules, r)
 	}
 	slices.SortFunc(out, func(x, y identityRules) int {
-		if x.identity.GetObjectId() < y.identity.GetObjectId() {
-			return -1
-		}
-		if x.identity.GetObjectId() > y.identity.GetObjectId() {
-			return 1
-		}
-		return 0
+		return strings.Compare(x.identity.GetObjectId(), y.identity.GetObjectId())
 	})
 	return out
 }

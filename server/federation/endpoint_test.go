@@ -35,7 +35,7 @@ type ourDomain struct {
 	ca *ca.CA
 }
 
-func newOurDomain(t *testing.T, td string) *ourDomain {
+func newOurDomain(t testing.TB, td string) *ourDomain {
 	c := newFakeCluster(t)
 	return &ourDomain{c: c, ca: newCA(t, td, storePublisher{c: c, td: td}, time.Hour, nil)}
 }
@@ -222,7 +222,7 @@ func TestRefreshHintCoversPublication(t *testing.T) {
 }
 
 // webCert writes a self-signed certificate for 127.0.0.1 and its key.
-func webCert(t *testing.T) (certFile, keyFile string, roots *x509.CertPool) {
+func webCert(t testing.TB) (certFile, keyFile string, roots *x509.CertPool) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	require.NoError(t, err)
@@ -246,3 +246,28 @@ func webCert(t *testing.T) (certFile, keyFile string, roots *x509.CertPool) {
 	return certFile, keyFile, roots
 }
 
+// BenchmarkEndpointHandler measures serving our bundle (two X.509 and two JWT
+// authorities) from the replicated state, without TLS.
+func BenchmarkEndpointHandler(b *testing.B) {
+	d := newOurDomain(b, ourTD.Name())
+	if _, err := d.ca.Prepare(context.Background(), ca.KindX509); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := d.ca.Prepare(context.Background(), ca.KindJWT); err != nil {
+		b.Fatal(err)
+	}
+	certFile, keyFile, _ := webCert(b)
+	e, err := federation.NewEndpoint(federation.EndpointConfig{TrustDomain: ourTD, Store: d.c.store, Profile: federation.ProfileHTTPSWeb, CertFile: certFile, KeyFile: keyFile})
+	if err != nil {
+		b.Fatal(err)
+	}
+	req := httptest.NewRequest(http.MethodGet, "/", nil)
+	b.ReportAllocs()
+	for b.Loop() {
+		rec := httptest.NewRecorder()
+		e.Handler().ServeHTTP(rec, req)
+		if rec.Code != http.StatusOK {
+			b.Fatal(rec.Code)
+		}
+	}
+}

@@ -28,18 +28,18 @@ import (
 	"github.com/ferry-id/ferry/server/state"
 )
 
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
-type tWriter struct{ t *testing.T }
+type tWriter struct{ t testing.TB }
 
 func (w tWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
 
 // fakeCluster commits commands straight into a real store, in order, and
 // lets the test grant and revoke leadership.
 type fakeCluster struct {
-	t     *testing.T
+	t     testing.TB
 	store *state.Store
 
 	mu      sync.Mutex
@@ -50,7 +50,7 @@ type fakeCluster struct {
 	changed chan struct{}
 }
 
-func newFakeCluster(t *testing.T) *fakeCluster {
+func newFakeCluster(t testing.TB) *fakeCluster {
 	s, err := state.New(state.Config{Logger: testLogger(t)})
 	require.NoError(t, err)
 	return &fakeCluster{t: t, store: s, changed: make(chan struct{})}
@@ -144,7 +144,7 @@ func (p storePublisher) RemoveJWTAuthority(ctx context.Context, kid string) erro
 }
 
 // newCA returns a trust domain's CA with its first authorities active.
-func newCA(t *testing.T, td string, pub ca.Publisher, ttl time.Duration, clock func() time.Time) *ca.CA {
+func newCA(t testing.TB, td string, pub ca.Publisher, ttl time.Duration, clock func() time.Time) *ca.CA {
 	t.Helper()
 	c, err := ca.New(ca.Config{TrustDomain: spiffeid.RequireTrustDomainFromString(td), DataDir: t.TempDir(), NodeID: "s1",
 		Publisher: pub, CATTL: ttl, Clock: clock, Logger: testLogger(t)})
@@ -154,7 +154,7 @@ func newCA(t *testing.T, td string, pub ca.Publisher, ttl time.Duration, clock f
 }
 
 // serverCert is a CA's server X509-SVID as a TLS certificate.
-func serverCert(t *testing.T, c *ca.CA) *tls.Certificate {
+func serverCert(t testing.TB, c *ca.CA) *tls.Certificate {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	require.NoError(t, err)
@@ -168,7 +168,7 @@ func serverCert(t *testing.T, c *ca.CA) *tls.Certificate {
 }
 
 // spiffeBundle is a CA's published bundle with a sequence number and hint.
-func spiffeBundle(t *testing.T, c *ca.CA, seq uint64, hint time.Duration) *spiffebundle.Bundle {
+func spiffeBundle(t testing.TB, c *ca.CA, seq uint64, hint time.Duration) *spiffebundle.Bundle {
 	t.Helper()
 	b := c.Bundle()
 	b.SequenceNumber = seq

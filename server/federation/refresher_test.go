@@ -3,8 +3,8 @@ package federation_test
 import (
 	"context"
 	"errors"
-	"slices"
 	"net"
+	"slices"
 	"testing"
 	"time"
 

@@ -33,7 +33,8 @@ func schema() *memdb.DBSchema {
 		}},
 	}}
 	directorySchema(s.Tables) // directory.go
-	s.Tables[TableFederation] = federationTable() // federation.go
+	// federation.go
+	s.Tables[TableFederation] = federationTable()
 	return s
 }
 

@@ -1,0 +1,222 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"github.com/stretchr/testify/require"
+
+	"github.com/ferry-id/ferry/internal/testcluster"
+)
+
+// fedDomain is one independent ferry trust domain: a one-node cluster that
+// serves its bundle over https_spiffe, and one agent.
+type fedDomain struct {
+	td       spiffeid.TrustDomain
+	c        *testcluster.Cluster
+	srv      *testcluster.Node
+	agent    *testcluster.Agent
+	endpoint string
+}
+
+func startFedDomain(t *testing.T, td string) *fedDomain {
+	t.Helper()
+	addr := testcluster.FreeAddr(t)
+	c := testcluster.New(t, testcluster.Options{Nodes: 1, TrustDomain: td, LogLevel: "info",
+		ExtraServerConfig: fmt.Sprintf(`  federation {
+    bundle_endpoint {
+      addr    = %q
+      profile = "https_spiffe"
+    }
+  }`, addr)})
+	d := &fedDomain{td: spiffeid.RequireTrustDomainFromString(td), c: c, srv: c.Nodes[0], endpoint: "https://" + addr}
+	d.agent = c.StartAgent("node1")
+	return d
+}
+
+func (d *fedDomain) cli(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := d.srv.CLI(args...)
+	require.NoError(t, err, "ferry %s: %s\n%s", strings.Join(args, " "), out, d.srv.LogTail(40))
+	return out
+}
+
+// federateWith makes d follow peer's bundle: the operator hands over peer's
+// current bundle out of band, then d's leader refreshes it from peer's endpoint.
+func (d *fedDomain) federateWith(t *testing.T, peer *fedDomain) {
+	t.Helper()
+	bundle := filepath.Join(t.TempDir(), peer.td.Name()+".pem")
+	require.NoError(t, os.WriteFile(bundle, []byte(peer.cli(t, "bundle", "show", "--trust-domain", peer.td.Name())), 0o644))
+	d.cli(t, "federation", "create", "--trust-domain", peer.td.Name(), "--bundle-endpoint-url", peer.endpoint,
+		"--bundle-endpoint-profile", "https_spiffe", "--endpoint-spiffe-id", "spiffe://"+peer.td.Name()+"/spire/server",
+		"--trust-domain-bundle-path", bundle)
+	out := d.cli(t, "federation", "refresh", "--trust-domain", peer.td.Name())
+	require.Contains(t, out, "Status:\t\t\tok", out)
+}
+
+func (d *fedDomain) createEntry(t *testing.T, name, federatesWith string) spiffeid.ID {
+	t.Helper()
+	id := spiffeid.RequireFromPath(d.td, "/"+name)
+	d.cli(t, "entry", "create", "--entry-id", name, "--spiffe-id", id.String(), "--parent-id", d.agent.ID,
+		"--selector", fmt.Sprintf("unix:uid:%d", os.Getuid()), "--federates-with", federatesWith)
+	return id
+}
+
+// x509Source is this test process's view of an agent's Workload API, as any
+// go-spiffe workload has it, presenting the SVID with the given ID (the
+// process's uid matches several entries).
+func x509Source(t *testing.T, ctx context.Context, a *testcluster.Agent, id spiffeid.ID) *workloadapi.X509Source {
+	t.Helper()
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	src, err := workloadapi.NewX509Source(sctx, workloadapi.WithClientOptions(workloadapi.WithAddr(a.SocketAddr())),
+		workloadapi.WithDefaultX509SVIDPicker(func(svids []*x509svid.SVID) *x509svid.SVID {
+			for _, s := range svids {
+				if s.ID == id {
+					return s
+				}
+			}
+			return svids[0]
+		}))
+	require.NoError(t, err)
+	t.Cleanup(func() { src.Close() })
+	waitSource(t, "the workload has "+id.String(), func() bool {
+		s, err := src.GetX509SVID()
+		return err == nil && s.ID == id
+	})
+	return src
+}
+
+// waitSource waits until the source satisfies ok.
+func waitSource(t *testing.T, what string, ok func() bool) {
+	t.Helper()
+	require.Eventually(t, ok, 30*time.Second, 50*time.Millisecond, what)
+}
+
+// mtlsExchange serves one echo over go-spiffe mTLS with serverSrc's SVID
+// (authorizing clientID) and dials it with clientSrc's SVID (authorizing
+// serverID).
+func mtlsExchange(t *testing.T, ctx context.Context, serverSrc, clientSrc *workloadapi.X509Source, serverID, clientID spiffeid.ID) error {
+	t.Helper()
+	lis, err := spiffetls.ListenWithMode(ctx, "tcp", "127.0.0.1:0", spiffetls.MTLSServerWithSource(tlsconfig.AuthorizeID(clientID), serverSrc))
+	require.NoError(t, err)
+	defer lis.Close()
+	served := make(chan error, 1)
+	go func() {
+		conn, err := lis.Accept()
+		if err != nil {
+			served <- err
+			return
+		}
+		defer conn.Close()
+		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+		buf := make([]byte, 5)
+		if _, err := io.ReadFull(conn, buf); err != nil {
+			served <- err
+			return
+		}
+		_, err = conn.Write(bytes.ToUpper(buf))
+		served <- err
+	}()
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	conn, err := spiffetls.DialWithMode(dctx, "tcp", lis.Addr().String(), spiffetls.MTLSClientWithSource(tlsconfig.AuthorizeID(serverID), clientSrc))
+	if err != nil {
+		lis.Close()
+		<-served
+		return err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := conn.Write([]byte("hello")); err != nil {
+		return err
+	}
+	got := make([]byte, 5)
+	if _, err := io.ReadFull(conn, got); err != nil {
+		return err
+	}
+	if string(got) != "HELLO" {
+		return fmt.Errorf("echo %q", got)
+	}
+	return <-served
+}
+
+func TestFederationBetweenTwoTrustDomains(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts two real trust domains with agents")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	a := startFedDomain(t, "a.test")
+	b := startFedDomain(t, "b.test")
+
+	a.federateWith(t, b)
+	b.federateWith(t, a)
+	var list struct {
+		Relationships []struct {
+			Relationship struct {
+				TrustDomain string `json:"trust_domain"`
+				LastError   string `json:"last_error"`
+			} `json:"relationship"`
+		} `json:"relationships"`
+	}
+	out := b.cli(t, "federation", "list", "--output", "json")
+	require.NoError(t, json.Unmarshal([]byte(out), &list), out)
+	require.Len(t, list.Relationships, 1, out)
+	require.Equal(t, a.td.Name(), list.Relationships[0].Relationship.TrustDomain)
+	require.Empty(t, list.Relationships[0].Relationship.LastError)
+
+	serverID := a.createEntry(t, "api", b.td.Name())
+	clientID := b.createEntry(t, "client", a.td.Name())
+	srcA := x509Source(t, ctx, a.agent, serverID)
+	srcB := x509Source(t, ctx, b.agent, clientID)
+	federated := func(src *workloadapi.X509Source, td spiffeid.TrustDomain) func() bool {
+		return func() bool { _, err := src.GetX509BundleForTrustDomain(td); return err == nil }
+	}
+	waitSource(t, "a's workload holds b's bundle", federated(srcA, b.td))
+	waitSource(t, "b's workload holds a's bundle", federated(srcB, a.td))
+
+	require.NoError(t, mtlsExchange(t, ctx, srcA, srcB, serverID, clientID))
+	// The peers authorize by SPIFFE ID: the wrong ID is refused.
+	require.Error(t, mtlsExchange(t, ctx, srcA, srcB, spiffeid.RequireFromPath(a.td, "/other"), clientID))
+
+	// a rotates its CA: the new authority is published, b fetches it, then it
+	// becomes active and signs a fresh SVID that only the new CA verifies.
+	before, err := srcB.GetX509BundleForTrustDomain(a.td)
+	require.NoError(t, err)
+	var prepared struct {
+		ID string `json:"id"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(a.cli(t, "authority", "x509", "prepare", "--output", "json")), &prepared))
+	require.NotEmpty(t, prepared.ID)
+	b.cli(t, "federation", "refresh", "--trust-domain", a.td.Name())
+	waitSource(t, "b's workload holds a's new CA", func() bool {
+		bu, err := srcB.GetX509BundleForTrustDomain(a.td)
+		return err == nil && len(bu.X509Authorities()) > len(before.X509Authorities())
+	})
+	a.cli(t, "authority", "x509", "activate", "--authority-id", prepared.ID)
+
+	rotatedID := a.createEntry(t, "api-rotated", b.td.Name())
+	srcRotated := x509Source(t, ctx, a.agent, rotatedID)
+	svid, err := srcRotated.GetX509SVID()
+	require.NoError(t, err)
+	_, _, err = x509svid.Verify(svid.Certificates, before)
+	require.Error(t, err, "the rotated SVID is signed by the new CA only")
+	require.NoError(t, mtlsExchange(t, ctx, srcRotated, srcB, rotatedID, clientID))
+
+	out = b.cli(t, "federation", "show", "--trust-domain", a.td.Name())
+	require.Contains(t, out, "Status:\t\t\tok", out)
+}
