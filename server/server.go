@@ -57,9 +57,9 @@ type Config struct {
 	// empty: none). Near it the collector works harder instead of the heap
 	// growing to GOGC's target.
 	MemoryLimit string
-	LogLevel  string
-	LogFormat string
-	Cluster   ClusterConfig
+	LogLevel    string
+	LogFormat   string
+	Cluster     ClusterConfig
 	// AgentAddr is the agent API's TCP address (TLS with the server's SVID).
 	AgentAddr string
 	// AdminAddr, when set, also serves the admin services (Admin, Directory,

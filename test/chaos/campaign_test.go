@@ -80,8 +80,8 @@ func skipUnlessChaos(t *testing.T) {
 func TestChaos(t *testing.T) {
 	skipUnlessChaos(t)
 	runs := []campaign{
-		{nodes: 3, logStore: "boltdb", kills: 20, partitions: 20, pauses: 4, restarts: 1, catchups: 1, writers: 4},
-		{nodes: 5, logStore: "wal", kills: 5, partitions: 5, pauses: 2, restarts: 1, catchups: 1, writers: 4},
+		{nodes: 3, logStore: "boltdb", kills: 20, partitions: 20, pauses: 4, restarts: 1, catchups: 1, writers: 8},
+		{nodes: 5, logStore: "wal", kills: 5, partitions: 5, pauses: 2, restarts: 1, catchups: 1, writers: 8},
 	}
 	only := os.Getenv("CHAOS_NODES")
 	for _, def := range runs {
@@ -167,6 +167,8 @@ func runCampaign(t *testing.T, c campaign) *report {
 	h.obs.finish()
 	h.settle()
 	r.wall = time.Since(began)
+	r.heals, r.healsMidFlight, r.heldReleased = h.net.HealCounts()
+	_, r.connsHeld, r.connsCut = h.net.Counts()
 	h.verify(r)
 	if c.logStore == "boltdb" && c.catchups > 0 && r.viaSnapshot == 0 {
 		t.Errorf("no catch-up installed a snapshot although the leader's log was compacted past the follower")

@@ -270,7 +270,7 @@ type write struct {
 type span struct{ start, end time.Time }
 
 func newWriter(c *testcluster.Cluster, prefix string) *writer {
-	return &writer{c: c, prefix: prefix, timeout: 3 * time.Second, stop: make(chan struct{}),
+	return &writer{c: c, prefix: prefix, timeout: 2 * time.Second, stop: make(chan struct{}),
 		writes: map[string]*write{}, failures: map[codes.Code]int{}}
 }
 
@@ -590,6 +590,9 @@ type report struct {
 	election, resumed     []time.Duration
 	failures              map[codes.Code]int
 	stateIndex            uint64
+	heals, healsMidFlight int64
+	heldReleased          int64
+	connsHeld, connsCut   int64
 }
 
 func percentile(ds []time.Duration, p float64) time.Duration {
@@ -610,6 +613,8 @@ func (r *report) print(out io.Writer) {
 	fmt.Fprintf(out, "chaos:   failover: new leader p50 %s p99 %s (n=%d); writes resumed p50 %s p99 %s (n=%d)\n",
 		percentile(r.election, .5).Round(time.Millisecond), percentile(r.election, .99).Round(time.Millisecond), len(r.election),
 		percentile(r.resumed, .5).Round(time.Millisecond), percentile(r.resumed, .99).Round(time.Millisecond), len(r.resumed))
+	fmt.Fprintf(out, "chaos:   network: %d heals, %d of them with RPCs held mid-flight (%d held reads released late); %d connections held, %d cut\n",
+		r.heals, r.healsMidFlight, r.heldReleased, r.connsHeld, r.connsCut)
 	fmt.Fprintf(out, "chaos:   state: %d nodes hash equal at index %d (%d divergent); leaders: %d terms seen, %d elections logged, %d polls, %d terms with two leaders; %d retried request IDs answered with their first index\n",
 		r.nodes-r.divergent, r.stateIndex, r.divergent, r.terms, r.elections, r.observations, len(r.leaderViolations), r.recheck)
 	var codesSeen []string

@@ -64,6 +64,11 @@ type Net struct {
 	forwarded atomic.Int64
 	held      atomic.Int64
 	refused   atomic.Int64
+
+	waiting   int // copies blocked at a blackhole now; guarded by mu
+	heals     int64
+	midFlight int64 // heals that released bytes held in flight
+	released  int64 // reads (RPC fragments) held by a blackhole and released by a heal
 }
 
 // link is the direction from one node to another.
@@ -128,7 +133,28 @@ func (n *Net) Partition(mode Mode, groups ...[]string) {
 }
 
 // Heal restores every link. Bytes a blackhole held flow on.
-func (n *Net) Heal() { n.update(func() { clear(n.cut) }) }
+func (n *Net) Heal() {
+	n.update(func() {
+		if len(n.cut) == 0 {
+			return
+		}
+		n.heals++
+		if n.waiting > 0 {
+			n.midFlight++
+			n.released += int64(n.waiting)
+		}
+		clear(n.cut)
+	})
+}
+
+// HealCounts reports how many heals there were, how many of them came while
+// bytes were held in a blackhole (a node mid-RPC), and how many held reads
+// they released in all.
+func (n *Net) HealCounts() (heals, midFlight, released int64) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.heals, n.midFlight, n.released
+}
 
 // Counts reports connections forwarded, held by a blackhole before being
 // forwarded, and refused or reset.
@@ -173,8 +199,17 @@ func (n *Net) update(f func()) {
 }
 
 // gate blocks while l is blackholed and reports whether bytes may flow on it:
-// false once it is reset or the net is closed.
-func (n *Net) gate(l link) bool {
+// false once it is reset or the net is closed. held says the caller holds
+// bytes read from the link, which count as in flight while it waits.
+func (n *Net) gate(l link, held bool) bool {
+	waited := false
+	defer func() {
+		if waited {
+			n.mu.Lock()
+			n.waiting--
+			n.mu.Unlock()
+		}
+	}()
 	for {
 		n.mu.Lock()
 		if n.closed {
@@ -182,6 +217,10 @@ func (n *Net) gate(l link) bool {
 			return false
 		}
 		mode, ch := n.cut[l], n.changed
+		if mode == Blackhole && held && !waited {
+			waited = true
+			n.waiting++
+		}
 		n.mu.Unlock()
 		switch mode {
 		case 0:
@@ -220,7 +259,7 @@ func (n *Net) handle(c net.Conn, node, target string) {
 	if from != "" && n.mode(l) == Blackhole {
 		n.held.Add(1)
 	}
-	if from != "" && !n.gate(l) {
+	if from != "" && !n.gate(l, false) {
 		n.refused.Add(1)
 		c.Close()
 		return
@@ -259,7 +298,7 @@ func (n *Net) copy(p *pipe, dst, src net.Conn, l link) {
 	for {
 		k, err := src.Read(buf)
 		if k > 0 {
-			if l.from != "" && l.to != "" && !n.gate(l) {
+			if l.from != "" && l.to != "" && !n.gate(l, true) {
 				p.close()
 				return
 			}

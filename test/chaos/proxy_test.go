@@ -134,6 +134,10 @@ func TestNetBlackholeHoldsThenDelivers(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("held connection not connected after heal")
 	}
+	heals, midFlight, released := n.HealCounts()
+	require.EqualValues(t, 1, heals)
+	require.EqualValues(t, 1, midFlight, "the heal released a held request")
+	require.EqualValues(t, 1, released)
 }
 
 func TestNetResetClosesAndRefuses(t *testing.T) {

@@ -21,7 +21,7 @@
 package unix
 
 import (
-	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -199,45 +199,85 @@ type status struct {
 
 // readStatus reads the effective uid and gid and the supplementary groups from
 // /proc/PID/status. Lines are "Uid:\treal\teffective\tsaved\tfs", likewise Gid,
-// and "Groups:\tg1 g2 …".
+// and "Groups:\tg1 g2 …". It stops reading once it has all three (they come
+// early in the file), and splits only those lines.
 func (a *Attestor) readStatus(pid int32) (status, error) {
-	f, err := os.Open(a.procPath(pid, "status"))
+	f, err := openProcFile(a.procPath(pid, "status"))
 	if err != nil {
 		return status{}, fmt.Errorf("unix: pid %d: %w", pid, err)
 	}
 	defer f.Close()
 
+	bp := statusBufs.Get().(*[]byte)
+	defer statusBufs.Put(bp)
+	data := (*bp)[:0]
 	var st status
-	var haveUID, haveGID bool
-	sc := bufio.NewScanner(io.LimitReader(f, 64<<10))
-	for sc.Scan() {
-		key, value, ok := strings.Cut(sc.Text(), ":")
+	var haveUID, haveGID, haveGroups bool
+	parse := func(line []byte) error {
+		key, value, ok := bytes.Cut(line, []byte{':'})
 		if !ok {
-			continue
+			return nil
 		}
-		fields := strings.Fields(value)
-		switch key {
+		switch string(key) {
 		case "Uid":
-			st.uid, haveUID = effectiveID(fields)
+			st.uid, haveUID = effectiveID(strings.Fields(string(value)))
 		case "Gid":
-			st.gid, haveGID = effectiveID(fields)
+			st.gid, haveGID = effectiveID(strings.Fields(string(value)))
 		case "Groups":
+			fields := strings.Fields(string(value))
 			for _, g := range fields {
 				if _, err := strconv.ParseUint(g, 10, 32); err != nil {
-					return status{}, fmt.Errorf("unix: pid %d: malformed supplementary gid %q", pid, g)
+					return fmt.Errorf("unix: pid %d: malformed supplementary gid %q", pid, g)
 				}
 			}
-			st.groups = fields
+			st.groups, haveGroups = fields, true
+		}
+		return nil
+	}
+	off := 0 // start of the first line not parsed yet
+	for !haveUID || !haveGID || !haveGroups {
+		if len(data) == cap(data) {
+			if cap(data) >= maxStatusSize {
+				break
+			}
+			data = append(data, make([]byte, cap(data))...)[:len(data)]
+		}
+		n, err := f.Read(data[len(data):cap(data)])
+		if err != nil {
+			return status{}, fmt.Errorf("unix: pid %d: read status: %w", pid, err)
+		}
+		data = data[:len(data)+n]
+		for {
+			i := bytes.IndexByte(data[off:], '\n')
+			if i < 0 {
+				break
+			}
+			if err := parse(data[off : off+i]); err != nil {
+				return status{}, err
+			}
+			off += i + 1
+		}
+		if n == 0 { // end of file: a last line without a newline
+			if err := parse(data[off:]); err != nil {
+				return status{}, err
+			}
+			break
 		}
 	}
-	if err := sc.Err(); err != nil {
-		return status{}, fmt.Errorf("unix: pid %d: read status: %w", pid, err)
+	if cap(data) <= maxStatusSize {
+		*bp = data[:0]
 	}
 	if !haveUID || !haveGID {
 		return status{}, fmt.Errorf("unix: pid %d: status has no valid Uid/Gid lines", pid)
 	}
 	return st, nil
 }
+
+// maxStatusSize bounds how much of /proc/PID/status is read.
+const maxStatusSize = 64 << 10
+
+// statusBufs recycles the buffers /proc/PID/status is read into.
+var statusBufs = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
 
 // effectiveID picks the effective id: the second of real, effective, saved, fs.
 func effectiveID(fields []string) (string, bool) {

@@ -1,0 +1,203 @@
+package chaos_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/ferry-id/ferry/internal/testcluster"
+	"github.com/ferry-id/ferry/proto/ferrypb"
+)
+
+// rssKiB reads VmRSS of a process.
+func rssKiB(pid int) (int64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			return strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("no VmRSS for pid %d", pid)
+}
+
+// TestOverloadSheds sends 10,000 writes at once to one follower (as agents
+// and operators reconnecting after a partition heals would). The node must
+// refuse what it cannot take with ResourceExhausted and a clear message, keep
+// serving, keep its memory bounded, and every write a client retries after
+// being shed must land, once.
+func TestOverloadSheds(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts real server processes")
+	}
+	const storm, conns = 10000, 20
+	c := testcluster.New(t, testcluster.Options{Nodes: 3, LogLevel: "warn"})
+	leader := c.WaitLeader(30*time.Second, nil)
+	var target *testcluster.Node
+	for _, n := range c.Nodes {
+		if n != leader {
+			target = n
+			break
+		}
+	}
+	pids := map[string]int{}
+	before := map[string]int64{}
+	for _, n := range c.Nodes {
+		pids[n.ID] = n.PID()
+		rss, err := rssKiB(n.PID())
+		require.NoError(t, err)
+		before[n.ID] = rss
+	}
+
+	// Peak RSS of every server while the storm lasts.
+	var peakMu sync.Mutex
+	peak := map[string]int64{}
+	stopSampling := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for {
+			for id, pid := range pids {
+				if rss, err := rssKiB(pid); err == nil {
+					peakMu.Lock()
+					peak[id] = max(peak[id], rss)
+					peakMu.Unlock()
+				}
+			}
+			select {
+			case <-stopSampling:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}()
+
+	// Many client connections, as many clients would open.
+	clients := make([]ferrypb.AdminClient, conns)
+	for i := range clients {
+		cc, err := grpc.NewClient("unix://"+target.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		require.NoError(t, err)
+		defer cc.Close()
+		clients[i] = ferrypb.NewAdminClient(cc)
+	}
+
+	var (
+		firstOK, firstShed, retries atomic.Int64
+		otherMu                     sync.Mutex
+		other                       = map[string]int{}
+		shedMessage                 atomic.Value
+	)
+	indexes := make([]uint64, storm)
+	release := make(chan struct{})
+	var wg sync.WaitGroup
+	began := time.Now()
+	for i := range storm {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id := fmt.Sprintf("storm-%05d", i)
+			req := &ferrypb.BatchCreateEntryRequest{Entries: []*ferrypb.Entry{entryFor(id)}, RequestId: requestID(id)}
+			cl := clients[i%conns]
+			<-release
+			for attempt := 0; ; attempt++ {
+				ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+				resp, err := cl.BatchCreateEntry(ctx, req)
+				cancel()
+				code := status.Code(err)
+				if err == nil && codes.Code(resp.Results[0].GetCode()) != codes.OK {
+					code = codes.Code(resp.Results[0].GetCode())
+				}
+				switch {
+				case code == codes.OK:
+					if attempt == 0 {
+						firstOK.Add(1)
+					}
+					indexes[i] = resp.Index
+					return
+				case code == codes.ResourceExhausted:
+					if attempt == 0 {
+						firstShed.Add(1)
+						shedMessage.Store(status.Convert(err).Message())
+					}
+					retries.Add(1)
+					// Back off with jitter, as a well-behaved client does.
+					time.Sleep(time.Duration(100+rand.IntN(400)) * time.Millisecond)
+				default:
+					otherMu.Lock()
+					other[fmt.Sprintf("%s: %v", code, err)]++
+					otherMu.Unlock()
+					return
+				}
+			}
+		}()
+	}
+	close(release)
+	wg.Wait()
+	drained := time.Since(began)
+	close(stopSampling)
+	<-sampled
+
+	t.Logf("storm of %d writes on %s: %d taken at once, %d shed on first try (%d retries in all), all acknowledged after %s", storm, target.ID, firstOK.Load(), firstShed.Load(), retries.Load(), drained.Round(time.Millisecond))
+	require.Empty(t, other, "the only refusal is ResourceExhausted")
+	require.Positive(t, firstShed.Load(), "a storm of %d must be shed in part", storm)
+	require.Positive(t, firstOK.Load())
+	msg, _ := shedMessage.Load().(string)
+	require.Contains(t, msg, "overloaded", "the refusal says why")
+
+	// Still the same processes, still serving.
+	for _, n := range c.Nodes {
+		require.Equal(t, pids[n.ID], n.PID())
+		require.NoError(t, syscall.Kill(n.PID(), 0), "node %s died", n.ID)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cnt, err := target.Admin().CountEntries(ctx, &ferrypb.CountEntriesRequest{Consistency: ferrypb.ReadConsistency_READ_LINEARIZABLE})
+	require.NoError(t, err)
+	require.EqualValues(t, storm, cnt.Count, "every write landed once")
+	var maxIndex uint64
+	for _, idx := range indexes {
+		maxIndex = max(maxIndex, idx)
+	}
+	c.WaitApplied(maxIndex, 30*time.Second)
+	for _, n := range c.Nodes {
+		entries, err := listEntries(n)
+		require.NoError(t, err)
+		require.Len(t, entries, storm, "node %s", n.ID)
+		for i, idx := range indexes {
+			e := entries[fmt.Sprintf("storm-%05d", i)]
+			require.NotNil(t, e, "node %s misses storm-%05d", n.ID, i)
+			require.Equal(t, idx, e.CreatedIndex)
+		}
+	}
+
+	// Memory stays bounded: a server's RSS grows by at most 256 MiB under the storm.
+	const boundKiB = 256 << 10
+	for _, n := range c.Nodes {
+		after, err := rssKiB(n.PID())
+		require.NoError(t, err)
+		t.Logf("node %s RSS: %d MiB before, %d MiB peak, %d MiB after", n.ID, before[n.ID]>>10, peak[n.ID]>>10, after>>10)
+		fmt.Printf("overload: node %s RSS %d MiB before, %d MiB peak, %d MiB after\n", n.ID, before[n.ID]>>10, peak[n.ID]>>10, after>>10)
+		require.Less(t, peak[n.ID]-before[n.ID], int64(boundKiB), "node %s", n.ID)
+	}
+	fmt.Printf("overload: %d writes at once on one follower: %d taken, %d shed with ResourceExhausted (%q), %d retries, all %d acknowledged once after %s\n",
+		storm, firstOK.Load(), firstShed.Load(), msg, retries.Load(), storm, drained.Round(time.Millisecond))
+}
