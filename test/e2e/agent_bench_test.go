@@ -327,7 +327,10 @@ func BenchmarkAgentWorkloadAPI(b *testing.B) {
 			func(ctx context.Context) error { _, err := workloadapi.FetchX509SVID(ctx, addr); return err },
 		},
 		"jwt": {
-			func(ctx context.Context, c *workloadapi.Client) error { _, err := c.FetchJWTSVID(ctx, params); return err },
+			func(ctx context.Context, c *workloadapi.Client) error {
+				_, err := c.FetchJWTSVID(ctx, params)
+				return err
+			},
 			func(ctx context.Context) error { _, err := workloadapi.FetchJWTSVID(ctx, params, addr); return err },
 		},
 	}

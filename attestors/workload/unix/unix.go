@@ -31,6 +31,7 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -236,13 +237,13 @@ func (a *Attestor) readStatus(pid int32) (status, error) {
 	}
 	off := 0 // start of the first line not parsed yet
 	for !haveUID || !haveGID || !haveGroups {
-		if len(data) == cap(data) {
-			if cap(data) >= maxStatusSize {
-				break
-			}
-			data = append(data, make([]byte, cap(data))...)[:len(data)]
+		if len(data) >= maxStatusSize {
+			break
 		}
-		n, err := f.Read(data[len(data):cap(data)])
+		if len(data) == cap(data) {
+			data = slices.Grow(data, cap(data))
+		}
+		n, err := f.Read(data[len(data):min(cap(data), maxStatusSize)])
 		if err != nil {
 			return status{}, fmt.Errorf("unix: pid %d: read status: %w", pid, err)
 		}

@@ -12,6 +12,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -276,6 +277,21 @@ func TestStatusEdgeCases(t *testing.T) {
 		{name: "short uid", status: "Uid:\t7\nGid:\t7\t7\t7\t7\n", wantErr: "no valid Uid/Gid"},
 		{name: "non-numeric uid", status: "Uid:\t7\tx\t7\t7\nGid:\t7\t7\t7\t7\n", wantErr: "no valid Uid/Gid"},
 		{name: "bad group", status: "Uid:\t7\t7\t7\t7\nGid:\t7\t7\t7\t7\nGroups:\t1 ../x\n", wantErr: "malformed supplementary gid"},
+		{
+			name:   "ids past the first read, last line without newline",
+			status: strings.Repeat("Pad:\t"+strings.Repeat("x", 100)+"\n", 100) + "Uid:\t7\t7\t7\t7\nGid:\t7\t8\t7\t7\nGroups:\t9",
+			want:   []string{"unix:uid:7", "unix:gid:8", "unix:supplementary_gid:9"},
+		},
+		{
+			name:   "no Groups line",
+			status: "Uid:\t7\t7\t7\t7\nGid:\t7\t7\t7\t7\nFDSize:\t64\n",
+			want:   []string{"unix:uid:7", "unix:gid:7"},
+		},
+		{
+			name:    "ids beyond the size cap are not read",
+			status:  strings.Repeat("Pad:\t"+strings.Repeat("x", 1000)+"\n", 70) + "Uid:\t7\t7\t7\t7\nGid:\t7\t7\t7\t7\n",
+			wantErr: "no valid Uid/Gid",
+		},
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
