@@ -100,9 +100,9 @@ func TestChaos(t *testing.T) {
 
 func (r *report) check(t *testing.T) {
 	t.Helper()
-	if r.lost != 0 || r.duplicates != 0 || r.wrongIndex != 0 || r.divergent != 0 || len(r.leaderViolations) != 0 {
-		t.Errorf("safety violated: %d lost, %d applied twice, %d at another index, %d divergent nodes, two leaders in: %v",
-			r.lost, r.duplicates, r.wrongIndex, r.divergent, r.leaderViolations)
+	if r.lost != 0 || r.duplicates != 0 || r.wrongIndex != 0 || r.divergent != 0 || len(r.leaderViolations) != 0 || r.readsStale != 0 {
+		t.Errorf("safety violated: %d lost, %d applied twice, %d at another index, %d divergent nodes, %d stale reads, two leaders in: %v",
+			r.lost, r.duplicates, r.wrongIndex, r.divergent, r.readsStale, r.leaderViolations)
 	}
 	if r.acked == 0 {
 		t.Errorf("no write was acknowledged")
@@ -169,6 +169,7 @@ func runCampaign(t *testing.T, c campaign) *report {
 	r.wall = time.Since(began)
 	r.heals, r.healsMidFlight, r.heldReleased = h.net.HealCounts()
 	_, r.connsHeld, r.connsCut = h.net.Counts()
+	r.readsServed, r.readsStale, r.readsFailed = h.w.readsServed.Load(), h.w.readsStale.Load(), h.w.readsFailed.Load()
 	h.verify(r)
 	if c.logStore == "boltdb" && c.catchups > 0 && r.viaSnapshot == 0 {
 		t.Errorf("no catch-up installed a snapshot although the leader's log was compacted past the follower")

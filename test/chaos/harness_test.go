@@ -252,6 +252,9 @@ type writer struct {
 	wg      sync.WaitGroup
 	attempt atomic.Int64
 
+	// Linearizable reads of just-acknowledged writes, through random nodes.
+	readsServed, readsStale, readsFailed atomic.Int64
+
 	mu       sync.Mutex
 	writes   map[string]*write
 	oks      []span // successful attempts
@@ -346,6 +349,9 @@ func (w *writer) write(id string, start int) {
 		case codes.OK:
 			wr.acked, wr.index = true, resp.Index
 			w.oks = append(w.oks, span{began, time.Now()})
+			if rand.IntN(4) == 0 {
+				defer w.readBack(id)
+			}
 		case codes.AlreadyExists:
 			wr.duplicates++
 			w.problems = append(w.problems, fmt.Sprintf("write %s applied twice: retry answered %s %s", id, c, resp.Results[0].GetMessage()))
@@ -354,6 +360,31 @@ func (w *writer) write(id string, start int) {
 		}
 		w.mu.Unlock()
 		return
+	}
+}
+
+// readBack reads an acknowledged write through a random node with a
+// linearizable read, which must see it: a node that answers NotFound served a
+// stale read (a deposed leader, or a follower behind). A read the node refuses
+// or does not answer in time is no answer, not a violation.
+func (w *writer) readBack(id string) {
+	n := w.c.Nodes[rand.IntN(len(w.c.Nodes))]
+	if !n.Running() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), w.timeout)
+	defer cancel()
+	_, err := n.Admin().GetEntry(ctx, &ferrypb.GetEntryRequest{Id: id, Consistency: ferrypb.ReadConsistency_READ_LINEARIZABLE})
+	switch status.Code(err) {
+	case codes.OK:
+		w.readsServed.Add(1)
+	case codes.NotFound:
+		w.readsStale.Add(1)
+		w.mu.Lock()
+		w.problems = append(w.problems, fmt.Sprintf("stale read: %s answered NotFound for acknowledged write %s", n.ID, id))
+		w.mu.Unlock()
+	default:
+		w.readsFailed.Add(1)
 	}
 }
 
@@ -593,6 +624,9 @@ type report struct {
 	heals, healsMidFlight int64
 	heldReleased          int64
 	connsHeld, connsCut   int64
+	readsServed           int64
+	readsStale            int64
+	readsFailed           int64
 }
 
 func percentile(ds []time.Duration, p float64) time.Duration {
@@ -610,6 +644,7 @@ func (r *report) print(out io.Writer) {
 		r.nodes, r.logStore, r.wall.Round(time.Second), r.kills, r.partitions, r.pauses, r.restarts, r.catchups, r.viaSnapshot)
 	fmt.Fprintf(out, "chaos:   writes: %d acknowledged, %d lost, %d applied twice, %d at another index; %d indeterminate (%d resolved by retry, %d unresolved: %d applied, %d not)\n",
 		r.acked, r.lost, r.duplicates, r.wrongIndex, r.ambiguousWrites, r.resolved, r.unresolvedPresent+r.unresolvedAbsent, r.unresolvedPresent, r.unresolvedAbsent)
+	fmt.Fprintf(out, "chaos:   linearizable reads of acknowledged writes: %d served, %d stale, %d refused or timed out\n", r.readsServed, r.readsStale, r.readsFailed)
 	fmt.Fprintf(out, "chaos:   failover: new leader p50 %s p99 %s (n=%d); writes resumed p50 %s p99 %s (n=%d)\n",
 		percentile(r.election, .5).Round(time.Millisecond), percentile(r.election, .99).Round(time.Millisecond), len(r.election),
 		percentile(r.resumed, .5).Round(time.Millisecond), percentile(r.resumed, .99).Round(time.Millisecond), len(r.resumed))
