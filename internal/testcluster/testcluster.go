@@ -443,13 +443,28 @@ func (c *Cluster) cleanup() {
 	}
 }
 
-// FreeAddr returns a loopback address with a port free at the time of the call.
+var (
+	portsMu sync.Mutex
+	given   = map[string]bool{}
+)
+
+// FreeAddr returns a loopback address with a port free at the time of the call,
+// never the same one twice in a test binary (a stopped node's port may be free
+// again, but it is still that node's).
 func FreeAddr(t testing.TB) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	for {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := l.Addr().String()
+		l.Close()
+		if !given[addr] {
+			given[addr] = true
+			return addr
+		}
 	}
-	defer l.Close()
-	return l.Addr().String()
 }
