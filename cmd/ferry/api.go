@@ -248,8 +248,10 @@ func fetchJWT(c *cli.Context) error {
 	}
 }
 
+// writeAtomic replaces path with data at mode, never leaving a wider mode on
+// an existing file nor a half-written one.
 func writeAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".ferry-*")
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
 	if err != nil {
 		return err
 	}

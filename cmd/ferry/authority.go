@@ -170,7 +170,7 @@ func x509Mint(c *cli.Context) error {
 			paths := map[string]string{}
 			for _, f := range files {
 				p := filepath.Join(dir, f.name)
-				if err := writeMinted(p, f.data, f.mode); err != nil {
+				if err := writeAtomic(p, f.data, f.mode); err != nil {
 					return err
 				}
 				paths[strings.TrimSuffix(f.name, ".pem")+"_file"] = p
@@ -216,7 +216,7 @@ func jwtCommand() *cli.Command {
 						return err
 					}
 					if p := c.String("write"); p != "" {
-						if err := writeMinted(p, []byte(resp.Token), 0o600); err != nil {
+						if err := writeAtomic(p, []byte(resp.Token), 0o600); err != nil {
 							return err
 						}
 					}
@@ -347,27 +347,6 @@ func pemCertificates(ders [][]byte) []byte {
 	return out
 }
 
-// writeMinted replaces path with data at mode, never leaving a wider mode on an
-// existing file.
-func writeMinted(path string, data []byte, mode os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(mode); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
-}
 
 func printMapJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
