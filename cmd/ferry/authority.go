@@ -347,7 +347,6 @@ func pemCertificates(ders [][]byte) []byte {
 	return out
 }
 
-
 func printMapJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")

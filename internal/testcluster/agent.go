@@ -136,6 +136,16 @@ func (a *Agent) Start() {
 	a.c.t.Fatalf("agent %s: socket not ready:\n%s", a.Name, a.LogTail(40))
 }
 
+// PID is the agent process's ID, or 0 when it is not running.
+func (a *Agent) PID() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.cmd == nil {
+		return 0
+	}
+	return a.cmd.Process.Pid
+}
+
 // Stop ends the agent process.
 func (a *Agent) Stop() {
 	a.mu.Lock()

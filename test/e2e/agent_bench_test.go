@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -180,28 +179,6 @@ func BenchmarkAgentEntryToWorkload(b *testing.B) {
 	}
 }
 
-// agentPID finds the `ferry agent run --config <a.Config>` process.
-func agentPID(b *testing.B, a *testcluster.Agent) int {
-	b.Helper()
-	dirs, err := filepath.Glob("/proc/[0-9]*/cmdline")
-	if err != nil {
-		b.Fatal(err)
-	}
-	want := "agent\x00run\x00--config\x00" + a.Config + "\x00"
-	for _, p := range dirs {
-		data, err := os.ReadFile(p)
-		if err != nil || !strings.HasSuffix(string(data), want) {
-			continue
-		}
-		var pid int
-		if _, err := fmt.Sscanf(p, "/proc/%d/cmdline", &pid); err == nil {
-			return pid
-		}
-	}
-	b.Fatalf("no agent process for %s", a.Config)
-	return 0
-}
-
 // pidRSS returns VmRSS of pid in KiB.
 func pidRSS(b *testing.B, pid int) int64 {
 	b.Helper()
@@ -241,7 +218,7 @@ func BenchmarkAgentRSS(b *testing.B) {
 	c := testcluster.New(b, testcluster.Options{Nodes: 1, LogLevel: "info"})
 	a := c.StartAgent("bench")
 	srv := c.Nodes[0]
-	pid := agentPID(b, a)
+	pid := a.PID()
 	total, fetched := envInt("FERRY_BENCH_CACHED", 10000), envInt("FERRY_BENCH_FETCHED", 1000)
 	fetched = min(fetched, total)
 	uid := os.Getuid()

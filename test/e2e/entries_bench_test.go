@@ -259,7 +259,7 @@ func mib(kb int64) float64 { return float64(kb) / 1024 }
 // vmRSS returns the VmRSS of n's server process in KiB.
 func vmRSS(b *testing.B, n *testcluster.Node) int64 {
 	b.Helper()
-	pid := serverPID(b, n)
+	pid := n.PID()
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		b.Fatal(err)
@@ -276,27 +276,5 @@ func vmRSS(b *testing.B, n *testcluster.Node) int64 {
 		}
 	}
 	b.Fatalf("no VmRSS for pid %d", pid)
-	return 0
-}
-
-// serverPID finds the `ferry server run --config <n.Config>` process.
-func serverPID(b *testing.B, n *testcluster.Node) int {
-	b.Helper()
-	dirs, err := filepath.Glob("/proc/[0-9]*/cmdline")
-	if err != nil {
-		b.Fatal(err)
-	}
-	want := "server\x00run\x00--config\x00" + n.Config + "\x00"
-	for _, p := range dirs {
-		data, err := os.ReadFile(p)
-		if err != nil || !strings.HasSuffix(string(data), want) {
-			continue
-		}
-		var pid int
-		if _, err := fmt.Sscanf(p, "/proc/%d/cmdline", &pid); err == nil {
-			return pid
-		}
-	}
-	b.Fatalf("no server process for %s", n.Config)
 	return 0
 }
