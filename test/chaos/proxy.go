@@ -190,9 +190,12 @@ func (n *Net) update(f func()) {
 	f()
 	close(n.changed)
 	n.changed = make(chan struct{})
-	// Reset links drop their connections now.
+	// Reset links drop their connections now. So do connections whose source
+	// could not be told when they were accepted (made before the cluster was
+	// known): a cut must not leave them flowing, and their redial is
+	// identified.
 	for p := range n.conns {
-		if n.cut[p.l] == Reset || n.cut[link{p.l.to, p.l.from}] == Reset {
+		if n.cut[p.l] == Reset || n.cut[link{p.l.to, p.l.from}] == Reset || (len(n.cut) > 0 && p.l.from == "") {
 			p.close()
 		}
 	}
