@@ -8,8 +8,12 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"sync/atomic"
+	"time"
 
+	"github.com/ferry-id/ferry/agent/imds"
 	"github.com/ferry-id/ferry/agent/peer"
+	"github.com/ferry-id/ferry/agent/tokens"
 )
 
 // Peers finds the process behind a loopback TCP connection (*peer.Finder).
@@ -28,11 +32,17 @@ type Peers interface {
 // local address value; net/http puts that value in each request's context
 // (http.LocalAddrContextKey), from which Resolver finds the connection and
 // resolves its process once per connection. Safe for concurrent use.
+//
+// Each connection also remembers the identities Resolver granted on it (see
+// grant), so that a keep-alive connection is attested once per ReattestAfter
+// rather than on every request.
 type Conns struct {
 	peers Peers
 
-	mu    sync.Mutex
-	conns map[*net.TCPAddr]*connInfo
+	// conns maps each tracked connection's own *net.TCPAddr to its
+	// *connInfo: written once per connection, read on every request.
+	conns sync.Map
+	n     atomic.Int64
 }
 
 type connInfo struct {
@@ -40,22 +50,37 @@ type connInfo struct {
 	once          sync.Once
 	proc          peer.Process
 	err           error
+
+	mu     sync.Mutex
+	grants []grant // most recent last; at most maxGrants
 }
+
+// grant is one authorization decision made on a connection: this caller,
+// asking with this selector, may use id. It is reused only on the same
+// connection, for the same caller and selector, while younger than
+// ReattestAfter and while the agent's entries are unchanged.
+type grant struct {
+	caller   imds.Caller
+	sel      imds.Selector
+	id       tokens.Identity
+	at       time.Time
+	revision uint64
+}
+
+// maxGrants bounds the decisions kept per connection: a client naming many
+// identities on one connection re-attests instead of growing the list.
+const maxGrants = 8
 
 // NewConns returns a Conns resolving processes through peers.
 func NewConns(peers Peers) *Conns {
-	return &Conns{peers: peers, conns: map[*net.TCPAddr]*connInfo{}}
+	return &Conns{peers: peers}
 }
 
 // Listen wraps ln; pass the result to the endpoint as its listener.
 func (t *Conns) Listen(ln net.Listener) net.Listener { return &trackedListener{Listener: ln, t: t} }
 
 // Len is the number of open tracked connections.
-func (t *Conns) Len() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return len(t.conns)
-}
+func (t *Conns) Len() int { return int(t.n.Load()) }
 
 type trackedListener struct {
 	net.Listener
@@ -73,9 +98,8 @@ func (l *trackedListener) Accept() (net.Conn, error) {
 		return c, nil
 	}
 	own := *la // a distinct pointer for this connection
-	l.t.mu.Lock()
-	l.t.conns[&own] = &connInfo{local: la.AddrPort(), remote: ra.AddrPort()}
-	l.t.mu.Unlock()
+	l.t.conns.Store(&own, &connInfo{local: la.AddrPort(), remote: ra.AddrPort()})
+	l.t.n.Add(1)
 	return &trackedConn{Conn: c, local: &own, t: l.t}, nil
 }
 
@@ -90,9 +114,11 @@ func (c *trackedConn) LocalAddr() net.Addr { return c.local }
 
 func (c *trackedConn) Close() error {
 	c.once.Do(func() {
-		c.t.mu.Lock()
-		delete(c.t.conns, c.local)
-		c.t.mu.Unlock()
+		// The decisions made on this connection go with it: a later
+		// connection, even from the same 4-tuple, starts unattested.
+		if _, ok := c.t.conns.LoadAndDelete(c.local); ok {
+			c.t.n.Add(-1)
+		}
 	})
 	return c.Conn.Close()
 }
@@ -100,13 +126,24 @@ func (c *trackedConn) Close() error {
 // errNoConn: the request did not arrive through a tracked listener.
 var errNoConn = errors.New("identities: request did not arrive on a tracked connection")
 
+// info returns the tracked connection the request in ctx arrived on, or nil.
+func (t *Conns) info(ctx context.Context) *connInfo {
+	if t == nil {
+		return nil
+	}
+	la, _ := ctx.Value(http.LocalAddrContextKey).(*net.TCPAddr)
+	if la == nil {
+		return nil
+	}
+	v, _ := t.conns.Load(la)
+	ci, _ := v.(*connInfo)
+	return ci
+}
+
 // process returns the process holding the client end of the connection the
 // request in ctx arrived on, checking that it runs as uid.
 func (t *Conns) process(ctx context.Context, uid uint32) (peer.Process, error) {
-	la, _ := ctx.Value(http.LocalAddrContextKey).(*net.TCPAddr)
-	t.mu.Lock()
-	ci := t.conns[la]
-	t.mu.Unlock()
+	ci := t.info(ctx)
 	if ci == nil {
 		return peer.Process{}, errNoConn
 	}
@@ -125,4 +162,40 @@ func (t *Conns) process(ctx context.Context, uid uint32) (peer.Process, error) {
 		return peer.Process{}, fmt.Errorf("identities: calling process %d runs as uid %d, its socket belongs to uid %d", ci.proc.PID, ci.proc.UID, uid)
 	}
 	return ci.proc, nil
+}
+
+// granted returns the identity granted earlier on this connection to the
+// same caller and selector, if that decision is still current.
+func (ci *connInfo) granted(c imds.Caller, s imds.Selector, now time.Time, maxAge time.Duration, revision uint64) (tokens.Identity, bool) {
+	ci.mu.Lock()
+	defer ci.mu.Unlock()
+	for i := len(ci.grants) - 1; i >= 0; i-- {
+		g := &ci.grants[i]
+		if g.caller != c || g.sel != s {
+			continue
+		}
+		// A clock stepped back is no reason to trust an old decision.
+		if age := now.Sub(g.at); age < 0 || age >= maxAge || g.revision != revision {
+			ci.grants = append(ci.grants[:i], ci.grants[i+1:]...)
+			return tokens.Identity{}, false
+		}
+		return g.id, true
+	}
+	return tokens.Identity{}, false
+}
+
+// remember records a decision made at now (taken before attesting).
+func (ci *connInfo) remember(g grant) {
+	ci.mu.Lock()
+	defer ci.mu.Unlock()
+	for i := range ci.grants {
+		if ci.grants[i].caller == g.caller && ci.grants[i].sel == g.sel {
+			ci.grants = append(ci.grants[:i], ci.grants[i+1:]...)
+			break
+		}
+	}
+	if len(ci.grants) >= maxGrants {
+		ci.grants = append(ci.grants[:0], ci.grants[1:]...)
+	}
+	ci.grants = append(ci.grants, g)
 }

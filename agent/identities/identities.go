@@ -70,8 +70,15 @@ type Config struct {
 	// Processes; default peer.New(peer.Config{}).
 	Processes Processes
 	// Conns, when set, finds the calling process of requests whose Caller
-	// has no PID (the endpoint resolves uids only).
+	// has no PID (the endpoint resolves uids only), and remembers per
+	// connection the identities granted on it.
 	Conns *Conns
+	// ReattestAfter bounds how long an identity granted on a connection is
+	// granted again without attesting the caller anew; default 1 s. Any
+	// change to the agent's entries (Workloads with a Revision method) ends
+	// it sooner. Only requests on the same tracked connection, from the same
+	// caller with the same selector, reuse a decision.
+	ReattestAfter time.Duration
 	// TenantID, when set, is the tenant of every exchange; by default the
 	// identity's own tenant.
 	TenantID string
@@ -91,6 +98,7 @@ type Config struct {
 type Resolver struct {
 	cfg Config
 	log *slog.Logger
+	rev revisioner // nil when Workloads has no Revision
 
 	mu      sync.Mutex
 	dir     map[string]dirItem        // by SPIFFE ID
@@ -126,13 +134,18 @@ func New(c Config) (*Resolver, error) {
 	if c.StaleTTL < c.TTL {
 		c.StaleTTL = 10 * c.TTL
 	}
+	if c.ReattestAfter <= 0 {
+		c.ReattestAfter = time.Second
+	}
 	if c.Now == nil {
 		c.Now = time.Now
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+	rev, _ := c.Workloads.(revisioner)
 	return &Resolver{
+		rev: rev,
 		cfg:     c,
 		log:     c.Logger.With("component", "identities"),
 		dir:     map[string]dirItem{},
@@ -140,10 +153,56 @@ func New(c Config) (*Resolver, error) {
 	}, nil
 }
 
+// revisioner is implemented by *cache.Cache: its revision changes whenever
+// an entry is added, changed or removed.
+type revisioner interface{ Revision() uint64 }
+
 // Identity attests the caller, finds the identities its SPIFFE IDs may use and
 // picks the one the selector names (or the only one, preferring a
 // system-assigned identity, when none is named).
+//
+// On a tracked connection (Config.Conns) a granted identity is remembered
+// and granted again to the same caller and selector on that connection for
+// up to ReattestAfter, or until the agent's entries change. This is safe
+// because what attestation proves cannot change underneath a connection:
+//   - The caller's uid is the owner of the client socket, fixed when the
+//     socket was created; the endpoint found it by the connection's exact
+//     4-tuple. No process of another uid can send on that connection unless
+//     a holder of the socket hands it over (fd passing, fork), which a
+//     process entitled to the identity can equally do with the token itself.
+//     The Workload API trusts SO_PEERCRED, fixed at connect, the same way.
+//   - The process is pinned per connection (PID and start time) and was
+//     alive, with that start time, after its selectors were read. A process
+//     that later takes over its PID does not hold this connection's socket,
+//     and when the decision is next renewed the liveness check fails and the
+//     connection is refused: a recycled PID never borrows an identity.
+//   - Decisions live in the connection's own record, dropped when it
+//     closes; nothing is shared between connections, callers or selectors.
+//   - Errors are not remembered: a refused request is decided anew.
 func (r *Resolver) Identity(ctx context.Context, c imds.Caller, s imds.Selector) (tokens.Identity, error) {
+	ci := r.cfg.Conns.info(ctx)
+	if ci == nil {
+		return r.identity(ctx, c, s)
+	}
+	// Read the time and revision before attesting: a decision is never
+	// dated later than the state it was made from.
+	now := r.cfg.Now()
+	var rev uint64
+	if r.rev != nil {
+		rev = r.rev.Revision()
+	}
+	if id, ok := ci.granted(c, s, now, r.cfg.ReattestAfter, rev); ok {
+		return id, nil
+	}
+	id, err := r.identity(ctx, c, s)
+	if err != nil {
+		return tokens.Identity{}, err
+	}
+	ci.remember(grant{caller: c, sel: s, id: id, at: now, revision: rev})
+	return id, nil
+}
+
+func (r *Resolver) identity(ctx context.Context, c imds.Caller, s imds.Selector) (tokens.Identity, error) {
 	if c.PID <= 0 && r.cfg.Conns != nil {
 		p, err := r.cfg.Conns.process(ctx, c.UID)
 		if err != nil {
