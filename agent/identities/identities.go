@@ -145,7 +145,7 @@ func New(c Config) (*Resolver, error) {
 	}
 	rev, _ := c.Workloads.(revisioner)
 	return &Resolver{
-		rev: rev,
+		rev:     rev,
 		cfg:     c,
 		log:     c.Logger.With("component", "identities"),
 		dir:     map[string]dirItem{},
