@@ -113,6 +113,7 @@ type dirItem struct {
 
 var (
 	_ tokens.Identities = (*Resolver)(nil)
+	_ tokens.Granted    = (*Resolver)(nil)
 	_ tokens.Assertions = (*Resolver)(nil)
 )
 
@@ -200,6 +201,21 @@ func (r *Resolver) Identity(ctx context.Context, c imds.Caller, s imds.Selector)
 	}
 	ci.remember(grant{caller: c, sel: s, id: id, at: now, revision: rev})
 	return id, nil
+}
+
+// Granted returns the identity granted earlier on the connection of the
+// request in ctx to the same caller and selector, if that decision still
+// holds (see Identity); it never attests and never blocks.
+func (r *Resolver) Granted(ctx context.Context, c imds.Caller, s imds.Selector) (tokens.Identity, bool) {
+	ci := r.cfg.Conns.info(ctx)
+	if ci == nil {
+		return tokens.Identity{}, false
+	}
+	var rev uint64
+	if r.rev != nil {
+		rev = r.rev.Revision()
+	}
+	return ci.granted(c, s, r.cfg.Now(), r.cfg.ReattestAfter, rev)
 }
 
 func (r *Resolver) identity(ctx context.Context, c imds.Caller, s imds.Selector) (tokens.Identity, error) {

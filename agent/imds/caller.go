@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 
 	"github.com/ferry-id/ferry/agent/peer"
 )
@@ -19,6 +20,7 @@ type connKey struct{}
 type connState struct {
 	conn   net.Conn
 	once   sync.Once
+	done   atomic.Bool // once has run
 	caller Caller
 	proc   *peer.Process
 	err    error
@@ -40,6 +42,7 @@ func (s *Server) caller(r *http.Request) (Caller, *peer.Process, error) {
 			}
 			st.caller, st.proc, st.err = s.lookup(local, remote)
 		})
+		st.done.Store(true)
 		return st.caller, st.proc, st.err
 	}
 	// Served outside our http.Server (a handler test or a wrapper): use the
@@ -51,6 +54,16 @@ func (s *Server) caller(r *http.Request) (Caller, *peer.Process, error) {
 		return Caller{}, nil, fmt.Errorf("imds: connection addresses: %w", err)
 	}
 	return s.lookup(local, remote)
+}
+
+// knownCaller returns the caller of r's connection if it was identified
+// already (by an earlier request on the connection).
+func knownCaller(r *http.Request) (Caller, *peer.Process, bool) {
+	st, ok := r.Context().Value(connKey{}).(*connState)
+	if !ok || !st.done.Load() || st.err != nil {
+		return Caller{}, nil, false
+	}
+	return st.caller, st.proc, true
 }
 
 func (s *Server) lookup(local, remote netip.AddrPort) (Caller, *peer.Process, error) {

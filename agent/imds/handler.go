@@ -13,6 +13,8 @@ import (
 	"sync"
 	"time"
 	"unicode/utf8"
+
+	"github.com/ferry-id/ferry/agent/peer"
 )
 
 // TokenPath is the only path served.
@@ -41,7 +43,9 @@ func badRequest(desc string) *reply {
 var (
 	errMethod = &reply{status: http.StatusMethodNotAllowed, code: "invalid_request",
 		desc: "The HTTP method is not supported on the endpoint", header: [2]string{"Allow", http.MethodGet}}
-	errNotFound          = &reply{status: http.StatusNotFound, code: "not_found", desc: "The requested path is not served"}
+	// Not 404, even for a path not served: Azure SDK clients retry a 404
+	// for about 100 s ("IMDS is updating").
+	errNotFound          = badRequest("The requested path is not served")
 	errMetadata          = badRequest("Required metadata header not specified")
 	errForwarded         = badRequest("Requests with an X-Forwarded-For or Forwarded header are not accepted")
 	errQuery             = badRequest("Malformed query string")
@@ -113,27 +117,19 @@ func parse(r *http.Request) (Request, *reply) {
 	if _, ok := r.Header["Forwarded"]; ok {
 		return Request{}, errForwarded
 	}
-	q, err := url.ParseQuery(r.URL.RawQuery)
-	if err != nil {
-		return Request{}, errQuery
-	}
-	params := make(map[string]string, len(q))
-	for k, v := range q {
-		lk := strings.ToLower(k)
-		if _, dup := params[lk]; dup || len(v) != 1 {
-			return Request{}, badRequest("Duplicate query parameter: " + lk)
-		}
-		params[lk] = v[0]
+	params, rep := parseQuery(r.URL.RawQuery)
+	if rep != nil {
+		return Request{}, rep
 	}
 	var req Request
-	req.APIVersion = params["api-version"]
+	req.APIVersion = params.get("api-version")
 	if req.APIVersion == "" {
 		return Request{}, errAPIVersionMissing
 	}
 	if !validAPIVersion(req.APIVersion) {
 		return Request{}, errAPIVersionInvalid
 	}
-	req.Resource = strings.TrimSuffix(params["resource"], "/.default")
+	req.Resource = strings.TrimSuffix(params.get("resource"), "/.default")
 	if req.Resource == "" {
 		return Request{}, errResource
 	}
@@ -141,7 +137,7 @@ func parse(r *http.Request) (Request, *reply) {
 		return Request{}, badRequest("Invalid resource parameter")
 	}
 	for _, k := range selectorKinds {
-		v, ok := params[string(k)]
+		v, ok := params.lookup(string(k))
 		if !ok {
 			continue
 		}
@@ -156,9 +152,69 @@ func parse(r *http.Request) (Request, *reply) {
 	return req, nil
 }
 
+// maxParams bounds the query parameters of a request; clients send at most
+// three.
+const maxParams = 32
+
+type param struct{ key, value string }
+
+// query is a parsed query string: keys lower-cased, each at most once.
+type query []param
+
+func (q query) lookup(k string) (string, bool) {
+	for _, p := range q {
+		if p.key == k {
+			return p.value, true
+		}
+	}
+	return "", false
+}
+
+func (q query) get(k string) string { v, _ := q.lookup(k); return v }
+
+// parseQuery parses raw as url.ParseQuery does (and refuses what it
+// refuses: bad escapes, semicolons), but into a small slice, and rejects a
+// parameter given twice, compared case-insensitively: IMDS refuses
+// duplicates, and a proxy and the endpoint must not read different values.
+func parseQuery(raw string) (query, *reply) {
+	var buf [8]param
+	q := query(buf[:0])
+	for raw != "" {
+		var pair string
+		pair, raw, _ = strings.Cut(raw, "&")
+		if strings.Contains(pair, ";") {
+			return nil, errQuery
+		}
+		if pair == "" {
+			continue
+		}
+		k, v, _ := strings.Cut(pair, "=")
+		k, err1 := url.QueryUnescape(k)
+		v, err2 := url.QueryUnescape(v)
+		if err1 != nil || err2 != nil {
+			return nil, errQuery
+		}
+		k = strings.ToLower(k)
+		if _, dup := q.lookup(k); dup {
+			return nil, badRequest("Duplicate query parameter: " + k)
+		}
+		if len(q) == maxParams {
+			return nil, badRequest("Too many query parameters")
+		}
+		q = append(q, param{k, v})
+	}
+	return q, nil
+}
+
+// knownAPIVersions are the versions clients send, accepted without parsing.
+var knownAPIVersions = map[string]bool{"2018-02-01": true, "2019-08-01": true, "2019-11-01": true, "2020-06-01": true}
+
 // validAPIVersion accepts YYYY-MM-DD (optionally "-preview") from 2018-02-01
 // on: VM clients send 2018-02-01, Arc clients 2019-11-01 or 2020-06-01.
 func validAPIVersion(v string) bool {
+	if knownAPIVersions[v] {
+		return true
+	}
 	d := strings.TrimSuffix(v, "-preview")
 	if _, err := time.Parse(time.DateOnly, d); err != nil || len(d) != len(time.DateOnly) {
 		return false
@@ -179,6 +235,12 @@ func (s *Server) serve(r *http.Request) (*Token, Request, *reply) {
 	req, rep := parse(r)
 	if rep != nil {
 		return nil, req, rep
+	}
+	if !s.limit.allowRate() {
+		return nil, req, s.tooMany()
+	}
+	if tok, ok := s.fromMemory(r, req); ok {
+		return tok, req, nil
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), s.timeout)
 	defer cancel()
@@ -211,23 +273,50 @@ func (s *Server) serve(r *http.Request) (*Token, Request, *reply) {
 	if err != nil {
 		return nil, req, s.tokenError(err, caller)
 	}
+	if rep := s.check(tok, req, proc); rep != nil {
+		return nil, req, rep
+	}
+	return tok, req, nil
+}
+
+// fromMemory answers a VM-style request on a connection whose caller is
+// known from an earlier request, when the Tokens has the answer in memory.
+// Arc requests always take the full path: each redeems a one-shot secret.
+func (s *Server) fromMemory(r *http.Request, req Request) (*Token, bool) {
+	if s.cached == nil || s.mode != ModeVM {
+		return nil, false
+	}
+	caller, proc, ok := knownCaller(r)
+	if !ok {
+		return nil, false
+	}
+	tok, ok := s.cached.CachedToken(r.Context(), caller, req)
+	if !ok || s.check(tok, req, proc) != nil {
+		// The full path decides again, and reports any failure.
+		return nil, false
+	}
+	return tok, true
+}
+
+// check vets a token before it is sent.
+func (s *Server) check(tok *Token, req Request, proc *peer.Process) *reply {
 	if proc != nil {
 		// The PID was resolved before attestation; make sure it still names
 		// the same process, not a successor that reused the PID.
 		if err := s.peers.Alive(*proc); err != nil {
 			s.log.Warn("caller exited during the request", "pid", proc.PID, "error", err)
-			return nil, req, errUnknownCaller
+			return errUnknownCaller
 		}
 	}
 	if tok == nil || tok.AccessToken == "" || tok.ExpiresOn.IsZero() {
 		s.log.Error("token source returned an empty token")
-		return nil, req, errInternal
+		return errInternal
 	}
 	if req.Selector.Kind == SelectorClientID && tok.ClientID != "" && !strings.EqualFold(tok.ClientID, req.Selector.Value) {
 		s.log.Error("token source returned a token for another client ID", "requested", req.Selector.Value, "got", tok.ClientID)
-		return nil, req, errInternal
+		return errInternal
 	}
-	return tok, req, nil
+	return nil
 }
 
 func (s *Server) challenge(c Caller) *reply {
@@ -279,7 +368,7 @@ func (s *Server) tokenError(err error, c Caller) *reply {
 
 func writeReply(w http.ResponseWriter, rep *reply) {
 	h := w.Header()
-	h.Set("Content-Type", "application/json; charset=utf-8")
+	h["Content-Type"] = hdrJSON
 	if rep.header[0] != "" {
 		h.Set(rep.header[0], rep.header[1])
 	}
@@ -296,6 +385,12 @@ func writeReply(w http.ResponseWriter, rep *reply) {
 	w.WriteHeader(rep.status)
 	_, _ = w.Write(body)
 }
+
+// Header values shared by every response; net/http only reads them.
+var (
+	hdrJSON    = []string{"application/json; charset=utf-8"}
+	hdrNoStore = []string{"no-store"}
+)
 
 // bufPool recycles response bodies.
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 2048); return &b }}
@@ -334,8 +429,8 @@ func writeToken(w http.ResponseWriter, tok *Token, req Request) {
 	b = append(b, '}')
 
 	h := w.Header()
-	h.Set("Content-Type", "application/json; charset=utf-8")
-	h.Set("Cache-Control", "no-store")
+	h["Content-Type"] = hdrJSON
+	h["Cache-Control"] = hdrNoStore
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(b)
 	*bp = b
@@ -362,7 +457,14 @@ func appendIntField(b []byte, name string, v int64) []byte {
 func appendJSONString(b []byte, s string) []byte {
 	const hexDigits = "0123456789abcdef"
 	b = append(b, '"')
-	for i := 0; i < len(s); {
+	// Access tokens, IDs and URLs need no escaping: copy the plain prefix
+	// in one go.
+	i := 0
+	for i < len(s) && plainJSON[s[i]] {
+		i++
+	}
+	b = append(b, s[:i]...)
+	for i < len(s) {
 		c := s[i]
 		if c < utf8.RuneSelf {
 			switch {
@@ -386,5 +488,13 @@ func appendJSONString(b []byte, s string) []byte {
 	}
 	return append(b, '"')
 }
+
+// plainJSON marks the bytes appendJSONString copies as they are.
+var plainJSON = func() (t [256]bool) {
+	for c := 0x20; c < utf8.RuneSelf; c++ {
+		t[c] = c != '"' && c != '\\' && c != '<' && c != '>' && c != '&' && c != 0x7f
+	}
+	return t
+}()
 
 func seconds(d time.Duration) int64 { return max(int64(d/time.Second), 0) }

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -27,6 +28,14 @@ const (
 	bodyForwarded  = `{"error":"invalid_request","error_description":"Requests with an X-Forwarded-For or Forwarded header are not accepted"}`
 	bodyTooMany    = `{"error":"too_many_requests","error_description":"Too many requests, retry later"}`
 )
+
+func manyParams(n int) string {
+	var b strings.Builder
+	for i := range n {
+		fmt.Fprintf(&b, "&p%d=v", i)
+	}
+	return b.String()
+}
 
 func TestRequestErrors(t *testing.T) {
 	toks := newFakeTokens()
@@ -74,8 +83,17 @@ func TestRequestErrors(t *testing.T) {
 			`{"error":"invalid_request","error_description":"The HTTP method is not supported on the endpoint"}`},
 		{"DELETE", "DELETE", tokenURL(base, mgmt), md, 405,
 			`{"error":"invalid_request","error_description":"The HTTP method is not supported on the endpoint"}`},
-		{"other path", "GET", base + "/metadata/instance?api-version=2021-02-01", md, 404,
-			`{"error":"not_found","error_description":"The requested path is not served"}`},
+		// Never 404: Azure SDK clients retry it for about 100 s.
+		{"other path", "GET", base + "/metadata/instance?api-version=2021-02-01", md, 400,
+			`{"error":"invalid_request","error_description":"The requested path is not served"}`},
+		{"semicolon in query", "GET", tokenURL(base, mgmt+";x=1"), md, 400,
+			`{"error":"invalid_request","error_description":"Malformed query string"}`},
+		{"duplicate escaped key", "GET", tokenURL(base, mgmt+"&%72esource=x"), md, 400,
+			`{"error":"invalid_request","error_description":"Duplicate query parameter: resource"}`},
+		{"duplicate unknown parameter", "GET", tokenURL(base, mgmt+"&foo=1&FOO=2"), md, 400,
+			`{"error":"invalid_request","error_description":"Duplicate query parameter: foo"}`},
+		{"too many parameters", "GET", tokenURL(base, mgmt+manyParams(40)), md, 400,
+			`{"error":"invalid_request","error_description":"Too many query parameters"}`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := do(t, tc.method, tc.url, tc.headers...)

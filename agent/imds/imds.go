@@ -126,6 +126,17 @@ type Tokens interface {
 	Token(ctx context.Context, c Caller, r Request) (*Token, error)
 }
 
+// CachedTokens is implemented by a Tokens that can answer some requests
+// from memory, without blocking: a caller already authorized on this
+// connection asking for a token already held. The endpoint asks it first,
+// outside the concurrency limit (MaxConcurrent bounds the work that waits on
+// attestation, the servers or the authority, not answers from memory); a
+// miss goes the usual way through Token. It must apply the same
+// authorization as Token: a hit is a decision Token made for this caller.
+type CachedTokens interface {
+	CachedToken(ctx context.Context, c Caller, r Request) (*Token, bool)
+}
+
 // Errors a Tokens implementation returns (wrapped or not).
 var (
 	// ErrIdentityNotFound: no identity matches the caller and selector.
@@ -184,7 +195,9 @@ type Config struct {
 	MaxChallenges       int
 	MaxChallengesPerUID int
 
-	// MaxConcurrent bounds requests being served; default 32.
+	// MaxConcurrent bounds requests being served that wait on attestation,
+	// the servers or the authority; default 32. Answers from memory
+	// (CachedTokens, VM mode) are not counted.
 	MaxConcurrent int
 	// QueueWait is how long a request may wait for a free slot before 429;
 	// default 50 ms.
@@ -207,6 +220,7 @@ type Config struct {
 type Server struct {
 	mode       Mode
 	tokens     Tokens
+	cached     CachedTokens // nil unless Tokens implements it
 	peers      Peers
 	resolvePID bool
 	limit      *limiter
@@ -246,9 +260,11 @@ func New(c Config) (*Server, error) {
 	if c.RequestTimeout <= 0 {
 		c.RequestTimeout = 30 * time.Second
 	}
+	cached, _ := c.Tokens.(CachedTokens)
 	s := &Server{
 		mode:       c.Mode,
 		tokens:     c.Tokens,
+		cached:     cached,
 		peers:      c.Peers,
 		resolvePID: c.ResolvePID,
 		limit:      newLimiter(c.MaxConcurrent, c.QueueWait, c.RequestsPerSecond, c.Burst),

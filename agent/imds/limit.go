@@ -32,11 +32,9 @@ func newLimiter(concurrent int, wait time.Duration, rate float64, burst int) *li
 	return l
 }
 
-// acquire takes a slot; on success the caller must call release.
+// acquire takes a slot; on success the caller must call release. The rate
+// is checked separately (allowRate), once per request.
 func (l *limiter) acquire(ctx context.Context) bool {
-	if !l.allowRate() {
-		return false
-	}
 	select {
 	case l.sem <- struct{}{}:
 		return true

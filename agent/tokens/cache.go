@@ -11,8 +11,8 @@ import (
 
 // Key names a cached token.
 type Key struct {
-	// Identity names the identity the token is for (tenant and client ID).
-	Identity string
+	// TenantID and ClientID name the identity the token is for.
+	TenantID, ClientID string
 	// Resource is the audience.
 	Resource string
 }
@@ -92,6 +92,19 @@ func NewCache(c CacheConfig) *Cache {
 	}
 }
 
+// Peek returns the token for k if one is cached and not yet due for refresh;
+// it never fetches and never blocks on a fetch.
+func (c *Cache) Peek(k Key) (*Token, bool) {
+	now := c.now()
+	c.mu.RLock()
+	e := c.entries[k]
+	c.mu.RUnlock()
+	if e != nil && now.Before(e.refreshAt) {
+		return e.tok, true
+	}
+	return nil, false
+}
+
 // Get returns the token for k, calling fetch when the cache has no usable
 // token. fetch runs detached from ctx (bounded by FetchTimeout) so that one
 // caller giving up does not fail the others waiting on the same fetch.
@@ -167,7 +180,7 @@ func (c *Cache) finish(k Key, f *flight, tok *Token, err error) {
 		if e := c.entries[k]; e != nil && now.Before(e.staleAt) {
 			// A background refresh failed: keep serving, retry later.
 			e.refreshAt = earliest(now.Add(c.backoff), e.staleAt)
-			c.log.Warn("token refresh failed; serving cached token", "identity", k.Identity, "resource", k.Resource, "error", err)
+			c.log.Warn("token refresh failed; serving cached token", "tenant", k.TenantID, "client_id", k.ClientID, "resource", k.Resource, "error", err)
 		}
 		close(f.done)
 		return

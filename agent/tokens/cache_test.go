@@ -49,7 +49,7 @@ func (f *fetcher) fetch(ctx context.Context) (*tokens.Token, error) {
 	return &tokens.Token{AccessToken: fmt.Sprintf("tok-%d", n), Obtained: now, ExpiresOn: now.Add(f.life)}, nil
 }
 
-var key = tokens.Key{Identity: "t/c", Resource: "https://r"}
+var key = tokens.Key{TenantID: "t", ClientID: "c", Resource: "https://r"}
 
 func TestCacheHit(t *testing.T) {
 	clk := newClock()
@@ -61,7 +61,7 @@ func TestCacheHit(t *testing.T) {
 		require.Equal(t, "tok-1", tok.AccessToken)
 	}
 	// Another resource is another token.
-	tok, err := c.Get(context.Background(), tokens.Key{Identity: "t/c", Resource: "https://other"}, f.fetch)
+	tok, err := c.Get(context.Background(), tokens.Key{TenantID: "t", ClientID: "c", Resource: "https://other"}, f.fetch)
 	require.NoError(t, err)
 	require.Equal(t, "tok-2", tok.AccessToken)
 	require.Equal(t, 2, c.Len())

@@ -48,6 +48,15 @@ type Identities interface {
 	Identity(ctx context.Context, c imds.Caller, s imds.Selector) (Identity, error)
 }
 
+// Granted is implemented by Identities that remember decisions: it returns,
+// without blocking, the identity Identity would return for the same call if
+// it has made that decision already and it still holds (for
+// identities.Resolver: granted on the same connection, to the same caller
+// and selector, within its re-attestation bound). ok is false otherwise.
+type Granted interface {
+	Granted(ctx context.Context, c imds.Caller, s imds.Selector) (id Identity, ok bool)
+}
+
 // Assertions signs a client assertion (a JWT-SVID with audience
 // api://AzureADTokenExchange) for id.SPIFFEID. Safe for concurrent use.
 type Assertions interface {
@@ -72,13 +81,17 @@ type Config struct {
 
 // Provider implements imds.Tokens.
 type Provider struct {
-	ids   Identities
+	ids     Identities
+	granted Granted // nil unless ids implements it
 	asrt  Assertions
 	exch  Exchange
 	cache *Cache
 }
 
-var _ imds.Tokens = (*Provider)(nil)
+var (
+	_ imds.Tokens       = (*Provider)(nil)
+	_ imds.CachedTokens = (*Provider)(nil)
+)
 
 // New returns a Provider.
 func New(c Config) (*Provider, error) {
@@ -91,7 +104,40 @@ func New(c Config) (*Provider, error) {
 	if c.Cache == nil {
 		c.Cache = NewCache(CacheConfig{Logger: c.Logger})
 	}
-	return &Provider{ids: c.Identities, asrt: c.Assertions, exch: c.Exchange, cache: c.Cache}, nil
+	granted, _ := c.Identities.(Granted)
+	return &Provider{ids: c.Identities, granted: granted, asrt: c.Assertions, exch: c.Exchange, cache: c.Cache}, nil
+}
+
+// CachedToken answers from memory only: the identity already granted to this
+// caller (Identities implementing Granted) and a token cached for it that is
+// not due for refresh. Anything else is a miss, for Token to handle.
+func (p *Provider) CachedToken(ctx context.Context, c imds.Caller, r imds.Request) (*imds.Token, bool) {
+	if p.granted == nil {
+		return nil, false
+	}
+	id, ok := p.granted.Granted(ctx, c, r.Selector)
+	if !ok {
+		return nil, false
+	}
+	tok, ok := p.cache.Peek(cacheKey(id, r.Resource))
+	if !ok {
+		return nil, false
+	}
+	return imdsToken(id, tok), true
+}
+
+func cacheKey(id Identity, resource string) Key {
+	return Key{TenantID: id.TenantID, ClientID: id.ClientID, Resource: resource}
+}
+
+func imdsToken(id Identity, tok *Token) *imds.Token {
+	return &imds.Token{
+		AccessToken:  tok.AccessToken,
+		ClientID:     id.ClientID,
+		ExpiresOn:    tok.ExpiresOn,
+		NotBefore:    tok.NotBefore,
+		ExtExpiresOn: tok.ExtExpiresOn,
+	}
 }
 
 // Token resolves the caller's identity and returns a cached or new token.
@@ -100,7 +146,7 @@ func (p *Provider) Token(ctx context.Context, c imds.Caller, r imds.Request) (*i
 	if err != nil {
 		return nil, fmt.Errorf("tokens: %w", err)
 	}
-	key := Key{Identity: id.TenantID + "/" + id.ClientID, Resource: r.Resource}
+	key := cacheKey(id, r.Resource)
 	tok, err := p.cache.Get(ctx, key, func(ctx context.Context) (*Token, error) {
 		a, err := p.asrt.Assertion(ctx, id)
 		if err != nil {
@@ -113,11 +159,5 @@ func (p *Provider) Token(ctx context.Context, c imds.Caller, r imds.Request) (*i
 	if err != nil {
 		return nil, err
 	}
-	return &imds.Token{
-		AccessToken:  tok.AccessToken,
-		ClientID:     id.ClientID,
-		ExpiresOn:    tok.ExpiresOn,
-		NotBefore:    tok.NotBefore,
-		ExtExpiresOn: tok.ExtExpiresOn,
-	}, nil
+	return imdsToken(id, tok), nil
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
@@ -38,6 +39,10 @@ type loadResult struct {
 }
 
 func init() {
+	if addr := os.Getenv("FERRY_IMDS_REFERENCE"); addr != "" {
+		referenceMain(addr)
+		os.Exit(0)
+	}
 	if os.Getenv("FERRY_IMDS_LOAD") == "" {
 		return
 	}
@@ -146,6 +151,46 @@ func readOK(br *bufio.Reader) error {
 	return err
 }
 
+// referenceMain serves a fixed token response with net/http and nothing
+// else, until stdin closes: the ceiling of any net/http endpoint on this
+// machine, measured alongside the agent.
+func referenceMain(addr string) {
+	body := []byte(`{"access_token":"ey` + strings.Repeat("x", 900) + `","client_id":"00000000-0000-0000-0000-000000000000",` +
+		`"expires_in":"86399","expires_on":"1900000000","ext_expires_in":"86399","not_before":"1800000000",` +
+		`"resource":"api://imds-demo","token_type":"Bearer","refresh_token":""}`)
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return
+	}
+	go func() { _, _ = io.Copy(io.Discard, os.Stdin); ln.Close() }()
+	_ = http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Metadata") != "true" {
+			w.WriteHeader(http.StatusBadRequest)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json; charset=utf-8")
+		_, _ = w.Write(body)
+	}))
+}
+
+// cpuTicks is the user and system CPU time of a process, in clock ticks.
+func cpuTicks(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	// utime and stime are fields 14 and 15; f[0] is field 3.
+	u, err1 := strconv.ParseInt(f[11], 10, 64)
+	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	return u + st, errors.Join(err1, err2)
+}
+
+// clockTicks is USER_HZ, 100 on every Linux architecture Go supports.
+const clockTicks = 100
+
 // loadConcurrencies are the connection counts the load benchmarks use.
 var loadConcurrencies = []int{1, 16, 64}
 
@@ -176,36 +221,70 @@ func BenchmarkIMDSAgentLoad(b *testing.B) {
 		"&client_id=" + ag.ids["imds-a"].clientID
 	request := "GET " + target + " HTTP/1.1\r\nHost: " + ag.vm + "\r\nMetadata: true\r\n\r\n"
 	dur := loadDuration()
+	// The CPU the agent spends per response does not depend on what else
+	// the machine runs; requests/s does.
+	perResponse := func(b *testing.B, run func() (int64, error)) {
+		t0, err := cpuTicks(ag.pid)
+		require(err)
+		n, err := run()
+		require(err)
+		t1, err := cpuTicks(ag.pid)
+		require(err)
+		if n > 0 {
+			b.ReportMetric(float64(t1-t0)/clockTicks*1e6/float64(n), "agent-cpu-µs/resp")
+		}
+	}
 	for _, conc := range loadConcurrencies {
 		b.Run(fmt.Sprintf("driver=go/conns=%d", conc), func(b *testing.B) {
-			cmd := exec.Command(filepath.Join(filepath.Dir(dev.bin), "interop.test"), "-test.run", "^$")
-			cmd.Env = append(os.Environ(), "FERRY_IMDS_LOAD="+ag.vm, "FERRY_IMDS_LOAD_REQUEST="+request,
-				"FERRY_IMDS_LOAD_CONC="+strconv.Itoa(conc), "FERRY_IMDS_LOAD_DURATION="+dur.String())
-			out, err := cmd.Output()
-			require(err)
-			var r loadResult
-			require(json.Unmarshal(out, &r))
-			if r.Err != "" {
-				b.Fatal(r.Err)
-			}
-			b.ReportMetric(float64(r.Requests)/r.Seconds, "req/s")
-			b.ReportMetric(r.P50us, "p50-µs")
-			b.ReportMetric(r.P99us, "p99-µs")
+			perResponse(b, func() (int64, error) {
+				r, err := goLoad(ag.vm, request, conc, dur)
+				if err != nil {
+					return 0, err
+				}
+				r.report(b)
+				return r.Requests, nil
+			})
 		})
 	}
 	if _, err := exec.LookPath("wrk"); err == nil {
 		for _, conc := range loadConcurrencies {
 			b.Run(fmt.Sprintf("driver=wrk/conns=%d", conc), func(b *testing.B) {
-				r, err := runWrk("http://"+ag.vm+target, conc, dur)
-				require(err)
-				b.ReportMetric(r.rps, "req/s")
-				b.ReportMetric(r.p50, "p50-µs")
-				b.ReportMetric(r.p99, "p99-µs")
+				perResponse(b, func() (int64, error) {
+					r, err := runWrk("http://"+ag.vm+target, conc, dur)
+					if err != nil {
+						return 0, err
+					}
+					b.ReportMetric(r.rps, "req/s")
+					b.ReportMetric(r.p50, "p50-µs")
+					b.ReportMetric(r.p99, "p99-µs")
+					return int64(r.rps * dur.Seconds()), nil
+				})
 			})
 		}
 	} else {
 		b.Log("wrk is not installed (apt-get install wrk): only the Go driver ran")
 	}
+	// The same driver against a bare net/http server in another process.
+	b.Run("reference=net-http/driver=go/conns=64", func(b *testing.B) {
+		addr := fmt.Sprintf("127.0.0.1:%d", freePort(b))
+		srv := exec.Command(filepath.Join(filepath.Dir(dev.bin), "interop.test"), "-test.run", "^$")
+		srv.Env = append(os.Environ(), "FERRY_IMDS_REFERENCE="+addr)
+		stdin, err := srv.StdinPipe()
+		require(err)
+		require(srv.Start())
+		defer func() { stdin.Close(); _ = srv.Wait() }()
+		for range 50 {
+			if c, err := net.Dial("tcp", addr); err == nil {
+				c.Close()
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		req := strings.Replace(request, "Host: "+ag.vm, "Host: "+addr, 1)
+		r, err := goLoad(addr, req, 64, dur)
+		require(err)
+		r.report(b)
+	})
 	b.Run("cold", func(b *testing.B) {
 		c := &http.Client{}
 		var lat []time.Duration
@@ -221,6 +300,31 @@ func BenchmarkIMDSAgentLoad(b *testing.B) {
 		}
 		reportLatency(b, lat, time.Since(start))
 	})
+}
+
+// goLoad runs the Go driver in a child process.
+func goLoad(addr, request string, conns int, dur time.Duration) (loadResult, error) {
+	cmd := exec.Command(filepath.Join(filepath.Dir(dev.bin), "interop.test"), "-test.run", "^$")
+	cmd.Env = append(os.Environ(), "FERRY_IMDS_LOAD="+addr, "FERRY_IMDS_LOAD_REQUEST="+request,
+		"FERRY_IMDS_LOAD_CONC="+strconv.Itoa(conns), "FERRY_IMDS_LOAD_DURATION="+dur.String())
+	out, err := cmd.Output()
+	if err != nil {
+		return loadResult{}, fmt.Errorf("load driver: %w", err)
+	}
+	var r loadResult
+	if err := json.Unmarshal(out, &r); err != nil {
+		return loadResult{}, fmt.Errorf("load driver output %q: %w", out, err)
+	}
+	if r.Err != "" {
+		return loadResult{}, errors.New(r.Err)
+	}
+	return r, nil
+}
+
+func (r loadResult) report(b *testing.B) {
+	b.ReportMetric(float64(r.Requests)/r.Seconds, "req/s")
+	b.ReportMetric(r.P50us, "p50-µs")
+	b.ReportMetric(r.P99us, "p99-µs")
 }
 
 type wrkResult struct{ rps, p50, p99 float64 }
