@@ -83,9 +83,9 @@ type Config struct {
 type Provider struct {
 	ids     Identities
 	granted Granted // nil unless ids implements it
-	asrt  Assertions
-	exch  Exchange
-	cache *Cache
+	asrt    Assertions
+	exch    Exchange
+	cache   *Cache
 }
 
 var (
