@@ -281,9 +281,14 @@ func BenchmarkIMDSAgentLoad(b *testing.B) {
 			time.Sleep(100 * time.Millisecond)
 		}
 		req := strings.Replace(request, "Host: "+ag.vm, "Host: "+addr, 1)
+		t0, err := cpuTicks(srv.Process.Pid)
+		require(err)
 		r, err := goLoad(addr, req, 64, dur)
 		require(err)
+		t1, err := cpuTicks(srv.Process.Pid)
+		require(err)
 		r.report(b)
+		b.ReportMetric(float64(t1-t0)/clockTicks*1e6/float64(r.Requests), "server-cpu-µs/resp")
 	})
 	b.Run("cold", func(b *testing.B) {
 		c := &http.Client{}

@@ -40,18 +40,23 @@ import (
 // Entries of that agent (all uid 0; the gid tells them apart):
 //   - /interop/imds-multi (gid 0): federated to identities imds-a and imds-b,
 //     so a request must name one;
-//   - /interop/imds-single (gid 4242): federated to imds-c only.
+//   - /interop/imds-single (gid 4242): federated to imds-c only;
+//   - /interop/imds-sys (gid 4545): owner of the system-assigned identity
+//     imds-sys, and federated to the user-assigned imds-d. imds-sys is
+//     also federated to /interop/imds-multi, which must still not get it:
+//     a system-assigned identity serves its owner only.
 //
 // Nothing selects uid 65534.
 
 const (
 	singleGID = 4242
+	sysGID    = 4545
 	curlUID   = 4343
 	nobody    = 65534
 	imdsRes   = "api://imds-demo"
 )
 
-type imdsIdentity struct{ name, clientID, objectID string }
+type imdsIdentity struct{ name, clientID, objectID, resourceID string }
 
 type imdsAgent struct {
 	pid      int
@@ -104,26 +109,36 @@ func setupIMDSAgent(tb testing.TB) (*imdsAgent, error) {
 	td := dev.env["FERRY_TRUST_DOMAIN"]
 	agentID := "spiffe://" + td + "/spire/agent/interop-imds"
 	ag := &imdsAgent{tenantID: dev.env["AZURE_TENANT_ID"], ids: map[string]imdsIdentity{}}
-	for _, name := range []string{"imds-a", "imds-b", "imds-c"} {
-		out, err := ferryOut("identity", "create", "--name", name, "--output", "json")
+	multi, single, sys := "spiffe://"+td+"/interop/imds-multi", "spiffe://"+td+"/interop/imds-single", "spiffe://"+td+"/interop/imds-sys"
+	for _, id := range []struct {
+		name     string
+		create   []string
+		subjects []string
+	}{
+		{"imds-a", nil, []string{multi}},
+		{"imds-b", nil, []string{multi}},
+		{"imds-c", nil, []string{single}},
+		{"imds-sys", []string{"--kind", "system-assigned", "--owner-spiffe-id", sys}, []string{sys, multi}},
+		{"imds-d", nil, []string{sys}},
+	} {
+		out, err := ferryOut(append([]string{"identity", "create", "--name", id.name, "--output", "json"}, id.create...)...)
 		if err != nil {
 			return nil, err
 		}
 		var v struct {
-			ObjectID string `json:"object_id"`
-			ClientID string `json:"client_id"`
+			ObjectID   string `json:"object_id"`
+			ClientID   string `json:"client_id"`
+			ResourceID string `json:"resource_id"`
 		}
 		if err := json.Unmarshal([]byte(out), &v); err != nil {
 			return nil, err
 		}
-		ag.ids[name] = imdsIdentity{name: name, clientID: v.ClientID, objectID: v.ObjectID}
-		subject := "spiffe://" + td + "/interop/imds-multi"
-		if name == "imds-c" {
-			subject = "spiffe://" + td + "/interop/imds-single"
-		}
-		if _, err := ferryOut("identity", "federated-credential", "create", "--identity-name", name, "--name", "spiffe-imds",
-			"--issuer", dev.env["FERRY_JWT_ISSUER"], "--subject", subject); err != nil {
-			return nil, err
+		ag.ids[id.name] = imdsIdentity{name: id.name, clientID: v.ClientID, objectID: v.ObjectID, resourceID: v.ResourceID}
+		for i, subject := range id.subjects {
+			if _, err := ferryOut("identity", "federated-credential", "create", "--identity-name", id.name, "--name", fmt.Sprintf("spiffe-imds-%d", i),
+				"--issuer", dev.env["FERRY_JWT_ISSUER"], "--subject", subject); err != nil {
+				return nil, err
+			}
 		}
 	}
 	out, err := ferryOut("resource", "create", "--name", "imds-demo", "--identifier-uri", imdsRes, "--app-role", "reader", "--output", "json")
@@ -153,7 +168,7 @@ func setupIMDSAgent(tb testing.TB) (*imdsAgent, error) {
 	if _, err := ferryOut(cold...); err != nil {
 		return nil, err
 	}
-	for _, e := range []struct{ name, gid string }{{"imds-multi", "0"}, {"imds-single", strconv.Itoa(singleGID)}} {
+	for _, e := range []struct{ name, gid string }{{"imds-multi", "0"}, {"imds-single", strconv.Itoa(singleGID)}, {"imds-sys", strconv.Itoa(sysGID)}} {
 		if _, err := ferryOut("entry", "create", "--spiffe-id", "spiffe://"+td+"/interop/"+e.name, "--parent-id", agentID,
 			"--selector", "unix:uid:0", "--selector", "unix:gid:"+e.gid); err != nil {
 			return nil, err
@@ -268,6 +283,14 @@ type clientResult struct {
 // given gid. mode is "arc" or "vm"; lib "azidentity" or "msal".
 func (ag *imdsAgent) client(tb testing.TB, mode, lib, clientID string, gid int) (string, error) {
 	tb.Helper()
+	return ag.clientBy(tb, mode, lib, "client_id", clientID, gid)
+}
+
+// clientBy is client with the user-assigned identity named by kind
+// ("client_id", "object_id" or "resource_id"); an empty id asks for the
+// system-assigned identity.
+func (ag *imdsAgent) clientBy(tb testing.TB, mode, lib, kind, id string, gid int) (string, error) {
+	tb.Helper()
 	uid := 0
 	if gid == nobody {
 		uid = nobody
@@ -276,7 +299,7 @@ func (ag *imdsAgent) client(tb testing.TB, mode, lib, clientID string, gid int) 
 		filepath.Join(filepath.Dir(dev.bin), "interop.test"), "-test.run", "^$")
 	cmd.Dir = "/"
 	env := []string{"PATH=" + os.Getenv("PATH"), "NO_PROXY=*", "HOME=/",
-		"FERRY_IMDS_CLIENT=" + lib, "FERRY_IMDS_CLIENT_ID=" + clientID, "FERRY_IMDS_RESOURCE=" + imdsRes}
+		"FERRY_IMDS_CLIENT=" + lib, "FERRY_IMDS_ID_KIND=" + kind, "FERRY_IMDS_CLIENT_ID=" + id, "FERRY_IMDS_RESOURCE=" + imdsRes}
 	if mode == "arc" {
 		env = append(env, "IDENTITY_ENDPOINT="+ag.arc+"/metadata/identity/oauth2/token", "IMDS_ENDPOINT="+ag.arc)
 	} else {
@@ -336,6 +359,7 @@ func runClient(lib string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	clientID, resource := os.Getenv("FERRY_IMDS_CLIENT_ID"), os.Getenv("FERRY_IMDS_RESOURCE")
+	kind := os.Getenv("FERRY_IMDS_ID_KIND")
 	var httpc *http.Client
 	if a := os.Getenv("FERRY_IMDS_VM_ADDR"); a != "" {
 		httpc = vmClient(a)
@@ -346,7 +370,14 @@ func runClient(lib string) (string, error) {
 		if httpc != nil {
 			opts.ClientOptions = azcore.ClientOptions{Transport: httpc}
 		}
-		if clientID != "" {
+		switch {
+		case clientID == "":
+			// System-assigned: no ID.
+		case kind == "object_id":
+			opts.ID = azidentity.ObjectID(clientID)
+		case kind == "resource_id":
+			opts.ID = azidentity.ResourceID(clientID)
+		default:
 			opts.ID = azidentity.ClientID(clientID)
 		}
 		cred, err := azidentity.NewManagedIdentityCredential(opts)
@@ -357,7 +388,13 @@ func runClient(lib string) (string, error) {
 		return tok.Token, err
 	case "msal":
 		var id managedidentity.ID = managedidentity.SystemAssigned()
-		if clientID != "" {
+		switch {
+		case clientID == "":
+		case kind == "object_id":
+			id = managedidentity.UserAssignedObjectID(clientID)
+		case kind == "resource_id":
+			id = managedidentity.UserAssignedResourceID(clientID)
+		default:
 			id = managedidentity.UserAssignedClientID(clientID)
 		}
 		var opts []managedidentity.ClientOption
@@ -397,6 +434,36 @@ func TestIMDSClients(t *testing.T) {
 				tok, err := ag.client(t, mode, lib, "", singleGID)
 				require.NoError(t, err)
 				checkAccessToken(t, ag.federation("imds-c"), tok)
+			})
+		}
+	}
+}
+
+// TestIMDSSystemAssigned runs both clients with managedidentity.SystemAssigned()
+// (no selector) as the owner of a system-assigned identity, which also may
+// use a user-assigned one: no selector gets the system-assigned identity;
+// client_id, object_id or msi_res_id get the user-assigned one; an identity
+// federated to another SPIFFE ID is not found. Another caller federated to
+// the system-assigned identity does not get it. Every token is checked at the
+// bridge's JWKS (aud, oid, azp (v2's appid), tid).
+func TestIMDSSystemAssigned(t *testing.T) {
+	ag := startIMDSAgent(t)
+	d := ag.ids["imds-d"]
+	for _, mode := range []string{"arc", "vm"} {
+		for _, lib := range []string{"azidentity", "msal"} {
+			t.Run(mode+"/"+lib, func(t *testing.T) {
+				tok, err := ag.clientBy(t, mode, lib, "", "", sysGID)
+				require.NoError(t, err)
+				checkAccessToken(t, ag.federation("imds-sys"), tok)
+				for kind, id := range map[string]string{"client_id": d.clientID, "object_id": d.objectID, "resource_id": d.resourceID} {
+					tok, err := ag.clientBy(t, mode, lib, kind, id, sysGID)
+					require.NoError(t, err, kind)
+					checkAccessToken(t, ag.federation("imds-d"), tok)
+				}
+				_, err = ag.client(t, mode, lib, ag.ids["imds-a"].clientID, sysGID)
+				require.ErrorContains(t, err, "Identity not found", "imds-a is federated to another SPIFFE ID")
+				_, err = ag.client(t, mode, lib, ag.ids["imds-sys"].clientID, 0)
+				require.ErrorContains(t, err, "Identity not found", "imds-sys is system-assigned to another SPIFFE ID")
 			})
 		}
 	}
