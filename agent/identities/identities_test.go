@@ -342,3 +342,223 @@ func TestConnsFindTheCallingProcess(t *testing.T) {
 	_, err = f.r.Identity(context.Background(), imds.Caller{UID: 1000}, imds.Selector{})
 	require.ErrorIs(t, err, imds.ErrForbidden)
 }
+
+// countingAttestor is attestor, counting calls.
+type countingAttestor struct {
+	attestor
+	n atomic.Int32
+}
+
+func (a *countingAttestor) Attest(ctx context.Context, pid int32) ([]*ferrypb.Selector, error) {
+	a.n.Add(1)
+	return a.attestor.Attest(ctx, pid)
+}
+
+// switchable is Processes whose answer the test changes.
+type switchable struct {
+	mu  sync.Mutex
+	err error
+}
+
+func (p *switchable) Alive(peer.Process) error { p.mu.Lock(); defer p.mu.Unlock(); return p.err }
+func (p *switchable) set(err error)           { p.mu.Lock(); p.err = err; p.mu.Unlock() }
+
+// revWorkloads is workloads with the cache's Revision.
+type revWorkloads struct {
+	*workloads
+	rev atomic.Uint64
+}
+
+func (w *revWorkloads) Revision() uint64 { return w.rev.Load() }
+
+// connPeers gives each client port its own process: the test binds a
+// connection's port to a PID before its first request.
+type connPeers struct {
+	mu    sync.Mutex
+	procs map[uint16]peer.Process
+}
+
+func (p *connPeers) Lookup(_, remote netip.AddrPort) (peer.Socket, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	pr, ok := p.procs[remote.Port()]
+	if !ok {
+		return peer.Socket{}, peer.ErrNotFound
+	}
+	return peer.Socket{UID: pr.UID, Inode: uint64(remote.Port())}, nil
+}
+
+func (p *connPeers) FindProcess(inode uint64) (peer.Process, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.procs[uint16(inode)], nil
+}
+
+// grantServer serves Resolver.Identity over real loopback connections
+// tracked by conns: the caller is the connection's process (uid only, as the
+// endpoint passes it), the selector ?client_id=.
+func grantServer(t *testing.T, r *identities.Resolver, conns *identities.Conns) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		uid, _ := strconv.Atoi(req.URL.Query().Get("uid"))
+		var sel imds.Selector
+		if v := req.URL.Query().Get("client_id"); v != "" {
+			sel = imds.Selector{Kind: imds.SelectorClientID, Value: v}
+		}
+		id, err := r.Identity(req.Context(), imds.Caller{UID: uint32(uid), GID: imds.NoGID}, sel)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusForbidden)
+			return
+		}
+		_, _ = w.Write([]byte(id.ClientID))
+	})}
+	go func() { _ = srv.Serve(conns.Listen(ln)) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	return ln.Addr().String()
+}
+
+// pinnedClient is an HTTP client with one keep-alive connection whose
+// client port is bound to proc in ps before it is used.
+func pinnedClient(ps *connPeers, proc peer.Process) *http.Client {
+	d := &net.Dialer{}
+	return &http.Client{Transport: &http.Transport{MaxConnsPerHost: 1, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := d.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		ps.mu.Lock()
+		ps.procs[uint16(c.LocalAddr().(*net.TCPAddr).Port)] = proc
+		ps.mu.Unlock()
+		return c, nil
+	}}}
+}
+
+func getIdentity(t *testing.T, c *http.Client, addr string, uid uint32, clientID string) (int, string) {
+	t.Helper()
+	resp, err := c.Get(fmt.Sprintf("http://%s/?uid=%d&client_id=%s", addr, uid, clientID))
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// A keep-alive connection is attested once per ReattestAfter; after that
+// the process is checked again, and a process that has been replaced (its
+// PID reused) gets nothing, however recent its connection's last grant.
+func TestGrantsAreReattestedAfterTheBound(t *testing.T) {
+	att := &countingAttestor{}
+	procs := &switchable{}
+	ps := &connPeers{procs: map[uint16]peer.Process{}}
+	conns := identities.NewConns(ps)
+	f := newFixture(t, func(c *identities.Config) {
+		c.Attestor, c.Processes, c.Conns, c.ReattestAfter = att, procs, conns, 10*time.Second
+	})
+	addr := grantServer(t, f.r, conns)
+	c := pinnedClient(ps, peer.Process{PID: 30, UID: 1000, GID: 1000, StartTime: 7})
+
+	for range 5 {
+		code, body := getIdentity(t, c, addr, 1000, "")
+		require.Equal(t, http.StatusOK, code, body)
+		require.Equal(t, otherUA.ClientId, body)
+	}
+	require.EqualValues(t, 1, att.n.Load(), "one attestation for five requests on one connection")
+
+	f.advance(9 * time.Second)
+	code, _ := getIdentity(t, c, addr, 1000, "")
+	require.Equal(t, http.StatusOK, code)
+	require.EqualValues(t, 1, att.n.Load())
+
+	// Past the bound the process is attested and checked again; it has
+	// been replaced by another process with its PID.
+	procs.set(peer.ErrNotFound)
+	f.advance(2 * time.Second)
+	code, body := getIdentity(t, c, addr, 1000, "")
+	require.Equal(t, http.StatusForbidden, code, body)
+	require.EqualValues(t, 2, att.n.Load())
+	// A refusal is not remembered, and does not restore the old grant.
+	code, _ = getIdentity(t, c, addr, 1000, "")
+	require.Equal(t, http.StatusForbidden, code)
+	require.EqualValues(t, 3, att.n.Load())
+
+	// A clock stepped back does not make an old grant current again.
+	procs.set(nil)
+	code, _ = getIdentity(t, c, addr, 1000, "")
+	require.Equal(t, http.StatusOK, code)
+	f.advance(-time.Hour)
+	code, _ = getIdentity(t, c, addr, 1000, "")
+	require.Equal(t, http.StatusOK, code)
+	require.EqualValues(t, 5, att.n.Load())
+}
+
+// Grants belong to one connection, caller and selector: another connection
+// (another process, another uid) or another selector is decided afresh, and
+// never gets what was granted elsewhere.
+func TestGrantsArePerConnectionCallerAndSelector(t *testing.T) {
+	att := &countingAttestor{}
+	ps := &connPeers{procs: map[uint16]peer.Process{}}
+	conns := identities.NewConns(ps)
+	f := newFixture(t, func(c *identities.Config) { c.Attestor, c.Conns = att, conns })
+	addr := grantServer(t, f.r, conns)
+	web := pinnedClient(ps, peer.Process{PID: 10, UID: 1000, GID: 1000, StartTime: 7})
+	other := pinnedClient(ps, peer.Process{PID: 30, UID: 2000, GID: 2000, StartTime: 7})
+
+	code, body := getIdentity(t, web, addr, 1000, webUA.ClientId)
+	require.Equal(t, http.StatusOK, code, body)
+	require.Equal(t, webUA.ClientId, body)
+
+	// The other process asks for web's identity on its own connection.
+	code, body = getIdentity(t, other, addr, 2000, webUA.ClientId)
+	require.Equal(t, http.StatusForbidden, code, body)
+	require.Contains(t, body, "identity not found")
+	code, body = getIdentity(t, other, addr, 2000, "")
+	require.Equal(t, http.StatusOK, code, body)
+	require.Equal(t, otherUA.ClientId, body)
+
+	// On web's connection, a caller of another uid (as the endpoint would
+	// pass it) is not the caller the grant was made for.
+	code, body = getIdentity(t, web, addr, 2000, webUA.ClientId)
+	require.Equal(t, http.StatusForbidden, code, body)
+	// Another selector on the same connection is decided afresh.
+	n := att.n.Load()
+	code, body = getIdentity(t, web, addr, 1000, webUA2.ClientId)
+	require.Equal(t, http.StatusOK, code, body)
+	require.Equal(t, webUA2.ClientId, body)
+	require.Equal(t, n+1, att.n.Load())
+
+	// A new connection of the same process starts unattested.
+	web.CloseIdleConnections()
+	n = att.n.Load()
+	code, _ = getIdentity(t, web, addr, 1000, webUA.ClientId)
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, n+1, att.n.Load())
+}
+
+// Any change to the agent's entries ends every grant: an entry removed is
+// not served from a connection's memory.
+func TestGrantsEndWhenEntriesChange(t *testing.T) {
+	att := &countingAttestor{}
+	ps := &connPeers{procs: map[uint16]peer.Process{}}
+	conns := identities.NewConns(ps)
+	var rw *revWorkloads
+	f := newFixture(t, func(c *identities.Config) {
+		rw = &revWorkloads{workloads: c.Workloads.(*workloads)}
+		c.Attestor, c.Conns, c.Workloads = att, conns, rw
+	})
+	addr := grantServer(t, f.r, conns)
+	c := pinnedClient(ps, peer.Process{PID: 30, UID: 1000, GID: 1000, StartTime: 7})
+	code, _ := getIdentity(t, c, addr, 1000, "")
+	require.Equal(t, http.StatusOK, code)
+	code, _ = getIdentity(t, c, addr, 1000, "")
+	require.Equal(t, http.StatusOK, code)
+	require.EqualValues(t, 1, att.n.Load())
+
+	rw.workloads.mu.Lock()
+	delete(rw.workloads.byPID, "pid:30")
+	rw.workloads.mu.Unlock()
+	rw.rev.Add(1)
+	code, body := getIdentity(t, c, addr, 1000, "")
+	require.Equal(t, http.StatusForbidden, code, body)
+	require.Contains(t, body, "identity not found")
+}
