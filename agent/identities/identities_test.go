@@ -361,7 +361,7 @@ type switchable struct {
 }
 
 func (p *switchable) Alive(peer.Process) error { p.mu.Lock(); defer p.mu.Unlock(); return p.err }
-func (p *switchable) set(err error)           { p.mu.Lock(); p.err = err; p.mu.Unlock() }
+func (p *switchable) set(err error)            { p.mu.Lock(); p.err = err; p.mu.Unlock() }
 
 // revWorkloads is workloads with the cache's Revision.
 type revWorkloads struct {
