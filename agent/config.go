@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"os/user"
+	"strconv"
 
 	"github.com/hashicorp/hcl/hcl/token"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -45,6 +47,7 @@ type imdsBlock struct {
 	Authority          string                 `hcl:"authority"`
 	AuthorityCAFile    string                 `hcl:"authority_ca_file"`
 	TenantID           string                 `hcl:"tenant_id"`
+	AllowedGroups      []string               `hcl:"allowed_groups"`
 	UnusedKeys         map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
@@ -180,5 +183,39 @@ func loadIMDS(path string, b *imdsBlock) (*IMDSConfig, error) {
 			return nil, err
 		}
 	}
+	groups, err := resolveGroups(b.AllowedGroups)
+	if err != nil {
+		return nil, err
+	}
+	c.AllowedGroups = groups
 	return c, nil
+}
+
+// resolveGroups turns allowed_groups (names or numeric gids) into gids. A
+// name must exist when the agent starts: a policy naming a missing group
+// would admit no one but root, silently.
+func resolveGroups(names []string) ([]uint32, error) {
+	if names != nil && len(names) == 0 {
+		return nil, fmt.Errorf("agent: imds: allowed_groups is empty: omit it to admit every local caller")
+	}
+	var out []uint32
+	for _, n := range names {
+		if n == "" {
+			return nil, fmt.Errorf("agent: imds: allowed_groups: empty group name")
+		}
+		if v, err := strconv.ParseUint(n, 10, 32); err == nil {
+			out = append(out, uint32(v))
+			continue
+		}
+		g, err := user.LookupGroup(n)
+		if err != nil {
+			return nil, fmt.Errorf("agent: imds: allowed_groups: %w", err)
+		}
+		v, err := strconv.ParseUint(g.Gid, 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("agent: imds: allowed_groups: group %q has gid %q", n, g.Gid)
+		}
+		out = append(out, uint32(v))
+	}
+	return out, nil
 }

@@ -40,6 +40,41 @@ func TestSampleConfig(t *testing.T) {
 	require.Equal(t, "join_token", fc.NodeAttestor.Name())
 }
 
+// TestSampleIMDSBlock parses the sample's commented imds block as written,
+// but for the CA file, and a group that exists here for himds.
+func TestSampleIMDSBlock(t *testing.T) {
+	data, err := os.ReadFile("../conf/agent.conf")
+	require.NoError(t, err)
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca.pem")
+	require.NoError(t, os.WriteFile(ca, testBundlePEM(t), 0o644))
+	var block []string
+	in := false
+	for line := range strings.Lines(string(data)) {
+		l := strings.TrimSpace(line)
+		if l == "# imds {" {
+			in = true
+		}
+		if in {
+			block = append(block, strings.TrimPrefix(l, "#"))
+		}
+		if in && l == "# }" {
+			break
+		}
+	}
+	require.NotEmpty(t, block)
+	text := strings.Join(block, "\n")
+	text = strings.ReplaceAll(text, "/etc/ferry/bridge-ca.pem", ca)
+	text = strings.ReplaceAll(text, `"himds"`, `"root"`)
+	p := filepath.Join(dir, "a.conf")
+	require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"]
+`+text+"\n}\n"), 0o600))
+	fc, err := agent.LoadConfig(p, "")
+	require.NoError(t, err)
+	require.Equal(t, []uint32{0}, fc.IMDS.AllowedGroups)
+	require.Equal(t, "https://bridge.example.org", fc.IMDS.Authority)
+}
+
 func TestConfigErrors(t *testing.T) {
 	dir := t.TempDir()
 	p := filepath.Join(dir, "a.conf")
@@ -97,6 +132,10 @@ func TestIMDSConfig(t *testing.T) {
 		TokenDir: filepath.Join(dir, "tok"), Authority: "https://login.example.org/x", TenantID: "t1",
 	}, fc.IMDS)
 
+	fc, err = load(`imds { authority = "https://a" allowed_groups = ["root", "4242"] }`)
+	require.NoError(t, err)
+	require.Equal(t, []uint32{0, 4242}, fc.IMDS.AllowedGroups)
+
 	for _, tc := range []struct{ block, err string }{
 		{`imds { }`, "authority"},
 		{`imds { authority = "http://login.example.org" }`, "https URL"},
@@ -105,6 +144,8 @@ func TestIMDSConfig(t *testing.T) {
 		{`imds { authority = "https://a" vm = true vm_addr = "169.254.169.254" }`, "vm_addr"},
 		{`imds { authority = "https://a" authority_ca_file = "missing.pem" }`, "authority_ca_file"},
 		{`imds { authority = "https://a" arcaddr = "x" }`, "agent.imds.arcaddr"},
+		{`imds { authority = "https://a" allowed_groups = [] }`, "allowed_groups is empty"},
+		{`imds { authority = "https://a" allowed_groups = ["no-such-group-ferry"] }`, "no-such-group-ferry"},
 	} {
 		_, err := load(tc.block)
 		require.ErrorContains(t, err, tc.err, tc.block)

@@ -45,6 +45,9 @@ type IMDSConfig struct {
 	AuthorityCAFile string
 	// TenantID overrides the identity's tenant in exchanges.
 	TenantID string
+	// AllowedGroups, when set, admits only root and members of these groups
+	// (imds.Config.AllowedGroups; agent.conf allowed_groups).
+	AllowedGroups []uint32
 }
 
 func loadCertPool(path string) (*x509.CertPool, error) {
@@ -115,6 +118,7 @@ func (a *Agent) startIMDS(attestor workloadapi.Attestor) ([]*imds.Server, *grpc.
 		}
 		ic.Listener, ic.AddLoopbackAddress = conns.Listen(ln), false
 		ic.Tokens, ic.Peers, ic.Logger = prov, finder, a.log
+		ic.AllowedGroups = c.AllowedGroups
 		s, err := imds.New(ic)
 		if err != nil {
 			ln.Close()

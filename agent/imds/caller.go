@@ -79,7 +79,8 @@ func (s *Server) lookup(local, remote netip.AddrPort) (Caller, *peer.Process, er
 		return Caller{}, nil, err
 	}
 	c := Caller{UID: sock.UID, GID: NoGID}
-	if !s.resolvePID {
+	needProc := s.resolvePID || (s.groups != nil && sock.UID != 0)
+	if !needProc {
 		return c, nil, nil
 	}
 	p, err := s.peers.FindProcess(sock.Inode)
@@ -91,8 +92,45 @@ func (s *Server) lookup(local, remote netip.AddrPort) (Caller, *peer.Process, er
 		// another (passed or inherited across setuid): trust neither.
 		return Caller{}, nil, fmt.Errorf("imds: socket uid %d differs from process %d uid %d", sock.UID, p.PID, p.UID)
 	}
+	if s.groups != nil && sock.UID != 0 {
+		if err := s.admit(p); err != nil {
+			return Caller{}, nil, err
+		}
+	}
+	if !s.resolvePID {
+		return c, nil, nil
+	}
 	c.GID, c.PID, c.StartTime = p.GID, p.PID, p.StartTime
 	return c, &p, nil
+}
+
+// errNotAllowed: the caller is in none of AllowedGroups.
+var errNotAllowed = errors.New("imds: caller is not in an allowed group")
+
+// admit applies AllowedGroups to the process holding the client socket.
+// The decision is kept for the connection, like the caller itself: a
+// process's groups change only through setgroups/setgid, which needs the
+// privilege that would let it join the group anyway, and the socket stays
+// with the process found (a process that took over the PID afterwards does
+// not hold it). The groups are read between two start-time checks, so they
+// are the groups of the process whose socket it is.
+func (s *Server) admit(p peer.Process) error {
+	gid, groups, err := s.peers.(GroupPeers).Groups(p.PID)
+	if err != nil {
+		return err
+	}
+	if err := s.peers.Alive(p); err != nil {
+		return err
+	}
+	if s.groups[gid] {
+		return nil
+	}
+	for _, g := range groups {
+		if s.groups[g] {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: uid %d, gid %d, groups %v", errNotAllowed, p.UID, gid, groups)
 }
 
 func tcpAddrPort(a net.Addr) (netip.AddrPort, error) {

@@ -54,10 +54,15 @@ var (
 	errIdentityNotFound  = badRequest("Identity not found")
 	errAmbiguousIdentity = badRequest("Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request")
 	errForbidden         = &reply{status: http.StatusForbidden, code: "access_denied", desc: "The caller may not use the requested identity"}
-	errUnknownCaller     = &reply{status: http.StatusForbidden, code: "access_denied", desc: "The caller could not be identified as a local process"}
-	errBadSecret         = &reply{status: http.StatusUnauthorized, code: "invalid_request", desc: "Invalid or expired secret"}
-	errInternal          = &reply{status: http.StatusInternalServerError, code: "unknown", desc: "Internal error"}
-	errUpstream          = &reply{status: http.StatusInternalServerError, code: "unknown", desc: "Failed to retrieve token from the Active directory"}
+	// The closest documented shape: the IMDS error table's 403
+	// access_denied. Never "unreachable" in a 403 body: azidentity would
+	// take it for Docker Desktop's missing IMDS and try other credentials.
+	errNotInGroup = &reply{status: http.StatusForbidden, code: "access_denied",
+		desc: "The caller is not a member of a group allowed to request tokens"}
+	errUnknownCaller = &reply{status: http.StatusForbidden, code: "access_denied", desc: "The caller could not be identified as a local process"}
+	errBadSecret     = &reply{status: http.StatusUnauthorized, code: "invalid_request", desc: "Invalid or expired secret"}
+	errInternal      = &reply{status: http.StatusInternalServerError, code: "unknown", desc: "Internal error"}
+	errUpstream      = &reply{status: http.StatusInternalServerError, code: "unknown", desc: "Failed to retrieve token from the Active directory"}
 
 	errAPIVersionMissing = apiVersionError("Bad request. api-version was not specified in the request. For more information refer to aka.ms/azureimds")
 	errAPIVersionInvalid = apiVersionError("Bad request. api-version is invalid or was not specified in the request. For more information refer to aka.ms/azureimds")
@@ -250,6 +255,10 @@ func (s *Server) serve(r *http.Request) (*Token, Request, *reply) {
 	defer s.limit.release()
 
 	caller, proc, err := s.caller(r)
+	if errors.Is(err, errNotAllowed) {
+		s.log.Info("caller refused by allowed_groups", "remote", r.RemoteAddr, "error", err)
+		return nil, req, errNotInGroup
+	}
 	if err != nil {
 		s.log.Warn("caller not identified", "remote", r.RemoteAddr, "error", err)
 		return nil, req, errUnknownCaller

@@ -164,6 +164,12 @@ type Peers interface {
 	Alive(p peer.Process) error
 }
 
+// GroupPeers is a Peers that can read a process's groups (*peer.Finder).
+type GroupPeers interface {
+	Peers
+	Groups(pid int32) (gid uint32, groups []uint32, err error)
+}
+
 // Config configures a Server.
 type Config struct {
 	// Mode is ModeArc (default) or ModeVM.
@@ -184,6 +190,13 @@ type Config struct {
 	// to Tokens (for selectors). It costs a /proc scan per connection, and in
 	// Arc mode binds the challenge secret to that process.
 	ResolvePID bool
+
+	// AllowedGroups, when not empty, admits only callers running as root or
+	// whose effective gid or supplementary groups hold one of these gids
+	// (Arc admits the himds group); others get 403 before any challenge or
+	// attestation. It needs the calling process: Peers must implement
+	// GroupPeers, and each connection costs a /proc scan (see ResolvePID).
+	AllowedGroups []uint32
 
 	// TokenDir holds Arc challenge files; default DefaultTokenDir. Clients
 	// accept only the default; other values are for tests.
@@ -223,6 +236,7 @@ type Server struct {
 	cached     CachedTokens // nil unless Tokens implements it
 	peers      Peers
 	resolvePID bool
+	groups     map[uint32]bool // AllowedGroups; nil when off
 	limit      *limiter
 	challenges *challenges
 	retryAfter time.Duration
@@ -271,6 +285,15 @@ func New(c Config) (*Server, error) {
 		retryAfter: c.RetryAfter,
 		timeout:    c.RequestTimeout,
 		log:        c.Logger.With("component", "imds", "mode", c.Mode.String()),
+	}
+	if len(c.AllowedGroups) > 0 {
+		if _, ok := c.Peers.(GroupPeers); !ok {
+			return nil, errors.New("imds: AllowedGroups needs Peers that read process groups")
+		}
+		s.groups = map[uint32]bool{}
+		for _, g := range c.AllowedGroups {
+			s.groups[g] = true
+		}
 	}
 	if c.Mode == ModeArc {
 		ch, err := newChallenges(c.TokenDir, c.ChallengeTTL, c.MaxChallenges, c.MaxChallengesPerUID, s.log)

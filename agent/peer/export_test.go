@@ -6,3 +6,4 @@ var (
 	LookupNetlink  = lookupNetlink
 	LookupProcNet  = lookupProcNet
 )
+var ParseGroups = parseGroups

@@ -242,3 +242,45 @@ func addrPort(a net.Addr) (netip.AddrPort, error) {
 func unmapAddrPort(a netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(a.Addr().Unmap().WithZone(""), a.Port())
 }
+
+// Groups returns the effective gid and the supplementary groups of a
+// process (the Gid and Groups lines of /proc/PID/status). Pair it with
+// Alive to make sure the PID still names the process meant.
+func (f *Finder) Groups(pid int32) (gid uint32, groups []uint32, err error) {
+	b, err := os.ReadFile(filepath.Join(f.proc, strconv.Itoa(int(pid)), "status"))
+	if err != nil {
+		return 0, nil, fmt.Errorf("%w: process %d: %v", ErrNotFound, pid, err)
+	}
+	return parseGroups(string(b))
+}
+
+func parseGroups(status string) (gid uint32, groups []uint32, err error) {
+	var haveG, haveGroups bool
+	for line := range strings.Lines(status) {
+		switch {
+		case strings.HasPrefix(line, "Gid:"):
+			f := strings.Fields(line)
+			if len(f) < 3 {
+				return 0, nil, errors.New("peer: malformed status Gid")
+			}
+			v, err := strconv.ParseUint(f[2], 10, 32) // real, effective, saved, fs
+			if err != nil {
+				return 0, nil, fmt.Errorf("peer: malformed status Gid: %w", err)
+			}
+			gid, haveG = uint32(v), true
+		case strings.HasPrefix(line, "Groups:"):
+			for _, s := range strings.Fields(line)[1:] {
+				v, err := strconv.ParseUint(s, 10, 32)
+				if err != nil {
+					return 0, nil, fmt.Errorf("peer: malformed status Groups: %w", err)
+				}
+				groups = append(groups, uint32(v))
+			}
+			haveGroups = true
+		}
+	}
+	if !haveG || !haveGroups {
+		return 0, nil, errors.New("peer: status without Gid/Groups")
+	}
+	return gid, groups, nil
+}

@@ -286,3 +286,23 @@ func TestLookupConnRejectsNonTCP(t *testing.T) {
 	require.Error(t, err)
 	require.False(t, errors.Is(err, peer.ErrNotFound))
 }
+
+func TestGroupsOfSelf(t *testing.T) {
+	gid, groups, err := peer.New(peer.Config{}).Groups(int32(os.Getpid()))
+	require.NoError(t, err)
+	require.Equal(t, uint32(os.Getegid()), gid)
+	want, err := os.Getgroups()
+	require.NoError(t, err)
+	got := make([]int, len(groups))
+	for i, g := range groups {
+		got[i] = int(g)
+	}
+	require.ElementsMatch(t, want, got)
+
+	_, _, err = peer.ParseGroups("Name:\tx\nGid:\t1\t2\t3\t4\n")
+	require.Error(t, err, "no Groups line")
+	gid, groups, err = peer.ParseGroups("Gid:\t1\t2\t3\t4\nGroups:\t\n")
+	require.NoError(t, err)
+	require.Equal(t, uint32(2), gid)
+	require.Empty(t, groups)
+}
