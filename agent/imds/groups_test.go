@@ -65,4 +65,3 @@ func TestAllowedGroups(t *testing.T) {
 		})
 	}
 }
-
