@@ -31,6 +31,7 @@ interop: ## unmodified go-spiffe and Azure SDK clients against a running ferry (
 bench: ## benchmarks that print figures (3-node write throughput, and package benchmarks)
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./test/e2e/
 	$(GO) test -run '^$$' -bench . -timeout 30m ./server/... ./bridge/... ./agent/...
+	cd test/interop && $(GO) test -run '^$$' -bench IMDSAgentLoad -benchtime 1x -timeout 15m .
 
 fuzz: ## run every fuzz target for FUZZTIME each (default 20s)
 	@./scripts/fuzz.sh $${FUZZTIME:-20s}
