@@ -9,8 +9,16 @@
 // first request is answered with a challenge file that only the caller's uid
 // can read; the second request proves possession of its content.
 //
+// The caller of a connection is found once, when its first request arrives:
+// the client socket's owner cannot change while the connection lives (the
+// Workload API's SO_PEERCRED is fixed at connect the same way). With
+// AllowedGroups set, only root and members of those groups are served at all,
+// as Arc serves only its himds group.
+//
 // Token issuance itself (attesting the caller, choosing the identity, fetching
-// and caching access tokens) is delegated to a Tokens implementation.
+// and caching access tokens) is delegated to a Tokens implementation. One that
+// also implements CachedTokens answers a known caller's repeated VM-style
+// request from memory, outside the concurrency limit.
 package imds
 
 import (
