@@ -97,9 +97,9 @@ type API struct {
 	http *http.Client
 
 	mu        sync.Mutex // held while fetching metadata
-	issuers   []string   // accepted issuers, once known
-	attempted time.Time
-	lastErr   error
+	v2, v1    string     // the tenant's issuers, once read
+	attempted time.Time  // last metadata fetch
+	lastErr   error      // of the last v2 fetch
 }
 
 // New validates cfg and returns an API. Nothing is fetched until the first
@@ -173,35 +173,45 @@ func (a *API) Prefetch(ctx context.Context) error {
 }
 
 // acceptedIssuers returns the issuers of the tenant's v2 (required) and v1
-// (when served) metadata, fetching them the first time.
+// (when served) metadata. Each document is fetched until it has been read
+// once, at most once per RetryAfterError.
 func (a *API) acceptedIssuers(ctx context.Context) ([]string, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.issuers != nil {
-		return a.issuers, nil
-	}
 	now := a.cfg.Clock()
-	if !a.attempted.IsZero() && now.Sub(a.attempted) < a.cfg.RetryAfterError {
+	if a.v2 != "" && (a.v1 != "" || now.Sub(a.attempted) < a.cfg.RetryAfterError) {
+		return a.issuers(), nil
+	}
+	if a.v2 == "" && !a.attempted.IsZero() && now.Sub(a.attempted) < a.cfg.RetryAfterError {
 		return nil, a.lastErr
 	}
 	a.attempted = now
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
-	v2, err := a.issuerOf(ctx, a.MetadataURL())
-	if err != nil {
-		a.lastErr = err
-		a.log.Warn("tenant metadata unavailable", "url", a.MetadataURL(), "error", err)
-		return nil, err
+	if a.v2 == "" {
+		v2, err := a.issuerOf(ctx, a.MetadataURL())
+		if err != nil {
+			a.lastErr = err
+			a.log.Warn("tenant metadata unavailable", "url", a.MetadataURL(), "error", err)
+			return nil, err
+		}
+		a.v2, a.lastErr = v2, nil
+		a.log.Info("tenant metadata read", "issuer", v2)
 	}
-	issuers := []string{v2}
-	if v1, err := a.issuerOf(ctx, a.metadataURLV1()); err == nil && v1 != v2 {
-		issuers = append(issuers, v1)
-	} else if err != nil {
-		a.log.Info("no v1 metadata; only v2 tokens are accepted", "url", a.metadataURLV1(), "error", err)
+	if v1, err := a.issuerOf(ctx, a.metadataURLV1()); err == nil {
+		a.v1 = v1
+		a.log.Info("tenant v1 metadata read", "issuer", v1)
+	} else {
+		a.log.Info("no v1 metadata yet; only v2 tokens are accepted", "url", a.metadataURLV1(), "error", err)
 	}
-	a.issuers, a.lastErr = issuers, nil
-	a.log.Info("tenant metadata read", "issuers", issuers)
-	return issuers, nil
+	return a.issuers(), nil
+}
+
+func (a *API) issuers() []string {
+	if a.v1 == "" || a.v1 == a.v2 {
+		return []string{a.v2}
+	}
+	return []string{a.v2, a.v1}
 }
 
 func (a *API) issuerOf(ctx context.Context, u string) (string, error) {

@@ -96,6 +96,7 @@ type fixture struct {
 	jwks    atomic.Int32 // JWKS requests served
 	meta    atomic.Int32 // metadata requests served
 	down    atomic.Bool  // answer 503 to everything
+	downV1  atomic.Bool  // answer 503 to the tenant's v1 metadata
 	now     atomic.Int64 // unix seconds of the test clock
 	baseURL string
 }
@@ -129,7 +130,7 @@ func newFixture(t *testing.T) *fixture {
 
 	var h atomic.Pointer[http.Handler]
 	f.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if f.down.Load() {
+		if f.down.Load() || (f.downV1.Load() && r.URL.Path == "/"+tenantID+"/.well-known/openid-configuration") {
 			http.Error(w, "down", http.StatusServiceUnavailable)
 			return
 		}
@@ -507,4 +508,25 @@ func TestChallengeQuoting(t *testing.T) {
 	ans := call(t, f.api(t), "Bearer "+tok)
 	require.Equal(t, http.StatusUnauthorized, ans.status)
 	require.Equal(t, `Bearer error="invalid_token", error_description="The audience 'a'b'c??Set-Cookie: x=1 ??' is not accepted"`, ans.www)
+}
+
+// The v1 metadata is optional: while it cannot be read only v2 tokens are
+// accepted, and it is tried again after RetryAfterError.
+func TestV1MetadataLater(t *testing.T) {
+	f := newFixture(t)
+	f.downV1.Store(true)
+	a := f.api(t, func(c *demoapi.Config) { c.RetryAfterError = time.Minute })
+	v1 := f.token(t, true, readerCID, readerSub, apiURI)
+	v2 := f.token(t, false, readerCID, readerSub, apiURI)
+	require.Equal(t, http.StatusOK, call(t, a, "Bearer "+v2).status)
+	requireRefused(t, call(t, a, "Bearer "+v1), http.StatusUnauthorized, "invalid_token", "issuer")
+	f.downV1.Store(false)
+	requireRefused(t, call(t, a, "Bearer "+v1), http.StatusUnauthorized, "invalid_token", "issuer")
+	f.advance(time.Minute)
+	require.Equal(t, http.StatusOK, call(t, a, "Bearer "+v1).status)
+	meta := f.meta.Load()
+	f.advance(time.Hour)
+	require.Equal(t, http.StatusOK, call(t, a, "Bearer "+v1).status)
+	require.Equal(t, http.StatusOK, call(t, a, "Bearer "+v2).status)
+	require.Equal(t, meta, f.meta.Load()-2, "once both are read, the tenant metadata is not fetched again (the key cache refreshes its own after MaxAge)")
 }

@@ -6,10 +6,13 @@ package dev
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -17,8 +20,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
-
-	"crypto/x509"
+	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -123,6 +125,8 @@ func freePort() (int, error) {
 
 // Run starts the stack and blocks until ctx ends.
 func (s *Stack) Run(ctx context.Context) error {
+	ctx, stop := context.WithCancel(ctx)
+	defer stop()
 	dir := s.cfg.DataDir
 	// Other users may traverse (not list) the data dir to reach the Workload
 	// API socket in public/; everything secret is in 0700 directories below.
@@ -191,12 +195,16 @@ func (s *Stack) Run(ctx context.Context) error {
 	}
 	// The agent's managed-identity endpoint (Arc style) trades JWT-SVIDs at
 	// the bridge. Arc clients insist on challenge files under
-	// /var/opt/azcmagent/tokens; the dev stack keeps its own under the data
-	// dir so the host stays untouched (curl and VM-style clients do not care).
+	// /var/opt/azcmagent/tokens; the dev stack keeps its own elsewhere so the
+	// host stays untouched (curl and VM-style clients do not care).
 	imdsAddr := fmt.Sprintf("127.0.0.1:%d", p.IMDS)
+	tokens, err := TokenDir(dir)
+	if err != nil {
+		return err
+	}
 	ag, err := s.startAgent(ctx, srv, adminSocket, fmt.Sprintf("127.0.0.1:%d", p.Agent), &agent.IMDSConfig{
 		ArcAddr:         imdsAddr,
-		TokenDir:        filepath.Join(dir, "tokens"),
+		TokenDir:        tokens,
 		Authority:       br.BaseURL(),
 		AuthorityCAFile: br.CAFile(),
 	}, errc)
@@ -227,7 +235,18 @@ func (s *Stack) Run(ctx context.Context) error {
 	}
 	td := s.cfg.TrustDomain.String()
 	fmt.Fprint(s.cfg.Out, strings.NewReplacer("{td}", td, "{env}", envFile, "{demo-cmd}", demoCmd).Replace(walkthrough))
-	return <-errc
+	// The first part to end ends them all; the others get a moment to
+	// finish (the agent removes outstanding challenge files).
+	err = <-errc
+	stop()
+	for range 3 {
+		select {
+		case <-errc:
+		case <-time.After(10 * time.Second):
+			return err
+		}
+	}
+	return err
 }
 
 // DemoResource is the API ferry dev registers and serves with the demo API:
@@ -315,7 +334,7 @@ func (s *Stack) startDemoAPI(ctx context.Context, adminSocket string, br *servic
 	if appID == "" {
 		r, err := dir.CreateResource(ctx, &ferrypb.CreateResourceRequest{
 			Name: "demo", TenantId: tenant, IdentifierUris: []string{DemoResource},
-			AppRoles: []*ferrypb.AppRole{{Value: DemoRole}}, RequestId: "dev-demo-resource",
+			AppRoles: []*ferrypb.AppRole{{Value: DemoRole}},
 		})
 		if err != nil {
 			return "", "", fmt.Errorf("dev: demo resource: %w", err)
@@ -446,6 +465,46 @@ func (s *Stack) startBridge(ctx context.Context, adminSocket, addr string, errc 
 		return nil, "", err
 	case <-ctx.Done():
 		return nil, "", ctx.Err()
+	}
+}
+
+// TokenDir is where the agent writes Arc challenge files: every caller must
+// open the file named to it, so the directory must be reachable by every
+// user. That is dataDir/tokens when each directory above it lets others
+// traverse it; otherwise (home directories often are 0750) a directory of
+// this user's under the system temp dir, one per data dir.
+func TokenDir(dataDir string) (string, error) {
+	if traversable(dataDir) {
+		return filepath.Join(dataDir, "tokens"), nil
+	}
+	sum := sha256.Sum256([]byte(dataDir))
+	parent := filepath.Join(os.TempDir(), fmt.Sprintf("ferry-dev-%d-%x", os.Geteuid(), sum[:6]))
+	if err := os.Mkdir(parent, 0o711); err != nil && !errors.Is(err, fs.ErrExist) {
+		return "", fmt.Errorf("dev: %w", err)
+	}
+	// In a shared temp dir the name may have been taken by someone else.
+	fi, err := os.Lstat(parent)
+	if err != nil {
+		return "", fmt.Errorf("dev: %w", err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !fi.IsDir() || !ok || int(st.Uid) != os.Geteuid() || fi.Mode().Perm()&0o022 != 0 {
+		return "", fmt.Errorf("dev: %s is not a directory of this user's that only it can write", parent)
+	}
+	return filepath.Join(parent, "tokens"), nil
+}
+
+// traversable reports whether every user may traverse dir and each
+// directory above it.
+func traversable(dir string) bool {
+	for d := dir; ; d = filepath.Dir(d) {
+		fi, err := os.Stat(d)
+		if err != nil || fi.Mode().Perm()&0o001 == 0 {
+			return false
+		}
+		if d == filepath.Dir(d) {
+			return true
+		}
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	devstack "github.com/ferry-id/ferry/internal/dev"
 	"github.com/ferry-id/ferry/internal/testcluster"
 )
 
@@ -89,8 +90,6 @@ func TestDevWalkthrough(t *testing.T) {
 	}
 	bin := testcluster.Binary(t)
 
-	// A directory every user may traverse: the walkthrough's other user
-	// reaches its own challenge file under the data dir.
 	dir, err := os.MkdirTemp("", "ferry-dev-walk-")
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(dir) })
@@ -109,7 +108,11 @@ exec runuser -u "$u" -- "$@"
 		path = shim + ":" + path
 	}
 
-	data := filepath.Join(dir, "data")
+	// The data dir sits in a home directory others may not enter (0750, as
+	// many distributions make them), as a newcomer's checkout would.
+	home := filepath.Join(dir, "home")
+	require.NoError(t, os.Mkdir(home, 0o750))
+	data := filepath.Join(home, "ferry", ".dev")
 	logf, err := os.Create(filepath.Join(dir, "dev.log"))
 	require.NoError(t, err)
 	defer logf.Close()
@@ -122,6 +125,10 @@ exec runuser -u "$u" -- "$@"
 	t.Cleanup(func() {
 		_ = dev.Process.Signal(syscall.SIGTERM)
 		_ = dev.Wait()
+		// The challenge files' directory, outside the data dir here.
+		if tokens, err := devstack.TokenDir(data); err == nil && strings.HasPrefix(tokens, os.TempDir()) {
+			os.RemoveAll(filepath.Dir(tokens))
+		}
 		if t.Failed() {
 			out, _ := os.ReadFile(filepath.Join(dir, "dev.log"))
 			t.Logf("ferry dev log (tail):\n%s", tail(string(out), 80))
