@@ -59,7 +59,7 @@ var (
 	stranger  *rsa.PrivateKey // in no JWKS
 )
 
-func loadKeys(t *testing.T) {
+func loadKeys(t testing.TB) {
 	keysOnce.Do(func() {
 		var err error
 		svidKey, _ = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -106,7 +106,7 @@ func (f *fixture) advance(d time.Duration) {
 	f.now.Add(int64(d / time.Second))
 }
 
-func newFixture(t *testing.T) *fixture {
+func newFixture(t testing.TB) *fixture {
 	t.Helper()
 	loadKeys(t)
 	f := &fixture{}
@@ -153,7 +153,7 @@ func newFixture(t *testing.T) *fixture {
 	return f
 }
 
-func (f *fixture) api(t *testing.T, mutate ...func(*demoapi.Config)) *demoapi.API {
+func (f *fixture) api(t testing.TB, mutate ...func(*demoapi.Config)) *demoapi.API {
 	t.Helper()
 	cfg := demoapi.Config{
 		Authority:  f.baseURL,
@@ -172,7 +172,7 @@ func (f *fixture) api(t *testing.T, mutate ...func(*demoapi.Config)) *demoapi.AP
 }
 
 // svid is a JWT-SVID assertion for sub.
-func (f *fixture) svid(t *testing.T, sub string) string {
+func (f *fixture) svid(t testing.TB, sub string) string {
 	t.Helper()
 	now := f.clock()
 	tok := jwt.NewWithClaims(jwt.SigningMethodES256, jwt.MapClaims{
@@ -186,7 +186,7 @@ func (f *fixture) svid(t *testing.T, sub string) string {
 }
 
 // token gets an access token from the bridge: v2 (scope) or v1 (resource).
-func (f *fixture) token(t *testing.T, v1 bool, clientID, sub, resource string) string {
+func (f *fixture) token(t testing.TB, v1 bool, clientID, sub, resource string) string {
 	t.Helper()
 	form := url.Values{
 		"grant_type":            {"client_credentials"},
