@@ -81,10 +81,11 @@ type Config struct {
 	// Leeway is the tolerated clock skew; default DefaultLeeway.
 	Leeway time.Duration
 	// MinRefresh and MaxAge tune the key cache; defaults DefaultMinRefresh
-	// and DefaultMaxAge.
+	// and DefaultMaxAge. MinRefresh also paces retries of the tenant's v1
+	// metadata while it cannot be read.
 	MinRefresh, MaxAge time.Duration
-	// RetryAfterError is the least time between metadata fetches while they
-	// fail; default 5 s.
+	// RetryAfterError is the least time between fetches of the tenant's v2
+	// metadata while they fail; default 5 s.
 	RetryAfterError time.Duration
 	Logger          *slog.Logger
 }
@@ -174,12 +175,13 @@ func (a *API) Prefetch(ctx context.Context) error {
 
 // acceptedIssuers returns the issuers of the tenant's v2 (required) and v1
 // (when served) metadata. Each document is fetched until it has been read
-// once, at most once per RetryAfterError.
+// once: the v2 document at most once per RetryAfterError, the v1 document
+// (which an authority need not serve) at most once per MinRefresh.
 func (a *API) acceptedIssuers(ctx context.Context) ([]string, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	now := a.cfg.Clock()
-	if a.v2 != "" && (a.v1 != "" || now.Sub(a.attempted) < a.cfg.RetryAfterError) {
+	if a.v2 != "" && (a.v1 != "" || now.Sub(a.attempted) < a.cfg.MinRefresh) {
 		return a.issuers(), nil
 	}
 	if a.v2 == "" && !a.attempted.IsZero() && now.Sub(a.attempted) < a.cfg.RetryAfterError {

@@ -511,11 +511,11 @@ func TestChallengeQuoting(t *testing.T) {
 }
 
 // The v1 metadata is optional: while it cannot be read only v2 tokens are
-// accepted, and it is tried again after RetryAfterError.
+// accepted, and it is tried again after MinRefresh.
 func TestV1MetadataLater(t *testing.T) {
 	f := newFixture(t)
 	f.downV1.Store(true)
-	a := f.api(t, func(c *demoapi.Config) { c.RetryAfterError = time.Minute })
+	a := f.api(t, func(c *demoapi.Config) { c.MinRefresh = time.Minute })
 	v1 := f.token(t, true, readerCID, readerSub, apiURI)
 	v2 := f.token(t, false, readerCID, readerSub, apiURI)
 	require.Equal(t, http.StatusOK, call(t, a, "Bearer "+v2).status)
