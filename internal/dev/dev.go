@@ -274,9 +274,9 @@ ferry is running (trust domain {td}). In another shell (bin/ on your PATH):
   ferry identity federated-credential create --identity-name web-id --name web \
       --issuer $FERRY_JWT_ISSUER --subject spiffe://{td}/web
 
-  # the demo API at $DEMO_API accepts tokens for api://demo that carry its app
-  # role reader; ferry dev registered the resource and runs the API as (with
-  # the env file sourced) {demo-cmd}
+  # ferry dev registered the API api://demo (app role reader) and serves it at
+  # $DEMO_API, as this command would with the env file sourced:
+  #   {demo-cmd}
   # trade the JWT-SVID for an access token at the bridge, and call the API:
   tok=$(curl -s --cacert $FERRY_BRIDGE_CA $AZURE_AUTHORITY_HOST/$AZURE_TENANT_ID/oauth2/v2.0/token \
       -d grant_type=client_credentials -d scope=api://demo/.default \
