@@ -296,7 +296,9 @@ func parseStat(b []byte) (procStat, error) {
 	return procStat{state: stateString(state), start: v}, nil
 }
 
-func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f' }
+func isSpace(c byte) bool {
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'
+}
 
 // stateString returns the state field as a string without allocating for the
 // one-letter states procfs reports.
