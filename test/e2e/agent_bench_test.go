@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -278,9 +279,42 @@ func BenchmarkAgentRSS(b *testing.B) {
 	}
 }
 
+// procCPU returns the user+system CPU time pid has used (procfs clock ticks,
+// 100 per second on Linux).
+func procCPU(b *testing.B, pid int) time.Duration {
+	b.Helper()
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := string(raw)
+	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	// After the command name: field 3 is fields[0]; utime (14) and stime (15).
+	var utime, stime int64
+	if _, err := fmt.Sscan(fields[11], &utime); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := fmt.Sscan(fields[12], &stime); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(utime+stime) * (time.Second / 100)
+}
+
+// selfCPU returns the CPU time this process (the benchmark's clients) has used.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
 // BenchmarkAgentWorkloadAPI: FetchX509SVID and FetchJWTSVID against a real
 // agent process, calls/s and p99 at concurrency 1 and 16, with a new client
 // per call and with a reused client (one per goroutine).
+// Each case also prints the CPU time the agent process and this process (the
+// clients) spent per call: on a small machine they share the cores, so the
+// agent's own cost per call bounds what it could serve alone.
 func BenchmarkAgentWorkloadAPI(b *testing.B) {
 	c := testcluster.New(b, testcluster.Options{Nodes: 1, LogLevel: "info"})
 	a := c.StartAgent("bench")
@@ -293,6 +327,7 @@ func BenchmarkAgentWorkloadAPI(b *testing.B) {
 		b.Fatal("no SVID")
 	}
 	seconds := envInt("FERRY_BENCH_SECONDS", 3)
+	agentPID := a.PID()
 	addr := workloadapi.WithAddr(a.SocketAddr())
 	params := jwtsvid.Params{Audience: "spiffe://example.org/bench"}
 	calls := map[string]struct {
@@ -321,6 +356,7 @@ func BenchmarkAgentWorkloadAPI(b *testing.B) {
 						var wg sync.WaitGroup
 						var firstErr error
 						var errMu sync.Mutex
+						agentCPU0, selfCPU0 := procCPU(b, agentPID), selfCPU()
 						stop := time.Now().Add(time.Duration(seconds) * time.Second)
 						for g := range conc {
 							wg.Add(1)
@@ -362,6 +398,7 @@ func BenchmarkAgentWorkloadAPI(b *testing.B) {
 							}()
 						}
 						wg.Wait()
+						agentCPU, selfCPU := procCPU(b, agentPID)-agentCPU0, selfCPU()-selfCPU0
 						if firstErr != nil {
 							b.Fatal(firstErr)
 						}
@@ -371,10 +408,15 @@ func BenchmarkAgentWorkloadAPI(b *testing.B) {
 						}
 						rate := float64(len(all)) / float64(seconds)
 						p50, p99 := percentile(all, 50), percentile(all, 99)
+						n := float64(max(len(all), 1))
+						agentPer, clientPer := float64(agentCPU.Microseconds())/n, float64(selfCPU.Microseconds())/n
 						b.ReportMetric(rate, "calls/s")
+						b.ReportMetric(ms(p50), "p50-ms")
 						b.ReportMetric(ms(p99), "p99-ms")
-						fmt.Printf("Fetch%sSVID %-6s client, concurrency %2d: %7.0f calls/s  p50 %.2f ms  p99 %.2f ms  (%d calls)\n",
-							strings.ToUpper(kind), mode, conc, rate, ms(p50), ms(p99), len(all))
+						b.ReportMetric(agentPer, "agent-cpu-µs/call")
+						b.ReportMetric(clientPer, "client-cpu-µs/call")
+						fmt.Printf("Fetch%sSVID %-6s client, concurrency %2d: %7.0f calls/s  p50 %.2f ms  p99 %.2f ms  (%d calls)  CPU/call: agent %.0f µs, client %.0f µs\n",
+							strings.ToUpper(kind), mode, conc, rate, ms(p50), ms(p99), len(all), agentPer, clientPer)
 					}
 				})
 			}
