@@ -185,6 +185,8 @@ type entryState struct {
 type svidState struct {
 	chain    []*x509.Certificate
 	key      *ecdsa.PrivateKey
+	chainDER []byte // chain concatenated in DER
+	keyDER   []byte // key in PKCS #8; nil if it did not encode
 	notAfter time.Time
 	rotateAt time.Time
 }

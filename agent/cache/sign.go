@@ -187,9 +187,23 @@ func newSVIDState(chain []*x509.Certificate, key *ecdsa.PrivateKey) *svidState {
 	leaf := chain[0]
 	half := leaf.NotAfter.Sub(leaf.NotBefore) / 2
 	jitter := time.Duration((2*mrand.Float64() - 1) * rotationJitter * float64(half))
+	// Encoded once here, served in every Workload API response for this SVID.
+	// A P-256 key always encodes; if it did not, responses encode it
+	// themselves and report the error.
+	keyDER, _ := x509.MarshalPKCS8PrivateKey(key)
+	n := 0
+	for _, c := range chain {
+		n += len(c.Raw)
+	}
+	chainDER := make([]byte, 0, n)
+	for _, c := range chain {
+		chainDER = append(chainDER, c.Raw...)
+	}
 	return &svidState{
 		chain:    chain,
 		key:      key,
+		chainDER: chainDER,
+		keyDER:   keyDER,
 		notAfter: leaf.NotAfter,
 		rotateAt: leaf.NotBefore.Add(half + jitter),
 	}

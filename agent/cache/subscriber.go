@@ -117,10 +117,38 @@ func (c *Cache) SubscribeToCacheChanges(ctx context.Context, selectors []*ferryp
 	return s, nil
 }
 
-// FetchWorkloadUpdate is a one-shot SubscribeToCacheChanges: it waits for the
-// first update (or ctx). The SVIDs it caused to be minted are kept for the
-// idle timeout.
+// FetchWorkloadUpdate is a one-shot SubscribeToCacheChanges: it returns the
+// update a new subscriber would get first. When that update is ready (every
+// matching entry has an SVID, or has had a signing attempt fail) it is read
+// directly, without registering a subscriber; otherwise this waits for it as
+// a subscriber (or for ctx). Either way the matching entries count as used
+// now, so their SVIDs are kept (and rotated) for the idle timeout.
 func (c *Cache) FetchWorkloadUpdate(ctx context.Context, selectors []*ferrypb.Selector) (*WorkloadUpdate, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("cache: fetch workload update: %w", err)
+	}
+	w := selector.NewSet(selectors...)
+	c.mu.Lock()
+	now := c.clock.Now()
+	matched := c.matchLocked(w)
+	if c.readyLocked(matched, now) {
+		u, _ := c.updateLocked(matched, now)
+		idleScheduled := true
+		for _, es := range matched {
+			if es.subs == 0 {
+				// As a subscriber letting go would (releaseLocked).
+				idleScheduled = idleScheduled && !es.lastUsed.IsZero()
+				es.lastUsed = now
+			}
+		}
+		c.mu.Unlock()
+		if !idleScheduled {
+			kick(c.schedKick) // schedule the idle eviction
+		}
+		return u, nil
+	}
+	c.mu.Unlock()
+
 	sub, err := c.SubscribeToCacheChanges(ctx, selectors)
 	if err != nil {
 		return nil, err
@@ -275,22 +303,47 @@ func (es *entryState) servable(now time.Time) bool {
 // notifyLocked sends s its current update if it is ready and differs from
 // the last one sent.
 func (c *Cache) notifyLocked(s *subscriber, now time.Time) {
-	if c.own == nil {
+	if !c.readyLocked(s.matched, now) {
 		return
 	}
-	for _, es := range s.matched {
+	u, fp := c.updateLocked(s.matched, now)
+	if s.sent && fp.equal(s.last) {
+		return
+	}
+	s.sent = true
+	s.last = fp
+	s.push(u)
+}
+
+// readyLocked reports whether a workload matching the entries matched can be
+// sent its update: the own bundle is known and every servable entry has an
+// SVID or has had its first signing attempt fail.
+func (c *Cache) readyLocked(matched []*entryState, now time.Time) bool {
+	if c.own == nil {
+		return false
+	}
+	for _, es := range matched {
 		if es.servable(now) && es.svid == nil && es.lastErr == nil {
-			return // first signing attempt still to come
+			return false // first signing attempt still to come
 		}
 	}
+	return true
+}
+
+// updateLocked builds the update of a workload matching the entries matched,
+// and its fingerprint.
+func (c *Cache) updateLocked(matched []*entryState, now time.Time) (*WorkloadUpdate, fingerprint) {
 	fp := fingerprint{own: c.own}
 	u := &WorkloadUpdate{Bundle: c.own}
-	for _, es := range s.matched {
+	for _, es := range matched {
 		if !es.servable(now) || es.svid == nil || !now.Before(es.svid.notAfter) {
 			continue
 		}
 		fp.ids = append(fp.ids, idPrint{es.entry, es.svid})
-		u.Identities = append(u.Identities, Identity{Entry: es.entry, SVID: es.svid.chain, PrivateKey: es.svid.key})
+		u.Identities = append(u.Identities, Identity{
+			Entry: es.entry, SVID: es.svid.chain, PrivateKey: es.svid.key,
+			SVIDDER: es.svid.chainDER, PrivateKeyDER: es.svid.keyDER,
+		})
 		for _, name := range es.entry.GetFederatesWith() {
 			td, err := spiffeid.TrustDomainFromString(name)
 			if err != nil {
@@ -305,12 +358,7 @@ func (c *Cache) notifyLocked(s *subscriber, now time.Time) {
 		}
 	}
 	u.FederatedBundles = fp.federated
-	if s.sent && fp.equal(s.last) {
-		return
-	}
-	s.sent = true
-	s.last = fp
-	s.push(u)
+	return u, fp
 }
 
 func (f fingerprint) equal(o fingerprint) bool {

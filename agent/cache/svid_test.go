@@ -152,9 +152,16 @@ func TestLazyMintingAndIdleEviction(t *testing.T) {
 		t.Fatalf("%d CSRs", csrs)
 	}
 
-	// Nobody asks for 5 min: the SVID and its key are dropped.
+	// Nobody asks for 5 min: the SVID and its key are dropped, counting from
+	// the one-shot fetch (the scheduler may have planned its wake-up from the
+	// subscriber's end, and then looks again).
 	idleAt := e.clock.Now().Add(5 * time.Minute)
+	eventually(t, "wake-up planned", func() bool { w := e.clock.lastWake(); return w.After(e.clock.Now()) && !w.After(idleAt) })
+	e.clock.Set(idleAt.Add(-time.Second))
 	eventually(t, "eviction scheduled", func() bool { return e.clock.lastWake().Equal(idleAt) })
+	if st := e.cache.Stats(); st.X509SVIDs != 1 {
+		t.Fatalf("SVID evicted a second before its idle timeout: %+v", st)
+	}
 	e.clock.Set(idleAt)
 	eventually(t, "eviction", func() bool { return e.cache.Stats().X509SVIDs == 0 })
 

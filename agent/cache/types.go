@@ -21,6 +21,12 @@ type Identity struct {
 	Entry      *ferrypb.Entry
 	SVID       []*x509.Certificate // leaf first, then intermediates
 	PrivateKey crypto.Signer
+	// SVIDDER and PrivateKeyDER, when set, are SVID's certificates
+	// concatenated in DER and PrivateKey in PKCS #8 DER, encoded once when
+	// the SVID was minted so responses need not encode them per call. They
+	// are shared and must not be modified.
+	SVIDDER       []byte
+	PrivateKeyDER []byte
 }
 
 // WorkloadUpdate is everything a workload with a given selector set receives.

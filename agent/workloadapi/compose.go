@@ -103,13 +103,22 @@ func composeX509SVIDResponse(u *cache.WorkloadUpdate) (*workloadpb.X509SVIDRespo
 		if len(ident.SVID) == 0 || ident.PrivateKey == nil {
 			return nil, serializeErr(fmt.Errorf("identity %s has no X509-SVID", ident.Entry.GetSpiffeId()))
 		}
-		key, err := x509.MarshalPKCS8PrivateKey(ident.PrivateKey)
-		if err != nil {
-			return nil, serializeErr(fmt.Errorf("key of %s: %w", ident.Entry.GetSpiffeId(), err))
+		// The cache encodes each SVID's key and chain once; encode here only
+		// for a Manager that does not.
+		key := ident.PrivateKeyDER
+		if key == nil {
+			var err error
+			if key, err = x509.MarshalPKCS8PrivateKey(ident.PrivateKey); err != nil {
+				return nil, serializeErr(fmt.Errorf("key of %s: %w", ident.Entry.GetSpiffeId(), err))
+			}
+		}
+		chain := ident.SVIDDER
+		if chain == nil {
+			chain = concatDER(ident.SVID)
 		}
 		resp.Svids = append(resp.Svids, &workloadpb.X509SVID{
 			SpiffeId:    ident.Entry.GetSpiffeId(),
-			X509Svid:    concatDER(ident.SVID),
+			X509Svid:    chain,
 			X509SvidKey: key,
 			Bundle:      bundle,
 			Hint:        ident.Entry.GetHint(),

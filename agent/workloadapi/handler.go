@@ -44,7 +44,16 @@ func (s *Server) attest(ctx context.Context) ([]*ferrypb.Selector, error) {
 	if !ok {
 		return nil, status.Error(codes.Internal, "caller credentials missing from connection")
 	}
-	sels, err := s.attestor.Attest(ctx, c.PID)
+	actx := ctx
+	if p, ok := c.proc.(*workload.Process); ok {
+		// Attestors read the caller's procfs files through the pin, whose
+		// descriptors are bound to the process that connected.
+		actx = workload.WithProcess(ctx, p)
+	}
+	sels, err := s.attestor.Attest(actx, c.PID)
+	// Checked after attesting, whatever the attestor read: the selectors
+	// describe the caller only if the process that connected is still the
+	// one behind its PID.
 	if aliveErr := c.proc.CheckAlive(); aliveErr != nil {
 		return nil, status.Errorf(codes.Unauthenticated, "could not verify existence of the original caller: %v", aliveErr)
 	}

@@ -32,6 +32,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"time"
 
@@ -134,6 +135,16 @@ func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
 		grpc.ChainStreamInterceptor(s.streamInterceptor),
 		// Requests are small; a JWT to validate is the largest.
 		grpc.MaxRecvMsgSize(1<<20),
+		// Every connection gets its own read buffer (32 KiB by default): a
+		// client that connects per call would allocate it per call, while
+		// requests are a few hundred bytes. Larger reads bypass the buffer.
+		grpc.ReadBufferSize(4<<10),
+		// Calls run on a few long-lived goroutines whose stacks have already
+		// grown to what a call needs, instead of a new goroutine per call
+		// that grows its stack (copying it) each time. Beyond the workers,
+		// for instance while they serve long-lived streams, gRPC starts a
+		// goroutine per call as before.
+		grpc.NumStreamWorkers(uint32(max(4, runtime.GOMAXPROCS(0)))),
 	)
 	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, service{Server: s})
 	return srv

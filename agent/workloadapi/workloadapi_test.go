@@ -61,6 +61,31 @@ func TestMain(m *testing.M) {
 		}
 		fmt.Printf("code=OK id=%s\n", svid.ID)
 		os.Exit(0)
+	case "setuid":
+		// Fetch as root, drop to uid 65534, fetch again on the same
+		// connection: report both codes.
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		c, err := workloadapi.New(ctx, workloadapi.WithAddr("unix://"+os.Getenv(childSocketEnv)))
+		if err != nil {
+			fmt.Printf("client: %v\n", err)
+			os.Exit(1)
+		}
+		_, err = c.FetchX509SVID(ctx)
+		fmt.Printf("before=%s\n", status.Code(err))
+		if err := syscall.Setgid(65534); err != nil {
+			fmt.Printf("setgid: %v\n", err)
+			os.Exit(1)
+		}
+		if err := syscall.Setuid(65534); err != nil {
+			fmt.Printf("setuid: %v\n", err)
+			os.Exit(1)
+		}
+		_, err = c.FetchX509SVID(ctx)
+		fmt.Printf("after=%s\n", status.Code(err))
+		_, err = c.FetchJWTSVID(ctx, jwtsvid.Params{Audience: "a"})
+		fmt.Printf("jwt=%s\n", status.Code(err))
+		os.Exit(0)
 	case "hold":
 		// Call and wait: the parent kills this process while it is attested.
 		ctx := context.Background()
@@ -564,6 +589,25 @@ func TestNoIdentityForOtherUser(t *testing.T) {
 	svid, err := workloadapi.FetchX509SVID(testCtx(t), clientOpt(f))
 	require.NoError(t, err)
 	require.Equal(t, "spiffe://example.org/web", svid.ID.String())
+}
+
+// TestCallerChangesCredentials: a caller that drops its uid keeps its
+// connection, and with it the agent's pin on its process, but its next calls
+// are attested as it is now: the pin caches descriptors, never selectors.
+func TestCallerChangesCredentials(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to change the caller's uid")
+	}
+	f := startServer(t)
+	exe, err := os.Executable()
+	require.NoError(t, err)
+	cmd := exec.Command(exe)
+	cmd.Env = []string{childModeEnv + "=setuid", childSocketEnv + "=" + f.socket, "HOME=/"}
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "child output: %s", out)
+	require.Contains(t, string(out), "before=OK")
+	require.Contains(t, string(out), "after=PermissionDenied")
+	require.Contains(t, string(out), "jwt=PermissionDenied")
 }
 
 func TestBundlesNeedIdentityUnlessAllowed(t *testing.T) {

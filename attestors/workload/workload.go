@@ -83,6 +83,7 @@ func Attest(ctx context.Context, pid int32, attestors []Attestor, kinds Kinds) (
 // Attest runs every attestor against p and returns the union of their
 // selectors, after checking that p is still the process it was when opened.
 func (p *Process) Attest(ctx context.Context, attestors []Attestor, kinds Kinds) ([]*ferrypb.Selector, error) {
+	ctx = WithProcess(ctx, p)
 	var all selector.Set
 	for _, a := range attestors {
 		if err := ctx.Err(); err != nil {

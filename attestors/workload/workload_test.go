@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -250,4 +251,72 @@ func TestKinds(t *testing.T) {
 	assert.False(t, k.Has("systemd", "uid"))
 	assert.False(t, workload.Kinds{}.Has("unix", "uid"))
 	assert.Equal(t, "path", workload.Kind(sel("unix", "path:/a:b")))
+}
+
+// TestReadFileReadsCurrentContent: the descriptor is kept, the content is
+// not: every ReadFile sees the file as it is now.
+func TestReadFileReadsCurrentContent(t *testing.T) {
+	root := t.TempDir()
+	writeStat(t, root, 42, "x", "S", 1000)
+	statusPath := filepath.Join(root, "42", "status")
+	require.NoError(t, os.WriteFile(statusPath, []byte("Uid:\t0\t0\t0\t0\n"), 0o644))
+	p, err := workload.OpenProcessIn(root, 42)
+	require.NoError(t, err)
+	defer p.Close()
+	read := func() string {
+		var got []byte
+		require.NoError(t, p.ReadFile("status", func(r io.Reader) error {
+			var err error
+			got, err = io.ReadAll(r)
+			return err
+		}))
+		return string(got)
+	}
+	require.Equal(t, "Uid:\t0\t0\t0\t0\n", read())
+	require.NoError(t, os.WriteFile(statusPath, []byte("Uid:\t1000\t1000\t1000\t1000\n"), 0o644))
+	require.Equal(t, "Uid:\t1000\t1000\t1000\t1000\n", read())
+	require.Equal(t, "Uid:\t1000\t1000\t1000\t1000\n", read(), "a second read starts at the beginning again")
+
+	require.NoError(t, p.Close())
+	require.ErrorIs(t, p.ReadFile("status", func(io.Reader) error { return nil }), workload.ErrProcessChanged)
+}
+
+// TestReadFileFailsOnceProcessIsReaped: files read through the pin belong to
+// the process that was pinned; once it is gone they cannot be read, even
+// through a descriptor opened while it lived.
+func TestReadFileFailsOnceProcessIsReaped(t *testing.T) {
+	cmd := startSleeper(t)
+	p, err := workload.OpenProcess(int32(cmd.Process.Pid))
+	require.NoError(t, err)
+	defer p.Close()
+	readStatus := func() error {
+		return p.ReadFile("status", func(r io.Reader) error {
+			_, err := io.ReadAll(r)
+			return err
+		})
+	}
+	require.NoError(t, readStatus())
+	link, err := p.Readlink("exe")
+	require.NoError(t, err)
+	assert.True(t, filepath.IsAbs(link))
+
+	require.NoError(t, cmd.Process.Kill())
+	_ = cmd.Wait()
+	require.Error(t, readStatus(), "read of a reaped process's status through a kept descriptor")
+	require.ErrorIs(t, p.CheckAlive(), workload.ErrProcessChanged)
+	_, err = p.Readlink("exe")
+	require.Error(t, err)
+}
+
+func TestProcessFromContext(t *testing.T) {
+	root := t.TempDir()
+	writeStat(t, root, 42, "x", "S", 1000)
+	p, err := workload.OpenProcessIn(root, 42)
+	require.NoError(t, err)
+	defer p.Close()
+	ctx := workload.WithProcess(context.Background(), p)
+	assert.Same(t, p, workload.ProcessFrom(ctx, root+"/", 42))
+	assert.Nil(t, workload.ProcessFrom(ctx, root, 43), "another pid")
+	assert.Nil(t, workload.ProcessFrom(ctx, "/proc", 42), "another procfs")
+	assert.Nil(t, workload.ProcessFrom(context.Background(), root, 42))
 }

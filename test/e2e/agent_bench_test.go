@@ -3,11 +3,16 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -26,7 +31,8 @@ import (
 //
 // FERRY_BENCH_ENTRIES sets the entries of BenchmarkAgentEntryToWorkload
 // (default 200); FERRY_BENCH_SECONDS the time per case of
-// BenchmarkAgentWorkloadAPI (default 3); FERRY_BENCH_CACHED the entries of
+// BenchmarkAgentWorkloadAPI (default 3), and FERRY_BENCH_CLIENT=process runs
+// its clients in a separate process (test/wlload); FERRY_BENCH_CACHED the entries of
 // BenchmarkAgentRSS (default 10000), FERRY_BENCH_FETCHED how many of them a
 // workload fetches (default 1000).
 
@@ -278,9 +284,96 @@ func BenchmarkAgentRSS(b *testing.B) {
 	}
 }
 
+// procCPU returns the user+system CPU time pid has used (procfs clock ticks,
+// 100 per second on Linux).
+func procCPU(b *testing.B, pid int) time.Duration {
+	b.Helper()
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := string(raw)
+	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	// After the command name: field 3 is fields[0]; utime (14) and stime (15).
+	var utime, stime int64
+	if _, err := fmt.Sscan(fields[11], &utime); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := fmt.Sscan(fields[12], &stime); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(utime+stime) * (time.Second / 100)
+}
+
+// selfCPU returns the CPU time this process (the benchmark's clients) has used.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// buildDriver builds test/wlload, the Workload API load driver.
+func buildDriver(b *testing.B) string {
+	b.Helper()
+	bin := filepath.Join(b.TempDir(), "wlload")
+	out, err := exec.Command("go", "build", "-o", bin, "github.com/ferry-id/ferry/test/wlload").CombinedOutput()
+	if err != nil {
+		b.Fatalf("build wlload: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// runDriver runs one case of BenchmarkAgentWorkloadAPI with its clients in a
+// wlload process instead of this one, and reports it the same way.
+func runDriver(b *testing.B, bin string, a *testcluster.Agent, agentPID int, kind, mode string, conc, seconds int) {
+	b.Helper()
+	cmd := exec.Command(bin, "-addr", a.SocketAddr(), "-call", kind, "-mode", mode,
+		"-c", strconv.Itoa(conc), "-seconds", strconv.Itoa(seconds))
+	agentCPU0 := procCPU(b, agentPID)
+	out, err := cmd.Output()
+	agentCPU := procCPU(b, agentPID) - agentCPU0
+	if err != nil {
+		b.Fatalf("wlload: %v\n%s", err, out)
+	}
+	var r struct {
+		Calls   int     `json:"calls"`
+		Seconds float64 `json:"seconds"`
+		P50us   int64   `json:"p50_us"`
+		P99us   int64   `json:"p99_us"`
+		CPUus   int64   `json:"cpu_us"`
+		Error   string  `json:"error"`
+	}
+	if err := json.Unmarshal(out, &r); err != nil {
+		b.Fatalf("wlload output %q: %v", out, err)
+	}
+	if r.Error != "" {
+		b.Fatalf("wlload: %s", r.Error)
+	}
+	rate := float64(r.Calls) / r.Seconds
+	n := float64(max(r.Calls, 1))
+	// The agent's CPU also covers the driver's start and its clients'
+	// connecting, which take a few milliseconds next to seconds of calls.
+	agentPer, clientPer := float64(agentCPU.Microseconds())/n, float64(r.CPUus)/n
+	p50, p99 := time.Duration(r.P50us)*time.Microsecond, time.Duration(r.P99us)*time.Microsecond
+	b.ReportMetric(rate, "calls/s")
+	b.ReportMetric(ms(p50), "p50-ms")
+	b.ReportMetric(ms(p99), "p99-ms")
+	b.ReportMetric(agentPer, "agent-cpu-µs/call")
+	b.ReportMetric(clientPer, "client-cpu-µs/call")
+	fmt.Printf("Fetch%sSVID %-6s client, concurrency %2d: %7.0f calls/s  p50 %.2f ms  p99 %.2f ms  (%d calls)  CPU/call: agent %.0f µs, client %.0f µs  [client process]\n",
+		strings.ToUpper(kind), mode, conc, rate, ms(p50), ms(p99), r.Calls, agentPer, clientPer)
+}
+
 // BenchmarkAgentWorkloadAPI: FetchX509SVID and FetchJWTSVID against a real
 // agent process, calls/s and p99 at concurrency 1 and 16, with a new client
 // per call and with a reused client (one per goroutine).
+// Each case also prints the CPU time the agent process and this process (the
+// clients) spent per call: on a small machine they share the cores, so the
+// agent's own cost per call bounds what it could serve alone. With
+// FERRY_BENCH_CLIENT=process the clients run in a separate process
+// (test/wlload) instead of this one.
 func BenchmarkAgentWorkloadAPI(b *testing.B) {
 	c := testcluster.New(b, testcluster.Options{Nodes: 1, LogLevel: "info"})
 	a := c.StartAgent("bench")
@@ -293,6 +386,7 @@ func BenchmarkAgentWorkloadAPI(b *testing.B) {
 		b.Fatal("no SVID")
 	}
 	seconds := envInt("FERRY_BENCH_SECONDS", 3)
+	agentPID := a.PID()
 	addr := workloadapi.WithAddr(a.SocketAddr())
 	params := jwtsvid.Params{Audience: "spiffe://example.org/bench"}
 	calls := map[string]struct {
@@ -311,16 +405,25 @@ func BenchmarkAgentWorkloadAPI(b *testing.B) {
 			func(ctx context.Context) error { _, err := workloadapi.FetchJWTSVID(ctx, params, addr); return err },
 		},
 	}
+	var driver string
+	if os.Getenv("FERRY_BENCH_CLIENT") == "process" {
+		driver = buildDriver(b)
+	}
 	for _, kind := range []string{"x509", "jwt"} {
 		for _, mode := range []string{"reused", "new"} {
 			for _, conc := range []int{1, 16} {
 				b.Run(fmt.Sprintf("%s/%s/c=%d", kind, mode, conc), func(b *testing.B) {
 					call := calls[kind]
 					for range b.N {
+						if driver != "" {
+							runDriver(b, driver, a, agentPID, kind, mode, conc, seconds)
+							continue
+						}
 						lats := make([][]time.Duration, conc)
 						var wg sync.WaitGroup
 						var firstErr error
 						var errMu sync.Mutex
+						agentCPU0, selfCPU0 := procCPU(b, agentPID), selfCPU()
 						stop := time.Now().Add(time.Duration(seconds) * time.Second)
 						for g := range conc {
 							wg.Add(1)
@@ -362,6 +465,7 @@ func BenchmarkAgentWorkloadAPI(b *testing.B) {
 							}()
 						}
 						wg.Wait()
+						agentCPU, selfCPU := procCPU(b, agentPID)-agentCPU0, selfCPU()-selfCPU0
 						if firstErr != nil {
 							b.Fatal(firstErr)
 						}
@@ -371,10 +475,15 @@ func BenchmarkAgentWorkloadAPI(b *testing.B) {
 						}
 						rate := float64(len(all)) / float64(seconds)
 						p50, p99 := percentile(all, 50), percentile(all, 99)
+						n := float64(max(len(all), 1))
+						agentPer, clientPer := float64(agentCPU.Microseconds())/n, float64(selfCPU.Microseconds())/n
 						b.ReportMetric(rate, "calls/s")
+						b.ReportMetric(ms(p50), "p50-ms")
 						b.ReportMetric(ms(p99), "p99-ms")
-						fmt.Printf("Fetch%sSVID %-6s client, concurrency %2d: %7.0f calls/s  p50 %.2f ms  p99 %.2f ms  (%d calls)\n",
-							strings.ToUpper(kind), mode, conc, rate, ms(p50), ms(p99), len(all))
+						b.ReportMetric(agentPer, "agent-cpu-µs/call")
+						b.ReportMetric(clientPer, "client-cpu-µs/call")
+						fmt.Printf("Fetch%sSVID %-6s client, concurrency %2d: %7.0f calls/s  p50 %.2f ms  p99 %.2f ms  (%d calls)  CPU/call: agent %.0f µs, client %.0f µs\n",
+							strings.ToUpper(kind), mode, conc, rate, ms(p50), ms(p99), len(all), agentPer, clientPer)
 					}
 				})
 			}

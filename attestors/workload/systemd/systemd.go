@@ -111,12 +111,12 @@ func New(c Config) (*Attestor, error) {
 func (a *Attestor) Name() string { return Name }
 
 // Attest returns the systemd selectors of pid that kinds asks for.
-func (a *Attestor) Attest(_ context.Context, pid int32, kinds workload.Kinds) ([]*ferrypb.Selector, error) {
+func (a *Attestor) Attest(ctx context.Context, pid int32, kinds workload.Kinds) ([]*ferrypb.Selector, error) {
 	wantID, wantFragment := kinds.Has(Name, "id"), kinds.Has(Name, "fragment_path")
 	if !wantID && !wantFragment {
 		return nil, nil
 	}
-	unit, err := a.unitOf(pid)
+	unit, err := a.unitOf(ctx, pid)
 	if err != nil {
 		return nil, err
 	}
@@ -146,12 +146,31 @@ func (a *Attestor) Attest(_ context.Context, pid int32, kinds workload.Kinds) ([
 }
 
 // unitOf returns the unit pid runs in, or "" when it is in none.
-func (a *Attestor) unitOf(pid int32) (string, error) {
+func (a *Attestor) unitOf(ctx context.Context, pid int32) (string, error) {
+	// Through the pinned process when there is one: its descriptor is bound
+	// to the process that connected (see workload.Process.ReadFile).
+	if p := workload.ProcessFrom(ctx, a.procRoot, pid); p != nil {
+		var unit string
+		var perr error
+		err := p.ReadFile("cgroup", func(r io.Reader) error {
+			unit, perr = unitFromCgroupFile(pid, r)
+			return nil
+		})
+		if err != nil {
+			return "", fmt.Errorf("systemd: pid %d: %w", pid, err)
+		}
+		return unit, perr
+	}
 	f, err := os.Open(filepath.Join(a.procRoot, strconv.FormatInt(int64(pid), 10), "cgroup"))
 	if err != nil {
 		return "", fmt.Errorf("systemd: pid %d: %w", pid, err)
 	}
 	defer f.Close()
+	return unitFromCgroupFile(pid, f)
+}
+
+// unitFromCgroupFile returns the unit named by the content of /proc/PID/cgroup.
+func unitFromCgroupFile(pid int32, f io.Reader) (string, error) {
 	var v2, v1 string
 	var haveV2, haveV1 bool
 	sc := bufio.NewScanner(io.LimitReader(f, 64<<10))

@@ -174,6 +174,30 @@ func TestKinds(t *testing.T) {
 	assert.Empty(t, got)
 }
 
+// TestReadsThroughPinnedProcess: with the caller's pin in the context, the
+// cgroup file read is the pinned process's, not whatever now sits at
+// /proc/PID.
+func TestReadsThroughPinnedProcess(t *testing.T) {
+	root := t.TempDir()
+	writeCgroup(t, root, 5, "0::/system.slice/web.service\n")
+	stat := "5 (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 4242 0 0\n"
+	require.NoError(t, os.WriteFile(filepath.Join(root, "5", "stat"), []byte(stat), 0o644))
+	p, err := workload.OpenProcessIn(root, 5)
+	require.NoError(t, err)
+	defer p.Close()
+	require.NoError(t, os.Rename(filepath.Join(root, "5"), filepath.Join(root, "old-5")))
+	writeCgroup(t, root, 5, "0::/system.slice/other.service\n")
+
+	a := newAttestor(t, systemd.Config{ProcRoot: root})
+	kinds := workload.KindsOf([]*ferrypb.Selector{{Type: "systemd", Value: "id:x"}})
+	got, err := a.Attest(workload.WithProcess(context.Background(), p), 5, kinds)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"systemd:id:web.service"}, values(got))
+	got, err = a.Attest(context.Background(), 5, kinds)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"systemd:id:other.service"}, values(got), "without a pin, by PID")
+}
+
 func TestMissingProcess(t *testing.T) {
 	a := newAttestor(t, systemd.Config{ProcRoot: t.TempDir()})
 	_, err := a.Attest(context.Background(), 4242, nil)

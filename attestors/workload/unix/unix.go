@@ -136,7 +136,7 @@ func (a *Attestor) Attest(ctx context.Context, pid int32, kinds workload.Kinds) 
 	}
 
 	if has("uid") || has("user") || has("gid") || has("group") || has("supplementary_gid") || has("supplementary_group") {
-		st, err := a.readStatus(pid)
+		st, err := a.readStatus(ctx, pid)
 		if err != nil {
 			return nil, err
 		}
@@ -173,7 +173,13 @@ func (a *Attestor) Attest(ctx context.Context, pid int32, kinds workload.Kinds) 
 	}
 	exe := a.procPath(pid, "exe")
 	if has("path") {
-		p, err := os.Readlink(exe)
+		var p string
+		var err error
+		if proc := workload.ProcessFrom(ctx, a.hooks.ProcRoot, pid); proc != nil {
+			p, err = proc.Readlink("exe")
+		} else {
+			p, err = os.Readlink(exe)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("unix: pid %d: executable path: %w", pid, err)
 		}
@@ -202,13 +208,35 @@ type status struct {
 // /proc/PID/status. Lines are "Uid:\treal\teffective\tsaved\tfs", likewise Gid,
 // and "Groups:\tg1 g2 …". It stops reading once it has all three (they come
 // early in the file), and splits only those lines.
-func (a *Attestor) readStatus(pid int32) (status, error) {
+//
+// When ctx carries the pinned process (workload.ProcessFrom), the file is read
+// through it: the descriptor it keeps is bound to that process, so the
+// content cannot come from another process that reused the PID, and it saves
+// an open and a close per attestation. The content is read afresh each time.
+func (a *Attestor) readStatus(ctx context.Context, pid int32) (status, error) {
+	if p := workload.ProcessFrom(ctx, a.hooks.ProcRoot, pid); p != nil {
+		var st status
+		var perr error
+		err := p.ReadFile("status", func(r io.Reader) error {
+			st, perr = parseStatus(pid, r)
+			return nil
+		})
+		if err != nil {
+			return status{}, fmt.Errorf("unix: pid %d: %w", pid, err)
+		}
+		return st, perr
+	}
 	f, err := openProcFile(a.procPath(pid, "status"))
 	if err != nil {
 		return status{}, fmt.Errorf("unix: pid %d: %w", pid, err)
 	}
 	defer f.Close()
+	return parseStatus(pid, f)
+}
 
+// parseStatus reads the ids from a /proc/PID/status reader (see readStatus).
+// A read of 0 bytes, with or without io.EOF, is the end of the file.
+func parseStatus(pid int32, f io.Reader) (status, error) {
 	bp := statusBufs.Get().(*[]byte)
 	defer statusBufs.Put(bp)
 	data := (*bp)[:0]
@@ -244,6 +272,9 @@ func (a *Attestor) readStatus(pid int32) (status, error) {
 			data = slices.Grow(data, cap(data))
 		}
 		n, err := f.Read(data[len(data):min(cap(data), maxStatusSize)])
+		if err == io.EOF {
+			n, err = 0, nil
+		}
 		if err != nil {
 			return status{}, fmt.Errorf("unix: pid %d: read status: %w", pid, err)
 		}

@@ -294,23 +294,62 @@ func TestStatusEdgeCases(t *testing.T) {
 		},
 	}
 	for i, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			root := t.TempDir()
-			writeStatus(t, root, 100+i, tt.status)
-			h := hooks
-			h.ProcRoot = root
-			a := newAttestor(t, unix.Config{Hooks: h})
-			got, err := a.Attest(context.Background(), int32(100+i), idKinds)
-			if tt.wantErr != "" {
-				require.Error(t, err)
-				assert.Contains(t, err.Error(), tt.wantErr)
-				assert.Contains(t, err.Error(), "unix: ")
-				return
-			}
-			require.NoError(t, err)
-			assert.ElementsMatch(t, tt.want, values(got))
-		})
+		for _, pinned := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/pinned=%v", tt.name, pinned), func(t *testing.T) {
+				root := t.TempDir()
+				writeStatus(t, root, 100+i, tt.status)
+				h := hooks
+				h.ProcRoot = root
+				a := newAttestor(t, unix.Config{Hooks: h})
+				ctx := context.Background()
+				if pinned {
+					ctx = pin(t, ctx, root, 100+i)
+				}
+				got, err := a.Attest(ctx, int32(100+i), idKinds)
+				if tt.wantErr != "" {
+					require.Error(t, err)
+					assert.Contains(t, err.Error(), tt.wantErr)
+					assert.Contains(t, err.Error(), "unix: ")
+					return
+				}
+				require.NoError(t, err)
+				assert.ElementsMatch(t, tt.want, values(got))
+			})
+		}
 	}
+}
+
+// pin opens the fake process pid under root (writing it a stat file) and
+// returns ctx carrying it, as the Workload API passes its callers.
+func pin(t *testing.T, ctx context.Context, root string, pid int) context.Context {
+	t.Helper()
+	stat := fmt.Sprintf("%d (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 4242 0 0\n", pid)
+	require.NoError(t, os.WriteFile(filepath.Join(root, fmt.Sprint(pid), "stat"), []byte(stat), 0o644))
+	p, err := workload.OpenProcessIn(root, int32(pid))
+	require.NoError(t, err)
+	t.Cleanup(func() { p.Close() })
+	return workload.WithProcess(ctx, p)
+}
+
+// TestReadsThroughPinnedProcess: with the caller's pin in the context, the
+// attestor reads the pinned process's files, not whatever now sits at
+// /proc/PID.
+func TestReadsThroughPinnedProcess(t *testing.T) {
+	root := t.TempDir()
+	writeStatus(t, root, 77, "Uid:\t5\t5\t5\t5\nGid:\t6\t6\t6\t6\n")
+	ctx := pin(t, context.Background(), root, 77)
+	// The pinned directory moves away and another "process" takes its PID.
+	require.NoError(t, os.Rename(filepath.Join(root, "77"), filepath.Join(root, "old-77")))
+	writeStatus(t, root, 77, "Uid:\t9\t9\t9\t9\nGid:\t9\t9\t9\t9\n")
+
+	a := newAttestor(t, unix.Config{DisableWorkloadPath: true, Hooks: unix.Hooks{ProcRoot: root}})
+	kinds := workload.KindsOf([]*ferrypb.Selector{{Type: "unix", Value: "uid:0"}, {Type: "unix", Value: "gid:0"}})
+	got, err := a.Attest(ctx, 77, kinds)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"unix:uid:5", "unix:gid:6"}, values(got))
+	got, err = a.Attest(context.Background(), 77, kinds)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"unix:uid:9", "unix:gid:9"}, values(got), "without a pin, by PID")
 }
 
 func TestMissingProcess(t *testing.T) {
