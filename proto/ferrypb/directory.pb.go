@@ -283,12 +283,15 @@ type CreateIdentityRequest struct {
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// tenant_id: empty means the only tenant; a tenant named "default" is created
 	// when there is none.
-	TenantId      string `protobuf:"bytes,2,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
-	Kind          string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`                                          // default "user-assigned"
-	ResourceId    string `protobuf:"bytes,4,opt,name=resource_id,json=resourceId,proto3" json:"resource_id,omitempty"`            // default an ARM-style ID derived from tenant and name
-	OwnerSpiffeId string `protobuf:"bytes,5,opt,name=owner_spiffe_id,json=ownerSpiffeId,proto3" json:"owner_spiffe_id,omitempty"` // system-assigned only
-	OwnerEntryId  string `protobuf:"bytes,6,opt,name=owner_entry_id,json=ownerEntryId,proto3" json:"owner_entry_id,omitempty"`    // system-assigned only
-	RequestId     string `protobuf:"bytes,7,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`               // idempotency key
+	TenantId   string `protobuf:"bytes,2,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	Kind       string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`                               // "user-assigned" (default) or "application"
+	ResourceId string `protobuf:"bytes,4,opt,name=resource_id,json=resourceId,proto3" json:"resource_id,omitempty"` // default an ARM-style ID derived from tenant and name
+	// owner_spiffe_id, owner_entry_id: refused. A system-assigned identity is
+	// enabled on its entry (Admin.BatchCreateEntry/BatchUpdateEntry) or agent
+	// (Admin.SetAgentIdentity), never created on its own.
+	OwnerSpiffeId string `protobuf:"bytes,5,opt,name=owner_spiffe_id,json=ownerSpiffeId,proto3" json:"owner_spiffe_id,omitempty"`
+	OwnerEntryId  string `protobuf:"bytes,6,opt,name=owner_entry_id,json=ownerEntryId,proto3" json:"owner_entry_id,omitempty"`
+	RequestId     string `protobuf:"bytes,7,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // idempotency key
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
