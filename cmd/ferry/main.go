@@ -43,6 +43,7 @@ func newApp() *cli.App {
 			x509Command(),
 			jwtCommand(),
 			federationCommand(),
+			demoAPICommand(),
 		},
 	}
 }

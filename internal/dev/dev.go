@@ -14,6 +14,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -27,6 +28,7 @@ import (
 	"github.com/ferry-id/ferry/agent"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/bridge/service"
+	"github.com/ferry-id/ferry/demoapi"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 
 	"github.com/ferry-id/ferry/server"
@@ -79,6 +81,7 @@ type ports struct {
 	Bridge  int `json:"bridge"`
 	OIDC    int `json:"oidc"`
 	IMDS    int `json:"imds"`
+	DemoAPI int `json:"demo_api"`
 }
 
 func (s *Stack) ports() (ports, error) {
@@ -88,35 +91,22 @@ func (s *Stack) ports() (ports, error) {
 		if err := json.Unmarshal(data, &p); err != nil {
 			return p, fmt.Errorf("dev: %s: %w", path, err)
 		}
-		if p.IMDS != 0 {
-			return p, nil
+	}
+	// A new data dir gets every port; one from an earlier version gets the
+	// ports it lacks, and keeps the others.
+	changed := false
+	for _, port := range []*int{&p.Cluster, &p.Health, &p.Agent, &p.Bridge, &p.OIDC, &p.IMDS, &p.DemoAPI} {
+		if *port != 0 {
+			continue
 		}
-		// A data dir from before the token endpoint: add its port.
 		var err error
-		if p.IMDS, err = freePort(); err != nil {
+		if *port, err = freePort(); err != nil {
 			return p, err
 		}
-		data, _ := json.Marshal(p)
-		return p, os.WriteFile(path, data, 0o600)
+		changed = true
 	}
-	var err error
-	if p.Cluster, err = freePort(); err != nil {
-		return p, err
-	}
-	if p.Health, err = freePort(); err != nil {
-		return p, err
-	}
-	if p.Agent, err = freePort(); err != nil {
-		return p, err
-	}
-	if p.Bridge, err = freePort(); err != nil {
-		return p, err
-	}
-	if p.OIDC, err = freePort(); err != nil {
-		return p, err
-	}
-	if p.IMDS, err = freePort(); err != nil {
-		return p, err
+	if !changed {
+		return p, nil
 	}
 	data, _ := json.Marshal(p)
 	return p, os.WriteFile(path, data, 0o600)
@@ -213,6 +203,10 @@ func (s *Stack) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	demoURL, demoCmd, err := s.startDemoAPI(ctx, adminSocket, br, tenant, fmt.Sprintf("127.0.0.1:%d", p.DemoAPI), errc)
+	if err != nil {
+		return err
+	}
 	agentSocket := filepath.Join(dir, "public", "api.sock")
 	env := map[string]string{
 		"AZURE_AUTHORITY_HOST":   br.BaseURL(),
@@ -225,41 +219,127 @@ func (s *Stack) Run(ctx context.Context) error {
 		"FERRY_AGENT_ID":         ag.Session().SpiffeID().String(),
 		"IDENTITY_ENDPOINT":      "http://" + imdsAddr + "/metadata/identity/oauth2/token",
 		"IMDS_ENDPOINT":          "http://" + imdsAddr,
+		"DEMO_API":               demoURL,
 	}
 	envFile := filepath.Join(dir, "env")
 	if err := writeEnv(envFile, env); err != nil {
 		return err
 	}
-	fmt.Fprintf(s.cfg.Out, `
-ferry is running (trust domain %s). In another shell (bin/ on your PATH):
+	td := s.cfg.TrustDomain.String()
+	fmt.Fprint(s.cfg.Out, strings.NewReplacer("{td}", td, "{env}", envFile, "{demo-cmd}", demoCmd).Replace(walkthrough))
+	return <-errc
+}
 
-  . %s
+// DemoResource is the API ferry dev registers and serves with the demo API:
+// its identifier URI and the app role callers need.
+const (
+	DemoResource = "api://demo"
+	DemoRole     = "reader"
+)
+
+// walkthrough is printed once the stack is ready. Every indented line that is
+// not a comment runs as printed, in order, in bash (test/e2e runs it so). A
+// trailing comment that starts with an HTTP status, or with a quoted string,
+// says what the command shows.
+const walkthrough = `
+ferry is running (trust domain {td}). In another shell (bin/ on your PATH):
+
+  . {env}
   # an identity for this user's processes, delivered by the Workload API
-  ferry entry create --spiffe-id spiffe://%s/web --parent-id $FERRY_AGENT_ID --selector unix:uid:$(id -u)
+  ferry entry create --spiffe-id spiffe://{td}/web --parent-id $FERRY_AGENT_ID --selector unix:uid:$(id -u)
   ferry api fetch x509
   ferry api fetch jwt --audience api://AzureADTokenExchange
 
-  # spend it at the Entra-style bridge: an identity federated to that SPIFFE ID,
-  # an API with an app role, and a token for it
+  # an Entra-style managed identity federated to that SPIFFE ID
   ferry identity create --name web-id
   ferry identity federated-credential create --identity-name web-id --name web \
-      --issuer $FERRY_JWT_ISSUER --subject spiffe://%s/web
-  ferry resource create --name demo --identifier-uri api://demo --app-role reader
-  ferry role assign --identity-name web-id --resource api://demo --role reader
-  curl -s --cacert $FERRY_BRIDGE_CA $AZURE_AUTHORITY_HOST/$AZURE_TENANT_ID/oauth2/v2.0/token \
+      --issuer $FERRY_JWT_ISSUER --subject spiffe://{td}/web
+
+  # the demo API at $DEMO_API accepts tokens for api://demo that carry its app
+  # role reader; ferry dev registered the resource and runs the API as (with
+  # the env file sourced) {demo-cmd}
+  # trade the JWT-SVID for an access token at the bridge, and call the API:
+  tok=$(curl -s --cacert $FERRY_BRIDGE_CA $AZURE_AUTHORITY_HOST/$AZURE_TENANT_ID/oauth2/v2.0/token \
       -d grant_type=client_credentials -d scope=api://demo/.default \
       -d client_id=$(ferry identity show --name web-id --output json | sed -n 's/.*"client_id": "\(.*\)".*/\1/p') \
       -d client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer \
-      -d client_assertion=$(ferry api fetch jwt --audience api://AzureADTokenExchange)
+      -d client_assertion=$(ferry api fetch jwt --audience api://AzureADTokenExchange) | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p')
+  curl -si -H "Authorization: Bearer $tok" $DEMO_API       # 403: "insufficient_scope", web-id does not hold the role yet
+  ferry role assign --identity-name web-id --resource api://demo --role reader
 
   # or let the agent do all that, as Azure Arc's endpoint does for Azure SDKs
-  # (IDENTITY_ENDPOINT and IMDS_ENDPOINT are in the env file):
+  # (IDENTITY_ENDPOINT and IMDS_ENDPOINT are in the env file): a request without
+  # a secret is answered 401, naming a file that only the caller can read
+  curl -si -H Metadata:true "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=api://demo"   # 401: "Www-Authenticate: Basic realm=/"
   p=$(curl -s -D - -H Metadata:true "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=api://demo" | grep Www-Authenticate | cut -d "=" -f 2 | tr -d "[:cntrl:]")
-  curl -s -H Metadata:true -H "Authorization: Basic $(cat $p)" "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=api://demo"
+  ls -l $p                                                 # "-rw-------": yours only
+  # the second request sends the file's content, and gets the token
+  curl -s -H Metadata:true -H "Authorization: Basic $(cat $p)" "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=api://demo"   # "access_token"
+  # the same two steps as a shell function, and the API called with the token
+  mi() { p=$(curl -s -D - -H Metadata:true "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=$1" | grep Www-Authenticate | cut -d "=" -f 2 | tr -d "[:cntrl:]"); curl -s -H Metadata:true -H "Authorization: Basic $(cat $p)" "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=$1"; }
+  curl -si -H "Authorization: Bearer $(mi api://demo | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p')" $DEMO_API    # 200: who called, with "roles":["reader"]
+
+  # a token for another resource is refused by the API
+  ferry resource create --name other --identifier-uri api://other
+  curl -si -H "Authorization: Bearer $(mi api://other | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p')" $DEMO_API   # 401: "invalid_token", the audience is not accepted
+
+  # another user's processes get nothing: they cannot read your challenge file,
+  # and no entry selects them
+  p=$(curl -s -D - -H Metadata:true "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=api://demo" | grep Www-Authenticate | cut -d "=" -f 2 | tr -d "[:cntrl:]")
+  sudo -u nobody cat $p                                    # "Permission denied"
+  sudo -u nobody bash -c "$(declare -f mi); IDENTITY_ENDPOINT=$IDENTITY_ENDPOINT mi api://demo"   # "Identity not found"
 
 Stop with Ctrl-C; start again with the same data dir to carry on where you left off.
-`, s.cfg.TrustDomain, envFile, s.cfg.TrustDomain, s.cfg.TrustDomain)
-	return <-errc
+`
+
+// startDemoAPI registers the demo resource (once per data dir) and serves the
+// demo API on addr, trusting the bridge's CA. It returns the API's URL and the
+// equivalent ferry demo-api command.
+func (s *Stack) startDemoAPI(ctx context.Context, adminSocket string, br *service.Service, tenant, addr string, errc chan error) (string, string, error) {
+	conn, err := grpc.NewClient("unix://"+adminSocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return "", "", err
+	}
+	defer conn.Close()
+	dir := ferrypb.NewDirectoryClient(conn)
+	list, err := dir.ListResources(ctx, &ferrypb.ListResourcesRequest{TenantId: tenant})
+	if err != nil {
+		return "", "", fmt.Errorf("dev: resources: %w", err)
+	}
+	var appID string
+	for _, r := range list.Resources {
+		if slices.Contains(r.IdentifierUris, DemoResource) {
+			appID = r.AppId
+		}
+	}
+	if appID == "" {
+		r, err := dir.CreateResource(ctx, &ferrypb.CreateResourceRequest{
+			Name: "demo", TenantId: tenant, IdentifierUris: []string{DemoResource},
+			AppRoles: []*ferrypb.AppRole{{Value: DemoRole}}, RequestId: "dev-demo-resource",
+		})
+		if err != nil {
+			return "", "", fmt.Errorf("dev: demo resource: %w", err)
+		}
+		appID = r.AppId
+	}
+	client, err := demoapi.HTTPClient(br.CAFile())
+	if err != nil {
+		return "", "", err
+	}
+	api, err := demoapi.New(demoapi.Config{
+		Authority: br.BaseURL(), Tenant: tenant, Audiences: []string{DemoResource, appID}, Role: DemoRole,
+		HTTPClient: client, Logger: s.log.With("role", "demo-api"),
+	})
+	if err != nil {
+		return "", "", err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return "", "", fmt.Errorf("dev: demo API: %w", err)
+	}
+	go func() { errc <- api.Serve(ctx, ln, nil) }()
+	cmd := fmt.Sprintf("ferry demo-api --listen %s --audience %s --audience %s --role %s", addr, DemoResource, appID, DemoRole)
+	return "http://" + addr + "/", cmd, nil
 }
 
 // startAgent waits for the server's CA to publish its first keys, gets a join
