@@ -23,7 +23,16 @@ const (
 	CodeNoFICIssuer            = 700211  // no FIC for the assertion's issuer
 	CodeNoFICAudience          = 700212  // no FIC for the assertion's audience
 	CodeNoFICSubject           = 700213  // no FIC for the assertion's subject
-	CodeOwnTokenForbidden      = 700229  // the bridge's own tokens are not assertions
+	// CodeOwnTokenForbidden refuses a token this service issued, presented
+	// as a client assertion. Entra's docs say its own tokens cannot be used
+	// as the external token of a federated flow (workload-identity-federation,
+	// note) without naming a code; the closest documented code is
+	// AADSTS700229 ForbiddenTokenType ("Only app-only tokens can be used as
+	// Federated Identity Credentials for Microsoft Entra issuer"), the refusal
+	// of an Entra-issued token as a federated credential. It fits better than
+	// 700211 (no FIC for the issuer: wrong when a FIC names our issuer) or
+	// 50027 (malformed: the token is well-formed).
+	CodeOwnTokenForbidden = 700229
 	CodeUnknownResource        = 500011  // resource not found in tenant
 	CodeMissingParameter       = 900144  // a required parameter is missing
 	CodeMethodNotAllowed       = 900561  // endpoint accepts POST only

@@ -5,6 +5,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/base64"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -210,11 +211,61 @@ func TestOwnTokenRefused(t *testing.T) {
 	res := f.post(t, v2Token, v2Form(svid(t)))
 	require.Equal(t, http.StatusOK, res.status)
 	own := res.body["access_token"].(string)
+	res = f.post(t, v1Token, v1Form(svid(t)))
+	require.Equal(t, http.StatusOK, res.status)
+	ownV1 := res.body["access_token"].(string)
 	f.dir.SetFederatedCredentials(objectID, &ferrypb.FederatedCredential{
 		IdentityObjectId: objectID, Name: "loop", Issuer: baseURL + "/" + tenantID + "/v2.0",
 		Subject: objectID, Audiences: []string{resAppID},
 	})
 	requireError(t, f.post(t, v2Token, v2Form(own)), 401, "invalid_client", bridge.CodeOwnTokenForbidden)
+
+	// A v1 token (issuer https://host/{tid}/) through the v1 endpoint, with a
+	// credential naming the v1 issuer.
+	f.dir.SetFederatedCredentials(objectID, &ferrypb.FederatedCredential{
+		IdentityObjectId: objectID, Name: "loop-v1", Issuer: baseURL + "/" + tenantID + "/",
+		Subject: objectID, Audiences: []string{resURI},
+	})
+	requireError(t, f.post(t, v1Token, v1Form(ownV1)), 401, "invalid_client", bridge.CodeOwnTokenForbidden)
+}
+
+// The bridge's issuer is refused for every tenant and every spelling of its
+// host, before any credential is consulted, even when a credential names it.
+func TestOwnIssuerRefused(t *testing.T) {
+	f := newFixture(t)
+	const otherTenant = "0a0a0a0a-0000-4000-8000-000000000001"
+	for _, iss := range []string{
+		baseURL + "/" + tenantID + "/v2.0",
+		baseURL + "/" + otherTenant + "/v2.0",
+		baseURL + "/" + otherTenant + "/",
+		baseURL,
+		"https://BRIDGE.test:8443/" + tenantID + "/v2.0",
+	} {
+		t.Run(iss, func(t *testing.T) {
+			f.dir.SetFederatedCredentials(objectID, &ferrypb.FederatedCredential{
+				IdentityObjectId: objectID, Name: "bridge-issuer", Issuer: iss, Subject: spiffeID, Audiences: []string{exchangeAz},
+			})
+			requireError(t, f.post(t, v2Token, v2Form(assertFrom(t, iss))), 401, "invalid_client", bridge.CodeOwnTokenForbidden)
+		})
+	}
+	// Another host is not the bridge: the usual credential rules apply.
+	requireError(t, f.post(t, v2Token, v2Form(assertFrom(t, "https://bridge.test:9443/"+tenantID+"/v2.0"))), 401, "invalid_client", bridge.CodeNoFICIssuer)
+
+	// Without a configured base URL the request's host is the bridge's, and
+	// the default port is implied.
+	g := newFixture(t, func(c *bridge.Config) { c.BaseURL = "" })
+	req := httptest.NewRequest(http.MethodPost, v2Token, strings.NewReader(v2Form(assertFrom(t, "https://login.bridge.test/"+tenantID+"/v2.0")).Encode()))
+	req.Host = "login.bridge.test:443"
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	res := g.do(t, req)
+	require.Equal(t, http.StatusUnauthorized, res.status)
+	require.Equal(t, "invalid_client", res.body["error"])
+	require.Contains(t, res.body["error_description"], fmt.Sprintf("AADSTS%d:", bridge.CodeOwnTokenForbidden))
+}
+
+// assertFrom mints an assertion from the local trust domain's key with issuer iss.
+func assertFrom(t *testing.T, iss string) string {
+	return svid(t, func(c jwt.MapClaims, _ map[string]any) { c["iss"] = iss })
 }
 
 // Expiry is honoured with a 60 s leeway, to the second.

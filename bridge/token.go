@@ -312,11 +312,14 @@ func matchError(err error) *oauthError {
 	return invalidClient(code, "No matching federated identity record found for presented assertion %s '%s'. %s", me.Field, v, check)
 }
 
-// isOwnToken reports whether tok was issued by this token service: its issuer
-// lies under the bridge's base URL, or its kid is one of the replicas' keys.
+// isOwnToken reports whether tok was issued by this token service, for any
+// tenant and whatever credential names its issuer: its issuer lies under the
+// bridge's base URL (the configured one, or the one this request reached;
+// scheme and host compared as URLs compare them: case-insensitively, the
+// default port implied), or its kid is one of the replicas' keys.
 func (b *Bridge) isOwnToken(r *http.Request, tok *assertion.Token) bool {
 	for _, base := range []string{b.cfg.BaseURL, b.baseURL(r)} {
-		if base != "" && (tok.Issuer == base || strings.HasPrefix(tok.Issuer, base+"/")) {
+		if underBase(tok.Issuer, base) {
 			return true
 		}
 	}
@@ -329,6 +332,34 @@ func (b *Bridge) isOwnToken(r *http.Request, tok *assertion.Token) bool {
 		}
 	}
 	return false
+}
+
+// underBase reports whether issuer is base (https://host[:port]) or a path
+// under it.
+func underBase(issuer, base string) bool {
+	if base == "" {
+		return false
+	}
+	u, err := url.Parse(issuer)
+	if err != nil || u.Host == "" {
+		return false
+	}
+	bu, err := url.Parse(base)
+	if err != nil {
+		return false
+	}
+	return strings.EqualFold(u.Scheme, bu.Scheme) && sameHost(u, bu)
+}
+
+// sameHost compares hosts case-insensitively, with https's default port.
+func sameHost(a, b *url.URL) bool {
+	port := func(u *url.URL) string {
+		if p := u.Port(); p != "" {
+			return p
+		}
+		return "443"
+	}
+	return strings.EqualFold(a.Hostname(), b.Hostname()) && port(a) == port(b)
 }
 
 // accessClaims are the claims of an Entra-style app-only access token.

@@ -191,7 +191,7 @@ func (s *Server) Run(ctx context.Context) error {
 		return err
 	}
 	admin, err := api.NewAdmin(api.Config{Cluster: clusterAPI{node, s.store}, Store: s.store, Logger: s.log.With("component", "admin"),
-		Authority: authority, TrustDomain: s.cfg.TrustDomain})
+		Authority: authority, TrustDomain: s.cfg.TrustDomain, JWTIssuer: s.cfg.CA.JWTIssuer})
 	if err != nil {
 		return err
 	}

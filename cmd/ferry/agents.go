@@ -60,6 +60,9 @@ func agentAdminCommands() []*cli.Command {
 			fmt.Fprintf(tw, "SVID expires\t: %s\n", time.Unix(n.CertNotAfter, 0).UTC().Format(time.RFC3339))
 		}
 		fmt.Fprintf(tw, "Banned\t: %t\n", n.Banned)
+		if n.SystemAssignedIdentity {
+			fmt.Fprintf(tw, "System-assigned identity\t: enabled\n")
+		}
 		for _, s := range n.Selectors {
 			fmt.Fprintf(tw, "Selector\t: %s:%s\n", s.Type, s.Value)
 		}
@@ -68,6 +71,7 @@ func agentAdminCommands() []*cli.Command {
 		return nil
 	}
 	return []*cli.Command{
+		agentIdentityCommand(),
 		{
 			Name: "list", Usage: "list attested agents", Flags: adminFlags(),
 			Action: func(c *cli.Context) error {
@@ -212,6 +216,60 @@ func bundleCommand() *cli.Command {
 						return nil
 					})
 				},
+			},
+		},
+	}
+}
+
+// agentIdentityCommand enables and disables an agent's system-assigned identity.
+func agentIdentityCommand() *cli.Command {
+	set := func(enabled bool) cli.ActionFunc {
+		return func(c *cli.Context) error {
+			id := c.String("spiffe-id")
+			if id == "" {
+				id = c.Args().First()
+			}
+			if id == "" || c.Args().Len() > 1 || c.String("spiffe-id") != "" && c.Args().Len() > 0 {
+				return errors.New("name the agent: ferry agent identity enable|disable SPIFFE_ID (or --spiffe-id)")
+			}
+			return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
+				resp, err := a.SetAgentIdentity(ctx, &ferrypb.SetAgentIdentityRequest{SpiffeId: id, Enabled: enabled, TenantId: c.String("tenant"), RequestId: c.String("request-id")})
+				if err != nil {
+					return err
+				}
+				if jsonOutput(c) {
+					return printJSON(c.App.Writer, resp)
+				}
+				switch i := resp.Identity; {
+				case enabled && i != nil:
+					fmt.Fprintf(c.App.Writer, "System-assigned identity %s of agent %s: principal ID %s, client ID %s\n", i.Name, id, i.ObjectId, i.ClientId)
+				case i != nil:
+					fmt.Fprintf(c.App.Writer, "Deleted the system-assigned identity %s of agent %s (principal ID %s) with its role assignments\n", i.Name, id, i.ObjectId)
+				default:
+					fmt.Fprintf(c.App.Writer, "Agent %s has no system-assigned identity\n", id)
+				}
+				return nil
+			})
+		}
+	}
+	flags := func() []cli.Flag {
+		return adminFlags(
+			&cli.StringFlag{Name: "spiffe-id", Usage: "the agent's SPIFFE ID (or as the argument)"},
+			&cli.StringFlag{Name: "request-id", Usage: "idempotency key"},
+		)
+	}
+	return &cli.Command{
+		Name:  "identity",
+		Usage: "an attested agent's system-assigned managed identity",
+		Subcommands: []*cli.Command{
+			{
+				Name: "enable", Usage: "give the agent a system-assigned identity, deleted when it is evicted", ArgsUsage: "SPIFFE_ID",
+				Flags:  append(flags(), &cli.StringFlag{Name: "tenant", Usage: "tenant of the identity (default: the only tenant)"}),
+				Action: set(true),
+			},
+			{
+				Name: "disable", Usage: "delete the agent's system-assigned identity with its role assignments", ArgsUsage: "SPIFFE_ID",
+				Flags: flags(), Action: set(false),
 			},
 		},
 	}

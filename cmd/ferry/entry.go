@@ -32,6 +32,8 @@ func entryFlags(update bool) []cli.Flag {
 		&cli.BoolFlag{Name: "admin", Usage: "the workload may use the admin API"},
 		&cli.BoolFlag{Name: "downstream", Usage: "the workload is a downstream server"},
 		&cli.Int64Flag{Name: "expires-at", Usage: "unix time after which the entry is no longer served"},
+		&cli.BoolFlag{Name: "system-assigned-identity", Usage: "give the entry a system-assigned managed identity, created and deleted with it (update: =false deletes it with its role assignments; not given keeps it)"},
+		&cli.StringFlag{Name: "identity-tenant", Usage: "tenant of the system-assigned identity (default: the only tenant)"},
 		&cli.Int64Flag{Name: "revision", Usage: "update only if the entry still has this revision"},
 		&cli.StringFlag{Name: "data", Usage: `JSON file {"entries":[...]} to create or update many entries at once ("-" for stdin)`},
 		&cli.StringFlag{Name: "request-id", Usage: "idempotency key: retrying with the same ID applies once"},
@@ -136,13 +138,24 @@ func entryWrite(update bool) cli.ActionFunc {
 			}
 			entries = []*ferrypb.Entry{e}
 		}
+		keep := update && c.String("data") == "" && !c.IsSet("system-assigned-identity")
+		tenant := c.String("identity-tenant")
 		return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
+			if keep {
+				// An update from flags keeps the entry's identity unless the
+				// flag says otherwise: replacing it would delete its roles.
+				old, err := a.GetEntry(ctx, &ferrypb.GetEntryRequest{Id: entries[0].Id})
+				if err != nil {
+					return err
+				}
+				entries[0].SystemAssignedIdentity = old.SystemAssignedIdentity
+			}
 			var resp *ferrypb.BatchEntryResponse
 			var err error
 			if update {
-				resp, err = a.BatchUpdateEntry(ctx, &ferrypb.BatchUpdateEntryRequest{Entries: entries, RequestId: c.String("request-id")})
+				resp, err = a.BatchUpdateEntry(ctx, &ferrypb.BatchUpdateEntryRequest{Entries: entries, RequestId: c.String("request-id"), IdentityTenantId: tenant})
 			} else {
-				resp, err = a.BatchCreateEntry(ctx, &ferrypb.BatchCreateEntryRequest{Entries: entries, RequestId: c.String("request-id")})
+				resp, err = a.BatchCreateEntry(ctx, &ferrypb.BatchCreateEntryRequest{Entries: entries, RequestId: c.String("request-id"), IdentityTenantId: tenant})
 			}
 			if err != nil {
 				return err
@@ -186,6 +199,8 @@ func entryFromFlags(c *cli.Context) (*ferrypb.Entry, error) {
 		Downstream:    c.Bool("downstream"),
 		ExpiresAt:     c.Int64("expires-at"),
 		Revision:      uint64(c.Int64("revision")),
+
+		SystemAssignedIdentity: c.Bool("system-assigned-identity"),
 	}
 	if e.SpiffeId == "" || e.ParentId == "" {
 		return nil, errors.New("--spiffe-id and --parent-id are required (or --data FILE)")
@@ -244,6 +259,9 @@ func printBatch(c *cli.Context, resp *ferrypb.BatchEntryResponse, ids []string) 
 	if len(resp.Results) > 20 {
 		fmt.Fprintf(c.App.Writer, "%d succeeded, %d failed (index %d)\n", len(resp.Results)-failed, failed, resp.Index)
 	}
+	for _, i := range resp.Identities {
+		fmt.Fprintf(c.App.Writer, "System-assigned identity %s of entry %s: principal ID %s, client ID %s\n", i.Name, i.OwnerEntryId, i.ObjectId, i.ClientId)
+	}
 	if failed > 0 {
 		return fmt.Errorf("%d of %d failed", failed, len(resp.Results))
 	}
@@ -279,6 +297,9 @@ func printEntry(w io.Writer, e *ferrypb.Entry) {
 	}
 	if e.Downstream {
 		fmt.Fprintf(tw, "Downstream\t: true\n")
+	}
+	if e.SystemAssignedIdentity {
+		fmt.Fprintf(tw, "System-assigned identity\t: enabled\n")
 	}
 	if e.ExpiresAt != 0 {
 		fmt.Fprintf(tw, "Expires at\t: %s\n", time.Unix(e.ExpiresAt, 0).UTC().Format(time.RFC3339))

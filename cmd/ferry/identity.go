@@ -131,18 +131,15 @@ func identityCommand() *cli.Command {
 				Flags: adminFlags(
 					&cli.StringFlag{Name: "name", Usage: "identity name (3-128 of A-Z a-z 0-9 - _)", Required: true},
 					tenantFlag,
-					&cli.StringFlag{Name: "kind", Usage: "user-assigned, system-assigned or application", Value: "user-assigned"},
+					&cli.StringFlag{Name: "kind", Usage: "user-assigned or application (a system-assigned identity is enabled on its entry or agent instead)", Value: "user-assigned"},
 					&cli.StringFlag{Name: "resource-id", Usage: "ARM-style resource ID clients may select it by (default: derived from tenant and name)"},
-					&cli.StringFlag{Name: "owner-spiffe-id", Usage: "system-assigned: the only SPIFFE ID that may use it"},
-					&cli.StringFlag{Name: "owner-entry-id", Usage: "system-assigned: the registration entry it belongs to"},
 					&cli.StringFlag{Name: "request-id", Usage: "idempotency key"},
 				),
 				Action: func(c *cli.Context) error {
 					return withDirectory(c, func(ctx context.Context, d ferrypb.DirectoryClient) error {
 						i, err := d.CreateIdentity(ctx, &ferrypb.CreateIdentityRequest{
 							Name: c.String("name"), TenantId: c.String("tenant"), Kind: c.String("kind"),
-							ResourceId: c.String("resource-id"), OwnerSpiffeId: c.String("owner-spiffe-id"),
-							OwnerEntryId: c.String("owner-entry-id"), RequestId: c.String("request-id"),
+							ResourceId: c.String("resource-id"), RequestId: c.String("request-id"),
 						})
 						if err != nil {
 							return err
@@ -168,7 +165,7 @@ func identityCommand() *cli.Command {
 				},
 			},
 			{
-				Name: "show", Usage: "show one identity",
+				Name: "show", Usage: "show an identity, the workloads that can use it and why, and its role assignments",
 				Flags: adminFlags(identityRefFlags("")...),
 				Action: func(c *cli.Context) error {
 					ref, err := identityRef(c, "")
@@ -176,11 +173,15 @@ func identityCommand() *cli.Command {
 						return err
 					}
 					return withDirectory(c, func(ctx context.Context, d ferrypb.DirectoryClient) error {
-						i, err := d.GetIdentity(ctx, &ferrypb.GetIdentityRequest{Identity: ref})
+						u, err := d.ShowIdentity(ctx, &ferrypb.ShowIdentityRequest{Identity: ref})
 						if err != nil {
 							return err
 						}
-						return printRows(c, []*ferrypb.Identity{i}, printIdentity)
+						if jsonOutput(c) {
+							return printJSON(c.App.Writer, u)
+						}
+						printUsage(c.App.Writer, u)
+						return nil
 					})
 				},
 			},
@@ -221,6 +222,44 @@ func printIdentity(w io.Writer, i *ferrypb.Identity) {
 		"Owner SPIFFE ID", i.OwnerSpiffeId,
 		"Owner entry ID", i.OwnerEntryId,
 	)
+}
+
+// printUsage prints an identity with who can use it, why, and its roles.
+func printUsage(w io.Writer, u *ferrypb.IdentityUsage) {
+	printIdentity(w, u.Identity)
+	switch {
+	case u.OwnerEntry != nil:
+		fmt.Fprintf(w, "Owner: registration entry %s (%s); deleted with it\n\n", u.OwnerEntry.Id, u.OwnerEntry.SpiffeId)
+	case u.OwnerAgent != nil:
+		fmt.Fprintf(w, "Owner: agent %s; deleted when it is evicted\n\n", u.OwnerAgent.SpiffeId)
+	case u.Identity.GetKind() == "system-assigned":
+		fmt.Fprintf(w, "Owner: gone\n\n")
+	}
+	fmt.Fprintf(w, "Federated credentials (%d)\n", len(u.Credentials))
+	for _, fc := range u.Credentials {
+		match := fc.Subject
+		if match == "" {
+			match = fc.ClaimsMatchingExpression
+		}
+		fmt.Fprintf(w, "  %s: issuer %s, %s, audience %s\n", fc.Name, fc.Issuer, match, strings.Join(fc.Audiences, " "))
+	}
+	fmt.Fprintf(w, "\nWorkloads that can use it (%d)\n", len(u.Workloads))
+	for _, wl := range u.Workloads {
+		e := wl.Entry
+		var sels []string
+		for _, s := range e.Selectors {
+			sels = append(sels, s.Type+":"+s.Value)
+		}
+		fmt.Fprintf(w, "  entry %s: %s\n    parent %s, selectors %s\n    via %s: %s\n", e.Id, e.SpiffeId, e.ParentId, strings.Join(sels, " "), wl.Credential, wl.Reason)
+	}
+	fmt.Fprintf(w, "\nRole assignments (%d)\n", len(u.RoleAssignments))
+	for _, ra := range u.RoleAssignments {
+		res := ra.ResourceName
+		if len(ra.ResourceIdentifierUris) > 0 {
+			res += " (" + strings.Join(ra.ResourceIdentifierUris, " ") + ")"
+		}
+		fmt.Fprintf(w, "  %s: role %s on %s\n", ra.Assignment.GetId(), ra.Role, res)
+	}
 }
 
 // Federated credentials ----------------------------------------------------------

@@ -181,3 +181,107 @@ func TestDirectoryCommands(t *testing.T) {
 	_, err = ferry(t, "/nonexistent/admin.sock", "identity", "list")
 	require.ErrorContains(t, err, "is the server running")
 }
+
+// lifecycleServer serves Admin and Directory on one unix socket, as the
+// server does, with a JWT issuer for system-assigned identities.
+func lifecycleServer(t *testing.T) (string, *state.Store, *oneNode) {
+	t.Helper()
+	store, err := state.New(state.Config{})
+	require.NoError(t, err)
+	cl := &oneNode{store: store}
+	const issuer = "https://oidc.example.org"
+	dir, err := api.NewDirectory(api.DirectoryConfig{Cluster: cl, Store: store, Issuers: map[string]string{issuer: "example.org"}})
+	require.NoError(t, err)
+	adm, err := api.NewAdmin(api.Config{Cluster: cl, Store: store, JWTIssuer: issuer})
+	require.NoError(t, err)
+	sock := filepath.Join(t.TempDir(), "admin.sock")
+	lis, err := net.Listen("unix", sock)
+	require.NoError(t, err)
+	gs := grpc.NewServer()
+	ferrypb.RegisterDirectoryServer(gs, dir)
+	ferrypb.RegisterAdminServer(gs, adm)
+	go func() { _ = gs.Serve(lis) }()
+	t.Cleanup(gs.Stop)
+	return sock, store, cl
+}
+
+func TestSystemAssignedIdentityCommands(t *testing.T) {
+	sock, store, cl := lifecycleServer(t)
+	out := mustFerry(t, sock, "entry", "create", "--entry-id", "vm-web", "--spiffe-id", "spiffe://example.org/web",
+		"--parent-id", "spiffe://example.org/spire/agent/n1", "--selector", "unix:uid:1000", "--system-assigned-identity")
+	require.Contains(t, out, "System-assigned identity vm-web of entry vm-web")
+	require.Contains(t, out, "System-assigned identity : enabled")
+	idn := store.View().SystemAssignedIdentity("vm-web", "")
+	require.NotNil(t, idn)
+
+	mustFerry(t, sock, "resource", "create", "--name", "demo", "--identifier-uri", "api://demo", "--app-role", "reader")
+	mustFerry(t, sock, "role", "assign", "--identity-object-id", idn.ObjectId, "--resource", "api://demo", "--role", "reader")
+	out = mustFerry(t, sock, "identity", "show", "--name", "vm-web", "--output", "json")
+	var u struct {
+		Identity struct {
+			Kind string `json:"kind"`
+		} `json:"identity"`
+		Workloads []struct {
+			Entry struct {
+				ID       string `json:"id"`
+				SpiffeID string `json:"spiffe_id"`
+				ParentID string `json:"parent_id"`
+			} `json:"entry"`
+			Credential string `json:"credential"`
+			Reason     string `json:"reason"`
+		} `json:"workloads"`
+		RoleAssignments []struct {
+			Role         string `json:"role"`
+			ResourceName string `json:"resource_name"`
+		} `json:"role_assignments"`
+		OwnerEntry struct {
+			ID string `json:"id"`
+		} `json:"owner_entry"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &u), out)
+	require.Equal(t, "system-assigned", u.Identity.Kind)
+	require.Equal(t, "vm-web", u.OwnerEntry.ID)
+	require.Len(t, u.Workloads, 1)
+	require.Equal(t, "spiffe://example.org/web", u.Workloads[0].Entry.SpiffeID)
+	require.Equal(t, "spiffe://example.org/spire/agent/n1", u.Workloads[0].Entry.ParentID)
+	require.Equal(t, state.SystemCredentialName, u.Workloads[0].Credential)
+	require.Len(t, u.RoleAssignments, 1)
+	require.Equal(t, "reader", u.RoleAssignments[0].Role)
+	out = mustFerry(t, sock, "identity", "show", "--name", "vm-web")
+	for _, want := range []string{"Owner: registration entry vm-web", "Workloads that can use it (1)", "entry vm-web: spiffe://example.org/web", "role reader on demo (api://demo)"} {
+		require.Contains(t, out, want)
+	}
+
+	_, err := ferry(t, sock, "identity", "federated-credential", "create", "--identity-name", "vm-web", "--name", "share",
+		"--issuer", "https://oidc.example.org", "--subject", "spiffe://example.org/other")
+	require.ErrorContains(t, err, "FailedPrecondition")
+	_, err = ferry(t, sock, "identity", "create", "--name", "sys", "--kind", "system-assigned")
+	require.ErrorContains(t, err, "FailedPrecondition")
+
+	// An update from flags keeps the identity unless told; =false deletes it.
+	mustFerry(t, sock, "entry", "update", "--entry-id", "vm-web", "--spiffe-id", "spiffe://example.org/web",
+		"--parent-id", "spiffe://example.org/spire/agent/n1", "--selector", "unix:uid:1001")
+	require.Equal(t, idn.ObjectId, store.View().SystemAssignedIdentity("vm-web", "").GetObjectId())
+	mustFerry(t, sock, "entry", "update", "--entry-id", "vm-web", "--spiffe-id", "spiffe://example.org/web",
+		"--parent-id", "spiffe://example.org/spire/agent/n1", "--selector", "unix:uid:1001", "--system-assigned-identity=false")
+	require.Nil(t, store.View().Identity(idn.ObjectId))
+	require.Empty(t, store.View().RoleAssignments("", ""))
+	mustFerry(t, sock, "entry", "update", "--entry-id", "vm-web", "--spiffe-id", "spiffe://example.org/web",
+		"--parent-id", "spiffe://example.org/spire/agent/n1", "--selector", "unix:uid:1001", "--system-assigned-identity")
+	idn = store.View().SystemAssignedIdentity("vm-web", "")
+	require.NotNil(t, idn)
+	mustFerry(t, sock, "entry", "delete", "--entry-id", "vm-web")
+	require.Nil(t, store.View().Identity(idn.ObjectId))
+
+	// Agents.
+	const agentID = "spiffe://example.org/spire/agent/n1"
+	_, err = cl.Apply(context.Background(), &ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: &ferrypb.AttestedNode{SpiffeId: agentID}}}})
+	require.NoError(t, err)
+	out = mustFerry(t, sock, "agent", "identity", "enable", agentID)
+	require.Contains(t, out, "System-assigned identity example-org-spire-agent-n1 of agent "+agentID)
+	require.Contains(t, mustFerry(t, sock, "agent", "show", "--spiffe-id", agentID), "System-assigned identity : enabled")
+	out = mustFerry(t, sock, "agent", "identity", "disable", "--spiffe-id", agentID)
+	require.Contains(t, out, "Deleted the system-assigned identity")
+	_, err = ferry(t, sock, "agent", "identity", "enable")
+	require.ErrorContains(t, err, "name the agent")
+}

@@ -36,6 +36,13 @@ func (a *Agent) SocketAddr() string { return "unix://" + a.Socket }
 // server, and starts the agent.
 func (c *Cluster) StartAgent(name string) *Agent {
 	c.t.Helper()
+	return c.StartAgentWith(name, "")
+}
+
+// StartAgentWith is StartAgent with extra lines inserted verbatim in the
+// agent block (e.g. an imds block).
+func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
+	c.t.Helper()
 	leader := c.WaitLeader(30*time.Second, nil)
 	id := fmt.Sprintf("spiffe://%s/spire/agent/%s", c.Opts.TrustDomain, name)
 	var bundle string
@@ -83,8 +90,9 @@ func (c *Cluster) StartAgent(name string) *Agent {
   socket_path       = %q
   log_level         = "debug"
   join_token        = %q
+%s
 }
-`, c.Opts.TrustDomain, strings.Join(servers, ", "), a.Socket, token)
+`, c.Opts.TrustDomain, strings.Join(servers, ", "), a.Socket, token, extraConfig)
 	if err := os.WriteFile(a.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
 	}

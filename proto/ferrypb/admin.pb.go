@@ -394,6 +394,126 @@ func (x *BanAgentRequest) GetUnban() bool {
 	return false
 }
 
+type SetAgentIdentityRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	Enabled       bool                   `protobuf:"varint,2,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	TenantId      string                 `protobuf:"bytes,3,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"` // the identity's tenant; empty: the only one
+	RequestId     string                 `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetAgentIdentityRequest) Reset() {
+	*x = SetAgentIdentityRequest{}
+	mi := &file_admin_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetAgentIdentityRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetAgentIdentityRequest) ProtoMessage() {}
+
+func (x *SetAgentIdentityRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetAgentIdentityRequest.ProtoReflect.Descriptor instead.
+func (*SetAgentIdentityRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *SetAgentIdentityRequest) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *SetAgentIdentityRequest) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *SetAgentIdentityRequest) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *SetAgentIdentityRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type SetAgentIdentityResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Agent         *AttestedNode          `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	Identity      *Identity              `protobuf:"bytes,2,opt,name=identity,proto3" json:"identity,omitempty"` // created, or deleted when disabling
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetAgentIdentityResponse) Reset() {
+	*x = SetAgentIdentityResponse{}
+	mi := &file_admin_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetAgentIdentityResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetAgentIdentityResponse) ProtoMessage() {}
+
+func (x *SetAgentIdentityResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetAgentIdentityResponse.ProtoReflect.Descriptor instead.
+func (*SetAgentIdentityResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *SetAgentIdentityResponse) GetAgent() *AttestedNode {
+	if x != nil {
+		return x.Agent
+	}
+	return nil
+}
+
+func (x *SetAgentIdentityResponse) GetIdentity() *Identity {
+	if x != nil {
+		return x.Identity
+	}
+	return nil
+}
+
 type ListBundlesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -402,7 +522,7 @@ type ListBundlesRequest struct {
 
 func (x *ListBundlesRequest) Reset() {
 	*x = ListBundlesRequest{}
-	mi := &file_admin_proto_msgTypes[7]
+	mi := &file_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -414,7 +534,7 @@ func (x *ListBundlesRequest) String() string {
 func (*ListBundlesRequest) ProtoMessage() {}
 
 func (x *ListBundlesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[7]
+	mi := &file_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -427,7 +547,7 @@ func (x *ListBundlesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListBundlesRequest.ProtoReflect.Descriptor instead.
 func (*ListBundlesRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{7}
+	return file_admin_proto_rawDescGZIP(), []int{9}
 }
 
 type ListBundlesResponse struct {
@@ -439,7 +559,7 @@ type ListBundlesResponse struct {
 
 func (x *ListBundlesResponse) Reset() {
 	*x = ListBundlesResponse{}
-	mi := &file_admin_proto_msgTypes[8]
+	mi := &file_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -451,7 +571,7 @@ func (x *ListBundlesResponse) String() string {
 func (*ListBundlesResponse) ProtoMessage() {}
 
 func (x *ListBundlesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[8]
+	mi := &file_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -464,7 +584,7 @@ func (x *ListBundlesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListBundlesResponse.ProtoReflect.Descriptor instead.
 func (*ListBundlesResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{8}
+	return file_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListBundlesResponse) GetBundles() []*Bundle {
@@ -483,7 +603,7 @@ type ClusterJoinRequest struct {
 
 func (x *ClusterJoinRequest) Reset() {
 	*x = ClusterJoinRequest{}
-	mi := &file_admin_proto_msgTypes[9]
+	mi := &file_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -495,7 +615,7 @@ func (x *ClusterJoinRequest) String() string {
 func (*ClusterJoinRequest) ProtoMessage() {}
 
 func (x *ClusterJoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[9]
+	mi := &file_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -508,7 +628,7 @@ func (x *ClusterJoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterJoinRequest.ProtoReflect.Descriptor instead.
 func (*ClusterJoinRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{9}
+	return file_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ClusterJoinRequest) GetAddress() string {
@@ -526,7 +646,7 @@ type ClusterJoinResponse struct {
 
 func (x *ClusterJoinResponse) Reset() {
 	*x = ClusterJoinResponse{}
-	mi := &file_admin_proto_msgTypes[10]
+	mi := &file_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -538,7 +658,7 @@ func (x *ClusterJoinResponse) String() string {
 func (*ClusterJoinResponse) ProtoMessage() {}
 
 func (x *ClusterJoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[10]
+	mi := &file_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -551,7 +671,7 @@ func (x *ClusterJoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterJoinResponse.ProtoReflect.Descriptor instead.
 func (*ClusterJoinResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{10}
+	return file_admin_proto_rawDescGZIP(), []int{12}
 }
 
 type ClusterListRequest struct {
@@ -562,7 +682,7 @@ type ClusterListRequest struct {
 
 func (x *ClusterListRequest) Reset() {
 	*x = ClusterListRequest{}
-	mi := &file_admin_proto_msgTypes[11]
+	mi := &file_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -574,7 +694,7 @@ func (x *ClusterListRequest) String() string {
 func (*ClusterListRequest) ProtoMessage() {}
 
 func (x *ClusterListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[11]
+	mi := &file_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -587,7 +707,7 @@ func (x *ClusterListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterListRequest.ProtoReflect.Descriptor instead.
 func (*ClusterListRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{11}
+	return file_admin_proto_rawDescGZIP(), []int{13}
 }
 
 type ClusterMember struct {
@@ -603,7 +723,7 @@ type ClusterMember struct {
 
 func (x *ClusterMember) Reset() {
 	*x = ClusterMember{}
-	mi := &file_admin_proto_msgTypes[12]
+	mi := &file_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -615,7 +735,7 @@ func (x *ClusterMember) String() string {
 func (*ClusterMember) ProtoMessage() {}
 
 func (x *ClusterMember) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[12]
+	mi := &file_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -628,7 +748,7 @@ func (x *ClusterMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterMember.ProtoReflect.Descriptor instead.
 func (*ClusterMember) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{12}
+	return file_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ClusterMember) GetId() string {
@@ -678,7 +798,7 @@ type ClusterListResponse struct {
 
 func (x *ClusterListResponse) Reset() {
 	*x = ClusterListResponse{}
-	mi := &file_admin_proto_msgTypes[13]
+	mi := &file_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -690,7 +810,7 @@ func (x *ClusterListResponse) String() string {
 func (*ClusterListResponse) ProtoMessage() {}
 
 func (x *ClusterListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[13]
+	mi := &file_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -703,7 +823,7 @@ func (x *ClusterListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterListResponse.ProtoReflect.Descriptor instead.
 func (*ClusterListResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{13}
+	return file_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ClusterListResponse) GetMembers() []*ClusterMember {
@@ -743,7 +863,7 @@ type ClusterRemoveRequest struct {
 
 func (x *ClusterRemoveRequest) Reset() {
 	*x = ClusterRemoveRequest{}
-	mi := &file_admin_proto_msgTypes[14]
+	mi := &file_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -755,7 +875,7 @@ func (x *ClusterRemoveRequest) String() string {
 func (*ClusterRemoveRequest) ProtoMessage() {}
 
 func (x *ClusterRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[14]
+	mi := &file_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -768,7 +888,7 @@ func (x *ClusterRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterRemoveRequest.ProtoReflect.Descriptor instead.
 func (*ClusterRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{14}
+	return file_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ClusterRemoveRequest) GetId() string {
@@ -786,7 +906,7 @@ type ClusterRemoveResponse struct {
 
 func (x *ClusterRemoveResponse) Reset() {
 	*x = ClusterRemoveResponse{}
-	mi := &file_admin_proto_msgTypes[15]
+	mi := &file_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -798,7 +918,7 @@ func (x *ClusterRemoveResponse) String() string {
 func (*ClusterRemoveResponse) ProtoMessage() {}
 
 func (x *ClusterRemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[15]
+	mi := &file_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -811,7 +931,7 @@ func (x *ClusterRemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterRemoveResponse.ProtoReflect.Descriptor instead.
 func (*ClusterRemoveResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{15}
+	return file_admin_proto_rawDescGZIP(), []int{17}
 }
 
 type SnapshotSaveRequest struct {
@@ -822,7 +942,7 @@ type SnapshotSaveRequest struct {
 
 func (x *SnapshotSaveRequest) Reset() {
 	*x = SnapshotSaveRequest{}
-	mi := &file_admin_proto_msgTypes[16]
+	mi := &file_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -834,7 +954,7 @@ func (x *SnapshotSaveRequest) String() string {
 func (*SnapshotSaveRequest) ProtoMessage() {}
 
 func (x *SnapshotSaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[16]
+	mi := &file_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -847,7 +967,7 @@ func (x *SnapshotSaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotSaveRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotSaveRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{16}
+	return file_admin_proto_rawDescGZIP(), []int{18}
 }
 
 type SnapshotChunk struct {
@@ -859,7 +979,7 @@ type SnapshotChunk struct {
 
 func (x *SnapshotChunk) Reset() {
 	*x = SnapshotChunk{}
-	mi := &file_admin_proto_msgTypes[17]
+	mi := &file_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -871,7 +991,7 @@ func (x *SnapshotChunk) String() string {
 func (*SnapshotChunk) ProtoMessage() {}
 
 func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[17]
+	mi := &file_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -884,7 +1004,7 @@ func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotChunk.ProtoReflect.Descriptor instead.
 func (*SnapshotChunk) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{17}
+	return file_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SnapshotChunk) GetData() []byte {
@@ -903,7 +1023,7 @@ type SnapshotRestoreResponse struct {
 
 func (x *SnapshotRestoreResponse) Reset() {
 	*x = SnapshotRestoreResponse{}
-	mi := &file_admin_proto_msgTypes[18]
+	mi := &file_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -915,7 +1035,7 @@ func (x *SnapshotRestoreResponse) String() string {
 func (*SnapshotRestoreResponse) ProtoMessage() {}
 
 func (x *SnapshotRestoreResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[18]
+	mi := &file_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -928,7 +1048,7 @@ func (x *SnapshotRestoreResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRestoreResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotRestoreResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{18}
+	return file_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SnapshotRestoreResponse) GetIndex() uint64 {
@@ -939,16 +1059,19 @@ func (x *SnapshotRestoreResponse) GetIndex() uint64 {
 }
 
 type BatchCreateEntryRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Entries       []*Entry               `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
-	RequestId     string                 `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // optional: retries with the same ID apply once
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Entries   []*Entry               `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	RequestId string                 `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // optional: retries with the same ID apply once
+	// identity_tenant_id: the tenant of the system-assigned identities created;
+	// empty means the only tenant (a "default" one is created when there is none).
+	IdentityTenantId string `protobuf:"bytes,3,opt,name=identity_tenant_id,json=identityTenantId,proto3" json:"identity_tenant_id,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *BatchCreateEntryRequest) Reset() {
 	*x = BatchCreateEntryRequest{}
-	mi := &file_admin_proto_msgTypes[19]
+	mi := &file_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -960,7 +1083,7 @@ func (x *BatchCreateEntryRequest) String() string {
 func (*BatchCreateEntryRequest) ProtoMessage() {}
 
 func (x *BatchCreateEntryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[19]
+	mi := &file_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -973,7 +1096,7 @@ func (x *BatchCreateEntryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchCreateEntryRequest.ProtoReflect.Descriptor instead.
 func (*BatchCreateEntryRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{19}
+	return file_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *BatchCreateEntryRequest) GetEntries() []*Entry {
@@ -990,17 +1113,25 @@ func (x *BatchCreateEntryRequest) GetRequestId() string {
 	return ""
 }
 
+func (x *BatchCreateEntryRequest) GetIdentityTenantId() string {
+	if x != nil {
+		return x.IdentityTenantId
+	}
+	return ""
+}
+
 type BatchUpdateEntryRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Entries       []*Entry               `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
-	RequestId     string                 `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Entries          []*Entry               `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	RequestId        string                 `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	IdentityTenantId string                 `protobuf:"bytes,3,opt,name=identity_tenant_id,json=identityTenantId,proto3" json:"identity_tenant_id,omitempty"` // as in BatchCreateEntryRequest
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *BatchUpdateEntryRequest) Reset() {
 	*x = BatchUpdateEntryRequest{}
-	mi := &file_admin_proto_msgTypes[20]
+	mi := &file_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1012,7 +1143,7 @@ func (x *BatchUpdateEntryRequest) String() string {
 func (*BatchUpdateEntryRequest) ProtoMessage() {}
 
 func (x *BatchUpdateEntryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[20]
+	mi := &file_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1025,7 +1156,7 @@ func (x *BatchUpdateEntryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchUpdateEntryRequest.ProtoReflect.Descriptor instead.
 func (*BatchUpdateEntryRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{20}
+	return file_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *BatchUpdateEntryRequest) GetEntries() []*Entry {
@@ -1042,6 +1173,13 @@ func (x *BatchUpdateEntryRequest) GetRequestId() string {
 	return ""
 }
 
+func (x *BatchUpdateEntryRequest) GetIdentityTenantId() string {
+	if x != nil {
+		return x.IdentityTenantId
+	}
+	return ""
+}
+
 type BatchDeleteEntryRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
@@ -1052,7 +1190,7 @@ type BatchDeleteEntryRequest struct {
 
 func (x *BatchDeleteEntryRequest) Reset() {
 	*x = BatchDeleteEntryRequest{}
-	mi := &file_admin_proto_msgTypes[21]
+	mi := &file_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1064,7 +1202,7 @@ func (x *BatchDeleteEntryRequest) String() string {
 func (*BatchDeleteEntryRequest) ProtoMessage() {}
 
 func (x *BatchDeleteEntryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[21]
+	mi := &file_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1077,7 +1215,7 @@ func (x *BatchDeleteEntryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchDeleteEntryRequest.ProtoReflect.Descriptor instead.
 func (*BatchDeleteEntryRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{21}
+	return file_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *BatchDeleteEntryRequest) GetIds() []string {
@@ -1095,17 +1233,20 @@ func (x *BatchDeleteEntryRequest) GetRequestId() string {
 }
 
 type BatchEntryResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Results       []*Status              `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
-	Entries       []*Entry               `protobuf:"bytes,2,rep,name=entries,proto3" json:"entries,omitempty"`
-	Index         uint64                 `protobuf:"varint,3,opt,name=index,proto3" json:"index,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Results []*Status              `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	Entries []*Entry               `protobuf:"bytes,2,rep,name=entries,proto3" json:"entries,omitempty"`
+	Index   uint64                 `protobuf:"varint,3,opt,name=index,proto3" json:"index,omitempty"`
+	// identities: the system-assigned identities created, changed or deleted
+	// with the entries.
+	Identities    []*Identity `protobuf:"bytes,4,rep,name=identities,proto3" json:"identities,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *BatchEntryResponse) Reset() {
 	*x = BatchEntryResponse{}
-	mi := &file_admin_proto_msgTypes[22]
+	mi := &file_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1117,7 +1258,7 @@ func (x *BatchEntryResponse) String() string {
 func (*BatchEntryResponse) ProtoMessage() {}
 
 func (x *BatchEntryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[22]
+	mi := &file_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1130,7 +1271,7 @@ func (x *BatchEntryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchEntryResponse.ProtoReflect.Descriptor instead.
 func (*BatchEntryResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{22}
+	return file_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *BatchEntryResponse) GetResults() []*Status {
@@ -1154,6 +1295,13 @@ func (x *BatchEntryResponse) GetIndex() uint64 {
 	return 0
 }
 
+func (x *BatchEntryResponse) GetIdentities() []*Identity {
+	if x != nil {
+		return x.Identities
+	}
+	return nil
+}
+
 type GetEntryRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1164,7 +1312,7 @@ type GetEntryRequest struct {
 
 func (x *GetEntryRequest) Reset() {
 	*x = GetEntryRequest{}
-	mi := &file_admin_proto_msgTypes[23]
+	mi := &file_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1176,7 +1324,7 @@ func (x *GetEntryRequest) String() string {
 func (*GetEntryRequest) ProtoMessage() {}
 
 func (x *GetEntryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[23]
+	mi := &file_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1189,7 +1337,7 @@ func (x *GetEntryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetEntryRequest.ProtoReflect.Descriptor instead.
 func (*GetEntryRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{23}
+	return file_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetEntryRequest) GetId() string {
@@ -1221,7 +1369,7 @@ type ListEntriesRequest struct {
 
 func (x *ListEntriesRequest) Reset() {
 	*x = ListEntriesRequest{}
-	mi := &file_admin_proto_msgTypes[24]
+	mi := &file_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1233,7 +1381,7 @@ func (x *ListEntriesRequest) String() string {
 func (*ListEntriesRequest) ProtoMessage() {}
 
 func (x *ListEntriesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[24]
+	mi := &file_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1246,7 +1394,7 @@ func (x *ListEntriesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEntriesRequest.ProtoReflect.Descriptor instead.
 func (*ListEntriesRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{24}
+	return file_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListEntriesRequest) GetBySpiffeId() string {
@@ -1308,7 +1456,7 @@ type ListEntriesResponse struct {
 
 func (x *ListEntriesResponse) Reset() {
 	*x = ListEntriesResponse{}
-	mi := &file_admin_proto_msgTypes[25]
+	mi := &file_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1320,7 +1468,7 @@ func (x *ListEntriesResponse) String() string {
 func (*ListEntriesResponse) ProtoMessage() {}
 
 func (x *ListEntriesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[25]
+	mi := &file_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1333,7 +1481,7 @@ func (x *ListEntriesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEntriesResponse.ProtoReflect.Descriptor instead.
 func (*ListEntriesResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{25}
+	return file_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListEntriesResponse) GetEntries() []*Entry {
@@ -1359,7 +1507,7 @@ type CountEntriesRequest struct {
 
 func (x *CountEntriesRequest) Reset() {
 	*x = CountEntriesRequest{}
-	mi := &file_admin_proto_msgTypes[26]
+	mi := &file_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1371,7 +1519,7 @@ func (x *CountEntriesRequest) String() string {
 func (*CountEntriesRequest) ProtoMessage() {}
 
 func (x *CountEntriesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[26]
+	mi := &file_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1384,7 +1532,7 @@ func (x *CountEntriesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CountEntriesRequest.ProtoReflect.Descriptor instead.
 func (*CountEntriesRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{26}
+	return file_admin_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *CountEntriesRequest) GetConsistency() ReadConsistency {
@@ -1403,7 +1551,7 @@ type CountEntriesResponse struct {
 
 func (x *CountEntriesResponse) Reset() {
 	*x = CountEntriesResponse{}
-	mi := &file_admin_proto_msgTypes[27]
+	mi := &file_admin_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1415,7 +1563,7 @@ func (x *CountEntriesResponse) String() string {
 func (*CountEntriesResponse) ProtoMessage() {}
 
 func (x *CountEntriesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[27]
+	mi := &file_admin_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1428,7 +1576,7 @@ func (x *CountEntriesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CountEntriesResponse.ProtoReflect.Descriptor instead.
 func (*CountEntriesResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{27}
+	return file_admin_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CountEntriesResponse) GetCount() int64 {
@@ -1457,7 +1605,7 @@ type LocalAuthority struct {
 
 func (x *LocalAuthority) Reset() {
 	*x = LocalAuthority{}
-	mi := &file_admin_proto_msgTypes[28]
+	mi := &file_admin_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1469,7 +1617,7 @@ func (x *LocalAuthority) String() string {
 func (*LocalAuthority) ProtoMessage() {}
 
 func (x *LocalAuthority) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[28]
+	mi := &file_admin_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1482,7 +1630,7 @@ func (x *LocalAuthority) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LocalAuthority.ProtoReflect.Descriptor instead.
 func (*LocalAuthority) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{28}
+	return file_admin_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *LocalAuthority) GetKind() string {
@@ -1564,7 +1712,7 @@ type ListLocalAuthoritiesRequest struct {
 
 func (x *ListLocalAuthoritiesRequest) Reset() {
 	*x = ListLocalAuthoritiesRequest{}
-	mi := &file_admin_proto_msgTypes[29]
+	mi := &file_admin_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1576,7 +1724,7 @@ func (x *ListLocalAuthoritiesRequest) String() string {
 func (*ListLocalAuthoritiesRequest) ProtoMessage() {}
 
 func (x *ListLocalAuthoritiesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[29]
+	mi := &file_admin_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1589,7 +1737,7 @@ func (x *ListLocalAuthoritiesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListLocalAuthoritiesRequest.ProtoReflect.Descriptor instead.
 func (*ListLocalAuthoritiesRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{29}
+	return file_admin_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListLocalAuthoritiesRequest) GetKind() string {
@@ -1608,7 +1756,7 @@ type ListLocalAuthoritiesResponse struct {
 
 func (x *ListLocalAuthoritiesResponse) Reset() {
 	*x = ListLocalAuthoritiesResponse{}
-	mi := &file_admin_proto_msgTypes[30]
+	mi := &file_admin_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1620,7 +1768,7 @@ func (x *ListLocalAuthoritiesResponse) String() string {
 func (*ListLocalAuthoritiesResponse) ProtoMessage() {}
 
 func (x *ListLocalAuthoritiesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[30]
+	mi := &file_admin_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1633,7 +1781,7 @@ func (x *ListLocalAuthoritiesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListLocalAuthoritiesResponse.ProtoReflect.Descriptor instead.
 func (*ListLocalAuthoritiesResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{30}
+	return file_admin_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ListLocalAuthoritiesResponse) GetAuthorities() []*LocalAuthority {
@@ -1653,7 +1801,7 @@ type LocalAuthorityRequest struct {
 
 func (x *LocalAuthorityRequest) Reset() {
 	*x = LocalAuthorityRequest{}
-	mi := &file_admin_proto_msgTypes[31]
+	mi := &file_admin_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1665,7 +1813,7 @@ func (x *LocalAuthorityRequest) String() string {
 func (*LocalAuthorityRequest) ProtoMessage() {}
 
 func (x *LocalAuthorityRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[31]
+	mi := &file_admin_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1678,7 +1826,7 @@ func (x *LocalAuthorityRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LocalAuthorityRequest.ProtoReflect.Descriptor instead.
 func (*LocalAuthorityRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{31}
+	return file_admin_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *LocalAuthorityRequest) GetKind() string {
@@ -1707,7 +1855,7 @@ type MintX509SVIDRequest struct {
 
 func (x *MintX509SVIDRequest) Reset() {
 	*x = MintX509SVIDRequest{}
-	mi := &file_admin_proto_msgTypes[32]
+	mi := &file_admin_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1719,7 +1867,7 @@ func (x *MintX509SVIDRequest) String() string {
 func (*MintX509SVIDRequest) ProtoMessage() {}
 
 func (x *MintX509SVIDRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[32]
+	mi := &file_admin_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1732,7 +1880,7 @@ func (x *MintX509SVIDRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintX509SVIDRequest.ProtoReflect.Descriptor instead.
 func (*MintX509SVIDRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{32}
+	return file_admin_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *MintX509SVIDRequest) GetCsr() []byte {
@@ -1774,7 +1922,7 @@ type MintX509SVIDResponse struct {
 
 func (x *MintX509SVIDResponse) Reset() {
 	*x = MintX509SVIDResponse{}
-	mi := &file_admin_proto_msgTypes[33]
+	mi := &file_admin_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1786,7 +1934,7 @@ func (x *MintX509SVIDResponse) String() string {
 func (*MintX509SVIDResponse) ProtoMessage() {}
 
 func (x *MintX509SVIDResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[33]
+	mi := &file_admin_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1799,7 +1947,7 @@ func (x *MintX509SVIDResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintX509SVIDResponse.ProtoReflect.Descriptor instead.
 func (*MintX509SVIDResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{33}
+	return file_admin_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *MintX509SVIDResponse) GetSvidChain() [][]byte {
@@ -1834,7 +1982,7 @@ type MintJWTSVIDRequest struct {
 
 func (x *MintJWTSVIDRequest) Reset() {
 	*x = MintJWTSVIDRequest{}
-	mi := &file_admin_proto_msgTypes[34]
+	mi := &file_admin_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1846,7 +1994,7 @@ func (x *MintJWTSVIDRequest) String() string {
 func (*MintJWTSVIDRequest) ProtoMessage() {}
 
 func (x *MintJWTSVIDRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[34]
+	mi := &file_admin_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1859,7 +2007,7 @@ func (x *MintJWTSVIDRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintJWTSVIDRequest.ProtoReflect.Descriptor instead.
 func (*MintJWTSVIDRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{34}
+	return file_admin_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *MintJWTSVIDRequest) GetSpiffeId() string {
@@ -1895,7 +2043,7 @@ type MintJWTSVIDResponse struct {
 
 func (x *MintJWTSVIDResponse) Reset() {
 	*x = MintJWTSVIDResponse{}
-	mi := &file_admin_proto_msgTypes[35]
+	mi := &file_admin_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1907,7 +2055,7 @@ func (x *MintJWTSVIDResponse) String() string {
 func (*MintJWTSVIDResponse) ProtoMessage() {}
 
 func (x *MintJWTSVIDResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[35]
+	mi := &file_admin_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1920,7 +2068,7 @@ func (x *MintJWTSVIDResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintJWTSVIDResponse.ProtoReflect.Descriptor instead.
 func (*MintJWTSVIDResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{35}
+	return file_admin_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *MintJWTSVIDResponse) GetToken() string {
@@ -1960,7 +2108,7 @@ type SetFederatedBundleRequest struct {
 
 func (x *SetFederatedBundleRequest) Reset() {
 	*x = SetFederatedBundleRequest{}
-	mi := &file_admin_proto_msgTypes[36]
+	mi := &file_admin_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1972,7 +2120,7 @@ func (x *SetFederatedBundleRequest) String() string {
 func (*SetFederatedBundleRequest) ProtoMessage() {}
 
 func (x *SetFederatedBundleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[36]
+	mi := &file_admin_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1985,7 +2133,7 @@ func (x *SetFederatedBundleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetFederatedBundleRequest.ProtoReflect.Descriptor instead.
 func (*SetFederatedBundleRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{36}
+	return file_admin_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *SetFederatedBundleRequest) GetBundle() *Bundle {
@@ -2004,7 +2152,7 @@ type DeleteFederatedBundleRequest struct {
 
 func (x *DeleteFederatedBundleRequest) Reset() {
 	*x = DeleteFederatedBundleRequest{}
-	mi := &file_admin_proto_msgTypes[37]
+	mi := &file_admin_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2016,7 +2164,7 @@ func (x *DeleteFederatedBundleRequest) String() string {
 func (*DeleteFederatedBundleRequest) ProtoMessage() {}
 
 func (x *DeleteFederatedBundleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[37]
+	mi := &file_admin_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2029,7 +2177,7 @@ func (x *DeleteFederatedBundleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteFederatedBundleRequest.ProtoReflect.Descriptor instead.
 func (*DeleteFederatedBundleRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{37}
+	return file_admin_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *DeleteFederatedBundleRequest) GetTrustDomain() string {
@@ -2047,7 +2195,7 @@ type StateHashRequest struct {
 
 func (x *StateHashRequest) Reset() {
 	*x = StateHashRequest{}
-	mi := &file_admin_proto_msgTypes[38]
+	mi := &file_admin_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2059,7 +2207,7 @@ func (x *StateHashRequest) String() string {
 func (*StateHashRequest) ProtoMessage() {}
 
 func (x *StateHashRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[38]
+	mi := &file_admin_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2072,7 +2220,7 @@ func (x *StateHashRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateHashRequest.ProtoReflect.Descriptor instead.
 func (*StateHashRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{38}
+	return file_admin_proto_rawDescGZIP(), []int{40}
 }
 
 type StateHashResponse struct {
@@ -2085,7 +2233,7 @@ type StateHashResponse struct {
 
 func (x *StateHashResponse) Reset() {
 	*x = StateHashResponse{}
-	mi := &file_admin_proto_msgTypes[39]
+	mi := &file_admin_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2097,7 +2245,7 @@ func (x *StateHashResponse) String() string {
 func (*StateHashResponse) ProtoMessage() {}
 
 func (x *StateHashResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[39]
+	mi := &file_admin_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2110,7 +2258,7 @@ func (x *StateHashResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateHashResponse.ProtoReflect.Descriptor instead.
 func (*StateHashResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{39}
+	return file_admin_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *StateHashResponse) GetAppliedIndex() uint64 {
@@ -2149,7 +2297,16 @@ const file_admin_proto_rawDesc = "" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\"D\n" +
 	"\x0fBanAgentRequest\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x14\n" +
-	"\x05unban\x18\x02 \x01(\bR\x05unban\"\x14\n" +
+	"\x05unban\x18\x02 \x01(\bR\x05unban\"\x8c\x01\n" +
+	"\x17SetAgentIdentityRequest\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x18\n" +
+	"\aenabled\x18\x02 \x01(\bR\aenabled\x12\x1b\n" +
+	"\ttenant_id\x18\x03 \x01(\tR\btenantId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\"x\n" +
+	"\x18SetAgentIdentityResponse\x12,\n" +
+	"\x05agent\x18\x01 \x01(\v2\x16.ferry.v1.AttestedNodeR\x05agent\x12.\n" +
+	"\bidentity\x18\x02 \x01(\v2\x12.ferry.v1.IdentityR\bidentity\"\x14\n" +
 	"\x12ListBundlesRequest\"A\n" +
 	"\x13ListBundlesResponse\x12*\n" +
 	"\abundles\x18\x01 \x03(\v2\x10.ferry.v1.BundleR\abundles\".\n" +
@@ -2176,23 +2333,28 @@ const file_admin_proto_rawDesc = "" +
 	"\rSnapshotChunk\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\"/\n" +
 	"\x17SnapshotRestoreResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index\"c\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"\x91\x01\n" +
 	"\x17BatchCreateEntryRequest\x12)\n" +
 	"\aentries\x18\x01 \x03(\v2\x0f.ferry.v1.EntryR\aentries\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x02 \x01(\tR\trequestId\"c\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\x12,\n" +
+	"\x12identity_tenant_id\x18\x03 \x01(\tR\x10identityTenantId\"\x91\x01\n" +
 	"\x17BatchUpdateEntryRequest\x12)\n" +
 	"\aentries\x18\x01 \x03(\v2\x0f.ferry.v1.EntryR\aentries\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x02 \x01(\tR\trequestId\"J\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\x12,\n" +
+	"\x12identity_tenant_id\x18\x03 \x01(\tR\x10identityTenantId\"J\n" +
 	"\x17BatchDeleteEntryRequest\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x02 \x01(\tR\trequestId\"\x81\x01\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\"\xb5\x01\n" +
 	"\x12BatchEntryResponse\x12*\n" +
 	"\aresults\x18\x01 \x03(\v2\x10.ferry.v1.StatusR\aresults\x12)\n" +
 	"\aentries\x18\x02 \x03(\v2\x0f.ferry.v1.EntryR\aentries\x12\x14\n" +
-	"\x05index\x18\x03 \x01(\x04R\x05index\"^\n" +
+	"\x05index\x18\x03 \x01(\x04R\x05index\x122\n" +
+	"\n" +
+	"identities\x18\x04 \x03(\v2\x12.ferry.v1.IdentityR\n" +
+	"identities\"^\n" +
 	"\x0fGetEntryRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12;\n" +
 	"\vconsistency\x18\x02 \x01(\x0e2\x19.ferry.v1.ReadConsistencyR\vconsistency\"\xa1\x02\n" +
@@ -2268,7 +2430,7 @@ const file_admin_proto_rawDesc = "" +
 	"\x0fReadConsistency\x12\x0e\n" +
 	"\n" +
 	"READ_LOCAL\x10\x00\x12\x15\n" +
-	"\x11READ_LINEARIZABLE\x10\x012\xc2\x10\n" +
+	"\x11READ_LINEARIZABLE\x10\x012\x9d\x11\n" +
 	"\x05Admin\x12J\n" +
 	"\vClusterJoin\x12\x1c.ferry.v1.ClusterJoinRequest\x1a\x1d.ferry.v1.ClusterJoinResponse\x12J\n" +
 	"\vClusterList\x12\x1c.ferry.v1.ClusterListRequest\x1a\x1d.ferry.v1.ClusterListResponse\x12P\n" +
@@ -2287,7 +2449,8 @@ const file_admin_proto_rawDesc = "" +
 	"\bGetAgent\x12\x19.ferry.v1.GetAgentRequest\x1a\x16.ferry.v1.AttestedNode\x12A\n" +
 	"\n" +
 	"EvictAgent\x12\x1b.ferry.v1.EvictAgentRequest\x1a\x16.ferry.v1.AttestedNode\x12=\n" +
-	"\bBanAgent\x12\x19.ferry.v1.BanAgentRequest\x1a\x16.ferry.v1.AttestedNode\x12J\n" +
+	"\bBanAgent\x12\x19.ferry.v1.BanAgentRequest\x1a\x16.ferry.v1.AttestedNode\x12Y\n" +
+	"\x10SetAgentIdentity\x12!.ferry.v1.SetAgentIdentityRequest\x1a\".ferry.v1.SetAgentIdentityResponse\x12J\n" +
 	"\vListBundles\x12\x1c.ferry.v1.ListBundlesRequest\x1a\x1d.ferry.v1.ListBundlesResponse\x12e\n" +
 	"\x14ListLocalAuthorities\x12%.ferry.v1.ListLocalAuthoritiesRequest\x1a&.ferry.v1.ListLocalAuthoritiesResponse\x12R\n" +
 	"\x15PrepareLocalAuthority\x12\x1f.ferry.v1.LocalAuthorityRequest\x1a\x18.ferry.v1.LocalAuthority\x12S\n" +
@@ -2313,7 +2476,7 @@ func file_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
+var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_admin_proto_goTypes = []any{
 	(ReadConsistency)(0),                 // 0: ferry.v1.ReadConsistency
 	(*CreateJoinTokenRequest)(nil),       // 1: ferry.v1.CreateJoinTokenRequest
@@ -2323,119 +2486,127 @@ var file_admin_proto_goTypes = []any{
 	(*GetAgentRequest)(nil),              // 5: ferry.v1.GetAgentRequest
 	(*EvictAgentRequest)(nil),            // 6: ferry.v1.EvictAgentRequest
 	(*BanAgentRequest)(nil),              // 7: ferry.v1.BanAgentRequest
-	(*ListBundlesRequest)(nil),           // 8: ferry.v1.ListBundlesRequest
-	(*ListBundlesResponse)(nil),          // 9: ferry.v1.ListBundlesResponse
-	(*ClusterJoinRequest)(nil),           // 10: ferry.v1.ClusterJoinRequest
-	(*ClusterJoinResponse)(nil),          // 11: ferry.v1.ClusterJoinResponse
-	(*ClusterListRequest)(nil),           // 12: ferry.v1.ClusterListRequest
-	(*ClusterMember)(nil),                // 13: ferry.v1.ClusterMember
-	(*ClusterListResponse)(nil),          // 14: ferry.v1.ClusterListResponse
-	(*ClusterRemoveRequest)(nil),         // 15: ferry.v1.ClusterRemoveRequest
-	(*ClusterRemoveResponse)(nil),        // 16: ferry.v1.ClusterRemoveResponse
-	(*SnapshotSaveRequest)(nil),          // 17: ferry.v1.SnapshotSaveRequest
-	(*SnapshotChunk)(nil),                // 18: ferry.v1.SnapshotChunk
-	(*SnapshotRestoreResponse)(nil),      // 19: ferry.v1.SnapshotRestoreResponse
-	(*BatchCreateEntryRequest)(nil),      // 20: ferry.v1.BatchCreateEntryRequest
-	(*BatchUpdateEntryRequest)(nil),      // 21: ferry.v1.BatchUpdateEntryRequest
-	(*BatchDeleteEntryRequest)(nil),      // 22: ferry.v1.BatchDeleteEntryRequest
-	(*BatchEntryResponse)(nil),           // 23: ferry.v1.BatchEntryResponse
-	(*GetEntryRequest)(nil),              // 24: ferry.v1.GetEntryRequest
-	(*ListEntriesRequest)(nil),           // 25: ferry.v1.ListEntriesRequest
-	(*ListEntriesResponse)(nil),          // 26: ferry.v1.ListEntriesResponse
-	(*CountEntriesRequest)(nil),          // 27: ferry.v1.CountEntriesRequest
-	(*CountEntriesResponse)(nil),         // 28: ferry.v1.CountEntriesResponse
-	(*LocalAuthority)(nil),               // 29: ferry.v1.LocalAuthority
-	(*ListLocalAuthoritiesRequest)(nil),  // 30: ferry.v1.ListLocalAuthoritiesRequest
-	(*ListLocalAuthoritiesResponse)(nil), // 31: ferry.v1.ListLocalAuthoritiesResponse
-	(*LocalAuthorityRequest)(nil),        // 32: ferry.v1.LocalAuthorityRequest
-	(*MintX509SVIDRequest)(nil),          // 33: ferry.v1.MintX509SVIDRequest
-	(*MintX509SVIDResponse)(nil),         // 34: ferry.v1.MintX509SVIDResponse
-	(*MintJWTSVIDRequest)(nil),           // 35: ferry.v1.MintJWTSVIDRequest
-	(*MintJWTSVIDResponse)(nil),          // 36: ferry.v1.MintJWTSVIDResponse
-	(*SetFederatedBundleRequest)(nil),    // 37: ferry.v1.SetFederatedBundleRequest
-	(*DeleteFederatedBundleRequest)(nil), // 38: ferry.v1.DeleteFederatedBundleRequest
-	(*StateHashRequest)(nil),             // 39: ferry.v1.StateHashRequest
-	(*StateHashResponse)(nil),            // 40: ferry.v1.StateHashResponse
-	(*AttestedNode)(nil),                 // 41: ferry.v1.AttestedNode
-	(*Bundle)(nil),                       // 42: ferry.v1.Bundle
-	(*Entry)(nil),                        // 43: ferry.v1.Entry
-	(*Status)(nil),                       // 44: ferry.v1.Status
-	(*Selector)(nil),                     // 45: ferry.v1.Selector
+	(*SetAgentIdentityRequest)(nil),      // 8: ferry.v1.SetAgentIdentityRequest
+	(*SetAgentIdentityResponse)(nil),     // 9: ferry.v1.SetAgentIdentityResponse
+	(*ListBundlesRequest)(nil),           // 10: ferry.v1.ListBundlesRequest
+	(*ListBundlesResponse)(nil),          // 11: ferry.v1.ListBundlesResponse
+	(*ClusterJoinRequest)(nil),           // 12: ferry.v1.ClusterJoinRequest
+	(*ClusterJoinResponse)(nil),          // 13: ferry.v1.ClusterJoinResponse
+	(*ClusterListRequest)(nil),           // 14: ferry.v1.ClusterListRequest
+	(*ClusterMember)(nil),                // 15: ferry.v1.ClusterMember
+	(*ClusterListResponse)(nil),          // 16: ferry.v1.ClusterListResponse
+	(*ClusterRemoveRequest)(nil),         // 17: ferry.v1.ClusterRemoveRequest
+	(*ClusterRemoveResponse)(nil),        // 18: ferry.v1.ClusterRemoveResponse
+	(*SnapshotSaveRequest)(nil),          // 19: ferry.v1.SnapshotSaveRequest
+	(*SnapshotChunk)(nil),                // 20: ferry.v1.SnapshotChunk
+	(*SnapshotRestoreResponse)(nil),      // 21: ferry.v1.SnapshotRestoreResponse
+	(*BatchCreateEntryRequest)(nil),      // 22: ferry.v1.BatchCreateEntryRequest
+	(*BatchUpdateEntryRequest)(nil),      // 23: ferry.v1.BatchUpdateEntryRequest
+	(*BatchDeleteEntryRequest)(nil),      // 24: ferry.v1.BatchDeleteEntryRequest
+	(*BatchEntryResponse)(nil),           // 25: ferry.v1.BatchEntryResponse
+	(*GetEntryRequest)(nil),              // 26: ferry.v1.GetEntryRequest
+	(*ListEntriesRequest)(nil),           // 27: ferry.v1.ListEntriesRequest
+	(*ListEntriesResponse)(nil),          // 28: ferry.v1.ListEntriesResponse
+	(*CountEntriesRequest)(nil),          // 29: ferry.v1.CountEntriesRequest
+	(*CountEntriesResponse)(nil),         // 30: ferry.v1.CountEntriesResponse
+	(*LocalAuthority)(nil),               // 31: ferry.v1.LocalAuthority
+	(*ListLocalAuthoritiesRequest)(nil),  // 32: ferry.v1.ListLocalAuthoritiesRequest
+	(*ListLocalAuthoritiesResponse)(nil), // 33: ferry.v1.ListLocalAuthoritiesResponse
+	(*LocalAuthorityRequest)(nil),        // 34: ferry.v1.LocalAuthorityRequest
+	(*MintX509SVIDRequest)(nil),          // 35: ferry.v1.MintX509SVIDRequest
+	(*MintX509SVIDResponse)(nil),         // 36: ferry.v1.MintX509SVIDResponse
+	(*MintJWTSVIDRequest)(nil),           // 37: ferry.v1.MintJWTSVIDRequest
+	(*MintJWTSVIDResponse)(nil),          // 38: ferry.v1.MintJWTSVIDResponse
+	(*SetFederatedBundleRequest)(nil),    // 39: ferry.v1.SetFederatedBundleRequest
+	(*DeleteFederatedBundleRequest)(nil), // 40: ferry.v1.DeleteFederatedBundleRequest
+	(*StateHashRequest)(nil),             // 41: ferry.v1.StateHashRequest
+	(*StateHashResponse)(nil),            // 42: ferry.v1.StateHashResponse
+	(*AttestedNode)(nil),                 // 43: ferry.v1.AttestedNode
+	(*Identity)(nil),                     // 44: ferry.v1.Identity
+	(*Bundle)(nil),                       // 45: ferry.v1.Bundle
+	(*Entry)(nil),                        // 46: ferry.v1.Entry
+	(*Status)(nil),                       // 47: ferry.v1.Status
+	(*Selector)(nil),                     // 48: ferry.v1.Selector
 }
 var file_admin_proto_depIdxs = []int32{
-	41, // 0: ferry.v1.ListAgentsResponse.agents:type_name -> ferry.v1.AttestedNode
-	42, // 1: ferry.v1.ListBundlesResponse.bundles:type_name -> ferry.v1.Bundle
-	13, // 2: ferry.v1.ClusterListResponse.members:type_name -> ferry.v1.ClusterMember
-	43, // 3: ferry.v1.BatchCreateEntryRequest.entries:type_name -> ferry.v1.Entry
-	43, // 4: ferry.v1.BatchUpdateEntryRequest.entries:type_name -> ferry.v1.Entry
-	44, // 5: ferry.v1.BatchEntryResponse.results:type_name -> ferry.v1.Status
-	43, // 6: ferry.v1.BatchEntryResponse.entries:type_name -> ferry.v1.Entry
-	0,  // 7: ferry.v1.GetEntryRequest.consistency:type_name -> ferry.v1.ReadConsistency
-	45, // 8: ferry.v1.ListEntriesRequest.by_selectors:type_name -> ferry.v1.Selector
-	0,  // 9: ferry.v1.ListEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
-	43, // 10: ferry.v1.ListEntriesResponse.entries:type_name -> ferry.v1.Entry
-	0,  // 11: ferry.v1.CountEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
-	29, // 12: ferry.v1.ListLocalAuthoritiesResponse.authorities:type_name -> ferry.v1.LocalAuthority
-	42, // 13: ferry.v1.SetFederatedBundleRequest.bundle:type_name -> ferry.v1.Bundle
-	10, // 14: ferry.v1.Admin.ClusterJoin:input_type -> ferry.v1.ClusterJoinRequest
-	12, // 15: ferry.v1.Admin.ClusterList:input_type -> ferry.v1.ClusterListRequest
-	15, // 16: ferry.v1.Admin.ClusterRemove:input_type -> ferry.v1.ClusterRemoveRequest
-	17, // 17: ferry.v1.Admin.SnapshotSave:input_type -> ferry.v1.SnapshotSaveRequest
-	18, // 18: ferry.v1.Admin.SnapshotRestore:input_type -> ferry.v1.SnapshotChunk
-	20, // 19: ferry.v1.Admin.BatchCreateEntry:input_type -> ferry.v1.BatchCreateEntryRequest
-	21, // 20: ferry.v1.Admin.BatchUpdateEntry:input_type -> ferry.v1.BatchUpdateEntryRequest
-	22, // 21: ferry.v1.Admin.BatchDeleteEntry:input_type -> ferry.v1.BatchDeleteEntryRequest
-	24, // 22: ferry.v1.Admin.GetEntry:input_type -> ferry.v1.GetEntryRequest
-	25, // 23: ferry.v1.Admin.ListEntries:input_type -> ferry.v1.ListEntriesRequest
-	27, // 24: ferry.v1.Admin.CountEntries:input_type -> ferry.v1.CountEntriesRequest
-	1,  // 25: ferry.v1.Admin.CreateJoinToken:input_type -> ferry.v1.CreateJoinTokenRequest
-	3,  // 26: ferry.v1.Admin.ListAgents:input_type -> ferry.v1.ListAgentsRequest
-	5,  // 27: ferry.v1.Admin.GetAgent:input_type -> ferry.v1.GetAgentRequest
-	6,  // 28: ferry.v1.Admin.EvictAgent:input_type -> ferry.v1.EvictAgentRequest
-	7,  // 29: ferry.v1.Admin.BanAgent:input_type -> ferry.v1.BanAgentRequest
-	8,  // 30: ferry.v1.Admin.ListBundles:input_type -> ferry.v1.ListBundlesRequest
-	30, // 31: ferry.v1.Admin.ListLocalAuthorities:input_type -> ferry.v1.ListLocalAuthoritiesRequest
-	32, // 32: ferry.v1.Admin.PrepareLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
-	32, // 33: ferry.v1.Admin.ActivateLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
-	32, // 34: ferry.v1.Admin.TaintLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
-	32, // 35: ferry.v1.Admin.RevokeLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
-	33, // 36: ferry.v1.Admin.MintX509SVID:input_type -> ferry.v1.MintX509SVIDRequest
-	35, // 37: ferry.v1.Admin.MintJWTSVID:input_type -> ferry.v1.MintJWTSVIDRequest
-	37, // 38: ferry.v1.Admin.SetFederatedBundle:input_type -> ferry.v1.SetFederatedBundleRequest
-	38, // 39: ferry.v1.Admin.DeleteFederatedBundle:input_type -> ferry.v1.DeleteFederatedBundleRequest
-	39, // 40: ferry.v1.Admin.StateHash:input_type -> ferry.v1.StateHashRequest
-	11, // 41: ferry.v1.Admin.ClusterJoin:output_type -> ferry.v1.ClusterJoinResponse
-	14, // 42: ferry.v1.Admin.ClusterList:output_type -> ferry.v1.ClusterListResponse
-	16, // 43: ferry.v1.Admin.ClusterRemove:output_type -> ferry.v1.ClusterRemoveResponse
-	18, // 44: ferry.v1.Admin.SnapshotSave:output_type -> ferry.v1.SnapshotChunk
-	19, // 45: ferry.v1.Admin.SnapshotRestore:output_type -> ferry.v1.SnapshotRestoreResponse
-	23, // 46: ferry.v1.Admin.BatchCreateEntry:output_type -> ferry.v1.BatchEntryResponse
-	23, // 47: ferry.v1.Admin.BatchUpdateEntry:output_type -> ferry.v1.BatchEntryResponse
-	23, // 48: ferry.v1.Admin.BatchDeleteEntry:output_type -> ferry.v1.BatchEntryResponse
-	43, // 49: ferry.v1.Admin.GetEntry:output_type -> ferry.v1.Entry
-	26, // 50: ferry.v1.Admin.ListEntries:output_type -> ferry.v1.ListEntriesResponse
-	28, // 51: ferry.v1.Admin.CountEntries:output_type -> ferry.v1.CountEntriesResponse
-	2,  // 52: ferry.v1.Admin.CreateJoinToken:output_type -> ferry.v1.CreateJoinTokenResponse
-	4,  // 53: ferry.v1.Admin.ListAgents:output_type -> ferry.v1.ListAgentsResponse
-	41, // 54: ferry.v1.Admin.GetAgent:output_type -> ferry.v1.AttestedNode
-	41, // 55: ferry.v1.Admin.EvictAgent:output_type -> ferry.v1.AttestedNode
-	41, // 56: ferry.v1.Admin.BanAgent:output_type -> ferry.v1.AttestedNode
-	9,  // 57: ferry.v1.Admin.ListBundles:output_type -> ferry.v1.ListBundlesResponse
-	31, // 58: ferry.v1.Admin.ListLocalAuthorities:output_type -> ferry.v1.ListLocalAuthoritiesResponse
-	29, // 59: ferry.v1.Admin.PrepareLocalAuthority:output_type -> ferry.v1.LocalAuthority
-	29, // 60: ferry.v1.Admin.ActivateLocalAuthority:output_type -> ferry.v1.LocalAuthority
-	29, // 61: ferry.v1.Admin.TaintLocalAuthority:output_type -> ferry.v1.LocalAuthority
-	29, // 62: ferry.v1.Admin.RevokeLocalAuthority:output_type -> ferry.v1.LocalAuthority
-	34, // 63: ferry.v1.Admin.MintX509SVID:output_type -> ferry.v1.MintX509SVIDResponse
-	36, // 64: ferry.v1.Admin.MintJWTSVID:output_type -> ferry.v1.MintJWTSVIDResponse
-	42, // 65: ferry.v1.Admin.SetFederatedBundle:output_type -> ferry.v1.Bundle
-	42, // 66: ferry.v1.Admin.DeleteFederatedBundle:output_type -> ferry.v1.Bundle
-	40, // 67: ferry.v1.Admin.StateHash:output_type -> ferry.v1.StateHashResponse
-	41, // [41:68] is the sub-list for method output_type
-	14, // [14:41] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	43, // 0: ferry.v1.ListAgentsResponse.agents:type_name -> ferry.v1.AttestedNode
+	43, // 1: ferry.v1.SetAgentIdentityResponse.agent:type_name -> ferry.v1.AttestedNode
+	44, // 2: ferry.v1.SetAgentIdentityResponse.identity:type_name -> ferry.v1.Identity
+	45, // 3: ferry.v1.ListBundlesResponse.bundles:type_name -> ferry.v1.Bundle
+	15, // 4: ferry.v1.ClusterListResponse.members:type_name -> ferry.v1.ClusterMember
+	46, // 5: ferry.v1.BatchCreateEntryRequest.entries:type_name -> ferry.v1.Entry
+	46, // 6: ferry.v1.BatchUpdateEntryRequest.entries:type_name -> ferry.v1.Entry
+	47, // 7: ferry.v1.BatchEntryResponse.results:type_name -> ferry.v1.Status
+	46, // 8: ferry.v1.BatchEntryResponse.entries:type_name -> ferry.v1.Entry
+	44, // 9: ferry.v1.BatchEntryResponse.identities:type_name -> ferry.v1.Identity
+	0,  // 10: ferry.v1.GetEntryRequest.consistency:type_name -> ferry.v1.ReadConsistency
+	48, // 11: ferry.v1.ListEntriesRequest.by_selectors:type_name -> ferry.v1.Selector
+	0,  // 12: ferry.v1.ListEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
+	46, // 13: ferry.v1.ListEntriesResponse.entries:type_name -> ferry.v1.Entry
+	0,  // 14: ferry.v1.CountEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
+	31, // 15: ferry.v1.ListLocalAuthoritiesResponse.authorities:type_name -> ferry.v1.LocalAuthority
+	45, // 16: ferry.v1.SetFederatedBundleRequest.bundle:type_name -> ferry.v1.Bundle
+	12, // 17: ferry.v1.Admin.ClusterJoin:input_type -> ferry.v1.ClusterJoinRequest
+	14, // 18: ferry.v1.Admin.ClusterList:input_type -> ferry.v1.ClusterListRequest
+	17, // 19: ferry.v1.Admin.ClusterRemove:input_type -> ferry.v1.ClusterRemoveRequest
+	19, // 20: ferry.v1.Admin.SnapshotSave:input_type -> ferry.v1.SnapshotSaveRequest
+	20, // 21: ferry.v1.Admin.SnapshotRestore:input_type -> ferry.v1.SnapshotChunk
+	22, // 22: ferry.v1.Admin.BatchCreateEntry:input_type -> ferry.v1.BatchCreateEntryRequest
+	23, // 23: ferry.v1.Admin.BatchUpdateEntry:input_type -> ferry.v1.BatchUpdateEntryRequest
+	24, // 24: ferry.v1.Admin.BatchDeleteEntry:input_type -> ferry.v1.BatchDeleteEntryRequest
+	26, // 25: ferry.v1.Admin.GetEntry:input_type -> ferry.v1.GetEntryRequest
+	27, // 26: ferry.v1.Admin.ListEntries:input_type -> ferry.v1.ListEntriesRequest
+	29, // 27: ferry.v1.Admin.CountEntries:input_type -> ferry.v1.CountEntriesRequest
+	1,  // 28: ferry.v1.Admin.CreateJoinToken:input_type -> ferry.v1.CreateJoinTokenRequest
+	3,  // 29: ferry.v1.Admin.ListAgents:input_type -> ferry.v1.ListAgentsRequest
+	5,  // 30: ferry.v1.Admin.GetAgent:input_type -> ferry.v1.GetAgentRequest
+	6,  // 31: ferry.v1.Admin.EvictAgent:input_type -> ferry.v1.EvictAgentRequest
+	7,  // 32: ferry.v1.Admin.BanAgent:input_type -> ferry.v1.BanAgentRequest
+	8,  // 33: ferry.v1.Admin.SetAgentIdentity:input_type -> ferry.v1.SetAgentIdentityRequest
+	10, // 34: ferry.v1.Admin.ListBundles:input_type -> ferry.v1.ListBundlesRequest
+	32, // 35: ferry.v1.Admin.ListLocalAuthorities:input_type -> ferry.v1.ListLocalAuthoritiesRequest
+	34, // 36: ferry.v1.Admin.PrepareLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
+	34, // 37: ferry.v1.Admin.ActivateLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
+	34, // 38: ferry.v1.Admin.TaintLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
+	34, // 39: ferry.v1.Admin.RevokeLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
+	35, // 40: ferry.v1.Admin.MintX509SVID:input_type -> ferry.v1.MintX509SVIDRequest
+	37, // 41: ferry.v1.Admin.MintJWTSVID:input_type -> ferry.v1.MintJWTSVIDRequest
+	39, // 42: ferry.v1.Admin.SetFederatedBundle:input_type -> ferry.v1.SetFederatedBundleRequest
+	40, // 43: ferry.v1.Admin.DeleteFederatedBundle:input_type -> ferry.v1.DeleteFederatedBundleRequest
+	41, // 44: ferry.v1.Admin.StateHash:input_type -> ferry.v1.StateHashRequest
+	13, // 45: ferry.v1.Admin.ClusterJoin:output_type -> ferry.v1.ClusterJoinResponse
+	16, // 46: ferry.v1.Admin.ClusterList:output_type -> ferry.v1.ClusterListResponse
+	18, // 47: ferry.v1.Admin.ClusterRemove:output_type -> ferry.v1.ClusterRemoveResponse
+	20, // 48: ferry.v1.Admin.SnapshotSave:output_type -> ferry.v1.SnapshotChunk
+	21, // 49: ferry.v1.Admin.SnapshotRestore:output_type -> ferry.v1.SnapshotRestoreResponse
+	25, // 50: ferry.v1.Admin.BatchCreateEntry:output_type -> ferry.v1.BatchEntryResponse
+	25, // 51: ferry.v1.Admin.BatchUpdateEntry:output_type -> ferry.v1.BatchEntryResponse
+	25, // 52: ferry.v1.Admin.BatchDeleteEntry:output_type -> ferry.v1.BatchEntryResponse
+	46, // 53: ferry.v1.Admin.GetEntry:output_type -> ferry.v1.Entry
+	28, // 54: ferry.v1.Admin.ListEntries:output_type -> ferry.v1.ListEntriesResponse
+	30, // 55: ferry.v1.Admin.CountEntries:output_type -> ferry.v1.CountEntriesResponse
+	2,  // 56: ferry.v1.Admin.CreateJoinToken:output_type -> ferry.v1.CreateJoinTokenResponse
+	4,  // 57: ferry.v1.Admin.ListAgents:output_type -> ferry.v1.ListAgentsResponse
+	43, // 58: ferry.v1.Admin.GetAgent:output_type -> ferry.v1.AttestedNode
+	43, // 59: ferry.v1.Admin.EvictAgent:output_type -> ferry.v1.AttestedNode
+	43, // 60: ferry.v1.Admin.BanAgent:output_type -> ferry.v1.AttestedNode
+	9,  // 61: ferry.v1.Admin.SetAgentIdentity:output_type -> ferry.v1.SetAgentIdentityResponse
+	11, // 62: ferry.v1.Admin.ListBundles:output_type -> ferry.v1.ListBundlesResponse
+	33, // 63: ferry.v1.Admin.ListLocalAuthorities:output_type -> ferry.v1.ListLocalAuthoritiesResponse
+	31, // 64: ferry.v1.Admin.PrepareLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	31, // 65: ferry.v1.Admin.ActivateLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	31, // 66: ferry.v1.Admin.TaintLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	31, // 67: ferry.v1.Admin.RevokeLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	36, // 68: ferry.v1.Admin.MintX509SVID:output_type -> ferry.v1.MintX509SVIDResponse
+	38, // 69: ferry.v1.Admin.MintJWTSVID:output_type -> ferry.v1.MintJWTSVIDResponse
+	45, // 70: ferry.v1.Admin.SetFederatedBundle:output_type -> ferry.v1.Bundle
+	45, // 71: ferry.v1.Admin.DeleteFederatedBundle:output_type -> ferry.v1.Bundle
+	42, // 72: ferry.v1.Admin.StateHash:output_type -> ferry.v1.StateHashResponse
+	45, // [45:73] is the sub-list for method output_type
+	17, // [17:45] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_admin_proto_init() }
@@ -2451,7 +2622,7 @@ func file_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_admin_proto_rawDesc), len(file_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   40,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -37,6 +37,7 @@ const (
 	Admin_GetAgent_FullMethodName               = "/ferry.v1.Admin/GetAgent"
 	Admin_EvictAgent_FullMethodName             = "/ferry.v1.Admin/EvictAgent"
 	Admin_BanAgent_FullMethodName               = "/ferry.v1.Admin/BanAgent"
+	Admin_SetAgentIdentity_FullMethodName       = "/ferry.v1.Admin/SetAgentIdentity"
 	Admin_ListBundles_FullMethodName            = "/ferry.v1.Admin/ListBundles"
 	Admin_ListLocalAuthorities_FullMethodName   = "/ferry.v1.Admin/ListLocalAuthorities"
 	Admin_PrepareLocalAuthority_FullMethodName  = "/ferry.v1.Admin/PrepareLocalAuthority"
@@ -70,6 +71,8 @@ type AdminClient interface {
 	GetAgent(ctx context.Context, in *GetAgentRequest, opts ...grpc.CallOption) (*AttestedNode, error)
 	EvictAgent(ctx context.Context, in *EvictAgentRequest, opts ...grpc.CallOption) (*AttestedNode, error)
 	BanAgent(ctx context.Context, in *BanAgentRequest, opts ...grpc.CallOption) (*AttestedNode, error)
+	// SetAgentIdentity enables or disables an attested agent's system-assigned identity.
+	SetAgentIdentity(ctx context.Context, in *SetAgentIdentityRequest, opts ...grpc.CallOption) (*SetAgentIdentityResponse, error)
 	ListBundles(ctx context.Context, in *ListBundlesRequest, opts ...grpc.CallOption) (*ListBundlesResponse, error)
 	// Authorities of the node serving this admin socket (each node has its own keys).
 	ListLocalAuthorities(ctx context.Context, in *ListLocalAuthoritiesRequest, opts ...grpc.CallOption) (*ListLocalAuthoritiesResponse, error)
@@ -267,6 +270,16 @@ func (c *adminClient) BanAgent(ctx context.Context, in *BanAgentRequest, opts ..
 	return out, nil
 }
 
+func (c *adminClient) SetAgentIdentity(ctx context.Context, in *SetAgentIdentityRequest, opts ...grpc.CallOption) (*SetAgentIdentityResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetAgentIdentityResponse)
+	err := c.cc.Invoke(ctx, Admin_SetAgentIdentity_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminClient) ListBundles(ctx context.Context, in *ListBundlesRequest, opts ...grpc.CallOption) (*ListBundlesResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListBundlesResponse)
@@ -397,6 +410,8 @@ type AdminServer interface {
 	GetAgent(context.Context, *GetAgentRequest) (*AttestedNode, error)
 	EvictAgent(context.Context, *EvictAgentRequest) (*AttestedNode, error)
 	BanAgent(context.Context, *BanAgentRequest) (*AttestedNode, error)
+	// SetAgentIdentity enables or disables an attested agent's system-assigned identity.
+	SetAgentIdentity(context.Context, *SetAgentIdentityRequest) (*SetAgentIdentityResponse, error)
 	ListBundles(context.Context, *ListBundlesRequest) (*ListBundlesResponse, error)
 	// Authorities of the node serving this admin socket (each node has its own keys).
 	ListLocalAuthorities(context.Context, *ListLocalAuthoritiesRequest) (*ListLocalAuthoritiesResponse, error)
@@ -469,6 +484,9 @@ func (UnimplementedAdminServer) EvictAgent(context.Context, *EvictAgentRequest) 
 }
 func (UnimplementedAdminServer) BanAgent(context.Context, *BanAgentRequest) (*AttestedNode, error) {
 	return nil, status.Error(codes.Unimplemented, "method BanAgent not implemented")
+}
+func (UnimplementedAdminServer) SetAgentIdentity(context.Context, *SetAgentIdentityRequest) (*SetAgentIdentityResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetAgentIdentity not implemented")
 }
 func (UnimplementedAdminServer) ListBundles(context.Context, *ListBundlesRequest) (*ListBundlesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListBundles not implemented")
@@ -794,6 +812,24 @@ func _Admin_BanAgent_Handler(srv interface{}, ctx context.Context, dec func(inte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_SetAgentIdentity_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetAgentIdentityRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).SetAgentIdentity(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_SetAgentIdentity_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).SetAgentIdentity(ctx, req.(*SetAgentIdentityRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Admin_ListBundles_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListBundlesRequest)
 	if err := dec(in); err != nil {
@@ -1054,6 +1090,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "BanAgent",
 			Handler:    _Admin_BanAgent_Handler,
+		},
+		{
+			MethodName: "SetAgentIdentity",
+			Handler:    _Admin_SetAgentIdentity_Handler,
 		},
 		{
 			MethodName: "ListBundles",

@@ -50,6 +50,7 @@ type Command struct {
 	//	*Command_BundleJwtAuthorityRemove
 	//	*Command_BundleSet
 	//	*Command_BundleDelete
+	//	*Command_NodeIdentitySet
 	//	*Command_TenantPut
 	//	*Command_TenantDelete
 	//	*Command_IdentityPut
@@ -250,6 +251,15 @@ func (x *Command) GetBundleDelete() *BundleDelete {
 	if x != nil {
 		if x, ok := x.Op.(*Command_BundleDelete); ok {
 			return x.BundleDelete
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetNodeIdentitySet() *NodeIdentitySet {
+	if x != nil {
+		if x, ok := x.Op.(*Command_NodeIdentitySet); ok {
+			return x.NodeIdentitySet
 		}
 	}
 	return nil
@@ -459,6 +469,10 @@ type Command_BundleDelete struct {
 	BundleDelete *BundleDelete `protobuf:"bytes,23,opt,name=bundle_delete,json=bundleDelete,proto3,oneof"`
 }
 
+type Command_NodeIdentitySet struct {
+	NodeIdentitySet *NodeIdentitySet `protobuf:"bytes,24,opt,name=node_identity_set,json=nodeIdentitySet,proto3,oneof"`
+}
+
 type Command_TenantPut struct {
 	// Directory (bridge) commands: 30-49.
 	TenantPut *TenantPut `protobuf:"bytes,30,opt,name=tenant_put,json=tenantPut,proto3,oneof"`
@@ -554,6 +568,8 @@ func (*Command_BundleJwtAuthorityRemove) isCommand_Op() {}
 func (*Command_BundleSet) isCommand_Op() {}
 
 func (*Command_BundleDelete) isCommand_Op() {}
+
+func (*Command_NodeIdentitySet) isCommand_Op() {}
 
 func (*Command_TenantPut) isCommand_Op() {}
 
@@ -1179,10 +1195,14 @@ func (x *CommandBatch) GetCommands() []*Command {
 }
 
 type EntriesCreate struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Entries       []*Entry               `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Entries []*Entry               `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	// system_identities: one for each entry with system_assigned_identity set
+	// (matched by owner = entry ID). The entry and its identity are created in
+	// this command, or neither is.
+	SystemIdentities []*SystemIdentity `protobuf:"bytes,2,rep,name=system_identities,json=systemIdentities,proto3" json:"system_identities,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *EntriesCreate) Reset() {
@@ -1222,11 +1242,20 @@ func (x *EntriesCreate) GetEntries() []*Entry {
 	return nil
 }
 
+func (x *EntriesCreate) GetSystemIdentities() []*SystemIdentity {
+	if x != nil {
+		return x.SystemIdentities
+	}
+	return nil
+}
+
 type EntriesUpdate struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Entries       []*Entry               `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Entries []*Entry               `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	// system_identities: one for each entry that turns system_assigned_identity on.
+	SystemIdentities []*SystemIdentity `protobuf:"bytes,2,rep,name=system_identities,json=systemIdentities,proto3" json:"system_identities,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *EntriesUpdate) Reset() {
@@ -1266,6 +1295,155 @@ func (x *EntriesUpdate) GetEntries() []*Entry {
 	return nil
 }
 
+func (x *EntriesUpdate) GetSystemIdentities() []*SystemIdentity {
+	if x != nil {
+		return x.SystemIdentities
+	}
+	return nil
+}
+
+// SystemIdentity is what the FSM cannot derive itself for a new system-assigned
+// identity: fresh GUIDs, the tenant, and the issuer of the trust domain's
+// JWT-SVIDs (the issuer of the federated credential binding it to its owner).
+// Name and resource ID follow from the owner (Azure: the resource's own).
+type SystemIdentity struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Owner         string                 `protobuf:"bytes,1,opt,name=owner,proto3" json:"owner,omitempty"` // the entry ID, or the agent's SPIFFE ID
+	ObjectId      string                 `protobuf:"bytes,2,opt,name=object_id,json=objectId,proto3" json:"object_id,omitempty"`
+	ClientId      string                 `protobuf:"bytes,3,opt,name=client_id,json=clientId,proto3" json:"client_id,omitempty"`
+	TenantId      string                 `protobuf:"bytes,4,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	Issuer        string                 `protobuf:"bytes,5,opt,name=issuer,proto3" json:"issuer,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SystemIdentity) Reset() {
+	*x = SystemIdentity{}
+	mi := &file_commands_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SystemIdentity) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SystemIdentity) ProtoMessage() {}
+
+func (x *SystemIdentity) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SystemIdentity.ProtoReflect.Descriptor instead.
+func (*SystemIdentity) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *SystemIdentity) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *SystemIdentity) GetObjectId() string {
+	if x != nil {
+		return x.ObjectId
+	}
+	return ""
+}
+
+func (x *SystemIdentity) GetClientId() string {
+	if x != nil {
+		return x.ClientId
+	}
+	return ""
+}
+
+func (x *SystemIdentity) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *SystemIdentity) GetIssuer() string {
+	if x != nil {
+		return x.Issuer
+	}
+	return ""
+}
+
+// NodeIdentitySet enables (creating it) or disables (deleting it with its role
+// assignments) an attested agent's system-assigned identity.
+type NodeIdentitySet struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	Enabled       bool                   `protobuf:"varint,2,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	Identity      *SystemIdentity        `protobuf:"bytes,3,opt,name=identity,proto3" json:"identity,omitempty"` // when enabling
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeIdentitySet) Reset() {
+	*x = NodeIdentitySet{}
+	mi := &file_commands_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeIdentitySet) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeIdentitySet) ProtoMessage() {}
+
+func (x *NodeIdentitySet) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeIdentitySet.ProtoReflect.Descriptor instead.
+func (*NodeIdentitySet) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *NodeIdentitySet) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *NodeIdentitySet) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *NodeIdentitySet) GetIdentity() *SystemIdentity {
+	if x != nil {
+		return x.Identity
+	}
+	return nil
+}
+
 type EntriesDelete struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
@@ -1275,7 +1453,7 @@ type EntriesDelete struct {
 
 func (x *EntriesDelete) Reset() {
 	*x = EntriesDelete{}
-	mi := &file_commands_proto_msgTypes[15]
+	mi := &file_commands_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1287,7 +1465,7 @@ func (x *EntriesDelete) String() string {
 func (*EntriesDelete) ProtoMessage() {}
 
 func (x *EntriesDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[15]
+	mi := &file_commands_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1300,7 +1478,7 @@ func (x *EntriesDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EntriesDelete.ProtoReflect.Descriptor instead.
 func (*EntriesDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{15}
+	return file_commands_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *EntriesDelete) GetIds() []string {
@@ -1321,7 +1499,7 @@ type Status struct {
 
 func (x *Status) Reset() {
 	*x = Status{}
-	mi := &file_commands_proto_msgTypes[16]
+	mi := &file_commands_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1333,7 +1511,7 @@ func (x *Status) String() string {
 func (*Status) ProtoMessage() {}
 
 func (x *Status) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[16]
+	mi := &file_commands_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1346,7 +1524,7 @@ func (x *Status) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Status.ProtoReflect.Descriptor instead.
 func (*Status) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{16}
+	return file_commands_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Status) GetCode() int32 {
@@ -1372,6 +1550,9 @@ type CommandResult struct {
 	Node      *AttestedNode          `protobuf:"bytes,5,opt,name=node,proto3" json:"node,omitempty"`
 	JoinToken *JoinToken             `protobuf:"bytes,6,opt,name=join_token,json=joinToken,proto3" json:"join_token,omitempty"`
 	Bundle    *Bundle                `protobuf:"bytes,7,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	// identities: the system-assigned identities the command created, changed
+	// or deleted (entries and agents).
+	Identities []*Identity `protobuf:"bytes,8,rep,name=identities,proto3" json:"identities,omitempty"`
 	// Directory results: 20-29.
 	Tenant              *Tenant              `protobuf:"bytes,20,opt,name=tenant,proto3" json:"tenant,omitempty"`
 	Identity            *Identity            `protobuf:"bytes,21,opt,name=identity,proto3" json:"identity,omitempty"`
@@ -1389,7 +1570,7 @@ type CommandResult struct {
 
 func (x *CommandResult) Reset() {
 	*x = CommandResult{}
-	mi := &file_commands_proto_msgTypes[17]
+	mi := &file_commands_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1401,7 +1582,7 @@ func (x *CommandResult) String() string {
 func (*CommandResult) ProtoMessage() {}
 
 func (x *CommandResult) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[17]
+	mi := &file_commands_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1414,7 +1595,7 @@ func (x *CommandResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommandResult.ProtoReflect.Descriptor instead.
 func (*CommandResult) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{17}
+	return file_commands_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CommandResult) GetIndex() uint64 {
@@ -1462,6 +1643,13 @@ func (x *CommandResult) GetJoinToken() *JoinToken {
 func (x *CommandResult) GetBundle() *Bundle {
 	if x != nil {
 		return x.Bundle
+	}
+	return nil
+}
+
+func (x *CommandResult) GetIdentities() []*Identity {
+	if x != nil {
+		return x.Identities
 	}
 	return nil
 }
@@ -1536,7 +1724,7 @@ type AppliedRequest struct {
 
 func (x *AppliedRequest) Reset() {
 	*x = AppliedRequest{}
-	mi := &file_commands_proto_msgTypes[18]
+	mi := &file_commands_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1548,7 +1736,7 @@ func (x *AppliedRequest) String() string {
 func (*AppliedRequest) ProtoMessage() {}
 
 func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[18]
+	mi := &file_commands_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1561,7 +1749,7 @@ func (x *AppliedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppliedRequest.ProtoReflect.Descriptor instead.
 func (*AppliedRequest) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{18}
+	return file_commands_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *AppliedRequest) GetRequestId() string {
@@ -1601,7 +1789,7 @@ type TenantPut struct {
 
 func (x *TenantPut) Reset() {
 	*x = TenantPut{}
-	mi := &file_commands_proto_msgTypes[19]
+	mi := &file_commands_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1613,7 +1801,7 @@ func (x *TenantPut) String() string {
 func (*TenantPut) ProtoMessage() {}
 
 func (x *TenantPut) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[19]
+	mi := &file_commands_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1626,7 +1814,7 @@ func (x *TenantPut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TenantPut.ProtoReflect.Descriptor instead.
 func (*TenantPut) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{19}
+	return file_commands_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *TenantPut) GetTenant() *Tenant {
@@ -1645,7 +1833,7 @@ type TenantDelete struct {
 
 func (x *TenantDelete) Reset() {
 	*x = TenantDelete{}
-	mi := &file_commands_proto_msgTypes[20]
+	mi := &file_commands_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1657,7 +1845,7 @@ func (x *TenantDelete) String() string {
 func (*TenantDelete) ProtoMessage() {}
 
 func (x *TenantDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[20]
+	mi := &file_commands_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1670,7 +1858,7 @@ func (x *TenantDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TenantDelete.ProtoReflect.Descriptor instead.
 func (*TenantDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{20}
+	return file_commands_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *TenantDelete) GetId() string {
@@ -1690,7 +1878,7 @@ type IdentityPut struct {
 
 func (x *IdentityPut) Reset() {
 	*x = IdentityPut{}
-	mi := &file_commands_proto_msgTypes[21]
+	mi := &file_commands_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1702,7 +1890,7 @@ func (x *IdentityPut) String() string {
 func (*IdentityPut) ProtoMessage() {}
 
 func (x *IdentityPut) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[21]
+	mi := &file_commands_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1715,7 +1903,7 @@ func (x *IdentityPut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IdentityPut.ProtoReflect.Descriptor instead.
 func (*IdentityPut) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{21}
+	return file_commands_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *IdentityPut) GetIdentity() *Identity {
@@ -1741,7 +1929,7 @@ type IdentityDelete struct {
 
 func (x *IdentityDelete) Reset() {
 	*x = IdentityDelete{}
-	mi := &file_commands_proto_msgTypes[22]
+	mi := &file_commands_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1753,7 +1941,7 @@ func (x *IdentityDelete) String() string {
 func (*IdentityDelete) ProtoMessage() {}
 
 func (x *IdentityDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[22]
+	mi := &file_commands_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1766,7 +1954,7 @@ func (x *IdentityDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IdentityDelete.ProtoReflect.Descriptor instead.
 func (*IdentityDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{22}
+	return file_commands_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *IdentityDelete) GetObjectId() string {
@@ -1786,7 +1974,7 @@ type FederatedCredentialPut struct {
 
 func (x *FederatedCredentialPut) Reset() {
 	*x = FederatedCredentialPut{}
-	mi := &file_commands_proto_msgTypes[23]
+	mi := &file_commands_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1798,7 +1986,7 @@ func (x *FederatedCredentialPut) String() string {
 func (*FederatedCredentialPut) ProtoMessage() {}
 
 func (x *FederatedCredentialPut) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[23]
+	mi := &file_commands_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1811,7 +1999,7 @@ func (x *FederatedCredentialPut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FederatedCredentialPut.ProtoReflect.Descriptor instead.
 func (*FederatedCredentialPut) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{23}
+	return file_commands_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *FederatedCredentialPut) GetCredential() *FederatedCredential {
@@ -1838,7 +2026,7 @@ type FederatedCredentialDelete struct {
 
 func (x *FederatedCredentialDelete) Reset() {
 	*x = FederatedCredentialDelete{}
-	mi := &file_commands_proto_msgTypes[24]
+	mi := &file_commands_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1850,7 +2038,7 @@ func (x *FederatedCredentialDelete) String() string {
 func (*FederatedCredentialDelete) ProtoMessage() {}
 
 func (x *FederatedCredentialDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[24]
+	mi := &file_commands_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1863,7 +2051,7 @@ func (x *FederatedCredentialDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FederatedCredentialDelete.ProtoReflect.Descriptor instead.
 func (*FederatedCredentialDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{24}
+	return file_commands_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *FederatedCredentialDelete) GetIdentityObjectId() string {
@@ -1890,7 +2078,7 @@ type ResourcePut struct {
 
 func (x *ResourcePut) Reset() {
 	*x = ResourcePut{}
-	mi := &file_commands_proto_msgTypes[25]
+	mi := &file_commands_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1902,7 +2090,7 @@ func (x *ResourcePut) String() string {
 func (*ResourcePut) ProtoMessage() {}
 
 func (x *ResourcePut) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[25]
+	mi := &file_commands_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1915,7 +2103,7 @@ func (x *ResourcePut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResourcePut.ProtoReflect.Descriptor instead.
 func (*ResourcePut) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{25}
+	return file_commands_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ResourcePut) GetResource() *Resource {
@@ -1941,7 +2129,7 @@ type ResourceDelete struct {
 
 func (x *ResourceDelete) Reset() {
 	*x = ResourceDelete{}
-	mi := &file_commands_proto_msgTypes[26]
+	mi := &file_commands_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1953,7 +2141,7 @@ func (x *ResourceDelete) String() string {
 func (*ResourceDelete) ProtoMessage() {}
 
 func (x *ResourceDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[26]
+	mi := &file_commands_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1966,7 +2154,7 @@ func (x *ResourceDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResourceDelete.ProtoReflect.Descriptor instead.
 func (*ResourceDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{26}
+	return file_commands_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ResourceDelete) GetObjectId() string {
@@ -1985,7 +2173,7 @@ type RoleAssignmentPut struct {
 
 func (x *RoleAssignmentPut) Reset() {
 	*x = RoleAssignmentPut{}
-	mi := &file_commands_proto_msgTypes[27]
+	mi := &file_commands_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1997,7 +2185,7 @@ func (x *RoleAssignmentPut) String() string {
 func (*RoleAssignmentPut) ProtoMessage() {}
 
 func (x *RoleAssignmentPut) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[27]
+	mi := &file_commands_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2010,7 +2198,7 @@ func (x *RoleAssignmentPut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoleAssignmentPut.ProtoReflect.Descriptor instead.
 func (*RoleAssignmentPut) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{27}
+	return file_commands_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RoleAssignmentPut) GetAssignment() *RoleAssignment {
@@ -2029,7 +2217,7 @@ type RoleAssignmentDelete struct {
 
 func (x *RoleAssignmentDelete) Reset() {
 	*x = RoleAssignmentDelete{}
-	mi := &file_commands_proto_msgTypes[28]
+	mi := &file_commands_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2041,7 +2229,7 @@ func (x *RoleAssignmentDelete) String() string {
 func (*RoleAssignmentDelete) ProtoMessage() {}
 
 func (x *RoleAssignmentDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[28]
+	mi := &file_commands_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2054,7 +2242,7 @@ func (x *RoleAssignmentDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoleAssignmentDelete.ProtoReflect.Descriptor instead.
 func (*RoleAssignmentDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{28}
+	return file_commands_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RoleAssignmentDelete) GetId() string {
@@ -2073,7 +2261,7 @@ type SigningKeyPut struct {
 
 func (x *SigningKeyPut) Reset() {
 	*x = SigningKeyPut{}
-	mi := &file_commands_proto_msgTypes[29]
+	mi := &file_commands_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2085,7 +2273,7 @@ func (x *SigningKeyPut) String() string {
 func (*SigningKeyPut) ProtoMessage() {}
 
 func (x *SigningKeyPut) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[29]
+	mi := &file_commands_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2098,7 +2286,7 @@ func (x *SigningKeyPut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigningKeyPut.ProtoReflect.Descriptor instead.
 func (*SigningKeyPut) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{29}
+	return file_commands_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SigningKeyPut) GetKey() *SigningKey {
@@ -2117,7 +2305,7 @@ type SigningKeyDelete struct {
 
 func (x *SigningKeyDelete) Reset() {
 	*x = SigningKeyDelete{}
-	mi := &file_commands_proto_msgTypes[30]
+	mi := &file_commands_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2129,7 +2317,7 @@ func (x *SigningKeyDelete) String() string {
 func (*SigningKeyDelete) ProtoMessage() {}
 
 func (x *SigningKeyDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[30]
+	mi := &file_commands_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2142,7 +2330,7 @@ func (x *SigningKeyDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SigningKeyDelete.ProtoReflect.Descriptor instead.
 func (*SigningKeyDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{30}
+	return file_commands_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SigningKeyDelete) GetKid() string {
@@ -2168,7 +2356,7 @@ type FederationPut struct {
 
 func (x *FederationPut) Reset() {
 	*x = FederationPut{}
-	mi := &file_commands_proto_msgTypes[31]
+	mi := &file_commands_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2180,7 +2368,7 @@ func (x *FederationPut) String() string {
 func (*FederationPut) ProtoMessage() {}
 
 func (x *FederationPut) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[31]
+	mi := &file_commands_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2193,7 +2381,7 @@ func (x *FederationPut) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FederationPut.ProtoReflect.Descriptor instead.
 func (*FederationPut) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{31}
+	return file_commands_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *FederationPut) GetRelationship() *FederationRelationship {
@@ -2235,7 +2423,7 @@ type FederationDelete struct {
 
 func (x *FederationDelete) Reset() {
 	*x = FederationDelete{}
-	mi := &file_commands_proto_msgTypes[32]
+	mi := &file_commands_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2247,7 +2435,7 @@ func (x *FederationDelete) String() string {
 func (*FederationDelete) ProtoMessage() {}
 
 func (x *FederationDelete) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[32]
+	mi := &file_commands_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2260,7 +2448,7 @@ func (x *FederationDelete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FederationDelete.ProtoReflect.Descriptor instead.
 func (*FederationDelete) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{32}
+	return file_commands_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *FederationDelete) GetTrustDomain() string {
@@ -2282,7 +2470,7 @@ type FederationStatusSet struct {
 
 func (x *FederationStatusSet) Reset() {
 	*x = FederationStatusSet{}
-	mi := &file_commands_proto_msgTypes[33]
+	mi := &file_commands_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2294,7 +2482,7 @@ func (x *FederationStatusSet) String() string {
 func (*FederationStatusSet) ProtoMessage() {}
 
 func (x *FederationStatusSet) ProtoReflect() protoreflect.Message {
-	mi := &file_commands_proto_msgTypes[33]
+	mi := &file_commands_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2307,7 +2495,7 @@ func (x *FederationStatusSet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FederationStatusSet.ProtoReflect.Descriptor instead.
 func (*FederationStatusSet) Descriptor() ([]byte, []int) {
-	return file_commands_proto_rawDescGZIP(), []int{33}
+	return file_commands_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *FederationStatusSet) GetTrustDomain() string {
@@ -2335,7 +2523,7 @@ var File_commands_proto protoreflect.FileDescriptor
 
 const file_commands_proto_rawDesc = "" +
 	"\n" +
-	"\x0ecommands.proto\x12\bferry.v1\x1a\vtypes.proto\"\xf0\x11\n" +
+	"\x0ecommands.proto\x12\bferry.v1\x1a\vtypes.proto\"\xb9\x12\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
@@ -2357,7 +2545,8 @@ const file_commands_proto_rawDesc = "" +
 	"\x1bbundle_jwt_authority_remove\x18\x15 \x01(\v2\".ferry.v1.BundleJWTAuthorityRemoveH\x00R\x18bundleJwtAuthorityRemove\x124\n" +
 	"\n" +
 	"bundle_set\x18\x16 \x01(\v2\x13.ferry.v1.BundleSetH\x00R\tbundleSet\x12=\n" +
-	"\rbundle_delete\x18\x17 \x01(\v2\x16.ferry.v1.BundleDeleteH\x00R\fbundleDelete\x124\n" +
+	"\rbundle_delete\x18\x17 \x01(\v2\x16.ferry.v1.BundleDeleteH\x00R\fbundleDelete\x12G\n" +
+	"\x11node_identity_set\x18\x18 \x01(\v2\x19.ferry.v1.NodeIdentitySetH\x00R\x0fnodeIdentitySet\x124\n" +
 	"\n" +
 	"tenant_put\x18\x1e \x01(\v2\x13.ferry.v1.TenantPutH\x00R\ttenantPut\x12=\n" +
 	"\rtenant_delete\x18\x1f \x01(\v2\x16.ferry.v1.TenantDeleteH\x00R\ftenantDelete\x12:\n" +
@@ -2407,16 +2596,28 @@ const file_commands_proto_rawDesc = "" +
 	"\fBundleDelete\x12!\n" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\"=\n" +
 	"\fCommandBatch\x12-\n" +
-	"\bcommands\x18\x01 \x03(\v2\x11.ferry.v1.CommandR\bcommands\":\n" +
+	"\bcommands\x18\x01 \x03(\v2\x11.ferry.v1.CommandR\bcommands\"\x81\x01\n" +
 	"\rEntriesCreate\x12)\n" +
-	"\aentries\x18\x01 \x03(\v2\x0f.ferry.v1.EntryR\aentries\":\n" +
+	"\aentries\x18\x01 \x03(\v2\x0f.ferry.v1.EntryR\aentries\x12E\n" +
+	"\x11system_identities\x18\x02 \x03(\v2\x18.ferry.v1.SystemIdentityR\x10systemIdentities\"\x81\x01\n" +
 	"\rEntriesUpdate\x12)\n" +
-	"\aentries\x18\x01 \x03(\v2\x0f.ferry.v1.EntryR\aentries\"!\n" +
+	"\aentries\x18\x01 \x03(\v2\x0f.ferry.v1.EntryR\aentries\x12E\n" +
+	"\x11system_identities\x18\x02 \x03(\v2\x18.ferry.v1.SystemIdentityR\x10systemIdentities\"\x95\x01\n" +
+	"\x0eSystemIdentity\x12\x14\n" +
+	"\x05owner\x18\x01 \x01(\tR\x05owner\x12\x1b\n" +
+	"\tobject_id\x18\x02 \x01(\tR\bobjectId\x12\x1b\n" +
+	"\tclient_id\x18\x03 \x01(\tR\bclientId\x12\x1b\n" +
+	"\ttenant_id\x18\x04 \x01(\tR\btenantId\x12\x16\n" +
+	"\x06issuer\x18\x05 \x01(\tR\x06issuer\"~\n" +
+	"\x0fNodeIdentitySet\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x18\n" +
+	"\aenabled\x18\x02 \x01(\bR\aenabled\x124\n" +
+	"\bidentity\x18\x03 \x01(\v2\x18.ferry.v1.SystemIdentityR\bidentity\"!\n" +
 	"\rEntriesDelete\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\"6\n" +
 	"\x06Status\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\"\x8c\x06\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\xc0\x06\n" +
 	"\rCommandResult\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12(\n" +
 	"\x06status\x18\x02 \x01(\v2\x10.ferry.v1.StatusR\x06status\x12&\n" +
@@ -2425,7 +2626,10 @@ const file_commands_proto_rawDesc = "" +
 	"\x04node\x18\x05 \x01(\v2\x16.ferry.v1.AttestedNodeR\x04node\x122\n" +
 	"\n" +
 	"join_token\x18\x06 \x01(\v2\x13.ferry.v1.JoinTokenR\tjoinToken\x12(\n" +
-	"\x06bundle\x18\a \x01(\v2\x10.ferry.v1.BundleR\x06bundle\x12(\n" +
+	"\x06bundle\x18\a \x01(\v2\x10.ferry.v1.BundleR\x06bundle\x122\n" +
+	"\n" +
+	"identities\x18\b \x03(\v2\x12.ferry.v1.IdentityR\n" +
+	"identities\x12(\n" +
 	"\x06tenant\x18\x14 \x01(\v2\x10.ferry.v1.TenantR\x06tenant\x12.\n" +
 	"\bidentity\x18\x15 \x01(\v2\x12.ferry.v1.IdentityR\bidentity\x12P\n" +
 	"\x14federated_credential\x18\x16 \x01(\v2\x1d.ferry.v1.FederatedCredentialR\x13federatedCredential\x12.\n" +
@@ -2503,7 +2707,7 @@ func file_commands_proto_rawDescGZIP() []byte {
 	return file_commands_proto_rawDescData
 }
 
-var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_commands_proto_goTypes = []any{
 	(*Command)(nil),                   // 0: ferry.v1.Command
 	(*JoinTokenCreate)(nil),           // 1: ferry.v1.JoinTokenCreate
@@ -2520,43 +2724,45 @@ var file_commands_proto_goTypes = []any{
 	(*CommandBatch)(nil),              // 12: ferry.v1.CommandBatch
 	(*EntriesCreate)(nil),             // 13: ferry.v1.EntriesCreate
 	(*EntriesUpdate)(nil),             // 14: ferry.v1.EntriesUpdate
-	(*EntriesDelete)(nil),             // 15: ferry.v1.EntriesDelete
-	(*Status)(nil),                    // 16: ferry.v1.Status
-	(*CommandResult)(nil),             // 17: ferry.v1.CommandResult
-	(*AppliedRequest)(nil),            // 18: ferry.v1.AppliedRequest
-	(*TenantPut)(nil),                 // 19: ferry.v1.TenantPut
-	(*TenantDelete)(nil),              // 20: ferry.v1.TenantDelete
-	(*IdentityPut)(nil),               // 21: ferry.v1.IdentityPut
-	(*IdentityDelete)(nil),            // 22: ferry.v1.IdentityDelete
-	(*FederatedCredentialPut)(nil),    // 23: ferry.v1.FederatedCredentialPut
-	(*FederatedCredentialDelete)(nil), // 24: ferry.v1.FederatedCredentialDelete
-	(*ResourcePut)(nil),               // 25: ferry.v1.ResourcePut
-	(*ResourceDelete)(nil),            // 26: ferry.v1.ResourceDelete
-	(*RoleAssignmentPut)(nil),         // 27: ferry.v1.RoleAssignmentPut
-	(*RoleAssignmentDelete)(nil),      // 28: ferry.v1.RoleAssignmentDelete
-	(*SigningKeyPut)(nil),             // 29: ferry.v1.SigningKeyPut
-	(*SigningKeyDelete)(nil),          // 30: ferry.v1.SigningKeyDelete
-	(*FederationPut)(nil),             // 31: ferry.v1.FederationPut
-	(*FederationDelete)(nil),          // 32: ferry.v1.FederationDelete
-	(*FederationStatusSet)(nil),       // 33: ferry.v1.FederationStatusSet
-	(*JoinToken)(nil),                 // 34: ferry.v1.JoinToken
-	(*AttestedNode)(nil),              // 35: ferry.v1.AttestedNode
-	(*X509Authority)(nil),             // 36: ferry.v1.X509Authority
-	(*JWTAuthority)(nil),              // 37: ferry.v1.JWTAuthority
-	(*Bundle)(nil),                    // 38: ferry.v1.Bundle
-	(*Entry)(nil),                     // 39: ferry.v1.Entry
-	(*Tenant)(nil),                    // 40: ferry.v1.Tenant
-	(*Identity)(nil),                  // 41: ferry.v1.Identity
-	(*FederatedCredential)(nil),       // 42: ferry.v1.FederatedCredential
-	(*Resource)(nil),                  // 43: ferry.v1.Resource
-	(*RoleAssignment)(nil),            // 44: ferry.v1.RoleAssignment
-	(*SigningKey)(nil),                // 45: ferry.v1.SigningKey
-	(*FederationRelationship)(nil),    // 46: ferry.v1.FederationRelationship
+	(*SystemIdentity)(nil),            // 15: ferry.v1.SystemIdentity
+	(*NodeIdentitySet)(nil),           // 16: ferry.v1.NodeIdentitySet
+	(*EntriesDelete)(nil),             // 17: ferry.v1.EntriesDelete
+	(*Status)(nil),                    // 18: ferry.v1.Status
+	(*CommandResult)(nil),             // 19: ferry.v1.CommandResult
+	(*AppliedRequest)(nil),            // 20: ferry.v1.AppliedRequest
+	(*TenantPut)(nil),                 // 21: ferry.v1.TenantPut
+	(*TenantDelete)(nil),              // 22: ferry.v1.TenantDelete
+	(*IdentityPut)(nil),               // 23: ferry.v1.IdentityPut
+	(*IdentityDelete)(nil),            // 24: ferry.v1.IdentityDelete
+	(*FederatedCredentialPut)(nil),    // 25: ferry.v1.FederatedCredentialPut
+	(*FederatedCredentialDelete)(nil), // 26: ferry.v1.FederatedCredentialDelete
+	(*ResourcePut)(nil),               // 27: ferry.v1.ResourcePut
+	(*ResourceDelete)(nil),            // 28: ferry.v1.ResourceDelete
+	(*RoleAssignmentPut)(nil),         // 29: ferry.v1.RoleAssignmentPut
+	(*RoleAssignmentDelete)(nil),      // 30: ferry.v1.RoleAssignmentDelete
+	(*SigningKeyPut)(nil),             // 31: ferry.v1.SigningKeyPut
+	(*SigningKeyDelete)(nil),          // 32: ferry.v1.SigningKeyDelete
+	(*FederationPut)(nil),             // 33: ferry.v1.FederationPut
+	(*FederationDelete)(nil),          // 34: ferry.v1.FederationDelete
+	(*FederationStatusSet)(nil),       // 35: ferry.v1.FederationStatusSet
+	(*JoinToken)(nil),                 // 36: ferry.v1.JoinToken
+	(*AttestedNode)(nil),              // 37: ferry.v1.AttestedNode
+	(*X509Authority)(nil),             // 38: ferry.v1.X509Authority
+	(*JWTAuthority)(nil),              // 39: ferry.v1.JWTAuthority
+	(*Bundle)(nil),                    // 40: ferry.v1.Bundle
+	(*Entry)(nil),                     // 41: ferry.v1.Entry
+	(*Identity)(nil),                  // 42: ferry.v1.Identity
+	(*Tenant)(nil),                    // 43: ferry.v1.Tenant
+	(*FederatedCredential)(nil),       // 44: ferry.v1.FederatedCredential
+	(*Resource)(nil),                  // 45: ferry.v1.Resource
+	(*RoleAssignment)(nil),            // 46: ferry.v1.RoleAssignment
+	(*SigningKey)(nil),                // 47: ferry.v1.SigningKey
+	(*FederationRelationship)(nil),    // 48: ferry.v1.FederationRelationship
 }
 var file_commands_proto_depIdxs = []int32{
 	13, // 0: ferry.v1.Command.entries_create:type_name -> ferry.v1.EntriesCreate
 	14, // 1: ferry.v1.Command.entries_update:type_name -> ferry.v1.EntriesUpdate
-	15, // 2: ferry.v1.Command.entries_delete:type_name -> ferry.v1.EntriesDelete
+	17, // 2: ferry.v1.Command.entries_delete:type_name -> ferry.v1.EntriesDelete
 	1,  // 3: ferry.v1.Command.join_token_create:type_name -> ferry.v1.JoinTokenCreate
 	2,  // 4: ferry.v1.Command.join_token_consume:type_name -> ferry.v1.JoinTokenConsume
 	3,  // 5: ferry.v1.Command.node_put:type_name -> ferry.v1.NodePut
@@ -2568,58 +2774,63 @@ var file_commands_proto_depIdxs = []int32{
 	9,  // 11: ferry.v1.Command.bundle_jwt_authority_remove:type_name -> ferry.v1.BundleJWTAuthorityRemove
 	10, // 12: ferry.v1.Command.bundle_set:type_name -> ferry.v1.BundleSet
 	11, // 13: ferry.v1.Command.bundle_delete:type_name -> ferry.v1.BundleDelete
-	19, // 14: ferry.v1.Command.tenant_put:type_name -> ferry.v1.TenantPut
-	20, // 15: ferry.v1.Command.tenant_delete:type_name -> ferry.v1.TenantDelete
-	21, // 16: ferry.v1.Command.identity_put:type_name -> ferry.v1.IdentityPut
-	22, // 17: ferry.v1.Command.identity_delete:type_name -> ferry.v1.IdentityDelete
-	23, // 18: ferry.v1.Command.federated_credential_put:type_name -> ferry.v1.FederatedCredentialPut
-	24, // 19: ferry.v1.Command.federated_credential_delete:type_name -> ferry.v1.FederatedCredentialDelete
-	25, // 20: ferry.v1.Command.resource_put:type_name -> ferry.v1.ResourcePut
-	26, // 21: ferry.v1.Command.resource_delete:type_name -> ferry.v1.ResourceDelete
-	27, // 22: ferry.v1.Command.role_assignment_put:type_name -> ferry.v1.RoleAssignmentPut
-	28, // 23: ferry.v1.Command.role_assignment_delete:type_name -> ferry.v1.RoleAssignmentDelete
-	29, // 24: ferry.v1.Command.signing_key_put:type_name -> ferry.v1.SigningKeyPut
-	30, // 25: ferry.v1.Command.signing_key_delete:type_name -> ferry.v1.SigningKeyDelete
-	12, // 26: ferry.v1.Command.batch:type_name -> ferry.v1.CommandBatch
-	31, // 27: ferry.v1.Command.federation_put:type_name -> ferry.v1.FederationPut
-	32, // 28: ferry.v1.Command.federation_delete:type_name -> ferry.v1.FederationDelete
-	33, // 29: ferry.v1.Command.federation_status_set:type_name -> ferry.v1.FederationStatusSet
-	34, // 30: ferry.v1.JoinTokenCreate.token:type_name -> ferry.v1.JoinToken
-	35, // 31: ferry.v1.NodePut.node:type_name -> ferry.v1.AttestedNode
-	36, // 32: ferry.v1.BundleX509AuthorityPut.authority:type_name -> ferry.v1.X509Authority
-	37, // 33: ferry.v1.BundleJWTAuthorityPut.authority:type_name -> ferry.v1.JWTAuthority
-	38, // 34: ferry.v1.BundleSet.bundle:type_name -> ferry.v1.Bundle
-	0,  // 35: ferry.v1.CommandBatch.commands:type_name -> ferry.v1.Command
-	39, // 36: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
-	39, // 37: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
-	16, // 38: ferry.v1.CommandResult.status:type_name -> ferry.v1.Status
-	16, // 39: ferry.v1.CommandResult.items:type_name -> ferry.v1.Status
-	39, // 40: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
-	35, // 41: ferry.v1.CommandResult.node:type_name -> ferry.v1.AttestedNode
-	34, // 42: ferry.v1.CommandResult.join_token:type_name -> ferry.v1.JoinToken
-	38, // 43: ferry.v1.CommandResult.bundle:type_name -> ferry.v1.Bundle
-	40, // 44: ferry.v1.CommandResult.tenant:type_name -> ferry.v1.Tenant
-	41, // 45: ferry.v1.CommandResult.identity:type_name -> ferry.v1.Identity
-	42, // 46: ferry.v1.CommandResult.federated_credential:type_name -> ferry.v1.FederatedCredential
-	43, // 47: ferry.v1.CommandResult.resource:type_name -> ferry.v1.Resource
-	44, // 48: ferry.v1.CommandResult.role_assignment:type_name -> ferry.v1.RoleAssignment
-	45, // 49: ferry.v1.CommandResult.signing_key:type_name -> ferry.v1.SigningKey
-	17, // 50: ferry.v1.CommandResult.batch:type_name -> ferry.v1.CommandResult
-	46, // 51: ferry.v1.CommandResult.federation_relationship:type_name -> ferry.v1.FederationRelationship
-	17, // 52: ferry.v1.AppliedRequest.result:type_name -> ferry.v1.CommandResult
-	40, // 53: ferry.v1.TenantPut.tenant:type_name -> ferry.v1.Tenant
-	41, // 54: ferry.v1.IdentityPut.identity:type_name -> ferry.v1.Identity
-	42, // 55: ferry.v1.FederatedCredentialPut.credential:type_name -> ferry.v1.FederatedCredential
-	43, // 56: ferry.v1.ResourcePut.resource:type_name -> ferry.v1.Resource
-	44, // 57: ferry.v1.RoleAssignmentPut.assignment:type_name -> ferry.v1.RoleAssignment
-	45, // 58: ferry.v1.SigningKeyPut.key:type_name -> ferry.v1.SigningKey
-	46, // 59: ferry.v1.FederationPut.relationship:type_name -> ferry.v1.FederationRelationship
-	38, // 60: ferry.v1.FederationPut.bundle:type_name -> ferry.v1.Bundle
-	61, // [61:61] is the sub-list for method output_type
-	61, // [61:61] is the sub-list for method input_type
-	61, // [61:61] is the sub-list for extension type_name
-	61, // [61:61] is the sub-list for extension extendee
-	0,  // [0:61] is the sub-list for field type_name
+	16, // 14: ferry.v1.Command.node_identity_set:type_name -> ferry.v1.NodeIdentitySet
+	21, // 15: ferry.v1.Command.tenant_put:type_name -> ferry.v1.TenantPut
+	22, // 16: ferry.v1.Command.tenant_delete:type_name -> ferry.v1.TenantDelete
+	23, // 17: ferry.v1.Command.identity_put:type_name -> ferry.v1.IdentityPut
+	24, // 18: ferry.v1.Command.identity_delete:type_name -> ferry.v1.IdentityDelete
+	25, // 19: ferry.v1.Command.federated_credential_put:type_name -> ferry.v1.FederatedCredentialPut
+	26, // 20: ferry.v1.Command.federated_credential_delete:type_name -> ferry.v1.FederatedCredentialDelete
+	27, // 21: ferry.v1.Command.resource_put:type_name -> ferry.v1.ResourcePut
+	28, // 22: ferry.v1.Command.resource_delete:type_name -> ferry.v1.ResourceDelete
+	29, // 23: ferry.v1.Command.role_assignment_put:type_name -> ferry.v1.RoleAssignmentPut
+	30, // 24: ferry.v1.Command.role_assignment_delete:type_name -> ferry.v1.RoleAssignmentDelete
+	31, // 25: ferry.v1.Command.signing_key_put:type_name -> ferry.v1.SigningKeyPut
+	32, // 26: ferry.v1.Command.signing_key_delete:type_name -> ferry.v1.SigningKeyDelete
+	12, // 27: ferry.v1.Command.batch:type_name -> ferry.v1.CommandBatch
+	33, // 28: ferry.v1.Command.federation_put:type_name -> ferry.v1.FederationPut
+	34, // 29: ferry.v1.Command.federation_delete:type_name -> ferry.v1.FederationDelete
+	35, // 30: ferry.v1.Command.federation_status_set:type_name -> ferry.v1.FederationStatusSet
+	36, // 31: ferry.v1.JoinTokenCreate.token:type_name -> ferry.v1.JoinToken
+	37, // 32: ferry.v1.NodePut.node:type_name -> ferry.v1.AttestedNode
+	38, // 33: ferry.v1.BundleX509AuthorityPut.authority:type_name -> ferry.v1.X509Authority
+	39, // 34: ferry.v1.BundleJWTAuthorityPut.authority:type_name -> ferry.v1.JWTAuthority
+	40, // 35: ferry.v1.BundleSet.bundle:type_name -> ferry.v1.Bundle
+	0,  // 36: ferry.v1.CommandBatch.commands:type_name -> ferry.v1.Command
+	41, // 37: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
+	15, // 38: ferry.v1.EntriesCreate.system_identities:type_name -> ferry.v1.SystemIdentity
+	41, // 39: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
+	15, // 40: ferry.v1.EntriesUpdate.system_identities:type_name -> ferry.v1.SystemIdentity
+	15, // 41: ferry.v1.NodeIdentitySet.identity:type_name -> ferry.v1.SystemIdentity
+	18, // 42: ferry.v1.CommandResult.status:type_name -> ferry.v1.Status
+	18, // 43: ferry.v1.CommandResult.items:type_name -> ferry.v1.Status
+	41, // 44: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
+	37, // 45: ferry.v1.CommandResult.node:type_name -> ferry.v1.AttestedNode
+	36, // 46: ferry.v1.CommandResult.join_token:type_name -> ferry.v1.JoinToken
+	40, // 47: ferry.v1.CommandResult.bundle:type_name -> ferry.v1.Bundle
+	42, // 48: ferry.v1.CommandResult.identities:type_name -> ferry.v1.Identity
+	43, // 49: ferry.v1.CommandResult.tenant:type_name -> ferry.v1.Tenant
+	42, // 50: ferry.v1.CommandResult.identity:type_name -> ferry.v1.Identity
+	44, // 51: ferry.v1.CommandResult.federated_credential:type_name -> ferry.v1.FederatedCredential
+	45, // 52: ferry.v1.CommandResult.resource:type_name -> ferry.v1.Resource
+	46, // 53: ferry.v1.CommandResult.role_assignment:type_name -> ferry.v1.RoleAssignment
+	47, // 54: ferry.v1.CommandResult.signing_key:type_name -> ferry.v1.SigningKey
+	19, // 55: ferry.v1.CommandResult.batch:type_name -> ferry.v1.CommandResult
+	48, // 56: ferry.v1.CommandResult.federation_relationship:type_name -> ferry.v1.FederationRelationship
+	19, // 57: ferry.v1.AppliedRequest.result:type_name -> ferry.v1.CommandResult
+	43, // 58: ferry.v1.TenantPut.tenant:type_name -> ferry.v1.Tenant
+	42, // 59: ferry.v1.IdentityPut.identity:type_name -> ferry.v1.Identity
+	44, // 60: ferry.v1.FederatedCredentialPut.credential:type_name -> ferry.v1.FederatedCredential
+	45, // 61: ferry.v1.ResourcePut.resource:type_name -> ferry.v1.Resource
+	46, // 62: ferry.v1.RoleAssignmentPut.assignment:type_name -> ferry.v1.RoleAssignment
+	47, // 63: ferry.v1.SigningKeyPut.key:type_name -> ferry.v1.SigningKey
+	48, // 64: ferry.v1.FederationPut.relationship:type_name -> ferry.v1.FederationRelationship
+	40, // 65: ferry.v1.FederationPut.bundle:type_name -> ferry.v1.Bundle
+	66, // [66:66] is the sub-list for method output_type
+	66, // [66:66] is the sub-list for method input_type
+	66, // [66:66] is the sub-list for extension type_name
+	66, // [66:66] is the sub-list for extension extendee
+	0,  // [0:66] is the sub-list for field type_name
 }
 
 func init() { file_commands_proto_init() }
@@ -2643,6 +2854,7 @@ func file_commands_proto_init() {
 		(*Command_BundleJwtAuthorityRemove)(nil),
 		(*Command_BundleSet)(nil),
 		(*Command_BundleDelete)(nil),
+		(*Command_NodeIdentitySet)(nil),
 		(*Command_TenantPut)(nil),
 		(*Command_TenantDelete)(nil),
 		(*Command_IdentityPut)(nil),
@@ -2666,7 +2878,7 @@ func file_commands_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_commands_proto_rawDesc), len(file_commands_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   34,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -283,12 +283,15 @@ type CreateIdentityRequest struct {
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// tenant_id: empty means the only tenant; a tenant named "default" is created
 	// when there is none.
-	TenantId      string `protobuf:"bytes,2,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
-	Kind          string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`                                          // default "user-assigned"
-	ResourceId    string `protobuf:"bytes,4,opt,name=resource_id,json=resourceId,proto3" json:"resource_id,omitempty"`            // default an ARM-style ID derived from tenant and name
-	OwnerSpiffeId string `protobuf:"bytes,5,opt,name=owner_spiffe_id,json=ownerSpiffeId,proto3" json:"owner_spiffe_id,omitempty"` // system-assigned only
-	OwnerEntryId  string `protobuf:"bytes,6,opt,name=owner_entry_id,json=ownerEntryId,proto3" json:"owner_entry_id,omitempty"`    // system-assigned only
-	RequestId     string `protobuf:"bytes,7,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`               // idempotency key
+	TenantId   string `protobuf:"bytes,2,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	Kind       string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`                               // "user-assigned" (default) or "application"
+	ResourceId string `protobuf:"bytes,4,opt,name=resource_id,json=resourceId,proto3" json:"resource_id,omitempty"` // default an ARM-style ID derived from tenant and name
+	// owner_spiffe_id, owner_entry_id: refused. A system-assigned identity is
+	// enabled on its entry (Admin.BatchCreateEntry/BatchUpdateEntry) or agent
+	// (Admin.SetAgentIdentity), never created on its own.
+	OwnerSpiffeId string `protobuf:"bytes,5,opt,name=owner_spiffe_id,json=ownerSpiffeId,proto3" json:"owner_spiffe_id,omitempty"`
+	OwnerEntryId  string `protobuf:"bytes,6,opt,name=owner_entry_id,json=ownerEntryId,proto3" json:"owner_entry_id,omitempty"`
+	RequestId     string `protobuf:"bytes,7,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // idempotency key
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -592,6 +595,275 @@ func (x *DeleteIdentityResponse) GetIdentity() *Identity {
 	return nil
 }
 
+type ShowIdentityRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Identity      *IdentityRef           `protobuf:"bytes,1,opt,name=identity,proto3" json:"identity,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShowIdentityRequest) Reset() {
+	*x = ShowIdentityRequest{}
+	mi := &file_directory_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShowIdentityRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShowIdentityRequest) ProtoMessage() {}
+
+func (x *ShowIdentityRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_directory_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShowIdentityRequest.ProtoReflect.Descriptor instead.
+func (*ShowIdentityRequest) Descriptor() ([]byte, []int) {
+	return file_directory_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *ShowIdentityRequest) GetIdentity() *IdentityRef {
+	if x != nil {
+		return x.Identity
+	}
+	return nil
+}
+
+// IdentityUsage is an identity, who can use it and what it is granted.
+type IdentityUsage struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Identity    *Identity              `protobuf:"bytes,1,opt,name=identity,proto3" json:"identity,omitempty"`
+	Credentials []*FederatedCredential `protobuf:"bytes,2,rep,name=credentials,proto3" json:"credentials,omitempty"`
+	// workloads: the registration entries whose SPIFFE IDs a credential accepts
+	// (for a JWT-SVID from the trust domain's issuer), in entry ID order.
+	Workloads       []*IdentityWorkload       `protobuf:"bytes,3,rep,name=workloads,proto3" json:"workloads,omitempty"`
+	RoleAssignments []*IdentityRoleAssignment `protobuf:"bytes,4,rep,name=role_assignments,json=roleAssignments,proto3" json:"role_assignments,omitempty"`
+	// owner_entry / owner_agent: what a system-assigned identity belongs to.
+	OwnerEntry    *Entry        `protobuf:"bytes,5,opt,name=owner_entry,json=ownerEntry,proto3" json:"owner_entry,omitempty"`
+	OwnerAgent    *AttestedNode `protobuf:"bytes,6,opt,name=owner_agent,json=ownerAgent,proto3" json:"owner_agent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IdentityUsage) Reset() {
+	*x = IdentityUsage{}
+	mi := &file_directory_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IdentityUsage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IdentityUsage) ProtoMessage() {}
+
+func (x *IdentityUsage) ProtoReflect() protoreflect.Message {
+	mi := &file_directory_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IdentityUsage.ProtoReflect.Descriptor instead.
+func (*IdentityUsage) Descriptor() ([]byte, []int) {
+	return file_directory_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *IdentityUsage) GetIdentity() *Identity {
+	if x != nil {
+		return x.Identity
+	}
+	return nil
+}
+
+func (x *IdentityUsage) GetCredentials() []*FederatedCredential {
+	if x != nil {
+		return x.Credentials
+	}
+	return nil
+}
+
+func (x *IdentityUsage) GetWorkloads() []*IdentityWorkload {
+	if x != nil {
+		return x.Workloads
+	}
+	return nil
+}
+
+func (x *IdentityUsage) GetRoleAssignments() []*IdentityRoleAssignment {
+	if x != nil {
+		return x.RoleAssignments
+	}
+	return nil
+}
+
+func (x *IdentityUsage) GetOwnerEntry() *Entry {
+	if x != nil {
+		return x.OwnerEntry
+	}
+	return nil
+}
+
+func (x *IdentityUsage) GetOwnerAgent() *AttestedNode {
+	if x != nil {
+		return x.OwnerAgent
+	}
+	return nil
+}
+
+// IdentityWorkload is one registration entry that can use the identity.
+type IdentityWorkload struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Entry         *Entry                 `protobuf:"bytes,1,opt,name=entry,proto3" json:"entry,omitempty"`
+	Credential    string                 `protobuf:"bytes,2,opt,name=credential,proto3" json:"credential,omitempty"` // the federated credential that accepts its SPIFFE ID
+	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`         // why, in words
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IdentityWorkload) Reset() {
+	*x = IdentityWorkload{}
+	mi := &file_directory_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IdentityWorkload) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IdentityWorkload) ProtoMessage() {}
+
+func (x *IdentityWorkload) ProtoReflect() protoreflect.Message {
+	mi := &file_directory_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IdentityWorkload.ProtoReflect.Descriptor instead.
+func (*IdentityWorkload) Descriptor() ([]byte, []int) {
+	return file_directory_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *IdentityWorkload) GetEntry() *Entry {
+	if x != nil {
+		return x.Entry
+	}
+	return nil
+}
+
+func (x *IdentityWorkload) GetCredential() string {
+	if x != nil {
+		return x.Credential
+	}
+	return ""
+}
+
+func (x *IdentityWorkload) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type IdentityRoleAssignment struct {
+	state                  protoimpl.MessageState `protogen:"open.v1"`
+	Assignment             *RoleAssignment        `protobuf:"bytes,1,opt,name=assignment,proto3" json:"assignment,omitempty"`
+	ResourceName           string                 `protobuf:"bytes,2,opt,name=resource_name,json=resourceName,proto3" json:"resource_name,omitempty"`
+	ResourceAppId          string                 `protobuf:"bytes,3,opt,name=resource_app_id,json=resourceAppId,proto3" json:"resource_app_id,omitempty"`
+	ResourceIdentifierUris []string               `protobuf:"bytes,4,rep,name=resource_identifier_uris,json=resourceIdentifierUris,proto3" json:"resource_identifier_uris,omitempty"`
+	Role                   string                 `protobuf:"bytes,5,opt,name=role,proto3" json:"role,omitempty"` // the app role's value
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
+}
+
+func (x *IdentityRoleAssignment) Reset() {
+	*x = IdentityRoleAssignment{}
+	mi := &file_directory_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IdentityRoleAssignment) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IdentityRoleAssignment) ProtoMessage() {}
+
+func (x *IdentityRoleAssignment) ProtoReflect() protoreflect.Message {
+	mi := &file_directory_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IdentityRoleAssignment.ProtoReflect.Descriptor instead.
+func (*IdentityRoleAssignment) Descriptor() ([]byte, []int) {
+	return file_directory_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *IdentityRoleAssignment) GetAssignment() *RoleAssignment {
+	if x != nil {
+		return x.Assignment
+	}
+	return nil
+}
+
+func (x *IdentityRoleAssignment) GetResourceName() string {
+	if x != nil {
+		return x.ResourceName
+	}
+	return ""
+}
+
+func (x *IdentityRoleAssignment) GetResourceAppId() string {
+	if x != nil {
+		return x.ResourceAppId
+	}
+	return ""
+}
+
+func (x *IdentityRoleAssignment) GetResourceIdentifierUris() []string {
+	if x != nil {
+		return x.ResourceIdentifierUris
+	}
+	return nil
+}
+
+func (x *IdentityRoleAssignment) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
 type PutFederatedCredentialRequest struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Identity *IdentityRef           `protobuf:"bytes,1,opt,name=identity,proto3" json:"identity,omitempty"`
@@ -605,7 +877,7 @@ type PutFederatedCredentialRequest struct {
 
 func (x *PutFederatedCredentialRequest) Reset() {
 	*x = PutFederatedCredentialRequest{}
-	mi := &file_directory_proto_msgTypes[10]
+	mi := &file_directory_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -617,7 +889,7 @@ func (x *PutFederatedCredentialRequest) String() string {
 func (*PutFederatedCredentialRequest) ProtoMessage() {}
 
 func (x *PutFederatedCredentialRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[10]
+	mi := &file_directory_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -630,7 +902,7 @@ func (x *PutFederatedCredentialRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutFederatedCredentialRequest.ProtoReflect.Descriptor instead.
 func (*PutFederatedCredentialRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{10}
+	return file_directory_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *PutFederatedCredentialRequest) GetIdentity() *IdentityRef {
@@ -671,7 +943,7 @@ type GetFederatedCredentialRequest struct {
 
 func (x *GetFederatedCredentialRequest) Reset() {
 	*x = GetFederatedCredentialRequest{}
-	mi := &file_directory_proto_msgTypes[11]
+	mi := &file_directory_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -683,7 +955,7 @@ func (x *GetFederatedCredentialRequest) String() string {
 func (*GetFederatedCredentialRequest) ProtoMessage() {}
 
 func (x *GetFederatedCredentialRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[11]
+	mi := &file_directory_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -696,7 +968,7 @@ func (x *GetFederatedCredentialRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFederatedCredentialRequest.ProtoReflect.Descriptor instead.
 func (*GetFederatedCredentialRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{11}
+	return file_directory_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetFederatedCredentialRequest) GetIdentity() *IdentityRef {
@@ -722,7 +994,7 @@ type ListFederatedCredentialsRequest struct {
 
 func (x *ListFederatedCredentialsRequest) Reset() {
 	*x = ListFederatedCredentialsRequest{}
-	mi := &file_directory_proto_msgTypes[12]
+	mi := &file_directory_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -734,7 +1006,7 @@ func (x *ListFederatedCredentialsRequest) String() string {
 func (*ListFederatedCredentialsRequest) ProtoMessage() {}
 
 func (x *ListFederatedCredentialsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[12]
+	mi := &file_directory_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -747,7 +1019,7 @@ func (x *ListFederatedCredentialsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFederatedCredentialsRequest.ProtoReflect.Descriptor instead.
 func (*ListFederatedCredentialsRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{12}
+	return file_directory_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListFederatedCredentialsRequest) GetIdentity() *IdentityRef {
@@ -766,7 +1038,7 @@ type ListFederatedCredentialsResponse struct {
 
 func (x *ListFederatedCredentialsResponse) Reset() {
 	*x = ListFederatedCredentialsResponse{}
-	mi := &file_directory_proto_msgTypes[13]
+	mi := &file_directory_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -778,7 +1050,7 @@ func (x *ListFederatedCredentialsResponse) String() string {
 func (*ListFederatedCredentialsResponse) ProtoMessage() {}
 
 func (x *ListFederatedCredentialsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[13]
+	mi := &file_directory_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -791,7 +1063,7 @@ func (x *ListFederatedCredentialsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFederatedCredentialsResponse.ProtoReflect.Descriptor instead.
 func (*ListFederatedCredentialsResponse) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{13}
+	return file_directory_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListFederatedCredentialsResponse) GetCredentials() []*FederatedCredential {
@@ -811,7 +1083,7 @@ type DeleteFederatedCredentialRequest struct {
 
 func (x *DeleteFederatedCredentialRequest) Reset() {
 	*x = DeleteFederatedCredentialRequest{}
-	mi := &file_directory_proto_msgTypes[14]
+	mi := &file_directory_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -823,7 +1095,7 @@ func (x *DeleteFederatedCredentialRequest) String() string {
 func (*DeleteFederatedCredentialRequest) ProtoMessage() {}
 
 func (x *DeleteFederatedCredentialRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[14]
+	mi := &file_directory_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -836,7 +1108,7 @@ func (x *DeleteFederatedCredentialRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteFederatedCredentialRequest.ProtoReflect.Descriptor instead.
 func (*DeleteFederatedCredentialRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{14}
+	return file_directory_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *DeleteFederatedCredentialRequest) GetIdentity() *IdentityRef {
@@ -861,7 +1133,7 @@ type DeleteFederatedCredentialResponse struct {
 
 func (x *DeleteFederatedCredentialResponse) Reset() {
 	*x = DeleteFederatedCredentialResponse{}
-	mi := &file_directory_proto_msgTypes[15]
+	mi := &file_directory_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -873,7 +1145,7 @@ func (x *DeleteFederatedCredentialResponse) String() string {
 func (*DeleteFederatedCredentialResponse) ProtoMessage() {}
 
 func (x *DeleteFederatedCredentialResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[15]
+	mi := &file_directory_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -886,7 +1158,7 @@ func (x *DeleteFederatedCredentialResponse) ProtoReflect() protoreflect.Message 
 
 // Deprecated: Use DeleteFederatedCredentialResponse.ProtoReflect.Descriptor instead.
 func (*DeleteFederatedCredentialResponse) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{15}
+	return file_directory_proto_rawDescGZIP(), []int{19}
 }
 
 type CreateResourceRequest struct {
@@ -904,7 +1176,7 @@ type CreateResourceRequest struct {
 
 func (x *CreateResourceRequest) Reset() {
 	*x = CreateResourceRequest{}
-	mi := &file_directory_proto_msgTypes[16]
+	mi := &file_directory_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -916,7 +1188,7 @@ func (x *CreateResourceRequest) String() string {
 func (*CreateResourceRequest) ProtoMessage() {}
 
 func (x *CreateResourceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[16]
+	mi := &file_directory_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -929,7 +1201,7 @@ func (x *CreateResourceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateResourceRequest.ProtoReflect.Descriptor instead.
 func (*CreateResourceRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{16}
+	return file_directory_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CreateResourceRequest) GetName() string {
@@ -983,7 +1255,7 @@ type ListResourcesRequest struct {
 
 func (x *ListResourcesRequest) Reset() {
 	*x = ListResourcesRequest{}
-	mi := &file_directory_proto_msgTypes[17]
+	mi := &file_directory_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -995,7 +1267,7 @@ func (x *ListResourcesRequest) String() string {
 func (*ListResourcesRequest) ProtoMessage() {}
 
 func (x *ListResourcesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[17]
+	mi := &file_directory_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1008,7 +1280,7 @@ func (x *ListResourcesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResourcesRequest.ProtoReflect.Descriptor instead.
 func (*ListResourcesRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{17}
+	return file_directory_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListResourcesRequest) GetTenantId() string {
@@ -1027,7 +1299,7 @@ type ListResourcesResponse struct {
 
 func (x *ListResourcesResponse) Reset() {
 	*x = ListResourcesResponse{}
-	mi := &file_directory_proto_msgTypes[18]
+	mi := &file_directory_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1039,7 +1311,7 @@ func (x *ListResourcesResponse) String() string {
 func (*ListResourcesResponse) ProtoMessage() {}
 
 func (x *ListResourcesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[18]
+	mi := &file_directory_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1052,7 +1324,7 @@ func (x *ListResourcesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResourcesResponse.ProtoReflect.Descriptor instead.
 func (*ListResourcesResponse) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{18}
+	return file_directory_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListResourcesResponse) GetResources() []*Resource {
@@ -1076,7 +1348,7 @@ type AssignRoleRequest struct {
 
 func (x *AssignRoleRequest) Reset() {
 	*x = AssignRoleRequest{}
-	mi := &file_directory_proto_msgTypes[19]
+	mi := &file_directory_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1088,7 +1360,7 @@ func (x *AssignRoleRequest) String() string {
 func (*AssignRoleRequest) ProtoMessage() {}
 
 func (x *AssignRoleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[19]
+	mi := &file_directory_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1101,7 +1373,7 @@ func (x *AssignRoleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignRoleRequest.ProtoReflect.Descriptor instead.
 func (*AssignRoleRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{19}
+	return file_directory_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *AssignRoleRequest) GetPrincipal() *IdentityRef {
@@ -1142,7 +1414,7 @@ type ListRoleAssignmentsRequest struct {
 
 func (x *ListRoleAssignmentsRequest) Reset() {
 	*x = ListRoleAssignmentsRequest{}
-	mi := &file_directory_proto_msgTypes[20]
+	mi := &file_directory_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1154,7 +1426,7 @@ func (x *ListRoleAssignmentsRequest) String() string {
 func (*ListRoleAssignmentsRequest) ProtoMessage() {}
 
 func (x *ListRoleAssignmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[20]
+	mi := &file_directory_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1167,7 +1439,7 @@ func (x *ListRoleAssignmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRoleAssignmentsRequest.ProtoReflect.Descriptor instead.
 func (*ListRoleAssignmentsRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{20}
+	return file_directory_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListRoleAssignmentsRequest) GetPrincipal() *IdentityRef {
@@ -1193,7 +1465,7 @@ type ListRoleAssignmentsResponse struct {
 
 func (x *ListRoleAssignmentsResponse) Reset() {
 	*x = ListRoleAssignmentsResponse{}
-	mi := &file_directory_proto_msgTypes[21]
+	mi := &file_directory_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1205,7 +1477,7 @@ func (x *ListRoleAssignmentsResponse) String() string {
 func (*ListRoleAssignmentsResponse) ProtoMessage() {}
 
 func (x *ListRoleAssignmentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[21]
+	mi := &file_directory_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1218,7 +1490,7 @@ func (x *ListRoleAssignmentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRoleAssignmentsResponse.ProtoReflect.Descriptor instead.
 func (*ListRoleAssignmentsResponse) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{21}
+	return file_directory_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ListRoleAssignmentsResponse) GetAssignments() []*RoleAssignment {
@@ -1237,7 +1509,7 @@ type DeleteRoleAssignmentRequest struct {
 
 func (x *DeleteRoleAssignmentRequest) Reset() {
 	*x = DeleteRoleAssignmentRequest{}
-	mi := &file_directory_proto_msgTypes[22]
+	mi := &file_directory_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1249,7 +1521,7 @@ func (x *DeleteRoleAssignmentRequest) String() string {
 func (*DeleteRoleAssignmentRequest) ProtoMessage() {}
 
 func (x *DeleteRoleAssignmentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[22]
+	mi := &file_directory_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1262,7 +1534,7 @@ func (x *DeleteRoleAssignmentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRoleAssignmentRequest.ProtoReflect.Descriptor instead.
 func (*DeleteRoleAssignmentRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{22}
+	return file_directory_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *DeleteRoleAssignmentRequest) GetId() string {
@@ -1280,7 +1552,7 @@ type DeleteRoleAssignmentResponse struct {
 
 func (x *DeleteRoleAssignmentResponse) Reset() {
 	*x = DeleteRoleAssignmentResponse{}
-	mi := &file_directory_proto_msgTypes[23]
+	mi := &file_directory_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1292,7 +1564,7 @@ func (x *DeleteRoleAssignmentResponse) String() string {
 func (*DeleteRoleAssignmentResponse) ProtoMessage() {}
 
 func (x *DeleteRoleAssignmentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[23]
+	mi := &file_directory_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1305,7 +1577,7 @@ func (x *DeleteRoleAssignmentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRoleAssignmentResponse.ProtoReflect.Descriptor instead.
 func (*DeleteRoleAssignmentResponse) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{23}
+	return file_directory_proto_rawDescGZIP(), []int{27}
 }
 
 type RetireSigningKeyRequest struct {
@@ -1317,7 +1589,7 @@ type RetireSigningKeyRequest struct {
 
 func (x *RetireSigningKeyRequest) Reset() {
 	*x = RetireSigningKeyRequest{}
-	mi := &file_directory_proto_msgTypes[24]
+	mi := &file_directory_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1329,7 +1601,7 @@ func (x *RetireSigningKeyRequest) String() string {
 func (*RetireSigningKeyRequest) ProtoMessage() {}
 
 func (x *RetireSigningKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[24]
+	mi := &file_directory_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1342,7 +1614,7 @@ func (x *RetireSigningKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetireSigningKeyRequest.ProtoReflect.Descriptor instead.
 func (*RetireSigningKeyRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{24}
+	return file_directory_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RetireSigningKeyRequest) GetKid() string {
@@ -1360,7 +1632,7 @@ type RetireSigningKeyResponse struct {
 
 func (x *RetireSigningKeyResponse) Reset() {
 	*x = RetireSigningKeyResponse{}
-	mi := &file_directory_proto_msgTypes[25]
+	mi := &file_directory_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1372,7 +1644,7 @@ func (x *RetireSigningKeyResponse) String() string {
 func (*RetireSigningKeyResponse) ProtoMessage() {}
 
 func (x *RetireSigningKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[25]
+	mi := &file_directory_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1385,7 +1657,7 @@ func (x *RetireSigningKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetireSigningKeyResponse.ProtoReflect.Descriptor instead.
 func (*RetireSigningKeyResponse) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{25}
+	return file_directory_proto_rawDescGZIP(), []int{29}
 }
 
 type WatchRequest struct {
@@ -1399,7 +1671,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_directory_proto_msgTypes[26]
+	mi := &file_directory_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1411,7 +1683,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[26]
+	mi := &file_directory_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1424,7 +1696,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{26}
+	return file_directory_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *WatchRequest) GetSinceRevision() uint64 {
@@ -1446,7 +1718,7 @@ type DirectoryIssuer struct {
 
 func (x *DirectoryIssuer) Reset() {
 	*x = DirectoryIssuer{}
-	mi := &file_directory_proto_msgTypes[27]
+	mi := &file_directory_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1458,7 +1730,7 @@ func (x *DirectoryIssuer) String() string {
 func (*DirectoryIssuer) ProtoMessage() {}
 
 func (x *DirectoryIssuer) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[27]
+	mi := &file_directory_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1471,7 +1743,7 @@ func (x *DirectoryIssuer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DirectoryIssuer.ProtoReflect.Descriptor instead.
 func (*DirectoryIssuer) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{27}
+	return file_directory_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *DirectoryIssuer) GetIssuer() string {
@@ -1505,7 +1777,7 @@ type DirectorySnapshot struct {
 
 func (x *DirectorySnapshot) Reset() {
 	*x = DirectorySnapshot{}
-	mi := &file_directory_proto_msgTypes[28]
+	mi := &file_directory_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1517,7 +1789,7 @@ func (x *DirectorySnapshot) String() string {
 func (*DirectorySnapshot) ProtoMessage() {}
 
 func (x *DirectorySnapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[28]
+	mi := &file_directory_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1530,7 +1802,7 @@ func (x *DirectorySnapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DirectorySnapshot.ProtoReflect.Descriptor instead.
 func (*DirectorySnapshot) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{28}
+	return file_directory_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *DirectorySnapshot) GetTenants() []*Tenant {
@@ -1609,7 +1881,7 @@ type DirectoryChange struct {
 
 func (x *DirectoryChange) Reset() {
 	*x = DirectoryChange{}
-	mi := &file_directory_proto_msgTypes[29]
+	mi := &file_directory_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1621,7 +1893,7 @@ func (x *DirectoryChange) String() string {
 func (*DirectoryChange) ProtoMessage() {}
 
 func (x *DirectoryChange) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[29]
+	mi := &file_directory_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1634,7 +1906,7 @@ func (x *DirectoryChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DirectoryChange.ProtoReflect.Descriptor instead.
 func (*DirectoryChange) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{29}
+	return file_directory_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *DirectoryChange) GetDeleted() bool {
@@ -1776,7 +2048,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_directory_proto_msgTypes[30]
+	mi := &file_directory_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1788,7 +2060,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[30]
+	mi := &file_directory_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1801,7 +2073,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{30}
+	return file_directory_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *WatchResponse) GetRevision() uint64 {
@@ -1869,7 +2141,32 @@ const file_directory_proto_rawDesc = "" +
 	"\x15DeleteIdentityRequest\x121\n" +
 	"\bidentity\x18\x01 \x01(\v2\x15.ferry.v1.IdentityRefR\bidentity\"H\n" +
 	"\x16DeleteIdentityResponse\x12.\n" +
-	"\bidentity\x18\x01 \x01(\v2\x12.ferry.v1.IdentityR\bidentity\"\xd7\x01\n" +
+	"\bidentity\x18\x01 \x01(\v2\x12.ferry.v1.IdentityR\bidentity\"H\n" +
+	"\x13ShowIdentityRequest\x121\n" +
+	"\bidentity\x18\x01 \x01(\v2\x15.ferry.v1.IdentityRefR\bidentity\"\xf2\x02\n" +
+	"\rIdentityUsage\x12.\n" +
+	"\bidentity\x18\x01 \x01(\v2\x12.ferry.v1.IdentityR\bidentity\x12?\n" +
+	"\vcredentials\x18\x02 \x03(\v2\x1d.ferry.v1.FederatedCredentialR\vcredentials\x128\n" +
+	"\tworkloads\x18\x03 \x03(\v2\x1a.ferry.v1.IdentityWorkloadR\tworkloads\x12K\n" +
+	"\x10role_assignments\x18\x04 \x03(\v2 .ferry.v1.IdentityRoleAssignmentR\x0froleAssignments\x120\n" +
+	"\vowner_entry\x18\x05 \x01(\v2\x0f.ferry.v1.EntryR\n" +
+	"ownerEntry\x127\n" +
+	"\vowner_agent\x18\x06 \x01(\v2\x16.ferry.v1.AttestedNodeR\n" +
+	"ownerAgent\"q\n" +
+	"\x10IdentityWorkload\x12%\n" +
+	"\x05entry\x18\x01 \x01(\v2\x0f.ferry.v1.EntryR\x05entry\x12\x1e\n" +
+	"\n" +
+	"credential\x18\x02 \x01(\tR\n" +
+	"credential\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\xed\x01\n" +
+	"\x16IdentityRoleAssignment\x128\n" +
+	"\n" +
+	"assignment\x18\x01 \x01(\v2\x18.ferry.v1.RoleAssignmentR\n" +
+	"assignment\x12#\n" +
+	"\rresource_name\x18\x02 \x01(\tR\fresourceName\x12&\n" +
+	"\x0fresource_app_id\x18\x03 \x01(\tR\rresourceAppId\x128\n" +
+	"\x18resource_identifier_uris\x18\x04 \x03(\tR\x16resourceIdentifierUris\x12\x12\n" +
+	"\x04role\x18\x05 \x01(\tR\x04role\"\xd7\x01\n" +
 	"\x1dPutFederatedCredentialRequest\x121\n" +
 	"\bidentity\x18\x01 \x01(\v2\x15.ferry.v1.IdentityRefR\bidentity\x12=\n" +
 	"\n" +
@@ -1956,14 +2253,15 @@ const file_directory_proto_rawDesc = "" +
 	"\n" +
 	"PUT_CREATE\x10\x01\x12\x0e\n" +
 	"\n" +
-	"PUT_UPDATE\x10\x022\xf8\v\n" +
+	"PUT_UPDATE\x10\x022\xc0\f\n" +
 	"\tDirectory\x12?\n" +
 	"\fCreateTenant\x12\x1d.ferry.v1.CreateTenantRequest\x1a\x10.ferry.v1.Tenant\x12J\n" +
 	"\vListTenants\x12\x1c.ferry.v1.ListTenantsRequest\x1a\x1d.ferry.v1.ListTenantsResponse\x12E\n" +
 	"\x0eCreateIdentity\x12\x1f.ferry.v1.CreateIdentityRequest\x1a\x12.ferry.v1.Identity\x12?\n" +
 	"\vGetIdentity\x12\x1c.ferry.v1.GetIdentityRequest\x1a\x12.ferry.v1.Identity\x12S\n" +
 	"\x0eListIdentities\x12\x1f.ferry.v1.ListIdentitiesRequest\x1a .ferry.v1.ListIdentitiesResponse\x12S\n" +
-	"\x0eDeleteIdentity\x12\x1f.ferry.v1.DeleteIdentityRequest\x1a .ferry.v1.DeleteIdentityResponse\x12`\n" +
+	"\x0eDeleteIdentity\x12\x1f.ferry.v1.DeleteIdentityRequest\x1a .ferry.v1.DeleteIdentityResponse\x12F\n" +
+	"\fShowIdentity\x12\x1d.ferry.v1.ShowIdentityRequest\x1a\x17.ferry.v1.IdentityUsage\x12`\n" +
 	"\x16PutFederatedCredential\x12'.ferry.v1.PutFederatedCredentialRequest\x1a\x1d.ferry.v1.FederatedCredential\x12`\n" +
 	"\x16GetFederatedCredential\x12'.ferry.v1.GetFederatedCredentialRequest\x1a\x1d.ferry.v1.FederatedCredential\x12q\n" +
 	"\x18ListFederatedCredentials\x12).ferry.v1.ListFederatedCredentialsRequest\x1a*.ferry.v1.ListFederatedCredentialsResponse\x12t\n" +
@@ -1991,7 +2289,7 @@ func file_directory_proto_rawDescGZIP() []byte {
 }
 
 var file_directory_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_directory_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_directory_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_directory_proto_goTypes = []any{
 	(PutMode)(0),                              // 0: ferry.v1.PutMode
 	(*IdentityRef)(nil),                       // 1: ferry.v1.IdentityRef
@@ -2004,112 +2302,129 @@ var file_directory_proto_goTypes = []any{
 	(*ListIdentitiesResponse)(nil),            // 8: ferry.v1.ListIdentitiesResponse
 	(*DeleteIdentityRequest)(nil),             // 9: ferry.v1.DeleteIdentityRequest
 	(*DeleteIdentityResponse)(nil),            // 10: ferry.v1.DeleteIdentityResponse
-	(*PutFederatedCredentialRequest)(nil),     // 11: ferry.v1.PutFederatedCredentialRequest
-	(*GetFederatedCredentialRequest)(nil),     // 12: ferry.v1.GetFederatedCredentialRequest
-	(*ListFederatedCredentialsRequest)(nil),   // 13: ferry.v1.ListFederatedCredentialsRequest
-	(*ListFederatedCredentialsResponse)(nil),  // 14: ferry.v1.ListFederatedCredentialsResponse
-	(*DeleteFederatedCredentialRequest)(nil),  // 15: ferry.v1.DeleteFederatedCredentialRequest
-	(*DeleteFederatedCredentialResponse)(nil), // 16: ferry.v1.DeleteFederatedCredentialResponse
-	(*CreateResourceRequest)(nil),             // 17: ferry.v1.CreateResourceRequest
-	(*ListResourcesRequest)(nil),              // 18: ferry.v1.ListResourcesRequest
-	(*ListResourcesResponse)(nil),             // 19: ferry.v1.ListResourcesResponse
-	(*AssignRoleRequest)(nil),                 // 20: ferry.v1.AssignRoleRequest
-	(*ListRoleAssignmentsRequest)(nil),        // 21: ferry.v1.ListRoleAssignmentsRequest
-	(*ListRoleAssignmentsResponse)(nil),       // 22: ferry.v1.ListRoleAssignmentsResponse
-	(*DeleteRoleAssignmentRequest)(nil),       // 23: ferry.v1.DeleteRoleAssignmentRequest
-	(*DeleteRoleAssignmentResponse)(nil),      // 24: ferry.v1.DeleteRoleAssignmentResponse
-	(*RetireSigningKeyRequest)(nil),           // 25: ferry.v1.RetireSigningKeyRequest
-	(*RetireSigningKeyResponse)(nil),          // 26: ferry.v1.RetireSigningKeyResponse
-	(*WatchRequest)(nil),                      // 27: ferry.v1.WatchRequest
-	(*DirectoryIssuer)(nil),                   // 28: ferry.v1.DirectoryIssuer
-	(*DirectorySnapshot)(nil),                 // 29: ferry.v1.DirectorySnapshot
-	(*DirectoryChange)(nil),                   // 30: ferry.v1.DirectoryChange
-	(*WatchResponse)(nil),                     // 31: ferry.v1.WatchResponse
-	(*Tenant)(nil),                            // 32: ferry.v1.Tenant
-	(*Identity)(nil),                          // 33: ferry.v1.Identity
-	(*FederatedCredential)(nil),               // 34: ferry.v1.FederatedCredential
-	(*AppRole)(nil),                           // 35: ferry.v1.AppRole
-	(*Resource)(nil),                          // 36: ferry.v1.Resource
-	(*RoleAssignment)(nil),                    // 37: ferry.v1.RoleAssignment
-	(*SigningKey)(nil),                        // 38: ferry.v1.SigningKey
-	(*Bundle)(nil),                            // 39: ferry.v1.Bundle
+	(*ShowIdentityRequest)(nil),               // 11: ferry.v1.ShowIdentityRequest
+	(*IdentityUsage)(nil),                     // 12: ferry.v1.IdentityUsage
+	(*IdentityWorkload)(nil),                  // 13: ferry.v1.IdentityWorkload
+	(*IdentityRoleAssignment)(nil),            // 14: ferry.v1.IdentityRoleAssignment
+	(*PutFederatedCredentialRequest)(nil),     // 15: ferry.v1.PutFederatedCredentialRequest
+	(*GetFederatedCredentialRequest)(nil),     // 16: ferry.v1.GetFederatedCredentialRequest
+	(*ListFederatedCredentialsRequest)(nil),   // 17: ferry.v1.ListFederatedCredentialsRequest
+	(*ListFederatedCredentialsResponse)(nil),  // 18: ferry.v1.ListFederatedCredentialsResponse
+	(*DeleteFederatedCredentialRequest)(nil),  // 19: ferry.v1.DeleteFederatedCredentialRequest
+	(*DeleteFederatedCredentialResponse)(nil), // 20: ferry.v1.DeleteFederatedCredentialResponse
+	(*CreateResourceRequest)(nil),             // 21: ferry.v1.CreateResourceRequest
+	(*ListResourcesRequest)(nil),              // 22: ferry.v1.ListResourcesRequest
+	(*ListResourcesResponse)(nil),             // 23: ferry.v1.ListResourcesResponse
+	(*AssignRoleRequest)(nil),                 // 24: ferry.v1.AssignRoleRequest
+	(*ListRoleAssignmentsRequest)(nil),        // 25: ferry.v1.ListRoleAssignmentsRequest
+	(*ListRoleAssignmentsResponse)(nil),       // 26: ferry.v1.ListRoleAssignmentsResponse
+	(*DeleteRoleAssignmentRequest)(nil),       // 27: ferry.v1.DeleteRoleAssignmentRequest
+	(*DeleteRoleAssignmentResponse)(nil),      // 28: ferry.v1.DeleteRoleAssignmentResponse
+	(*RetireSigningKeyRequest)(nil),           // 29: ferry.v1.RetireSigningKeyRequest
+	(*RetireSigningKeyResponse)(nil),          // 30: ferry.v1.RetireSigningKeyResponse
+	(*WatchRequest)(nil),                      // 31: ferry.v1.WatchRequest
+	(*DirectoryIssuer)(nil),                   // 32: ferry.v1.DirectoryIssuer
+	(*DirectorySnapshot)(nil),                 // 33: ferry.v1.DirectorySnapshot
+	(*DirectoryChange)(nil),                   // 34: ferry.v1.DirectoryChange
+	(*WatchResponse)(nil),                     // 35: ferry.v1.WatchResponse
+	(*Tenant)(nil),                            // 36: ferry.v1.Tenant
+	(*Identity)(nil),                          // 37: ferry.v1.Identity
+	(*FederatedCredential)(nil),               // 38: ferry.v1.FederatedCredential
+	(*Entry)(nil),                             // 39: ferry.v1.Entry
+	(*AttestedNode)(nil),                      // 40: ferry.v1.AttestedNode
+	(*RoleAssignment)(nil),                    // 41: ferry.v1.RoleAssignment
+	(*AppRole)(nil),                           // 42: ferry.v1.AppRole
+	(*Resource)(nil),                          // 43: ferry.v1.Resource
+	(*SigningKey)(nil),                        // 44: ferry.v1.SigningKey
+	(*Bundle)(nil),                            // 45: ferry.v1.Bundle
 }
 var file_directory_proto_depIdxs = []int32{
-	32, // 0: ferry.v1.ListTenantsResponse.tenants:type_name -> ferry.v1.Tenant
+	36, // 0: ferry.v1.ListTenantsResponse.tenants:type_name -> ferry.v1.Tenant
 	1,  // 1: ferry.v1.GetIdentityRequest.identity:type_name -> ferry.v1.IdentityRef
-	33, // 2: ferry.v1.ListIdentitiesResponse.identities:type_name -> ferry.v1.Identity
+	37, // 2: ferry.v1.ListIdentitiesResponse.identities:type_name -> ferry.v1.Identity
 	1,  // 3: ferry.v1.DeleteIdentityRequest.identity:type_name -> ferry.v1.IdentityRef
-	33, // 4: ferry.v1.DeleteIdentityResponse.identity:type_name -> ferry.v1.Identity
-	1,  // 5: ferry.v1.PutFederatedCredentialRequest.identity:type_name -> ferry.v1.IdentityRef
-	34, // 6: ferry.v1.PutFederatedCredentialRequest.credential:type_name -> ferry.v1.FederatedCredential
-	0,  // 7: ferry.v1.PutFederatedCredentialRequest.mode:type_name -> ferry.v1.PutMode
-	1,  // 8: ferry.v1.GetFederatedCredentialRequest.identity:type_name -> ferry.v1.IdentityRef
-	1,  // 9: ferry.v1.ListFederatedCredentialsRequest.identity:type_name -> ferry.v1.IdentityRef
-	34, // 10: ferry.v1.ListFederatedCredentialsResponse.credentials:type_name -> ferry.v1.FederatedCredential
-	1,  // 11: ferry.v1.DeleteFederatedCredentialRequest.identity:type_name -> ferry.v1.IdentityRef
-	35, // 12: ferry.v1.CreateResourceRequest.app_roles:type_name -> ferry.v1.AppRole
-	36, // 13: ferry.v1.ListResourcesResponse.resources:type_name -> ferry.v1.Resource
-	1,  // 14: ferry.v1.AssignRoleRequest.principal:type_name -> ferry.v1.IdentityRef
-	1,  // 15: ferry.v1.ListRoleAssignmentsRequest.principal:type_name -> ferry.v1.IdentityRef
-	37, // 16: ferry.v1.ListRoleAssignmentsResponse.assignments:type_name -> ferry.v1.RoleAssignment
-	32, // 17: ferry.v1.DirectorySnapshot.tenants:type_name -> ferry.v1.Tenant
-	33, // 18: ferry.v1.DirectorySnapshot.identities:type_name -> ferry.v1.Identity
-	34, // 19: ferry.v1.DirectorySnapshot.federated_credentials:type_name -> ferry.v1.FederatedCredential
-	36, // 20: ferry.v1.DirectorySnapshot.resources:type_name -> ferry.v1.Resource
-	37, // 21: ferry.v1.DirectorySnapshot.role_assignments:type_name -> ferry.v1.RoleAssignment
-	38, // 22: ferry.v1.DirectorySnapshot.signing_keys:type_name -> ferry.v1.SigningKey
-	39, // 23: ferry.v1.DirectorySnapshot.bundles:type_name -> ferry.v1.Bundle
-	28, // 24: ferry.v1.DirectorySnapshot.issuers:type_name -> ferry.v1.DirectoryIssuer
-	32, // 25: ferry.v1.DirectoryChange.tenant:type_name -> ferry.v1.Tenant
-	33, // 26: ferry.v1.DirectoryChange.identity:type_name -> ferry.v1.Identity
-	34, // 27: ferry.v1.DirectoryChange.federated_credential:type_name -> ferry.v1.FederatedCredential
-	36, // 28: ferry.v1.DirectoryChange.resource:type_name -> ferry.v1.Resource
-	37, // 29: ferry.v1.DirectoryChange.role_assignment:type_name -> ferry.v1.RoleAssignment
-	38, // 30: ferry.v1.DirectoryChange.signing_key:type_name -> ferry.v1.SigningKey
-	39, // 31: ferry.v1.DirectoryChange.bundle:type_name -> ferry.v1.Bundle
-	29, // 32: ferry.v1.WatchResponse.snapshot:type_name -> ferry.v1.DirectorySnapshot
-	30, // 33: ferry.v1.WatchResponse.changes:type_name -> ferry.v1.DirectoryChange
-	2,  // 34: ferry.v1.Directory.CreateTenant:input_type -> ferry.v1.CreateTenantRequest
-	3,  // 35: ferry.v1.Directory.ListTenants:input_type -> ferry.v1.ListTenantsRequest
-	5,  // 36: ferry.v1.Directory.CreateIdentity:input_type -> ferry.v1.CreateIdentityRequest
-	6,  // 37: ferry.v1.Directory.GetIdentity:input_type -> ferry.v1.GetIdentityRequest
-	7,  // 38: ferry.v1.Directory.ListIdentities:input_type -> ferry.v1.ListIdentitiesRequest
-	9,  // 39: ferry.v1.Directory.DeleteIdentity:input_type -> ferry.v1.DeleteIdentityRequest
-	11, // 40: ferry.v1.Directory.PutFederatedCredential:input_type -> ferry.v1.PutFederatedCredentialRequest
-	12, // 41: ferry.v1.Directory.GetFederatedCredential:input_type -> ferry.v1.GetFederatedCredentialRequest
-	13, // 42: ferry.v1.Directory.ListFederatedCredentials:input_type -> ferry.v1.ListFederatedCredentialsRequest
-	15, // 43: ferry.v1.Directory.DeleteFederatedCredential:input_type -> ferry.v1.DeleteFederatedCredentialRequest
-	17, // 44: ferry.v1.Directory.CreateResource:input_type -> ferry.v1.CreateResourceRequest
-	18, // 45: ferry.v1.Directory.ListResources:input_type -> ferry.v1.ListResourcesRequest
-	20, // 46: ferry.v1.Directory.AssignRole:input_type -> ferry.v1.AssignRoleRequest
-	21, // 47: ferry.v1.Directory.ListRoleAssignments:input_type -> ferry.v1.ListRoleAssignmentsRequest
-	23, // 48: ferry.v1.Directory.DeleteRoleAssignment:input_type -> ferry.v1.DeleteRoleAssignmentRequest
-	27, // 49: ferry.v1.Directory.Watch:input_type -> ferry.v1.WatchRequest
-	38, // 50: ferry.v1.Directory.PublishSigningKey:input_type -> ferry.v1.SigningKey
-	25, // 51: ferry.v1.Directory.RetireSigningKey:input_type -> ferry.v1.RetireSigningKeyRequest
-	32, // 52: ferry.v1.Directory.CreateTenant:output_type -> ferry.v1.Tenant
-	4,  // 53: ferry.v1.Directory.ListTenants:output_type -> ferry.v1.ListTenantsResponse
-	33, // 54: ferry.v1.Directory.CreateIdentity:output_type -> ferry.v1.Identity
-	33, // 55: ferry.v1.Directory.GetIdentity:output_type -> ferry.v1.Identity
-	8,  // 56: ferry.v1.Directory.ListIdentities:output_type -> ferry.v1.ListIdentitiesResponse
-	10, // 57: ferry.v1.Directory.DeleteIdentity:output_type -> ferry.v1.DeleteIdentityResponse
-	34, // 58: ferry.v1.Directory.PutFederatedCredential:output_type -> ferry.v1.FederatedCredential
-	34, // 59: ferry.v1.Directory.GetFederatedCredential:output_type -> ferry.v1.FederatedCredential
-	14, // 60: ferry.v1.Directory.ListFederatedCredentials:output_type -> ferry.v1.ListFederatedCredentialsResponse
-	16, // 61: ferry.v1.Directory.DeleteFederatedCredential:output_type -> ferry.v1.DeleteFederatedCredentialResponse
-	36, // 62: ferry.v1.Directory.CreateResource:output_type -> ferry.v1.Resource
-	19, // 63: ferry.v1.Directory.ListResources:output_type -> ferry.v1.ListResourcesResponse
-	37, // 64: ferry.v1.Directory.AssignRole:output_type -> ferry.v1.RoleAssignment
-	22, // 65: ferry.v1.Directory.ListRoleAssignments:output_type -> ferry.v1.ListRoleAssignmentsResponse
-	24, // 66: ferry.v1.Directory.DeleteRoleAssignment:output_type -> ferry.v1.DeleteRoleAssignmentResponse
-	31, // 67: ferry.v1.Directory.Watch:output_type -> ferry.v1.WatchResponse
-	38, // 68: ferry.v1.Directory.PublishSigningKey:output_type -> ferry.v1.SigningKey
-	26, // 69: ferry.v1.Directory.RetireSigningKey:output_type -> ferry.v1.RetireSigningKeyResponse
-	52, // [52:70] is the sub-list for method output_type
-	34, // [34:52] is the sub-list for method input_type
-	34, // [34:34] is the sub-list for extension type_name
-	34, // [34:34] is the sub-list for extension extendee
-	0,  // [0:34] is the sub-list for field type_name
+	37, // 4: ferry.v1.DeleteIdentityResponse.identity:type_name -> ferry.v1.Identity
+	1,  // 5: ferry.v1.ShowIdentityRequest.identity:type_name -> ferry.v1.IdentityRef
+	37, // 6: ferry.v1.IdentityUsage.identity:type_name -> ferry.v1.Identity
+	38, // 7: ferry.v1.IdentityUsage.credentials:type_name -> ferry.v1.FederatedCredential
+	13, // 8: ferry.v1.IdentityUsage.workloads:type_name -> ferry.v1.IdentityWorkload
+	14, // 9: ferry.v1.IdentityUsage.role_assignments:type_name -> ferry.v1.IdentityRoleAssignment
+	39, // 10: ferry.v1.IdentityUsage.owner_entry:type_name -> ferry.v1.Entry
+	40, // 11: ferry.v1.IdentityUsage.owner_agent:type_name -> ferry.v1.AttestedNode
+	39, // 12: ferry.v1.IdentityWorkload.entry:type_name -> ferry.v1.Entry
+	41, // 13: ferry.v1.IdentityRoleAssignment.assignment:type_name -> ferry.v1.RoleAssignment
+	1,  // 14: ferry.v1.PutFederatedCredentialRequest.identity:type_name -> ferry.v1.IdentityRef
+	38, // 15: ferry.v1.PutFederatedCredentialRequest.credential:type_name -> ferry.v1.FederatedCredential
+	0,  // 16: ferry.v1.PutFederatedCredentialRequest.mode:type_name -> ferry.v1.PutMode
+	1,  // 17: ferry.v1.GetFederatedCredentialRequest.identity:type_name -> ferry.v1.IdentityRef
+	1,  // 18: ferry.v1.ListFederatedCredentialsRequest.identity:type_name -> ferry.v1.IdentityRef
+	38, // 19: ferry.v1.ListFederatedCredentialsResponse.credentials:type_name -> ferry.v1.FederatedCredential
+	1,  // 20: ferry.v1.DeleteFederatedCredentialRequest.identity:type_name -> ferry.v1.IdentityRef
+	42, // 21: ferry.v1.CreateResourceRequest.app_roles:type_name -> ferry.v1.AppRole
+	43, // 22: ferry.v1.ListResourcesResponse.resources:type_name -> ferry.v1.Resource
+	1,  // 23: ferry.v1.AssignRoleRequest.principal:type_name -> ferry.v1.IdentityRef
+	1,  // 24: ferry.v1.ListRoleAssignmentsRequest.principal:type_name -> ferry.v1.IdentityRef
+	41, // 25: ferry.v1.ListRoleAssignmentsResponse.assignments:type_name -> ferry.v1.RoleAssignment
+	36, // 26: ferry.v1.DirectorySnapshot.tenants:type_name -> ferry.v1.Tenant
+	37, // 27: ferry.v1.DirectorySnapshot.identities:type_name -> ferry.v1.Identity
+	38, // 28: ferry.v1.DirectorySnapshot.federated_credentials:type_name -> ferry.v1.FederatedCredential
+	43, // 29: ferry.v1.DirectorySnapshot.resources:type_name -> ferry.v1.Resource
+	41, // 30: ferry.v1.DirectorySnapshot.role_assignments:type_name -> ferry.v1.RoleAssignment
+	44, // 31: ferry.v1.DirectorySnapshot.signing_keys:type_name -> ferry.v1.SigningKey
+	45, // 32: ferry.v1.DirectorySnapshot.bundles:type_name -> ferry.v1.Bundle
+	32, // 33: ferry.v1.DirectorySnapshot.issuers:type_name -> ferry.v1.DirectoryIssuer
+	36, // 34: ferry.v1.DirectoryChange.tenant:type_name -> ferry.v1.Tenant
+	37, // 35: ferry.v1.DirectoryChange.identity:type_name -> ferry.v1.Identity
+	38, // 36: ferry.v1.DirectoryChange.federated_credential:type_name -> ferry.v1.FederatedCredential
+	43, // 37: ferry.v1.DirectoryChange.resource:type_name -> ferry.v1.Resource
+	41, // 38: ferry.v1.DirectoryChange.role_assignment:type_name -> ferry.v1.RoleAssignment
+	44, // 39: ferry.v1.DirectoryChange.signing_key:type_name -> ferry.v1.SigningKey
+	45, // 40: ferry.v1.DirectoryChange.bundle:type_name -> ferry.v1.Bundle
+	33, // 41: ferry.v1.WatchResponse.snapshot:type_name -> ferry.v1.DirectorySnapshot
+	34, // 42: ferry.v1.WatchResponse.changes:type_name -> ferry.v1.DirectoryChange
+	2,  // 43: ferry.v1.Directory.CreateTenant:input_type -> ferry.v1.CreateTenantRequest
+	3,  // 44: ferry.v1.Directory.ListTenants:input_type -> ferry.v1.ListTenantsRequest
+	5,  // 45: ferry.v1.Directory.CreateIdentity:input_type -> ferry.v1.CreateIdentityRequest
+	6,  // 46: ferry.v1.Directory.GetIdentity:input_type -> ferry.v1.GetIdentityRequest
+	7,  // 47: ferry.v1.Directory.ListIdentities:input_type -> ferry.v1.ListIdentitiesRequest
+	9,  // 48: ferry.v1.Directory.DeleteIdentity:input_type -> ferry.v1.DeleteIdentityRequest
+	11, // 49: ferry.v1.Directory.ShowIdentity:input_type -> ferry.v1.ShowIdentityRequest
+	15, // 50: ferry.v1.Directory.PutFederatedCredential:input_type -> ferry.v1.PutFederatedCredentialRequest
+	16, // 51: ferry.v1.Directory.GetFederatedCredential:input_type -> ferry.v1.GetFederatedCredentialRequest
+	17, // 52: ferry.v1.Directory.ListFederatedCredentials:input_type -> ferry.v1.ListFederatedCredentialsRequest
+	19, // 53: ferry.v1.Directory.DeleteFederatedCredential:input_type -> ferry.v1.DeleteFederatedCredentialRequest
+	21, // 54: ferry.v1.Directory.CreateResource:input_type -> ferry.v1.CreateResourceRequest
+	22, // 55: ferry.v1.Directory.ListResources:input_type -> ferry.v1.ListResourcesRequest
+	24, // 56: ferry.v1.Directory.AssignRole:input_type -> ferry.v1.AssignRoleRequest
+	25, // 57: ferry.v1.Directory.ListRoleAssignments:input_type -> ferry.v1.ListRoleAssignmentsRequest
+	27, // 58: ferry.v1.Directory.DeleteRoleAssignment:input_type -> ferry.v1.DeleteRoleAssignmentRequest
+	31, // 59: ferry.v1.Directory.Watch:input_type -> ferry.v1.WatchRequest
+	44, // 60: ferry.v1.Directory.PublishSigningKey:input_type -> ferry.v1.SigningKey
+	29, // 61: ferry.v1.Directory.RetireSigningKey:input_type -> ferry.v1.RetireSigningKeyRequest
+	36, // 62: ferry.v1.Directory.CreateTenant:output_type -> ferry.v1.Tenant
+	4,  // 63: ferry.v1.Directory.ListTenants:output_type -> ferry.v1.ListTenantsResponse
+	37, // 64: ferry.v1.Directory.CreateIdentity:output_type -> ferry.v1.Identity
+	37, // 65: ferry.v1.Directory.GetIdentity:output_type -> ferry.v1.Identity
+	8,  // 66: ferry.v1.Directory.ListIdentities:output_type -> ferry.v1.ListIdentitiesResponse
+	10, // 67: ferry.v1.Directory.DeleteIdentity:output_type -> ferry.v1.DeleteIdentityResponse
+	12, // 68: ferry.v1.Directory.ShowIdentity:output_type -> ferry.v1.IdentityUsage
+	38, // 69: ferry.v1.Directory.PutFederatedCredential:output_type -> ferry.v1.FederatedCredential
+	38, // 70: ferry.v1.Directory.GetFederatedCredential:output_type -> ferry.v1.FederatedCredential
+	18, // 71: ferry.v1.Directory.ListFederatedCredentials:output_type -> ferry.v1.ListFederatedCredentialsResponse
+	20, // 72: ferry.v1.Directory.DeleteFederatedCredential:output_type -> ferry.v1.DeleteFederatedCredentialResponse
+	43, // 73: ferry.v1.Directory.CreateResource:output_type -> ferry.v1.Resource
+	23, // 74: ferry.v1.Directory.ListResources:output_type -> ferry.v1.ListResourcesResponse
+	41, // 75: ferry.v1.Directory.AssignRole:output_type -> ferry.v1.RoleAssignment
+	26, // 76: ferry.v1.Directory.ListRoleAssignments:output_type -> ferry.v1.ListRoleAssignmentsResponse
+	28, // 77: ferry.v1.Directory.DeleteRoleAssignment:output_type -> ferry.v1.DeleteRoleAssignmentResponse
+	35, // 78: ferry.v1.Directory.Watch:output_type -> ferry.v1.WatchResponse
+	44, // 79: ferry.v1.Directory.PublishSigningKey:output_type -> ferry.v1.SigningKey
+	30, // 80: ferry.v1.Directory.RetireSigningKey:output_type -> ferry.v1.RetireSigningKeyResponse
+	62, // [62:81] is the sub-list for method output_type
+	43, // [43:62] is the sub-list for method input_type
+	43, // [43:43] is the sub-list for extension type_name
+	43, // [43:43] is the sub-list for extension extendee
+	0,  // [0:43] is the sub-list for field type_name
 }
 
 func init() { file_directory_proto_init() }
@@ -2118,7 +2433,7 @@ func file_directory_proto_init() {
 		return
 	}
 	file_types_proto_init()
-	file_directory_proto_msgTypes[29].OneofWrappers = []any{
+	file_directory_proto_msgTypes[33].OneofWrappers = []any{
 		(*DirectoryChange_Tenant)(nil),
 		(*DirectoryChange_Identity)(nil),
 		(*DirectoryChange_FederatedCredential)(nil),
@@ -2133,7 +2448,7 @@ func file_directory_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_directory_proto_rawDesc), len(file_directory_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   31,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -30,6 +30,7 @@ const (
 	Directory_GetIdentity_FullMethodName               = "/ferry.v1.Directory/GetIdentity"
 	Directory_ListIdentities_FullMethodName            = "/ferry.v1.Directory/ListIdentities"
 	Directory_DeleteIdentity_FullMethodName            = "/ferry.v1.Directory/DeleteIdentity"
+	Directory_ShowIdentity_FullMethodName              = "/ferry.v1.Directory/ShowIdentity"
 	Directory_PutFederatedCredential_FullMethodName    = "/ferry.v1.Directory/PutFederatedCredential"
 	Directory_GetFederatedCredential_FullMethodName    = "/ferry.v1.Directory/GetFederatedCredential"
 	Directory_ListFederatedCredentials_FullMethodName  = "/ferry.v1.Directory/ListFederatedCredentials"
@@ -54,6 +55,9 @@ type DirectoryClient interface {
 	GetIdentity(ctx context.Context, in *GetIdentityRequest, opts ...grpc.CallOption) (*Identity, error)
 	ListIdentities(ctx context.Context, in *ListIdentitiesRequest, opts ...grpc.CallOption) (*ListIdentitiesResponse, error)
 	DeleteIdentity(ctx context.Context, in *DeleteIdentityRequest, opts ...grpc.CallOption) (*DeleteIdentityResponse, error)
+	// ShowIdentity tells which workloads can use an identity and why, and what
+	// it is granted: computed from this server's replica.
+	ShowIdentity(ctx context.Context, in *ShowIdentityRequest, opts ...grpc.CallOption) (*IdentityUsage, error)
 	// PutFederatedCredential creates or updates a credential (see PutMode).
 	PutFederatedCredential(ctx context.Context, in *PutFederatedCredentialRequest, opts ...grpc.CallOption) (*FederatedCredential, error)
 	GetFederatedCredential(ctx context.Context, in *GetFederatedCredentialRequest, opts ...grpc.CallOption) (*FederatedCredential, error)
@@ -134,6 +138,16 @@ func (c *directoryClient) DeleteIdentity(ctx context.Context, in *DeleteIdentity
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(DeleteIdentityResponse)
 	err := c.cc.Invoke(ctx, Directory_DeleteIdentity_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *directoryClient) ShowIdentity(ctx context.Context, in *ShowIdentityRequest, opts ...grpc.CallOption) (*IdentityUsage, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(IdentityUsage)
+	err := c.cc.Invoke(ctx, Directory_ShowIdentity_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -279,6 +293,9 @@ type DirectoryServer interface {
 	GetIdentity(context.Context, *GetIdentityRequest) (*Identity, error)
 	ListIdentities(context.Context, *ListIdentitiesRequest) (*ListIdentitiesResponse, error)
 	DeleteIdentity(context.Context, *DeleteIdentityRequest) (*DeleteIdentityResponse, error)
+	// ShowIdentity tells which workloads can use an identity and why, and what
+	// it is granted: computed from this server's replica.
+	ShowIdentity(context.Context, *ShowIdentityRequest) (*IdentityUsage, error)
 	// PutFederatedCredential creates or updates a credential (see PutMode).
 	PutFederatedCredential(context.Context, *PutFederatedCredentialRequest) (*FederatedCredential, error)
 	GetFederatedCredential(context.Context, *GetFederatedCredentialRequest) (*FederatedCredential, error)
@@ -322,6 +339,9 @@ func (UnimplementedDirectoryServer) ListIdentities(context.Context, *ListIdentit
 }
 func (UnimplementedDirectoryServer) DeleteIdentity(context.Context, *DeleteIdentityRequest) (*DeleteIdentityResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteIdentity not implemented")
+}
+func (UnimplementedDirectoryServer) ShowIdentity(context.Context, *ShowIdentityRequest) (*IdentityUsage, error) {
+	return nil, status.Error(codes.Unimplemented, "method ShowIdentity not implemented")
 }
 func (UnimplementedDirectoryServer) PutFederatedCredential(context.Context, *PutFederatedCredentialRequest) (*FederatedCredential, error) {
 	return nil, status.Error(codes.Unimplemented, "method PutFederatedCredential not implemented")
@@ -484,6 +504,24 @@ func _Directory_DeleteIdentity_Handler(srv interface{}, ctx context.Context, dec
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(DirectoryServer).DeleteIdentity(ctx, req.(*DeleteIdentityRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Directory_ShowIdentity_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ShowIdentityRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DirectoryServer).ShowIdentity(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Directory_ShowIdentity_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DirectoryServer).ShowIdentity(ctx, req.(*ShowIdentityRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -727,6 +765,10 @@ var Directory_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteIdentity",
 			Handler:    _Directory_DeleteIdentity_Handler,
+		},
+		{
+			MethodName: "ShowIdentity",
+			Handler:    _Directory_ShowIdentity_Handler,
 		},
 		{
 			MethodName: "PutFederatedCredential",

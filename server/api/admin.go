@@ -50,6 +50,10 @@ type Config struct {
 	// TrustDomain is ours, whose bundle the federated bundle RPCs refuse to
 	// touch; default Authority's.
 	TrustDomain spiffeid.TrustDomain
+	// JWTIssuer is the `iss` of the trust domain's JWT-SVIDs: the issuer of
+	// the credential binding a system-assigned identity to its owner. Without
+	// it, system-assigned identities cannot be enabled.
+	JWTIssuer string
 }
 
 // Admin implements ferrypb.AdminServer.
@@ -157,7 +161,8 @@ func (a *Admin) SnapshotRestore(stream ferrypb.Admin_SnapshotRestoreServer) erro
 }
 
 // BatchCreateEntry creates entries; each gets its own status. Entries without an
-// ID get a new random one.
+// ID get a new random one. An entry with system_assigned_identity set is
+// created with its identity, in the same command.
 func (a *Admin) BatchCreateEntry(ctx context.Context, req *ferrypb.BatchCreateEntryRequest) (*ferrypb.BatchEntryResponse, error) {
 	entries := make([]*ferrypb.Entry, len(req.Entries))
 	for i, e := range req.Entries {
@@ -168,19 +173,78 @@ func (a *Admin) BatchCreateEntry(ctx context.Context, req *ferrypb.BatchCreateEn
 		e.Revision, e.CreatedIndex, e.CreatedAt = 0, 0, 0
 		entries[i] = e
 	}
+	sys, err := a.systemIdentities(ctx, entries, req.IdentityTenantId)
+	if err != nil {
+		return nil, err
+	}
 	return a.batchEntries(ctx, req.RequestId, entries, func(es []*ferrypb.Entry) *ferrypb.Command {
-		return &ferrypb.Command{Op: &ferrypb.Command_EntriesCreate{EntriesCreate: &ferrypb.EntriesCreate{Entries: es}}}
+		return &ferrypb.Command{Op: &ferrypb.Command_EntriesCreate{EntriesCreate: &ferrypb.EntriesCreate{Entries: es, SystemIdentities: sys.of(es)}}}
 	})
 }
 
 // BatchUpdateEntry replaces entries by ID. An entry carrying a non-zero revision
-// is updated only if it still has that revision (compare-and-set).
+// is updated only if it still has that revision (compare-and-set). Turning
+// system_assigned_identity on or off creates or deletes the identity with the
+// entry.
 func (a *Admin) BatchUpdateEntry(ctx context.Context, req *ferrypb.BatchUpdateEntryRequest) (*ferrypb.BatchEntryResponse, error) {
+	sys, err := a.systemIdentities(ctx, req.Entries, req.IdentityTenantId)
+	if err != nil {
+		return nil, err
+	}
 	return a.batchEntries(ctx, req.RequestId, req.Entries, func(es []*ferrypb.Entry) *ferrypb.Command {
-		return &ferrypb.Command{Op: &ferrypb.Command_EntriesUpdate{EntriesUpdate: &ferrypb.EntriesUpdate{Entries: es}}}
+		return &ferrypb.Command{Op: &ferrypb.Command_EntriesUpdate{EntriesUpdate: &ferrypb.EntriesUpdate{Entries: es, SystemIdentities: sys.of(es)}}}
 	})
 }
 
+// systemIdentityDetails are a request's system-assigned identity details by owner.
+type systemIdentityDetails map[string]*ferrypb.SystemIdentity
+
+// of returns the details for the entries of one command.
+func (d systemIdentityDetails) of(es []*ferrypb.Entry) []*ferrypb.SystemIdentity {
+	var out []*ferrypb.SystemIdentity
+	for _, e := range es {
+		if si := d[e.GetId()]; si != nil {
+			out = append(out, si)
+		}
+	}
+	return out
+}
+
+// systemIdentities makes the details of a system-assigned identity for every
+// entry that has one enabled: new GUIDs, the tenant, the JWT-SVID issuer. The
+// FSM uses them only where an identity is to be created.
+func (a *Admin) systemIdentities(ctx context.Context, entries []*ferrypb.Entry, tenantID string) (systemIdentityDetails, error) {
+	out := systemIdentityDetails{}
+	var tenant string
+	for _, e := range entries {
+		if !e.GetSystemAssignedIdentity() {
+			continue
+		}
+		if tenant == "" {
+			var err error
+			if tenant, err = a.identityTenant(ctx, tenantID); err != nil {
+				return nil, err
+			}
+		}
+		out[e.Id] = a.newSystemIdentity(e.Id, tenant)
+	}
+	return out, nil
+}
+
+// identityTenant resolves the tenant of new system-assigned identities, and
+// checks they can be bound to their owner at all.
+func (a *Admin) identityTenant(ctx context.Context, tenantID string) (string, error) {
+	if a.cfg.JWTIssuer == "" {
+		return "", status.Error(codes.FailedPrecondition, "system-assigned identities need the trust domain's JWT issuer (jwt_issuer or oidc.issuer in the server config)")
+	}
+	return resolveTenant(ctx, a.cfg.Cluster, a.cfg.Store, a.log, tenantID, true)
+}
+
+func (a *Admin) newSystemIdentity(owner, tenant string) *ferrypb.SystemIdentity {
+	return &ferrypb.SystemIdentity{Owner: owner, ObjectId: uuid.NewString(), ClientId: uuid.NewString(), TenantId: tenant, Issuer: a.cfg.JWTIssuer}
+}
+
+// BatchDeleteEntry deletes entries, each with its system-assigned identity.
 func (a *Admin) BatchDeleteEntry(ctx context.Context, req *ferrypb.BatchDeleteEntryRequest) (*ferrypb.BatchEntryResponse, error) {
 	resp := &ferrypb.BatchEntryResponse{}
 	for n, chunk := range chunks(req.Ids, a.cfg.MaxBatch) {
@@ -196,6 +260,7 @@ func (a *Admin) BatchDeleteEntry(ctx context.Context, req *ferrypb.BatchDeleteEn
 		}
 		resp.Results = append(resp.Results, res.Items...)
 		resp.Entries = append(resp.Entries, res.Entries...)
+		resp.Identities = append(resp.Identities, res.Identities...)
 		resp.Index = res.Index
 	}
 	return resp, nil
@@ -238,6 +303,7 @@ func (a *Admin) batchEntries(ctx context.Context, requestID string, in []*ferryp
 				resp.Entries[i] = res.Entries[j]
 			}
 		}
+		resp.Identities = append(resp.Identities, res.Identities...)
 		done += len(chunk)
 		resp.Index = res.Index
 	}

@@ -16,18 +16,21 @@ import (
 // TokenExchangeAudience is the audience of the JWT-SVIDs agents trade for
 // access tokens, and the audience a federated credential must accept for an
 // agent to offer its identity.
-const TokenExchangeAudience = "api://AzureADTokenExchange"
+const TokenExchangeAudience = state.TokenExchangeAudience
 
 // maxIdentityIDs bounds the SPIFFE IDs one ListAgentIdentities call may ask about.
 const maxIdentityIDs = 1000
 
 // ListAgentIdentities answers, for every SPIFFE ID of an entry the agent is
-// authorized for, the identities whose federated credentials accept a JWT-SVID
-// for that ID (issuer AgentConfig.JWTIssuer, audience TokenExchangeAudience,
-// subject the ID or a claims-matching expression that accepts it). A
-// system-assigned identity is offered only to its owner SPIFFE ID. The answer
-// comes from the local replica of the directory, so it may trail the leader
-// by a moment; the token authority checks the credential again at exchange.
+// authorized for (and the agent's own ID), the identities whose federated
+// credentials accept a JWT-SVID for that ID (issuer AgentConfig.JWTIssuer,
+// audience TokenExchangeAudience, subject the ID or a claims-matching
+// expression that accepts it). A system-assigned identity is offered only to
+// its owner: the SPIFFE ID of its entry, while that entry exists with the
+// identity enabled and is one the agent is authorized for; or the agent
+// itself, while it is attested with the identity enabled. The answer comes
+// from the local replica of the directory, so it may trail the leader by a
+// moment; the token authority checks the credential again at exchange.
 func (a *Agent) ListAgentIdentities(ctx context.Context, req *ferrypb.ListAgentIdentitiesRequest) (*ferrypb.ListAgentIdentitiesResponse, error) {
 	n, _, err := a.caller(ctx)
 	if err != nil {
@@ -37,8 +40,9 @@ func (a *Agent) ListAgentIdentities(ctx context.Context, req *ferrypb.ListAgentI
 		return nil, status.Errorf(codes.InvalidArgument, "at most %d SPIFFE IDs per call", maxIdentityIDs)
 	}
 	v := a.cfg.Store.View()
-	allowed := map[string]bool{}
-	for _, e := range a.authorized(v, n) {
+	auth := a.authorized(v, n)
+	allowed := map[string]bool{n.SpiffeId: true}
+	for _, e := range auth {
 		allowed[e.GetSpiffeId()] = true
 	}
 	var ids []string
@@ -51,14 +55,14 @@ func (a *Agent) ListAgentIdentities(ctx context.Context, req *ferrypb.ListAgentI
 	if len(ids) == 0 {
 		return resp, nil
 	}
-	rules := a.exchangeRules(v)
+	rules := exchangeRules(v, a.cfg.JWTIssuer)
 	for _, id := range ids {
 		for _, ir := range rules {
-			if !ir.accepts(id, a.cfg.JWTIssuer) {
+			idn := ir.identity
+			if idn.GetKind() == state.KindSystemAssigned && !ownerHolds(v, idn, id, n, auth) {
 				continue
 			}
-			idn := ir.identity
-			if idn.GetKind() == state.KindSystemAssigned && idn.GetOwnerSpiffeId() != "" && idn.GetOwnerSpiffeId() != id {
+			if !ir.accepts(id, a.cfg.JWTIssuer) {
 				continue
 			}
 			resp.Identities = append(resp.Identities, &ferrypb.AgentIdentity{
@@ -75,6 +79,20 @@ func (a *Agent) ListAgentIdentities(ctx context.Context, req *ferrypb.ListAgentI
 	return resp, nil
 }
 
+// ownerHolds reports whether SPIFFE ID id, asked about by agent n (authorized
+// for the entries auth), is the live owner of a system-assigned identity.
+func ownerHolds(v *state.View, idn *ferrypb.Identity, id string, n *ferrypb.AttestedNode, auth map[string]*ferrypb.Entry) bool {
+	if idn.GetOwnerSpiffeId() != id {
+		return false
+	}
+	if eid := idn.GetOwnerEntryId(); eid != "" {
+		e := auth[eid]
+		return e != nil && e.GetSystemAssignedIdentity() && e.GetSpiffeId() == id
+	}
+	cur := v.Node(id)
+	return id == n.GetSpiffeId() && cur != nil && cur.GetSystemAssignedIdentity() && !cur.GetBanned()
+}
+
 // identityRules is an identity with its credentials that could accept a
 // JWT-SVID of this trust domain for the token exchange.
 type identityRules struct {
@@ -84,11 +102,11 @@ type identityRules struct {
 
 // exchangeRules compiles the credentials with the exchange audience (and the
 // trust domain's issuer, when known), grouped by identity in object ID order.
-func (a *Agent) exchangeRules(v *state.View) []identityRules {
+func exchangeRules(v *state.View, issuer string) []identityRules {
 	byID := map[string]int{}
 	var out []identityRules
 	for _, fc := range v.AllFederatedCredentials() {
-		if a.cfg.JWTIssuer != "" && fc.GetIssuer() != a.cfg.JWTIssuer {
+		if issuer != "" && fc.GetIssuer() != issuer {
 			continue
 		}
 		if !slices.Contains(fc.GetAudiences(), TokenExchangeAudience) && len(fc.GetAudiences()) != 0 {
@@ -118,17 +136,23 @@ func (a *Agent) exchangeRules(v *state.View) []identityRules {
 
 // accepts reports whether one of the rules accepts a JWT-SVID for id.
 func (ir identityRules) accepts(id, issuer string) bool {
-	iss := issuer
 	for _, r := range ir.rules {
-		if issuer == "" {
-			iss = r.Issuer
-		}
-		claims := map[string]any{"iss": iss, "sub": id, "aud": TokenExchangeAudience}
-		if _, err := fic.Select([]*fic.Rule{r}, fic.Assertion{
-			Issuer: iss, Subject: id, Audiences: []string{TokenExchangeAudience}, Claims: claims,
-		}); err == nil {
+		if ruleAccepts(r, id, issuer) {
 			return true
 		}
 	}
 	return false
+}
+
+// ruleAccepts reports whether a credential rule accepts a JWT-SVID for id
+// from issuer (the rule's own issuer when empty) with the rule's audience.
+func ruleAccepts(r *fic.Rule, id, issuer string) bool {
+	if issuer == "" {
+		issuer = r.Issuer
+	}
+	claims := map[string]any{"iss": issuer, "sub": id, "aud": r.Audience}
+	_, err := fic.Select([]*fic.Rule{r}, fic.Assertion{
+		Issuer: issuer, Subject: id, Audiences: []string{r.Audience}, Claims: claims,
+	})
+	return err == nil
 }

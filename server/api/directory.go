@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/ferry-id/ferry/bridge/fic"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/state"
 )
@@ -28,7 +29,7 @@ const defaultTenantRequestID = "directory/default-tenant"
 
 // DefaultResourceGroup is the resource group in the ARM-style resource ID an
 // identity gets when none is given: /subscriptions/{tenant}/resourceGroups/ferry/...
-const DefaultResourceGroup = "ferry"
+const DefaultResourceGroup = state.ResourceGroup
 
 // DirectoryConfig configures the Directory service.
 type DirectoryConfig struct {
@@ -89,15 +90,22 @@ func NewDirectory(cfg DirectoryConfig) (*Directory, error) {
 // apply commits a command and waits until this node's state reflects it, so a
 // read that follows on this node sees the write.
 func (d *Directory) apply(ctx context.Context, requestID string, cmd *ferrypb.Command) (*ferrypb.CommandResult, error) {
+	return applyAndWait(ctx, d.cfg.Cluster, d.cfg.Store, requestID, cmd)
+}
+
+// applyAndWait commits a command under a request ID (a new one when empty),
+// waits until store reflects it, and turns a whole-command failure into a
+// gRPC status.
+func applyAndWait(ctx context.Context, cl Cluster, store *state.Store, requestID string, cmd *ferrypb.Command) (*ferrypb.CommandResult, error) {
 	cmd.RequestId = requestID
 	if cmd.RequestId == "" {
 		cmd.RequestId = uuid.NewString()
 	}
-	res, err := d.cfg.Cluster.Apply(ctx, cmd)
+	res, err := cl.Apply(ctx, cmd)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	if err := d.cfg.Store.WaitForIndex(ctx, res.Index); err != nil {
+	if err := store.WaitForIndex(ctx, res.Index); err != nil {
 		return nil, toStatus(err)
 	}
 	if err := resultError(res); err != nil {
@@ -117,7 +125,13 @@ func guidArg(s string) string {
 }
 
 func (d *Directory) tenant(ctx context.Context, id string, create bool) (string, error) {
-	v := d.cfg.Store.View()
+	return resolveTenant(ctx, d.cfg.Cluster, d.cfg.Store, d.log, id, create)
+}
+
+// resolveTenant names the tenant a request means: the one given, else the
+// only one; with create, a tenant named DefaultTenantName when there is none.
+func resolveTenant(ctx context.Context, cl Cluster, store *state.Store, log *slog.Logger, id string, create bool) (string, error) {
+	v := store.View()
 	if id != "" {
 		g := guidArg(id)
 		if g == "" {
@@ -136,13 +150,13 @@ func (d *Directory) tenant(ctx context.Context, id string, create bool) (string,
 	case !create:
 		return "", status.Error(codes.NotFound, "no tenant exists")
 	}
-	res, err := d.apply(ctx, defaultTenantRequestID, &ferrypb.Command{Op: &ferrypb.Command_TenantPut{TenantPut: &ferrypb.TenantPut{
+	res, err := applyAndWait(ctx, cl, store, defaultTenantRequestID, &ferrypb.Command{Op: &ferrypb.Command_TenantPut{TenantPut: &ferrypb.TenantPut{
 		Tenant: &ferrypb.Tenant{Id: uuid.NewString(), Name: DefaultTenantName},
 	}}})
 	if err != nil {
 		return "", err
 	}
-	d.log.Info("created the default tenant", "tenant", res.Tenant.GetId())
+	log.Info("created the default tenant", "tenant", res.Tenant.GetId())
 	return res.Tenant.GetId(), nil
 }
 
@@ -207,6 +221,9 @@ func (d *Directory) CreateIdentity(ctx context.Context, req *ferrypb.CreateIdent
 	if !state.ValidIdentityName(req.Name) {
 		return nil, status.Errorf(codes.InvalidArgument, "identity name %q must be %d-%d characters of A-Z, a-z, 0-9, '-' and '_', starting with a letter or digit", req.Name, state.MinIdentityName, state.MaxIdentityName)
 	}
+	if req.Kind == state.KindSystemAssigned || req.OwnerSpiffeId != "" || req.OwnerEntryId != "" {
+		return nil, status.Errorf(codes.FailedPrecondition, "a %s identity is enabled on its owner, not created: ferry entry create|update --system-assigned-identity, or ferry agent identity enable", state.KindSystemAssigned)
+	}
 	tenant, err := d.tenant(ctx, req.TenantId, true)
 	if err != nil {
 		return nil, err
@@ -261,6 +278,90 @@ func (d *Directory) DeleteIdentity(ctx context.Context, req *ferrypb.DeleteIdent
 	}
 	d.log.Info("identity deleted", "object_id", i.ObjectId, "name", i.Name)
 	return &ferrypb.DeleteIdentityResponse{Identity: res.Identity}, nil
+}
+
+// ShowIdentity tells who can use an identity and why: the registration
+// entries whose SPIFFE IDs its federated credentials accept (for a JWT-SVID of
+// the trust domain's issuer, with the credential's audience), each with the
+// credential that accepts it, and for a system-assigned identity its owner;
+// and the roles it holds. It is computed from this server's replica.
+func (d *Directory) ShowIdentity(ctx context.Context, req *ferrypb.ShowIdentityRequest) (*ferrypb.IdentityUsage, error) {
+	i, err := d.identity(ctx, req.Identity)
+	if err != nil {
+		return nil, err
+	}
+	v := d.cfg.Store.View()
+	out := &ferrypb.IdentityUsage{Identity: i, Credentials: v.FederatedCredentials(i.ObjectId)}
+	seen := map[string]bool{}
+	add := func(e *ferrypb.Entry, credential, reason string) {
+		if seen[e.Id] {
+			return
+		}
+		seen[e.Id] = true
+		out.Workloads = append(out.Workloads, &ferrypb.IdentityWorkload{Entry: e, Credential: credential, Reason: reason})
+	}
+	if i.Kind == state.KindSystemAssigned {
+		if i.OwnerEntryId != "" {
+			out.OwnerEntry = v.Entry(i.OwnerEntryId)
+		} else {
+			out.OwnerAgent = v.Node(i.OwnerSpiffeId)
+		}
+	}
+	if e := out.OwnerEntry; e != nil {
+		add(e, state.SystemCredentialName, fmt.Sprintf("owner: the system-assigned identity of entry %s", e.Id))
+	}
+	var all []*ferrypb.Entry // loaded once, for claims-matching expressions
+	for _, fc := range out.Credentials {
+		r, err := fic.Compile(fc)
+		if err != nil {
+			continue
+		}
+		td, local := d.cfg.Issuers[fc.Issuer]
+		if !local && len(d.cfg.Issuers) > 0 {
+			continue // not the issuer of any local trust domain's JWT-SVIDs
+		}
+		var candidates []*ferrypb.Entry
+		if fc.Subject != "" {
+			candidates, _ = v.ListEntries(state.EntryFilter{SpiffeID: fc.Subject}, "", 0)
+		} else {
+			if all == nil {
+				all, _ = v.ListEntries(state.EntryFilter{}, "", 0)
+			}
+			candidates = all
+		}
+		for _, e := range candidates {
+			if td != "" && !inTrustDomain(e.SpiffeId, td) || !ruleAccepts(r, e.SpiffeId, fc.Issuer) {
+				continue
+			}
+			reason := fmt.Sprintf("federated credential %s accepts %s (issuer %s, audience %s)", fc.Name, e.SpiffeId, fc.Issuer, r.Audience)
+			if i.Kind == state.KindSystemAssigned {
+				// The token service accepts any JWT-SVID for the owner's
+				// SPIFFE ID; agents offer the identity to the owner entry only.
+				reason = fmt.Sprintf("holds the owner's SPIFFE ID %s: its JWT-SVIDs are accepted by the token service, but agents' managed-identity endpoints offer the identity only to entry %s", e.SpiffeId, i.OwnerEntryId)
+			}
+			add(e, fc.Name, reason)
+		}
+	}
+	slices.SortFunc(out.Workloads, func(a, b *ferrypb.IdentityWorkload) int { return strings.Compare(a.Entry.Id, b.Entry.Id) })
+	for _, ra := range v.RoleAssignments("", i.ObjectId) {
+		ira := &ferrypb.IdentityRoleAssignment{Assignment: ra}
+		if r := v.Resource(ra.ResourceObjectId); r != nil {
+			ira.ResourceName, ira.ResourceAppId, ira.ResourceIdentifierUris = r.Name, r.AppId, r.IdentifierUris
+			for _, ar := range r.AppRoles {
+				if ar.Id == ra.AppRoleId {
+					ira.Role = ar.Value
+				}
+			}
+		}
+		out.RoleAssignments = append(out.RoleAssignments, ira)
+	}
+	return out, nil
+}
+
+// inTrustDomain reports whether a SPIFFE ID is in trust domain td.
+func inTrustDomain(id, td string) bool {
+	rest, ok := strings.CutPrefix(id, "spiffe://"+td)
+	return ok && (rest == "" || rest[0] == '/')
 }
 
 // PutFederatedCredential creates or updates a credential on an identity.

@@ -171,8 +171,8 @@ func TestIdentitiesAndCredentials(t *testing.T) {
 	requireCode(t, codes.AlreadyExists, err)
 	_, err = e.client.CreateIdentity(e.ctx, &ferrypb.CreateIdentityRequest{Name: "w"})
 	requireCode(t, codes.InvalidArgument, err)
-	_, err = e.client.CreateIdentity(e.ctx, &ferrypb.CreateIdentityRequest{Name: "sys", Kind: state.KindSystemAssigned})
-	requireCode(t, codes.InvalidArgument, err, "system-assigned needs an owner")
+	_, err = e.client.CreateIdentity(e.ctx, &ferrypb.CreateIdentityRequest{Name: "sys", Kind: state.KindSystemAssigned, OwnerSpiffeId: "spiffe://example.org/w"})
+	requireCode(t, codes.FailedPrecondition, err, "a system-assigned identity is enabled on its owner, not created")
 
 	for _, ref := range []*ferrypb.IdentityRef{{ObjectId: web.ObjectId}, {ClientId: web.ClientId}, {Name: "web"}, {ObjectId: "{" + web.ObjectId + "}"}} {
 		got, err := e.client.GetIdentity(e.ctx, &ferrypb.GetIdentityRequest{Identity: ref})

@@ -69,6 +69,36 @@ func (a *Admin) EvictAgent(ctx context.Context, req *ferrypb.EvictAgentRequest) 
 	return res.Node, nil
 }
 
+// SetAgentIdentity enables an attested agent's system-assigned identity
+// (created in the same command that flags the agent) or disables it (deleted
+// with its role assignments). Evicting the agent deletes it too.
+func (a *Admin) SetAgentIdentity(ctx context.Context, req *ferrypb.SetAgentIdentityRequest) (*ferrypb.SetAgentIdentityResponse, error) {
+	if err := state.ValidateSPIFFEID(req.SpiffeId); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "spiffe_id: %v", err)
+	}
+	if a.cfg.Store.View().Node(req.SpiffeId) == nil {
+		return nil, status.Errorf(codes.NotFound, "agent %s not found", req.SpiffeId)
+	}
+	set := &ferrypb.NodeIdentitySet{SpiffeId: req.SpiffeId, Enabled: req.Enabled}
+	if req.Enabled {
+		tenant, err := a.identityTenant(ctx, req.TenantId)
+		if err != nil {
+			return nil, err
+		}
+		set.Identity = a.newSystemIdentity(req.SpiffeId, tenant)
+	}
+	res, err := applyAndWait(ctx, a.cfg.Cluster, a.cfg.Store, req.RequestId, &ferrypb.Command{Op: &ferrypb.Command_NodeIdentitySet{NodeIdentitySet: set}})
+	if err != nil {
+		return nil, err
+	}
+	out := &ferrypb.SetAgentIdentityResponse{Agent: res.Node}
+	if len(res.Identities) > 0 {
+		out.Identity = res.Identities[0]
+		a.log.Info("agent system-assigned identity set", "agent", req.SpiffeId, "enabled", req.Enabled, "object_id", out.Identity.ObjectId)
+	}
+	return out, nil
+}
+
 // BanAgent keeps an agent out: its SVID is refused and it may not attest again
 // until unbanned.
 func (a *Admin) BanAgent(ctx context.Context, req *ferrypb.BanAgentRequest) (*ferrypb.AttestedNode, error) {

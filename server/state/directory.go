@@ -77,6 +77,7 @@ func directorySchema(tables map[string]*memdb.TableSchema) {
 		"name":        {Name: "name", Indexer: &memdb.CompoundIndex{Indexes: []memdb.Indexer{str("TenantId"), lower("Name")}}},
 		"tenant":      {Name: "tenant", Indexer: str("TenantId")},
 		"resource_id": {Name: "resource_id", AllowMissing: true, Indexer: lower("ResourceId")},
+		"owner":       {Name: "owner", AllowMissing: true, Indexer: ownerIndexer{}},
 	}}
 	tables[TableFederatedCredentials] = &memdb.TableSchema{Name: TableFederatedCredentials, Indexes: map[string]*memdb.IndexSchema{
 		// Graph uses the name as an alternate key, case-insensitively.
@@ -340,10 +341,12 @@ func (a *applier) putIdentity(p *ferrypb.IdentityPut) *ferrypb.CommandResult {
 	if err := validateIdentity(in); err != nil {
 		return &ferrypb.CommandResult{Status: status(codes.InvalidArgument, "invalid identity: %v", err)}
 	}
-	if a.tenant(in.TenantId) == nil {
-		return &ferrypb.CommandResult{Status: status(codes.NotFound, "tenant %s not found", in.TenantId)}
-	}
 	old := a.identity(in.ObjectId)
+	if in.Kind == KindSystemAssigned || old != nil && old.Kind == KindSystemAssigned {
+		// Azure: a system-assigned identity is a property of its resource,
+		// never an object of its own.
+		return &ferrypb.CommandResult{Status: status(codes.FailedPrecondition, "%s identities are created and deleted with their registration entry or agent (entry create --system-assigned-identity, agent identity enable)", KindSystemAssigned), Identity: old}
+	}
 	if old != nil {
 		if p.CreateOnly {
 			return &ferrypb.CommandResult{Status: status(codes.AlreadyExists, "identity %s already exists", in.ObjectId), Identity: old}
@@ -351,6 +354,24 @@ func (a *applier) putIdentity(p *ferrypb.IdentityPut) *ferrypb.CommandResult {
 		if in.Revision != 0 && in.Revision != old.Revision {
 			return &ferrypb.CommandResult{Status: status(codes.Aborted, "identity %s changed since revision %d (now %d)", in.ObjectId, in.Revision, old.Revision), Identity: old}
 		}
+	} else if in.Revision != 0 {
+		return &ferrypb.CommandResult{Status: status(codes.NotFound, "identity %s not found", in.ObjectId)}
+	}
+	if st := a.checkIdentity(in, old); st != nil {
+		return &ferrypb.CommandResult{Status: st}
+	}
+	row := a.writeIdentity(in, old)
+	return &ferrypb.CommandResult{Status: ok(), Identity: row}
+}
+
+// checkIdentity checks a valid identity against the stored rows: its tenant,
+// what an update may not change (old is the stored version, or nil), and the
+// client IDs, names and resource IDs other rows hold. It writes nothing.
+func (a *applier) checkIdentity(in, old *ferrypb.Identity) *ferrypb.Status {
+	if a.tenant(in.TenantId) == nil {
+		return status(codes.NotFound, "tenant %s not found", in.TenantId)
+	}
+	if old != nil {
 		for _, f := range []struct{ name, was, now string }{
 			{"client_id", old.ClientId, in.ClientId},
 			{"tenant_id", old.TenantId, in.TenantId},
@@ -358,26 +379,29 @@ func (a *applier) putIdentity(p *ferrypb.IdentityPut) *ferrypb.CommandResult {
 			{"name", old.Name, in.Name},
 		} {
 			if f.was != f.now {
-				return &ferrypb.CommandResult{Status: status(codes.InvalidArgument, "identity %s: %s is immutable", in.ObjectId, f.name)}
+				return status(codes.InvalidArgument, "identity %s: %s is immutable", in.ObjectId, f.name)
 			}
 		}
-	} else if in.Revision != 0 {
-		return &ferrypb.CommandResult{Status: status(codes.NotFound, "identity %s not found", in.ObjectId)}
 	}
 	if raw := a.first(TableIdentities, "client_id", in.ClientId); raw != nil && raw.(*ferrypb.Identity).ObjectId != in.ObjectId {
-		return &ferrypb.CommandResult{Status: status(codes.AlreadyExists, "client_id %s is in use", in.ClientId)}
+		return status(codes.AlreadyExists, "client_id %s is in use", in.ClientId)
 	}
 	if raw := a.first(TableResources, "app_id", in.ClientId); raw != nil {
-		return &ferrypb.CommandResult{Status: status(codes.AlreadyExists, "client_id %s is in use by a resource", in.ClientId)}
+		return status(codes.AlreadyExists, "client_id %s is in use by a resource", in.ClientId)
 	}
 	if raw := a.first(TableIdentities, "name", in.TenantId, in.Name); raw != nil && raw.(*ferrypb.Identity).ObjectId != in.ObjectId {
-		return &ferrypb.CommandResult{Status: status(codes.AlreadyExists, "an identity named %q exists in tenant %s", in.Name, in.TenantId)}
+		return status(codes.AlreadyExists, "an identity named %q exists in tenant %s", in.Name, in.TenantId)
 	}
 	if in.ResourceId != "" {
 		if raw := a.first(TableIdentities, "resource_id", in.ResourceId); raw != nil && raw.(*ferrypb.Identity).ObjectId != in.ObjectId {
-			return &ferrypb.CommandResult{Status: status(codes.AlreadyExists, "resource_id %s is in use", in.ResourceId)}
+			return status(codes.AlreadyExists, "resource_id %s is in use", in.ResourceId)
 		}
 	}
+	return nil
+}
+
+// writeIdentity stores a checked identity (old: the stored version, or nil).
+func (a *applier) writeIdentity(in, old *ferrypb.Identity) *ferrypb.Identity {
 	row := proto.Clone(in).(*ferrypb.Identity)
 	row.Revision = a.index
 	if old != nil {
@@ -386,23 +410,32 @@ func (a *applier) putIdentity(p *ferrypb.IdentityPut) *ferrypb.CommandResult {
 		row.CreatedIndex, row.CreatedAt = a.index, a.now.Unix()
 	}
 	a.upsert(TableIdentities, row.ObjectId, row)
-	return &ferrypb.CommandResult{Status: ok(), Identity: row}
+	return row
 }
 
-// deleteIdentity deletes an identity with its credentials and role assignments.
+// deleteIdentity deletes an identity with its credentials and role
+// assignments. A system-assigned identity goes only with its owner.
 func (a *applier) deleteIdentity(objectID string) *ferrypb.CommandResult {
 	old := a.identity(objectID)
 	if old == nil {
 		return &ferrypb.CommandResult{Status: status(codes.NotFound, "identity %s not found", objectID)}
 	}
-	for _, fc := range a.credentials(objectID) {
+	if old.Kind == KindSystemAssigned {
+		return &ferrypb.CommandResult{Status: status(codes.FailedPrecondition, "identity %s is %s: it is deleted with its owner, or by disabling it there (entry update, agent identity disable)", old.Name, KindSystemAssigned), Identity: old}
+	}
+	a.removeIdentity(old)
+	return &ferrypb.CommandResult{Status: ok(), Identity: old}
+}
+
+// removeIdentity deletes a stored identity, its credentials and its role assignments.
+func (a *applier) removeIdentity(old *ferrypb.Identity) {
+	for _, fc := range a.credentials(old.ObjectId) {
 		a.delete(TableFederatedCredentials, ficKey(fc), fc)
 	}
-	for _, ra := range a.assignments("principal", objectID) {
+	for _, ra := range a.assignments("principal", old.ObjectId) {
 		a.delete(TableRoleAssignments, ra.Id, ra)
 	}
-	a.delete(TableIdentities, objectID, old)
-	return &ferrypb.CommandResult{Status: ok(), Identity: old}
+	a.delete(TableIdentities, old.ObjectId, old)
 }
 
 // Federated identity credentials --------------------------------------------------
@@ -441,8 +474,12 @@ func (a *applier) putCredential(p *ferrypb.FederatedCredentialPut) *ferrypb.Comm
 	}
 	fc := proto.Clone(p.Credential).(*ferrypb.FederatedCredential)
 	fic.Normalize(fc)
-	if a.identity(fc.IdentityObjectId) == nil {
+	idn := a.identity(fc.IdentityObjectId)
+	if idn == nil {
 		return &ferrypb.CommandResult{Status: status(codes.NotFound, "identity %q not found", fc.IdentityObjectId)}
+	}
+	if idn.Kind == KindSystemAssigned {
+		return &ferrypb.CommandResult{Status: notShareable(idn)}
 	}
 	existing := a.credentials(fc.IdentityObjectId)
 	old := a.credential(fc.IdentityObjectId, fc.Name)
@@ -479,7 +516,16 @@ func ficCode(err error) codes.Code {
 	}
 }
 
+// notShareable refuses to change the credentials of a system-assigned
+// identity: its one credential, binding it to its owner, is the server's.
+func notShareable(idn *ferrypb.Identity) *ferrypb.Status {
+	return status(codes.FailedPrecondition, "identity %s is %s: only its owner %s may use it, through the federated credential the server manages; use a %s identity to share", idn.Name, KindSystemAssigned, idn.OwnerSpiffeId, KindUserAssigned)
+}
+
 func (a *applier) deleteCredential(p *ferrypb.FederatedCredentialDelete) *ferrypb.CommandResult {
+	if idn := a.identity(p.IdentityObjectId); idn != nil && idn.Kind == KindSystemAssigned {
+		return &ferrypb.CommandResult{Status: notShareable(idn)}
+	}
 	old := a.credential(p.IdentityObjectId, p.Name)
 	if old == nil {
 		return &ferrypb.CommandResult{Status: status(codes.NotFound, "federated credential %q not found on identity %s", p.Name, p.IdentityObjectId)}
@@ -676,6 +722,237 @@ func (a *applier) deleteRoleAssignment(id string) *ferrypb.CommandResult {
 	return &ferrypb.CommandResult{Status: ok(), RoleAssignment: old}
 }
 
+// System-assigned identities ---------------------------------------------------
+
+// Azure's rules for a system-assigned identity, which ferry gives registration
+// entries and attested agents: it is enabled on its resource and created with
+// it (in the same command), it has the resource's name and the resource's own
+// ID as its resource ID, only its owner may use it, and it is deleted with the
+// resource (or when disabled there), together with its role assignments.
+
+// ResourceGroup is the resource group of the ARM-style resource IDs ferry
+// derives: /subscriptions/{tenant}/resourceGroups/ferry/providers/...
+const ResourceGroup = "ferry"
+
+// TokenExchangeAudience is the audience of the JWT-SVIDs traded for access
+// tokens, and of the credential binding a system-assigned identity to its owner.
+const TokenExchangeAudience = "api://AzureADTokenExchange"
+
+// SystemCredentialName names the federated credential the server manages on a
+// system-assigned identity.
+const SystemCredentialName = "system-assigned"
+
+// EntryResourceID is the resource ID of a registration entry, and so of its
+// system-assigned identity.
+func EntryResourceID(tenantID, entryID string) string {
+	return "/subscriptions/" + tenantID + "/resourceGroups/" + ResourceGroup + "/providers/Ferry.Identity/registrationEntries/" + entryID
+}
+
+// AgentResourceID is the resource ID of an attested agent, and so of its
+// system-assigned identity.
+func AgentResourceID(tenantID, agentID string) string {
+	return "/subscriptions/" + tenantID + "/resourceGroups/" + ResourceGroup + "/providers/Ferry.Identity/agents/" + AgentIdentityName(agentID)
+}
+
+// AgentIdentityName is an agent's resource name, which its system-assigned
+// identity bears: its SPIFFE ID without the scheme, every character an ARM
+// name may not hold replaced by '-', at most MaxIdentityName characters.
+func AgentIdentityName(agentID string) string {
+	b := []byte(strings.TrimPrefix(agentID, "spiffe://"))
+	for i, c := range b {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
+			b[i] = '-'
+		}
+	}
+	name := strings.Trim(string(b), "-_")
+	if len(name) > MaxIdentityName {
+		name = strings.TrimRight(name[:MaxIdentityName], "-_")
+	}
+	return name
+}
+
+// ownerIndexer indexes a system-assigned identity under its owner:
+// "entry\x00<entry ID>" or "agent\x00<SPIFFE ID>".
+type ownerIndexer struct{}
+
+func ownerKey(entryID, agentID string) []byte {
+	if entryID != "" {
+		return []byte("entry\x00" + entryID + "\x00")
+	}
+	return []byte("agent\x00" + agentID + "\x00")
+}
+
+func (ownerIndexer) FromObject(obj any) (bool, [][]byte, error) {
+	i, ok := obj.(*ferrypb.Identity)
+	if !ok {
+		return false, nil, fmt.Errorf("state: owner index on %T", obj)
+	}
+	if i.Kind != KindSystemAssigned || i.OwnerEntryId == "" && i.OwnerSpiffeId == "" {
+		return false, nil, nil
+	}
+	return true, [][]byte{ownerKey(i.OwnerEntryId, i.OwnerSpiffeId)}, nil
+}
+
+func (ownerIndexer) FromArgs(args ...any) ([]byte, error) {
+	if len(args) != 2 {
+		return nil, errors.New("state: owner index takes entry ID and agent ID")
+	}
+	e, ok1 := args[0].(string)
+	n, ok2 := args[1].(string)
+	if !ok1 || !ok2 {
+		return nil, errors.New("state: owner index arguments must be strings")
+	}
+	return ownerKey(e, n), nil
+}
+
+// ownedIdentity returns the system-assigned identity of an entry (entryID set)
+// or an agent, or nil.
+func (a *applier) ownedIdentity(entryID, agentID string) *ferrypb.Identity {
+	raw := a.first(TableIdentities, "owner", entryID, agentID)
+	if raw == nil {
+		return nil
+	}
+	return raw.(*ferrypb.Identity)
+}
+
+// systemIdentity is a checked system-assigned identity with its credential,
+// ready to write.
+type systemIdentity struct {
+	identity   *ferrypb.Identity
+	credential *ferrypb.FederatedCredential
+}
+
+// prepareSystemIdentity checks the identity an owner (entry entryID, or agent
+// agentID when entryID is empty) gets from si, and the credential binding it
+// to ownerSPIFFE. It writes nothing.
+func (a *applier) prepareSystemIdentity(si *ferrypb.SystemIdentity, entryID, ownerSPIFFE string) (*systemIdentity, *ferrypb.Status) {
+	owner := entryID
+	if owner == "" {
+		owner = ownerSPIFFE
+	}
+	if si == nil || si.Owner != owner {
+		return nil, status(codes.InvalidArgument, "%s needs a system-assigned identity, and the command carries none for it", owner)
+	}
+	in := &ferrypb.Identity{
+		ObjectId: si.ObjectId, ClientId: si.ClientId, TenantId: si.TenantId,
+		Kind: KindSystemAssigned, OwnerEntryId: entryID, OwnerSpiffeId: ownerSPIFFE,
+	}
+	if entryID != "" {
+		// Azure: the identity bears its resource's name.
+		if !ValidIdentityName(entryID) {
+			return nil, status(codes.InvalidArgument, "entry ID %q cannot name a system-assigned identity: it must be %d-%d characters of A-Z, a-z, 0-9, '-' and '_', starting with a letter or digit", entryID, MinIdentityName, MaxIdentityName)
+		}
+		in.Name, in.ResourceId = entryID, EntryResourceID(si.TenantId, entryID)
+	} else {
+		in.Name, in.ResourceId = AgentIdentityName(ownerSPIFFE), AgentResourceID(si.TenantId, ownerSPIFFE)
+	}
+	if err := validateIdentity(in); err != nil {
+		return nil, status(codes.InvalidArgument, "system-assigned identity of %s: %v", owner, err)
+	}
+	if a.identity(in.ObjectId) != nil {
+		return nil, status(codes.AlreadyExists, "identity %s already exists", in.ObjectId)
+	}
+	if st := a.checkIdentity(in, nil); st != nil {
+		return nil, status(codes.Code(st.Code), "system-assigned identity of %s: %s", owner, st.Message)
+	}
+	fc := a.systemCredential(in, si.Issuer)
+	if err := fic.CheckCreate(nil, fc); err != nil {
+		return nil, status(codes.InvalidArgument, "system-assigned identity of %s: credential: %v", owner, err)
+	}
+	return &systemIdentity{identity: in, credential: fc}, nil
+}
+
+// systemCredential is the credential binding a system-assigned identity to
+// its owner: JWT-SVIDs of the trust domain's issuer, for the owner's SPIFFE
+// ID, with the token exchange audience.
+func (a *applier) systemCredential(idn *ferrypb.Identity, issuer string) *ferrypb.FederatedCredential {
+	fc := &ferrypb.FederatedCredential{
+		IdentityObjectId: idn.ObjectId,
+		Name:             SystemCredentialName,
+		Issuer:           issuer,
+		Subject:          idn.OwnerSpiffeId,
+		Audiences:        []string{TokenExchangeAudience},
+		Description:      "managed by the server: binds the system-assigned identity to its owner",
+	}
+	fic.Normalize(fc)
+	return fc
+}
+
+// writeSystemIdentity stores a prepared identity and its credential.
+func (a *applier) writeSystemIdentity(p *systemIdentity) *ferrypb.Identity {
+	row := a.writeIdentity(p.identity, nil)
+	fc := proto.Clone(p.credential).(*ferrypb.FederatedCredential)
+	fc.Revision = a.index
+	a.upsert(TableFederatedCredentials, ficKey(fc), fc)
+	return row
+}
+
+// rebindSystemIdentity follows its owner: a new SPIFFE ID (the entry's
+// changed) or a new issuer (issuer non-empty: the trust domain's changed)
+// moves the identity and its credential along. It returns the identity, or nil
+// when nothing changed.
+func (a *applier) rebindSystemIdentity(idn *ferrypb.Identity, spiffeID, issuer string) *ferrypb.Identity {
+	var changed *ferrypb.Identity
+	if idn.OwnerSpiffeId != spiffeID {
+		row := proto.Clone(idn).(*ferrypb.Identity)
+		row.OwnerSpiffeId = spiffeID
+		changed = a.writeIdentity(row, idn)
+	}
+	for _, fc := range a.credentials(idn.ObjectId) {
+		if fc.Name != SystemCredentialName || fc.Subject == spiffeID && (issuer == "" || fc.Issuer == issuer) {
+			continue
+		}
+		next := proto.Clone(fc).(*ferrypb.FederatedCredential)
+		next.Subject, next.Revision = spiffeID, a.index
+		if issuer != "" {
+			next.Issuer = issuer
+		}
+		if fic.Validate(next) != nil {
+			continue
+		}
+		a.upsert(TableFederatedCredentials, ficKey(next), next)
+		if changed == nil {
+			changed = idn
+		}
+	}
+	return changed
+}
+
+// setNodeIdentity enables or disables an agent's system-assigned identity.
+func (a *applier) setNodeIdentity(p *ferrypb.NodeIdentitySet) *ferrypb.CommandResult {
+	n := a.node(p.SpiffeId)
+	if n == nil {
+		return &ferrypb.CommandResult{Status: status(codes.NotFound, "agent %s not found", p.SpiffeId)}
+	}
+	cur := a.ownedIdentity("", n.SpiffeId)
+	res := &ferrypb.CommandResult{Status: ok(), Node: n}
+	switch {
+	case p.Enabled && n.SystemAssignedIdentity && cur != nil:
+		res.Identities = []*ferrypb.Identity{cur}
+		return res
+	case p.Enabled:
+		if n.Banned {
+			return &ferrypb.CommandResult{Status: status(codes.FailedPrecondition, "agent %s is banned", n.SpiffeId), Node: n}
+		}
+		prep, st := a.prepareSystemIdentity(p.Identity, "", n.SpiffeId)
+		if st != nil {
+			return &ferrypb.CommandResult{Status: st, Node: n}
+		}
+		res.Identities = []*ferrypb.Identity{a.writeSystemIdentity(prep)}
+	case cur != nil:
+		a.removeIdentity(cur)
+		res.Identities = []*ferrypb.Identity{cur}
+	}
+	if n.SystemAssignedIdentity != p.Enabled {
+		row := proto.Clone(n).(*ferrypb.AttestedNode)
+		row.SystemAssignedIdentity = p.Enabled
+		row.Revision = a.index
+		a.upsert(TableNodes, row.SpiffeId, row)
+		res.Node = row
+	}
+	return res
+}
+
 // Signing keys -----------------------------------------------------------------
 
 func validateSigningKey(k *ferrypb.SigningKey) error {
@@ -864,4 +1141,10 @@ func (v *View) RoleAssignments(resourceObjectID, principalObjectID string) []*fe
 // SigningKeys returns every published bridge signing key, by kid.
 func (v *View) SigningKeys() []*ferrypb.SigningKey {
 	return viewAll[*ferrypb.SigningKey](v, TableSigningKeys, "id")
+}
+
+// SystemAssignedIdentity returns the system-assigned identity of an entry
+// (entryID set) or an agent (agentID), or nil.
+func (v *View) SystemAssignedIdentity(entryID, agentID string) *ferrypb.Identity {
+	return viewFirst[*ferrypb.Identity](v, TableIdentities, "owner", entryID, agentID)
 }

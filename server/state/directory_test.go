@@ -187,14 +187,18 @@ func TestIdentityValidation(t *testing.T) {
 	}
 	require.Len(t, h.s.View().Identities(""), 2, "nothing refused was stored")
 
-	// The same name in another tenant is fine; so is a system-assigned identity.
+	// The same name in another tenant is fine. A system-assigned identity is
+	// no object of its own: it comes only with its entry or agent.
 	h.ok(&ferrypb.IdentityPut{Identity: ident(3, tenantB, "web"), CreateOnly: true})
 	sys := ident(4, tenantA, "node-1")
 	sys.Kind, sys.OwnerSpiffeId, sys.ResourceId = state.KindSystemAssigned, "spiffe://example.org/agent/node-1", "/subscriptions/x/resourceGroups/RG/providers/Microsoft.Compute/virtualMachines/node-1"
+	_, code := h.do(&ferrypb.IdentityPut{Identity: sys, CreateOnly: true})
+	require.Equal(t, codes.FailedPrecondition, code, "a system-assigned identity cannot be created on its own")
+	sys.Kind, sys.OwnerSpiffeId = state.KindUserAssigned, ""
 	h.ok(&ferrypb.IdentityPut{Identity: sys, CreateOnly: true})
 	dup := ident(5, tenantA, "node-2")
 	dup.ResourceId = strings.ToLower(sys.ResourceId)
-	_, code := h.do(&ferrypb.IdentityPut{Identity: dup})
+	_, code = h.do(&ferrypb.IdentityPut{Identity: dup})
 	require.Equal(t, codes.AlreadyExists, code, "ARM resource IDs compare case-insensitively")
 
 	// create_only refuses an existing identity; an update keeps what is immutable.
@@ -499,6 +503,11 @@ func TestDirectorySnapshotRoundTrip(t *testing.T) {
 	h.ok(&ferrypb.RoleAssignmentPut{Assignment: &ferrypb.RoleAssignment{Id: guid(0x6001), ResourceObjectId: res.ObjectId, AppRoleId: res.AppRoles[1].Id, PrincipalObjectId: web.ObjectId}})
 	h.ok(&ferrypb.SigningKeyPut{Key: signingKey(t, "kid-1")})
 	h.apply(create("e", entry("e1", "spiffe://example.org/web", "uid:1")))
+	// System-assigned identities of an entry and an agent.
+	requireItems(t, h.apply(entriesCreate([]*ferrypb.Entry{withSystem(entry("e-sys", "spiffe://example.org/vm", "uid:2"))}, sysID(1, "e-sys"))), codes.OK)
+	const agentID = "spiffe://example.org/spire/agent/n1"
+	h.apply(&ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: &ferrypb.AttestedNode{SpiffeId: agentID}}}})
+	require.Equal(t, codes.OK, codeOf(h.apply(nodeIdentity(agentID, true, sysID(2, agentID))).Status))
 
 	var buf bytes.Buffer
 	require.NoError(t, h.s.WriteSnapshot(&buf))
@@ -509,9 +518,14 @@ func TestDirectorySnapshotRoundTrip(t *testing.T) {
 	a, b := h.s.View(), other.View()
 	require.Equal(t, a.Index(), b.Index())
 	requireSame(t, a.Tenants(), b.Tenants(), 2)
-	requireSame(t, a.Identities(""), b.Identities(""), 2)
-	requireSame(t, a.AllFederatedCredentials(), b.AllFederatedCredentials(), 2)
+	requireSame(t, a.Identities(""), b.Identities(""), 4)
+	requireSame(t, a.AllFederatedCredentials(), b.AllFederatedCredentials(), 4)
 	requireSame(t, a.Resources(""), b.Resources(""), 1)
+	requireSame(t, a.Nodes(), b.Nodes(), 1)
+	require.True(t, b.Node(agentID).SystemAssignedIdentity)
+	require.True(t, b.Entry("e-sys").SystemAssignedIdentity)
+	require.Equal(t, guid(0x7001), b.SystemAssignedIdentity("e-sys", "").GetObjectId(), "the owner index is rebuilt")
+	require.Equal(t, guid(0x7002), b.SystemAssignedIdentity("", agentID).GetObjectId())
 	requireSame(t, a.RoleAssignments("", ""), b.RoleAssignments("", ""), 1)
 	requireSame(t, a.SigningKeys(), b.SigningKeys(), 1)
 	require.NotNil(t, b.Entry("e1"))
@@ -540,4 +554,234 @@ func requireSame[T proto.Message](t *testing.T, want, got []T, n int) {
 	for i := range want {
 		require.True(t, proto.Equal(want[i], got[i]), "row %d: %v != %v", i, want[i], got[i])
 	}
+}
+
+const testIssuer = "https://oidc.example.org"
+
+// sysID is what the API adds to a command for a system-assigned identity.
+func sysID(n int, owner string) *ferrypb.SystemIdentity {
+	return &ferrypb.SystemIdentity{Owner: owner, ObjectId: guid(0x7000 + n), ClientId: guid(0x8000 + n), TenantId: tenantA, Issuer: testIssuer}
+}
+
+func withSystem(e *ferrypb.Entry) *ferrypb.Entry {
+	e.SystemAssignedIdentity = true
+	return e
+}
+
+func entriesCreate(es []*ferrypb.Entry, sys ...*ferrypb.SystemIdentity) *ferrypb.Command {
+	return &ferrypb.Command{Op: &ferrypb.Command_EntriesCreate{EntriesCreate: &ferrypb.EntriesCreate{Entries: es, SystemIdentities: sys}}}
+}
+
+func entriesUpdate(es []*ferrypb.Entry, sys ...*ferrypb.SystemIdentity) *ferrypb.Command {
+	return &ferrypb.Command{Op: &ferrypb.Command_EntriesUpdate{EntriesUpdate: &ferrypb.EntriesUpdate{Entries: es, SystemIdentities: sys}}}
+}
+
+func entriesDelete(ids ...string) *ferrypb.Command {
+	return &ferrypb.Command{Op: &ferrypb.Command_EntriesDelete{EntriesDelete: &ferrypb.EntriesDelete{Ids: ids}}}
+}
+
+func nodeIdentity(id string, enabled bool, si *ferrypb.SystemIdentity) *ferrypb.Command {
+	return &ferrypb.Command{Op: &ferrypb.Command_NodeIdentitySet{NodeIdentitySet: &ferrypb.NodeIdentitySet{SpiffeId: id, Enabled: enabled, Identity: si}}}
+}
+
+// requireItems checks the per-entry codes of an entries command.
+func requireItems(t *testing.T, res *ferrypb.CommandResult, want ...codes.Code) {
+	t.Helper()
+	require.Equal(t, codes.OK, codeOf(res.Status), res.GetStatus().GetMessage())
+	require.Len(t, res.Items, len(want))
+	for i, c := range want {
+		require.Equal(t, c, codeOf(res.Items[i]), "item %d: %s", i, res.Items[i].GetMessage())
+	}
+}
+
+func assignRole(h *harness, n int, res *ferrypb.Resource, principal string) *ferrypb.RoleAssignment {
+	h.t.Helper()
+	return h.ok(&ferrypb.RoleAssignmentPut{Assignment: &ferrypb.RoleAssignment{Id: guid(0x6000 + n), ResourceObjectId: res.ObjectId, AppRoleId: res.AppRoles[0].Id, PrincipalObjectId: principal}}).RoleAssignment
+}
+
+// TestSystemAssignedEntryIdentity follows an entry's system-assigned identity
+// through Azure's rules: created with the entry, named and identified after
+// it, bound to its SPIFFE ID only, never shareable, gone with the entry.
+func TestSystemAssignedEntryIdentity(t *testing.T) {
+	h, web, res := directoryHarness(t, state.Config{})
+
+	// Refused creations store neither the entry nor an identity.
+	requireItems(t, h.apply(entriesCreate([]*ferrypb.Entry{withSystem(entry("no-details", "spiffe://example.org/a", "uid:1"))})), codes.InvalidArgument)
+	requireItems(t, h.apply(entriesCreate([]*ferrypb.Entry{withSystem(entry("bad.name", "spiffe://example.org/a", "uid:1"))}, sysID(1, "bad.name"))), codes.InvalidArgument)
+	taken := sysID(1, "taken")
+	taken.ClientId = web.ClientId
+	requireItems(t, h.apply(entriesCreate([]*ferrypb.Entry{withSystem(entry("taken", "spiffe://example.org/a", "uid:1"))}, taken)), codes.AlreadyExists)
+	noTenant := sysID(1, "no-tenant")
+	noTenant.TenantId = guid(0xc)
+	requireItems(t, h.apply(entriesCreate([]*ferrypb.Entry{withSystem(entry("no-tenant", "spiffe://example.org/a", "uid:1"))}, noTenant)), codes.NotFound)
+	noIssuer := sysID(1, "no-issuer")
+	noIssuer.Issuer = ""
+	requireItems(t, h.apply(entriesCreate([]*ferrypb.Entry{withSystem(entry("no-issuer", "spiffe://example.org/a", "uid:1"))}, noIssuer)), codes.InvalidArgument)
+	v := h.s.View()
+	require.Equal(t, 0, v.CountEntries())
+	require.Len(t, v.Identities(tenantA), 1, "only web")
+
+	// A batch: two entries with identities, one without, one refused.
+	out := h.apply(entriesCreate([]*ferrypb.Entry{
+		withSystem(entry("vm-1", "spiffe://example.org/vm1", "uid:1")),
+		entry("plain", "spiffe://example.org/plain", "uid:2"),
+		withSystem(entry("vm-2", "spiffe://example.org/vm2", "uid:3")),
+		withSystem(entry("vm-3", "spiffe://example.org/vm3", "uid:4")),
+	}, sysID(1, "vm-1"), sysID(2, "vm-2"), sysID(1, "vm-3")))
+	requireItems(t, out, codes.OK, codes.OK, codes.OK, codes.AlreadyExists)
+	require.Len(t, out.Identities, 2)
+	v = h.s.View()
+	require.Nil(t, v.Entry("vm-3"), "the entry whose identity was refused is not stored")
+	vm1 := v.SystemAssignedIdentity("vm-1", "")
+	require.NotNil(t, vm1)
+	require.True(t, proto.Equal(vm1, out.Identities[0]))
+	require.Equal(t, "vm-1", vm1.Name, "named after its resource")
+	require.Equal(t, state.EntryResourceID(tenantA, "vm-1"), vm1.ResourceId, "the resource's own ID")
+	require.Equal(t, state.KindSystemAssigned, vm1.Kind)
+	require.Equal(t, "spiffe://example.org/vm1", vm1.OwnerSpiffeId)
+	require.Equal(t, out.Index, vm1.CreatedIndex, "created in the entry's command")
+	require.Nil(t, v.SystemAssignedIdentity("plain", ""))
+	fcs := v.FederatedCredentials(vm1.ObjectId)
+	require.Len(t, fcs, 1)
+	require.Equal(t, state.SystemCredentialName, fcs[0].Name)
+	require.Equal(t, testIssuer, fcs[0].Issuer)
+	require.Equal(t, "spiffe://example.org/vm1", fcs[0].Subject)
+	require.Equal(t, []string{state.TokenExchangeAudience}, fcs[0].Audiences)
+
+	// Never shareable, never deleted on its own.
+	_, code := h.do(&ferrypb.FederatedCredentialPut{Credential: cred(vm1, "share", "spiffe://example.org/other"), CreateOnly: true})
+	require.Equal(t, codes.FailedPrecondition, code)
+	_, code = h.do(&ferrypb.FederatedCredentialPut{Credential: &ferrypb.FederatedCredential{IdentityObjectId: vm1.ObjectId, Name: state.SystemCredentialName, Issuer: testIssuer, Subject: "spiffe://example.org/other", Audiences: []string{state.TokenExchangeAudience}}})
+	require.Equal(t, codes.FailedPrecondition, code, "the managed credential cannot be repointed")
+	_, code = h.do(&ferrypb.FederatedCredentialDelete{IdentityObjectId: vm1.ObjectId, Name: state.SystemCredentialName})
+	require.Equal(t, codes.FailedPrecondition, code)
+	_, code = h.do(&ferrypb.IdentityDelete{ObjectId: vm1.ObjectId})
+	require.Equal(t, codes.FailedPrecondition, code)
+	_, code = h.do(&ferrypb.IdentityPut{Identity: vm1})
+	require.Equal(t, codes.FailedPrecondition, code)
+	require.True(t, proto.Equal(vm1, h.s.View().Identity(vm1.ObjectId)), "unchanged")
+
+	// Role assignments work as for any identity.
+	ra := assignRole(h, 1, res, vm1.ObjectId)
+
+	// A new SPIFFE ID moves the identity's binding with it; the identity and
+	// its roles stay.
+	moved := withSystem(entry("vm-1", "spiffe://example.org/vm1b", "uid:1"))
+	out = h.apply(entriesUpdate([]*ferrypb.Entry{moved}, sysID(9, "vm-1")))
+	requireItems(t, out, codes.OK)
+	v = h.s.View()
+	got := v.SystemAssignedIdentity("vm-1", "")
+	require.Equal(t, vm1.ObjectId, got.ObjectId, "the details of a new identity are not used when one exists")
+	require.Equal(t, "spiffe://example.org/vm1b", got.OwnerSpiffeId)
+	require.Equal(t, "spiffe://example.org/vm1b", v.FederatedCredentials(vm1.ObjectId)[0].Subject)
+	require.NotNil(t, v.RoleAssignment(ra.Id))
+
+	// Disabling deletes it with its credential and role assignments.
+	before := h.s.AppliedIndex()
+	out = h.apply(entriesUpdate([]*ferrypb.Entry{entry("vm-1", "spiffe://example.org/vm1b", "uid:1")}))
+	requireItems(t, out, codes.OK)
+	require.Len(t, out.Identities, 1)
+	v = h.s.View()
+	require.Nil(t, v.Identity(vm1.ObjectId))
+	require.Empty(t, v.FederatedCredentials(vm1.ObjectId))
+	require.Nil(t, v.RoleAssignment(ra.Id))
+	require.False(t, v.Entry("vm-1").SystemAssignedIdentity)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	cs, err := h.s.ChangesSince(ctx, before)
+	require.NoError(t, err)
+	for _, c := range cs {
+		require.Equal(t, h.s.AppliedIndex(), c.Index, "entry and identity change in one command")
+	}
+
+	// Enabling on update needs the details, and creates a new identity.
+	requireItems(t, h.apply(entriesUpdate([]*ferrypb.Entry{withSystem(entry("vm-1", "spiffe://example.org/vm1b", "uid:1"))})), codes.InvalidArgument)
+	require.False(t, h.s.View().Entry("vm-1").SystemAssignedIdentity, "refused: the entry is unchanged")
+	requireItems(t, h.apply(entriesUpdate([]*ferrypb.Entry{withSystem(entry("vm-1", "spiffe://example.org/vm1b", "uid:1"))}, sysID(3, "vm-1"))), codes.OK)
+	vm1 = h.s.View().SystemAssignedIdentity("vm-1", "")
+	require.Equal(t, guid(0x7003), vm1.ObjectId)
+
+	// A user-assigned identity used by both workloads, pre-authorised.
+	shared := h.ok(&ferrypb.IdentityPut{Identity: ident(5, tenantA, "shared"), CreateOnly: true}).Identity
+	h.ok(&ferrypb.FederatedCredentialPut{Credential: cred(shared, "vm1", "spiffe://example.org/vm1b"), CreateOnly: true})
+	h.ok(&ferrypb.FederatedCredentialPut{Credential: cred(shared, "vm2", "spiffe://example.org/vm2"), CreateOnly: true})
+	sharedRA := assignRole(h, 2, res, shared.ObjectId)
+	vm1RA := assignRole(h, 3, res, vm1.ObjectId)
+	vm2 := h.s.View().SystemAssignedIdentity("vm-2", "")
+	vm2RA := assignRole(h, 4, res, vm2.ObjectId)
+
+	// Batch delete: every entry goes with its identity and roles.
+	out = h.apply(entriesDelete("vm-1", "vm-2", "missing"))
+	requireItems(t, out, codes.OK, codes.OK, codes.NotFound)
+	require.Len(t, out.Identities, 2)
+	v = h.s.View()
+	for _, id := range []string{vm1.ObjectId, vm2.ObjectId} {
+		require.Nil(t, v.Identity(id))
+		require.Empty(t, v.FederatedCredentials(id))
+	}
+	require.Nil(t, v.RoleAssignment(vm1RA.Id))
+	require.Nil(t, v.RoleAssignment(vm2RA.Id))
+	require.NotNil(t, v.Identity(shared.ObjectId), "a user-assigned identity outlives its workloads")
+	require.Len(t, v.FederatedCredentials(shared.ObjectId), 2)
+	require.NotNil(t, v.RoleAssignment(sharedRA.Id))
+	require.NotNil(t, v.Entry("plain"))
+}
+
+// TestSystemAssignedAgentIdentity: an attested agent's identity is enabled and
+// disabled by command, survives re-attestation and goes with eviction.
+func TestSystemAssignedAgentIdentity(t *testing.T) {
+	h, _, res := directoryHarness(t, state.Config{})
+	const agentID = "spiffe://example.org/spire/agent/node.1"
+	put := func() *ferrypb.AttestedNode {
+		res := h.apply(&ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: &ferrypb.AttestedNode{SpiffeId: agentID, AttestationType: "join_token", CertSerial: fmt.Sprint(h.index)}}}})
+		require.Equal(t, codes.OK, codeOf(res.Status), res.GetStatus().GetMessage())
+		return res.Node
+	}
+	r := h.apply(nodeIdentity(agentID, true, sysID(1, agentID)))
+	require.Equal(t, codes.NotFound, codeOf(r.Status))
+	put()
+	r = h.apply(nodeIdentity(agentID, true, sysID(1, "spiffe://example.org/other")))
+	require.Equal(t, codes.InvalidArgument, codeOf(r.Status), "details for another owner")
+	r = h.apply(nodeIdentity(agentID, true, sysID(1, agentID)))
+	require.Equal(t, codes.OK, codeOf(r.Status), r.Status.GetMessage())
+	require.True(t, r.Node.SystemAssignedIdentity)
+	idn := h.s.View().SystemAssignedIdentity("", agentID)
+	require.NotNil(t, idn)
+	require.Equal(t, "example-org-spire-agent-node-1", idn.Name)
+	require.Equal(t, state.AgentResourceID(tenantA, agentID), idn.ResourceId)
+	require.Equal(t, agentID, idn.OwnerSpiffeId)
+	require.Empty(t, idn.OwnerEntryId)
+	require.Equal(t, agentID, h.s.View().FederatedCredentials(idn.ObjectId)[0].Subject)
+
+	// Enabling again changes nothing; re-attestation keeps it.
+	again := h.apply(nodeIdentity(agentID, true, sysID(2, agentID)))
+	require.Equal(t, idn.ObjectId, again.Identities[0].ObjectId)
+	require.True(t, put().SystemAssignedIdentity)
+	ra := assignRole(h, 1, res, idn.ObjectId)
+
+	// Disable, enable, evict.
+	r = h.apply(nodeIdentity(agentID, false, nil))
+	require.Equal(t, codes.OK, codeOf(r.Status))
+	require.False(t, r.Node.SystemAssignedIdentity)
+	require.Nil(t, h.s.View().Identity(idn.ObjectId))
+	require.Nil(t, h.s.View().RoleAssignment(ra.Id))
+	require.False(t, put().SystemAssignedIdentity, "attestation does not grant one")
+	h.apply(nodeIdentity(agentID, true, sysID(3, agentID)))
+	idn = h.s.View().SystemAssignedIdentity("", agentID)
+	ra = assignRole(h, 2, res, idn.ObjectId)
+	r = h.apply(&ferrypb.Command{Op: &ferrypb.Command_NodeDelete{NodeDelete: &ferrypb.NodeDelete{SpiffeId: agentID}}})
+	require.Equal(t, codes.OK, codeOf(r.Status))
+	require.Len(t, r.Identities, 1)
+	v := h.s.View()
+	require.Nil(t, v.Identity(idn.ObjectId))
+	require.Empty(t, v.FederatedCredentials(idn.ObjectId))
+	require.Nil(t, v.RoleAssignment(ra.Id))
+	require.False(t, put().SystemAssignedIdentity, "an evicted agent that attests again starts without one")
+}
+
+func TestAgentIdentityName(t *testing.T) {
+	require.Equal(t, "example-org-agent-n1", state.AgentIdentityName("spiffe://example.org/agent/n1"))
+	long := state.AgentIdentityName("spiffe://example.org/" + strings.Repeat("a/", 100))
+	require.LessOrEqual(t, len(long), state.MaxIdentityName)
+	require.True(t, state.ValidIdentityName(long))
 }

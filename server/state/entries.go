@@ -92,25 +92,49 @@ func ValidateSPIFFEID(s string) error {
 	return nil
 }
 
-func (a *applier) createEntries(entries []*ferrypb.Entry) *ferrypb.CommandResult {
+// systemIdentities indexes a command's system-assigned identity details by owner.
+func systemIdentities(in []*ferrypb.SystemIdentity) map[string]*ferrypb.SystemIdentity {
+	out := make(map[string]*ferrypb.SystemIdentity, len(in))
+	for _, si := range in {
+		if si != nil {
+			out[si.Owner] = si
+		}
+	}
+	return out
+}
+
+func (a *applier) createEntries(p *ferrypb.EntriesCreate) *ferrypb.CommandResult {
 	res := &ferrypb.CommandResult{Status: ok()}
-	for _, in := range entries {
-		st, row := a.createEntry(in)
+	sys := systemIdentities(p.SystemIdentities)
+	for _, in := range p.Entries {
+		st, row, idn := a.createEntry(in, sys)
 		res.Items = append(res.Items, st)
 		res.Entries = append(res.Entries, row)
+		if idn != nil {
+			res.Identities = append(res.Identities, idn)
+		}
 	}
 	return res
 }
 
-func (a *applier) createEntry(in *ferrypb.Entry) (*ferrypb.Status, *ferrypb.Entry) {
+// createEntry creates an entry and, when it asks for one, its system-assigned
+// identity: both or neither.
+func (a *applier) createEntry(in *ferrypb.Entry, sys map[string]*ferrypb.SystemIdentity) (*ferrypb.Status, *ferrypb.Entry, *ferrypb.Identity) {
 	if err := ValidateEntry(in); err != nil {
-		return status(codes.InvalidArgument, "invalid entry: %v", err), nil
+		return status(codes.InvalidArgument, "invalid entry: %v", err), nil, nil
 	}
 	if existing := a.entry(in.Id); existing != nil {
-		return status(codes.AlreadyExists, "entry %q already exists", in.Id), nil
+		return status(codes.AlreadyExists, "entry %q already exists", in.Id), nil, nil
 	}
 	if dup := a.similarEntry(in, ""); dup != nil {
-		return status(codes.AlreadyExists, "an entry with the same spiffe_id, parent_id and selectors exists: %s", dup.Id), dup
+		return status(codes.AlreadyExists, "an entry with the same spiffe_id, parent_id and selectors exists: %s", dup.Id), dup, nil
+	}
+	var prep *systemIdentity
+	if in.SystemAssignedIdentity {
+		var st *ferrypb.Status
+		if prep, st = a.prepareSystemIdentity(sys[in.Id], in.Id, in.SpiffeId); st != nil {
+			return st, nil, nil
+		}
 	}
 	e := proto.Clone(in).(*ferrypb.Entry)
 	sortSelectors(e.Selectors)
@@ -118,32 +142,51 @@ func (a *applier) createEntry(in *ferrypb.Entry) (*ferrypb.Status, *ferrypb.Entr
 	e.CreatedIndex = a.index
 	e.CreatedAt = a.now.Unix()
 	a.upsert(TableEntries, e.Id, e)
-	return ok(), e
+	var idn *ferrypb.Identity
+	if prep != nil {
+		idn = a.writeSystemIdentity(prep)
+	}
+	return ok(), e, idn
 }
 
-func (a *applier) updateEntries(entries []*ferrypb.Entry) *ferrypb.CommandResult {
+func (a *applier) updateEntries(p *ferrypb.EntriesUpdate) *ferrypb.CommandResult {
 	res := &ferrypb.CommandResult{Status: ok()}
-	for _, in := range entries {
-		st, row := a.updateEntry(in)
+	sys := systemIdentities(p.SystemIdentities)
+	for _, in := range p.Entries {
+		st, row, idn := a.updateEntry(in, sys)
 		res.Items = append(res.Items, st)
 		res.Entries = append(res.Entries, row)
+		if idn != nil {
+			res.Identities = append(res.Identities, idn)
+		}
 	}
 	return res
 }
 
-func (a *applier) updateEntry(in *ferrypb.Entry) (*ferrypb.Status, *ferrypb.Entry) {
+// updateEntry replaces an entry. Turning system_assigned_identity on creates
+// the identity, turning it off deletes it with its role assignments, and a new
+// SPIFFE ID moves the identity's binding along; each with the entry or not at all.
+func (a *applier) updateEntry(in *ferrypb.Entry, sys map[string]*ferrypb.SystemIdentity) (*ferrypb.Status, *ferrypb.Entry, *ferrypb.Identity) {
 	if err := ValidateEntry(in); err != nil {
-		return status(codes.InvalidArgument, "invalid entry: %v", err), nil
+		return status(codes.InvalidArgument, "invalid entry: %v", err), nil, nil
 	}
 	old := a.entry(in.Id)
 	if old == nil {
-		return status(codes.NotFound, "entry %q not found", in.Id), nil
+		return status(codes.NotFound, "entry %q not found", in.Id), nil, nil
 	}
 	if in.Revision != 0 && in.Revision != old.Revision {
-		return status(codes.Aborted, "entry %q changed since revision %d (now %d)", in.Id, in.Revision, old.Revision), old
+		return status(codes.Aborted, "entry %q changed since revision %d (now %d)", in.Id, in.Revision, old.Revision), old, nil
 	}
 	if dup := a.similarEntry(in, in.Id); dup != nil {
-		return status(codes.AlreadyExists, "an entry with the same spiffe_id, parent_id and selectors exists: %s", dup.Id), dup
+		return status(codes.AlreadyExists, "an entry with the same spiffe_id, parent_id and selectors exists: %s", dup.Id), dup, nil
+	}
+	cur := a.ownedIdentity(in.Id, "")
+	var prep *systemIdentity
+	if in.SystemAssignedIdentity && cur == nil {
+		var st *ferrypb.Status
+		if prep, st = a.prepareSystemIdentity(sys[in.Id], in.Id, in.SpiffeId); st != nil {
+			return st, nil, nil
+		}
 	}
 	e := proto.Clone(in).(*ferrypb.Entry)
 	sortSelectors(e.Selectors)
@@ -151,9 +194,20 @@ func (a *applier) updateEntry(in *ferrypb.Entry) (*ferrypb.Status, *ferrypb.Entr
 	e.CreatedIndex = old.CreatedIndex
 	e.CreatedAt = old.CreatedAt
 	a.upsert(TableEntries, e.Id, e)
-	return ok(), e
+	var idn *ferrypb.Identity
+	switch {
+	case prep != nil:
+		idn = a.writeSystemIdentity(prep)
+	case cur != nil && !in.SystemAssignedIdentity:
+		a.removeIdentity(cur)
+		idn = cur
+	case cur != nil:
+		idn = a.rebindSystemIdentity(cur, in.SpiffeId, sys[in.Id].GetIssuer())
+	}
+	return ok(), e, idn
 }
 
+// deleteEntries deletes entries, each with its system-assigned identity.
 func (a *applier) deleteEntries(ids []string) *ferrypb.CommandResult {
 	res := &ferrypb.CommandResult{Status: ok()}
 	for _, id := range ids {
@@ -164,6 +218,10 @@ func (a *applier) deleteEntries(ids []string) *ferrypb.CommandResult {
 			continue
 		}
 		a.delete(TableEntries, id, old)
+		if idn := a.ownedIdentity(id, ""); idn != nil {
+			a.removeIdentity(idn)
+			res.Identities = append(res.Identities, idn)
+		}
 		res.Items = append(res.Items, ok())
 		res.Entries = append(res.Entries, old)
 	}

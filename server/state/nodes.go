@@ -78,10 +78,12 @@ func (a *applier) putNode(p *ferrypb.NodePut) *ferrypb.CommandResult {
 	row.Banned = false
 	if old != nil {
 		row.CreatedIndex, row.CreatedAt = old.CreatedIndex, old.CreatedAt
-		row.SystemAssignedIdentity = row.SystemAssignedIdentity || old.SystemAssignedIdentity
 	} else {
 		row.CreatedIndex, row.CreatedAt = a.index, a.now.Unix()
 	}
+	// The flag follows the identity, which only NodeIdentitySet creates and
+	// deletes: (re-)attestation neither grants nor drops it.
+	row.SystemAssignedIdentity = old != nil && old.SystemAssignedIdentity
 	a.upsert(TableNodes, row.SpiffeId, row)
 	return &ferrypb.CommandResult{Status: ok(), Node: row}
 }
@@ -92,7 +94,14 @@ func (a *applier) deleteNode(id string) *ferrypb.CommandResult {
 		return &ferrypb.CommandResult{Status: status(codes.NotFound, "agent %s not found", id)}
 	}
 	a.delete(TableNodes, id, old)
-	return &ferrypb.CommandResult{Status: ok(), Node: old}
+	res := &ferrypb.CommandResult{Status: ok(), Node: old}
+	// Evicting an agent deletes its system-assigned identity, as deleting a
+	// VM deletes its identity.
+	if idn := a.ownedIdentity("", id); idn != nil {
+		a.removeIdentity(idn)
+		res.Identities = []*ferrypb.Identity{idn}
+	}
+	return res
 }
 
 // banNode marks an agent banned (it may not attest again until unbanned) and

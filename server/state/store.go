@@ -232,9 +232,9 @@ type applier struct {
 func (a *applier) apply(cmd *ferrypb.Command) *ferrypb.CommandResult {
 	switch op := cmd.Op.(type) {
 	case *ferrypb.Command_EntriesCreate:
-		return a.createEntries(op.EntriesCreate.Entries)
+		return a.createEntries(op.EntriesCreate)
 	case *ferrypb.Command_EntriesUpdate:
-		return a.updateEntries(op.EntriesUpdate.Entries)
+		return a.updateEntries(op.EntriesUpdate)
 	case *ferrypb.Command_EntriesDelete:
 		return a.deleteEntries(op.EntriesDelete.Ids)
 	case *ferrypb.Command_JoinTokenCreate:
@@ -247,6 +247,8 @@ func (a *applier) apply(cmd *ferrypb.Command) *ferrypb.CommandResult {
 		return a.deleteNode(op.NodeDelete.SpiffeId)
 	case *ferrypb.Command_NodeBan:
 		return a.banNode(op.NodeBan)
+	case *ferrypb.Command_NodeIdentitySet:
+		return a.setNodeIdentity(op.NodeIdentitySet)
 	case *ferrypb.Command_BundleX509AuthorityPut:
 		return a.putX509Authority(op.BundleX509AuthorityPut)
 	case *ferrypb.Command_BundleX509AuthorityRemove:
