@@ -41,8 +41,9 @@ type Identify func(remote, local *net.TCPAddr) string
 
 // Config configures a Net.
 type Config struct {
-	// Identify tells the source node of each accepted connection. Links from
-	// an unknown source are never cut.
+	// Identify tells the source node of each accepted connection. While any
+	// link is cut, a connection from an unknown source is refused (and those
+	// already open are closed); otherwise it is forwarded untouched.
 	Identify Identify
 	Logger   *slog.Logger
 }
@@ -235,6 +236,13 @@ func (n *Net) gate(l link, held bool) bool {
 	}
 }
 
+// cutting reports whether any link is cut.
+func (n *Net) cutting() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return len(n.cut) > 0
+}
+
 func (n *Net) mode(l link) Mode {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -259,6 +267,13 @@ func (n *Net) serve(ln net.Listener, node, target string) {
 func (n *Net) handle(c net.Conn, node, target string) {
 	from := n.identify(c.RemoteAddr().(*net.TCPAddr), c.LocalAddr().(*net.TCPAddr))
 	l := link{from, node}
+	if from == "" && n.cutting() {
+		// A dialer the net cannot name may be a node on either side: while
+		// any link is cut, letting it through would leak the partition.
+		n.refused.Add(1)
+		c.Close()
+		return
+	}
 	if from != "" && n.mode(l) == Blackhole {
 		n.held.Add(1)
 	}
