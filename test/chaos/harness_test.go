@@ -83,7 +83,7 @@ func newHarness(t *testing.T, nodes int, logStore string, seed uint64) *harness 
 		// JWT-SVIDs name an issuer the bridge maps to the trust domain.
 		ExtraServerConfig: oidcBlock,
 		AdvertiseAddr: func(id, bind string) string {
-			addr, err := h.net.Add(id, bind)
+			addr, err := h.net.AddOn(id, testcluster.FreeAddr(t), bind)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -89,7 +89,14 @@ func NewNet(cfg Config) *Net {
 // Add starts a proxy for node on a free loopback port that forwards to target,
 // and returns the proxy's address.
 func (n *Net) Add(node, target string) (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return n.AddOn(node, "127.0.0.1:0", target)
+}
+
+// AddOn is Add with the proxy listening on listen. A caller that hands out
+// ports itself (as testcluster.FreeAddr does) should use it, so that the
+// proxy cannot take a port already promised to a node that has not started.
+func (n *Net) AddOn(node, listen, target string) (string, error) {
+	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		return "", fmt.Errorf("chaos: proxy for %s: %w", node, err)
 	}
