@@ -39,8 +39,8 @@ fuzz: ## run every fuzz target for FUZZTIME each (default 20s)
 fuzz-ci: ## every fuzz target for a short budget (FUZZTIME, default 10s), as CI runs them
 	@./scripts/fuzz.sh $${FUZZTIME:-10s}
 
-chaos: ## chaos campaign on 3- and 5-node clusters, then an overload storm (CHAOS_KILLS, CHAOS_PARTITIONS, CHAOS_DURATION, CHAOS_NODES: see RELIABILITY.md)
-	FERRY_CHAOS=1 $(GO) test -v -count=1 -timeout $${CHAOS_TIMEOUT:-30m} -run 'TestChaos|TestOverloadSheds' ./test/chaos/
+chaos: ## chaos campaign on 3- and 5-node clusters with agents and a bridge, then write and CSR storms; CI runs the defaults (CHAOS_KILLS, CHAOS_PARTITIONS, CHAOS_DURATION, CHAOS_NODES, CHAOS_AGENTS: see RELIABILITY.md)
+	FERRY_CHAOS=1 $(GO) test -v -count=1 -timeout $${CHAOS_TIMEOUT:-30m} -run 'TestChaos|TestOverloadSheds|TestCSRStorm' ./test/chaos/
 
 proto: ## regenerate proto/ferrypb from proto/*.proto (needs protoc: apt-get install protobuf-compiler)
 	./proto/gen.sh

@@ -15,8 +15,12 @@ import (
 
 	"github.com/ferry-id/ferry/agent/cache"
 	"github.com/ferry-id/ferry/attestors/workload"
+	"github.com/ferry-id/ferry/internal/jwtform"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
+
+// maxJWTSVIDSize bounds a JWT-SVID handed to ValidateJWTSVID.
+const maxJWTSVIDSize = 64 << 10
 
 var (
 	errNoIdentity   = status.Error(codes.PermissionDenied, "no identity issued")
@@ -260,6 +264,11 @@ func (s service) ValidateJWTSVID(ctx context.Context, req *workloadpb.ValidateJW
 	}
 	if req.GetSvid() == "" {
 		return nil, status.Error(codes.InvalidArgument, "svid must be specified")
+	}
+	// The form alone disqualifies many hostile tokens: refuse them before
+	// looking up bundles or verifying anything.
+	if err := jwtform.Check(req.GetSvid(), maxJWTSVIDSize); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "invalid JWT-SVID: %v", err)
 	}
 	u, err := s.fetchUpdate(ctx)
 	if err != nil {

@@ -25,6 +25,8 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/ferry-id/ferry/internal/jwtform"
 )
 
 // DefaultMaxSize bounds the compact serialization of an assertion.
@@ -224,6 +226,11 @@ func Parse(raw string, maxSize int) (*Token, error) {
 }
 
 func unmarshalObject(data []byte, v any) error {
+	// A repeated member would be read as its last value here and maybe as
+	// its first elsewhere.
+	if err := jwtform.UniqueMembers(data); err != nil {
+		return err
+	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.UseNumber()
 	if err := dec.Decode(v); err != nil {

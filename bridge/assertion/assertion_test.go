@@ -120,6 +120,7 @@ func TestParseRejects(t *testing.T) {
 		"padded header":     b64([]byte(`{"alg":"RS256","kid":"k"}`)) + "=." + payload + ".c2ln",
 		"std base64 sig":    hdr(`{"alg":"RS256","kid":"k"}`)[:len(hdr(`{"alg":"RS256","kid":"k"}`))-4] + "c2+/",
 		"empty sig":         b64([]byte(`{"alg":"RS256","kid":"k"}`)) + "." + payload + ".",
+		"kid twice":         hdr(`{"alg":"RS256","kid":"a","kid":"k"}`),
 	}
 	claims := map[string]string{
 		"payload null":      `null`,
@@ -137,6 +138,8 @@ func TestParseRejects(t *testing.T) {
 		"jti number":        `{"iss":"i","sub":"s","aud":"a","exp":1900000000,"jti":5}`,
 		"payload not json":  `hello`,
 		"payload two value": `{"iss":"i","sub":"s","aud":"a","exp":1900000000}{}`,
+		"sub twice":         `{"iss":"i","sub":"s","aud":"a","exp":1900000000,"sub":"t"}`,
+		"escaped sub twice": `{"iss":"i","sub":"s","aud":"a","exp":1900000000,"s\u0075b":"t"}`,
 	}
 	for name, c := range claims {
 		tests[name] = b64([]byte(`{"alg":"RS256","kid":"k"}`)) + "." + b64([]byte(c)) + ".c2ln"

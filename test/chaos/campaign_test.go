@@ -28,6 +28,7 @@ type campaign struct {
 	catchups   int // a follower down until the leader compacted past it
 	duration   time.Duration
 	writers    int
+	agents     int // agents, each serving one workload that also exchanges tokens at a bridge
 	seed       uint64
 }
 
@@ -45,7 +46,7 @@ func envInt(t *testing.T, name string, def int) int {
 
 // envCampaign reads CHAOS_KILLS, CHAOS_PARTITIONS, CHAOS_PAUSES,
 // CHAOS_RESTARTS, CHAOS_CATCHUPS, CHAOS_DURATION (keep faulting at least this
-// long), CHAOS_WRITERS and CHAOS_SEED over the defaults given.
+// long), CHAOS_WRITERS, CHAOS_AGENTS and CHAOS_SEED over the defaults given.
 func envCampaign(t *testing.T, def campaign) campaign {
 	c := def
 	c.kills = envInt(t, "CHAOS_KILLS", c.kills)
@@ -54,6 +55,7 @@ func envCampaign(t *testing.T, def campaign) campaign {
 	c.restarts = envInt(t, "CHAOS_RESTARTS", c.restarts)
 	c.catchups = envInt(t, "CHAOS_CATCHUPS", c.catchups)
 	c.writers = envInt(t, "CHAOS_WRITERS", c.writers)
+	c.agents = envInt(t, "CHAOS_AGENTS", c.agents)
 	c.seed = uint64(envInt(t, "CHAOS_SEED", int(time.Now().UnixNano()%1e9)))
 	if v := os.Getenv("CHAOS_DURATION"); v != "" {
 		d, err := time.ParseDuration(v)
@@ -80,8 +82,8 @@ func skipUnlessChaos(t *testing.T) {
 func TestChaos(t *testing.T) {
 	skipUnlessChaos(t)
 	runs := []campaign{
-		{nodes: 3, logStore: "boltdb", kills: 20, partitions: 20, pauses: 4, restarts: 1, catchups: 1, writers: 8},
-		{nodes: 5, logStore: "wal", kills: 5, partitions: 5, pauses: 2, restarts: 1, catchups: 1, writers: 8},
+		{nodes: 3, logStore: "boltdb", kills: 20, partitions: 20, pauses: 4, restarts: 1, catchups: 1, writers: 8, agents: 2},
+		{nodes: 5, logStore: "wal", kills: 5, partitions: 5, pauses: 2, restarts: 1, catchups: 1, writers: 8, agents: 2},
 	}
 	only := os.Getenv("CHAOS_NODES")
 	for _, def := range runs {
@@ -107,12 +109,29 @@ func (r *report) check(t *testing.T) {
 	if r.acked == 0 {
 		t.Errorf("no write was acknowledged")
 	}
+	if wr := r.workloads; wr != nil {
+		if wr.expired != 0 || wr.wrongIDSeen != 0 || wr.refusedByAgent != 0 {
+			t.Errorf("a workload was without a valid SVID: %d fetches saw it expired, %d saw another ID, %d were refused: %v",
+				wr.expired, wr.wrongIDSeen, wr.refusedByAgent, wr.failReasons)
+		}
+		if wr.recovered != wr.faults {
+			t.Errorf("token exchanges did not succeed again after %d of %d faults", wr.faults-wr.recovered, wr.faults)
+		}
+		if wr.exchangesOK == 0 {
+			t.Errorf("no token exchange succeeded")
+		}
+	}
 }
 
 func runCampaign(t *testing.T, c campaign) *report {
 	began := time.Now()
 	h := newHarness(t, c.nodes, c.logStore, c.seed)
 	h.w = newWriter(h.c, fmt.Sprintf("n%d-", c.nodes))
+	var wl *workloads
+	if c.agents > 0 {
+		wl = startWorkloads(h, c.agents)
+		wl.run()
+	}
 	h.obs.start(200 * time.Millisecond)
 	h.w.start(c.writers, 5*time.Millisecond)
 	r := &report{nodes: c.nodes, logStore: c.logStore}
@@ -166,6 +185,12 @@ func runCampaign(t *testing.T, c campaign) *report {
 	h.w.finish(30 * time.Second)
 	h.obs.finish()
 	h.settle()
+	if wl != nil {
+		// A last round of exchanges, after every fault.
+		time.Sleep(2 * time.Second)
+		wl.finish()
+		r.workloads = wl.report(h.faults)
+	}
 	r.wall = time.Since(began)
 	r.heals, r.healsMidFlight, r.heldReleased = h.net.HealCounts()
 	_, r.connsHeld, r.connsCut = h.net.Counts()
@@ -325,6 +350,9 @@ func (h *harness) verify(r *report) {
 		}
 		counts[len(entries)]++
 		for id, e := range entries {
+			if strings.HasPrefix(id, "workload-") {
+				continue // the campaign's workloads, not a writer's
+			}
 			wr, ok := w.writes[id]
 			if !ok {
 				t.Errorf("node %s holds entry %s that no client wrote", n.ID, id)

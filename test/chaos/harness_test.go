@@ -80,8 +80,10 @@ func newHarness(t *testing.T, nodes int, logStore string, seed uint64) *harness 
 		SnapshotThreshold: 256,
 		TrailingLogs:      128,
 		SnapshotInterval:  "1s",
+		// JWT-SVIDs name an issuer the bridge maps to the trust domain.
+		ExtraServerConfig: oidcBlock,
 		AdvertiseAddr: func(id, bind string) string {
-			addr, err := h.net.Add(id, bind)
+			addr, err := h.net.AddOn(id, testcluster.FreeAddr(t), bind)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -627,6 +629,7 @@ type report struct {
 	readsServed           int64
 	readsStale            int64
 	readsFailed           int64
+	workloads             *workloadReport
 }
 
 func percentile(ds []time.Duration, p float64) time.Duration {
@@ -658,4 +661,7 @@ func (r *report) print(out io.Writer) {
 	}
 	sort.Strings(codesSeen)
 	fmt.Fprintf(out, "chaos:   failed attempts (retried): %s\n", strings.Join(codesSeen, " "))
+	if r.workloads != nil {
+		r.workloads.print(out)
+	}
 }

@@ -40,6 +40,44 @@ func rssKiB(pid int) (int64, error) {
 	return 0, fmt.Errorf("no VmRSS for pid %d", pid)
 }
 
+// samplePeakRSS samples the RSS of the given processes (name -> PID) every
+// 50 ms until stop is called; peak returns the highest seen, in KiB.
+func samplePeakRSS(pids map[string]int) (peak func() map[string]int64, stop func()) {
+	var mu sync.Mutex
+	peaks := map[string]int64{}
+	done := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for {
+			for id, pid := range pids {
+				if rss, err := rssKiB(pid); err == nil {
+					mu.Lock()
+					peaks[id] = max(peaks[id], rss)
+					mu.Unlock()
+				}
+			}
+			select {
+			case <-done:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}()
+	peak = func() map[string]int64 {
+		mu.Lock()
+		defer mu.Unlock()
+		out := make(map[string]int64, len(peaks))
+		for k, v := range peaks {
+			out[k] = v
+		}
+		return out
+	}
+	var once sync.Once
+	stop = func() { once.Do(func() { close(done); <-sampled }) }
+	return peak, stop
+}
+
 // TestOverloadSheds sends 10,000 writes at once to one follower (as agents
 // and operators reconnecting after a partition heals would). The node must
 // refuse what it cannot take with ResourceExhausted and a clear message, keep
@@ -68,28 +106,7 @@ func TestOverloadSheds(t *testing.T) {
 		before[n.ID] = rss
 	}
 
-	// Peak RSS of every server while the storm lasts.
-	var peakMu sync.Mutex
-	peak := map[string]int64{}
-	stopSampling := make(chan struct{})
-	sampled := make(chan struct{})
-	go func() {
-		defer close(sampled)
-		for {
-			for id, pid := range pids {
-				if rss, err := rssKiB(pid); err == nil {
-					peakMu.Lock()
-					peak[id] = max(peak[id], rss)
-					peakMu.Unlock()
-				}
-			}
-			select {
-			case <-stopSampling:
-				return
-			case <-time.After(50 * time.Millisecond):
-			}
-		}
-	}()
+	peak, stopSampling := samplePeakRSS(pids)
 
 	// Many client connections, as many clients would open.
 	clients := make([]ferrypb.AdminClient, conns)
@@ -153,8 +170,7 @@ func TestOverloadSheds(t *testing.T) {
 	close(release)
 	wg.Wait()
 	drained := time.Since(began)
-	close(stopSampling)
-	<-sampled
+	stopSampling()
 
 	t.Logf("storm of %d writes on %s: %d taken at once, %d shed on first try (%d retries in all), all acknowledged after %s", storm, target.ID, firstOK.Load(), firstShed.Load(), retries.Load(), drained.Round(time.Millisecond))
 	require.Empty(t, other, "the only refusal is ResourceExhausted")
@@ -196,9 +212,9 @@ func TestOverloadSheds(t *testing.T) {
 	for _, n := range c.Nodes {
 		after, err := rssKiB(n.PID())
 		require.NoError(t, err)
-		t.Logf("node %s RSS: %d MiB before, %d MiB peak, %d MiB after", n.ID, before[n.ID]>>10, peak[n.ID]>>10, after>>10)
-		fmt.Printf("overload: node %s RSS %d MiB before, %d MiB peak, %d MiB after\n", n.ID, before[n.ID]>>10, peak[n.ID]>>10, after>>10)
-		require.Less(t, peak[n.ID], int64(boundKiB), "node %s RSS in KiB", n.ID)
+		t.Logf("node %s RSS: %d MiB before, %d MiB peak, %d MiB after", n.ID, before[n.ID]>>10, peak()[n.ID]>>10, after>>10)
+		fmt.Printf("overload: node %s RSS %d MiB before, %d MiB peak, %d MiB after\n", n.ID, before[n.ID]>>10, peak()[n.ID]>>10, after>>10)
+		require.Less(t, peak()[n.ID], int64(boundKiB), "node %s RSS in KiB", n.ID)
 	}
 	fmt.Printf("overload: %d writes at once on one follower: %d taken, %d shed with ResourceExhausted (%q), %d retries, all %d acknowledged once after %s\n",
 		storm, firstOK.Load(), firstShed.Load(), msg, retries.Load(), storm, drained.Round(time.Millisecond))

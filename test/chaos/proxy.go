@@ -41,8 +41,9 @@ type Identify func(remote, local *net.TCPAddr) string
 
 // Config configures a Net.
 type Config struct {
-	// Identify tells the source node of each accepted connection. Links from
-	// an unknown source are never cut.
+	// Identify tells the source node of each accepted connection. While any
+	// link is cut, a connection from an unknown source is refused (and those
+	// already open are closed); otherwise it is forwarded untouched.
 	Identify Identify
 	Logger   *slog.Logger
 }
@@ -88,7 +89,14 @@ func NewNet(cfg Config) *Net {
 // Add starts a proxy for node on a free loopback port that forwards to target,
 // and returns the proxy's address.
 func (n *Net) Add(node, target string) (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return n.AddOn(node, "127.0.0.1:0", target)
+}
+
+// AddOn is Add with the proxy listening on listen. A caller that hands out
+// ports itself (as testcluster.FreeAddr does) should use it, so that the
+// proxy cannot take a port already promised to a node that has not started.
+func (n *Net) AddOn(node, listen, target string) (string, error) {
+	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		return "", fmt.Errorf("chaos: proxy for %s: %w", node, err)
 	}
@@ -235,6 +243,13 @@ func (n *Net) gate(l link, held bool) bool {
 	}
 }
 
+// cutting reports whether any link is cut.
+func (n *Net) cutting() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return len(n.cut) > 0
+}
+
 func (n *Net) mode(l link) Mode {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -259,6 +274,13 @@ func (n *Net) serve(ln net.Listener, node, target string) {
 func (n *Net) handle(c net.Conn, node, target string) {
 	from := n.identify(c.RemoteAddr().(*net.TCPAddr), c.LocalAddr().(*net.TCPAddr))
 	l := link{from, node}
+	if from == "" && n.cutting() {
+		// A dialer the net cannot name may be a node on either side: while
+		// any link is cut, letting it through would leak the partition.
+		n.refused.Add(1)
+		c.Close()
+		return
+	}
 	if from != "" && n.mode(l) == Blackhole {
 		n.held.Add(1)
 	}
