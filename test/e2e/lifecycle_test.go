@@ -68,25 +68,6 @@ func (s *lifecycleStack) cliJSON(v any, args ...string) {
 	require.NoError(s.t, json.Unmarshal([]byte(out), v), out)
 }
 
-// startProcess runs a ferry subcommand as a background process logging to dir.
-func startProcess(t *testing.T, bin, dir, name string, args ...string) {
-	t.Helper()
-	logf, err := os.Create(filepath.Join(dir, name+".log"))
-	require.NoError(t, err)
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	require.NoError(t, cmd.Start())
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		_ = cmd.Wait()
-		logf.Close()
-		if t.Failed() {
-			out, _ := os.ReadFile(filepath.Join(dir, name+".log"))
-			t.Logf("==== %s log:\n%s", name, out)
-		}
-	})
-}
-
 func newLifecycleStack(t *testing.T) *lifecycleStack {
 	if testing.Short() {
 		t.Skip("starts real server, bridge, agent and API processes")
@@ -111,7 +92,7 @@ func newLifecycleStack(t *testing.T) *lifecycleStack {
   log_level     = "debug"
 }
 `, s.bridge, s.srv.Socket)), 0o600))
-	startProcess(t, c.Bin, dir, "bridge", "bridge", "run", "--config", conf)
+	startProcess(t, "bridge", dir, nil, c.Bin, "bridge", "run", "--config", conf)
 	s.caFile = filepath.Join(dir, "data", "tls-ca.pem")
 	require.Eventually(t, func() bool {
 		pem, err := os.ReadFile(s.caFile)
@@ -294,7 +275,7 @@ func TestLifecycleAzureVMFlow(t *testing.T) {
 	s.cli("role", "assign", "--identity-name", "shared-uami", "--resource", lcResource, "--role", "reader")
 	s.cli("identity", "federated-credential", "create", "--identity-name", "shared-uami", "--name", "vm-web",
 		"--issuer", lcIssuer, "--subject", lcSpiffeID)
-	startProcess(t, s.bin, t.TempDir(), "demo-api", "demo-api", "--listen", s.demo, "--authority", "https://"+s.bridge,
+	startProcess(t, "demo-api", t.TempDir(), nil, s.bin, "demo-api", "--listen", s.demo, "--authority", "https://"+s.bridge,
 		"--tenant", tenant, "--audience", lcResource, "--audience", api.AppID, "--role", "reader", "--ca", s.caFile)
 
 	// 1. "Azure Resource Manager receives a request to enable the
