@@ -11,18 +11,18 @@ import (
 
 // AADSTS codes the bridge returns, with Entra's meaning.
 const (
-	CodeTokenIssuance          = 50000   // internal failure issuing a token
-	CodeInvalidJWT             = 50027   // malformed assertion
-	CodeUnsupportedGrantType   = 70003   // grant_type other than client_credentials
-	CodeInvalidScope           = 70011   // scope unusable
-	CodeUnknownTenant          = 90002   // tenant not found
-	CodeInvalidRequest         = 90023   // malformed or oversized request
-	CodeUnknownClient          = 700016  // client_id not in tenant
-	CodeAssertionTime          = 700024  // assertion outside its validity
-	CodeBadSignature           = 700027  // assertion signature invalid
-	CodeNoFICIssuer            = 700211  // no FIC for the assertion's issuer
-	CodeNoFICAudience          = 700212  // no FIC for the assertion's audience
-	CodeNoFICSubject           = 700213  // no FIC for the assertion's subject
+	CodeTokenIssuance        = 50000  // internal failure issuing a token
+	CodeInvalidJWT           = 50027  // malformed assertion
+	CodeUnsupportedGrantType = 70003  // grant_type other than client_credentials
+	CodeInvalidScope         = 70011  // scope unusable
+	CodeUnknownTenant        = 90002  // tenant not found
+	CodeInvalidRequest       = 90023  // malformed or oversized request
+	CodeUnknownClient        = 700016 // client_id not in tenant
+	CodeAssertionTime        = 700024 // assertion outside its validity
+	CodeBadSignature         = 700027 // assertion signature invalid
+	CodeNoFICIssuer          = 700211 // no FIC for the assertion's issuer
+	CodeNoFICAudience        = 700212 // no FIC for the assertion's audience
+	CodeNoFICSubject         = 700213 // no FIC for the assertion's subject
 	// CodeOwnTokenForbidden refuses a token this service issued, presented
 	// as a client assertion. Entra's docs say its own tokens cannot be used
 	// as the external token of a federated flow (workload-identity-federation,
@@ -32,7 +32,7 @@ const (
 	// of an Entra-issued token as a federated credential. It fits better than
 	// 700211 (no FIC for the issuer: wrong when a FIC names our issuer) or
 	// 50027 (malformed: the token is well-formed).
-	CodeOwnTokenForbidden = 700229
+	CodeOwnTokenForbidden      = 700229
 	CodeUnknownResource        = 500011  // resource not found in tenant
 	CodeMissingParameter       = 900144  // a required parameter is missing
 	CodeMethodNotAllowed       = 900561  // endpoint accepts POST only

@@ -109,6 +109,7 @@ type Resolver struct {
 type dirItem struct {
 	ids []*ferrypb.AgentIdentity
 	at  time.Time
+	rev uint64 // the agent's entry revision read before asking
 }
 
 var (
@@ -188,10 +189,7 @@ func (r *Resolver) Identity(ctx context.Context, c imds.Caller, s imds.Selector)
 	// Read the time and revision before attesting: a decision is never
 	// dated later than the state it was made from.
 	now := r.cfg.Now()
-	var rev uint64
-	if r.rev != nil {
-		rev = r.rev.Revision()
-	}
+	rev := r.revision()
 	if id, ok := ci.granted(c, s, now, r.cfg.ReattestAfter, rev); ok {
 		return id, nil
 	}
@@ -211,10 +209,7 @@ func (r *Resolver) Granted(ctx context.Context, c imds.Caller, s imds.Selector) 
 	if ci == nil {
 		return tokens.Identity{}, false
 	}
-	var rev uint64
-	if r.rev != nil {
-		rev = r.rev.Revision()
-	}
+	rev := r.revision()
 	return ci.granted(c, s, r.cfg.Now(), r.cfg.ReattestAfter, rev)
 }
 
@@ -337,10 +332,13 @@ func (r *Resolver) usable(ctx context.Context, spiffeIDs []string) ([]*ferrypb.A
 		return out, nil
 	}
 	now := r.cfg.Now()
+	// Read the revision before asking: an answer is never dated later than
+	// the entries it was given for.
+	rev := r.revision()
 	var missing []string
 	r.mu.Lock()
 	for _, id := range spiffeIDs {
-		if it, ok := r.dir[id]; !ok || !r.usableLocked(it, now, false) {
+		if it, ok := r.dir[id]; !ok || !r.usableLocked(it, now, rev, false) {
 			missing = append(missing, id)
 		}
 	}
@@ -364,7 +362,7 @@ func (r *Resolver) usable(ctx context.Context, spiffeIDs []string) ([]*ferrypb.A
 	}
 	r.mu.Lock()
 	for id, ids := range fresh {
-		r.dir[id] = dirItem{ids: ids, at: now}
+		r.dir[id] = dirItem{ids: ids, at: now, rev: rev}
 	}
 	r.sweepLocked(now)
 	r.mu.Unlock()
@@ -375,13 +373,13 @@ func (r *Resolver) usable(ctx context.Context, spiffeIDs []string) ([]*ferrypb.A
 // cached returns the cached answers for every ID if all are fresh (or, with
 // stale, not older than StaleTTL).
 func (r *Resolver) cached(spiffeIDs []string, stale bool) ([]*ferrypb.AgentIdentity, bool) {
-	now := r.cfg.Now()
+	now, rev := r.cfg.Now(), r.revision()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var out []*ferrypb.AgentIdentity
 	for _, id := range spiffeIDs {
 		it, ok := r.dir[id]
-		if !ok || !r.usableLocked(it, now, stale) {
+		if !ok || !r.usableLocked(it, now, rev, stale) {
 			return nil, false
 		}
 		out = append(out, it.ids...)
@@ -389,15 +387,31 @@ func (r *Resolver) cached(spiffeIDs []string, stale bool) ([]*ferrypb.AgentIdent
 	return out, true
 }
 
-func (r *Resolver) usableLocked(it dirItem, now time.Time, stale bool) bool {
+// usableLocked reports whether an answer may be used now. A fresh answer
+// also needs the agent's entries unchanged since it was taken: disabling an
+// entry's system-assigned identity, or replacing the entry, changes them in
+// the same server command that deletes the identity, so the next request
+// asks again instead of being granted a deleted identity for up to TTL.
+// Only when the servers cannot be reached (stale) is an older answer used.
+func (r *Resolver) usableLocked(it dirItem, now time.Time, rev uint64, stale bool) bool {
 	ttl := r.cfg.TTL
 	switch {
 	case stale:
 		ttl = r.cfg.StaleTTL
+	case it.rev != rev:
+		return false
 	case len(it.ids) == 0:
 		ttl = r.cfg.NegativeTTL
 	}
 	return now.Sub(it.at) < ttl
+}
+
+// revision is the agent's entry revision, or 0 without a revisioner.
+func (r *Resolver) revision() uint64 {
+	if r.rev == nil {
+		return 0
+	}
+	return r.rev.Revision()
 }
 
 // sweepLocked forgets answers too old to be used even when stale.

@@ -562,3 +562,30 @@ func TestGrantsEndWhenEntriesChange(t *testing.T) {
 	require.Equal(t, http.StatusForbidden, code, body)
 	require.Contains(t, body, "identity not found")
 }
+
+// TestDirectoryAnswersEndWhenEntriesChange: an answer taken before the
+// agent's entries changed is not used again, however fresh: disabling an
+// entry's system-assigned identity changes the entry in the same command
+// that deletes the identity, so the deleted identity must not be granted.
+func TestDirectoryAnswersEndWhenEntriesChange(t *testing.T) {
+	var rw *revWorkloads
+	f := newFixture(t, func(c *identities.Config) {
+		c.TTL = time.Hour
+		rw = &revWorkloads{workloads: c.Workloads.(*workloads)}
+		c.Workloads = rw
+	})
+	ctx := context.Background()
+	_, err := f.r.Identity(ctx, caller(30), imds.Selector{})
+	require.NoError(t, err)
+	_, err = f.r.Identity(ctx, caller(30), imds.Selector{})
+	require.NoError(t, err)
+	require.Equal(t, 1, f.d.numCalls(), "unchanged entries: the answer is reused")
+
+	f.d.mu.Lock()
+	f.d.ids = nil
+	f.d.mu.Unlock()
+	rw.rev.Add(1)
+	_, err = f.r.Identity(ctx, caller(30), imds.Selector{})
+	require.ErrorIs(t, err, imds.ErrIdentityNotFound)
+	require.Equal(t, 2, f.d.numCalls(), "changed entries: the servers are asked again")
+}

@@ -427,7 +427,7 @@ func TestLifecycleAzureVMFlow(t *testing.T) {
 }
 
 // TestLifecycleDisableAndEvict: disabling an entry's identity (the entry
-// stays) stops its tokens within the agent's directory cache lifetime, and
+// stays) stops its tokens as soon as the agent sees the entry change, and
 // an agent's own system-assigned identity goes when the agent is evicted.
 func TestLifecycleDisableAndEvict(t *testing.T) {
 	s := newLifecycleStack(t)
