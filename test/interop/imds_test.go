@@ -42,7 +42,7 @@ import (
 //     so a request must name one;
 //   - /interop/imds-single (gid 4242): federated to imds-c only;
 //   - /interop/imds-sys (gid 4545): owner of the system-assigned identity
-//     imds-sys, and federated to the user-assigned imds-d. imds-sys is
+//     imds-sys (created with its entry), and federated to the user-assigned imds-d. imds-sys is
 //     also federated to /interop/imds-multi, which must still not get it:
 //     a system-assigned identity serves its owner only.
 //
@@ -118,7 +118,6 @@ func setupIMDSAgent(tb testing.TB) (*imdsAgent, error) {
 		{"imds-a", nil, []string{multi}},
 		{"imds-b", nil, []string{multi}},
 		{"imds-c", nil, []string{single}},
-		{"imds-sys", []string{"--kind", "system-assigned", "--owner-spiffe-id", sys}, []string{sys, multi}},
 		{"imds-d", nil, []string{sys}},
 	} {
 		out, err := ferryOut(append([]string{"identity", "create", "--name", id.name, "--output", "json"}, id.create...)...)
@@ -169,10 +168,34 @@ func setupIMDSAgent(tb testing.TB) (*imdsAgent, error) {
 		return nil, err
 	}
 	for _, e := range []struct{ name, gid string }{{"imds-multi", "0"}, {"imds-single", strconv.Itoa(singleGID)}, {"imds-sys", strconv.Itoa(sysGID)}} {
-		if _, err := ferryOut("entry", "create", "--spiffe-id", "spiffe://"+td+"/interop/"+e.name, "--parent-id", agentID,
-			"--selector", "unix:uid:0", "--selector", "unix:gid:"+e.gid); err != nil {
+		args := []string{"entry", "create", "--spiffe-id", "spiffe://" + td + "/interop/" + e.name, "--parent-id", agentID,
+			"--selector", "unix:uid:0", "--selector", "unix:gid:" + e.gid}
+		if e.name == "imds-sys" {
+			// Its system-assigned identity is created with the entry, named
+			// after it, and bound to its SPIFFE ID by the server.
+			args = append(args, "--entry-id", "imds-sys", "--system-assigned-identity")
+		}
+		if _, err := ferryOut(args...); err != nil {
 			return nil, err
 		}
+	}
+	out, err = ferryOut("identity", "show", "--name", "imds-sys", "--output", "json")
+	if err != nil {
+		return nil, err
+	}
+	var shown struct {
+		Identity struct {
+			ObjectID   string `json:"object_id"`
+			ClientID   string `json:"client_id"`
+			ResourceID string `json:"resource_id"`
+		} `json:"identity"`
+	}
+	if err := json.Unmarshal([]byte(out), &shown); err != nil {
+		return nil, err
+	}
+	ag.ids["imds-sys"] = imdsIdentity{name: "imds-sys", clientID: shown.Identity.ClientID, objectID: shown.Identity.ObjectID, resourceID: shown.Identity.ResourceID}
+	if _, err := ferryOut("role", "assign", "--identity-name", "imds-sys", "--resource", imdsRes, "--role", "reader"); err != nil {
+		return nil, err
 	}
 
 	// The agent: its own data dir and Workload API socket, Arc and VM
