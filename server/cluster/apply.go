@@ -112,8 +112,18 @@ func (n *Node) sleep(ctx context.Context, d time.Duration) error {
 	}
 }
 
+// forwardApply has the leader commit data, then waits until this node has
+// applied it too: a client that wrote through this node reads its write
+// here (an agent attested through a follower is known to it at once).
 func (n *Node) forwardApply(ctx context.Context, data []byte) (*ferrypb.CommandResult, error) {
-	return n.forward.submit(ctx, data)
+	res, err := n.forward.submit(ctx, data)
+	if err != nil {
+		return nil, err
+	}
+	if err := n.waitApplied(ctx, res.GetIndex()); err != nil {
+		return nil, err
+	}
+	return res, nil
 }
 
 // applyLocal submits data to Raft on this node (which must be the leader),

@@ -100,6 +100,22 @@ func TestCluster(t *testing.T) {
 		}
 	})
 
+	t.Run("WriteThroughFollowerVisibleThereAtOnce", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		for i := 0; i < 40; i++ {
+			cmd := entryCommand(fmt.Sprintf("ryw-%d", i), 10)
+			f := fs[i%len(fs)]
+			if _, err := f.Apply(ctx, cmd); err != nil {
+				t.Fatal(err)
+			}
+			total++
+			if !f.fsm.Has(cmd.GetRequestId()) {
+				t.Fatalf("write %d acknowledged through %s is not applied there yet", i, f.ID())
+			}
+		}
+	})
+
 	t.Run("OversizeCommandRefusedBeforeRaft", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
