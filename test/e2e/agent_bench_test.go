@@ -12,16 +12,15 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"google.golang.org/grpc/codes"
 
 	"github.com/ferry-id/ferry/internal/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/test/wlload"
 )
 
 // Agent benchmarks: a real server and a real `ferry agent run` process, driven
@@ -305,66 +304,46 @@ func procCPU(b *testing.B, pid int) time.Duration {
 	return time.Duration(utime+stime) * (time.Second / 100)
 }
 
-// selfCPU returns the CPU time this process (the benchmark's clients) has used.
-func selfCPU() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-// buildDriver builds test/wlload, the Workload API load driver.
+// buildDriver builds test/wlload/cmd/wlload, the Workload API load driver.
 func buildDriver(b *testing.B) string {
 	b.Helper()
 	bin := filepath.Join(b.TempDir(), "wlload")
-	out, err := exec.Command("go", "build", "-o", bin, "github.com/ferry-id/ferry/test/wlload").CombinedOutput()
+	out, err := exec.Command("go", "build", "-o", bin, "github.com/ferry-id/ferry/test/wlload/cmd/wlload").CombinedOutput()
 	if err != nil {
 		b.Fatalf("build wlload: %v\n%s", err, out)
 	}
 	return bin
 }
 
-// runDriver runs one case of BenchmarkAgentWorkloadAPI with its clients in a
-// wlload process instead of this one, and reports it the same way.
-func runDriver(b *testing.B, bin string, a *testcluster.Agent, agentPID int, kind, mode string, conc, seconds int) {
+// runCase runs one case of BenchmarkAgentWorkloadAPI: its clients in this
+// process, or with a driver binary in a wlload process of their own. It
+// returns what the clients measured and the CPU time the agent spent.
+func runCase(b *testing.B, driver string, a *testcluster.Agent, agentPID int, kind, mode string, conc, seconds int) (wlload.Result, time.Duration) {
 	b.Helper()
-	cmd := exec.Command(bin, "-addr", a.SocketAddr(), "-call", kind, "-mode", mode,
-		"-c", strconv.Itoa(conc), "-seconds", strconv.Itoa(seconds))
 	agentCPU0 := procCPU(b, agentPID)
-	out, err := cmd.Output()
+	var r wlload.Result
+	if driver == "" {
+		r = wlload.Run(a.SocketAddr(), kind, mode, conc, time.Duration(seconds)*time.Second, benchAudience)
+	} else {
+		cmd := exec.Command(driver, "-addr", a.SocketAddr(), "-call", kind, "-mode", mode,
+			"-c", strconv.Itoa(conc), "-seconds", strconv.Itoa(seconds), "-audience", benchAudience)
+		out, err := cmd.Output()
+		if err != nil {
+			b.Fatalf("wlload: %v\n%s", err, out)
+		}
+		if err := json.Unmarshal(out, &r); err != nil {
+			b.Fatalf("wlload output %q: %v", out, err)
+		}
+	}
 	agentCPU := procCPU(b, agentPID) - agentCPU0
-	if err != nil {
-		b.Fatalf("wlload: %v\n%s", err, out)
-	}
-	var r struct {
-		Calls   int     `json:"calls"`
-		Seconds float64 `json:"seconds"`
-		P50us   int64   `json:"p50_us"`
-		P99us   int64   `json:"p99_us"`
-		CPUus   int64   `json:"cpu_us"`
-		Error   string  `json:"error"`
-	}
-	if err := json.Unmarshal(out, &r); err != nil {
-		b.Fatalf("wlload output %q: %v", out, err)
-	}
 	if r.Error != "" {
 		b.Fatalf("wlload: %s", r.Error)
 	}
-	rate := float64(r.Calls) / r.Seconds
-	n := float64(max(r.Calls, 1))
-	// The agent's CPU also covers the driver's start and its clients'
-	// connecting, which take a few milliseconds next to seconds of calls.
-	agentPer, clientPer := float64(agentCPU.Microseconds())/n, float64(r.CPUus)/n
-	p50, p99 := time.Duration(r.P50us)*time.Microsecond, time.Duration(r.P99us)*time.Microsecond
-	b.ReportMetric(rate, "calls/s")
-	b.ReportMetric(ms(p50), "p50-ms")
-	b.ReportMetric(ms(p99), "p99-ms")
-	b.ReportMetric(agentPer, "agent-cpu-µs/call")
-	b.ReportMetric(clientPer, "client-cpu-µs/call")
-	fmt.Printf("Fetch%sSVID %-6s client, concurrency %2d: %7.0f calls/s  p50 %.2f ms  p99 %.2f ms  (%d calls)  CPU/call: agent %.0f µs, client %.0f µs  [client process]\n",
-		strings.ToUpper(kind), mode, conc, rate, ms(p50), ms(p99), r.Calls, agentPer, clientPer)
+	return r, agentCPU
 }
+
+// benchAudience is the audience of the benchmark's JWT-SVIDs.
+const benchAudience = "spiffe://example.org/bench"
 
 // BenchmarkAgentWorkloadAPI: FetchX509SVID and FetchJWTSVID against a real
 // agent process, calls/s and p99 at concurrency 1 and 16, with a new client
@@ -387,25 +366,7 @@ func BenchmarkAgentWorkloadAPI(b *testing.B) {
 	}
 	seconds := envInt("FERRY_BENCH_SECONDS", 3)
 	agentPID := a.PID()
-	addr := workloadapi.WithAddr(a.SocketAddr())
-	params := jwtsvid.Params{Audience: "spiffe://example.org/bench"}
-	calls := map[string]struct {
-		reused func(ctx context.Context, c *workloadapi.Client) error
-		fresh  func(ctx context.Context) error
-	}{
-		"x509": {
-			func(ctx context.Context, c *workloadapi.Client) error { _, err := c.FetchX509SVID(ctx); return err },
-			func(ctx context.Context) error { _, err := workloadapi.FetchX509SVID(ctx, addr); return err },
-		},
-		"jwt": {
-			func(ctx context.Context, c *workloadapi.Client) error {
-				_, err := c.FetchJWTSVID(ctx, params)
-				return err
-			},
-			func(ctx context.Context) error { _, err := workloadapi.FetchJWTSVID(ctx, params, addr); return err },
-		},
-	}
-	var driver string
+	var driver string // "": the clients run in this process
 	if os.Getenv("FERRY_BENCH_CLIENT") == "process" {
 		driver = buildDriver(b)
 	}
@@ -413,77 +374,26 @@ func BenchmarkAgentWorkloadAPI(b *testing.B) {
 		for _, mode := range []string{"reused", "new"} {
 			for _, conc := range []int{1, 16} {
 				b.Run(fmt.Sprintf("%s/%s/c=%d", kind, mode, conc), func(b *testing.B) {
-					call := calls[kind]
 					for range b.N {
-						if driver != "" {
-							runDriver(b, driver, a, agentPID, kind, mode, conc, seconds)
-							continue
-						}
-						lats := make([][]time.Duration, conc)
-						var wg sync.WaitGroup
-						var firstErr error
-						var errMu sync.Mutex
-						agentCPU0, selfCPU0 := procCPU(b, agentPID), selfCPU()
-						stop := time.Now().Add(time.Duration(seconds) * time.Second)
-						for g := range conc {
-							wg.Add(1)
-							go func() {
-								defer wg.Done()
-								var client *workloadapi.Client
-								if mode == "reused" {
-									cl, err := workloadapi.New(ctx, addr)
-									if err != nil {
-										errMu.Lock()
-										firstErr = err
-										errMu.Unlock()
-										return
-									}
-									defer cl.Close()
-									client = cl
-								}
-								for time.Now().Before(stop) {
-									cctx, cc := context.WithTimeout(ctx, 10*time.Second)
-									t0 := time.Now()
-									var err error
-									if client != nil {
-										err = call.reused(cctx, client)
-									} else {
-										err = call.fresh(cctx)
-									}
-									d := time.Since(t0)
-									cc()
-									if err != nil {
-										errMu.Lock()
-										if firstErr == nil {
-											firstErr = err
-										}
-										errMu.Unlock()
-										return
-									}
-									lats[g] = append(lats[g], d)
-								}
-							}()
-						}
-						wg.Wait()
-						agentCPU, selfCPU := procCPU(b, agentPID)-agentCPU0, selfCPU()-selfCPU0
-						if firstErr != nil {
-							b.Fatal(firstErr)
-						}
-						var all []time.Duration
-						for _, l := range lats {
-							all = append(all, l...)
-						}
-						rate := float64(len(all)) / float64(seconds)
-						p50, p99 := percentile(all, 50), percentile(all, 99)
-						n := float64(max(len(all), 1))
-						agentPer, clientPer := float64(agentCPU.Microseconds())/n, float64(selfCPU.Microseconds())/n
+						r, agentCPU := runCase(b, driver, a, agentPID, kind, mode, conc, seconds)
+						rate := float64(r.Calls) / r.Seconds
+						n := float64(max(r.Calls, 1))
+						// With a driver process, the agent's CPU also covers the
+						// driver's start and its clients' connecting, which take
+						// a few milliseconds next to seconds of calls.
+						agentPer, clientPer := float64(agentCPU.Microseconds())/n, float64(r.CPUus)/n
+						p50, p99 := time.Duration(r.P50us)*time.Microsecond, time.Duration(r.P99us)*time.Microsecond
 						b.ReportMetric(rate, "calls/s")
 						b.ReportMetric(ms(p50), "p50-ms")
 						b.ReportMetric(ms(p99), "p99-ms")
 						b.ReportMetric(agentPer, "agent-cpu-µs/call")
 						b.ReportMetric(clientPer, "client-cpu-µs/call")
-						fmt.Printf("Fetch%sSVID %-6s client, concurrency %2d: %7.0f calls/s  p50 %.2f ms  p99 %.2f ms  (%d calls)  CPU/call: agent %.0f µs, client %.0f µs\n",
-							strings.ToUpper(kind), mode, conc, rate, ms(p50), ms(p99), len(all), agentPer, clientPer)
+						where := ""
+						if driver != "" {
+							where = "  [client process]"
+						}
+						fmt.Printf("Fetch%sSVID %-6s client, concurrency %2d: %7.0f calls/s  p50 %.2f ms  p99 %.2f ms  (%d calls)  CPU/call: agent %.0f µs, client %.0f µs%s\n",
+							strings.ToUpper(kind), mode, conc, rate, ms(p50), ms(p99), r.Calls, agentPer, clientPer, where)
 					}
 				})
 			}

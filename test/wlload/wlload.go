@@ -1,20 +1,14 @@
-// Command wlload drives a SPIFFE Workload API endpoint with go-spiffe's
-// client from its own process, so that a benchmark can tell the agent's cost
-// from its clients'. It makes FetchX509SVID or FetchJWTSVID calls from -c
-// goroutines for -seconds, each with one client for all its calls (-mode
-// reused) or a new client per call (-mode new), and prints one JSON object:
-// the calls made, their p50 and p99 latency, and the CPU time this process
-// used.
-//
-//	wlload -addr unix:///run/ferry/public/api.sock -call x509 -mode reused -c 16 -seconds 3
-package main
+// Package wlload drives a SPIFFE Workload API endpoint with go-spiffe's
+// client, so that a benchmark can measure calls/s, latency and the clients'
+// CPU: FetchX509SVID or FetchJWTSVID calls from conc goroutines, each with one
+// client for all its calls (mode "reused") or a new client per call (mode
+// "new"). Command cmd/wlload runs it in a process of its own, so that the
+// agent's cost can be told from its clients'.
+package wlload
 
 import (
 	"context"
-	"encoding/json"
-	"flag"
 	"fmt"
-	"os"
 	"slices"
 	"sync"
 	"syscall"
@@ -24,7 +18,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
 
-// Result is what wlload prints.
+// Result is what a run measured; cmd/wlload prints it as JSON.
 type Result struct {
 	Calls   int     `json:"calls"`
 	Seconds float64 `json:"seconds"`
@@ -34,25 +28,9 @@ type Result struct {
 	Error   string  `json:"error,omitempty"`
 }
 
-func main() {
-	addr := flag.String("addr", "", "Workload API address (unix:///path)")
-	call := flag.String("call", "x509", "x509 or jwt")
-	mode := flag.String("mode", "reused", "reused (one client per goroutine) or new (a client per call)")
-	conc := flag.Int("c", 1, "concurrent callers")
-	seconds := flag.Float64("seconds", 3, "duration")
-	audience := flag.String("audience", "spiffe://example.org/bench", "JWT-SVID audience")
-	flag.Parse()
-	if *addr == "" || *conc < 1 || (*call != "x509" && *call != "jwt") || (*mode != "reused" && *mode != "new") {
-		flag.Usage()
-		os.Exit(2)
-	}
-	res := run(*addr, *call, *mode, *conc, time.Duration(*seconds*float64(time.Second)), *audience)
-	if err := json.NewEncoder(os.Stdout).Encode(res); err != nil {
-		os.Exit(1)
-	}
-}
-
-func run(addr, call, mode string, conc int, d time.Duration, audience string) Result {
+// Run makes calls for d and returns what they measured. call is "x509" or
+// "jwt"; audience is the JWT-SVIDs' audience.
+func Run(addr, call, mode string, conc int, d time.Duration, audience string) Result {
 	opt := workloadapi.WithAddr(addr)
 	params := jwtsvid.Params{Audience: audience}
 	once := func(ctx context.Context, c *workloadapi.Client) error {

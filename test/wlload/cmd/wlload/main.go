@@ -1,0 +1,33 @@
+// Command wlload runs wlload.Run in its own process and prints one JSON
+// object: the calls made, their p50 and p99 latency, and the CPU time this
+// process used.
+//
+//	wlload -addr unix:///run/ferry/public/api.sock -call x509 -mode reused -c 16 -seconds 3
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"os"
+	"time"
+
+	"github.com/ferry-id/ferry/test/wlload"
+)
+
+func main() {
+	addr := flag.String("addr", "", "Workload API address (unix:///path)")
+	call := flag.String("call", "x509", "x509 or jwt")
+	mode := flag.String("mode", "reused", "reused (one client per goroutine) or new (a client per call)")
+	conc := flag.Int("c", 1, "concurrent callers")
+	seconds := flag.Float64("seconds", 3, "duration")
+	audience := flag.String("audience", "spiffe://example.org/bench", "JWT-SVID audience")
+	flag.Parse()
+	if *addr == "" || *conc < 1 || (*call != "x509" && *call != "jwt") || (*mode != "reused" && *mode != "new") {
+		flag.Usage()
+		os.Exit(2)
+	}
+	res := wlload.Run(*addr, *call, *mode, *conc, time.Duration(*seconds*float64(time.Second)), *audience)
+	if err := json.NewEncoder(os.Stdout).Encode(res); err != nil {
+		os.Exit(1)
+	}
+}
