@@ -507,7 +507,7 @@ func startServer(t testing.TB, opts ...fixtureOpt) *fixture {
 		SocketPath: filepath.Join(publicDir(t), "api.sock"),
 		Manager:    mgr,
 		Attestor:   workloadapi.WorkloadAttestors(mgr, ua),
-		Log:        slog.New(slog.NewJSONHandler(lb, nil)),
+		Log:        slog.New(slog.NewJSONHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	for _, o := range opts {
 		o(&cfg)

@@ -49,13 +49,17 @@ func (s *Server) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.Str
 	return err
 }
 
-// logCall writes the one line each call gets. Messages are never logged:
+// logCall writes the one line each call gets: at Debug for a call served
+// (as SPIRE logs issuance; a busy node makes thousands a second), at Info for
+// a refusal, at Warn when the agent failed. Messages are never logged:
 // responses carry keys and tokens. Error texts are produced by this package
 // and carry neither.
 func (s *Server) logCall(ctx context.Context, fullMethod string, start time.Time, err error, sent int64) {
 	st := status.Convert(err)
 	level := slog.LevelInfo
 	switch st.Code() {
+	case codes.OK, codes.Canceled:
+		level = slog.LevelDebug
 	case codes.Unavailable, codes.Internal, codes.Unknown, codes.DataLoss:
 		level = slog.LevelWarn
 	}

@@ -139,6 +139,14 @@ func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
 		// client that connects per call would allocate it per call, while
 		// requests are a few hundred bytes. Larger reads bypass the buffer.
 		grpc.ReadBufferSize(4<<10),
+		// The write buffer goes back to a pool after each flush, so an idle
+		// or one-call connection holds none.
+		grpc.SharedWriteBuffer(true),
+		// A fixed window turns off gRPC's bandwidth estimation, which pings
+		// the client after a request arrives: an extra write and read on
+		// both sides of every call, for requests of a few hundred bytes.
+		grpc.InitialWindowSize(64<<10),
+		grpc.InitialConnWindowSize(64<<10),
 		// Calls run on a few long-lived goroutines whose stacks have already
 		// grown to what a call needs, instead of a new goroutine per call
 		// that grows its stack (copying it) each time. Beyond the workers,

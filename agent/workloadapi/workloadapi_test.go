@@ -733,10 +733,12 @@ func TestLogLinePerCall(t *testing.T) {
 
 	x := f.log.waitCall(t, "FetchX509SVID", os.Getpid())
 	assert.Equal(t, "OK", x["code"])
+	assert.Equal(t, "DEBUG", x["level"], "a call served is logged at Debug")
 	assert.Equal(t, float64(os.Getuid()), x["uid"])
 	assert.Equal(t, float64(1), x["sent"])
 	j := f.log.waitCall(t, "FetchJWTSVID", os.Getpid())
 	assert.Equal(t, "InvalidArgument", j["code"])
+	assert.Equal(t, "INFO", j["level"], "a refusal is logged at Info")
 	assert.Equal(t, "security header missing from request", j["error"])
 
 	// No key material: neither the PKCS#8 key nor the certificate's bytes.

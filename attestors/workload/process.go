@@ -9,8 +9,10 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
-	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // DefaultProcRoot is where procfs is mounted.
@@ -37,6 +39,11 @@ const DefaultProcRoot = "/proc"
 // cached; only the descriptors are, so a process that changes its
 // credentials or executes another program is seen as it is at every read.
 //
+// Descriptors are plain file descriptors, not os.Files: procfs files cannot
+// be polled, and an os.File would try to register each with the runtime's
+// poller (and fail) and make extra fcntl calls, several system calls per
+// connection on a path every Workload API caller takes.
+//
 // A Process is safe for concurrent use. Close releases the directory and the
 // files.
 type Process struct {
@@ -45,9 +52,9 @@ type Process struct {
 	root  string // the procfs mount, as given to OpenProcessIn
 
 	mu    sync.Mutex
-	dir   *os.Root
-	files map[string]*os.File // opened through dir, read at offset 0
-	buf   []byte              // stat is read into it; guarded by mu
+	dir   int            // the /proc/PID directory; -1 once closed
+	files map[string]int // opened relative to dir, read at offset 0
+	buf   []byte         // stat is read into it; guarded by mu
 }
 
 // OpenProcess pins pid under DefaultProcRoot.
@@ -61,9 +68,12 @@ func OpenProcessIn(procRoot string, pid int32) (*Process, error) {
 	if pid <= 0 {
 		return nil, fmt.Errorf("workload: invalid pid %d", pid)
 	}
-	dir, err := os.OpenRoot(filepath.Join(procRoot, strconv.FormatInt(int64(pid), 10)))
+	path := filepath.Join(procRoot, strconv.FormatInt(int64(pid), 10))
+	dir, err := openRetry(func() (int, error) {
+		return unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	})
 	if err != nil {
-		return nil, fmt.Errorf("workload: open process %d: %w", pid, err)
+		return nil, fmt.Errorf("workload: open process %d: %w", pid, &os.PathError{Op: "open", Path: path, Err: err})
 	}
 	p := &Process{pid: pid, root: procRoot, dir: dir}
 	p.mu.Lock()
@@ -81,6 +91,16 @@ func OpenProcessIn(procRoot string, pid int32) (*Process, error) {
 	return p, nil
 }
 
+// openRetry calls open until it does not fail with EINTR.
+func openRetry(open func() (int, error)) (int, error) {
+	for {
+		fd, err := open()
+		if err != unix.EINTR {
+			return fd, err
+		}
+	}
+}
+
 // PID returns the pinned PID.
 func (p *Process) PID() int32 { return p.pid }
 
@@ -93,7 +113,7 @@ func (p *Process) StartTime() uint64 { return p.start }
 func (p *Process) CheckAlive() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.dir == nil {
+	if p.dir < 0 {
 		return fmt.Errorf("%w: pid %d: process handle closed", ErrProcessChanged, p.pid)
 	}
 	st, err := p.readStatLocked()
@@ -118,11 +138,11 @@ func (p *Process) CheckAlive() error {
 func (p *Process) ReadFile(name string, read func(io.Reader) error) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	f, err := p.fileLocked(name)
+	fd, err := p.fileLocked(name)
 	if err != nil {
 		return err
 	}
-	return read(&atReader{f: f})
+	return read(&atReader{fd: fd, name: name})
 }
 
 // Readlink returns the target of the symbolic link name in the pinned
@@ -130,86 +150,117 @@ func (p *Process) ReadFile(name string, read func(io.Reader) error) error {
 func (p *Process) Readlink(name string) (string, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.dir == nil {
+	if p.dir < 0 {
 		return "", fmt.Errorf("%w: pid %d: process handle closed", ErrProcessChanged, p.pid)
 	}
-	return p.dir.Readlink(name)
+	if err := checkName(name); err != nil {
+		return "", err
+	}
+	for size := 256; ; size *= 2 {
+		b := make([]byte, size)
+		n, err := unix.Readlinkat(p.dir, name, b)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return "", &os.PathError{Op: "readlink", Path: name, Err: err}
+		}
+		if n < size {
+			return string(b[:n]), nil
+		}
+		if size >= 1<<16 {
+			return "", &os.PathError{Op: "readlink", Path: name, Err: unix.ENAMETOOLONG}
+		}
+	}
 }
 
-func (p *Process) fileLocked(name string) (*os.File, error) {
-	if p.dir == nil {
-		return nil, fmt.Errorf("%w: pid %d: process handle closed", ErrProcessChanged, p.pid)
+// checkName refuses anything but a plain name in the process directory.
+func checkName(name string) error {
+	if name == "" || name == "." || name == ".." || strings.ContainsRune(name, '/') {
+		return fmt.Errorf("workload: %q is not a file of a process directory", name)
 	}
-	if f := p.files[name]; f != nil {
-		return f, nil
+	return nil
+}
+
+func (p *Process) fileLocked(name string) (int, error) {
+	if p.dir < 0 {
+		return -1, fmt.Errorf("%w: pid %d: process handle closed", ErrProcessChanged, p.pid)
 	}
-	f, err := p.dir.Open(name)
+	if fd, ok := p.files[name]; ok {
+		return fd, nil
+	}
+	if err := checkName(name); err != nil {
+		return -1, err
+	}
+	fd, err := openRetry(func() (int, error) {
+		return unix.Openat(p.dir, name, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+	})
 	if err != nil {
-		return nil, err
+		return -1, &os.PathError{Op: "open", Path: name, Err: err}
 	}
 	if p.files == nil {
-		p.files = make(map[string]*os.File, 2)
+		p.files = make(map[string]int, 2)
 	}
-	p.files[name] = f
-	return f, nil
+	p.files[name] = fd
+	return fd, nil
 }
 
-// atReader reads f from offset 0 with pread, leaving f's own offset alone.
+// atReader reads fd from offset 0 with pread. procfs generates a file such
+// as stat or status whole on each read from offset 0, so a read that returns
+// less than asked for has reached the end: the reader then reports io.EOF
+// without another system call (as for a regular file, where a short read at
+// a fixed size also means the end).
 type atReader struct {
-	f   *os.File
-	off int64
+	fd   int
+	name string
+	off  int64
+	eof  bool
 }
 
 func (r *atReader) Read(b []byte) (int, error) {
-	n, err := preadOnce(r.f, b, r.off)
-	r.off += int64(n)
-	return n, err
-}
-
-// preadOnce makes one pread call: unlike os.File.ReadAt, which reads again
-// after a short read to find the end of file, it returns what one read gave,
-// and 0, io.EOF at the end.
-func preadOnce(f *os.File, b []byte, off int64) (int, error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var (
-		n    int
-		rerr error
-	)
-	if err := rc.Read(func(fd uintptr) bool {
-		for {
-			n, rerr = syscall.Pread(int(fd), b, off)
-			if rerr != syscall.EINTR {
-				return true
-			}
-		}
-	}); err != nil {
-		return 0, err
-	}
-	if rerr != nil {
-		return 0, &os.PathError{Op: "read", Path: f.Name(), Err: rerr}
-	}
-	if n == 0 && len(b) > 0 {
+	if r.eof {
 		return 0, io.EOF
 	}
+	if len(b) == 0 {
+		return 0, nil
+	}
+	n, err := preadOnce(r.fd, b, r.off)
+	if err != nil {
+		return 0, &os.PathError{Op: "read", Path: r.name, Err: err}
+	}
+	r.off += int64(n)
+	if n < len(b) {
+		r.eof = true
+		if n == 0 {
+			return 0, io.EOF
+		}
+	}
 	return n, nil
+}
+
+// preadOnce makes one pread call, retried only on EINTR.
+func preadOnce(fd int, b []byte, off int64) (int, error) {
+	for {
+		n, err := unix.Pread(fd, b, off)
+		if err != unix.EINTR {
+			return n, err
+		}
+	}
 }
 
 // Close releases the process handle. It is safe to call more than once.
 func (p *Process) Close() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.dir == nil {
+	if p.dir < 0 {
 		return nil
 	}
-	for _, f := range p.files {
-		f.Close()
+	for _, fd := range p.files {
+		unix.Close(fd)
 	}
 	p.files = nil
-	err := p.dir.Close()
-	p.dir = nil
+	err := unix.Close(p.dir)
+	p.dir = -1
 	return err
 }
 
@@ -226,14 +277,14 @@ const maxStatSize = 4096
 
 // readStatLocked reads and parses the pinned process's stat file.
 func (p *Process) readStatLocked() (procStat, error) {
-	f, err := p.fileLocked("stat")
+	fd, err := p.fileLocked("stat")
 	if err != nil {
 		return procStat{}, err
 	}
 	if p.buf == nil {
 		p.buf = make([]byte, 0, 512)
 	}
-	r := &atReader{f: f}
+	r := &atReader{fd: fd, name: "stat"}
 	buf := p.buf[:0]
 	for len(buf) < maxStatSize {
 		if len(buf) == cap(buf) {

@@ -318,14 +318,14 @@ func buildDriver(b *testing.B) string {
 // runCase runs one case of BenchmarkAgentWorkloadAPI: its clients in this
 // process, or with a driver binary in a wlload process of their own. It
 // returns what the clients measured and the CPU time the agent spent.
-func runCase(b *testing.B, driver string, a *testcluster.Agent, agentPID int, kind, mode string, conc, seconds int) (wlload.Result, time.Duration) {
+func runCase(b *testing.B, driver string, a *testcluster.Agent, agentPID int, client, kind, mode string, conc, seconds int) (wlload.Result, time.Duration) {
 	b.Helper()
 	agentCPU0 := procCPU(b, agentPID)
 	var r wlload.Result
 	if driver == "" {
-		r = wlload.Run(a.SocketAddr(), kind, mode, conc, time.Duration(seconds)*time.Second, benchAudience)
+		r = wlload.Run(a.SocketAddr(), client, kind, mode, conc, time.Duration(seconds)*time.Second, benchAudience)
 	} else {
-		cmd := exec.Command(driver, "-addr", a.SocketAddr(), "-call", kind, "-mode", mode,
+		cmd := exec.Command(driver, "-addr", a.SocketAddr(), "-client", client, "-call", kind, "-mode", mode,
 			"-c", strconv.Itoa(conc), "-seconds", strconv.Itoa(seconds), "-audience", benchAudience)
 		out, err := cmd.Output()
 		if err != nil {
@@ -370,33 +370,40 @@ func BenchmarkAgentWorkloadAPI(b *testing.B) {
 	if os.Getenv("FERRY_BENCH_CLIENT") == "process" {
 		driver = buildDriver(b)
 	}
-	for _, kind := range []string{"x509", "jwt"} {
-		for _, mode := range []string{"reused", "new"} {
-			for _, conc := range []int{1, 16} {
-				b.Run(fmt.Sprintf("%s/%s/c=%d", kind, mode, conc), func(b *testing.B) {
-					for range b.N {
-						r, agentCPU := runCase(b, driver, a, agentPID, kind, mode, conc, seconds)
-						rate := float64(r.Calls) / r.Seconds
-						n := float64(max(r.Calls, 1))
-						// With a driver process, the agent's CPU also covers the
-						// driver's start and its clients' connecting, which take
-						// a few milliseconds next to seconds of calls.
-						agentPer, clientPer := float64(agentCPU.Microseconds())/n, float64(r.CPUus)/n
-						p50, p99 := time.Duration(r.P50us)*time.Microsecond, time.Duration(r.P99us)*time.Microsecond
-						b.ReportMetric(rate, "calls/s")
-						b.ReportMetric(ms(p50), "p50-ms")
-						b.ReportMetric(ms(p99), "p99-ms")
-						b.ReportMetric(agentPer, "agent-cpu-µs/call")
-						b.ReportMetric(clientPer, "client-cpu-µs/call")
-						where := ""
-						if driver != "" {
-							where = "  [client process]"
+	for _, client := range wlload.Clients {
+		for _, kind := range []string{"x509", "jwt"} {
+			for _, mode := range []string{"reused", "new"} {
+				for _, conc := range []int{1, 16} {
+					b.Run(fmt.Sprintf("%s/%s/%s/c=%d", client, kind, mode, conc), func(b *testing.B) {
+						for range b.N {
+							benchCase(b, driver, a, agentPID, client, kind, mode, conc, seconds)
 						}
-						fmt.Printf("Fetch%sSVID %-6s client, concurrency %2d: %7.0f calls/s  p50 %.2f ms  p99 %.2f ms  (%d calls)  CPU/call: agent %.0f µs, client %.0f µs%s\n",
-							strings.ToUpper(kind), mode, conc, rate, ms(p50), ms(p99), r.Calls, agentPer, clientPer, where)
-					}
-				})
+					})
+				}
 			}
 		}
 	}
+}
+
+// benchCase runs and reports one case of BenchmarkAgentWorkloadAPI.
+func benchCase(b *testing.B, driver string, a *testcluster.Agent, agentPID int, client, kind, mode string, conc, seconds int) {
+	r, agentCPU := runCase(b, driver, a, agentPID, client, kind, mode, conc, seconds)
+	rate := float64(r.Calls) / r.Seconds
+	n := float64(max(r.Calls, 1))
+	// With a driver process, the agent's CPU also covers the
+	// driver's start and its clients' connecting, which take
+	// a few milliseconds next to seconds of calls.
+	agentPer, clientPer := float64(agentCPU.Microseconds())/n, float64(r.CPUus)/n
+	p50, p99 := time.Duration(r.P50us)*time.Microsecond, time.Duration(r.P99us)*time.Microsecond
+	b.ReportMetric(rate, "calls/s")
+	b.ReportMetric(ms(p50), "p50-ms")
+	b.ReportMetric(ms(p99), "p99-ms")
+	b.ReportMetric(agentPer, "agent-cpu-µs/call")
+	b.ReportMetric(clientPer, "client-cpu-µs/call")
+	where := ""
+	if driver != "" {
+		where = "  [client process]"
+	}
+	fmt.Printf("%-9s Fetch%sSVID %-6s client, concurrency %2d: %7.0f calls/s  p50 %.2f ms  p99 %.2f ms  (%d calls)  CPU/call: agent %.0f µs, client %.0f µs%s\n",
+		client, strings.ToUpper(kind), mode, conc, rate, ms(p50), ms(p99), r.Calls, agentPer, clientPer, where)
 }

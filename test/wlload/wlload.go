@@ -1,21 +1,33 @@
-// Package wlload drives a SPIFFE Workload API endpoint with go-spiffe's
-// client, so that a benchmark can measure calls/s, latency and the clients'
-// CPU: FetchX509SVID or FetchJWTSVID calls from conc goroutines, each with one
-// client for all its calls (mode "reused") or a new client per call (mode
-// "new"). Command cmd/wlload runs it in a process of its own, so that the
-// agent's cost can be told from its clients'.
+// Package wlload drives a SPIFFE Workload API endpoint, so that a benchmark
+// can measure calls/s, latency and the clients' CPU: FetchX509SVID or
+// FetchJWTSVID calls from conc goroutines, each with one client for all its
+// calls (mode "reused") or a new client per call (mode "new").
+//
+// Two clients: "go-spiffe" is go-spiffe's workloadapi.Client, what workloads
+// run, which parses every certificate and key it receives; "grpc" is a bare
+// gRPC client of go-spiffe's generated SpiffeWorkloadAPI stubs, which checks
+// that a response came and parses nothing, so the figures tell more of the
+// endpoint and less of its clients. Command cmd/wlload runs it in a process of
+// its own, so that the agent's cost can be told from its clients', and can be
+// pointed at any Workload API endpoint.
 package wlload
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
+	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 )
 
 // Result is what a run measured; cmd/wlload prints it as JSON.
@@ -28,31 +40,44 @@ type Result struct {
 	Error   string  `json:"error,omitempty"`
 }
 
+// Clients are the clients Run can drive.
+var Clients = []string{"go-spiffe", "grpc"}
+
+// client makes calls over one connection.
+type client interface {
+	call(ctx context.Context) error
+	Close() error
+}
+
 // Run makes calls for d and returns what they measured. call is "x509" or
-// "jwt"; audience is the JWT-SVIDs' audience.
-func Run(addr, call, mode string, conc int, d time.Duration, audience string) Result {
-	opt := workloadapi.WithAddr(addr)
-	params := jwtsvid.Params{Audience: audience}
-	once := func(ctx context.Context, c *workloadapi.Client) error {
-		var err error
-		switch {
-		case c != nil && call == "x509":
-			_, err = c.FetchX509SVID(ctx)
-		case c != nil:
-			_, err = c.FetchJWTSVID(ctx, params)
-		case call == "x509":
-			_, err = workloadapi.FetchX509SVID(ctx, opt)
-		default:
-			_, err = workloadapi.FetchJWTSVID(ctx, params, opt)
+// "jwt"; audience is the JWT-SVIDs' audience; kind is one of Clients.
+func Run(addr, kind, call, mode string, conc int, d time.Duration, audience string) Result {
+	dial := func(ctx context.Context) (client, error) {
+		if kind == "grpc" {
+			return dialGRPC(addr, call, audience)
 		}
-		return err
+		return dialGoSPIFFE(ctx, addr, call, audience)
+	}
+	if !slices.Contains(Clients, kind) {
+		return Result{Error: fmt.Sprintf("unknown client %q", kind)}
+	}
+	once := func(ctx context.Context, c client) error {
+		if c != nil {
+			return c.call(ctx)
+		}
+		c, err := dial(ctx)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		return c.call(ctx)
 	}
 
 	ctx := context.Background()
-	clients := make([]*workloadapi.Client, conc)
+	clients := make([]client, conc)
 	if mode == "reused" {
 		for i := range clients {
-			c, err := workloadapi.New(ctx, opt)
+			c, err := dial(ctx)
 			if err != nil {
 				return Result{Error: err.Error()}
 			}
@@ -117,3 +142,71 @@ func cpuTime() time.Duration {
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
+
+// goSPIFFE is go-spiffe's client.
+type goSPIFFE struct {
+	*workloadapi.Client
+	x509   bool
+	params jwtsvid.Params
+}
+
+func dialGoSPIFFE(ctx context.Context, addr, call, audience string) (client, error) {
+	c, err := workloadapi.New(ctx, workloadapi.WithAddr(addr))
+	if err != nil {
+		return nil, err
+	}
+	return &goSPIFFE{Client: c, x509: call == "x509", params: jwtsvid.Params{Audience: audience}}, nil
+}
+
+func (c *goSPIFFE) call(ctx context.Context) error {
+	var err error
+	if c.x509 {
+		_, err = c.FetchX509SVID(ctx)
+	} else {
+		_, err = c.FetchJWTSVID(ctx, c.params)
+	}
+	return err
+}
+
+// bareGRPC is a gRPC client of the generated stubs. Like go-spiffe's client,
+// it reads the first message of a FetchX509SVID stream and then cancels it.
+type bareGRPC struct {
+	cc   *grpc.ClientConn
+	api  workloadpb.SpiffeWorkloadAPIClient
+	x509 bool
+	aud  []string
+}
+
+func dialGRPC(addr, call, audience string) (client, error) {
+	if !strings.HasPrefix(addr, "unix://") {
+		return nil, fmt.Errorf("address %q: want unix:///path", addr)
+	}
+	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	return &bareGRPC{cc: cc, api: workloadpb.NewSpiffeWorkloadAPIClient(cc), x509: call == "x509", aud: []string{audience}}, nil
+}
+
+func (c *bareGRPC) call(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(ctx, "workload.spiffe.io", "true"))
+	defer cancel()
+	if !c.x509 {
+		resp, err := c.api.FetchJWTSVID(ctx, &workloadpb.JWTSVIDRequest{Audience: c.aud})
+		if err == nil && len(resp.GetSvids()) == 0 {
+			err = errors.New("FetchJWTSVID: no SVID in response")
+		}
+		return err
+	}
+	stream, err := c.api.FetchX509SVID(ctx, &workloadpb.X509SVIDRequest{})
+	if err != nil {
+		return err
+	}
+	resp, err := stream.Recv()
+	if err == nil && len(resp.GetSvids()) == 0 {
+		err = errors.New("FetchX509SVID: no SVID in response")
+	}
+	return err
+}
+
+func (c *bareGRPC) Close() error { return c.cc.Close() }

@@ -2,7 +2,7 @@
 // object: the calls made, their p50 and p99 latency, and the CPU time this
 // process used.
 //
-//	wlload -addr unix:///run/ferry/public/api.sock -call x509 -mode reused -c 16 -seconds 3
+//	wlload -addr unix:///run/ferry/public/api.sock -call x509 -mode reused -c 16 -seconds 3 [-client grpc]
 package main
 
 import (
@@ -21,12 +21,13 @@ func main() {
 	conc := flag.Int("c", 1, "concurrent callers")
 	seconds := flag.Float64("seconds", 3, "duration")
 	audience := flag.String("audience", "spiffe://example.org/bench", "JWT-SVID audience")
+	client := flag.String("client", "go-spiffe", "go-spiffe (workloadapi.Client) or grpc (bare generated stubs)")
 	flag.Parse()
 	if *addr == "" || *conc < 1 || (*call != "x509" && *call != "jwt") || (*mode != "reused" && *mode != "new") {
 		flag.Usage()
 		os.Exit(2)
 	}
-	res := wlload.Run(*addr, *call, *mode, *conc, time.Duration(*seconds*float64(time.Second)), *audience)
+	res := wlload.Run(*addr, *client, *call, *mode, *conc, time.Duration(*seconds*float64(time.Second)), *audience)
 	if err := json.NewEncoder(os.Stdout).Encode(res); err != nil {
 		os.Exit(1)
 	}
