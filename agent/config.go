@@ -29,6 +29,7 @@ type agentBlock struct {
 	ServerAddresses []string               `hcl:"server_addresses"`
 	TrustBundleFile string                 `hcl:"trust_bundle_file"`
 	SocketPath      string                 `hcl:"socket_path"`
+	WorkloadAPIGRPC string                 `hcl:"workload_api_grpc_server"`
 	LogLevel        string                 `hcl:"log_level"`
 	LogFormat       string                 `hcl:"log_format"`
 	JoinToken       string                 `hcl:"join_token"`
@@ -85,6 +86,7 @@ func LoadConfig(path, joinToken string) (FileConfig, error) {
 		DataDir:     config.Resolve(path, a.DataDir),
 		SocketPath:  config.Resolve(path, a.SocketPath),
 		Systemd:     a.Systemd,
+		GRPCServer:  a.WorkloadAPIGRPC,
 	}}
 	if len(out.Servers) == 0 {
 		return FileConfig{}, fmt.Errorf("agent: server_addresses is required")

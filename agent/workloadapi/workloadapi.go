@@ -41,6 +41,7 @@ import (
 
 	"github.com/ferry-id/ferry/agent/cache"
 	"github.com/ferry-id/ferry/attestors/workload"
+	"github.com/ferry-id/ferry/internal/h2grpc"
 )
 
 // Config configures a Server.
@@ -71,6 +72,23 @@ type Config struct {
 	// ShutdownTimeout bounds how long Stop waits for in-flight calls.
 	// Defaults to 5 s.
 	ShutdownTimeout time.Duration
+	// GRPCServer selects the gRPC server: "" or TransportFerry for
+	// internal/h2grpc (a connection's calls are answered by the goroutine
+	// reading it), TransportGRPCGo for grpc-go's server.
+	GRPCServer string
+}
+
+// The gRPC servers Config.GRPCServer selects.
+const (
+	TransportFerry  = "ferry"
+	TransportGRPCGo = "grpc-go"
+)
+
+// rpcServer is what Server needs of a gRPC server.
+type rpcServer interface {
+	Serve(net.Listener) error
+	GracefulStop()
+	Stop()
 }
 
 // Server is a Workload API server. Serve (or Run) may be called once.
@@ -84,7 +102,7 @@ type Server struct {
 	unauthVerifier bool
 	shutdown       time.Duration
 
-	grpc     *grpc.Server
+	grpc     rpcServer
 	quit     chan struct{}
 	stopOnce sync.Once
 }
@@ -124,8 +142,32 @@ func New(c Config) (*Server, error) {
 	if procRoot == "" {
 		procRoot = workload.DefaultProcRoot
 	}
-	s.grpc = s.newGRPCServer(procPinner(procRoot))
+	switch c.GRPCServer {
+	case "", TransportFerry:
+		s.grpc = s.newH2Server(procPinner(procRoot))
+	case TransportGRPCGo:
+		s.grpc = s.newGRPCServer(procPinner(procRoot))
+	default:
+		return nil, fmt.Errorf("workloadapi: unknown gRPC server %q (want %q or %q)", c.GRPCServer, TransportFerry, TransportGRPCGo)
+	}
 	return s, nil
+}
+
+// maxRecvMsgSize bounds a request: they are small; a JWT to validate is the
+// largest.
+const maxRecvMsgSize = 1 << 20
+
+func (s *Server) newH2Server(pin pinFunc) *h2grpc.Server {
+	creds := &peerCreds{pin: pin, log: s.log}
+	srv := h2grpc.NewServer(h2grpc.Options{
+		Handshake:         creds.ServerHandshake,
+		UnaryInterceptor:  s.unaryInterceptor,
+		StreamInterceptor: s.streamInterceptor,
+		MaxRecvMsgSize:    maxRecvMsgSize,
+		Log:               s.log,
+	})
+	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, service{Server: s})
+	return srv
 }
 
 func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
@@ -133,8 +175,7 @@ func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
 		grpc.Creds(&peerCreds{pin: pin, log: s.log}),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor),
 		grpc.ChainStreamInterceptor(s.streamInterceptor),
-		// Requests are small; a JWT to validate is the largest.
-		grpc.MaxRecvMsgSize(1<<20),
+		grpc.MaxRecvMsgSize(maxRecvMsgSize),
 		// Every connection gets its own read buffer (32 KiB by default): a
 		// client that connects per call would allocate it per call, while
 		// requests are a few hundred bytes. Larger reads bypass the buffer.
@@ -181,7 +222,7 @@ func (s *Server) Run(ctx context.Context) error {
 func (s *Server) Serve(l net.Listener) error {
 	s.log.Info("workload API serving", "addr", l.Addr().String())
 	err := s.grpc.Serve(l)
-	if err == nil || errors.Is(err, grpc.ErrServerStopped) { // stopped before it started
+	if err == nil || errors.Is(err, grpc.ErrServerStopped) || errors.Is(err, h2grpc.ErrServerStopped) { // stopped before it started
 		return nil
 	}
 	return fmt.Errorf("workloadapi: serve: %w", err)
