@@ -13,6 +13,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ferry-id/ferry/agent/imds"
+	"github.com/ferry-id/ferry/agent/workloadapi"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/internal/config"
@@ -88,6 +89,11 @@ func LoadConfig(path, joinToken string) (FileConfig, error) {
 		Systemd:     a.Systemd,
 		GRPCServer:  a.WorkloadAPIGRPC,
 	}}
+	switch a.WorkloadAPIGRPC {
+	case "", workloadapi.TransportFerry, workloadapi.TransportGRPCGo:
+	default:
+		return FileConfig{}, fmt.Errorf("agent: workload_api_grpc_server %q: want %q or %q", a.WorkloadAPIGRPC, workloadapi.TransportFerry, workloadapi.TransportGRPCGo)
+	}
 	if len(out.Servers) == 0 {
 		return FileConfig{}, fmt.Errorf("agent: server_addresses is required")
 	}

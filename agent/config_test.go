@@ -82,6 +82,16 @@ func TestConfigErrors(t *testing.T) {
 	_, err := agent.LoadConfig(p, "")
 	require.ErrorContains(t, err, "unknown setting(s): agent.sockt")
 
+	require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"] workload_api_grpc_server = "netty" }`), 0o600))
+	_, err = agent.LoadConfig(p, "")
+	require.ErrorContains(t, err, `workload_api_grpc_server "netty"`)
+	for _, v := range []string{"ferry", "grpc-go"} {
+		require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"] workload_api_grpc_server = "`+v+`" }`), 0o600))
+		c, err := agent.LoadConfig(p, "")
+		require.NoError(t, err)
+		require.Equal(t, v, c.GRPCServer)
+	}
+
 	require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" }`), 0o600))
 	_, err = agent.LoadConfig(p, "")
 	require.ErrorContains(t, err, "server_addresses")

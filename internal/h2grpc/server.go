@@ -87,7 +87,6 @@ type Server struct {
 	done     chan struct{} // closed by Stop and GracefulStop
 	wg       sync.WaitGroup
 	work     chan *stream // to idle workers
-	workers  sync.Once
 }
 
 type method struct {
@@ -100,7 +99,8 @@ type method struct {
 
 var _ grpc.ServiceRegistrar = (*Server)(nil)
 
-// NewServer returns a Server with o.
+// NewServer returns a Server with o. Its workers run until Stop or
+// GracefulStop.
 func NewServer(o Options) *Server {
 	if o.MaxRecvMsgSize <= 0 {
 		o.MaxRecvMsgSize = 4 << 20
@@ -114,8 +114,13 @@ func NewServer(o Options) *Server {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{opts: o, methods: map[string]*method{}, lis: map[net.Listener]bool{}, conns: map[*conn]bool{},
+	s := &Server{opts: o, methods: map[string]*method{}, lis: map[net.Listener]bool{}, conns: map[*conn]bool{},
 		done: make(chan struct{}), work: make(chan *stream)}
+	for range max(4, runtime.GOMAXPROCS(0)) {
+		s.wg.Add(1)
+		go s.worker()
+	}
+	return s
 }
 
 // RegisterService registers impl, which must implement sd.HandlerType. Call
@@ -147,12 +152,6 @@ func (s *Server) Serve(l net.Listener) error {
 	}
 	s.lis[l] = true
 	s.mu.Unlock()
-	s.workers.Do(func() {
-		for range max(4, runtime.GOMAXPROCS(0)) {
-			s.wg.Add(1)
-			go s.worker()
-		}
-	})
 	defer func() {
 		s.mu.Lock()
 		delete(s.lis, l)
@@ -285,6 +284,10 @@ type conn struct {
 	maxFrm  uint32
 	closed  bool
 	gone    bool // GOAWAY sent: no new streams
+	// firstPending counts streams handed to workers that have not written
+	// yet; flushTimer flushes if they take long.
+	firstPending int
+	flushTimer   *time.Timer
 	werr    error
 	hw      headerWriter
 }
@@ -337,8 +340,10 @@ func (c *conn) serve() error {
 	for {
 		if c.br.Buffered() == 0 {
 			// Everything the client sent so far has been answered: one
-			// write carries the answers.
-			if err := c.flush(); err != nil {
+			// write carries the answers, unless a stream just handed to
+			// a worker is about to write its first message, which then
+			// carries them (with a timer in case it does not).
+			if err := c.flushUnlessStreamWrites(); err != nil {
 				return err
 			}
 		}
@@ -468,8 +473,9 @@ type stream struct {
 	unacked uint32
 
 	// Guarded by c.mu.
-	sendWin    int64
-	reset      bool // the client reset it, or the connection closed
+	sendWin      int64
+	firstPending bool // counted in conn.firstPending
+	reset        bool // the client reset it, or the connection closed
 	headerSent bool
 	header     metadata.MD
 	trailer    metadata.MD
@@ -663,6 +669,10 @@ func (c *conn) dispatch(st *stream) {
 		c.finish(st, err)
 		return
 	}
+	c.mu.Lock()
+	st.firstPending = true
+	c.firstPending++
+	c.mu.Unlock()
 	c.s.runStream(st)
 }
 
@@ -714,6 +724,7 @@ func (c *conn) finish(st *stream, err error) {
 	}
 	st.finished = true
 	delete(c.streams, st.id)
+	c.wroteLocked(st)
 	c.cond.Broadcast() // for goAway, waiting for the streams to end
 	defer st.cancel()
 	if st.reset || c.closed {
@@ -787,6 +798,7 @@ func (st *stream) SendHeader(md metadata.MD) error {
 		return err
 	}
 	c.writeHeadersLocked(st)
+	c.wroteLocked(st)
 	if !st.inline {
 		c.setErr(c.bw.Flush())
 	}
@@ -864,6 +876,7 @@ func (st *stream) SendMsg(m any) error {
 				// the write from a goroutine of its own.
 				return st.sendRestAsync(b)
 			}
+			c.wroteLocked(st)
 			c.setErr(c.bw.Flush())
 			c.cond.Wait()
 			continue
@@ -873,6 +886,7 @@ func (st *stream) SendMsg(m any) error {
 		st.sendWin -= n
 		b = b[n:]
 	}
+	c.wroteLocked(st)
 	if !st.inline {
 		c.setErr(c.bw.Flush())
 	}
@@ -1013,11 +1027,37 @@ func (c *conn) goAway() {
 	c.close()
 }
 
-func (c *conn) flush() error {
+// firstWriteDelay bounds how long control frames (acknowledgements) wait
+// for the first message of a stream to carry them.
+const firstWriteDelay = time.Millisecond
+
+func (c *conn) flushUnlessStreamWrites() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.firstPending > 0 && c.bw.Buffered() > 0 && c.werr == nil {
+		if c.flushTimer == nil {
+			c.flushTimer = time.AfterFunc(firstWriteDelay, func() {
+				c.mu.Lock()
+				defer c.mu.Unlock()
+				if !c.closed {
+					c.setErr(c.bw.Flush())
+				}
+			})
+		} else {
+			c.flushTimer.Reset(firstWriteDelay)
+		}
+		return nil
+	}
 	c.setErr(c.bw.Flush())
 	return c.werr
+}
+
+// wroteLocked notes that st has written (and is about to flush).
+func (c *conn) wroteLocked(st *stream) {
+	if st.firstPending {
+		st.firstPending = false
+		c.firstPending--
+	}
 }
 
 // setErr records the first write error; the connection is then unusable.
@@ -1038,6 +1078,9 @@ func (c *conn) close() {
 		return
 	}
 	c.closed = true
+	if c.flushTimer != nil {
+		c.flushTimer.Stop()
+	}
 	for _, st := range c.streams {
 		st.reset = true
 		if st.cancel != nil {
