@@ -288,8 +288,8 @@ type conn struct {
 	// yet; flushTimer flushes if they take long.
 	firstPending int
 	flushTimer   *time.Timer
-	werr    error
-	hw      headerWriter
+	werr         error
+	hw           headerWriter
 }
 
 func newConn(s *Server, nc net.Conn, auth credentials.AuthInfo) *conn {
@@ -476,10 +476,10 @@ type stream struct {
 	sendWin      int64
 	firstPending bool // counted in conn.firstPending
 	reset        bool // the client reset it, or the connection closed
-	headerSent bool
-	header     metadata.MD
-	trailer    metadata.MD
-	finished   bool
+	headerSent   bool
+	header       metadata.MD
+	trailer      metadata.MD
+	finished     bool
 }
 
 func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
