@@ -86,7 +86,7 @@ type Server struct {
 	stopping bool
 	done     chan struct{} // closed by Stop and GracefulStop
 	wg       sync.WaitGroup
-	work     chan *stream // to idle workers
+	work     chan func() // to idle workers
 }
 
 type method struct {
@@ -115,7 +115,7 @@ func NewServer(o Options) *Server {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{opts: o, methods: map[string]*method{}, lis: map[net.Listener]bool{}, conns: map[*conn]bool{},
-		done: make(chan struct{}), work: make(chan *stream)}
+		done: make(chan struct{}), work: make(chan func())}
 	for range max(4, runtime.GOMAXPROCS(0)) {
 		s.wg.Add(1)
 		go s.worker()
@@ -241,14 +241,11 @@ func (s *Server) serveConn(nc net.Conn) {
 	}
 	s.conns[c] = true
 	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.conns, c)
-		s.mu.Unlock()
-	}()
-	if err := c.serve(); err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
-		s.opts.Log.Debug("connection ended", "error", err)
+	if err := c.start(); err != nil {
+		c.end(err)
+		return
 	}
+	c.readLoop()
 }
 
 // Limits of what a peer may send.
@@ -317,8 +314,8 @@ func (w *headerWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func (c *conn) serve() error {
-	defer c.close()
+// start exchanges the prefaces.
+func (c *conn) start() error {
 	// The server's preface goes first, without waiting for the client's: a
 	// client cannot start a call before it has the server's settings.
 	c.mu.Lock()
@@ -337,6 +334,36 @@ func (c *conn) serve() error {
 		return errors.New("not an HTTP/2 client preface")
 	}
 	c.nc.SetReadDeadline(time.Time{})
+	return nil
+}
+
+// readLoop reads and handles frames until the connection ends, or until
+// it hands the reading on: the goroutine reading a call's request runs the
+// call, so that its first answer leaves without waiting for another
+// goroutine to be scheduled, and a worker reads on (see dispatch).
+func (c *conn) readLoop() {
+	err := c.read()
+	if err == errHandedOff {
+		return
+	}
+	c.end(err)
+}
+
+// end closes the connection after its read loop ended with err.
+func (c *conn) end(err error) {
+	c.close()
+	c.s.mu.Lock()
+	delete(c.s.conns, c)
+	c.s.mu.Unlock()
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+		c.s.opts.Log.Debug("connection ended", "error", err)
+	}
+}
+
+// errHandedOff ends a read loop whose goroutine went on to run a call.
+var errHandedOff = errors.New("h2grpc: reading handed off")
+
+func (c *conn) read() error {
 	for {
 		if c.br.Buffered() == 0 {
 			// Everything the client sent so far has been answered: one
@@ -362,6 +389,9 @@ func (c *conn) serve() error {
 			return err
 		}
 		if err := c.handle(f); err != nil {
+			if err == errHandedOff {
+				return err
+			}
 			var ce http2.ConnectionError
 			if errors.As(err, &ce) {
 				c.writeGoAway(http2.ErrCode(ce), err.Error())
@@ -585,7 +615,7 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	c.streams[id] = st
 	c.mu.Unlock()
 	if f.StreamEnded() {
-		c.dispatch(st)
+		return c.dispatch(st)
 	}
 	return nil
 }
@@ -648,47 +678,52 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		st.unacked = 0
 	}
 	if f.StreamEnded() {
-		c.dispatch(st)
+		return c.dispatch(st)
 	}
 	return nil
 }
 
-// dispatch runs a call whose request has arrived whole.
-func (c *conn) dispatch(st *stream) {
+// dispatch runs a call whose request has arrived whole, on the goroutine
+// reading the connection. A unary call is answered inline: the answer leaves
+// with the next flush of the read loop. A streaming call may last as long as
+// the client wants, so the reading goes on on a worker (errHandedOff tells
+// the read loop to stop) while this goroutine runs the call.
+func (c *conn) dispatch(st *stream) error {
 	st.ended = true
 	if st.m.unary != nil {
-		// Inline: the answer leaves with the next flush of the read loop.
 		st.inline = true
 		resp, err := st.m.unary.Handler(st.m.impl, st.ctx, st.RecvMsg, c.s.opts.UnaryInterceptor)
 		if err == nil {
 			err = st.SendMsg(resp)
 			if err == errSentAsync {
-				return
+				return nil
 			}
 		}
 		c.finish(st, err)
-		return
+		return nil
 	}
 	c.mu.Lock()
 	st.firstPending = true
 	c.firstPending++
 	c.mu.Unlock()
-	c.s.runStream(st)
+	c.s.spawn(c.readLoop)
+	serveStream(st)
+	return errHandedOff
 }
 
-// runStream runs a streaming call on an idle worker, or on a new goroutine
-// when every worker is busy. Workers are long-lived, so their stacks have
-// already grown to what a call needs.
-func (s *Server) runStream(st *stream) {
+// spawn runs f on an idle worker, or on a new goroutine when every worker
+// is busy. Workers are long-lived, so their stacks have already grown to what
+// reading a connection and serving a call need.
+func (s *Server) spawn(f func()) {
 	select {
-	case s.work <- st:
+	case s.work <- f:
 		return
 	default:
 	}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		serveStream(st)
+		f()
 	}()
 }
 
@@ -696,8 +731,8 @@ func (s *Server) worker() {
 	defer s.wg.Done()
 	for {
 		select {
-		case st := <-s.work:
-			serveStream(st)
+		case f := <-s.work:
+			f()
 		case <-s.done:
 			return
 		}
