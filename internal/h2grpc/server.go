@@ -114,6 +114,9 @@ func NewServer(o Options) *Server {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
+	if o.Handshake == nil {
+		o.Handshake = func(c net.Conn) (net.Conn, credentials.AuthInfo, error) { return c, nil, nil }
+	}
 	s := &Server{opts: o, methods: map[string]*method{}, lis: map[net.Listener]bool{}, conns: map[*conn]bool{},
 		done: make(chan struct{}), work: make(chan func())}
 	for range max(4, runtime.GOMAXPROCS(0)) {
@@ -248,6 +251,10 @@ func (s *Server) serveConn(nc net.Conn) {
 	c.readLoop()
 }
 
+// maxBuffered bounds the request bytes a connection may have the server
+// hold for calls not yet dispatched.
+func (s *Server) maxBuffered() int { return 4 * (s.opts.MaxRecvMsgSize + 5) }
+
 // Limits of what a peer may send.
 const (
 	maxHeaderListSize = 64 << 10
@@ -269,18 +276,20 @@ type conn struct {
 	// Written by the reader goroutine only.
 	lastID      uint32
 	recvUnacked uint32
+	recvWin     int64 // what the client may still send on the connection
 
-	mu      sync.Mutex // guards what follows, and every write to the framer
-	cond    *sync.Cond // signaled when a send window grows or the conn closes
-	bw      *bufio.Writer
-	henc    *hpack.Encoder
-	hbuf    []byte
-	streams map[uint32]*stream
-	sendWin int64 // connection send window
-	initWin int64 // the peer's SETTINGS_INITIAL_WINDOW_SIZE
-	maxFrm  uint32
-	closed  bool
-	gone    bool // GOAWAY sent: no new streams
+	mu       sync.Mutex // guards what follows, and every write to the framer
+	cond     *sync.Cond // signaled when a send window grows or the conn closes
+	bw       *bufio.Writer
+	henc     *hpack.Encoder
+	hbuf     []byte
+	streams  map[uint32]*stream
+	buffered int   // request bytes held for streams not yet dispatched
+	sendWin  int64 // connection send window
+	initWin  int64 // the peer's SETTINGS_INITIAL_WINDOW_SIZE
+	maxFrm   uint32
+	closed   bool
+	gone     bool // GOAWAY sent: no new streams
 	// firstPending counts streams handed to workers that have not written
 	// yet; flushTimer flushes if they take long.
 	firstPending int
@@ -290,12 +299,13 @@ type conn struct {
 }
 
 func newConn(s *Server, nc net.Conn, auth credentials.AuthInfo) *conn {
-	c := &conn{s: s, nc: nc, streams: map[uint32]*stream{}, sendWin: 65535, initWin: 65535, maxFrm: 16384}
+	c := &conn{s: s, nc: nc, streams: map[uint32]*stream{}, sendWin: 65535, initWin: 65535, maxFrm: 16384, recvWin: 65535}
 	c.cond = sync.NewCond(&c.mu)
 	c.br = bufio.NewReaderSize(nc, 4<<10)
 	c.bw = bufio.NewWriterSize(nc, 4<<10)
 	c.fr = http2.NewFramer(c.bw, c.br)
 	c.fr.SetReuseFrames()
+	c.fr.SetMaxReadFrameSize(16384) // the default, which the server does not raise
 	c.fr.MaxHeaderListSize = maxHeaderListSize
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.hw.c = c
@@ -376,6 +386,10 @@ func (c *conn) read() error {
 		}
 		f, err := c.fr.ReadFrame()
 		if err != nil {
+			if errors.Is(err, http2.ErrFrameTooLarge) {
+				c.writeGoAway(http2.ErrCodeFrameSize, "frame larger than 16384 bytes")
+				return err
+			}
 			var ce http2.ConnectionError
 			if errors.As(err, &ce) {
 				c.writeGoAway(http2.ErrCode(ce), err.Error())
@@ -383,6 +397,11 @@ func (c *conn) read() error {
 			}
 			var se http2.StreamError
 			if errors.As(err, &se) {
+				// A refused HEADERS still opened (and closed) its stream:
+				// its DATA is then ignored, not a connection error.
+				if se.StreamID%2 == 1 && se.StreamID > c.lastID {
+					c.lastID = se.StreamID
+				}
 				c.resetStream(se.StreamID, se.Code)
 				continue
 			}
@@ -428,13 +447,15 @@ func (c *conn) handle(f http2.Frame) error {
 	case *http2.RSTStreamFrame:
 		c.mu.Lock()
 		if st := c.streams[f.StreamID]; st != nil {
-			st.reset = true
-			st.cancel()
-			c.cond.Broadcast()
+			c.resetLocked(st)
 		}
 		c.mu.Unlock()
 	case *http2.GoAwayFrame:
-		return io.EOF
+		// The client opens no more calls; those in flight complete
+		// (RFC 9113 §6.8), and the client closes the connection.
+		c.mu.Lock()
+		c.gone = true
+		c.mu.Unlock()
 	case *http2.PushPromiseFrame:
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	default:
@@ -491,16 +512,19 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 
 // stream is one call.
 type stream struct {
-	c       *conn
-	id      uint32
-	m       *method
-	ctx     context.Context
-	cancel  context.CancelFunc
-	buf     []byte // the request as received
-	inline  bool   // served by the reader goroutine
-	ended   bool   // request complete or refused: further DATA is ignored
-	recvd   bool   // RecvMsg returned the request
-	unacked uint32
+	c        *conn
+	id       uint32
+	m        *method
+	ctx      context.Context
+	cancel   context.CancelFunc
+	buf      []byte      // the request as received
+	running  bool        // dispatched: its handler runs or has run
+	recvWin  int64       // what the client may still send on it
+	stopWake func() bool // stops the deadline's wake-up of blocked sends
+	inline   bool        // served by the reader goroutine
+	ended    bool        // request complete or refused: further DATA is ignored
+	recvd    bool        // RecvMsg returned the request
+	unacked  uint32
 
 	// Guarded by c.mu.
 	sendWin      int64
@@ -527,7 +551,7 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 	if id <= c.lastID {
-		return http2.ConnectionError(http2.ErrCodeStreamClosed)
+		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	c.lastID = id
 
@@ -539,10 +563,14 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 
-	st := &stream{c: c, id: id}
+	st := &stream{c: c, id: id, recvWin: 65535}
 	c.mu.Lock()
 	st.sendWin = c.initWin
 	c.mu.Unlock()
+	if f.Truncated {
+		c.refuseHTTP(st, 431, fmt.Sprintf("header list larger than %d bytes", maxHeaderListSize))
+		return nil
+	}
 	if f.PseudoValue("method") != "POST" {
 		c.resetStream(id, http2.ErrCodeProtocol)
 		return nil
@@ -608,8 +636,17 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	ctx = metadata.NewIncomingContext(ctx, md)
 	if hasTimeout {
 		st.ctx, st.cancel = context.WithTimeout(ctx, timeout)
+		// A send blocked on the client's window gives up at the deadline.
+		st.stopWake = context.AfterFunc(st.ctx, func() {
+			c.mu.Lock()
+			c.cond.Broadcast()
+			c.mu.Unlock()
+		})
 	} else {
 		st.ctx, st.cancel = context.WithCancel(ctx)
+	}
+	if m.unary != nil {
+		st.ctx = grpc.NewContextWithServerTransportStream(st.ctx, transportStream{st})
 	}
 	c.mu.Lock()
 	c.streams[id] = st
@@ -644,11 +681,16 @@ func (c *conn) refuseHTTP(st *stream, code int, msg string) {
 
 func (c *conn) onData(f *http2.DataFrame) error {
 	n := f.Header().Length // padding counts against the window too
+	c.recvWin -= int64(n)
+	if c.recvWin < 0 {
+		return http2.ConnectionError(http2.ErrCodeFlowControl)
+	}
 	c.recvUnacked += n
 	if c.recvUnacked >= windowUpdateAt {
 		c.mu.Lock()
 		c.setErr(c.fr.WriteWindowUpdate(0, c.recvUnacked))
 		c.mu.Unlock()
+		c.recvWin += int64(c.recvUnacked)
 		c.recvUnacked = 0
 	}
 	c.mu.Lock()
@@ -663,9 +705,24 @@ func (c *conn) onData(f *http2.DataFrame) error {
 	if st.ended {
 		return nil
 	}
-	if len(st.buf)+len(f.Data()) > c.s.opts.MaxRecvMsgSize+5 {
+	st.recvWin -= int64(n)
+	if st.recvWin < 0 {
+		c.resetStream(st.id, http2.ErrCodeFlowControl)
+		return nil
+	}
+	c.mu.Lock()
+	over := c.buffered+len(f.Data()) > c.s.maxBuffered()
+	if !over {
+		c.buffered += len(f.Data())
+	}
+	c.mu.Unlock()
+	if over || len(st.buf)+len(f.Data()) > c.s.opts.MaxRecvMsgSize+5 {
 		st.ended = true
-		c.finish(st, status.Errorf(codes.ResourceExhausted, "grpc: received message larger than max (%d vs. %d)", len(st.buf)+len(f.Data())-5, c.s.opts.MaxRecvMsgSize))
+		msg := fmt.Sprintf("grpc: received message larger than max (%d vs. %d)", len(st.buf)+len(f.Data())-5, c.s.opts.MaxRecvMsgSize)
+		if over {
+			msg = "grpc: requests on this connection exceed what the server buffers"
+		}
+		c.finish(st, status.Error(codes.ResourceExhausted, msg))
 		c.resetStream(st.id, http2.ErrCodeCancel)
 		return nil
 	}
@@ -675,6 +732,7 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		c.mu.Lock()
 		c.setErr(c.fr.WriteWindowUpdate(st.id, st.unacked))
 		c.mu.Unlock()
+		st.recvWin += int64(st.unacked)
 		st.unacked = 0
 	}
 	if f.StreamEnded() {
@@ -690,6 +748,10 @@ func (c *conn) onData(f *http2.DataFrame) error {
 // the read loop to stop) while this goroutine runs the call.
 func (c *conn) dispatch(st *stream) error {
 	st.ended = true
+	c.mu.Lock()
+	st.running = true
+	c.buffered -= len(st.buf) // the request is the handler's now
+	c.mu.Unlock()
 	if st.m.unary != nil {
 		st.inline = true
 		resp, err := st.m.unary.Handler(st.m.impl, st.ctx, st.RecvMsg, c.s.opts.UnaryInterceptor)
@@ -759,6 +821,12 @@ func (c *conn) finish(st *stream, err error) {
 	}
 	st.finished = true
 	delete(c.streams, st.id)
+	if !st.running {
+		c.releaseLocked(st)
+	}
+	if st.stopWake != nil {
+		st.stopWake()
+	}
 	c.wroteLocked(st)
 	c.cond.Broadcast() // for goAway, waiting for the streams to end
 	defer st.cancel()
@@ -804,6 +872,23 @@ func (c *conn) finish(st *stream, err error) {
 	if !st.inline {
 		c.setErr(c.bw.Flush())
 	}
+}
+
+// transportStream lets a unary handler set headers and trailers with
+// grpc.SetHeader, grpc.SendHeader and grpc.SetTrailer.
+type transportStream struct{ st *stream }
+
+var _ grpc.ServerTransportStream = transportStream{}
+
+func (t transportStream) Method() string { return t.st.m.uinfo.FullMethod }
+
+func (t transportStream) SetHeader(md metadata.MD) error { return t.st.SetHeader(md) }
+
+func (t transportStream) SendHeader(md metadata.MD) error { return t.st.SendHeader(md) }
+
+func (t transportStream) SetTrailer(md metadata.MD) error {
+	t.st.SetTrailer(md)
+	return nil
 }
 
 // Context implements grpc.ServerStream.
@@ -939,7 +1024,7 @@ func (st *stream) sendRestAsync(rest []byte) error {
 	go func() {
 		defer c.s.wg.Done()
 		c.mu.Lock()
-		for len(rest) > 0 && !st.reset && !c.closed && c.werr == nil {
+		for len(rest) > 0 && !st.reset && !c.closed && c.werr == nil && st.ctx.Err() == nil {
 			n := min(int64(len(rest)), c.sendWin, st.sendWin, int64(c.maxFrm))
 			if n <= 0 {
 				c.setErr(c.bw.Flush())
@@ -1026,13 +1111,32 @@ func (c *conn) resetStream(id uint32, code http2.ErrCode) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if st := c.streams[id]; st != nil {
-		st.reset = true
-		if st.cancel != nil {
-			st.cancel()
-		}
-		c.cond.Broadcast()
+		c.resetLocked(st)
 	}
 	c.writeRSTLocked(id, code)
+}
+
+// resetLocked ends st for good: its handler, if running, sees its context
+// canceled and its sends fail; a stream whose request had not arrived whole
+// is forgotten at once, with what it had buffered.
+func (c *conn) resetLocked(st *stream) {
+	st.reset = true
+	if st.cancel != nil {
+		st.cancel()
+	}
+	if !st.running && !st.finished {
+		st.finished = true
+		delete(c.streams, st.id)
+		c.releaseLocked(st)
+	}
+	c.cond.Broadcast()
+}
+
+// releaseLocked returns st's buffered request bytes to the connection's
+// allowance.
+func (c *conn) releaseLocked(st *stream) {
+	c.buffered -= len(st.buf)
+	st.buf = nil
 }
 
 func (c *conn) writeRSTLocked(id uint32, code http2.ErrCode) {
@@ -1057,6 +1161,10 @@ func (c *conn) goAway() {
 	}
 	for len(c.streams) > 0 && !c.closed {
 		c.cond.Wait()
+	}
+	// Answers of inline calls wait for the read loop's flush: send them.
+	if !c.closed {
+		c.setErr(c.bw.Flush())
 	}
 	c.mu.Unlock()
 	c.close()
