@@ -318,14 +318,14 @@ func buildDriver(b *testing.B) string {
 // runCase runs one case of BenchmarkAgentWorkloadAPI: its clients in this
 // process, or with a driver binary in a wlload process of their own. It
 // returns what the clients measured and the CPU time the agent spent.
-func runCase(b *testing.B, driver string, a *testcluster.Agent, agentPID int, client, kind, mode string, conc, seconds int) (wlload.Result, time.Duration) {
+func runCase(b *testing.B, driver, addr string, agentPID int, client, kind, mode string, conc, seconds int) (wlload.Result, time.Duration) {
 	b.Helper()
 	agentCPU0 := procCPU(b, agentPID)
 	var r wlload.Result
 	if driver == "" {
-		r = wlload.Run(a.SocketAddr(), client, kind, mode, conc, time.Duration(seconds)*time.Second, benchAudience)
+		r = wlload.Run(addr, client, kind, mode, conc, time.Duration(seconds)*time.Second, benchAudience)
 	} else {
-		cmd := exec.Command(driver, "-addr", a.SocketAddr(), "-client", client, "-call", kind, "-mode", mode,
+		cmd := exec.Command(driver, "-addr", addr, "-client", client, "-call", kind, "-mode", mode,
 			"-c", strconv.Itoa(conc), "-seconds", strconv.Itoa(seconds), "-audience", benchAudience)
 		out, err := cmd.Output()
 		if err != nil {
@@ -352,7 +352,12 @@ const benchAudience = "spiffe://example.org/bench"
 // clients) spent per call: on a small machine they share the cores, so the
 // agent's own cost per call bounds what it could serve alone. With
 // FERRY_BENCH_CLIENT=process the clients run in a separate process
-// (test/wlload) instead of this one.
+// (test/wlload) instead of this one. Two clients: go-spiffe's workloadapi
+// client, and a bare gRPC client of the generated stubs (see wlload).
+// With FERRY_BENCH_CEILING=1 the same cases then run against `wlload
+// -replay-on`, a server that replays the agent's answers and does nothing
+// else: what these clients reach on this machine whatever the server does
+// (its "agent" CPU is the replaying process's).
 func BenchmarkAgentWorkloadAPI(b *testing.B) {
 	c := testcluster.New(b, testcluster.Options{Nodes: 1, LogLevel: "info"})
 	a := c.StartAgent("bench")
@@ -370,24 +375,57 @@ func BenchmarkAgentWorkloadAPI(b *testing.B) {
 	if os.Getenv("FERRY_BENCH_CLIENT") == "process" {
 		driver = buildDriver(b)
 	}
-	for _, client := range wlload.Clients {
-		for _, kind := range []string{"x509", "jwt"} {
-			for _, mode := range []string{"reused", "new"} {
-				for _, conc := range []int{1, 16} {
-					b.Run(fmt.Sprintf("%s/%s/%s/c=%d", client, kind, mode, conc), func(b *testing.B) {
-						for range b.N {
-							benchCase(b, driver, a, agentPID, client, kind, mode, conc, seconds)
-						}
-					})
+	matrix := func(prefix, addr string, pid int) {
+		for _, client := range wlload.Clients {
+			for _, kind := range []string{"x509", "jwt"} {
+				for _, mode := range []string{"reused", "new"} {
+					for _, conc := range []int{1, 16} {
+						b.Run(fmt.Sprintf("%s%s/%s/%s/c=%d", prefix, client, kind, mode, conc), func(b *testing.B) {
+							for range b.N {
+								benchCase(b, driver, addr, pid, prefix, client, kind, mode, conc, seconds)
+							}
+						})
+					}
 				}
 			}
 		}
 	}
+	matrix("", a.SocketAddr(), agentPID)
+	if os.Getenv("FERRY_BENCH_CEILING") != "" {
+		// The same clients against a server that only replays the agent's
+		// answers: what they can do on this machine whatever the server.
+		if driver == "" {
+			driver = buildDriver(b)
+		}
+		addr, pid := startReplay(b, driver, a.SocketAddr())
+		matrix("ceiling/", addr, pid)
+	}
+}
+
+// startReplay starts `wlload -replay-on`, recording from the agent at
+// agentAddr, and returns its address and PID.
+func startReplay(b *testing.B, driver, agentAddr string) (string, int) {
+	b.Helper()
+	sock := filepath.Join(b.TempDir(), "replay.sock")
+	cmd := exec.Command(driver, "-addr", agentAddr, "-replay-on", sock, "-audience", benchAudience)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil || strings.TrimSpace(line) != "serving" {
+		b.Fatalf("wlload -replay-on: %q %v", line, err)
+	}
+	return "unix://" + sock, cmd.Process.Pid
 }
 
 // benchCase runs and reports one case of BenchmarkAgentWorkloadAPI.
-func benchCase(b *testing.B, driver string, a *testcluster.Agent, agentPID int, client, kind, mode string, conc, seconds int) {
-	r, agentCPU := runCase(b, driver, a, agentPID, client, kind, mode, conc, seconds)
+func benchCase(b *testing.B, driver, addr string, agentPID int, prefix, client, kind, mode string, conc, seconds int) {
+	r, agentCPU := runCase(b, driver, addr, agentPID, client, kind, mode, conc, seconds)
 	rate := float64(r.Calls) / r.Seconds
 	n := float64(max(r.Calls, 1))
 	// With a driver process, the agent's CPU also covers the
@@ -404,6 +442,6 @@ func benchCase(b *testing.B, driver string, a *testcluster.Agent, agentPID int, 
 	if driver != "" {
 		where = "  [client process]"
 	}
-	fmt.Printf("%-9s Fetch%sSVID %-6s client, concurrency %2d: %7.0f calls/s  p50 %.2f ms  p99 %.2f ms  (%d calls)  CPU/call: agent %.0f µs, client %.0f µs%s\n",
-		client, strings.ToUpper(kind), mode, conc, rate, ms(p50), ms(p99), r.Calls, agentPer, clientPer, where)
+	fmt.Printf("%s%-9s Fetch%sSVID %-6s client, concurrency %2d: %7.0f calls/s  p50 %.2f ms  p99 %.2f ms  (%d calls)  CPU/call: agent %.0f µs, client %.0f µs%s\n",
+		prefix, client, strings.ToUpper(kind), mode, conc, rate, ms(p50), ms(p99), r.Calls, agentPer, clientPer, where)
 }
