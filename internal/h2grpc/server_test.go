@@ -2287,3 +2287,45 @@ func TestOversizedFrameRefused(t *testing.T) {
 	assert.True(t, resp.eof, "oversized DATA frame accepted and the call answered: %v", resp.trailers)
 	assert.Equal(t, []http2.ErrCode{http2.ErrCodeFrameSize}, r.goAways)
 }
+
+// TestConnectionBufferBounded: requests held for calls not yet dispatched
+// are bounded per connection (4 × MaxRecvMsgSize); past that a call gets
+// ResourceExhausted, and a reset call gives its share back.
+func TestConnectionBufferBounded(t *testing.T) {
+	const max = 64 << 10
+	ts := startServer(t, h2grpc.Options{MaxRecvMsgSize: max}, &api{})
+	r := dialRaw(t, ts.path)
+	partial := func(id uint32, n int) {
+		r.headers(id, false, reqFields(validatePath)...)
+		chunk := bytes.Repeat([]byte{'p'}, 15000)
+		for sent := 0; sent < n; sent += len(chunk) {
+			require.NoError(t, r.fr.WriteData(id, false, chunk[:min(len(chunk), n-sent)]))
+		}
+		r.send()
+	}
+	// Four calls of 60 KB each fit (240 KB of 262 KB); the fifth does not.
+	for _, id := range []uint32{1, 3, 5, 7} {
+		partial(id, 60000)
+	}
+	partial(9, 60000)
+	resp := r.response(9)
+	require.False(t, resp.eof, "connection ended: %v", resp.readErr)
+	assert.Equal(t, strconv.Itoa(int(codes.ResourceExhausted)), field(resp.trailers, "grpc-status"), "grpc-message %q", field(resp.trailers, "grpc-message"))
+
+	// Resetting two of the held calls makes room for a complete one.
+	require.NoError(t, r.fr.WriteRSTStream(1, http2.ErrCodeCancel))
+	require.NoError(t, r.fr.WriteRSTStream(3, http2.ErrCodeCancel))
+	svid := strings.Repeat("v", 60000)
+	r.headers(11, false, reqFields(validatePath)...)
+	msg := grpcFrame(t, &workloadpb.ValidateJWTSVIDRequest{Svid: svid})
+	for len(msg) > 0 {
+		n := min(len(msg), 16000)
+		require.NoError(t, r.fr.WriteData(11, n == len(msg), msg[:n]))
+		msg = msg[n:]
+	}
+	r.send()
+	var got workloadpb.ValidateJWTSVIDResponse
+	require.NoError(t, proto.Unmarshal(r.okResponse(11), &got))
+	assert.Equal(t, sum(svid), got.SpiffeId)
+	assertServes(t, ts.path)
+}
