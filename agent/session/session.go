@@ -76,6 +76,7 @@ type Session struct {
 	conn   *grpc.ClientConn // mutual TLS with the agent SVID; replaced on renewal
 	client ferrypb.AgentClient
 	svid   *x509svid.SVID
+	svidAt time.Time // when svid was received; zero if loaded from disk
 	bundle *x509bundle.Bundle
 	ready  chan struct{}
 	once   sync.Once
@@ -354,6 +355,7 @@ func (s *Session) setSVID(chain [][]byte, key crypto.Signer) error {
 	}
 	s.mu.Lock()
 	s.svid = &x509svid.SVID{ID: id, Certificates: certs, PrivateKey: key}
+	s.svidAt = time.Now()
 	s.mu.Unlock()
 	return nil
 }
@@ -399,9 +401,8 @@ func (s *Session) setBundle(b *ferrypb.Bundle) {
 func (s *Session) renewLoop(ctx context.Context) {
 	for attempt := 0; ; {
 		s.mu.RLock()
-		leaf := s.svid.Certificates[0]
+		leaf, at := s.svid.Certificates[0], renewAt(s.svid.Certificates[0], s.svidAt)
 		s.mu.RUnlock()
-		at := leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) / 2)
 		wait := time.Until(at)
 		if attempt > 0 {
 			wait = backoff(attempt)
@@ -424,6 +425,19 @@ func (s *Session) renewLoop(ctx context.Context) {
 		}
 		attempt = 0
 	}
+}
+
+// renewAt is half-way through the life of leaf, received at received (zero
+// if unknown). Its life starts when it was received if that is later than
+// its NotBefore: servers backdate NotBefore for clock skew (ferry's by 10 s),
+// which for a short-lived SVID would put the half-way point in the past and
+// renew it again at once, and again.
+func renewAt(leaf *x509.Certificate, received time.Time) time.Time {
+	start := leaf.NotBefore
+	if received.After(start) && received.Before(leaf.NotAfter) {
+		start = received
+	}
+	return start.Add(leaf.NotAfter.Sub(start) / 2)
 }
 
 func (s *Session) renew(ctx context.Context) error {
