@@ -984,27 +984,22 @@ func (st *stream) SendMsg(m any) error {
 	if !st.headerSent {
 		c.writeHeadersLocked(st)
 	}
-	for len(b) > 0 {
+	for {
 		if err := st.checkLocked(); err != nil {
 			return err
 		}
-		n := min(int64(len(b)), c.sendWin, st.sendWin, int64(c.maxFrm))
-		if n <= 0 {
-			if st.inline && !st.reset {
-				// The read loop is this goroutine: it cannot read the
-				// client's window updates while waiting for them. Finish
-				// the write from a goroutine of its own.
-				return st.sendRestAsync(b)
-			}
-			c.wroteLocked(st)
-			c.setErr(c.bw.Flush())
-			c.cond.Wait()
-			continue
+		if b = c.writeWindowedLocked(st, b); len(b) == 0 {
+			break
 		}
-		c.setErr(c.fr.WriteData(st.id, false, b[:n]))
-		c.sendWin -= n
-		st.sendWin -= n
-		b = b[n:]
+		if st.inline && !st.reset {
+			// The read loop is this goroutine: it cannot read the
+			// client's window updates while waiting for them. Finish
+			// the write from a goroutine of its own.
+			return st.sendRestAsync(b)
+		}
+		c.wroteLocked(st)
+		c.setErr(c.bw.Flush())
+		c.cond.Wait()
 	}
 	c.wroteLocked(st)
 	if !st.inline {
@@ -1024,23 +1019,34 @@ func (st *stream) sendRestAsync(rest []byte) error {
 	go func() {
 		defer c.s.wg.Done()
 		c.mu.Lock()
-		for len(rest) > 0 && !st.reset && !c.closed && c.werr == nil && st.ctx.Err() == nil {
-			n := min(int64(len(rest)), c.sendWin, st.sendWin, int64(c.maxFrm))
-			if n <= 0 {
-				c.setErr(c.bw.Flush())
-				c.cond.Wait()
-				continue
+		for !st.reset && !c.closed && c.werr == nil && st.ctx.Err() == nil {
+			if rest = c.writeWindowedLocked(st, rest); len(rest) == 0 {
+				break
 			}
-			c.setErr(c.fr.WriteData(st.id, false, rest[:n]))
-			c.sendWin -= n
-			st.sendWin -= n
-			rest = rest[n:]
+			c.setErr(c.bw.Flush())
+			c.cond.Wait()
 		}
 		st.finished = false
 		c.mu.Unlock()
 		c.finish(st, nil)
 	}()
 	return errSentAsync
+}
+
+// writeWindowedLocked writes as much of b as the client's windows allow, in
+// frames of at most its frame size, and returns the rest.
+func (c *conn) writeWindowedLocked(st *stream, b []byte) []byte {
+	for len(b) > 0 {
+		n := min(int64(len(b)), c.sendWin, st.sendWin, int64(c.maxFrm))
+		if n <= 0 {
+			break
+		}
+		c.setErr(c.fr.WriteData(st.id, false, b[:n]))
+		c.sendWin -= n
+		st.sendWin -= n
+		b = b[n:]
+	}
+	return b
 }
 
 // errSentAsync tells the inline dispatcher that the answer is on its way.
