@@ -16,9 +16,14 @@
 // Streams send the full state in every message, the first at once, and a new
 // one on every update the cache delivers (bundle streams skip an update that
 // leaves their message unchanged; WIT-SVID streams also renew tokens at half
-// their remaining life). Every call is logged once, with the
-// method, the caller's pid and uid, and the result code; keys and tokens are
-// never logged.
+// their remaining life). Every call is logged once, with the method, the
+// caller's pid and uid, and the result code (at Debug when served, Info when
+// refused, Warn when the agent failed); keys and tokens are never logged.
+//
+// The gRPC server is internal/h2grpc unless Config.GRPCServer asks for
+// grpc-go's: the goroutine reading a connection answers its unary calls
+// inline and runs its streaming calls itself, which spares each call the
+// hand-offs between goroutines that grpc-go's server makes.
 //
 // The socket file is made world-accessible (mode 0777) inside a directory that
 // only the agent may write: access is decided by attestation, not file modes.
