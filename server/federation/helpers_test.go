@@ -189,6 +189,7 @@ type foreignEndpoint struct {
 	mu     sync.Mutex
 	bundle *spiffebundle.Bundle
 	raw    []byte
+	status int // with raw: the HTTP status to answer (0: 200)
 	cert   *tls.Certificate
 }
 
@@ -202,10 +203,13 @@ func startForeign(t *testing.T, td string, cert *tls.Certificate) *foreignEndpoi
 	fe.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		fe.hits.Add(1)
 		fe.mu.Lock()
-		raw := fe.raw
+		raw, code := fe.raw, fe.status
 		fe.mu.Unlock()
 		if raw != nil {
 			w.Header().Set("Content-Type", "application/json")
+			if code != 0 {
+				w.WriteHeader(code)
+			}
 			_, _ = w.Write(raw)
 			return
 		}
@@ -235,13 +239,18 @@ func (fe *foreignEndpoint) GetBundleForTrustDomain(td spiffeid.TrustDomain) (*sp
 func (fe *foreignEndpoint) serve(b *spiffebundle.Bundle) {
 	fe.mu.Lock()
 	defer fe.mu.Unlock()
-	fe.bundle, fe.raw = b, nil
+	fe.bundle, fe.raw, fe.status = b, nil, 0
 }
 
 func (fe *foreignEndpoint) serveRaw(raw []byte) {
+	fe.serveStatus(0, raw)
+}
+
+// serveStatus answers with HTTP status code and body raw.
+func (fe *foreignEndpoint) serveStatus(code int, raw []byte) {
 	fe.mu.Lock()
 	defer fe.mu.Unlock()
-	fe.raw = raw
+	fe.raw, fe.status = raw, code
 }
 
 func (fe *foreignEndpoint) setCert(c *tls.Certificate) {

@@ -3,10 +3,13 @@ package federation
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net/http"
 	"slices"
 	"sync"
 	"time"
@@ -14,8 +17,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
-	"github.com/spiffe/go-spiffe/v2/federation"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"google.golang.org/grpc/codes"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
@@ -423,28 +426,56 @@ func (w *worker) fetchAndCommit(rel *ferrypb.FederationRelationship, held *ferry
 	return res.Bundle, true, nil
 }
 
+// maxBundleSize bounds a bundle endpoint's answer: a bundle is committed in
+// one Raft command, which cannot be larger.
+const maxBundleSize = state.MaxCommandSize
+
+// fetch GETs rel's bundle, as go-spiffe's federation.FetchBundle does (same
+// TLS for each profile), and also refuses an answer that is not 200 OK or is
+// larger than maxBundleSize, before parsing it: a peer cannot make the leader
+// hold more than that.
 func (w *worker) fetch(rel *ferrypb.FederationRelationship) (*spiffebundle.Bundle, error) {
-	var opts []federation.FetchOption
+	transport := http.DefaultTransport.(*http.Transport).Clone()
 	switch rel.Profile {
 	case ProfileHTTPSWeb:
 		if w.r.cfg.WebPKIRoots != nil {
-			opts = append(opts, federation.WithWebPKIRoots(w.r.cfg.WebPKIRoots))
+			transport.TLSClientConfig = &tls.Config{RootCAs: w.r.cfg.WebPKIRoots, MinVersion: tls.VersionTLS12}
 		}
 	case ProfileHTTPSSPIFFE:
 		id, err := spiffeid.FromString(rel.EndpointSpiffeId)
 		if err != nil {
 			return nil, fmt.Errorf("federation: endpoint SPIFFE ID: %w", err)
 		}
-		opts = append(opts, federation.WithSPIFFEAuth(heldX509{w.r.cfg.State}, id))
+		transport.TLSClientConfig = tlsconfig.TLSClientConfig(heldX509{w.r.cfg.State}, tlsconfig.AuthorizeID(id))
 	default:
 		return nil, fmt.Errorf("federation: unknown bundle endpoint profile %q", rel.Profile)
 	}
+	defer transport.CloseIdleConnections()
 	ctx, cancel := context.WithTimeout(w.ctx, w.r.cfg.FetchTimeout)
 	defer cancel()
-	sb, err := federation.FetchBundle(ctx, w.td, rel.BundleEndpointUrl, opts...)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rel.BundleEndpointUrl, http.NoBody)
 	if err != nil {
-		// go-spiffe's errors already start with "federation: ".
-		return nil, err
+		return nil, fmt.Errorf("federation: could not create request: %w", err)
+	}
+	resp, err := (&http.Client{Transport: transport}).Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("federation: could not GET bundle: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("federation: bundle endpoint answered HTTP status %d", resp.StatusCode)
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxBundleSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("federation: could not read bundle: %w", err)
+	}
+	if len(body) > maxBundleSize {
+		return nil, fmt.Errorf("federation: bundle endpoint answered more than a bundle may be (larger than %d bytes)", maxBundleSize)
+	}
+	sb, err := spiffebundle.Parse(w.td, body)
+	if err != nil {
+		// go-spiffe's errors start with "spiffebundle: ".
+		return nil, fmt.Errorf("federation: %w", err)
 	}
 	return sb, nil
 }

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/http"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -190,6 +192,16 @@ func TestRefresherRefusesBadBundles(t *testing.T) {
 			}},
 		{name: "unreachable endpoint", url: unreachable, want: "could not GET bundle",
 			serve: func(fe *foreignEndpoint) {}},
+		{name: "an error status with a bundle as its body", want: "HTTP status 503",
+			serve: func(fe *foreignEndpoint) {
+				b, err := spiffeBundle(t, foreign, 9, time.Minute).Marshal()
+				require.NoError(t, err)
+				fe.serveStatus(http.StatusServiceUnavailable, b)
+			}},
+		{name: "a body larger than a bundle may be", want: "larger than 524288 bytes",
+			serve: func(fe *foreignEndpoint) {
+				fe.serveRaw([]byte(`{"keys":[` + strings.Repeat(`{"kty":"EC"},`, 50000) + `{}]}`))
+			}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newFakeCluster(t)
