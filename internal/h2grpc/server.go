@@ -87,6 +87,7 @@ type Server struct {
 	done     chan struct{} // closed by Stop and GracefulStop
 	wg       sync.WaitGroup
 	work     chan func() // to idle workers
+	workers  bool        // started (by the first Serve)
 }
 
 type method struct {
@@ -99,8 +100,8 @@ type method struct {
 
 var _ grpc.ServiceRegistrar = (*Server)(nil)
 
-// NewServer returns a Server with o. Its workers run until Stop or
-// GracefulStop.
+// NewServer returns a Server with o. It starts nothing: its workers start
+// with the first Serve and run until Stop or GracefulStop.
 func NewServer(o Options) *Server {
 	if o.MaxRecvMsgSize <= 0 {
 		o.MaxRecvMsgSize = 4 << 20
@@ -117,13 +118,8 @@ func NewServer(o Options) *Server {
 	if o.Handshake == nil {
 		o.Handshake = func(c net.Conn) (net.Conn, credentials.AuthInfo, error) { return c, nil, nil }
 	}
-	s := &Server{opts: o, methods: map[string]*method{}, lis: map[net.Listener]bool{}, conns: map[*conn]bool{},
+	return &Server{opts: o, methods: map[string]*method{}, lis: map[net.Listener]bool{}, conns: map[*conn]bool{},
 		done: make(chan struct{}), work: make(chan func())}
-	for range max(4, runtime.GOMAXPROCS(0)) {
-		s.wg.Add(1)
-		go s.worker()
-	}
-	return s
 }
 
 // RegisterService registers impl, which must implement sd.HandlerType. Call
@@ -154,6 +150,14 @@ func (s *Server) Serve(l net.Listener) error {
 		return ErrServerStopped
 	}
 	s.lis[l] = true
+	if !s.workers {
+		// Under mu while not stopping: stop waits for these too.
+		s.workers = true
+		for range max(4, runtime.GOMAXPROCS(0)) {
+			s.wg.Add(1)
+			go s.worker()
+		}
+	}
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()

@@ -14,6 +14,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -2328,4 +2329,49 @@ func TestConnectionBufferBounded(t *testing.T) {
 	require.NoError(t, proto.Unmarshal(r.okResponse(11), &got))
 	assert.Equal(t, sum(svid), got.SpiffeId)
 	assertServes(t, ts.path)
+}
+
+// A server that is built but never served holds no goroutine; one that is
+// served stops all of its own.
+func TestGoroutinesStartWithServe(t *testing.T) {
+	// waitGoroutines polls (in this goroutine: testify's Eventually runs
+	// its condition on another) until ok holds for the goroutine count.
+	waitGoroutines := func(ok func(n int) bool) int {
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			n := runtime.NumGoroutine()
+			if ok(n) || time.Now().After(deadline) {
+				return n
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	// Goroutines of earlier tests may still be on their way out: the
+	// fewest seen over a moment.
+	before := runtime.NumGoroutine()
+	for range 50 {
+		time.Sleep(2 * time.Millisecond)
+		before = min(before, runtime.NumGoroutine())
+	}
+	for range 10 {
+		s := h2grpc.NewServer(h2grpc.Options{})
+		workloadpb.RegisterSpiffeWorkloadAPIServer(s, &api{})
+	}
+	require.LessOrEqual(t, runtime.NumGoroutine(), before, "NewServer started goroutines")
+
+	s := h2grpc.NewServer(h2grpc.Options{})
+	l, err := net.Listen("unix", filepath.Join(t.TempDir(), "s.sock"))
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(l) }()
+	// The Serve goroutine and at least 4 workers.
+	require.GreaterOrEqual(t, waitGoroutines(func(n int) bool { return n >= before+5 }), before+5, "Serve starts its workers")
+	s.Stop()
+	require.ErrorIs(t, <-done, h2grpc.ErrServerStopped)
+	require.LessOrEqual(t, waitGoroutines(func(n int) bool { return n <= before }), before, "goroutines left after Stop")
+	// Serving after Stop starts nothing.
+	l, err = net.Listen("unix", filepath.Join(t.TempDir(), "s.sock"))
+	require.NoError(t, err)
+	require.ErrorIs(t, s.Serve(l), h2grpc.ErrServerStopped)
+	require.LessOrEqual(t, runtime.NumGoroutine(), before)
 }
