@@ -50,6 +50,7 @@ type imdsBlock struct {
 	AuthorityCAFile    string                 `hcl:"authority_ca_file"`
 	TenantID           string                 `hcl:"tenant_id"`
 	AllowedGroups      []string               `hcl:"allowed_groups"`
+	AgentIdentities    *bool                  `hcl:"agent_identities"`
 	UnusedKeys         map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
@@ -161,6 +162,7 @@ func loadIMDS(path string, b *imdsBlock) (*IMDSConfig, error) {
 		Authority:          b.Authority,
 		AuthorityCAFile:    config.Resolve(path, b.AuthorityCAFile),
 		TenantID:           b.TenantID,
+		AgentIdentities:    b.AgentIdentities == nil || *b.AgentIdentities,
 	}
 	if b.ArcAddr != nil {
 		c.ArcAddr = *b.ArcAddr

@@ -130,11 +130,13 @@ func TestIMDSConfig(t *testing.T) {
 		TokenDir:        "/var/opt/azcmagent/tokens",
 		Authority:       "https://login.example.org",
 		AuthorityCAFile: ca,
+		AgentIdentities: true,
 	}, fc.IMDS)
 
 	fc, err = load(`imds {
 		authority = "https://login.example.org/x" tenant_id = "t1"
 		arc_addr = "" vm = true vm_addr = "127.0.0.1:8080" add_loopback_address = true token_dir = "tok"
+		agent_identities = false
 	}`)
 	require.NoError(t, err)
 	require.Equal(t, &agent.IMDSConfig{

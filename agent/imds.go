@@ -48,6 +48,30 @@ type IMDSConfig struct {
 	// AllowedGroups, when set, admits only root and members of these groups
 	// (imds.Config.AllowedGroups; agent.conf allowed_groups).
 	AllowedGroups []uint32
+	// AgentIdentities lets every admitted caller use the agent's own
+	// identities too (identities.Config.Agent; agent.conf agent_identities,
+	// on by default).
+	AgentIdentities bool
+}
+
+// agentSelf gives the identities resolver the agent's own SPIFFE ID and
+// JWT-SVIDs: the session knows the ID, the cache keeps the tokens.
+type agentSelf struct{ a *Agent }
+
+func (s agentSelf) SPIFFEID() string {
+	id := s.a.session.SpiffeID()
+	if id.IsZero() {
+		return ""
+	}
+	return id.String()
+}
+
+func (s agentSelf) JWTSVID(ctx context.Context, agentID string, audience []string) (string, error) {
+	svid, err := s.a.cache.FetchAgentJWTSVID(ctx, agentID, audience)
+	if err != nil {
+		return "", err
+	}
+	return svid.Token, nil
 }
 
 func loadCertPool(path string) (*x509.CertPool, error) {
@@ -92,7 +116,12 @@ func (a *Agent) startIMDS(attestor workloadapi.Attestor) ([]*imds.Server, *grpc.
 	// example answers the challenge from a second process); Conns finds the
 	// process for attestation.
 	conns := identities.NewConns(finder)
+	var self identities.Agent
+	if c.AgentIdentities {
+		self = agentSelf{a}
+	}
 	res, err := identities.New(identities.Config{
+		Agent:     self,
 		Attestor:  attestor,
 		Workloads: a.cache,
 		Directory: ferrypb.NewAgentClient(conn),

@@ -111,6 +111,7 @@ type testSigner struct {
 	jwtCalls   int
 	witCalls   int
 	witKeys    []crypto.PublicKey
+	agentID    string // the subject of MintAgentJWTSVID's tokens
 }
 
 func newTestSigner(t testing.TB, clock *fakeClock) *testSigner {
@@ -308,6 +309,25 @@ func (s *testSigner) MintJWTSVID(ctx context.Context, entryID string, audience [
 		return "", errUnavailable
 	}
 	return s.token(entryID, jwt.MapClaims{"aud": audience})
+}
+
+func (s *testSigner) MintAgentJWTSVID(ctx context.Context, audience []string) (string, error) {
+	fail, err := s.enter(ctx, &s.jwtCalls)
+	if err != nil {
+		return "", err
+	}
+	if fail {
+		return "", errUnavailable
+	}
+	s.mu.Lock()
+	sub := s.agentID
+	s.mu.Unlock()
+	now := s.clock.Now()
+	tok := jwt.NewWithClaims(jwt.SigningMethodES256, jwt.MapClaims{
+		"sub": sub, "aud": audience, "iat": now.Unix(), "exp": now.Add(s.jwtTTL).Unix(), "jti": rand.Text(),
+	})
+	tok.Header["kid"] = "jwt-1"
+	return tok.SignedString(s.jwtKey)
 }
 
 func (s *testSigner) MintWITSVID(ctx context.Context, entryID string, pub crypto.PublicKey) (string, error) {

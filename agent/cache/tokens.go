@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -24,23 +25,15 @@ import (
 // concurrent misses for one key make one Signer call. When minting fails but
 // the cached token has not expired, the cached token is returned.
 func (c *Cache) FetchJWTSVID(ctx context.Context, entry *ferrypb.Entry, audience []string) (*JWTSVID, error) {
-	aud := slices.Clone(audience)
-	slices.Sort(aud)
-	aud = slices.Compact(aud)
-	if len(aud) == 0 || aud[0] == "" {
-		return nil, ErrNoAudience
+	aud, err := audienceSet(audience)
+	if err != nil {
+		return nil, err
 	}
 	cur, err := c.currentEntry(entry)
 	if err != nil {
 		return nil, err
 	}
-	var b strings.Builder
-	b.WriteString(cur.GetSpiffeId())
-	for _, a := range aud {
-		// Length-prefixed, so no two audience lists share a key.
-		b.WriteString("\x00" + strconv.Itoa(len(a)) + ":" + a)
-	}
-	it, err := c.jwts.get(ctx, b.String(), func(ctx context.Context) (*tokenItem, error) {
+	it, err := c.jwts.get(ctx, jwtKey(cur.GetSpiffeId(), aud), func(ctx context.Context) (*tokenItem, error) {
 		tok, err := c.signer.MintJWTSVID(ctx, cur.GetId(), aud)
 		if err != nil {
 			return nil, fmt.Errorf("cache: mint JWT-SVID for entry %s: %w", cur.GetId(), err)
@@ -51,6 +44,73 @@ func (c *Cache) FetchJWTSVID(ctx context.Context, entry *ferrypb.Entry, audience
 		return nil, err
 	}
 	return &JWTSVID{Token: it.token, ExpiresAt: it.expires, IssuedAt: it.issued}, nil
+}
+
+// AgentSigner is implemented by a Signer that can also mint JWT-SVIDs for
+// the agent's own SPIFFE ID (*session.Session).
+type AgentSigner interface {
+	MintAgentJWTSVID(ctx context.Context, audience []string) (string, error)
+}
+
+// ErrNoAgentSigner means the cache's Signer cannot mint the agent's own
+// JWT-SVIDs.
+var ErrNoAgentSigner = errors.New("cache: the signer mints no agent JWT-SVIDs")
+
+// FetchAgentJWTSVID returns a JWT-SVID for the agent's own SPIFFE ID agentID
+// and audience, cached as FetchJWTSVID. A token whose subject is not agentID
+// (the agent attested anew in between) is refused, not cached.
+func (c *Cache) FetchAgentJWTSVID(ctx context.Context, agentID string, audience []string) (*JWTSVID, error) {
+	as, ok := c.signer.(AgentSigner)
+	if !ok {
+		return nil, ErrNoAgentSigner
+	}
+	aud, err := audienceSet(audience)
+	if err != nil {
+		return nil, err
+	}
+	// The prefix keeps the agent's tokens apart from entries' (keys of
+	// those start with their SPIFFE ID, "spiffe://").
+	it, err := c.jwts.get(ctx, "agent\x00"+jwtKey(agentID, aud), func(ctx context.Context) (*tokenItem, error) {
+		tok, err := as.MintAgentJWTSVID(ctx, aud)
+		if err != nil {
+			return nil, fmt.Errorf("cache: mint the agent's JWT-SVID: %w", err)
+		}
+		it, err := newTokenItem(tok, nil, c.clock.Now())
+		if err != nil {
+			return nil, err
+		}
+		if it.subject != agentID {
+			return nil, fmt.Errorf("cache: the agent's JWT-SVID is for %q, not %q", it.subject, agentID)
+		}
+		return it, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &JWTSVID{Token: it.token, ExpiresAt: it.expires, IssuedAt: it.issued}, nil
+}
+
+// audienceSet sorts and deduplicates an audience list, which must name at
+// least one non-empty audience.
+func audienceSet(audience []string) ([]string, error) {
+	aud := slices.Clone(audience)
+	slices.Sort(aud)
+	aud = slices.Compact(aud)
+	if len(aud) == 0 || aud[0] == "" {
+		return nil, ErrNoAudience
+	}
+	return aud, nil
+}
+
+// jwtKey is the cache key of a JWT-SVID for a SPIFFE ID and audience set.
+func jwtKey(spiffeID string, aud []string) string {
+	var b strings.Builder
+	b.WriteString(spiffeID)
+	for _, a := range aud {
+		// Length-prefixed, so no two audience lists share a key.
+		b.WriteString("\x00" + strconv.Itoa(len(a)) + ":" + a)
+	}
+	return b.String()
 }
 
 // FetchWITSVID returns a WIT-SVID for the entry's SPIFFE ID with the P-256
@@ -96,6 +156,7 @@ func (c *Cache) currentEntry(entry *ferrypb.Entry) (*ferrypb.Entry, error) {
 // tokenItem is a cached JWT (a JWT-SVID, or a WIT-SVID with its key).
 type tokenItem struct {
 	token    string
+	subject  string
 	key      crypto.Signer
 	issued   time.Time
 	expires  time.Time
@@ -118,7 +179,7 @@ func newTokenItem(token string, key crypto.Signer, now time.Time) (*tokenItem, e
 	if claims.ExpiresAt == nil {
 		return nil, fmt.Errorf("cache: server returned a token without exp")
 	}
-	it := &tokenItem{token: token, key: key, issued: now, expires: claims.ExpiresAt.Time}
+	it := &tokenItem{token: token, subject: claims.Subject, key: key, issued: now, expires: claims.ExpiresAt.Time}
 	if claims.IssuedAt != nil && claims.IssuedAt.Before(it.expires) {
 		it.issued = claims.IssuedAt.Time
 	}

@@ -203,3 +203,46 @@ func TestTokenCacheIsBounded(t *testing.T) {
 		t.Fatalf("%d mints, want 1 (for the evicted audience only)", n-before)
 	}
 }
+
+func TestAgentJWTSVID(t *testing.T) {
+	e := newEnv(t, nil)
+	const agentID = "spiffe://example.org/spire/agent/x509pop/node-1"
+	e.signer.mu.Lock()
+	e.signer.agentID = agentID
+	e.signer.mu.Unlock()
+	ctx := context.Background()
+	jwtCalls := func() int { _, _, n, _ := e.signer.counts(); return n }
+	aud := []string{"api://AzureADTokenExchange"}
+
+	first, err := e.cache.FetchAgentJWTSVID(ctx, agentID, aud)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var claims jwt.RegisteredClaims
+	if _, _, err := jwt.NewParser().ParseUnverified(first.Token, &claims); err != nil || claims.Subject != agentID {
+		t.Fatalf("token for %q: %v", claims.Subject, err)
+	}
+	if got, err := e.cache.FetchAgentJWTSVID(ctx, agentID, aud); err != nil || got.Token != first.Token || jwtCalls() != 1 {
+		t.Fatalf("expected a cache hit: err %v, calls %d", err, jwtCalls())
+	}
+	// Past half its life it is minted anew.
+	e.clock.Advance(3 * time.Minute)
+	if got, err := e.cache.FetchAgentJWTSVID(ctx, agentID, aud); err != nil || got.Token == first.Token || jwtCalls() != 2 {
+		t.Fatalf("expected a new token: err %v, calls %d", err, jwtCalls())
+	}
+	// The agent attested anew as another ID: a token for the old one is
+	// never handed out for the new one, nor cached under it.
+	const next = "spiffe://example.org/spire/agent/join_token/new"
+	if _, err := e.cache.FetchAgentJWTSVID(ctx, next, aud); err == nil {
+		t.Fatal("a token for another subject was accepted")
+	}
+	e.signer.mu.Lock()
+	e.signer.agentID = next
+	e.signer.mu.Unlock()
+	if got, err := e.cache.FetchAgentJWTSVID(ctx, next, aud); err != nil || got.Token == first.Token {
+		t.Fatalf("after the new ID: %v", err)
+	}
+	if _, err := e.cache.FetchAgentJWTSVID(ctx, next, nil); !errors.Is(err, cache.ErrNoAudience) {
+		t.Fatalf("no audience: %v", err)
+	}
+}

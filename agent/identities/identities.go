@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -62,11 +63,28 @@ type Processes interface {
 	Alive(p peer.Process) error
 }
 
+// Agent is the agent itself, whose identities callers may also use
+// (Config.Agent). Safe for concurrent use.
+type Agent interface {
+	// SPIFFEID is the agent's current SPIFFE ID; "" before it is attested.
+	SPIFFEID() string
+	// JWTSVID returns a JWT-SVID for the agent's own SPIFFE ID agentID and
+	// audience.
+	JWTSVID(ctx context.Context, agentID string, audience []string) (string, error)
+}
+
 // Config configures a Resolver.
 type Config struct {
 	Attestor  Attestor
 	Workloads Workloads
 	Directory Directory
+	// Agent, when set, lets every caller also use the agent's own
+	// identities: its system-assigned identity and the user-assigned ones
+	// whose credentials accept the agent's SPIFFE ID, as every process on
+	// an Azure VM may use the VM's. A caller's own identities (those of its
+	// entries' SPIFFE IDs) come first: a request naming no identity gets
+	// the agent's only when the caller's entries grant none.
+	Agent Agent
 	// Processes; default peer.New(peer.Config{}).
 	Processes Processes
 	// Conns, when set, finds the calling process of requests whose Caller
@@ -247,20 +265,37 @@ func (r *Resolver) identity(ctx context.Context, c imds.Caller, s imds.Selector)
 		granted[sid] = id.Entry
 		spiffeIDs = append(spiffeIDs, sid)
 	}
-	if len(spiffeIDs) == 0 {
+	// The agent's own ID is asked about too, unless an entry of the
+	// caller's has it already.
+	agentID := r.agentID()
+	if _, dup := granted[agentID]; dup {
+		agentID = ""
+	}
+	ask := spiffeIDs
+	if agentID != "" {
+		ask = append(slices.Clip(spiffeIDs), agentID)
+	}
+	if len(ask) == 0 {
 		return tokens.Identity{}, fmt.Errorf("identities: %w: no entry matches uid %d pid %d", imds.ErrIdentityNotFound, c.UID, c.PID)
 	}
-	usable, err := r.usable(ctx, spiffeIDs)
+	usable, err := r.usable(ctx, ask)
 	if err != nil {
 		return tokens.Identity{}, err
 	}
-	pick, err := choose(usable, s)
+	own, agents := usable, []*ferrypb.AgentIdentity(nil)
+	if agentID != "" {
+		own = slices.DeleteFunc(slices.Clone(usable), func(u *ferrypb.AgentIdentity) bool { return u.GetSpiffeId() == agentID })
+		agents = slices.DeleteFunc(slices.Clone(usable), func(u *ferrypb.AgentIdentity) bool { return u.GetSpiffeId() != agentID })
+	}
+	pick, err := choose(own, agents, s)
 	if err != nil {
 		return tokens.Identity{}, err
 	}
-	r.mu.Lock()
-	r.entries[pick.GetSpiffeId()] = granted[pick.GetSpiffeId()]
-	r.mu.Unlock()
+	if e := granted[pick.GetSpiffeId()]; e != nil {
+		r.mu.Lock()
+		r.entries[pick.GetSpiffeId()] = e
+		r.mu.Unlock()
+	}
 	tenant := pick.GetTenantId()
 	if r.cfg.TenantID != "" {
 		tenant = r.cfg.TenantID
@@ -274,31 +309,48 @@ func (r *Resolver) identity(ctx context.Context, c imds.Caller, s imds.Selector)
 }
 
 // choose applies the IMDS selection rules to the identities usable by the
-// caller, in the order of its SPIFFE IDs (default identity first).
-func choose(usable []*ferrypb.AgentIdentity, s imds.Selector) (*ferrypb.AgentIdentity, error) {
+// caller: its own (own, in the order of its SPIFFE IDs, default identity
+// first), then the agent's. A request naming no identity is answered from
+// the caller's own identities when it has any, else from the agent's; a
+// named identity is looked for in both, the caller's first.
+func choose(own, agents []*ferrypb.AgentIdentity, s imds.Selector) (*ferrypb.AgentIdentity, error) {
 	if s.Kind == imds.SelectorNone {
-		var system, distinct []*ferrypb.AgentIdentity
-		seen := map[string]bool{}
-		for _, u := range usable {
-			if seen[u.GetObjectId()] {
-				continue
-			}
-			seen[u.GetObjectId()] = true
-			distinct = append(distinct, u)
-			if u.GetKind() == KindSystemAssigned {
-				system = append(system, u)
-			}
+		if len(own) == 0 {
+			return chooseDefault(agents)
 		}
-		switch {
-		case len(system) == 1:
-			return system[0], nil
-		case len(distinct) == 1:
-			return distinct[0], nil
-		case len(distinct) == 0:
-			return nil, fmt.Errorf("identities: %w: the caller may use no identity", imds.ErrIdentityNotFound)
-		}
-		return nil, fmt.Errorf("identities: %w: %d identities", imds.ErrAmbiguousIdentity, len(distinct))
+		return chooseDefault(own)
 	}
+	return chooseNamed(append(slices.Clip(own), agents...), s)
+}
+
+// chooseDefault picks the identity for a request that names none: the only
+// system-assigned one, else the only one.
+func chooseDefault(usable []*ferrypb.AgentIdentity) (*ferrypb.AgentIdentity, error) {
+	var system, distinct []*ferrypb.AgentIdentity
+	seen := map[string]bool{}
+	for _, u := range usable {
+		if seen[u.GetObjectId()] {
+			continue
+		}
+		seen[u.GetObjectId()] = true
+		distinct = append(distinct, u)
+		if u.GetKind() == KindSystemAssigned {
+			system = append(system, u)
+		}
+	}
+	switch {
+	case len(system) == 1:
+		return system[0], nil
+	case len(distinct) == 1:
+		return distinct[0], nil
+	case len(distinct) == 0:
+		return nil, fmt.Errorf("identities: %w: the caller may use no identity", imds.ErrIdentityNotFound)
+	}
+	return nil, fmt.Errorf("identities: %w: %d identities", imds.ErrAmbiguousIdentity, len(distinct))
+}
+
+// chooseNamed picks the first identity the selector names.
+func chooseNamed(usable []*ferrypb.AgentIdentity, s imds.Selector) (*ferrypb.AgentIdentity, error) {
 	for _, u := range usable {
 		var v string
 		switch s.Kind {
@@ -406,6 +458,14 @@ func (r *Resolver) usableLocked(it dirItem, now time.Time, rev uint64, stale boo
 	return now.Sub(it.at) < ttl
 }
 
+// agentID is the agent's SPIFFE ID when its identities may be used, else "".
+func (r *Resolver) agentID() string {
+	if r.cfg.Agent == nil {
+		return ""
+	}
+	return r.cfg.Agent.SPIFFEID()
+}
+
 // revision is the agent's entry revision, or 0 without a revisioner.
 func (r *Resolver) revision() uint64 {
 	if r.rev == nil {
@@ -432,6 +492,13 @@ func (r *Resolver) Assertion(ctx context.Context, id tokens.Identity) (string, e
 	e := r.entries[id.SPIFFEID]
 	r.mu.Unlock()
 	if e == nil {
+		if agentID := r.agentID(); agentID != "" && id.SPIFFEID == agentID {
+			tok, err := r.cfg.Agent.JWTSVID(ctx, agentID, []string{Audience})
+			if err != nil {
+				return "", fmt.Errorf("identities: the agent's JWT-SVID: %w", err)
+			}
+			return tok, nil
+		}
 		return "", fmt.Errorf("identities: no entry known for %s", id.SPIFFEID)
 	}
 	svid, err := r.cfg.Workloads.FetchJWTSVID(ctx, e, []string{Audience})

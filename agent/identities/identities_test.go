@@ -589,3 +589,113 @@ func TestDirectoryAnswersEndWhenEntriesChange(t *testing.T) {
 	require.ErrorIs(t, err, imds.ErrIdentityNotFound)
 	require.Equal(t, 2, f.d.numCalls(), "changed entries: the servers are asked again")
 }
+
+// self is the agent itself: its SPIFFE ID, and the audiences of the JWT-SVIDs
+// asked of it.
+type self struct {
+	mu   sync.Mutex
+	id   string
+	auds []string
+}
+
+func (s *self) SPIFFEID() string { s.mu.Lock(); defer s.mu.Unlock(); return s.id }
+
+func (s *self) JWTSVID(_ context.Context, agentID string, aud []string) (string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if agentID != s.id {
+		return "", fmt.Errorf("asked for %s, agent is %s", agentID, s.id)
+	}
+	s.auds = append(s.auds, aud...)
+	return "agent-jwt-for-" + agentID, nil
+}
+
+const agentID = "spiffe://example.org/spire/agent/x509pop/node-1"
+
+var (
+	agentSA = &ferrypb.AgentIdentity{SpiffeId: agentID, ClientId: "11111111-aaaa-4000-8000-0000000000a1", ObjectId: "21111111-aaaa-4000-8000-0000000000a1", TenantId: "t-node", Kind: "system-assigned"}
+	agentUA = &ferrypb.AgentIdentity{SpiffeId: agentID, ClientId: "11111111-aaaa-4000-8000-0000000000a2", ObjectId: "21111111-aaaa-4000-8000-0000000000a2", TenantId: "t-node", Kind: "user-assigned"}
+)
+
+func TestAgentIdentities(t *testing.T) {
+	me := &self{id: agentID}
+	f := newFixture(t, func(c *identities.Config) { c.Agent = me })
+	f.d.ids = append(f.d.ids, agentSA, agentUA)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name string
+		pid  int32
+		sel  imds.Selector
+		want *ferrypb.AgentIdentity
+		err  error
+	}{
+		{"no entry: the agent's system-assigned", 50, imds.Selector{}, agentSA, nil},
+		{"entries federated to nothing: the agent's", 40, imds.Selector{}, agentSA, nil},
+		{"the caller's only identity before the agent's", 30, imds.Selector{}, otherUA, nil},
+		{"the caller's system-assigned before the agent's", 20, imds.Selector{}, batchSA, nil},
+		{"the caller's own stay ambiguous", 10, imds.Selector{}, nil, imds.ErrAmbiguousIdentity},
+		{"the agent's user-assigned by client_id", 10, imds.Selector{Kind: imds.SelectorClientID, Value: agentUA.ClientId}, agentUA, nil},
+		{"the agent's system-assigned by object_id", 30, imds.Selector{Kind: imds.SelectorObjectID, Value: agentSA.ObjectId}, agentSA, nil},
+		{"the caller's own by client_id", 50, imds.Selector{Kind: imds.SelectorClientID, Value: otherUA.ClientId}, nil, imds.ErrIdentityNotFound},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := f.r.Identity(ctx, caller(tc.pid), tc.sel)
+			if tc.err != nil {
+				require.ErrorIs(t, err, tc.err)
+				return
+			}
+			require.NoError(t, err)
+			require.Equal(t, tokens.Identity{TenantID: tc.want.TenantId, ClientID: tc.want.ClientId, ObjectID: tc.want.ObjectId, SPIFFEID: tc.want.SpiffeId}, got)
+		})
+	}
+
+	// The assertion for an agent identity is the agent's own JWT-SVID, for
+	// the exchange audience; a caller's is its entry's.
+	id, err := f.r.Identity(ctx, caller(50), imds.Selector{})
+	require.NoError(t, err)
+	tok, err := f.r.Assertion(ctx, id)
+	require.NoError(t, err)
+	require.Equal(t, "agent-jwt-for-"+agentID, tok)
+	require.Equal(t, []string{identities.Audience}, me.auds)
+	id, err = f.r.Identity(ctx, caller(30), imds.Selector{})
+	require.NoError(t, err)
+	tok, err = f.r.Assertion(ctx, id)
+	require.NoError(t, err)
+	require.Equal(t, "jwt-for-"+other, tok)
+
+	// The agent's ID is asked about with the caller's own, in one call, and
+	// its answer cached like theirs.
+	f.d.mu.Lock()
+	calls := f.d.calls
+	f.d.mu.Unlock()
+	require.Equal(t, []string{agentID}, calls[0], "a caller without entries")
+	require.Equal(t, []string{"spiffe://example.org/none"}, calls[1])
+
+	// Before the agent is attested there is no agent identity; after it
+	// attests anew under another ID, the old ID's identities are gone.
+	me.mu.Lock()
+	me.id = ""
+	me.mu.Unlock()
+	_, err = f.r.Identity(ctx, caller(50), imds.Selector{})
+	require.ErrorIs(t, err, imds.ErrIdentityNotFound)
+	me.mu.Lock()
+	me.id = "spiffe://example.org/spire/agent/join_token/new"
+	me.mu.Unlock()
+	_, err = f.r.Identity(ctx, caller(50), imds.Selector{})
+	require.ErrorIs(t, err, imds.ErrIdentityNotFound)
+	_, err = f.r.Assertion(ctx, tokens.Identity{SPIFFEID: agentID})
+	require.Error(t, err, "no assertion for an ID the agent no longer has")
+}
+
+func TestAgentIdentitiesOff(t *testing.T) {
+	f := newFixture(t, nil)
+	f.d.ids = append(f.d.ids, agentSA, agentUA)
+	ctx := context.Background()
+	_, err := f.r.Identity(ctx, caller(50), imds.Selector{})
+	require.ErrorIs(t, err, imds.ErrIdentityNotFound)
+	_, err = f.r.Identity(ctx, caller(30), imds.Selector{Kind: imds.SelectorClientID, Value: agentUA.ClientId})
+	require.ErrorIs(t, err, imds.ErrIdentityNotFound)
+	for _, c := range f.d.calls {
+		require.NotContains(t, c, agentID)
+	}
+}

@@ -81,10 +81,12 @@ type Session struct {
 	ready  chan struct{}
 	once   sync.Once
 
-	// Used by the sync loop only: the highest entry revision applied, and
-	// since when servers have offered only older full sets.
-	revision    uint64
-	behindSince time.Time
+	// Used by the sync loop only: the highest entry revision applied,
+	// since when servers have offered only older full sets, and whether
+	// the agent's own system-assigned identity was last said enabled.
+	revision      uint64
+	behindSince   time.Time
+	agentIdentity bool
 }
 
 // maxBehindWait bounds how long the agent refuses a full entry set older than
@@ -513,9 +515,14 @@ func (s *Session) syncOnce(ctx context.Context) (gotAny bool, err error) {
 		if msg.Bundles != nil {
 			s.applyBundles(msg.Bundles)
 		}
+		// A change of the agent's own identity alone is applied as an
+		// empty change: it moves the entry revision, which ends every
+		// cached decision about which identities callers may use.
+		identityChanged := !msg.Full && msg.AgentIdentity != s.agentIdentity
+		s.agentIdentity = msg.AgentIdentity
 		if msg.Full {
 			s.cfg.Sink.SetEntries(msg.Entries, msg.Revision)
-		} else if len(msg.Entries) > 0 || len(msg.DeletedIds) > 0 {
+		} else if len(msg.Entries) > 0 || len(msg.DeletedIds) > 0 || identityChanged {
 			s.cfg.Sink.ApplyEntryChanges(msg.Entries, msg.DeletedIds, msg.Revision)
 		}
 	}
@@ -578,6 +585,17 @@ func (s *Session) SignX509SVIDs(ctx context.Context, reqs []cache.SignRequest) (
 // MintJWTSVID implements cache.Signer through NewJWTSVID.
 func (s *Session) MintJWTSVID(ctx context.Context, entryID string, audience []string) (string, error) {
 	resp, err := s.agentClient().NewJWTSVID(ctx, &ferrypb.NewJWTSVIDRequest{EntryId: entryID, Audience: audience})
+	if err != nil {
+		return "", err
+	}
+	return resp.Token, nil
+}
+
+// MintAgentJWTSVID implements cache.AgentSigner through NewJWTSVID: a
+// JWT-SVID for the agent's own SPIFFE ID, which the servers mint for the
+// token exchange audience only.
+func (s *Session) MintAgentJWTSVID(ctx context.Context, audience []string) (string, error) {
+	resp, err := s.agentClient().NewJWTSVID(ctx, &ferrypb.NewJWTSVIDRequest{Agent: true, Audience: audience})
 	if err != nil {
 		return "", err
 	}

@@ -207,6 +207,7 @@ func (s *Stack) Run(ctx context.Context) error {
 		TokenDir:        tokens,
 		Authority:       br.BaseURL(),
 		AuthorityCAFile: br.CAFile(),
+		AgentIdentities: true,
 	}, errc)
 	if err != nil {
 		return err

@@ -590,9 +590,14 @@ func (x *BatchNewX509SVIDResponse) GetResults() []*X509SVIDResult {
 }
 
 type NewJWTSVIDRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	EntryId       string                 `protobuf:"bytes,1,opt,name=entry_id,json=entryId,proto3" json:"entry_id,omitempty"`
-	Audience      []string               `protobuf:"bytes,2,rep,name=audience,proto3" json:"audience,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	EntryId  string                 `protobuf:"bytes,1,opt,name=entry_id,json=entryId,proto3" json:"entry_id,omitempty"`
+	Audience []string               `protobuf:"bytes,2,rep,name=audience,proto3" json:"audience,omitempty"`
+	// agent: mint for the calling agent's own SPIFFE ID instead of an entry's
+	// (entry_id empty). Only for the token exchange: the audience must be
+	// exactly api://AzureADTokenExchange, and some managed identity must accept
+	// the agent's ID (ListAgentIdentities would offer it).
+	Agent         bool `protobuf:"varint,3,opt,name=agent,proto3" json:"agent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -639,6 +644,13 @@ func (x *NewJWTSVIDRequest) GetAudience() []string {
 		return x.Audience
 	}
 	return nil
+}
+
+func (x *NewJWTSVIDRequest) GetAgent() bool {
+	if x != nil {
+		return x.Agent
+	}
+	return false
 }
 
 type NewJWTSVIDResponse struct {
@@ -745,8 +757,12 @@ type SyncEntriesResponse struct {
 	DeletedIds []string `protobuf:"bytes,3,rep,name=deleted_ids,json=deletedIds,proto3" json:"deleted_ids,omitempty"`
 	// bundles: when set, the complete set of bundles the agent needs (its own
 	// trust domain's and those its entries federate with).
-	Bundles       []*Bundle `protobuf:"bytes,4,rep,name=bundles,proto3" json:"bundles,omitempty"`
-	Revision      uint64    `protobuf:"varint,5,opt,name=revision,proto3" json:"revision,omitempty"`
+	Bundles  []*Bundle `protobuf:"bytes,4,rep,name=bundles,proto3" json:"bundles,omitempty"`
+	Revision uint64    `protobuf:"varint,5,opt,name=revision,proto3" json:"revision,omitempty"`
+	// agent_identity: whether the agent's own system-assigned identity is
+	// enabled, in every message; a change of it alone sends a message, so the
+	// agent stops offering a disabled identity at once.
+	AgentIdentity bool `protobuf:"varint,6,opt,name=agent_identity,json=agentIdentity,proto3" json:"agent_identity,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -814,6 +830,13 @@ func (x *SyncEntriesResponse) GetRevision() uint64 {
 		return x.Revision
 	}
 	return 0
+}
+
+func (x *SyncEntriesResponse) GetAgentIdentity() bool {
+	if x != nil {
+		return x.AgentIdentity
+	}
+	return false
 }
 
 type ListAgentIdentitiesRequest struct {
@@ -1146,23 +1169,25 @@ const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"cert_chain\x18\x02 \x03(\fR\tcertChain\"N\n" +
 	"\x18BatchNewX509SVIDResponse\x122\n" +
-	"\aresults\x18\x01 \x03(\v2\x18.ferry.v1.X509SVIDResultR\aresults\"J\n" +
+	"\aresults\x18\x01 \x03(\v2\x18.ferry.v1.X509SVIDResultR\aresults\"`\n" +
 	"\x11NewJWTSVIDRequest\x12\x19\n" +
 	"\bentry_id\x18\x01 \x01(\tR\aentryId\x12\x1a\n" +
-	"\baudience\x18\x02 \x03(\tR\baudience\"f\n" +
+	"\baudience\x18\x02 \x03(\tR\baudience\x12\x14\n" +
+	"\x05agent\x18\x03 \x01(\bR\x05agent\"f\n" +
 	"\x12NewJWTSVIDResponse\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x1b\n" +
 	"\tissued_at\x18\x02 \x01(\x03R\bissuedAt\x12\x1d\n" +
 	"\n" +
 	"expires_at\x18\x03 \x01(\x03R\texpiresAt\"\x14\n" +
-	"\x12SyncEntriesRequest\"\xbd\x01\n" +
+	"\x12SyncEntriesRequest\"\xe4\x01\n" +
 	"\x13SyncEntriesResponse\x12\x12\n" +
 	"\x04full\x18\x01 \x01(\bR\x04full\x12)\n" +
 	"\aentries\x18\x02 \x03(\v2\x0f.ferry.v1.EntryR\aentries\x12\x1f\n" +
 	"\vdeleted_ids\x18\x03 \x03(\tR\n" +
 	"deletedIds\x12*\n" +
 	"\abundles\x18\x04 \x03(\v2\x10.ferry.v1.BundleR\abundles\x12\x1a\n" +
-	"\brevision\x18\x05 \x01(\x04R\brevision\";\n" +
+	"\brevision\x18\x05 \x01(\x04R\brevision\x12%\n" +
+	"\x0eagent_identity\x18\x06 \x01(\bR\ragentIdentity\";\n" +
 	"\x1aListAgentIdentitiesRequest\x12\x1d\n" +
 	"\n" +
 	"spiffe_ids\x18\x01 \x03(\tR\tspiffeIds\"\xcc\x01\n" +

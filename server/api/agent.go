@@ -375,15 +375,27 @@ func (a *Agent) NewJWTSVID(ctx context.Context, req *ferrypb.NewJWTSVIDRequest) 
 	if err := a.allow(n.SpiffeId, 1); err != nil {
 		return nil, err
 	}
-	e, ok := a.authorized(a.cfg.Store.View(), n)[req.EntryId]
-	if !ok {
-		return nil, status.Errorf(codes.PermissionDenied, "agent is not authorized for entry %q", req.EntryId)
+	v := a.cfg.Store.View()
+	auth := a.authorized(v, n)
+	var subject string
+	var ttl time.Duration
+	if req.Agent {
+		if err := a.agentMayExchange(v, n, auth, req); err != nil {
+			return nil, err
+		}
+		subject = n.SpiffeId
+	} else {
+		e, ok := auth[req.EntryId]
+		if !ok {
+			return nil, status.Errorf(codes.PermissionDenied, "agent is not authorized for entry %q", req.EntryId)
+		}
+		subject, ttl = e.SpiffeId, time.Duration(e.JwtSvidTtl)*time.Second
 	}
-	id, err := spiffeid.FromString(e.SpiffeId)
+	id, err := spiffeid.FromString(subject)
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	svid, err := a.cfg.Signer.MintJWTSVID(id, req.Audience, time.Duration(e.JwtSvidTtl)*time.Second, nil)
+	svid, err := a.cfg.Signer.MintJWTSVID(id, req.Audience, ttl, nil)
 	if err != nil {
 		if errors.Is(err, ca.ErrNoAuthority) {
 			return nil, status.Error(codes.Unavailable, err.Error())
@@ -391,6 +403,23 @@ func (a *Agent) NewJWTSVID(ctx context.Context, req *ferrypb.NewJWTSVIDRequest) 
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	return &ferrypb.NewJWTSVIDResponse{Token: svid.Token, IssuedAt: svid.IssuedAt.Unix(), ExpiresAt: svid.ExpiresAt.Unix()}, nil
+}
+
+// agentMayExchange checks a request for a JWT-SVID of agent n's own SPIFFE ID:
+// it serves the token exchange only (audience exactly TokenExchangeAudience),
+// and only while some managed identity accepts the agent's ID, so an agent's
+// own JWT-SVID is never minted for another use.
+func (a *Agent) agentMayExchange(v *state.View, n *ferrypb.AttestedNode, auth map[string]*ferrypb.Entry, req *ferrypb.NewJWTSVIDRequest) error {
+	if req.EntryId != "" {
+		return status.Error(codes.InvalidArgument, "entry_id must be empty when agent is set")
+	}
+	if len(req.Audience) != 1 || req.Audience[0] != TokenExchangeAudience {
+		return status.Errorf(codes.InvalidArgument, "an agent's own JWT-SVID has the audience %s only", TokenExchangeAudience)
+	}
+	if len(a.identitiesFor(v, exchangeRules(v, a.cfg.JWTIssuer), n.SpiffeId, n, auth)) == 0 {
+		return status.Errorf(codes.PermissionDenied, "no managed identity accepts agent %s", n.SpiffeId)
+	}
+	return nil
 }
 
 // SyncEntries streams the caller's authorized entries: everything first, then the
@@ -405,7 +434,11 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 	v := a.cfg.Store.View()
 	sent := a.authorized(v, n)
 	bundles := a.bundlesFor(v, sent)
-	first := &ferrypb.SyncEntriesResponse{Full: true, Bundles: bundles, Revision: v.Index()}
+	agentIdentity := n.GetSystemAssignedIdentity()
+	if cur := v.Node(n.SpiffeId); cur != nil {
+		agentIdentity = cur.GetSystemAssignedIdentity()
+	}
+	first := &ferrypb.SyncEntriesResponse{Full: true, Bundles: bundles, Revision: v.Index(), AgentIdentity: agentIdentity}
 	for _, e := range sent {
 		first.Entries = append(first.Entries, e)
 	}
@@ -428,7 +461,7 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 			return status.Errorf(codes.PermissionDenied, "agent %s was evicted or banned", n.SpiffeId)
 		}
 		now := a.authorized(v, cur)
-		msg := &ferrypb.SyncEntriesResponse{Revision: index}
+		msg := &ferrypb.SyncEntriesResponse{Revision: index, AgentIdentity: cur.GetSystemAssignedIdentity()}
 		for id, e := range now {
 			if old, ok := sent[id]; !ok || old.Revision != e.Revision {
 				msg.Entries = append(msg.Entries, e)
@@ -445,7 +478,9 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 			bundles = nb
 		}
 		sent = now
-		if len(msg.Entries) == 0 && len(msg.DeletedIds) == 0 && msg.Bundles == nil {
+		identityChanged := msg.AgentIdentity != agentIdentity
+		agentIdentity = msg.AgentIdentity
+		if len(msg.Entries) == 0 && len(msg.DeletedIds) == 0 && msg.Bundles == nil && !identityChanged {
 			continue
 		}
 		if err := stream.Send(msg); err != nil {

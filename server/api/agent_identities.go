@@ -57,26 +57,34 @@ func (a *Agent) ListAgentIdentities(ctx context.Context, req *ferrypb.ListAgentI
 	}
 	rules := exchangeRules(v, a.cfg.JWTIssuer)
 	for _, id := range ids {
-		for _, ir := range rules {
-			idn := ir.identity
-			if idn.GetKind() == state.KindSystemAssigned && !ownerHolds(v, idn, id, n, auth) {
-				continue
-			}
-			if !ir.accepts(id, a.cfg.JWTIssuer) {
-				continue
-			}
-			resp.Identities = append(resp.Identities, &ferrypb.AgentIdentity{
-				SpiffeId:   id,
-				ClientId:   idn.GetClientId(),
-				ObjectId:   idn.GetObjectId(),
-				ResourceId: idn.GetResourceId(),
-				TenantId:   idn.GetTenantId(),
-				Name:       idn.GetName(),
-				Kind:       idn.GetKind(),
-			})
-		}
+		resp.Identities = append(resp.Identities, a.identitiesFor(v, rules, id, n, auth)...)
 	}
 	return resp, nil
+}
+
+// identitiesFor returns the identities SPIFFE ID id (one agent n may ask
+// about, authorized for the entries auth) may use under rules.
+func (a *Agent) identitiesFor(v *state.View, rules []identityRules, id string, n *ferrypb.AttestedNode, auth map[string]*ferrypb.Entry) []*ferrypb.AgentIdentity {
+	var out []*ferrypb.AgentIdentity
+	for _, ir := range rules {
+		idn := ir.identity
+		if idn.GetKind() == state.KindSystemAssigned && !ownerHolds(v, idn, id, n, auth) {
+			continue
+		}
+		if !ir.accepts(id, a.cfg.JWTIssuer) {
+			continue
+		}
+		out = append(out, &ferrypb.AgentIdentity{
+			SpiffeId:   id,
+			ClientId:   idn.GetClientId(),
+			ObjectId:   idn.GetObjectId(),
+			ResourceId: idn.GetResourceId(),
+			TenantId:   idn.GetTenantId(),
+			Name:       idn.GetName(),
+			Kind:       idn.GetKind(),
+		})
+	}
+	return out
 }
 
 // ownerHolds reports whether SPIFFE ID id, asked about by agent n (authorized

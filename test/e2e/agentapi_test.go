@@ -458,6 +458,19 @@ func TestAgentAPI(t *testing.T) {
 			requireCode(t, codes.PermissionDenied, err, "node-alias child for an agent without those node selectors")
 			_, err = cl.NewJWTSVID(ctx, &ferrypb.NewJWTSVIDRequest{EntryId: "sign-mine"})
 			requireCode(t, codes.InvalidArgument, err, "no audience")
+
+			// The agent's own JWT-SVID: for the token exchange only, and only
+			// while a managed identity accepts the agent (the success path:
+			// TestLifecycleAgentIdentity).
+			exchange := []string{"api://AzureADTokenExchange"}
+			_, err = cl.NewJWTSVID(ctx, &ferrypb.NewJWTSVIDRequest{Agent: true, Audience: exchange})
+			requireCode(t, codes.PermissionDenied, err, "no identity accepts the agent")
+			_, err = cl.NewJWTSVID(ctx, &ferrypb.NewJWTSVIDRequest{Agent: true, Audience: []string{"aud-1"}})
+			requireCode(t, codes.InvalidArgument, err, "another audience")
+			_, err = cl.NewJWTSVID(ctx, &ferrypb.NewJWTSVIDRequest{Agent: true, Audience: append(exchange, "aud-1")})
+			requireCode(t, codes.InvalidArgument, err, "another audience besides")
+			_, err = cl.NewJWTSVID(ctx, &ferrypb.NewJWTSVIDRequest{Agent: true, EntryId: "sign-mine", Audience: exchange})
+			requireCode(t, codes.InvalidArgument, err, "an entry as well")
 		})
 
 		t.Run("node alias", func(t *testing.T) {

@@ -482,3 +482,73 @@ func TestLifecycleDisableAndEvict(t *testing.T) {
 	require.Contains(t, out, "NotFound")
 	require.NotContains(t, s.cli("role", "list", "--resource", lcResource, "--output", "json"), set.Identity.ObjectID)
 }
+
+// TestLifecycleAgentIdentity: the agent's own system-assigned identity (`ferry
+// agent identity enable`) is usable by every process on its node, as a VM's
+// is by every process on an Azure VM, while a workload with an identity of its
+// own keeps getting its own when it names none; disabling it ends it at once.
+func TestLifecycleAgentIdentity(t *testing.T) {
+	s := newLifecycleStack(t)
+	var api struct {
+		AppID    string `json:"app_id"`
+		TenantID string `json:"tenant_id"`
+	}
+	s.cliJSON(&api, "resource", "create", "--name", "vm-app", "--identifier-uri", lcResource, "--app-role", "reader")
+	tenant := api.TenantID
+	status, body := s.imdsGet(lcBatchUID, lcResource)
+	require.Equal(t, http.StatusBadRequest, status, "no entry and no agent identity: %v", body)
+	require.Equal(t, lcNotFound, body["error_description"])
+
+	var set struct {
+		Identity lcIdentity `json:"identity"`
+	}
+	s.cliJSON(&set, "agent", "identity", "enable", "--spiffe-id", s.agent.ID)
+	node := set.Identity
+	require.Equal(t, "system-assigned", node.Kind)
+	s.cli("role", "assign", "--identity-object-id", node.ObjectID, "--resource", lcResource, "--role", "reader")
+
+	// A process with no entry at all gets the agent's identity, and the
+	// token is the identity's, signed by the bridge.
+	body, took := s.waitIMDS(http.StatusOK, lcBatchUID, lcResource)
+	t.Logf("after enabling, the agent's identity was served within %s", took)
+	require.Equal(t, node.ClientID, body["client_id"])
+	claims := s.accessClaims(tenant, body["access_token"])
+	require.Equal(t, api.AppID, claims["aud"])
+	require.Equal(t, node.ObjectID, claims["oid"])
+	require.Equal(t, node.ClientID, claims["azp"])
+	require.Equal(t, tenant, claims["tid"])
+	require.Equal(t, []any{"reader"}, claims["roles"])
+	status, body = s.imdsGet(lcBatchUID, lcResource, "client_id", node.ClientID)
+	require.Equal(t, http.StatusOK, status, "named by client_id: %v", body)
+	status, body = s.imdsGet(lcBatchUID, lcResource, "object_id", node.ObjectID)
+	require.Equal(t, http.StatusOK, status, "named by object_id: %v", body)
+
+	// A workload with a system-assigned identity of its own gets that one
+	// when it names none, and the agent's when it names it.
+	s.cli("entry", "create", "--entry-id", "vm-web", "--spiffe-id", lcSpiffeID, "--parent-id", s.agent.ID,
+		"--selector", fmt.Sprintf("unix:uid:%d", lcUID), "--system-assigned-identity")
+	var own lcUsage
+	s.cliJSON(&own, "identity", "show", "--name", "vm-web")
+	s.cli("role", "assign", "--identity-object-id", own.Identity.ObjectID, "--resource", lcResource, "--role", "reader")
+	body, _ = s.waitIMDS(http.StatusOK, lcUID, lcResource, "client_id", own.Identity.ClientID)
+	require.Equal(t, own.Identity.ObjectID, s.accessClaims(tenant, body["access_token"])["oid"])
+	status, body = s.imdsGet(lcUID, lcResource)
+	require.Equal(t, http.StatusOK, status, "%v", body)
+	require.Equal(t, own.Identity.ClientID, body["client_id"], "a workload's own identity comes first")
+	status, body = s.imdsGet(lcUID, lcResource, "client_id", node.ClientID)
+	require.Equal(t, http.StatusOK, status, "%v", body)
+	require.Equal(t, node.ObjectID, s.accessClaims(tenant, body["access_token"])["oid"])
+
+	// Disabled: every process is refused it at once, even with its token
+	// cached; the workload keeps its own.
+	s.cli("agent", "identity", "disable", s.agent.ID)
+	body, took = s.waitIMDS(http.StatusBadRequest, lcBatchUID, lcResource)
+	require.Equal(t, lcNotFound, body["error_description"])
+	t.Logf("after disabling, the endpoint answered %q within %s", lcNotFound, took)
+	require.Less(t, took, 15*time.Second, "the agent learns of the change from its entry stream, before its 30 s answer cache ends")
+	status, body = s.imdsGet(lcUID, lcResource, "client_id", node.ClientID)
+	require.Equal(t, http.StatusBadRequest, status, "%v", body)
+	status, body = s.imdsGet(lcUID, lcResource)
+	require.Equal(t, http.StatusOK, status, "%v", body)
+	require.Equal(t, own.Identity.ClientID, body["client_id"])
+}

@@ -59,6 +59,7 @@ const (
 type imdsIdentity struct{ name, clientID, objectID, resourceID string }
 
 type imdsAgent struct {
+	id       string // the agent's SPIFFE ID
 	pid      int
 	arc      string // http://127.0.0.1:port
 	vm       string // 127.0.0.1:port
@@ -108,7 +109,7 @@ func ferryOut(args ...string) (string, error) {
 func setupIMDSAgent(tb testing.TB) (*imdsAgent, error) {
 	td := dev.env["FERRY_TRUST_DOMAIN"]
 	agentID := "spiffe://" + td + "/spire/agent/interop-imds"
-	ag := &imdsAgent{tenantID: dev.env["AZURE_TENANT_ID"], ids: map[string]imdsIdentity{}}
+	ag := &imdsAgent{id: agentID, tenantID: dev.env["AZURE_TENANT_ID"], ids: map[string]imdsIdentity{}}
 	multi, single, sys := "spiffe://"+td+"/interop/imds-multi", "spiffe://"+td+"/interop/imds-single", "spiffe://"+td+"/interop/imds-sys"
 	for _, id := range []struct {
 		name     string
@@ -490,6 +491,71 @@ func TestIMDSSystemAssigned(t *testing.T) {
 			})
 		}
 	}
+}
+
+// TestIMDSAgentIdentity enables the agent's own system-assigned identity
+// (`ferry agent identity enable`) and runs both clients with
+// SystemAssigned(), in Arc and VM mode, as uid 65534, which no entry selects:
+// like any process on an Azure VM it gets the VM's identity, checked at the
+// bridge's JWKS. A caller with identities of its own still gets its own, or
+// must name one. Disabled again, the identity is refused to everyone.
+func TestIMDSAgentIdentity(t *testing.T) {
+	ag := startIMDSAgent(t)
+	out, err := ferryOut("agent", "identity", "enable", "--output", "json", ag.id)
+	require.NoError(t, err, out)
+	var set struct {
+		Identity struct {
+			ClientID string `json:"client_id"`
+			ObjectID string `json:"object_id"`
+		} `json:"identity"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &set), out)
+	disabled := false
+	disable := func() {
+		if disabled {
+			return
+		}
+		disabled = true
+		out, err := ferryOut("agent", "identity", "disable", ag.id)
+		require.NoError(t, err, out)
+		// Other tests expect nothing for uid 65534: wait until it is so.
+		require.Eventually(t, func() bool {
+			_, err := ag.client(t, "vm", "msal", "", nobody)
+			return err != nil && strings.Contains(err.Error(), "Identity not found")
+		}, 30*time.Second, 100*time.Millisecond, "the agent's identity is refused once disabled")
+	}
+	t.Cleanup(disable)
+	out, err = ferryOut("role", "assign", "--identity-object-id", set.Identity.ObjectID, "--resource", imdsRes, "--role", "reader")
+	require.NoError(t, err, out)
+	node := federation{clientID: set.Identity.ClientID, objectID: set.Identity.ObjectID, tenantID: ag.tenantID, resourceURI: imdsRes, resourceAppID: ag.appID}
+
+	for _, mode := range []string{"arc", "vm"} {
+		for _, lib := range []string{"azidentity", "msal"} {
+			t.Run(mode+"/"+lib, func(t *testing.T) {
+				var tok string
+				// The agent hears of the change from its entry stream.
+				require.Eventually(t, func() bool {
+					tok, err = ag.clientBy(t, mode, lib, "", "", nobody)
+					return err == nil
+				}, 30*time.Second, 100*time.Millisecond, "uid %d gets the agent's identity: %v", nobody, err)
+				checkAccessToken(t, node, tok)
+				tok, err = ag.client(t, mode, lib, node.clientID, nobody)
+				require.NoError(t, err, "named by client_id")
+				checkAccessToken(t, node, tok)
+				tok, err = ag.clientBy(t, mode, lib, "", "", sysGID)
+				require.NoError(t, err)
+				checkAccessToken(t, ag.federation("imds-sys"), tok)
+				tok, err = ag.client(t, mode, lib, node.clientID, sysGID)
+				require.NoError(t, err, "a caller with its own identity may name the agent's")
+				checkAccessToken(t, node, tok)
+			})
+		}
+	}
+	_, err = ag.client(t, "vm", "msal", "", 0)
+	require.ErrorContains(t, err, "Multiple user assigned identities exist", "a caller with two identities of its own must still name one")
+	disable()
+	_, err = ag.client(t, "arc", "azidentity", node.clientID, sysGID)
+	require.ErrorContains(t, err, "Identity not found")
 }
 
 // TestIMDSRefusals: a caller with several identities must name one; nobody
