@@ -531,8 +531,13 @@ func (c clusterAPI) SnapshotRestore(ctx context.Context, r io.Reader) (uint64, e
 
 // --- federation (server/federation) -------------------------------------------
 
+// leaderTaskRefreshBundle is the leader task (cluster.Node.RunOnLeader) that
+// fetches a federated bundle now; its argument is the trust domain's name.
+const leaderTaskRefreshBundle = "federation.refresh"
+
 // registerFederation builds the bundle refresher and registers the Federation
-// admin service.
+// admin service, and the leader task that serves a refresh sent to a
+// follower.
 func (s *Server) registerFederation(gs *grpc.Server, node *cluster.Node) (*federation.Refresher, error) {
 	var roots *x509.CertPool
 	if f := s.cfg.Federation.WebPKICAFile; f != "" {
@@ -550,11 +555,21 @@ func (s *Server) registerFederation(gs *grpc.Server, node *cluster.Node) (*feder
 	if err != nil {
 		return nil, err
 	}
+	forward := func(ctx context.Context, td spiffeid.TrustDomain) error {
+		return node.RunOnLeader(ctx, leaderTaskRefreshBundle, []byte(td.Name()))
+	}
 	svc, err := api.NewFederation(api.FederationConfig{Cluster: clusterAPI{node, s.store}, Store: s.store, TrustDomain: s.cfg.TrustDomain,
-		Refresher: refresher, Leader: node.Leader, Logger: s.log.With("component", "federation-api")})
+		Refresher: refresher, Leader: node.Leader, Forward: forward, Logger: s.log.With("component", "federation-api")})
 	if err != nil {
 		return nil, err
 	}
+	node.HandleLeaderTask(leaderTaskRefreshBundle, func(ctx context.Context, arg []byte) error {
+		td, err := spiffeid.TrustDomainFromString(string(arg))
+		if err != nil {
+			return status.Errorf(codes.InvalidArgument, "trust domain %q: %v", arg, err)
+		}
+		return svc.RefreshHere(ctx, td)
+	})
 	ferrypb.RegisterFederationServer(gs, svc)
 	return refresher, nil
 }

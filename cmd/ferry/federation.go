@@ -85,7 +85,7 @@ func federationCommand() *cli.Command {
 				},
 			},
 			{
-				Name: "refresh", Usage: "fetch the trust domain's bundle now (on the leader)", Flags: adminFlags(td()),
+				Name: "refresh", Usage: "fetch the trust domain's bundle now (the leader fetches it; run it on any server)", Flags: adminFlags(td()),
 				Action: func(c *cli.Context) error {
 					return withFederation(c, func(ctx context.Context, f ferrypb.FederationClient) error {
 						r, err := f.RefreshBundle(ctx, &ferrypb.RefreshBundleRequest{TrustDomain: c.String("trust-domain")})

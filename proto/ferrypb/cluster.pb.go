@@ -23,6 +23,102 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type LeaderTaskRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Arg           []byte                 `protobuf:"bytes,2,opt,name=arg,proto3" json:"arg,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaderTaskRequest) Reset() {
+	*x = LeaderTaskRequest{}
+	mi := &file_cluster_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaderTaskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaderTaskRequest) ProtoMessage() {}
+
+func (x *LeaderTaskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cluster_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaderTaskRequest.ProtoReflect.Descriptor instead.
+func (*LeaderTaskRequest) Descriptor() ([]byte, []int) {
+	return file_cluster_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *LeaderTaskRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *LeaderTaskRequest) GetArg() []byte {
+	if x != nil {
+		return x.Arg
+	}
+	return nil
+}
+
+type LeaderTaskResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaderTaskResponse) Reset() {
+	*x = LeaderTaskResponse{}
+	mi := &file_cluster_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaderTaskResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaderTaskResponse) ProtoMessage() {}
+
+func (x *LeaderTaskResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cluster_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaderTaskResponse.ProtoReflect.Descriptor instead.
+func (*LeaderTaskResponse) Descriptor() ([]byte, []int) {
+	return file_cluster_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *LeaderTaskResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
 type ApplyRequest struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Command []byte                 `protobuf:"bytes,1,opt,name=command,proto3" json:"command,omitempty"` // encoded Command, as it goes into the log
@@ -35,7 +131,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_cluster_proto_msgTypes[0]
+	mi := &file_cluster_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -47,7 +143,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cluster_proto_msgTypes[0]
+	mi := &file_cluster_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -60,7 +156,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_cluster_proto_rawDescGZIP(), []int{0}
+	return file_cluster_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -87,7 +183,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_cluster_proto_msgTypes[1]
+	mi := &file_cluster_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -99,7 +195,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cluster_proto_msgTypes[1]
+	mi := &file_cluster_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -112,7 +208,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_cluster_proto_rawDescGZIP(), []int{1}
+	return file_cluster_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ApplyResponse) GetResult() *CommandResult {
@@ -140,7 +236,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_cluster_proto_msgTypes[2]
+	mi := &file_cluster_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -152,7 +248,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cluster_proto_msgTypes[2]
+	mi := &file_cluster_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -165,7 +261,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_cluster_proto_rawDescGZIP(), []int{2}
+	return file_cluster_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *JoinRequest) GetId() string {
@@ -198,7 +294,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_cluster_proto_msgTypes[3]
+	mi := &file_cluster_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -210,7 +306,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cluster_proto_msgTypes[3]
+	mi := &file_cluster_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -223,7 +319,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_cluster_proto_rawDescGZIP(), []int{3}
+	return file_cluster_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *JoinResponse) GetIndex() uint64 {
@@ -241,7 +337,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_cluster_proto_msgTypes[4]
+	mi := &file_cluster_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -253,7 +349,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cluster_proto_msgTypes[4]
+	mi := &file_cluster_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -266,7 +362,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_cluster_proto_rawDescGZIP(), []int{4}
+	return file_cluster_proto_rawDescGZIP(), []int{6}
 }
 
 type ReadIndexResponse struct {
@@ -278,7 +374,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_cluster_proto_msgTypes[5]
+	mi := &file_cluster_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -290,7 +386,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cluster_proto_msgTypes[5]
+	mi := &file_cluster_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -303,7 +399,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_cluster_proto_rawDescGZIP(), []int{5}
+	return file_cluster_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -317,7 +413,12 @@ var File_cluster_proto protoreflect.FileDescriptor
 
 const file_cluster_proto_rawDesc = "" +
 	"\n" +
-	"\rcluster.proto\x12\bferry.v1\x1a\x0ecommands.proto\"D\n" +
+	"\rcluster.proto\x12\bferry.v1\x1a\x0ecommands.proto\"9\n" +
+	"\x11LeaderTaskRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
+	"\x03arg\x18\x02 \x01(\fR\x03arg\"*\n" +
+	"\x12LeaderTaskResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"D\n" +
 	"\fApplyRequest\x12\x18\n" +
 	"\acommand\x18\x01 \x01(\fR\acommand\x12\x1a\n" +
 	"\bcommands\x18\x02 \x03(\fR\bcommands\"s\n" +
@@ -332,11 +433,13 @@ const file_cluster_proto_rawDesc = "" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\"\x12\n" +
 	"\x10ReadIndexRequest\")\n" +
 	"\x11ReadIndexResponse\x12\x14\n" +
-	"\x05index\x18\x01 \x01(\x04R\x05index2\xc0\x01\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index2\x89\x02\n" +
 	"\aCluster\x128\n" +
 	"\x05Apply\x12\x16.ferry.v1.ApplyRequest\x1a\x17.ferry.v1.ApplyResponse\x125\n" +
 	"\x04Join\x12\x15.ferry.v1.JoinRequest\x1a\x16.ferry.v1.JoinResponse\x12D\n" +
-	"\tReadIndex\x12\x1a.ferry.v1.ReadIndexRequest\x1a\x1b.ferry.v1.ReadIndexResponseB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
+	"\tReadIndex\x12\x1a.ferry.v1.ReadIndexRequest\x1a\x1b.ferry.v1.ReadIndexResponse\x12G\n" +
+	"\n" +
+	"LeaderTask\x12\x1b.ferry.v1.LeaderTaskRequest\x1a\x1c.ferry.v1.LeaderTaskResponseB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
 
 var (
 	file_cluster_proto_rawDescOnce sync.Once
@@ -350,27 +453,31 @@ func file_cluster_proto_rawDescGZIP() []byte {
 	return file_cluster_proto_rawDescData
 }
 
-var file_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_cluster_proto_goTypes = []any{
-	(*ApplyRequest)(nil),      // 0: ferry.v1.ApplyRequest
-	(*ApplyResponse)(nil),     // 1: ferry.v1.ApplyResponse
-	(*JoinRequest)(nil),       // 2: ferry.v1.JoinRequest
-	(*JoinResponse)(nil),      // 3: ferry.v1.JoinResponse
-	(*ReadIndexRequest)(nil),  // 4: ferry.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil), // 5: ferry.v1.ReadIndexResponse
-	(*CommandResult)(nil),     // 6: ferry.v1.CommandResult
+	(*LeaderTaskRequest)(nil),  // 0: ferry.v1.LeaderTaskRequest
+	(*LeaderTaskResponse)(nil), // 1: ferry.v1.LeaderTaskResponse
+	(*ApplyRequest)(nil),       // 2: ferry.v1.ApplyRequest
+	(*ApplyResponse)(nil),      // 3: ferry.v1.ApplyResponse
+	(*JoinRequest)(nil),        // 4: ferry.v1.JoinRequest
+	(*JoinResponse)(nil),       // 5: ferry.v1.JoinResponse
+	(*ReadIndexRequest)(nil),   // 6: ferry.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),  // 7: ferry.v1.ReadIndexResponse
+	(*CommandResult)(nil),      // 8: ferry.v1.CommandResult
 }
 var file_cluster_proto_depIdxs = []int32{
-	6, // 0: ferry.v1.ApplyResponse.result:type_name -> ferry.v1.CommandResult
-	6, // 1: ferry.v1.ApplyResponse.results:type_name -> ferry.v1.CommandResult
-	0, // 2: ferry.v1.Cluster.Apply:input_type -> ferry.v1.ApplyRequest
-	2, // 3: ferry.v1.Cluster.Join:input_type -> ferry.v1.JoinRequest
-	4, // 4: ferry.v1.Cluster.ReadIndex:input_type -> ferry.v1.ReadIndexRequest
-	1, // 5: ferry.v1.Cluster.Apply:output_type -> ferry.v1.ApplyResponse
-	3, // 6: ferry.v1.Cluster.Join:output_type -> ferry.v1.JoinResponse
-	5, // 7: ferry.v1.Cluster.ReadIndex:output_type -> ferry.v1.ReadIndexResponse
-	5, // [5:8] is the sub-list for method output_type
-	2, // [2:5] is the sub-list for method input_type
+	8, // 0: ferry.v1.ApplyResponse.result:type_name -> ferry.v1.CommandResult
+	8, // 1: ferry.v1.ApplyResponse.results:type_name -> ferry.v1.CommandResult
+	2, // 2: ferry.v1.Cluster.Apply:input_type -> ferry.v1.ApplyRequest
+	4, // 3: ferry.v1.Cluster.Join:input_type -> ferry.v1.JoinRequest
+	6, // 4: ferry.v1.Cluster.ReadIndex:input_type -> ferry.v1.ReadIndexRequest
+	0, // 5: ferry.v1.Cluster.LeaderTask:input_type -> ferry.v1.LeaderTaskRequest
+	3, // 6: ferry.v1.Cluster.Apply:output_type -> ferry.v1.ApplyResponse
+	5, // 7: ferry.v1.Cluster.Join:output_type -> ferry.v1.JoinResponse
+	7, // 8: ferry.v1.Cluster.ReadIndex:output_type -> ferry.v1.ReadIndexResponse
+	1, // 9: ferry.v1.Cluster.LeaderTask:output_type -> ferry.v1.LeaderTaskResponse
+	6, // [6:10] is the sub-list for method output_type
+	2, // [2:6] is the sub-list for method input_type
 	2, // [2:2] is the sub-list for extension type_name
 	2, // [2:2] is the sub-list for extension extendee
 	0, // [0:2] is the sub-list for field type_name
@@ -388,7 +495,7 @@ func file_cluster_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cluster_proto_rawDesc), len(file_cluster_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -21,9 +21,10 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Cluster_Apply_FullMethodName     = "/ferry.v1.Cluster/Apply"
-	Cluster_Join_FullMethodName      = "/ferry.v1.Cluster/Join"
-	Cluster_ReadIndex_FullMethodName = "/ferry.v1.Cluster/ReadIndex"
+	Cluster_Apply_FullMethodName      = "/ferry.v1.Cluster/Apply"
+	Cluster_Join_FullMethodName       = "/ferry.v1.Cluster/Join"
+	Cluster_ReadIndex_FullMethodName  = "/ferry.v1.Cluster/ReadIndex"
+	Cluster_LeaderTask_FullMethodName = "/ferry.v1.Cluster/LeaderTask"
 )
 
 // ClusterClient is the client API for Cluster service.
@@ -37,6 +38,11 @@ type ClusterClient interface {
 	// ReadIndex returns the leader's commit index after confirming leadership, so a
 	// follower can serve a linearizable read once it has applied that far.
 	ReadIndex(ctx context.Context, in *ReadIndexRequest, opts ...grpc.CallOption) (*ReadIndexResponse, error)
+	// LeaderTask runs work only the leader does (a task registered with
+	// cluster.Node.HandleLeaderTask, such as fetching a federated bundle now) and
+	// answers the leader's applied index once it is done, so the follower that
+	// forwarded it can wait until it sees the task's writes.
+	LeaderTask(ctx context.Context, in *LeaderTaskRequest, opts ...grpc.CallOption) (*LeaderTaskResponse, error)
 }
 
 type clusterClient struct {
@@ -77,6 +83,16 @@ func (c *clusterClient) ReadIndex(ctx context.Context, in *ReadIndexRequest, opt
 	return out, nil
 }
 
+func (c *clusterClient) LeaderTask(ctx context.Context, in *LeaderTaskRequest, opts ...grpc.CallOption) (*LeaderTaskResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LeaderTaskResponse)
+	err := c.cc.Invoke(ctx, Cluster_LeaderTask_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ClusterServer is the server API for Cluster service.
 // All implementations must embed UnimplementedClusterServer
 // for forward compatibility.
@@ -88,6 +104,11 @@ type ClusterServer interface {
 	// ReadIndex returns the leader's commit index after confirming leadership, so a
 	// follower can serve a linearizable read once it has applied that far.
 	ReadIndex(context.Context, *ReadIndexRequest) (*ReadIndexResponse, error)
+	// LeaderTask runs work only the leader does (a task registered with
+	// cluster.Node.HandleLeaderTask, such as fetching a federated bundle now) and
+	// answers the leader's applied index once it is done, so the follower that
+	// forwarded it can wait until it sees the task's writes.
+	LeaderTask(context.Context, *LeaderTaskRequest) (*LeaderTaskResponse, error)
 	mustEmbedUnimplementedClusterServer()
 }
 
@@ -106,6 +127,9 @@ func (UnimplementedClusterServer) Join(context.Context, *JoinRequest) (*JoinResp
 }
 func (UnimplementedClusterServer) ReadIndex(context.Context, *ReadIndexRequest) (*ReadIndexResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ReadIndex not implemented")
+}
+func (UnimplementedClusterServer) LeaderTask(context.Context, *LeaderTaskRequest) (*LeaderTaskResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method LeaderTask not implemented")
 }
 func (UnimplementedClusterServer) mustEmbedUnimplementedClusterServer() {}
 func (UnimplementedClusterServer) testEmbeddedByValue()                 {}
@@ -182,6 +206,24 @@ func _Cluster_ReadIndex_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Cluster_LeaderTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LeaderTaskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServer).LeaderTask(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cluster_LeaderTask_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServer).LeaderTask(ctx, req.(*LeaderTaskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Cluster_ServiceDesc is the grpc.ServiceDesc for Cluster service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -200,6 +242,10 @@ var Cluster_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ReadIndex",
 			Handler:    _Cluster_ReadIndex_Handler,
+		},
+		{
+			MethodName: "LeaderTask",
+			Handler:    _Cluster_LeaderTask_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -34,7 +34,12 @@ type FederationConfig struct {
 	// Leader names the current leader (ID and cluster address) for a refresh
 	// sent to a follower.
 	Leader func() (id, addr string)
-	Logger *slog.Logger
+	// Forward, when set, has the leader run a refresh sent to a follower
+	// (cluster.Node.RunOnLeader running RefreshHere there) and returns once
+	// the follower has applied its outcome; without it a follower answers
+	// FailedPrecondition, naming the leader.
+	Forward func(ctx context.Context, td spiffeid.TrustDomain) error
+	Logger  *slog.Logger
 }
 
 // Federation implements ferrypb.FederationServer: SPIFFE federation
@@ -151,8 +156,8 @@ func (f *Federation) DeleteFederationRelationship(ctx context.Context, req *ferr
 	return &ferrypb.DeleteFederationRelationshipResponse{}, nil
 }
 
-// RefreshBundle fetches the bundle now, on the leader, and returns the
-// relationship with the outcome recorded.
+// RefreshBundle fetches the bundle now, on the leader (forwarded there from
+// a follower), and returns the relationship with the outcome recorded.
 func (f *Federation) RefreshBundle(ctx context.Context, req *ferrypb.RefreshBundleRequest) (*ferrypb.FederationRelationshipStatus, error) {
 	td, err := f.foreign(req.TrustDomain)
 	if err != nil {
@@ -162,6 +167,34 @@ func (f *Federation) RefreshBundle(ctx context.Context, req *ferrypb.RefreshBund
 		return nil, status.Error(codes.Unimplemented, "this server does not refresh federated bundles")
 	}
 	err = f.cfg.Refresher.Refresh(ctx, td)
+	if errors.Is(err, federation.ErrNotLeader) && f.cfg.Forward != nil {
+		err = f.cfg.Forward(ctx, td)
+	}
+	if err != nil {
+		return nil, f.refreshStatus(td, err)
+	}
+	return f.GetFederationRelationship(ctx, &ferrypb.GetFederationRelationshipRequest{TrustDomain: td.Name()})
+}
+
+// RefreshHere fetches td's bundle on this node, which must be the leader
+// (the task a follower's RefreshBundle forwards); its errors are gRPC
+// statuses.
+func (f *Federation) RefreshHere(ctx context.Context, td spiffeid.TrustDomain) error {
+	if f.cfg.Refresher == nil {
+		return status.Error(codes.Unimplemented, "this server does not refresh federated bundles")
+	}
+	if err := f.cfg.Refresher.Refresh(ctx, td); err != nil {
+		return f.refreshStatus(td, err)
+	}
+	return nil
+}
+
+// refreshStatus maps a refresh's error to a gRPC status; a status (the
+// leader's answer to a forwarded refresh) passes as it is.
+func (f *Federation) refreshStatus(td spiffeid.TrustDomain, err error) error {
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
 	switch {
 	case errors.Is(err, federation.ErrNotLeader):
 		id, addr := "", ""
@@ -169,18 +202,16 @@ func (f *Federation) RefreshBundle(ctx context.Context, req *ferrypb.RefreshBund
 			id, addr = f.cfg.Leader()
 		}
 		if id == "" {
-			return nil, status.Error(codes.Unavailable, "this node is not the leader and no leader is known")
+			return status.Error(codes.Unavailable, "this node is not the leader and no leader is known")
 		}
-		return nil, status.Errorf(codes.FailedPrecondition, "only the leader fetches federated bundles: run this on %s (%s)", id, addr)
+		return status.Errorf(codes.FailedPrecondition, "only the leader fetches federated bundles: run this on %s (%s)", id, addr)
 	case errors.Is(err, federation.ErrNoRelationship):
-		return nil, status.Errorf(codes.NotFound, "no federation relationship with %s", td)
+		return status.Errorf(codes.NotFound, "no federation relationship with %s", td)
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
-		return nil, toStatus(err)
-	case err != nil:
-		f.log.Warn("federated bundle refresh on request failed", "trust_domain", td.Name(), "error", err)
-		return nil, status.Errorf(codes.Unavailable, "refreshing the bundle of %s: %v (the last good bundle is kept)", td, err)
+		return toStatus(err)
 	}
-	return f.GetFederationRelationship(ctx, &ferrypb.GetFederationRelationshipRequest{TrustDomain: td.Name()})
+	f.log.Warn("federated bundle refresh on request failed", "trust_domain", td.Name(), "error", err)
+	return status.Errorf(codes.Unavailable, "refreshing the bundle of %s: %v (the last good bundle is kept)", td, err)
 }
 
 func (f *Federation) statusOf(rel *ferrypb.FederationRelationship) *ferrypb.FederationRelationshipStatus {

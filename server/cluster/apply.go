@@ -260,3 +260,50 @@ func (n *Node) waitApplied(ctx context.Context, index uint64) error {
 	}
 	return nil
 }
+
+// LeaderTask is work only the leader does, registered with HandleLeaderTask
+// and run through RunOnLeader. A gRPC status error it returns reaches the
+// caller with its code, from any node.
+type LeaderTask func(ctx context.Context, arg []byte) error
+
+// HandleLeaderTask registers f under name; every server of the cluster
+// registers the same tasks before it serves.
+func (n *Node) HandleLeaderTask(name string, f LeaderTask) {
+	n.tasksMu.Lock()
+	defer n.tasksMu.Unlock()
+	n.tasks[name] = f
+}
+
+func (n *Node) task(name string) LeaderTask {
+	n.tasksMu.Lock()
+	defer n.tasksMu.Unlock()
+	return n.tasks[name]
+}
+
+// RunOnLeader runs the task name with arg on the leader: here when this node
+// leads, else on the leader through the Cluster service, after which it
+// waits until this node has applied everything the leader had when the task
+// ended, so what the task wrote reads here too. It does not retry: a task
+// may have effects outside the log (a fetch), so the caller decides.
+func (n *Node) RunOnLeader(ctx context.Context, name string, arg []byte) error {
+	f := n.task(name)
+	if f == nil {
+		return fmt.Errorf("cluster: no leader task %q", name)
+	}
+	if n.IsLeader() {
+		return f(ctx, arg)
+	}
+	_, addr := n.Leader()
+	if addr == "" || addr == n.advertise {
+		return toStatus(errNoLeader)
+	}
+	c, err := n.pool.cluster(addr)
+	if err != nil {
+		return err
+	}
+	resp, err := c.LeaderTask(markForwarded(ctx), &ferrypb.LeaderTaskRequest{Name: name, Arg: arg})
+	if err != nil {
+		return err
+	}
+	return n.waitApplied(ctx, resp.GetIndex())
+}

@@ -171,6 +171,9 @@ type Node struct {
 
 	closeOnce sync.Once
 	closeErr  error
+
+	tasksMu sync.Mutex
+	tasks   map[string]LeaderTask
 }
 
 // New opens (or creates) the node's data dir, starts the cluster listener and
@@ -192,7 +195,7 @@ func New(cfg Config) (*Node, error) {
 		return nil, err
 	}
 
-	n := &Node{cfg: cfg, log: log, id: raft.ServerID(cfg.NodeID)}
+	n := &Node{cfg: cfg, log: log, id: raft.ServerID(cfg.NodeID), tasks: map[string]LeaderTask{}}
 	n.lead.init()
 	n.leaderSeen = make(chan struct{})
 	n.ctx, n.cancel = context.WithCancel(context.Background())

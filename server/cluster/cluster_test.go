@@ -11,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/ferry-id/ferry/server/cluster"
 	"github.com/ferry-id/ferry/server/state"
 )
@@ -74,6 +77,50 @@ func TestCluster(t *testing.T) {
 		}
 		if cmd.GetRequestId() != "req-given-1" || cmd.GetTimeUnixNano() != 42 {
 			t.Fatalf("Apply changed given fields: %q %d", cmd.GetRequestId(), cmd.GetTimeUnixNano())
+		}
+		waitConverged(t, nodes, total)
+	})
+
+	t.Run("LeaderTasksRunOnTheLeader", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		ran := make(chan string, 10)
+		for _, n := range nodes {
+			n.HandleLeaderTask("test.write", func(ctx context.Context, arg []byte) error {
+				ran <- n.ID()
+				if string(arg) == "refuse" {
+					return status.Error(codes.NotFound, "no such thing")
+				}
+				_, err := n.Apply(ctx, entryCommand(string(arg), 10))
+				return err
+			})
+		}
+		f := fs[0]
+		before := f.fsm.Count()
+		if err := f.RunOnLeader(ctx, "test.write", []byte("task-1")); err != nil {
+			t.Fatal(err)
+		}
+		total++
+		if got := <-ran; got != leader.ID() {
+			t.Fatalf("the task ran on %s, the leader is %s", got, leader.ID())
+		}
+		if got := f.fsm.Count(); got != before+1 {
+			t.Fatalf("the follower had applied %d commands when RunOnLeader returned, want %d", got, before+1)
+		}
+		if err := leader.RunOnLeader(ctx, "test.write", []byte("task-2")); err != nil {
+			t.Fatal(err)
+		}
+		total++
+		if got := <-ran; got != leader.ID() {
+			t.Fatalf("the task ran on %s, the leader is %s", got, leader.ID())
+		}
+		err := fs[1].RunOnLeader(ctx, "test.write", []byte("refuse"))
+		if status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), "no such thing") {
+			t.Fatalf("the leader's refusal reached the follower as %v", err)
+		}
+		<-ran
+		if err := f.RunOnLeader(ctx, "test.unknown", nil); err == nil {
+			t.Fatal("an unregistered task ran")
 		}
 		waitConverged(t, nodes, total)
 	})

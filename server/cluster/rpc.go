@@ -159,6 +159,26 @@ func (s *clusterService) ReadIndex(ctx context.Context, _ *ferrypb.ReadIndexRequ
 	return &ferrypb.ReadIndexResponse{Index: idx}, nil
 }
 
+// LeaderTask runs a registered task if this node leads, else forwards it
+// once to the leader it knows.
+func (s *clusterService) LeaderTask(ctx context.Context, req *ferrypb.LeaderTaskRequest) (*ferrypb.LeaderTaskResponse, error) {
+	f := s.n.task(req.GetName())
+	if f == nil {
+		return nil, status.Errorf(codes.Unimplemented, "cluster: no leader task %q", req.GetName())
+	}
+	if !s.n.IsLeader() {
+		cc, err := s.n.forwardTarget(ctx)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		return ferrypb.NewClusterClient(cc).LeaderTask(markForwarded(ctx), req)
+	}
+	if err := f(ctx, req.GetArg()); err != nil {
+		return nil, toStatus(err)
+	}
+	return &ferrypb.LeaderTaskResponse{Index: s.n.raft.AppliedIndex()}, nil
+}
+
 // opsService carries the membership operations cluster.proto does not have
 // yet: Remove (forwarded to the leader) and Status (a member's last log index,
 // for Members). It is a hand-written service over well-known message types.

@@ -220,3 +220,50 @@ func TestFederationBetweenTwoTrustDomains(t *testing.T) {
 	out = b.cli(t, "federation", "show", "--trust-domain", a.td.Name())
 	require.Contains(t, out, "Status:\t\t\tok", out)
 }
+
+// TestFederationRefreshOnFollower: `ferry federation refresh` works on any
+// server of a cluster, as every other admin command does. A follower has the
+// leader fetch the bundle and answers once it has applied the outcome itself;
+// the leader's refusals reach the operator with their codes.
+func TestFederationRefreshOnFollower(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a 3-node cluster and a one-node peer")
+	}
+	peer := startFedDomain(t, "peer.test")
+	c := testcluster.New(t, testcluster.Options{Nodes: 3, TrustDomain: "home.test", LogLevel: "info"})
+	leader := c.WaitLeader(30*time.Second, nil)
+	var follower *testcluster.Node
+	for _, n := range c.Nodes {
+		if n != leader {
+			follower = n
+			break
+		}
+	}
+	cli := func(args ...string) (string, error) { return follower.CLI(args...) }
+	bundle := filepath.Join(t.TempDir(), "peer.pem")
+	require.NoError(t, os.WriteFile(bundle, []byte(peer.cli(t, "bundle", "show", "--trust-domain", peer.td.Name())), 0o644))
+	out, err := cli("federation", "create", "--trust-domain", peer.td.Name(), "--bundle-endpoint-url", peer.endpoint,
+		"--bundle-endpoint-profile", "https_spiffe", "--endpoint-spiffe-id", "spiffe://"+peer.td.Name()+"/spire/server",
+		"--trust-domain-bundle-path", bundle)
+	require.NoError(t, err, out)
+
+	out, err = cli("federation", "refresh", "--trust-domain", peer.td.Name())
+	require.NoError(t, err, "refresh on a follower: %s\n%s", out, follower.LogTail(30))
+	require.Contains(t, out, "Status:\t\t\tok", out)
+	// The follower's own answer already holds the leader's outcome.
+	out, err = cli("federation", "show", "--trust-domain", peer.td.Name())
+	require.NoError(t, err, out)
+	require.Contains(t, out, "Status:\t\t\tok", out)
+
+	out, err = cli("federation", "refresh", "--trust-domain", "nope.test")
+	require.Error(t, err, out)
+	require.Contains(t, out, "NotFound", "the leader's refusal, with its code")
+	require.Contains(t, out, "no federation relationship with nope.test")
+
+	// A peer that is down: the leader's Unavailable, the last good bundle kept.
+	peer.srv.Stop()
+	out, err = cli("federation", "refresh", "--trust-domain", peer.td.Name())
+	require.Error(t, err, out)
+	require.Contains(t, out, "Unavailable", out)
+	require.Contains(t, out, "the last good bundle is kept", out)
+}
