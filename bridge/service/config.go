@@ -21,7 +21,9 @@ type bridgeBlock struct {
 	TLSKeyFile   string                 `hcl:"tls_key_file"`
 	DataDir      string                 `hcl:"data_dir"`
 	ServerSocket string                 `hcl:"server_socket"`
+	Sockets      []string               `hcl:"server_sockets"`
 	ServerAddr   string                 `hcl:"server_address"`
+	Addresses    []string               `hcl:"server_addresses"`
 	WorkloadAPI  string                 `hcl:"workload_api_socket"`
 	Name         string                 `hcl:"name"`
 	KeyLifetime  string                 `hcl:"key_lifetime"`
@@ -48,16 +50,24 @@ func LoadConfig(path string) (FileConfig, error) {
 		return FileConfig{}, fmt.Errorf("service: %s has no bridge block", path)
 	}
 	out := FileConfig{LogLevel: b.LogLevel, LogFormat: b.LogFormat, Config: Config{
-		ListenAddr:    b.ListenAddr,
-		BaseURL:       b.BaseURL,
-		TLSCertFile:   config.Resolve(path, b.TLSCertFile),
-		TLSKeyFile:    config.Resolve(path, b.TLSKeyFile),
-		DataDir:       config.Resolve(path, b.DataDir),
-		ServerSocket:  config.Resolve(path, b.ServerSocket),
-		ServerAddress: b.ServerAddr,
-		WorkloadAPI:   b.WorkloadAPI,
-		Name:          b.Name,
+		ListenAddr:  b.ListenAddr,
+		BaseURL:     b.BaseURL,
+		TLSCertFile: config.Resolve(path, b.TLSCertFile),
+		TLSKeyFile:  config.Resolve(path, b.TLSKeyFile),
+		DataDir:     config.Resolve(path, b.DataDir),
+		WorkloadAPI: b.WorkloadAPI,
+		Name:        b.Name,
 	}}
+	for _, p := range append([]string{b.ServerSocket}, b.Sockets...) {
+		if p != "" {
+			out.ServerSockets = append(out.ServerSockets, config.Resolve(path, p))
+		}
+	}
+	for _, a := range append([]string{b.ServerAddr}, b.Addresses...) {
+		if a != "" {
+			out.ServerAddresses = append(out.ServerAddresses, a)
+		}
+	}
 	for _, d := range []struct {
 		name string
 		in   string
@@ -78,10 +88,13 @@ func LoadConfig(path string) (FileConfig, error) {
 	if out.DataDir == "" {
 		return FileConfig{}, fmt.Errorf("service: data_dir is required")
 	}
-	if out.ServerSocket == "" && out.ServerAddress == "" {
-		out.ServerSocket = "/tmp/ferry/server/admin.sock"
+	switch {
+	case len(out.ServerSockets) > 0 && len(out.ServerAddresses) > 0:
+		return FileConfig{}, fmt.Errorf("service: server sockets and server addresses do not go together: a replica follows servers one way")
+	case len(out.ServerSockets) == 0 && len(out.ServerAddresses) == 0:
+		out.ServerSockets = []string{"/tmp/ferry/server/admin.sock"}
 	}
-	if out.ServerAddress != "" && out.WorkloadAPI == "" {
+	if len(out.ServerAddresses) > 0 && out.WorkloadAPI == "" {
 		out.WorkloadAPI = "unix:///tmp/ferry/agent/public/api.sock"
 	}
 	if (out.TLSCertFile == "") != (out.TLSKeyFile == "") {

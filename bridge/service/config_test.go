@@ -17,7 +17,28 @@ func TestSampleConfig(t *testing.T) {
 	require.Equal(t, "127.0.0.1:8443", fc.ListenAddr)
 	require.Equal(t, "https://127.0.0.1:8443", fc.BaseURL)
 	require.Equal(t, "/var/lib/ferry/bridge", fc.DataDir)
-	require.Equal(t, "/tmp/ferry/server/admin.sock", fc.ServerSocket)
+	require.Equal(t, []string{"/tmp/ferry/server/admin.sock"}, fc.ServerSockets)
+}
+
+func TestConfigServers(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "b.conf")
+	load := func(servers string) (service.FileConfig, error) {
+		t.Helper()
+		require.NoError(t, os.WriteFile(p, []byte(`bridge { listen_addr = "x:1" data_dir = "d" `+servers+` }`), 0o600))
+		return service.LoadConfig(p)
+	}
+	fc, err := load(`server_sockets = ["s1/admin.sock", "/abs/admin.sock"]`)
+	require.NoError(t, err)
+	require.Equal(t, []string{filepath.Join(dir, "s1/admin.sock"), "/abs/admin.sock"}, fc.ServerSockets)
+	require.Empty(t, fc.ServerAddresses)
+	fc, err = load(`server_address = "10.0.0.1:8082" server_addresses = ["10.0.0.2:8082", "10.0.0.3:8082"]`)
+	require.NoError(t, err)
+	require.Equal(t, []string{"10.0.0.1:8082", "10.0.0.2:8082", "10.0.0.3:8082"}, fc.ServerAddresses)
+	require.Empty(t, fc.ServerSockets)
+	require.Equal(t, "unix:///tmp/ferry/agent/public/api.sock", fc.WorkloadAPI)
+	_, err = load(`server_socket = "a.sock" server_addresses = ["10.0.0.2:8082"]`)
+	require.ErrorContains(t, err, "do not go together")
 }
 
 func TestConfigErrors(t *testing.T) {

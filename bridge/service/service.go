@@ -21,6 +21,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -30,6 +31,8 @@ import (
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
 
 	"github.com/ferry-id/ferry/bridge"
 	"github.com/ferry-id/ferry/bridge/replica"
@@ -50,14 +53,17 @@ type Config struct {
 	TLSCertFile, TLSKeyFile string
 	// DataDir holds the signing key (0600) and any generated TLS material.
 	DataDir string
-	// ServerSocket is the server's admin socket, where the Directory service is
-	// (a replica on a server's machine).
-	ServerSocket string
-	// ServerAddress is a server's admin_addr, reached over mutual TLS with the
-	// X509-SVID this replica gets from its local agent's Workload API at
+	// ServerSockets are servers' admin sockets, where the Directory service
+	// is (a replica on a server's machine).
+	ServerSockets []string
+	// ServerAddresses are servers' admin_addr, reached over mutual TLS with
+	// the X509-SVID this replica gets from its local agent's Workload API at
 	// WorkloadAPI (a replica on any machine; its entry must be marked admin).
-	ServerAddress string
-	WorkloadAPI   string
+	// Give either sockets or addresses. With several servers the replica
+	// keeps a connection to each and follows the directory through any that
+	// answers, so it goes on following while servers die and come back.
+	ServerAddresses []string
+	WorkloadAPI     string
 	// Name names this replica in its signing key's certificate.
 	Name string
 	// KeyLifetime is the validity of each signing key (90 days by default);
@@ -81,8 +87,13 @@ type Service struct {
 // New validates cfg, loads (or creates) the signing key and TLS material, and
 // binds the listener; Run serves.
 func New(cfg Config) (*Service, error) {
-	if cfg.ListenAddr == "" || cfg.DataDir == "" || (cfg.ServerSocket == "") == (cfg.ServerAddress == "") {
-		return nil, errors.New("service: listen address, data dir and one of server socket or server address are required")
+	if cfg.ListenAddr == "" || cfg.DataDir == "" || (len(cfg.ServerSockets) == 0) == (len(cfg.ServerAddresses) == 0) {
+		return nil, errors.New("service: listen address, data dir and either server sockets or server addresses are required")
+	}
+	for _, a := range append(slices.Clone(cfg.ServerSockets), cfg.ServerAddresses...) {
+		if a == "" {
+			return nil, errors.New("service: an empty server socket or address")
+		}
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -128,8 +139,22 @@ func (s *Service) Ready() <-chan struct{} { return s.ready }
 // Run follows the directory and serves until ctx ends.
 func (s *Service) Run(ctx context.Context) error {
 	defer s.lis.Close()
-	target, creds := "unix://"+s.cfg.ServerSocket, insecure.NewCredentials()
-	if s.cfg.ServerAddress != "" {
+	opts := []grpc.DialOption{
+		// Come back quickly after a server restart (gRPC's default waits up
+		// to two minutes between attempts).
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second}, MinConnectTimeout: 5 * time.Second}),
+		// A connection to every server; calls go to those that are up.
+		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig":[{"round_robin":{}}]}`),
+	}
+	addrs := s.cfg.ServerAddresses
+	if len(addrs) == 0 {
+		addrs = s.cfg.ServerSockets
+		var d net.Dialer
+		opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithContextDialer(func(ctx context.Context, path string) (net.Conn, error) {
+				return d.DialContext(ctx, "unix", path)
+			}))
+	} else {
 		src, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(workloadapi.WithAddr(s.cfg.WorkloadAPI)))
 		if err != nil {
 			return fmt.Errorf("service: X509-SVID from the Workload API: %w", err)
@@ -140,14 +165,16 @@ func (s *Service) Run(ctx context.Context) error {
 			return fmt.Errorf("service: %w", err)
 		}
 		serverID := spiffeid.RequireFromPath(svid.ID.TrustDomain(), "/spire/server")
-		target, creds = s.cfg.ServerAddress, credentials.NewTLS(tlsconfig.MTLSClientConfig(src, src, tlsconfig.AuthorizeID(serverID)))
-		s.log.Info("following the directory over mutual TLS", "server", s.cfg.ServerAddress, "spiffe_id", svid.ID.String())
+		opts = append(opts, grpc.WithTransportCredentials(credentials.NewTLS(tlsconfig.MTLSClientConfig(src, src, tlsconfig.AuthorizeID(serverID)))))
+		s.log.Info("following the directory over mutual TLS", "servers", addrs, "spiffe_id", svid.ID.String())
 	}
-	conn, err := grpc.NewClient(target,
-		grpc.WithTransportCredentials(creds),
-		// Come back quickly after a server restart (gRPC's default waits up
-		// to two minutes between attempts).
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second}, MinConnectTimeout: 5 * time.Second}))
+	res := manual.NewBuilderWithScheme("ferry-bridge-servers")
+	state := resolver.State{}
+	for _, a := range addrs {
+		state.Addresses = append(state.Addresses, resolver.Address{Addr: a})
+	}
+	res.InitialState(state)
+	conn, err := grpc.NewClient(res.Scheme()+":///servers", append(opts, grpc.WithResolvers(res))...)
 	if err != nil {
 		return fmt.Errorf("service: %w", err)
 	}

@@ -449,11 +449,11 @@ func (s *Stack) startBridge(ctx context.Context, adminSocket, addr string, errc 
 		tenant = t.Id
 	}
 	br, err := service.New(service.Config{
-		ListenAddr:   addr,
-		DataDir:      filepath.Join(s.cfg.DataDir, "bridge"),
-		ServerSocket: adminSocket,
-		Name:         "dev",
-		Logger:       s.log.With("role", "bridge"),
+		ListenAddr:    addr,
+		DataDir:       filepath.Join(s.cfg.DataDir, "bridge"),
+		ServerSockets: []string{adminSocket},
+		Name:          "dev",
+		Logger:        s.log.With("role", "bridge"),
 	})
 	if err != nil {
 		return nil, "", err

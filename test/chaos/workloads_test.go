@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -158,14 +159,20 @@ func (w *workloads) startBridge() {
 	}
 	addr := testcluster.FreeAddr(t)
 	conf := filepath.Join(w.bridgeD, "bridge.conf")
+	// The bridge follows the directory through every server's socket, so
+	// it keeps following while the nemesis kills any of them.
+	var sockets []string
+	for _, n := range w.h.c.Nodes {
+		sockets = append(sockets, strconv.Quote(n.Socket))
+	}
 	if err := os.WriteFile(conf, []byte(fmt.Sprintf(`bridge {
-  listen_addr   = %q
-  data_dir      = "data"
-  server_socket = %q
-  name          = "chaos"
-  log_level     = "info"
+  listen_addr    = %q
+  data_dir       = "data"
+  server_sockets = [%s]
+  name           = "chaos"
+  log_level      = "info"
 }
-`, addr, w.h.c.Nodes[0].Socket)), 0o600); err != nil {
+`, addr, strings.Join(sockets, ", "))), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	logf, err := os.Create(filepath.Join(w.bridgeD, "bridge.log"))

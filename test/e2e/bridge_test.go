@@ -210,3 +210,79 @@ func TestBridgeRemoteReplica(t *testing.T) {
 		return err == nil && len(kids) == 1
 	}, 30*time.Second, 100*time.Millisecond, "the remote replica follows the directory and publishes its key")
 }
+
+// TestBridgeFollowsAnyServer runs a bridge given every server's admin socket
+// of a 3-node cluster and kills the servers one at a time: the replica goes on
+// following the directory through those alive, so a tenant created while any
+// one server is down is served by the bridge soon after.
+func TestBridgeFollowsAnyServer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a 3-node cluster and a bridge")
+	}
+	c := testcluster.New(t, testcluster.Options{Nodes: 3})
+	c.WaitLeader(30*time.Second, nil)
+	dir := t.TempDir()
+	addr := testcluster.FreeAddr(t)
+	conf := filepath.Join(dir, "bridge.conf")
+	require.NoError(t, os.WriteFile(conf, []byte(fmt.Sprintf(`bridge {
+  listen_addr    = %q
+  data_dir       = "data"
+  server_sockets = [%q, %q, %q]
+  name           = "any"
+  log_level      = "debug"
+}
+`, addr, c.Nodes[0].Socket, c.Nodes[1].Socket, c.Nodes[2].Socket)), 0o600))
+	logf, err := os.Create(filepath.Join(dir, "bridge.log"))
+	require.NoError(t, err)
+	cmd := exec.Command(c.Bin, "bridge", "run", "--config", conf)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	require.NoError(t, cmd.Start())
+	defer func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		_ = cmd.Wait()
+		if t.Failed() {
+			out, _ := os.ReadFile(filepath.Join(dir, "bridge.log"))
+			t.Logf("bridge log:\n%s", out)
+		}
+	}()
+	var client *http.Client
+	require.Eventually(t, func() bool {
+		pem, err := os.ReadFile(filepath.Join(dir, "data", "tls-ca.pem"))
+		if err != nil {
+			return false
+		}
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(pem)
+		client = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+		kids, err := jwksKids(client, addr)
+		return err == nil && len(kids) == 1
+	}, 30*time.Second, 50*time.Millisecond, "the bridge follows the directory")
+	discovery := func(tenant string) int {
+		resp, err := client.Get("https://" + addr + "/" + tenant + "/v2.0/.well-known/openid-configuration")
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+
+	for i, down := range c.Nodes {
+		down.Kill()
+		var up *testcluster.Node
+		for _, n := range c.Nodes {
+			if n != down {
+				up = n
+				break
+			}
+		}
+		tenant := fmt.Sprintf("00000000-0000-4000-8000-%012d", i+1)
+		require.Equal(t, http.StatusBadRequest, discovery(tenant), "an unknown tenant")
+		out, err := up.CLI("tenant", "create", "--name", fmt.Sprintf("t%d", i+1), "--tenant-id", tenant)
+		require.NoError(t, err, out)
+		begin := time.Now()
+		require.Eventually(t, func() bool { return discovery(tenant) == http.StatusOK }, 30*time.Second, 50*time.Millisecond,
+			"the bridge serves tenant %s, created while %s is down", tenant, down.ID)
+		t.Logf("%s down: the bridge served the new tenant %s after it was created", down.ID, time.Since(begin).Round(time.Millisecond))
+		down.Start()
+	}
+}
