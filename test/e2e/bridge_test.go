@@ -35,45 +35,12 @@ func TestBridgeKeyRotation(t *testing.T) {
 		t.Skip("starts real server and bridge processes")
 	}
 	c := testcluster.New(t, testcluster.Options{Nodes: 1})
-	dir := t.TempDir()
-	addr := testcluster.FreeAddr(t)
-	conf := filepath.Join(dir, "bridge.conf")
-	require.NoError(t, os.WriteFile(conf, []byte(fmt.Sprintf(`bridge {
-  listen_addr      = %q
-  data_dir         = "data"
-  server_socket    = %q
+	addr, client := runBridge(t, c.Bin, fmt.Sprintf(`  server_socket    = %q
   name             = "b1"
   key_lifetime     = "12s"
   key_retire_after = "2s"
   log_level        = "debug"
-}
-`, addr, c.Nodes[0].Socket)), 0o600))
-	logf, err := os.Create(filepath.Join(dir, "bridge.log"))
-	require.NoError(t, err)
-	cmd := exec.Command(c.Bin, "bridge", "run", "--config", conf)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	require.NoError(t, cmd.Start())
-	defer func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		_ = cmd.Wait()
-		if t.Failed() {
-			out, _ := os.ReadFile(filepath.Join(dir, "bridge.log"))
-			t.Logf("bridge log:\n%s", out)
-		}
-	}()
-
-	var client *http.Client
-	require.Eventually(t, func() bool {
-		pem, err := os.ReadFile(filepath.Join(dir, "data", "tls-ca.pem"))
-		if err != nil {
-			return false
-		}
-		pool := x509.NewCertPool()
-		pool.AppendCertsFromPEM(pem)
-		client = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
-		_, err = jwksKids(client, addr)
-		return err == nil
-	}, 20*time.Second, 50*time.Millisecond)
+`, c.Nodes[0].Socket), 0)
 
 	// Record every distinct key set the JWKS shows for a while.
 	var seen [][]string
@@ -102,6 +69,45 @@ func TestBridgeKeyRotation(t *testing.T) {
 	}
 	require.True(t, joined, "the next key was published next to the first: %v", seen)
 	require.True(t, withdrawn, "the first key was retired: %v", seen)
+}
+
+// runBridge starts `ferry bridge run` with the bridge block body (listen_addr
+// and data_dir "data" are added) and waits until its JWKS lists want keys
+// (any number when want is 0). It returns the listen address and an HTTPS
+// client trusting the bridge's generated CA; the bridge stops with the test.
+func runBridge(t *testing.T, bin, body string, want int) (string, *http.Client) {
+	t.Helper()
+	dir := t.TempDir()
+	addr := testcluster.FreeAddr(t)
+	conf := filepath.Join(dir, "bridge.conf")
+	require.NoError(t, os.WriteFile(conf, []byte(fmt.Sprintf("bridge {\n  listen_addr = %q\n  data_dir    = \"data\"\n%s}\n", addr, body)), 0o600))
+	logf, err := os.Create(filepath.Join(dir, "bridge.log"))
+	require.NoError(t, err)
+	cmd := exec.Command(bin, "bridge", "run", "--config", conf)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		_ = cmd.Wait()
+		logf.Close()
+		if t.Failed() {
+			out, _ := os.ReadFile(filepath.Join(dir, "bridge.log"))
+			t.Logf("bridge log:\n%s", out)
+		}
+	})
+	var client *http.Client
+	require.Eventually(t, func() bool {
+		pem, err := os.ReadFile(filepath.Join(dir, "data", "tls-ca.pem"))
+		if err != nil {
+			return false
+		}
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(pem)
+		client = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+		kids, err := jwksKids(client, addr)
+		return err == nil && (want == 0 || len(kids) == want)
+	}, 30*time.Second, 50*time.Millisecond, "the bridge follows the directory and publishes its key")
+	return addr, client
 }
 
 func jwksKids(c *http.Client, addr string) ([]string, error) {
@@ -174,41 +180,11 @@ func TestBridgeRemoteReplica(t *testing.T) {
 	conn.Close()
 	require.Error(t, err)
 
-	dir := t.TempDir()
-	addr := testcluster.FreeAddr(t)
-	conf := filepath.Join(dir, "bridge.conf")
-	require.NoError(t, os.WriteFile(conf, []byte(fmt.Sprintf(`bridge {
-  listen_addr         = %q
-  data_dir            = "data"
-  server_address      = %q
+	// The remote replica follows the directory and publishes its key.
+	runBridge(t, c.Bin, fmt.Sprintf(`  server_address      = %q
   workload_api_socket = %q
   log_level           = "debug"
-}
-`, addr, srv.AdminAddr, a.SocketAddr())), 0o600))
-	logf, err := os.Create(filepath.Join(dir, "bridge.log"))
-	require.NoError(t, err)
-	cmd := exec.Command(c.Bin, "bridge", "run", "--config", conf)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	require.NoError(t, cmd.Start())
-	defer func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		_ = cmd.Wait()
-		if t.Failed() {
-			out, _ := os.ReadFile(filepath.Join(dir, "bridge.log"))
-			t.Logf("bridge log:\n%s", out)
-		}
-	}()
-	require.Eventually(t, func() bool {
-		pem, err := os.ReadFile(filepath.Join(dir, "data", "tls-ca.pem"))
-		if err != nil {
-			return false
-		}
-		pool := x509.NewCertPool()
-		pool.AppendCertsFromPEM(pem)
-		client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
-		kids, err := jwksKids(client, addr)
-		return err == nil && len(kids) == 1
-	}, 30*time.Second, 100*time.Millisecond, "the remote replica follows the directory and publishes its key")
+`, srv.AdminAddr, a.SocketAddr()), 1)
 }
 
 // TestBridgeFollowsAnyServer runs a bridge given every server's admin socket
@@ -221,42 +197,10 @@ func TestBridgeFollowsAnyServer(t *testing.T) {
 	}
 	c := testcluster.New(t, testcluster.Options{Nodes: 3})
 	c.WaitLeader(30*time.Second, nil)
-	dir := t.TempDir()
-	addr := testcluster.FreeAddr(t)
-	conf := filepath.Join(dir, "bridge.conf")
-	require.NoError(t, os.WriteFile(conf, []byte(fmt.Sprintf(`bridge {
-  listen_addr    = %q
-  data_dir       = "data"
-  server_sockets = [%q, %q, %q]
+	addr, client := runBridge(t, c.Bin, fmt.Sprintf(`  server_sockets = [%q, %q, %q]
   name           = "any"
   log_level      = "debug"
-}
-`, addr, c.Nodes[0].Socket, c.Nodes[1].Socket, c.Nodes[2].Socket)), 0o600))
-	logf, err := os.Create(filepath.Join(dir, "bridge.log"))
-	require.NoError(t, err)
-	cmd := exec.Command(c.Bin, "bridge", "run", "--config", conf)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	require.NoError(t, cmd.Start())
-	defer func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		_ = cmd.Wait()
-		if t.Failed() {
-			out, _ := os.ReadFile(filepath.Join(dir, "bridge.log"))
-			t.Logf("bridge log:\n%s", out)
-		}
-	}()
-	var client *http.Client
-	require.Eventually(t, func() bool {
-		pem, err := os.ReadFile(filepath.Join(dir, "data", "tls-ca.pem"))
-		if err != nil {
-			return false
-		}
-		pool := x509.NewCertPool()
-		pool.AppendCertsFromPEM(pem)
-		client = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
-		kids, err := jwksKids(client, addr)
-		return err == nil && len(kids) == 1
-	}, 30*time.Second, 50*time.Millisecond, "the bridge follows the directory")
+`, c.Nodes[0].Socket, c.Nodes[1].Socket, c.Nodes[2].Socket), 1)
 	discovery := func(tenant string) int {
 		resp, err := client.Get("https://" + addr + "/" + tenant + "/v2.0/.well-known/openid-configuration")
 		if err != nil {
