@@ -282,10 +282,13 @@ func (r *Resolver) identity(ctx context.Context, c imds.Caller, s imds.Selector)
 	if err != nil {
 		return tokens.Identity{}, err
 	}
-	own, agents := usable, []*ferrypb.AgentIdentity(nil)
-	if agentID != "" {
-		own = slices.DeleteFunc(slices.Clone(usable), func(u *ferrypb.AgentIdentity) bool { return u.GetSpiffeId() == agentID })
-		agents = slices.DeleteFunc(slices.Clone(usable), func(u *ferrypb.AgentIdentity) bool { return u.GetSpiffeId() != agentID })
+	var own, agents []*ferrypb.AgentIdentity
+	for _, u := range usable {
+		if agentID != "" && u.GetSpiffeId() == agentID {
+			agents = append(agents, u)
+		} else {
+			own = append(own, u)
+		}
 	}
 	pick, err := choose(own, agents, s)
 	if err != nil {

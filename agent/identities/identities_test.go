@@ -150,16 +150,34 @@ func newFixture(t *testing.T, mod func(*identities.Config)) *fixture {
 
 func caller(pid int32) imds.Caller { return imds.Caller{UID: 1000, GID: 1000, PID: pid, StartTime: 7} }
 
+// selectionCase is one request: the caller's pid, its selector, and the
+// identity (or error) it gets.
+type selectionCase struct {
+	name string
+	pid  int32
+	sel  imds.Selector
+	want *ferrypb.AgentIdentity
+	err  error
+}
+
+func runSelections(t *testing.T, f *fixture, cases []selectionCase) {
+	t.Helper()
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := f.r.Identity(context.Background(), caller(tc.pid), tc.sel)
+			if tc.err != nil {
+				require.ErrorIs(t, err, tc.err)
+				return
+			}
+			require.NoError(t, err)
+			require.Equal(t, tokens.Identity{TenantID: tc.want.TenantId, ClientID: tc.want.ClientId, ObjectID: tc.want.ObjectId, SPIFFEID: tc.want.SpiffeId}, got)
+		})
+	}
+}
+
 func TestSelection(t *testing.T) {
 	f := newFixture(t, nil)
-	ctx := context.Background()
-	for _, tc := range []struct {
-		name string
-		pid  int32
-		sel  imds.Selector
-		want *ferrypb.AgentIdentity
-		err  error
-	}{
+	runSelections(t, f, []selectionCase{
 		{"only identity without selector", 30, imds.Selector{}, otherUA, nil},
 		{"several without selector", 10, imds.Selector{}, nil, imds.ErrAmbiguousIdentity},
 		{"system-assigned preferred without selector", 20, imds.Selector{}, batchSA, nil},
@@ -175,17 +193,7 @@ func TestSelection(t *testing.T) {
 		{"an identity of the second SPIFFE ID", 20, imds.Selector{Kind: imds.SelectorClientID, Value: webUA.ClientId}, webUA, nil},
 		{"unknown client_id", 30, imds.Selector{Kind: imds.SelectorClientID, Value: "11111111-aaaa-4000-8000-00000000ffff"}, nil, imds.ErrIdentityNotFound},
 		{"empty resource ID never matches", 10, imds.Selector{Kind: imds.SelectorMSIResID, Value: ""}, nil, imds.ErrIdentityNotFound},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got, err := f.r.Identity(ctx, caller(tc.pid), tc.sel)
-			if tc.err != nil {
-				require.ErrorIs(t, err, tc.err)
-				return
-			}
-			require.NoError(t, err)
-			require.Equal(t, tokens.Identity{TenantID: tc.want.TenantId, ClientID: tc.want.ClientId, ObjectID: tc.want.ObjectId, SPIFFEID: tc.want.SpiffeId}, got)
-		})
-	}
+	})
 }
 
 func TestAssertionUsesTheGrantingEntry(t *testing.T) {
@@ -622,13 +630,7 @@ func TestAgentIdentities(t *testing.T) {
 	f := newFixture(t, func(c *identities.Config) { c.Agent = me })
 	f.d.ids = append(f.d.ids, agentSA, agentUA)
 	ctx := context.Background()
-	for _, tc := range []struct {
-		name string
-		pid  int32
-		sel  imds.Selector
-		want *ferrypb.AgentIdentity
-		err  error
-	}{
+	runSelections(t, f, []selectionCase{
 		{"no entry: the agent's system-assigned", 50, imds.Selector{}, agentSA, nil},
 		{"entries federated to nothing: the agent's", 40, imds.Selector{}, agentSA, nil},
 		{"the caller's only identity before the agent's", 30, imds.Selector{}, otherUA, nil},
@@ -637,17 +639,7 @@ func TestAgentIdentities(t *testing.T) {
 		{"the agent's user-assigned by client_id", 10, imds.Selector{Kind: imds.SelectorClientID, Value: agentUA.ClientId}, agentUA, nil},
 		{"the agent's system-assigned by object_id", 30, imds.Selector{Kind: imds.SelectorObjectID, Value: agentSA.ObjectId}, agentSA, nil},
 		{"the caller's own by client_id", 50, imds.Selector{Kind: imds.SelectorClientID, Value: otherUA.ClientId}, nil, imds.ErrIdentityNotFound},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got, err := f.r.Identity(ctx, caller(tc.pid), tc.sel)
-			if tc.err != nil {
-				require.ErrorIs(t, err, tc.err)
-				return
-			}
-			require.NoError(t, err)
-			require.Equal(t, tokens.Identity{TenantID: tc.want.TenantId, ClientID: tc.want.ClientId, ObjectID: tc.want.ObjectId, SPIFFEID: tc.want.SpiffeId}, got)
-		})
-	}
+	})
 
 	// The assertion for an agent identity is the agent's own JWT-SVID, for
 	// the exchange audience; a caller's is its entry's.

@@ -293,15 +293,11 @@ func (n *Node) RunOnLeader(ctx context.Context, name string, arg []byte) error {
 	if n.IsLeader() {
 		return f(ctx, arg)
 	}
-	_, addr := n.Leader()
-	if addr == "" || addr == n.advertise {
-		return toStatus(errNoLeader)
-	}
-	c, err := n.pool.cluster(addr)
+	cc, err := n.forwardTarget(ctx)
 	if err != nil {
-		return err
+		return toStatus(err)
 	}
-	resp, err := c.LeaderTask(markForwarded(ctx), &ferrypb.LeaderTaskRequest{Name: name, Arg: arg})
+	resp, err := ferrypb.NewClusterClient(cc).LeaderTask(markForwarded(ctx), &ferrypb.LeaderTaskRequest{Name: name, Arg: arg})
 	if err != nil {
 		return err
 	}
