@@ -255,10 +255,7 @@ func (a *Admin) federatedTrustDomain(raw string) (spiffeid.TrustDomain, error) {
 	if err != nil {
 		return spiffeid.TrustDomain{}, status.Errorf(codes.InvalidArgument, "trust_domain: %v", err)
 	}
-	own := a.cfg.TrustDomain
-	if own.IsZero() && a.cfg.Authority != nil {
-		own = a.cfg.Authority.TrustDomain()
-	}
+	own := a.ownTrustDomain()
 	if own.IsZero() {
 		return spiffeid.TrustDomain{}, status.Error(codes.FailedPrecondition, "this server does not know its own trust domain")
 	}
@@ -267,6 +264,14 @@ func (a *Admin) federatedTrustDomain(raw string) (spiffeid.TrustDomain, error) {
 			"%s is this server's own trust domain: its bundle is managed by the server nodes' authorities", td)
 	}
 	return td, nil
+}
+
+// ownTrustDomain is the server's trust domain (zero when it is not known).
+func (a *Admin) ownTrustDomain() spiffeid.TrustDomain {
+	if a.cfg.TrustDomain.IsZero() && a.cfg.Authority != nil {
+		return a.cfg.Authority.TrustDomain()
+	}
+	return a.cfg.TrustDomain
 }
 
 // checkBundle requires at least one authority and that each one parses.

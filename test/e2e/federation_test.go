@@ -178,6 +178,8 @@ func TestFederationBetweenTwoTrustDomains(t *testing.T) {
 	require.Len(t, list.Relationships, 1, out)
 	require.Equal(t, a.td.Name(), list.Relationships[0].Relationship.TrustDomain)
 	require.Empty(t, list.Relationships[0].Relationship.LastError)
+	// With a federated bundle held, `bundle show` still shows the server's own.
+	require.Equal(t, b.cli(t, "bundle", "show", "--trust-domain", b.td.Name()), b.cli(t, "bundle", "show"))
 
 	serverID := a.createEntry(t, "api", b.td.Name())
 	clientID := b.createEntry(t, "client", a.td.Name())
