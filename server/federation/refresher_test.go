@@ -351,3 +351,40 @@ func metricValue(t *testing.T, reg *prometheus.Registry, name string, labels ...
 	}
 	return -1
 }
+
+// TestRefresherHonoursHintOnEveryFetch: the peer's refresh hint sets the next
+// refresh on every fetch, also when the bundle is the one already held (an
+// operator's bootstrap copy carries no hint), within the documented bounds;
+// the relationship records the hint served and when the next fetch is due.
+func TestRefresherHonoursHintOnEveryFetch(t *testing.T) {
+	c := newFakeCluster(t)
+	foreign := newCA(t, foreignTD.Name(), nopPublisher{}, time.Hour, nil)
+	fe := startForeign(t, foreignTD.Name(), nil)
+	fe.serve(spiffeBundle(t, foreign, 3, 20*time.Second))
+	// The operator bootstrapped the very bundle the endpoint serves, without
+	// a hint.
+	initial, err := ca.FromSPIFFEBundle(spiffeBundle(t, foreign, 3, 0))
+	require.NoError(t, err)
+	putRelationship(c, &ferrypb.FederationRelationship{TrustDomain: foreignTD.Name(), BundleEndpointUrl: fe.srv.URL, Profile: federation.ProfileHTTPSWeb}, initial)
+	bootstrapped := c.store.View().Bundle(foreignTD.Name()).Revision
+	now := time.Unix(1_800_000_000, 0)
+	c.setLeader(true)
+	r := startRefresher(t, c, federation.RefresherConfig{WebPKIRoots: fe.webRoots(), Now: func() time.Time { return now },
+		MinRefresh: federation.DefaultMinRefresh, MaxRefresh: federation.DefaultMaxRefresh})
+
+	next := func(hint time.Duration) time.Duration {
+		t.Helper()
+		fe.serve(spiffeBundle(t, foreign, 3, hint))
+		require.NoError(t, refresh(t, r, foreignTD))
+		rel := c.store.View().FederationRelationship(foreignTD.Name())
+		require.Empty(t, rel.LastError)
+		require.Equal(t, now.Unix(), rel.LastRefresh)
+		require.Equal(t, int64(hint/time.Second), rel.RefreshHintSeconds, "the hint served is recorded")
+		require.Equal(t, bootstrapped, c.store.View().Bundle(foreignTD.Name()).Revision, "an unchanged bundle is not committed again")
+		return time.Unix(rel.NextRefresh, 0).Sub(now)
+	}
+	require.Equal(t, 20*time.Second, next(20*time.Second), "the served hint, though the bundle did not change")
+	require.Equal(t, federation.DefaultMinRefresh, next(time.Second), "no faster than the floor")
+	require.Equal(t, federation.DefaultMaxRefresh, next(48*time.Hour), "no slower than the ceiling")
+	require.Equal(t, federation.DefaultRefreshHint, next(0), "no hint: the default")
+}
