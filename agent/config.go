@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/user"
 	"strconv"
+	"time"
 
 	"github.com/hashicorp/hcl/hcl/token"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -37,6 +38,7 @@ type agentBlock struct {
 	X509PoP         *x509popAgentBlock     `hcl:"x509pop"`
 	Systemd         bool                   `hcl:"systemd"`
 	IMDS            *imdsBlock             `hcl:"imds"`
+	TaintJitter     string                 `hcl:"taint_jitter"`
 	UnusedKeys      map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
@@ -97,6 +99,13 @@ func LoadConfig(path, joinToken string) (FileConfig, error) {
 	}
 	if len(out.Servers) == 0 {
 		return FileConfig{}, fmt.Errorf("agent: server_addresses is required")
+	}
+	if a.TaintJitter != "" {
+		d, err := time.ParseDuration(a.TaintJitter)
+		if err != nil || d <= 0 || d > time.Hour {
+			return FileConfig{}, fmt.Errorf("agent: taint_jitter %q: want a duration between 0 and 1h (e.g. \"30s\")", a.TaintJitter)
+		}
+		out.TaintJitter = d
 	}
 	if out.DataDir == "" {
 		return FileConfig{}, fmt.Errorf("agent: data_dir is required")

@@ -21,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
@@ -46,6 +47,9 @@ type Sink interface {
 	SetEntries(all []*ferrypb.Entry, revision uint64)
 	ApplyEntryChanges(upserts []*ferrypb.Entry, deletes []string, revision uint64)
 	SetBundles(own *spiffebundle.Bundle, federated map[spiffeid.TrustDomain]*spiffebundle.Bundle)
+	// TaintAuthorities gets the own trust domain's tainted authorities, all
+	// of them, whenever its bundle arrives.
+	TaintAuthorities(x509Authorities []*x509.Certificate, jwtKeyIDs []string)
 }
 
 // Config configures a Session.
@@ -62,7 +66,14 @@ type Config struct {
 	DataDir  string
 	Attestor node.AgentAttestor
 	Sink     Sink
-	Logger   *slog.Logger
+	// Holder, when set, tells what the agent holds from its trust domain's
+	// authorities; the session reports it to the servers (ReportAuthorities)
+	// with its own SVID added.
+	Holder Holder
+	// TaintJitter is the window in which the agent replaces its own SVID
+	// once its authority is tainted (default cache.DefaultTaintJitter).
+	TaintJitter time.Duration
+	Logger      *slog.Logger
 }
 
 // Session is the agent's identity and server connection. It is safe for
@@ -87,6 +98,18 @@ type Session struct {
 	revision      uint64
 	behindSince   time.Time
 	agentIdentity bool
+
+	// tainted are the trust domain's tainted X.509 authorities (by hex
+	// subject key ID) and renewBy, when set, is when the agent SVID must be
+	// replaced because one of them signed it; both guarded by mu.
+	tainted    map[string]*x509.Certificate
+	taintedJWT map[string]bool
+	renewBy    time.Time
+	// renewKick wakes the renewal loop when renewBy moves; reportKick
+	// wakes the report loop (own SVID changed, or a taint to report at once).
+	renewKick   chan struct{}
+	reportKick  chan struct{}
+	forceReport atomic.Bool
 }
 
 // maxBehindWait bounds how long the agent refuses a full entry set older than
@@ -111,12 +134,17 @@ func New(cfg Config) (*Session, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.TaintJitter <= 0 {
+		cfg.TaintJitter = cache.DefaultTaintJitter
+	}
 	s := &Session{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		serverID: spiffeid.RequireFromPath(cfg.TrustDomain, ca.ServerPath),
-		bundle:   x509bundle.FromX509Authorities(cfg.TrustDomain, cfg.TrustBundle),
-		ready:    make(chan struct{}),
+		cfg:        cfg,
+		log:        cfg.Logger,
+		serverID:   spiffeid.RequireFromPath(cfg.TrustDomain, ca.ServerPath),
+		bundle:     x509bundle.FromX509Authorities(cfg.TrustDomain, cfg.TrustBundle),
+		ready:      make(chan struct{}),
+		renewKick:  make(chan struct{}, 1),
+		reportKick: make(chan struct{}, 1),
 	}
 	conn, err := s.dial(true)
 	if err != nil {
@@ -249,6 +277,7 @@ func (s *Session) Run(ctx context.Context) error {
 	}
 	s.once.Do(func() { close(s.ready) })
 	go s.renewLoop(ctx)
+	go s.reportLoop(ctx)
 	s.syncLoop(ctx)
 	return ctx.Err()
 }
@@ -358,7 +387,10 @@ func (s *Session) setSVID(chain [][]byte, key crypto.Signer) error {
 	s.mu.Lock()
 	s.svid = &x509svid.SVID{ID: id, Certificates: certs, PrivateKey: key}
 	s.svidAt = time.Now()
+	s.renewBy = time.Time{}
 	s.mu.Unlock()
+	s.checkOwnTaint()
+	kick(s.reportKick)
 	return nil
 }
 
@@ -399,18 +431,29 @@ func (s *Session) setBundle(b *ferrypb.Bundle) {
 	}
 }
 
-// renewLoop renews the agent SVID at half of its lifetime.
+// renewLoop renews the agent SVID at half of its lifetime, or sooner when
+// its authority is tainted.
 func (s *Session) renewLoop(ctx context.Context) {
 	for attempt := 0; ; {
 		s.mu.RLock()
 		leaf, at := s.svid.Certificates[0], renewAt(s.svid.Certificates[0], s.svidAt)
+		if !s.renewBy.IsZero() && s.renewBy.Before(at) {
+			at = s.renewBy
+		}
 		s.mu.RUnlock()
 		wait := time.Until(at)
 		if attempt > 0 {
 			wait = backoff(attempt)
 		}
-		if err := sleep(ctx, wait); err != nil {
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
 			return
+		case <-s.renewKick:
+			t.Stop()
+			continue // a taint moved the deadline
+		case <-t.C:
 		}
 		if err := s.renew(ctx); err != nil {
 			attempt++
@@ -542,6 +585,7 @@ func (s *Session) applyBundles(bs []*ferrypb.Bundle) {
 		if b.TrustDomain == s.cfg.TrustDomain.String() {
 			own = sb
 			s.setBundle(b)
+			s.applyTaint(b)
 		} else {
 			fed[sb.TrustDomain()] = sb
 		}

@@ -61,8 +61,11 @@ func (a *Admin) ListLocalAuthorities(_ context.Context, req *ferrypb.ListLocalAu
 		}
 	}
 	resp := &ferrypb.ListLocalAuthoritiesResponse{}
+	hs := a.holdings(time.Now())
 	for _, x := range m.List(k) {
-		resp.Authorities = append(resp.Authorities, localAuthority(x))
+		la := localAuthority(x)
+		hs.fill(la)
+		resp.Authorities = append(resp.Authorities, la)
 	}
 	return resp, nil
 }
@@ -101,11 +104,60 @@ func (a *Admin) TaintLocalAuthority(ctx context.Context, req *ferrypb.LocalAutho
 }
 
 // RevokeLocalAuthority removes a tainted old authority from the bundle and
-// deletes its key.
+// deletes its key. It is refused while agents report holding unexpired SVIDs
+// from it (they stop verifying the moment it leaves the bundle), unless
+// forced.
 func (a *Admin) RevokeLocalAuthority(ctx context.Context, req *ferrypb.LocalAuthorityRequest) (*ferrypb.LocalAuthority, error) {
 	return a.authorityOp(ctx, req, "revoke", true, func(m AuthorityManager, k ca.Kind, id string) (ca.Authority, error) {
+		if h := a.holdings(time.Now())[holdingKey{string(k), id}]; h.agents > 0 {
+			if !req.Force {
+				return ca.Authority{}, status.Errorf(codes.FailedPrecondition,
+					"%d agent(s) still hold SVIDs from %s authority %s (the last expires at %s): agents replace them once it is tainted; "+
+						"wait until `ferry authority %s list` shows no agent holding it, or revoke with --force (those SVIDs stop verifying at once)",
+					h.agents, k, id, time.Unix(h.until, 0).UTC().Format(time.RFC3339), k)
+			}
+			a.log.Warn("revoking an authority agents still hold SVIDs from", "kind", k, "authority_id", id, "agents", h.agents,
+				"held_until", time.Unix(h.until, 0).UTC())
+		}
 		return m.Revoke(ctx, k, id)
 	})
+}
+
+// holdingKey is an authority as agents report it: kind and ID.
+type holdingKey struct{ kind, id string }
+
+// holding is how many agents hold unexpired SVIDs from an authority, and
+// until when.
+type holding struct {
+	agents uint32
+	until  int64
+}
+
+type holdings map[holdingKey]holding
+
+// holdings reads every agent's last report: per authority, the agents that
+// hold SVIDs from it that have not expired at now.
+func (a *Admin) holdings(now time.Time) holdings {
+	out := holdings{}
+	for _, r := range a.cfg.Store.View().AgentReports() {
+		for _, h := range r.Authorities {
+			if h.ExpiresAt <= now.Unix() {
+				continue
+			}
+			k := holdingKey{h.Kind, h.AuthorityId}
+			cur := out[k]
+			cur.agents++
+			cur.until = max(cur.until, h.ExpiresAt)
+			out[k] = cur
+		}
+	}
+	return out
+}
+
+// fill sets what agents hold from la.
+func (hs holdings) fill(la *ferrypb.LocalAuthority) {
+	h := hs[holdingKey{la.Kind, la.Id}]
+	la.HoldingAgents, la.HeldUntil = h.agents, h.until
 }
 
 func (a *Admin) authorityOp(ctx context.Context, req *ferrypb.LocalAuthorityRequest, op string, needID bool,
@@ -126,7 +178,9 @@ func (a *Admin) authorityOp(ctx context.Context, req *ferrypb.LocalAuthorityRequ
 		return nil, caStatus(err)
 	}
 	a.log.Info("local authority changed", "op", op, "kind", k, "authority_id", x.ID, "status", x.Status, "tainted", x.Tainted)
-	return localAuthority(x), nil
+	la := localAuthority(x)
+	a.holdings(time.Now()).fill(la)
+	return la, nil
 }
 
 // MintX509SVID signs an X509-SVID for the CSR's key; the caller keeps the
