@@ -235,20 +235,21 @@ func New(c Config) (*Cache, error) {
 	if c.TaintJitter <= 0 {
 		c.TaintJitter = DefaultTaintJitter
 	}
+	heldKick := make(chan struct{}, 1)
 	return &Cache{
 		signer: c.Signer, log: c.Logger, clock: c.Clock, idle: c.IdleTimeout,
 		maxBatch: c.MaxBatch, batchSize: c.MaxBatch, signTimeout: c.SignTimeout,
 		retryMin: c.RetryMin, retryMax: c.RetryMax, taintJitter: c.TaintJitter,
 		signKick:  make(chan struct{}, 1),
 		schedKick: make(chan struct{}, 1),
-		heldKick:  make(chan struct{}, 1),
+		heldKick:  heldKick,
 		entries:   make(map[string]*entryState),
 		index:     make(map[selKey][]*entryState),
 		kinds:     make(map[string]int),
 		subs:      make(map[*subscriber]struct{}),
 		federated: make(map[spiffeid.TrustDomain]*spiffebundle.Bundle),
-		jwts:      newTokenCache(c.MaxTokens, c.Clock, c.SignTimeout),
-		wits:      newTokenCache(c.MaxTokens, c.Clock, c.SignTimeout),
+		jwts:      newTokenCache(c.MaxTokens, c.Clock, c.SignTimeout, func() { kick(heldKick) }),
+		wits:      newTokenCache(c.MaxTokens, c.Clock, c.SignTimeout, func() { kick(heldKick) }),
 	}, nil
 }
 

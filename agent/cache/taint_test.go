@@ -124,9 +124,18 @@ func TestTaintDropsJWTSVIDs(t *testing.T) {
 		return p.Header["kid"].(string)
 	}
 	ctx := context.Background()
+	select {
+	case <-e.cache.HeldChanged():
+	default:
+	}
 	first, err := e.cache.FetchJWTSVID(ctx, a, []string{"aud"})
 	if err != nil {
 		t.Fatal(err)
+	}
+	select {
+	case <-e.cache.HeldChanged():
+	default:
+		t.Fatal("a token of a key not handed out before changes what the cache holds")
 	}
 	if again, _ := e.cache.FetchJWTSVID(ctx, a, []string{"aud"}); again.Token != first.Token {
 		t.Fatal("a fresh token is served from the cache")

@@ -202,6 +202,9 @@ type tokenCache struct {
 	// the tokens handed out per key ID until the last one expires.
 	tainted map[string]bool
 	issued  map[string]*issuedTokens
+	// newKey is called (under mu) when a token of a key not handed out
+	// before is: what the cache holds changed.
+	newKey func()
 }
 
 // issuedTokens are the tokens one key signed that the cache handed out.
@@ -216,9 +219,9 @@ type tokenFlight struct {
 	err  error
 }
 
-func newTokenCache(max int, clock Clock, timeout time.Duration) *tokenCache {
+func newTokenCache(max int, clock Clock, timeout time.Duration, newKey func()) *tokenCache {
 	return &tokenCache{
-		max: max, clock: clock, timeout: timeout,
+		max: max, clock: clock, timeout: timeout, newKey: newKey,
 		items: make(map[string]*tokenItem), flights: make(map[string]*tokenFlight),
 		tainted: make(map[string]bool), issued: make(map[string]*issuedTokens),
 	}
@@ -285,6 +288,9 @@ func (t *tokenCache) get(ctx context.Context, key string, mint func(context.Cont
 				if is == nil {
 					is = &issuedTokens{}
 					t.issued[it.kid] = is
+					if t.newKey != nil {
+						t.newKey()
+					}
 				}
 				is.count++
 				if it.expires.After(is.expires) {

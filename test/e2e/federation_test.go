@@ -34,16 +34,28 @@ type fedDomain struct {
 
 func startFedDomain(t *testing.T, td string) *fedDomain {
 	t.Helper()
+	return startFedDomainWith(t, td, "", "", "")
+}
+
+// startFedDomainWith is startFedDomain with the bundle endpoint's refresh
+// hint (default when empty) and extra lines for the server and agent blocks.
+func startFedDomainWith(t *testing.T, td, refreshHint, serverExtra, agentExtra string) *fedDomain {
+	t.Helper()
 	addr := testcluster.FreeAddr(t)
+	hint := ""
+	if refreshHint != "" {
+		hint = fmt.Sprintf("\n      refresh_hint = %q", refreshHint)
+	}
 	c := testcluster.New(t, testcluster.Options{Nodes: 1, TrustDomain: td, LogLevel: "info",
 		ExtraServerConfig: fmt.Sprintf(`  federation {
     bundle_endpoint {
       addr    = %q
-      profile = "https_spiffe"
+      profile = "https_spiffe"%s
     }
-  }`, addr)})
+  }
+%s`, addr, hint, serverExtra)})
 	d := &fedDomain{td: spiffeid.RequireTrustDomainFromString(td), c: c, srv: c.Nodes[0], endpoint: "https://" + addr}
-	d.agent = c.StartAgent("node1")
+	d.agent = c.StartAgentWith("node1", agentExtra)
 	return d
 }
 
