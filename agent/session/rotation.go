@@ -4,6 +4,9 @@ import (
 	"context"
 	"crypto/x509"
 	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/ferry-id/ferry/agent/cache"
@@ -201,8 +204,12 @@ func (s *Session) report(ctx context.Context, held []*ferrypb.HeldAuthority) err
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	_, err := s.agentClient().ReportAuthorities(rctx, &ferrypb.ReportAuthoritiesRequest{Authorities: held})
-	if err == nil {
-		s.log.Debug("held authorities reported", "authorities", len(held))
+	if err == nil && s.log.Enabled(ctx, slog.LevelDebug) {
+		var b strings.Builder
+		for _, h := range held {
+			fmt.Fprintf(&b, "%s:%s(%d until %s) ", h.Kind, h.AuthorityId, h.Count, time.Unix(h.ExpiresAt, 0).UTC().Format(time.TimeOnly))
+		}
+		s.log.Debug("held authorities reported", "held", strings.TrimSpace(b.String()))
 	}
 	return err
 }

@@ -1607,10 +1607,13 @@ type LocalAuthority struct {
 	Certificate []byte                 `protobuf:"bytes,8,opt,name=certificate,proto3" json:"certificate,omitempty"`              // X.509 CA certificate (DER)
 	PublicKey   []byte                 `protobuf:"bytes,9,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"` // PKIX DER
 	Upstream    bool                   `protobuf:"varint,10,opt,name=upstream,proto3" json:"upstream,omitempty"`                  // X.509 intermediate under the upstream CA
-	// holding_agents: how many agents last reported holding unexpired SVIDs
-	// from this authority (X.509-SVIDs they serve, JWT-SVIDs and WIT-SVIDs
-	// they handed out); held_until: when the last of those expires (unix
-	// seconds). Revoke is refused while holding_agents > 0 unless forced.
+	// holding_agents: how many agents hold SVIDs from this authority
+	// (X509-SVIDs they serve, JWT-SVIDs and WIT-SVIDs they handed out), as
+	// their last reports tell: an agent that is alive holds what it listed
+	// until it reports otherwise, one that is gone what it reported unexpired.
+	// held_until: the latest of those expiries, or of the live agents' own
+	// SVIDs (unix seconds). Revoke is refused while holding_agents > 0 unless
+	// forced.
 	HoldingAgents uint32 `protobuf:"varint,11,opt,name=holding_agents,json=holdingAgents,proto3" json:"holding_agents,omitempty"`
 	HeldUntil     int64  `protobuf:"varint,12,opt,name=held_until,json=heldUntil,proto3" json:"held_until,omitempty"`
 	unknownFields protoimpl.UnknownFields

@@ -136,18 +136,30 @@ type holding struct {
 type holdings map[holdingKey]holding
 
 // holdings reads every agent's last report: per authority, the agents that
-// hold SVIDs from it that have not expired at now.
+// hold SVIDs from it at now. An agent that is alive (its own SVID is valid
+// and it is not banned) holds what its last report lists until it reports
+// otherwise: agents do not report every renewal, so the expiry they reported
+// may be older than the SVIDs they hold. Of an agent that is gone, only what
+// it reported as unexpired counts.
 func (a *Admin) holdings(now time.Time) holdings {
 	out := holdings{}
-	for _, r := range a.cfg.Store.View().AgentReports() {
+	v := a.cfg.Store.View()
+	for _, r := range v.AgentReports() {
+		var alive int64
+		if n := v.Node(r.SpiffeId); n != nil && !n.Banned {
+			if na := max(n.CertNotAfter, n.NewCertNotAfter); na > now.Unix() {
+				alive = na
+			}
+		}
 		for _, h := range r.Authorities {
-			if h.ExpiresAt <= now.Unix() {
+			until := max(h.ExpiresAt, alive)
+			if until <= now.Unix() {
 				continue
 			}
 			k := holdingKey{h.Kind, h.AuthorityId}
 			cur := out[k]
 			cur.agents++
-			cur.until = max(cur.until, h.ExpiresAt)
+			cur.until = max(cur.until, until)
 			out[k] = cur
 		}
 	}

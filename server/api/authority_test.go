@@ -401,7 +401,10 @@ func TestRevokeRefusedWhileAgentsHold(t *testing.T) {
 				require.NoError(t, err)
 				require.EqualValues(t, codes.OK, res.GetStatus().GetCode(), res.GetStatus().GetMessage())
 			}
-			apply(&ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: &ferrypb.AttestedNode{SpiffeId: agent, CertSerial: "1"}}}})
+			// The agent's own SVID has expired: it is gone, and only what it
+			// reported as unexpired counts.
+			apply(&ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: &ferrypb.AttestedNode{SpiffeId: agent, CertSerial: "1",
+				CertNotAfter: time.Now().Add(-time.Minute).Unix()}}}})
 			report := func(exp time.Time, ids ...string) {
 				t.Helper()
 				r := &ferrypb.AgentReport{SpiffeId: agent}
@@ -429,6 +432,18 @@ func TestRevokeRefusedWhileAgentsHold(t *testing.T) {
 			list, err = e.client.ListLocalAuthorities(e.ctx, &ferrypb.ListLocalAuthoritiesRequest{Kind: kind})
 			require.NoError(t, err)
 			require.Zero(t, list.Authorities[0].HoldingAgents)
+			// Unless the agent is alive: it renews what it holds without
+			// reporting each renewal, so it holds what it listed until it
+			// reports otherwise.
+			alive := time.Now().Add(30 * time.Minute).Truncate(time.Second)
+			apply(&ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: &ferrypb.AttestedNode{SpiffeId: agent, CertSerial: "2",
+				CertNotAfter: alive.Unix()}}}})
+			list, err = e.client.ListLocalAuthorities(e.ctx, &ferrypb.ListLocalAuthoritiesRequest{Kind: kind})
+			require.NoError(t, err)
+			require.EqualValues(t, 1, list.Authorities[0].HoldingAgents)
+			require.Equal(t, alive.Unix(), list.Authorities[0].HeldUntil)
+			_, err = e.client.RevokeLocalAuthority(e.ctx, &ferrypb.LocalAuthorityRequest{Kind: kind, AuthorityId: old.ID})
+			requireCode(t, codes.FailedPrecondition, err)
 			report(until, old.ID, next.Id)
 			// The agent replaced what the old authority signed.
 			report(until, next.Id)
