@@ -31,9 +31,9 @@ var bins struct {
 	ferry, spireServer, spireAgent string
 }
 
-func TestMain(m *testing.M) { os.Exit(run(m)) }
+func TestMain(m *testing.M) { os.Exit(runSuite(m)) }
 
-func run(m *testing.M) int {
+func runSuite(m *testing.M) int {
 	tmp, err := os.MkdirTemp("", "ferry-spire-interop-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
