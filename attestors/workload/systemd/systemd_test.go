@@ -20,6 +20,7 @@ import (
 
 	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/attestors/workload/systemd"
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -167,6 +168,15 @@ func TestKinds(t *testing.T) {
 	got, err = a.Attest(context.Background(), 5, only("fragment_path"))
 	require.NoError(t, err)
 	assert.Equal(t, []string{"systemd:fragment_path:" + filepath.Join(units, "web.service")}, values(got))
+
+	// Both kinds, as declared: entries checked against the schema match them.
+	got, err = a.Attest(context.Background(), 5, nil)
+	require.NoError(t, err)
+	require.Len(t, got, len(systemd.Selectors().Kinds))
+	reg := selector.MustRegistry(systemd.Selectors())
+	for _, s := range got {
+		assert.NoError(t, reg.Check(selector.Workload, s))
+	}
 
 	// Nothing requested: the cgroup file is not even read.
 	got, err = a.Attest(context.Background(), 999, workload.Kinds{})
