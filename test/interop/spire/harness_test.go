@@ -371,11 +371,21 @@ func (f *ferryDomain) lastRefresh(t *testing.T, td string) time.Time {
 	return time.Unix(sec, 0)
 }
 
-// refreshFailures counts the fetches of a federated bundle that failed, as
-// ferry's log shows them.
-func (f *ferryDomain) refreshFailures() int {
+// refreshFailures lists the fetches of a federated bundle that failed after
+// since, as ferry's log shows them.
+func (f *ferryDomain) refreshFailures(since time.Time) []string {
 	data, _ := os.ReadFile(f.server.log)
-	return bytes.Count(data, []byte("federated bundle refresh failed"))
+	var out []string
+	for _, line := range bytes.Split(data, []byte("\n")) {
+		if !bytes.Contains(line, []byte("federated bundle refresh failed")) {
+			continue
+		}
+		at, err := time.Parse(time.RFC3339Nano, between(string(line), "time=", " "))
+		if err == nil && at.After(since) {
+			out = append(out, string(line))
+		}
+	}
+	return out
 }
 
 // --- SPIRE -------------------------------------------------------------------

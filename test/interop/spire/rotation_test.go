@@ -32,7 +32,8 @@ func TestSPIREFederation(t *testing.T) {
 		{ferry: httpsSPIFFE, spire: httpsWeb},
 		{ferry: httpsWeb, spire: httpsSPIFFE},
 	} {
-		t.Run("ferry-"+tc.ferry+"_spire-"+tc.spire, func(t *testing.T) {
+		short := func(p string) string { return strings.TrimPrefix(p, "https_") }
+		t.Run("ferry_"+short(tc.ferry)+"_spire_"+short(tc.spire), func(t *testing.T) {
 			t.Parallel()
 			federateAndRotate(t, tc.ferry, tc.spire)
 		})
@@ -97,7 +98,7 @@ func federateAndRotate(t *testing.T, ferryProfile, spireProfile string) {
 		ferryProfile, spireProfile, rounds, steps.Table())
 	require.Empty(t, failures, "calls failed during the rotations:\n%s", strings.Join(failures, "\n"))
 	require.Empty(t, s.refreshFailures("ferry.test", armed), "SPIRE failed to fetch ferry's bundle")
-	require.Zero(t, f.refreshFailures(), "ferry failed to fetch SPIRE's bundle")
+	require.Empty(t, f.refreshFailures(armed), "ferry failed to fetch SPIRE's bundle")
 }
 
 // rotateFerry takes ferry's X.509 and JWT authorities through prepare,
