@@ -419,8 +419,9 @@ func startSPIRE(t *testing.T, profile string, web *webPKI) *spireDomain {
 		certFile, keyFile := web.issue(t, "spire-endpoint")
 		profileConf = fmt.Sprintf(`profile "https_web" {
         serving_cert_file {
-          cert_file_path = %q
-          key_file_path  = %q
+          cert_file_path     = %q
+          key_file_path      = %q
+          file_sync_interval = "1h"
         }
       }`, certFile, keyFile)
 	}
@@ -474,8 +475,10 @@ plugins {
 	})
 	bundle := s.must(t, "bundle", "show")
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "bootstrap.pem"), []byte(bundle), 0o644))
+	// "Token: <token>", then a warning that the token names no SPIFFE ID.
 	out := s.must(t, "token", "generate", "-ttl", "600")
-	token := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(out), "Token:"))
+	first, _, _ := strings.Cut(strings.TrimSpace(out), "\n")
+	token := strings.TrimSpace(strings.TrimPrefix(first, "Token:"))
 	require.NotEmpty(t, token, out)
 	s.agentID = "spiffe://spire.test/spire/agent/join_token/" + token
 	agentConf := fmt.Sprintf(`agent {
@@ -564,7 +567,8 @@ func (s *spireDomain) op(t *testing.T, kind, op, id string) {
 }
 
 // agentSVIDAuthority is the authority key ID of the SPIRE agent's own SVID,
-// as the agent keeps it on disk.
+// as the agent keeps it on disk (agent-data.json: the chain, each
+// certificate PEM).
 func (s *spireDomain) agentSVIDAuthority() string {
 	data, err := os.ReadFile(filepath.Join(s.agentData, "agent-data.json"))
 	if err != nil {
@@ -576,7 +580,11 @@ func (s *spireDomain) agentSVIDAuthority() string {
 	if json.Unmarshal(data, &st) != nil || len(st.SVID) == 0 {
 		return ""
 	}
-	c, err := x509.ParseCertificate(st.SVID[0])
+	block, _ := pem.Decode(st.SVID[0])
+	if block == nil {
+		return ""
+	}
+	c, err := x509.ParseCertificate(block.Bytes)
 	if err != nil {
 		return ""
 	}
