@@ -233,6 +233,10 @@ func TestFederationBetweenTwoTrustDomains(t *testing.T) {
 
 	out = b.cli(t, "federation", "show", "--trust-domain", a.td.Name())
 	require.Contains(t, out, "Status:\t\t\tok", out)
+	// The refresher follows the hint a's endpoint serves (the default 5 min)
+	// and says when it fetches next.
+	require.Contains(t, out, "Served refresh hint:\t5m0s", out)
+	require.Regexp(t, `Next refresh:\t\t\d{4}-\d\d-\d\dT`, out)
 }
 
 // TestFederationRefreshOnFollower: `ferry federation refresh` works on any
