@@ -9,6 +9,9 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/ferry-id/ferry/agent/cache"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
@@ -23,6 +26,10 @@ type Holder interface {
 }
 
 var _ Holder = (*cache.Cache)(nil)
+
+// unimplementedRetry is how often an agent asks servers that take no
+// reports again.
+const unimplementedRetry = 5 * time.Minute
 
 // reportSettle gathers a burst of changes (SVIDs signed one batch after
 // another) into one report.
@@ -166,7 +173,16 @@ func (s *Session) reportLoop(ctx context.Context) {
 				if force {
 					s.forceReport.Store(true)
 				}
-				s.log.Warn("reporting held authorities failed; retrying", "error", err, "in", wait.Round(time.Millisecond))
+				if status.Code(err) == codes.Unimplemented {
+					// Servers of an older release: ask again now and then,
+					// they may be upgraded.
+					wait = unimplementedRetry
+					if attempt == 1 {
+						s.log.Info("the servers take no reports of held authorities; revoking an authority will not wait for this agent", "error", err)
+					}
+				} else {
+					s.log.Warn("reporting held authorities failed; retrying", "error", err, "in", wait.Round(time.Millisecond))
+				}
 			} else {
 				sent, reported, attempt = cur, true, 0
 			}

@@ -1,13 +1,18 @@
 package session
 
 import (
+	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"io"
 	"log/slog"
 	"math/big"
 	"net/url"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -15,6 +20,10 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
@@ -98,4 +107,123 @@ func TestApplyTaintRenewsOwnSVID(t *testing.T) {
 	require.Equal(t, at, s.renewBy, "the renewal already scheduled stands")
 	require.False(t, s.forceReport.Load(), "nothing new to report")
 	require.Len(t, s.renewKick, 0)
+}
+
+type fakeHolder struct {
+	mu      sync.Mutex
+	held    []*ferrypb.HeldAuthority
+	changed chan struct{}
+}
+
+func (h *fakeHolder) HeldAuthorities(time.Time) []*ferrypb.HeldAuthority {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := make([]*ferrypb.HeldAuthority, len(h.held))
+	for i, x := range h.held {
+		out[i] = proto.Clone(x).(*ferrypb.HeldAuthority)
+	}
+	return out
+}
+
+func (h *fakeHolder) HeldChanged() <-chan struct{} { return h.changed }
+
+func (h *fakeHolder) set(held ...*ferrypb.HeldAuthority) {
+	h.mu.Lock()
+	h.held = held
+	h.mu.Unlock()
+	kick(h.changed)
+}
+
+// reportingClient records reports, or refuses them with err.
+type reportingClient struct {
+	ferrypb.AgentClient
+	reports chan []*ferrypb.HeldAuthority
+	err     error
+}
+
+func (c *reportingClient) ReportAuthorities(_ context.Context, req *ferrypb.ReportAuthoritiesRequest, _ ...grpc.CallOption) (*ferrypb.ReportAuthoritiesResponse, error) {
+	c.reports <- req.Authorities
+	return &ferrypb.ReportAuthoritiesResponse{}, c.err
+}
+
+// TestReportLoop: the agent reports what it holds at start, again when the
+// set of authorities changes, and at once when asked to (a new taint).
+func TestReportLoop(t *testing.T) {
+	exp := time.Now().Add(time.Hour).Unix()
+	h := &fakeHolder{changed: make(chan struct{}, 1), held: []*ferrypb.HeldAuthority{heldAuth("x509", "a", exp)}}
+	cl := &reportingClient{reports: make(chan []*ferrypb.HeldAuthority, 10)}
+	s := &Session{
+		cfg:        Config{TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), Holder: h},
+		log:        slog.New(slog.DiscardHandler),
+		client:     cl,
+		renewKick:  make(chan struct{}, 1),
+		reportKick: make(chan struct{}, 1),
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); s.reportLoop(ctx) }()
+	defer func() { cancel(); <-done }()
+	next := func() []*ferrypb.HeldAuthority {
+		t.Helper()
+		select {
+		case r := <-cl.reports:
+			return r
+		case <-time.After(10 * time.Second):
+			t.Fatal("no report")
+		}
+		return nil
+	}
+	ids := func(hs []*ferrypb.HeldAuthority) []string {
+		var out []string
+		for _, x := range hs {
+			out = append(out, x.Kind+":"+x.AuthorityId)
+		}
+		return out
+	}
+	require.Equal(t, []string{"x509:a"}, ids(next()), "a report at start")
+	h.set(heldAuth("jwt", "k", exp), heldAuth("x509", "a", exp))
+	require.Equal(t, []string{"jwt:k", "x509:a"}, ids(next()), "a new authority is reported")
+	s.forceReport.Store(true)
+	kick(s.reportKick)
+	require.Equal(t, []string{"jwt:k", "x509:a"}, ids(next()), "a forced report goes out though nothing changed")
+}
+
+// TestReportLoopOlderServers: servers that take no reports are asked again
+// only now and then.
+func TestReportLoopOlderServers(t *testing.T) {
+	h := &fakeHolder{changed: make(chan struct{}, 1), held: []*ferrypb.HeldAuthority{heldAuth("x509", "a", time.Now().Add(time.Hour).Unix())}}
+	cl := &reportingClient{reports: make(chan []*ferrypb.HeldAuthority, 10), err: status.Error(codes.Unimplemented, "unknown method")}
+	var logs bytes.Buffer
+	var mu sync.Mutex
+	s := &Session{
+		cfg:        Config{TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), Holder: h},
+		log:        slog.New(slog.NewTextHandler(&lockedWriter{w: &logs, mu: &mu}, nil)),
+		client:     cl,
+		renewKick:  make(chan struct{}, 1),
+		reportKick: make(chan struct{}, 1),
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); s.reportLoop(ctx) }()
+	<-cl.reports
+	// A change wakes the loop, which tries again once and logs nothing new.
+	h.set(heldAuth("x509", "b", time.Now().Add(time.Hour).Unix()))
+	<-cl.reports
+	cancel()
+	<-done
+	mu.Lock()
+	defer mu.Unlock()
+	require.Equal(t, 1, strings.Count(logs.String(), "take no reports"), logs.String())
+	require.NotContains(t, logs.String(), "level=WARN")
+}
+
+type lockedWriter struct {
+	w  io.Writer
+	mu *sync.Mutex
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
