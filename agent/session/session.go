@@ -2,6 +2,9 @@
 // keeps the agent X509-SVID renewed (and on disk, so a restart needs no new
 // attestation), follows the server's stream of authorized entries and bundles,
 // and signs workload CSRs and JWT-SVIDs through the servers for the SVID cache.
+// It acts on the tainted authorities the bundle names (the agent SVID is
+// replaced, the cache replaces the rest) and reports to the servers which
+// authorities the agent holds SVIDs from, so none is revoked under it.
 package session
 
 import (
