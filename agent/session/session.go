@@ -37,6 +37,7 @@ import (
 
 	"github.com/ferry-id/ferry/agent/cache"
 	"github.com/ferry-id/ferry/attestors/node"
+	"github.com/ferry-id/ferry/internal/securedir"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/ca"
 )
@@ -123,8 +124,8 @@ func New(cfg Config) (*Session, error) {
 		return nil, err
 	}
 	s.conn, s.client = conn, ferrypb.NewAgentClient(conn)
-	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("session: %w", err)
+	if err := securedir.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("session: data dir: %w", err)
 	}
 	if b, err := x509bundle.Load(cfg.TrustDomain, s.path("bundle.pem")); err == nil && len(b.X509Authorities()) > 0 {
 		s.bundle = b
