@@ -15,12 +15,14 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"math"
 	mathrand "math/rand/v2"
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
@@ -353,7 +355,7 @@ func (s *Session) setSVID(chain [][]byte, key crypto.Signer) error {
 	if err := writeFile(s.path("agent-key.pem"), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
 		return err
 	}
-	if err := writeFile(s.path("agent-svid.pem"), pemOut, 0o644); err != nil {
+	if err := writeFile(s.path("agent-svid.pem"), pemOut, 0o600); err != nil {
 		return err
 	}
 	s.mu.Lock()
@@ -395,7 +397,7 @@ func (s *Session) setBundle(b *ferrypb.Bundle) {
 	s.mu.Lock()
 	s.bundle = x509bundle.FromX509Authorities(s.cfg.TrustDomain, roots)
 	s.mu.Unlock()
-	if err := writeFile(s.path("bundle.pem"), pemOut, 0o644); err != nil {
+	if err := writeFile(s.path("bundle.pem"), pemOut, 0o600); err != nil {
 		s.log.Warn("saving bundle", "error", err)
 	}
 }
@@ -629,12 +631,27 @@ func newKeyAndCSR() (crypto.Signer, []byte, error) {
 	return key, csr, nil
 }
 
+// writeFile replaces path with data, mode set before the first byte is
+// written: the file is new (a leftover temporary file is removed, never
+// reused with its old mode) and chmodded whatever the umask.
 func writeFile(path string, data []byte, mode os.FileMode) error {
 	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, mode); err != nil {
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("session: %w", err)
 	}
-	if err := os.Chmod(tmp, mode); err != nil {
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, mode)
+	if err != nil {
+		return fmt.Errorf("session: %w", err)
+	}
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return fmt.Errorf("session: %w", err)
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("session: %w", err)
+	}
+	if err := f.Close(); err != nil {
 		return fmt.Errorf("session: %w", err)
 	}
 	return os.Rename(tmp, path)
