@@ -43,17 +43,7 @@ func TestConfigErrors(t *testing.T) {
 	_, err = server.LoadConfig(write(`server { node_id = "a" trust_domain = "example.org" data_dir = "d" cluster { bind_addr = "127.0.0.1:1" } }`))
 	require.ErrorContains(t, err, "ferry cluster tls ca create")
 
-	cfg, err := server.LoadConfig(write(`server {
-  node_id = "a"
-  trust_domain = "example.org"
-  data_dir = "data"
-  cluster {
-    bind_addr = "127.0.0.1:1"
-    ca_file = "tls/ca.pem"
-    cert_file = "tls/n.pem"
-    key_file = "tls/n-key.pem"
-  }
-}`))
+	cfg, err := server.LoadConfig(write(fmt.Sprintf(minimalServer, "")))
 	require.NoError(t, err)
 	require.Equal(t, filepath.Join(dir, "data"), cfg.DataDir, "relative to the config file")
 	require.Equal(t, "/run/ferry/server/admin.sock", cfg.AdminSocket, "never under /tmp")
@@ -176,12 +166,8 @@ func TestFederationConfig(t *testing.T) {
 	}
 }
 
-// TestAdminSocketInRuntimeDirectory: under systemd, the admin socket goes to
-// the unit's RuntimeDirectory= unless the config names one.
-func TestAdminSocketInRuntimeDirectory(t *testing.T) {
-	t.Setenv("RUNTIME_DIRECTORY", "/run/ferry/server-2")
-	p := filepath.Join(t.TempDir(), "s.conf")
-	body := `server {
+// minimalServer is the least a server.conf holds, with %s for more settings.
+const minimalServer = `server {
   node_id = "a"
   trust_domain = "example.org"
   data_dir = "data"
@@ -193,11 +179,17 @@ func TestAdminSocketInRuntimeDirectory(t *testing.T) {
     key_file = "tls/n-key.pem"
   }
 }`
-	require.NoError(t, os.WriteFile(p, []byte(fmt.Sprintf(body, "")), 0o600))
+
+// TestAdminSocketInRuntimeDirectory: under systemd, the admin socket goes to
+// the unit's RuntimeDirectory= unless the config names one.
+func TestAdminSocketInRuntimeDirectory(t *testing.T) {
+	t.Setenv("RUNTIME_DIRECTORY", "/run/ferry/server-2")
+	p := filepath.Join(t.TempDir(), "s.conf")
+	require.NoError(t, os.WriteFile(p, []byte(fmt.Sprintf(minimalServer, "")), 0o600))
 	cfg, err := server.LoadConfig(p)
 	require.NoError(t, err)
 	require.Equal(t, "/run/ferry/server-2/admin.sock", cfg.AdminSocket)
-	require.NoError(t, os.WriteFile(p, []byte(fmt.Sprintf(body, `admin_socket = "/srv/admin.sock"`)), 0o600))
+	require.NoError(t, os.WriteFile(p, []byte(fmt.Sprintf(minimalServer, `admin_socket = "/srv/admin.sock"`)), 0o600))
 	cfg, err = server.LoadConfig(p)
 	require.NoError(t, err)
 	require.Equal(t, "/srv/admin.sock", cfg.AdminSocket, "the config wins")

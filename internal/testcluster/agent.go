@@ -98,12 +98,12 @@ func (c *Cluster) PrepareAgent(name string, opts AgentOptions) *Agent {
 	if opts.UID != 0 {
 		// The cluster's dir is root's alone: the service user's lives in
 		// a directory it can reach.
-		dir = filepath.Join(publicDir(c.t, "ferry-agent-"), "agent-"+name)
+		dir = filepath.Join(PublicDir(c.t, "ferry-agent-"), "agent-"+name)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		c.t.Fatal(err)
 	}
-	sockDir := publicDir(c.t, "ferry-agent-sock-")
+	sockDir := PublicDir(c.t, "ferry-agent-sock-")
 	if opts.UID != 0 {
 		for _, d := range []string{dir, sockDir} {
 			if err := os.Chown(d, int(opts.UID), int(opts.UID)); err != nil {

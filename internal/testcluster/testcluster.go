@@ -167,7 +167,7 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
 		AgentAddr:   FreeAddr(c.t),
 	}
 	if c.Opts.PublicAdminSocket {
-		n.Socket = filepath.Join(publicDir(c.t, "ferry-admin-sock-"), "admin.sock")
+		n.Socket = filepath.Join(PublicDir(c.t, "ferry-admin-sock-"), "admin.sock")
 	}
 	tlsDir := filepath.Join(dir, "tls")
 	c.run("cluster", "tls", "cert", "create", "--node", id, "--dir", tlsDir,
@@ -224,9 +224,9 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
 	return n
 }
 
-// publicDir makes a directory under the system temp dir that every user may
-// traverse (root's, 0755), removed when the test ends.
-func publicDir(t testing.TB, prefix string) string {
+// PublicDir makes a directory under the system temp dir that every user may
+// traverse (0755), removed when the test ends.
+func PublicDir(t testing.TB, prefix string) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", prefix)
 	if err != nil {

@@ -92,7 +92,7 @@ func startListener(t *testing.T, path, target string) *listener {
 	data, err := os.ReadFile(exe)
 	require.NoError(t, err)
 	// The test binary sits in a directory only root may enter.
-	bin := filepath.Join(sharedDir(t), "attacker")
+	bin := filepath.Join(testcluster.PublicDir(t, "ferry-e2e-"), "attacker")
 	require.NoError(t, os.WriteFile(bin, data, 0o755))
 	cmd := asUser(attackerUID, bin)
 	cmd.Env = append(cmd.Env, "FERRY_E2E_LISTEN="+path, "FERRY_E2E_RELAY_TO="+target)
@@ -164,16 +164,6 @@ func (l *listener) settle(t *testing.T) int {
 	}
 }
 
-// sharedDir is a fresh directory of root's that every user may traverse.
-func sharedDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "ferry-e2e-")
-	require.NoError(t, err)
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	require.NoError(t, os.Chmod(dir, 0o755))
-	return dir
-}
-
 // attackerDir is a directory the attacker made in the system temp dir
 // (world-writable, sticky), before any ferry process did: the attack on a
 // default under /tmp. Its path is returned with its mode.
@@ -200,13 +190,14 @@ func requireNamed(t *testing.T, out, path string, uid uint32, mode os.FileMode) 
 	require.Contains(t, out, fmt.Sprintf("mode %04o)", uint32(mode)), "the refusal names the mode:\n%s", out)
 }
 
-// runUntilServing starts cmd and waits until it exits or socket answers. It
-// returns the process's output and whether it was serving (then it is left
-// running until the test ends).
-func runUntilServing(t *testing.T, cmd *exec.Cmd, socket string) (string, bool) {
+// runUntil starts cmd and waits until it exits (exited) or ready() holds
+// (then it is left running until the test ends). It returns the process's
+// output so far.
+func runUntil(t *testing.T, cmd *exec.Cmd, ready func() bool) (out string, exited bool) {
 	t.Helper()
 	logf, err := os.CreateTemp(t.TempDir(), "out-")
 	require.NoError(t, err)
+	defer logf.Close()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	require.NoError(t, cmd.Start())
 	done := make(chan error, 1)
@@ -220,18 +211,32 @@ func runUntilServing(t *testing.T, cmd *exec.Cmd, socket string) (string, bool) 
 		select {
 		case err := <-done:
 			require.Error(t, err, "the process ended without an error:\n%s", read())
-			return read(), false
+			return read(), true
 		case <-time.After(50 * time.Millisecond):
 		case <-deadline:
 			_ = cmd.Process.Kill()
-			t.Fatalf("neither refused nor serving:\n%s", read())
+			<-done
+			t.Fatalf("the process neither ended nor got ready:\n%s", read())
 		}
-		if c, err := net.Dial("unix", socket); err == nil {
-			c.Close()
+		if ready() {
 			t.Cleanup(func() { _ = cmd.Process.Kill(); <-done })
-			return read(), true
+			return read(), false
 		}
 	}
+}
+
+// runUntilServing is runUntil until socket answers; it reports whether the
+// process serves there.
+func runUntilServing(t *testing.T, cmd *exec.Cmd, socket string) (string, bool) {
+	t.Helper()
+	out, exited := runUntil(t, cmd, func() bool {
+		c, err := net.Dial("unix", socket)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	return out, !exited
 }
 
 // TestAgentRefusesHostileSocketDir points real agents at socket and data
@@ -250,7 +255,7 @@ func TestAgentRefusesHostileSocketDir(t *testing.T) {
 	require.NoError(t, os.Chown(below, attackerUID, attackerUID))
 	require.NoError(t, os.Mkdir(filepath.Join(below, "public"), 0o755))
 	// A directory of root's that a group may write.
-	group := sharedDir(t)
+	group := testcluster.PublicDir(t, "ferry-e2e-")
 	require.NoError(t, os.Chmod(group, 0o775))
 
 	cases := []struct {
@@ -379,42 +384,12 @@ func TestClientsRefuseAttackersAdminSocket(t *testing.T) {
 
 // runBridgeAgainst starts `ferry bridge run` following the admin socket at
 // socket and waits until it exits (refused: true) or connected() (then it
-// is stopped). It returns the bridge's output.
+// runs on until the test ends). It returns the bridge's output.
 func runBridgeAgainst(t *testing.T, bin, socket string, insecure bool, connected func() bool) (bool, string) {
 	t.Helper()
-	dir := t.TempDir()
-	conf := filepath.Join(dir, "bridge.conf")
+	conf := filepath.Join(t.TempDir(), "bridge.conf")
 	require.NoError(t, os.WriteFile(conf, []byte(fmt.Sprintf("bridge {\n  listen_addr = %q\n  data_dir = \"data\"\n  server_socket = %q\n  insecure_socket = %t\n}\n",
 		testcluster.FreeAddr(t), socket, insecure)), 0o600))
-	logPath := filepath.Join(dir, "bridge.log")
-	logf, err := os.Create(logPath)
-	require.NoError(t, err)
-	defer logf.Close()
-	cmd := exec.Command(bin, "bridge", "run", "--config", conf)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	require.NoError(t, cmd.Start())
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	read := func() string {
-		b, _ := os.ReadFile(logPath)
-		return string(b)
-	}
-	deadline := time.After(2 * time.Minute)
-	for {
-		select {
-		case err := <-done:
-			require.Error(t, err, "the bridge ended without an error:\n%s", read())
-			return true, read()
-		case <-time.After(50 * time.Millisecond):
-		case <-deadline:
-			_ = cmd.Process.Kill()
-			<-done
-			t.Fatalf("the bridge neither refused nor connected:\n%s", read())
-		}
-		if connected() {
-			_ = cmd.Process.Kill()
-			<-done
-			return false, read()
-		}
-	}
+	out, refused := runUntil(t, exec.Command(bin, "bridge", "run", "--config", conf), connected)
+	return refused, out
 }
