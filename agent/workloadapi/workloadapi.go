@@ -26,7 +26,8 @@
 // hand-offs between goroutines that grpc-go's server makes.
 //
 // The socket file is made world-accessible (mode 0777) inside a directory that
-// only the agent may write: access is decided by attestation, not file modes.
+// only the agent (or root) may change, up to /: access is decided by
+// attestation, not file modes.
 package workloadapi
 
 import (
@@ -53,7 +54,8 @@ import (
 // Config configures a Server.
 type Config struct {
 	// SocketPath is the unix socket Run listens on. Its directory is created
-	// (0755) if missing and must not be writable by group or others.
+	// (0755) if missing; no other user may be able to change it or any
+	// directory above it (see Listen).
 	SocketPath string
 	// Manager serves identities and bundles. Required.
 	Manager cache.Manager
