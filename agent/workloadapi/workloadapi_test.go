@@ -663,6 +663,10 @@ func TestPIDReuseGuard(t *testing.T) {
 			statPath := filepath.Join(procRoot, fmt.Sprint(pid), "stat")
 			require.NoError(t, os.MkdirAll(filepath.Dir(statPath), 0o755))
 			require.NoError(t, os.WriteFile(statPath, []byte(statLine("S", 4242)), 0o644))
+			// The caller is this process: its credentials are its own.
+			status, err := os.ReadFile("/proc/self/status")
+			require.NoError(t, err)
+			require.NoError(t, os.WriteFile(filepath.Join(procRoot, fmt.Sprint(pid), "status"), status, 0o644))
 
 			f := startServer(t, func(c *ferrywl.Config) {
 				inner := c.Attestor
@@ -675,7 +679,7 @@ func TestPIDReuseGuard(t *testing.T) {
 					return sels, err
 				})
 			})
-			_, err := workloadapi.FetchX509SVID(testCtx(t), clientOpt(f))
+			_, err = workloadapi.FetchX509SVID(testCtx(t), clientOpt(f))
 			if tc.wantCode == codes.OK {
 				require.NoError(t, err)
 				return
