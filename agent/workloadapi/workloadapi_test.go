@@ -36,6 +36,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	ferrywl "github.com/ferry-id/ferry/agent/workloadapi"
+	"github.com/ferry-id/ferry/internal/roottest"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -82,10 +83,12 @@ func TestMain(m *testing.M) {
 			os.Exit(1)
 		}
 		_, err = c.FetchX509SVID(ctx)
-		fmt.Printf("after=%s\n", status.Code(err))
+		fmt.Printf("after=%s %s\n", status.Code(err), status.Convert(err).Message())
 		_, err = c.FetchJWTSVID(ctx, jwtsvid.Params{Audience: "a"})
 		fmt.Printf("jwt=%s\n", status.Code(err))
 		os.Exit(0)
+	default:
+		os.Exit(callerChild(os.Getenv(childModeEnv)))
 	case "hold":
 		// Call and wait: the parent kills this process while it is attested.
 		ctx := context.Background()
@@ -593,12 +596,15 @@ func TestNoIdentityForOtherUser(t *testing.T) {
 
 // TestCallerChangesCredentials: a caller that drops its uid keeps its
 // connection, and with it the agent's pin on its process, but its next calls
-// are attested as it is now: the pin caches descriptors, never selectors.
+// are refused: its ids are no longer those the kernel recorded when it
+// connected, even though an entry would match the uid it now has.
 func TestCallerChangesCredentials(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to change the caller's uid")
-	}
+	roottest.Require(t)
 	f := startServer(t)
+	f.mgr.setEntries(
+		entry("e1", "spiffe://example.org/web", "internal", "other.org"),
+		uidEntry("e-nobody", "spiffe://example.org/nobody", 65534),
+	)
 	exe, err := os.Executable()
 	require.NoError(t, err)
 	cmd := exec.Command(exe)
@@ -606,7 +612,7 @@ func TestCallerChangesCredentials(t *testing.T) {
 	out, err := cmd.CombinedOutput()
 	require.NoError(t, err, "child output: %s", out)
 	require.Contains(t, string(out), "before=OK")
-	require.Contains(t, string(out), "after=PermissionDenied")
+	require.Contains(t, string(out), "after=PermissionDenied workload: caller's ids are not the ids it connected with: uids (real/effective/saved/fs) 65534/65534/65534/65534, connected as uid 0")
 	require.Contains(t, string(out), "jwt=PermissionDenied")
 }
 
