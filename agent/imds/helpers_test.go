@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/ferry-id/ferry/agent/imds"
+	"github.com/ferry-id/ferry/internal/roottest"
 	"github.com/stretchr/testify/require"
 )
 
@@ -132,11 +133,11 @@ func sharedTempDir(t *testing.T) string {
 	return dir
 }
 
+// requireRoot: files are chowned to callers and children run under
+// another uid.
 func requireRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: files are chowned to callers and children run under another uid")
-	}
+	roottest.Require(t)
 }
 
 // runChild runs the test binary in child mode under uid (nil: as the test

@@ -563,9 +563,7 @@ func TestSecurityHeaderRequired(t *testing.T) {
 }
 
 func TestNoIdentityForOtherUser(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root to run a child as uid 65534")
-	}
+	roottest.Require(t)
 	f := startServer(t)
 
 	// The test binary sits in a directory only root may enter; copy it where

@@ -23,6 +23,7 @@ import (
 
 	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/attestors/workload/unix"
+	"github.com/ferry-id/ferry/internal/roottest"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -100,9 +101,7 @@ func TestAttestSelf(t *testing.T) {
 // TestAttestOtherUser attests a real child running under another uid, gid and
 // supplementary groups.
 func TestAttestOtherUser(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to start a child under another uid")
-	}
+	roottest.Require(t)
 	sleep, err := exec.LookPath("sleep")
 	require.NoError(t, err)
 	sleep, err = filepath.EvalSymlinks(sleep)
