@@ -47,6 +47,8 @@ func TestMain(m *testing.M) {
 		json.NewEncoder(os.Stdout).Encode(childClient())
 	case "addaddr":
 		json.NewEncoder(os.Stdout).Encode(childAddAddr())
+	default:
+		os.Exit(callerChild(os.Getenv("IMDS_TEST_CHILD")))
 	}
 	os.Exit(0)
 }
