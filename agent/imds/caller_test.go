@@ -1,18 +1,10 @@
 package imds_test
 
 import (
-	"bufio"
-	"bytes"
-	"encoding/binary"
-	"errors"
-	"fmt"
-	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -23,116 +15,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ferry-id/ferry/agent/imds"
+	"github.com/ferry-id/ferry/internal/hostilecaller"
 	"github.com/ferry-id/ferry/internal/roottest"
 )
-
-// callerChild runs the test binary as one of the hostile callers below and
-// returns its exit code. Results go to stdout, one "name=value" per line.
-func callerChild(mode string) int {
-	fail := func(format string, args ...any) int {
-		fmt.Printf("child error: "+format+"\n", args...)
-		return 1
-	}
-	addr := os.Getenv("CHILD_ADDR")
-	request := "GET " + imds.TokenPath + "?" + os.Getenv("CHILD_QUERY") + " HTTP/1.1\r\nHost: " + addr + "\r\nMetadata: true\r\n"
-	switch mode {
-	case "sendclose":
-		// Send a request on each of n connections and close them at once,
-		// without waiting for an answer.
-		n, _ := strconv.Atoi(os.Getenv("CHILD_N"))
-		for range n {
-			c, err := net.Dial("tcp", addr)
-			if err != nil {
-				return fail("dial: %v", err)
-			}
-			if _, err := io.WriteString(c, request+"Connection: close\r\n\r\n"); err != nil {
-				return fail("write: %v", err)
-			}
-			fmt.Printf("client=%s\n", c.LocalAddr())
-			c.Close()
-		}
-		return 0
-	case "keepalive-passwd":
-		// Get a token on a keep-alive connection, hand the connection to a
-		// child, and become /usr/bin/passwd (setuid root), which waits on
-		// stdin; the child asks again on the same connection.
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			return fail("dial: %v", err)
-		}
-		status, _, err := roundTrip(c, request)
-		if err != nil {
-			return fail("first request: %v", err)
-		}
-		fmt.Printf("first=%d\n", status)
-		f, err := c.(*net.TCPConn).File()
-		if err != nil {
-			return fail("file: %v", err)
-		}
-		exe, err := os.Executable()
-		if err != nil {
-			return fail("executable: %v", err)
-		}
-		child := exec.Command(exe)
-		child.Env = []string{"IMDS_TEST_CHILD=inherited", "CHILD_ADDR=" + addr, "CHILD_QUERY=" + os.Getenv("CHILD_QUERY")}
-		child.ExtraFiles = []*os.File{f}
-		child.Stdout, child.Stderr = os.Stdout, os.Stderr
-		if err := child.Start(); err != nil {
-			return fail("start: %v", err)
-		}
-		err = syscall.Exec("/usr/bin/passwd", []string{"passwd"}, []string{"PATH=/usr/bin:/bin"})
-		return fail("exec passwd: %v", err)
-	case "inherited":
-		if err := waitSetuidParent(); err != nil {
-			return fail("%v", err)
-		}
-		c, err := net.FileConn(os.NewFile(3, "conn"))
-		if err != nil {
-			return fail("conn: %v", err)
-		}
-		status, body, err := roundTrip(c, request)
-		if err != nil {
-			return fail("second request: %v", err)
-		}
-		fmt.Printf("second=%d %s\n", status, body)
-		return 0
-	}
-	return fail("unknown mode %q", mode)
-}
-
-// roundTrip sends one keep-alive request on c and reads its answer.
-func roundTrip(c net.Conn, request string) (int, string, error) {
-	if _, err := io.WriteString(c, request+"\r\n"); err != nil {
-		return 0, "", err
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), err
-}
-
-// waitSetuidParent waits until the parent process runs with an effective
-// uid other than its real uid: it has executed its setuid program.
-func waitSetuidParent() error {
-	path := fmt.Sprintf("/proc/%d/status", os.Getppid())
-	deadline := time.Now().Add(20 * time.Second)
-	for time.Now().Before(deadline) {
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return err
-		}
-		for line := range strings.Lines(string(b)) {
-			if f := strings.Fields(line); len(f) == 5 && f[0] == "Uid:" && f[1] != f[2] {
-				return nil
-			}
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	return errors.New("parent never ran its setuid program")
-}
 
 // gatedListener accepts nothing until open is called, so that clients can
 // connect, send and close before the server sees their connections.
@@ -164,67 +49,19 @@ func (l *gatedListener) Close() error {
 	return l.Listener.Close()
 }
 
-// tcpEntry is one line of /proc/net/tcp.
-type tcpEntry struct {
-	local, remote netip.AddrPort
-	state         string
-	uid, inode    string
-}
-
-func tcpTable(t *testing.T) []tcpEntry {
-	t.Helper()
-	b, err := os.ReadFile("/proc/net/tcp")
-	require.NoError(t, err)
-	var out []tcpEntry
-	for line := range strings.Lines(string(b)) {
-		f := strings.Fields(line)
-		if len(f) < 10 || f[0] == "sl" {
-			continue
-		}
-		out = append(out, tcpEntry{local: procNetAddr(t, f[1]), remote: procNetAddr(t, f[2]), state: f[3], uid: f[7], inode: f[9]})
-	}
-	return out
-}
-
-// procNetAddr decodes an IPv4 "0100007F:1F90" of /proc/net/tcp.
-func procNetAddr(t *testing.T, s string) netip.AddrPort {
-	t.Helper()
-	h, p, _ := strings.Cut(s, ":")
-	v, err := strconv.ParseUint(h, 16, 32)
-	require.NoError(t, err)
-	port, err := strconv.ParseUint(p, 16, 16)
-	require.NoError(t, err)
-	var a [4]byte
-	binary.NativeEndian.PutUint32(a[:], uint32(v))
-	return netip.AddrPortFrom(netip.AddrFrom4(a), uint16(port))
-}
-
-// waitTCP waits until ok holds for the TCP table.
-func waitTCP(t *testing.T, what string, ok func([]tcpEntry) bool) {
+// waitTCP waits until ok holds for the kernel's TCP sockets.
+func waitTCP(t *testing.T, what string, ok func([]hostilecaller.Socket) bool) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
-	for !ok(tcpTable(t)) {
-		require.True(t, time.Now().Before(deadline), "%s: %v", what, tcpTable(t))
+	for {
+		socks, err := hostilecaller.Sockets()
+		require.NoError(t, err)
+		if ok(socks) {
+			return
+		}
+		require.True(t, time.Now().Before(deadline), "%s: %v", what, socks)
 		time.Sleep(5 * time.Millisecond)
 	}
-}
-
-// syncBuffer collects log lines; safe for concurrent use.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // TestClosedClientSocketIsNobody: a client of another uid sends its request
@@ -235,12 +72,12 @@ func (b *syncBuffer) String() string {
 // allowed_groups (which always admits root) is not bypassed.
 func TestClosedClientSocketIsNobody(t *testing.T) {
 	requireRoot(t)
-	bin := childBinary(t)
+	bin := callerBinary(t)
 	toks := newFakeTokens()
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	require.NoError(t, err)
 	gl := gate(ln)
-	logs := &syncBuffer{}
+	logs := &hostilecaller.Output{}
 	const quota = 2
 	base, dir := startArc(t, toks, func(c *imds.Config) {
 		c.Listener = gl
@@ -251,22 +88,25 @@ func TestClosedClientSocketIsNobody(t *testing.T) {
 	server := ln.Addr().(*net.TCPAddr).AddrPort()
 
 	// More closed requests than root may hold challenges.
-	out := runLines(t, bin, asNobody(), "IMDS_TEST_CHILD=sendclose", "CHILD_ADDR="+server.String(), "CHILD_QUERY="+arcQuery,
-		"CHILD_N="+strconv.Itoa(quota+1))
+	cmd := hostilecaller.Command(bin, hostilecaller.ModeSendClose, hostilecaller.EnvAddr+"="+server.String(),
+		hostilecaller.EnvQuery+"="+arcQuery, hostilecaller.EnvN+"="+strconv.Itoa(quota+1))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: asNobody()}
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", out)
 	var clients []netip.AddrPort
-	for _, line := range out {
-		if v, ok := strings.CutPrefix(line, "client="); ok {
+	for line := range strings.Lines(string(out)) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "client="); ok {
 			clients = append(clients, netip.MustParseAddrPort(v))
 		}
 	}
-	require.Len(t, clients, quota+1, "%v", out)
+	require.Len(t, clients, quota+1, "%s", out)
 	// Every client socket is now the kernel's TIME_WAIT entry for a closed
 	// FIN_WAIT2 socket: uid 0, inode 0.
-	waitTCP(t, "the closed client sockets become uid 0, inode 0", func(tab []tcpEntry) bool {
+	waitTCP(t, "the closed client sockets become uid 0, inode 0", func(socks []hostilecaller.Socket) bool {
 		n := 0
-		for _, e := range tab {
+		for _, s := range socks {
 			for _, c := range clients {
-				if e.local == c && e.remote == server && e.uid == "0" && e.inode == "0" && (e.state == "05" || e.state == "06") {
+				if s.Local == c && s.Remote == server && s.ClosedClient() {
 					n++
 				}
 			}
@@ -276,10 +116,10 @@ func TestClosedClientSocketIsNobody(t *testing.T) {
 
 	gl.open()
 	// The endpoint has answered (and closed) every one of them.
-	waitTCP(t, "the endpoint handles every closed connection", func(tab []tcpEntry) bool {
-		for _, e := range tab {
+	waitTCP(t, "the endpoint handles every closed connection", func(socks []hostilecaller.Socket) bool {
+		for _, s := range socks {
 			for _, c := range clients {
-				if e.local == server && e.remote == c {
+				if s.Local == server && s.Remote == c {
 					return false
 				}
 			}
@@ -298,20 +138,6 @@ func TestClosedClientSocketIsNobody(t *testing.T) {
 	require.Equal(t, quota+1, strings.Count(logs.String(), "the client has closed it"), logs.String())
 }
 
-// runLines runs the test binary in a child mode as cred and returns its
-// output lines; a line starting "child error" fails the test.
-func runLines(t *testing.T, bin string, cred *syscall.Credential, env ...string) []string {
-	t.Helper()
-	cmd := exec.Command(bin)
-	cmd.Env = env
-	cmd.Dir = "/"
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
-	out, err := cmd.CombinedOutput()
-	require.NoError(t, err, "%s", out)
-	require.NotContains(t, string(out), "child error")
-	return strings.Split(strings.TrimSpace(string(out)), "\n")
-}
-
 // TestSetuidExecOnKeepAliveConnection: a caller of uid 65534 gets a token
 // on a keep-alive connection, hands the connection to a child and executes
 // /usr/bin/passwd (setuid root). The connection's caller was identified on
@@ -322,17 +148,15 @@ func TestSetuidExecOnKeepAliveConnection(t *testing.T) {
 	if fi, err := os.Stat("/usr/bin/passwd"); err != nil || fi.Mode()&os.ModeSetuid == 0 {
 		roottest.Skipf(t, "/usr/bin/passwd is not a setuid program here (%v)", err)
 	}
-	bin := childBinary(t)
 	toks := newFakeTokens()
 	s, _ := startServer(t, imds.Config{Mode: imds.ModeVM, Tokens: toks})
 
-	cmd := exec.Command(bin)
-	cmd.Env = []string{"IMDS_TEST_CHILD=keepalive-passwd", "CHILD_ADDR=" + s.Addr().String(), "CHILD_QUERY=" + mgmt}
-	cmd.Dir = "/"
+	cmd := hostilecaller.Command(callerBinary(t), hostilecaller.ModeIMDSSetuidExec,
+		hostilecaller.EnvAddr+"="+s.Addr().String(), hostilecaller.EnvQuery+"="+mgmt)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: asNobody()}
 	stdin, err := cmd.StdinPipe() // kept open: passwd waits for a password
 	require.NoError(t, err)
-	out := &syncBuffer{}
+	out := &hostilecaller.Output{}
 	cmd.Stdout, cmd.Stderr = out, out
 	require.NoError(t, cmd.Start())
 	t.Cleanup(func() {
@@ -340,12 +164,25 @@ func TestSetuidExecOnKeepAliveConnection(t *testing.T) {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 	})
-	require.Eventually(t, func() bool { return strings.Contains(out.String(), "second=") }, 30*time.Second, 10*time.Millisecond,
-		"the child never asked: %s", out)
-	require.NotContains(t, out.String(), "child error")
-	require.Contains(t, out.String(), "first=200")
-	require.Contains(t, out.String(), "second=403 "+bodyIDs)
+	var second string
+	require.Eventually(t, func() bool {
+		var ok bool
+		second, ok = out.Result("second")
+		return ok || strings.Contains(out.String(), "hostile caller error")
+	}, 60*time.Second, 10*time.Millisecond, "the child never asked: %s", out)
+	first, _ := out.Result("first")
+	require.True(t, strings.HasPrefix(first, "200 "), out.String())
+	require.Equal(t, "403 "+bodyIDs, second, out.String())
 	calls := toks.Calls()
 	require.Len(t, calls, 1, "Tokens is asked for the first request only")
 	require.Equal(t, uint32(nobody), calls[0].Caller.UID)
+}
+
+// callerBinary copies the test binary where every uid may execute it, to
+// play hostile callers (internal/hostilecaller).
+func callerBinary(t *testing.T) string {
+	t.Helper()
+	bin, err := hostilecaller.Binary(sharedTempDir(t))
+	require.NoError(t, err)
+	return bin
 }

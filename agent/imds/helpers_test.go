@@ -19,9 +19,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferry-id/ferry/agent/imds"
-	"github.com/ferry-id/ferry/internal/roottest"
 	"github.com/stretchr/testify/require"
+
+	"github.com/ferry-id/ferry/agent/imds"
+	"github.com/ferry-id/ferry/internal/hostilecaller"
+	"github.com/ferry-id/ferry/internal/roottest"
 )
 
 const nobody = 65534
@@ -40,6 +42,7 @@ type childResult struct {
 }
 
 func TestMain(m *testing.M) {
+	hostilecaller.Main()
 	switch os.Getenv("IMDS_TEST_CHILD") {
 	case "":
 		os.Exit(m.Run())
@@ -47,8 +50,6 @@ func TestMain(m *testing.M) {
 		json.NewEncoder(os.Stdout).Encode(childClient())
 	case "addaddr":
 		json.NewEncoder(os.Stdout).Encode(childAddAddr())
-	default:
-		os.Exit(callerChild(os.Getenv("IMDS_TEST_CHILD")))
 	}
 	os.Exit(0)
 }

@@ -3,7 +3,6 @@ package peer_test
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -21,6 +20,7 @@ import (
 
 	"github.com/ferry-id/ferry/agent/peer"
 	"github.com/ferry-id/ferry/attestors/workload"
+	"github.com/ferry-id/ferry/internal/hostilecaller"
 	"github.com/ferry-id/ferry/internal/roottest"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
@@ -272,15 +272,17 @@ func TestLookupClosedClient(t *testing.T) {
 	ch.stop()
 	// Wait for the kernel to turn the orphaned socket into its TIME_WAIT
 	// entry: uid 0, inode 0.
-	entry := fmt.Sprintf("%08X:%04X %08X:%04X", procAddr(remote), remote.Port(), procAddr(local), local.Port())
 	deadline := time.Now().Add(10 * time.Second)
-	for {
-		fields := procNetLine(t, entry)
-		if fields != nil && fields[7] == "0" && fields[9] == "0" {
-			t.Logf("client socket in /proc/net/tcp: state %s uid %s inode %s", fields[3], fields[7], fields[9])
-			break
+	for closed := false; !closed; {
+		socks, err := hostilecaller.Sockets()
+		require.NoError(t, err)
+		for _, s := range socks {
+			if s.Local == remote && s.Remote == local && s.ClosedClient() {
+				t.Logf("client socket in /proc/net/tcp: %+v", s)
+				closed = true
+			}
 		}
-		require.True(t, time.Now().Before(deadline), "the client socket never became a TIME_WAIT entry: %v", fields)
+		require.True(t, closed || time.Now().Before(deadline), "the client socket never became a TIME_WAIT entry: %v", socks)
 		time.Sleep(5 * time.Millisecond)
 	}
 
@@ -294,27 +296,6 @@ func TestLookupClosedClient(t *testing.T) {
 		_, err := peer.New(cfg).LookupConn(conn)
 		require.ErrorIs(t, err, peer.ErrNotFound)
 	}
-}
-
-// procAddr is an IPv4 address as /proc/net/tcp prints it.
-func procAddr(a netip.AddrPort) uint32 {
-	b := a.Addr().As4()
-	return binary.NativeEndian.Uint32(b[:])
-}
-
-// procNetLine returns the fields of the /proc/net/tcp line whose addresses
-// start with entry, or nil.
-func procNetLine(t *testing.T, entry string) []string {
-	t.Helper()
-	b, err := os.ReadFile("/proc/net/tcp")
-	require.NoError(t, err)
-	for line := range strings.Lines(string(b)) {
-		fields := strings.Fields(line)
-		if len(fields) >= 10 && fields[1]+" "+fields[2] == entry {
-			return fields
-		}
-	}
-	return nil
 }
 
 // fakeProc writes /proc/PID/{stat,status,fd/N} into dir; status holds

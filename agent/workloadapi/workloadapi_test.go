@@ -36,6 +36,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	ferrywl "github.com/ferry-id/ferry/agent/workloadapi"
+	"github.com/ferry-id/ferry/internal/hostilecaller"
 	"github.com/ferry-id/ferry/internal/roottest"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
@@ -48,6 +49,7 @@ const (
 )
 
 func TestMain(m *testing.M) {
+	hostilecaller.Main()
 	switch os.Getenv(childModeEnv) {
 	case "":
 		os.Exit(m.Run())
@@ -87,8 +89,6 @@ func TestMain(m *testing.M) {
 		_, err = c.FetchJWTSVID(ctx, jwtsvid.Params{Audience: "a"})
 		fmt.Printf("jwt=%s\n", status.Code(err))
 		os.Exit(0)
-	default:
-		os.Exit(callerChild(os.Getenv(childModeEnv)))
 	case "hold":
 		// Call and wait: the parent kills this process while it is attested.
 		ctx := context.Background()
@@ -568,14 +568,7 @@ func TestNoIdentityForOtherUser(t *testing.T) {
 
 	// The test binary sits in a directory only root may enter; copy it where
 	// uid 65534 can execute it.
-	exe, err := os.Executable()
-	require.NoError(t, err)
-	bin := filepath.Join(publicDir(t), "child.test")
-	data, err := os.ReadFile(exe)
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(bin, data, 0o755))
-
-	cmd := exec.Command(bin)
+	cmd := exec.Command(callerBinary(t))
 	cmd.Env = []string{childModeEnv + "=fetch", childSocketEnv + "=" + f.socket, "HOME=/"}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	out, err := cmd.CombinedOutput()
