@@ -49,21 +49,6 @@ func (l *gatedListener) Close() error {
 	return l.Listener.Close()
 }
 
-// waitTCP waits until ok holds for the kernel's TCP sockets.
-func waitTCP(t *testing.T, what string, ok func([]hostilecaller.Socket) bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		socks, err := hostilecaller.Sockets()
-		require.NoError(t, err)
-		if ok(socks) {
-			return
-		}
-		require.True(t, time.Now().Before(deadline), "%s: %v", what, socks)
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // TestClosedClientSocketIsNobody: a client of another uid sends its request
 // and closes its socket before the endpoint looks it up. The kernel then
 // lists the client socket in FIN_WAIT2 or TIME_WAIT, owned by uid 0 with
@@ -102,7 +87,7 @@ func TestClosedClientSocketIsNobody(t *testing.T) {
 	require.Len(t, clients, quota+1, "%s", out)
 	// Every client socket is now the kernel's TIME_WAIT entry for a closed
 	// FIN_WAIT2 socket: uid 0, inode 0.
-	waitTCP(t, "the closed client sockets become uid 0, inode 0", func(socks []hostilecaller.Socket) bool {
+	require.NoError(t, hostilecaller.WaitSockets(20*time.Second, func(socks []hostilecaller.Socket) bool {
 		n := 0
 		for _, s := range socks {
 			for _, c := range clients {
@@ -112,11 +97,11 @@ func TestClosedClientSocketIsNobody(t *testing.T) {
 			}
 		}
 		return n == len(clients)
-	})
+	}), "the closed client sockets become uid 0, inode 0")
 
 	gl.open()
 	// The endpoint has answered (and closed) every one of them.
-	waitTCP(t, "the endpoint handles every closed connection", func(socks []hostilecaller.Socket) bool {
+	require.NoError(t, hostilecaller.WaitSockets(20*time.Second, func(socks []hostilecaller.Socket) bool {
 		for _, s := range socks {
 			for _, c := range clients {
 				if s.Local == server && s.Remote == c {
@@ -125,7 +110,7 @@ func TestClosedClientSocketIsNobody(t *testing.T) {
 			}
 		}
 		return true
-	})
+	}), "the endpoint handles every closed connection")
 	files, err := os.ReadDir(dir)
 	require.NoError(t, err)
 	require.Empty(t, files, "no challenge file for a closed socket")

@@ -481,6 +481,25 @@ func Sockets() ([]Socket, error) {
 	return out, nil
 }
 
+// WaitSockets waits, up to timeout, until ok holds for the sockets of
+// /proc/net/tcp.
+func WaitSockets(timeout time.Duration, ok func([]Socket) bool) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		socks, err := Sockets()
+		if err != nil {
+			return err
+		}
+		if ok(socks) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not so after %v: %v", timeout, socks)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // procNetAddr decodes an IPv4 address of /proc/net/tcp ("0100007F:1F90":
 // the address in host byte order, the port plainly, both in hex).
 func procNetAddr(s string) (netip.AddrPort, error) {
