@@ -394,3 +394,24 @@ func BenchmarkAttestSelf(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkAttestCaller is the per-call attestation of a Workload API
+// caller, uid and gid selectors: the unix attestor through the caller's pin,
+// its ids read once and checked against those it connected with
+// (workload.AttestCaller), and the pin checked afterwards.
+func BenchmarkAttestCaller(b *testing.B) {
+	a, err := unix.New(unix.Config{Log: slog.New(slog.DiscardHandler)})
+	require.NoError(b, err)
+	p, err := workload.OpenProcess(int32(os.Getpid()))
+	require.NoError(b, err)
+	defer p.Close()
+	kinds := workload.KindsOf([]*ferrypb.Selector{{Type: "unix", Value: "uid:0"}, {Type: "unix", Value: "gid:0"}})
+	peer := workload.Peer{UID: uint32(os.Geteuid()), GID: uint32(os.Getegid()), HasGID: true}
+	attest := func(ctx context.Context, pid int32) ([]*ferrypb.Selector, error) { return a.Attest(ctx, pid, kinds) }
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := workload.AttestCaller(context.Background(), p, peer, attest); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
