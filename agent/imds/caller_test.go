@@ -139,22 +139,11 @@ func TestSetuidExecOnKeepAliveConnection(t *testing.T) {
 	cmd := hostilecaller.Command(callerBinary(t), hostilecaller.ModeIMDSSetuidExec,
 		hostilecaller.EnvAddr+"="+s.Addr().String(), hostilecaller.EnvQuery+"="+mgmt)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: asNobody()}
-	stdin, err := cmd.StdinPipe() // kept open: passwd waits for a password
+	out, stop, err := hostilecaller.Start(cmd)
 	require.NoError(t, err)
-	out := &hostilecaller.Output{}
-	cmd.Stdout, cmd.Stderr = out, out
-	require.NoError(t, cmd.Start())
-	t.Cleanup(func() {
-		stdin.Close()
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	var second string
-	require.Eventually(t, func() bool {
-		var ok bool
-		second, ok = out.Result("second")
-		return ok || strings.Contains(out.String(), "hostile caller error")
-	}, 60*time.Second, 10*time.Millisecond, "the child never asked: %s", out)
+	t.Cleanup(stop)
+	second, err := out.Await("second", 60*time.Second)
+	require.NoError(t, err)
 	first, _ := out.Result("first")
 	require.True(t, strings.HasPrefix(first, "200 "), out.String())
 	require.Equal(t, "403 "+bodyIDs, second, out.String())

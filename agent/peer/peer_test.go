@@ -85,6 +85,18 @@ func dialAs(t *testing.T, bin, addr string, uid uint32) *child {
 	return c
 }
 
+// acceptFrom listens on addr, has a child of uid connect, and returns the
+// child and the accepted connection with its local and remote addresses.
+func acceptFrom(t *testing.T, bin, network, addr string, uid uint32) (*child, net.Conn, netip.AddrPort, netip.AddrPort) {
+	t.Helper()
+	l := listen(t, network, addr)
+	ch := dialAs(t, bin, l.Addr().String(), uid)
+	conn, err := l.Accept()
+	require.NoError(t, err)
+	t.Cleanup(func() { conn.Close() })
+	return ch, conn, conn.LocalAddr().(*net.TCPAddr).AddrPort(), conn.RemoteAddr().(*net.TCPAddr).AddrPort()
+}
+
 func (c *child) stop() {
 	c.stdin.Close()
 	_ = c.cmd.Wait()
@@ -114,13 +126,7 @@ func TestLookupOtherUID(t *testing.T) {
 		{"ipv6", "tcp6", "[::1]:0"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			l := listen(t, tc.network, tc.addr)
-			ch := dialAs(t, bin, l.Addr().String(), nobody)
-			conn, err := l.Accept()
-			require.NoError(t, err)
-			defer conn.Close()
-			local := conn.LocalAddr().(*net.TCPAddr).AddrPort()
-			remote := conn.RemoteAddr().(*net.TCPAddr).AddrPort()
+			ch, conn, local, remote := acceptFrom(t, bin, tc.network, tc.addr, nobody)
 
 			viaNetlink, err := peer.LookupNetlink(local, remote)
 			require.NoError(t, err)
@@ -154,15 +160,22 @@ func TestLookupOtherUID(t *testing.T) {
 	}
 }
 
-func TestLookupSelf(t *testing.T) {
+// selfConn connects to itself over loopback: it returns the client's and
+// the server's ends.
+func selfConn(t *testing.T) (client, server net.Conn) {
+	t.Helper()
 	l := listen(t, "tcp4", "127.0.0.1:0")
 	c, err := net.Dial("tcp", l.Addr().String())
 	require.NoError(t, err)
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
 	conn, err := l.Accept()
 	require.NoError(t, err)
-	defer conn.Close()
+	t.Cleanup(func() { conn.Close() })
+	return c, conn
+}
 
+func TestLookupSelf(t *testing.T) {
+	c, conn := selfConn(t)
 	f := peer.New(peer.Config{})
 	s, err := f.LookupConn(conn)
 	require.NoError(t, err)
@@ -257,14 +270,7 @@ func TestProcNetRefusesClosedSockets(t *testing.T) {
 // lookups refuse it instead of reporting a root caller.
 func TestLookupClosedClient(t *testing.T) {
 	requireRoot(t)
-	bin := childBinary(t)
-	l := listen(t, "tcp4", "127.0.0.1:0")
-	ch := dialAs(t, bin, l.Addr().String(), nobody)
-	conn, err := l.Accept()
-	require.NoError(t, err)
-	defer conn.Close()
-	local := conn.LocalAddr().(*net.TCPAddr).AddrPort()
-	remote := conn.RemoteAddr().(*net.TCPAddr).AddrPort()
+	ch, conn, local, remote := acceptFrom(t, childBinary(t), "tcp4", "127.0.0.1:0", nobody)
 	s, err := peer.LookupNetlink(local, remote)
 	require.NoError(t, err)
 	require.Equal(t, uint32(nobody), s.UID)
@@ -387,13 +393,7 @@ func TestLookupConnRejectsNonTCP(t *testing.T) {
 // TestAttestSelf attests this process through Attest, the way the
 // managed-identity endpoint does, with the credential rule applied.
 func TestAttestSelf(t *testing.T) {
-	l := listen(t, "tcp4", "127.0.0.1:0")
-	c, err := net.Dial("tcp", l.Addr().String())
-	require.NoError(t, err)
-	defer c.Close()
-	conn, err := l.Accept()
-	require.NoError(t, err)
-	defer conn.Close()
+	_, conn := selfConn(t)
 	f := peer.New(peer.Config{})
 	s, err := f.LookupConn(conn)
 	require.NoError(t, err)

@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -72,22 +71,11 @@ func TestSetuidExecAfterConnect(t *testing.T) {
 	f := startServer(t) // its entries select unix:uid:0, this test's uid
 	cmd := hostilecaller.Command(callerBinary(t), hostilecaller.ModeSetuidExec, hostilecaller.EnvSocket+"="+f.socket)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
-	stdin, err := cmd.StdinPipe() // kept open: passwd waits for a password
+	out, stop, err := hostilecaller.Start(cmd)
 	require.NoError(t, err)
-	out := &hostilecaller.Output{}
-	cmd.Stdout, cmd.Stderr = out, out
-	require.NoError(t, cmd.Start())
-	t.Cleanup(func() {
-		stdin.Close()
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	var got string
-	require.Eventually(t, func() bool {
-		var ok bool
-		got, ok = out.Result("inherited")
-		return ok || strings.Contains(out.String(), "hostile caller error")
-	}, 60*time.Second, 10*time.Millisecond, "the child never called: %s", out)
+	t.Cleanup(stop)
+	got, err := out.Await("inherited", 60*time.Second)
+	require.NoError(t, err)
 	require.Equal(t, "PermissionDenied ids= workload: caller's ids are not the ids it connected with: uids (real/effective/saved/fs) 65534/0/0/0, connected as uid 65534", got, out.String())
 
 	line := f.log.waitCall(t, "FetchX509SVID", cmd.Process.Pid)

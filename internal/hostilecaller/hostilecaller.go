@@ -412,6 +412,26 @@ func Binary(dir string) (string, error) {
 	return path, out.Close()
 }
 
+// Start starts cmd with its output collected and its stdin an open pipe (a
+// passwd the caller becomes waits on it); stop closes the pipe, kills the
+// caller and reaps it.
+func Start(cmd *exec.Cmd) (out *Output, stop func(), err error) {
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, nil, err
+	}
+	out = &Output{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		return nil, nil, err
+	}
+	return out, func() {
+		stdin.Close()
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	}, nil
+}
+
 // Output collects a caller's output; safe for concurrent use.
 type Output struct {
 	mu  sync.Mutex
@@ -441,6 +461,24 @@ func (o *Output) Result(name string) (string, bool) {
 		}
 	}
 	return "", false
+}
+
+// Await waits up to timeout until the caller reports name, and returns the
+// result. It fails at once if the caller reports an error of its own.
+func (o *Output) Await(name string, timeout time.Duration) (string, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		if r, ok := o.Result(name); ok {
+			return r, nil
+		}
+		if strings.Contains(o.String(), "hostile caller error") {
+			return "", fmt.Errorf("the caller failed: %s", o)
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("no %s= after %v: %s", name, timeout, o)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // Socket is an IPv4 TCP socket as /proc/net/tcp lists it.

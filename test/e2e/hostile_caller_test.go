@@ -140,22 +140,11 @@ func TestHostileLocalCallers(t *testing.T) {
 		}
 		cmd := hostilecaller.Command(s.bin, hostilecaller.ModeSetuidExec, hostilecaller.EnvSocket+"="+s.agent.Socket)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: nobodyCred}
-		stdin, err := cmd.StdinPipe()
+		out, stop, err := hostilecaller.Start(cmd) // passwd waits on its stdin, an open pipe
 		require.NoError(t, err)
-		out := &hostilecaller.Output{}
-		cmd.Stdout, cmd.Stderr = out, out
-		require.NoError(t, cmd.Start())
-		defer func() {
-			stdin.Close()
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-		}()
-		var got string
-		require.Eventually(t, func() bool {
-			var ok bool
-			got, ok = out.Result("inherited")
-			return ok || strings.Contains(out.String(), "hostile caller error")
-		}, 60*time.Second, 10*time.Millisecond, "the child never called: %s", out)
+		defer stop()
+		got, err := out.Await("inherited", 60*time.Second)
+		require.NoError(t, err)
 		require.Equal(t, refusedIDs+"uids (real/effective/saved/fs) 65534/0/0/0, connected as uid 65534", got, out.String())
 		require.Eventually(t, func() bool {
 			return strings.Contains(s.agent.LogTail(200), "uids (real/effective/saved/fs) 65534/0/0/0, connected as uid 65534")
