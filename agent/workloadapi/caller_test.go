@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -116,6 +117,20 @@ func TestGroupsChangedAfterConnect(t *testing.T) {
 		out := runCaller(t, bin, f, hostilecaller.ModeGroups, noGroups)
 		require.Contains(t, out, "changed=PermissionDenied ids= workload: caller's ids are not the ids it connected with: supplementary groups [4242], connected with []")
 		require.Contains(t, out, "fresh=OK ids=spiffe://example.org/group", "a connection made with the group is served")
+	})
+	t.Run("many groups", func(t *testing.T) {
+		// More groups than the first SO_PEERGROUPS buffer holds.
+		many := &syscall.Credential{Uid: 0, Gid: 0}
+		var want []string
+		for g := uint32(5000); g < 5040; g++ {
+			many.Groups = append(many.Groups, g)
+			want = append(want, strconv.Itoa(int(g)))
+		}
+		f := startServer(t)
+		f.mgr.setEntries(selEntry("e-group", "spiffe://example.org/group", "supplementary_gid:4242"))
+		out := runCaller(t, bin, f, hostilecaller.ModeGroups, many)
+		require.Contains(t, out, "changed=PermissionDenied ids= workload: caller's ids are not the ids it connected with: supplementary groups [4242], connected with ["+strings.Join(want, " ")+"]")
+		require.Contains(t, out, "fresh=OK ids=spiffe://example.org/group")
 	})
 	t.Run("groups unused", func(t *testing.T) {
 		f := startServer(t)
