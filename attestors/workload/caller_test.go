@@ -3,6 +3,7 @@ package workload_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -183,4 +184,28 @@ func TestAttestCallerOrder(t *testing.T) {
 	// CredsFrom answers only for the process being attested.
 	_, ok, _ := workload.CredsFrom(context.Background(), root, 42, false)
 	assert.False(t, ok)
+}
+
+// FuzzParseCreds: any status content parses without panicking, and what it
+// accepts reads back the same once written as the kernel writes it.
+func FuzzParseCreds(f *testing.F) {
+	f.Add("Name:\tx\nUid:\t1000\t0\t0\t0\nGid:\t1\t1\t1\t1\nGroups:\t4 24\n")
+	f.Add("Uid:\t4294967295\t7\t7\t7\nGid:\t8\t8\t8\t8")
+	f.Add("Uid:\t-1\t7\t7\t7\nGid:\t8\t8\t8\t8\nGroups:\t1 x\n")
+	f.Fuzz(func(t *testing.T, status string) {
+		c, err := workload.ParseCreds(strings.NewReader(status))
+		if err != nil {
+			return
+		}
+		line := func(ids workload.IDs) string {
+			return fmt.Sprintf("%d\t%d\t%d\t%d", ids.Real, ids.Effective, ids.Saved, ids.FS)
+		}
+		var groups []string
+		for _, g := range c.Groups {
+			groups = append(groups, strconv.FormatUint(uint64(g), 10))
+		}
+		again, err := workload.ParseCreds(strings.NewReader(fmt.Sprintf("Uid:\t%s\nGid:\t%s\nGroups:\t%s \n", line(c.UID), line(c.GID), strings.Join(groups, " "))))
+		require.NoError(t, err)
+		assert.Equal(t, c, again)
+	})
 }
