@@ -22,6 +22,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -67,6 +68,12 @@ type Result struct {
 	// credential (x509pop can; a consumed join token cannot), so it may renew
 	// by re-attesting rather than only with its current SVID.
 	CanReattest bool
+	// SingleAgent says whoever once saw the proof could present it again (a
+	// static signed document, a bearer token still within its lifetime), so
+	// the server admits it only while no other agent holds an unexpired SVID
+	// for AgentID. Attestors set it unless their configuration allows
+	// re-attestation.
+	SingleAgent bool
 }
 
 // ErrNoChallenge is returned by agent halves of attestors that never expect a
@@ -110,4 +117,42 @@ func Exchange(ctx context.Context, agent AgentAttestor, server ServerAttestor) (
 		}
 		return resp, nil
 	})
+}
+
+// SelectorForm describes one kind of node selector value an attestor
+// reports: the fixed Prefix it starts with and what follows it. Attestor
+// packages list theirs (e.g. azureimds.SelectorForms), so help text and
+// selector validation can know every node selector type.
+type SelectorForm struct {
+	// Prefix starts the value, e.g. "subscription-id:".
+	Prefix string
+	// Rest describes what follows Prefix, e.g. "<subscription GUID>".
+	Rest string
+	// Check validates what follows Prefix; nil accepts any non-empty text.
+	Check func(rest string) error
+}
+
+// CheckSelector validates value, a selector value of attestor typ, against
+// forms: it must start with one form's Prefix and pass its Check.
+func CheckSelector(typ, value string, forms []SelectorForm) error {
+	for _, f := range forms {
+		rest, ok := strings.CutPrefix(value, f.Prefix)
+		if !ok {
+			continue
+		}
+		if rest == "" {
+			return fmt.Errorf("node: %s selector %q: nothing after %q, want %s", typ, value, f.Prefix, f.Rest)
+		}
+		if f.Check != nil {
+			if err := f.Check(rest); err != nil {
+				return fmt.Errorf("node: %s selector %q: %w", typ, value, err)
+			}
+		}
+		return nil
+	}
+	var want []string
+	for _, f := range forms {
+		want = append(want, f.Prefix+f.Rest)
+	}
+	return fmt.Errorf("node: %s selector %q: want one of %s", typ, value, strings.Join(want, ", "))
 }
