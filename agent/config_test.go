@@ -163,3 +163,41 @@ func TestIMDSConfig(t *testing.T) {
 		require.ErrorContains(t, err, tc.err, tc.block)
 	}
 }
+
+// TestNodeAttestorBlocks parses the sample's cloud attestor blocks and
+// refuses two attestors at once.
+func TestNodeAttestorBlocks(t *testing.T) {
+	data, err := os.ReadFile("../conf/agent.conf")
+	require.NoError(t, err)
+	dir := t.TempDir()
+	for _, name := range []string{"azure_imds"} {
+		var block []string
+		in := false
+		for line := range strings.Lines(string(data)) {
+			l := strings.TrimSpace(line)
+			if l == "# "+name+" {" {
+				in = true
+			}
+			if in {
+				block = append(block, strings.TrimPrefix(l, "#"))
+			}
+			if in && l == "# }" {
+				break
+			}
+		}
+		require.NotEmpty(t, block, name)
+		text := strings.Join(block, "\n")
+		p := filepath.Join(dir, "a.conf")
+		write := func(extra string) {
+			require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"]
+`+text+"\n"+extra+"\n}\n"), 0o600))
+		}
+		write("")
+		fc, err := agent.LoadConfig(p, "")
+		require.NoError(t, err, name)
+		require.Equal(t, name, fc.NodeAttestor.Name())
+		write(`join_token = "0123456789abcdef0123"`)
+		_, err = agent.LoadConfig(p, "")
+		require.ErrorContains(t, err, "choose one node attestor", name)
+	}
+}

@@ -1,14 +1,17 @@
 package server_test
 
 import (
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/ferry-id/ferry/server"
+	"github.com/ferry-id/ferry/test/metadata/testpki"
 )
 
 // TestSampleConfig keeps conf/server.conf parseable: docs that cannot rot.
@@ -170,5 +173,80 @@ func TestFederationConfig(t *testing.T) {
 	} {
 		_, err := server.LoadConfig(write(tc.block))
 		require.ErrorContains(t, err, tc.want, tc.block)
+	}
+}
+
+// sampleBlock returns the commented block `# name {` … `# }` of a sample
+// config, uncommented.
+func sampleBlock(t *testing.T, path, name string) string {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	require.NoError(t, err)
+	var block []string
+	in := false
+	for line := range strings.Lines(string(data)) {
+		l := strings.TrimSpace(line)
+		if l == "# "+name+" {" {
+			in = true
+		}
+		if in {
+			block = append(block, strings.TrimPrefix(l, "#"))
+		}
+		if in && l == "# }" {
+			break
+		}
+	}
+	require.NotEmpty(t, block, name)
+	return strings.Join(block, "\n")
+}
+
+// TestNodeAttestorConfig parses the sample's node attestor blocks, with real
+// files for their paths, and checks their refusals.
+func TestNodeAttestorConfig(t *testing.T) {
+	dir := t.TempDir()
+	root := testpki.NewRoot(t, "root")
+	inter := root.Intermediate(t, "inter")
+	files := map[string]string{
+		"/etc/ferry/azure-roots.pem":         testpki.WritePEM(t, dir, "roots.pem", root.Cert),
+		"/etc/ferry/azure-intermediates.pem": testpki.WritePEM(t, dir, "inter.pem", inter.Cert),
+	}
+	load := func(block string) (server.Config, error) {
+		for from, to := range files {
+			block = strings.ReplaceAll(block, from, to)
+		}
+		p := filepath.Join(dir, "s.conf")
+		require.NoError(t, os.WriteFile(p, []byte(`server {
+  node_id = "a"
+  trust_domain = "example.org"
+  data_dir = "data"
+  cluster {
+    bind_addr = "127.0.0.1:1"
+    ca_file = "ca.pem"
+    cert_file = "n.pem"
+    key_file = "n-key.pem"
+  }
+`+block+"\n}\n"), 0o600))
+		return server.LoadConfig(p)
+	}
+	az := sampleBlock(t, "../conf/server.conf", "azure_imds")
+	cfg, err := load(az)
+	require.NoError(t, err)
+	require.Len(t, cfg.NodeAttestors, 1)
+	at, err := cfg.NodeAttestors[0](slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	require.Equal(t, "azure_imds", at.Name())
+
+	for name, c := range map[string]struct{ from, to, want string }{
+		"no roots":       {`ca_bundle_file     = "` + files["/etc/ferry/azure-roots.pem"] + `"`, "", "ca_bundle_file is required"},
+		"missing roots":  {files["/etc/ferry/azure-roots.pem"], "/nonexistent.pem", "ca_bundle_file"},
+		"bad age":        {`"5m"`, `"soon"`, "max_document_age"},
+		"no tenants":     {`"72f988bf-86f1-41af-91ab-2d7cd011db47" = ["8d10da13-8125-4ba9-a717-bf7490507b3d"]`, "", "at least one tenant"},
+		"tenant no subs": {`["8d10da13-8125-4ba9-a717-bf7490507b3d"]`, `[]`, "lists no subscription"},
+		"unknown key":    {`max_document_age`, `max_age`, "unknown setting(s): server.azure_imds.max_age"},
+	} {
+		block := strings.ReplaceAll(az, "/etc/ferry/azure-roots.pem", files["/etc/ferry/azure-roots.pem"])
+		require.Contains(t, block, c.from, name)
+		_, err := load(strings.Replace(block, c.from, c.to, 1))
+		require.ErrorContains(t, err, c.want, name)
 	}
 }

@@ -1,0 +1,31 @@
+package agent
+
+import (
+	"fmt"
+
+	"github.com/hashicorp/hcl/hcl/token"
+
+	"github.com/ferry-id/ferry/attestors/node"
+	"github.com/ferry-id/ferry/attestors/node/azureimds"
+)
+
+// The agent block's node attestor settings beyond join_token and x509pop.
+type azureIMDSAgentBlock struct {
+	MetadataURL string                 `hcl:"metadata_url"`
+	APIVersion  string                 `hcl:"api_version"`
+	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+// cloudAttestors returns the node attestors configured by the cloud blocks
+// of a, by name.
+func cloudAttestors(a *agentBlock) (map[string]node.AgentAttestor, error) {
+	out := map[string]node.AgentAttestor{}
+	if b := a.AzureIMDS; b != nil {
+		at, err := azureimds.NewAgent(azureimds.AgentConfig{MetadataURL: b.MetadataURL, APIVersion: b.APIVersion})
+		if err != nil {
+			return nil, fmt.Errorf("agent: %w", err)
+		}
+		out[at.Name()] = at
+	}
+	return out, nil
+}

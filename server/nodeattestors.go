@@ -1,0 +1,65 @@
+package server
+
+import (
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/hashicorp/hcl/hcl/token"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	nodeattestor "github.com/ferry-id/ferry/attestors/node"
+	"github.com/ferry-id/ferry/attestors/node/azureimds"
+	"github.com/ferry-id/ferry/attestors/node/x509pop"
+	"github.com/ferry-id/ferry/internal/config"
+)
+
+// NodeAttestorFunc builds one configured node attestor with the server's logger.
+type NodeAttestorFunc func(log *slog.Logger) (nodeattestor.ServerAttestor, error)
+
+type azureIMDSServerBlock struct {
+	CABundleFile      string                 `hcl:"ca_bundle_file"`
+	IntermediatesFile string                 `hcl:"intermediates_file"`
+	MetadataDomains   []string               `hcl:"metadata_domains"`
+	MaxDocumentAge    string                 `hcl:"max_document_age"`
+	// Tenants maps each tenant ID to the subscriptions accepted in it.
+	Tenants    map[string][]string    `hcl:"tenants"`
+	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+// nodeAttestors loads every configured attestor's files now, so a bad
+// setting stops the server at start, and returns their constructors.
+func nodeAttestors(b *serverBlock, path string, td spiffeid.TrustDomain) ([]NodeAttestorFunc, error) {
+	var out []NodeAttestorFunc
+	if td.IsZero() {
+		return nil, nil // validate reports it
+	}
+	if az := b.AzureIMDS; az != nil {
+		c := azureimds.ServerConfig{TrustDomain: td, MetadataDomains: az.MetadataDomains, Tenants: az.Tenants}
+		var err error
+		if az.CABundleFile == "" {
+			return nil, fmt.Errorf("server: azure_imds: ca_bundle_file is required")
+		}
+		if c.Roots, err = x509pop.LoadCertificates(config.Resolve(path, az.CABundleFile)); err != nil {
+			return nil, fmt.Errorf("server: azure_imds: ca_bundle_file: %w", err)
+		}
+		if az.IntermediatesFile != "" {
+			if c.Intermediates, err = x509pop.LoadCertificates(config.Resolve(path, az.IntermediatesFile)); err != nil {
+				return nil, fmt.Errorf("server: azure_imds: intermediates_file: %w", err)
+			}
+		}
+		if az.MaxDocumentAge != "" {
+			if c.MaxAge, err = time.ParseDuration(az.MaxDocumentAge); err != nil {
+				return nil, fmt.Errorf("server: azure_imds: max_document_age: %w", err)
+			}
+		}
+		if _, err := azureimds.NewServer(c); err != nil {
+			return nil, fmt.Errorf("server: %w", err)
+		}
+		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
+			c.Log = log.With("attestor", azureimds.Name)
+			return azureimds.NewServer(c)
+		})
+	}
+	return out, nil
+}

@@ -1,0 +1,174 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"github.com/stretchr/testify/require"
+
+	"github.com/ferry-id/ferry/internal/testcluster"
+	"github.com/ferry-id/ferry/proto/ferrypb"
+	azure "github.com/ferry-id/ferry/test/metadata/azure"
+	"github.com/ferry-id/ferry/test/metadata/testpki"
+)
+
+// nodeAttestEnv is a one-node cluster whose node attestors trust stand-in
+// metadata services, and the helpers its tests share.
+type nodeAttestEnv struct {
+	t   *testing.T
+	c   *testcluster.Cluster
+	srv *testcluster.Node
+	uid string
+}
+
+func newNodeAttestEnv(t *testing.T, serverConfig string) *nodeAttestEnv {
+	c := testcluster.New(t, testcluster.Options{Nodes: 1, ExtraServerConfig: serverConfig})
+	return &nodeAttestEnv{t: t, c: c, srv: c.Nodes[0], uid: fmt.Sprintf("uid:%d", os.Getuid())}
+}
+
+// alias creates a node-alias entry (parented on the servers) keyed on node
+// selectors, and a workload entry for this test's uid under it.
+func (e *nodeAttestEnv) alias(name string, nodeSelectors ...string) {
+	e.t.Helper()
+	aliasID := "spiffe://example.org/nodes/" + name
+	al := &ferrypb.Entry{Id: "alias-" + name, SpiffeId: aliasID, ParentId: "spiffe://example.org/spire/server"}
+	for _, s := range nodeSelectors {
+		typ, value, _ := strings.Cut(s, ":")
+		al.Selectors = append(al.Selectors, &ferrypb.Selector{Type: typ, Value: value})
+	}
+	wl := &ferrypb.Entry{Id: name, SpiffeId: "spiffe://example.org/" + name, ParentId: aliasID,
+		Selectors: []*ferrypb.Selector{{Type: "unix", Value: e.uid}}}
+	createEntries(e.t, e.srv, al, wl)
+}
+
+// marker creates an entry parented on the agent itself. Streams carry the
+// full state, so once a workload sees it, every entry created before it that
+// the agent is authorized for is there too, and any other is not.
+func (e *nodeAttestEnv) marker(a *testcluster.Agent) string {
+	e.t.Helper()
+	id := "spiffe://example.org/marker/" + a.Name
+	_, err := e.srv.Admin().BatchCreateEntry(context.Background(), &ferrypb.BatchCreateEntryRequest{Entries: []*ferrypb.Entry{{
+		Id: "marker-" + a.Name, SpiffeId: id, ParentId: a.ID, Selectors: []*ferrypb.Selector{{Type: "unix", Value: e.uid}},
+	}}})
+	require.NoError(e.t, err)
+	return id
+}
+
+// svids returns the SPIFFE IDs this test process gets from agent a, once
+// the agent's marker entry is among them.
+func (e *nodeAttestEnv) svids(a *testcluster.Agent) []string {
+	e.t.Helper()
+	marker := "spiffe://example.org/marker/" + a.Name
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	w := newWatcher()
+	client, err := workloadapi.New(ctx, workloadapi.WithAddr(a.SocketAddr()))
+	require.NoError(e.t, err)
+	defer client.Close()
+	go func() { _ = client.WatchX509Context(ctx, w) }()
+	var got []string
+	w.waitFor(e.t, func(ids []string) bool {
+		got = ids
+		return has(ids, marker)
+	})
+	return got
+}
+
+// requireSVIDs checks the workload on a gets exactly the wanted entries
+// (plus the agent's marker).
+func (e *nodeAttestEnv) requireSVIDs(a *testcluster.Agent, want ...string) {
+	e.t.Helper()
+	exp := []string{"spiffe://example.org/marker/" + a.Name}
+	for _, w := range want {
+		exp = append(exp, "spiffe://example.org/"+w)
+	}
+	require.ElementsMatch(e.t, exp, e.svids(a), "agent %s", a.Name)
+}
+
+func (e *nodeAttestEnv) requireServerLog(substr string) {
+	e.t.Helper()
+	require.Contains(e.t, e.srv.LogTail(400), substr)
+}
+
+func TestNodeAttestAzureIMDS(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts real server and agent processes")
+	}
+	const (
+		tenant = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+		sub1   = "11111111-1111-4111-8111-111111111111"
+		sub2   = "22222222-2222-4222-8222-222222222222"
+		sub3   = "33333333-3333-4333-8333-333333333333"
+	)
+	pki := azure.NewPKI(t, "eastus.metadata.azure.com")
+	dir := t.TempDir()
+	roots := testpki.WritePEM(t, dir, "azure-roots.pem", pki.Root.Cert)
+	inter := testpki.WritePEM(t, dir, "azure-intermediates.pem", pki.Intermediate.Cert)
+	e := newNodeAttestEnv(t, fmt.Sprintf(`  azure_imds {
+    ca_bundle_file     = %q
+    intermediates_file = %q
+    tenants = {
+      %q = [%q, %q]
+    }
+  }
+`, roots, inter, tenant, sub1, sub2))
+
+	vmA := azure.VM{VMID: "aaaaaaaa-0000-4000-8000-000000000001", SubscriptionID: sub1, SKU: "web"}
+	vmB := azure.VM{VMID: "bbbbbbbb-0000-4000-8000-000000000002", SubscriptionID: sub2, SKU: "db"}
+	imdsA, imdsB := azure.Start(t, pki, vmA), azure.Start(t, pki, vmB)
+	idOf := func(vm azure.VM) string {
+		return "spiffe://example.org/spire/agent/azure_imds/" + tenant + "/" + vm.SubscriptionID + "/" + vm.VMID
+	}
+	block := func(url string) string { return fmt.Sprintf("  azure_imds {\n    metadata_url = %q\n  }\n", url) }
+
+	// Node aliases keyed on what the signed documents say.
+	e.alias("sub1app", "azure_imds:subscription-id:"+sub1)
+	e.alias("webapp", "azure_imds:sku:web", "azure_imds:tenant-id:"+tenant)
+	e.alias("dbapp", "azure_imds:sku:db")
+
+	a := e.c.NewAgentAttested("vm-a", block(imdsA.URL()))
+	a.ID = idOf(vmA)
+	b := e.c.NewAgentAttested("vm-b", block(imdsB.URL()))
+	b.ID = idOf(vmB)
+	a.Start()
+	b.Start()
+	e.marker(a)
+	e.marker(b)
+	e.requireSVIDs(a, "sub1app", "webapp")
+	e.requireSVIDs(b, "dbapp")
+	shown := agentShow(t, e.srv, a.ID)
+	require.Equal(t, "azure_imds", shown["attestation_type"], shown)
+
+	// A reinstalled VM (data dir wiped, nothing stored) attests again and is
+	// the same agent; its image changed, so its aliases follow its selectors.
+	a.Stop()
+	a.WipeData()
+	vmA.SKU = "db"
+	imdsA.SetVM(vmA)
+	before := imdsA.Requests()
+	a.Start()
+	require.Greater(t, imdsA.Requests(), before, "the agent attested again")
+	e.requireSVIDs(a, "sub1app", "dbapp")
+
+	// A VM of a subscription the server does not list is refused, with the
+	// reason on both sides.
+	imdsC := azure.Start(t, pki, azure.VM{VMID: "cccccccc-0000-4000-8000-000000000003", SubscriptionID: sub3})
+	c := e.c.NewAgentAttested("vm-c", block(imdsC.URL()))
+	out, err := c.RunToExit(2 * time.Minute)
+	require.Error(t, err, out)
+	require.Contains(t, out, "PermissionDenied", out)
+	require.Contains(t, out, "subscription "+sub3+" is not allowed", out)
+	e.requireServerLog("subscription " + sub3 + " is not allowed")
+
+	// A document signed outside the configured roots is refused.
+	imdsD := azure.Start(t, azure.NewPKI(t, "metadata.azure.com"), azure.VM{VMID: "dddddddd-0000-4000-8000-000000000004", SubscriptionID: sub1})
+	d := e.c.NewAgentAttested("vm-d", block(imdsD.URL()))
+	out, err = d.RunToExit(2 * time.Minute)
+	require.Error(t, err, out)
+	require.Contains(t, out, "does not chain to a configured root", out)
+}
