@@ -18,10 +18,10 @@ import (
 type NodeAttestorFunc func(log *slog.Logger) (nodeattestor.ServerAttestor, error)
 
 type azureIMDSServerBlock struct {
-	CABundleFile      string                 `hcl:"ca_bundle_file"`
-	IntermediatesFile string                 `hcl:"intermediates_file"`
-	MetadataDomains   []string               `hcl:"metadata_domains"`
-	MaxDocumentAge    string                 `hcl:"max_document_age"`
+	CABundleFile      string   `hcl:"ca_bundle_file"`
+	IntermediatesFile string   `hcl:"intermediates_file"`
+	MetadataDomains   []string `hcl:"metadata_domains"`
+	MaxDocumentAge    string   `hcl:"max_document_age"`
 	// Tenants maps each tenant ID to the subscriptions accepted in it.
 	Tenants    map[string][]string    `hcl:"tenants"`
 	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
