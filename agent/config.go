@@ -39,6 +39,7 @@ type agentBlock struct {
 	JoinToken       string                 `hcl:"join_token"`
 	X509PoP         *x509popAgentBlock     `hcl:"x509pop"`
 	AzureIMDS       *azureIMDSAgentBlock   `hcl:"azure_imds"`
+	AWSIID          *awsIIDAgentBlock      `hcl:"aws_iid"`
 	Systemd         bool                   `hcl:"systemd"`
 	IMDS            *imdsBlock             `hcl:"imds"`
 	UnusedKeys      map[string][]token.Pos `hcl:",unusedKeyPositions"`

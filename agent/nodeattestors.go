@@ -6,6 +6,7 @@ import (
 	"github.com/hashicorp/hcl/hcl/token"
 
 	"github.com/ferry-id/ferry/attestors/node"
+	"github.com/ferry-id/ferry/attestors/node/awsiid"
 	"github.com/ferry-id/ferry/attestors/node/azureimds"
 )
 
@@ -16,12 +17,24 @@ type azureIMDSAgentBlock struct {
 	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
+type awsIIDAgentBlock struct {
+	MetadataURL string                 `hcl:"metadata_url"`
+	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
 // cloudAttestors returns the node attestors configured by the cloud blocks
 // of a, by name.
 func cloudAttestors(a *agentBlock) (map[string]node.AgentAttestor, error) {
 	out := map[string]node.AgentAttestor{}
 	if b := a.AzureIMDS; b != nil {
 		at, err := azureimds.NewAgent(azureimds.AgentConfig{MetadataURL: b.MetadataURL, APIVersion: b.APIVersion})
+		if err != nil {
+			return nil, fmt.Errorf("agent: %w", err)
+		}
+		out[at.Name()] = at
+	}
+	if b := a.AWSIID; b != nil {
+		at, err := awsiid.NewAgent(awsiid.AgentConfig{MetadataURL: b.MetadataURL})
 		if err != nil {
 			return nil, fmt.Errorf("agent: %w", err)
 		}

@@ -37,6 +37,7 @@ type serverBlock struct {
 	OIDC        *oidcBlock             `hcl:"oidc"`
 	Federation  *federationBlock       `hcl:"federation"`
 	AzureIMDS   *azureIMDSServerBlock  `hcl:"azure_imds"`
+	AWSIID      *awsIIDServerBlock     `hcl:"aws_iid"`
 	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 

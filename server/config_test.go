@@ -207,8 +207,9 @@ func TestNodeAttestorConfig(t *testing.T) {
 	root := testpki.NewRoot(t, "root")
 	inter := root.Intermediate(t, "inter")
 	files := map[string]string{
-		"/etc/ferry/azure-roots.pem":         testpki.WritePEM(t, dir, "roots.pem", root.Cert),
-		"/etc/ferry/azure-intermediates.pem": testpki.WritePEM(t, dir, "inter.pem", inter.Cert),
+		"/etc/ferry/azure-roots.pem":           testpki.WritePEM(t, dir, "roots.pem", root.Cert),
+		"/etc/ferry/azure-intermediates.pem":   testpki.WritePEM(t, dir, "inter.pem", inter.Cert),
+		"/etc/ferry/aws/us-east-1-rsa2048.pem": testpki.WritePEM(t, dir, "aws.pem", root.Cert),
 	}
 	load := func(block string) (server.Config, error) {
 		for from, to := range files {
@@ -245,6 +246,25 @@ func TestNodeAttestorConfig(t *testing.T) {
 		"unknown key":    {`max_document_age`, `max_age`, "unknown setting(s): server.azure_imds.max_age"},
 	} {
 		block := strings.ReplaceAll(az, "/etc/ferry/azure-roots.pem", files["/etc/ferry/azure-roots.pem"])
+		require.Contains(t, block, c.from, name)
+		_, err := load(strings.Replace(block, c.from, c.to, 1))
+		require.ErrorContains(t, err, c.want, name)
+	}
+
+	aw := sampleBlock(t, "../conf/server.conf", "aws_iid")
+	cfg, err = load(aw)
+	require.NoError(t, err)
+	require.Len(t, cfg.NodeAttestors, 1)
+	at, err = cfg.NodeAttestors[0](slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	require.Equal(t, "aws_iid", at.Name())
+	for name, c := range map[string]struct{ from, to, want string }{
+		"no accounts":  {`["123456789012"]`, `[]`, "at least one account ID"},
+		"bad account":  {`["123456789012"]`, `["1234"]`, "not a 12-digit account ID"},
+		"missing cert": {files["/etc/ferry/aws/us-east-1-rsa2048.pem"], "/nonexistent.pem", "region_certificates us-east-1"},
+		"bad region":   {`"us-east-1" =`, `"Virginia" =`, "not an AWS region"},
+	} {
+		block := strings.ReplaceAll(aw, "/etc/ferry/aws/us-east-1-rsa2048.pem", files["/etc/ferry/aws/us-east-1-rsa2048.pem"])
 		require.Contains(t, block, c.from, name)
 		_, err := load(strings.Replace(block, c.from, c.to, 1))
 		require.ErrorContains(t, err, c.want, name)

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"time"
@@ -9,6 +10,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	nodeattestor "github.com/ferry-id/ferry/attestors/node"
+	"github.com/ferry-id/ferry/attestors/node/awsiid"
 	"github.com/ferry-id/ferry/attestors/node/azureimds"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/internal/config"
@@ -25,6 +27,15 @@ type azureIMDSServerBlock struct {
 	// Tenants maps each tenant ID to the subscriptions accepted in it.
 	Tenants    map[string][]string    `hcl:"tenants"`
 	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type awsIIDServerBlock struct {
+	// RegionCertificates maps each region to the PEM file of AWS's RSA-2048
+	// certificate for it.
+	RegionCertificates map[string]string      `hcl:"region_certificates"`
+	AccountIDs         []string               `hcl:"account_ids"`
+	AllowReattestation bool                   `hcl:"allow_reattestation"`
+	UnusedKeys         map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
 // nodeAttestors loads every configured attestor's files now, so a bad
@@ -59,6 +70,26 @@ func nodeAttestors(b *serverBlock, path string, td spiffeid.TrustDomain) ([]Node
 		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
 			c.Log = log.With("attestor", azureimds.Name)
 			return azureimds.NewServer(c)
+		})
+	}
+	if aw := b.AWSIID; aw != nil {
+		c := awsiid.ServerConfig{TrustDomain: td, AccountIDs: aw.AccountIDs, AllowReattestation: aw.AllowReattestation, RegionCertificates: map[string]*x509.Certificate{}}
+		for region, file := range aw.RegionCertificates {
+			certs, err := x509pop.LoadCertificates(config.Resolve(path, file))
+			if err != nil {
+				return nil, fmt.Errorf("server: aws_iid: region_certificates %s: %w", region, err)
+			}
+			if len(certs) != 1 {
+				return nil, fmt.Errorf("server: aws_iid: region_certificates %s: want one certificate, %s has %d", region, file, len(certs))
+			}
+			c.RegionCertificates[region] = certs[0]
+		}
+		if _, err := awsiid.NewServer(c); err != nil {
+			return nil, fmt.Errorf("server: %w", err)
+		}
+		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
+			c.Log = log.With("attestor", awsiid.Name)
+			return awsiid.NewServer(c)
 		})
 	}
 	return out, nil

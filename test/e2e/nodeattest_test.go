@@ -13,6 +13,7 @@ import (
 
 	"github.com/ferry-id/ferry/internal/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	aws "github.com/ferry-id/ferry/test/metadata/aws"
 	azure "github.com/ferry-id/ferry/test/metadata/azure"
 	"github.com/ferry-id/ferry/test/metadata/testpki"
 )
@@ -171,4 +172,67 @@ func TestNodeAttestAzureIMDS(t *testing.T) {
 	out, err = d.RunToExit(2 * time.Minute)
 	require.Error(t, err, out)
 	require.Contains(t, out, "does not chain to a configured root", out)
+}
+
+func TestNodeAttestAWSIID(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts real server and agent processes")
+	}
+	signer := aws.NewSigner(t, "us-east-1")
+	cert := testpki.WritePEM(t, t.TempDir(), "us-east-1.pem", signer.Cert)
+	e := newNodeAttestEnv(t, fmt.Sprintf(`  aws_iid {
+    region_certificates = { "us-east-1" = %q }
+    account_ids         = ["123456789012"]
+  }
+`, cert))
+	inst := func(id, typ string) aws.Instance {
+		return aws.Instance{AccountID: "123456789012", Region: "us-east-1", AvailabilityZone: "us-east-1a", InstanceID: id,
+			InstanceType: typ, ImageID: "ami-0123456789abcdef0", PendingTime: "2026-12-01T10:00:00Z", PrivateIP: "10.0.0.5"}
+	}
+	instA, instB := inst("i-0aaaaaaaaaaaaaaa1", "m5.large"), inst("i-0bbbbbbbbbbbbbbb2", "t3.micro")
+	imdsA, imdsB := aws.Start(t, signer, instA), aws.Start(t, signer, instB)
+	block := func(url string) string { return fmt.Sprintf("  aws_iid {\n    metadata_url = %q\n  }\n", url) }
+	idOf := func(i aws.Instance) string {
+		return "spiffe://example.org/spire/agent/aws_iid/123456789012/us-east-1/" + i.InstanceID
+	}
+	e.alias("bigapp", "aws_iid:instance:type:m5.large")
+	e.alias("acctapp", "aws_iid:account:id:123456789012", "aws_iid:region:us-east-1")
+
+	a := e.c.NewAgentAttested("ec2-a", block(imdsA.URL()))
+	a.ID = idOf(instA)
+	b := e.c.NewAgentAttested("ec2-b", block(imdsB.URL()))
+	b.ID = idOf(instB)
+	a.Start()
+	b.Start()
+	e.marker(a)
+	e.marker(b)
+	e.requireSVIDs(a, "bigapp", "acctapp")
+	e.requireSVIDs(b, "acctapp")
+
+	// The document is static: a second agent for the instance (a wiped data
+	// dir, or someone replaying a copy) is refused while the first is active.
+	a.Stop()
+	a.WipeData()
+	out, err := a.RunToExit(2 * time.Minute)
+	require.Error(t, err, out)
+	require.Contains(t, out, "is already attested", out)
+	e.requireServerLog("instance already has an active agent")
+
+	// Evicted, the instance attests again as the same agent, with its new
+	// selectors.
+	out, err = e.srv.CLI("agent", "evict", "--spiffe-id", a.ID)
+	require.NoError(t, err, out)
+	instA.InstanceType = "t3.micro"
+	imdsA.SetInstance(instA)
+	a.Start()
+	e.requireSVIDs(a, "acctapp")
+
+	// An account the server does not list is refused on both sides.
+	other := inst("i-0ccccccccccccccc3", "m5.large")
+	other.AccountID = "210987654321"
+	c := e.c.NewAgentAttested("ec2-c", block(aws.Start(t, signer, other).URL()))
+	out, err = c.RunToExit(2 * time.Minute)
+	require.Error(t, err, out)
+	require.Contains(t, out, "account 210987654321 is not allowed", out)
+	e.requireServerLog("account 210987654321 is not allowed")
 }
