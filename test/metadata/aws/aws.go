@@ -172,7 +172,11 @@ func (m *IMDS) URL() string { return m.srv.URL }
 func (m *IMDS) SetInstance(i Instance) { m.mu.Lock(); m.inst = i; m.mu.Unlock() }
 
 // FailNext makes the next requests answer these statuses, in order.
-func (m *IMDS) FailNext(statuses ...int) { m.mu.Lock(); m.fail = append(m.fail, statuses...); m.mu.Unlock() }
+func (m *IMDS) FailNext(statuses ...int) {
+	m.mu.Lock()
+	m.fail = append(m.fail, statuses...)
+	m.mu.Unlock()
+}
 
 // RevokeTokens invalidates every session token handed out so far.
 func (m *IMDS) RevokeTokens() { m.mu.Lock(); m.tokens = map[string]bool{}; m.mu.Unlock() }
