@@ -40,6 +40,7 @@ type agentBlock struct {
 	X509PoP         *x509popAgentBlock     `hcl:"x509pop"`
 	AzureIMDS       *azureIMDSAgentBlock   `hcl:"azure_imds"`
 	AWSIID          *awsIIDAgentBlock      `hcl:"aws_iid"`
+	GCPIIT          *gcpIITAgentBlock      `hcl:"gcp_iit"`
 	Systemd         bool                   `hcl:"systemd"`
 	IMDS            *imdsBlock             `hcl:"imds"`
 	UnusedKeys      map[string][]token.Pos `hcl:",unusedKeyPositions"`

@@ -8,6 +8,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/awsiid"
 	"github.com/ferry-id/ferry/attestors/node/azureimds"
+	"github.com/ferry-id/ferry/attestors/node/gcpiit"
 )
 
 // The agent block's node attestor settings beyond join_token and x509pop.
@@ -20,6 +21,13 @@ type azureIMDSAgentBlock struct {
 type awsIIDAgentBlock struct {
 	MetadataURL string                 `hcl:"metadata_url"`
 	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type gcpIITAgentBlock struct {
+	MetadataURL    string                 `hcl:"metadata_url"`
+	ServiceAccount string                 `hcl:"service_account"`
+	Audience       string                 `hcl:"audience"`
+	UnusedKeys     map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
 // cloudAttestors returns the node attestors configured by the cloud blocks
@@ -35,6 +43,13 @@ func cloudAttestors(a *agentBlock) (map[string]node.AgentAttestor, error) {
 	}
 	if b := a.AWSIID; b != nil {
 		at, err := awsiid.NewAgent(awsiid.AgentConfig{MetadataURL: b.MetadataURL})
+		if err != nil {
+			return nil, fmt.Errorf("agent: %w", err)
+		}
+		out[at.Name()] = at
+	}
+	if b := a.GCPIIT; b != nil {
+		at, err := gcpiit.NewAgent(gcpiit.AgentConfig{MetadataURL: b.MetadataURL, ServiceAccount: b.ServiceAccount, Audience: b.Audience})
 		if err != nil {
 			return nil, fmt.Errorf("agent: %w", err)
 		}

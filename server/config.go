@@ -38,6 +38,7 @@ type serverBlock struct {
 	Federation  *federationBlock       `hcl:"federation"`
 	AzureIMDS   *azureIMDSServerBlock  `hcl:"azure_imds"`
 	AWSIID      *awsIIDServerBlock     `hcl:"aws_iid"`
+	GCPIIT      *gcpIITServerBlock     `hcl:"gcp_iit"`
 	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 

@@ -269,4 +269,21 @@ func TestNodeAttestorConfig(t *testing.T) {
 		_, err := load(strings.Replace(block, c.from, c.to, 1))
 		require.ErrorContains(t, err, c.want, name)
 	}
+
+	gb := sampleBlock(t, "../conf/server.conf", "gcp_iit")
+	cfg, err = load(gb)
+	require.NoError(t, err)
+	require.Len(t, cfg.NodeAttestors, 1)
+	at, err = cfg.NodeAttestors[0](slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	require.Equal(t, "gcp_iit", at.Name())
+	for name, c := range map[string]struct{ from, to, want string }{
+		"no projects": {`["my-project"]`, `[]`, "at least one project ID"},
+		"bad project": {`["my-project"]`, `["My Project"]`, "not a GCP project ID"},
+		"missing ca":  {`jwks_url`, `jwks_ca_file = "/nonexistent.pem"` + "\n  jwks_url", "jwks_ca_file"},
+	} {
+		require.Contains(t, gb, c.from, name)
+		_, err := load(strings.Replace(gb, c.from, c.to, 1))
+		require.ErrorContains(t, err, c.want, name)
+	}
 }

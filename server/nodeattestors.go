@@ -1,9 +1,11 @@
 package server
 
 import (
+	"crypto/tls"
 	"crypto/x509"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"time"
 
 	"github.com/hashicorp/hcl/hcl/token"
@@ -12,6 +14,7 @@ import (
 	nodeattestor "github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/awsiid"
 	"github.com/ferry-id/ferry/attestors/node/azureimds"
+	"github.com/ferry-id/ferry/attestors/node/gcpiit"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/internal/config"
 )
@@ -34,6 +37,15 @@ type awsIIDServerBlock struct {
 	// certificate for it.
 	RegionCertificates map[string]string      `hcl:"region_certificates"`
 	AccountIDs         []string               `hcl:"account_ids"`
+	AllowReattestation bool                   `hcl:"allow_reattestation"`
+	UnusedKeys         map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type gcpIITServerBlock struct {
+	ProjectIDs         []string               `hcl:"project_ids"`
+	Audience           string                 `hcl:"audience"`
+	JWKSURL            string                 `hcl:"jwks_url"`
+	JWKSCAFile         string                 `hcl:"jwks_ca_file"`
 	AllowReattestation bool                   `hcl:"allow_reattestation"`
 	UnusedKeys         map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
@@ -90,6 +102,27 @@ func nodeAttestors(b *serverBlock, path string, td spiffeid.TrustDomain) ([]Node
 		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
 			c.Log = log.With("attestor", awsiid.Name)
 			return awsiid.NewServer(c)
+		})
+	}
+	if gb := b.GCPIIT; gb != nil {
+		c := gcpiit.ServerConfig{TrustDomain: td, ProjectIDs: gb.ProjectIDs, Audience: gb.Audience, JWKSURL: gb.JWKSURL, AllowReattestation: gb.AllowReattestation}
+		if gb.JWKSCAFile != "" {
+			roots, err := x509pop.LoadCertificates(config.Resolve(path, gb.JWKSCAFile))
+			if err != nil {
+				return nil, fmt.Errorf("server: gcp_iit: jwks_ca_file: %w", err)
+			}
+			pool := x509.NewCertPool()
+			for _, r := range roots {
+				pool.AddCert(r)
+			}
+			c.HTTPClient = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}}
+		}
+		if _, err := gcpiit.NewServer(c); err != nil {
+			return nil, fmt.Errorf("server: %w", err)
+		}
+		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
+			c.Log = log.With("attestor", gcpiit.Name)
+			return gcpiit.NewServer(c)
 		})
 	}
 	return out, nil

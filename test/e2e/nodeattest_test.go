@@ -15,6 +15,7 @@ import (
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	aws "github.com/ferry-id/ferry/test/metadata/aws"
 	azure "github.com/ferry-id/ferry/test/metadata/azure"
+	gcp "github.com/ferry-id/ferry/test/metadata/gcp"
 	"github.com/ferry-id/ferry/test/metadata/testpki"
 )
 
@@ -235,4 +236,58 @@ func TestNodeAttestAWSIID(t *testing.T) {
 	require.Error(t, err, out)
 	require.Contains(t, out, "account 210987654321 is not allowed", out)
 	e.requireServerLog("account 210987654321 is not allowed")
+}
+
+func TestNodeAttestGCPIIT(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts real server and agent processes")
+	}
+	google := gcp.NewGoogle(t)
+	ca := testpki.WritePEM(t, t.TempDir(), "google-ca.pem", google.CA)
+	e := newNodeAttestEnv(t, fmt.Sprintf(`  gcp_iit {
+    project_ids         = ["ferry-prod"]
+    jwks_url            = %q
+    jwks_ca_file        = %q
+    allow_reattestation = true
+  }
+`, google.JWKSURL(), ca))
+	inst := func(id, zone, name string) gcp.Instance {
+		return gcp.Instance{ProjectID: "ferry-prod", ProjectNumber: 123456789012, Zone: zone, InstanceID: id,
+			InstanceName: name, ServiceAccount: "node@ferry-prod.iam.gserviceaccount.com"}
+	}
+	instA, instB := inst("1001", "europe-west1-b", "web-1"), inst("1002", "us-central1-a", "db-1")
+	mdA, mdB := gcp.Start(t, google, instA), gcp.Start(t, google, instB)
+	block := func(url, extra string) string {
+		return fmt.Sprintf("  gcp_iit {\n    metadata_url = %q\n%s  }\n", url, extra)
+	}
+	e.alias("euapp", "gcp_iit:zone:europe-west1-b")
+	e.alias("projapp", "gcp_iit:project-id:ferry-prod", "gcp_iit:sa:node@ferry-prod.iam.gserviceaccount.com")
+	e.alias("web1app", "gcp_iit:instance-name:web-1")
+
+	a := e.c.NewAgentAttested("gce-a", block(mdA.URL(), ""))
+	a.ID = "spiffe://example.org/spire/agent/gcp_iit/ferry-prod/1001"
+	b := e.c.NewAgentAttested("gce-b", block(mdB.URL(), ""))
+	b.ID = "spiffe://example.org/spire/agent/gcp_iit/ferry-prod/1002"
+	a.Start()
+	b.Start()
+	e.marker(a)
+	e.marker(b)
+	e.requireSVIDs(a, "euapp", "projapp", "web1app")
+	e.requireSVIDs(b, "projapp")
+
+	// allow_reattestation: a wiped instance rejoins at once as the same
+	// agent, renamed, so it loses the alias keyed on its old name.
+	a.Stop()
+	a.WipeData()
+	instA.InstanceName = "web-2"
+	mdA.SetInstance(instA)
+	a.Start()
+	e.requireSVIDs(a, "euapp", "projapp")
+
+	// A token for another audience is refused on both sides.
+	c := e.c.NewAgentAttested("gce-c", block(gcp.Start(t, google, inst("1003", "europe-west1-b", "x")).URL(), "    audience = \"https://someone-else.example\"\n"))
+	out, err := c.RunToExit(2 * time.Minute)
+	require.Error(t, err, out)
+	require.Contains(t, out, "token has invalid audience", out)
+	e.requireServerLog("token has invalid audience")
 }

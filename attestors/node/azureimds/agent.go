@@ -88,7 +88,7 @@ func (a *Agent) Fetch(ctx context.Context, nonce string) (*Document, error) {
 		}
 		req.Header.Set("Metadata", "true")
 		return req, nil
-	}, func(body []byte) error {
+	}, func(_ http.Header, body []byte) error {
 		doc = Document{}
 		if err := json.Unmarshal(body, &doc); err != nil {
 			return fmt.Errorf("azure_imds: IMDS answer is not an attested document: %w", err)

@@ -96,18 +96,18 @@ func Retryable(status int) bool {
 
 // Do sends the request build returns (called again for each attempt) until
 // it gets 200, a final status, or the budget or ctx runs out, and returns the
-// 200 body. check, when not nil, inspects a 200 body; an error wrapping
+// 200 body. check, when not nil, inspects a 200 answer; an error wrapping
 // ErrRetry makes Do try again (Azure may answer from a cache made for an
 // earlier nonce), any other error is final.
-func (c *Client) Do(ctx context.Context, build func(ctx context.Context) (*http.Request, error), check func([]byte) error) ([]byte, error) {
+func (c *Client) Do(ctx context.Context, build func(ctx context.Context) (*http.Request, error), check func(header http.Header, body []byte) error) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.budget)
 	defer cancel()
 	wait := c.firstBackoff
 	var last error
 	for attempt := 1; ; attempt++ {
-		body, err := c.once(ctx, build)
+		header, body, err := c.once(ctx, build)
 		if err == nil && check != nil {
-			err = check(body)
+			err = check(header, body)
 		}
 		if err == nil {
 			return body, nil
@@ -143,29 +143,29 @@ func isTransport(err error) bool {
 	return errors.As(err, &te)
 }
 
-func (c *Client) once(ctx context.Context, build func(ctx context.Context) (*http.Request, error)) ([]byte, error) {
+func (c *Client) once(ctx context.Context, build func(ctx context.Context) (*http.Request, error)) (http.Header, []byte, error) {
 	actx, cancel := context.WithTimeout(ctx, c.attemptTimeout)
 	defer cancel()
 	req, err := build(actx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return nil, transportError{fmt.Errorf("metadata: %s %s: %w", req.Method, req.URL.Path, err)}
+		return nil, nil, transportError{fmt.Errorf("metadata: %s %s: %w", req.Method, req.URL.Path, err)}
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, MaxBody+1))
 	if err != nil {
-		return nil, transportError{fmt.Errorf("metadata: reading %s: %w", req.URL.Path, err)}
+		return nil, nil, transportError{fmt.Errorf("metadata: reading %s: %w", req.URL.Path, err)}
 	}
 	if len(body) > MaxBody {
-		return nil, fmt.Errorf("metadata: %s answered more than %d bytes", req.URL.Path, MaxBody)
+		return nil, nil, fmt.Errorf("metadata: %s answered more than %d bytes", req.URL.Path, MaxBody)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, &StatusError{Status: resp.StatusCode, Body: printable(body)}
+		return nil, nil, &StatusError{Status: resp.StatusCode, Body: printable(body)}
 	}
-	return body, nil
+	return resp.Header, body, nil
 }
 
 // printable returns the start of b with control characters replaced, safe

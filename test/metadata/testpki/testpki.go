@@ -12,6 +12,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"sync/atomic"
@@ -62,14 +63,20 @@ func (ca *CA) Intermediate(t testing.TB, cn string) *CA {
 	return &CA{Cert: create(t, tmpl, ca.Cert, key.Public(), ca.Key), Key: key}
 }
 
-// Leaf issues an end-entity certificate for cn (also its DNS name) under ca.
+// Leaf issues an end-entity certificate for cn under ca; cn is also its
+// DNS name, or its IP address when it is one.
 func (ca *CA) Leaf(t testing.TB, cn string) *CA {
 	t.Helper()
 	key := rsaKey(t)
 	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(serial.Add(1)), Subject: pkix.Name{CommonName: cn}, DNSNames: []string{cn},
+		SerialNumber: big.NewInt(serial.Add(1)), Subject: pkix.Name{CommonName: cn},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	if ip := net.ParseIP(cn); ip != nil {
+		tmpl.IPAddresses = []net.IP{ip}
+	} else {
+		tmpl.DNSNames = []string{cn}
 	}
 	return &CA{Cert: create(t, tmpl, ca.Cert, key.Public(), ca.Key), Key: key}
 }
