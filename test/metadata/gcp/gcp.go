@@ -127,7 +127,11 @@ func (m *Metadata) URL() string { return m.srv.URL }
 func (m *Metadata) SetInstance(i Instance) { m.mu.Lock(); m.inst = i; m.mu.Unlock() }
 
 // FailNext makes the next requests answer these statuses, in order.
-func (m *Metadata) FailNext(statuses ...int) { m.mu.Lock(); m.fail = append(m.fail, statuses...); m.mu.Unlock() }
+func (m *Metadata) FailNext(statuses ...int) {
+	m.mu.Lock()
+	m.fail = append(m.fail, statuses...)
+	m.mu.Unlock()
+}
 
 // Requests counts the requests answered so far.
 func (m *Metadata) Requests() int { m.mu.Lock(); defer m.mu.Unlock(); return m.requests }
