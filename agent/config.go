@@ -41,6 +41,7 @@ type agentBlock struct {
 	AzureIMDS       *azureIMDSAgentBlock   `hcl:"azure_imds"`
 	AWSIID          *awsIIDAgentBlock      `hcl:"aws_iid"`
 	GCPIIT          *gcpIITAgentBlock      `hcl:"gcp_iit"`
+	AzureMSI        *azureMSIAgentBlock    `hcl:"azure_msi"`
 	Systemd         bool                   `hcl:"systemd"`
 	IMDS            *imdsBlock             `hcl:"imds"`
 	UnusedKeys      map[string][]token.Pos `hcl:",unusedKeyPositions"`

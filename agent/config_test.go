@@ -170,7 +170,7 @@ func TestNodeAttestorBlocks(t *testing.T) {
 	data, err := os.ReadFile("../conf/agent.conf")
 	require.NoError(t, err)
 	dir := t.TempDir()
-	for _, name := range []string{"azure_imds", "aws_iid", "gcp_iit"} {
+	for _, name := range []string{"azure_imds", "aws_iid", "gcp_iit", "azure_msi"} {
 		var block []string
 		in := false
 		for line := range strings.Lines(string(data)) {

@@ -8,6 +8,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/awsiid"
 	"github.com/ferry-id/ferry/attestors/node/azureimds"
+	"github.com/ferry-id/ferry/attestors/node/azuremsi"
 	"github.com/ferry-id/ferry/attestors/node/gcpiit"
 )
 
@@ -30,6 +31,16 @@ type gcpIITAgentBlock struct {
 	UnusedKeys     map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
+type azureMSIAgentBlock struct {
+	Resource         string                 `hcl:"resource"`
+	Endpoint         string                 `hcl:"endpoint"`
+	MetadataURL      string                 `hcl:"metadata_url"`
+	IdentityEndpoint string                 `hcl:"identity_endpoint"`
+	ArcTokenDir      string                 `hcl:"arc_token_dir"`
+	ClientID         string                 `hcl:"client_id"`
+	UnusedKeys       map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
 // cloudAttestors returns the node attestors configured by the cloud blocks
 // of a, by name.
 func cloudAttestors(a *agentBlock) (map[string]node.AgentAttestor, error) {
@@ -50,6 +61,17 @@ func cloudAttestors(a *agentBlock) (map[string]node.AgentAttestor, error) {
 	}
 	if b := a.GCPIIT; b != nil {
 		at, err := gcpiit.NewAgent(gcpiit.AgentConfig{MetadataURL: b.MetadataURL, ServiceAccount: b.ServiceAccount, Audience: b.Audience})
+		if err != nil {
+			return nil, fmt.Errorf("agent: %w", err)
+		}
+		out[at.Name()] = at
+	}
+	if b := a.AzureMSI; b != nil {
+		if b.Endpoint != "" && b.Endpoint != "vm" && b.Endpoint != "arc" {
+			return nil, fmt.Errorf("agent: azure_msi: endpoint %q: want vm or arc", b.Endpoint)
+		}
+		at, err := azuremsi.NewAgent(azuremsi.AgentConfig{Resource: b.Resource, Arc: b.Endpoint == "arc", MetadataURL: b.MetadataURL,
+			IdentityEndpoint: b.IdentityEndpoint, ArcTokenDir: b.ArcTokenDir, ClientID: b.ClientID})
 		if err != nil {
 			return nil, fmt.Errorf("agent: %w", err)
 		}

@@ -39,6 +39,7 @@ type serverBlock struct {
 	AzureIMDS   *azureIMDSServerBlock  `hcl:"azure_imds"`
 	AWSIID      *awsIIDServerBlock     `hcl:"aws_iid"`
 	GCPIIT      *gcpIITServerBlock     `hcl:"gcp_iit"`
+	AzureMSI    *azureMSIServerBlock   `hcl:"azure_msi"`
 	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 

@@ -286,4 +286,22 @@ func TestNodeAttestorConfig(t *testing.T) {
 		_, err := load(strings.Replace(gb, c.from, c.to, 1))
 		require.ErrorContains(t, err, c.want, name)
 	}
+
+	mb := sampleBlock(t, "../conf/server.conf", "azure_msi")
+	cfg, err = load(mb)
+	require.NoError(t, err)
+	require.Len(t, cfg.NodeAttestors, 1)
+	at, err = cfg.NodeAttestors[0](slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	require.Equal(t, "azure_msi", at.Name())
+	for name, c := range map[string]struct{ from, to, want string }{
+		"no tenants":  {`["72f988bf-86f1-41af-91ab-2d7cd011db47"]`, `[]`, "at least one tenant"},
+		"no audience": {`"api://ferry-node-attestation"`, `""`, "audience is required"},
+		"http issuer": {`"https://sts.windows.net/{tenant}/"`, `"http://sts.windows.net/{tenant}/"`, "must be an https URL"},
+		"missing ca":  {`allow_reattestation`, `ca_file = "/nonexistent.pem"` + "\n  allow_reattestation", "ca_file"},
+	} {
+		require.Contains(t, mb, c.from, name)
+		_, err := load(strings.Replace(mb, c.from, c.to, 1))
+		require.ErrorContains(t, err, c.want, name)
+	}
 }

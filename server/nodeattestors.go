@@ -14,6 +14,7 @@ import (
 	nodeattestor "github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/awsiid"
 	"github.com/ferry-id/ferry/attestors/node/azureimds"
+	"github.com/ferry-id/ferry/attestors/node/azuremsi"
 	"github.com/ferry-id/ferry/attestors/node/gcpiit"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/internal/config"
@@ -48,6 +49,32 @@ type gcpIITServerBlock struct {
 	JWKSCAFile         string                 `hcl:"jwks_ca_file"`
 	AllowReattestation bool                   `hcl:"allow_reattestation"`
 	UnusedKeys         map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type azureMSIServerBlock struct {
+	Tenants            []string               `hcl:"tenants"`
+	Audience           string                 `hcl:"audience"`
+	Issuers            []string               `hcl:"issuers"`
+	CAFile             string                 `hcl:"ca_file"`
+	AllowReattestation bool                   `hcl:"allow_reattestation"`
+	UnusedKeys         map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+// httpsClient returns a client trusting the CAs in file, or nil (the system
+// roots) when file is empty.
+func httpsClient(path, file, what string) (*http.Client, error) {
+	if file == "" {
+		return nil, nil
+	}
+	roots, err := x509pop.LoadCertificates(config.Resolve(path, file))
+	if err != nil {
+		return nil, fmt.Errorf("server: %s: %w", what, err)
+	}
+	pool := x509.NewCertPool()
+	for _, r := range roots {
+		pool.AddCert(r)
+	}
+	return &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}}, nil
 }
 
 // nodeAttestors loads every configured attestor's files now, so a bad
@@ -106,16 +133,9 @@ func nodeAttestors(b *serverBlock, path string, td spiffeid.TrustDomain) ([]Node
 	}
 	if gb := b.GCPIIT; gb != nil {
 		c := gcpiit.ServerConfig{TrustDomain: td, ProjectIDs: gb.ProjectIDs, Audience: gb.Audience, JWKSURL: gb.JWKSURL, AllowReattestation: gb.AllowReattestation}
-		if gb.JWKSCAFile != "" {
-			roots, err := x509pop.LoadCertificates(config.Resolve(path, gb.JWKSCAFile))
-			if err != nil {
-				return nil, fmt.Errorf("server: gcp_iit: jwks_ca_file: %w", err)
-			}
-			pool := x509.NewCertPool()
-			for _, r := range roots {
-				pool.AddCert(r)
-			}
-			c.HTTPClient = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}}
+		var err error
+		if c.HTTPClient, err = httpsClient(path, gb.JWKSCAFile, "gcp_iit: jwks_ca_file"); err != nil {
+			return nil, err
 		}
 		if _, err := gcpiit.NewServer(c); err != nil {
 			return nil, fmt.Errorf("server: %w", err)
@@ -123,6 +143,20 @@ func nodeAttestors(b *serverBlock, path string, td spiffeid.TrustDomain) ([]Node
 		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
 			c.Log = log.With("attestor", gcpiit.Name)
 			return gcpiit.NewServer(c)
+		})
+	}
+	if mb := b.AzureMSI; mb != nil {
+		c := azuremsi.ServerConfig{TrustDomain: td, Tenants: mb.Tenants, Audience: mb.Audience, Issuers: mb.Issuers, AllowReattestation: mb.AllowReattestation}
+		var err error
+		if c.HTTPClient, err = httpsClient(path, mb.CAFile, "azure_msi: ca_file"); err != nil {
+			return nil, err
+		}
+		if _, err := azuremsi.NewServer(c); err != nil {
+			return nil, fmt.Errorf("server: %w", err)
+		}
+		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
+			c.Log = log.With("attestor", azuremsi.Name)
+			return azuremsi.NewServer(c)
 		})
 	}
 	return out, nil

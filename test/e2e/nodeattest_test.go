@@ -3,7 +3,9 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -287,6 +289,150 @@ func TestNodeAttestGCPIIT(t *testing.T) {
 	// A token for another audience is refused on both sides.
 	c := e.c.NewAgentAttested("gce-c", block(gcp.Start(t, google, inst("1003", "europe-west1-b", "x")).URL(), "    audience = \"https://someone-else.example\"\n"))
 	out, err := c.RunToExit(2 * time.Minute)
+	require.Error(t, err, out)
+	require.Contains(t, out, "token has invalid audience", out)
+	e.requireServerLog("token has invalid audience")
+}
+
+// azureHost is a ferry agent of the stack that plays Azure: it serves the
+// managed-identity endpoint VM style (vmURL) and Arc style (arcURL, its
+// challenge files in tokenDir), trading at the stack's bridge, the tenant
+// authority.
+type azureHost struct {
+	id, vmURL, arcURL, tokenDir, socket string
+}
+
+func (s *flowStack) azureHost(name string) *azureHost {
+	s.t.Helper()
+	h := &azureHost{id: "spiffe://example.org/spire/agent/" + name}
+	var tok struct {
+		Token string `json:"token"`
+	}
+	s.cliJSON(&tok, "token", "generate", "--spiffe-id", h.id, "--ttl", "10m")
+	dir := filepath.Join(s.dir, "host-"+name)
+	require.NoError(s.t, os.MkdirAll(dir, 0o755))
+	require.NoError(s.t, os.WriteFile(filepath.Join(dir, "bundle.pem"), []byte(s.cli("bundle", "show")), 0o644))
+	arcAddr, vmAddr := testcluster.FreeAddr(s.t), testcluster.FreeAddr(s.t)
+	h.arcURL = "http://" + arcAddr + "/metadata/identity/oauth2/token"
+	h.vmURL = "http://" + vmAddr
+	h.tokenDir = filepath.Join(dir, "tokens")
+	h.socket = filepath.Join(dir, "public", "api.sock")
+	conf := filepath.Join(dir, "agent.conf")
+	require.NoError(s.t, os.WriteFile(conf, []byte(fmt.Sprintf(`agent {
+  trust_domain      = "example.org"
+  server_addresses  = [%q]
+  trust_bundle_file = "bundle.pem"
+  data_dir          = "data"
+  socket_path       = %q
+  log_level         = "debug"
+  join_token        = %q
+  imds {
+    arc_addr          = %q
+    vm                = true
+    vm_addr           = %q
+    token_dir         = %q
+    authority         = %q
+    authority_ca_file = %q
+  }
+}
+`, s.c.Nodes[0].AgentAddr, h.socket, tok.Token, arcAddr, vmAddr, h.tokenDir, s.bridge, s.bridgeCA)), 0o600))
+	startProcess(s.t, "azure-host", dir, nil, s.c.Bin, "agent", "run", "--config", conf)
+	require.Eventually(s.t, func() bool {
+		for _, addr := range []string{arcAddr, vmAddr} {
+			conn, err := net.Dial("tcp", addr)
+			if err != nil {
+				return false
+			}
+			conn.Close()
+		}
+		return true
+	}, 30*time.Second, 50*time.Millisecond, "the Azure host serves both managed-identity endpoints")
+	return h
+}
+
+// TestNodeAttestAzureMSI attests agents with managed-identity tokens from a
+// second ferry stack playing Azure: its agent serves the tokens (VM style
+// and Arc style, challenge file and all) and its bridge is the tenant
+// authority whose OIDC metadata and keys the attesting server fetches.
+func TestNodeAttestAzureMSI(t *testing.T) {
+	az := newFlowStack(t)
+	host := az.azureHost("azure-host")
+	appID := az.resource("ferry-attest", "api://ferry-node-attestation")
+	az.resource("arm", "https://management.azure.com")
+	const sub = "8d10da13-8125-4ba9-a717-bf7490507b3d"
+	// The machines' identities, each naming its machine as Azure's
+	// system-assigned identities do (xms_mirid), federated to the SPIFFE ID
+	// the attesting agents' processes have on the Azure host.
+	machine := fmt.Sprintf("spiffe://example.org/machines/uid-%d", os.Getuid())
+	az.cli("entry", "create", "--spiffe-id", machine, "--parent-id", host.id, "--selector", fmt.Sprintf("unix:uid:%d", os.Getuid()))
+	ident := func(name, resourceID string) flowIdentity {
+		var id flowIdentity
+		az.cliJSON(&id, "identity", "create", "--name", name, "--resource-id", resourceID)
+		az.cli("identity", "federated-credential", "create", "--identity-name", name, "--name", name+"-fic", "--issuer", az.jwtIss, "--subject", machine)
+		return id
+	}
+	vm1 := ident("vm1", "/subscriptions/"+sub+"/resourceGroups/rg-web/providers/Microsoft.Compute/virtualMachines/vm1")
+	arc1 := ident("arc1", "/subscriptions/"+sub+"/resourceGroups/rg-edge/providers/Microsoft.HybridCompute/machines/arc1")
+
+	e := newNodeAttestEnv(t, fmt.Sprintf(`  azure_msi {
+    tenants  = [%q]
+    audience = %q
+    issuers  = [%q]
+    ca_file  = %q
+  }
+`, az.tenant, appID, az.bridge+"/{tenant}/v2.0", az.bridgeCA))
+	e.alias("vmapp", "azure_msi:machine-type:vm")
+	e.alias("arcapp", "azure_msi:machine-type:arc", "azure_msi:resource-group:rg-edge")
+	e.alias("subapp", "azure_msi:subscription-id:"+sub, "azure_msi:tenant-id:"+az.tenant)
+
+	a := e.c.NewAgentAttested("vm1", fmt.Sprintf(`  azure_msi {
+    resource     = "api://ferry-node-attestation"
+    endpoint     = "vm"
+    metadata_url = %q
+    client_id    = %q
+  }
+`, host.vmURL, vm1.ClientID))
+	a.ID = "spiffe://example.org/spire/agent/azure_msi/" + az.tenant + "/" + vm1.ObjectID
+	b := e.c.NewAgentAttested("arc1", fmt.Sprintf(`  azure_msi {
+    resource          = "api://ferry-node-attestation"
+    endpoint          = "arc"
+    identity_endpoint = %q
+    arc_token_dir     = %q
+    client_id         = %q
+  }
+`, host.arcURL, host.tokenDir, arc1.ClientID))
+	b.ID = "spiffe://example.org/spire/agent/azure_msi/" + az.tenant + "/" + arc1.ObjectID
+	a.Start()
+	b.Start()
+	e.marker(a)
+	e.marker(b)
+	e.requireSVIDs(a, "vmapp", "subapp")
+	e.requireSVIDs(b, "arcapp", "subapp")
+
+	// The token is a bearer credential: a second agent for the principal is
+	// refused while the first is active, on both sides.
+	a.Stop()
+	a.WipeData()
+	out, err := a.RunToExit(2 * time.Minute)
+	require.Error(t, err, out)
+	require.Contains(t, out, "is already attested", out)
+	e.requireServerLog("instance already has an active agent")
+	// Evicted, the machine rejoins as the same agent.
+	out, err = e.srv.CLI("agent", "evict", "--spiffe-id", a.ID)
+	require.NoError(t, err, out)
+	a.Start()
+	e.requireSVIDs(a, "vmapp", "subapp")
+
+	// A token for another resource (a real Entra token for Azure Resource
+	// Manager, say) is refused.
+	c := e.c.NewAgentAttested("vm1-arm", fmt.Sprintf(`  azure_msi {
+    resource     = "https://management.azure.com"
+    endpoint     = "vm"
+    metadata_url = %q
+    client_id    = %q
+  }
+`, host.vmURL, vm1.ClientID))
+	out, err = c.RunToExit(2 * time.Minute)
 	require.Error(t, err, out)
 	require.Contains(t, out, "token has invalid audience", out)
 	e.requireServerLog("token has invalid audience")

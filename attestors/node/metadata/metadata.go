@@ -76,6 +76,8 @@ func New(o Options) *Client {
 // StatusError is a final answer other than 200 from the service.
 type StatusError struct {
 	Status int
+	// Header is the answer's header (an Arc challenge is in it).
+	Header http.Header
 	// Body is the start of the service's answer (its own error message).
 	Body string
 }
@@ -163,7 +165,7 @@ func (c *Client) once(ctx context.Context, build func(ctx context.Context) (*htt
 		return nil, nil, fmt.Errorf("metadata: %s answered more than %d bytes", req.URL.Path, MaxBody)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, nil, &StatusError{Status: resp.StatusCode, Body: printable(body)}
+		return nil, nil, &StatusError{Status: resp.StatusCode, Header: resp.Header, Body: printable(body)}
 	}
 	return resp.Header, body, nil
 }
