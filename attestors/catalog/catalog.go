@@ -11,6 +11,10 @@
 package catalog
 
 import (
+	"github.com/ferry-id/ferry/attestors/node/awsiid"
+	"github.com/ferry-id/ferry/attestors/node/azureimds"
+	"github.com/ferry-id/ferry/attestors/node/azuremsi"
+	"github.com/ferry-id/ferry/attestors/node/gcpiit"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/attestors/workload/systemd"
@@ -25,6 +29,10 @@ var schemas = []func() selector.Schema{
 	systemd.Selectors,
 	jointoken.Selectors,
 	x509pop.Selectors,
+	azureimds.Selectors,
+	azuremsi.Selectors,
+	awsiid.Selectors,
+	gcpiit.Selectors,
 }
 
 var registry = func() *selector.Registry {

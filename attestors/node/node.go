@@ -22,10 +22,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -119,40 +119,18 @@ func Exchange(ctx context.Context, agent AgentAttestor, server ServerAttestor) (
 	})
 }
 
-// SelectorForm describes one kind of node selector value an attestor
-// reports: the fixed Prefix it starts with and what follows it. Attestor
-// packages list theirs (e.g. azureimds.SelectorForms), so help text and
-// selector validation can know every node selector type.
-type SelectorForm struct {
-	// Prefix starts the value, e.g. "subscription-id:".
-	Prefix string
-	// Rest describes what follows Prefix, e.g. "<subscription GUID>".
-	Rest string
-	// Check validates what follows Prefix; nil accepts any non-empty text.
-	Check func(rest string) error
-}
-
-// CheckSelector validates value, a selector value of attestor typ, against
-// forms: it must start with one form's Prefix and pass its Check.
-func CheckSelector(typ, value string, forms []SelectorForm) error {
-	for _, f := range forms {
-		rest, ok := strings.CutPrefix(value, f.Prefix)
-		if !ok {
-			continue
+// Selectors turns values, produced by attestor typ, into its node
+// selectors in canonical order, refusing any value schema does not accept
+// (the attestor's own Selectors declaration, so what it emits and what
+// node-alias entries are checked against cannot drift apart).
+func Selectors(schema *selector.Registry, typ string, values ...string) ([]*ferrypb.Selector, error) {
+	out := make([]*ferrypb.Selector, 0, len(values))
+	for _, v := range values {
+		sel := &ferrypb.Selector{Type: typ, Value: v}
+		if err := schema.Check(selector.Node, sel); err != nil {
+			return nil, err
 		}
-		if rest == "" {
-			return fmt.Errorf("node: %s selector %q: nothing after %q, want %s", typ, value, f.Prefix, f.Rest)
-		}
-		if f.Check != nil {
-			if err := f.Check(rest); err != nil {
-				return fmt.Errorf("node: %s selector %q: %w", typ, value, err)
-			}
-		}
-		return nil
+		out = append(out, sel)
 	}
-	var want []string
-	for _, f := range forms {
-		want = append(want, f.Prefix+f.Rest)
-	}
-	return fmt.Errorf("node: %s selector %q: want one of %s", typ, value, strings.Join(want, ", "))
+	return selector.Canonical(out), nil
 }

@@ -40,8 +40,9 @@ package awsiid
 import (
 	"fmt"
 	"regexp"
+	"strings"
 
-	"github.com/ferry-id/ferry/attestors/node"
+	"github.com/ferry-id/ferry/internal/selector"
 )
 
 // Name is the attestor name and selector type.
@@ -94,12 +95,32 @@ func match(re *regexp.Regexp, what string) func(string) error {
 	}
 }
 
-// SelectorForms are the selector values this attestor reports.
-var SelectorForms = []node.SelectorForm{
-	{Prefix: "account:id:", Rest: "<12-digit account ID>", Check: match(accountRE, "account ID")},
-	{Prefix: "region:", Rest: "<region>", Check: match(regionRE, "region")},
-	{Prefix: "az:", Rest: "<availability zone>", Check: match(azRE, "availability zone")},
-	{Prefix: "instance:id:", Rest: "<i-…>", Check: match(instanceRE, "instance ID")},
-	{Prefix: "instance:type:", Rest: "<instance type>", Check: match(typeRE, "instance type")},
-	{Prefix: "image:id:", Rest: "<ami-…>", Check: match(imageRE, "AMI ID")},
+// Selectors declares the node selectors this attestor produces (see the
+// package comment), for the catalog's registry: node-alias entries are checked
+// against it, and the server half emits nothing else.
+func Selectors() selector.Schema {
+	return selector.Schema{Type: Name, Class: selector.Node, Kinds: []selector.Kind{
+		{Name: "account", Form: "id:<12-digit account ID>", Help: "signed accountId", Check: prefixed("id:", accountRE, "account ID")},
+		{Name: "region", Form: "<region>", Help: "signed region", Check: match(regionRE, "region")},
+		{Name: "az", Form: "<availability zone>", Help: "signed availabilityZone", Check: match(azRE, "availability zone")},
+		{Name: "instance", Form: "id:<i-…>|type:<instance type>", Help: "signed instanceId or instanceType", Check: func(s string) error {
+			if _, ok := strings.CutPrefix(s, "type:"); ok {
+				return prefixed("type:", typeRE, "instance type")(s)
+			}
+			return prefixed("id:", instanceRE, "instance ID")(s)
+		}},
+		{Name: "image", Form: "id:<ami-…>", Help: "signed imageId", Check: prefixed("id:", imageRE, "AMI ID")},
+	}}
+}
+
+var schema = selector.MustRegistry(Selectors())
+
+func prefixed(prefix string, re *regexp.Regexp, what string) func(string) error {
+	return func(s string) error {
+		rest, ok := strings.CutPrefix(s, prefix)
+		if !ok {
+			return fmt.Errorf("want %s<%s>", prefix, what)
+		}
+		return match(re, what)(rest)
+	}
 }

@@ -58,7 +58,7 @@ func TestAttest(t *testing.T) {
 	var got []string
 	for _, s := range res.Selectors {
 		got = append(got, selector.Format(s))
-		require.NoError(t, node.CheckSelector(s.Type, s.Value, awsiid.SelectorForms))
+		require.NoError(t, selector.MustRegistry(awsiid.Selectors()).Check(selector.Node, s))
 	}
 	require.Equal(t, []string{
 		"aws_iid:account:id:123456789012", "aws_iid:az:eu-west-1b", "aws_iid:image:id:ami-0abcdef1234567890",
@@ -152,7 +152,7 @@ func TestRefusals(t *testing.T) {
 		{"region not configured", payload(with(func(i *aws.Instance) { i.Region = "ap-south-1" }), aws.Sign(t, signer, with(func(i *aws.Instance) { i.Region = "ap-south-1" }))), `no AWS certificate is configured for region "ap-south-1"`},
 		{"tampered", tampered(), "signature verification failed"},
 		{"account not allowed", payload(with(func(i *aws.Instance) { i.AccountID = "999999999999" }), aws.Sign(t, signer, with(func(i *aws.Instance) { i.AccountID = "999999999999" }))), "account 999999999999 is not allowed"},
-		{"bad instance ID", payload(with(func(i *aws.Instance) { i.InstanceID = "i-../x" }), aws.Sign(t, signer, with(func(i *aws.Instance) { i.InstanceID = "i-../x" }))), "not an AWS instance ID"},
+		{"bad instance ID", payload(with(func(i *aws.Instance) { i.InstanceID = "i-../x" }), aws.Sign(t, signer, with(func(i *aws.Instance) { i.InstanceID = "i-../x" }))), "not AWS's forms"},
 		{"oversized", []byte(`{"document":"` + strings.Repeat("a", node.MaxPayloadSize) + `"}`), "over"},
 	}
 	for _, tc := range cases {

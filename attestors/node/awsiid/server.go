@@ -8,15 +8,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sort"
 	"strings"
 
 	"github.com/smallstep/pkcs7"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ferry-id/ferry/attestors/node"
-	"github.com/ferry-id/ferry/internal/selector"
-	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
 // ServerConfig configures the server half.
@@ -141,33 +138,21 @@ func (s *Server) Verify(raw []byte) (*Document, error) {
 }
 
 func (s *Server) result(doc *Document) (*node.Result, error) {
-	for _, c := range []struct{ v, what string }{
-		{doc.AccountID, "account:id:"}, {doc.InstanceID, "instance:id:"}, {doc.ImageID, "image:id:"},
-		{doc.AvailabilityZone, "az:"}, {doc.InstanceType, "instance:type:"},
-	} {
-		if err := node.CheckSelector(Name, c.what+c.v, SelectorForms); err != nil {
-			return nil, fmt.Errorf("aws_iid: signed document: %w", err)
-		}
+	if !accountRE.MatchString(doc.AccountID) || !instanceRE.MatchString(doc.InstanceID) {
+		return nil, fmt.Errorf("aws_iid: signed document has account %q and instance %q, not AWS's forms", truncate(doc.AccountID), truncate(doc.InstanceID))
 	}
 	if !s.accounts[doc.AccountID] {
 		return nil, fmt.Errorf("aws_iid: account %s is not allowed", doc.AccountID)
 	}
+	sels, err := node.Selectors(schema, Name,
+		"account:id:"+doc.AccountID, "region:"+doc.Region, "az:"+doc.AvailabilityZone,
+		"instance:id:"+doc.InstanceID, "instance:type:"+doc.InstanceType, "image:id:"+doc.ImageID)
+	if err != nil {
+		return nil, fmt.Errorf("aws_iid: signed document: %w", err)
+	}
 	id, err := node.AgentPath(s.td, Name, doc.AccountID, doc.Region, doc.InstanceID)
 	if err != nil {
 		return nil, err
-	}
-	values := []string{
-		"account:id:" + doc.AccountID, "region:" + doc.Region, "az:" + doc.AvailabilityZone,
-		"instance:id:" + doc.InstanceID, "instance:type:" + doc.InstanceType, "image:id:" + doc.ImageID,
-	}
-	sort.Strings(values)
-	var sels []*ferrypb.Selector
-	for _, v := range values {
-		sel := &ferrypb.Selector{Type: Name, Value: v}
-		if err := selector.Validate(sel); err != nil {
-			return nil, fmt.Errorf("aws_iid: %w", err)
-		}
-		sels = append(sels, sel)
 	}
 	return &node.Result{AgentID: id, Selectors: sels, CanReattest: s.reattest, SingleAgent: !s.reattest}, nil
 }

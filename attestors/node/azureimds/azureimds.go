@@ -50,7 +50,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/ferry-id/ferry/attestors/node"
+	"github.com/ferry-id/ferry/internal/selector"
 )
 
 // Name is the attestor name and selector type.
@@ -125,19 +125,25 @@ func ParseContent(b []byte) (*Content, error) {
 	return &c, nil
 }
 
-// SelectorForms are the selector values this attestor reports.
-var SelectorForms = []node.SelectorForm{
-	{Prefix: "tenant-id:", Rest: "<tenant GUID>", Check: CheckGUID},
-	{Prefix: "subscription-id:", Rest: "<subscription GUID>", Check: CheckGUID},
-	{Prefix: "vm-id:", Rest: "<vmId GUID>", Check: CheckGUID},
-	{Prefix: "sku:", Rest: "<image SKU>"},
-	{Prefix: "plan:", Rest: "<publisher>:<product>:<name>", Check: func(s string) error {
-		if strings.Count(s, ":") < 2 {
-			return errors.New("want <publisher>:<product>:<name>")
-		}
-		return nil
-	}},
+// Selectors declares the node selectors this attestor produces (see the
+// package comment), for the catalog's registry: node-alias entries are checked
+// against it, and the server half emits nothing else.
+func Selectors() selector.Schema {
+	return selector.Schema{Type: Name, Class: selector.Node, Kinds: []selector.Kind{
+		{Name: "tenant-id", Form: "<tenant GUID>", Help: "tenant listing the VM's subscription", Check: CheckGUID},
+		{Name: "subscription-id", Form: "<subscription GUID>", Help: "signed subscriptionId", Check: CheckGUID},
+		{Name: "vm-id", Form: "<vmId GUID>", Help: "signed vmId", Check: CheckGUID},
+		{Name: "sku", Form: "<image SKU>", Help: "signed image SKU"},
+		{Name: "plan", Form: "<publisher>:<product>:<name>", Help: "signed Marketplace plan", Check: func(s string) error {
+			if strings.Count(s, ":") < 2 {
+				return errors.New("want <publisher>:<product>:<name>")
+			}
+			return nil
+		}},
+	}}
 }
+
+var schema = selector.MustRegistry(Selectors())
 
 // CheckGUID accepts the canonical 8-4-4-4-12 hex form, either case.
 func CheckGUID(s string) error {

@@ -66,7 +66,7 @@ func TestAttest(t *testing.T) {
 	var got []string
 	for _, s := range res.Selectors {
 		got = append(got, selector.Format(s))
-		require.NoError(t, node.CheckSelector(s.Type, s.Value, azureimds.SelectorForms), "reported selectors fit the declared forms")
+		require.NoError(t, selector.MustRegistry(azureimds.Selectors()).Check(selector.Node, s), "reported selectors fit the declared forms")
 	}
 	require.Equal(t, []string{
 		"azure_imds:plan:canonical:ubuntu:22_04",

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math/big"
-	"sort"
 	"strings"
 	"time"
 
@@ -18,7 +17,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ferry-id/ferry/attestors/node"
-	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -186,7 +184,11 @@ func (s *Server) attest(ctx context.Context, payload []byte, challengeFn node.Ch
 	if err != nil {
 		return nil, vmID, err
 	}
-	return &node.Result{AgentID: id, Selectors: s.selectors(tenant, sub, vm, content), CanReattest: true}, vmID, nil
+	sels, err := s.selectors(tenant, sub, vm, content)
+	if err != nil {
+		return nil, vmID, err
+	}
+	return &node.Result{AgentID: id, Selectors: sels, CanReattest: true}, vmID, nil
 }
 
 // Verify checks doc's PKCS#7 signature, its signer's chain and name, and
@@ -267,7 +269,7 @@ func (s *Server) checkTime(ts TimeStamp) error {
 	return nil
 }
 
-func (s *Server) selectors(tenant, sub, vm string, c *Content) []*ferrypb.Selector {
+func (s *Server) selectors(tenant, sub, vm string, c *Content) ([]*ferrypb.Selector, error) {
 	values := []string{"tenant-id:" + tenant, "subscription-id:" + sub, "vm-id:" + vm}
 	if c.SKU != "" {
 		values = append(values, "sku:"+c.SKU)
@@ -275,17 +277,11 @@ func (s *Server) selectors(tenant, sub, vm string, c *Content) []*ferrypb.Select
 	if c.Plan.Publisher != "" || c.Plan.Product != "" || c.Plan.Name != "" {
 		values = append(values, "plan:"+c.Plan.Publisher+":"+c.Plan.Product+":"+c.Plan.Name)
 	}
-	sort.Strings(values)
-	var out []*ferrypb.Selector
-	for _, v := range values {
-		sel := &ferrypb.Selector{Type: Name, Value: v}
-		if err := selector.Validate(sel); err != nil {
-			s.log.Debug("azure_imds: skipping unrepresentable selector", "error", err)
-			continue
-		}
-		out = append(out, sel)
+	sels, err := node.Selectors(schema, Name, values...)
+	if err != nil {
+		return nil, fmt.Errorf("azure_imds: signed document: %w", err)
 	}
-	return out
+	return sels, nil
 }
 
 // newNonce returns NonceDigits uniformly random decimal digits.

@@ -44,12 +44,13 @@
 package azuremsi
 
 import (
+	"errors"
 	"fmt"
 	"regexp"
 	"strings"
 
-	"github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/azureimds"
+	"github.com/ferry-id/ferry/internal/selector"
 )
 
 // Name is the attestor name and selector type.
@@ -124,18 +125,24 @@ func checkName(s string) error {
 	return nil
 }
 
-// SelectorForms are the selector values this attestor reports.
-var SelectorForms = []node.SelectorForm{
-	{Prefix: "tenant-id:", Rest: "<tenant GUID>", Check: azureimds.CheckGUID},
-	{Prefix: "principal-id:", Rest: "<object GUID>", Check: azureimds.CheckGUID},
-	{Prefix: "subscription-id:", Rest: "<subscription GUID>", Check: azureimds.CheckGUID},
-	{Prefix: "resource-group:", Rest: "<resource group, lower case>", Check: checkName},
-	{Prefix: "machine-name:", Rest: "<VM or Arc machine name>", Check: checkName},
-	{Prefix: "machine-type:", Rest: "vm|arc", Check: func(s string) error {
-		if s != "vm" && s != "arc" {
-			return fmt.Errorf("%q: want vm or arc", s)
-		}
-		return nil
-	}},
-	{Prefix: "identity-name:", Rest: "<user-assigned identity name>", Check: checkName},
+// Selectors declares the node selectors this attestor produces (see the
+// package comment), for the catalog's registry: node-alias entries are checked
+// against it, and the server half emits nothing else.
+func Selectors() selector.Schema {
+	return selector.Schema{Type: Name, Class: selector.Node, Kinds: []selector.Kind{
+		{Name: "tenant-id", Form: "<tenant GUID>", Help: "tid", Check: azureimds.CheckGUID},
+		{Name: "principal-id", Form: "<object GUID>", Help: "oid, the managed identity", Check: azureimds.CheckGUID},
+		{Name: "subscription-id", Form: "<subscription GUID>", Help: "from xms_mirid", Check: azureimds.CheckGUID},
+		{Name: "resource-group", Form: "<resource group>", Help: "from xms_mirid, lower case", Check: checkName},
+		{Name: "machine-name", Form: "<name>", Help: "the VM's or Arc machine's name, from xms_mirid", Check: checkName},
+		{Name: "machine-type", Form: "vm|arc", Help: "a VM or an Arc machine, from xms_mirid", Check: func(s string) error {
+			if s != "vm" && s != "arc" {
+				return errors.New("want vm or arc")
+			}
+			return nil
+		}},
+		{Name: "identity-name", Form: "<name>", Help: "a user-assigned identity's name, from xms_mirid", Check: checkName},
+	}}
 }
+
+var schema = selector.MustRegistry(Selectors())

@@ -138,7 +138,7 @@ func TestAttestVMAndArc(t *testing.T) {
 	var got []string
 	for _, sel := range res.Selectors {
 		got = append(got, selector.Format(sel))
-		require.NoError(t, node.CheckSelector(sel.Type, sel.Value, azuremsi.SelectorForms))
+		require.NoError(t, selector.MustRegistry(azuremsi.Selectors()).Check(selector.Node, sel))
 	}
 	require.Equal(t, []string{
 		"azure_msi:machine-name:vm-web-1", "azure_msi:machine-type:vm", "azure_msi:principal-id:" + oid,

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"sort"
 	"strings"
 	"time"
 
@@ -17,8 +16,6 @@ import (
 	"github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/azureimds"
 	"github.com/ferry-id/ferry/bridge/discovery"
-	"github.com/ferry-id/ferry/internal/selector"
-	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
 // ServerConfig configures the server half.
@@ -179,23 +176,13 @@ func (s *Server) result(c *claims) (*node.Result, error) {
 			values = append(values, "identity-name:"+r.Name)
 		}
 	}
-	for _, v := range values {
-		if err := node.CheckSelector(Name, v, SelectorForms); err != nil {
-			return nil, fmt.Errorf("azure_msi: token: %w", err)
-		}
+	sels, err := node.Selectors(schema, Name, values...)
+	if err != nil {
+		return nil, fmt.Errorf("azure_msi: token: %w", err)
 	}
 	id, err := node.AgentPath(s.td, Name, c.Tid, oid)
 	if err != nil {
 		return nil, err
-	}
-	sort.Strings(values)
-	var sels []*ferrypb.Selector
-	for _, v := range values {
-		sel := &ferrypb.Selector{Type: Name, Value: v}
-		if err := selector.Validate(sel); err != nil {
-			return nil, fmt.Errorf("azure_msi: %w", err)
-		}
-		sels = append(sels, sel)
 	}
 	return &node.Result{AgentID: id, Selectors: sels, CanReattest: s.reattest, SingleAgent: !s.reattest}, nil
 }

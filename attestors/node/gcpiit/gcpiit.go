@@ -37,7 +37,7 @@ import (
 	"fmt"
 	"regexp"
 
-	"github.com/ferry-id/ferry/attestors/node"
+	"github.com/ferry-id/ferry/internal/selector"
 )
 
 // Name is the attestor name and selector type.
@@ -88,11 +88,17 @@ func match(re *regexp.Regexp, what string) func(string) error {
 	}
 }
 
-// SelectorForms are the selector values this attestor reports.
-var SelectorForms = []node.SelectorForm{
-	{Prefix: "project-id:", Rest: "<project ID>", Check: match(projectRE, "project ID")},
-	{Prefix: "zone:", Rest: "<zone>", Check: match(zoneRE, "zone")},
-	{Prefix: "instance-id:", Rest: "<numeric instance ID>", Check: match(instanceRE, "instance ID")},
-	{Prefix: "instance-name:", Rest: "<instance name>", Check: match(nameRE, "instance name")},
-	{Prefix: "sa:", Rest: "<service account email>", Check: match(emailRE, "service account email")},
+// Selectors declares the node selectors this attestor produces (see the
+// package comment), for the catalog's registry: node-alias entries are checked
+// against it, and the server half emits nothing else.
+func Selectors() selector.Schema {
+	return selector.Schema{Type: Name, Class: selector.Node, Kinds: []selector.Kind{
+		{Name: "project-id", Form: "<project ID>", Help: "google.compute_engine.project_id", Check: match(projectRE, "project ID")},
+		{Name: "zone", Form: "<zone>", Help: "google.compute_engine.zone", Check: match(zoneRE, "zone")},
+		{Name: "instance-id", Form: "<numeric instance ID>", Help: "google.compute_engine.instance_id", Check: match(instanceRE, "instance ID")},
+		{Name: "instance-name", Form: "<instance name>", Help: "google.compute_engine.instance_name", Check: match(nameRE, "instance name")},
+		{Name: "sa", Form: "<service account email>", Help: "the service account the token is for", Check: match(emailRE, "service account email")},
+	}}
 }
+
+var schema = selector.MustRegistry(Selectors())

@@ -64,7 +64,7 @@ func TestAttest(t *testing.T) {
 	var got []string
 	for _, s := range res.Selectors {
 		got = append(got, selector.Format(s))
-		require.NoError(t, node.CheckSelector(s.Type, s.Value, gcpiit.SelectorForms))
+		require.NoError(t, selector.MustRegistry(gcpiit.Selectors()).Check(selector.Node, s))
 	}
 	require.Equal(t, []string{
 		"gcp_iit:instance-id:4526170237546731267", "gcp_iit:instance-name:web-1", "gcp_iit:project-id:ferry-prod",

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"sort"
 	"strconv"
 	"time"
 
@@ -15,8 +14,6 @@ import (
 
 	"github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/bridge/discovery"
-	"github.com/ferry-id/ferry/internal/selector"
-	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
 // ServerConfig configures the server half.
@@ -152,14 +149,10 @@ func (s *Server) Verify(ctx context.Context, token []byte) (*claims, error) {
 
 func (s *Server) result(c *claims) (*node.Result, error) {
 	ce := c.Google.ComputeEngine
-	values := []string{
-		"project-id:" + ce.ProjectID, "zone:" + ce.Zone, "instance-id:" + ce.InstanceID,
-		"instance-name:" + ce.InstanceName, "sa:" + c.Email,
-	}
-	for _, v := range values {
-		if err := node.CheckSelector(Name, v, SelectorForms); err != nil {
-			return nil, fmt.Errorf("gcp_iit: token: %w", err)
-		}
+	sels, err := node.Selectors(schema, Name, "project-id:"+ce.ProjectID, "zone:"+ce.Zone,
+		"instance-id:"+ce.InstanceID, "instance-name:"+ce.InstanceName, "sa:"+c.Email)
+	if err != nil {
+		return nil, fmt.Errorf("gcp_iit: token: %w", err)
 	}
 	if !c.EmailVerified {
 		return nil, errors.New("gcp_iit: the token's service account email is not verified")
@@ -173,15 +166,6 @@ func (s *Server) result(c *claims) (*node.Result, error) {
 	id, err := node.AgentPath(s.td, Name, ce.ProjectID, ce.InstanceID)
 	if err != nil {
 		return nil, err
-	}
-	sort.Strings(values)
-	var sels []*ferrypb.Selector
-	for _, v := range values {
-		sel := &ferrypb.Selector{Type: Name, Value: v}
-		if err := selector.Validate(sel); err != nil {
-			return nil, fmt.Errorf("gcp_iit: %w", err)
-		}
-		sels = append(sels, sel)
 	}
 	return &node.Result{AgentID: id, Selectors: sels, CanReattest: s.reattest, SingleAgent: !s.reattest}, nil
 }
