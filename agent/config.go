@@ -42,6 +42,7 @@ type agentBlock struct {
 	AWSIID          *awsIIDAgentBlock      `hcl:"aws_iid"`
 	GCPIIT          *gcpIITAgentBlock      `hcl:"gcp_iit"`
 	AzureMSI        *azureMSIAgentBlock    `hcl:"azure_msi"`
+	TPM             *tpmAgentBlock         `hcl:"tpm"`
 	Systemd         bool                   `hcl:"systemd"`
 	IMDS            *imdsBlock             `hcl:"imds"`
 	UnusedKeys      map[string][]token.Pos `hcl:",unusedKeyPositions"`
@@ -121,7 +122,7 @@ func LoadConfig(path, joinToken string) (FileConfig, error) {
 	if joinToken == "" {
 		joinToken = a.JoinToken
 	}
-	cloud, err := cloudAttestors(a)
+	cloud, err := cloudAttestors(path, a)
 	if err != nil {
 		return FileConfig{}, err
 	}

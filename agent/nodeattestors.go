@@ -10,6 +10,8 @@ import (
 	"github.com/ferry-id/ferry/attestors/node/azureimds"
 	"github.com/ferry-id/ferry/attestors/node/azuremsi"
 	"github.com/ferry-id/ferry/attestors/node/gcpiit"
+	"github.com/ferry-id/ferry/attestors/node/tpm"
+	"github.com/ferry-id/ferry/internal/config"
 )
 
 // The agent block's node attestor settings beyond join_token and x509pop.
@@ -41,9 +43,14 @@ type azureMSIAgentBlock struct {
 	UnusedKeys       map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
-// cloudAttestors returns the node attestors configured by the cloud blocks
-// of a, by name.
-func cloudAttestors(a *agentBlock) (map[string]node.AgentAttestor, error) {
+type tpmAgentBlock struct {
+	Device     string                 `hcl:"device"`
+	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+// cloudAttestors returns the node attestors configured by the blocks of a
+// beyond join_token and x509pop (cloud platforms, TPM), by name.
+func cloudAttestors(path string, a *agentBlock) (map[string]node.AgentAttestor, error) {
 	out := map[string]node.AgentAttestor{}
 	if b := a.AzureIMDS; b != nil {
 		at, err := azureimds.NewAgent(azureimds.AgentConfig{MetadataURL: b.MetadataURL, APIVersion: b.APIVersion})
@@ -72,6 +79,13 @@ func cloudAttestors(a *agentBlock) (map[string]node.AgentAttestor, error) {
 		}
 		at, err := azuremsi.NewAgent(azuremsi.AgentConfig{Resource: b.Resource, Arc: b.Endpoint == "arc", MetadataURL: b.MetadataURL,
 			IdentityEndpoint: b.IdentityEndpoint, ArcTokenDir: b.ArcTokenDir, ClientID: b.ClientID})
+		if err != nil {
+			return nil, fmt.Errorf("agent: %w", err)
+		}
+		out[at.Name()] = at
+	}
+	if b := a.TPM; b != nil {
+		at, err := tpm.NewAgent(tpm.AgentConfig{Device: config.Resolve(path, b.Device)})
 		if err != nil {
 			return nil, fmt.Errorf("agent: %w", err)
 		}

@@ -40,6 +40,7 @@ type serverBlock struct {
 	AWSIID      *awsIIDServerBlock     `hcl:"aws_iid"`
 	GCPIIT      *gcpIITServerBlock     `hcl:"gcp_iit"`
 	AzureMSI    *azureMSIServerBlock   `hcl:"azure_msi"`
+	TPM         *tpmServerBlock        `hcl:"tpm"`
 	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 

@@ -207,9 +207,11 @@ func TestNodeAttestorConfig(t *testing.T) {
 	root := testpki.NewRoot(t, "root")
 	inter := root.Intermediate(t, "inter")
 	files := map[string]string{
-		"/etc/ferry/azure-roots.pem":           testpki.WritePEM(t, dir, "roots.pem", root.Cert),
-		"/etc/ferry/azure-intermediates.pem":   testpki.WritePEM(t, dir, "inter.pem", inter.Cert),
-		"/etc/ferry/aws/us-east-1-rsa2048.pem": testpki.WritePEM(t, dir, "aws.pem", root.Cert),
+		"/etc/ferry/azure-roots.pem":                    testpki.WritePEM(t, dir, "roots.pem", root.Cert),
+		"/etc/ferry/azure-intermediates.pem":            testpki.WritePEM(t, dir, "inter.pem", inter.Cert),
+		"/etc/ferry/aws/us-east-1-rsa2048.pem":          testpki.WritePEM(t, dir, "aws.pem", root.Cert),
+		"/etc/ferry/tpm-manufacturer-roots.pem":         testpki.WritePEM(t, dir, "tpm-roots.pem", root.Cert),
+		"/etc/ferry/tpm-manufacturer-intermediates.pem": testpki.WritePEM(t, dir, "tpm-inter.pem", inter.Cert),
 	}
 	load := func(block string) (server.Config, error) {
 		for from, to := range files {
@@ -304,4 +306,16 @@ func TestNodeAttestorConfig(t *testing.T) {
 		_, err := load(strings.Replace(mb, c.from, c.to, 1))
 		require.ErrorContains(t, err, c.want, name)
 	}
+
+	tb := sampleBlock(t, "../conf/server.conf", "tpm")
+	cfg, err = load(tb)
+	require.NoError(t, err)
+	require.Len(t, cfg.NodeAttestors, 1)
+	at, err = cfg.NodeAttestors[0](slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	require.Equal(t, "tpm", at.Name())
+	_, err = load(strings.Replace(tb, `"/etc/ferry/tpm-manufacturer-roots.pem"`, `""`, 1))
+	require.ErrorContains(t, err, "manufacturer_ca_file is required")
+	_, err = load(strings.Replace(tb, `"/etc/ferry/tpm-manufacturer-roots.pem"`, `"/nonexistent.pem"`, 1))
+	require.ErrorContains(t, err, "manufacturer_ca_file")
 }

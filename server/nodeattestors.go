@@ -16,6 +16,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/node/azureimds"
 	"github.com/ferry-id/ferry/attestors/node/azuremsi"
 	"github.com/ferry-id/ferry/attestors/node/gcpiit"
+	"github.com/ferry-id/ferry/attestors/node/tpm"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/internal/config"
 )
@@ -58,6 +59,14 @@ type azureMSIServerBlock struct {
 	CAFile             string                 `hcl:"ca_file"`
 	AllowReattestation bool                   `hcl:"allow_reattestation"`
 	UnusedKeys         map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type tpmServerBlock struct {
+	// ManufacturerCAFile is a PEM file of TPM manufacturer root CAs.
+	ManufacturerCAFile string `hcl:"manufacturer_ca_file"`
+	// IntermediatesFile is a PEM file of intermediate CAs EK chains may use.
+	IntermediatesFile string                 `hcl:"intermediates_file"`
+	UnusedKeys        map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
 // httpsClient returns a client trusting the CAs in file, or nil (the system
@@ -157,6 +166,28 @@ func nodeAttestors(b *serverBlock, path string, td spiffeid.TrustDomain) ([]Node
 		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
 			c.Log = log.With("attestor", azuremsi.Name)
 			return azuremsi.NewServer(c)
+		})
+	}
+	if tb := b.TPM; tb != nil {
+		c := tpm.ServerConfig{TrustDomain: td}
+		var err error
+		if tb.ManufacturerCAFile == "" {
+			return nil, fmt.Errorf("server: tpm: manufacturer_ca_file is required")
+		}
+		if c.ManufacturerCAs, err = x509pop.LoadCertificates(config.Resolve(path, tb.ManufacturerCAFile)); err != nil {
+			return nil, fmt.Errorf("server: tpm: manufacturer_ca_file: %w", err)
+		}
+		if tb.IntermediatesFile != "" {
+			if c.Intermediates, err = x509pop.LoadCertificates(config.Resolve(path, tb.IntermediatesFile)); err != nil {
+				return nil, fmt.Errorf("server: tpm: intermediates_file: %w", err)
+			}
+		}
+		if _, err := tpm.NewServer(c); err != nil {
+			return nil, fmt.Errorf("server: %w", err)
+		}
+		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
+			c.Log = log.With("attestor", tpm.Name)
+			return tpm.NewServer(c)
 		})
 	}
 	return out, nil

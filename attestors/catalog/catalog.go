@@ -16,6 +16,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/node/azuremsi"
 	"github.com/ferry-id/ferry/attestors/node/gcpiit"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
+	"github.com/ferry-id/ferry/attestors/node/tpm"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/attestors/workload/systemd"
 	"github.com/ferry-id/ferry/attestors/workload/unix"
@@ -33,6 +34,7 @@ var schemas = []func() selector.Schema{
 	azuremsi.Selectors,
 	awsiid.Selectors,
 	gcpiit.Selectors,
+	tpm.Selectors,
 }
 
 var registry = func() *selector.Registry {

@@ -2,6 +2,9 @@ package e2e
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -10,15 +13,18 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-attestation/attest"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"github.com/stretchr/testify/require"
 
+	"github.com/ferry-id/ferry/attestors/node/tpm"
 	"github.com/ferry-id/ferry/internal/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	aws "github.com/ferry-id/ferry/test/metadata/aws"
 	azure "github.com/ferry-id/ferry/test/metadata/azure"
 	gcp "github.com/ferry-id/ferry/test/metadata/gcp"
 	"github.com/ferry-id/ferry/test/metadata/testpki"
+	"github.com/ferry-id/ferry/test/swtpm"
 )
 
 // nodeAttestEnv is a one-node cluster whose node attestors trust stand-in
@@ -436,4 +442,67 @@ func TestNodeAttestAzureMSI(t *testing.T) {
 	require.Error(t, err, out)
 	require.Contains(t, out, "token has invalid audience", out)
 	e.requireServerLog("token has invalid audience")
+}
+
+// ekHash reads a TPM's EK certificate as the agent would and returns the
+// hash naming its agent.
+func ekHash(t *testing.T, sw *swtpm.TPM) string {
+	t.Helper()
+	a, err := tpm.NewAgent(tpm.AgentConfig{Device: sw.Socket})
+	require.NoError(t, err)
+	p, err := a.Payload(context.Background())
+	require.NoError(t, err)
+	var pl struct {
+		EKCert []byte `json:"ek_cert"`
+	}
+	require.NoError(t, json.Unmarshal(p, &pl))
+	cert, err := attest.ParseEKCertificate(pl.EKCert)
+	require.NoError(t, err)
+	h, err := tpm.PublicKeyHash(cert.PublicKey)
+	require.NoError(t, err)
+	return h
+}
+
+func TestNodeAttestTPM(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts real server, agent and swtpm processes")
+	}
+	swA, swB, swC := swtpm.Start(t), swtpm.Start(t), swtpm.Start(t)
+	dir := t.TempDir()
+	roots := testpki.WritePEM(t, dir, "tpm-roots.pem", swA.CAs[0], swB.CAs[0])
+	inter := testpki.WritePEM(t, dir, "tpm-inter.pem", swA.CAs[1], swB.CAs[1])
+	e := newNodeAttestEnv(t, fmt.Sprintf(`  tpm {
+    manufacturer_ca_file = %q
+    intermediates_file   = %q
+  }
+`, roots, inter))
+	hashA, hashB := ekHash(t, swA), ekHash(t, swB)
+	rootA := sha256.Sum256(swA.CAs[0].Raw)
+	e.alias("ca-a", "tpm:ek-ca:"+hex.EncodeToString(rootA[:]))
+	e.alias("tpm-b", "tpm:ek-hash:"+hashB)
+
+	block := func(sock string) string { return fmt.Sprintf("  tpm {\n    device = %q\n  }\n", sock) }
+	a := e.c.NewAgentAttested("tpm-a", block(swA.Socket))
+	a.ID = "spiffe://example.org/spire/agent/tpm/" + hashA
+	b := e.c.NewAgentAttested("tpm-b", block(swB.Socket))
+	b.ID = "spiffe://example.org/spire/agent/tpm/" + hashB
+	a.Start()
+	b.Start()
+	e.marker(a)
+	e.marker(b)
+	e.requireSVIDs(a, "ca-a")
+	e.requireSVIDs(b, "tpm-b")
+
+	// Wiped, the machine proves its TPM again and is the same agent, at once.
+	a.Stop()
+	a.WipeData()
+	a.Start()
+	e.requireSVIDs(a, "ca-a")
+
+	// A TPM from a manufacturer the server does not trust is refused.
+	c := e.c.NewAgentAttested("tpm-c", block(swC.Socket))
+	out, err := c.RunToExit(2 * time.Minute)
+	require.Error(t, err, out)
+	require.Contains(t, out, "does not chain to a configured manufacturer CA", out)
+	e.requireServerLog("tpm attestation rejected")
 }
