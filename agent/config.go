@@ -43,6 +43,7 @@ type agentBlock struct {
 	GCPIIT          *gcpIITAgentBlock      `hcl:"gcp_iit"`
 	AzureMSI        *azureMSIAgentBlock    `hcl:"azure_msi"`
 	TPM             *tpmAgentBlock         `hcl:"tpm"`
+	SSHPoP          *sshpopAgentBlock      `hcl:"sshpop"`
 	Systemd         bool                   `hcl:"systemd"`
 	IMDS            *imdsBlock             `hcl:"imds"`
 	UnusedKeys      map[string][]token.Pos `hcl:",unusedKeyPositions"`

@@ -10,6 +10,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/node/azureimds"
 	"github.com/ferry-id/ferry/attestors/node/azuremsi"
 	"github.com/ferry-id/ferry/attestors/node/gcpiit"
+	"github.com/ferry-id/ferry/attestors/node/sshpop"
 	"github.com/ferry-id/ferry/attestors/node/tpm"
 	"github.com/ferry-id/ferry/internal/config"
 )
@@ -46,6 +47,12 @@ type azureMSIAgentBlock struct {
 type tpmAgentBlock struct {
 	Device     string                 `hcl:"device"`
 	UnusedKeys map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type sshpopAgentBlock struct {
+	HostKeyPath  string                 `hcl:"host_key_path"`
+	HostCertPath string                 `hcl:"host_cert_path"`
+	UnusedKeys   map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
 // cloudAttestors returns the node attestors configured by the blocks of a
@@ -86,6 +93,13 @@ func cloudAttestors(path string, a *agentBlock) (map[string]node.AgentAttestor, 
 	}
 	if b := a.TPM; b != nil {
 		at, err := tpm.NewAgent(tpm.AgentConfig{Device: config.Resolve(path, b.Device)})
+		if err != nil {
+			return nil, fmt.Errorf("agent: %w", err)
+		}
+		out[at.Name()] = at
+	}
+	if b := a.SSHPoP; b != nil {
+		at, err := sshpop.NewAgent(sshpop.AgentConfig{HostKeyPath: config.Resolve(path, b.HostKeyPath), HostCertPath: config.Resolve(path, b.HostCertPath)})
 		if err != nil {
 			return nil, fmt.Errorf("agent: %w", err)
 		}

@@ -41,6 +41,7 @@ type serverBlock struct {
 	GCPIIT      *gcpIITServerBlock     `hcl:"gcp_iit"`
 	AzureMSI    *azureMSIServerBlock   `hcl:"azure_msi"`
 	TPM         *tpmServerBlock        `hcl:"tpm"`
+	SSHPoP      *sshpopServerBlock     `hcl:"sshpop"`
 	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 

@@ -1,6 +1,8 @@
 package server_test
 
 import (
+	"crypto/ed25519"
+	"crypto/rand"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -9,6 +11,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/crypto/ssh"
 
 	"github.com/ferry-id/ferry/server"
 	"github.com/ferry-id/ferry/test/metadata/testpki"
@@ -318,4 +321,22 @@ func TestNodeAttestorConfig(t *testing.T) {
 	require.ErrorContains(t, err, "manufacturer_ca_file is required")
 	_, err = load(strings.Replace(tb, `"/etc/ferry/tpm-manufacturer-roots.pem"`, `"/nonexistent.pem"`, 1))
 	require.ErrorContains(t, err, "manufacturer_ca_file")
+
+	_, caKey, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	caPub, err := ssh.NewPublicKey(caKey.Public())
+	require.NoError(t, err)
+	caFile := filepath.Join(dir, "ssh-ca.pub")
+	require.NoError(t, os.WriteFile(caFile, append([]byte("# host CA\n@cert-authority *.example.org "), ssh.MarshalAuthorizedKey(caPub)...), 0o644))
+	files["/etc/ferry/ssh-host-ca.pub"] = caFile
+	sb := sampleBlock(t, "../conf/server.conf", "sshpop")
+	cfg, err = load(sb)
+	require.NoError(t, err)
+	require.Len(t, cfg.NodeAttestors, 1)
+	at, err = cfg.NodeAttestors[0](slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	require.Equal(t, "sshpop", at.Name())
+	require.NoError(t, os.WriteFile(caFile, []byte("not a key\n"), 0o644))
+	_, err = load(sb)
+	require.ErrorContains(t, err, "ssh-ca.pub line 1")
 }

@@ -6,16 +6,20 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/hcl/hcl/token"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/crypto/ssh"
 
 	nodeattestor "github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/awsiid"
 	"github.com/ferry-id/ferry/attestors/node/azureimds"
 	"github.com/ferry-id/ferry/attestors/node/azuremsi"
 	"github.com/ferry-id/ferry/attestors/node/gcpiit"
+	"github.com/ferry-id/ferry/attestors/node/sshpop"
 	"github.com/ferry-id/ferry/attestors/node/tpm"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/internal/config"
@@ -67,6 +71,44 @@ type tpmServerBlock struct {
 	// IntermediatesFile is a PEM file of intermediate CAs EK chains may use.
 	IntermediatesFile string                 `hcl:"intermediates_file"`
 	UnusedKeys        map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+type sshpopServerBlock struct {
+	// CertAuthoritiesFile holds the CA public keys, one per line, as
+	// ssh-keygen writes them (ca.pub) or with a @cert-authority marker.
+	CertAuthoritiesFile string                 `hcl:"cert_authorities_file"`
+	UnusedKeys          map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+// loadSSHAuthorities reads SSH public keys, one per line (known_hosts
+// @cert-authority lines and comments allowed).
+func loadSSHAuthorities(file string) ([]ssh.PublicKey, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	var keys []ssh.PublicKey
+	for n, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		if rest, ok := strings.CutPrefix(line, "@cert-authority"); ok {
+			// "@cert-authority <host patterns> <key>": drop the patterns.
+			if f := strings.Fields(rest); len(f) > 1 {
+				line = strings.Join(f[1:], " ")
+			}
+		}
+		k, _, _, _, err := ssh.ParseAuthorizedKey([]byte(line))
+		if err != nil {
+			return nil, fmt.Errorf("%s line %d: %w", file, n+1, err)
+		}
+		keys = append(keys, k)
+	}
+	if len(keys) == 0 {
+		return nil, fmt.Errorf("%s: no public key", file)
+	}
+	return keys, nil
 }
 
 // httpsClient returns a client trusting the CAs in file, or nil (the system
@@ -188,6 +230,23 @@ func nodeAttestors(b *serverBlock, path string, td spiffeid.TrustDomain) ([]Node
 		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
 			c.Log = log.With("attestor", tpm.Name)
 			return tpm.NewServer(c)
+		})
+	}
+	if sb := b.SSHPoP; sb != nil {
+		if sb.CertAuthoritiesFile == "" {
+			return nil, fmt.Errorf("server: sshpop: cert_authorities_file is required")
+		}
+		keys, err := loadSSHAuthorities(config.Resolve(path, sb.CertAuthoritiesFile))
+		if err != nil {
+			return nil, fmt.Errorf("server: sshpop: cert_authorities_file: %w", err)
+		}
+		c := sshpop.ServerConfig{TrustDomain: td, CertAuthorities: keys}
+		if _, err := sshpop.NewServer(c); err != nil {
+			return nil, fmt.Errorf("server: %w", err)
+		}
+		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
+			c.Log = log.With("attestor", sshpop.Name)
+			return sshpop.NewServer(c)
 		})
 	}
 	return out, nil

@@ -16,6 +16,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/node/azuremsi"
 	"github.com/ferry-id/ferry/attestors/node/gcpiit"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
+	"github.com/ferry-id/ferry/attestors/node/sshpop"
 	"github.com/ferry-id/ferry/attestors/node/tpm"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/attestors/workload/systemd"
@@ -35,6 +36,7 @@ var schemas = []func() selector.Schema{
 	awsiid.Selectors,
 	gcpiit.Selectors,
 	tpm.Selectors,
+	sshpop.Selectors,
 }
 
 var registry = func() *selector.Registry {

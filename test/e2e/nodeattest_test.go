@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -16,7 +17,9 @@ import (
 	"github.com/google/go-attestation/attest"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/crypto/ssh"
 
+	"github.com/ferry-id/ferry/attestors/node/sshpop"
 	"github.com/ferry-id/ferry/attestors/node/tpm"
 	"github.com/ferry-id/ferry/internal/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
@@ -505,4 +508,66 @@ func TestNodeAttestTPM(t *testing.T) {
 	require.Error(t, err, out)
 	require.Contains(t, out, "does not chain to a configured manufacturer CA", out)
 	e.requireServerLog("tpm attestation rejected")
+}
+
+// sshKeygen runs ssh-keygen, as an operator would.
+func sshKeygen(t *testing.T, args ...string) {
+	t.Helper()
+	out, err := exec.Command("ssh-keygen", args...).CombinedOutput()
+	require.NoError(t, err, "ssh-keygen %s\n%s", strings.Join(args, " "), out)
+}
+
+// hostKey makes a host key in dir and has ca certify it for principals.
+func hostKey(t *testing.T, dir, ca, principals string) string {
+	t.Helper()
+	require.NoError(t, os.MkdirAll(dir, 0o700))
+	key := filepath.Join(dir, "ssh_host_ed25519_key")
+	sshKeygen(t, "-q", "-t", "ed25519", "-N", "", "-f", key)
+	sshKeygen(t, "-q", "-s", ca, "-I", filepath.Base(dir), "-h", "-n", principals, "-V", "-1h:+1h", key+".pub")
+	return fmt.Sprintf("  sshpop {\n    host_key_path  = %q\n    host_cert_path = %q\n  }\n", key, key+"-cert.pub")
+}
+
+func TestNodeAttestSSHPoP(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts real server and agent processes")
+	}
+	if _, err := exec.LookPath("ssh-keygen"); err != nil {
+		t.Skip("ssh-keygen not installed")
+	}
+	dir := t.TempDir()
+	ca, rogue := filepath.Join(dir, "host_ca"), filepath.Join(dir, "rogue_ca")
+	sshKeygen(t, "-q", "-t", "ed25519", "-N", "", "-f", ca)
+	sshKeygen(t, "-q", "-t", "ed25519", "-N", "", "-f", rogue)
+	e := newNodeAttestEnv(t, fmt.Sprintf("  sshpop {\n    cert_authorities_file = %q\n  }\n", ca+".pub"))
+	e.alias("web", "sshpop:principal:web-1.example.org")
+	e.alias("fleet", "sshpop:principal:fleet")
+
+	a := e.c.NewAgentAttested("ssh-a", hostKey(t, filepath.Join(dir, "a"), ca, "web-1.example.org,fleet"))
+	b := e.c.NewAgentAttested("ssh-b", hostKey(t, filepath.Join(dir, "b"), ca, "db-1.example.org,fleet"))
+	for _, ag := range []*testcluster.Agent{a, b} {
+		pub, err := os.ReadFile(filepath.Join(dir, ag.Name[len("ssh-"):], "ssh_host_ed25519_key.pub"))
+		require.NoError(t, err)
+		k, _, _, _, err := ssh.ParseAuthorizedKey(pub)
+		require.NoError(t, err)
+		ag.ID = "spiffe://example.org/spire/agent/sshpop/" + sshpop.KeyHash(k)
+	}
+	a.Start()
+	b.Start()
+	e.marker(a)
+	e.marker(b)
+	e.requireSVIDs(a, "web", "fleet")
+	e.requireSVIDs(b, "fleet")
+
+	// Wiped, the host proves its key again and is the same agent.
+	a.Stop()
+	a.WipeData()
+	a.Start()
+	e.requireSVIDs(a, "web", "fleet")
+
+	// A host certified by a CA the server does not trust is refused.
+	c := e.c.NewAgentAttested("ssh-c", hostKey(t, filepath.Join(dir, "c"), rogue, "web-1.example.org"))
+	out, err := c.RunToExit(2 * time.Minute)
+	require.Error(t, err, out)
+	require.Contains(t, out, "host certificate refused", out)
+	e.requireServerLog("sshpop attestation rejected")
 }
