@@ -511,14 +511,14 @@ func TestNodeAttestTPM(t *testing.T) {
 }
 
 // sshKeygen runs ssh-keygen, as an operator would.
-func sshKeygen(t *testing.T, args ...string) {
+func sshKeygen(t testing.TB, args ...string) {
 	t.Helper()
 	out, err := exec.Command("ssh-keygen", args...).CombinedOutput()
 	require.NoError(t, err, "ssh-keygen %s\n%s", strings.Join(args, " "), out)
 }
 
 // hostKey makes a host key in dir and has ca certify it for principals.
-func hostKey(t *testing.T, dir, ca, principals string) string {
+func hostKey(t testing.TB, dir, ca, principals string) string {
 	t.Helper()
 	require.NoError(t, os.MkdirAll(dir, 0o700))
 	key := filepath.Join(dir, "ssh_host_ed25519_key")

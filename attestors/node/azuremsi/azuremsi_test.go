@@ -37,7 +37,7 @@ const (
 var td = spiffeid.RequireTrustDomainFromString("example.org")
 
 // tenantAuthority is an Entra tenant's issuer (v1 form: https://host/<tenant>/).
-func tenantAuthority(t *testing.T) *oidcissuer.Issuer {
+func tenantAuthority(t testing.TB) *oidcissuer.Issuer {
 	t.Helper()
 	iss, err := oidcissuer.Start(oidcissuer.Config{Path: "/" + tenant + "/"})
 	require.NoError(t, err)
@@ -45,7 +45,7 @@ func tenantAuthority(t *testing.T) *oidcissuer.Issuer {
 	return iss
 }
 
-func mint(t *testing.T, iss *oidcissuer.Issuer, mod func(*oidcissuer.Token)) string {
+func mint(t testing.TB, iss *oidcissuer.Issuer, mod func(*oidcissuer.Token)) string {
 	t.Helper()
 	tok := oidcissuer.Token{Subject: oid, Audience: audience, Lifetime: time.Hour,
 		Claims: map[string]any{"tid": tenant, "oid": oid, "xms_mirid": vmMirid, "ver": "1.0", "idtyp": "app"}}
@@ -57,7 +57,7 @@ func mint(t *testing.T, iss *oidcissuer.Issuer, mod func(*oidcissuer.Token)) str
 	return s
 }
 
-func newServer(t *testing.T, iss *oidcissuer.Issuer, mod ...func(*azuremsi.ServerConfig)) *azuremsi.Server {
+func newServer(t testing.TB, iss *oidcissuer.Issuer, mod ...func(*azuremsi.ServerConfig)) *azuremsi.Server {
 	t.Helper()
 	base := strings.TrimSuffix(iss.URL(), "/"+tenant+"/")
 	c := azuremsi.ServerConfig{TrustDomain: td, Tenants: []string{tenant}, Audience: audience,

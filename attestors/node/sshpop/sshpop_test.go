@@ -23,7 +23,7 @@ import (
 
 var td = spiffeid.RequireTrustDomainFromString("example.org")
 
-func signer(t *testing.T) (ssh.Signer, ed25519.PrivateKey) {
+func signer(t testing.TB) (ssh.Signer, ed25519.PrivateKey) {
 	t.Helper()
 	_, priv, err := ed25519.GenerateKey(rand.Reader)
 	require.NoError(t, err)
@@ -34,7 +34,7 @@ func signer(t *testing.T) (ssh.Signer, ed25519.PrivateKey) {
 
 // hostFiles writes a host key and a certificate for it signed by ca, and
 // returns the agent's config.
-func hostFiles(t *testing.T, ca ssh.Signer, mod func(*ssh.Certificate)) sshpop.AgentConfig {
+func hostFiles(t testing.TB, ca ssh.Signer, mod func(*ssh.Certificate)) sshpop.AgentConfig {
 	t.Helper()
 	host, priv := signer(t)
 	cert := &ssh.Certificate{Key: host.PublicKey(), CertType: ssh.HostCert, KeyId: "web-1", ValidPrincipals: []string{"web-1.example.org", "web-1"},
@@ -52,7 +52,7 @@ func hostFiles(t *testing.T, ca ssh.Signer, mod func(*ssh.Certificate)) sshpop.A
 	return c
 }
 
-func newServer(t *testing.T, cas ...ssh.Signer) *sshpop.Server {
+func newServer(t testing.TB, cas ...ssh.Signer) *sshpop.Server {
 	t.Helper()
 	var keys []ssh.PublicKey
 	for _, c := range cas {
@@ -63,7 +63,7 @@ func newServer(t *testing.T, cas ...ssh.Signer) *sshpop.Server {
 	return s
 }
 
-func newAgent(t *testing.T, c sshpop.AgentConfig) *sshpop.Agent {
+func newAgent(t testing.TB, c sshpop.AgentConfig) *sshpop.Agent {
 	t.Helper()
 	a, err := sshpop.NewAgent(c)
 	require.NoError(t, err)

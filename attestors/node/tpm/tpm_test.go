@@ -19,14 +19,14 @@ import (
 
 var td = spiffeid.RequireTrustDomainFromString("example.org")
 
-func newServer(t *testing.T, sw *swtpm.TPM) *tpm.Server {
+func newServer(t testing.TB, sw *swtpm.TPM) *tpm.Server {
 	t.Helper()
 	s, err := tpm.NewServer(tpm.ServerConfig{TrustDomain: td, ManufacturerCAs: sw.CAs[:1], Intermediates: sw.CAs[1:]})
 	require.NoError(t, err)
 	return s
 }
 
-func newAgent(t *testing.T, sw *swtpm.TPM) *tpm.Agent {
+func newAgent(t testing.TB, sw *swtpm.TPM) *tpm.Agent {
 	t.Helper()
 	a, err := tpm.NewAgent(tpm.AgentConfig{Device: sw.Socket})
 	require.NoError(t, err)
