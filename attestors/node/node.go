@@ -2,8 +2,9 @@
 // runs on, and how the server turns that proof into the agent's SPIFFE ID and
 // node selectors.
 //
-// Each attestor package (attestors/node/jointoken, attestors/node/x509pop, …)
-// holds both halves. The agent half produces a payload and answers challenges;
+// Each attestor package (attestors/node/jointoken, x509pop, azureimds,
+// azuremsi, awsiid, gcpiit, tpm, sshpop) holds both halves; docs/attestors.md
+// describes them for operators. The agent half produces a payload and answers challenges;
 // the server half verifies the payload, may issue any number of challenges and
 // returns a Result. The server's attestation stream carries the bytes:
 //
