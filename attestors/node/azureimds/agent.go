@@ -47,6 +47,12 @@ func NewAgent(c AgentConfig) (*Agent, error) {
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return nil, fmt.Errorf("azure_imds: metadata_url %q must be an http URL", c.MetadataURL)
 	}
+	if c.Client.Budget == 0 {
+		// The document is fetched while the server waits on the attestation
+		// stream (30 s): give up in time for the agent to attest again, with a
+		// new nonce, rather than have the stream end under the fetch.
+		c.Client.Budget = DefaultFetchBudget
+	}
 	return &Agent{base: u, apiVersion: c.APIVersion, client: metadata.New(c.Client)}, nil
 }
 

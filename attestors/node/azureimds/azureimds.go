@@ -10,7 +10,9 @@
 //  3. The agent asks IMDS for
 //     GET http://169.254.169.254/metadata/attested/document?api-version=…&nonce=<nonce>
 //     with the header Metadata: true, no proxy, retrying 410, 429 and 5xx
-//     with backoff for up to 70 s, and asking again while IMDS answers from
+//     with backoff for up to 20 s (the server waits on the attestation
+//     stream; the agent then attests again with a new nonce, for as long as
+//     Azure's 70 s of 410s last), and asking again while IMDS answers from
 //     its cache with a document for another nonce. It returns
 //     {"document":{"encoding":"pkcs7","signature":"<base64 PKCS#7>"}}, the
 //     service's answer as it came.
@@ -70,6 +72,8 @@ const (
 	DefaultMetadataDomain = "metadata.azure.com"
 	// DefaultMaxAge is how old a document may be when it reaches the server.
 	DefaultMaxAge = 5 * time.Minute
+	// DefaultFetchBudget bounds the retries of one document fetch.
+	DefaultFetchBudget = 20 * time.Second
 	// NonceDigits is the length of the server's nonce (IMDS takes 10 digits).
 	NonceDigits = 10
 	// TimeLayout is the layout of createdOn and expiresOn.
