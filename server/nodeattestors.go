@@ -111,6 +111,15 @@ func loadSSHAuthorities(file string) ([]ssh.PublicKey, error) {
 	return keys, nil
 }
 
+// build validates an attestor's configuration now, so a bad setting stops
+// the server at start, and returns its constructor for the server's logger.
+func build[C any](c C, newServer func(C, *slog.Logger) (nodeattestor.ServerAttestor, error)) (NodeAttestorFunc, error) {
+	if _, err := newServer(c, slog.New(slog.DiscardHandler)); err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	return func(log *slog.Logger) (nodeattestor.ServerAttestor, error) { return newServer(c, log) }, nil
+}
+
 // httpsClient returns a client trusting the CAs in file, or nil (the system
 // roots) when file is empty.
 func httpsClient(path, file, what string) (*http.Client, error) {
@@ -154,13 +163,14 @@ func nodeAttestors(b *serverBlock, path string, td spiffeid.TrustDomain) ([]Node
 				return nil, fmt.Errorf("server: azure_imds: max_document_age: %w", err)
 			}
 		}
-		if _, err := azureimds.NewServer(c); err != nil {
-			return nil, fmt.Errorf("server: %w", err)
-		}
-		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
+		f, err := build(c, func(c azureimds.ServerConfig, log *slog.Logger) (nodeattestor.ServerAttestor, error) {
 			c.Log = log.With("attestor", azureimds.Name)
 			return azureimds.NewServer(c)
 		})
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, f)
 	}
 	if aw := b.AWSIID; aw != nil {
 		c := awsiid.ServerConfig{TrustDomain: td, AccountIDs: aw.AccountIDs, AllowReattestation: aw.AllowReattestation, RegionCertificates: map[string]*x509.Certificate{}}
@@ -174,13 +184,14 @@ func nodeAttestors(b *serverBlock, path string, td spiffeid.TrustDomain) ([]Node
 			}
 			c.RegionCertificates[region] = certs[0]
 		}
-		if _, err := awsiid.NewServer(c); err != nil {
-			return nil, fmt.Errorf("server: %w", err)
-		}
-		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
+		f, err := build(c, func(c awsiid.ServerConfig, log *slog.Logger) (nodeattestor.ServerAttestor, error) {
 			c.Log = log.With("attestor", awsiid.Name)
 			return awsiid.NewServer(c)
 		})
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, f)
 	}
 	if gb := b.GCPIIT; gb != nil {
 		c := gcpiit.ServerConfig{TrustDomain: td, ProjectIDs: gb.ProjectIDs, Audience: gb.Audience, JWKSURL: gb.JWKSURL, AllowReattestation: gb.AllowReattestation}
@@ -188,13 +199,14 @@ func nodeAttestors(b *serverBlock, path string, td spiffeid.TrustDomain) ([]Node
 		if c.HTTPClient, err = httpsClient(path, gb.JWKSCAFile, "gcp_iit: jwks_ca_file"); err != nil {
 			return nil, err
 		}
-		if _, err := gcpiit.NewServer(c); err != nil {
-			return nil, fmt.Errorf("server: %w", err)
-		}
-		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
+		f, err := build(c, func(c gcpiit.ServerConfig, log *slog.Logger) (nodeattestor.ServerAttestor, error) {
 			c.Log = log.With("attestor", gcpiit.Name)
 			return gcpiit.NewServer(c)
 		})
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, f)
 	}
 	if mb := b.AzureMSI; mb != nil {
 		c := azuremsi.ServerConfig{TrustDomain: td, Tenants: mb.Tenants, Audience: mb.Audience, Issuers: mb.Issuers, AllowReattestation: mb.AllowReattestation}
@@ -202,13 +214,14 @@ func nodeAttestors(b *serverBlock, path string, td spiffeid.TrustDomain) ([]Node
 		if c.HTTPClient, err = httpsClient(path, mb.CAFile, "azure_msi: ca_file"); err != nil {
 			return nil, err
 		}
-		if _, err := azuremsi.NewServer(c); err != nil {
-			return nil, fmt.Errorf("server: %w", err)
-		}
-		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
+		f, err := build(c, func(c azuremsi.ServerConfig, log *slog.Logger) (nodeattestor.ServerAttestor, error) {
 			c.Log = log.With("attestor", azuremsi.Name)
 			return azuremsi.NewServer(c)
 		})
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, f)
 	}
 	if tb := b.TPM; tb != nil {
 		c := tpm.ServerConfig{TrustDomain: td}
@@ -224,13 +237,14 @@ func nodeAttestors(b *serverBlock, path string, td spiffeid.TrustDomain) ([]Node
 				return nil, fmt.Errorf("server: tpm: intermediates_file: %w", err)
 			}
 		}
-		if _, err := tpm.NewServer(c); err != nil {
-			return nil, fmt.Errorf("server: %w", err)
-		}
-		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
+		f, err := build(c, func(c tpm.ServerConfig, log *slog.Logger) (nodeattestor.ServerAttestor, error) {
 			c.Log = log.With("attestor", tpm.Name)
 			return tpm.NewServer(c)
 		})
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, f)
 	}
 	if sb := b.SSHPoP; sb != nil {
 		if sb.CertAuthoritiesFile == "" {
@@ -241,13 +255,14 @@ func nodeAttestors(b *serverBlock, path string, td spiffeid.TrustDomain) ([]Node
 			return nil, fmt.Errorf("server: sshpop: cert_authorities_file: %w", err)
 		}
 		c := sshpop.ServerConfig{TrustDomain: td, CertAuthorities: keys}
-		if _, err := sshpop.NewServer(c); err != nil {
-			return nil, fmt.Errorf("server: %w", err)
-		}
-		out = append(out, func(log *slog.Logger) (nodeattestor.ServerAttestor, error) {
+		f, err := build(c, func(c sshpop.ServerConfig, log *slog.Logger) (nodeattestor.ServerAttestor, error) {
 			c.Log = log.With("attestor", sshpop.Name)
 			return sshpop.NewServer(c)
 		})
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, f)
 	}
 	return out, nil
 }

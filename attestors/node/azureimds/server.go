@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/big"
+	"slices"
 	"strings"
 	"time"
 
@@ -71,7 +72,7 @@ func NewServer(c ServerConfig) (*Server, error) {
 	if len(c.Tenants) == 0 {
 		return nil, errors.New("azure_imds: at least one tenant with its subscriptions is required")
 	}
-	s := &Server{td: c.TrustDomain, roots: x509.NewCertPool(), inter: c.Intermediates, domains: c.MetadataDomains,
+	s := &Server{td: c.TrustDomain, roots: x509.NewCertPool(), inter: c.Intermediates, domains: slices.Clone(c.MetadataDomains),
 		subs: map[string]string{}, maxAge: c.MaxAge, now: c.Now, log: c.Log}
 	for _, r := range c.Roots {
 		s.roots.AddCert(r)
