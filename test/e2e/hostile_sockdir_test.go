@@ -282,6 +282,10 @@ func TestAgentRefusesHostileSocketDir(t *testing.T) {
 			require.NotContains(t, out, "agent attested", "refused before it attests")
 			_, err := os.Lstat(a.Socket)
 			require.ErrorIs(t, err, os.ErrNotExist, "no socket left behind")
+			if tc.opts.DataDir != "" {
+				_, err := os.Lstat(tc.opts.DataDir)
+				require.ErrorIs(t, err, os.ErrNotExist, "nothing made in the attacker's directory")
+			}
 		})
 	}
 }
