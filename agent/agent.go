@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"time"
 
@@ -22,6 +21,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/attestors/workload/systemd"
 	"github.com/ferry-id/ferry/attestors/workload/unix"
+	"github.com/ferry-id/ferry/internal/securedir"
 )
 
 // Config configures an agent.
@@ -35,7 +35,8 @@ type Config struct {
 	DataDir     string
 	// SocketPath is the Workload API's unix socket.
 	SocketPath string
-	// NodeAttestor proves the node's identity (join_token, x509pop).
+	// NodeAttestor proves the node's identity (join_token, x509pop, or one
+	// of the platform attestors of docs/attestors.md).
 	NodeAttestor node.AgentAttestor
 	// GRPCServer selects the Workload API's gRPC server (see
 	// workloadapi.Config.GRPCServer); empty for the default.
@@ -67,8 +68,14 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+	// The data dir holds the agent's key; the socket's directory decides who
+	// answers workloads. Both refuse to start the agent when another user
+	// could change them, before it attests or serves anything.
+	if err := securedir.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("agent: data dir: %w", err)
+	}
+	if err := securedir.MkdirAll(filepath.Dir(cfg.SocketPath), 0o755); err != nil {
+		return nil, fmt.Errorf("agent: Workload API socket directory: %w", err)
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger}
 	// The cache signs through the session and the session feeds the cache:

@@ -3,12 +3,35 @@
 // serving X509-SVIDs, JWT-SVIDs, WIT-SVIDs and trust bundles to local processes.
 //
 // A caller is identified by the kernel, never by anything it sends: when it
-// connects, the server reads the socket's SO_PEERCRED credentials and pins the
-// peer process (its /proc/PID directory held open and its start time
-// recorded). Each call attests that PID through Config.Attestor and then checks
-// that the pinned process is still the one alive under that PID, so a caller
-// that exits and whose PID is recycled mid-attestation cannot pass its identity
-// on; such calls fail with Unauthenticated, as SPIRE's peertracker does.
+// connects, the server reads the socket's SO_PEERCRED credentials (its pid,
+// and its effective uid and gid at connect) and pins the peer process (its
+// /proc/PID directory held open and its start time recorded). Each call is
+// attested through workload.AttestCaller, the rule the managed-identity
+// endpoint applies too: Config.Attestor reads the process through the pin,
+// its ids are read from /proc/PID/status once for the call, and the call is
+// answered only if
+//
+//   - the pinned process is still the one alive under that PID, else
+//     Unauthenticated (a caller that exits and whose PID is recycled
+//     mid-attestation cannot pass its identity on, as with SPIRE's
+//     peertracker);
+//   - its real, effective, saved and filesystem uids are all the uid the
+//     kernel recorded at connect, and likewise its gids, and, when some
+//     entry selects supplementary groups, its groups are those it had at
+//     connect (SO_PEERGROUPS), else PermissionDenied and nothing is looked
+//     up or issued. So a process that connects and then executes a setuid or
+//     setgid program, or changes its ids, and any child it handed the
+//     connection to, gets nothing; a process running a setuid program is
+//     never attested as its effective ids.
+//
+// A caller that executed another program since it connected (same process,
+// same ids) is attested as the program it runs when it calls: unix:path and
+// unix:sha256 describe that program, read at every call. The connection
+// follows the process, not the program that opened it; what tells programs
+// apart is the selectors each call is attested with. Processes of the same
+// uid can trade connections and programs, so path and hash selectors
+// distinguish programs against mistakes, not against a hostile process of
+// the same uid (which could also ptrace the program).
 //
 // Every call must carry the metadata `workload.spiffe.io: true` (exactly one
 // value), else InvalidArgument: the header defeats server-side request forgery.
@@ -26,7 +49,8 @@
 // hand-offs between goroutines that grpc-go's server makes.
 //
 // The socket file is made world-accessible (mode 0777) inside a directory that
-// only the agent may write: access is decided by attestation, not file modes.
+// only the agent (or root) may change, up to /: access is decided by
+// attestation, not file modes.
 package workloadapi
 
 import (
@@ -47,12 +71,14 @@ import (
 	"github.com/ferry-id/ferry/agent/cache"
 	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/internal/h2grpc"
+	"github.com/ferry-id/ferry/internal/securedir"
 )
 
 // Config configures a Server.
 type Config struct {
 	// SocketPath is the unix socket Run listens on. Its directory is created
-	// (0755) if missing and must not be writable by group or others.
+	// (0755) if missing; no other user may be able to change it or any
+	// directory above it (see Listen).
 	SocketPath string
 	// Manager serves identities and bundles. Required.
 	Manager cache.Manager
@@ -256,8 +282,9 @@ func (s *Server) Stop() {
 }
 
 // Listen creates the Workload API socket at path: it creates the directory
-// (0755) if missing, refuses a directory that group or others may write (they
-// could swap the socket for their own), replaces a stale socket left by a
+// (0755) if missing, refuses it when another user could change it or any
+// directory above it (see securedir: they could move the socket aside and
+// relay every caller through their own), replaces a stale socket left by a
 // previous run but never a live one or a non-socket file, and makes the
 // socket mode 0777.
 func Listen(path string) (net.Listener, error) {
@@ -267,16 +294,8 @@ func Listen(path string) (net.Listener, error) {
 	if !filepath.IsAbs(path) {
 		return nil, fmt.Errorf("workloadapi: socket path %q is not absolute", path)
 	}
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("workloadapi: create socket directory: %w", err)
-	}
-	fi, err := os.Stat(dir)
-	if err != nil {
+	if err := securedir.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("workloadapi: socket directory: %w", err)
-	}
-	if fi.Mode().Perm()&0o022 != 0 {
-		return nil, fmt.Errorf("workloadapi: socket directory %s is writable by group or others (mode %v)", dir, fi.Mode().Perm())
 	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode().Type() != os.ModeSocket {
