@@ -132,7 +132,14 @@ func TokenKid(token string) string {
 // MTLS has client dial server over go-spiffe mutual TLS, each authorizing the
 // other's SPIFFE ID, and echo one message.
 func MTLS(ctx context.Context, server, client *Workload) error {
-	lis, err := tls.Listen("tcp", "127.0.0.1:0", tlsconfig.MTLSServerConfig(server.X509, server.X509, tlsconfig.AuthorizeID(client.ID)))
+	return Echo(ctx, server.X509, client.X509, server.ID, client.ID)
+}
+
+// Echo serves one echo over go-spiffe mutual TLS with serverSrc's SVID,
+// authorizing clientID, and dials it with clientSrc's SVID, authorizing
+// serverID.
+func Echo(ctx context.Context, serverSrc, clientSrc *workloadapi.X509Source, serverID, clientID spiffeid.ID) error {
+	lis, err := tls.Listen("tcp", "127.0.0.1:0", tlsconfig.MTLSServerConfig(serverSrc, serverSrc, tlsconfig.AuthorizeID(clientID)))
 	if err != nil {
 		return err
 	}
@@ -148,28 +155,28 @@ func MTLS(ctx context.Context, server, client *Workload) error {
 		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
 		buf := make([]byte, 4)
 		if _, err := io.ReadFull(conn, buf); err != nil {
-			served <- fmt.Errorf("%s serving %s: %w", server.ID, client.ID, err)
+			served <- fmt.Errorf("%s serving %s: %w", serverID, clientID, err)
 			return
 		}
 		_, err = conn.Write(buf)
 		served <- err
 	}()
-	d := &tls.Dialer{Config: tlsconfig.MTLSClientConfig(client.X509, client.X509, tlsconfig.AuthorizeID(server.ID))}
+	d := &tls.Dialer{Config: tlsconfig.MTLSClientConfig(clientSrc, clientSrc, tlsconfig.AuthorizeID(serverID))}
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	conn, err := d.DialContext(dctx, "tcp", lis.Addr().String())
 	if err != nil {
 		lis.Close()
 		<-served
-		return fmt.Errorf("%s dialing %s: %w", client.ID, server.ID, err)
+		return fmt.Errorf("%s dialing %s: %w", clientID, serverID, err)
 	}
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := conn.Write([]byte("ping")); err != nil {
-		return fmt.Errorf("%s dialing %s: %w", client.ID, server.ID, err)
+		return fmt.Errorf("%s dialing %s: %w", clientID, serverID, err)
 	}
 	if _, err := io.ReadFull(conn, make([]byte, 4)); err != nil {
-		return fmt.Errorf("%s dialing %s: %w", client.ID, server.ID, err)
+		return fmt.Errorf("%s dialing %s: %w", clientID, serverID, err)
 	}
 	return <-served
 }
