@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -102,6 +103,19 @@ type Refresher struct {
 	mu      sync.Mutex
 	leading bool
 	workers map[string]*worker
+
+	// observe, when set, is told of paths taken that leave no other trace,
+	// so that a test can wait for one instead of waiting for time to pass.
+	observe atomic.Pointer[observer]
+}
+
+// observer is told what the refresher did.
+type observer struct {
+	// following: Run waits for the next leadership change without leading
+	// (every worker of a previous leadership has returned).
+	following func()
+	// workerStopped: the worker of trust domain td returned.
+	workerStopped func(td string)
 }
 
 // NewRefresher validates cfg.
@@ -150,6 +164,8 @@ func (r *Refresher) Run(ctx context.Context) error {
 			done := make(chan struct{})
 			go func() { defer close(done); r.lead(lctx, tok) }()
 			stop = func() { cancel(); <-done }
+		} else if o := r.observe.Load(); o != nil && o.following != nil {
+			o.following()
 		}
 		select {
 		case <-ctx.Done():
@@ -289,6 +305,9 @@ type worker struct {
 }
 
 func (w *worker) run(rel *ferrypb.FederationRelationship) {
+	if o := w.r.observe.Load(); o != nil && o.workerStopped != nil {
+		defer o.workerStopped(w.td.Name())
+	}
 	cfg := w.r.cfg
 	// A new leader continues the schedule its predecessor recorded instead of
 	// fetching every bundle at once.
