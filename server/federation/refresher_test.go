@@ -310,18 +310,21 @@ func TestRefresherOnlyOnLeader(t *testing.T) {
 	require.ErrorIs(t, r.Refresh(context.Background(), foreignTD), federation.ErrNotLeader)
 
 	// Leadership lost but not yet heard of: a fetch still runs, but neither
-	// its bundle nor its status is committed under the stale token.
-	c.setLeader(true)
-	require.NoError(t, refresh(t, r, foreignTD))
-	n := c.commands()
-	fe.serve(spiffeBundle(t, foreign, 2, time.Minute))
-	c.fence()
-	hits := fe.hits.Load()
-	require.ErrorIs(t, r.Refresh(context.Background(), foreignTD), federation.ErrNotLeader)
-	require.Equal(t, hits+1, fe.hits.Load(), "the fetch ran")
-	require.Equal(t, n, c.commands(), "nothing is committed after leadership is lost")
-	require.Equal(t, uint64(1), heldSequence(c, foreignTD))
-	o.awaitStopped(t, foreignTD)
+	// its bundle (a new one) nor its status (the same one again) is
+	// committed under the stale token.
+	for _, seq := range []uint64{1, 2} {
+		c.setLeader(true)
+		require.NoError(t, refresh(t, r, foreignTD))
+		n := c.commands()
+		fe.serve(spiffeBundle(t, foreign, seq, time.Minute))
+		c.fence()
+		hits := fe.hits.Load()
+		require.ErrorIs(t, r.Refresh(context.Background(), foreignTD), federation.ErrNotLeader)
+		require.Equal(t, hits+1, fe.hits.Load(), "the fetch ran")
+		require.Equal(t, n, c.commands(), "nothing is committed after leadership is lost (bundle sequence %d)", seq)
+		require.Equal(t, uint64(1), heldSequence(c, foreignTD))
+		o.awaitStopped(t, foreignTD)
+	}
 
 	// A new leadership picks up where the last one stopped.
 	c.setLeader(true)
