@@ -299,7 +299,7 @@ func (s *Server) startOIDC(authority *ca.CA, errc chan<- error) (*http.Server, e
 		ErrorLog:          slog.NewLogLogger(s.log.With("component", "oidc").Handler(), slog.LevelDebug),
 	}
 	go func() {
-		if err := hs.ServeTLS(lis, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := hs.ServeTLS(gate(lis, s.caughtUp), "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			errc <- fmt.Errorf("oidc: %w", err)
 		}
 	}()

@@ -117,6 +117,7 @@ type Server struct {
 
 	readyOnce sync.Once
 	ready     chan struct{}
+	caughtUp  chan struct{}
 }
 
 // New validates cfg and prepares a server; Run starts it.
@@ -133,13 +134,14 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{})}, nil
+	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{}), caughtUp: make(chan struct{})}, nil
 }
 
 // Store is the node's replicated state (read-only use).
 func (s *Server) Store() *state.Store { return s.store }
 
-// Ready is closed once the admin API is listening.
+// Ready is closed once the admin API is listening. The node may still be
+// catching up with the cluster's log then: see CaughtUp.
 func (s *Server) Ready() <-chan struct{} { return s.ready }
 
 // defaultGCPercent trades memory for CPU: the state store's immutable trees
@@ -184,6 +186,13 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	s.node = node
 	defer node.Close()
+	go func() {
+		select {
+		case <-node.CaughtUp():
+			close(s.caughtUp)
+		case <-ctx.Done():
+		}
+	}()
 	s.registerMetrics()
 
 	authority, agentAPI, err := s.startAuthority(ctx, node)
@@ -202,14 +211,14 @@ func (s *Server) Run(ctx context.Context) error {
 	// The admin services answer on the unix socket (file permissions guard it)
 	// and, when admin_addr is set, over mutual TLS to admin workloads.
 	tlsCfg := &svidTLS{store: s.store, td: s.cfg.TrustDomain.String(), log: s.log}
-	gs := grpc.NewServer(grpc.Creds(adminCreds{tls: tlsCfg}), s.admission(),
+	gs := grpc.NewServer(grpc.Creds(adminCreds{tls: tlsCfg}), s.catchUpGate(), s.catchUpStreamGate(), s.admission(),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor, s.adminUnaryAuth), grpc.ChainStreamInterceptor(s.streamInterceptor, s.adminStreamAuth))
 	ferrypb.RegisterAdminServer(gs, admin)
 	issuers := map[string]string{}
 	if s.cfg.CA.JWTIssuer != "" {
 		issuers[s.cfg.CA.JWTIssuer] = s.cfg.TrustDomain.Name()
 	}
-	directory, err := api.NewDirectory(api.DirectoryConfig{Cluster: clusterAPI{node, s.store}, Store: s.store,
+	directory, err := api.NewDirectory(api.DirectoryConfig{Cluster: clusterAPI{node, s.store}, Store: s.store, TrustDomain: s.cfg.TrustDomain,
 		Logger: s.log.With("component", "directory"), Issuers: issuers})
 	if err != nil {
 		return err
@@ -234,7 +243,7 @@ func (s *Server) Run(ctx context.Context) error {
 
 	errc := make(chan error, 5)
 	go func() { errc <- gs.Serve(lis) }()
-	go func() { errc <- ags.Serve(agentLis) }()
+	go func() { errc <- ags.Serve(gate(agentLis, s.caughtUp)) }()
 	oidcSrv, err := s.startOIDC(authority, errc)
 	if err != nil {
 		gs.Stop()
@@ -315,8 +324,12 @@ func (s *Server) startAuthority(ctx context.Context, node *cluster.Node) (*ca.CA
 		return nil, nil, fmt.Errorf("server: %w", err)
 	}
 	go func() {
-		if err := waitLeader(ctx, func() string { id, _ := node.Leader(); return id }); err != nil {
+		// The CA publishes through the log, and what it finds there must be
+		// the cluster's current state, not this node's last snapshot.
+		select {
+		case <-ctx.Done():
 			return
+		case <-s.caughtUp:
 		}
 		if err := authority.Run(ctx); err != nil && ctx.Err() == nil {
 			s.log.Error("CA rotation stopped", "error", err)
@@ -468,6 +481,10 @@ func (s *Server) healthHandler() http.Handler {
 		_, _ = io.WriteString(w, "ok\n")
 	})
 	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
+		if !s.isCaughtUp() {
+			http.Error(w, "catching up with the cluster log", http.StatusServiceUnavailable)
+			return
+		}
 		if id, _ := s.node.Leader(); id == "" {
 			http.Error(w, "no cluster leader known", http.StatusServiceUnavailable)
 			return
@@ -598,7 +615,7 @@ func (s *Server) startFederation(ctx context.Context, refresher *federation.Refr
 		return fmt.Errorf("server: bundle endpoint listener: %w", err)
 	}
 	go func() {
-		if err := ep.Serve(ctx, lis); err != nil {
+		if err := ep.Serve(ctx, gate(lis, s.caughtUp)); err != nil {
 			errc <- err
 		}
 	}()

@@ -174,6 +174,8 @@ type Node struct {
 
 	tasksMu sync.Mutex
 	tasks   map[string]LeaderTask
+
+	caughtUp chan struct{} // see CaughtUp
 }
 
 // New opens (or creates) the node's data dir, starts the cluster listener and
@@ -195,7 +197,7 @@ func New(cfg Config) (*Node, error) {
 		return nil, err
 	}
 
-	n := &Node{cfg: cfg, log: log, id: raft.ServerID(cfg.NodeID), tasks: map[string]LeaderTask{}}
+	n := &Node{cfg: cfg, log: log, id: raft.ServerID(cfg.NodeID), tasks: map[string]LeaderTask{}, caughtUp: make(chan struct{})}
 	n.lead.init()
 	n.leaderSeen = make(chan struct{})
 	n.ctx, n.cancel = context.WithCancel(context.Background())
@@ -317,6 +319,15 @@ func New(cfg Config) (*Node, error) {
 		}
 		log.Info("cluster: bootstrapped a one-node cluster", "address", n.advertise)
 	}
+	lastAtStart, err := n.store.logs.LastIndex()
+	if err != nil {
+		return nil, fmt.Errorf("cluster: read last index: %w", err)
+	}
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		n.catchUp(lastAtStart)
+	}()
 	log.Info("cluster: node started", "address", n.advertise, "log_store", cfg.LogStore, "existing_state", hasState)
 	ok = true
 	return n, nil

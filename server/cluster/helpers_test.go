@@ -404,6 +404,15 @@ func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 	}
 }
 
+func waitCaughtUp(t testing.TB, n *testNode) {
+	t.Helper()
+	select {
+	case <-n.CaughtUp():
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s: not caught up after 30s", n.ID())
+	}
+}
+
 func followers(nodes []*testNode, leader *testNode) []*testNode {
 	var out []*testNode
 	for _, n := range nodes {
