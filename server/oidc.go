@@ -284,7 +284,7 @@ func (s *Server) startOIDC(authority *ca.CA, errc chan<- error) (*http.Server, e
 		}
 		getCert = (&svidCert{ca: authority, dnsNames: names}).get
 	}
-	lis, err := net.Listen("tcp", oc.Addr)
+	lis, err := s.listen("tcp", oc.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("server: oidc listener: %w", err)
 	}

@@ -77,6 +77,11 @@ type Config struct {
 	Federation FederationConfig
 	// Logger overrides the logger built from LogLevel and LogFormat.
 	Logger *slog.Logger
+	// Listen opens the node's TCP listeners (cluster, agent, admin, health,
+	// OIDC, bundle endpoint); default net.Listen. ferry dev passes the
+	// listeners it opened when it chose the ports, so no other process can
+	// take a port between the choice and the bind.
+	Listen func(network, address string) (net.Listener, error)
 }
 
 // ClusterConfig is the Raft part of Config.
@@ -137,6 +142,13 @@ func New(cfg Config) (*Server, error) {
 	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{}), caughtUp: make(chan struct{})}, nil
 }
 
+func (s *Server) listen(network, address string) (net.Listener, error) {
+	if s.cfg.Listen != nil {
+		return s.cfg.Listen(network, address)
+	}
+	return net.Listen(network, address)
+}
+
 // Store is the node's replicated state (read-only use).
 func (s *Server) Store() *state.Store { return s.store }
 
@@ -177,6 +189,7 @@ func (s *Server) Run(ctx context.Context) error {
 		FSM:               s.store,
 		LogStore:          s.cfg.Cluster.LogStore,
 		Logger:            s.log.With("component", "cluster"),
+		Listen:            s.cfg.Listen,
 		SnapshotThreshold: s.cfg.Cluster.SnapshotThreshold,
 		TrailingLogs:      s.cfg.Cluster.TrailingLogs,
 		SnapshotInterval:  s.cfg.Cluster.SnapshotInterval,
@@ -231,7 +244,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	// --- end federation ---
 
-	agentLis, err := net.Listen("tcp", s.cfg.AgentAddr)
+	agentLis, err := s.listen("tcp", s.cfg.AgentAddr)
 	if err != nil {
 		return fmt.Errorf("server: agent listener: %w", err)
 	}
@@ -257,7 +270,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	// --- end federation ---
 	if s.cfg.AdminAddr != "" {
-		adminLis, err := net.Listen("tcp", s.cfg.AdminAddr)
+		adminLis, err := s.listen("tcp", s.cfg.AdminAddr)
 		if err != nil {
 			gs.Stop()
 			return fmt.Errorf("server: admin listener: %w", err)
@@ -267,7 +280,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	var hs *http.Server
 	if s.cfg.HealthAddr != "" {
-		hl, err := net.Listen("tcp", s.cfg.HealthAddr)
+		hl, err := s.listen("tcp", s.cfg.HealthAddr)
 		if err != nil {
 			gs.Stop()
 			return fmt.Errorf("server: health listener: %w", err)
@@ -610,7 +623,7 @@ func (s *Server) startFederation(ctx context.Context, refresher *federation.Refr
 	if err != nil {
 		return err
 	}
-	lis, err := net.Listen("tcp", be.Addr)
+	lis, err := s.listen("tcp", be.Addr)
 	if err != nil {
 		return fmt.Errorf("server: bundle endpoint listener: %w", err)
 	}

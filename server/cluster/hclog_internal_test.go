@@ -20,13 +20,15 @@ func TestHCLogAdapter(t *testing.T) {
 	h.Warn("heartbeat timeout")
 	h.Error("failed to append", "error", "EOF")
 	h.StandardLogger(nil).Print("[WARN] from a std logger")
+	h.Info("initial configuration", "servers", hclog.Fmt("%+v", []struct{ ID string }{{"n1"}}), "mask", hclog.Octal(0o700), "id", hclog.Hex(255))
 
 	out := buf.String()
 	for _, want := range []string{
-		`level=INFO msg="entering follower state" component=raft.transport peer=n2 term=3`,
-		`level=WARN msg="heartbeat timeout" component=raft.transport peer=n2`,
-		`level=ERROR msg="failed to append" component=raft.transport peer=n2 error=EOF`,
+		`level=INFO msg="entering follower state" subsystem=raft.transport peer=n2 term=3`,
+		`level=WARN msg="heartbeat timeout" subsystem=raft.transport peer=n2`,
+		`level=ERROR msg="failed to append" subsystem=raft.transport peer=n2 error=EOF`,
 		`level=WARN msg="[WARN] from a std logger"`,
+		`level=INFO msg="initial configuration" subsystem=raft.transport peer=n2 servers=[{ID:n1}] mask=0700 id=0xff`,
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("missing %q in:\n%s", want, out)

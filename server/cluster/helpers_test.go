@@ -269,7 +269,7 @@ func fastConfig(t testing.TB, pki *testPKI, id string) cluster.Config {
 		DataDir:            filepath.Join(t.TempDir(), id),
 		BindAddr:           "127.0.0.1:0",
 		TLS:                pki.node(t, id),
-		Logger:             newTestLogger(t, testLogLevel),
+		Logger:             newTestLogger(t, testLogLevel).With("node", id),
 		WALSegmentSize:     4 << 20,
 		HeartbeatTimeout:   300 * time.Millisecond,
 		ElectionTimeout:    300 * time.Millisecond,
