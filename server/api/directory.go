@@ -543,7 +543,7 @@ func (d *Directory) AssignRole(ctx context.Context, req *ferrypb.AssignRoleReque
 	if err != nil {
 		return nil, err
 	}
-	d.log.Info("app role assigned", "identity", i.ObjectId, "resource", r.ObjectId, "role", req.Role)
+	d.log.Info("app role assigned", "identity", i.ObjectId, "resource", r.ObjectId, "app_role", req.Role)
 	return res.RoleAssignment, nil
 }
 

@@ -16,7 +16,7 @@ import (
 // write through the node's slog.Logger. The hclog name goes under the key
 // "subsystem" (the node's logger already names its component), and hclog's
 // deferred formats (hclog.Fmt, Hex, Octal, Quote) are rendered, as hclog's
-// own writers do.
+// own writers do. Raft's own "node" key becomes "raft-node".
 type hclogAdapter struct {
 	l     *slog.Logger
 	name  string
@@ -61,6 +61,11 @@ func (a *hclogAdapter) Log(level hclog.Level, msg string, args ...any) {
 	all = append(all, a.args...)
 	all = append(all, args...)
 	for i, v := range all {
+		if i%2 == 1 && all[i-1] == "node" {
+			// Raft's "node" (a description of the Raft node) would
+			// repeat the key the server's logger names the node by.
+			all[i-1] = "raft-node"
+		}
 		all[i] = render(v)
 	}
 	a.l.Log(ctx, sl, msg, all...)

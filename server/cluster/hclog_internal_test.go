@@ -16,7 +16,7 @@ func TestHCLogAdapter(t *testing.T) {
 	h = h.Named("transport").With("peer", "n2")
 
 	h.Debug("hidden debug")
-	h.Info("entering follower state", "term", 3)
+	h.Info("entering follower state", "term", 3, "node", "Node at 127.0.0.1:1 [Follower]")
 	h.Warn("heartbeat timeout")
 	h.Error("failed to append", "error", "EOF")
 	h.StandardLogger(nil).Print("[WARN] from a std logger")
@@ -24,7 +24,7 @@ func TestHCLogAdapter(t *testing.T) {
 
 	out := buf.String()
 	for _, want := range []string{
-		`level=INFO msg="entering follower state" subsystem=raft.transport peer=n2 term=3`,
+		`level=INFO msg="entering follower state" subsystem=raft.transport peer=n2 term=3 raft-node="Node at 127.0.0.1:1 [Follower]"`,
 		`level=WARN msg="heartbeat timeout" subsystem=raft.transport peer=n2`,
 		`level=ERROR msg="failed to append" subsystem=raft.transport peer=n2 error=EOF`,
 		`level=WARN msg="[WARN] from a std logger"`,
