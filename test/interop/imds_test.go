@@ -319,15 +319,32 @@ func (ag *imdsAgent) clientBy(tb testing.TB, mode, lib, kind, id string, gid int
 	if gid == nobody {
 		uid = nobody
 	}
-	cmd := exec.Command("nsenter", "-t", strconv.Itoa(ag.pid), "-m", "-S", strconv.Itoa(uid), "-G", strconv.Itoa(gid), "--",
+	ep := endpoints{pid: ag.pid, arc: ag.arc, vm: ag.vm}
+	return ep.client(tb, mode, lib, kind, id, imdsRes, uid, gid)
+}
+
+// endpoints are an agent's managed-identity endpoints: the agent's process
+// (its mount namespace holds the challenge files), the Arc base URL
+// (http://127.0.0.1:port) and the VM-style address (127.0.0.1:port).
+type endpoints struct {
+	pid     int
+	arc, vm string
+}
+
+// client runs an unmodified Azure client in a child process inside the
+// agent's mount namespace, as uid and gid, asking for resource with the
+// identity named by kind and id (none: no selector).
+func (ep endpoints) client(tb testing.TB, mode, lib, kind, id, resource string, uid, gid int) (string, error) {
+	tb.Helper()
+	cmd := exec.Command("nsenter", "-t", strconv.Itoa(ep.pid), "-m", "-S", strconv.Itoa(uid), "-G", strconv.Itoa(gid), "--",
 		filepath.Join(filepath.Dir(dev.bin), "interop.test"), "-test.run", "^$")
 	cmd.Dir = "/"
 	env := []string{"PATH=" + os.Getenv("PATH"), "NO_PROXY=*", "HOME=/",
-		"FERRY_IMDS_CLIENT=" + lib, "FERRY_IMDS_ID_KIND=" + kind, "FERRY_IMDS_CLIENT_ID=" + id, "FERRY_IMDS_RESOURCE=" + imdsRes}
+		"FERRY_IMDS_CLIENT=" + lib, "FERRY_IMDS_ID_KIND=" + kind, "FERRY_IMDS_CLIENT_ID=" + id, "FERRY_IMDS_RESOURCE=" + resource}
 	if mode == "arc" {
-		env = append(env, "IDENTITY_ENDPOINT="+ag.arc+"/metadata/identity/oauth2/token", "IMDS_ENDPOINT="+ag.arc)
+		env = append(env, "IDENTITY_ENDPOINT="+ep.arc+"/metadata/identity/oauth2/token", "IMDS_ENDPOINT="+ep.arc)
 	} else {
-		env = append(env, "FERRY_IMDS_VM_ADDR="+ag.vm)
+		env = append(env, "FERRY_IMDS_VM_ADDR="+ep.vm)
 	}
 	cmd.Env = env
 	out, err := cmd.Output()
