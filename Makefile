@@ -14,7 +14,7 @@ help: ## list the targets
 build: ## build bin/ferry
 	$(GO) build -o $(BIN) ./cmd/ferry
 
-run: build ## start everything on this machine (server, agent, bridge) with embedded defaults in .dev/
+run: build ## start everything on this machine (server, agent, bridge, demo API) with embedded defaults in .dev/
 	./$(BIN) dev --data-dir $(DEV)
 
 test: ## what every commit must pass: vet, unit, cluster and end-to-end tests with the race detector
