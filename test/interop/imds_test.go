@@ -634,10 +634,10 @@ fi
 	var last string
 	// The new entry and credential reach the agent within moments.
 	ok := assert.Eventually(t, func() bool {
-		cmd := exec.Command("bash", "-c", s)
+		// In ferry dev's mount namespace, where its challenge files are.
+		cmd := exec.Command("nsenter", "-t", strconv.Itoa(dev.pid), "-m", "-S", strconv.Itoa(curlUID), "-G", strconv.Itoa(curlUID), "--", "bash", "-c", s)
 		cmd.Dir = "/"
 		cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "NO_PROXY=*"}
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: curlUID, Gid: curlUID}}
 		out, err := cmd.CombinedOutput()
 		last, resp = string(out), nil
 		return err == nil && json.Unmarshal(out, &resp) == nil && resp["access_token"] != ""
