@@ -27,6 +27,7 @@ func TestCluster(t *testing.T) {
 	total := 0
 
 	t.Run("WritesThroughLeaderAndFollowersConverge", func(t *testing.T) {
+		term := readyLeader(nodes).Stats()["term"]
 		var wg sync.WaitGroup
 		errs := make(chan error, 3)
 		for _, n := range nodes {
@@ -50,9 +51,14 @@ func TestCluster(t *testing.T) {
 		}
 		total += 90
 		waitConverged(t, nodes, total)
-		for _, n := range nodes {
-			if d := n.fsm.Dupes(); d != 0 {
-				t.Errorf("%s applied %d duplicate request IDs", n.ID(), d)
+		// Each write applied once (waitConverged counts distinct IDs). A
+		// retry reaches the log only after an ambiguous failure, a leader
+		// lost while committing: with one leader throughout there is none.
+		if l := readyLeader(nodes); l != nil && l.Stats()["term"] == term {
+			for _, n := range nodes {
+				if d := n.fsm.Dupes(); d != 0 {
+					t.Errorf("%s applied %d duplicate request IDs under one leader", n.ID(), d)
+				}
 			}
 		}
 	})
@@ -97,51 +103,37 @@ func TestCluster(t *testing.T) {
 			})
 		}
 		// Each call must run on the node that leads throughout it; a call
-		// during which leadership moved is made again.
+		// during which leadership moved is made again. The caller has
+		// applied the task's write when RunOnLeader returns.
 		attempt := 0
-		onLeader(t, nodes, func(leader *testNode) error {
-			f := followers(nodes, leader)[0]
-			drain(ran)
-			before := f.fsm.Count()
-			attempt++
-			if err := f.RunOnLeader(ctx, "test.write", []byte(fmt.Sprintf("task-1-%d", attempt))); err != nil {
-				if readyLeader(nodes) != leader {
-					return err
+		runTask := func(caller func(leader *testNode) *testNode, name string) {
+			onLeader(t, nodes, func(leader *testNode) error {
+				n := caller(leader)
+				drain(ran)
+				before := n.fsm.Count()
+				attempt++
+				if err := n.RunOnLeader(ctx, "test.write", []byte(fmt.Sprintf("%s-%d", name, attempt))); err != nil {
+					if readyLeader(nodes) != leader {
+						return err
+					}
+					t.Fatal(err)
 				}
-				t.Fatal(err)
-			}
-			total++
-			got := <-ran
-			if readyLeader(nodes) != leader {
-				return errors.New("leadership moved")
-			}
-			if got != leader.ID() {
-				t.Fatalf("the task ran on %s, the leader is %s", got, leader.ID())
-			}
-			if got := f.fsm.Count(); got != before+1 {
-				t.Fatalf("the follower had applied %d commands when RunOnLeader returned, want %d", got, before+1)
-			}
-			return nil
-		})
-		onLeader(t, nodes, func(leader *testNode) error {
-			drain(ran)
-			attempt++
-			if err := leader.RunOnLeader(ctx, "test.write", []byte(fmt.Sprintf("task-2-%d", attempt))); err != nil {
+				total++
+				got := <-ran
 				if readyLeader(nodes) != leader {
-					return err
+					return errors.New("leadership moved")
 				}
-				t.Fatal(err)
-			}
-			total++
-			got := <-ran
-			if readyLeader(nodes) != leader {
-				return errors.New("leadership moved")
-			}
-			if got != leader.ID() {
-				t.Fatalf("the task ran on %s, the leader is %s", got, leader.ID())
-			}
-			return nil
-		})
+				if got != leader.ID() {
+					t.Fatalf("the task ran on %s, the leader is %s", got, leader.ID())
+				}
+				if got := n.fsm.Count(); got != before+1 {
+					t.Fatalf("%s had applied %d commands when RunOnLeader returned, want %d", n.ID(), got, before+1)
+				}
+				return nil
+			})
+		}
+		runTask(func(leader *testNode) *testNode { return followers(nodes, leader)[0] }, "task-1")
+		runTask(func(leader *testNode) *testNode { return leader }, "task-2")
 		onLeader(t, nodes, func(leader *testNode) error {
 			err := followers(nodes, leader)[0].RunOnLeader(ctx, "test.write", []byte("refuse"))
 			if status.Code(err) == codes.NotFound && strings.Contains(err.Error(), "no such thing") {
@@ -198,7 +190,7 @@ func TestCluster(t *testing.T) {
 	})
 
 	t.Run("OversizeCommandRefusedBeforeRaft", func(t *testing.T) {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
 		onLeader(t, nodes, func(leader *testNode) error {
 			term, before := leader.Stats()["term"], leader.Stats()["last_log_index"]

@@ -24,22 +24,14 @@ func TestDevEndpointsSDKs(t *testing.T) {
 	spiffeID := "spiffe://" + td + "/interop/dev-mi"
 	dev.ferry(t, "entry", "create", "--spiffe-id", spiffeID, "--parent-id", dev.env["FERRY_AGENT_ID"],
 		"--selector", "unix:uid:0", "--selector", "unix:gid:4646")
-	out := dev.ferry(t, "identity", "create", "--name", "dev-mi", "--output", "json")
-	var ident struct {
-		ObjectID string `json:"object_id"`
-		ClientID string `json:"client_id"`
-	}
-	require.NoError(t, json.Unmarshal([]byte(out), &ident))
-	dev.ferry(t, "identity", "federated-credential", "create", "--identity-name", "dev-mi", "--name", "spiffe",
-		"--issuer", dev.env["FERRY_JWT_ISSUER"], "--subject", spiffeID)
 	const resource = "api://interop-dev-mi"
-	out = dev.ferry(t, "resource", "create", "--name", "interop-dev-mi", "--identifier-uri", resource, "--app-role", "reader", "--output", "json")
+	out := dev.ferry(t, "resource", "create", "--name", "interop-dev-mi", "--identifier-uri", resource, "--app-role", "reader", "--output", "json")
 	var res struct {
 		AppID string `json:"app_id"`
 	}
 	require.NoError(t, json.Unmarshal([]byte(out), &res))
-	dev.ferry(t, "role", "assign", "--identity-name", "dev-mi", "--resource", resource, "--role", "reader")
-	f := federation{clientID: ident.ClientID, objectID: ident.ObjectID, tenantID: dev.env["AZURE_TENANT_ID"], resourceURI: resource, resourceAppID: res.AppID}
+	ident := federatedIdentity(t, "dev-mi", spiffeID, resource)
+	f := federation{clientID: ident.clientID, objectID: ident.objectID, tenantID: dev.env["AZURE_TENANT_ID"], resourceURI: resource, resourceAppID: res.AppID}
 
 	vm, err := url.Parse(dev.env["AZURE_POD_IDENTITY_AUTHORITY_HOST"])
 	require.NoError(t, err)
@@ -48,10 +40,26 @@ func TestDevEndpointsSDKs(t *testing.T) {
 	for _, mode := range []string{"arc", "vm"} {
 		for _, lib := range []string{"azidentity", "msal"} {
 			t.Run(mode+"/"+lib, func(t *testing.T) {
-				tok, err := ep.client(t, mode, lib, "client_id", ident.ClientID, resource, 0, gid)
+				tok, err := ep.client(t, mode, lib, "client_id", ident.clientID, resource, 0, gid)
 				require.NoError(t, err)
 				checkAccessToken(t, f, tok)
 			})
 		}
 	}
+}
+
+// federatedIdentity creates identity name, federated to the JWT-SVIDs of
+// spiffeID, holding the reader role of resource.
+func federatedIdentity(t *testing.T, name, spiffeID, resource string) imdsIdentity {
+	t.Helper()
+	out := dev.ferry(t, "identity", "create", "--name", name, "--output", "json")
+	var v struct {
+		ObjectID string `json:"object_id"`
+		ClientID string `json:"client_id"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &v))
+	dev.ferry(t, "identity", "federated-credential", "create", "--identity-name", name, "--name", "spiffe",
+		"--issuer", dev.env["FERRY_JWT_ISSUER"], "--subject", spiffeID)
+	dev.ferry(t, "role", "assign", "--identity-name", name, "--resource", resource, "--role", "reader")
+	return imdsIdentity{name: name, clientID: v.ClientID, objectID: v.ObjectID}
 }

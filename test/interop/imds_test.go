@@ -609,15 +609,7 @@ func TestIMDSArcDocumentationCurl(t *testing.T) {
 	id := "spiffe://" + td + "/interop/imds-dev-curl"
 	dev.ferry(t, "entry", "create", "--spiffe-id", id, "--parent-id", dev.env["FERRY_AGENT_ID"],
 		"--selector", fmt.Sprintf("unix:uid:%d", curlUID))
-	out := dev.ferry(t, "identity", "create", "--name", "imds-dev-curl", "--output", "json")
-	var v struct {
-		ObjectID string `json:"object_id"`
-		ClientID string `json:"client_id"`
-	}
-	require.NoError(t, json.Unmarshal([]byte(out), &v))
-	dev.ferry(t, "identity", "federated-credential", "create", "--identity-name", "imds-dev-curl", "--name", "spiffe-curl",
-		"--issuer", dev.env["FERRY_JWT_ISSUER"], "--subject", id)
-	dev.ferry(t, "role", "assign", "--identity-name", "imds-dev-curl", "--resource", imdsRes, "--role", "reader")
+	v := federatedIdentity(t, "imds-dev-curl", id, imdsRes)
 
 	const script = `ChallengeTokenPath=$(curl -s -D - -H Metadata:true "http://127.0.0.1:40342/metadata/identity/oauth2/token?api-version=2019-11-01&resource=https%3A%2F%2Fmanagement.azure.com" | grep Www-Authenticate | cut -d "=" -f 2 | tr -d "[:cntrl:]")
 ChallengeToken=$(cat $ChallengeTokenPath)
@@ -643,10 +635,10 @@ fi
 		return err == nil && json.Unmarshal(out, &resp) == nil && resp["access_token"] != ""
 	}, 20*time.Second, 500*time.Millisecond)
 	require.True(t, ok, "last answer: %s", last)
-	require.Equal(t, v.ClientID, resp["client_id"])
+	require.Equal(t, v.clientID, resp["client_id"])
 	require.Equal(t, imdsRes, resp["resource"])
 	require.Equal(t, "Bearer", resp["token_type"])
-	checkAccessToken(t, federation{clientID: v.ClientID, objectID: v.ObjectID, tenantID: ag.tenantID, resourceURI: imdsRes, resourceAppID: ag.appID}, resp["access_token"])
+	checkAccessToken(t, federation{clientID: v.clientID, objectID: v.objectID, tenantID: ag.tenantID, resourceURI: imdsRes, resourceAppID: ag.appID}, resp["access_token"])
 }
 
 // vmGet is one VM-style token request from this process (uid 0, gid 0: the
