@@ -50,6 +50,7 @@ type Config struct {
 	// AdminSocket is the admin API's unix socket (mode 0600); default DataDir/admin.sock.
 	AdminSocket string
 	// HealthAddr serves /live, /ready and /metrics over plain HTTP; empty disables it.
+	// /ready is 200 once the node has caught up with the log (CaughtUp) and knows a leader.
 	HealthAddr string
 	// Profiling serves Go's /debug/pprof on the health listener.
 	Profiling bool
