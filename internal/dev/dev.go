@@ -437,7 +437,7 @@ const (
 const walkthrough = `
 ferry is running (trust domain {td}). In another shell:
 
-  export PATH={bin}:$PATH   # where the ferry binary is (make build puts it in bin/)
+  export PATH="{bin}:$PATH"   # where the ferry binary is (make build puts it in bin/)
   . {env}
   # an identity for this user's processes, delivered by the Workload API
   ferry entry create --spiffe-id spiffe://{td}/web --parent-id $FERRY_AGENT_ID --selector unix:uid:$(id -u)
