@@ -200,6 +200,13 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	s.node = node
 	defer node.Close()
+	// Work started below (CA rotation, the federation refresher, joining)
+	// ends before the node closes and Run returns: none of it may write to
+	// the data dir after Run has returned.
+	var bg sync.WaitGroup
+	defer bg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	go func() {
 		select {
 		case <-node.CaughtUp():
@@ -209,7 +216,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}()
 	s.registerMetrics()
 
-	authority, agentAPI, err := s.startAuthority(ctx, node)
+	authority, agentAPI, err := s.startAuthority(ctx, node, &bg)
 	if err != nil {
 		return err
 	}
@@ -265,7 +272,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	defer oidcShutdown(oidcSrv)
 	// --- federation: bundle endpoint and leader-only refresher ---
-	if err := s.startFederation(ctx, refresher, tlsCfg, errc); err != nil {
+	if err := s.startFederation(ctx, refresher, tlsCfg, errc, &bg); err != nil {
 		gs.Stop()
 		return err
 	}
@@ -291,7 +298,8 @@ func (s *Server) Run(ctx context.Context) error {
 		s.log.Info("health and metrics", "addr", hl.Addr().String())
 	}
 	if len(s.cfg.Cluster.RetryJoin) > 0 {
-		go s.retryJoin(ctx)
+		bg.Add(1)
+		go func() { defer bg.Done(); s.retryJoin(ctx) }()
 	}
 	s.log.Info("server running", "trust_domain", s.cfg.TrustDomain.String(), "cluster_addr", node.Addr(), "agent_addr", agentLis.Addr().String(), "admin_socket", s.cfg.AdminSocket)
 	s.readyOnce.Do(func() { close(s.ready) })
@@ -318,7 +326,7 @@ func (s *Server) Run(ctx context.Context) error {
 
 // startAuthority opens this node's CA (keys on its own disk), starts its rotation
 // loop once the cluster has a leader to publish through, and builds the agent API.
-func (s *Server) startAuthority(ctx context.Context, node *cluster.Node) (*ca.CA, *api.Agent, error) {
+func (s *Server) startAuthority(ctx context.Context, node *cluster.Node, bg *sync.WaitGroup) (*ca.CA, *api.Agent, error) {
 	cl := clusterAPI{node, s.store}
 	authority, err := ca.New(ca.Config{
 		TrustDomain:  s.cfg.TrustDomain,
@@ -337,7 +345,9 @@ func (s *Server) startAuthority(ctx context.Context, node *cluster.Node) (*ca.CA
 	if err != nil {
 		return nil, nil, fmt.Errorf("server: %w", err)
 	}
+	bg.Add(1)
 	go func() {
+		defer bg.Done()
 		// The CA publishes through the log, and what it finds there must be
 		// the cluster's current state, not this node's last snapshot.
 		select {
@@ -607,8 +617,9 @@ func (s *Server) registerFederation(gs *grpc.Server, node *cluster.Node) (*feder
 
 // startFederation runs the refresher and, when configured, the bundle
 // endpoint (https_spiffe serves this node's server X509-SVID).
-func (s *Server) startFederation(ctx context.Context, refresher *federation.Refresher, tlsCfg *svidTLS, errc chan<- error) error {
-	go func() { _ = refresher.Run(ctx) }()
+func (s *Server) startFederation(ctx context.Context, refresher *federation.Refresher, tlsCfg *svidTLS, errc chan<- error, bg *sync.WaitGroup) error {
+	bg.Add(1)
+	go func() { defer bg.Done(); _ = refresher.Run(ctx) }()
 	be := s.cfg.Federation.BundleEndpoint
 	if be == nil {
 		return nil
