@@ -11,8 +11,14 @@ SKIPLOG := $(CURDIR)/.security-skips
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-build: ## build bin/ferry
-	$(GO) build -o $(BIN) ./cmd/ferry
+# The version `ferry version` prints: git describe, and the commit, stamped so
+# that builds with -buildvcs=false (as CI's) still say where they came from.
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)
+LDFLAGS  := -X github.com/ferry-id/ferry/internal/buildinfo.version=$(VERSION) -X github.com/ferry-id/ferry/internal/buildinfo.revision=$(REVISION)
+
+build: ## build bin/ferry (version from git describe: bin/ferry version)
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ferry
 
 run: build ## start everything on this machine (server, agent, bridge) with embedded defaults in .dev/
 	./$(BIN) dev --data-dir $(DEV)

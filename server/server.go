@@ -30,9 +30,11 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
+	"github.com/ferry-id/ferry/attestors/catalog"
 	nodeattestor "github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/api"
 	"github.com/ferry-id/ferry/server/ca"
@@ -191,7 +193,8 @@ func (s *Server) Run(ctx context.Context) error {
 		return err
 	}
 	admin, err := api.NewAdmin(api.Config{Cluster: clusterAPI{node, s.store}, Store: s.store, Logger: s.log.With("component", "admin"),
-		Authority: authority, TrustDomain: s.cfg.TrustDomain, JWTIssuer: s.cfg.CA.JWTIssuer})
+		Authority: authority, TrustDomain: s.cfg.TrustDomain, JWTIssuer: s.cfg.CA.JWTIssuer,
+		Selectors: catalog.Selectors().Enable(selector.Node, agentAPI.Attestors()...)})
 	if err != nil {
 		return err
 	}
@@ -323,7 +326,7 @@ func (s *Server) startAuthority(ctx context.Context, node *cluster.Node) (*ca.CA
 		}
 	}()
 	attestors := []nodeattestor.ServerAttestor{}
-	jt, err := jointoken.NewServer(jointoken.ServerConfig{TrustDomain: s.cfg.TrustDomain, Tokens: api.ClusterTokens{Cluster: cl}, Log: s.log.With("attestor", "join_token")})
+	jt, err := jointoken.NewServer(jointoken.ServerConfig{TrustDomain: s.cfg.TrustDomain, Tokens: api.ClusterTokens{Cluster: cl, Store: s.store}, Log: s.log.With("attestor", "join_token")})
 	if err != nil {
 		return nil, nil, err
 	}

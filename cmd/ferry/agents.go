@@ -229,8 +229,8 @@ func agentIdentityCommand() *cli.Command {
 			if id == "" {
 				id = c.Args().First()
 			}
-			if id == "" || c.Args().Len() > 1 || c.String("spiffe-id") != "" && c.Args().Len() > 0 {
-				return errors.New("name the agent: ferry agent identity enable|disable SPIFFE_ID (or --spiffe-id)")
+			if id == "" || c.String("spiffe-id") != "" && c.Args().Len() > 0 {
+				return errors.New("name the agent once: SPIFFE_ID or --spiffe-id")
 			}
 			return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 				resp, err := a.SetAgentIdentity(ctx, &ferrypb.SetAgentIdentityRequest{SpiffeId: id, Enabled: enabled, TenantId: c.String("tenant"), RequestId: c.String("request-id")})
@@ -263,12 +263,12 @@ func agentIdentityCommand() *cli.Command {
 		Usage: "an attested agent's system-assigned managed identity",
 		Subcommands: []*cli.Command{
 			{
-				Name: "enable", Usage: "give the agent a system-assigned identity, deleted when it is evicted", ArgsUsage: "SPIFFE_ID",
+				Name: "enable", Usage: "give the agent a system-assigned identity, deleted when it is evicted", ArgsUsage: "[SPIFFE_ID]",
 				Flags:  append(flags(), &cli.StringFlag{Name: "tenant", Usage: "tenant of the identity (default: the only tenant)"}),
 				Action: set(true),
 			},
 			{
-				Name: "disable", Usage: "delete the agent's system-assigned identity with its role assignments", ArgsUsage: "SPIFFE_ID",
+				Name: "disable", Usage: "delete the agent's system-assigned identity with its role assignments", ArgsUsage: "[SPIFFE_ID]",
 				Flags: flags(), Action: set(false),
 			},
 		},

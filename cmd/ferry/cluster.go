@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/sha256"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -28,9 +27,6 @@ func clusterCommand() *cli.Command {
 				ArgsUsage: "ADDR",
 				Flags:     adminFlags(),
 				Action: func(c *cli.Context) error {
-					if c.NArg() != 1 {
-						return errors.New("usage: ferry cluster join ADDR")
-					}
 					return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 						if _, err := a.ClusterJoin(ctx, &ferrypb.ClusterJoinRequest{Address: c.Args().First()}); err != nil {
 							return err
@@ -69,9 +65,6 @@ func clusterCommand() *cli.Command {
 				ArgsUsage: "ID",
 				Flags:     adminFlags(),
 				Action: func(c *cli.Context) error {
-					if c.NArg() != 1 {
-						return errors.New("usage: ferry cluster remove ID")
-					}
 					return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 						if _, err := a.ClusterRemove(ctx, &ferrypb.ClusterRemoveRequest{Id: c.Args().First()}); err != nil {
 							return err
@@ -168,9 +161,6 @@ func clusterCommand() *cli.Command {
 }
 
 func snapshotSave(c *cli.Context) error {
-	if c.NArg() != 1 {
-		return errors.New("usage: ferry cluster snapshot save FILE")
-	}
 	path := c.Args().First()
 	return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 		stream, err := a.SnapshotSave(ctx, &ferrypb.SnapshotSaveRequest{})
@@ -220,9 +210,6 @@ func snapshotSave(c *cli.Context) error {
 }
 
 func snapshotRestore(c *cli.Context) error {
-	if c.NArg() != 1 {
-		return errors.New("usage: ferry cluster snapshot restore FILE")
-	}
 	f, err := os.Open(c.Args().First())
 	if err != nil {
 		return err

@@ -187,7 +187,7 @@ func (r *Registry) Help(c Class) string {
 
 // ErrUnknownType is wrapped by Check's error for a selector type no enabled
 // attestor of the class produces.
-var ErrUnknownType = errors.New("selector: no attestor produces this type")
+var ErrUnknownType = errors.New("unknown selector type")
 
 // Check reports whether sel could be produced by an enabled attestor of class
 // c: it passes Validate, its type is one of c's, its kind is one the attestor

@@ -62,8 +62,13 @@ func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
 	if err != nil {
 		c.t.Fatalf("token generate: %v %s", err, out)
 	}
-	token := between(out, `"token": "`, `"`)
+	return c.StartAgentToken(name, id, between(out, `"token": "`, `"`), bundle, extraConfig)
+}
 
+// StartAgentToken starts an agent that attests with token, expecting the
+// agent ID id, trusting bundle (PEM) for its first connection.
+func (c *Cluster) StartAgentToken(name, id, token, bundle, extraConfig string) *Agent {
+	c.t.Helper()
 	dir := filepath.Join(c.Dir, "agent-"+name)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		c.t.Fatal(err)

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/state"
 )
@@ -54,13 +55,18 @@ type Config struct {
 	// the credential binding a system-assigned identity to its owner. Without
 	// it, system-assigned identities cannot be enabled.
 	JWTIssuer string
+	// Selectors checks entry selectors; nil is every compiled-in attestor's
+	// (catalog.Selectors()). A server narrows the node class to the node
+	// attestors it runs.
+	Selectors *selector.Registry
 }
 
 // Admin implements ferrypb.AdminServer.
 type Admin struct {
 	ferrypb.UnimplementedAdminServer
-	cfg Config
-	log *slog.Logger
+	cfg     Config
+	log     *slog.Logger
+	entries EntryRules
 }
 
 var _ ferrypb.AdminServer = (*Admin)(nil)
@@ -76,7 +82,10 @@ func NewAdmin(cfg Config) (*Admin, error) {
 	if cfg.MaxBatch <= 0 {
 		cfg.MaxBatch = 1000
 	}
-	return &Admin{cfg: cfg, log: cfg.Logger}, nil
+	if cfg.TrustDomain.IsZero() && cfg.Authority != nil {
+		cfg.TrustDomain = cfg.Authority.TrustDomain()
+	}
+	return &Admin{cfg: cfg, log: cfg.Logger, entries: EntryRules{TrustDomain: cfg.TrustDomain, Selectors: cfg.Selectors}}, nil
 }
 
 // ClusterJoin asks this node to join the cluster a member of which listens at the
@@ -276,7 +285,7 @@ func (a *Admin) batchEntries(ctx context.Context, requestID string, in []*ferryp
 	var valid []*ferrypb.Entry
 	var pos []int
 	for i, e := range in {
-		if err := state.ValidateEntry(e); err != nil {
+		if err := a.checkEntry(e); err != nil {
 			resp.Results[i] = &ferrypb.Status{Code: int32(codes.InvalidArgument), Message: "invalid entry: " + err.Error()}
 			continue
 		}
@@ -308,6 +317,14 @@ func (a *Admin) batchEntries(ctx context.Context, requestID string, in []*ferryp
 		resp.Index = res.Index
 	}
 	return resp, nil
+}
+
+// checkEntry checks an entry with its ID assigned.
+func (a *Admin) checkEntry(e *ferrypb.Entry) error {
+	if err := state.ValidateEntry(e); err != nil {
+		return err
+	}
+	return a.entries.Check(e)
 }
 
 func chunks[T any](in []T, size int) [][]T {
@@ -343,15 +360,22 @@ func (a *Admin) GetEntry(ctx context.Context, req *ferrypb.GetEntryRequest) (*fe
 	return e, nil
 }
 
-const maxPageSize = 10000
+// MaxPageSize is the most entries ListEntries returns in one page.
+const MaxPageSize = 10000
 
 func (a *Admin) ListEntries(ctx context.Context, req *ferrypb.ListEntriesRequest) (*ferrypb.ListEntriesResponse, error) {
 	if err := a.read(ctx, req.Consistency); err != nil {
 		return nil, err
 	}
+	if err := a.entries.CheckFilter(req.BySpiffeId, req.ByParentId, req.BySelectors); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if req.PageSize < 0 || req.PageSize > MaxPageSize {
+		return nil, status.Errorf(codes.InvalidArgument, "page_size must be from 1 to %d (0: the largest)", MaxPageSize)
+	}
 	size := int(req.PageSize)
-	if size <= 0 || size > maxPageSize {
-		size = maxPageSize
+	if size == 0 {
+		size = MaxPageSize
 	}
 	entries, next := a.cfg.Store.View().ListEntries(state.EntryFilter{
 		SpiffeID:  req.BySpiffeId,

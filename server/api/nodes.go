@@ -2,11 +2,14 @@ package api
 
 import (
 	"context"
+	"fmt"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/state"
@@ -23,8 +26,8 @@ func (a *Admin) CreateJoinToken(ctx context.Context, req *ferrypb.CreateJoinToke
 		return nil, status.Errorf(codes.InvalidArgument, "ttl must be between 1s and %s", maxJoinTokenTTL)
 	}
 	if req.SpiffeId != "" {
-		if err := state.ValidateSPIFFEID(req.SpiffeId); err != nil {
-			return nil, status.Errorf(codes.InvalidArgument, "spiffe_id: %v", err)
+		if err := CheckJoinTokenID(a.cfg.TrustDomain, req.SpiffeId); err != nil {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
 		}
 	}
 	token, err := jointoken.Generate()
@@ -42,6 +45,20 @@ func (a *Admin) CreateJoinToken(ctx context.Context, req *ferrypb.CreateJoinToke
 		return nil, err
 	}
 	return &ferrypb.CreateJoinTokenResponse{Token: token, ExpiresAt: expires}, nil
+}
+
+// CheckJoinTokenID reports whether id may be the agent ID a join token
+// attests to: a canonical SPIFFE ID that is an agent ID in td (a zero td, for
+// clients that do not know the server's, skips that part). Attestation would
+// refuse any other, so the token is refused when it is made.
+func CheckJoinTokenID(td spiffeid.TrustDomain, raw string) error {
+	if err := state.ValidateSPIFFEID(raw); err != nil {
+		return fmt.Errorf("spiffe_id: %w", err)
+	}
+	if err := node.CheckAgentID(td, spiffeid.RequireFromString(raw)); err != nil {
+		return fmt.Errorf("spiffe_id: %w", err)
+	}
+	return nil
 }
 
 func (a *Admin) ListAgents(ctx context.Context, _ *ferrypb.ListAgentsRequest) (*ferrypb.ListAgentsResponse, error) {

@@ -27,7 +27,13 @@ func ValidateEntry(e *ferrypb.Entry) error {
 	if e.GetId() == "" {
 		return fmt.Errorf("entry id is required")
 	}
-	if len(e.Id) > maxEntryIDLength {
+	return ValidateEntryContent(e)
+}
+
+// ValidateEntryContent is ValidateEntry for an entry that may still lack its
+// ID (the server assigns one on create).
+func ValidateEntryContent(e *ferrypb.Entry) error {
+	if len(e.GetId()) > maxEntryIDLength {
 		return fmt.Errorf("entry id is longer than %d bytes", maxEntryIDLength)
 	}
 	if err := ValidateSPIFFEID(e.SpiffeId); err != nil {

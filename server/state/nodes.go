@@ -31,7 +31,8 @@ func (a *applier) createJoinToken(t *ferrypb.JoinToken) *ferrypb.CommandResult {
 }
 
 // consumeJoinToken deletes the token and returns it. The log orders concurrent
-// attempts, so exactly one of them finds the token.
+// attempts, so exactly one of them finds the token. An expired token is
+// deleted too: it can never be used.
 func (a *applier) consumeJoinToken(hash string) *ferrypb.CommandResult {
 	raw, err := a.txn.First(TableJoinTokens, "id", hash)
 	must(err)
@@ -71,6 +72,12 @@ func (a *applier) putNode(p *ferrypb.NodePut) *ferrypb.CommandResult {
 	}
 	if p.ExpectSerial != "" && (old == nil || old.CertSerial != p.ExpectSerial) {
 		return &ferrypb.CommandResult{Status: status(codes.Aborted, "agent %s changed since it presented serial %s", n.SpiffeId, p.ExpectSerial)}
+	}
+	if h := p.ConsumeJoinToken; h != "" {
+		// Spent here, with the agent recorded, or not at all.
+		if res := a.consumeJoinToken(h); codes.Code(res.Status.GetCode()) != codes.OK {
+			return res
+		}
 	}
 	row := proto.Clone(n).(*ferrypb.AttestedNode)
 	sortSelectors(row.Selectors)
