@@ -102,6 +102,19 @@ func (a *Agent) Cache() *cache.Cache { return a.cache }
 // Session is the agent's server session.
 func (a *Agent) Session() *session.Session { return a.session }
 
+// health is nil while the agent holds an unexpired agent SVID: it can then
+// serve what it has cached and renew it.
+func (a *Agent) health() error {
+	svid, err := a.session.GetX509SVID()
+	if err != nil {
+		return err
+	}
+	if !time.Now().Before(svid.Certificates[0].NotAfter) {
+		return errors.New("agent SVID expired")
+	}
+	return nil
+}
+
 // Run attests the node and serves until ctx ends.
 func (a *Agent) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
@@ -128,6 +141,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		Attestor:   wlAttestor,
 		Log:        a.log.With("component", "workloadapi"),
 		GRPCServer: a.cfg.GRPCServer,
+		Health:     a.health,
 	})
 	if err != nil {
 		return err

@@ -28,12 +28,15 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
 	"github.com/ferry-id/ferry/attestors/catalog"
 	nodeattestor "github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
+	"github.com/ferry-id/ferry/internal/buildinfo"
+	"github.com/ferry-id/ferry/internal/logging"
 	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/api"
@@ -79,6 +82,9 @@ type Config struct {
 	Federation FederationConfig
 	// Logger overrides the logger built from LogLevel and LogFormat.
 	Logger *slog.Logger
+	// Level, when set, is Logger's level, which `ferry logger set|reset`
+	// changes while the server runs.
+	Level *logging.Level
 }
 
 // ClusterConfig is the Raft part of Config.
@@ -119,6 +125,7 @@ type Server struct {
 
 	readyOnce sync.Once
 	ready     chan struct{}
+	started   time.Time
 }
 
 // New validates cfg and prepares a server; Run starts it.
@@ -135,7 +142,7 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{})}, nil
+	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{}), started: time.Now()}, nil
 }
 
 // Store is the node's replicated state (read-only use).
@@ -194,7 +201,8 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	admin, err := api.NewAdmin(api.Config{Cluster: clusterAPI{node, s.store}, Store: s.store, Logger: s.log.With("component", "admin"),
 		Authority: authority, TrustDomain: s.cfg.TrustDomain, JWTIssuer: s.cfg.CA.JWTIssuer,
-		Selectors: catalog.Selectors().Enable(selector.Node, agentAPI.Attestors()...)})
+		Selectors: catalog.Selectors().Enable(selector.Node, agentAPI.Attestors()...),
+		Info:      func() *ferrypb.ServerInfo { return s.info(agentAPI.Attestors()) }, LogLevel: s.cfg.Level})
 	if err != nil {
 		return err
 	}
@@ -208,6 +216,7 @@ func (s *Server) Run(ctx context.Context) error {
 	gs := grpc.NewServer(grpc.Creds(adminCreds{tls: tlsCfg}), s.admission(),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor, s.adminUnaryAuth), grpc.ChainStreamInterceptor(s.streamInterceptor, s.adminStreamAuth))
 	ferrypb.RegisterAdminServer(gs, admin)
+	healthpb.RegisterHealthServer(gs, health{s})
 	issuers := map[string]string{}
 	if s.cfg.CA.JWTIssuer != "" {
 		issuers[s.cfg.CA.JWTIssuer] = s.cfg.TrustDomain.Name()
@@ -471,8 +480,8 @@ func (s *Server) healthHandler() http.Handler {
 		_, _ = io.WriteString(w, "ok\n")
 	})
 	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
-		if id, _ := s.node.Leader(); id == "" {
-			http.Error(w, "no cluster leader known", http.StatusServiceUnavailable)
+		if err := s.readiness(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = io.WriteString(w, "ok\n")
@@ -485,6 +494,61 @@ func (s *Server) healthHandler() http.Handler {
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	return mux
+}
+
+// readiness is nil when this node serves requests: what /ready, the admin
+// socket's gRPC health service and `ferry server info` report.
+func (s *Server) readiness() error {
+	select {
+	case <-s.ready:
+	default:
+		return errors.New("starting")
+	}
+	if id, _ := s.node.Leader(); id == "" {
+		return errors.New("no cluster leader known")
+	}
+	return nil
+}
+
+// info describes this node for `ferry server info`.
+func (s *Server) info(attestors []string) *ferrypb.ServerInfo {
+	b := buildinfo.Get()
+	leader, _ := s.node.Leader()
+	info := &ferrypb.ServerInfo{
+		NodeId: s.cfg.NodeID, TrustDomain: s.cfg.TrustDomain.Name(),
+		Version: b.Version, VcsRevision: b.Revision, GoVersion: b.GoVersion,
+		StartedAt: s.started.Unix(), RaftState: s.node.State().String(), LeaderId: leader,
+		AppliedIndex: s.store.AppliedIndex(), NodeAttestors: attestors,
+	}
+	if err := s.readiness(); err != nil {
+		info.NotReadyReason = err.Error()
+	} else {
+		info.Ready = true
+	}
+	return info
+}
+
+// health is the standard gRPC health service on the admin socket (as SPIRE's
+// server socket has it): SERVING once the node is ready. `ferry server
+// healthcheck` and gRPC probes use it.
+type health struct{ s *Server }
+
+func (h health) Check(_ context.Context, req *healthpb.HealthCheckRequest) (*healthpb.HealthCheckResponse, error) {
+	if req.Service != "" {
+		return nil, status.Errorf(codes.NotFound, "unknown service %q (ask for \"\")", req.Service)
+	}
+	if h.s.readiness() != nil {
+		return &healthpb.HealthCheckResponse{Status: healthpb.HealthCheckResponse_NOT_SERVING}, nil
+	}
+	return &healthpb.HealthCheckResponse{Status: healthpb.HealthCheckResponse_SERVING}, nil
+}
+
+func (health) List(context.Context, *healthpb.HealthListRequest) (*healthpb.HealthListResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "List is not served; Check the empty service name")
+}
+
+func (health) Watch(*healthpb.HealthCheckRequest, healthpb.Health_WatchServer) error {
+	return status.Error(codes.Unimplemented, "Watch is not served; use Check")
 }
 
 // clusterAPI adapts cluster.Node to what the Admin API needs.

@@ -43,6 +43,7 @@ import (
 
 	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/ferry-id/ferry/agent/cache"
 	"github.com/ferry-id/ferry/attestors/workload"
@@ -77,6 +78,9 @@ type Config struct {
 	// ShutdownTimeout bounds how long Stop waits for in-flight calls.
 	// Defaults to 5 s.
 	ShutdownTimeout time.Duration
+	// Health, when set, serves the gRPC health service on the socket:
+	// SERVING while it returns nil.
+	Health func() error
 	// GRPCServer selects the gRPC server: "" or TransportFerry for
 	// internal/h2grpc (a connection's calls are answered by the goroutine
 	// reading it), TransportGRPCGo for grpc-go's server.
@@ -103,6 +107,7 @@ type Server struct {
 	attestor       Attestor
 	log            *slog.Logger
 	socketPath     string
+	health         func() error
 	foreignClaims  map[string]bool
 	unauthVerifier bool
 	shutdown       time.Duration
@@ -126,6 +131,7 @@ func New(c Config) (*Server, error) {
 		attestor:       c.Attestor,
 		log:            c.Log,
 		socketPath:     c.SocketPath,
+		health:         c.Health,
 		foreignClaims:  make(map[string]bool, len(c.AllowedForeignJWTClaims)),
 		unauthVerifier: c.AllowUnauthenticatedVerifiers,
 		shutdown:       c.ShutdownTimeout,
@@ -172,6 +178,9 @@ func (s *Server) newH2Server(pin pinFunc) *h2grpc.Server {
 		Log:               s.log,
 	})
 	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, service{Server: s})
+	if s.health != nil {
+		healthpb.RegisterHealthServer(srv, health{s.health})
+	}
 	return srv
 }
 
@@ -201,6 +210,9 @@ func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
 		grpc.NumStreamWorkers(uint32(max(4, runtime.GOMAXPROCS(0)))),
 	)
 	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, service{Server: s})
+	if s.health != nil {
+		healthpb.RegisterHealthServer(srv, health{s.health})
+	}
 	return srv
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
@@ -14,8 +15,23 @@ import (
 func bridgeCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "bridge",
-		Usage: "run an Entra-style token service replica",
+		Usage: "run an Entra-style token service replica, or check its config",
 		Subcommands: []*cli.Command{{
+			Name:  "validate",
+			Usage: "check a bridge config file as `bridge run` reads it, without starting anything",
+			Flags: []cli.Flag{&cli.StringFlag{Name: "config", Usage: "path of bridge.conf", Value: "conf/bridge.conf"}},
+			Action: func(c *cli.Context) error {
+				fc, err := service.LoadConfig(c.String("config"))
+				if err != nil {
+					return err
+				}
+				if _, err := logging.New(os.Stderr, fc.LogLevel, fc.LogFormat); err != nil {
+					return err
+				}
+				fmt.Fprintf(c.App.Writer, "%s: valid\n", c.String("config"))
+				return nil
+			},
+		}, {
 			Name:  "run",
 			Usage: "start a bridge replica from its config file",
 			Flags: []cli.Flag{&cli.StringFlag{Name: "config", Usage: "path of bridge.conf", Value: "conf/bridge.conf"}},

@@ -13,6 +13,8 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/api"
+	"github.com/ferry-id/ferry/server/ca"
 	"github.com/ferry-id/ferry/server/cluster"
 )
 
@@ -27,6 +29,9 @@ func clusterCommand() *cli.Command {
 				ArgsUsage: "ADDR",
 				Flags:     adminFlags(),
 				Action: func(c *cli.Context) error {
+					if err := api.CheckClusterAddress(c.Args().First()); err != nil {
+						return err
+					}
 					return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 						if _, err := a.ClusterJoin(ctx, &ferrypb.ClusterJoinRequest{Address: c.Args().First()}); err != nil {
 							return err
@@ -129,7 +134,12 @@ func clusterCommand() *cli.Command {
 								&cli.StringFlag{Name: "dir", Value: ".", Usage: "output directory"},
 								&cli.StringFlag{Name: "ca", Value: "ca.pem", Usage: "cluster CA certificate"},
 								&cli.StringFlag{Name: "ca-key", Value: "ca-key.pem", Usage: "cluster CA key"},
-								&cli.StringSliceFlag{Name: "dns", Usage: "extra DNS name (repeatable)"},
+								&cli.StringSliceFlag{Name: "dns", Usage: "extra DNS name (repeatable)", Action: func(c *cli.Context, names []string) error {
+									if err := ca.CheckDNSNames(names); err != nil {
+										return fmt.Errorf("--dns: %w", err)
+									}
+									return nil
+								}},
 								&cli.StringSliceFlag{Name: "ip", Usage: "extra IP address (repeatable)"},
 								&cli.BoolFlag{Name: "force", Usage: "overwrite existing files"},
 							},

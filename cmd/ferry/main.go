@@ -43,6 +43,7 @@ func newApp() *cli.App {
 			jwtCommand(),
 			federationCommand(),
 			demoAPICommand(),
+			loggerCommand(),
 			versionCommand(),
 		},
 	}

@@ -24,7 +24,12 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/google/uuid"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/urfave/cli/v2"
+
+	"github.com/ferry-id/ferry/internal/logging"
+	"github.com/ferry-id/ferry/server/state"
 )
 
 // allowEmpty names the flags whose empty value means something: clearing a
@@ -257,32 +262,63 @@ func unknownCommand(ctx *cli.Context) error {
 	return fmt.Errorf("%sunknown command %q; commands: %s (see '%s --help')", commandPrefix(ctx), ctx.Args().First(), strings.Join(names, ", "), helpName(ctx))
 }
 
-// oneOf returns a flag action refusing values outside choices.
-func oneOf(choices ...string) func(*cli.Context, string) error {
+// checked returns the action of flag name: it refuses a value check refuses,
+// naming the command and the flag.
+func checked(name string, check func(string) error) func(*cli.Context, string) error {
 	return func(ctx *cli.Context, v string) error {
+		if err := check(v); err != nil {
+			return fmt.Errorf("%s--%s: %w (see '%s --help')", commandPrefix(ctx), name, err, helpName(ctx))
+		}
+		return nil
+	}
+}
+
+// oneOf is a check accepting only choices.
+func oneOf(choices ...string) func(string) error {
+	return func(v string) error {
 		if slices.Contains(choices, v) {
 			return nil
 		}
-		return fmt.Errorf("%s--%s %q: want %s (see '%s --help')", commandPrefix(ctx), flagNameOf(ctx, v), v, orList(choices), helpName(ctx))
+		return fmt.Errorf("%q: want %s", v, orList(choices))
 	}
 }
 
 // choiceFlag is a string flag that takes one of choices (the first is the
 // default), listed in its help.
 func choiceFlag(name, usage string, choices ...string) *cli.StringFlag {
-	return &cli.StringFlag{Name: name, Value: choices[0], Usage: usage + ": " + orList(choices), Action: oneOf(choices...)}
+	return &cli.StringFlag{Name: name, Value: choices[0], Usage: usage + ": " + orList(choices), Action: checked(name, oneOf(choices...))}
 }
 
-// flagNameOf finds which set string flag of the command holds v, for oneOf's
-// message (urfave/cli does not pass the flag to its action).
-func flagNameOf(ctx *cli.Context, v string) string {
-	for _, f := range ctx.Command.Flags {
-		if sf, ok := f.(*cli.StringFlag); ok && ctx.IsSet(sf.Name) && ctx.String(sf.Name) == v && sf.Action != nil {
-			return sf.Name
-		}
-	}
-	return "value"
+// logLevelFlag is --log-level for commands that log to stderr.
+func logLevelFlag() *cli.StringFlag {
+	f := choiceFlag("log-level", "log level", logging.Levels...)
+	f.Value = "info"
+	return f
 }
+
+// requiredChoice is a required string flag that takes one of choices.
+func requiredChoice(name, usage string, choices ...string) *cli.StringFlag {
+	return &cli.StringFlag{Name: name, Required: true, Usage: usage + ": " + orList(choices), Action: checked(name, oneOf(choices...))}
+}
+
+// isGUID refuses what the server would not take as a GUID.
+func isGUID(v string) error {
+	if _, err := uuid.Parse(v); err != nil {
+		return fmt.Errorf("%q is not a GUID", v)
+	}
+	return nil
+}
+
+// isTrustDomain refuses what is not a trust domain name (or spiffe://name).
+func isTrustDomain(v string) error {
+	if _, err := spiffeid.TrustDomainFromString(v); err != nil {
+		return fmt.Errorf("%q is not a trust domain: %w", v, err)
+	}
+	return nil
+}
+
+// isSPIFFEID refuses what is not a SPIFFE ID in canonical form.
+func isSPIFFEID(v string) error { return state.ValidateSPIFFEID(v) }
 
 func orList(choices []string) string {
 	switch len(choices) {
@@ -295,5 +331,5 @@ func orList(choices []string) string {
 }
 
 func init() {
-	outputFlag.Action = oneOf("pretty", "json")
+	outputFlag.Action = checked("output", oneOf("pretty", "json"))
 }

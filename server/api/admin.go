@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"strconv"
 
 	"github.com/google/uuid"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -16,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/ferry-id/ferry/internal/logging"
 	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/state"
@@ -55,6 +58,12 @@ type Config struct {
 	// the credential binding a system-assigned identity to its owner. Without
 	// it, system-assigned identities cannot be enabled.
 	JWTIssuer string
+	// Info describes this node for GetServerInfo: build, cluster role and
+	// readiness (the API adds the size of the state). Nil leaves them empty.
+	Info func() *ferrypb.ServerInfo
+	// LogLevel is this node's logger level, for GetLogger, SetLogLevel and
+	// ResetLogLevel; nil refuses them.
+	LogLevel *logging.Level
 	// Selectors checks entry selectors; nil is every compiled-in attestor's
 	// (catalog.Selectors()). A server narrows the node class to the node
 	// attestors it runs.
@@ -91,13 +100,29 @@ func NewAdmin(cfg Config) (*Admin, error) {
 // ClusterJoin asks this node to join the cluster a member of which listens at the
 // given address.
 func (a *Admin) ClusterJoin(ctx context.Context, req *ferrypb.ClusterJoinRequest) (*ferrypb.ClusterJoinResponse, error) {
-	if req.Address == "" {
-		return nil, status.Error(codes.InvalidArgument, "address is required")
+	if err := CheckClusterAddress(req.Address); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	if err := a.cfg.Cluster.Join(ctx, req.Address); err != nil {
 		return nil, toStatus(err)
 	}
 	return &ferrypb.ClusterJoinResponse{}, nil
+}
+
+// CheckClusterAddress checks a server's cluster address: host:port with a
+// host and a port from 1 to 65535.
+func CheckClusterAddress(addr string) error {
+	if addr == "" {
+		return errors.New("address is required")
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("address %q: want host:port (%v)", addr, err)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 || host == "" {
+		return fmt.Errorf("address %q: want host:port with a port from 1 to 65535", addr)
+	}
+	return nil
 }
 
 func (a *Admin) ClusterList(ctx context.Context, _ *ferrypb.ClusterListRequest) (*ferrypb.ClusterListResponse, error) {

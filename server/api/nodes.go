@@ -15,15 +15,15 @@ import (
 	"github.com/ferry-id/ferry/server/state"
 )
 
-// maxJoinTokenTTL caps how long a join token stays usable.
-const maxJoinTokenTTL = 7 * 24 * time.Hour
+// MaxJoinTokenTTL caps how long a join token stays usable.
+const MaxJoinTokenTTL = 7 * 24 * time.Hour
 
 // CreateJoinToken makes a one-time join token. Only its hash enters the log; the
 // token itself is returned once, here.
 func (a *Admin) CreateJoinToken(ctx context.Context, req *ferrypb.CreateJoinTokenRequest) (*ferrypb.CreateJoinTokenResponse, error) {
 	ttl := time.Duration(req.TtlSeconds) * time.Second
-	if ttl <= 0 || ttl > maxJoinTokenTTL {
-		return nil, status.Errorf(codes.InvalidArgument, "ttl must be between 1s and %s", maxJoinTokenTTL)
+	if ttl <= 0 || ttl > MaxJoinTokenTTL {
+		return nil, status.Errorf(codes.InvalidArgument, "ttl must be between 1s and %s", MaxJoinTokenTTL)
 	}
 	if req.SpiffeId != "" {
 		if err := CheckJoinTokenID(a.cfg.TrustDomain, req.SpiffeId); err != nil {
