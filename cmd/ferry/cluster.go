@@ -134,12 +134,7 @@ func clusterCommand() *cli.Command {
 								&cli.StringFlag{Name: "dir", Value: ".", Usage: "output directory"},
 								&cli.StringFlag{Name: "ca", Value: "ca.pem", Usage: "cluster CA certificate"},
 								&cli.StringFlag{Name: "ca-key", Value: "ca-key.pem", Usage: "cluster CA key"},
-								&cli.StringSliceFlag{Name: "dns", Usage: "extra DNS name (repeatable)", Action: func(c *cli.Context, names []string) error {
-									if err := ca.CheckDNSNames(names); err != nil {
-										return fmt.Errorf("--dns: %w", err)
-									}
-									return nil
-								}},
+								&cli.StringSliceFlag{Name: "dns", Usage: "extra DNS name (repeatable)", Action: checkedSlice("dns", ca.CheckDNSNames)},
 								&cli.StringSliceFlag{Name: "ip", Usage: "extra IP address (repeatable)"},
 								&cli.BoolFlag{Name: "force", Usage: "overwrite existing files"},
 							},

@@ -279,10 +279,10 @@ func seconds(s string) (int32, error) {
 		return 0, fmt.Errorf("%q is not a duration (1h30m) or a number of seconds", s)
 	case d <= 0:
 		return 0, fmt.Errorf("%q: a lifetime must be positive (leave it out for the server's default)", s)
-	case d%time.Second != 0:
-		return 0, fmt.Errorf("%q: whole seconds only", s)
 	case d/time.Second > math.MaxInt32:
 		return 0, fmt.Errorf("%q: at most %d seconds", s, math.MaxInt32)
+	case d%time.Second != 0:
+		return 0, fmt.Errorf("%q: whole seconds only", s)
 	}
 	return int32(d / time.Second), nil
 }

@@ -376,15 +376,11 @@ func ficWrite(update bool) cli.ActionFunc {
 		if err != nil {
 			return err
 		}
-		return withDirectory(c, func(ctx context.Context, d ferrypb.DirectoryClient) error {
-			fc := &ferrypb.FederatedCredential{Name: c.String("name")}
-			mode := ferrypb.PutMode_PUT_CREATE
-			if update {
-				mode = ferrypb.PutMode_PUT_UPDATE
-				if fc, err = d.GetFederatedCredential(ctx, &ferrypb.GetFederatedCredentialRequest{Identity: ref, Name: c.String("name")}); err != nil {
-					return err
-				}
-			}
+		if c.IsSet("subject") && c.IsSet("claims-matching-expression") {
+			return errors.New("--subject and --claims-matching-expression are mutually exclusive")
+		}
+		// apply sets what the flags give on fc (all of it on create).
+		apply := func(fc *ferrypb.FederatedCredential) error {
 			if c.IsSet("issuer") {
 				fc.Issuer = c.String("issuer")
 			}
@@ -395,9 +391,6 @@ func ficWrite(update bool) cli.ActionFunc {
 			if c.IsSet("claims-matching-expression") {
 				fc.ClaimsMatchingExpression, fc.Subject = c.String("claims-matching-expression"), ""
 			}
-			if c.IsSet("subject") && c.IsSet("claims-matching-expression") {
-				return errors.New("--subject and --claims-matching-expression are mutually exclusive")
-			}
 			if c.IsSet("audiences") {
 				fc.Audiences = c.StringSlice("audiences")
 			}
@@ -407,8 +400,24 @@ func ficWrite(update bool) cli.ActionFunc {
 			// The server checks the same; checking here names the flag.
 			probe := proto.Clone(fc).(*ferrypb.FederatedCredential)
 			fic.Normalize(probe)
-			if err := fic.ValidateContent(probe); err != nil {
+			return fic.ValidateContent(probe)
+		}
+		fc := &ferrypb.FederatedCredential{Name: c.String("name")}
+		if !update {
+			if err := apply(fc); err != nil {
 				return err
+			}
+		}
+		return withDirectory(c, func(ctx context.Context, d ferrypb.DirectoryClient) error {
+			mode := ferrypb.PutMode_PUT_CREATE
+			if update {
+				mode = ferrypb.PutMode_PUT_UPDATE
+				if fc, err = d.GetFederatedCredential(ctx, &ferrypb.GetFederatedCredentialRequest{Identity: ref, Name: c.String("name")}); err != nil {
+					return err
+				}
+				if err := apply(fc); err != nil {
+					return err
+				}
 			}
 			out, err := d.PutFederatedCredential(ctx, &ferrypb.PutFederatedCredentialRequest{Identity: ref, Credential: fc, Mode: mode, RequestId: c.String("request-id")})
 			if err != nil {

@@ -92,10 +92,9 @@ func checkInput(ctx *cli.Context, path string, required []string, minArgs, maxAr
 	hint := fmt.Sprintf("see 'ferry %s --help'", path)
 	args := ctx.Args().Slice()
 	switch {
+	case len(args) > maxArgs && strings.HasPrefix(args[maxArgs], "-"):
+		return fmt.Errorf("%s: %q after the first argument is not read as a flag; put flags first (%s)", path, args[maxArgs], hint)
 	case len(args) > maxArgs && maxArgs == 0:
-		if strings.HasPrefix(args[0], "-") {
-			return fmt.Errorf("%s: %q after the first argument is not read as a flag; put flags first (%s)", path, args[0], hint)
-		}
 		return fmt.Errorf("%s: unexpected argument %q: it takes no arguments (%s)", path, args[0], hint)
 	case len(args) > maxArgs:
 		return fmt.Errorf("%s: unexpected argument %q: it takes %s (%s)", path, args[maxArgs], ctx.Command.ArgsUsage, hint)
@@ -267,6 +266,16 @@ func unknownCommand(ctx *cli.Context) error {
 func checked(name string, check func(string) error) func(*cli.Context, string) error {
 	return func(ctx *cli.Context, v string) error {
 		if err := check(v); err != nil {
+			return fmt.Errorf("%s--%s: %w (see '%s --help')", commandPrefix(ctx), name, err, helpName(ctx))
+		}
+		return nil
+	}
+}
+
+// checkedSlice is checked for a repeatable flag: check sees every value.
+func checkedSlice(name string, check func([]string) error) func(*cli.Context, []string) error {
+	return func(ctx *cli.Context, vs []string) error {
+		if err := check(vs); err != nil {
 			return fmt.Errorf("%s--%s: %w (see '%s --help')", commandPrefix(ctx), name, err, helpName(ctx))
 		}
 		return nil
