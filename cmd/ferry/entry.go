@@ -291,6 +291,11 @@ func printBatch(c *cli.Context, resp *ferrypb.BatchEntryResponse, ids []string) 
 	if jsonOutput(c) {
 		return printJSON(c.App.Writer, resp)
 	}
+	if len(resp.Results) == 1 && codes.Code(resp.Results[0].GetCode()) != codes.OK {
+		// One entry: its refusal is the command's error.
+		st := resp.Results[0]
+		return fmt.Errorf("%s: %s", codes.Code(st.GetCode()), st.GetMessage())
+	}
 	failed := 0
 	for i, st := range resp.Results {
 		if codes.Code(st.GetCode()) != codes.OK {

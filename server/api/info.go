@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"log/slog"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -78,9 +79,7 @@ func (a *Admin) SetLogLevel(_ context.Context, req *ferrypb.SetLogLevelRequest) 
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	old := l.Get()
-	l.Set(lv)
-	a.log.Warn("log level changed", "from", logging.LevelName(old), "to", logging.LevelName(lv))
+	a.setLevel(l, lv, "log level changed")
 	return loggerOf(l), nil
 }
 
@@ -90,7 +89,17 @@ func (a *Admin) ResetLogLevel(context.Context, *ferrypb.ResetLogLevelRequest) (*
 	if err != nil {
 		return nil, err
 	}
-	l.Reset()
-	a.log.Warn("log level reset", "to", logging.LevelName(l.Get()))
+	a.setLevel(l, l.Launch(), "log level reset")
 	return loggerOf(l), nil
+}
+
+// setLevel changes the level and logs the change under the more verbose of
+// the two levels (before raising it, after lowering it).
+func (a *Admin) setLevel(l *logging.Level, lv slog.Level, msg string) {
+	old := l.Get()
+	if lv < old {
+		l.Set(lv)
+	}
+	a.log.Warn(msg, "from", logging.LevelName(old), "to", logging.LevelName(lv))
+	l.Set(lv)
 }
