@@ -2,6 +2,8 @@ package api
 
 import (
 	"fmt"
+	"strings"
+	"unicode"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -32,6 +34,12 @@ type EntryRules struct {
 func (r EntryRules) Check(e *ferrypb.Entry) error {
 	if err := state.ValidateEntryContent(e); err != nil {
 		return err
+	}
+	if strings.ContainsFunc(e.Id, unicode.IsControl) || strings.ContainsFunc(e.Id, unicode.IsSpace) {
+		return fmt.Errorf("entry id %q has white space or control characters", e.Id)
+	}
+	if strings.ContainsFunc(e.Hint, unicode.IsControl) {
+		return fmt.Errorf("hint %q has control characters", e.Hint)
 	}
 	id, _ := spiffeid.FromString(e.SpiffeId) // parsed by ValidateEntryContent
 	if err := ca.CheckWorkloadID(r.TrustDomain, id); err != nil {
