@@ -36,6 +36,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/internal/buildinfo"
+	"github.com/ferry-id/ferry/internal/grpchealth"
 	"github.com/ferry-id/ferry/internal/logging"
 	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
@@ -216,7 +217,7 @@ func (s *Server) Run(ctx context.Context) error {
 	gs := grpc.NewServer(grpc.Creds(adminCreds{tls: tlsCfg}), s.admission(),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor, s.adminUnaryAuth), grpc.ChainStreamInterceptor(s.streamInterceptor, s.adminStreamAuth))
 	ferrypb.RegisterAdminServer(gs, admin)
-	healthpb.RegisterHealthServer(gs, health{s})
+	healthpb.RegisterHealthServer(gs, grpchealth.New(s.readiness))
 	issuers := map[string]string{}
 	if s.cfg.CA.JWTIssuer != "" {
 		issuers[s.cfg.CA.JWTIssuer] = s.cfg.TrustDomain.Name()
@@ -526,29 +527,6 @@ func (s *Server) info(attestors []string) *ferrypb.ServerInfo {
 		info.Ready = true
 	}
 	return info
-}
-
-// health is the standard gRPC health service on the admin socket (as SPIRE's
-// server socket has it): SERVING once the node is ready. `ferry server
-// healthcheck` and gRPC probes use it.
-type health struct{ s *Server }
-
-func (h health) Check(_ context.Context, req *healthpb.HealthCheckRequest) (*healthpb.HealthCheckResponse, error) {
-	if req.Service != "" {
-		return nil, status.Errorf(codes.NotFound, "unknown service %q (ask for \"\")", req.Service)
-	}
-	if h.s.readiness() != nil {
-		return &healthpb.HealthCheckResponse{Status: healthpb.HealthCheckResponse_NOT_SERVING}, nil
-	}
-	return &healthpb.HealthCheckResponse{Status: healthpb.HealthCheckResponse_SERVING}, nil
-}
-
-func (health) List(context.Context, *healthpb.HealthListRequest) (*healthpb.HealthListResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "List is not served; Check the empty service name")
-}
-
-func (health) Watch(*healthpb.HealthCheckRequest, healthpb.Health_WatchServer) error {
-	return status.Error(codes.Unimplemented, "Watch is not served; use Check")
 }
 
 // clusterAPI adapts cluster.Node to what the Admin API needs.

@@ -47,6 +47,7 @@ import (
 
 	"github.com/ferry-id/ferry/agent/cache"
 	"github.com/ferry-id/ferry/attestors/workload"
+	"github.com/ferry-id/ferry/internal/grpchealth"
 	"github.com/ferry-id/ferry/internal/h2grpc"
 )
 
@@ -78,7 +79,8 @@ type Config struct {
 	// ShutdownTimeout bounds how long Stop waits for in-flight calls.
 	// Defaults to 5 s.
 	ShutdownTimeout time.Duration
-	// Health, when set, serves the gRPC health service on the socket:
+	// Health, when set, serves the gRPC health service on the socket (calls
+	// carry the security header like any other):
 	// SERVING while it returns nil.
 	Health func() error
 	// GRPCServer selects the gRPC server: "" or TransportFerry for
@@ -179,7 +181,7 @@ func (s *Server) newH2Server(pin pinFunc) *h2grpc.Server {
 	})
 	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, service{Server: s})
 	if s.health != nil {
-		healthpb.RegisterHealthServer(srv, health{s.health})
+		healthpb.RegisterHealthServer(srv, grpchealth.New(s.health))
 	}
 	return srv
 }
@@ -211,7 +213,7 @@ func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
 	)
 	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, service{Server: s})
 	if s.health != nil {
-		healthpb.RegisterHealthServer(srv, health{s.health})
+		healthpb.RegisterHealthServer(srv, grpchealth.New(s.health))
 	}
 	return srv
 }

@@ -47,17 +47,10 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "config", Usage: "path of agent.conf", Value: "conf/agent.conf"},
 			&cli.StringFlag{Name: "join-token", Usage: "join token, checked as `agent run` would take it", EnvVars: []string{"FERRY_JOIN_TOKEN"}},
 		},
-		Action: func(c *cli.Context) error {
+		Action: validateConfig(func(c *cli.Context) (string, string, error) {
 			fc, err := agent.LoadConfig(c.String("config"), c.String("join-token"))
-			if err != nil {
-				return err
-			}
-			if _, err := logging.New(os.Stderr, fc.LogLevel, fc.LogFormat); err != nil {
-				return err
-			}
-			fmt.Fprintf(c.App.Writer, "%s: valid\n", c.String("config"))
-			return nil
-		},
+			return fc.LogLevel, fc.LogFormat, err
+		}),
 	}
 	healthcheck := &cli.Command{
 		Name:  "healthcheck",

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
@@ -20,17 +19,10 @@ func bridgeCommand() *cli.Command {
 			Name:  "validate",
 			Usage: "check a bridge config file as `bridge run` reads it, without starting anything",
 			Flags: []cli.Flag{&cli.StringFlag{Name: "config", Usage: "path of bridge.conf", Value: "conf/bridge.conf"}},
-			Action: func(c *cli.Context) error {
+			Action: validateConfig(func(c *cli.Context) (string, string, error) {
 				fc, err := service.LoadConfig(c.String("config"))
-				if err != nil {
-					return err
-				}
-				if _, err := logging.New(os.Stderr, fc.LogLevel, fc.LogFormat); err != nil {
-					return err
-				}
-				fmt.Fprintf(c.App.Writer, "%s: valid\n", c.String("config"))
-				return nil
-			},
+				return fc.LogLevel, fc.LogFormat, err
+			}),
 		}, {
 			Name:  "run",
 			Usage: "start a bridge replica from its config file",

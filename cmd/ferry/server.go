@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -61,20 +62,13 @@ func serverCommand() *cli.Command {
 				Name:  "validate",
 				Usage: "check a server config file as `server run` reads it, without starting anything",
 				Flags: []cli.Flag{configFlag},
-				Action: func(c *cli.Context) error {
+				Action: validateConfig(func(c *cli.Context) (string, string, error) {
 					cfg, err := server.LoadConfig(c.String("config"))
-					if err != nil {
-						return err
+					if err == nil {
+						_, err = server.New(cfg)
 					}
-					if _, err := logging.New(os.Stderr, cfg.LogLevel, cfg.LogFormat); err != nil {
-						return err
-					}
-					if _, err := server.New(cfg); err != nil {
-						return err
-					}
-					fmt.Fprintf(c.App.Writer, "%s: valid\n", c.String("config"))
-					return nil
-				},
+					return cfg.LogLevel, cfg.LogFormat, err
+				}),
 			},
 			{
 				Name:  "healthcheck",
@@ -126,6 +120,23 @@ func serverCommand() *cli.Command {
 				},
 			},
 		},
+	}
+}
+
+// validateConfig is the action of the validate commands: load reads the
+// config file as the run command does and returns its log settings, which are
+// checked too.
+func validateConfig(load func(c *cli.Context) (level, format string, err error)) cli.ActionFunc {
+	return func(c *cli.Context) error {
+		level, format, err := load(c)
+		if err != nil {
+			return err
+		}
+		if _, err := logging.New(io.Discard, level, format); err != nil {
+			return err
+		}
+		fmt.Fprintf(c.App.Writer, "%s: valid\n", c.String("config"))
+		return nil
 	}
 }
 

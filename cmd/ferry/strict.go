@@ -21,6 +21,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"reflect"
 	"slices"
 	"strings"
 
@@ -166,39 +167,15 @@ func emptyFromEnv(f cli.Flag) bool {
 
 // unrequire clears f's Required, reporting whether it was set, so that a
 // missing flag is reported by checkInput in one line rather than by
-// urfave/cli with the whole help text.
+// urfave/cli with the whole help text. Every urfave/cli flag type keeps it in
+// a Required field.
 func unrequire(f cli.Flag) bool {
-	switch f := f.(type) {
-	case *cli.StringFlag:
-		r := f.Required
-		f.Required = false
-		return r
-	case *cli.StringSliceFlag:
-		r := f.Required
-		f.Required = false
-		return r
-	case *cli.IntFlag:
-		r := f.Required
-		f.Required = false
-		return r
-	case *cli.Int64Flag:
-		r := f.Required
-		f.Required = false
-		return r
-	case *cli.DurationFlag:
-		r := f.Required
-		f.Required = false
-		return r
-	case *cli.BoolFlag:
-		r := f.Required
-		f.Required = false
-		return r
-	case *cli.PathFlag:
-		r := f.Required
-		f.Required = false
-		return r
+	rf, ok := f.(cli.RequiredFlag)
+	if !ok || !rf.IsRequired() {
+		return false
 	}
-	return false
+	reflect.ValueOf(f).Elem().FieldByName("Required").SetBool(false)
+	return true
 }
 
 // argCounts reads a command's ArgsUsage: each word is one argument, "[X]" an
