@@ -263,3 +263,42 @@ func TestVersion(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, buildinfo.Get().Lines(), out)
 }
+
+// TestEveryCommandRefusesStrayInput: every command, without exception,
+// refuses an argument it does not take and an --output it cannot print, in
+// one line naming it.
+func TestEveryCommandRefusesStrayInput(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("FERRY_ADMIN_SOCKET", dir+"/no-server.sock")
+	n := 0
+	walk(newApp().Commands, "", func(name string, c *cli.Command) {
+		if len(c.Subcommands) > 0 {
+			return
+		}
+		n++
+		path := strings.Fields(name)
+		_, maxArgs := argCounts(c.ArgsUsage)
+		args := append(path, make([]string, maxArgs+1)...)
+		for i := len(path); i < len(args); i++ {
+			args[i] = "stray"
+		}
+		_, _, err := run(t, args...)
+		require.Error(t, err, "ferry %s", strings.Join(args, " "))
+		assert.Contains(t, err.Error(), name+`: unexpected argument "stray"`)
+		assert.NotContains(t, err.Error(), "\n")
+
+		for _, f := range c.Flags {
+			if f.Names()[0] != "output" {
+				continue
+			}
+			_, _, err := run(t, append(path, "--output", "yaml")...)
+			require.Error(t, err, "ferry %s --output yaml", name)
+			// Required flags are checked first; either refusal will do, as
+			// long as nothing is printed in the wrong format.
+			if !strings.Contains(err.Error(), name+": missing ") {
+				assert.Contains(t, err.Error(), name+`: --output: "yaml": want pretty or json`)
+			}
+		}
+	})
+	assert.Greater(t, n, 80, "every command was tried")
+}
