@@ -227,6 +227,9 @@ func unknownCommand(ctx *cli.Context) error {
 		cmds = ctx.Command.Subcommands
 	}
 	if ctx.NArg() == 0 {
+		if helpName(ctx) == ctx.App.HelpName {
+			return cli.ShowAppHelp(ctx)
+		}
 		return cli.ShowSubcommandHelp(ctx)
 	}
 	var names []string
