@@ -19,7 +19,7 @@ func TestCatalog(t *testing.T) {
 		require.NoError(t, err, ok)
 	}
 	_, err := r.Parse(selector.Workload, "unix:uid:abc")
-	require.ErrorContains(t, err, `"unix:uid:abc": want unix:uid:<uid> (effective user ID, decimal): not a decimal number`)
+	require.ErrorContains(t, err, `"unix:uid:abc": want unix:uid:<uid> (user ID of the process (all four of its uids), decimal): not a decimal number`)
 	_, err = r.Parse(selector.Workload, "systemd:id:web")
 	require.ErrorContains(t, err, "not a systemd unit name")
 	_, err = r.Parse(selector.Node, "x509pop:ca:fingerprint:ABC")
