@@ -86,7 +86,7 @@ func TestCLIRefusals(t *testing.T) {
 			{[]string{"entry", "create"}, "entry create: --spiffe-id, --parent-id and --selector are required (or --data FILE)"},
 			{entry("--selector", "uid:0"), `entry create: invalid entry: selector: invalid selector "uid:0": unknown selector type; workload selectors are unix:uid:<uid>, unix:user:<name>,`},
 			{entry("--selector", "bogus:thing:1"), `invalid selector "bogus:thing:1": unknown selector type; workload selectors are unix:uid:<uid>`},
-			{entry("--selector", "unix:uid:abc"), `invalid selector "unix:uid:abc": want unix:uid:<uid> (effective user ID, decimal): not a decimal number from 0 to 4294967295`},
+			{entry("--selector", "unix:uid:abc"), `invalid selector "unix:uid:abc": want unix:uid:<uid> (user ID of the process (all four of its uids), decimal): not a decimal number from 0 to 4294967295`},
 			{entry("--selector", "unix:sha256:ABC"), `want unix:sha256:<hex> (SHA-256 of the executable, 64 lower-case hex digits): want 64 lower-case hex digits`},
 			{entry("--selector", "systemd:id:web"), `want systemd:id:<unit> (unit the process runs in, e.g. nginx.service): not a systemd unit name`},
 			{entry("--selector", "x509pop:subject:cn:n1"), `x509pop is a node selector type, not a workload one; workload selectors are unix:uid:<uid>`},

@@ -57,8 +57,8 @@ type Kind struct {
 	// Form names what follows "<Name>:" in help and errors, e.g. "<uid>" or
 	// "<key>:<value>".
 	Form string
-	// Help says in a few words what the value is, e.g. "effective user ID,
-	// decimal".
+	// Help says in a few words what the value is, e.g. "user ID of the
+	// process, decimal".
 	Help string
 	// Check returns why rest is not a value the attestor could produce; nil
 	// accepts any rest that passes Validate. Errors should name the expected

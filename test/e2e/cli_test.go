@@ -106,7 +106,7 @@ func TestAPIRefusesBadInput(t *testing.T) {
 		{&ferrypb.Entry{SpiffeId: "spiffe://example.org/x", ParentId: agent, Selectors: sel("uid", "0")},
 			`invalid selector "uid:0": unknown selector type; workload selectors are unix:uid:<uid>`},
 		{&ferrypb.Entry{SpiffeId: "spiffe://example.org/x", ParentId: agent, Selectors: sel("unix", "uid:abc")},
-			`invalid selector "unix:uid:abc": want unix:uid:<uid> (effective user ID, decimal)`},
+			`invalid selector "unix:uid:abc": want unix:uid:<uid> (user ID of the process (all four of its uids), decimal)`},
 		{&ferrypb.Entry{SpiffeId: "spiffe://example.org/x", ParentId: agent, Selectors: sel("Unix", "uid:1")},
 			`type "Unix": character 'U' not in [a-z0-9_-]`},
 		{&ferrypb.Entry{SpiffeId: "spiffe://example.org/x", ParentId: "spiffe://example.org/spire/server", Selectors: sel("unix", "uid:1")},
