@@ -2,6 +2,7 @@ package state
 
 import (
 	"bytes"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
@@ -73,8 +74,16 @@ func (a *applier) putNode(p *ferrypb.NodePut) *ferrypb.CommandResult {
 	if p.ExpectSerial != "" && (old == nil || old.CertSerial != p.ExpectSerial) {
 		return &ferrypb.CommandResult{Status: status(codes.Aborted, "agent %s changed since it presented serial %s", n.SpiffeId, p.ExpectSerial)}
 	}
+	if p.RefuseActive && old != nil {
+		if until := max(old.CertNotAfter, old.NewCertNotAfter); until > a.now.Unix() {
+			return &ferrypb.CommandResult{Status: status(codes.PermissionDenied,
+				"agent %s is already attested and its SVID is valid until %s; evict it first, or allow re-attestation in the attestor's configuration",
+				n.SpiffeId, time.Unix(until, 0).UTC().Format(time.RFC3339))}
+		}
+	}
 	if h := p.ConsumeJoinToken; h != "" {
-		// Spent here, with the agent recorded, or not at all.
+		// Spent here, with the agent recorded, or not at all: last, after
+		// every other reason to refuse.
 		if res := a.consumeJoinToken(h); codes.Code(res.Status.GetCode()) != codes.OK {
 			return res
 		}

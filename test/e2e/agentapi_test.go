@@ -296,8 +296,9 @@ func TestAgentAPI(t *testing.T) {
 		require.NotEmpty(t, token, out)
 		bundle, err := s.CLI("bundle", "show")
 		require.NoError(t, err, bundle)
+		require.Contains(t, bundle, "BEGIN CERTIFICATE")
 
-		c.StartAgentToken("readme", id, token, bundle, "")
+		c.StartAgentToken("readme", id, token, "")
 		deadline := time.Now().Add(30 * time.Second)
 		for {
 			out, err := s.CLI("agent", "show", "--spiffe-id", id, "--output", "json")
