@@ -19,12 +19,14 @@ import (
 	"runtime/debug"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -38,6 +40,7 @@ import (
 	"github.com/ferry-id/ferry/internal/buildinfo"
 	"github.com/ferry-id/ferry/internal/grpchealth"
 	"github.com/ferry-id/ferry/internal/logging"
+	"github.com/ferry-id/ferry/internal/securedir"
 	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/api"
@@ -53,7 +56,8 @@ type Config struct {
 	TrustDomain spiffeid.TrustDomain
 	// DataDir holds Raft's log and snapshots and this node's keys (created 0700).
 	DataDir string
-	// AdminSocket is the admin API's unix socket (mode 0600); default DataDir/admin.sock.
+	// AdminSocket is the admin API's unix socket (mode 0600); default admin.sock
+	// in $RUNTIME_DIRECTORY, else in /run/ferry/server.
 	AdminSocket string
 	// HealthAddr serves /live, /ready and /metrics over plain HTTP; empty disables it.
 	HealthAddr string
@@ -171,11 +175,17 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 		debug.SetMemoryLimit(n)
 	}
-	if err := os.MkdirAll(s.cfg.DataDir, 0o700); err != nil {
+	// The data dir holds this node's keys and the admin socket's directory
+	// decides who may command the trust domain: refuse to start when another
+	// user could change either, before anything is read or served.
+	if err := securedir.MkdirAll(s.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("server: data dir: %w", err)
 	}
 	if err := os.Chmod(s.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("server: data dir: %w", err)
+	}
+	if err := securedir.MkdirAll(filepath.Dir(s.cfg.AdminSocket), 0o700); err != nil {
+		return fmt.Errorf("server: admin socket directory: %w", err)
 	}
 	node, err := cluster.New(cluster.Config{
 		NodeID:            s.cfg.NodeID,
@@ -407,9 +417,12 @@ func (s *Server) inCluster(ctx context.Context) bool {
 	return len(members) > 1 || (len(members) == 1 && members[0].ID == s.cfg.NodeID && s.node.IsLeader())
 }
 
+// listenUnix creates the admin socket at path, mode 0600: only this
+// server's user (and root) may connect, in a directory (created 0700 when
+// missing) no other user can change.
 func listenUnix(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("server: admin socket: %w", err)
+	if err := securedir.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("server: admin socket directory: %w", err)
 	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
@@ -422,15 +435,32 @@ func listenUnix(path string) (net.Listener, error) {
 		}
 		_ = os.Remove(path)
 	}
-	lis, err := net.Listen("unix", path)
+	lis, err := listenPrivate(path)
 	if err != nil {
 		return nil, fmt.Errorf("server: admin socket: %w", err)
 	}
+	// Already 0600 (listenPrivate); set again in case the file system
+	// ignored the socket's own mode.
 	if err := os.Chmod(path, 0o600); err != nil {
 		lis.Close()
 		return nil, fmt.Errorf("server: admin socket: %w", err)
 	}
 	return lis, nil
+}
+
+// listenPrivate listens on the unix socket path, created with mode 0600
+// whatever the process's umask: the socket's mode is set before it is bound
+// (bind takes the new file's mode from the socket), so there is no moment in
+// which another user may connect to it.
+func listenPrivate(path string) (net.Listener, error) {
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		if cerr := c.Control(func(fd uintptr) { err = unix.Fchmod(int(fd), 0o600) }); cerr != nil {
+			return cerr
+		}
+		return err
+	}}
+	return lc.Listen(context.Background(), "unix", path)
 }
 
 // unaryInterceptor keeps a panic from reaching the client or killing the server,

@@ -298,7 +298,7 @@ func TestAgentAPI(t *testing.T) {
 		require.NoError(t, err, bundle)
 		require.Contains(t, bundle, "BEGIN CERTIFICATE")
 
-		c.StartAgentToken("readme", id, token, "")
+		c.StartAgentToken("readme", id, token)
 		deadline := time.Now().Add(30 * time.Second)
 		for {
 			out, err := s.CLI("agent", "show", "--spiffe-id", id, "--output", "json")
