@@ -8,6 +8,8 @@ import (
 	"syscall"
 
 	"github.com/urfave/cli/v2"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/ferry-id/ferry/agent"
 	"github.com/ferry-id/ferry/internal/logging"
@@ -62,7 +64,12 @@ func agentCommand() *cli.Command {
 			if !ok {
 				return fmt.Errorf("--socket %q: want unix:///path", c.String("socket"))
 			}
-			return healthcheck(c, "agent", path, c.Bool("shallow"), []string{"workload.spiffe.io", "true"})
+			conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			return healthcheck(c, "agent", conn, c.Bool("shallow"), []string{"workload.spiffe.io", "true"})
 		},
 	}
 	return &cli.Command{

@@ -6,14 +6,12 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/urfave/cli/v2"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -75,7 +73,12 @@ func serverCommand() *cli.Command {
 				Usage: "exit 0 when the server behind the admin socket serves requests (gRPC health; --shallow: it answers at all)",
 				Flags: adminFlags(&cli.BoolFlag{Name: "shallow", Usage: "only check that the server answers, not that it is ready"}),
 				Action: func(c *cli.Context) error {
-					return healthcheck(c, "server", c.String("socket"), c.Bool("shallow"), nil)
+					conn, err := dialAdmin(c)
+					if err != nil {
+						return fmt.Errorf("server is unhealthy: %w", err)
+					}
+					defer conn.Close()
+					return healthcheck(c, "server", conn, c.Bool("shallow"), nil)
 				},
 			},
 			{
@@ -140,18 +143,9 @@ func validateConfig(load func(c *cli.Context) (level, format string, err error))
 	}
 }
 
-// healthcheck asks the gRPC health service at a unix socket; md is metadata
-// the service needs (the Workload API's security header).
-func healthcheck(c *cli.Context, role, socket string, shallow bool, md []string) error {
-	path, err := filepath.Abs(socket)
-	if err != nil {
-		return err
-	}
-	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
+// healthcheck asks the gRPC health service behind conn; md is metadata the
+// service needs (the Workload API's security header).
+func healthcheck(c *cli.Context, role string, conn *grpc.ClientConn, shallow bool, md []string) error {
 	ctx, cancel := context.WithTimeout(c.Context, c.Duration("timeout"))
 	defer cancel()
 	if len(md) > 0 {

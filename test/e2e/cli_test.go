@@ -318,6 +318,6 @@ func TestOperatorCommands(t *testing.T) {
 		s.Stop()
 		out, err := s.CLI("server", "healthcheck", "--timeout", "2s")
 		require.Error(t, err)
-		assert.Contains(t, out, "ferry: server healthcheck: server is unhealthy: Unavailable")
+		assert.Contains(t, out, "ferry: server healthcheck: server is unhealthy: admin socket")
 	})
 }
