@@ -8,11 +8,12 @@ import (
 	"net"
 	"sync"
 
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 
+	"github.com/ferry-id/ferry/agent/budget"
 	"github.com/ferry-id/ferry/attestors/workload"
+	"github.com/ferry-id/ferry/internal/logging"
 )
 
 // authType is what callerInfo reports as its credentials.AuthInfo type.
@@ -59,7 +60,7 @@ func callerFrom(ctx context.Context) (callerInfo, bool) {
 // the peer can send a single request. The pin lives as long as the connection.
 type peerCreds struct {
 	pin pinFunc
-	log *slog.Logger
+	log *logging.PerKey
 }
 
 var _ credentials.TransportCredentials = (*peerCreds)(nil)
@@ -69,7 +70,7 @@ func (c *peerCreds) ClientHandshake(context.Context, string, net.Conn) (net.Conn
 }
 
 func (c *peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	ucred, err := peerCred(conn)
+	ucred, err := budget.PeerCred(conn)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -80,7 +81,8 @@ func (c *peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthIn
 	proc, err := c.pin(ucred.Pid)
 	if err != nil {
 		// Typically a caller that exited right after connecting.
-		c.log.Warn("workload API connection refused", "pid", ucred.Pid, "uid", ucred.Uid, "error", err)
+		c.log.Log(context.Background(), slog.LevelWarn, "uid", uint64(ucred.Uid), "workload API connection refused",
+			slog.Int("pid", int(ucred.Pid)), slog.Uint64("uid", uint64(ucred.Uid)), slog.String("error", err.Error()))
 		return nil, nil, fmt.Errorf("workloadapi: pin caller pid %d: %w", ucred.Pid, err)
 	}
 	info := callerInfo{
@@ -102,31 +104,6 @@ func (c *peerCreds) Clone() credentials.TransportCredentials {
 }
 
 func (c *peerCreds) OverrideServerName(string) error { return nil }
-
-// peerCred reads SO_PEERCRED off a unix socket connection.
-func peerCred(conn net.Conn) (*unix.Ucred, error) {
-	uc, ok := conn.(*net.UnixConn)
-	if !ok {
-		return nil, fmt.Errorf("workloadapi: connection is %T, not a unix socket", conn)
-	}
-	raw, err := uc.SyscallConn()
-	if err != nil {
-		return nil, fmt.Errorf("workloadapi: peer credentials: %w", err)
-	}
-	var (
-		cred    *unix.Ucred
-		credErr error
-	)
-	if err := raw.Control(func(fd uintptr) {
-		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return nil, fmt.Errorf("workloadapi: peer credentials: %w", err)
-	}
-	if credErr != nil {
-		return nil, fmt.Errorf("workloadapi: peer credentials: %w", credErr)
-	}
-	return cred, nil
-}
 
 // pinnedConn releases the caller's process pin when the connection closes, so
 // a client that opens and drops connections cannot exhaust descriptors.

@@ -929,25 +929,3 @@ func TestStreamEndsWhenLastIdentityIsRemoved(t *testing.T) {
 	_, err = x.Recv()
 	requireCode(t, err, codes.PermissionDenied, "no identity issued")
 }
-
-// TestGRPCServers runs the same calls on both gRPC servers the agent can
-// serve with: the default (internal/h2grpc) and grpc-go's.
-func TestGRPCServers(t *testing.T) {
-	for _, srv := range []string{ferrywl.TransportFerry, ferrywl.TransportGRPCGo} {
-		t.Run(srv, func(t *testing.T) {
-			f := startServer(t, func(c *ferrywl.Config) { c.GRPCServer = srv })
-			ctx := testCtx(t)
-			svid, err := workloadapi.FetchX509SVID(ctx, clientOpt(f))
-			require.NoError(t, err)
-			require.Equal(t, "spiffe://example.org/web", svid.ID.String())
-			jwt, err := workloadapi.FetchJWTSVID(ctx, jwtsvid.Params{Audience: "aud1"}, clientOpt(f))
-			require.NoError(t, err)
-			require.Equal(t, []string{"aud1"}, jwt.Audience)
-			_, err = rawClient(t, f).FetchJWTSVID(ctx, &workloadpb.JWTSVIDRequest{Audience: []string{"a"}})
-			requireCode(t, err, codes.InvalidArgument, "security header missing from request")
-		})
-	}
-	f := startServer(t)
-	_, err := ferrywl.New(ferrywl.Config{Manager: f.mgr, Attestor: ferrywl.AttestorFunc(nil), GRPCServer: "netty"})
-	require.ErrorContains(t, err, `unknown gRPC server "netty"`)
-}
