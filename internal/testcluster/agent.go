@@ -88,11 +88,11 @@ func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
   trust_bundle_file = "bundle.pem"
   data_dir          = "data"
   socket_path       = %q
-  log_level         = "debug"
+  log_level         = %q
   join_token        = %q
 %s
 }
-`, c.Opts.TrustDomain, strings.Join(servers, ", "), a.Socket, token, extraConfig)
+`, c.Opts.TrustDomain, strings.Join(servers, ", "), a.Socket, c.Opts.AgentLogLevel, token, extraConfig)
 	if err := os.WriteFile(a.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
 	}
