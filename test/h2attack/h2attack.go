@@ -99,7 +99,9 @@ type Conn struct {
 	pending    map[uint32][]byte
 	pendingEnd map[uint32]bool
 
-	done chan struct{} // closed when the read loop ends
+	done    chan struct{} // closed when the read loop ends
+	settled chan struct{} // closed once admitted (SETTINGS ACK), refused (GOAWAY) or closed
+	settle  sync.Once
 }
 
 // Dial connects to the unix socket at path and sends the client preface and
@@ -113,7 +115,7 @@ func Dial(path string, stats *Stats) (*Conn, error) {
 		return nil, err
 	}
 	stats.Dialed.Add(1)
-	c := &Conn{nc: nc, stats: stats, next: 1, done: make(chan struct{}),
+	c := &Conn{nc: nc, stats: stats, next: 1, done: make(chan struct{}), settled: make(chan struct{}),
 		connWin: 65535, initWin: 65535, streamWin: map[uint32]int64{}, pending: map[uint32][]byte{}, pendingEnd: map[uint32]bool{}}
 	c.fr = http2.NewFramer(nc, nc)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
@@ -134,11 +136,18 @@ func Dial(path string, stats *Stats) (*Conn, error) {
 // Done is closed once the server has closed the connection (or Close).
 func (c *Conn) Done() <-chan struct{} { return c.done }
 
+// Settled is closed once the server has admitted the connection
+// (acknowledged its SETTINGS) or refused it (GOAWAY), or it has closed.
+func (c *Conn) Settled() <-chan struct{} { return c.settled }
+
+func (c *Conn) markSettled() { c.settle.Do(func() { close(c.settled) }) }
+
 // Close closes the connection.
 func (c *Conn) Close() error { return c.nc.Close() }
 
 func (c *Conn) readLoop() {
 	defer close(c.done)
+	defer c.markSettled()
 	defer c.nc.Close()
 	for {
 		f, err := c.fr.ReadFrame()
@@ -150,7 +159,9 @@ func (c *Conn) readLoop() {
 		}
 		switch f := f.(type) {
 		case *http2.SettingsFrame:
-			if !f.IsAck() {
+			if f.IsAck() {
+				c.markSettled()
+			} else {
 				c.mu.Lock()
 				if v, ok := f.Value(http2.SettingInitialWindowSize); ok {
 					for id := range c.streamWin {
@@ -178,6 +189,7 @@ func (c *Conn) readLoop() {
 				c.mu.Unlock()
 			}
 		case *http2.GoAwayFrame:
+			c.markSettled()
 			c.stats.GoAways.Add(1)
 			if f.ErrCode == http2.ErrCodeEnhanceYourCalm {
 				c.stats.Refusals.Add(1)
@@ -369,8 +381,9 @@ func Idle(o Options, stats *Stats) ([]*Conn, error) {
 	return openEach(o, stats, func(*Conn) error { return nil })
 }
 
-// openEach dials o.Conns connections and runs do on each. Connections the
-// kernel or the server refuses are counted, not fatal.
+// openEach dials o.Conns connections and runs do on each, then waits until
+// the server has admitted or refused each. Connections the kernel or the
+// server refuses are counted, not fatal.
 func openEach(o Options, stats *Stats, do func(*Conn) error) ([]*Conn, error) {
 	var conns []*Conn
 	for range o.Conns {
@@ -383,32 +396,31 @@ func openEach(o Options, stats *Stats, do func(*Conn) error) ([]*Conn, error) {
 			return conns, err
 		}
 	}
+	for _, c := range conns {
+		<-c.Settled()
+	}
 	return conns, nil
 }
 
-// Flood opens a connection, then o.Rounds times starts FetchX509SVID and
-// resets it at once; and opens o.Conns connections more than it needs, to
-// be refused. It returns once every round is written.
+// Flood opens a connection; then o.Conns connections more, to be refused
+// past the per-uid budget, and closes them; then o.Rounds times starts
+// FetchX509SVID and resets it at once (reconnecting if the server closes the
+// connection). It returns once every round is written.
 func Flood(o Options, stats *Stats) error {
-	var conns []*Conn
-	defer func() {
-		for _, c := range conns {
-			c.Close()
-		}
-	}()
-	for range o.Conns {
-		if c, err := Dial(o.Socket, stats); err == nil {
-			conns = append(conns, c)
-		}
+	c, err := Dial(o.Socket, stats)
+	if err != nil {
+		return err
 	}
-	var c *Conn
+	defer func() { c.Close() }()
+	extra, _ := Idle(Options{Socket: o.Socket, Conns: o.Conns}, stats)
+	for _, e := range extra {
+		e.Close()
+	}
 	for i := 0; i < o.Rounds; i++ {
-		if c == nil || closed(c) {
-			var err error
+		if closed(c) {
 			if c, err = Dial(o.Socket, stats); err != nil {
 				return err
 			}
-			conns = append(conns, c)
 		}
 		id, err := c.Call(FetchX509SVID)
 		if err == nil {
