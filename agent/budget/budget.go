@@ -16,8 +16,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -211,7 +213,8 @@ func (b *Budget) Listener(l net.Listener) net.Listener { return &listener{Listen
 
 type listener struct {
 	net.Listener
-	b *Budget
+	b         *Budget
+	lingering atomic.Int64
 }
 
 // refuseWriteTimeout bounds the write of the refusal frames. A new
@@ -242,7 +245,7 @@ func (l *listener) Accept() (net.Conn, error) {
 				Reason: fmt.Sprintf("connection closed: max_connections reached and uid %d holds the most", victim.cred.Uid)})
 		}
 		if ref != nil {
-			refuse(uc, ref.Reason)
+			l.refuse(uc, ref.Reason)
 			l.b.onRefuse(ref)
 			continue
 		}
@@ -252,15 +255,33 @@ func (l *listener) Accept() (net.Conn, error) {
 
 // refuse tells the client why in HTTP/2's terms (the server preface, then
 // GOAWAY ENHANCE_YOUR_CALM with the reason as debug data, which gRPC clients
-// include in their error) and closes the connection.
-func refuse(uc *net.UnixConn, reason string) {
+// include in their error) and closes the connection. Closing at once would
+// fail the client's write of its own preface before it reads the GOAWAY, so
+// up to maxLingering refused connections are closed only once their client
+// has closed or lingerTimeout has passed; past that, at once.
+func (l *listener) refuse(uc *net.UnixConn, reason string) {
 	_ = uc.SetWriteDeadline(time.Now().Add(refuseWriteTimeout))
 	fr := http2.NewFramer(uc, nil)
-	if fr.WriteSettings() == nil {
-		_ = fr.WriteGoAway(0, http2.ErrCodeEnhanceYourCalm, []byte("workload API: connection refused: "+reason))
+	if fr.WriteSettings() != nil || fr.WriteGoAway(0, http2.ErrCodeEnhanceYourCalm, []byte("workload API: connection refused: "+reason)) != nil ||
+		uc.CloseWrite() != nil || l.lingering.Add(1) > maxLingering {
+		l.lingering.Add(-1)
+		uc.Close()
+		return
 	}
-	uc.Close()
+	go func() {
+		defer l.lingering.Add(-1)
+		defer uc.Close()
+		_ = uc.SetReadDeadline(time.Now().Add(lingerTimeout))
+		_, _ = io.CopyN(io.Discard, uc, lingerBytes)
+	}()
 }
+
+// Refused connections left open for their client to read why.
+const (
+	maxLingering  = 64
+	lingerTimeout = time.Second
+	lingerBytes   = 64 << 10
+)
 
 // readPeerCred reads SO_PEERCRED off a unix socket connection.
 func readPeerCred(sc syscall.Conn) (*unix.Ucred, error) {

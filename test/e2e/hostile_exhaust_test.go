@@ -200,7 +200,7 @@ func exhaustions() []exhaustion {
 		// ~4 KB -bin value repeated by HPACK index: within the per-uid
 		// call budget they are held, past it refused.
 		name: "headers",
-		args: []string{"-mode", "headers", "-conns", strconv.Itoa(scaled(100)), "-streams", strconv.Itoa(scaled(256)), "-header-bytes", "4096", "-refs", "1"},
+		args: []string{"-mode", "headers", "-conns", strconv.Itoa(scaled(100)), "-streams", strconv.Itoa(scaled(256)), "-header-bytes", "3800", "-refs", "1"},
 		refused: func(t *testing.T, r h2attack.Report) {
 			require.Positive(t, r.Resets+r.Statuses["8"], "calls past the budget are refused (RST_STREAM or ResourceExhausted): %+v", r)
 		},

@@ -91,6 +91,8 @@ type Conn struct {
 	enc  *hpack.Encoder
 	hbuf bytes.Buffer
 	next uint32
+	// lastBlock is the wire size of the last header block sent.
+	lastBlock int
 	// Flow control of what Send queues, as the server grants it: a hostile
 	// client that overran the windows would only get its connection closed.
 	connWin    int64
@@ -245,11 +247,19 @@ func (c *Conn) Call(method string, extra ...hpack.HeaderField) (uint32, error) {
 	id := c.next
 	c.next += 2
 	c.streamWin[id] = c.initWin
+	c.lastBlock = c.hbuf.Len()
 	if err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: c.hbuf.Bytes(), EndHeaders: true}); err != nil {
 		return 0, err
 	}
 	c.stats.StreamsSent.Add(1)
 	return id, nil
+}
+
+// LastHeaderBlock is the size on the wire of the last call's header block.
+func (c *Conn) LastHeaderBlock() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lastBlock
 }
 
 // Send queues p on stream id, ending the stream if end, and sends as much

@@ -2,7 +2,7 @@
 // API socket, as a process of its own (the hostile suites start it as
 // another uid).
 //
-//	h2attack -socket /run/ferry/agent/public/api.sock -mode headers -conns 100 -streams 256 -header-bytes 4096 -refs 4
+//	h2attack -socket /run/ferry/agent/public/api.sock -mode headers -conns 100 -streams 256 -header-bytes 3800 -refs 1
 //	h2attack -socket ... -mode bodies -conns 100 -streams 4 -body-bytes 1048576
 //	h2attack -socket ... -mode idle -conns 7000
 //	h2attack -socket ... -mode flood -rounds 20000 -conns 300
@@ -28,7 +28,7 @@ func main() {
 	flag.StringVar(&o.Socket, "socket", "", "Workload API socket path")
 	flag.IntVar(&o.Conns, "conns", 1, "connections")
 	flag.IntVar(&o.Streams, "streams", 1, "calls per connection (headers, bodies)")
-	flag.IntVar(&o.HeaderBytes, "header-bytes", 4096, "HPACK size of the -bin header (headers)")
+	flag.IntVar(&o.HeaderBytes, "header-bytes", 3800, "HPACK size of the -bin header (headers)")
 	flag.IntVar(&o.Refs, "refs", 4, "times each call repeats the -bin header (headers)")
 	flag.IntVar(&o.BodyBytes, "body-bytes", 1<<20, "declared request size (bodies)")
 	flag.IntVar(&o.Rounds, "rounds", 1000, "calls opened and reset (flood)")
