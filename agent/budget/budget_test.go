@@ -141,7 +141,6 @@ func TestConnectionsPerUID(t *testing.T) {
 	require.Empty(t, why)
 }
 
-
 func TestCallsPerUID(t *testing.T) {
 	s := newServer(t, budget.Limits{Conns: 10, ConnsPerUID: 10, Calls: 10, CallsPerUID: 2})
 	c, _ := s.dial(t)
