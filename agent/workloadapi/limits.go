@@ -19,7 +19,8 @@ import (
 // Limits bound what local callers may hold of the Workload API. Any local
 // process may connect: without them one user's processes could take the
 // agent's memory and descriptors and starve everyone else. The defaults
-// (DefaultLimits) and the measurements behind them are in SECURITY.md.
+// (DefaultLimits) and the attacks they were measured against are in
+// RELIABILITY.md.
 type Limits struct {
 	// MaxConnections bounds the connections open at once; it is lowered at
 	// start to what the agent's descriptor limit (RLIMIT_NOFILE) can hold.

@@ -34,7 +34,10 @@ import (
 // The attacks run at the sizes of the finding by default; FERRY_HOSTILE_SCALE
 // (a fraction, e.g. 0.25) scales their connections and streams, and
 // FERRY_HOSTILE_SECONDS (default 3) is how long the canary calls under each.
-// The canary's p99 is logged; `make hostile-bench` prints the figures.
+// The tests assert no timing; BenchmarkHostile prints the canary's latency
+// under each attack:
+//
+//	go test -run '^$' -bench BenchmarkHostile -benchtime 1x ./test/e2e/
 
 // The uids of the attacker and the canary: neither needs an account.
 const (
@@ -191,7 +194,7 @@ type exhaustion struct {
 	name string
 	args []string
 	// refused checks, from the attacker's report, that it was refused.
-	refused func(t *testing.T, r h2attack.Report)
+	refused func(t testing.TB, r h2attack.Report)
 }
 
 func exhaustions() []exhaustion {
@@ -201,7 +204,7 @@ func exhaustions() []exhaustion {
 		// call budget they are held, past it refused.
 		name: "headers",
 		args: []string{"-mode", "headers", "-conns", strconv.Itoa(scaled(100)), "-streams", strconv.Itoa(scaled(256)), "-header-bytes", "3800", "-refs", "1"},
-		refused: func(t *testing.T, r h2attack.Report) {
+		refused: func(t testing.TB, r h2attack.Report) {
 			require.Positive(t, r.Resets+r.Statuses["8"], "calls past the budget are refused (RST_STREAM or ResourceExhausted): %+v", r)
 		},
 	}, {
@@ -209,7 +212,7 @@ func exhaustions() []exhaustion {
 		// refused before their bodies are buffered.
 		name: "bodies",
 		args: []string{"-mode", "bodies", "-conns", strconv.Itoa(scaled(100)), "-streams", "4", "-body-bytes", strconv.Itoa(1 << 20)},
-		refused: func(t *testing.T, r h2attack.Report) {
+		refused: func(t testing.TB, r h2attack.Report) {
 			require.Positive(t, r.Statuses["8"], "oversized requests get ResourceExhausted: %+v", r)
 		},
 	}, {
@@ -217,7 +220,7 @@ func exhaustions() []exhaustion {
 		// are refused with a GOAWAY, before they cost a descriptor more.
 		name: "idle",
 		args: []string{"-mode", "idle", "-conns", strconv.Itoa(scaled(7000))},
-		refused: func(t *testing.T, r h2attack.Report) {
+		refused: func(t testing.TB, r h2attack.Report) {
 			require.Positive(t, r.Refusals, "connections past the per-uid budget get GOAWAY ENHANCE_YOUR_CALM: %+v", r)
 		},
 	}}
@@ -245,7 +248,7 @@ func TestHostileExhaustion(t *testing.T) {
 // underAttack runs ex against a with the canary calling for seconds, and
 // returns the canary's result, the attacker's report and the agent's peak
 // RSS in bytes. The agent must be alive throughout.
-func underAttack(t *testing.T, a *testcluster.Agent, ex exhaustion, seconds int) (wlload.Result, h2attack.Report, int64) {
+func underAttack(t testing.TB, a *testcluster.Agent, ex exhaustion, seconds int) (wlload.Result, h2attack.Report, int64) {
 	t.Helper()
 	pid := a.PID()
 	require.NotZero(t, pid, "agent is not running")
@@ -257,4 +260,31 @@ func underAttack(t *testing.T, a *testcluster.Agent, ex exhaustion, seconds int)
 	require.Equal(t, pid, a.PID(), "the agent restarted")
 	require.NoError(t, syscall.Kill(pid, 0), "the agent died")
 	return r, rep, peak
+}
+
+// BenchmarkHostile prints, for no attack and then each attack of
+// TestHostileExhaustion, the canary's calls, p50 and p99, and the agent's
+// peak RSS. FERRY_HOSTILE_SECONDS (default 20) is the canary's time under
+// each.
+func BenchmarkHostile(b *testing.B) {
+	roottest.Require(b)
+	_, a := hostileAgent(b, "info")
+	seconds := envInt("FERRY_HOSTILE_SECONDS", 20)
+	cases := append([]exhaustion{{name: "none", args: []string{"-mode", "idle", "-conns", "0"}, refused: func(testing.TB, h2attack.Report) {}}}, exhaustions()...)
+	for _, ex := range cases {
+		b.Run(ex.name, func(b *testing.B) {
+			for range b.N {
+				r, rep, peak := underAttack(b, a, ex, seconds)
+				ex.refused(b, rep)
+				if r.Error != "" {
+					b.Fatalf("canary failed: %s", r.Error)
+				}
+				b.ReportMetric(float64(r.P99us)/1000, "canary-p99-ms")
+				b.ReportMetric(float64(peak)/(1<<20), "agent-peak-RSS-MiB")
+				fmt.Printf("attack %-7s canary (uid %d, new go-spiffe client per X509-SVID fetch): %5d calls in %ds, p50 %.2f ms, p99 %.2f ms, 0 failed; agent peak RSS %.1f MiB; attacker (uid %d): %d dialed, %d connections refused, %d calls sent, %d reset, statuses %v\n",
+					ex.name, canaryUID, r.Calls, seconds, float64(r.P50us)/1000, float64(r.P99us)/1000, float64(peak)/(1<<20),
+					attackerUID, rep.Dialed, rep.Refusals, rep.StreamsSent, rep.Resets, rep.Statuses)
+			}
+		})
+	}
 }
