@@ -52,10 +52,10 @@ type Limits struct {
 // DefaultLimits returns the limits a zero Limits field takes.
 func DefaultLimits() Limits {
 	return Limits{
-		MaxConnections:        2048,
+		MaxConnections:        1024,
 		MaxConnectionsPerUID:  256,
-		MaxCalls:              2048,
-		MaxCallsPerUID:        512,
+		MaxCalls:              1024,
+		MaxCallsPerUID:        256,
 		MaxCallsPerConnection: 64,
 		IdleTimeout:           5 * time.Minute,
 		MaxHeaderListBytes:    8 << 10,

@@ -108,12 +108,12 @@ type attack struct {
 	ready h2attack.Report
 }
 
-// startAttack starts h2attack as attackerUID and waits until it has written
-// its frames.
-func startAttack(t testing.TB, socket string, args ...string) *attack {
+// startAttack starts h2attack as uid and waits until it has written its
+// frames.
+func startAttack(t testing.TB, uid uint32, socket string, args ...string) *attack {
 	t.Helper()
 	cmd := exec.Command(buildTool(t, "github.com/ferry-id/ferry/test/h2attack/cmd/h2attack"), append([]string{"-socket", socket}, args...)...)
-	asUID(cmd, attackerUID)
+	asUID(cmd, uid)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	require.NoError(t, err)
@@ -193,6 +193,8 @@ func scaled(n int) int {
 type exhaustion struct {
 	name string
 	args []string
+	// uids run the attack, one process each; default attackerUID.
+	uids []uint32
 	// refused checks, from the attacker's report, that it was refused.
 	refused func(t testing.TB, r h2attack.Report)
 }
@@ -214,6 +216,25 @@ func exhaustions() []exhaustion {
 		args: []string{"-mode", "bodies", "-conns", strconv.Itoa(scaled(100)), "-streams", "4", "-body-bytes", strconv.Itoa(1 << 20)},
 		refused: func(t testing.TB, r h2attack.Report) {
 			require.Positive(t, r.Statuses["8"], "oversized requests get ResourceExhausted: %+v", r)
+		},
+	}, {
+		// The same, adapted to the limits: requests just under
+		// max_request_bytes, 8 per connection. Within the per-uid call
+		// budget they are held (their bodies buffered), past it refused.
+		name: "bodies-max",
+		args: []string{"-mode", "bodies", "-conns", strconv.Itoa(scaled(100)), "-streams", "8", "-body-bytes", "69000"},
+		refused: func(t testing.TB, r h2attack.Report) {
+			require.Positive(t, r.Statuses["8"], "calls past the per-uid budget get ResourceExhausted: %+v", r)
+		},
+	}, {
+		// Four uids together: each fills its own call budget (256), which
+		// fills the agent's (1024). The canary's calls are still admitted:
+		// the uid holding the most gives one of its calls up each time.
+		name: "headers-4uids",
+		uids: []uint32{attackerUID, attackerUID - 2, attackerUID - 3, attackerUID - 4},
+		args: []string{"-mode", "headers", "-conns", strconv.Itoa(scaled(8)), "-streams", "64", "-header-bytes", "3800", "-refs", "1"},
+		refused: func(t testing.TB, r h2attack.Report) {
+			require.Positive(t, r.Statuses["8"], "calls past the budgets get ResourceExhausted: %+v", r)
 		},
 	}, {
 		// 7,000 idle connections: past the per-uid connection budget they
@@ -253,10 +274,20 @@ func underAttack(t testing.TB, a *testcluster.Agent, ex exhaustion, seconds int)
 	pid := a.PID()
 	require.NotZero(t, pid, "agent is not running")
 	resetPeakRSS(t, pid)
-	atk := startAttack(t, a.Socket, ex.args...)
+	uids := ex.uids
+	if len(uids) == 0 {
+		uids = []uint32{attackerUID}
+	}
+	var atks []*attack
+	for _, uid := range uids {
+		atks = append(atks, startAttack(t, uid, a.Socket, ex.args...))
+	}
 	r := runCanary(t, a.SocketAddr(), seconds)
 	peak := procStatusKiB(t, pid, "VmHWM") << 10
-	rep := atk.finish(t)
+	var rep h2attack.Report
+	for _, atk := range atks {
+		rep = rep.Add(atk.finish(t))
+	}
 	require.Equal(t, pid, a.PID(), "the agent restarted")
 	require.NoError(t, syscall.Kill(pid, 0), "the agent died")
 	return r, rep, peak

@@ -59,6 +59,27 @@ type Report struct {
 	LastGoAway  string           `json:"last_goaway,omitempty"`
 }
 
+// Add returns the sum of r and o (LastGoAway: o's if it has one).
+func (r Report) Add(o Report) Report {
+	r.Dialed += o.Dialed
+	r.DialErrors += o.DialErrors
+	r.GoAways += o.GoAways
+	r.Refusals += o.Refusals
+	r.Closed += o.Closed
+	r.StreamsSent += o.StreamsSent
+	r.Resets += o.Resets
+	if r.Statuses == nil {
+		r.Statuses = map[string]int64{}
+	}
+	for k, v := range o.Statuses {
+		r.Statuses[k] += v
+	}
+	if o.LastGoAway != "" {
+		r.LastGoAway = o.LastGoAway
+	}
+	return r
+}
+
 // Report returns a snapshot of s.
 func (s *Stats) Report() Report {
 	r := Report{
