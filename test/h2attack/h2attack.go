@@ -433,20 +433,17 @@ func openEach(o Options, stats *Stats, do func(*Conn) error) ([]*Conn, error) {
 	return conns, nil
 }
 
-// Flood opens a connection; then o.Conns connections more, to be refused
-// past the per-uid budget, and closes them; then o.Rounds times starts
-// FetchX509SVID and resets it at once (reconnecting if the server closes the
-// connection). It returns once every round is written.
+// Flood opens a connection and o.Rounds times starts FetchX509SVID and
+// resets it at once (reconnecting if the server closes the connection);
+// then opens o.Conns connections more, to be refused past the per-uid
+// budget. It returns once every round is written and every connection
+// admitted or refused.
 func Flood(o Options, stats *Stats) error {
 	c, err := Dial(o.Socket, stats)
 	if err != nil {
 		return err
 	}
 	defer func() { c.Close() }()
-	extra, _ := Idle(Options{Socket: o.Socket, Conns: o.Conns}, stats)
-	for _, e := range extra {
-		e.Close()
-	}
 	for i := 0; i < o.Rounds; i++ {
 		if closed(c) {
 			if c, err = Dial(o.Socket, stats); err != nil {
@@ -463,6 +460,10 @@ func Flood(o Options, stats *Stats) error {
 		if err != nil && !isClosed(err) {
 			return err
 		}
+	}
+	extra, _ := Idle(Options{Socket: o.Socket, Conns: o.Conns}, stats)
+	for _, e := range extra {
+		e.Close()
 	}
 	return nil
 }
