@@ -235,6 +235,10 @@ type Config struct {
 
 	// Logger; default slog.Default().
 	Logger *slog.Logger
+
+	// queued, when set, is called each time a request starts waiting for
+	// a slot (tests use it to know a request is queued).
+	queued func()
 }
 
 // Server is the managed-identity endpoint.
@@ -289,7 +293,7 @@ func New(c Config) (*Server, error) {
 		cached:     cached,
 		peers:      c.Peers,
 		resolvePID: c.ResolvePID,
-		limit:      newLimiter(c.MaxConcurrent, c.QueueWait, c.RequestsPerSecond, c.Burst),
+		limit:      newLimiter(c.MaxConcurrent, c.QueueWait, c.RequestsPerSecond, c.Burst, c.queued),
 		retryAfter: c.RetryAfter,
 		timeout:    c.RequestTimeout,
 		log:        c.Logger.With("component", "imds", "mode", c.Mode.String()),

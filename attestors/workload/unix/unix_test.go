@@ -23,6 +23,7 @@ import (
 
 	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/attestors/workload/unix"
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -95,6 +96,24 @@ func TestAttestSelf(t *testing.T) {
 	require.NoError(t, err)
 	want = append(want, "unix:path:"+exe, "unix:sha256:"+fileSHA256(t, exe))
 	assert.ElementsMatch(t, want, values(got))
+	assertDeclared(t, got)
+}
+
+// assertDeclared checks that what the attestor produced is what its schema
+// declares, so entries checked against the schema can match it.
+func assertDeclared(t *testing.T, sels []*ferrypb.Selector) {
+	t.Helper()
+	reg := selector.MustRegistry(unix.Selectors())
+	kinds := map[string]bool{}
+	for _, s := range sels {
+		assert.NoError(t, reg.Check(selector.Workload, s))
+		kinds[workload.Kind(s)] = true
+	}
+	for _, k := range unix.Selectors().Kinds {
+		if k.Name != "user" && k.Name != "group" && k.Name != "supplementary_group" && k.Name != "supplementary_gid" {
+			assert.True(t, kinds[k.Name], "declared kind %s was produced", k.Name)
+		}
+	}
 }
 
 // TestAttestOtherUser attests a real child running under another uid, gid and
