@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bufio"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -14,7 +13,6 @@ import (
 	"sync"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -162,14 +160,8 @@ func hostileAgent(t testing.TB, logLevel string) (*testcluster.Cluster, *testclu
 	t.Helper()
 	c := testcluster.New(t, testcluster.Options{Nodes: 1, LogLevel: "info", AgentLogLevel: logLevel})
 	a := c.StartAgent("hostile")
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	resp, err := c.Nodes[0].Admin().BatchCreateEntry(ctx, &ferrypb.BatchCreateEntryRequest{Entries: []*ferrypb.Entry{{
-		Id: "canary", SpiffeId: "spiffe://example.org/canary", ParentId: a.ID,
-		Selectors: []*ferrypb.Selector{{Type: "unix", Value: fmt.Sprintf("uid:%d", canaryUID)}},
-	}}})
-	require.NoError(t, err)
-	require.Zero(t, resp.Results[0].GetCode(), resp.Results[0].GetMessage())
+	createOne(t, c.Nodes[0], &ferrypb.Entry{Id: "canary", SpiffeId: "spiffe://example.org/canary", ParentId: a.ID,
+		Selectors: []*ferrypb.Selector{{Type: "unix", Value: fmt.Sprintf("uid:%d", canaryUID)}}})
 	// The canary is served before any attack starts.
 	r := runCanary(t, a.SocketAddr(), 1)
 	for r.Error != "" && strings.Contains(r.Error, "PermissionDenied") {

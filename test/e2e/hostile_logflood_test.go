@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -37,14 +36,8 @@ func TestHostileLogFlood(t *testing.T) {
 	c, a := hostileAgent(t, "info")
 	// The attacker has an identity, so its calls get as far as following
 	// the cache before it resets them.
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	resp, err := c.Nodes[0].Admin().BatchCreateEntry(ctx, &ferrypb.BatchCreateEntryRequest{Entries: []*ferrypb.Entry{{
-		Id: "attacker", SpiffeId: "spiffe://example.org/attacker", ParentId: a.ID,
-		Selectors: []*ferrypb.Selector{{Type: "unix", Value: fmt.Sprintf("uid:%d", attackerUID)}},
-	}}})
-	require.NoError(t, err)
-	require.Zero(t, resp.Results[0].GetCode(), resp.Results[0].GetMessage())
+	createOne(t, c.Nodes[0], &ferrypb.Entry{Id: "attacker", SpiffeId: "spiffe://example.org/attacker", ParentId: a.ID,
+		Selectors: []*ferrypb.Selector{{Type: "unix", Value: fmt.Sprintf("uid:%d", attackerUID)}}})
 
 	logPath := filepath.Join(a.Dir, "agent.log")
 	before := readLines(t, logPath)
