@@ -25,7 +25,8 @@ import (
 // by case, FERRY_BENCH_ROUNDS rounds (default 3), and prints the medians:
 // calls/s, p99, and the agent's CPU time per call. It runs only when
 // FERRY_BENCH_SPIRE names a directory holding spire-server and spire-agent
-// binaries:
+// binaries (FERRY_BENCH_CASES, a regexp, runs only the cases it matches,
+// e.g. "new/c=1"):
 //
 //	FERRY_BENCH_SPIRE=/path/to/spire/bin go test -run '^$' -bench AgentVsSPIRE -benchtime 1x -timeout 60m ./test/e2e/
 //
@@ -45,6 +46,10 @@ func BenchmarkAgentVsSPIRE(b *testing.B) {
 	driver := buildDriver(b)
 	seconds := envInt("FERRY_BENCH_SECONDS", 3)
 	rounds := envInt("FERRY_BENCH_ROUNDS", 3)
+	var only *regexp.Regexp // FERRY_BENCH_CASES: run only the cases it matches
+	if v := os.Getenv("FERRY_BENCH_CASES"); v != "" {
+		only = regexp.MustCompile(v)
+	}
 	agents := []struct {
 		name string
 		addr string
@@ -67,6 +72,9 @@ func BenchmarkAgentVsSPIRE(b *testing.B) {
 				for _, mode := range []string{"reused", "new"} {
 					for _, conc := range []int{1, 16} {
 						cs := fmt.Sprintf("%s/%s/%s/c=%d", client, kind, mode, conc)
+						if only != nil && !only.MatchString(cs) {
+							continue
+						}
 						if round == 0 {
 							cases = append(cases, cs)
 						}
