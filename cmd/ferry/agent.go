@@ -3,7 +3,6 @@ package main
 import (
 	"os"
 	"os/signal"
-	"runtime/debug"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
@@ -30,7 +29,6 @@ func agentCommand() *cli.Command {
 				return err
 			}
 			fc.Logger = log
-			tuneAgentGC()
 			a, err := agent.New(fc.Config)
 			if err != nil {
 				return err
@@ -44,26 +42,5 @@ func agentCommand() *cli.Command {
 		Name:        "agent",
 		Usage:       "run an agent, or manage attested agents",
 		Subcommands: append([]*cli.Command{run}, agentAdminCommands()...),
-	}
-}
-
-// The agent process's collector: every workload that connects per call
-// makes a little garbage (its connection's buffers and goroutines), and at
-// Go's default GOGC (100) collecting it takes a large share of the agent's
-// CPU per call. A higher GOGC collects less often; the soft memory limit
-// makes the collector work harder instead of letting the heap grow past it,
-// so that the agent stays within the bound its Workload API budgets are
-// measured against (RELIABILITY.md). $GOGC and $GOMEMLIMIT still win.
-const (
-	agentGCPercent   = 400
-	agentMemoryLimit = 160 << 20
-)
-
-func tuneAgentGC() {
-	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(agentGCPercent)
-	}
-	if os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(agentMemoryLimit)
 	}
 }
