@@ -70,6 +70,8 @@ type Config struct {
 	// X509PoPBundle is a PEM file of CAs for the x509pop node attestor; empty
 	// disables it. join_token is always on.
 	X509PoPBundle string
+	// NodeAttestors are the further node attestors configured (azure_imds, …).
+	NodeAttestors []NodeAttestorFunc
 	// OIDC serves OIDC discovery for JWT-SVIDs; zero serves none.
 	OIDC OIDCConfig
 	// Federation is SPIFFE federation: our bundle endpoint, and the roots of
@@ -338,6 +340,13 @@ func (s *Server) startAuthority(ctx context.Context, node *cluster.Node) (*ca.CA
 			return nil, nil, err
 		}
 		attestors = append(attestors, xp)
+	}
+	for _, build := range s.cfg.NodeAttestors {
+		at, err := build(s.log)
+		if err != nil {
+			return nil, nil, fmt.Errorf("server: %w", err)
+		}
+		attestors = append(attestors, at)
 	}
 	agentAPI, err := api.NewAgent(api.AgentConfig{
 		Cluster: cl, Store: s.store, Signer: authority, TrustDomain: s.cfg.TrustDomain,

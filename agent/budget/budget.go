@@ -304,20 +304,6 @@ func readPeerCred(sc syscall.Conn) (*unix.Ucred, error) {
 	return cred, nil
 }
 
-// PeerCred returns the credentials the kernel reported for the peer of conn
-// when it connected: those read at accept for a *Conn, else SO_PEERCRED of a
-// unix socket connection.
-func PeerCred(conn net.Conn) (*unix.Ucred, error) {
-	switch c := conn.(type) {
-	case *Conn:
-		cred := c.cred
-		return &cred, nil
-	case *net.UnixConn:
-		return readPeerCred(c)
-	}
-	return nil, fmt.Errorf("budget: connection is %T, not a unix socket", conn)
-}
-
 // Conn is a connection charged to its peer's uid. Close uncharges it.
 type Conn struct {
 	*net.UnixConn

@@ -120,9 +120,6 @@ func TestConnectionsPerUID(t *testing.T) {
 	require.Empty(t, why)
 	require.Equal(t, uid, c1.Cred().Uid)
 	require.EqualValues(t, os.Getpid(), c1.Cred().Pid)
-	cred, err := budget.PeerCred(c1)
-	require.NoError(t, err)
-	require.Equal(t, c1.Cred(), *cred)
 	_, why = s.dial(t)
 	require.Empty(t, why)
 

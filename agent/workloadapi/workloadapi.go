@@ -3,12 +3,35 @@
 // serving X509-SVIDs, JWT-SVIDs, WIT-SVIDs and trust bundles to local processes.
 //
 // A caller is identified by the kernel, never by anything it sends: when it
-// connects, the server reads the socket's SO_PEERCRED credentials and pins the
-// peer process (its /proc/PID directory held open and its start time
-// recorded). Each call attests that PID through Config.Attestor and then checks
-// that the pinned process is still the one alive under that PID, so a caller
-// that exits and whose PID is recycled mid-attestation cannot pass its identity
-// on; such calls fail with Unauthenticated, as SPIRE's peertracker does.
+// connects, the server reads the socket's SO_PEERCRED credentials (its pid,
+// and its effective uid and gid at connect) and pins the peer process (its
+// /proc/PID directory held open and its start time recorded). Each call is
+// attested through workload.AttestCaller, the rule the managed-identity
+// endpoint applies too: Config.Attestor reads the process through the pin,
+// its ids are read from /proc/PID/status once for the call, and the call is
+// answered only if
+//
+//   - the pinned process is still the one alive under that PID, else
+//     Unauthenticated (a caller that exits and whose PID is recycled
+//     mid-attestation cannot pass its identity on, as with SPIRE's
+//     peertracker);
+//   - its real, effective, saved and filesystem uids are all the uid the
+//     kernel recorded at connect, and likewise its gids, and, when some
+//     entry selects supplementary groups, its groups are those it had at
+//     connect (SO_PEERGROUPS), else PermissionDenied and nothing is looked
+//     up or issued. So a process that connects and then executes a setuid or
+//     setgid program, or changes its ids, and any child it handed the
+//     connection to, gets nothing; a process running a setuid program is
+//     never attested as its effective ids.
+//
+// A caller that executed another program since it connected (same process,
+// same ids) is attested as the program it runs when it calls: unix:path and
+// unix:sha256 describe that program, read at every call. The connection
+// follows the process, not the program that opened it; what tells programs
+// apart is the selectors each call is attested with. Processes of the same
+// uid can trade connections and programs, so path and hash selectors
+// distinguish programs against mistakes, not against a hostile process of
+// the same uid (which could also ptrace the program).
 //
 // Every call must carry the metadata `workload.spiffe.io: true` (exactly one
 // value), else InvalidArgument: the header defeats server-side request forgery.

@@ -36,6 +36,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	ferrywl "github.com/ferry-id/ferry/agent/workloadapi"
+	"github.com/ferry-id/ferry/internal/hostilecaller"
+	"github.com/ferry-id/ferry/internal/roottest"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -47,6 +49,7 @@ const (
 )
 
 func TestMain(m *testing.M) {
+	hostilecaller.Main()
 	switch os.Getenv(childModeEnv) {
 	case "":
 		os.Exit(m.Run())
@@ -82,7 +85,7 @@ func TestMain(m *testing.M) {
 			os.Exit(1)
 		}
 		_, err = c.FetchX509SVID(ctx)
-		fmt.Printf("after=%s\n", status.Code(err))
+		fmt.Printf("after=%s %s\n", status.Code(err), status.Convert(err).Message())
 		_, err = c.FetchJWTSVID(ctx, jwtsvid.Params{Audience: "a"})
 		fmt.Printf("jwt=%s\n", status.Code(err))
 		os.Exit(0)
@@ -560,21 +563,12 @@ func TestSecurityHeaderRequired(t *testing.T) {
 }
 
 func TestNoIdentityForOtherUser(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root to run a child as uid 65534")
-	}
+	roottest.Require(t)
 	f := startServer(t)
 
 	// The test binary sits in a directory only root may enter; copy it where
 	// uid 65534 can execute it.
-	exe, err := os.Executable()
-	require.NoError(t, err)
-	bin := filepath.Join(publicDir(t), "child.test")
-	data, err := os.ReadFile(exe)
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(bin, data, 0o755))
-
-	cmd := exec.Command(bin)
+	cmd := exec.Command(callerBinary(t))
 	cmd.Env = []string{childModeEnv + "=fetch", childSocketEnv + "=" + f.socket, "HOME=/"}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	out, err := cmd.CombinedOutput()
@@ -593,12 +587,15 @@ func TestNoIdentityForOtherUser(t *testing.T) {
 
 // TestCallerChangesCredentials: a caller that drops its uid keeps its
 // connection, and with it the agent's pin on its process, but its next calls
-// are attested as it is now: the pin caches descriptors, never selectors.
+// are refused: its ids are no longer those the kernel recorded when it
+// connected, even though an entry would match the uid it now has.
 func TestCallerChangesCredentials(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to change the caller's uid")
-	}
+	roottest.Require(t)
 	f := startServer(t)
+	f.mgr.setEntries(
+		entry("e1", "spiffe://example.org/web", "internal", "other.org"),
+		uidEntry("e-nobody", "spiffe://example.org/nobody", 65534),
+	)
 	exe, err := os.Executable()
 	require.NoError(t, err)
 	cmd := exec.Command(exe)
@@ -606,7 +603,7 @@ func TestCallerChangesCredentials(t *testing.T) {
 	out, err := cmd.CombinedOutput()
 	require.NoError(t, err, "child output: %s", out)
 	require.Contains(t, string(out), "before=OK")
-	require.Contains(t, string(out), "after=PermissionDenied")
+	require.Contains(t, string(out), "after=PermissionDenied workload: caller's ids are not the ids it connected with: uids (real/effective/saved/fs) 65534/65534/65534/65534, connected as uid 0")
 	require.Contains(t, string(out), "jwt=PermissionDenied")
 }
 
@@ -663,6 +660,10 @@ func TestPIDReuseGuard(t *testing.T) {
 			statPath := filepath.Join(procRoot, fmt.Sprint(pid), "stat")
 			require.NoError(t, os.MkdirAll(filepath.Dir(statPath), 0o755))
 			require.NoError(t, os.WriteFile(statPath, []byte(statLine("S", 4242)), 0o644))
+			// The caller is this process: its credentials are its own.
+			status, err := os.ReadFile("/proc/self/status")
+			require.NoError(t, err)
+			require.NoError(t, os.WriteFile(filepath.Join(procRoot, fmt.Sprint(pid), "status"), status, 0o644))
 
 			f := startServer(t, func(c *ferrywl.Config) {
 				inner := c.Attestor
@@ -675,7 +676,7 @@ func TestPIDReuseGuard(t *testing.T) {
 					return sels, err
 				})
 			})
-			_, err := workloadapi.FetchX509SVID(testCtx(t), clientOpt(f))
+			_, err = workloadapi.FetchX509SVID(testCtx(t), clientOpt(f))
 			if tc.wantCode == codes.OK {
 				require.NoError(t, err)
 				return

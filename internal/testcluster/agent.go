@@ -1,6 +1,7 @@
 package testcluster
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"os"
@@ -45,6 +46,31 @@ func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
 	c.t.Helper()
 	leader := c.WaitLeader(30*time.Second, nil)
 	id := fmt.Sprintf("spiffe://%s/spire/agent/%s", c.Opts.TrustDomain, name)
+	out, err := leader.CLI("token", "generate", "--spiffe-id", id, "--ttl", "10m", "--output", "json")
+	if err != nil {
+		c.t.Fatalf("token generate: %v %s", err, out)
+	}
+	token := between(out, `"token": "`, `"`)
+	a := c.writeAgent(name, fmt.Sprintf("  join_token        = %q\n%s", token, extraConfig))
+	a.ID = id
+	a.Start()
+	return a
+}
+
+// NewAgentAttested writes the config of an agent that attests with
+// attestorConfig (lines inserted verbatim in the agent block, e.g. an
+// azure_imds block) instead of a join token, and returns it unstarted. Its ID
+// is whatever the attestor proves: a.ID is empty until the caller sets it.
+func (c *Cluster) NewAgentAttested(name, attestorConfig string) *Agent {
+	c.t.Helper()
+	return c.writeAgent(name, attestorConfig)
+}
+
+// writeAgent writes an agent config listing every server, with lines in the
+// agent block, and the trust bundle it starts from.
+func (c *Cluster) writeAgent(name, lines string) *Agent {
+	c.t.Helper()
+	leader := c.WaitLeader(30*time.Second, nil)
 	var bundle string
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -58,12 +84,6 @@ func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	out, err := leader.CLI("token", "generate", "--spiffe-id", id, "--ttl", "10m", "--output", "json")
-	if err != nil {
-		c.t.Fatalf("token generate: %v %s", err, out)
-	}
-	token := between(out, `"token": "`, `"`)
-
 	dir := filepath.Join(c.Dir, "agent-"+name)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		c.t.Fatal(err)
@@ -74,7 +94,7 @@ func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
 	}
 	_ = os.Chmod(sockDir, 0o755)
 	c.t.Cleanup(func() { os.RemoveAll(sockDir) })
-	a := &Agent{c: c, Name: name, Dir: dir, Config: filepath.Join(dir, "agent.conf"), Socket: filepath.Join(sockDir, "public", "api.sock"), ID: id}
+	a := &Agent{c: c, Name: name, Dir: dir, Config: filepath.Join(dir, "agent.conf"), Socket: filepath.Join(sockDir, "public", "api.sock")}
 	if err := os.WriteFile(filepath.Join(dir, "bundle.pem"), []byte(bundle), 0o644); err != nil {
 		c.t.Fatal(err)
 	}
@@ -89,15 +109,13 @@ func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
   data_dir          = "data"
   socket_path       = %q
   log_level         = %q
-  join_token        = %q
 %s
 }
-`, c.Opts.TrustDomain, strings.Join(servers, ", "), a.Socket, c.Opts.AgentLogLevel, token, extraConfig)
+`, c.Opts.TrustDomain, strings.Join(servers, ", "), a.Socket, c.Opts.AgentLogLevel, lines)
 	if err := os.WriteFile(a.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
 	}
 	c.t.Cleanup(a.Stop)
-	a.Start()
 	return a
 }
 
@@ -111,6 +129,26 @@ func between(s, start, end string) string {
 		return s[:j]
 	}
 	return s
+}
+
+// RunToExit runs the agent process, which must exit (a refused attestation,
+// say) within timeout, and returns its output.
+func (a *Agent) RunToExit(timeout time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, a.c.Bin, "agent", "run", "--config", a.Config).CombinedOutput()
+	if ctx.Err() != nil {
+		a.c.t.Fatalf("agent %s still running after %s:\n%s", a.Name, timeout, out)
+	}
+	return string(out), err
+}
+
+// WipeData deletes the agent's data dir (its SVID, key and bundle), as a
+// reinstalled machine would; the agent must be stopped.
+func (a *Agent) WipeData() {
+	if err := os.RemoveAll(filepath.Join(a.Dir, "data")); err != nil {
+		a.c.t.Fatal(err)
+	}
 }
 
 // Start starts (or restarts) the agent process and waits for its socket.
