@@ -289,6 +289,12 @@ func readPeerCred(sc syscall.Conn) (*unix.Ucred, error) {
 	if err != nil {
 		return nil, fmt.Errorf("budget: peer credentials: %w", err)
 	}
+	return PeerCred(raw)
+}
+
+// PeerCred reads SO_PEERCRED off a unix socket: the peer's pid and its
+// effective uid and gid when it connected.
+func PeerCred(raw syscall.RawConn) (*unix.Ucred, error) {
 	var (
 		cred    *unix.Ucred
 		credErr error

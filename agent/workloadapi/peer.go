@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 
+	"github.com/ferry-id/ferry/agent/budget"
 	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/internal/logging"
 )
@@ -78,7 +79,7 @@ func (c *peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthIn
 	if err != nil {
 		return nil, nil, err
 	}
-	ucred, err := peerCred(raw)
+	ucred, err := budget.PeerCred(raw)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -125,24 +126,6 @@ func rawConn(conn net.Conn) (syscall.RawConn, error) {
 		return nil, fmt.Errorf("workloadapi: peer credentials: %w", err)
 	}
 	return raw, nil
-}
-
-// peerCred reads SO_PEERCRED off a unix socket: the peer's pid and its
-// effective uid and gid when it connected.
-func peerCred(raw syscall.RawConn) (*unix.Ucred, error) {
-	var (
-		cred    *unix.Ucred
-		credErr error
-	)
-	if err := raw.Control(func(fd uintptr) {
-		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return nil, fmt.Errorf("workloadapi: peer credentials: %w", err)
-	}
-	if credErr != nil {
-		return nil, fmt.Errorf("workloadapi: peer credentials: %w", credErr)
-	}
-	return cred, nil
 }
 
 // peerGroups reads SO_PEERGROUPS, the supplementary groups the peer had when
