@@ -22,6 +22,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 	"github.com/stretchr/testify/require"
 
+	"github.com/ferry-id/ferry/internal/roottest"
 	"github.com/ferry-id/ferry/internal/testcluster"
 )
 
@@ -72,11 +73,9 @@ func newLifecycleStack(t *testing.T) *lifecycleStack {
 	if testing.Short() {
 		t.Skip("starts real server, bridge, agent and API processes")
 	}
-	if os.Geteuid() != 0 {
-		t.Skip("runs the workload under other uids")
-	}
+	roottest.Require(t) // runs the workload under other uids
 	if _, err := exec.LookPath("curl"); err != nil {
-		t.Skip("curl is not installed")
+		roottest.Skipf(t, "curl is not installed")
 	}
 	c := testcluster.New(t, testcluster.Options{Nodes: 1, ExtraServerConfig: fmt.Sprintf(`  ca {
     jwt_issuer = %q
