@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -70,6 +71,10 @@ type Directory struct {
 	ferrypb.UnimplementedDirectoryServer
 	cfg DirectoryConfig
 	log *slog.Logger
+
+	// resumeWaiting, when set, is called as a Watch starts waiting for this
+	// node to reach the replica's revision (tests use it to know it waits).
+	resumeWaiting atomic.Pointer[func(rev uint64)]
 }
 
 var _ ferrypb.DirectoryServer = (*Directory)(nil)
@@ -674,6 +679,9 @@ func (d *Directory) Watch(req *ferrypb.WatchRequest, stream ferrypb.Directory_Wa
 		// back in time (a deleted credential reappearing), so first give this
 		// node a chance to catch up.
 		wctx, cancel := context.WithTimeout(ctx, d.cfg.ResumeWait)
+		if f := d.resumeWaiting.Load(); f != nil {
+			(*f)(rev)
+		}
 		_ = d.cfg.Store.WaitForIndex(wctx, rev)
 		cancel()
 	}
