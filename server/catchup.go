@@ -7,6 +7,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
@@ -21,12 +22,20 @@ import (
 // except those that manage membership, which a node outside any cluster must
 // answer to get into one.
 
-// servedBeforeCaughtUp are the admin methods that do not wait.
+// servedBeforeCaughtUp are the admin methods that do not wait: membership
+// and disaster recovery, and those that say how the node is (health, info,
+// log level), which must answer most when it is not ready.
 var servedBeforeCaughtUp = map[string]bool{
 	ferrypb.Admin_ClusterJoin_FullMethodName:     true,
 	ferrypb.Admin_ClusterList_FullMethodName:     true,
 	ferrypb.Admin_ClusterRemove_FullMethodName:   true,
 	ferrypb.Admin_SnapshotRestore_FullMethodName: true,
+	ferrypb.Admin_GetServerInfo_FullMethodName:   true,
+	ferrypb.Admin_GetLogger_FullMethodName:       true,
+	ferrypb.Admin_SetLogLevel_FullMethodName:     true,
+	ferrypb.Admin_ResetLogLevel_FullMethodName:   true,
+	healthpb.Health_Check_FullMethodName:         true,
+	healthpb.Health_Watch_FullMethodName:         true,
 }
 
 // CaughtUp is closed once this node's state reflects every write the cluster
