@@ -92,7 +92,7 @@ func TestDevWalkthrough(t *testing.T) {
 	}
 	for _, tool := range []string{"bash", "curl", "grep", "cut", "tr", "sed", "ls", "id", "setpriv", "unshare", "nsenter", "mount", "ip"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s is not installed", tool)
+			roottest.Skipf(t, "%s is not installed", tool)
 		}
 	}
 	// The walkthrough shows another user's view (setpriv), and the stack
