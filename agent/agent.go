@@ -38,9 +38,9 @@ type Config struct {
 	// NodeAttestor proves the node's identity (join_token, x509pop, or one
 	// of the platform attestors of docs/attestors.md).
 	NodeAttestor node.AgentAttestor
-	// GRPCServer selects the Workload API's gRPC server (see
-	// workloadapi.Config.GRPCServer); empty for the default.
-	GRPCServer string
+	// WorkloadAPILimits bound what local callers may hold of the Workload
+	// API; zero fields take workloadapi.DefaultLimits.
+	WorkloadAPILimits workloadapi.Limits
 	// Systemd enables the systemd workload attestor (unix is always on).
 	Systemd bool
 	// IMDS, when set, enables the managed-identity token endpoint.
@@ -116,6 +116,19 @@ func (a *Agent) Cache() *cache.Cache { return a.cache }
 // Session is the agent's server session.
 func (a *Agent) Session() *session.Session { return a.session }
 
+// health is nil while the agent holds an unexpired agent SVID: it can then
+// serve what it has cached and renew it.
+func (a *Agent) health() error {
+	svid, err := a.session.GetX509SVID()
+	if err != nil {
+		return err
+	}
+	if !time.Now().Before(svid.Certificates[0].NotAfter) {
+		return errors.New("agent SVID expired")
+	}
+	return nil
+}
+
 // Run attests the node and serves until ctx ends.
 func (a *Agent) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
@@ -141,7 +154,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		Manager:    a.cache,
 		Attestor:   wlAttestor,
 		Log:        a.log.With("component", "workloadapi"),
-		GRPCServer: a.cfg.GRPCServer,
+		Limits:     a.cfg.WorkloadAPILimits,
+		Health:     a.health,
 	})
 	if err != nil {
 		return err
@@ -169,9 +183,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	select {
 	case <-ctx.Done():
+		a.log.Info("agent stopped")
 		return nil
 	case err := <-errc:
 		if ctx.Err() != nil {
+			a.log.Info("agent stopped")
 			return nil
 		}
 		return fmt.Errorf("agent: %w", err)

@@ -283,7 +283,7 @@ func (s *Server) startOIDC(authority *ca.CA, errc chan<- error) (*http.Server, e
 		}
 		getCert = (&serverSVID{ca: authority, dnsNames: names, log: s.log.With("component", "oidc")}).get
 	}
-	lis, err := net.Listen("tcp", oc.Addr)
+	lis, err := s.listen("tcp", oc.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("server: oidc listener: %w", err)
 	}
@@ -298,7 +298,7 @@ func (s *Server) startOIDC(authority *ca.CA, errc chan<- error) (*http.Server, e
 		ErrorLog:          slog.NewLogLogger(s.log.With("component", "oidc").Handler(), slog.LevelDebug),
 	}
 	go func() {
-		if err := hs.ServeTLS(lis, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := hs.ServeTLS(gate(lis, s.caughtUp), "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			errc <- fmt.Errorf("oidc: %w", err)
 		}
 	}()

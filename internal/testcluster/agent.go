@@ -86,6 +86,16 @@ func (c *Cluster) PrepareAgent(name string, opts AgentOptions) *Agent {
 	return a
 }
 
+// StartAgentToken starts an agent that attests with token (one made by the
+// caller, as an operator would), whose agent ID is id.
+func (c *Cluster) StartAgentToken(name, id, token string) *Agent {
+	c.t.Helper()
+	a := c.writeAgent(name, AgentOptions{Extra: fmt.Sprintf("  join_token        = %q\n", token)})
+	a.ID = id
+	a.Start()
+	return a
+}
+
 // NewAgentAttested writes the config of an agent that attests with
 // attestorConfig (lines inserted verbatim in the agent block, e.g. an
 // azure_imds block) instead of a join token, and returns it unstarted. Its ID
@@ -151,10 +161,10 @@ func (c *Cluster) writeAgent(name string, opts AgentOptions) *Agent {
   trust_bundle_file = "bundle.pem"
   data_dir          = %q
   socket_path       = %q
-  log_level         = "debug"
+  log_level         = %q
 %s
 }
-`, c.Opts.TrustDomain, strings.Join(servers, ", "), dataDir, a.Socket, opts.Extra)
+`, c.Opts.TrustDomain, strings.Join(servers, ", "), dataDir, a.Socket, c.Opts.AgentLogLevel, opts.Extra)
 	if err := os.WriteFile(a.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
 	}

@@ -720,9 +720,14 @@ type NodePut struct {
 	// refuse_active, when set, refuses the put while the node exists and holds
 	// an SVID that has not expired at the command's time: a node attestor whose
 	// proof could be replayed admits one agent per instance at a time.
-	RefuseActive  bool `protobuf:"varint,3,opt,name=refuse_active,json=refuseActive,proto3" json:"refuse_active,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	RefuseActive bool `protobuf:"varint,3,opt,name=refuse_active,json=refuseActive,proto3" json:"refuse_active,omitempty"`
+	// consume_join_token, when set, is the hash of the join token this
+	// attestation spends: the put applies only if the token is still there and
+	// unexpired, and deletes it in the same step. A token is thus spent only by
+	// an attestation that succeeds.
+	ConsumeJoinToken string `protobuf:"bytes,4,opt,name=consume_join_token,json=consumeJoinToken,proto3" json:"consume_join_token,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *NodePut) Reset() {
@@ -774,6 +779,13 @@ func (x *NodePut) GetRefuseActive() bool {
 		return x.RefuseActive
 	}
 	return false
+}
+
+func (x *NodePut) GetConsumeJoinToken() string {
+	if x != nil {
+		return x.ConsumeJoinToken
+	}
+	return ""
 }
 
 type NodeDelete struct {
@@ -1809,8 +1821,11 @@ func (x *AppliedRequest) GetResult() *CommandResult {
 }
 
 type TenantPut struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Tenant        *Tenant                `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Tenant *Tenant                `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	// create_only makes the put a "create if missing": when a tenant with this
+	// ID exists it is answered as it is, never renamed.
+	CreateOnly    bool `protobuf:"varint,2,opt,name=create_only,json=createOnly,proto3" json:"create_only,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1850,6 +1865,13 @@ func (x *TenantPut) GetTenant() *Tenant {
 		return x.Tenant
 	}
 	return nil
+}
+
+func (x *TenantPut) GetCreateOnly() bool {
+	if x != nil {
+		return x.CreateOnly
+	}
+	return false
 }
 
 type TenantDelete struct {
@@ -2660,11 +2682,12 @@ const file_commands_proto_rawDesc = "" +
 	"\x0fJoinTokenCreate\x12)\n" +
 	"\x05token\x18\x01 \x01(\v2\x13.ferry.v1.JoinTokenR\x05token\"&\n" +
 	"\x10JoinTokenConsume\x12\x12\n" +
-	"\x04hash\x18\x01 \x01(\tR\x04hash\"\x7f\n" +
+	"\x04hash\x18\x01 \x01(\tR\x04hash\"\xad\x01\n" +
 	"\aNodePut\x12*\n" +
 	"\x04node\x18\x01 \x01(\v2\x16.ferry.v1.AttestedNodeR\x04node\x12#\n" +
 	"\rexpect_serial\x18\x02 \x01(\tR\fexpectSerial\x12#\n" +
-	"\rrefuse_active\x18\x03 \x01(\bR\frefuseActive\")\n" +
+	"\rrefuse_active\x18\x03 \x01(\bR\frefuseActive\x12,\n" +
+	"\x12consume_join_token\x18\x04 \x01(\tR\x10consumeJoinToken\")\n" +
 	"\n" +
 	"NodeDelete\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\">\n" +
@@ -2737,9 +2760,11 @@ const file_commands_proto_rawDesc = "" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12$\n" +
 	"\x0etime_unix_nano\x18\x03 \x01(\x03R\ftimeUnixNano\x12/\n" +
-	"\x06result\x18\x04 \x01(\v2\x17.ferry.v1.CommandResultR\x06result\"5\n" +
+	"\x06result\x18\x04 \x01(\v2\x17.ferry.v1.CommandResultR\x06result\"V\n" +
 	"\tTenantPut\x12(\n" +
-	"\x06tenant\x18\x01 \x01(\v2\x10.ferry.v1.TenantR\x06tenant\"\x1e\n" +
+	"\x06tenant\x18\x01 \x01(\v2\x10.ferry.v1.TenantR\x06tenant\x12\x1f\n" +
+	"\vcreate_only\x18\x02 \x01(\bR\n" +
+	"createOnly\"\x1e\n" +
 	"\fTenantDelete\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"^\n" +
 	"\vIdentityPut\x12.\n" +
