@@ -53,7 +53,13 @@ func TestLeaderKilled(t *testing.T) {
 			}(n, w)
 		}
 	}
-	time.Sleep(200 * time.Millisecond)
+	// The leader goes while writes are in flight: once every writer has had
+	// some acknowledged, so the kill lands in the middle of a steady stream.
+	waitFor(t, time.Minute, "writes acknowledged before the kill", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(acked) >= 8*len(rest)
+	})
 	killed := time.Now()
 	if err := leader.Close(); err != nil {
 		t.Fatal(err)
