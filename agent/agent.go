@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"time"
 
@@ -22,6 +21,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/attestors/workload/systemd"
 	"github.com/ferry-id/ferry/attestors/workload/unix"
+	"github.com/ferry-id/ferry/internal/securedir"
 )
 
 // Config configures an agent.
@@ -63,8 +63,14 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+	// The data dir holds the agent's key; the socket's directory decides who
+	// answers workloads. Both refuse to start the agent when another user
+	// could change them, before it attests or serves anything.
+	if err := securedir.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("agent: data dir: %w", err)
+	}
+	if err := securedir.MkdirAll(filepath.Dir(cfg.SocketPath), 0o755); err != nil {
+		return nil, fmt.Errorf("agent: Workload API socket directory: %w", err)
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger}
 	// The cache signs through the session and the session feeds the cache:

@@ -6,6 +6,7 @@ import (
 	"net/url"
 	"os"
 	"os/user"
+	"path/filepath"
 	"strconv"
 
 	"github.com/hashicorp/hcl/hcl/token"
@@ -102,7 +103,7 @@ func LoadConfig(path, joinToken string) (FileConfig, error) {
 		return FileConfig{}, fmt.Errorf("agent: data_dir is required")
 	}
 	if out.SocketPath == "" {
-		out.SocketPath = "/tmp/ferry/agent/public/api.sock"
+		out.SocketPath = filepath.Join(config.RuntimeDir("agent"), "public", "api.sock")
 	}
 	if a.TrustBundleFile != "" {
 		b, err := x509bundle.Load(td, config.Resolve(path, a.TrustBundleFile))

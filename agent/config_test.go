@@ -34,7 +34,7 @@ func TestSampleConfig(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, "example.org", fc.TrustDomain.String())
 	require.Equal(t, []string{"127.0.0.1:8081"}, fc.Servers)
-	require.Equal(t, "/tmp/ferry/agent/public/api.sock", fc.SocketPath)
+	require.Equal(t, "/run/ferry/agent/public/api.sock", fc.SocketPath)
 	require.True(t, fc.Systemd)
 	require.Len(t, fc.TrustBundle, 1)
 	require.Equal(t, "join_token", fc.NodeAttestor.Name())
@@ -162,4 +162,20 @@ func TestIMDSConfig(t *testing.T) {
 		_, err := load(tc.block)
 		require.ErrorContains(t, err, tc.err, tc.block)
 	}
+}
+
+// TestDefaultSocketPath: with no socket_path, the Workload API goes to
+// public/api.sock in systemd's RuntimeDirectory= when the agent runs as a unit,
+// else under /run/ferry/agent; never under /tmp.
+func TestDefaultSocketPath(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "a.conf")
+	require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"] }`), 0o600))
+	t.Setenv("RUNTIME_DIRECTORY", "")
+	fc, err := agent.LoadConfig(p, "")
+	require.NoError(t, err)
+	require.Equal(t, "/run/ferry/agent/public/api.sock", fc.SocketPath)
+	t.Setenv("RUNTIME_DIRECTORY", "/run/ferry/agent-b")
+	fc, err = agent.LoadConfig(p, "")
+	require.NoError(t, err)
+	require.Equal(t, "/run/ferry/agent-b/public/api.sock", fc.SocketPath)
 }

@@ -33,6 +33,7 @@ import (
 	nodeattestor "github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
+	"github.com/ferry-id/ferry/internal/securedir"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/api"
 	"github.com/ferry-id/ferry/server/ca"
@@ -47,7 +48,8 @@ type Config struct {
 	TrustDomain spiffeid.TrustDomain
 	// DataDir holds Raft's log and snapshots and this node's keys (created 0700).
 	DataDir string
-	// AdminSocket is the admin API's unix socket (mode 0600); default DataDir/admin.sock.
+	// AdminSocket is the admin API's unix socket (mode 0600); default admin.sock
+	// in $RUNTIME_DIRECTORY, else in /run/ferry/server.
 	AdminSocket string
 	// HealthAddr serves /live, /ready and /metrics over plain HTTP; empty disables it.
 	HealthAddr string
@@ -159,11 +161,17 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 		debug.SetMemoryLimit(n)
 	}
-	if err := os.MkdirAll(s.cfg.DataDir, 0o700); err != nil {
+	// The data dir holds this node's keys and the admin socket's directory
+	// decides who may command the trust domain: refuse to start when another
+	// user could change either, before anything is read or served.
+	if err := securedir.MkdirAll(s.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("server: data dir: %w", err)
 	}
 	if err := os.Chmod(s.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("server: data dir: %w", err)
+	}
+	if err := securedir.MkdirAll(filepath.Dir(s.cfg.AdminSocket), 0o700); err != nil {
+		return fmt.Errorf("server: admin socket directory: %w", err)
 	}
 	node, err := cluster.New(cluster.Config{
 		NodeID:            s.cfg.NodeID,
@@ -385,9 +393,12 @@ func (s *Server) inCluster(ctx context.Context) bool {
 	return len(members) > 1 || (len(members) == 1 && members[0].ID == s.cfg.NodeID && s.node.IsLeader())
 }
 
+// listenUnix creates the admin socket at path, mode 0600: only this
+// server's user (and root) may connect, in a directory (created 0700 when
+// missing) no other user can change.
 func listenUnix(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("server: admin socket: %w", err)
+	if err := securedir.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("server: admin socket directory: %w", err)
 	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {

@@ -49,7 +49,8 @@
 // hand-offs between goroutines that grpc-go's server makes.
 //
 // The socket file is made world-accessible (mode 0777) inside a directory that
-// only the agent may write: access is decided by attestation, not file modes.
+// only the agent (or root) may change, up to /: access is decided by
+// attestation, not file modes.
 package workloadapi
 
 import (
@@ -70,12 +71,14 @@ import (
 	"github.com/ferry-id/ferry/agent/cache"
 	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/internal/h2grpc"
+	"github.com/ferry-id/ferry/internal/securedir"
 )
 
 // Config configures a Server.
 type Config struct {
 	// SocketPath is the unix socket Run listens on. Its directory is created
-	// (0755) if missing and must not be writable by group or others.
+	// (0755) if missing; no other user may be able to change it or any
+	// directory above it (see Listen).
 	SocketPath string
 	// Manager serves identities and bundles. Required.
 	Manager cache.Manager
@@ -279,8 +282,9 @@ func (s *Server) Stop() {
 }
 
 // Listen creates the Workload API socket at path: it creates the directory
-// (0755) if missing, refuses a directory that group or others may write (they
-// could swap the socket for their own), replaces a stale socket left by a
+// (0755) if missing, refuses it when another user could change it or any
+// directory above it (see securedir: they could move the socket aside and
+// relay every caller through their own), replaces a stale socket left by a
 // previous run but never a live one or a non-socket file, and makes the
 // socket mode 0777.
 func Listen(path string) (net.Listener, error) {
@@ -290,16 +294,8 @@ func Listen(path string) (net.Listener, error) {
 	if !filepath.IsAbs(path) {
 		return nil, fmt.Errorf("workloadapi: socket path %q is not absolute", path)
 	}
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("workloadapi: create socket directory: %w", err)
-	}
-	fi, err := os.Stat(dir)
-	if err != nil {
+	if err := securedir.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("workloadapi: socket directory: %w", err)
-	}
-	if fi.Mode().Perm()&0o022 != 0 {
-		return nil, fmt.Errorf("workloadapi: socket directory %s is writable by group or others (mode %v)", dir, fi.Mode().Perm())
 	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode().Type() != os.ModeSocket {

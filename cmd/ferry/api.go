@@ -13,6 +13,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"github.com/urfave/cli/v2"
+
+	"github.com/ferry-id/ferry/internal/config"
 )
 
 // The workload-side commands talk to the agent's Workload API exactly as any
@@ -22,7 +24,7 @@ var workloadSocketFlag = &cli.StringFlag{
 	Name:    "socket",
 	Usage:   "Workload API address (unix:///path)",
 	EnvVars: []string{"SPIFFE_ENDPOINT_SOCKET"},
-	Value:   "unix:///tmp/ferry/agent/public/api.sock",
+	Value:   "unix://" + config.WorkloadAPISocket,
 }
 
 func workloadClient(c *cli.Context) (*workloadapi.Client, error) {

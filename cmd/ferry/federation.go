@@ -4,15 +4,11 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/urfave/cli/v2"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
@@ -188,14 +184,7 @@ func refreshStatus(rel *ferrypb.FederationRelationship) string {
 // withFederation dials the admin socket, like withAdmin, and runs fn with a
 // Federation client.
 func withFederation(c *cli.Context, fn func(ctx context.Context, f ferrypb.FederationClient) error) error {
-	path, err := filepath.Abs(c.String("socket"))
-	if err != nil {
-		return err
-	}
-	if _, err := os.Stat(path); err != nil {
-		return fmt.Errorf("admin socket %s: %w (is the server running? set --socket or FERRY_ADMIN_SOCKET)", path, err)
-	}
-	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dialAdmin(c)
 	if err != nil {
 		return err
 	}

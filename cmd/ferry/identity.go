@@ -9,14 +9,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"strings"
 	"text/tabwriter"
 
 	"github.com/urfave/cli/v2"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -26,14 +22,7 @@ import (
 // withDirectory dials the admin socket, like withAdmin, and runs fn with a
 // Directory client.
 func withDirectory(c *cli.Context, fn func(ctx context.Context, d ferrypb.DirectoryClient) error) error {
-	path, err := filepath.Abs(c.String("socket"))
-	if err != nil {
-		return err
-	}
-	if _, err := os.Stat(path); err != nil {
-		return fmt.Errorf("admin socket %s: %w (is the server running? set --socket or FERRY_ADMIN_SOCKET)", path, err)
-	}
-	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dialAdmin(c)
 	if err != nil {
 		return err
 	}

@@ -24,6 +24,7 @@ type Agent struct {
 	// ID is the agent's SPIFFE ID.
 	ID string
 
+	uid  uint32
 	mu   sync.Mutex
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -42,6 +43,35 @@ func (c *Cluster) StartAgent(name string) *Agent {
 // StartAgentWith is StartAgent with extra lines inserted verbatim in the
 // agent block (e.g. an imds block).
 func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
+	c.t.Helper()
+	return c.StartAgentOpts(name, AgentOptions{Extra: extraConfig})
+}
+
+// AgentOptions shape an agent process.
+type AgentOptions struct {
+	// Extra lines are inserted verbatim in the agent block.
+	Extra string
+	// UID, when not 0, runs the agent as that uid (and gid), as a service
+	// user would: its data and socket directories are made its own, the
+	// agent creates what is inside them.
+	UID uint32
+	// SocketPath and DataDir, when set, replace the agent's own
+	// directories (for tests of where an agent agrees to run).
+	SocketPath, DataDir string
+}
+
+// StartAgentOpts is StartAgent shaped by opts.
+func (c *Cluster) StartAgentOpts(name string, opts AgentOptions) *Agent {
+	c.t.Helper()
+	a := c.PrepareAgent(name, opts)
+	c.t.Cleanup(a.Stop)
+	a.Start()
+	return a
+}
+
+// PrepareAgent creates a join token and writes the agent's config, without
+// starting it (Start, or Command for a test that watches the process itself).
+func (c *Cluster) PrepareAgent(name string, opts AgentOptions) *Agent {
 	c.t.Helper()
 	leader := c.WaitLeader(30*time.Second, nil)
 	id := fmt.Sprintf("spiffe://%s/spire/agent/%s", c.Opts.TrustDomain, name)
@@ -65,16 +95,30 @@ func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
 	token := between(out, `"token": "`, `"`)
 
 	dir := filepath.Join(c.Dir, "agent-"+name)
+	if opts.UID != 0 {
+		// The cluster's dir is root's alone: the service user's lives in
+		// a directory it can reach.
+		dir = filepath.Join(PublicDir(c.t, "ferry-agent-"), "agent-"+name)
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		c.t.Fatal(err)
 	}
-	sockDir, err := os.MkdirTemp("", "ferry-agent-sock-")
-	if err != nil {
-		c.t.Fatal(err)
+	sockDir := PublicDir(c.t, "ferry-agent-sock-")
+	if opts.UID != 0 {
+		for _, d := range []string{dir, sockDir} {
+			if err := os.Chown(d, int(opts.UID), int(opts.UID)); err != nil {
+				c.t.Fatal(err)
+			}
+		}
 	}
-	_ = os.Chmod(sockDir, 0o755)
-	c.t.Cleanup(func() { os.RemoveAll(sockDir) })
-	a := &Agent{c: c, Name: name, Dir: dir, Config: filepath.Join(dir, "agent.conf"), Socket: filepath.Join(sockDir, "public", "api.sock"), ID: id}
+	a := &Agent{c: c, Name: name, Dir: dir, Config: filepath.Join(dir, "agent.conf"), Socket: filepath.Join(sockDir, "public", "api.sock"), ID: id, uid: opts.UID}
+	if opts.SocketPath != "" {
+		a.Socket = opts.SocketPath
+	}
+	dataDir := "data"
+	if opts.DataDir != "" {
+		dataDir = opts.DataDir
+	}
 	if err := os.WriteFile(filepath.Join(dir, "bundle.pem"), []byte(bundle), 0o644); err != nil {
 		c.t.Fatal(err)
 	}
@@ -86,18 +130,21 @@ func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
   trust_domain      = %q
   server_addresses  = [%s]
   trust_bundle_file = "bundle.pem"
-  data_dir          = "data"
+  data_dir          = %q
   socket_path       = %q
   log_level         = "debug"
   join_token        = %q
 %s
 }
-`, c.Opts.TrustDomain, strings.Join(servers, ", "), a.Socket, token, extraConfig)
+`, c.Opts.TrustDomain, strings.Join(servers, ", "), dataDir, a.Socket, token, opts.Extra)
 	if err := os.WriteFile(a.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
 	}
-	c.t.Cleanup(a.Stop)
-	a.Start()
+	if opts.UID != 0 {
+		if err := os.Chown(a.Config, int(opts.UID), int(opts.UID)); err != nil {
+			c.t.Fatal(err)
+		}
+	}
 	return a
 }
 
@@ -121,7 +168,7 @@ func (a *Agent) Start() {
 	if err != nil {
 		a.c.t.Fatal(err)
 	}
-	cmd := exec.Command(a.c.Bin, "agent", "run", "--config", a.Config)
+	cmd := a.Command()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		a.c.t.Fatal(err)
@@ -142,6 +189,17 @@ func (a *Agent) Start() {
 		}
 	}
 	a.c.t.Fatalf("agent %s: socket not ready:\n%s", a.Name, a.LogTail(40))
+}
+
+// Command is `ferry agent run` for this agent, as the agent's uid, not
+// started.
+func (a *Agent) Command() *exec.Cmd {
+	cmd := exec.Command(a.c.Bin, "agent", "run", "--config", a.Config)
+	if a.uid != 0 {
+		cmd.Dir = "/"
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: a.uid, Gid: a.uid}}
+	}
+	return cmd
 }
 
 // PID is the agent process's ID, or 0 when it is not running.

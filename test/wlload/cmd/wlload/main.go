@@ -3,7 +3,7 @@
 // process used.
 //
 //	wlload -addr unix:///run/ferry/public/api.sock -call x509 -mode reused -c 16 -seconds 3 [-client grpc]
-//	wlload -addr unix:///run/ferry/public/api.sock -replay-on /tmp/replay.sock
+//	wlload -addr unix:///run/ferry/agent/public/api.sock -replay-on $XDG_RUNTIME_DIR/replay.sock
 package main
 
 import (
