@@ -6,7 +6,12 @@ DEV   ?= .dev
 # Security tests that could not run (not root, say) are listed here by internal/roottest.
 SKIPLOG := $(CURDIR)/.security-skips
 
-.PHONY: help build run test test-short interop bench proto lint fuzz fuzz-ci clean
+.PHONY: help build run test test-short interop bench proto lint fuzz fuzz-ci clean package
+# Release version: the last v* tag, then +N.gHASH for commits after it
+# (0.1.0+33.g1a1bbc9 sorts after 0.1.0 for dpkg and rpm alike).
+VERSION ?= $(shell git describe --tags --match 'v*' 2>/dev/null | sed -e 's/^v//' -e 's/-\([0-9]*\)-g/+\1.g/' || true)
+ARCH    ?= $(shell $(GO) env GOARCH)
+DIST    ?= dist
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -54,5 +59,14 @@ lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
+package: ## build dist/ferry_VERSION_ARCH.deb and .rpm (static binary, units, configs; nfpm pinned in packaging/go.mod)
+	@test -n "$(VERSION)" || { echo "VERSION unknown (no v* tag reachable): make package VERSION=x.y.z"; exit 1; }
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(BIN) ./cmd/ferry
+	@mkdir -p $(DIST)
+	cd packaging && $(GO) build -o ../bin/nfpm tool
+	VERSION=$(VERSION) ARCH=$(ARCH) ./bin/nfpm package --config packaging/nfpm.yaml --packager deb --target $(DIST)/
+	VERSION=$(VERSION) ARCH=$(ARCH) ./bin/nfpm package --config packaging/nfpm.yaml --packager rpm --target $(DIST)/
+	@ls -l $(DIST)
+
 clean: ## remove build output and the dev data dir
-	rm -rf bin $(DEV)
+	rm -rf bin $(DIST) $(DEV)

@@ -119,6 +119,7 @@ type Server struct {
 
 	readyOnce sync.Once
 	ready     chan struct{}
+	serving   chan struct{}
 }
 
 // New validates cfg and prepares a server; Run starts it.
@@ -135,7 +136,7 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{})}, nil
+	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{}), serving: make(chan struct{})}, nil
 }
 
 // Store is the node's replicated state (read-only use).
@@ -143,6 +144,32 @@ func (s *Server) Store() *state.Store { return s.store }
 
 // Ready is closed once the admin API is listening.
 func (s *Server) Ready() <-chan struct{} { return s.ready }
+
+// Serving is closed the first time the node is what /ready reports: every
+// listener up and a cluster leader known, so writes and agent attestation
+// can be served. A node that joins a cluster later becomes serving when it
+// has joined.
+func (s *Server) Serving() <-chan struct{} { return s.serving }
+
+// leaderKnown is /ready's condition.
+func (s *Server) leaderKnown() bool {
+	id, _ := s.node.Leader()
+	return id != ""
+}
+
+// watchServing closes Serving once a leader is known.
+func (s *Server) watchServing(ctx context.Context) {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for !s.leaderKnown() {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+	close(s.serving)
+}
 
 // defaultGCPercent trades memory for CPU: the state store's immutable trees
 // make garbage on every write, and at Go's default (100) the collector takes a
@@ -280,6 +307,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	s.log.Info("server running", "trust_domain", s.cfg.TrustDomain.String(), "cluster_addr", node.Addr(), "agent_addr", agentLis.Addr().String(), "admin_socket", s.cfg.AdminSocket)
 	s.readyOnce.Do(func() { close(s.ready) })
+	go s.watchServing(ctx)
 
 	select {
 	case <-ctx.Done():
@@ -479,7 +507,7 @@ func (s *Server) healthHandler() http.Handler {
 		_, _ = io.WriteString(w, "ok\n")
 	})
 	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
-		if id, _ := s.node.Leader(); id == "" {
+		if !s.leaderKnown() {
 			http.Error(w, "no cluster leader known", http.StatusServiceUnavailable)
 			return
 		}

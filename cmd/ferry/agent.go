@@ -1,14 +1,9 @@
 package main
 
 import (
-	"os"
-	"os/signal"
-	"syscall"
-
 	"github.com/urfave/cli/v2"
 
 	"github.com/ferry-id/ferry/agent"
-	"github.com/ferry-id/ferry/internal/logging"
 )
 
 func agentCommand() *cli.Command {
@@ -24,7 +19,7 @@ func agentCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			log, err := logging.New(os.Stderr, fc.LogLevel, fc.LogFormat)
+			log, level, err := leveledLogger(fc.LogLevel, fc.LogFormat)
 			if err != nil {
 				return err
 			}
@@ -33,9 +28,12 @@ func agentCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
-			defer stop()
-			return a.Run(ctx)
+			return runService(c.Context, service{role: "agent", log: log, level: level, run: a.Run, ready: a.Ready(),
+				reloadLevel: func() (string, error) {
+					// The join token is spent: a reload reads the file only.
+					fc, err := agent.LoadConfig(c.String("config"), "")
+					return fc.LogLevel, err
+				}})
 		},
 	}
 	return &cli.Command{

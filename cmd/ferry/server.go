@@ -1,13 +1,8 @@
 package main
 
 import (
-	"os"
-	"os/signal"
-	"syscall"
-
 	"github.com/urfave/cli/v2"
 
-	"github.com/ferry-id/ferry/internal/logging"
 	"github.com/ferry-id/ferry/server"
 )
 
@@ -30,7 +25,7 @@ func serverCommand() *cli.Command {
 				if s := c.String("socket"); s != "" {
 					cfg.AdminSocket = s
 				}
-				log, err := logging.New(os.Stderr, cfg.LogLevel, cfg.LogFormat)
+				log, level, err := leveledLogger(cfg.LogLevel, cfg.LogFormat)
 				if err != nil {
 					return err
 				}
@@ -39,9 +34,11 @@ func serverCommand() *cli.Command {
 				if err != nil {
 					return err
 				}
-				ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
-				defer stop()
-				return srv.Run(ctx)
+				return runService(c.Context, service{role: "server", log: log, level: level, run: srv.Run, ready: srv.Serving(),
+					reloadLevel: func() (string, error) {
+						cfg, err := server.LoadConfig(c.String("config"))
+						return cfg.LogLevel, err
+					}})
 			},
 		}},
 	}
