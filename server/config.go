@@ -288,3 +288,7 @@ func (f *FederationConfig) validate() error {
 	}
 	return nil
 }
+
+// ConfigKeys lists every setting server.conf accepts (docs/config.md is
+// checked against it).
+func ConfigKeys() []string { return config.Keys(fileConfig{}) }
