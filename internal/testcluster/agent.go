@@ -23,6 +23,8 @@ type Agent struct {
 	Socket string
 	// ID is the agent's SPIFFE ID.
 	ID string
+	// Bin, when set, is the binary Start runs instead of the cluster's.
+	Bin string
 
 	uid  uint32
 	mu   sync.Mutex
@@ -194,7 +196,11 @@ func (a *Agent) Start() {
 // Command is `ferry agent run` for this agent, as the agent's uid, not
 // started.
 func (a *Agent) Command() *exec.Cmd {
-	cmd := exec.Command(a.c.Bin, "agent", "run", "--config", a.Config)
+	bin := a.c.Bin
+	if a.Bin != "" {
+		bin = a.Bin
+	}
+	cmd := exec.Command(bin, "agent", "run", "--config", a.Config)
 	if a.uid != 0 {
 		cmd.Dir = "/"
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: a.uid, Gid: a.uid}}

@@ -129,7 +129,7 @@ func TestClusterFromSampleConfigs(t *testing.T) {
 		require.NoError(t, cmd.Start())
 		t.Cleanup(func() {
 			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
+			_, _ = cmd.Process.Wait()
 			logf.Close()
 			if t.Failed() {
 				data, _ := os.ReadFile(logf.Name())
@@ -139,15 +139,39 @@ func TestClusterFromSampleConfigs(t *testing.T) {
 		nodes = append(nodes, node{conf: path, socket: filepath.Join(base, "run", "admin.sock"), cmd: cmd})
 	}
 	on := func(n node) []string { return []string{"FERRY_ADMIN_SOCKET=" + n.socket} }
-	require.Eventually(t, func() bool {
-		cmd := exec.Command(bin, "cluster", "list", "--output", "json")
-		cmd.Env = append(os.Environ(), on(nodes[0])...)
-		out, err := cmd.CombinedOutput()
-		return err == nil && strings.Count(string(out), `"voter": true`)+strings.Count(string(out), `"voter":true`) == 3
-	}, 2*time.Minute, 100*time.Millisecond, "three voters")
+	voters := func(want int) {
+		t.Helper()
+		require.Eventually(t, func() bool {
+			cmd := exec.Command(bin, "cluster", "list", "--output", "json")
+			cmd.Env = append(os.Environ(), on(nodes[0])...)
+			out, err := cmd.CombinedOutput()
+			return err == nil && strings.Count(strings.ReplaceAll(string(out), " ", ""), `"voter":true`) == want
+		}, 2*time.Minute, 100*time.Millisecond, "%d voters", want)
+	}
+	voters(3)
 
 	ferry(on(nodes[2]), "entry", "create", "--entry-id", "from-node-3", "--spiffe-id", "spiffe://example.org/web",
-		"--parent-id", "spiffe://example.org/agent/node1", "--selector", "unix:uid:1000")
+		"--parent-id", "spiffe://example.org/spire/agent/node1", "--selector", "unix:uid:1000")
 	out := ferry(on(nodes[1]), "entry", "show", "--entry-id", "from-node-3", "--consistent")
 	require.Contains(t, out, "spiffe://example.org/web")
+
+	// Removing a node (docs/cluster.md): remove it, stop it; the others go
+	// on. Back with an empty data dir, it joins again as a new member.
+	ferry(on(nodes[0]), "cluster", "remove", "server-3")
+	voters(2)
+	require.NoError(t, nodes[2].cmd.Process.Signal(os.Interrupt))
+	require.NoError(t, nodes[2].cmd.Wait())
+	ferry(on(nodes[1]), "entry", "create", "--entry-id", "after-removal", "--spiffe-id", "spiffe://example.org/db",
+		"--parent-id", "spiffe://example.org/spire/agent/node1", "--selector", "unix:uid:1001")
+	require.NoError(t, os.RemoveAll(filepath.Join(dir, "server-3", "data")))
+	again := exec.Command(bin, "server", "run", "--config", nodes[2].conf)
+	logf, err := os.OpenFile(filepath.Join(dir, "server-3", "server.log"), os.O_WRONLY|os.O_APPEND, 0o600)
+	require.NoError(t, err)
+	defer logf.Close()
+	again.Stdout, again.Stderr, again.Env = logf, logf, append(os.Environ(), "FERRY_ADMIN_SOCKET=")
+	require.NoError(t, again.Start())
+	t.Cleanup(func() { _ = again.Process.Kill(); _ = again.Wait() })
+	voters(3)
+	out = ferry(on(nodes[2]), "entry", "show", "--entry-id", "after-removal", "--consistent")
+	require.Contains(t, out, "spiffe://example.org/db")
 }

@@ -22,7 +22,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stretchr/testify/require"
+	"github.com/stretchr/testify/assert"
 	"golang.org/x/sys/unix"
 
 	"github.com/ferry-id/ferry/internal/roottest"
@@ -446,12 +446,14 @@ func installChild(t *testing.T, debs []string) {
 		"--selector", "unix:uid:65534", "--selector", "unix:path:/usr/bin/ferry")
 	// The entry reaches the agent through its stream: ask until it has.
 	var svid string
-	require.Eventually(t, func() bool {
+	if !assert.Eventually(t, func() bool {
 		agent.assertRunning(t)
 		out, err := as(t, "nobody", "ferry", "api", "fetch", "x509")
-		svid = out
+		svid = fmt.Sprint(out, err)
 		return err == nil && strings.Contains(out, "spiffe://example.org/pkgtest")
-	}, 2*time.Minute, 100*time.Millisecond, "nobody got no SVID")
+	}, 2*time.Minute, 100*time.Millisecond) {
+		t.Fatalf("nobody got no SVID: %s\n%s\n%s", svid, agent.logTail(), server.logTail())
+	}
 	t.Logf("nobody's SVID:\n%s", svid)
 
 	// Arc challenge: a member of ferry-mi gets a file only it can read (the
