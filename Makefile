@@ -64,8 +64,11 @@ package: ## build dist/ferry_VERSION_ARCH.deb and .rpm (static binary, units, co
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(BIN) ./cmd/ferry
 	@mkdir -p $(DIST)
 	cd packaging && $(GO) build -o ../bin/nfpm tool
-	VERSION=$(VERSION) ARCH=$(ARCH) ./bin/nfpm package --config packaging/nfpm.yaml --packager deb --target $(DIST)/
-	VERSION=$(VERSION) ARCH=$(ARCH) ./bin/nfpm package --config packaging/nfpm.yaml --packager rpm --target $(DIST)/
+	@# The package holds the binary just built, wherever BIN put it.
+	sed 's#^  - src: bin/ferry$$#  - src: $(BIN)#' packaging/nfpm.yaml > $(DIST)/nfpm.yaml
+	VERSION=$(VERSION) ARCH=$(ARCH) ./bin/nfpm package --config $(DIST)/nfpm.yaml --packager deb --target $(DIST)/
+	VERSION=$(VERSION) ARCH=$(ARCH) ./bin/nfpm package --config $(DIST)/nfpm.yaml --packager rpm --target $(DIST)/
+	@rm -f $(DIST)/nfpm.yaml
 	@ls -l $(DIST)
 
 clean: ## remove build output and the dev data dir

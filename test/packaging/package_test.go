@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	osuser "os/user"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -28,7 +29,30 @@ import (
 	"github.com/ferry-id/ferry/internal/roottest"
 )
 
-const childEnv = "FERRY_PACKAGE_TEST_DEBS"
+const (
+	childEnv = "FERRY_PACKAGE_TEST_DEBS"
+	// dropinEnv carries the agent drop-in docs/azure-vm.md gives for the
+	// VM-style endpoint, so the test installs what the guide says.
+	dropinEnv = "FERRY_PACKAGE_TEST_VM_DROPIN"
+)
+
+// vmDropin is the first ini block after "systemctl edit ferry-agent" in
+// docs/azure-vm.md.
+func vmDropin(t *testing.T) string {
+	t.Helper()
+	doc, err := os.ReadFile("../../docs/azure-vm.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(doc)
+	i := strings.Index(s, "systemctl edit ferry-agent")
+	j := strings.Index(s[i:], "```ini\n")
+	if i < 0 || j < 0 {
+		t.Fatal("docs/azure-vm.md has no drop-in after `systemctl edit ferry-agent`")
+	}
+	block := s[i+j+len("```ini\n"):]
+	return block[:strings.Index(block, "```")]
+}
 
 var (
 	distRoot  string // removed by TestMain
@@ -115,7 +139,7 @@ func TestDebInstall(t *testing.T) {
 	// namespaces: what it mounts and starts there ends with it.
 	cmd := exec.Command("unshare", "--mount", "--net", "--pid", "--fork", "--propagation", "private",
 		os.Args[0], "-test.run", "^TestDebInstall$", "-test.v", "-test.count=1")
-	cmd.Env = append(os.Environ(), childEnv+"="+strings.Join(debs, ":"))
+	cmd.Env = append(os.Environ(), childEnv+"="+strings.Join(debs, ":"), dropinEnv+"="+vmDropin(t))
 	out, err := cmd.CombinedOutput()
 	t.Logf("install run:\n%s", out)
 	if err != nil {
@@ -174,7 +198,11 @@ func run(t *testing.T, name string, args ...string) string {
 // as runs a command as user (with the user's groups), as `sudo -u` would.
 func as(t *testing.T, user string, args ...string) (string, error) {
 	t.Helper()
-	cmd := exec.Command("setpriv", append([]string{"--reuid=" + user, "--regid=" + user, "--init-groups", "--"}, args...)...)
+	u, err := osuser.Lookup(user)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("setpriv", append([]string{"--reuid=" + u.Uid, "--regid=" + u.Gid, "--init-groups", "--"}, args...)...)
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/"}
 	cmd.Dir = "/"
 	out, err := cmd.CombinedOutput()
@@ -399,7 +427,7 @@ func installChild(t *testing.T, debs []string) {
 	run(t, "ferry", "cluster", "tls", "ca", "create", "--dir", "/etc/ferry/cluster-tls")
 	run(t, "ferry", "cluster", "tls", "cert", "create", "--node", "server-1", "--dir", "/etc/ferry/cluster-tls/server-1",
 		"--ca", "/etc/ferry/cluster-tls/ca.pem", "--ca-key", "/etc/ferry/cluster-tls/ca-key.pem")
-	run(t, "sh", "-c", "mv /etc/ferry/cluster-tls/ca-key.pem /root/ && chown -R root:ferry /etc/ferry/cluster-tls && chmod -R g+rX,o-rwx /etc/ferry/cluster-tls")
+	run(t, "sh", "-c", "mv /etc/ferry/cluster-tls/ca-key.pem /root/ && chown -R ferry:ferry /etc/ferry/cluster-tls && chmod -R go-rwx /etc/ferry/cluster-tls")
 
 	server := startService(t, units[0])
 	server.waitNotify(t, "READY=1", 2*time.Minute)
@@ -412,6 +440,9 @@ func installChild(t *testing.T, debs []string) {
 	}
 
 	run(t, "sh", "-c", "setpriv --reuid=ferry --regid=ferry --init-groups ferry bundle show > /etc/ferry/bundle.pem")
+	if strings.Contains(server.logTail(), "readable by others") {
+		t.Errorf("the guide's file modes draw a warning:\n%s", server.logTail())
+	}
 	tok := mustAs(t, "ferry", "ferry", "token", "generate", "--spiffe-id", "spiffe://example.org/spire/agent/node1")
 	m := regexp.MustCompile(`Token: (\S+)`).FindStringSubmatch(tok)
 	if m == nil {
@@ -472,6 +503,37 @@ func installChild(t *testing.T, debs []string) {
 	out, _ = as(t, "nobody", "curl", "-s", "-D", "-", "-o", "/dev/null", "-H", "Metadata: true", arc)
 	if !strings.Contains(out, " 403") {
 		t.Errorf("Arc endpoint for a user outside ferry-mi: %s", out)
+	}
+
+	// --- the VM-style endpoint (docs/azure-vm.md): the drop-in adds
+	// CAP_NET_ADMIN and CAP_NET_BIND_SERVICE; the agent puts
+	// 169.254.169.254 on lo and answers on port 80 where SDKs call ---
+	agent.stop(t)
+	if err := os.MkdirAll("/etc/systemd/system/ferry-agent.service.d", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile("/etc/systemd/system/ferry-agent.service.d/vm.conf", []byte(os.Getenv(dropinEnv)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	editFile(t, "/etc/ferry/agent.conf", func(s string) string {
+		return strings.Replace(s, `    allowed_groups    = ["ferry-mi"]`, `    allowed_groups    = ["ferry-mi"]
+    vm                   = true
+    add_loopback_address = true`, 1)
+	})
+	agent = startService(t, units[1])
+	agent.waitNotify(t, "READY=1", 2*time.Minute)
+	if out := run(t, "ip", "-o", "addr", "show", "dev", "lo"); !strings.Contains(out, "169.254.169.254/32") {
+		t.Errorf("lo lacks 169.254.169.254/32:\n%s", out)
+	}
+	vm := "http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01&resource=api%3A%2F%2Fdemo"
+	out, _ = as(t, "mi-user", "curl", "-s", "-w", "\n%{http_code}", "-H", "Metadata: true", vm)
+	if !strings.HasSuffix(out, "\n400") || !strings.Contains(out, `"error":"invalid_request"`) {
+		// No identity is configured: Azure's answer for that, from the endpoint.
+		t.Errorf("VM-style endpoint: %s\n%s", out, agent.logTail())
+	}
+	out, _ = as(t, "nobody", "curl", "-s", "-w", "\n%{http_code}", "-H", "Metadata: true", vm)
+	if !strings.HasSuffix(out, "\n403") {
+		t.Errorf("VM-style endpoint for a user outside ferry-mi: %s", out)
 	}
 
 	// --- reload: log_level from the file, at once ---

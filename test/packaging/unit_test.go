@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -54,7 +55,33 @@ func loadUnit(t *testing.T, path string) unitFile {
 	if err := sc.Err(); err != nil {
 		t.Fatal(err)
 	}
+	// Drop-ins (`systemctl edit`), in name order, after the unit.
+	dropins, _ := filepath.Glob(filepath.Join("/etc/systemd/system", filepath.Base(path)+".d", "*.conf"))
+	for _, d := range dropins {
+		du := loadUnit(t, d)
+		for k, v := range du.keys {
+			u.keys[k] = append(u.keys[k], v...)
+		}
+	}
 	return u
+}
+
+// list is a list-valued key as systemd reads it: every assignment adds to
+// the list, an empty one clears it.
+func (u unitFile) list(key string) []string {
+	var out []string
+	for _, v := range u.keys[key] {
+		if v == "" {
+			out = nil
+			continue
+		}
+		for _, f := range strings.Fields(v) {
+			if !slices.Contains(out, f) {
+				out = append(out, f)
+			}
+		}
+	}
+	return out
 }
 
 // get is the value that wins for a single-valued key: the last one.
@@ -165,9 +192,9 @@ func startService(t *testing.T, unitPath string) *service {
 	}
 	env = append(env, "NOTIFY_SOCKET="+notifyPath)
 
-	caps := func(list string) string {
+	caps := func(list []string) string {
 		var out []string
-		for _, c := range strings.Fields(list) {
+		for _, c := range list {
 			out = append(out, "+"+strings.ToLower(strings.TrimPrefix(c, "CAP_")))
 		}
 		return strings.Join(out, ",")
@@ -176,9 +203,9 @@ func startService(t *testing.T, unitPath string) *service {
 	if u.get("NoNewPrivileges") == "yes" {
 		args = append(args, "--no-new-privs")
 	}
-	bounding := caps(u.get("CapabilityBoundingSet"))
+	bounding := caps(u.list("CapabilityBoundingSet"))
 	args = append(args, "--bounding-set=-all"+prefixComma(bounding))
-	if amb := caps(u.get("AmbientCapabilities")); amb != "" {
+	if amb := caps(u.list("AmbientCapabilities")); amb != "" {
 		args = append(args, "--inh-caps=-all,"+amb, "--ambient-caps=-all,"+amb)
 	} else {
 		args = append(args, "--inh-caps=-all")

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -44,14 +43,13 @@ func TestRollingUpgrade(t *testing.T) {
 	}
 	old := previousRelease(t)
 	cur := testcluster.Binary(t)
-	oidcAddr := testcluster.FreeAddr(t)
-	_, oidcPort, _ := net.SplitHostPort(oidcAddr)
-	jwtIss := "https://localhost:" + oidcPort
-	c := testcluster.New(t, testcluster.Options{Nodes: 3, Binary: old.bin, LogLevel: "info", ExtraServerConfig: fmt.Sprintf(`  oidc {
-    addr   = %q
-    issuer = %q
+	// JWT-SVIDs name the trust domain's issuer; the bridge knows it as the
+	// trust domain's and checks them against the bundle.
+	const jwtIss = "https://oidc.example.org"
+	c := testcluster.New(t, testcluster.Options{Nodes: 3, Binary: old.bin, LogLevel: "info", ExtraServerConfig: fmt.Sprintf(`  ca {
+    jwt_issuer = %q
   }
-`, oidcAddr, jwtIss)})
+`, jwtIss)})
 	leader := c.WaitLeader(time.Minute, nil)
 	cli := func(n *testcluster.Node, args ...string) string {
 		t.Helper()
@@ -82,7 +80,7 @@ func TestRollingUpgrade(t *testing.T) {
 		ClientID string `json:"client_id"`
 	}
 	require.NoError(t, json.Unmarshal([]byte(cli(leader, "identity", "create", "--name", "wl-id", "--output", "json")), &ident))
-	cli(leader, "identity", "federated-credential", "create", "--identity-name", "wl-id", "--name", "wl", "--issuer", jwtIss, "--subject", "spiffe://example.org/wl/node1")
+	cli(leader, "identity", "federated-credential", "create", "--identity-name", "wl-id", "--name", "wl-fic", "--issuer", jwtIss, "--subject", "spiffe://example.org/wl/node1")
 	cli(leader, "resource", "create", "--name", "demo", "--identifier-uri", "api://demo", "--app-role", "reader")
 	cli(leader, "role", "assign", "--identity-name", "wl-id", "--resource", "api://demo", "--role", "reader")
 	br := startBridge(t, c, old.bin)
