@@ -1,7 +1,6 @@
 package docs_test
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -18,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"github.com/stretchr/testify/require"
 
 	"github.com/ferry-id/ferry/internal/testcluster"
@@ -46,7 +44,7 @@ func TestAgentsGuide(t *testing.T) {
 	byToken := c.StartAgent("node1")
 	out, err := srv.CLI("entry", "create", "--spiffe-id", "spiffe://example.org/web", "--parent-id", byToken.ID, "--selector", "unix:uid:"+uid)
 	require.NoError(t, err, out)
-	requireSVID(t, byToken, "spiffe://example.org/web")
+	byToken.WaitX509SVID("spiffe://example.org/web")
 
 	// By x509pop: the agent's ID follows from its certificate.
 	byCert := c.PrepareAgent("node2", testcluster.AgentOptions{})
@@ -67,25 +65,7 @@ func TestAgentsGuide(t *testing.T) {
 	require.Contains(t, out, byCert.ID)
 	out, err = srv.CLI("entry", "create", "--spiffe-id", "spiffe://example.org/db", "--parent-id", byCert.ID, "--selector", "unix:uid:"+uid)
 	require.NoError(t, err, out)
-	requireSVID(t, byCert, "spiffe://example.org/db")
-}
-
-func requireSVID(t *testing.T, a *testcluster.Agent, id string) {
-	t.Helper()
-	require.Eventually(t, func() bool {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		svids, err := workloadapi.FetchX509SVIDs(ctx, workloadapi.WithAddr(a.SocketAddr()))
-		if err != nil {
-			return false
-		}
-		for _, s := range svids {
-			if s.ID.String() == id {
-				return true
-			}
-		}
-		return false
-	}, 2*time.Minute, 100*time.Millisecond, "agent %s serves %s", a.Name, id)
+	byCert.WaitX509SVID("spiffe://example.org/db")
 }
 
 // nodeCertificate makes a node CA and a node certificate (CN cn), as an

@@ -496,7 +496,8 @@ func installChild(t *testing.T, debs []string) {
 	if !strings.Contains(out, " 401") || m == nil {
 		t.Fatalf("Arc challenge for a ferry-mi member: %s\n%s", out, agent.logTail())
 	}
-	checkLayout(t, []entry{{m[1], "f", "0600", "mi-user", "mi-user"}})
+	// The caller's, mode 0600 (the group stays the agent's: it has no access).
+	checkLayout(t, []entry{{m[1], "f", "0600", "mi-user", "ferry"}})
 	if _, err := as(t, "mi-user", "cat", m[1]); err != nil {
 		t.Errorf("the caller cannot read its challenge file: %v", err)
 	}

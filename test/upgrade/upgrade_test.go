@@ -144,14 +144,14 @@ func TestRollingUpgrade(t *testing.T) {
 			t.Cleanup(a.Stop)
 			a.Start()
 			cli(oldNode, "entry", "create", "--spiffe-id", "spiffe://example.org/wl/node3", "--parent-id", a.ID, "--selector", "unix:uid:"+uid)
-			fetchX509(t, a, "spiffe://example.org/wl/node3")
+			a.WaitX509SVID("spiffe://example.org/wl/node3")
 			t.Logf("a new agent was attested by old server %s and serves an SVID", oldNode.ID)
 		}
 	}
 
 	// New servers, old agents: a new entry reaches an old agent.
 	cli(c.WaitLeader(time.Minute, nil), "entry", "create", "--spiffe-id", "spiffe://example.org/wl/late", "--parent-id", agents[1].ID, "--selector", "unix:uid:"+uid)
-	fetchX509(t, agents[1], "spiffe://example.org/wl/late")
+	agents[1].WaitX509SVID("spiffe://example.org/wl/late")
 	exchange("new servers, old bridge and agents")
 
 	// The bridge, then the agents.
@@ -161,7 +161,7 @@ func TestRollingUpgrade(t *testing.T) {
 		a.Stop()
 		a.Bin = cur
 		a.Start()
-		fetchX509(t, a, "spiffe://example.org/wl/"+a.Name)
+		a.WaitX509SVID("spiffe://example.org/wl/" + a.Name)
 	}
 	exchange("everything upgraded")
 
@@ -238,25 +238,6 @@ func waitServing(t *testing.T, c *testcluster.Cluster, n *testcluster.Node) {
 	c.WaitApplied(index, 2*time.Minute)
 }
 
-// fetchX509 waits until the agent serves this process an X509-SVID for id.
-func fetchX509(t *testing.T, a *testcluster.Agent, id string) {
-	t.Helper()
-	require.Eventually(t, func() bool {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		svids, err := workloadapi.FetchX509SVIDs(ctx, workloadapi.WithAddr(a.SocketAddr()))
-		if err != nil {
-			return false
-		}
-		for _, s := range svids {
-			if s.ID.String() == id {
-				return true
-			}
-		}
-		return false
-	}, 2*time.Minute, 100*time.Millisecond, "agent %s serves %s", a.Name, id)
-}
-
 // svidWatch is a workload holding an X509-SVID from one agent through
 // go-spiffe's X509Source, as a long-running service does, and checking every
 // 100 ms that what it holds is valid.
@@ -271,7 +252,7 @@ type svidWatch struct {
 func watchSVID(t *testing.T, a *testcluster.Agent, id string) *svidWatch {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	fetchX509(t, a, id)
+	a.WaitX509SVID(id)
 	src, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(workloadapi.WithAddr(a.SocketAddr())))
 	require.NoError(t, err)
 	w := &svidWatch{src: src, cancel: cancel, done: make(chan struct{})}
