@@ -252,7 +252,16 @@ func startService(t *testing.T, unitPath string) *service {
 			s.msgs <- string(buf[:n])
 		}
 	}()
-	go func() { s.err = cmd.Wait(); close(s.done) }()
+	go func() {
+		s.err = cmd.Wait()
+		close(s.done)
+		// Said after every datagram the process sent: waitNotify sees
+		// what the process said before it learns that it exited.
+		if c, err := net.Dial("unixgram", notifyPath); err == nil {
+			_, _ = c.Write([]byte(exitedNote))
+			c.Close()
+		}
+	}()
 	t.Cleanup(func() {
 		select {
 		case <-s.done:
@@ -264,6 +273,10 @@ func startService(t *testing.T, unitPath string) *service {
 	})
 	return s
 }
+
+// exitedNote is what the test itself sends to a service's notify socket once
+// the process has exited.
+const exitedNote = "X-TEST-EXITED=1"
 
 func prefixComma(s string) string {
 	if s == "" {
@@ -285,14 +298,15 @@ func (s *service) waitNotify(t *testing.T, line string, limit time.Duration) str
 			if !ok {
 				t.Fatalf("%s: notify socket closed", s.unit.name)
 			}
+			if m == exitedNote {
+				t.Fatalf("%s exited (%v) before %s:\n%s", s.unit.name, s.err, line, s.logTail())
+			}
 			t.Logf("%s notified %q", s.unit.name, m)
 			for _, l := range strings.Split(m, "\n") {
 				if l == line {
 					return m
 				}
 			}
-		case <-s.done:
-			t.Fatalf("%s exited (%v) before %s:\n%s", s.unit.name, s.err, line, s.logTail())
 		case <-deadline.C:
 			t.Fatalf("%s: no %s within %s:\n%s", s.unit.name, line, limit, s.logTail())
 		}
