@@ -35,7 +35,8 @@ type Config struct {
 	DataDir     string
 	// SocketPath is the Workload API's unix socket.
 	SocketPath string
-	// NodeAttestor proves the node's identity (join_token, x509pop).
+	// NodeAttestor proves the node's identity (join_token, x509pop, or one
+	// of the platform attestors of docs/attestors.md).
 	NodeAttestor node.AgentAttestor
 	// GRPCServer selects the Workload API's gRPC server (see
 	// workloadapi.Config.GRPCServer); empty for the default.

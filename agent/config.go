@@ -2,12 +2,15 @@ package agent
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"net/url"
 	"os"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/hashicorp/hcl/hcl/token"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -36,6 +39,12 @@ type agentBlock struct {
 	LogFormat       string                 `hcl:"log_format"`
 	JoinToken       string                 `hcl:"join_token"`
 	X509PoP         *x509popAgentBlock     `hcl:"x509pop"`
+	AzureIMDS       *azureIMDSAgentBlock   `hcl:"azure_imds"`
+	AWSIID          *awsIIDAgentBlock      `hcl:"aws_iid"`
+	GCPIIT          *gcpIITAgentBlock      `hcl:"gcp_iit"`
+	AzureMSI        *azureMSIAgentBlock    `hcl:"azure_msi"`
+	TPM             *tpmAgentBlock         `hcl:"tpm"`
+	SSHPoP          *sshpopAgentBlock      `hcl:"sshpop"`
 	Systemd         bool                   `hcl:"systemd"`
 	IMDS            *imdsBlock             `hcl:"imds"`
 	UnusedKeys      map[string][]token.Pos `hcl:",unusedKeyPositions"`
@@ -115,9 +124,18 @@ func LoadConfig(path, joinToken string) (FileConfig, error) {
 	if joinToken == "" {
 		joinToken = a.JoinToken
 	}
+	cloud, err := cloudAttestors(path, a)
+	if err != nil {
+		return FileConfig{}, err
+	}
+	if n := len(cloud) + btoi(joinToken != "") + btoi(a.X509PoP != nil); n > 1 {
+		return FileConfig{}, fmt.Errorf("agent: choose one node attestor: join_token, x509pop, %s", strings.Join(slices.Sorted(maps.Keys(cloud)), ", "))
+	}
 	switch {
-	case joinToken != "" && a.X509PoP != nil:
-		return FileConfig{}, fmt.Errorf("agent: choose one node attestor: join_token or x509pop")
+	case len(cloud) == 1:
+		for _, at := range cloud {
+			out.NodeAttestor = at
+		}
 	case joinToken != "":
 		at, err := jointoken.NewAgent(jointoken.AgentConfig{Token: joinToken})
 		if err != nil {
@@ -150,6 +168,13 @@ func LoadConfig(path, joinToken string) (FileConfig, error) {
 		return FileConfig{}, fmt.Errorf("agent: data_dir: %w", err)
 	}
 	return out, nil
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // loadIMDS validates the imds block and applies its defaults.

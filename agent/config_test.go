@@ -2,6 +2,7 @@ package agent_test
 
 import (
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/crypto/ssh"
 
 	"github.com/ferry-id/ferry/agent"
 )
@@ -178,4 +180,61 @@ func TestDefaultSocketPath(t *testing.T) {
 	fc, err = agent.LoadConfig(p, "")
 	require.NoError(t, err)
 	require.Equal(t, "/run/ferry/agent-b/public/api.sock", fc.SocketPath)
+}
+
+// TestNodeAttestorBlocks parses the sample's cloud attestor blocks and
+// refuses two attestors at once.
+func TestNodeAttestorBlocks(t *testing.T) {
+	data, err := os.ReadFile("../conf/agent.conf")
+	require.NoError(t, err)
+	dir := t.TempDir()
+	// Files the tpm and sshpop blocks name.
+	device := filepath.Join(dir, "tpmrm0")
+	require.NoError(t, os.WriteFile(device, nil, 0o600))
+	_, hostKey, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	_, caKey, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	host, err := ssh.NewSignerFromKey(hostKey)
+	require.NoError(t, err)
+	ca, err := ssh.NewSignerFromKey(caKey)
+	require.NoError(t, err)
+	cert := &ssh.Certificate{Key: host.PublicKey(), CertType: ssh.HostCert, ValidPrincipals: []string{"h"}, ValidBefore: ssh.CertTimeInfinity}
+	require.NoError(t, cert.SignCert(rand.Reader, ca))
+	block, err := ssh.MarshalPrivateKey(hostKey, "")
+	require.NoError(t, err)
+	keyPath, certPath := filepath.Join(dir, "host_key"), filepath.Join(dir, "host_key-cert.pub")
+	require.NoError(t, os.WriteFile(keyPath, pem.EncodeToMemory(block), 0o600))
+	require.NoError(t, os.WriteFile(certPath, ssh.MarshalAuthorizedKey(cert), 0o644))
+	paths := strings.NewReplacer("/dev/tpmrm0", device, "/etc/ssh/ssh_host_ed25519_key-cert.pub", certPath, "/etc/ssh/ssh_host_ed25519_key", keyPath)
+	for _, name := range []string{"azure_imds", "aws_iid", "gcp_iit", "azure_msi", "tpm", "sshpop"} {
+		var lines []string
+		in := false
+		for line := range strings.Lines(string(data)) {
+			l := strings.TrimSpace(line)
+			if l == "# "+name+" {" {
+				in = true
+			}
+			if in {
+				lines = append(lines, strings.TrimPrefix(l, "#"))
+			}
+			if in && l == "# }" {
+				break
+			}
+		}
+		require.NotEmpty(t, lines, name)
+		text := paths.Replace(strings.Join(lines, "\n"))
+		p := filepath.Join(dir, "a.conf")
+		write := func(extra string) {
+			require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"]
+`+text+"\n"+extra+"\n}\n"), 0o600))
+		}
+		write("")
+		fc, err := agent.LoadConfig(p, "")
+		require.NoError(t, err, name)
+		require.Equal(t, name, fc.NodeAttestor.Name())
+		write(`join_token = "0123456789abcdef0123"`)
+		_, err = agent.LoadConfig(p, "")
+		require.ErrorContains(t, err, "choose one node attestor", name)
+	}
 }

@@ -245,11 +245,10 @@ func TestExternalIssuerFetchTimeout(t *testing.T) {
 	o.mu.Lock()
 	o.discovery = func(http.ResponseWriter) bool { <-release; return true }
 	o.mu.Unlock()
-	// The issuer never answers while the request is in flight: the request
-	// can return only because the bridge gave up on the fetch.
+	// The issuer never answers while the request is in flight (on a loaded
+	// machine the fetch may not even reach it within the timeout): the
+	// request can return only because the bridge gave up on the fetch.
 	requireError(t, f.post(t, v2Token, v2Form(f.extToken(t, o.issuer, "k1", rsaIssKey1))), 400, "invalid_request", bridge.CodeIssuerMetadata)
-	d, _ := o.fetches()
-	require.Equal(t, 1, d, "the discovery document was asked for")
 }
 
 // Nothing named by a token is ever fetched: not jku/x5u headers, and not an

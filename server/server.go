@@ -19,12 +19,14 @@ import (
 	"runtime/debug"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -72,6 +74,8 @@ type Config struct {
 	// X509PoPBundle is a PEM file of CAs for the x509pop node attestor; empty
 	// disables it. join_token is always on.
 	X509PoPBundle string
+	// NodeAttestors are the further node attestors configured (azure_imds, …).
+	NodeAttestors []NodeAttestorFunc
 	// OIDC serves OIDC discovery for JWT-SVIDs; zero serves none.
 	OIDC OIDCConfig
 	// Federation is SPIFFE federation: our bundle endpoint, and the roots of
@@ -375,6 +379,13 @@ func (s *Server) startAuthority(ctx context.Context, node *cluster.Node) (*ca.CA
 		}
 		attestors = append(attestors, xp)
 	}
+	for _, build := range s.cfg.NodeAttestors {
+		at, err := build(s.log)
+		if err != nil {
+			return nil, nil, fmt.Errorf("server: %w", err)
+		}
+		attestors = append(attestors, at)
+	}
 	agentAPI, err := api.NewAgent(api.AgentConfig{
 		Cluster: cl, Store: s.store, Signer: authority, TrustDomain: s.cfg.TrustDomain,
 		Attestors: attestors, Logger: s.log.With("component", "agent-api"), AgentSVIDTTL: s.cfg.CA.AgentSVIDTTL,
@@ -439,15 +450,32 @@ func listenUnix(path string) (net.Listener, error) {
 		}
 		_ = os.Remove(path)
 	}
-	lis, err := net.Listen("unix", path)
+	lis, err := listenPrivate(path)
 	if err != nil {
 		return nil, fmt.Errorf("server: admin socket: %w", err)
 	}
+	// Already 0600 (listenPrivate); set again in case the file system
+	// ignored the socket's own mode.
 	if err := os.Chmod(path, 0o600); err != nil {
 		lis.Close()
 		return nil, fmt.Errorf("server: admin socket: %w", err)
 	}
 	return lis, nil
+}
+
+// listenPrivate listens on the unix socket path, created with mode 0600
+// whatever the process's umask: the socket's mode is set before it is bound
+// (bind takes the new file's mode from the socket), so there is no moment in
+// which another user may connect to it.
+func listenPrivate(path string) (net.Listener, error) {
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		if cerr := c.Control(func(fd uintptr) { err = unix.Fchmod(int(fd), 0o600) }); cerr != nil {
+			return cerr
+		}
+		return err
+	}}
+	return lc.Listen(context.Background(), "unix", path)
 }
 
 // unaryInterceptor keeps a panic from reaching the client or killing the server,

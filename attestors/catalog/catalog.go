@@ -11,7 +11,13 @@
 package catalog
 
 import (
+	"github.com/ferry-id/ferry/attestors/node/awsiid"
+	"github.com/ferry-id/ferry/attestors/node/azureimds"
+	"github.com/ferry-id/ferry/attestors/node/azuremsi"
+	"github.com/ferry-id/ferry/attestors/node/gcpiit"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
+	"github.com/ferry-id/ferry/attestors/node/sshpop"
+	"github.com/ferry-id/ferry/attestors/node/tpm"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/attestors/workload/systemd"
 	"github.com/ferry-id/ferry/attestors/workload/unix"
@@ -25,6 +31,12 @@ var schemas = []func() selector.Schema{
 	systemd.Selectors,
 	jointoken.Selectors,
 	x509pop.Selectors,
+	azureimds.Selectors,
+	azuremsi.Selectors,
+	awsiid.Selectors,
+	gcpiit.Selectors,
+	tpm.Selectors,
+	sshpop.Selectors,
 }
 
 var registry = func() *selector.Registry {

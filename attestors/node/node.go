@@ -2,8 +2,9 @@
 // runs on, and how the server turns that proof into the agent's SPIFFE ID and
 // node selectors.
 //
-// Each attestor package (attestors/node/jointoken, attestors/node/x509pop, …)
-// holds both halves. The agent half produces a payload and answers challenges;
+// Each attestor package (attestors/node/jointoken, x509pop, azureimds,
+// azuremsi, awsiid, gcpiit, tpm, sshpop) holds both halves; docs/attestors.md
+// describes them for operators. The agent half produces a payload and answers challenges;
 // the server half verifies the payload, may issue any number of challenges and
 // returns a Result. The server's attestation stream carries the bytes:
 //
@@ -25,6 +26,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -67,6 +69,12 @@ type Result struct {
 	// credential (x509pop can; a consumed join token cannot), so it may renew
 	// by re-attesting rather than only with its current SVID.
 	CanReattest bool
+	// SingleAgent says whoever once saw the proof could present it again (a
+	// static signed document, a bearer token still within its lifetime), so
+	// the server admits it only while no other agent holds an unexpired SVID
+	// for AgentID. Attestors set it unless their configuration allows
+	// re-attestation.
+	SingleAgent bool
 }
 
 // ErrNoChallenge is returned by agent halves of attestors that never expect a
@@ -110,4 +118,20 @@ func Exchange(ctx context.Context, agent AgentAttestor, server ServerAttestor) (
 		}
 		return resp, nil
 	})
+}
+
+// Selectors turns values, produced by attestor typ, into its node
+// selectors in canonical order, refusing any value schema does not accept
+// (the attestor's own Selectors declaration, so what it emits and what
+// node-alias entries are checked against cannot drift apart).
+func Selectors(schema *selector.Registry, typ string, values ...string) ([]*ferrypb.Selector, error) {
+	out := make([]*ferrypb.Selector, 0, len(values))
+	for _, v := range values {
+		sel := &ferrypb.Selector{Type: typ, Value: v}
+		if err := schema.Check(selector.Node, sel); err != nil {
+			return nil, err
+		}
+		out = append(out, sel)
+	}
+	return selector.Canonical(out), nil
 }

@@ -26,28 +26,33 @@ const (
 )
 
 // TestMain runs the test binary as a child when asked: the checker run by
-// another uid, which then trusts that uid instead of root's.
+// another uid, which then trusts that uid instead of root's. Each line of
+// SECUREDIR_CHILD is "op path"; the child answers each with a line, "ok" or
+// "error: ...", under a umask of 077.
 func TestMain(m *testing.M) {
-	op, path := os.Getenv("SECUREDIR_CHILD"), os.Getenv("SECUREDIR_PATH")
-	if op == "" {
+	ops := os.Getenv("SECUREDIR_CHILD")
+	if ops == "" {
 		os.Exit(m.Run())
 	}
-	if os.Getenv("SECUREDIR_UMASK") != "" {
-		syscall.Umask(0o077)
-	}
-	var err error
-	switch op {
-	case "check":
-		err = securedir.Check(path)
-	case "mkdirall":
-		err = securedir.MkdirAll(path, 0o755)
-	case "socket":
-		err = securedir.CheckSocket(path)
-	}
-	if err != nil {
-		fmt.Println("error:", err)
-	} else {
-		fmt.Println("ok")
+	syscall.Umask(0o077)
+	for _, line := range strings.Split(ops, "\n") {
+		op, path, _ := strings.Cut(line, " ")
+		var err error
+		switch op {
+		case "check":
+			err = securedir.Check(path)
+		case "mkdirall":
+			err = securedir.MkdirAll(path, 0o755)
+		case "socket":
+			err = securedir.CheckSocket(path)
+		default:
+			err = fmt.Errorf("unknown op %q", op)
+		}
+		if err != nil {
+			fmt.Println("error:", err)
+		} else {
+			fmt.Println("ok")
+		}
 	}
 	os.Exit(0)
 }
@@ -380,39 +385,41 @@ func TestAsAnotherUser(t *testing.T) {
 	tr.dir("mine/run", 0o755, nobody)
 	tr.socket("mine/run/their.sock", other)
 	cases := []struct {
-		op, path, umask string
-		want            string // "ok" or a piece of the error
+		op, path string
+		want     string // "ok" or a piece of the error
 	}{
-		{"check", "mine", "", "ok"},
-		{"check", "rootdir", "", "ok"},
-		{"check", "theirs", "", fmt.Sprintf("theirs (owner uid %d", other)},
-		{"check", "tmp/mine", "", "ok"},
-		{"check", "tmp/theirs", "", fmt.Sprintf("theirs (owner uid %d", other)},
-		{"mkdirall", "tmp/mine/new/deeper", "umask", "ok"},
-		{"mkdirall", "tmp/theirs/new", "", fmt.Sprintf("theirs (owner uid %d", other)},
-		{"socket", "mine/own.sock", "", "ok"},
-		{"socket", "mine/root.sock", "", "ok"},
-		{"socket", "mine/run/their.sock", "", fmt.Sprintf("their.sock (owner uid %d", other)},
+		{"check", "mine", "ok"},
+		{"check", "rootdir", "ok"},
+		{"check", "theirs", fmt.Sprintf("theirs (owner uid %d", other)},
+		{"check", "tmp/mine", "ok"},
+		{"check", "tmp/theirs", fmt.Sprintf("theirs (owner uid %d", other)},
+		{"mkdirall", "tmp/mine/new/deeper", "ok"},
+		{"mkdirall", "tmp/theirs/new", fmt.Sprintf("theirs (owner uid %d", other)},
+		{"socket", "mine/own.sock", "ok"},
+		{"socket", "mine/root.sock", "ok"},
+		{"socket", "mine/run/their.sock", fmt.Sprintf("their.sock (owner uid %d", other)},
 	}
+	// One child answers every case, in order.
+	var ops []string
 	for _, c := range cases {
-		t.Run(c.op+" "+c.path, func(t *testing.T) {
-			cmd := exec.Command(bin)
-			cmd.Dir = "/"
-			cmd.Env = []string{"SECUREDIR_CHILD=" + c.op, "SECUREDIR_PATH=" + tr.path(c.path)}
-			if c.umask != "" {
-				cmd.Env = append(cmd.Env, "SECUREDIR_UMASK=1")
-			}
-			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
-			out, err := cmd.CombinedOutput()
-			require.NoError(t, err, "%s", out)
-			got := strings.TrimSpace(string(out))
-			if c.want == "ok" {
-				require.Equal(t, "ok", got)
-			} else {
-				require.True(t, strings.HasPrefix(got, "error:"), got)
-				require.Contains(t, got, c.want)
-			}
-		})
+		ops = append(ops, c.op+" "+tr.path(c.path))
+	}
+	cmd := exec.Command(bin)
+	cmd.Dir = "/"
+	cmd.Env = []string{"SECUREDIR_CHILD=" + strings.Join(ops, "\n")}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	answers := strings.Split(strings.TrimSpace(string(out)), "\n")
+	require.Len(t, answers, len(cases), "%s", out)
+	for i, c := range cases {
+		got := answers[i]
+		if c.want == "ok" {
+			require.Equal(t, "ok", got, "%s %s", c.op, c.path)
+		} else {
+			require.True(t, strings.HasPrefix(got, "error:"), "%s %s: %s", c.op, c.path, got)
+			require.Contains(t, got, c.want, "%s %s", c.op, c.path)
+		}
 	}
 	// What the child made under a umask of 077 has the modes asked for,
 	// and is its own.

@@ -69,7 +69,6 @@ type AgentOptions struct {
 func (c *Cluster) StartAgentOpts(name string, opts AgentOptions) *Agent {
 	c.t.Helper()
 	a := c.PrepareAgent(name, opts)
-	c.t.Cleanup(a.Stop)
 	a.Start()
 	return a
 }
@@ -80,6 +79,31 @@ func (c *Cluster) PrepareAgent(name string, opts AgentOptions) *Agent {
 	c.t.Helper()
 	leader := c.WaitLeader(30*time.Second, nil)
 	id := fmt.Sprintf("spiffe://%s/spire/agent/%s", c.Opts.TrustDomain, name)
+	out, err := leader.CLI("token", "generate", "--spiffe-id", id, "--ttl", "10m", "--output", "json")
+	if err != nil {
+		c.t.Fatalf("token generate: %v %s", err, out)
+	}
+	token := between(out, `"token": "`, `"`)
+	opts.Extra = fmt.Sprintf("  join_token        = %q\n%s", token, opts.Extra)
+	a := c.writeAgent(name, opts)
+	a.ID = id
+	return a
+}
+
+// NewAgentAttested writes the config of an agent that attests with
+// attestorConfig (lines inserted verbatim in the agent block, e.g. an
+// azure_imds block) instead of a join token, and returns it unstarted. Its ID
+// is whatever the attestor proves: a.ID is empty until the caller sets it.
+func (c *Cluster) NewAgentAttested(name, attestorConfig string) *Agent {
+	c.t.Helper()
+	return c.writeAgent(name, AgentOptions{Extra: attestorConfig})
+}
+
+// writeAgent writes an agent config listing every server, with opts.Extra
+// in the agent block, and the trust bundle it starts from.
+func (c *Cluster) writeAgent(name string, opts AgentOptions) *Agent {
+	c.t.Helper()
+	leader := c.WaitLeader(30*time.Second, nil)
 	var bundle string
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -93,12 +117,6 @@ func (c *Cluster) PrepareAgent(name string, opts AgentOptions) *Agent {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	out, err := leader.CLI("token", "generate", "--spiffe-id", id, "--ttl", "10m", "--output", "json")
-	if err != nil {
-		c.t.Fatalf("token generate: %v %s", err, out)
-	}
-	token := between(out, `"token": "`, `"`)
-
 	dir := filepath.Join(c.Dir, "agent-"+name)
 	if opts.UID != 0 {
 		// The cluster's dir is root's alone: the service user's lives in
@@ -116,7 +134,7 @@ func (c *Cluster) PrepareAgent(name string, opts AgentOptions) *Agent {
 			}
 		}
 	}
-	a := &Agent{c: c, Name: name, Dir: dir, Config: filepath.Join(dir, "agent.conf"), Socket: filepath.Join(sockDir, "public", "api.sock"), ID: id, uid: opts.UID}
+	a := &Agent{c: c, Name: name, Dir: dir, Config: filepath.Join(dir, "agent.conf"), Socket: filepath.Join(sockDir, "public", "api.sock"), uid: opts.UID}
 	if opts.SocketPath != "" {
 		a.Socket = opts.SocketPath
 	}
@@ -138,10 +156,9 @@ func (c *Cluster) PrepareAgent(name string, opts AgentOptions) *Agent {
   data_dir          = %q
   socket_path       = %q
   log_level         = "debug"
-  join_token        = %q
 %s
 }
-`, c.Opts.TrustDomain, strings.Join(servers, ", "), dataDir, a.Socket, token, opts.Extra)
+`, c.Opts.TrustDomain, strings.Join(servers, ", "), dataDir, a.Socket, opts.Extra)
 	if err := os.WriteFile(a.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
 	}
@@ -150,6 +167,7 @@ func (c *Cluster) PrepareAgent(name string, opts AgentOptions) *Agent {
 			c.t.Fatal(err)
 		}
 	}
+	c.t.Cleanup(a.Stop)
 	return a
 }
 
@@ -163,6 +181,26 @@ func between(s, start, end string) string {
 		return s[:j]
 	}
 	return s
+}
+
+// RunToExit runs the agent process, which must exit (a refused attestation,
+// say) within timeout, and returns its output.
+func (a *Agent) RunToExit(timeout time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, a.c.Bin, "agent", "run", "--config", a.Config).CombinedOutput()
+	if ctx.Err() != nil {
+		a.c.t.Fatalf("agent %s still running after %s:\n%s", a.Name, timeout, out)
+	}
+	return string(out), err
+}
+
+// WipeData deletes the agent's data dir (its SVID, key and bundle), as a
+// reinstalled machine would; the agent must be stopped.
+func (a *Agent) WipeData() {
+	if err := os.RemoveAll(filepath.Join(a.Dir, "data")); err != nil {
+		a.c.t.Fatal(err)
+	}
 }
 
 // Start starts (or restarts) the agent process and waits for its socket.

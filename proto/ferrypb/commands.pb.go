@@ -699,7 +699,11 @@ type NodePut struct {
 	Node  *AttestedNode          `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
 	// expect_serial, when set, makes the put conditional on the node's current
 	// certificate serial (renewal races).
-	ExpectSerial  string `protobuf:"bytes,2,opt,name=expect_serial,json=expectSerial,proto3" json:"expect_serial,omitempty"`
+	ExpectSerial string `protobuf:"bytes,2,opt,name=expect_serial,json=expectSerial,proto3" json:"expect_serial,omitempty"`
+	// refuse_active, when set, refuses the put while the node exists and holds
+	// an SVID that has not expired at the command's time: a node attestor whose
+	// proof could be replayed admits one agent per instance at a time.
+	RefuseActive  bool `protobuf:"varint,3,opt,name=refuse_active,json=refuseActive,proto3" json:"refuse_active,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -746,6 +750,13 @@ func (x *NodePut) GetExpectSerial() string {
 		return x.ExpectSerial
 	}
 	return ""
+}
+
+func (x *NodePut) GetRefuseActive() bool {
+	if x != nil {
+		return x.RefuseActive
+	}
+	return false
 }
 
 type NodeDelete struct {
@@ -2568,10 +2579,11 @@ const file_commands_proto_rawDesc = "" +
 	"\x0fJoinTokenCreate\x12)\n" +
 	"\x05token\x18\x01 \x01(\v2\x13.ferry.v1.JoinTokenR\x05token\"&\n" +
 	"\x10JoinTokenConsume\x12\x12\n" +
-	"\x04hash\x18\x01 \x01(\tR\x04hash\"Z\n" +
+	"\x04hash\x18\x01 \x01(\tR\x04hash\"\x7f\n" +
 	"\aNodePut\x12*\n" +
 	"\x04node\x18\x01 \x01(\v2\x16.ferry.v1.AttestedNodeR\x04node\x12#\n" +
-	"\rexpect_serial\x18\x02 \x01(\tR\fexpectSerial\")\n" +
+	"\rexpect_serial\x18\x02 \x01(\tR\fexpectSerial\x12#\n" +
+	"\rrefuse_active\x18\x03 \x01(\bR\frefuseActive\")\n" +
 	"\n" +
 	"NodeDelete\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\">\n" +

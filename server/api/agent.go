@@ -185,6 +185,12 @@ func (a *Agent) AttestAgent(stream ferrypb.Agent_AttestAgentServer) error {
 	if n := a.cfg.Store.View().Node(res.AgentID.String()); n != nil && n.Banned {
 		return status.Errorf(codes.PermissionDenied, "agent %s is banned", res.AgentID)
 	}
+	// The log decides (NodePut.RefuseActive), so two agents racing on two
+	// servers cannot both win; this read only spares a signature.
+	if n := a.cfg.Store.View().Node(res.AgentID.String()); res.SingleAgent && n != nil && max(n.CertNotAfter, n.NewCertNotAfter) > time.Now().Unix() {
+		a.log.Warn("node attestation refused: instance already has an active agent", "attestor", params.Attestor, "agent_id", res.AgentID.String())
+		return status.Errorf(codes.PermissionDenied, "agent %s is already attested and its SVID is still valid; evict it first, or allow re-attestation in the %s configuration", res.AgentID, params.Attestor)
+	}
 	chain, err := a.cfg.Signer.SignAgentX509SVID(pub, res.AgentID, a.cfg.AgentSVIDTTL)
 	if err != nil {
 		return status.Errorf(codes.Unavailable, "signing agent SVID: %v", err)
@@ -195,7 +201,7 @@ func (a *Agent) AttestAgent(stream ferrypb.Agent_AttestAgentServer) error {
 		CertSerial:      chain[0].SerialNumber.String(),
 		CertNotAfter:    chain[0].NotAfter.Unix(),
 		Selectors:       res.Selectors,
-	}}}})
+	}, RefuseActive: res.SingleAgent}}})
 	if err != nil {
 		return toStatus(err)
 	}

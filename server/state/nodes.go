@@ -2,6 +2,7 @@ package state
 
 import (
 	"bytes"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
@@ -71,6 +72,13 @@ func (a *applier) putNode(p *ferrypb.NodePut) *ferrypb.CommandResult {
 	}
 	if p.ExpectSerial != "" && (old == nil || old.CertSerial != p.ExpectSerial) {
 		return &ferrypb.CommandResult{Status: status(codes.Aborted, "agent %s changed since it presented serial %s", n.SpiffeId, p.ExpectSerial)}
+	}
+	if p.RefuseActive && old != nil {
+		if until := max(old.CertNotAfter, old.NewCertNotAfter); until > a.now.Unix() {
+			return &ferrypb.CommandResult{Status: status(codes.PermissionDenied,
+				"agent %s is already attested and its SVID is valid until %s; evict it first, or allow re-attestation in the attestor's configuration",
+				n.SpiffeId, time.Unix(until, 0).UTC().Format(time.RFC3339))}
+		}
 	}
 	row := proto.Clone(n).(*ferrypb.AttestedNode)
 	sortSelectors(row.Selectors)

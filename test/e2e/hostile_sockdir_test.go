@@ -18,6 +18,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/ferry-id/ferry/internal/hostilecaller"
 	"github.com/ferry-id/ferry/internal/roottest"
 	"github.com/ferry-id/ferry/internal/testcluster"
 )
@@ -87,13 +88,9 @@ type listener struct {
 // relaying to target (closing connections when target is empty).
 func startListener(t *testing.T, path, target string) *listener {
 	t.Helper()
-	exe, err := os.Executable()
-	require.NoError(t, err)
-	data, err := os.ReadFile(exe)
-	require.NoError(t, err)
 	// The test binary sits in a directory only root may enter.
-	bin := filepath.Join(testcluster.PublicDir(t, "ferry-e2e-"), "attacker")
-	require.NoError(t, os.WriteFile(bin, data, 0o755))
+	bin, err := hostilecaller.Binary(testcluster.PublicDir(t, "ferry-e2e-"))
+	require.NoError(t, err)
 	cmd := asUser(attackerUID, bin)
 	cmd.Env = append(cmd.Env, "FERRY_E2E_LISTEN="+path, "FERRY_E2E_RELAY_TO="+target)
 	out, err := cmd.StdoutPipe()
@@ -285,6 +282,10 @@ func TestAgentRefusesHostileSocketDir(t *testing.T) {
 			require.NotContains(t, out, "agent attested", "refused before it attests")
 			_, err := os.Lstat(a.Socket)
 			require.ErrorIs(t, err, os.ErrNotExist, "no socket left behind")
+			if tc.opts.DataDir != "" {
+				_, err := os.Lstat(tc.opts.DataDir)
+				require.ErrorIs(t, err, os.ErrNotExist, "nothing made in the attacker's directory")
+			}
 		})
 	}
 }
