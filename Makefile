@@ -38,7 +38,7 @@ interop: ## unmodified go-spiffe and Azure SDK clients against a running ferry (
 	@if [ -f test/interop/go.mod ]; then cd test/interop && $(GO) test -count=1 -timeout 15m ./...; \
 	else echo "test/interop: no suites yet"; fi
 
-bench: ## benchmarks that print figures (3-node write throughput, and package benchmarks)
+bench: ## benchmarks that print figures (3-node write throughput, the Workload API's calls/s and its canary under attack, package benchmarks); FERRY_BENCH_SPIRE=<dir of spire binaries> adds the side-by-side with SPIRE
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./test/e2e/
 	$(GO) test -run '^$$' -bench . -timeout 30m ./server/... ./bridge/... ./agent/...
 	cd test/interop && $(GO) test -run '^$$' -bench IMDSAgentLoad -benchtime 1x -timeout 15m .

@@ -38,9 +38,9 @@ type Config struct {
 	// NodeAttestor proves the node's identity (join_token, x509pop, or one
 	// of the platform attestors of docs/attestors.md).
 	NodeAttestor node.AgentAttestor
-	// GRPCServer selects the Workload API's gRPC server (see
-	// workloadapi.Config.GRPCServer); empty for the default.
-	GRPCServer string
+	// WorkloadAPILimits bound what local callers may hold of the Workload
+	// API; zero fields take workloadapi.DefaultLimits.
+	WorkloadAPILimits workloadapi.Limits
 	// Systemd enables the systemd workload attestor (unix is always on).
 	Systemd bool
 	// IMDS, when set, enables the managed-identity token endpoint.
@@ -139,7 +139,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		Manager:    a.cache,
 		Attestor:   wlAttestor,
 		Log:        a.log.With("component", "workloadapi"),
-		GRPCServer: a.cfg.GRPCServer,
+		Limits:     a.cfg.WorkloadAPILimits,
 	})
 	if err != nil {
 		return err

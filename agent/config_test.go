@@ -18,6 +18,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/ferry-id/ferry/agent"
+	"github.com/ferry-id/ferry/agent/workloadapi"
 )
 
 // TestSampleConfig keeps conf/agent.conf parseable.
@@ -40,6 +41,8 @@ func TestSampleConfig(t *testing.T) {
 	require.True(t, fc.Systemd)
 	require.Len(t, fc.TrustBundle, 1)
 	require.Equal(t, "join_token", fc.NodeAttestor.Name())
+	// The sample spells out every Workload API limit at its default.
+	require.Equal(t, workloadapi.DefaultLimits(), fc.WorkloadAPILimits)
 }
 
 // TestSampleIMDSBlock parses the sample's commented imds block as written,
@@ -84,14 +87,27 @@ func TestConfigErrors(t *testing.T) {
 	_, err := agent.LoadConfig(p, "")
 	require.ErrorContains(t, err, "unknown setting(s): agent.sockt")
 
-	require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"] workload_api_grpc_server = "netty" }`), 0o600))
-	_, err = agent.LoadConfig(p, "")
-	require.ErrorContains(t, err, `workload_api_grpc_server "netty"`)
-	for _, v := range []string{"ferry", "grpc-go"} {
+	// The setting that chose between two gRPC servers is gone; a config
+	// that still names it is told so, whatever the value.
+	for _, v := range []string{"ferry", "grpc-go", "netty"} {
 		require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"] workload_api_grpc_server = "`+v+`" }`), 0o600))
-		c, err := agent.LoadConfig(p, "")
-		require.NoError(t, err)
-		require.Equal(t, v, c.GRPCServer)
+		_, err = agent.LoadConfig(p, "")
+		require.ErrorContains(t, err, "workload_api_grpc_server was removed")
+	}
+
+	for block, want := range map[string]string{
+		`workload_api { max_conections = 1 }`:                                "unknown setting(s): agent.workload_api.max_conections",
+		`workload_api { max_connections = -1 }`:                              "max_connections must not be negative",
+		`workload_api { max_connections = 10 max_connections_per_uid = 11 }`: "max_connections_per_uid (11) is above max_connections (10)",
+		`workload_api { max_calls = 10 max_calls_per_uid = 11 }`:             "max_calls_per_uid (11) is above max_calls (10)",
+		`workload_api { idle_timeout = "soon" }`:                             `idle_timeout "soon"`,
+		`workload_api { idle_timeout = "-1s" }`:                              `idle_timeout "-1s"`,
+		`workload_api { max_header_list_bytes = 100 }`:                       "max_header_list_bytes (100) is below",
+		`workload_api { max_request_bytes = 100 }`:                           "max_request_bytes (100) is below",
+	} {
+		require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"] `+block+` }`), 0o600))
+		_, err = agent.LoadConfig(p, "")
+		require.ErrorContains(t, err, want, block)
 	}
 
 	require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" }`), 0o600))

@@ -43,10 +43,15 @@
 // caller's pid and uid, and the result code (at Debug when served, Info when
 // refused, Warn when the agent failed); keys and tokens are never logged.
 //
-// The gRPC server is internal/h2grpc unless Config.GRPCServer asks for
-// grpc-go's: the goroutine reading a connection answers its unary calls
-// inline and runs its streaming calls itself, which spares each call the
-// hand-offs between goroutines that grpc-go's server makes.
+// The API is served by grpc-go's server inside budgets that hold against any
+// local process (Limits): connections and calls in flight, in total and per
+// uid (agent/budget charges each connection to its peer's uid at accept,
+// before gRPC reads a byte of it, and each call when its headers arrive),
+// calls per connection, the decoded size of a call's header list, the size of
+// a request, and an idle timeout. When a budget is exhausted the uid holding
+// the most is refused or shed first; a refused call gets ResourceExhausted, a
+// refused connection an HTTP/2 GOAWAY that says why. Lines a caller can
+// provoke (refusals, failures) are rate-limited per uid.
 //
 // The socket file is made world-accessible (mode 0777) inside a directory that
 // only the agent (or root) may change, up to /: access is decided by
@@ -67,10 +72,12 @@ import (
 
 	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
 
+	"github.com/ferry-id/ferry/agent/budget"
 	"github.com/ferry-id/ferry/agent/cache"
 	"github.com/ferry-id/ferry/attestors/workload"
-	"github.com/ferry-id/ferry/internal/h2grpc"
+	"github.com/ferry-id/ferry/internal/logging"
 	"github.com/ferry-id/ferry/internal/securedir"
 )
 
@@ -103,23 +110,9 @@ type Config struct {
 	// ShutdownTimeout bounds how long Stop waits for in-flight calls.
 	// Defaults to 5 s.
 	ShutdownTimeout time.Duration
-	// GRPCServer selects the gRPC server: "" or TransportFerry for
-	// internal/h2grpc (a connection's calls are answered by the goroutine
-	// reading it), TransportGRPCGo for grpc-go's server.
-	GRPCServer string
-}
-
-// The gRPC servers Config.GRPCServer selects.
-const (
-	TransportFerry  = "ferry"
-	TransportGRPCGo = "grpc-go"
-)
-
-// rpcServer is what Server needs of a gRPC server.
-type rpcServer interface {
-	Serve(net.Listener) error
-	GracefulStop()
-	Stop()
+	// Limits bound what local callers may hold; a zero field takes its
+	// default (DefaultLimits).
+	Limits Limits
 }
 
 // Server is a Workload API server. Serve (or Run) may be called once.
@@ -133,9 +126,12 @@ type Server struct {
 	unauthVerifier bool
 	shutdown       time.Duration
 
-	grpc     rpcServer
-	quit     chan struct{}
-	stopOnce sync.Once
+	limits    Limits
+	budget    *budget.Budget
+	callerLog *logging.PerKey
+	grpc      *grpc.Server
+	quit      chan struct{}
+	stopOnce  sync.Once
 }
 
 // New validates c and returns a Server.
@@ -173,40 +169,46 @@ func New(c Config) (*Server, error) {
 	if procRoot == "" {
 		procRoot = workload.DefaultProcRoot
 	}
-	switch c.GRPCServer {
-	case "", TransportFerry:
-		s.grpc = s.newH2Server(procPinner(procRoot))
-	case TransportGRPCGo:
-		s.grpc = s.newGRPCServer(procPinner(procRoot))
-	default:
-		return nil, fmt.Errorf("workloadapi: unknown gRPC server %q (want %q or %q)", c.GRPCServer, TransportFerry, TransportGRPCGo)
+	s.callerLog = logging.NewPerKey(s.log, callerLogBurst, callerLogWindow)
+	lim, err := c.Limits.withDefaults()
+	if err != nil {
+		return nil, err
 	}
+	s.limits = fitDescriptors(lim, s.log)
+	s.budget, err = budget.New(budget.Limits{
+		Conns:       s.limits.MaxConnections,
+		ConnsPerUID: s.limits.MaxConnectionsPerUID,
+		Calls:       s.limits.MaxCalls,
+		CallsPerUID: s.limits.MaxCallsPerUID,
+	}, s.logRefusal)
+	if err != nil {
+		return nil, fmt.Errorf("workloadapi: %w", err)
+	}
+	s.grpc = s.newGRPCServer(procPinner(procRoot))
 	return s, nil
 }
 
-// maxRecvMsgSize bounds a request: they are small; a JWT to validate is the
-// largest.
-const maxRecvMsgSize = 1 << 20
-
-func (s *Server) newH2Server(pin pinFunc) *h2grpc.Server {
-	creds := &peerCreds{pin: pin, log: s.log}
-	srv := h2grpc.NewServer(h2grpc.Options{
-		Handshake:         creds.ServerHandshake,
-		UnaryInterceptor:  s.unaryInterceptor,
-		StreamInterceptor: s.streamInterceptor,
-		MaxRecvMsgSize:    maxRecvMsgSize,
-		Log:               s.log,
-	})
-	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, service{Server: s})
-	return srv
-}
+// The lines one uid can make the agent write: callerLogBurst per
+// callerLogWindow, then a count of those suppressed.
+const (
+	callerLogBurst  = 10
+	callerLogWindow = 10 * time.Second
+)
 
 func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
+	lim := s.limits
 	srv := grpc.NewServer(
-		grpc.Creds(&peerCreds{pin: pin, log: s.log}),
+		grpc.Creds(&peerCreds{pin: pin, log: s.callerLog}),
+		grpc.InTapHandle(s.startCall),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor),
 		grpc.ChainStreamInterceptor(s.streamInterceptor),
-		grpc.MaxRecvMsgSize(maxRecvMsgSize),
+		grpc.MaxRecvMsgSize(lim.MaxRequestBytes),
+		grpc.MaxHeaderListSize(uint32(lim.MaxHeaderListBytes)),
+		grpc.MaxConcurrentStreams(uint32(lim.MaxCallsPerConnection)),
+		grpc.ConnectionTimeout(lim.HandshakeTimeout),
+		// A connection with no call in flight for IdleTimeout gets a
+		// GOAWAY; clients reconnect on their next call.
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: lim.IdleTimeout}),
 		// Every connection gets its own read buffer (32 KiB by default): a
 		// client that connects per call would allocate it per call, while
 		// requests are a few hundred bytes. Larger reads bypass the buffer.
@@ -217,6 +219,9 @@ func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
 		// A fixed window turns off gRPC's bandwidth estimation, which pings
 		// the client after a request arrives: an extra write and read on
 		// both sides of every call, for requests of a few hundred bytes.
+		// 64 KiB, gRPC's smallest, is what a call may buffer before its
+		// handler reads it; the handler then reads at most
+		// MaxRequestBytes.
 		grpc.InitialWindowSize(64<<10),
 		grpc.InitialConnWindowSize(64<<10),
 		// Calls run on a few long-lived goroutines whose stacks have already
@@ -251,9 +256,14 @@ func (s *Server) Run(ctx context.Context) error {
 // Serve serves the Workload API on l, which must yield unix socket
 // connections, until Stop. It returns nil after Stop.
 func (s *Server) Serve(l net.Listener) error {
-	s.log.Info("workload API serving", "addr", l.Addr().String())
-	err := s.grpc.Serve(l)
-	if err == nil || errors.Is(err, grpc.ErrServerStopped) || errors.Is(err, h2grpc.ErrServerStopped) { // stopped before it started
+	lim := s.limits
+	s.log.Info("workload API serving", "addr", l.Addr().String(),
+		"max_connections", lim.MaxConnections, "max_connections_per_uid", lim.MaxConnectionsPerUID,
+		"max_calls", lim.MaxCalls, "max_calls_per_uid", lim.MaxCallsPerUID,
+		"max_calls_per_connection", lim.MaxCallsPerConnection, "idle_timeout", lim.IdleTimeout,
+		"max_header_list_bytes", lim.MaxHeaderListBytes, "max_request_bytes", lim.MaxRequestBytes)
+	err := s.grpc.Serve(s.budget.Listener(l))
+	if err == nil || errors.Is(err, grpc.ErrServerStopped) { // stopped before it started
 		return nil
 	}
 	return fmt.Errorf("workloadapi: serve: %w", err)

@@ -155,10 +155,10 @@ func (c *Cluster) writeAgent(name string, opts AgentOptions) *Agent {
   trust_bundle_file = "bundle.pem"
   data_dir          = %q
   socket_path       = %q
-  log_level         = "debug"
+  log_level         = %q
 %s
 }
-`, c.Opts.TrustDomain, strings.Join(servers, ", "), dataDir, a.Socket, opts.Extra)
+`, c.Opts.TrustDomain, strings.Join(servers, ", "), dataDir, a.Socket, c.Opts.AgentLogLevel, opts.Extra)
 	if err := os.WriteFile(a.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
 	}

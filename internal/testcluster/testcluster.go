@@ -62,6 +62,7 @@ type Options struct {
 	TrailingLogs      int
 	SnapshotInterval  string
 	LogLevel          string // default debug
+	AgentLogLevel     string // agents' log_level; default debug
 	// AdminTCP also serves the admin services over mutual TLS (admin_addr).
 	AdminTCP bool
 	// ExtraServerConfig is inserted verbatim in every node's server block
@@ -119,6 +120,9 @@ func New(t testing.TB, opts Options) *Cluster {
 	}
 	if opts.LogLevel == "" {
 		opts.LogLevel = "debug"
+	}
+	if opts.AgentLogLevel == "" {
+		opts.AgentLogLevel = "debug"
 	}
 	if opts.TrustDomain == "" {
 		opts.TrustDomain = "example.org"

@@ -72,9 +72,6 @@ func listenAndRelay(path, target string) {
 	}
 }
 
-// attackerUID is the other local user.
-const attackerUID = nobodyUID
-
 // listener is an attacker's process listening on a unix socket; it counts
 // the connections it accepts.
 type listener struct {
