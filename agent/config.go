@@ -63,6 +63,7 @@ type imdsBlock struct {
 	TenantID           string                 `hcl:"tenant_id"`
 	AllowedGroups      []string               `hcl:"allowed_groups"`
 	AgentIdentities    *bool                  `hcl:"agent_identities"`
+	IdentityCacheTTL   string                 `hcl:"identity_cache_ttl"`
 	UnusedKeys         map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
@@ -276,6 +277,13 @@ func loadIMDS(path string, b *imdsBlock) (*IMDSConfig, error) {
 		return nil, err
 	}
 	c.AllowedGroups = groups
+	if b.IdentityCacheTTL != "" {
+		d, err := time.ParseDuration(b.IdentityCacheTTL)
+		if err != nil || d <= 0 {
+			return nil, fmt.Errorf("agent: imds: identity_cache_ttl %q: want a positive duration such as \"30s\"", b.IdentityCacheTTL)
+		}
+		c.IdentityCacheTTL = d
+	}
 	return c, nil
 }
 

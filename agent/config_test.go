@@ -102,6 +102,7 @@ func TestConfigErrors(t *testing.T) {
 		`workload_api { max_calls = 10 max_calls_per_uid = 11 }`:             "max_calls_per_uid (11) is above max_calls (10)",
 		`workload_api { idle_timeout = "soon" }`:                             `idle_timeout "soon"`,
 		`workload_api { idle_timeout = "-1s" }`:                              `idle_timeout "-1s"`,
+		`workload_api { handshake_timeout = "0s" }`:                          `handshake_timeout "0s"`,
 		`workload_api { max_header_list_bytes = 100 }`:                       "max_header_list_bytes (100) is below",
 		`workload_api { max_request_bytes = 100 }`:                           "max_request_bytes (100) is below",
 	} {
@@ -175,6 +176,7 @@ func TestIMDSConfig(t *testing.T) {
 		{`imds { authority = "https://a" authority_ca_file = "missing.pem" }`, "authority_ca_file"},
 		{`imds { authority = "https://a" arcaddr = "x" }`, "agent.imds.arcaddr"},
 		{`imds { authority = "https://a" allowed_groups = [] }`, "allowed_groups is empty"},
+		{`imds { authority = "https://a" identity_cache_ttl = "forever" }`, `identity_cache_ttl "forever"`},
 		{`imds { authority = "https://a" allowed_groups = ["no-such-group-ferry"] }`, "no-such-group-ferry"},
 	} {
 		_, err := load(tc.block)
