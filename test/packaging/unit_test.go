@@ -254,13 +254,15 @@ func startService(t *testing.T, unitPath string) *service {
 	}()
 	go func() {
 		s.err = cmd.Wait()
-		close(s.done)
 		// Said after every datagram the process sent: waitNotify sees
-		// what the process said before it learns that it exited.
-		if c, err := net.Dial("unixgram", notifyPath); err == nil {
+		// what the process said before it learns that it exited. Sent
+		// before done closes, so that it never reaches the socket of the
+		// next start of the same unit.
+		if c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: notifyPath, Net: "unixgram"}); err == nil {
 			_, _ = c.Write([]byte(exitedNote))
 			c.Close()
 		}
+		close(s.done)
 	}()
 	t.Cleanup(func() {
 		select {
