@@ -114,6 +114,19 @@ func (a *Agent) Session() *session.Session { return a.session }
 // socket (and the managed-identity endpoints, when enabled) listening.
 func (a *Agent) Ready() <-chan struct{} { return a.ready }
 
+// health is nil while the agent holds an unexpired agent SVID: it can then
+// serve what it has cached and renew it.
+func (a *Agent) health() error {
+	svid, err := a.session.GetX509SVID()
+	if err != nil {
+		return err
+	}
+	if !time.Now().Before(svid.Certificates[0].NotAfter) {
+		return errors.New("agent SVID expired")
+	}
+	return nil
+}
+
 // Run attests the node and serves until ctx ends.
 func (a *Agent) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
@@ -140,6 +153,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		Attestor:   wlAttestor,
 		Log:        a.log.With("component", "workloadapi"),
 		Limits:     a.cfg.WorkloadAPILimits,
+		Health:     a.health,
 	})
 	if err != nil {
 		return err

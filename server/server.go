@@ -30,12 +30,18 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/ferry-id/ferry/attestors/catalog"
 	nodeattestor "github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
+	"github.com/ferry-id/ferry/internal/buildinfo"
+	"github.com/ferry-id/ferry/internal/grpchealth"
+	"github.com/ferry-id/ferry/internal/logging"
 	"github.com/ferry-id/ferry/internal/securedir"
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/api"
 	"github.com/ferry-id/ferry/server/ca"
@@ -83,6 +89,9 @@ type Config struct {
 	Federation FederationConfig
 	// Logger overrides the logger built from LogLevel and LogFormat.
 	Logger *slog.Logger
+	// Level, when set, is Logger's level, which `ferry logger set|reset`
+	// changes while the server runs.
+	Level *logging.Level
 }
 
 // ClusterConfig is the Raft part of Config.
@@ -124,6 +133,7 @@ type Server struct {
 	readyOnce sync.Once
 	ready     chan struct{}
 	serving   chan struct{}
+	started   time.Time
 }
 
 // New validates cfg and prepares a server; Run starts it.
@@ -140,7 +150,7 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{}), serving: make(chan struct{})}, nil
+	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{}), serving: make(chan struct{}), started: time.Now()}, nil
 }
 
 // Store is the node's replicated state (read-only use).
@@ -149,23 +159,17 @@ func (s *Server) Store() *state.Store { return s.store }
 // Ready is closed once the admin API is listening.
 func (s *Server) Ready() <-chan struct{} { return s.ready }
 
-// Serving is closed the first time the node is what /ready reports: every
-// listener up and a cluster leader known, so writes and agent attestation
-// can be served. A node that joins a cluster later becomes serving when it
-// has joined.
+// Serving is closed the first time the node is what /ready reports
+// (readiness): every listener up and a cluster leader known, so writes and
+// agent attestation can be served. A node that joins a cluster later becomes
+// serving when it has joined.
 func (s *Server) Serving() <-chan struct{} { return s.serving }
 
-// leaderKnown is /ready's condition.
-func (s *Server) leaderKnown() bool {
-	id, _ := s.node.Leader()
-	return id != ""
-}
-
-// watchServing closes Serving once a leader is known.
+// watchServing closes Serving once readiness holds.
 func (s *Server) watchServing(ctx context.Context) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
-	for !s.leaderKnown() {
+	for s.readiness() != nil {
 		select {
 		case <-ctx.Done():
 			return
@@ -230,7 +234,9 @@ func (s *Server) Run(ctx context.Context) error {
 		return err
 	}
 	admin, err := api.NewAdmin(api.Config{Cluster: clusterAPI{node, s.store}, Store: s.store, Logger: s.log.With("component", "admin"),
-		Authority: authority, TrustDomain: s.cfg.TrustDomain, JWTIssuer: s.cfg.CA.JWTIssuer})
+		Authority: authority, TrustDomain: s.cfg.TrustDomain, JWTIssuer: s.cfg.CA.JWTIssuer,
+		Selectors: catalog.Selectors().Enable(selector.Node, agentAPI.Attestors()...),
+		Info:      func() *ferrypb.ServerInfo { return s.info(agentAPI.Attestors()) }, LogLevel: s.cfg.Level})
 	if err != nil {
 		return err
 	}
@@ -244,6 +250,7 @@ func (s *Server) Run(ctx context.Context) error {
 	gs := grpc.NewServer(grpc.Creds(adminCreds{tls: tlsCfg}), s.admission(),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor, s.adminUnaryAuth), grpc.ChainStreamInterceptor(s.streamInterceptor, s.adminStreamAuth))
 	ferrypb.RegisterAdminServer(gs, admin)
+	healthpb.RegisterHealthServer(gs, grpchealth.New(s.readiness))
 	issuers := map[string]string{}
 	if s.cfg.CA.JWTIssuer != "" {
 		issuers[s.cfg.CA.JWTIssuer] = s.cfg.TrustDomain.Name()
@@ -363,7 +370,7 @@ func (s *Server) startAuthority(ctx context.Context, node *cluster.Node) (*ca.CA
 		}
 	}()
 	attestors := []nodeattestor.ServerAttestor{}
-	jt, err := jointoken.NewServer(jointoken.ServerConfig{TrustDomain: s.cfg.TrustDomain, Tokens: api.ClusterTokens{Cluster: cl}, Log: s.log.With("attestor", "join_token")})
+	jt, err := jointoken.NewServer(jointoken.ServerConfig{TrustDomain: s.cfg.TrustDomain, Tokens: api.ClusterTokens{Cluster: cl, Store: s.store}, Log: s.log.With("attestor", "join_token")})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -535,8 +542,8 @@ func (s *Server) healthHandler() http.Handler {
 		_, _ = io.WriteString(w, "ok\n")
 	})
 	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
-		if !s.leaderKnown() {
-			http.Error(w, "no cluster leader known", http.StatusServiceUnavailable)
+		if err := s.readiness(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = io.WriteString(w, "ok\n")
@@ -549,6 +556,38 @@ func (s *Server) healthHandler() http.Handler {
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	return mux
+}
+
+// readiness is nil when this node serves requests: what /ready, the admin
+// socket's gRPC health service and `ferry server info` report.
+func (s *Server) readiness() error {
+	select {
+	case <-s.ready:
+	default:
+		return errors.New("starting")
+	}
+	if id, _ := s.node.Leader(); id == "" {
+		return errors.New("no cluster leader known")
+	}
+	return nil
+}
+
+// info describes this node for `ferry server info`.
+func (s *Server) info(attestors []string) *ferrypb.ServerInfo {
+	b := buildinfo.Get()
+	leader, _ := s.node.Leader()
+	info := &ferrypb.ServerInfo{
+		NodeId: s.cfg.NodeID, TrustDomain: s.cfg.TrustDomain.Name(),
+		Version: b.Version, VcsRevision: b.Revision, GoVersion: b.GoVersion,
+		StartedAt: s.started.Unix(), RaftState: s.node.State().String(), LeaderId: leader,
+		AppliedIndex: s.store.AppliedIndex(), NodeAttestors: attestors,
+	}
+	if err := s.readiness(); err != nil {
+		info.NotReadyReason = err.Error()
+	} else {
+		info.Ready = true
+	}
+	return info
 }
 
 // clusterAPI adapts cluster.Node to what the Admin API needs.

@@ -72,11 +72,13 @@ import (
 
 	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 
 	"github.com/ferry-id/ferry/agent/budget"
 	"github.com/ferry-id/ferry/agent/cache"
 	"github.com/ferry-id/ferry/attestors/workload"
+	"github.com/ferry-id/ferry/internal/grpchealth"
 	"github.com/ferry-id/ferry/internal/logging"
 	"github.com/ferry-id/ferry/internal/securedir"
 )
@@ -113,6 +115,10 @@ type Config struct {
 	// Limits bound what local callers may hold; a zero field takes its
 	// default (DefaultLimits).
 	Limits Limits
+	// Health, when set, serves the gRPC health service on the socket (calls
+	// carry the security header like any other): SERVING while it returns
+	// nil.
+	Health func() error
 }
 
 // Server is a Workload API server. Serve (or Run) may be called once.
@@ -122,6 +128,7 @@ type Server struct {
 	attestor       Attestor
 	log            *slog.Logger
 	socketPath     string
+	health         func() error
 	foreignClaims  map[string]bool
 	unauthVerifier bool
 	shutdown       time.Duration
@@ -148,6 +155,7 @@ func New(c Config) (*Server, error) {
 		attestor:       c.Attestor,
 		log:            c.Log,
 		socketPath:     c.SocketPath,
+		health:         c.Health,
 		foreignClaims:  make(map[string]bool, len(c.AllowedForeignJWTClaims)),
 		unauthVerifier: c.AllowUnauthenticatedVerifiers,
 		shutdown:       c.ShutdownTimeout,
@@ -232,6 +240,9 @@ func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
 		grpc.NumStreamWorkers(uint32(max(4, runtime.GOMAXPROCS(0)))),
 	)
 	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, service{Server: s})
+	if s.health != nil {
+		healthpb.RegisterHealthServer(srv, grpchealth.New(s.health))
+	}
 	return srv
 }
 

@@ -12,21 +12,22 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/state"
 )
 
 // federationCommand is `ferry federation create|list|show|update|delete|refresh`:
 // SPIFFE federation relationships with foreign trust domains (SPIRE's flags).
 func federationCommand() *cli.Command {
 	td := func() cli.Flag {
-		return &cli.StringFlag{Name: "trust-domain", Required: true, Usage: "the federated trust domain"}
+		return &cli.StringFlag{Name: "trust-domain", Required: true, Usage: "the federated trust domain", Action: checked("trust-domain", isTrustDomain)}
 	}
 	relFlags := func() []cli.Flag {
 		return adminFlags(td(),
 			&cli.StringFlag{Name: "bundle-endpoint-url", Required: true, Usage: "https URL of the trust domain's bundle endpoint"},
-			&cli.StringFlag{Name: "bundle-endpoint-profile", Value: "https_spiffe", Usage: "https_web or https_spiffe"},
+			choiceFlag("bundle-endpoint-profile", "how the bundle endpoint authenticates", state.ProfileHTTPSSPIFFE, state.ProfileHTTPSWeb),
 			&cli.StringFlag{Name: "endpoint-spiffe-id", Usage: "SPIFFE ID of the https_spiffe endpoint (default spiffe://TD/spire/server)"},
 			&cli.StringFlag{Name: "trust-domain-bundle-path", Usage: `initial bundle of the trust domain ("-" for stdin); https_spiffe needs one`},
-			&cli.StringFlag{Name: "trust-domain-bundle-format", Value: "pem", Usage: "pem or spiffe"})
+			choiceFlag("trust-domain-bundle-format", "format of --trust-domain-bundle-path", "pem", "spiffe"))
 	}
 	return &cli.Command{
 		Name:  "federation",
@@ -106,6 +107,9 @@ func federationPut(create bool) cli.ActionFunc {
 			Profile: c.String("bundle-endpoint-profile"), EndpointSpiffeId: c.String("endpoint-spiffe-id")}
 		if rel.Profile == "https_spiffe" && rel.EndpointSpiffeId == "" {
 			rel.EndpointSpiffeId = "spiffe://" + td.Name() + "/spire/server"
+		}
+		if err := state.ValidateFederationRelationship(rel); err != nil {
+			return err
 		}
 		req := &ferrypb.PutFederationRelationshipRequest{Relationship: rel}
 		if p := c.String("trust-domain-bundle-path"); p != "" {

@@ -16,30 +16,15 @@ import (
 type service struct {
 	role string
 	log  *slog.Logger
-	// level is the running logger's level; reload sets it.
-	level *slog.LevelVar
+	// level is the running logger's level (also `ferry logger` on a
+	// server); reload sets it.
+	level *logging.Level
 	// run serves until its context ends.
 	run func(context.Context) error
 	// ready is closed when the role serves (what its /ready reports).
 	ready <-chan struct{}
 	// reloadLevel re-reads the config file and returns its log_level.
 	reloadLevel func() (string, error)
-}
-
-// leveledLogger builds the role's logger on stderr (the journal, under
-// systemd) with a level that SIGHUP can change.
-func leveledLogger(level, format string) (*slog.Logger, *slog.LevelVar, error) {
-	lv, err := logging.ParseLevel(level)
-	if err != nil {
-		return nil, nil, err
-	}
-	v := new(slog.LevelVar)
-	v.Set(lv)
-	log, err := logging.NewLeveled(os.Stderr, v, format)
-	if err != nil {
-		return nil, nil, err
-	}
-	return log, v, nil
 }
 
 // runService runs a role as a service manager expects (sd_notify(3); every
@@ -104,8 +89,11 @@ func (s service) applyReload() error {
 	if err != nil {
 		return err
 	}
-	if old := s.level.Level(); old != lv {
-		s.level.Set(lv)
+	// The file's level becomes the launch level too: `ferry logger reset`
+	// goes back to it.
+	old := s.level.Get()
+	s.level.Relaunch(lv)
+	if old != lv {
 		s.log.Info("log level changed", "from", old.String(), "to", lv.String())
 	}
 	s.log.Info("configuration reloaded: log_level applied; other settings take effect at the next start")

@@ -15,37 +15,16 @@ func New(w io.Writer, level, format string) (*slog.Logger, error) {
 	if err != nil {
 		return nil, err
 	}
-	var v slog.LevelVar
-	v.Set(lv)
-	return NewLeveled(w, &v, format)
+	return newLogger(w, lv, format)
 }
 
-// NewLeveled returns a logger writing to w in format whose level is read from
-// level at every record, so a process can change it while it runs (on
-// SIGHUP, from its reloaded config).
-func NewLeveled(w io.Writer, level *slog.LevelVar, format string) (*slog.Logger, error) {
-	opts := &slog.HandlerOptions{Level: level}
+func newLogger(w io.Writer, lv slog.Leveler, format string) (*slog.Logger, error) {
+	opts := &slog.HandlerOptions{Level: lv}
 	switch strings.ToLower(format) {
 	case "", "text":
 		return slog.New(slog.NewTextHandler(w, opts)), nil
 	case "json":
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	}
-	return nil, fmt.Errorf("logging: unknown format %q", format)
-}
-
-// ParseLevel reads a config's log_level: "debug", "info" (or empty), "warn"
-// ("warning"), "error", in any case.
-func ParseLevel(level string) (slog.Level, error) {
-	switch strings.ToLower(level) {
-	case "", "info":
-		return slog.LevelInfo, nil
-	case "debug":
-		return slog.LevelDebug, nil
-	case "warn", "warning":
-		return slog.LevelWarn, nil
-	case "error":
-		return slog.LevelError, nil
-	}
-	return 0, fmt.Errorf("logging: unknown level %q", level)
+	return nil, fmt.Errorf("logging: unknown format %q (want text or json)", format)
 }

@@ -25,17 +25,34 @@ func TestNew(t *testing.T) {
 	require.Error(t, err)
 }
 
-func TestNewLeveledFollowsTheLevel(t *testing.T) {
+func TestLevel(t *testing.T) {
 	var buf bytes.Buffer
-	var lv slog.LevelVar
-	lv.Set(slog.LevelWarn)
-	log, err := logging.NewLeveled(&buf, &lv, "text")
+	log, lv, err := logging.NewLeveled(&buf, "warn", "text")
 	require.NoError(t, err)
 	log.Info("before")
-	l, err := logging.ParseLevel("DEBUG")
-	require.NoError(t, err)
-	lv.Set(l)
-	log.Debug("after")
+	lv.Set(slog.LevelDebug)
+	log.Debug("while debugging")
+	lv.Reset()
+	log.Info("after")
 	require.NotContains(t, buf.String(), "before")
-	require.Contains(t, buf.String(), "msg=after")
+	require.Contains(t, buf.String(), "while debugging")
+	require.NotContains(t, buf.String(), "after")
+	require.Equal(t, "warn", logging.LevelName(lv.Launch()))
+	for _, name := range logging.Levels {
+		l, err := logging.ParseLevel(name)
+		require.NoError(t, err)
+		require.Equal(t, name, logging.LevelName(l))
+	}
+	// A reload: the file's level is the new launch level.
+	lv.Set(slog.LevelError)
+	lv.Relaunch(slog.LevelInfo)
+	log.Info("reloaded")
+	lv.Set(slog.LevelError)
+	lv.Reset()
+	log.Info("reset to the reloaded level")
+	require.Contains(t, buf.String(), "reloaded")
+	require.Contains(t, buf.String(), "reset to the reloaded level")
+	require.Equal(t, "info", logging.LevelName(lv.Launch()))
+	_, err = logging.ParseLevel("loud")
+	require.ErrorContains(t, err, "want debug, info, warn or error")
 }

@@ -90,6 +90,16 @@ func (c *Cluster) PrepareAgent(name string, opts AgentOptions) *Agent {
 	return a
 }
 
+// StartAgentToken starts an agent that attests with token (one made by the
+// caller, as an operator would), whose agent ID is id.
+func (c *Cluster) StartAgentToken(name, id, token string) *Agent {
+	c.t.Helper()
+	a := c.writeAgent(name, AgentOptions{Extra: fmt.Sprintf("  join_token        = %q\n", token)})
+	a.ID = id
+	a.Start()
+	return a
+}
+
 // NewAgentAttested writes the config of an agent that attests with
 // attestorConfig (lines inserted verbatim in the agent block, e.g. an
 // azure_imds block) instead of a join token, and returns it unstarted. Its ID

@@ -703,9 +703,14 @@ type NodePut struct {
 	// refuse_active, when set, refuses the put while the node exists and holds
 	// an SVID that has not expired at the command's time: a node attestor whose
 	// proof could be replayed admits one agent per instance at a time.
-	RefuseActive  bool `protobuf:"varint,3,opt,name=refuse_active,json=refuseActive,proto3" json:"refuse_active,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	RefuseActive bool `protobuf:"varint,3,opt,name=refuse_active,json=refuseActive,proto3" json:"refuse_active,omitempty"`
+	// consume_join_token, when set, is the hash of the join token this
+	// attestation spends: the put applies only if the token is still there and
+	// unexpired, and deletes it in the same step. A token is thus spent only by
+	// an attestation that succeeds.
+	ConsumeJoinToken string `protobuf:"bytes,4,opt,name=consume_join_token,json=consumeJoinToken,proto3" json:"consume_join_token,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *NodePut) Reset() {
@@ -757,6 +762,13 @@ func (x *NodePut) GetRefuseActive() bool {
 		return x.RefuseActive
 	}
 	return false
+}
+
+func (x *NodePut) GetConsumeJoinToken() string {
+	if x != nil {
+		return x.ConsumeJoinToken
+	}
+	return ""
 }
 
 type NodeDelete struct {
@@ -2579,11 +2591,12 @@ const file_commands_proto_rawDesc = "" +
 	"\x0fJoinTokenCreate\x12)\n" +
 	"\x05token\x18\x01 \x01(\v2\x13.ferry.v1.JoinTokenR\x05token\"&\n" +
 	"\x10JoinTokenConsume\x12\x12\n" +
-	"\x04hash\x18\x01 \x01(\tR\x04hash\"\x7f\n" +
+	"\x04hash\x18\x01 \x01(\tR\x04hash\"\xad\x01\n" +
 	"\aNodePut\x12*\n" +
 	"\x04node\x18\x01 \x01(\v2\x16.ferry.v1.AttestedNodeR\x04node\x12#\n" +
 	"\rexpect_serial\x18\x02 \x01(\tR\fexpectSerial\x12#\n" +
-	"\rrefuse_active\x18\x03 \x01(\bR\frefuseActive\")\n" +
+	"\rrefuse_active\x18\x03 \x01(\bR\frefuseActive\x12,\n" +
+	"\x12consume_join_token\x18\x04 \x01(\tR\x10consumeJoinToken\")\n" +
 	"\n" +
 	"NodeDelete\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\">\n" +
