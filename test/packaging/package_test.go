@@ -545,7 +545,16 @@ func installChild(t *testing.T, debs []string) {
 	if !strings.Contains(agent.logTail(), `msg="log level changed" from=INFO to=DEBUG`) {
 		t.Errorf("reload did not change the level:\n%s", agent.logTail())
 	}
+	// On a server, the reloaded level is also the one `ferry logger reset`
+	// goes back to, whatever `ferry logger set` said before.
+	mustAs(t, "ferry", "ferry", "logger", "set", "--level", "error")
+	editFile(t, "/etc/ferry/server.conf", func(s string) string {
+		return strings.Replace(s, `log_level  = "info"`, `log_level  = "warn"`, 1)
+	})
 	server.reload(t)
+	if out := mustAs(t, "ferry", "ferry", "logger", "get"); !regexp.MustCompile(`Current level\s*: warn\nLaunch level\s*: warn`).MatchString(out) {
+		t.Errorf("logger get after a reload to warn:\n%s", out)
+	}
 
 	checkState(t)
 
