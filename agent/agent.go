@@ -159,6 +159,18 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 
+	// Bound before the session dials anything (listenIMDS says why).
+	lns, err := a.listenIMDS()
+	if err != nil {
+		return err
+	}
+	handed := false
+	defer func() {
+		if !handed {
+			lns.close()
+		}
+	}()
+
 	errc := make(chan error, 5)
 	go func() { errc <- a.session.Run(ctx) }()
 	go func() { errc <- a.cache.Run(ctx) }()
@@ -183,7 +195,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.log.Info("workload API listening", "socket", a.cfg.SocketPath)
 	if a.cfg.IMDS != nil {
 		// After attestation: the endpoint asks the servers with the agent SVID.
-		servers, conn, err := a.startIMDS(wlAttestor)
+		handed = true
+		servers, conn, err := a.startIMDS(wlAttestor, lns)
 		if err != nil {
 			return err
 		}

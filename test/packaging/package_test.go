@@ -17,6 +17,7 @@ import (
 	osuser "os/user"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -409,6 +410,36 @@ func installChild(t *testing.T, debs []string) {
 	units := []string{"/usr/lib/systemd/system/ferry-server.service", "/usr/lib/systemd/system/ferry-agent.service", "/usr/lib/systemd/system/ferry-bridge.service"}
 	if out, err := exec.Command("systemd-analyze", append([]string{"verify", "--man=no"}, units...)...).CombinedOutput(); err != nil || len(strings.TrimSpace(string(out))) > 0 {
 		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+	}
+	// What every unit promises (docs/install.md), and the capabilities
+	// each role may have: the agent those its attestation needs, the
+	// others none.
+	roleCaps := map[string][]string{
+		"ferry-server": nil,
+		"ferry-agent":  {"CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_CHOWN", "CAP_FOWNER"},
+		"ferry-bridge": nil,
+	}
+	for _, path := range units {
+		u := loadUnit(t, path)
+		for k, want := range map[string]string{"Type": "notify", "Restart": "on-failure", "NoNewPrivileges": "yes",
+			"ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes", "User": "ferry"} {
+			if got := u.get(k); got != want {
+				t.Errorf("%s: %s=%q, want %q", u.name, k, got, want)
+			}
+		}
+		role := strings.TrimPrefix(u.name, "ferry-")
+		runtime := "ferry/" + role
+		if role == "bridge" {
+			runtime = "" // no socket of its own
+		}
+		if u.get("StateDirectory") != "ferry/"+role || u.get("RuntimeDirectory") != runtime {
+			t.Errorf("%s: StateDirectory=%q RuntimeDirectory=%q", u.name, u.get("StateDirectory"), u.get("RuntimeDirectory"))
+		}
+		for _, k := range []string{"CapabilityBoundingSet", "AmbientCapabilities"} {
+			if got := u.list(k); !slices.Equal(got, roleCaps[u.name]) {
+				t.Errorf("%s: %s=%v, want %v", u.name, k, got, roleCaps[u.name])
+			}
+		}
 	}
 	for _, u := range units {
 		out, _ := exec.Command("systemd-analyze", "security", "--offline=yes", "--no-pager", u).CombinedOutput()
