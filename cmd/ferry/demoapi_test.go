@@ -22,12 +22,12 @@ func TestDemoAPIRefusesEmptyValues(t *testing.T) {
 		want string
 	}{
 		// `--audience $UNSET --role reader`
-		{[]string{"--audience", "--role", "reader"}, `--audience --role: a value cannot start with '-'`},
-		{[]string{"--audience", "", "--role", "reader"}, "--audience is empty"},
-		{[]string{"--audience", "api://demo", "--role", ""}, "--role is empty"},
-		{[]string{"--audience", "api://demo", "--role", "--ca", "x"}, "--role --ca: a value cannot start with '-'"},
-		{[]string{"--audience", "api://demo", "reader"}, `demo-api takes no arguments, got "reader"`},
-		{[]string{"--audience", "api://demo", "--listen", ""}, "--listen is empty"},
+		{[]string{"--audience", "--role", "reader"}, "--audience is missing its value (the next word, --role, is a flag)"},
+		{[]string{"--audience", "", "--role", "reader"}, "--audience has an empty value"},
+		{[]string{"--audience", "api://demo", "--role", ""}, "--role has an empty value"},
+		{[]string{"--audience", "api://demo", "--role", "--ca", "x"}, "--role is missing its value (the next word, --ca, is a flag)"},
+		{[]string{"--audience", "api://demo", "reader"}, `unexpected argument "reader": it takes no arguments`},
+		{[]string{"--audience", "api://demo", "--listen", ""}, "--listen has an empty value"},
 	} {
 		err := newApp().Run(append(append([]string{}, base...), tc.args...))
 		require.ErrorContains(t, err, tc.want, "%q", tc.args)
