@@ -25,7 +25,7 @@ PKG_VERSION ?= $(shell echo '$(VERSION)' | sed -e 's/^v//' -e 's/-\([0-9]*\)-g/+
 build: ## build bin/ferry (version from git describe: bin/ferry version)
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ferry
 
-run: build ## start everything on this machine (server, agent, bridge) with embedded defaults in .dev/
+run: build ## start everything on this machine (server, agent, bridge, demo API) with embedded defaults in .dev/
 	./$(BIN) dev --data-dir $(DEV)
 
 test: ## what every commit must pass: vet, unit, cluster and end-to-end tests with the race detector

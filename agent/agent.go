@@ -159,8 +159,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 
-	// Bound before the session dials anything (listenIMDS says why).
-	lns, err := a.listenIMDS()
+	// Bound before the session dials anything (bindIMDS says why).
+	lns, err := a.bindIMDS()
 	if err != nil {
 		return err
 	}
@@ -206,6 +206,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	close(a.ready)
 	select {
 	case <-ctx.Done():
+		a.log.Info("agent stopped")
 		return nil
 	case err := <-apiDone:
 		apiDone <- err // for the deferred wait
@@ -218,6 +219,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("agent: %w", err)
 	case err := <-errc:
 		if ctx.Err() != nil {
+			a.log.Info("agent stopped")
 			return nil
 		}
 		return fmt.Errorf("agent: %w", err)

@@ -52,6 +52,8 @@ type IMDSConfig struct {
 	// identities too (identities.Config.Agent; agent.conf agent_identities,
 	// on by default).
 	AgentIdentities bool
+	// Listen opens the endpoint's listeners; default net.Listen.
+	Listen func(network, address string) (net.Listener, error)
 	// IdentityCacheTTL is how long the servers' answer about the identities
 	// a SPIFFE ID may use is reused while the agent's entries stay the same
 	// (identities.Config.TTL; agent.conf identity_cache_ttl); zero takes
@@ -94,11 +96,11 @@ func loadCertPool(path string) (*x509.CertPool, error) {
 // imdsListeners are the token endpoint's listeners (nil: that style is off).
 type imdsListeners struct{ arc, vm net.Listener }
 
-// listenIMDS binds the token endpoint's listeners. Run calls it before the
+// bindIMDS binds the token endpoint's listeners. Run calls it before the
 // agent opens any connection of its own: the Arc port, 40342, lies in Linux's
 // ephemeral port range, and one of the agent's connections to the servers
 // could otherwise hold it as its local port when the endpoint binds.
-func (a *Agent) listenIMDS() (imdsListeners, error) {
+func (a *Agent) bindIMDS() (imdsListeners, error) {
 	var l imdsListeners
 	c := a.cfg.IMDS
 	if c == nil {
@@ -106,12 +108,12 @@ func (a *Agent) listenIMDS() (imdsListeners, error) {
 	}
 	var err error
 	if c.ArcAddr != "" {
-		if l.arc, err = listenIMDS(c.ArcAddr, false); err != nil {
+		if l.arc, err = listenIMDS(c.Listen, c.ArcAddr, false); err != nil {
 			return imdsListeners{}, err
 		}
 	}
 	if c.VM {
-		if l.vm, err = listenIMDS(c.VMAddr, c.AddLoopbackAddress); err != nil {
+		if l.vm, err = listenIMDS(c.Listen, c.VMAddr, c.AddLoopbackAddress); err != nil {
 			l.close()
 			return imdsListeners{}, err
 		}
@@ -187,7 +189,7 @@ func (a *Agent) startIMDS(attestor workloadapi.Attestor, lns imdsListeners) (ser
 		return nil, nil, fmt.Errorf("agent: %w", err)
 	}
 	add := func(ic imds.Config, ln net.Listener) error {
-		// Bound already (listenIMDS), the loopback address added.
+		// Bound already (bindIMDS), the loopback address added.
 		ic.Listener, ic.AddLoopbackAddress = conns.Listen(ln), false
 		ic.Tokens, ic.Peers, ic.Logger = prov, finder, a.log
 		ic.AllowedGroups = c.AllowedGroups
@@ -247,7 +249,10 @@ func runIMDS(ctx context.Context, servers []*imds.Server, errc chan<- error) {
 }
 
 // listenIMDS listens on addr, first adding its IP to lo when asked.
-func listenIMDS(addr string, addLoopback bool) (net.Listener, error) {
+func listenIMDS(listen func(network, address string) (net.Listener, error), addr string, addLoopback bool) (net.Listener, error) {
+	if listen == nil {
+		listen = net.Listen
+	}
 	if addLoopback {
 		ap, err := netip.ParseAddrPort(addr)
 		if err != nil {
@@ -257,7 +262,7 @@ func listenIMDS(addr string, addLoopback bool) (net.Listener, error) {
 			return nil, fmt.Errorf("agent: %w", err)
 		}
 	}
-	ln, err := net.Listen("tcp", addr)
+	ln, err := listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("agent: imds: %w", err)
 	}

@@ -515,9 +515,6 @@ func (s *Session) syncOnce(ctx context.Context) (gotAny bool, err error) {
 			s.revision = msg.Revision
 		}
 		gotAny = true
-		if msg.Bundles != nil {
-			s.applyBundles(msg.Bundles)
-		}
 		// A change of the agent's own identity alone is applied as an
 		// empty change: it moves the entry revision, which ends every
 		// cached decision about which identities callers may use.
@@ -527,6 +524,13 @@ func (s *Session) syncOnce(ctx context.Context) (gotAny bool, err error) {
 			s.cfg.Sink.SetEntries(msg.Entries, msg.Revision)
 		} else if len(msg.Entries) > 0 || len(msg.DeletedIds) > 0 || identityChanged {
 			s.cfg.Sink.ApplyEntryChanges(msg.Entries, msg.DeletedIds, msg.Revision)
+		}
+		// Bundles after entries: the cache answers a waiting workload once
+		// it has the bundle, so on a (re)started agent the first message's
+		// entries must be there by then, or a workload with an identity is
+		// told it has none.
+		if msg.Bundles != nil {
+			s.applyBundles(msg.Bundles)
 		}
 	}
 }

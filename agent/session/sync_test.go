@@ -29,14 +29,20 @@ type recordingSink struct {
 	full    [][]*ferrypb.Entry
 	changes int
 	bundles []*spiffebundle.Bundle
+	calls   []string // in order: "entries", "changes", "bundles"
 }
 
-func (r *recordingSink) SetEntries(all []*ferrypb.Entry, _ uint64) { r.full = append(r.full, all) }
+func (r *recordingSink) SetEntries(all []*ferrypb.Entry, _ uint64) {
+	r.full = append(r.full, all)
+	r.calls = append(r.calls, "entries")
+}
 func (r *recordingSink) ApplyEntryChanges([]*ferrypb.Entry, []string, uint64) {
 	r.changes++
+	r.calls = append(r.calls, "changes")
 }
 func (r *recordingSink) SetBundles(own *spiffebundle.Bundle, _ map[spiffeid.TrustDomain]*spiffebundle.Bundle) {
 	r.bundles = append(r.bundles, own)
+	r.calls = append(r.calls, "bundles")
 }
 
 // scriptedStream replays messages, then io.EOF.
@@ -148,6 +154,25 @@ func TestBundlesCarryWITAuthorities(t *testing.T) {
 	wit, ok := sink.bundles[0].FindWITAuthority("k1")
 	require.True(t, ok, "the JWT key signs WIT-SVIDs, so it is a WIT authority")
 	assert.True(t, key.PublicKey.Equal(wit))
+}
+
+// A message's entries reach the cache before its bundles: the cache answers
+// a workload waiting since the agent started as soon as it has the bundle,
+// and it must know the workload's entries by then (before, the first answer
+// after a restart could be "no identity issued").
+func TestEntriesBeforeBundles(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	der, err := x509.MarshalPKIXPublicKey(key.Public())
+	require.NoError(t, err)
+	bundles := []*ferrypb.Bundle{{TrustDomain: "example.org", JwtAuthorities: []*ferrypb.JWTAuthority{{KeyId: "k1", PublicKey: der}}}}
+	first := full(1, "a")
+	first.Bundles = bundles
+	change := &ferrypb.SyncEntriesResponse{Revision: 2, Entries: []*ferrypb.Entry{{Id: "b"}}, Bundles: bundles}
+	s, sink, _ := newScripted(t, first, change)
+	_, err = s.syncOnce(t.Context())
+	require.ErrorIs(t, err, io.EOF)
+	assert.Equal(t, []string{"entries", "bundles", "changes", "bundles"}, sink.calls)
 }
 
 func TestMintWITSVIDSendsPKIXKey(t *testing.T) {

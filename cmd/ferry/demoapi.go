@@ -76,7 +76,7 @@ the app ID (v2 tokens, as the managed-identity endpoint gets them).`,
 				// Not fatal: the authority may come up later; requests retry.
 				log.Warn("tenant metadata not read yet", "url", api.MetadataURL(), "error", err)
 			}
-			log.Info("demo API listening", "addr", ln.Addr().String(), "tls", tlsCfg != nil, "audiences", c.StringSlice("audience"), "role", c.String("role"))
+			log.Info("demo API listening", "addr", ln.Addr().String(), "tls", tlsCfg != nil, "audiences", c.StringSlice("audience"), "app_role", c.String("role"))
 			return api.Serve(ctx, ln, tlsCfg)
 		},
 	}

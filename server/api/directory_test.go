@@ -137,6 +137,8 @@ func TestDefaultTenant(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, ts.Tenants, 1)
 	require.Equal(t, api.DefaultTenantName, ts.Tenants[0].Name)
+	require.Equal(t, api.DefaultTenantID(""), ts.Tenants[0].Id, "the default tenant's ID is derived, so every creator names the same one")
+	require.NotEqual(t, api.DefaultTenantID("example.org"), api.DefaultTenantID("other.example"))
 	ids, err := e.client.ListIdentities(e.ctx, &ferrypb.ListIdentitiesRequest{TenantId: ts.Tenants[0].Id})
 	require.NoError(t, err)
 	require.Len(t, ids.Identities, 8)

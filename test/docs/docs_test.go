@@ -114,7 +114,7 @@ func TestClusterFromSampleConfigs(t *testing.T) {
 		base := filepath.Join(dir, "server-"+n)
 		require.NoError(t, os.MkdirAll(base, 0o700))
 		conf := strings.NewReplacer(append(slices.Clone(repl),
-			"127.0.0.1:8080", testcluster.FreeAddr(t),
+			"127.0.0.1:8083", testcluster.FreeAddr(t),
 			"/var/lib/ferry/server", filepath.Join(base, "data"),
 			"/run/ferry/server/admin.sock", filepath.Join(base, "run", "admin.sock"),
 			"/etc/ferry/cluster-tls", tls,

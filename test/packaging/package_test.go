@@ -466,7 +466,7 @@ func installChild(t *testing.T, debs []string) {
 		{"/run/ferry/server", "d", "0700", "ferry", "ferry"},
 		{"/run/ferry/server/admin.sock", "s", "0600", "ferry", "ferry"},
 	})
-	if out, err := exec.Command("curl", "-sf", "http://127.0.0.1:8080/ready").CombinedOutput(); err != nil {
+	if out, err := exec.Command("curl", "-sf", "http://127.0.0.1:8083/ready").CombinedOutput(); err != nil {
 		t.Fatalf("server notified READY=1 but /ready says %v: %s", err, out)
 	}
 
