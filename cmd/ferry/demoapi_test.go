@@ -9,7 +9,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/ferry-id/ferry/agent/imds"
-	"github.com/ferry-id/ferry/bridge/service"
+	bridgeservice "github.com/ferry-id/ferry/bridge/service"
 	"github.com/ferry-id/ferry/server"
 )
 
@@ -39,7 +39,7 @@ func TestDemoAPIRefusesEmptyValues(t *testing.T) {
 func TestSampleAddressesDistinct(t *testing.T) {
 	srv, err := server.LoadConfig("../../conf/server.conf")
 	require.NoError(t, err)
-	br, err := service.LoadConfig("../../conf/bridge.conf")
+	br, err := bridgeservice.LoadConfig("../../conf/bridge.conf")
 	require.NoError(t, err)
 	addrs := map[string]string{
 		"server health_addr": srv.HealthAddr, "server agent_addr": srv.AgentAddr, "server admin_addr": srv.AdminAddr,
