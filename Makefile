@@ -6,12 +6,12 @@ DEV   ?= .dev
 # Security tests that could not run (not root, say) are listed here by internal/roottest.
 SKIPLOG := $(CURDIR)/.security-skips
 
-.PHONY: help build run test test-short interop bench proto lint fuzz fuzz-ci clean package
+.PHONY: help build run test test-short interop interop-spire bench proto lint fuzz fuzz-ci clean package
 ARCH    ?= $(shell $(GO) env GOARCH)
 DIST    ?= dist
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 # The version `ferry version` prints: git describe, and the commit, stamped so
 # that builds with -buildvcs=false (as CI's) still say where they came from.
@@ -40,9 +40,12 @@ test: ## what every commit must pass: vet, unit, cluster and end-to-end tests wi
 test-short: ## the fast unit tier only
 	$(GO) test -short -count=1 ./...
 
-interop: ## unmodified go-spiffe and Azure SDK clients against a running ferry (test/interop)
-	@if [ -f test/interop/go.mod ]; then cd test/interop && $(GO) test -count=1 -timeout 15m ./...; \
+interop: ## unmodified go-spiffe and Azure SDK clients against a running ferry (test/interop; SPIRE: interop-spire)
+	@if [ -f test/interop/go.mod ]; then cd test/interop && $(GO) test -count=1 -timeout 15m $$($(GO) list ./... | grep -v /interop/spire); \
 	else echo "test/interop: no suites yet"; fi
+
+interop-spire: ## SPIRE 1.13.3 as ferry's federation peer: both profiles, rotations on both sides (SPIRE built once, cached in FERRY_SPIRE_CACHE)
+	cd test/interop && $(GO) test -count=1 -timeout 40m -v ./spire/
 
 bench: ## benchmarks that print figures (3-node write throughput, the Workload API's calls/s and its canary under attack, package benchmarks); FERRY_BENCH_SPIRE=<dir of spire binaries> adds the side-by-side with SPIRE
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./test/e2e/

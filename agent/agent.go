@@ -44,8 +44,12 @@ type Config struct {
 	// Systemd enables the systemd workload attestor (unix is always on).
 	Systemd bool
 	// IMDS, when set, enables the managed-identity token endpoint.
-	IMDS   *IMDSConfig
-	Logger *slog.Logger
+	IMDS *IMDSConfig
+	// TaintJitter is the window over which the agent replaces the SVIDs of
+	// a newly tainted authority, each at a random moment in it, so a fleet
+	// of agents does not ask the servers all at once (default 30 s).
+	TaintJitter time.Duration
+	Logger      *slog.Logger
 }
 
 // Agent is a running agent.
@@ -80,7 +84,8 @@ func New(cfg Config) (*Agent, error) {
 	fwd := &signer{}
 	// A signing call that hangs (a server dying mid-call) is abandoned and retried
 	// well before a workload waiting for its first SVID gives up.
-	c, err := cache.New(cache.Config{Signer: fwd, Logger: a.log.With("component", "cache"), SignTimeout: 5 * time.Second})
+	c, err := cache.New(cache.Config{Signer: fwd, Logger: a.log.With("component", "cache"), SignTimeout: 5 * time.Second,
+		TaintJitter: cfg.TaintJitter})
 	if err != nil {
 		return nil, err
 	}
@@ -91,6 +96,8 @@ func New(cfg Config) (*Agent, error) {
 		DataDir:     filepath.Join(cfg.DataDir, "session"),
 		Attestor:    cfg.NodeAttestor,
 		Sink:        c,
+		Holder:      c,
+		TaintJitter: cfg.TaintJitter,
 		Logger:      a.log.With("component", "session"),
 	})
 	if err != nil {

@@ -49,6 +49,7 @@ type agentBlock struct {
 	SSHPoP          *sshpopAgentBlock      `hcl:"sshpop"`
 	Systemd         bool                   `hcl:"systemd"`
 	IMDS            *imdsBlock             `hcl:"imds"`
+	TaintJitter     string                 `hcl:"taint_jitter"`
 	UnusedKeys      map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
@@ -160,6 +161,13 @@ func LoadConfig(path, joinToken string) (FileConfig, error) {
 	}
 	if len(out.Servers) == 0 {
 		return FileConfig{}, fmt.Errorf("agent: server_addresses is required")
+	}
+	if a.TaintJitter != "" {
+		d, err := time.ParseDuration(a.TaintJitter)
+		if err != nil || d <= 0 || d > time.Hour {
+			return FileConfig{}, fmt.Errorf("agent: taint_jitter %q: want a duration between 0 and 1h (e.g. \"30s\")", a.TaintJitter)
+		}
+		out.TaintJitter = d
 	}
 	if out.DataDir == "" {
 		return FileConfig{}, fmt.Errorf("agent: data_dir is required")

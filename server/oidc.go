@@ -5,7 +5,6 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
@@ -282,7 +281,7 @@ func (s *Server) startOIDC(authority *ca.CA, errc chan<- error) (*http.Server, e
 		} else if net.ParseIP(host) != nil {
 			s.log.Warn("oidc: the server SVID carries DNS names only; clients dialing the issuer's IP address will not verify it; set oidc.cert_file or use a host name", "issuer", oc.Issuer)
 		}
-		getCert = (&svidCert{ca: authority, dnsNames: names}).get
+		getCert = (&serverSVID{ca: authority, dnsNames: names, log: s.log.With("component", "oidc")}).get
 	}
 	lis, err := s.listen("tcp", oc.Addr)
 	if err != nil {
@@ -305,43 +304,6 @@ func (s *Server) startOIDC(authority *ca.CA, errc chan<- error) (*http.Server, e
 	}()
 	s.log.Info("OIDC discovery", "addr", lis.Addr().String(), "issuer", oc.Issuer)
 	return hs, nil
-}
-
-// svidCert is the node's server X509-SVID for the OIDC listener, renewed at
-// half-life; while the CA cannot sign, the current one is served to its end.
-type svidCert struct {
-	ca       *ca.CA
-	dnsNames []string
-
-	mu      sync.Mutex
-	cert    *tls.Certificate
-	renewAt time.Time
-}
-
-func (s *svidCert) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.cert != nil && time.Now().Before(s.renewAt) {
-		return s.cert, nil
-	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	chain, err := s.ca.SignServerX509SVID(key.Public(), s.dnsNames, serverSVIDTTL)
-	if err != nil {
-		if s.cert != nil && time.Now().Before(s.cert.Leaf.NotAfter) {
-			return s.cert, nil
-		}
-		return nil, fmt.Errorf("server: oidc: no server SVID yet: %w", err)
-	}
-	c := &tls.Certificate{PrivateKey: key, Leaf: chain[0]}
-	for _, x := range chain {
-		c.Certificate = append(c.Certificate, x.Raw)
-	}
-	s.cert = c
-	s.renewAt = chain[0].NotBefore.Add(chain[0].NotAfter.Sub(chain[0].NotBefore) / 2)
-	return c, nil
 }
 
 // fileCert serves a certificate from PEM files, reloading them when either

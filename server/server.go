@@ -276,7 +276,8 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	// The admin services answer on the unix socket (file permissions guard it)
 	// and, when admin_addr is set, over mutual TLS to admin workloads.
-	tlsCfg := &svidTLS{store: s.store, td: s.cfg.TrustDomain.String(), log: s.log}
+	tlsCfg := &svidTLS{store: s.store, td: s.cfg.TrustDomain.String(),
+		svid: &serverSVID{ca: authority, dnsNames: []string{"localhost"}, log: s.log.With("component", "server-svid")}}
 	gs := grpc.NewServer(grpc.Creds(adminCreds{tls: tlsCfg}), s.catchUpGate(), s.catchUpStreamGate(), s.admission(),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor, s.adminUnaryAuth), grpc.ChainStreamInterceptor(s.streamInterceptor, s.adminStreamAuth))
 	ferrypb.RegisterAdminServer(gs, admin)
@@ -302,7 +303,6 @@ func (s *Server) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("server: agent listener: %w", err)
 	}
-	tlsCfg.ca = authority
 	ags := grpc.NewServer(grpc.Creds(credentials.NewTLS(tlsCfg.config())), s.admission(),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor), grpc.ChainStreamInterceptor(s.streamInterceptor))
 	ferrypb.RegisterAgentServer(ags, agentAPI)

@@ -108,6 +108,10 @@ type Config struct {
 	// MaxTokens caps the cached JWT-SVIDs, and separately the cached
 	// WIT-SVIDs. Default DefaultMaxTokens.
 	MaxTokens int
+	// TaintJitter is the window over which X509-SVIDs chained to a newly
+	// tainted authority are signed again (see TaintAuthorities). Default
+	// DefaultTaintJitter.
+	TaintJitter time.Duration
 }
 
 // Cache is the agent's SVID cache. It implements Manager and WITSource.
@@ -130,10 +134,12 @@ type Cache struct {
 	signTimeout time.Duration
 	retryMin    time.Duration
 	retryMax    time.Duration
+	taintJitter time.Duration
 
 	running   atomic.Bool
 	signKick  chan struct{} // the signing loop has work
 	schedKick chan struct{} // the schedule changed; recompute the next wake-up
+	heldKick  chan struct{} // SVIDs were minted or dropped (HeldChanged)
 
 	mu        sync.Mutex
 	revision  uint64
@@ -145,6 +151,9 @@ type Cache struct {
 	batchSize int
 	own       *spiffebundle.Bundle
 	federated map[spiffeid.TrustDomain]*spiffebundle.Bundle
+	// taintedX509 are the own trust domain's tainted X.509 authorities,
+	// by hex subject key ID.
+	taintedX509 map[string]*x509.Certificate
 
 	jwts *tokenCache
 	wits *tokenCache
@@ -223,19 +232,24 @@ func New(c Config) (*Cache, error) {
 	if c.MaxTokens <= 0 {
 		c.MaxTokens = DefaultMaxTokens
 	}
+	if c.TaintJitter <= 0 {
+		c.TaintJitter = DefaultTaintJitter
+	}
+	heldKick := make(chan struct{}, 1)
 	return &Cache{
 		signer: c.Signer, log: c.Logger, clock: c.Clock, idle: c.IdleTimeout,
 		maxBatch: c.MaxBatch, batchSize: c.MaxBatch, signTimeout: c.SignTimeout,
-		retryMin: c.RetryMin, retryMax: c.RetryMax,
+		retryMin: c.RetryMin, retryMax: c.RetryMax, taintJitter: c.TaintJitter,
 		signKick:  make(chan struct{}, 1),
 		schedKick: make(chan struct{}, 1),
+		heldKick:  heldKick,
 		entries:   make(map[string]*entryState),
 		index:     make(map[selKey][]*entryState),
 		kinds:     make(map[string]int),
 		subs:      make(map[*subscriber]struct{}),
 		federated: make(map[spiffeid.TrustDomain]*spiffebundle.Bundle),
-		jwts:      newTokenCache(c.MaxTokens, c.Clock, c.SignTimeout),
-		wits:      newTokenCache(c.MaxTokens, c.Clock, c.SignTimeout),
+		jwts:      newTokenCache(c.MaxTokens, c.Clock, c.SignTimeout, func() { kick(heldKick) }),
+		wits:      newTokenCache(c.MaxTokens, c.Clock, c.SignTimeout, func() { kick(heldKick) }),
 	}, nil
 }
 

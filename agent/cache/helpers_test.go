@@ -112,9 +112,37 @@ type testSigner struct {
 	witCalls   int
 	witKeys    []crypto.PublicKey
 	agentID    string // the subject of MintAgentJWTSVID's tokens
+	jwtKid     string // the kid of the tokens minted
 }
 
 func newTestSigner(t testing.TB, clock *fakeClock) *testSigner {
+	t.Helper()
+	ca, key := newTestCA(t)
+	jwtKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &testSigner{
+		clock: clock, caCert: ca, caKey: key, jwtKey: jwtKey, jwtKid: "jwt-1",
+		x509TTL: time.Hour, jwtTTL: 5 * time.Minute,
+		entries: make(map[string]*ferrypb.Entry),
+		started: make(chan struct{}, 1),
+	}
+}
+
+// rotate makes the signer sign with a new CA and JWT key ID from now on, as a
+// server does once another authority is active; it returns the old CA.
+func (s *testSigner) rotate(t testing.TB, jwtKid string) *x509.Certificate {
+	t.Helper()
+	ca, key := newTestCA(t)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.caCert
+	s.caCert, s.caKey, s.jwtKid = ca, key, jwtKid
+	return old
+}
+
+func newTestCA(t testing.TB) (*x509.Certificate, *ecdsa.PrivateKey) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -138,16 +166,7 @@ func newTestSigner(t testing.TB, clock *fakeClock) *testSigner {
 	if err != nil {
 		t.Fatal(err)
 	}
-	jwtKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testSigner{
-		clock: clock, caCert: ca, caKey: key, jwtKey: jwtKey,
-		x509TTL: time.Hour, jwtTTL: 5 * time.Minute,
-		entries: make(map[string]*ferrypb.Entry),
-		started: make(chan struct{}, 1),
-	}
+	return ca, key
 }
 
 func (s *testSigner) bundle() *spiffebundle.Bundle {
@@ -237,7 +256,7 @@ func (s *testSigner) SignX509SVIDs(ctx context.Context, reqs []cache.SignRequest
 
 func (s *testSigner) sign(r cache.SignRequest) ([]*x509.Certificate, error) {
 	s.mu.Lock()
-	e := s.entries[r.EntryID]
+	e, caCert, caKey := s.entries[r.EntryID], s.caCert, s.caKey
 	s.mu.Unlock()
 	if e == nil {
 		return nil, fmt.Errorf("entry %q not authorized", r.EntryID)
@@ -272,7 +291,7 @@ func (s *testSigner) sign(r cache.SignRequest) ([]*x509.Certificate, error) {
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		BasicConstraintsValid: true,
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, s.caCert, csr.PublicKey, s.caKey)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, csr.PublicKey, caKey)
 	if err != nil {
 		return nil, err
 	}
@@ -285,7 +304,7 @@ func (s *testSigner) sign(r cache.SignRequest) ([]*x509.Certificate, error) {
 
 func (s *testSigner) token(entryID string, claims jwt.MapClaims) (string, error) {
 	s.mu.Lock()
-	e := s.entries[entryID]
+	e, kid := s.entries[entryID], s.jwtKid
 	s.mu.Unlock()
 	if e == nil {
 		return "", fmt.Errorf("entry %q not authorized", entryID)
@@ -296,7 +315,7 @@ func (s *testSigner) token(entryID string, claims jwt.MapClaims) (string, error)
 	claims["exp"] = now.Add(s.jwtTTL).Unix()
 	claims["jti"] = rand.Text() // every mint is a distinct token
 	tok := jwt.NewWithClaims(jwt.SigningMethodES256, claims)
-	tok.Header["kid"] = "jwt-1"
+	tok.Header["kid"] = kid
 	return tok.SignedString(s.jwtKey)
 }
 

@@ -157,6 +157,8 @@ func (c *Cache) finishBatch(jobs []job, callFailed bool) {
 			}
 		} else {
 			es.svid = newSVIDState(j.chain, j.key)
+			// Signed before its authority was tainted: replace it too.
+			c.rotateIfTaintedLocked(es.svid, c.taintedX509, now)
 			es.failures = 0
 			es.lastErr = nil
 			es.nextAttempt = time.Time{}
@@ -292,6 +294,9 @@ func (c *Cache) pass() time.Time {
 		if !demanded {
 			if (es.svid != nil || es.lastErr != nil) && !es.queued && !es.inflight {
 				// Idle: forget the SVID and key; they are minted again on demand.
+				if es.svid != nil {
+					kick(c.heldKick)
+				}
 				c.resetSVIDLocked(es)
 			}
 			continue

@@ -235,6 +235,9 @@ func (c *Cache) enqueueLocked(es *entryState) {
 // entriesChangedLocked rematches and notifies the subscribers a set of
 // changed (added, updated or removed) entries concerns.
 func (c *Cache) entriesChangedLocked(changed []*entryState, now time.Time) {
+	if len(changed) > 0 {
+		kick(c.heldKick) // a removed or changed entry may have dropped its SVID
+	}
 	if len(c.subs) == 0 {
 		return
 	}
@@ -278,6 +281,7 @@ func (c *Cache) svidsChangedLocked(changed []*entryState, now time.Time) {
 	if len(changed) == 0 {
 		return
 	}
+	kick(c.heldKick)
 	for _, es := range changed {
 		es.touched = true
 	}

@@ -157,6 +157,7 @@ func (c *Cache) currentEntry(entry *ferrypb.Entry) (*ferrypb.Entry, error) {
 type tokenItem struct {
 	token    string
 	subject  string
+	kid      string // the signing key's ID (header kid)
 	key      crypto.Signer
 	issued   time.Time
 	expires  time.Time
@@ -173,13 +174,15 @@ func (it *tokenItem) fresh(now time.Time) bool {
 // workload's relying party verifies it.
 func newTokenItem(token string, key crypto.Signer, now time.Time) (*tokenItem, error) {
 	var claims jwt.RegisteredClaims
-	if _, _, err := jwt.NewParser().ParseUnverified(token, &claims); err != nil {
+	parsed, _, err := jwt.NewParser().ParseUnverified(token, &claims)
+	if err != nil {
 		return nil, fmt.Errorf("cache: server returned a malformed token: %w", err)
 	}
 	if claims.ExpiresAt == nil {
 		return nil, fmt.Errorf("cache: server returned a token without exp")
 	}
-	it := &tokenItem{token: token, subject: claims.Subject, key: key, issued: now, expires: claims.ExpiresAt.Time}
+	kid, _ := parsed.Header["kid"].(string)
+	it := &tokenItem{token: token, subject: claims.Subject, kid: kid, key: key, issued: now, expires: claims.ExpiresAt.Time}
 	if claims.IssuedAt != nil && claims.IssuedAt.Before(it.expires) {
 		it.issued = claims.IssuedAt.Time
 	}
@@ -195,6 +198,19 @@ type tokenCache struct {
 	mu      sync.Mutex
 	items   map[string]*tokenItem
 	flights map[string]*tokenFlight
+	// tainted are key IDs whose tokens are no longer cached; issued counts
+	// the tokens handed out per key ID until the last one expires.
+	tainted map[string]bool
+	issued  map[string]*issuedTokens
+	// newKey is called (under mu) when a token of a key not handed out
+	// before is: what the cache holds changed.
+	newKey func()
+}
+
+// issuedTokens are the tokens one key signed that the cache handed out.
+type issuedTokens struct {
+	count   uint32
+	expires time.Time // of the last to expire
 }
 
 type tokenFlight struct {
@@ -203,11 +219,45 @@ type tokenFlight struct {
 	err  error
 }
 
-func newTokenCache(max int, clock Clock, timeout time.Duration) *tokenCache {
+func newTokenCache(max int, clock Clock, timeout time.Duration, newKey func()) *tokenCache {
 	return &tokenCache{
-		max: max, clock: clock, timeout: timeout,
+		max: max, clock: clock, timeout: timeout, newKey: newKey,
 		items: make(map[string]*tokenItem), flights: make(map[string]*tokenFlight),
+		tainted: make(map[string]bool), issued: make(map[string]*issuedTokens),
 	}
+}
+
+// taint drops the cached tokens signed by the given key IDs and keeps tokens
+// from them out of the cache from now on. The list is the complete set of
+// tainted keys of the trust domain.
+func (t *tokenCache) taint(kids []string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	clear(t.tainted)
+	for _, k := range kids {
+		t.tainted[k] = true
+	}
+	for key, it := range t.items {
+		if t.tainted[it.kid] {
+			delete(t.items, key)
+		}
+	}
+}
+
+// handedOut returns, per key ID, the tokens handed out that have not
+// expired at now, and forgets the others.
+func (t *tokenCache) handedOut(now time.Time) map[string]issuedTokens {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make(map[string]issuedTokens, len(t.issued))
+	for kid, is := range t.issued {
+		if !now.Before(is.expires) {
+			delete(t.issued, kid)
+			continue
+		}
+		out[kid] = *is
+	}
+	return out
 }
 
 // get returns the token for key, minting one when none with half its
@@ -234,8 +284,24 @@ func (t *tokenCache) get(ctx context.Context, key string, mint func(context.Cont
 			delete(t.flights, key)
 			if err == nil {
 				it.lastUsed = t.clock.Now()
-				t.items[key] = it
-				t.trimLocked()
+				is := t.issued[it.kid]
+				if is == nil {
+					is = &issuedTokens{}
+					t.issued[it.kid] = is
+					if t.newKey != nil {
+						t.newKey()
+					}
+				}
+				is.count++
+				if it.expires.After(is.expires) {
+					is.expires = it.expires
+				}
+				// A token from a key tainted while it was minted goes to
+				// its callers once but is not kept.
+				if !t.tainted[it.kid] {
+					t.items[key] = it
+					t.trimLocked()
+				}
 			}
 			t.mu.Unlock()
 			f.it, f.err = it, err
@@ -254,7 +320,7 @@ func (t *tokenCache) get(ctx context.Context, key string, mint func(context.Cont
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if it := t.items[key]; it != nil && t.clock.Now().Before(it.expires) {
+	if it := t.items[key]; it != nil && t.clock.Now().Before(it.expires) && !t.tainted[it.kid] {
 		return it, nil // minting failed; the cached token is still valid
 	}
 	return nil, f.err

@@ -1,7 +1,9 @@
 // Package cache is the agent's SVID cache: it follows the registration entries the
 // server authorizes for this agent, mints and rotates X509-SVIDs (keys generated
 // here; the server only ever sees CSRs) and JWT-SVIDs, and tells subscribed
-// workloads about every change.
+// workloads about every change. SVIDs of an authority the servers taint are
+// replaced within a jitter window, and the cache tells which authorities it
+// holds SVIDs from (HeldAuthorities).
 package cache
 
 import (

@@ -117,6 +117,7 @@ func startImpostor(t *testing.T, cert tls.Certificate) (*impostor, string) {
 type nopSink struct{}
 
 func (nopSink) SetEntries([]*ferrypb.Entry, uint64)                  {}
+func (nopSink) TaintAuthorities([]*x509.Certificate, []string)       {}
 func (nopSink) ApplyEntryChanges([]*ferrypb.Entry, []string, uint64) {}
 func (nopSink) SetBundles(*spiffebundle.Bundle, map[spiffeid.TrustDomain]*spiffebundle.Bundle) {
 }

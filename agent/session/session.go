@@ -2,6 +2,9 @@
 // keeps the agent X509-SVID renewed (and on disk, so a restart needs no new
 // attestation), follows the server's stream of authorized entries and bundles,
 // and signs workload CSRs and JWT-SVIDs through the servers for the SVID cache.
+// It acts on the tainted authorities the bundle names (the agent SVID is
+// replaced, the cache replaces the rest) and reports to the servers which
+// authorities the agent holds SVIDs from, so none is revoked under it.
 package session
 
 import (
@@ -22,6 +25,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -49,6 +53,9 @@ type Sink interface {
 	SetEntries(all []*ferrypb.Entry, revision uint64)
 	ApplyEntryChanges(upserts []*ferrypb.Entry, deletes []string, revision uint64)
 	SetBundles(own *spiffebundle.Bundle, federated map[spiffeid.TrustDomain]*spiffebundle.Bundle)
+	// TaintAuthorities gets the own trust domain's tainted authorities, all
+	// of them, whenever its bundle arrives.
+	TaintAuthorities(x509Authorities []*x509.Certificate, jwtKeyIDs []string)
 }
 
 // Config configures a Session.
@@ -65,7 +72,14 @@ type Config struct {
 	DataDir  string
 	Attestor node.AgentAttestor
 	Sink     Sink
-	Logger   *slog.Logger
+	// Holder, when set, tells what the agent holds from its trust domain's
+	// authorities; the session reports it to the servers (ReportAuthorities)
+	// with its own SVID added.
+	Holder Holder
+	// TaintJitter is the window in which the agent replaces its own SVID
+	// once its authority is tainted (default cache.DefaultTaintJitter).
+	TaintJitter time.Duration
+	Logger      *slog.Logger
 }
 
 // Session is the agent's identity and server connection. It is safe for
@@ -90,6 +104,18 @@ type Session struct {
 	revision      uint64
 	behindSince   time.Time
 	agentIdentity bool
+
+	// tainted are the trust domain's tainted X.509 authorities (by hex
+	// subject key ID) and renewBy, when set, is when the agent SVID must be
+	// replaced because one of them signed it; both guarded by mu.
+	tainted    map[string]*x509.Certificate
+	taintedJWT map[string]bool
+	renewBy    time.Time
+	// renewKick wakes the renewal loop when renewBy moves; reportKick
+	// wakes the report loop (own SVID changed, or a taint to report at once).
+	renewKick   chan struct{}
+	reportKick  chan struct{}
+	forceReport atomic.Bool
 }
 
 // maxBehindWait bounds how long the agent refuses a full entry set older than
@@ -114,12 +140,17 @@ func New(cfg Config) (*Session, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.TaintJitter <= 0 {
+		cfg.TaintJitter = cache.DefaultTaintJitter
+	}
 	s := &Session{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		serverID: spiffeid.RequireFromPath(cfg.TrustDomain, ca.ServerPath),
-		bundle:   x509bundle.FromX509Authorities(cfg.TrustDomain, cfg.TrustBundle),
-		ready:    make(chan struct{}),
+		cfg:        cfg,
+		log:        cfg.Logger,
+		serverID:   spiffeid.RequireFromPath(cfg.TrustDomain, ca.ServerPath),
+		bundle:     x509bundle.FromX509Authorities(cfg.TrustDomain, cfg.TrustBundle),
+		ready:      make(chan struct{}),
+		renewKick:  make(chan struct{}, 1),
+		reportKick: make(chan struct{}, 1),
 	}
 	conn, err := s.dial(true)
 	if err != nil {
@@ -252,6 +283,7 @@ func (s *Session) Run(ctx context.Context) error {
 	}
 	s.once.Do(func() { close(s.ready) })
 	go s.renewLoop(ctx)
+	go s.reportLoop(ctx)
 	s.syncLoop(ctx)
 	return ctx.Err()
 }
@@ -361,7 +393,10 @@ func (s *Session) setSVID(chain [][]byte, key crypto.Signer) error {
 	s.mu.Lock()
 	s.svid = &x509svid.SVID{ID: id, Certificates: certs, PrivateKey: key}
 	s.svidAt = time.Now()
+	s.renewBy = time.Time{}
 	s.mu.Unlock()
+	s.checkOwnTaint()
+	kick(s.reportKick)
 	return nil
 }
 
@@ -402,18 +437,29 @@ func (s *Session) setBundle(b *ferrypb.Bundle) {
 	}
 }
 
-// renewLoop renews the agent SVID at half of its lifetime.
+// renewLoop renews the agent SVID at half of its lifetime, or sooner when
+// its authority is tainted.
 func (s *Session) renewLoop(ctx context.Context) {
 	for attempt := 0; ; {
 		s.mu.RLock()
 		leaf, at := s.svid.Certificates[0], renewAt(s.svid.Certificates[0], s.svidAt)
+		if !s.renewBy.IsZero() && s.renewBy.Before(at) {
+			at = s.renewBy
+		}
 		s.mu.RUnlock()
 		wait := time.Until(at)
 		if attempt > 0 {
 			wait = backoff(attempt)
 		}
-		if err := sleep(ctx, wait); err != nil {
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
 			return
+		case <-s.renewKick:
+			t.Stop()
+			continue // a taint moved the deadline
+		case <-t.C:
 		}
 		if err := s.renew(ctx); err != nil {
 			attempt++
@@ -549,6 +595,7 @@ func (s *Session) applyBundles(bs []*ferrypb.Bundle) {
 		if b.TrustDomain == s.cfg.TrustDomain.String() {
 			own = sb
 			s.setBundle(b)
+			s.applyTaint(b)
 		} else {
 			fed[sb.TrustDomain()] = sb
 		}

@@ -29,6 +29,7 @@ type recordingSink struct {
 	full    [][]*ferrypb.Entry
 	changes int
 	bundles []*spiffebundle.Bundle
+	taints  []taint
 	calls   []string // in order: "entries", "changes", "bundles"
 }
 
@@ -43,6 +44,14 @@ func (r *recordingSink) ApplyEntryChanges([]*ferrypb.Entry, []string, uint64) {
 func (r *recordingSink) SetBundles(own *spiffebundle.Bundle, _ map[spiffeid.TrustDomain]*spiffebundle.Bundle) {
 	r.bundles = append(r.bundles, own)
 	r.calls = append(r.calls, "bundles")
+}
+func (r *recordingSink) TaintAuthorities(x509s []*x509.Certificate, kids []string) {
+	r.taints = append(r.taints, taint{x509s, kids})
+}
+
+type taint struct {
+	x509 []*x509.Certificate
+	jwt  []string
 }
 
 // scriptedStream replays messages, then io.EOF.

@@ -269,6 +269,9 @@ func bundleCommand() *cli.Command {
 							return err
 						}
 						td := c.String("trust-domain")
+						if td == "" {
+							td = resp.TrustDomain
+						}
 						if td == "" && len(resp.Bundles) > 1 {
 							return errors.New("the server holds several trust domains' bundles: pass --trust-domain (or set FERRY_TRUST_DOMAIN)")
 						}
@@ -277,7 +280,10 @@ func bundleCommand() *cli.Command {
 								return show(c, b)
 							}
 						}
-						return errors.New("no such bundle")
+						if td == "" {
+							return errors.New("the server holds no bundle yet")
+						}
+						return fmt.Errorf("no bundle for trust domain %s", td)
 					})
 				},
 			},

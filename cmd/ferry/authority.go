@@ -60,10 +60,12 @@ func authorityCommand() *cli.Command {
 					nil, (ferrypb.AdminClient).PrepareLocalAuthority),
 				authorityOp(kind, "activate", "make the prepared "+what+" authority sign; the active one becomes old",
 					idFlag(false, "the prepared authority (default: the only one)"), (ferrypb.AdminClient).ActivateLocalAuthority),
-				authorityOp(kind, "taint", "mark an old "+what+" authority tainted: agents replace what it signed",
+				authorityOp(kind, "taint", "mark an old "+what+" authority tainted: agents replace what it signed (within their taint_jitter)",
 					idFlag(true, "the old authority to taint"), (ferrypb.AdminClient).TaintLocalAuthority),
-				authorityOp(kind, "revoke", "remove a tainted old "+what+" authority from the bundle and delete its key",
-					idFlag(true, "the tainted authority to revoke"), (ferrypb.AdminClient).RevokeLocalAuthority),
+				authorityOp(kind, "revoke", "remove a tainted old "+what+" authority from the bundle and delete its key; "+
+					"refused while agents report SVIDs from it (see `list`), unless --force",
+					idFlag(true, "the tainted authority to revoke"), (ferrypb.AdminClient).RevokeLocalAuthority,
+					&cli.BoolFlag{Name: "force", Usage: "revoke even though agents still hold SVIDs from it (they stop verifying at once)"}),
 			},
 		}
 	}
@@ -79,16 +81,17 @@ func authorityCommand() *cli.Command {
 
 type authorityRPC func(ferrypb.AdminClient, context.Context, *ferrypb.LocalAuthorityRequest, ...grpc.CallOption) (*ferrypb.LocalAuthority, error)
 
-func authorityOp(kind, name, usage string, id cli.Flag, rpc authorityRPC) *cli.Command {
+func authorityOp(kind, name, usage string, id cli.Flag, rpc authorityRPC, extra ...cli.Flag) *cli.Command {
 	var flags []cli.Flag
 	if id != nil {
 		flags = append(flags, id)
 	}
+	flags = append(flags, extra...)
 	return &cli.Command{
 		Name: name, Usage: usage, Flags: adminFlags(flags...),
 		Action: func(c *cli.Context) error {
 			return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
-				la, err := rpc(a, ctx, &ferrypb.LocalAuthorityRequest{Kind: kind, AuthorityId: c.String("authority-id")})
+				la, err := rpc(a, ctx, &ferrypb.LocalAuthorityRequest{Kind: kind, AuthorityId: c.String("authority-id"), Force: c.Bool("force")})
 				if err != nil {
 					return err
 				}
@@ -104,14 +107,18 @@ func authorityOp(kind, name, usage string, id cli.Flag, rpc authorityRPC) *cli.C
 
 func printAuthorities(w io.Writer, as []*ferrypb.LocalAuthority) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "KIND\tAUTHORITY ID\tSTATUS\tTAINTED\tPUBLISHED\tNOT AFTER")
+	fmt.Fprintln(tw, "KIND\tAUTHORITY ID\tSTATUS\tTAINTED\tPUBLISHED\tNOT AFTER\tHELD BY")
 	for _, a := range as {
 		status := a.Status
 		if a.Upstream {
 			status += " (upstream)"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%t\t%t\t%s\n", a.Kind, a.Id, status, a.Tainted, a.Published,
-			time.Unix(a.NotAfter, 0).UTC().Format(time.RFC3339))
+		held := "-"
+		if a.HoldingAgents > 0 {
+			held = fmt.Sprintf("%d agent(s) until %s", a.HoldingAgents, time.Unix(a.HeldUntil, 0).UTC().Format(time.RFC3339))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%t\t%t\t%s\t%s\n", a.Kind, a.Id, status, a.Tainted, a.Published,
+			time.Unix(a.NotAfter, 0).UTC().Format(time.RFC3339), held)
 	}
 	tw.Flush()
 }

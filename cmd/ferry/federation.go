@@ -47,11 +47,11 @@ func federationCommand() *cli.Command {
 							return printJSON(c.App.Writer, resp)
 						}
 						tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
-						fmt.Fprintln(tw, "TRUST DOMAIN\tPROFILE\tBUNDLE ENDPOINT\tSEQUENCE\tLAST REFRESH\tSTATUS")
+						fmt.Fprintln(tw, "TRUST DOMAIN\tPROFILE\tBUNDLE ENDPOINT\tSEQUENCE\tLAST REFRESH\tNEXT REFRESH\tSTATUS")
 						for _, r := range resp.Relationships {
 							rel := r.Relationship
-							fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", rel.TrustDomain, rel.Profile, rel.BundleEndpointUrl,
-								sequence(r.Bundle), lastRefresh(rel), refreshStatus(rel))
+							fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", rel.TrustDomain, rel.Profile, rel.BundleEndpointUrl,
+								sequence(r.Bundle), lastRefresh(rel), nextRefresh(rel), refreshStatus(rel))
 						}
 						return tw.Flush()
 					})
@@ -145,7 +145,10 @@ func printRelationship(c *cli.Context, r *ferrypb.FederationRelationshipStatus) 
 	if rel.EndpointSpiffeId != "" {
 		fmt.Fprintf(w, "Endpoint SPIFFE ID:\t%s\n", rel.EndpointSpiffeId)
 	}
-	fmt.Fprintf(w, "Last refresh:\t\t%s\nStatus:\t\t\t%s\n", lastRefresh(rel), refreshStatus(rel))
+	fmt.Fprintf(w, "Last refresh:\t\t%s\nNext refresh:\t\t%s\nStatus:\t\t\t%s\n", lastRefresh(rel), nextRefresh(rel), refreshStatus(rel))
+	if rel.RefreshHintSeconds > 0 {
+		fmt.Fprintf(w, "Served refresh hint:\t%s\n", time.Duration(rel.RefreshHintSeconds)*time.Second)
+	}
 	printBundleSummary(w, r.Bundle)
 	return nil
 }
@@ -173,6 +176,15 @@ func lastRefresh(rel *ferrypb.FederationRelationship) string {
 		return "never"
 	}
 	return time.Unix(rel.LastRefresh, 0).UTC().Format(time.RFC3339)
+}
+
+// nextRefresh is when the leader fetches the bundle again, as it last
+// scheduled it.
+func nextRefresh(rel *ferrypb.FederationRelationship) string {
+	if rel.NextRefresh == 0 {
+		return "-"
+	}
+	return time.Unix(rel.NextRefresh, 0).UTC().Format(time.RFC3339)
 }
 
 func refreshStatus(rel *ferrypb.FederationRelationship) string {

@@ -553,6 +553,7 @@ func (*ListBundlesRequest) Descriptor() ([]byte, []int) {
 type ListBundlesResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Bundles       []*Bundle              `protobuf:"bytes,1,rep,name=bundles,proto3" json:"bundles,omitempty"`
+	TrustDomain   string                 `protobuf:"bytes,2,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"` // the server's own trust domain
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -592,6 +593,13 @@ func (x *ListBundlesResponse) GetBundles() []*Bundle {
 		return x.Bundles
 	}
 	return nil
+}
+
+func (x *ListBundlesResponse) GetTrustDomain() string {
+	if x != nil {
+		return x.TrustDomain
+	}
+	return ""
 }
 
 type ClusterJoinRequest struct {
@@ -1588,17 +1596,26 @@ func (x *CountEntriesResponse) GetCount() int64 {
 
 // LocalAuthority is one of a server node's signing authorities; never key material.
 type LocalAuthority struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`     // "x509" or "jwt"
-	Id            string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`         // X.509: hex subject key ID; JWT: key ID (kid)
-	Status        string                 `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"` // prepared | active | old
-	Tainted       bool                   `protobuf:"varint,4,opt,name=tainted,proto3" json:"tainted,omitempty"`
-	Published     bool                   `protobuf:"varint,5,opt,name=published,proto3" json:"published,omitempty"`                 // public half is in the trust bundle
-	IssuedAt      int64                  `protobuf:"varint,6,opt,name=issued_at,json=issuedAt,proto3" json:"issued_at,omitempty"`   // unix seconds
-	NotAfter      int64                  `protobuf:"varint,7,opt,name=not_after,json=notAfter,proto3" json:"not_after,omitempty"`   // unix seconds
-	Certificate   []byte                 `protobuf:"bytes,8,opt,name=certificate,proto3" json:"certificate,omitempty"`              // X.509 CA certificate (DER)
-	PublicKey     []byte                 `protobuf:"bytes,9,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"` // PKIX DER
-	Upstream      bool                   `protobuf:"varint,10,opt,name=upstream,proto3" json:"upstream,omitempty"`                  // X.509 intermediate under the upstream CA
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Kind        string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`     // "x509" or "jwt"
+	Id          string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`         // X.509: hex subject key ID; JWT: key ID (kid)
+	Status      string                 `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"` // prepared | active | old
+	Tainted     bool                   `protobuf:"varint,4,opt,name=tainted,proto3" json:"tainted,omitempty"`
+	Published   bool                   `protobuf:"varint,5,opt,name=published,proto3" json:"published,omitempty"`                 // public half is in the trust bundle
+	IssuedAt    int64                  `protobuf:"varint,6,opt,name=issued_at,json=issuedAt,proto3" json:"issued_at,omitempty"`   // unix seconds
+	NotAfter    int64                  `protobuf:"varint,7,opt,name=not_after,json=notAfter,proto3" json:"not_after,omitempty"`   // unix seconds
+	Certificate []byte                 `protobuf:"bytes,8,opt,name=certificate,proto3" json:"certificate,omitempty"`              // X.509 CA certificate (DER)
+	PublicKey   []byte                 `protobuf:"bytes,9,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"` // PKIX DER
+	Upstream    bool                   `protobuf:"varint,10,opt,name=upstream,proto3" json:"upstream,omitempty"`                  // X.509 intermediate under the upstream CA
+	// holding_agents: how many agents hold SVIDs from this authority
+	// (X509-SVIDs they serve, JWT-SVIDs and WIT-SVIDs they handed out), as
+	// their last reports tell: an agent that is alive holds what it listed
+	// until it reports otherwise, one that is gone what it reported unexpired.
+	// held_until: the latest of those expiries, or of the live agents' own
+	// SVIDs (unix seconds). Revoke is refused while holding_agents > 0 unless
+	// forced.
+	HoldingAgents uint32 `protobuf:"varint,11,opt,name=holding_agents,json=holdingAgents,proto3" json:"holding_agents,omitempty"`
+	HeldUntil     int64  `protobuf:"varint,12,opt,name=held_until,json=heldUntil,proto3" json:"held_until,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1703,6 +1720,20 @@ func (x *LocalAuthority) GetUpstream() bool {
 	return false
 }
 
+func (x *LocalAuthority) GetHoldingAgents() uint32 {
+	if x != nil {
+		return x.HoldingAgents
+	}
+	return 0
+}
+
+func (x *LocalAuthority) GetHeldUntil() int64 {
+	if x != nil {
+		return x.HeldUntil
+	}
+	return 0
+}
+
 type ListLocalAuthoritiesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"` // "x509", "jwt", or "" for both
@@ -1792,9 +1823,12 @@ func (x *ListLocalAuthoritiesResponse) GetAuthorities() []*LocalAuthority {
 }
 
 type LocalAuthorityRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`                                  // "x509" or "jwt"
-	AuthorityId   string                 `protobuf:"bytes,2,opt,name=authority_id,json=authorityId,proto3" json:"authority_id,omitempty"` // activate: default the prepared one; taint and revoke: required
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Kind        string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`                                  // "x509" or "jwt"
+	AuthorityId string                 `protobuf:"bytes,2,opt,name=authority_id,json=authorityId,proto3" json:"authority_id,omitempty"` // activate: default the prepared one; taint and revoke: required
+	// force: revoke even though agents still report SVIDs from the authority
+	// (they stop verifying at once).
+	Force         bool `protobuf:"varint,3,opt,name=force,proto3" json:"force,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1841,6 +1875,13 @@ func (x *LocalAuthorityRequest) GetAuthorityId() string {
 		return x.AuthorityId
 	}
 	return ""
+}
+
+func (x *LocalAuthorityRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
 }
 
 type MintX509SVIDRequest struct {
@@ -2846,9 +2887,10 @@ const file_admin_proto_rawDesc = "" +
 	"\x18SetAgentIdentityResponse\x12,\n" +
 	"\x05agent\x18\x01 \x01(\v2\x16.ferry.v1.AttestedNodeR\x05agent\x12.\n" +
 	"\bidentity\x18\x02 \x01(\v2\x12.ferry.v1.IdentityR\bidentity\"\x14\n" +
-	"\x12ListBundlesRequest\"A\n" +
+	"\x12ListBundlesRequest\"d\n" +
 	"\x13ListBundlesResponse\x12*\n" +
-	"\abundles\x18\x01 \x03(\v2\x10.ferry.v1.BundleR\abundles\".\n" +
+	"\abundles\x18\x01 \x03(\v2\x10.ferry.v1.BundleR\abundles\x12!\n" +
+	"\ftrust_domain\x18\x02 \x01(\tR\vtrustDomain\".\n" +
 	"\x12ClusterJoinRequest\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\"\x15\n" +
 	"\x13ClusterJoinResponse\"\x14\n" +
@@ -2914,7 +2956,7 @@ const file_admin_proto_rawDesc = "" +
 	"\x13CountEntriesRequest\x12;\n" +
 	"\vconsistency\x18\x01 \x01(\x0e2\x19.ferry.v1.ReadConsistencyR\vconsistency\",\n" +
 	"\x14CountEntriesResponse\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x03R\x05count\"\x9b\x02\n" +
+	"\x05count\x18\x01 \x01(\x03R\x05count\"\xe1\x02\n" +
 	"\x0eLocalAuthority\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x16\n" +
@@ -2927,14 +2969,18 @@ const file_admin_proto_rawDesc = "" +
 	"\n" +
 	"public_key\x18\t \x01(\fR\tpublicKey\x12\x1a\n" +
 	"\bupstream\x18\n" +
-	" \x01(\bR\bupstream\"1\n" +
+	" \x01(\bR\bupstream\x12%\n" +
+	"\x0eholding_agents\x18\v \x01(\rR\rholdingAgents\x12\x1d\n" +
+	"\n" +
+	"held_until\x18\f \x01(\x03R\theldUntil\"1\n" +
 	"\x1bListLocalAuthoritiesRequest\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\"Z\n" +
 	"\x1cListLocalAuthoritiesResponse\x12:\n" +
-	"\vauthorities\x18\x01 \x03(\v2\x18.ferry.v1.LocalAuthorityR\vauthorities\"N\n" +
+	"\vauthorities\x18\x01 \x03(\v2\x18.ferry.v1.LocalAuthorityR\vauthorities\"d\n" +
 	"\x15LocalAuthorityRequest\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12!\n" +
-	"\fauthority_id\x18\x02 \x01(\tR\vauthorityId\"\x82\x01\n" +
+	"\fauthority_id\x18\x02 \x01(\tR\vauthorityId\x12\x14\n" +
+	"\x05force\x18\x03 \x01(\bR\x05force\"\x82\x01\n" +
 	"\x13MintX509SVIDRequest\x12\x10\n" +
 	"\x03csr\x18\x01 \x01(\fR\x03csr\x12\x1b\n" +
 	"\tspiffe_id\x18\x02 \x01(\tR\bspiffeId\x12\x1f\n" +

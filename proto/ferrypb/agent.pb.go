@@ -1132,6 +1132,86 @@ func (x *NewWITSVIDResponse) GetExpiresAt() int64 {
 	return 0
 }
 
+type ReportAuthoritiesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Authorities   []*HeldAuthority       `protobuf:"bytes,1,rep,name=authorities,proto3" json:"authorities,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportAuthoritiesRequest) Reset() {
+	*x = ReportAuthoritiesRequest{}
+	mi := &file_agent_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportAuthoritiesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportAuthoritiesRequest) ProtoMessage() {}
+
+func (x *ReportAuthoritiesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportAuthoritiesRequest.ProtoReflect.Descriptor instead.
+func (*ReportAuthoritiesRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ReportAuthoritiesRequest) GetAuthorities() []*HeldAuthority {
+	if x != nil {
+		return x.Authorities
+	}
+	return nil
+}
+
+type ReportAuthoritiesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportAuthoritiesResponse) Reset() {
+	*x = ReportAuthoritiesResponse{}
+	mi := &file_agent_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportAuthoritiesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportAuthoritiesResponse) ProtoMessage() {}
+
+func (x *ReportAuthoritiesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportAuthoritiesResponse.ProtoReflect.Descriptor instead.
+func (*ReportAuthoritiesResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{20}
+}
+
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -1212,7 +1292,10 @@ const file_agent_proto_rawDesc = "" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x1b\n" +
 	"\tissued_at\x18\x02 \x01(\x03R\bissuedAt\x12\x1d\n" +
 	"\n" +
-	"expires_at\x18\x03 \x01(\x03R\texpiresAt2\xbf\x04\n" +
+	"expires_at\x18\x03 \x01(\x03R\texpiresAt\"U\n" +
+	"\x18ReportAuthoritiesRequest\x129\n" +
+	"\vauthorities\x18\x01 \x03(\v2\x17.ferry.v1.HeldAuthorityR\vauthorities\"\x1b\n" +
+	"\x19ReportAuthoritiesResponse2\x9d\x05\n" +
 	"\x05Agent\x12N\n" +
 	"\vAttestAgent\x12\x1c.ferry.v1.AttestAgentRequest\x1a\x1d.ferry.v1.AttestAgentResponse(\x010\x01\x12G\n" +
 	"\n" +
@@ -1223,7 +1306,8 @@ const file_agent_proto_rawDesc = "" +
 	"\vSyncEntries\x12\x1c.ferry.v1.SyncEntriesRequest\x1a\x1d.ferry.v1.SyncEntriesResponse0\x01\x12b\n" +
 	"\x13ListAgentIdentities\x12$.ferry.v1.ListAgentIdentitiesRequest\x1a%.ferry.v1.ListAgentIdentitiesResponse\x12G\n" +
 	"\n" +
-	"NewWITSVID\x12\x1b.ferry.v1.NewWITSVIDRequest\x1a\x1c.ferry.v1.NewWITSVIDResponseB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
+	"NewWITSVID\x12\x1b.ferry.v1.NewWITSVIDRequest\x1a\x1c.ferry.v1.NewWITSVIDResponse\x12\\\n" +
+	"\x11ReportAuthorities\x12\".ferry.v1.ReportAuthoritiesRequest\x1a#.ferry.v1.ReportAuthoritiesResponseB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -1237,7 +1321,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_agent_proto_goTypes = []any{
 	(*AttestAgentRequest)(nil),          // 0: ferry.v1.AttestAgentRequest
 	(*AttestParams)(nil),                // 1: ferry.v1.AttestParams
@@ -1258,39 +1342,45 @@ var file_agent_proto_goTypes = []any{
 	(*ListAgentIdentitiesResponse)(nil), // 16: ferry.v1.ListAgentIdentitiesResponse
 	(*NewWITSVIDRequest)(nil),           // 17: ferry.v1.NewWITSVIDRequest
 	(*NewWITSVIDResponse)(nil),          // 18: ferry.v1.NewWITSVIDResponse
-	(*Bundle)(nil),                      // 19: ferry.v1.Bundle
-	(*Status)(nil),                      // 20: ferry.v1.Status
-	(*Entry)(nil),                       // 21: ferry.v1.Entry
+	(*ReportAuthoritiesRequest)(nil),    // 19: ferry.v1.ReportAuthoritiesRequest
+	(*ReportAuthoritiesResponse)(nil),   // 20: ferry.v1.ReportAuthoritiesResponse
+	(*Bundle)(nil),                      // 21: ferry.v1.Bundle
+	(*Status)(nil),                      // 22: ferry.v1.Status
+	(*Entry)(nil),                       // 23: ferry.v1.Entry
+	(*HeldAuthority)(nil),               // 24: ferry.v1.HeldAuthority
 }
 var file_agent_proto_depIdxs = []int32{
 	1,  // 0: ferry.v1.AttestAgentRequest.params:type_name -> ferry.v1.AttestParams
 	3,  // 1: ferry.v1.AttestAgentResponse.result:type_name -> ferry.v1.AttestResult
-	19, // 2: ferry.v1.AttestResult.bundle:type_name -> ferry.v1.Bundle
+	21, // 2: ferry.v1.AttestResult.bundle:type_name -> ferry.v1.Bundle
 	6,  // 3: ferry.v1.BatchNewX509SVIDRequest.params:type_name -> ferry.v1.X509SVIDParams
-	20, // 4: ferry.v1.X509SVIDResult.status:type_name -> ferry.v1.Status
+	22, // 4: ferry.v1.X509SVIDResult.status:type_name -> ferry.v1.Status
 	8,  // 5: ferry.v1.BatchNewX509SVIDResponse.results:type_name -> ferry.v1.X509SVIDResult
-	21, // 6: ferry.v1.SyncEntriesResponse.entries:type_name -> ferry.v1.Entry
-	19, // 7: ferry.v1.SyncEntriesResponse.bundles:type_name -> ferry.v1.Bundle
+	23, // 6: ferry.v1.SyncEntriesResponse.entries:type_name -> ferry.v1.Entry
+	21, // 7: ferry.v1.SyncEntriesResponse.bundles:type_name -> ferry.v1.Bundle
 	15, // 8: ferry.v1.ListAgentIdentitiesResponse.identities:type_name -> ferry.v1.AgentIdentity
-	0,  // 9: ferry.v1.Agent.AttestAgent:input_type -> ferry.v1.AttestAgentRequest
-	4,  // 10: ferry.v1.Agent.RenewAgent:input_type -> ferry.v1.RenewAgentRequest
-	7,  // 11: ferry.v1.Agent.BatchNewX509SVID:input_type -> ferry.v1.BatchNewX509SVIDRequest
-	10, // 12: ferry.v1.Agent.NewJWTSVID:input_type -> ferry.v1.NewJWTSVIDRequest
-	12, // 13: ferry.v1.Agent.SyncEntries:input_type -> ferry.v1.SyncEntriesRequest
-	14, // 14: ferry.v1.Agent.ListAgentIdentities:input_type -> ferry.v1.ListAgentIdentitiesRequest
-	17, // 15: ferry.v1.Agent.NewWITSVID:input_type -> ferry.v1.NewWITSVIDRequest
-	2,  // 16: ferry.v1.Agent.AttestAgent:output_type -> ferry.v1.AttestAgentResponse
-	5,  // 17: ferry.v1.Agent.RenewAgent:output_type -> ferry.v1.RenewAgentResponse
-	9,  // 18: ferry.v1.Agent.BatchNewX509SVID:output_type -> ferry.v1.BatchNewX509SVIDResponse
-	11, // 19: ferry.v1.Agent.NewJWTSVID:output_type -> ferry.v1.NewJWTSVIDResponse
-	13, // 20: ferry.v1.Agent.SyncEntries:output_type -> ferry.v1.SyncEntriesResponse
-	16, // 21: ferry.v1.Agent.ListAgentIdentities:output_type -> ferry.v1.ListAgentIdentitiesResponse
-	18, // 22: ferry.v1.Agent.NewWITSVID:output_type -> ferry.v1.NewWITSVIDResponse
-	16, // [16:23] is the sub-list for method output_type
-	9,  // [9:16] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	24, // 9: ferry.v1.ReportAuthoritiesRequest.authorities:type_name -> ferry.v1.HeldAuthority
+	0,  // 10: ferry.v1.Agent.AttestAgent:input_type -> ferry.v1.AttestAgentRequest
+	4,  // 11: ferry.v1.Agent.RenewAgent:input_type -> ferry.v1.RenewAgentRequest
+	7,  // 12: ferry.v1.Agent.BatchNewX509SVID:input_type -> ferry.v1.BatchNewX509SVIDRequest
+	10, // 13: ferry.v1.Agent.NewJWTSVID:input_type -> ferry.v1.NewJWTSVIDRequest
+	12, // 14: ferry.v1.Agent.SyncEntries:input_type -> ferry.v1.SyncEntriesRequest
+	14, // 15: ferry.v1.Agent.ListAgentIdentities:input_type -> ferry.v1.ListAgentIdentitiesRequest
+	17, // 16: ferry.v1.Agent.NewWITSVID:input_type -> ferry.v1.NewWITSVIDRequest
+	19, // 17: ferry.v1.Agent.ReportAuthorities:input_type -> ferry.v1.ReportAuthoritiesRequest
+	2,  // 18: ferry.v1.Agent.AttestAgent:output_type -> ferry.v1.AttestAgentResponse
+	5,  // 19: ferry.v1.Agent.RenewAgent:output_type -> ferry.v1.RenewAgentResponse
+	9,  // 20: ferry.v1.Agent.BatchNewX509SVID:output_type -> ferry.v1.BatchNewX509SVIDResponse
+	11, // 21: ferry.v1.Agent.NewJWTSVID:output_type -> ferry.v1.NewJWTSVIDResponse
+	13, // 22: ferry.v1.Agent.SyncEntries:output_type -> ferry.v1.SyncEntriesResponse
+	16, // 23: ferry.v1.Agent.ListAgentIdentities:output_type -> ferry.v1.ListAgentIdentitiesResponse
+	18, // 24: ferry.v1.Agent.NewWITSVID:output_type -> ferry.v1.NewWITSVIDResponse
+	20, // 25: ferry.v1.Agent.ReportAuthorities:output_type -> ferry.v1.ReportAuthoritiesResponse
+	18, // [18:26] is the sub-list for method output_type
+	10, // [10:18] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -1314,7 +1404,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   19,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

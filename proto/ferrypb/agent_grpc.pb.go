@@ -30,6 +30,7 @@ const (
 	Agent_SyncEntries_FullMethodName         = "/ferry.v1.Agent/SyncEntries"
 	Agent_ListAgentIdentities_FullMethodName = "/ferry.v1.Agent/ListAgentIdentities"
 	Agent_NewWITSVID_FullMethodName          = "/ferry.v1.Agent/NewWITSVID"
+	Agent_ReportAuthorities_FullMethodName   = "/ferry.v1.Agent/ReportAuthorities"
 )
 
 // AgentClient is the client API for Agent service.
@@ -59,6 +60,11 @@ type AgentClient interface {
 	// generated for it. It is signed by the trust domain's active JWT authority,
 	// so the bundle's JWT authorities are also its WIT authorities.
 	NewWITSVID(ctx context.Context, in *NewWITSVIDRequest, opts ...grpc.CallOption) (*NewWITSVIDResponse, error)
+	// ReportAuthorities records which of the trust domain's authorities the
+	// agent holds unexpired SVIDs from, replacing its previous report. Agents
+	// send one when that set changes; revoking an authority is refused while a
+	// report names it.
+	ReportAuthorities(ctx context.Context, in *ReportAuthoritiesRequest, opts ...grpc.CallOption) (*ReportAuthoritiesResponse, error)
 }
 
 type agentClient struct {
@@ -151,6 +157,16 @@ func (c *agentClient) NewWITSVID(ctx context.Context, in *NewWITSVIDRequest, opt
 	return out, nil
 }
 
+func (c *agentClient) ReportAuthorities(ctx context.Context, in *ReportAuthoritiesRequest, opts ...grpc.CallOption) (*ReportAuthoritiesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReportAuthoritiesResponse)
+	err := c.cc.Invoke(ctx, Agent_ReportAuthorities_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServer is the server API for Agent service.
 // All implementations must embed UnimplementedAgentServer
 // for forward compatibility.
@@ -178,6 +194,11 @@ type AgentServer interface {
 	// generated for it. It is signed by the trust domain's active JWT authority,
 	// so the bundle's JWT authorities are also its WIT authorities.
 	NewWITSVID(context.Context, *NewWITSVIDRequest) (*NewWITSVIDResponse, error)
+	// ReportAuthorities records which of the trust domain's authorities the
+	// agent holds unexpired SVIDs from, replacing its previous report. Agents
+	// send one when that set changes; revoking an authority is refused while a
+	// report names it.
+	ReportAuthorities(context.Context, *ReportAuthoritiesRequest) (*ReportAuthoritiesResponse, error)
 	mustEmbedUnimplementedAgentServer()
 }
 
@@ -208,6 +229,9 @@ func (UnimplementedAgentServer) ListAgentIdentities(context.Context, *ListAgentI
 }
 func (UnimplementedAgentServer) NewWITSVID(context.Context, *NewWITSVIDRequest) (*NewWITSVIDResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method NewWITSVID not implemented")
+}
+func (UnimplementedAgentServer) ReportAuthorities(context.Context, *ReportAuthoritiesRequest) (*ReportAuthoritiesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReportAuthorities not implemented")
 }
 func (UnimplementedAgentServer) mustEmbedUnimplementedAgentServer() {}
 func (UnimplementedAgentServer) testEmbeddedByValue()               {}
@@ -338,6 +362,24 @@ func _Agent_NewWITSVID_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Agent_ReportAuthorities_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReportAuthoritiesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).ReportAuthorities(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_ReportAuthorities_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).ReportAuthorities(ctx, req.(*ReportAuthoritiesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Agent_ServiceDesc is the grpc.ServiceDesc for Agent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -364,6 +406,10 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "NewWITSVID",
 			Handler:    _Agent_NewWITSVID_Handler,
+		},
+		{
+			MethodName: "ReportAuthorities",
+			Handler:    _Agent_ReportAuthorities_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

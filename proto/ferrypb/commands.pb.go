@@ -67,6 +67,7 @@ type Command struct {
 	//	*Command_FederationPut
 	//	*Command_FederationDelete
 	//	*Command_FederationStatusSet
+	//	*Command_AgentReportPut
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -409,6 +410,15 @@ func (x *Command) GetFederationStatusSet() *FederationStatusSet {
 	return nil
 }
 
+func (x *Command) GetAgentReportPut() *AgentReportPut {
+	if x != nil {
+		if x, ok := x.Op.(*Command_AgentReportPut); ok {
+			return x.AgentReportPut
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -541,6 +551,11 @@ type Command_FederationStatusSet struct {
 	FederationStatusSet *FederationStatusSet `protobuf:"bytes,62,opt,name=federation_status_set,json=federationStatusSet,proto3,oneof"`
 }
 
+type Command_AgentReportPut struct {
+	// Authority rotation commands: 70-79.
+	AgentReportPut *AgentReportPut `protobuf:"bytes,70,opt,name=agent_report_put,json=agentReportPut,proto3,oneof"`
+}
+
 func (*Command_EntriesCreate) isCommand_Op() {}
 
 func (*Command_EntriesUpdate) isCommand_Op() {}
@@ -602,6 +617,8 @@ func (*Command_FederationPut) isCommand_Op() {}
 func (*Command_FederationDelete) isCommand_Op() {}
 
 func (*Command_FederationStatusSet) isCommand_Op() {}
+
+func (*Command_AgentReportPut) isCommand_Op() {}
 
 type JoinTokenCreate struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2493,12 +2510,14 @@ func (x *FederationDelete) GetTrustDomain() string {
 
 // FederationStatusSet records the outcome of a bundle refresh.
 type FederationStatusSet struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	TrustDomain   string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
-	LastRefresh   int64                  `protobuf:"varint,2,opt,name=last_refresh,json=lastRefresh,proto3" json:"last_refresh,omitempty"` // unix seconds
-	LastError     string                 `protobuf:"bytes,3,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`        // empty after a success
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	TrustDomain        string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	LastRefresh        int64                  `protobuf:"varint,2,opt,name=last_refresh,json=lastRefresh,proto3" json:"last_refresh,omitempty"`                        // unix seconds
+	LastError          string                 `protobuf:"bytes,3,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`                               // empty after a success
+	NextRefresh        int64                  `protobuf:"varint,4,opt,name=next_refresh,json=nextRefresh,proto3" json:"next_refresh,omitempty"`                        // unix seconds: when the refresher fetches again
+	RefreshHintSeconds int64                  `protobuf:"varint,5,opt,name=refresh_hint_seconds,json=refreshHintSeconds,proto3" json:"refresh_hint_seconds,omitempty"` // the hint the endpoint last served; 0: none
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *FederationStatusSet) Reset() {
@@ -2552,11 +2571,72 @@ func (x *FederationStatusSet) GetLastError() string {
 	return ""
 }
 
+func (x *FederationStatusSet) GetNextRefresh() int64 {
+	if x != nil {
+		return x.NextRefresh
+	}
+	return 0
+}
+
+func (x *FederationStatusSet) GetRefreshHintSeconds() int64 {
+	if x != nil {
+		return x.RefreshHintSeconds
+	}
+	return 0
+}
+
+// AgentReportPut records what an agent last reported holding from its trust
+// domain's authorities (replacing its previous report). The agent must be
+// attested; evicting it deletes its report.
+type AgentReportPut struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Report        *AgentReport           `protobuf:"bytes,1,opt,name=report,proto3" json:"report,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AgentReportPut) Reset() {
+	*x = AgentReportPut{}
+	mi := &file_commands_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AgentReportPut) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AgentReportPut) ProtoMessage() {}
+
+func (x *AgentReportPut) ProtoReflect() protoreflect.Message {
+	mi := &file_commands_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AgentReportPut.ProtoReflect.Descriptor instead.
+func (*AgentReportPut) Descriptor() ([]byte, []int) {
+	return file_commands_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *AgentReportPut) GetReport() *AgentReport {
+	if x != nil {
+		return x.Report
+	}
+	return nil
+}
+
 var File_commands_proto protoreflect.FileDescriptor
 
 const file_commands_proto_rawDesc = "" +
 	"\n" +
-	"\x0ecommands.proto\x12\bferry.v1\x1a\vtypes.proto\"\xb9\x12\n" +
+	"\x0ecommands.proto\x12\bferry.v1\x1a\vtypes.proto\"\xff\x12\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12$\n" +
@@ -2596,7 +2676,8 @@ const file_commands_proto_rawDesc = "" +
 	"\x05batch\x182 \x01(\v2\x16.ferry.v1.CommandBatchH\x00R\x05batch\x12@\n" +
 	"\x0efederation_put\x18< \x01(\v2\x17.ferry.v1.FederationPutH\x00R\rfederationPut\x12I\n" +
 	"\x11federation_delete\x18= \x01(\v2\x1a.ferry.v1.FederationDeleteH\x00R\x10federationDelete\x12S\n" +
-	"\x15federation_status_set\x18> \x01(\v2\x1d.ferry.v1.FederationStatusSetH\x00R\x13federationStatusSetB\x04\n" +
+	"\x15federation_status_set\x18> \x01(\v2\x1d.ferry.v1.FederationStatusSetH\x00R\x13federationStatusSet\x12D\n" +
+	"\x10agent_report_put\x18F \x01(\v2\x18.ferry.v1.AgentReportPutH\x00R\x0eagentReportPutB\x04\n" +
 	"\x02op\"<\n" +
 	"\x0fJoinTokenCreate\x12)\n" +
 	"\x05token\x18\x01 \x01(\v2\x13.ferry.v1.JoinTokenR\x05token\"&\n" +
@@ -2725,12 +2806,16 @@ const file_commands_proto_rawDesc = "" +
 	"updateOnly\x12(\n" +
 	"\x06bundle\x18\x04 \x01(\v2\x10.ferry.v1.BundleR\x06bundle\"5\n" +
 	"\x10FederationDelete\x12!\n" +
-	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\"z\n" +
+	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\"\xcf\x01\n" +
 	"\x13FederationStatusSet\x12!\n" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12!\n" +
 	"\flast_refresh\x18\x02 \x01(\x03R\vlastRefresh\x12\x1d\n" +
 	"\n" +
-	"last_error\x18\x03 \x01(\tR\tlastErrorB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
+	"last_error\x18\x03 \x01(\tR\tlastError\x12!\n" +
+	"\fnext_refresh\x18\x04 \x01(\x03R\vnextRefresh\x120\n" +
+	"\x14refresh_hint_seconds\x18\x05 \x01(\x03R\x12refreshHintSeconds\"?\n" +
+	"\x0eAgentReportPut\x12-\n" +
+	"\x06report\x18\x01 \x01(\v2\x15.ferry.v1.AgentReportR\x06reportB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
 
 var (
 	file_commands_proto_rawDescOnce sync.Once
@@ -2744,7 +2829,7 @@ func file_commands_proto_rawDescGZIP() []byte {
 	return file_commands_proto_rawDescData
 }
 
-var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_commands_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_commands_proto_goTypes = []any{
 	(*Command)(nil),                   // 0: ferry.v1.Command
 	(*JoinTokenCreate)(nil),           // 1: ferry.v1.JoinTokenCreate
@@ -2782,19 +2867,21 @@ var file_commands_proto_goTypes = []any{
 	(*FederationPut)(nil),             // 33: ferry.v1.FederationPut
 	(*FederationDelete)(nil),          // 34: ferry.v1.FederationDelete
 	(*FederationStatusSet)(nil),       // 35: ferry.v1.FederationStatusSet
-	(*JoinToken)(nil),                 // 36: ferry.v1.JoinToken
-	(*AttestedNode)(nil),              // 37: ferry.v1.AttestedNode
-	(*X509Authority)(nil),             // 38: ferry.v1.X509Authority
-	(*JWTAuthority)(nil),              // 39: ferry.v1.JWTAuthority
-	(*Bundle)(nil),                    // 40: ferry.v1.Bundle
-	(*Entry)(nil),                     // 41: ferry.v1.Entry
-	(*Identity)(nil),                  // 42: ferry.v1.Identity
-	(*Tenant)(nil),                    // 43: ferry.v1.Tenant
-	(*FederatedCredential)(nil),       // 44: ferry.v1.FederatedCredential
-	(*Resource)(nil),                  // 45: ferry.v1.Resource
-	(*RoleAssignment)(nil),            // 46: ferry.v1.RoleAssignment
-	(*SigningKey)(nil),                // 47: ferry.v1.SigningKey
-	(*FederationRelationship)(nil),    // 48: ferry.v1.FederationRelationship
+	(*AgentReportPut)(nil),            // 36: ferry.v1.AgentReportPut
+	(*JoinToken)(nil),                 // 37: ferry.v1.JoinToken
+	(*AttestedNode)(nil),              // 38: ferry.v1.AttestedNode
+	(*X509Authority)(nil),             // 39: ferry.v1.X509Authority
+	(*JWTAuthority)(nil),              // 40: ferry.v1.JWTAuthority
+	(*Bundle)(nil),                    // 41: ferry.v1.Bundle
+	(*Entry)(nil),                     // 42: ferry.v1.Entry
+	(*Identity)(nil),                  // 43: ferry.v1.Identity
+	(*Tenant)(nil),                    // 44: ferry.v1.Tenant
+	(*FederatedCredential)(nil),       // 45: ferry.v1.FederatedCredential
+	(*Resource)(nil),                  // 46: ferry.v1.Resource
+	(*RoleAssignment)(nil),            // 47: ferry.v1.RoleAssignment
+	(*SigningKey)(nil),                // 48: ferry.v1.SigningKey
+	(*FederationRelationship)(nil),    // 49: ferry.v1.FederationRelationship
+	(*AgentReport)(nil),               // 50: ferry.v1.AgentReport
 }
 var file_commands_proto_depIdxs = []int32{
 	13, // 0: ferry.v1.Command.entries_create:type_name -> ferry.v1.EntriesCreate
@@ -2828,46 +2915,48 @@ var file_commands_proto_depIdxs = []int32{
 	33, // 28: ferry.v1.Command.federation_put:type_name -> ferry.v1.FederationPut
 	34, // 29: ferry.v1.Command.federation_delete:type_name -> ferry.v1.FederationDelete
 	35, // 30: ferry.v1.Command.federation_status_set:type_name -> ferry.v1.FederationStatusSet
-	36, // 31: ferry.v1.JoinTokenCreate.token:type_name -> ferry.v1.JoinToken
-	37, // 32: ferry.v1.NodePut.node:type_name -> ferry.v1.AttestedNode
-	38, // 33: ferry.v1.BundleX509AuthorityPut.authority:type_name -> ferry.v1.X509Authority
-	39, // 34: ferry.v1.BundleJWTAuthorityPut.authority:type_name -> ferry.v1.JWTAuthority
-	40, // 35: ferry.v1.BundleSet.bundle:type_name -> ferry.v1.Bundle
-	0,  // 36: ferry.v1.CommandBatch.commands:type_name -> ferry.v1.Command
-	41, // 37: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
-	15, // 38: ferry.v1.EntriesCreate.system_identities:type_name -> ferry.v1.SystemIdentity
-	41, // 39: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
-	15, // 40: ferry.v1.EntriesUpdate.system_identities:type_name -> ferry.v1.SystemIdentity
-	15, // 41: ferry.v1.NodeIdentitySet.identity:type_name -> ferry.v1.SystemIdentity
-	18, // 42: ferry.v1.CommandResult.status:type_name -> ferry.v1.Status
-	18, // 43: ferry.v1.CommandResult.items:type_name -> ferry.v1.Status
-	41, // 44: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
-	37, // 45: ferry.v1.CommandResult.node:type_name -> ferry.v1.AttestedNode
-	36, // 46: ferry.v1.CommandResult.join_token:type_name -> ferry.v1.JoinToken
-	40, // 47: ferry.v1.CommandResult.bundle:type_name -> ferry.v1.Bundle
-	42, // 48: ferry.v1.CommandResult.identities:type_name -> ferry.v1.Identity
-	43, // 49: ferry.v1.CommandResult.tenant:type_name -> ferry.v1.Tenant
-	42, // 50: ferry.v1.CommandResult.identity:type_name -> ferry.v1.Identity
-	44, // 51: ferry.v1.CommandResult.federated_credential:type_name -> ferry.v1.FederatedCredential
-	45, // 52: ferry.v1.CommandResult.resource:type_name -> ferry.v1.Resource
-	46, // 53: ferry.v1.CommandResult.role_assignment:type_name -> ferry.v1.RoleAssignment
-	47, // 54: ferry.v1.CommandResult.signing_key:type_name -> ferry.v1.SigningKey
-	19, // 55: ferry.v1.CommandResult.batch:type_name -> ferry.v1.CommandResult
-	48, // 56: ferry.v1.CommandResult.federation_relationship:type_name -> ferry.v1.FederationRelationship
-	19, // 57: ferry.v1.AppliedRequest.result:type_name -> ferry.v1.CommandResult
-	43, // 58: ferry.v1.TenantPut.tenant:type_name -> ferry.v1.Tenant
-	42, // 59: ferry.v1.IdentityPut.identity:type_name -> ferry.v1.Identity
-	44, // 60: ferry.v1.FederatedCredentialPut.credential:type_name -> ferry.v1.FederatedCredential
-	45, // 61: ferry.v1.ResourcePut.resource:type_name -> ferry.v1.Resource
-	46, // 62: ferry.v1.RoleAssignmentPut.assignment:type_name -> ferry.v1.RoleAssignment
-	47, // 63: ferry.v1.SigningKeyPut.key:type_name -> ferry.v1.SigningKey
-	48, // 64: ferry.v1.FederationPut.relationship:type_name -> ferry.v1.FederationRelationship
-	40, // 65: ferry.v1.FederationPut.bundle:type_name -> ferry.v1.Bundle
-	66, // [66:66] is the sub-list for method output_type
-	66, // [66:66] is the sub-list for method input_type
-	66, // [66:66] is the sub-list for extension type_name
-	66, // [66:66] is the sub-list for extension extendee
-	0,  // [0:66] is the sub-list for field type_name
+	36, // 31: ferry.v1.Command.agent_report_put:type_name -> ferry.v1.AgentReportPut
+	37, // 32: ferry.v1.JoinTokenCreate.token:type_name -> ferry.v1.JoinToken
+	38, // 33: ferry.v1.NodePut.node:type_name -> ferry.v1.AttestedNode
+	39, // 34: ferry.v1.BundleX509AuthorityPut.authority:type_name -> ferry.v1.X509Authority
+	40, // 35: ferry.v1.BundleJWTAuthorityPut.authority:type_name -> ferry.v1.JWTAuthority
+	41, // 36: ferry.v1.BundleSet.bundle:type_name -> ferry.v1.Bundle
+	0,  // 37: ferry.v1.CommandBatch.commands:type_name -> ferry.v1.Command
+	42, // 38: ferry.v1.EntriesCreate.entries:type_name -> ferry.v1.Entry
+	15, // 39: ferry.v1.EntriesCreate.system_identities:type_name -> ferry.v1.SystemIdentity
+	42, // 40: ferry.v1.EntriesUpdate.entries:type_name -> ferry.v1.Entry
+	15, // 41: ferry.v1.EntriesUpdate.system_identities:type_name -> ferry.v1.SystemIdentity
+	15, // 42: ferry.v1.NodeIdentitySet.identity:type_name -> ferry.v1.SystemIdentity
+	18, // 43: ferry.v1.CommandResult.status:type_name -> ferry.v1.Status
+	18, // 44: ferry.v1.CommandResult.items:type_name -> ferry.v1.Status
+	42, // 45: ferry.v1.CommandResult.entries:type_name -> ferry.v1.Entry
+	38, // 46: ferry.v1.CommandResult.node:type_name -> ferry.v1.AttestedNode
+	37, // 47: ferry.v1.CommandResult.join_token:type_name -> ferry.v1.JoinToken
+	41, // 48: ferry.v1.CommandResult.bundle:type_name -> ferry.v1.Bundle
+	43, // 49: ferry.v1.CommandResult.identities:type_name -> ferry.v1.Identity
+	44, // 50: ferry.v1.CommandResult.tenant:type_name -> ferry.v1.Tenant
+	43, // 51: ferry.v1.CommandResult.identity:type_name -> ferry.v1.Identity
+	45, // 52: ferry.v1.CommandResult.federated_credential:type_name -> ferry.v1.FederatedCredential
+	46, // 53: ferry.v1.CommandResult.resource:type_name -> ferry.v1.Resource
+	47, // 54: ferry.v1.CommandResult.role_assignment:type_name -> ferry.v1.RoleAssignment
+	48, // 55: ferry.v1.CommandResult.signing_key:type_name -> ferry.v1.SigningKey
+	19, // 56: ferry.v1.CommandResult.batch:type_name -> ferry.v1.CommandResult
+	49, // 57: ferry.v1.CommandResult.federation_relationship:type_name -> ferry.v1.FederationRelationship
+	19, // 58: ferry.v1.AppliedRequest.result:type_name -> ferry.v1.CommandResult
+	44, // 59: ferry.v1.TenantPut.tenant:type_name -> ferry.v1.Tenant
+	43, // 60: ferry.v1.IdentityPut.identity:type_name -> ferry.v1.Identity
+	45, // 61: ferry.v1.FederatedCredentialPut.credential:type_name -> ferry.v1.FederatedCredential
+	46, // 62: ferry.v1.ResourcePut.resource:type_name -> ferry.v1.Resource
+	47, // 63: ferry.v1.RoleAssignmentPut.assignment:type_name -> ferry.v1.RoleAssignment
+	48, // 64: ferry.v1.SigningKeyPut.key:type_name -> ferry.v1.SigningKey
+	49, // 65: ferry.v1.FederationPut.relationship:type_name -> ferry.v1.FederationRelationship
+	41, // 66: ferry.v1.FederationPut.bundle:type_name -> ferry.v1.Bundle
+	50, // 67: ferry.v1.AgentReportPut.report:type_name -> ferry.v1.AgentReport
+	68, // [68:68] is the sub-list for method output_type
+	68, // [68:68] is the sub-list for method input_type
+	68, // [68:68] is the sub-list for extension type_name
+	68, // [68:68] is the sub-list for extension extendee
+	0,  // [0:68] is the sub-list for field type_name
 }
 
 func init() { file_commands_proto_init() }
@@ -2908,6 +2997,7 @@ func file_commands_proto_init() {
 		(*Command_FederationPut)(nil),
 		(*Command_FederationDelete)(nil),
 		(*Command_FederationStatusSet)(nil),
+		(*Command_AgentReportPut)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2915,7 +3005,7 @@ func file_commands_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_commands_proto_rawDesc), len(file_commands_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   36,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

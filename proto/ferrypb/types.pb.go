@@ -1253,16 +1253,18 @@ func (x *SigningKey) GetRevision() uint64 {
 
 // FederationRelationship is a SPIFFE federation relationship with a foreign trust domain.
 type FederationRelationship struct {
-	state             protoimpl.MessageState `protogen:"open.v1"`
-	TrustDomain       string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
-	BundleEndpointUrl string                 `protobuf:"bytes,2,opt,name=bundle_endpoint_url,json=bundleEndpointUrl,proto3" json:"bundle_endpoint_url,omitempty"`
-	Profile           string                 `protobuf:"bytes,3,opt,name=profile,proto3" json:"profile,omitempty"` // "https_web" | "https_spiffe"
-	EndpointSpiffeId  string                 `protobuf:"bytes,4,opt,name=endpoint_spiffe_id,json=endpointSpiffeId,proto3" json:"endpoint_spiffe_id,omitempty"`
-	LastRefresh       int64                  `protobuf:"varint,5,opt,name=last_refresh,json=lastRefresh,proto3" json:"last_refresh,omitempty"`
-	LastError         string                 `protobuf:"bytes,6,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
-	Revision          uint64                 `protobuf:"varint,7,opt,name=revision,proto3" json:"revision,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	TrustDomain        string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	BundleEndpointUrl  string                 `protobuf:"bytes,2,opt,name=bundle_endpoint_url,json=bundleEndpointUrl,proto3" json:"bundle_endpoint_url,omitempty"`
+	Profile            string                 `protobuf:"bytes,3,opt,name=profile,proto3" json:"profile,omitempty"` // "https_web" | "https_spiffe"
+	EndpointSpiffeId   string                 `protobuf:"bytes,4,opt,name=endpoint_spiffe_id,json=endpointSpiffeId,proto3" json:"endpoint_spiffe_id,omitempty"`
+	LastRefresh        int64                  `protobuf:"varint,5,opt,name=last_refresh,json=lastRefresh,proto3" json:"last_refresh,omitempty"`
+	LastError          string                 `protobuf:"bytes,6,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	Revision           uint64                 `protobuf:"varint,7,opt,name=revision,proto3" json:"revision,omitempty"`
+	NextRefresh        int64                  `protobuf:"varint,8,opt,name=next_refresh,json=nextRefresh,proto3" json:"next_refresh,omitempty"`                        // unix seconds: when the leader fetches again
+	RefreshHintSeconds int64                  `protobuf:"varint,9,opt,name=refresh_hint_seconds,json=refreshHintSeconds,proto3" json:"refresh_hint_seconds,omitempty"` // the hint the endpoint last served; 0: none
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *FederationRelationship) Reset() {
@@ -1338,6 +1340,161 @@ func (x *FederationRelationship) GetLastError() string {
 }
 
 func (x *FederationRelationship) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *FederationRelationship) GetNextRefresh() int64 {
+	if x != nil {
+		return x.NextRefresh
+	}
+	return 0
+}
+
+func (x *FederationRelationship) GetRefreshHintSeconds() int64 {
+	if x != nil {
+		return x.RefreshHintSeconds
+	}
+	return 0
+}
+
+// HeldAuthority is what an agent holds from one authority of its own trust
+// domain: the X509-SVIDs it serves (its own included) or the JWT-SVIDs and
+// WIT-SVIDs it handed out and that have not expired.
+type HeldAuthority struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`                                  // "x509" | "jwt"
+	AuthorityId   string                 `protobuf:"bytes,2,opt,name=authority_id,json=authorityId,proto3" json:"authority_id,omitempty"` // X.509: hex subject key ID of the issuing CA; JWT: key ID
+	Count         uint32                 `protobuf:"varint,3,opt,name=count,proto3" json:"count,omitempty"`
+	ExpiresAt     int64                  `protobuf:"varint,4,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"` // unix seconds: when the last of them expires
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HeldAuthority) Reset() {
+	*x = HeldAuthority{}
+	mi := &file_types_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HeldAuthority) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HeldAuthority) ProtoMessage() {}
+
+func (x *HeldAuthority) ProtoReflect() protoreflect.Message {
+	mi := &file_types_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HeldAuthority.ProtoReflect.Descriptor instead.
+func (*HeldAuthority) Descriptor() ([]byte, []int) {
+	return file_types_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *HeldAuthority) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *HeldAuthority) GetAuthorityId() string {
+	if x != nil {
+		return x.AuthorityId
+	}
+	return ""
+}
+
+func (x *HeldAuthority) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+func (x *HeldAuthority) GetExpiresAt() int64 {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return 0
+}
+
+// AgentReport is an agent's last report of the authorities it holds SVIDs
+// from, so an operator can tell when an old authority may be revoked.
+type AgentReport struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	Authorities   []*HeldAuthority       `protobuf:"bytes,2,rep,name=authorities,proto3" json:"authorities,omitempty"`
+	ReportedAt    int64                  `protobuf:"varint,3,opt,name=reported_at,json=reportedAt,proto3" json:"reported_at,omitempty"` // unix seconds, the server's clock
+	Revision      uint64                 `protobuf:"varint,4,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AgentReport) Reset() {
+	*x = AgentReport{}
+	mi := &file_types_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AgentReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AgentReport) ProtoMessage() {}
+
+func (x *AgentReport) ProtoReflect() protoreflect.Message {
+	mi := &file_types_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AgentReport.ProtoReflect.Descriptor instead.
+func (*AgentReport) Descriptor() ([]byte, []int) {
+	return file_types_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *AgentReport) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *AgentReport) GetAuthorities() []*HeldAuthority {
+	if x != nil {
+		return x.Authorities
+	}
+	return nil
+}
+
+func (x *AgentReport) GetReportedAt() int64 {
+	if x != nil {
+		return x.ReportedAt
+	}
+	return 0
+}
+
+func (x *AgentReport) GetRevision() uint64 {
 	if x != nil {
 		return x.Revision
 	}
@@ -1468,7 +1625,7 @@ const file_types_proto_rawDesc = "" +
 	"public_key\x18\x03 \x01(\fR\tpublicKey\x12 \n" +
 	"\vcertificate\x18\x04 \x01(\fR\vcertificate\x12\x1b\n" +
 	"\tnot_after\x18\x05 \x01(\x03R\bnotAfter\x12\x1a\n" +
-	"\brevision\x18\x06 \x01(\x04R\brevision\"\x91\x02\n" +
+	"\brevision\x18\x06 \x01(\x04R\brevision\"\xe6\x02\n" +
 	"\x16FederationRelationship\x12!\n" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12.\n" +
 	"\x13bundle_endpoint_url\x18\x02 \x01(\tR\x11bundleEndpointUrl\x12\x18\n" +
@@ -1477,7 +1634,21 @@ const file_types_proto_rawDesc = "" +
 	"\flast_refresh\x18\x05 \x01(\x03R\vlastRefresh\x12\x1d\n" +
 	"\n" +
 	"last_error\x18\x06 \x01(\tR\tlastError\x12\x1a\n" +
-	"\brevision\x18\a \x01(\x04R\brevisionB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
+	"\brevision\x18\a \x01(\x04R\brevision\x12!\n" +
+	"\fnext_refresh\x18\b \x01(\x03R\vnextRefresh\x120\n" +
+	"\x14refresh_hint_seconds\x18\t \x01(\x03R\x12refreshHintSeconds\"{\n" +
+	"\rHeldAuthority\x12\x12\n" +
+	"\x04kind\x18\x01 \x01(\tR\x04kind\x12!\n" +
+	"\fauthority_id\x18\x02 \x01(\tR\vauthorityId\x12\x14\n" +
+	"\x05count\x18\x03 \x01(\rR\x05count\x12\x1d\n" +
+	"\n" +
+	"expires_at\x18\x04 \x01(\x03R\texpiresAt\"\xa2\x01\n" +
+	"\vAgentReport\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x129\n" +
+	"\vauthorities\x18\x02 \x03(\v2\x17.ferry.v1.HeldAuthorityR\vauthorities\x12\x1f\n" +
+	"\vreported_at\x18\x03 \x01(\x03R\n" +
+	"reportedAt\x12\x1a\n" +
+	"\brevision\x18\x04 \x01(\x04R\brevisionB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
 
 var (
 	file_types_proto_rawDescOnce sync.Once
@@ -1491,7 +1662,7 @@ func file_types_proto_rawDescGZIP() []byte {
 	return file_types_proto_rawDescData
 }
 
-var file_types_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_types_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_types_proto_goTypes = []any{
 	(*Selector)(nil),               // 0: ferry.v1.Selector
 	(*Entry)(nil),                  // 1: ferry.v1.Entry
@@ -1508,6 +1679,8 @@ var file_types_proto_goTypes = []any{
 	(*RoleAssignment)(nil),         // 12: ferry.v1.RoleAssignment
 	(*SigningKey)(nil),             // 13: ferry.v1.SigningKey
 	(*FederationRelationship)(nil), // 14: ferry.v1.FederationRelationship
+	(*HeldAuthority)(nil),          // 15: ferry.v1.HeldAuthority
+	(*AgentReport)(nil),            // 16: ferry.v1.AgentReport
 }
 var file_types_proto_depIdxs = []int32{
 	0,  // 0: ferry.v1.Entry.selectors:type_name -> ferry.v1.Selector
@@ -1515,11 +1688,12 @@ var file_types_proto_depIdxs = []int32{
 	4,  // 2: ferry.v1.Bundle.x509_authorities:type_name -> ferry.v1.X509Authority
 	5,  // 3: ferry.v1.Bundle.jwt_authorities:type_name -> ferry.v1.JWTAuthority
 	10, // 4: ferry.v1.Resource.app_roles:type_name -> ferry.v1.AppRole
-	5,  // [5:5] is the sub-list for method output_type
-	5,  // [5:5] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	15, // 5: ferry.v1.AgentReport.authorities:type_name -> ferry.v1.HeldAuthority
+	6,  // [6:6] is the sub-list for method output_type
+	6,  // [6:6] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_types_proto_init() }
@@ -1533,7 +1707,7 @@ func file_types_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_types_proto_rawDesc), len(file_types_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

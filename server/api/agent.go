@@ -615,3 +615,24 @@ func (a *Agent) NewWITSVID(ctx context.Context, req *ferrypb.NewWITSVIDRequest) 
 	}
 	return &ferrypb.NewWITSVIDResponse{Token: svid.Token, IssuedAt: svid.IssuedAt.Unix(), ExpiresAt: svid.ExpiresAt.Unix()}, nil
 }
+
+// ReportAuthorities records which of the trust domain's authorities the
+// calling agent holds unexpired SVIDs from, replacing its last report.
+func (a *Agent) ReportAuthorities(ctx context.Context, req *ferrypb.ReportAuthoritiesRequest) (*ferrypb.ReportAuthoritiesResponse, error) {
+	n, _, err := a.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := state.ValidateAgentReport(req.Authorities); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "report: %v", err)
+	}
+	res, err := a.cfg.Cluster.Apply(ctx, &ferrypb.Command{Op: &ferrypb.Command_AgentReportPut{AgentReportPut: &ferrypb.AgentReportPut{
+		Report: &ferrypb.AgentReport{SpiffeId: n.SpiffeId, Authorities: req.Authorities, ReportedAt: time.Now().Unix()}}}})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := resultError(res); err != nil {
+		return nil, err
+	}
+	return &ferrypb.ReportAuthoritiesResponse{}, nil
+}

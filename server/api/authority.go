@@ -58,8 +58,11 @@ func (a *Admin) ListLocalAuthorities(_ context.Context, req *ferrypb.ListLocalAu
 		}
 	}
 	resp := &ferrypb.ListLocalAuthoritiesResponse{}
+	hs := a.holdings(time.Now())
 	for _, x := range m.List(k) {
-		resp.Authorities = append(resp.Authorities, localAuthority(x))
+		la := localAuthority(x)
+		hs.fill(la)
+		resp.Authorities = append(resp.Authorities, la)
 	}
 	return resp, nil
 }
@@ -98,11 +101,72 @@ func (a *Admin) TaintLocalAuthority(ctx context.Context, req *ferrypb.LocalAutho
 }
 
 // RevokeLocalAuthority removes a tainted old authority from the bundle and
-// deletes its key.
+// deletes its key. It is refused while agents report holding unexpired SVIDs
+// from it (they stop verifying the moment it leaves the bundle), unless
+// forced.
 func (a *Admin) RevokeLocalAuthority(ctx context.Context, req *ferrypb.LocalAuthorityRequest) (*ferrypb.LocalAuthority, error) {
 	return a.authorityOp(ctx, req, "revoke", true, func(m AuthorityManager, k ca.Kind, id string) (ca.Authority, error) {
+		if h := a.holdings(time.Now())[holdingKey{string(k), id}]; h.agents > 0 {
+			if !req.Force {
+				return ca.Authority{}, status.Errorf(codes.FailedPrecondition,
+					"%d agent(s) still hold SVIDs from %s authority %s (the last expires at %s): agents replace them once it is tainted; "+
+						"wait until `ferry authority %s list` shows no agent holding it, or revoke with --force (those SVIDs stop verifying at once)",
+					h.agents, k, id, time.Unix(h.until, 0).UTC().Format(time.RFC3339), k)
+			}
+			a.log.Warn("revoking an authority agents still hold SVIDs from", "kind", k, "authority_id", id, "agents", h.agents,
+				"held_until", time.Unix(h.until, 0).UTC())
+		}
 		return m.Revoke(ctx, k, id)
 	})
+}
+
+// holdingKey is an authority as agents report it: kind and ID.
+type holdingKey struct{ kind, id string }
+
+// holding is how many agents hold unexpired SVIDs from an authority, and
+// until when.
+type holding struct {
+	agents uint32
+	until  int64
+}
+
+type holdings map[holdingKey]holding
+
+// holdings reads every agent's last report: per authority, the agents that
+// hold SVIDs from it at now. An agent that is alive (its own SVID is valid
+// and it is not banned) holds what its last report lists until it reports
+// otherwise: agents do not report every renewal, so the expiry they reported
+// may be older than the SVIDs they hold. Of an agent that is gone, only what
+// it reported as unexpired counts.
+func (a *Admin) holdings(now time.Time) holdings {
+	out := holdings{}
+	v := a.cfg.Store.View()
+	for _, r := range v.AgentReports() {
+		var alive int64
+		if n := v.Node(r.SpiffeId); n != nil && !n.Banned {
+			if na := max(n.CertNotAfter, n.NewCertNotAfter); na > now.Unix() {
+				alive = na
+			}
+		}
+		for _, h := range r.Authorities {
+			until := max(h.ExpiresAt, alive)
+			if until <= now.Unix() {
+				continue
+			}
+			k := holdingKey{h.Kind, h.AuthorityId}
+			cur := out[k]
+			cur.agents++
+			cur.until = max(cur.until, until)
+			out[k] = cur
+		}
+	}
+	return out
+}
+
+// fill sets what agents hold from la.
+func (hs holdings) fill(la *ferrypb.LocalAuthority) {
+	h := hs[holdingKey{la.Kind, la.Id}]
+	la.HoldingAgents, la.HeldUntil = h.agents, h.until
 }
 
 func (a *Admin) authorityOp(ctx context.Context, req *ferrypb.LocalAuthorityRequest, op string, needID bool,
@@ -123,7 +187,9 @@ func (a *Admin) authorityOp(ctx context.Context, req *ferrypb.LocalAuthorityRequ
 		return nil, caStatus(err)
 	}
 	a.log.Info("local authority changed", "op", op, "kind", k, "authority_id", x.ID, "status", x.Status, "tainted", x.Tainted)
-	return localAuthority(x), nil
+	la := localAuthority(x)
+	a.holdings(time.Now()).fill(la)
+	return la, nil
 }
 
 // MintX509SVID signs an X509-SVID for the CSR's key; the caller keeps the
@@ -258,10 +324,7 @@ func (a *Admin) federatedTrustDomain(raw string) (spiffeid.TrustDomain, error) {
 	if err != nil {
 		return spiffeid.TrustDomain{}, status.Errorf(codes.InvalidArgument, "trust_domain: %v", err)
 	}
-	own := a.cfg.TrustDomain
-	if own.IsZero() && a.cfg.Authority != nil {
-		own = a.cfg.Authority.TrustDomain()
-	}
+	own := a.ownTrustDomain()
 	if own.IsZero() {
 		return spiffeid.TrustDomain{}, status.Error(codes.FailedPrecondition, "this server does not know its own trust domain")
 	}
@@ -270,6 +333,14 @@ func (a *Admin) federatedTrustDomain(raw string) (spiffeid.TrustDomain, error) {
 			"%s is this server's own trust domain: its bundle is managed by the server nodes' authorities", td)
 	}
 	return td, nil
+}
+
+// ownTrustDomain is the server's trust domain (zero when it is not known).
+func (a *Admin) ownTrustDomain() spiffeid.TrustDomain {
+	if a.cfg.TrustDomain.IsZero() && a.cfg.Authority != nil {
+		return a.cfg.Authority.TrustDomain()
+	}
+	return a.cfg.TrustDomain
 }
 
 // checkBundle requires at least one authority and that each one parses.

@@ -378,3 +378,91 @@ func TestFederatedBundleRefusesOwnDomainFromAuthority(t *testing.T) {
 	requireCode(t, codes.InvalidArgument, err)
 	require.Equal(t, own.Revision, e.bundle().Revision, "our bundle is untouched")
 }
+
+// TestRevokeRefusedWhileAgentsHold: an authority an agent reports holding
+// unexpired SVIDs from is not revoked unless forced; list shows who holds
+// what; an expired report or a report without it lets the revoke through.
+func TestRevokeRefusedWhileAgentsHold(t *testing.T) {
+	for _, kind := range []string{"x509", "jwt"} {
+		t.Run(kind, func(t *testing.T) {
+			e := newAdminEnv(t, &ca.Config{})
+			old := e.ca.List(ca.Kind(kind))[0]
+			next, err := e.client.PrepareLocalAuthority(e.ctx, &ferrypb.LocalAuthorityRequest{Kind: kind})
+			require.NoError(t, err)
+			_, err = e.client.ActivateLocalAuthority(e.ctx, &ferrypb.LocalAuthorityRequest{Kind: kind, AuthorityId: next.Id})
+			require.NoError(t, err)
+			_, err = e.client.TaintLocalAuthority(e.ctx, &ferrypb.LocalAuthorityRequest{Kind: kind, AuthorityId: old.ID})
+			require.NoError(t, err)
+
+			const agent = "spiffe://example.org/spire/agent/a"
+			apply := func(cmd *ferrypb.Command) {
+				t.Helper()
+				res, err := (&fakeCluster{store: e.store}).Apply(e.ctx, cmd)
+				require.NoError(t, err)
+				require.EqualValues(t, codes.OK, res.GetStatus().GetCode(), res.GetStatus().GetMessage())
+			}
+			// The agent's own SVID has expired: it is gone, and only what it
+			// reported as unexpired counts.
+			apply(&ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: &ferrypb.AttestedNode{SpiffeId: agent, CertSerial: "1",
+				CertNotAfter: time.Now().Add(-time.Minute).Unix()}}}})
+			report := func(exp time.Time, ids ...string) {
+				t.Helper()
+				r := &ferrypb.AgentReport{SpiffeId: agent}
+				for _, id := range ids {
+					r.Authorities = append(r.Authorities, &ferrypb.HeldAuthority{Kind: kind, AuthorityId: id, Count: 3, ExpiresAt: exp.Unix()})
+				}
+				apply(&ferrypb.Command{Op: &ferrypb.Command_AgentReportPut{AgentReportPut: &ferrypb.AgentReportPut{Report: r}}})
+			}
+			until := time.Now().Add(time.Hour).Truncate(time.Second)
+			report(until, old.ID, next.Id)
+
+			list, err := e.client.ListLocalAuthorities(e.ctx, &ferrypb.ListLocalAuthoritiesRequest{Kind: kind})
+			require.NoError(t, err)
+			for _, a := range list.Authorities {
+				require.EqualValues(t, 1, a.HoldingAgents, a.Id)
+				require.Equal(t, until.Unix(), a.HeldUntil)
+			}
+			_, err = e.client.RevokeLocalAuthority(e.ctx, &ferrypb.LocalAuthorityRequest{Kind: kind, AuthorityId: old.ID})
+			requireCode(t, codes.FailedPrecondition, err)
+			require.ErrorContains(t, err, "1 agent(s) still hold")
+			require.Len(t, e.ca.List(ca.Kind(kind)), 2, "nothing revoked")
+
+			// Reported expired: nothing is held any more.
+			report(time.Now().Add(-time.Second), old.ID, next.Id)
+			list, err = e.client.ListLocalAuthorities(e.ctx, &ferrypb.ListLocalAuthoritiesRequest{Kind: kind})
+			require.NoError(t, err)
+			require.Zero(t, list.Authorities[0].HoldingAgents)
+			// Unless the agent is alive: it renews what it holds without
+			// reporting each renewal, so it holds what it listed until it
+			// reports otherwise.
+			alive := time.Now().Add(30 * time.Minute).Truncate(time.Second)
+			apply(&ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: &ferrypb.AttestedNode{SpiffeId: agent, CertSerial: "2",
+				CertNotAfter: alive.Unix()}}}})
+			list, err = e.client.ListLocalAuthorities(e.ctx, &ferrypb.ListLocalAuthoritiesRequest{Kind: kind})
+			require.NoError(t, err)
+			require.EqualValues(t, 1, list.Authorities[0].HoldingAgents)
+			require.Equal(t, alive.Unix(), list.Authorities[0].HeldUntil)
+			_, err = e.client.RevokeLocalAuthority(e.ctx, &ferrypb.LocalAuthorityRequest{Kind: kind, AuthorityId: old.ID})
+			requireCode(t, codes.FailedPrecondition, err)
+			report(until, old.ID, next.Id)
+			// The agent replaced what the old authority signed.
+			report(until, next.Id)
+			got, err := e.client.RevokeLocalAuthority(e.ctx, &ferrypb.LocalAuthorityRequest{Kind: kind, AuthorityId: old.ID})
+			require.NoError(t, err)
+			require.Equal(t, old.ID, got.Id)
+
+			// Forced: revoked although held.
+			third, err := e.client.PrepareLocalAuthority(e.ctx, &ferrypb.LocalAuthorityRequest{Kind: kind})
+			require.NoError(t, err)
+			_, err = e.client.ActivateLocalAuthority(e.ctx, &ferrypb.LocalAuthorityRequest{Kind: kind, AuthorityId: third.Id})
+			require.NoError(t, err)
+			_, err = e.client.TaintLocalAuthority(e.ctx, &ferrypb.LocalAuthorityRequest{Kind: kind, AuthorityId: next.Id})
+			require.NoError(t, err)
+			_, err = e.client.RevokeLocalAuthority(e.ctx, &ferrypb.LocalAuthorityRequest{Kind: kind, AuthorityId: next.Id})
+			requireCode(t, codes.FailedPrecondition, err)
+			_, err = e.client.RevokeLocalAuthority(e.ctx, &ferrypb.LocalAuthorityRequest{Kind: kind, AuthorityId: next.Id, Force: true})
+			require.NoError(t, err)
+			require.Len(t, e.ca.List(ca.Kind(kind)), 1)
+		})
+	}
+}

@@ -129,6 +129,12 @@ func (a *Admin) BanAgent(ctx context.Context, req *ferrypb.BanAgentRequest) (*fe
 	return res.Node, nil
 }
 
+// ListBundles returns every bundle held, and names the server's own trust
+// domain so clients can pick its bundle out.
 func (a *Admin) ListBundles(ctx context.Context, _ *ferrypb.ListBundlesRequest) (*ferrypb.ListBundlesResponse, error) {
-	return &ferrypb.ListBundlesResponse{Bundles: a.cfg.Store.View().Bundles()}, nil
+	resp := &ferrypb.ListBundlesResponse{Bundles: a.cfg.Store.View().Bundles()}
+	if td := a.ownTrustDomain(); !td.IsZero() {
+		resp.TrustDomain = td.Name()
+	}
+	return resp, nil
 }

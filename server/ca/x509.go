@@ -229,6 +229,18 @@ func (c *CA) signX509SVID(pub crypto.PublicKey, id spiffeid.ID, dnsNames []strin
 	return append(append(out, leaf), s.chain...), nil
 }
 
+// ActiveX509AuthorityID is the ID (hex subject key ID) of the X.509
+// authority that signs now, or "" when none does yet or it has expired.
+// Certificates this node serves compare it with their issuer's to be signed
+// again as soon as another authority takes over.
+func (c *CA) ActiveX509AuthorityID() string {
+	s := c.x509Active.Load()
+	if s == nil || !c.now().Before(s.cert.NotAfter) {
+		return ""
+	}
+	return s.id
+}
+
 // svidTemplate is the X509-SVID profile.
 func svidTemplate(pub crypto.PublicKey, id spiffeid.ID, dnsNames []string, now, notAfter time.Time) *x509.Certificate {
 	ku := x509.KeyUsageDigitalSignature

@@ -89,6 +89,15 @@ func (c *fakeCluster) setLeader(leader bool) {
 	c.changed = make(chan struct{})
 }
 
+// fence ends this node's leadership without telling it yet: its token is
+// no longer current, but Leadership still reports it leading and no change
+// is signalled (the window between losing a term and hearing of it).
+func (c *fakeCluster) fence() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.tok.Term++
+}
+
 func (c *fakeCluster) Leadership() (cluster.LeadershipToken, bool, <-chan struct{}) {
 	c.mu.Lock()
 	defer c.mu.Unlock()

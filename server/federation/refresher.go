@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -27,9 +28,14 @@ import (
 	"github.com/ferry-id/ferry/server/state"
 )
 
-// Refresh bounds and defaults.
+// Refresh bounds and defaults. A peer's spiffe_refresh_hint is honoured on
+// every fetch, whether the bundle changed or not, within [DefaultMinRefresh,
+// DefaultMaxRefresh]: no peer makes the leader fetch more often than every
+// 10 s, and none is left unchecked for more than an hour (a hint of days
+// would miss its own rotations). A bundle served without a hint is fetched
+// every DefaultRefreshHint (5 min), as SPIRE does.
 const (
-	DefaultMinRefresh   = 30 * time.Second
+	DefaultMinRefresh   = 10 * time.Second
 	DefaultMaxRefresh   = time.Hour
 	DefaultRetryBackoff = 5 * time.Second
 	DefaultFetchTimeout = 30 * time.Second
@@ -69,7 +75,7 @@ type RefresherConfig struct {
 	Cluster     Cluster
 	// WebPKIRoots authenticate https_web endpoints; nil uses the system roots.
 	WebPKIRoots *x509.CertPool
-	// MinRefresh and MaxRefresh bound a bundle's refresh hint (defaults 30 s
+	// MinRefresh and MaxRefresh bound a bundle's refresh hint (defaults 10 s
 	// and 1 h); DefaultRefresh applies to a bundle without one (5 min).
 	MinRefresh, MaxRefresh, DefaultRefresh time.Duration
 	// RetryBackoff is the wait after a first failed fetch, doubled per failure
@@ -97,6 +103,19 @@ type Refresher struct {
 	mu      sync.Mutex
 	leading bool
 	workers map[string]*worker
+
+	// observe, when set, is told of paths taken that leave no other trace,
+	// so that a test can wait for one instead of waiting for time to pass.
+	observe atomic.Pointer[observer]
+}
+
+// observer is told what the refresher did.
+type observer struct {
+	// following: Run waits for the next leadership change without leading
+	// (every worker of a previous leadership has returned).
+	following func()
+	// workerStopped: the worker of trust domain td returned.
+	workerStopped func(td string)
 }
 
 // NewRefresher validates cfg.
@@ -145,6 +164,8 @@ func (r *Refresher) Run(ctx context.Context) error {
 			done := make(chan struct{})
 			go func() { defer close(done); r.lead(lctx, tok) }()
 			stop = func() { cancel(); <-done }
+		} else if o := r.observe.Load(); o != nil && o.following != nil {
+			o.following()
 		}
 		select {
 		case <-ctx.Done():
@@ -284,12 +305,18 @@ type worker struct {
 }
 
 func (w *worker) run(rel *ferrypb.FederationRelationship) {
+	if o := w.r.observe.Load(); o != nil && o.workerStopped != nil {
+		defer o.workerStopped(w.td.Name())
+	}
 	cfg := w.r.cfg
 	// A new leader continues the schedule its predecessor recorded instead of
 	// fetching every bundle at once.
 	due := cfg.Now()
-	if rel.LastRefresh > 0 && rel.LastError == "" {
-		due = time.Unix(rel.LastRefresh, 0).Add(w.interval(cfg.State.View().Bundle(w.td.Name())))
+	switch {
+	case rel.NextRefresh > 0:
+		due = time.Unix(rel.NextRefresh, 0)
+	case rel.LastRefresh > 0 && rel.LastError == "":
+		due = time.Unix(rel.LastRefresh, 0).Add(w.interval(cfg.State.View().Bundle(w.td.Name()).GetRefreshHintSeconds()))
 	}
 	failures := 0
 	timer := time.NewTimer(max(due.Sub(cfg.Now()), 0))
@@ -303,7 +330,24 @@ func (w *worker) run(rel *ferrypb.FederationRelationship) {
 		case <-w.kick:
 		case reply = <-w.requests:
 		}
-		interval, err := w.refresh()
+		out := w.refresh()
+		wait := out.interval
+		if out.err != nil {
+			wait = min(cfg.RetryBackoff<<min(failures, 16), out.interval)
+			failures++
+		} else {
+			failures = 0
+		}
+		err := out.err
+		if !errors.Is(err, errLostLeadership) && !errors.Is(err, ErrNoRelationship) {
+			if serr := w.recordStatus(out, cfg.Now().Add(wait)); serr != nil {
+				if errors.Is(serr, errLostLeadership) {
+					err = serr
+				} else {
+					w.r.log.Warn("federation: recording refresh status", "trust_domain", w.td.Name(), "error", serr)
+				}
+			}
+		}
 		if errors.Is(err, errLostLeadership) {
 			if reply != nil {
 				reply <- ErrNotLeader
@@ -312,13 +356,6 @@ func (w *worker) run(rel *ferrypb.FederationRelationship) {
 		}
 		if reply != nil {
 			reply <- err
-		}
-		wait := interval
-		if err != nil {
-			wait = min(cfg.RetryBackoff<<min(failures, 16), interval)
-			failures++
-		} else {
-			failures = 0
 		}
 		if !timer.Stop() {
 			select {
@@ -330,32 +367,43 @@ func (w *worker) run(rel *ferrypb.FederationRelationship) {
 	}
 }
 
-// interval is the refresh interval for a held bundle: its refresh hint
-// within the configured bounds.
-func (w *worker) interval(b *ferrypb.Bundle) time.Duration {
+// interval is the refresh interval for a refresh hint in seconds (0: none
+// served): the hint within the configured bounds.
+func (w *worker) interval(hintSeconds int64) time.Duration {
 	cfg := w.r.cfg
 	hint := cfg.DefaultRefresh
-	if h := b.GetRefreshHintSeconds(); h > 0 {
-		hint = time.Duration(h) * time.Second
+	if hintSeconds > 0 {
+		hint = time.Duration(hintSeconds) * time.Second
 	}
 	return min(max(hint, cfg.MinRefresh), cfg.MaxRefresh)
 }
 
 var errLostLeadership = errors.New("federation: leadership lost")
 
-// refresh fetches, checks and commits the bundle, records the outcome on the
-// relationship, and returns the interval until the next refresh.
-func (w *worker) refresh() (time.Duration, error) {
+// refreshOutcome is what one refresh found.
+type refreshOutcome struct {
+	at time.Time
+	// interval is the wait until the next refresh after a success: the
+	// hint the endpoint served with this very fetch (changed bundle or
+	// not), within bounds; after a failure, the held bundle's.
+	interval time.Duration
+	hint     int64 // seconds, as last served; 0: none
+	err      error
+}
+
+// refresh fetches, checks and commits the bundle and says when to refresh
+// next; the caller records the outcome on the relationship.
+func (w *worker) refresh() refreshOutcome {
 	v := w.r.cfg.State.View()
 	rel := v.FederationRelationship(w.td.Name())
 	held := v.Bundle(w.td.Name())
-	if rel == nil {
-		return w.interval(held), fmt.Errorf("%w: %s", ErrNoRelationship, w.td)
-	}
 	start := w.r.cfg.Now()
-	next, committed, err := w.fetchAndCommit(rel, held)
+	if rel == nil {
+		return refreshOutcome{at: start, interval: w.interval(held.GetRefreshHintSeconds()), err: fmt.Errorf("%w: %s", ErrNoRelationship, w.td)}
+	}
+	next, hint, committed, err := w.fetchAndCommit(rel, held)
 	if errors.Is(err, errLostLeadership) {
-		return 0, err
+		return refreshOutcome{at: start, err: err}
 	}
 	if err != nil {
 		w.r.met.failure(w.td.Name())
@@ -370,60 +418,63 @@ func (w *worker) refresh() (time.Duration, error) {
 			w.r.log.Info("federated bundle updated", "trust_domain", w.td.Name(), "sequence", next.SequenceNumber,
 				"x509_authorities", len(next.X509Authorities), "jwt_authorities", len(next.JwtAuthorities))
 		} else {
-			w.r.log.Debug("federated bundle unchanged", "trust_domain", w.td.Name(), "sequence", next.GetSequenceNumber())
+			w.r.log.Debug("federated bundle unchanged", "trust_domain", w.td.Name(), "sequence", next.GetSequenceNumber(), "refresh_hint", hint)
 		}
-	}
-	if serr := w.recordStatus(start, err); serr != nil {
-		if errors.Is(serr, errLostLeadership) {
-			return 0, serr
-		}
-		w.r.log.Warn("federation: recording refresh status", "trust_domain", w.td.Name(), "error", serr)
 	}
 	if err != nil {
-		return w.interval(held), err
+		// The last hint served still tells how often to try.
+		last := rel.RefreshHintSeconds
+		if last == 0 {
+			last = held.GetRefreshHintSeconds()
+		}
+		return refreshOutcome{at: start, interval: w.interval(last), hint: rel.RefreshHintSeconds, err: err}
 	}
-	return w.interval(next), nil
+	return refreshOutcome{at: start, interval: w.interval(hint), hint: hint}
 }
 
 // fetchAndCommit returns the bundle now held (the fetched one, or the held one
-// when the fetch changed nothing) and whether a new bundle was committed.
-func (w *worker) fetchAndCommit(rel *ferrypb.FederationRelationship, held *ferrypb.Bundle) (*ferrypb.Bundle, bool, error) {
+// when the fetch changed nothing), the refresh hint the endpoint served with
+// it (seconds; 0 for none), and whether a new bundle was committed.
+func (w *worker) fetchAndCommit(rel *ferrypb.FederationRelationship, held *ferrypb.Bundle) (*ferrypb.Bundle, int64, bool, error) {
 	sb, err := w.fetch(rel)
 	if err != nil {
-		return nil, false, err
+		return nil, 0, false, err
 	}
 	if err := CheckBundle(w.td, sb); err != nil {
-		return nil, false, err
+		return nil, 0, false, err
 	}
 	fetched, err := ca.FromSPIFFEBundle(sb)
 	if err != nil {
-		return nil, false, fmt.Errorf("federation: %w", err)
+		return nil, 0, false, fmt.Errorf("federation: %w", err)
 	}
+	hint := fetched.RefreshHintSeconds
 	_, hasSeq := sb.SequenceNumber()
 	if held != nil {
 		same := sameAuthorities(fetched, held)
 		switch {
 		case hasSeq && fetched.SequenceNumber < held.SequenceNumber:
-			return nil, false, fmt.Errorf("federation: refused bundle with sequence number %d: older than the held %d", fetched.SequenceNumber, held.SequenceNumber)
+			return nil, 0, false, fmt.Errorf("federation: refused bundle with sequence number %d: older than the held %d", fetched.SequenceNumber, held.SequenceNumber)
 		case same && (!hasSeq || fetched.SequenceNumber == held.SequenceNumber):
-			return held, false, nil
+			// Nothing to commit, but the hint served now is the one to
+			// follow (the held copy may be the operator's, without one).
+			return held, hint, false, nil
 		case hasSeq && fetched.SequenceNumber == held.SequenceNumber:
-			return nil, false, fmt.Errorf("federation: refused bundle with sequence number %d: same as the held one but with different authorities", fetched.SequenceNumber)
+			return nil, 0, false, fmt.Errorf("federation: refused bundle with sequence number %d: same as the held one but with different authorities", fetched.SequenceNumber)
 		}
 	}
 	if !w.r.cfg.Cluster.LeadershipCurrent(w.tok) {
-		return nil, false, errLostLeadership
+		return nil, 0, false, errLostLeadership
 	}
 	// Without a sequence number (a peer that serves none) the content decides,
 	// and the bundle replaces the held one as it is.
 	res, err := w.r.cfg.Cluster.Apply(w.ctx, &ferrypb.Command{Op: &ferrypb.Command_BundleSet{BundleSet: &ferrypb.BundleSet{Bundle: fetched, RequireNewer: hasSeq}}})
 	if err != nil {
-		return nil, false, fmt.Errorf("federation: committing bundle: %w", err)
+		return nil, 0, false, fmt.Errorf("federation: committing bundle: %w", err)
 	}
 	if st := res.GetStatus(); codes.Code(st.GetCode()) != codes.OK {
-		return nil, false, fmt.Errorf("federation: bundle refused: %s", st.GetMessage())
+		return nil, 0, false, fmt.Errorf("federation: bundle refused: %s", st.GetMessage())
 	}
-	return res.Bundle, true, nil
+	return res.Bundle, hint, true, nil
 }
 
 // maxBundleSize bounds a bundle endpoint's answer: a bundle is committed in
@@ -482,19 +533,23 @@ func (w *worker) fetch(rel *ferrypb.FederationRelationship) (*spiffebundle.Bundl
 
 const maxLastError = 512
 
-func (w *worker) recordStatus(at time.Time, ferr error) error {
+// recordStatus commits a refresh's outcome and the time of the next one on
+// the relationship: what `ferry federation show` prints, and where a new
+// leader resumes the schedule.
+func (w *worker) recordStatus(out refreshOutcome, next time.Time) error {
 	if !w.r.cfg.Cluster.LeadershipCurrent(w.tok) {
 		return errLostLeadership
 	}
 	msg := ""
-	if ferr != nil {
-		msg = ferr.Error()
+	if out.err != nil {
+		msg = out.err.Error()
 		if len(msg) > maxLastError {
 			msg = msg[:maxLastError]
 		}
 	}
 	res, err := w.r.cfg.Cluster.Apply(w.ctx, &ferrypb.Command{Op: &ferrypb.Command_FederationStatusSet{
-		FederationStatusSet: &ferrypb.FederationStatusSet{TrustDomain: w.td.Name(), LastRefresh: at.Unix(), LastError: msg}}})
+		FederationStatusSet: &ferrypb.FederationStatusSet{TrustDomain: w.td.Name(), LastRefresh: out.at.Unix(), LastError: msg,
+			NextRefresh: next.Unix(), RefreshHintSeconds: out.hint}}})
 	if err != nil {
 		return err
 	}

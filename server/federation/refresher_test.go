@@ -25,8 +25,9 @@ var (
 	foreignTD = spiffeid.RequireTrustDomainFromString("foreign.org")
 )
 
-// startRefresher runs a refresher on the fake cluster until the test ends.
-func startRefresher(t *testing.T, c *fakeCluster, cfg federation.RefresherConfig) *federation.Refresher {
+// startRefresher runs a refresher on the fake cluster until the test ends;
+// before, if given, is called with it before it runs.
+func startRefresher(t *testing.T, c *fakeCluster, cfg federation.RefresherConfig, before ...func(*federation.Refresher)) *federation.Refresher {
 	t.Helper()
 	cfg.TrustDomain, cfg.State, cfg.Cluster = ourTD, c.store, c
 	if cfg.Logger == nil {
@@ -40,6 +41,9 @@ func startRefresher(t *testing.T, c *fakeCluster, cfg federation.RefresherConfig
 	}
 	r, err := federation.NewRefresher(cfg)
 	require.NoError(t, err)
+	for _, f := range before {
+		f(r)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); _ = r.Run(ctx) }()
@@ -62,6 +66,45 @@ func refresh(t *testing.T, r *federation.Refresher, td spiffeid.TrustDomain) err
 		time.Sleep(5 * time.Millisecond)
 	}
 	return err
+}
+
+// observed collects what a refresher reports through federation.Observe.
+type observed struct {
+	following chan struct{}
+	stopped   chan string
+}
+
+// observe has the refresher report to o; pass it to startRefresher.
+func (o *observed) observe(r *federation.Refresher) {
+	o.following, o.stopped = make(chan struct{}, 64), make(chan string, 64)
+	federation.Observe(r, func() { o.following <- struct{}{} }, func(td string) { o.stopped <- td })
+}
+
+// awaitFollowing waits until the refresher's Run waits for a leadership
+// change without leading, every worker of an earlier leadership returned.
+func (o *observed) awaitFollowing(t *testing.T) {
+	t.Helper()
+	select {
+	case <-o.following:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the refresher never settled as a follower")
+	}
+}
+
+// awaitStopped waits until td's worker returns.
+func (o *observed) awaitStopped(t *testing.T, td spiffeid.TrustDomain) {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case got := <-o.stopped:
+			if got == td.Name() {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("the worker of %s never returned", td)
+		}
+	}
 }
 
 func heldSequence(c *fakeCluster, td spiffeid.TrustDomain) uint64 {
@@ -247,22 +290,41 @@ func TestRefresherOnlyOnLeader(t *testing.T) {
 	fe := startForeign(t, foreignTD.Name(), nil)
 	fe.serve(spiffeBundle(t, foreign, 1, time.Minute))
 	putRelationship(c, &ferrypb.FederationRelationship{TrustDomain: foreignTD.Name(), BundleEndpointUrl: fe.srv.URL, Profile: federation.ProfileHTTPSWeb}, nil)
-	r := startRefresher(t, c, federation.RefresherConfig{WebPKIRoots: fe.webRoots()})
+	var o observed
+	r := startRefresher(t, c, federation.RefresherConfig{WebPKIRoots: fe.webRoots()}, o.observe)
 
+	// Run settles as a follower: it started no worker, so nothing fetches.
+	o.awaitFollowing(t)
 	require.ErrorIs(t, r.Refresh(context.Background(), foreignTD), federation.ErrNotLeader)
-	time.Sleep(50 * time.Millisecond) // give a wrongly started worker time to fetch
 	require.Zero(t, fe.hits.Load(), "a follower fetches nothing")
 
 	c.setLeader(true)
 	eventually(t, "the leader fetches", func() bool { return heldSequence(c, foreignTD) == 1 })
 	require.ErrorIs(t, r.Refresh(context.Background(), spiffeid.RequireTrustDomainFromString("unknown.org")), federation.ErrNoRelationship)
 
+	// Leadership lost and heard of: every worker returns before Run
+	// follows again.
 	c.setLeader(false)
-	eventually(t, "refresher stops", func() bool { return errorIs(r.Refresh(context.Background(), foreignTD), federation.ErrNotLeader) })
-	n := c.commands()
-	fe.serve(spiffeBundle(t, foreign, 2, time.Minute))
-	time.Sleep(50 * time.Millisecond)
-	require.Equal(t, n, c.commands(), "nothing is committed after leadership is lost")
+	o.awaitFollowing(t)
+	o.awaitStopped(t, foreignTD)
+	require.ErrorIs(t, r.Refresh(context.Background(), foreignTD), federation.ErrNotLeader)
+
+	// Leadership lost but not yet heard of: a fetch still runs, but neither
+	// its bundle (a new one) nor its status (the same one again) is
+	// committed under the stale token.
+	for _, seq := range []uint64{1, 2} {
+		c.setLeader(true)
+		require.NoError(t, refresh(t, r, foreignTD))
+		n := c.commands()
+		fe.serve(spiffeBundle(t, foreign, seq, time.Minute))
+		c.fence()
+		hits := fe.hits.Load()
+		require.ErrorIs(t, r.Refresh(context.Background(), foreignTD), federation.ErrNotLeader)
+		require.Equal(t, hits+1, fe.hits.Load(), "the fetch ran")
+		require.Equal(t, n, c.commands(), "nothing is committed after leadership is lost (bundle sequence %d)", seq)
+		require.Equal(t, uint64(1), heldSequence(c, foreignTD))
+		o.awaitStopped(t, foreignTD)
+	}
 
 	// A new leadership picks up where the last one stopped.
 	c.setLeader(true)
@@ -279,7 +341,8 @@ func TestRefresherSchedule(t *testing.T) {
 	putRelationship(c, rel, nil)
 	c.setLeader(true)
 	// The served hint (1 s) is clamped to the bounds: every 20 ms here.
-	startRefresher(t, c, federation.RefresherConfig{WebPKIRoots: fe.webRoots(), MinRefresh: 10 * time.Millisecond, MaxRefresh: 20 * time.Millisecond, RetryBackoff: time.Millisecond})
+	var o observed
+	r := startRefresher(t, c, federation.RefresherConfig{WebPKIRoots: fe.webRoots(), MinRefresh: 10 * time.Millisecond, MaxRefresh: 20 * time.Millisecond, RetryBackoff: time.Millisecond}, o.observe)
 	eventually(t, "refreshes repeat at the hint", func() bool { return fe.hits.Load() >= 5 })
 
 	// A failing endpoint is retried with backoff, and recovers.
@@ -292,10 +355,8 @@ func TestRefresherSchedule(t *testing.T) {
 
 	// Deleting the relationship stops its refreshes.
 	c.must(&ferrypb.Command{Op: &ferrypb.Command_FederationDelete{FederationDelete: &ferrypb.FederationDelete{TrustDomain: foreignTD.Name()}}})
-	time.Sleep(50 * time.Millisecond)
-	h = fe.hits.Load()
-	time.Sleep(100 * time.Millisecond)
-	require.Equal(t, h, fe.hits.Load())
+	o.awaitStopped(t, foreignTD)
+	require.ErrorIs(t, r.Refresh(context.Background(), foreignTD), federation.ErrNoRelationship)
 	require.NotNil(t, c.store.View().Bundle(foreignTD.Name()), "the bundle stays until deleted")
 }
 
@@ -350,4 +411,41 @@ func metricValue(t *testing.T, reg *prometheus.Registry, name string, labels ...
 		}
 	}
 	return -1
+}
+
+// TestRefresherHonoursHintOnEveryFetch: the peer's refresh hint sets the next
+// refresh on every fetch, also when the bundle is the one already held (an
+// operator's bootstrap copy carries no hint), within the documented bounds;
+// the relationship records the hint served and when the next fetch is due.
+func TestRefresherHonoursHintOnEveryFetch(t *testing.T) {
+	c := newFakeCluster(t)
+	foreign := newCA(t, foreignTD.Name(), nopPublisher{}, time.Hour, nil)
+	fe := startForeign(t, foreignTD.Name(), nil)
+	fe.serve(spiffeBundle(t, foreign, 3, 20*time.Second))
+	// The operator bootstrapped the very bundle the endpoint serves, without
+	// a hint.
+	initial, err := ca.FromSPIFFEBundle(spiffeBundle(t, foreign, 3, 0))
+	require.NoError(t, err)
+	putRelationship(c, &ferrypb.FederationRelationship{TrustDomain: foreignTD.Name(), BundleEndpointUrl: fe.srv.URL, Profile: federation.ProfileHTTPSWeb}, initial)
+	bootstrapped := c.store.View().Bundle(foreignTD.Name()).Revision
+	now := time.Unix(1_800_000_000, 0)
+	c.setLeader(true)
+	r := startRefresher(t, c, federation.RefresherConfig{WebPKIRoots: fe.webRoots(), Now: func() time.Time { return now },
+		MinRefresh: federation.DefaultMinRefresh, MaxRefresh: federation.DefaultMaxRefresh})
+
+	next := func(hint time.Duration) time.Duration {
+		t.Helper()
+		fe.serve(spiffeBundle(t, foreign, 3, hint))
+		require.NoError(t, refresh(t, r, foreignTD))
+		rel := c.store.View().FederationRelationship(foreignTD.Name())
+		require.Empty(t, rel.LastError)
+		require.Equal(t, now.Unix(), rel.LastRefresh)
+		require.Equal(t, int64(hint/time.Second), rel.RefreshHintSeconds, "the hint served is recorded")
+		require.Equal(t, bootstrapped, c.store.View().Bundle(foreignTD.Name()).Revision, "an unchanged bundle is not committed again")
+		return time.Unix(rel.NextRefresh, 0).Sub(now)
+	}
+	require.Equal(t, 20*time.Second, next(20*time.Second), "the served hint, though the bundle did not change")
+	require.Equal(t, federation.DefaultMinRefresh, next(time.Second), "no faster than the floor")
+	require.Equal(t, federation.DefaultMaxRefresh, next(48*time.Hour), "no slower than the ceiling")
+	require.Equal(t, federation.DefaultRefreshHint, next(0), "no hint: the default")
 }

@@ -110,9 +110,12 @@ func (a *applier) putFederation(p *ferrypb.FederationPut) *ferrypb.CommandResult
 		a.upsert(TableBundles, row.TrustDomain, row)
 	}
 	row := proto.Clone(r).(*ferrypb.FederationRelationship)
-	row.LastRefresh, row.LastError = 0, ""
+	// The refresher's status is its own: kept from the old row, never taken
+	// from the request.
+	row.LastRefresh, row.LastError, row.NextRefresh, row.RefreshHintSeconds = 0, "", 0, 0
 	if old != nil {
 		row.LastRefresh, row.LastError = old.LastRefresh, old.LastError
+		row.NextRefresh, row.RefreshHintSeconds = old.NextRefresh, old.RefreshHintSeconds
 	}
 	row.Revision = a.index
 	a.upsert(TableFederation, row.TrustDomain, row)
@@ -135,6 +138,7 @@ func (a *applier) setFederationStatus(p *ferrypb.FederationStatusSet) *ferrypb.C
 	}
 	row := proto.Clone(old).(*ferrypb.FederationRelationship)
 	row.LastRefresh, row.LastError = p.LastRefresh, p.LastError
+	row.NextRefresh, row.RefreshHintSeconds = p.NextRefresh, p.RefreshHintSeconds
 	row.Revision = a.index
 	a.upsert(TableFederation, row.TrustDomain, row)
 	return &ferrypb.CommandResult{Status: ok(), FederationRelationship: row}

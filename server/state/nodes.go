@@ -110,6 +110,7 @@ func (a *applier) deleteNode(id string) *ferrypb.CommandResult {
 		return &ferrypb.CommandResult{Status: status(codes.NotFound, "agent %s not found", id)}
 	}
 	a.delete(TableNodes, id, old)
+	a.deleteAgentReport(id)
 	res := &ferrypb.CommandResult{Status: ok(), Node: old}
 	// Evicting an agent deletes its system-assigned identity, as deleting a
 	// VM deletes its identity.

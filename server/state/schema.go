@@ -35,6 +35,8 @@ func schema() *memdb.DBSchema {
 	directorySchema(s.Tables) // directory.go
 	// federation.go
 	s.Tables[TableFederation] = federationTable()
+	// reports.go
+	s.Tables[TableAgentReports] = agentReportsTable()
 	return s
 }
 

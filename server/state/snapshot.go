@@ -45,6 +45,9 @@ const (
 
 	// Federation (federation.go): 20-29.
 	tagFederation byte = 20
+
+	// Authority rotation (reports.go): 30-39.
+	tagAgentReport byte = 30
 )
 
 // maxSnapshotRecord bounds one row, so a corrupt length cannot make Restore
@@ -69,6 +72,7 @@ var snapshotTables = []struct {
 	{tagRoleAssignment, TableRoleAssignments, func() proto.Message { return new(ferrypb.RoleAssignment) }},
 	{tagSigningKey, TableSigningKeys, func() proto.Message { return new(ferrypb.SigningKey) }},
 	{tagFederation, TableFederation, func() proto.Message { return new(ferrypb.FederationRelationship) }},
+	{tagAgentReport, TableAgentReports, func() proto.Message { return new(ferrypb.AgentReport) }},
 }
 
 // Snapshot captures the current state. It runs concurrently with later Apply calls

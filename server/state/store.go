@@ -293,6 +293,9 @@ func (a *applier) apply(cmd *ferrypb.Command) *ferrypb.CommandResult {
 		return a.deleteFederation(op.FederationDelete.TrustDomain)
 	case *ferrypb.Command_FederationStatusSet:
 		return a.setFederationStatus(op.FederationStatusSet)
+	// Authority rotation (reports.go).
+	case *ferrypb.Command_AgentReportPut:
+		return a.putAgentReport(op.AgentReportPut)
 	case nil:
 		if cmd.IgnoreUnknown {
 			return &ferrypb.CommandResult{Status: ok()}

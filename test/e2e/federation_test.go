@@ -1,11 +1,9 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,13 +11,12 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/spiffetls"
-	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"github.com/stretchr/testify/require"
 
 	"github.com/ferry-id/ferry/internal/testcluster"
+	"github.com/ferry-id/ferry/test/rotation"
 )
 
 // fedDomain is one independent ferry trust domain: a one-node cluster that
@@ -34,16 +31,28 @@ type fedDomain struct {
 
 func startFedDomain(t *testing.T, td string) *fedDomain {
 	t.Helper()
+	return startFedDomainWith(t, td, "", "", "")
+}
+
+// startFedDomainWith is startFedDomain with the bundle endpoint's refresh
+// hint (default when empty) and extra lines for the server and agent blocks.
+func startFedDomainWith(t *testing.T, td, refreshHint, serverExtra, agentExtra string) *fedDomain {
+	t.Helper()
 	addr := testcluster.FreeAddr(t)
+	hint := ""
+	if refreshHint != "" {
+		hint = fmt.Sprintf("\n      refresh_hint = %q", refreshHint)
+	}
 	c := testcluster.New(t, testcluster.Options{Nodes: 1, TrustDomain: td, LogLevel: "info",
 		ExtraServerConfig: fmt.Sprintf(`  federation {
     bundle_endpoint {
       addr    = %q
-      profile = "https_spiffe"
+      profile = "https_spiffe"%s
     }
-  }`, addr)})
+  }
+%s`, addr, hint, serverExtra)})
 	d := &fedDomain{td: spiffeid.RequireTrustDomainFromString(td), c: c, srv: c.Nodes[0], endpoint: "https://" + addr}
-	d.agent = c.StartAgent("node1")
+	d.agent = c.StartAgentWith("node1", agentExtra)
 	return d
 }
 
@@ -106,54 +115,6 @@ func waitSource(t *testing.T, what string, ok func() bool) {
 	require.Eventually(t, ok, 30*time.Second, 50*time.Millisecond, what)
 }
 
-// mtlsExchange serves one echo over go-spiffe mTLS with serverSrc's SVID
-// (authorizing clientID) and dials it with clientSrc's SVID (authorizing
-// serverID).
-func mtlsExchange(t *testing.T, ctx context.Context, serverSrc, clientSrc *workloadapi.X509Source, serverID, clientID spiffeid.ID) error {
-	t.Helper()
-	lis, err := spiffetls.ListenWithMode(ctx, "tcp", "127.0.0.1:0", spiffetls.MTLSServerWithSource(tlsconfig.AuthorizeID(clientID), serverSrc))
-	require.NoError(t, err)
-	defer lis.Close()
-	served := make(chan error, 1)
-	go func() {
-		conn, err := lis.Accept()
-		if err != nil {
-			served <- err
-			return
-		}
-		defer conn.Close()
-		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-		buf := make([]byte, 5)
-		if _, err := io.ReadFull(conn, buf); err != nil {
-			served <- err
-			return
-		}
-		_, err = conn.Write(bytes.ToUpper(buf))
-		served <- err
-	}()
-	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	conn, err := spiffetls.DialWithMode(dctx, "tcp", lis.Addr().String(), spiffetls.MTLSClientWithSource(tlsconfig.AuthorizeID(serverID), clientSrc))
-	if err != nil {
-		lis.Close()
-		<-served
-		return err
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := conn.Write([]byte("hello")); err != nil {
-		return err
-	}
-	got := make([]byte, 5)
-	if _, err := io.ReadFull(conn, got); err != nil {
-		return err
-	}
-	if string(got) != "HELLO" {
-		return fmt.Errorf("echo %q", got)
-	}
-	return <-served
-}
-
 func TestFederationBetweenTwoTrustDomains(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts two real trust domains with agents")
@@ -178,6 +139,8 @@ func TestFederationBetweenTwoTrustDomains(t *testing.T) {
 	require.Len(t, list.Relationships, 1, out)
 	require.Equal(t, a.td.Name(), list.Relationships[0].Relationship.TrustDomain)
 	require.Empty(t, list.Relationships[0].Relationship.LastError)
+	// With a federated bundle held, `bundle show` still shows the server's own.
+	require.Equal(t, b.cli(t, "bundle", "show", "--trust-domain", b.td.Name()), b.cli(t, "bundle", "show"))
 
 	serverID := a.createEntry(t, "api", b.td.Name())
 	clientID := b.createEntry(t, "client", a.td.Name())
@@ -189,9 +152,9 @@ func TestFederationBetweenTwoTrustDomains(t *testing.T) {
 	waitSource(t, "a's workload holds b's bundle", federated(srcA, b.td))
 	waitSource(t, "b's workload holds a's bundle", federated(srcB, a.td))
 
-	require.NoError(t, mtlsExchange(t, ctx, srcA, srcB, serverID, clientID))
+	require.NoError(t, rotation.Echo(ctx, srcA, srcB, serverID, clientID))
 	// The peers authorize by SPIFFE ID: the wrong ID is refused.
-	require.Error(t, mtlsExchange(t, ctx, srcA, srcB, spiffeid.RequireFromPath(a.td, "/other"), clientID))
+	require.Error(t, rotation.Echo(ctx, srcA, srcB, spiffeid.RequireFromPath(a.td, "/other"), clientID))
 
 	// a rotates its CA: the new authority is published, b fetches it, then it
 	// becomes active and signs a fresh SVID that only the new CA verifies.
@@ -215,10 +178,14 @@ func TestFederationBetweenTwoTrustDomains(t *testing.T) {
 	require.NoError(t, err)
 	_, _, err = x509svid.Verify(svid.Certificates, before)
 	require.Error(t, err, "the rotated SVID is signed by the new CA only")
-	require.NoError(t, mtlsExchange(t, ctx, srcRotated, srcB, rotatedID, clientID))
+	require.NoError(t, rotation.Echo(ctx, srcRotated, srcB, rotatedID, clientID))
 
 	out = b.cli(t, "federation", "show", "--trust-domain", a.td.Name())
 	require.Contains(t, out, "Status:\t\t\tok", out)
+	// The refresher follows the hint a's endpoint serves (the default 5 min)
+	// and says when it fetches next.
+	require.Contains(t, out, "Served refresh hint:\t5m0s", out)
+	require.Regexp(t, `Next refresh:\t\t\d{4}-\d\d-\d\dT`, out)
 }
 
 // TestFederationRefreshOnFollower: `ferry federation refresh` works on any

@@ -59,6 +59,13 @@ func newFlowStack(t *testing.T, bridgeEnv ...string) *flowStack {
     issuer = %q
   }
 `, oidcAddr, jwtIss)})
+	return attachFlowStack(t, c, jwtIss, bridgeEnv...)
+}
+
+// attachFlowStack creates a tenant on c's server (whose JWT-SVIDs carry
+// jwtIss) and starts a bridge following it.
+func attachFlowStack(t *testing.T, c *testcluster.Cluster, jwtIss string, bridgeEnv ...string) *flowStack {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "ferry-flow-")
 	require.NoError(t, err)
 	require.NoError(t, os.Chmod(dir, 0o755))
