@@ -135,10 +135,19 @@ type Cache struct {
 	signKick  chan struct{} // the signing loop has work
 	schedKick chan struct{} // the schedule changed; recompute the next wake-up
 
-	mu        sync.Mutex
-	revision  uint64
-	entries   map[string]*entryState
-	index     map[selKey][]*entryState // see indexLocked
+	mu       sync.Mutex
+	revision uint64
+	entries  map[string]*entryState
+	index    map[selKey][]*entryState // see indexLocked
+	// active holds the entries a pass of the schedule must look at: those
+	// demanded since they were last idle (see activateLocked). Entries no
+	// workload asks for stay out of it, so they cost a pass nothing.
+	active map[*entryState]struct{}
+	// expiry orders the entries that have an expiry time, soonest first.
+	expiry expiryHeap
+	// wakeAt is when the schedule loop runs its next pass (zero: only when
+	// kicked); see planLocked.
+	wakeAt    time.Time
 	kinds     map[string]int
 	subs      map[*subscriber]struct{}
 	queue     []*entryState // waiting for the signing loop, FIFO
@@ -167,6 +176,9 @@ type entryState struct {
 	// most of.
 	sels []*ferrypb.Selector
 	slot int // position in its index bucket
+	// expSlot is the position in Cache.expiry, -1 when not in it.
+	expSlot int
+	active  bool // in Cache.active
 
 	svid *svidState
 
@@ -231,6 +243,7 @@ func New(c Config) (*Cache, error) {
 		schedKick: make(chan struct{}, 1),
 		entries:   make(map[string]*entryState),
 		index:     make(map[selKey][]*entryState),
+		active:    make(map[*entryState]struct{}),
 		kinds:     make(map[string]int),
 		subs:      make(map[*subscriber]struct{}),
 		federated: make(map[spiffeid.TrustDomain]*spiffebundle.Bundle),
@@ -353,7 +366,7 @@ func (c *Cache) applyLocked(upserts []*ferrypb.Entry, deletes []string, revision
 			continue
 		}
 		if es == nil {
-			es = &entryState{}
+			es = &entryState{expSlot: -1}
 			c.entries[e.GetId()] = es
 		} else {
 			c.unindexLocked(es)
@@ -364,6 +377,7 @@ func (c *Cache) applyLocked(upserts []*ferrypb.Entry, deletes []string, revision
 		es.entry = e
 		es.sels = canonical(e.GetSelectors())
 		c.indexLocked(es)
+		c.expiry.file(es)
 		changed = append(changed, es)
 	}
 	if len(changed) == 0 {
@@ -429,6 +443,8 @@ func (c *Cache) resetSVIDLocked(es *entryState) {
 
 func (c *Cache) removeLocked(es *entryState) {
 	c.unindexLocked(es)
+	c.expiry.remove(es)
+	c.deactivateLocked(es)
 	delete(c.entries, es.entry.GetId())
 	es.deleted = true
 	es.svid = nil
