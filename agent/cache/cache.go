@@ -137,6 +137,7 @@ type Cache struct {
 
 	mu       sync.Mutex
 	revision uint64
+	haveSet  bool // SetEntries was called: the entries are known
 	entries  map[string]*entryState
 	index    map[selKey][]*entryState // see indexLocked
 	// active holds the entries a pass of the schedule must look at: those
@@ -307,6 +308,7 @@ func (c *Cache) Revision() uint64 {
 func (c *Cache) SetEntries(all []*ferrypb.Entry, revision uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.haveSet = true
 	keep := make(map[string]bool, len(all))
 	for _, e := range all {
 		if e != nil {
@@ -512,10 +514,14 @@ func Kind(s *ferrypb.Selector) string {
 }
 
 // SelectorKinds returns the kinds (see Kind) of every selector of every entry
-// held. The map is the caller's.
+// held; nil until the first entry set (SetEntries) arrived, as until then any
+// kind may be in use. The map is the caller's.
 func (c *Cache) SelectorKinds() map[string]bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if !c.haveSet {
+		return nil
+	}
 	out := make(map[string]bool, len(c.kinds))
 	for k := range c.kinds {
 		out[k] = true

@@ -415,6 +415,13 @@ func TestFetchWorkloadUpdateHonoursContext(t *testing.T) {
 
 func TestSelectorKinds(t *testing.T) {
 	e := newEnv(t, nil)
+	if got := e.cache.SelectorKinds(); got != nil {
+		t.Fatalf("kinds %v before any entry set, want nil (not known)", got)
+	}
+	e.cache.SetEntries(nil, 1)
+	if got := e.cache.SelectorKinds(); got == nil || len(got) != 0 {
+		t.Fatalf("kinds %v with no entries, want none", got)
+	}
 	a := e.entry("a", "/a", "unix:uid:1000", "unix:sha256:abcd")
 	b := e.entry("b", "/b", "systemd:id:web.service", "unix:uid:1001")
 	c := e.entry("c", "/c", "docker:root")
