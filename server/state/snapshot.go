@@ -154,12 +154,13 @@ var ErrBadSnapshot = errors.New("state: bad snapshot")
 // snapshot changes nothing.
 func (s *Store) Restore(r io.ReadCloser) error {
 	defer r.Close()
-	db, index, err := readSnapshot(r)
+	db, index, rowBytes, err := readSnapshot(r)
 	if err != nil {
 		return err
 	}
 	s.mu.Lock()
 	s.db = db
+	s.rowBytes.Store(rowBytes)
 	s.feed.reset(index)
 	s.applied.Store(index)
 	close(s.appliedCh)
@@ -189,31 +190,34 @@ func (hr *hashingReader) ReadByte() (byte, error) {
 	return b, err
 }
 
-func readSnapshot(r io.Reader) (*memdb.MemDB, uint64, error) {
+// readSnapshot returns the database a snapshot holds, its applied index and
+// the encoded size of its rows.
+func readSnapshot(r io.Reader) (*memdb.MemDB, uint64, int64, error) {
 	hr := &hashingReader{r: bufio.NewReaderSize(r, 64<<10), h: sha256.New()}
 	hdr := make([]byte, len(snapshotMagic)+9)
 	if _, err := io.ReadFull(hr, hdr); err != nil {
-		return nil, 0, fmt.Errorf("%w: header: %v", ErrBadSnapshot, err)
+		return nil, 0, 0, fmt.Errorf("%w: header: %v", ErrBadSnapshot, err)
 	}
 	if !bytes.Equal(hdr[:len(snapshotMagic)], []byte(snapshotMagic)) {
-		return nil, 0, fmt.Errorf("%w: not a ferry state snapshot", ErrBadSnapshot)
+		return nil, 0, 0, fmt.Errorf("%w: not a ferry state snapshot", ErrBadSnapshot)
 	}
 	if v := hdr[len(snapshotMagic)]; v != snapshotVersion {
-		return nil, 0, fmt.Errorf("%w: unknown version %d", ErrBadSnapshot, v)
+		return nil, 0, 0, fmt.Errorf("%w: unknown version %d", ErrBadSnapshot, v)
 	}
 	index := binary.BigEndian.Uint64(hdr[len(snapshotMagic)+1:])
 
 	db, err := memdb.NewMemDB(schema())
 	if err != nil {
-		return nil, 0, fmt.Errorf("state: schema: %w", err)
+		return nil, 0, 0, fmt.Errorf("state: schema: %w", err)
 	}
 	txn := db.Txn(true)
 	defer txn.Abort()
 	var body []byte
+	var rowBytes int64
 	for {
 		tag, err := hr.ReadByte()
 		if err != nil {
-			return nil, 0, fmt.Errorf("%w: truncated: %v", ErrBadSnapshot, err)
+			return nil, 0, 0, fmt.Errorf("%w: truncated: %v", ErrBadSnapshot, err)
 		}
 		if tag == tagEnd {
 			break
@@ -229,38 +233,39 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, uint64, error) {
 			}
 		}
 		if t == nil {
-			return nil, 0, fmt.Errorf("%w: unknown record tag %d", ErrBadSnapshot, tag)
+			return nil, 0, 0, fmt.Errorf("%w: unknown record tag %d", ErrBadSnapshot, tag)
 		}
 		n, err := binary.ReadUvarint(hr)
 		if err != nil || n > maxSnapshotRecord {
-			return nil, 0, fmt.Errorf("%w: bad record length", ErrBadSnapshot)
+			return nil, 0, 0, fmt.Errorf("%w: bad record length", ErrBadSnapshot)
 		}
 		if uint64(cap(body)) < n {
 			body = make([]byte, n)
 		}
 		body = body[:n]
 		if _, err := io.ReadFull(hr, body); err != nil {
-			return nil, 0, fmt.Errorf("%w: truncated record: %v", ErrBadSnapshot, err)
+			return nil, 0, 0, fmt.Errorf("%w: truncated record: %v", ErrBadSnapshot, err)
 		}
 		row := t.new()
 		if err := proto.Unmarshal(body, row); err != nil {
-			return nil, 0, fmt.Errorf("%w: %s row: %v", ErrBadSnapshot, t.table, err)
+			return nil, 0, 0, fmt.Errorf("%w: %s row: %v", ErrBadSnapshot, t.table, err)
 		}
+		rowBytes += int64(n)
 		if err := txn.Insert(t.table, row); err != nil {
-			return nil, 0, fmt.Errorf("%w: %s row: %v", ErrBadSnapshot, t.table, err)
+			return nil, 0, 0, fmt.Errorf("%w: %s row: %v", ErrBadSnapshot, t.table, err)
 		}
 	}
 	want := hr.h.Sum(nil)
 	got := make([]byte, sha256.Size)
 	if _, err := io.ReadFull(hr.r, got); err != nil {
-		return nil, 0, fmt.Errorf("%w: missing checksum: %v", ErrBadSnapshot, err)
+		return nil, 0, 0, fmt.Errorf("%w: missing checksum: %v", ErrBadSnapshot, err)
 	}
 	if !bytes.Equal(got, want) {
-		return nil, 0, fmt.Errorf("%w: checksum mismatch", ErrBadSnapshot)
+		return nil, 0, 0, fmt.Errorf("%w: checksum mismatch", ErrBadSnapshot)
 	}
 	if _, err := hr.r.ReadByte(); err != io.EOF {
-		return nil, 0, fmt.Errorf("%w: trailing data after checksum", ErrBadSnapshot)
+		return nil, 0, 0, fmt.Errorf("%w: trailing data after checksum", ErrBadSnapshot)
 	}
 	txn.Commit()
-	return db, index, nil
+	return db, index, rowBytes, nil
 }
