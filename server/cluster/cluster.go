@@ -337,6 +337,7 @@ func New(cfg Config) (*Node, error) {
 		}
 		log.Info("cluster: bootstrapped a one-node cluster", "address", n.advertise)
 	}
+	n.electAlone(raft.ReloadableConfig{HeartbeatTimeout: rc.LeaderLeaseTimeout, ElectionTimeout: rc.LeaderLeaseTimeout})
 	log.Info("cluster: node started", "address", n.advertise, "log_store", cfg.LogStore, "existing_state", hasState)
 	ok = true
 	return n, nil
@@ -368,6 +369,7 @@ func (n *Node) Stats() map[string]string {
 	s["node_id"] = n.cfg.NodeID
 	s["advertise_addr"] = n.advertise
 	s["log_store"] = n.cfg.LogStore
+	s["heartbeat_timeout"] = n.raft.ReloadableConfig().HeartbeatTimeout.String()
 	tok, ok, _ := n.Leadership()
 	s["leader_ready"] = strconv.FormatBool(ok)
 	if ok {

@@ -34,6 +34,11 @@ func TestSnapshotBySize(t *testing.T) {
 
 	r := n.restart(t)
 	waitLeader(t, []*testNode{r})
+	// The only voter stood for election early; leading, it is back on the
+	// configured timeouts.
+	waitFor(t, 10*time.Second, "the configured heartbeat timeout", func() bool {
+		return r.Stats()["heartbeat_timeout"] == r.cfg.HeartbeatTimeout.String()
+	})
 	waitFor(t, 10*time.Second, "the state back", func() bool { return r.fsm.Count() == 43 })
 	if r.fsm.Restores() != 1 {
 		t.Fatalf("%d snapshot restores at start, want 1", r.fsm.Restores())
