@@ -18,10 +18,17 @@ import (
 // that snapshot): a restart restores the state and replays a log no larger
 // than a share of it, however long the history.
 
-// Defaults for the size trigger (see Config).
+// Defaults for the size trigger (see Config). Replaying a byte of log costs
+// about twice what restoring a byte of snapshot does (an entry created is
+// validated, checked for duplicates and remembered for deduplication; one
+// restored is only inserted), so with a quarter a restart costs at most about
+// one and a half restores of the state. A snapshot costs about a tenth of
+// applying the entries it holds, so snapshotting every quarter of the state
+// adds about 40% to the apply work, on a goroutine of its own. The minimum
+// keeps a small state from being snapshotted for every few writes.
 const (
 	DefaultSnapshotMinBytes   = 4 << 20
-	DefaultSnapshotStateRatio = 0.5
+	DefaultSnapshotStateRatio = 0.25
 )
 
 const (
