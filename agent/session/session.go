@@ -491,10 +491,26 @@ func (s *Session) syncOnce(ctx context.Context) (gotAny bool, err error) {
 	if err != nil {
 		return false, err
 	}
+	var pending *ferrypb.SyncEntriesResponse // a full set arriving in parts
 	for {
 		msg, err := stream.Recv()
 		if err != nil {
 			return gotAny, err
+		}
+		switch {
+		case pending != nil:
+			if msg.Full || msg.Revision != pending.Revision {
+				return gotAny, fmt.Errorf("session: entry stream: part of revision %d (full %v) within the full set of revision %d", msg.Revision, msg.Full, pending.Revision)
+			}
+			pending.Entries = append(pending.Entries, msg.Entries...)
+			pending.AgentIdentity = msg.AgentIdentity
+			if msg.More {
+				continue
+			}
+			msg, pending = pending, nil
+		case msg.Full && msg.More:
+			pending = msg
+			continue
 		}
 		if msg.Full && msg.Revision < s.revision {
 			if s.behindSince.IsZero() {
@@ -512,9 +528,6 @@ func (s *Session) syncOnce(ctx context.Context) (gotAny bool, err error) {
 			s.revision = msg.Revision
 		}
 		gotAny = true
-		if msg.Bundles != nil {
-			s.applyBundles(msg.Bundles)
-		}
 		// A change of the agent's own identity alone is applied as an
 		// empty change: it moves the entry revision, which ends every
 		// cached decision about which identities callers may use.
@@ -524,6 +537,12 @@ func (s *Session) syncOnce(ctx context.Context) (gotAny bool, err error) {
 			s.cfg.Sink.SetEntries(msg.Entries, msg.Revision)
 		} else if len(msg.Entries) > 0 || len(msg.DeletedIds) > 0 || identityChanged {
 			s.cfg.Sink.ApplyEntryChanges(msg.Entries, msg.DeletedIds, msg.Revision)
+		}
+		// Bundles after entries: the first bundle is what lets the cache
+		// answer workloads, and it must not answer before it knows their
+		// entries (a workload would be told it has no identity).
+		if msg.Bundles != nil {
+			s.applyBundles(msg.Bundles)
 		}
 	}
 }

@@ -1724,13 +1724,20 @@ func (x *CommandResult) GetFederationRelationship() *FederationRelationship {
 // AppliedRequest remembers the result of an applied request ID, so a retry of the
 // same command is answered without applying it again.
 type AppliedRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	RequestId     string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
-	TimeUnixNano  int64                  `protobuf:"varint,3,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
-	Result        *CommandResult         `protobuf:"bytes,4,opt,name=result,proto3" json:"result,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	RequestId    string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Index        uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	TimeUnixNano int64                  `protobuf:"varint,3,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
+	Result       *CommandResult         `protobuf:"bytes,4,opt,name=result,proto3" json:"result,omitempty"`
+	// entry_ids and entry_revisions stand for result.entries, which is stored
+	// without them ("" for an absent one): the rows live in the entries table, and
+	// a deleted row must not stay in memory and in every snapshot for the dedup
+	// window. A retry is answered with the rows still at those revisions, and
+	// with only the ID and revision of the others (deleted or changed since).
+	EntryIds       []string `protobuf:"bytes,5,rep,name=entry_ids,json=entryIds,proto3" json:"entry_ids,omitempty"`
+	EntryRevisions []uint64 `protobuf:"varint,6,rep,packed,name=entry_revisions,json=entryRevisions,proto3" json:"entry_revisions,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *AppliedRequest) Reset() {
@@ -1787,6 +1794,20 @@ func (x *AppliedRequest) GetTimeUnixNano() int64 {
 func (x *AppliedRequest) GetResult() *CommandResult {
 	if x != nil {
 		return x.Result
+	}
+	return nil
+}
+
+func (x *AppliedRequest) GetEntryIds() []string {
+	if x != nil {
+		return x.EntryIds
+	}
+	return nil
+}
+
+func (x *AppliedRequest) GetEntryRevisions() []uint64 {
+	if x != nil {
+		return x.EntryRevisions
 	}
 	return nil
 }
@@ -2650,13 +2671,15 @@ const file_commands_proto_rawDesc = "" +
 	"\vsigning_key\x18\x19 \x01(\v2\x14.ferry.v1.SigningKeyR\n" +
 	"signingKey\x12-\n" +
 	"\x05batch\x18\x1e \x03(\v2\x17.ferry.v1.CommandResultR\x05batch\x12Y\n" +
-	"\x17federation_relationship\x18( \x01(\v2 .ferry.v1.FederationRelationshipR\x16federationRelationship\"\x9c\x01\n" +
+	"\x17federation_relationship\x18( \x01(\v2 .ferry.v1.FederationRelationshipR\x16federationRelationship\"\xe2\x01\n" +
 	"\x0eAppliedRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12$\n" +
 	"\x0etime_unix_nano\x18\x03 \x01(\x03R\ftimeUnixNano\x12/\n" +
-	"\x06result\x18\x04 \x01(\v2\x17.ferry.v1.CommandResultR\x06result\"5\n" +
+	"\x06result\x18\x04 \x01(\v2\x17.ferry.v1.CommandResultR\x06result\x12\x1b\n" +
+	"\tentry_ids\x18\x05 \x03(\tR\bentryIds\x12'\n" +
+	"\x0fentry_revisions\x18\x06 \x03(\x04R\x0eentryRevisions\"5\n" +
 	"\tTenantPut\x12(\n" +
 	"\x06tenant\x18\x01 \x01(\v2\x10.ferry.v1.TenantR\x06tenant\"\x1e\n" +
 	"\fTenantDelete\x12\x0e\n" +

@@ -317,6 +317,12 @@ func (a *Agent) authorized(v *state.View, n *ferrypb.AttestedNode) map[string]*f
 	return out
 }
 
+// authorizedEntry returns entry id if agent n may serve it, else nil; its
+// cost does not grow with the agent's other entries (see authorized).
+func (a *Agent) authorizedEntry(v *state.View, n *ferrypb.AttestedNode, id string) *ferrypb.Entry {
+	return v.AuthorizedEntry(id, n.SpiffeId, a.serverID, n.Selectors)
+}
+
 // BatchNewX509SVID signs CSRs for authorized entries. The SPIFFE ID always comes
 // from the entry, never from the CSR.
 func (a *Agent) BatchNewX509SVID(ctx context.Context, req *ferrypb.BatchNewX509SVIDRequest) (*ferrypb.BatchNewX509SVIDResponse, error) {
@@ -330,13 +336,13 @@ func (a *Agent) BatchNewX509SVID(ctx context.Context, req *ferrypb.BatchNewX509S
 	if err := a.allow(n.SpiffeId, len(req.Params)); err != nil {
 		return nil, err
 	}
-	entries := a.authorized(a.cfg.Store.View(), n)
+	v := a.cfg.Store.View()
 	resp := &ferrypb.BatchNewX509SVIDResponse{Results: make([]*ferrypb.X509SVIDResult, len(req.Params))}
 	var reqs []ca.X509SVIDRequest
 	var pos []int
 	for i, p := range req.Params {
-		e, ok := entries[p.EntryId]
-		if !ok {
+		e := a.authorizedEntry(v, n, p.EntryId)
+		if e == nil {
 			resp.Results[i] = &ferrypb.X509SVIDResult{Status: &ferrypb.Status{Code: int32(codes.PermissionDenied), Message: fmt.Sprintf("agent is not authorized for entry %q", p.EntryId)}}
 			continue
 		}
@@ -382,17 +388,16 @@ func (a *Agent) NewJWTSVID(ctx context.Context, req *ferrypb.NewJWTSVIDRequest) 
 		return nil, err
 	}
 	v := a.cfg.Store.View()
-	auth := a.authorized(v, n)
 	var subject string
 	var ttl time.Duration
 	if req.Agent {
-		if err := a.agentMayExchange(v, n, auth, req); err != nil {
+		if err := a.agentMayExchange(v, n, a.authorized(v, n), req); err != nil {
 			return nil, err
 		}
 		subject = n.SpiffeId
 	} else {
-		e, ok := auth[req.EntryId]
-		if !ok {
+		e := a.authorizedEntry(v, n, req.EntryId)
+		if e == nil {
 			return nil, status.Errorf(codes.PermissionDenied, "agent is not authorized for entry %q", req.EntryId)
 		}
 		subject, ttl = e.SpiffeId, time.Duration(e.JwtSvidTtl)*time.Second
@@ -445,10 +450,11 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 		agentIdentity = cur.GetSystemAssignedIdentity()
 	}
 	first := &ferrypb.SyncEntriesResponse{Full: true, Bundles: bundles, Revision: v.Index(), AgentIdentity: agentIdentity}
+	first.Entries = make([]*ferrypb.Entry, 0, len(sent))
 	for _, e := range sent {
 		first.Entries = append(first.Entries, e)
 	}
-	if err := stream.Send(first); err != nil {
+	if err := sendSync(stream, first); err != nil {
 		return err
 	}
 	index := v.Index()
@@ -489,13 +495,68 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 		if len(msg.Entries) == 0 && len(msg.DeletedIds) == 0 && msg.Bundles == nil && !identityChanged {
 			continue
 		}
-		if err := stream.Send(msg); err != nil {
+		if err := sendSync(stream, msg); err != nil {
 			if errors.Is(err, io.EOF) || ctx.Err() != nil {
 				return nil
 			}
 			return err
 		}
 	}
+}
+
+// syncMessageBytes bounds the entries and deleted IDs of one SyncEntries
+// message, well under the 4 MiB an agent's gRPC client accepts.
+const syncMessageBytes = 1 << 20
+
+// sendSync sends msg in parts of at most syncMessageBytes (see splitSync).
+func sendSync(stream ferrypb.Agent_SyncEntriesServer, msg *ferrypb.SyncEntriesResponse) error {
+	for _, part := range splitSync(msg, syncMessageBytes) {
+		if err := stream.Send(part); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// splitSync splits msg into parts whose entries and deleted IDs take at most
+// budget bytes each (one entry larger than that goes alone). Every part carries
+// msg's revision and agent identity; the first also its full flag and bundles;
+// every part but the last has More set. A msg within budget is returned as is.
+func splitSync(msg *ferrypb.SyncEntriesResponse, budget int) []*ferrypb.SyncEntriesResponse {
+	var parts []*ferrypb.SyncEntriesResponse
+	part := &ferrypb.SyncEntriesResponse{Full: msg.Full, Bundles: msg.Bundles, Revision: msg.Revision, AgentIdentity: msg.AgentIdentity}
+	size := 0
+	flush := func() {
+		parts = append(parts, part)
+		part = &ferrypb.SyncEntriesResponse{Revision: msg.Revision, AgentIdentity: msg.AgentIdentity}
+		size = 0
+	}
+	// Field tag and length prefix: at most 1 + 4 bytes for what fits a part.
+	const overhead = 5
+	for _, e := range msg.Entries {
+		n := proto.Size(e) + overhead
+		if size > 0 && size+n > budget {
+			flush()
+		}
+		part.Entries = append(part.Entries, e)
+		size += n
+	}
+	for _, id := range msg.DeletedIds {
+		n := len(id) + overhead
+		if size > 0 && size+n > budget {
+			flush()
+		}
+		part.DeletedIds = append(part.DeletedIds, id)
+		size += n
+	}
+	if len(parts) == 0 {
+		return []*ferrypb.SyncEntriesResponse{msg}
+	}
+	parts = append(parts, part)
+	for _, p := range parts[:len(parts)-1] {
+		p.More = true
+	}
+	return parts
 }
 
 // bundlesFor returns our own bundle and those the entries federate with.
@@ -569,8 +630,8 @@ func (a *Agent) NewWITSVID(ctx context.Context, req *ferrypb.NewWITSVIDRequest) 
 	if err := a.allow(n.SpiffeId, 1); err != nil {
 		return nil, err
 	}
-	e, ok := a.authorized(a.cfg.Store.View(), n)[req.EntryId]
-	if !ok {
+	e := a.authorizedEntry(a.cfg.Store.View(), n, req.EntryId)
+	if e == nil {
 		return nil, status.Errorf(codes.PermissionDenied, "agent is not authorized for entry %q", req.EntryId)
 	}
 	id, err := spiffeid.FromString(e.SpiffeId)

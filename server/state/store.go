@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/raft"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
@@ -25,8 +26,11 @@ type Config struct {
 	Logger *slog.Logger
 	// DedupWindow is how long request IDs are remembered (DefaultDedupWindow if 0).
 	DedupWindow time.Duration
-	// FeedWindow is how many changes the change feed keeps (65,536 if 0).
+	// FeedWindow is how many changes the change feed keeps at most (65,536 if
+	// 0). It also keeps no more bytes of rows than the state's rows take, or
+	// FeedBytes (1 MiB if 0) if more.
 	FeedWindow int
+	FeedBytes  int64
 }
 
 // Store is the server's replicated state. It implements raft.FSM and
@@ -42,6 +46,8 @@ type Store struct {
 	db      *memdb.MemDB
 	feed    *feed
 	applied atomic.Uint64
+	// rowBytes is the encoded size of every row of db.
+	rowBytes atomic.Int64
 	// appliedCh is closed and replaced whenever applied moves.
 	appliedCh chan struct{}
 }
@@ -73,9 +79,16 @@ func New(cfg Config) (*Store, error) {
 	if s.feedWindow <= 0 {
 		s.feedWindow = defaultFeedWindow
 	}
-	s.feed = newFeed(s.feedWindow, 0)
+	if cfg.FeedBytes <= 0 {
+		cfg.FeedBytes = defaultFeedBytes
+	}
+	s.feed = newFeed(s.feedWindow, cfg.FeedBytes, 0)
 	return s, nil
 }
+
+// StateBytes is the encoded size of the state's rows: what a snapshot of it
+// holds, give or take framing.
+func (s *Store) StateBytes() int64 { return s.rowBytes.Load() }
 
 // AppliedIndex is the Raft index of the last log entry applied.
 func (s *Store) AppliedIndex() uint64 { return s.applied.Load() }
@@ -121,6 +134,7 @@ func (s *Store) ApplyBatch(logs []*raft.Log) []any {
 		return out
 	}
 	txn := s.db.Txn(true)
+	txn.TrackChanges()
 	var changes []Change
 	for i, l := range logs {
 		if l.Type != raft.LogCommand {
@@ -130,15 +144,28 @@ func (s *Store) ApplyBatch(logs []*raft.Log) []any {
 		out[i] = res
 		changes = append(changes, cs...)
 	}
+	var delta int64
+	for _, c := range txn.Changes() {
+		delta += rowSize(c.After) - rowSize(c.Before)
+	}
 	last := logs[len(logs)-1].Index
 	s.mu.Lock()
 	txn.Commit()
-	s.feed.append(changes, last)
+	rows := s.rowBytes.Add(delta)
+	s.feed.append(changes, last, rows)
 	s.applied.Store(last)
 	close(s.appliedCh)
 	s.appliedCh = make(chan struct{})
 	s.mu.Unlock()
 	return out
+}
+
+// rowSize is the encoded size of a row (0 for none).
+func rowSize(row any) int64 {
+	if m, ok := row.(proto.Message); ok {
+		return int64(proto.Size(m))
+	}
+	return 0
 }
 
 // applyOne applies a command inside txn, de-duplicating by request ID.
@@ -183,21 +210,77 @@ func (s *Store) applyCommand(txn *memdb.Txn, index uint64, cmd *ferrypb.Command)
 			panic(fmt.Sprintf("state: requests lookup: %v", err))
 		}
 		if raw != nil {
-			return raw.(*ferrypb.AppliedRequest).Result, nil
+			return replayResult(txn, raw.(*ferrypb.AppliedRequest)), nil
 		}
 	}
 	a := &applier{txn: txn, index: index, now: time.Unix(0, cmd.TimeUnixNano)}
 	res := a.apply(cmd)
 	res.Index = index
 	if cmd.RequestId != "" {
-		must(txn.Insert(TableRequests, &ferrypb.AppliedRequest{
-			RequestId:    cmd.RequestId,
-			Index:        index,
-			TimeUnixNano: cmd.TimeUnixNano,
-			Result:       res,
-		}))
+		must(txn.Insert(TableRequests, appliedRequest(cmd, index, res)))
 	}
 	return res, a.changes
+}
+
+// appliedRequest is what the requests table keeps of a command's result: the
+// result without its entry rows, which it names by ID and revision instead
+// (see ferrypb.AppliedRequest).
+func appliedRequest(cmd *ferrypb.Command, index uint64, res *ferrypb.CommandResult) *ferrypb.AppliedRequest {
+	ar := &ferrypb.AppliedRequest{RequestId: cmd.RequestId, Index: index, TimeUnixNano: cmd.TimeUnixNano, Result: res}
+	if len(res.Entries) == 0 {
+		return ar
+	}
+	ar.Result = withoutEntries(res)
+	ar.EntryIds = make([]string, len(res.Entries))
+	ar.EntryRevisions = make([]uint64, len(res.Entries))
+	for i, e := range res.Entries {
+		if e != nil {
+			ar.EntryIds[i], ar.EntryRevisions[i] = e.Id, e.Revision
+		}
+	}
+	return ar
+}
+
+// replayResult answers a retry from its AppliedRequest: the stored result
+// with its entries looked up again.
+func replayResult(txn *memdb.Txn, ar *ferrypb.AppliedRequest) *ferrypb.CommandResult {
+	if len(ar.EntryIds) == 0 {
+		return ar.Result
+	}
+	out := withoutEntries(ar.Result)
+	out.Entries = make([]*ferrypb.Entry, len(ar.EntryIds))
+	for i, id := range ar.EntryIds {
+		if id == "" {
+			continue
+		}
+		var rev uint64
+		if i < len(ar.EntryRevisions) {
+			rev = ar.EntryRevisions[i]
+		}
+		raw, err := txn.First(TableEntries, "id", id)
+		must(err)
+		if e, ok := raw.(*ferrypb.Entry); ok && e.Revision == rev {
+			out.Entries[i] = e
+		} else {
+			out.Entries[i] = &ferrypb.Entry{Id: id, Revision: rev}
+		}
+	}
+	return out
+}
+
+// withoutEntries is a shallow copy of res (sharing its other fields' values)
+// without its entries.
+func withoutEntries(res *ferrypb.CommandResult) *ferrypb.CommandResult {
+	src := res.ProtoReflect()
+	dst := src.New()
+	entries := src.Descriptor().Fields().ByName("entries")
+	src.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		if fd != entries {
+			dst.Set(fd, v)
+		}
+		return true
+	})
+	return dst.Interface().(*ferrypb.CommandResult)
 }
 
 // pruneRequests forgets request IDs older than the dedup window, measured in
