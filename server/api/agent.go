@@ -65,6 +65,8 @@ type Agent struct {
 	attestors map[string]node.ServerAttestor
 	global    *rate.Limiter
 
+	hub *syncHub
+
 	mu      sync.Mutex
 	limiter map[string]*rate.Limiter
 }
@@ -99,6 +101,7 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 		global:    rate.NewLimiter(rate.Limit(cfg.GlobalRate), int(cfg.GlobalRate)),
 		limiter:   map[string]*rate.Limiter{},
 	}
+	a.hub = newSyncHub(cfg.Store, a.serverID)
 	for _, at := range cfg.Attestors {
 		a.attestors[at.Name()] = at
 	}
@@ -434,64 +437,73 @@ func (a *Agent) agentMayExchange(v *state.View, n *ferrypb.AttestedNode, auth ma
 }
 
 // SyncEntries streams the caller's authorized entries: everything first, then the
-// difference after every committed change to entries, nodes or bundles. Nothing
-// is polled: the stream waits on the state's change feed.
+// difference after every committed change to entries, nodes or bundles that
+// may concern the agent. Nothing is polled: the server's sync hub follows the
+// change feed and wakes the streams a change concerns (see syncHub).
 func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_SyncEntriesServer) error {
 	ctx := stream.Context()
 	n, _, err := a.caller(ctx)
 	if err != nil {
 		return err
 	}
+	// Registered before the first view: a change to the agent's node from
+	// here on wakes the stream.
+	box := a.hub.register(n.SpiffeId)
+	defer a.hub.unregister(box)
 	v := a.cfg.Store.View()
-	sent := a.authorized(v, n)
-	bundles := a.bundlesFor(v, sent)
-	agentIdentity := n.GetSystemAssignedIdentity()
 	if cur := v.Node(n.SpiffeId); cur != nil {
-		agentIdentity = cur.GetSystemAssignedIdentity()
+		n = cur
 	}
-	first := &ferrypb.SyncEntriesResponse{Full: true, Bundles: bundles, Revision: v.Index(), AgentIdentity: agentIdentity}
-	first.Entries = make([]*ferrypb.Entry, 0, len(sent))
-	for _, e := range sent {
+	st := &syncState{a: a, agentID: n.SpiffeId, selectors: n.Selectors, sent: a.authorized(v, n)}
+	st.bundles = a.bundlesFor(v, st.sent)
+	st.agentIdentity = n.GetSystemAssignedIdentity()
+	first := &ferrypb.SyncEntriesResponse{Full: true, Bundles: st.bundles, Revision: v.Index(), AgentIdentity: st.agentIdentity}
+	first.Entries = make([]*ferrypb.Entry, 0, len(st.sent))
+	for _, e := range st.sent {
 		first.Entries = append(first.Entries, e)
+	}
+	if a.hub.setParents(box, st.parents(v), v.Index()) {
+		box.post(func() { box.full = true })
 	}
 	if err := sendSync(stream, first); err != nil {
 		return err
 	}
-	index := v.Index()
 	for {
-		_, err := a.cfg.Store.ChangesSince(ctx, index, state.TableEntries, state.TableNodes, state.TableBundles)
-		if err != nil && !errors.Is(err, state.ErrCompacted) {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return toStatus(err)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-box.wake:
 		}
+		keys, full, nodeChanged, bundlesChanged := box.take()
 		v = a.cfg.Store.View()
-		index = v.Index()
 		cur := v.Node(n.SpiffeId)
 		if cur == nil || cur.Banned {
 			return status.Errorf(codes.PermissionDenied, "agent %s was evicted or banned", n.SpiffeId)
 		}
-		now := a.authorized(v, cur)
-		msg := &ferrypb.SyncEntriesResponse{Revision: index, AgentIdentity: cur.GetSystemAssignedIdentity()}
-		for id, e := range now {
-			if old, ok := sent[id]; !ok || old.Revision != e.Revision {
-				msg.Entries = append(msg.Entries, e)
+		if nodeChanged && !slices.EqualFunc(cur.Selectors, st.selectors, func(x, y *ferrypb.Selector) bool { return proto.Equal(x, y) }) {
+			full = true
+		}
+		st.selectors = cur.Selectors
+		msg := &ferrypb.SyncEntriesResponse{Revision: v.Index(), AgentIdentity: cur.GetSystemAssignedIdentity()}
+		if full || !st.apply(v, cur, keys, msg) {
+			msg.Entries, msg.DeletedIds = nil, nil
+			st.recompute(v, cur, msg)
+			bundlesChanged = true
+		}
+		if bundlesChanged || st.federated {
+			if nb := a.bundlesFor(v, st.sent); !sameBundles(nb, st.bundles) {
+				msg.Bundles = nb
+				st.bundles = nb
 			}
 		}
-		for id := range sent {
-			if _, ok := now[id]; !ok {
-				msg.DeletedIds = append(msg.DeletedIds, id)
+		st.federated = false
+		if len(msg.Entries) > 0 || len(msg.DeletedIds) > 0 || full {
+			if a.hub.setParents(box, st.parents(v), v.Index()) {
+				box.post(func() { box.full = true })
 			}
 		}
-		nb := a.bundlesFor(v, now)
-		if !sameBundles(nb, bundles) {
-			msg.Bundles = nb
-			bundles = nb
-		}
-		sent = now
-		identityChanged := msg.AgentIdentity != agentIdentity
-		agentIdentity = msg.AgentIdentity
+		identityChanged := msg.AgentIdentity != st.agentIdentity
+		st.agentIdentity = msg.AgentIdentity
 		if len(msg.Entries) == 0 && len(msg.DeletedIds) == 0 && msg.Bundles == nil && !identityChanged {
 			continue
 		}
@@ -502,6 +514,96 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 			return err
 		}
 	}
+}
+
+// syncState is what one SyncEntries stream has sent its agent.
+type syncState struct {
+	a             *Agent
+	agentID       string
+	selectors     []*ferrypb.Selector // the agent's node selectors sent against
+	sent          map[string]*ferrypb.Entry
+	bundles       []*ferrypb.Bundle
+	agentIdentity bool
+	// federated: a change touched an entry that federates, so the bundles
+	// the agent needs may have changed.
+	federated bool
+}
+
+// recompute diffs the agent's whole authorized set against what was sent.
+func (st *syncState) recompute(v *state.View, n *ferrypb.AttestedNode, msg *ferrypb.SyncEntriesResponse) {
+	now := st.a.authorized(v, n)
+	for id, e := range now {
+		if old, ok := st.sent[id]; !ok || old.Revision != e.Revision {
+			msg.Entries = append(msg.Entries, e)
+		}
+	}
+	for id := range st.sent {
+		if _, ok := now[id]; !ok {
+			msg.DeletedIds = append(msg.DeletedIds, id)
+		}
+	}
+	st.sent = now
+}
+
+// apply brings the changed entries keys up to date, each decided on its own
+// by walking up its parents (View.AuthorizedEntry). It returns false, having
+// changed nothing, when a change may also change whether other entries are
+// authorized (an entry that issues a SPIFFE ID other entries are parented
+// on came, went or changed its SPIFFE ID): the caller then recomputes.
+func (st *syncState) apply(v *state.View, n *ferrypb.AttestedNode, keys map[string]struct{}, msg *ferrypb.SyncEntriesResponse) bool {
+	type update struct {
+		id  string
+		now *ferrypb.Entry
+	}
+	var updates []update
+	for id := range keys {
+		now := v.AuthorizedEntry(id, n.SpiffeId, st.a.serverID, n.Selectors)
+		old, had := st.sent[id]
+		if now == nil && !had || now != nil && had && old.Revision == now.Revision {
+			continue
+		}
+		if had != (now != nil) || had && old.SpiffeId != now.SpiffeId {
+			if had && hasChildren(v, old.SpiffeId) || now != nil && hasChildren(v, now.SpiffeId) {
+				return false
+			}
+		}
+		updates = append(updates, update{id, now})
+	}
+	for _, u := range updates {
+		if old := st.sent[u.id]; old != nil && len(old.FederatesWith) > 0 {
+			st.federated = true
+		}
+		if u.now == nil {
+			delete(st.sent, u.id)
+			msg.DeletedIds = append(msg.DeletedIds, u.id)
+			continue
+		}
+		if len(u.now.FederatesWith) > 0 {
+			st.federated = true
+		}
+		st.sent[u.id] = u.now
+		msg.Entries = append(msg.Entries, u.now)
+	}
+	return true
+}
+
+// hasChildren reports whether any entry is parented on SPIFFE ID id.
+func hasChildren(v *state.View, id string) bool {
+	children, _ := v.ListEntries(state.EntryFilter{ParentID: id}, "", 1)
+	return len(children) > 0
+}
+
+// parents returns what the stream registers on: the agent's ID, the node
+// aliases it belongs to and the SPIFFE IDs of the entries it was sent.
+func (st *syncState) parents(v *state.View) map[string]int {
+	out := map[string]int{st.agentID: 1}
+	for _, alias := range v.NodeAliases(st.a.serverID, st.selectors) {
+		out[alias]++
+	}
+	for _, e := range st.sent {
+		out[e.SpiffeId]++
+	}
+	return out
 }
 
 // syncMessageBytes bounds the entries and deleted IDs of one SyncEntries

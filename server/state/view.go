@@ -192,14 +192,12 @@ func (v *View) Bundles() []*ferrypb.Bundle {
 // selectors are all among the agent's node selectors), and, transitively, on any
 // SPIFFE ID those entries issue (downstream and nested workloads).
 func (v *View) AuthorizedEntries(agentID, serverID string, nodeSelectors []*ferrypb.Selector) []*ferrypb.Entry {
-	w := authWalk{have: selectorKeys(nodeSelectors)}
 	parents := []string{agentID}
 	seen := map[string]bool{agentID: true}
-	aliases, _ := v.ListEntries(EntryFilter{ParentID: serverID}, "", 0)
-	for _, e := range aliases {
-		if !seen[e.SpiffeId] && w.alias(e) {
-			seen[e.SpiffeId] = true
-			parents = append(parents, e.SpiffeId)
+	for _, id := range v.NodeAliases(serverID, nodeSelectors) {
+		if !seen[id] {
+			seen[id] = true
+			parents = append(parents, id)
 		}
 	}
 	var out []*ferrypb.Entry
@@ -218,6 +216,21 @@ func (v *View) AuthorizedEntries(agentID, serverID string, nodeSelectors []*ferr
 				seen[e.SpiffeId] = true
 				parents = append(parents, e.SpiffeId)
 			}
+		}
+	}
+	return out
+}
+
+// NodeAliases returns the SPIFFE IDs of the node aliases an agent with
+// nodeSelectors belongs to: entries parented on serverID whose selectors are
+// all among nodeSelectors (a SPIFFE ID once per alias entry).
+func (v *View) NodeAliases(serverID string, nodeSelectors []*ferrypb.Selector) []string {
+	w := authWalk{have: selectorKeys(nodeSelectors)}
+	aliases, _ := v.ListEntries(EntryFilter{ParentID: serverID}, "", 0)
+	var out []string
+	for _, e := range aliases {
+		if w.alias(e) {
+			out = append(out, e.SpiffeId)
 		}
 	}
 	return out

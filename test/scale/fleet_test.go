@@ -51,7 +51,7 @@ const (
 	fleetID     = "spiffe://example.org/scale/fleet"
 )
 
-func groupID(g int) string   { return fmt.Sprintf("spiffe://example.org/scale/group/g%03d", g) }
+func groupID(g int) string     { return fmt.Sprintf("spiffe://example.org/scale/group/g%03d", g) }
 func ownEntry(a, n int) string { return fmt.Sprintf("a%05d-%03d", a, n) }
 func groupEntry(g, n int) string {
 	return fmt.Sprintf("g%03d-%03d", g, n)

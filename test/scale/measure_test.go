@@ -36,6 +36,7 @@ type config struct {
 	SVIDTTL         int     // SCALE_SVID_TTL: workload X509-SVID lifetime, seconds (0 = server default)
 	Rest            time.Duration
 	Out             string // SCALE_OUT: figures as JSON
+	Profile         string // SCALE_PROFILE: directory for the server's heap (at rest) and CPU (writes) profiles
 }
 
 func loadConfig(t testing.TB) config {
@@ -50,7 +51,7 @@ func loadConfig(t testing.TB) config {
 		AttestParallel: envInt(t, "SCALE_ATTEST_PARALLEL", 64),
 		AgentTTL:       envStr("SCALE_AGENT_TTL", "1h"), SVIDTTL: envInt(t, "SCALE_SVID_TTL", 0),
 		Rest: time.Duration(envInt(t, "SCALE_REST_SECONDS", 10)) * time.Second,
-		Out:  os.Getenv("SCALE_OUT"),
+		Out:  os.Getenv("SCALE_OUT"), Profile: os.Getenv("SCALE_PROFILE"),
 	}
 	if c.EntriesPerAgent < 1 {
 		t.Fatal("SCALE_ENTRIES_PER_AGENT must be at least 1 (the workload uses the first)")

@@ -5,7 +5,9 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"io"
 	mrand "math/rand/v2"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -174,8 +176,17 @@ func TestScale(t *testing.T) {
 		}
 		rep.add(fmt.Sprintf("a change for one agent, %d agents connected", cfg.Agents), summarise(all).String(), "p99 < 100 ms")
 	}
+	if cfg.Profile != "" {
+		h.saveProfile(leader, "heap?gc=1", "heap-rest.pb.gz")
+	}
 	if cfg.Writes > 0 {
+		var prof sync.WaitGroup
+		if cfg.Profile != "" {
+			prof.Add(1)
+			go func() { defer prof.Done(); h.saveProfile(leader, "profile?seconds=5", "cpu-writes.pb.gz") }()
+		}
 		d, rate := h.writes(cfg.Writes, cfg.Writers)
+		prof.Wait()
 		rep.add(fmt.Sprintf("entry writes, %d agents streaming (%d writers)", cfg.Agents, cfg.Writers), fmt.Sprintf("%.0f/s; %s", rate, d), "")
 	}
 	h.converge(5 * time.Minute)
@@ -333,6 +344,9 @@ func (h *harness) create(entries []*ferrypb.Entry, size, workers int) {
 	}
 	close(batches)
 	wg.Wait()
+	if h.t.Failed() {
+		h.t.FailNow()
+	}
 }
 
 func (h *harness) delete(entries []*ferrypb.Entry, size int) {
@@ -383,13 +397,17 @@ func (h *harness) timeUpdate(id string, n int, timeout time.Duration) []time.Dur
 func (h *harness) writes(n, w int) (dist, float64) {
 	var mu sync.Mutex
 	var lat []time.Duration
-	jobs := make(chan string)
+	// Writer k updates the entries of agents k, k+w, ...: an update names the
+	// revision it replaces, so two writers never race on one entry.
+	w = min(w, h.cfg.Agents)
+	jobs := make([]chan string, w)
 	var wg sync.WaitGroup
-	for range w {
+	for k := range w {
+		jobs[k] = make(chan string, 1)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for id := range jobs {
+			for id := range jobs[k] {
 				s := time.Now()
 				h.update(id)
 				d := time.Since(s)
@@ -401,10 +419,16 @@ func (h *harness) writes(n, w int) (dist, float64) {
 	}
 	start := time.Now()
 	for range n {
-		jobs <- ownEntry(mrand.N(h.cfg.Agents), mrand.N(h.cfg.EntriesPerAgent))
+		a := mrand.N(h.cfg.Agents)
+		jobs[a%w] <- ownEntry(a, mrand.N(h.cfg.EntriesPerAgent))
 	}
-	close(jobs)
+	for _, j := range jobs {
+		close(j)
+	}
 	wg.Wait()
+	if h.t.Failed() {
+		h.t.FailNow()
+	}
 	return summarise(lat), float64(n) / time.Since(start).Seconds()
 }
 
@@ -724,6 +748,25 @@ func (h *harness) restartAll(rep *report) {
 	ready := time.Since(start)
 	streaming := h.waitStreaming(start, 5*time.Minute)
 	rep.add(fmt.Sprintf("whole cluster restart, %d entries, %d agents: all ready / all agents streaming", len(h.model), h.cfg.Agents), ms(ready)+" / "+ms(streaming), "streaming < 30 s")
+}
+
+// saveProfile saves /debug/pprof/<what> of node n under SCALE_PROFILE.
+func (h *harness) saveProfile(n *testcluster.Node, what, name string) {
+	cl := http.Client{Timeout: 5 * time.Minute}
+	resp, err := cl.Get("http://" + n.HealthAddr + "/debug/pprof/" + what)
+	if err != nil {
+		h.t.Errorf("profile %s: %v", what, err)
+		return
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		h.t.Errorf("profile %s: %v %s", what, err, resp.Status)
+		return
+	}
+	if err := os.WriteFile(filepath.Join(h.cfg.Profile, name), b, 0o644); err != nil {
+		h.t.Error(err)
+	}
 }
 
 func raiseFileLimit(t testing.TB, agents int) {
