@@ -25,6 +25,7 @@
 //	SCALE_CHURN, SCALE_CHURN_ROUNDS    entries created and deleted per round, rounds (1000, 2)
 //	SCALE_PROBES, SCALE_FANOUT_PROBES  timed changes for one agent, for every agent (20, 3)
 //	SCALE_WRITES, SCALE_WRITERS        timed single-entry writes and writers (200, 8)
+//	SCALE_STORM_CSRS          CSRs each agent sends at once in the CSR storm (1)
 //	SCALE_ATTEST_PARALLEL     agents attesting at once (64)
 //	SCALE_AGENT_TTL           agent SVID lifetime (1h; renewed at half)
 //	SCALE_SVID_TTL            workload SVID lifetime in seconds (0: the server's default)

@@ -31,6 +31,7 @@ type config struct {
 	FanoutProbes    int     // SCALE_FANOUT_PROBES: timed changes every x509pop agent receives
 	Writes          int     // SCALE_WRITES: single-entry writes timed with and without streams
 	Writers         int     // SCALE_WRITERS: concurrent writers
+	StormCSRs       int     // SCALE_STORM_CSRS: CSRs each agent sends in the storm
 	AttestParallel  int     // SCALE_ATTEST_PARALLEL: agents attesting at once
 	AgentTTL        string  // SCALE_AGENT_TTL: agent SVID lifetime (renewed at half)
 	SVIDTTL         int     // SCALE_SVID_TTL: workload X509-SVID lifetime, seconds (0 = server default)
@@ -48,7 +49,7 @@ func loadConfig(t testing.TB) config {
 		Churn: envInt(t, "SCALE_CHURN", 1000), ChurnRounds: envInt(t, "SCALE_CHURN_ROUNDS", 2),
 		Probes: envInt(t, "SCALE_PROBES", 20), FanoutProbes: envInt(t, "SCALE_FANOUT_PROBES", 3),
 		Writes: envInt(t, "SCALE_WRITES", 200), Writers: envInt(t, "SCALE_WRITERS", 8),
-		AttestParallel: envInt(t, "SCALE_ATTEST_PARALLEL", 64),
+		AttestParallel: envInt(t, "SCALE_ATTEST_PARALLEL", 64), StormCSRs: envInt(t, "SCALE_STORM_CSRS", 1),
 		AgentTTL:       envStr("SCALE_AGENT_TTL", "1h"), SVIDTTL: envInt(t, "SCALE_SVID_TTL", 0),
 		Rest: time.Duration(envInt(t, "SCALE_REST_SECONDS", 10)) * time.Second,
 		Out:  os.Getenv("SCALE_OUT"), Profile: os.Getenv("SCALE_PROFILE"),
@@ -56,6 +57,7 @@ func loadConfig(t testing.TB) config {
 	if c.EntriesPerAgent < 1 {
 		t.Fatal("SCALE_ENTRIES_PER_AGENT must be at least 1 (the workload uses the first)")
 	}
+	c.StormCSRs = min(max(c.StormCSRs, 1), c.EntriesPerAgent)
 	if c.Groups < 1 {
 		c.Groups = 1
 	}

@@ -212,8 +212,8 @@ func TestScale(t *testing.T) {
 		h.converge(5 * time.Minute)
 	}
 
-	// CSR storm: every agent signs a CSR for each of its own entries at once,
-	// as after a partition heals; a shed call is retried with backoff.
+	// CSR storm: every agent signs CSRs for its own entries at once, as after
+	// a partition heals; a shed call is retried with backoff.
 	h.storm(rep)
 	h.converge(5 * time.Minute)
 
@@ -581,7 +581,7 @@ func (h *harness) waitWorkloads(timeout time.Duration) {
 	}
 }
 
-// storm has every agent sign a CSR for each of its own entries at once.
+// storm has every agent sign StormCSRs CSRs for its own entries at once.
 func (h *harness) storm(rep *report) {
 	var pids []int
 	for _, n := range h.c.Nodes {
@@ -601,7 +601,7 @@ func (h *harness) storm(rep *report) {
 		go func() {
 			defer wg.Done()
 			<-gate
-			for n := range h.cfg.EntriesPerAgent {
+			for n := range h.cfg.StormCSRs {
 				for attempt := 0; ; attempt++ {
 					chain, err := a.sign(context.Background(), ownEntry(a.idx, n))
 					if err == nil {
@@ -631,7 +631,7 @@ func (h *harness) storm(rep *report) {
 	took := time.Since(start)
 	peak := stopPeak(stop)
 	u1 := measure(h.t, leader, false)
-	rep.add(fmt.Sprintf("CSR storm: %d agents x %d CSRs at once", h.cfg.Agents, h.cfg.EntriesPerAgent),
+	rep.add(fmt.Sprintf("CSR storm: %d agents x %d CSRs at once", h.cfg.Agents, h.cfg.StormCSRs),
 		fmt.Sprintf("all %d signed in %s (agents done: %s); %d shed and retried; peak RSS %s; server CPU %s, driver %s",
 			signed.Load(), ms(took), summarise(lat), shed.Load(), mib(peak), ms(u1.CPU-u0.CPU), ms(u1.Driver-u0.Driver)), "bounded RSS, every agent renewed")
 }
