@@ -144,15 +144,11 @@ func (s *Server) Store() *state.Store { return s.store }
 // Ready is closed once the admin API is listening.
 func (s *Server) Ready() <-chan struct{} { return s.ready }
 
-// defaultGCPercent trades memory for CPU: the state store's immutable trees
-// make garbage on every write, and at Go's default (100) the collector takes a
-// large share of a small server's cores. $GOGC still wins when set.
-const defaultGCPercent = 400
-
 // Run starts the node and serves until ctx ends.
 func (s *Server) Run(ctx context.Context) error {
+	// GOGC follows the live heap (paceGC); $GOGC still wins when set.
 	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(defaultGCPercent)
+		paceGC()
 	}
 	if s.cfg.MemoryLimit != "" {
 		n, err := parseBytes(s.cfg.MemoryLimit)

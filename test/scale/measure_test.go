@@ -42,13 +42,13 @@ type config struct {
 
 func loadConfig(t testing.TB) config {
 	c := config{
-		Nodes: envInt(t, "SCALE_NODES", 1), Agents: envInt(t, "SCALE_AGENTS", 100),
-		JoinShare: envFloat(t, "SCALE_JOIN_SHARE", 0.1), EntriesPerAgent: envInt(t, "SCALE_ENTRIES_PER_AGENT", 5),
-		Groups: envInt(t, "SCALE_GROUPS", 4), GroupEntries: envInt(t, "SCALE_GROUP_ENTRIES", 3),
+		Nodes: envInt(t, "SCALE_NODES", 1), Agents: envInt(t, "SCALE_AGENTS", 1000),
+		JoinShare: envFloat(t, "SCALE_JOIN_SHARE", 0.1), EntriesPerAgent: envInt(t, "SCALE_ENTRIES_PER_AGENT", 10),
+		Groups: envInt(t, "SCALE_GROUPS", 10), GroupEntries: envInt(t, "SCALE_GROUP_ENTRIES", 5),
 		FleetEntries: envInt(t, "SCALE_FLEET_ENTRIES", 2), IdleEntries: envInt(t, "SCALE_IDLE_ENTRIES", 0),
-		Churn: envInt(t, "SCALE_CHURN", 1000), ChurnRounds: envInt(t, "SCALE_CHURN_ROUNDS", 2),
+		Churn: envInt(t, "SCALE_CHURN", 10000), ChurnRounds: envInt(t, "SCALE_CHURN_ROUNDS", 3),
 		Probes: envInt(t, "SCALE_PROBES", 20), FanoutProbes: envInt(t, "SCALE_FANOUT_PROBES", 3),
-		Writes: envInt(t, "SCALE_WRITES", 200), Writers: envInt(t, "SCALE_WRITERS", 8),
+		Writes: envInt(t, "SCALE_WRITES", 300), Writers: envInt(t, "SCALE_WRITERS", 8),
 		AttestParallel: envInt(t, "SCALE_ATTEST_PARALLEL", 64), StormCSRs: envInt(t, "SCALE_STORM_CSRS", 1),
 		AgentTTL:       envStr("SCALE_AGENT_TTL", "1h"), SVIDTTL: envInt(t, "SCALE_SVID_TTL", 0),
 		Rest: time.Duration(envInt(t, "SCALE_REST_SECONDS", 10)) * time.Second,
