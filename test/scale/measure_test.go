@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -50,7 +51,7 @@ func loadConfig(t testing.TB) config {
 		Probes: envInt(t, "SCALE_PROBES", 20), FanoutProbes: envInt(t, "SCALE_FANOUT_PROBES", 3),
 		Writes: envInt(t, "SCALE_WRITES", 300), Writers: envInt(t, "SCALE_WRITERS", 8),
 		AttestParallel: envInt(t, "SCALE_ATTEST_PARALLEL", 64), StormCSRs: envInt(t, "SCALE_STORM_CSRS", 1),
-		AgentTTL:       envStr("SCALE_AGENT_TTL", "1h"), SVIDTTL: envInt(t, "SCALE_SVID_TTL", 0),
+		AgentTTL: envStr("SCALE_AGENT_TTL", "1h"), SVIDTTL: envInt(t, "SCALE_SVID_TTL", 0),
 		Rest: time.Duration(envInt(t, "SCALE_REST_SECONDS", 10)) * time.Second,
 		Out:  os.Getenv("SCALE_OUT"), Profile: os.Getenv("SCALE_PROFILE"),
 	}
@@ -237,4 +238,21 @@ func (r *report) print(t testing.TB) {
 			t.Error(err)
 		}
 	}
+}
+
+// cpuShare spins one thread for a second and returns the share of a core it
+// got: on a machine shared with other work, what the figures were taken with.
+func cpuShare() float64 {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	const rusageThread = 1 // RUSAGE_THREAD
+	var r0, r1 syscall.Rusage
+	_ = syscall.Getrusage(rusageThread, &r0)
+	start := time.Now()
+	for time.Since(start) < time.Second {
+	}
+	wall := time.Since(start)
+	_ = syscall.Getrusage(rusageThread, &r1)
+	used := time.Duration(r1.Utime.Nano() + r1.Stime.Nano() - r0.Utime.Nano() - r0.Stime.Nano())
+	return float64(used) / float64(wall)
 }

@@ -40,6 +40,10 @@ func TestScale(t *testing.T) {
 	raiseFileLimit(t, cfg.Agents)
 	rep := &report{Config: cfg, Load: loadAvg()}
 	defer rep.print(t)
+	rep.add("machine: CPU a spinning thread gets (neighbours' load)", fmt.Sprintf("%.0f%% of a core", 100*cpuShare()), "")
+	defer func() {
+		rep.add("machine at the end: CPU a spinning thread gets", fmt.Sprintf("%.0f%% of a core", 100*cpuShare()), "")
+	}()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 
@@ -136,7 +140,11 @@ func TestScale(t *testing.T) {
 
 	// At rest.
 	rest0 := measure(t, leader, false)
-	time.Sleep(cfg.Rest) // a measurement window, not synchronisation
+	if cfg.Profile != "" {
+		h.saveProfile(leader, fmt.Sprintf("profile?seconds=%d", int(cfg.Rest.Seconds())), "cpu-rest.pb.gz")
+	} else {
+		time.Sleep(cfg.Rest) // a measurement window, not synchronisation
+	}
 	rest1 := measure(t, leader, true)
 	perAgent := float64(rest1.Heap-withEntries.Heap) / float64(cfg.Agents)
 	rep.add(fmt.Sprintf("live heap with %d agents connected", cfg.Agents), fmt.Sprintf("%s (%s per agent); RSS %s (%s per agent)",
@@ -157,12 +165,18 @@ func TestScale(t *testing.T) {
 	}
 	if cfg.FleetEntries > 0 && pops > 0 {
 		var all []time.Duration
+		var prof sync.WaitGroup
+		if cfg.Profile != "" {
+			prof.Add(1)
+			go func() { defer prof.Done(); h.saveProfile(leader, "profile?seconds=5", "cpu-fanout.pb.gz") }()
+		}
 		u0 := measure(t, leader, false)
 		for range cfg.FanoutProbes {
 			lat := h.timeUpdate(fleetEntry(0), pops, 2*time.Minute)
 			all = append(all, lat...)
 		}
 		u1 := measure(t, leader, false)
+		prof.Wait()
 		rep.add(fmt.Sprintf("fan-out: a fleet entry change reaches all %d x509pop agents", pops), summarise(all).String()+
 			fmt.Sprintf("; server CPU %s per change", ms((u1.CPU-u0.CPU)/time.Duration(cfg.FanoutProbes))), "p99 < 1 s")
 	}
@@ -590,7 +604,7 @@ func (h *harness) storm(rep *report) {
 	leader := h.leader()
 	u0 := measure(h.t, leader, false)
 	stop := peakRSS(pids)
-	var signed, shed, failed atomic.Int64
+	var signed, shed, retried, failed atomic.Int64
 	var lat []time.Duration
 	var mu sync.Mutex
 	gate := make(chan struct{})
@@ -611,8 +625,14 @@ func (h *harness) storm(rep *report) {
 						signed.Add(1)
 						break
 					}
-					if status.Code(err) == codes.ResourceExhausted || status.Code(err) == codes.Unavailable {
+					switch status.Code(err) {
+					case codes.ResourceExhausted:
 						shed.Add(1)
+						time.Sleep(backoff(attempt))
+						continue
+					case codes.DeadlineExceeded, codes.Unavailable:
+						// Not answered within the agent's 30 s: it asks again.
+						retried.Add(1)
 						time.Sleep(backoff(attempt))
 						continue
 					}
@@ -632,8 +652,8 @@ func (h *harness) storm(rep *report) {
 	peak := stopPeak(stop)
 	u1 := measure(h.t, leader, false)
 	rep.add(fmt.Sprintf("CSR storm: %d agents x %d CSRs at once", h.cfg.Agents, h.cfg.StormCSRs),
-		fmt.Sprintf("all %d signed in %s (agents done: %s); %d shed and retried; peak RSS %s; server CPU %s, driver %s",
-			signed.Load(), ms(took), summarise(lat), shed.Load(), mib(peak), ms(u1.CPU-u0.CPU), ms(u1.Driver-u0.Driver)), "bounded RSS, every agent renewed")
+		fmt.Sprintf("%d signed in %s (agents done: %s); %d shed with ResourceExhausted and %d timed out (30 s), all retried; peak RSS %s; server CPU %s (%s per CSR), driver %s",
+			signed.Load(), ms(took), summarise(lat), shed.Load(), retried.Load(), mib(peak), ms(u1.CPU-u0.CPU), ms((u1.CPU-u0.CPU)/time.Duration(max(1, signed.Load()))), ms(u1.Driver-u0.Driver)), "bounded RSS, every agent renewed")
 }
 
 func stopPeak(stop func() int64) int64 { return stop() }
@@ -646,13 +666,27 @@ func (h *harness) restartOne(rep *report, n *testcluster.Node) {
 	start := time.Now()
 	n.Start()
 	socket := time.Since(start)
-	for !n.Ready() {
-		time.Sleep(20 * time.Millisecond)
-	}
+	h.waitReady(n, 5*time.Minute)
 	ready := time.Since(start)
 	streaming := h.waitStreaming(start, 5*time.Minute)
 	rep.add(fmt.Sprintf("restart with %d entries, %d agents: admin socket / ready", len(h.model), h.cfg.Agents), ms(socket)+" / "+ms(ready), "ready < 10 s")
 	rep.add("restart: all agents streaming again (new full set)", ms(streaming), "")
+}
+
+// waitReady waits until n's /ready answers 200.
+func (h *harness) waitReady(n *testcluster.Node, timeout time.Duration) {
+	deadline := time.Now().Add(timeout)
+	for {
+		err := n.ReadyErr()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			fds, _ := os.ReadDir("/proc/self/fd")
+			h.t.Fatalf("%s not ready after %s (the driver has %d files open): %v", n.ID, timeout, len(fds), err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // waitStreaming waits until every agent has received a full set after t and
@@ -741,9 +775,7 @@ func (h *harness) restartAll(rep *report) {
 	}
 	wg.Wait()
 	for _, n := range h.c.Nodes {
-		for !n.Ready() {
-			time.Sleep(20 * time.Millisecond)
-		}
+		h.waitReady(n, 5*time.Minute)
 	}
 	ready := time.Since(start)
 	streaming := h.waitStreaming(start, 5*time.Minute)
