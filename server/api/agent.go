@@ -485,7 +485,12 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 		}
 		st.selectors = cur.Selectors
 		msg := &ferrypb.SyncEntriesResponse{Revision: v.Index(), AgentIdentity: cur.GetSystemAssignedIdentity()}
-		if full || !st.apply(v, cur, keys, msg) {
+		reparent := full
+		if !full {
+			ok, moved := st.apply(v, cur, keys, msg)
+			full, reparent = !ok, !ok || moved
+		}
+		if full {
 			msg.Entries, msg.DeletedIds = nil, nil
 			st.recompute(v, cur, msg)
 			bundlesChanged = true
@@ -497,7 +502,7 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 			}
 		}
 		st.federated = false
-		if len(msg.Entries) > 0 || len(msg.DeletedIds) > 0 || full {
+		if reparent {
 			if a.hub.setParents(box, st.parents(v), v.Index()) {
 				box.post(func() { box.full = true })
 			}
@@ -546,11 +551,14 @@ func (st *syncState) recompute(v *state.View, n *ferrypb.AttestedNode, msg *ferr
 }
 
 // apply brings the changed entries keys up to date, each decided on its own
-// by walking up its parents (View.AuthorizedEntry). It returns false, having
-// changed nothing, when a change may also change whether other entries are
-// authorized (an entry that issues a SPIFFE ID other entries are parented
-// on came, went or changed its SPIFFE ID): the caller then recomputes.
-func (st *syncState) apply(v *state.View, n *ferrypb.AttestedNode, keys map[string]struct{}, msg *ferrypb.SyncEntriesResponse) bool {
+// by walking up its parents (View.AuthorizedEntry). It returns ok false,
+// having changed nothing, when a change may also change whether other
+// entries are authorized (an entry that issues a SPIFFE ID other entries are
+// parented on came, went or changed its SPIFFE ID): the caller then
+// recomputes. moved reports that the SPIFFE IDs of the sent entries changed,
+// so the stream's registrations must follow (an entry that only changed
+// otherwise, the common case, leaves them as they are).
+func (st *syncState) apply(v *state.View, n *ferrypb.AttestedNode, keys map[string]struct{}, msg *ferrypb.SyncEntriesResponse) (ok, moved bool) {
 	type update struct {
 		id  string
 		now *ferrypb.Entry
@@ -564,8 +572,9 @@ func (st *syncState) apply(v *state.View, n *ferrypb.AttestedNode, keys map[stri
 		}
 		if had != (now != nil) || had && old.SpiffeId != now.SpiffeId {
 			if had && hasChildren(v, old.SpiffeId) || now != nil && hasChildren(v, now.SpiffeId) {
-				return false
+				return false, false
 			}
+			moved = true
 		}
 		updates = append(updates, update{id, now})
 	}
@@ -584,7 +593,7 @@ func (st *syncState) apply(v *state.View, n *ferrypb.AttestedNode, keys map[stri
 		st.sent[u.id] = u.now
 		msg.Entries = append(msg.Entries, u.now)
 	}
-	return true
+	return true, moved
 }
 
 // hasChildren reports whether any entry is parented on SPIFFE ID id.

@@ -241,6 +241,14 @@ func TestSyncStreamsFollowRandomChanges(t *testing.T) {
 		}
 	}
 	check(0)
+	// An entry the agent gets one change at a time, then an entry parented
+	// on its SPIFFE ID: the stream must have registered on that ID.
+	apply(&ferrypb.Command{Op: &ferrypb.Command_EntriesCreate{EntriesCreate: &ferrypb.EntriesCreate{Entries: []*ferrypb.Entry{
+		{Id: "issuer", SpiffeId: "spiffe://example.org/issuer", ParentId: agentID(0), Selectors: []*ferrypb.Selector{{Type: "t", Value: "a"}}}}}}})
+	check(0)
+	apply(&ferrypb.Command{Op: &ferrypb.Command_EntriesCreate{EntriesCreate: &ferrypb.EntriesCreate{Entries: []*ferrypb.Entry{
+		{Id: "nested", SpiffeId: "spiffe://example.org/nested", ParentId: "spiffe://example.org/issuer", Selectors: []*ferrypb.Selector{{Type: "t", Value: "a"}}}}}}})
+	check(0)
 	next := 12
 	for round := 1; round <= 300; round++ {
 		for range 1 + rng.IntN(3) {
