@@ -312,6 +312,7 @@ type fleet struct {
 	violations   atomic.Int64
 	vmu          sync.Mutex
 	firstViolate []string
+	lastWarns    []string // the sessions' last warnings, for a failure's message
 
 	updates, signed, signFailures, shed atomic.Int64
 	logShed, logWarn                    atomic.Int64
@@ -449,6 +450,15 @@ type countingHandler struct{ f *fleet }
 func (h countingHandler) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
 func (h countingHandler) Handle(_ context.Context, r slog.Record) error {
 	h.f.logWarn.Add(1)
+	var b strings.Builder
+	b.WriteString(r.Message)
+	r.Attrs(func(at slog.Attr) bool { fmt.Fprintf(&b, " %s=%v", at.Key, at.Value); return true })
+	h.f.vmu.Lock()
+	h.f.lastWarns = append(h.f.lastWarns, b.String())
+	if len(h.f.lastWarns) > 10 {
+		h.f.lastWarns = h.f.lastWarns[1:]
+	}
+	h.f.vmu.Unlock()
 	r.Attrs(func(at slog.Attr) bool {
 		if at.Key == "error" {
 			if err, ok := at.Value.Any().(error); ok && status.Code(err) == codes.ResourceExhausted {
@@ -537,3 +547,10 @@ func joinAgent(t testing.TB, token string) node.AgentAttestor {
 func countingLogger(f *fleet) *slog.Logger { return slog.New(countingHandler{f: f}) }
 
 func x509popFingerprint(c *x509.Certificate) string { return x509pop.Fingerprint(c) }
+
+// warnings returns the sessions' last warnings.
+func (f *fleet) warnings() string {
+	f.vmu.Lock()
+	defer f.vmu.Unlock()
+	return strings.Join(f.lastWarns, "\n  ")
+}

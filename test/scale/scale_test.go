@@ -702,7 +702,7 @@ func (h *harness) waitStreaming(t time.Time, timeout time.Duration) time.Duratio
 			}
 		}
 		if len(still) > 0 && time.Now().After(deadline) {
-			h.t.Fatalf("%d agents not streaming %s after the restart (first %s)", len(still), timeout, still[0].id)
+			h.t.Fatalf("%d agents not streaming %s after the restart (first %s); the sessions' last warnings:\n  %s", len(still), timeout, still[0].id, h.f.warnings())
 		}
 		pending = still
 		if len(pending) > 0 {
@@ -751,7 +751,7 @@ func (h *harness) waitStreamingFrom(n *testcluster.Node, t time.Time, timeout ti
 		}
 		for !a.fullSince(t) {
 			if time.Now().After(deadline) {
-				h.t.Fatalf("%s not streaming %s after the failover", a.id, timeout)
+				h.t.Fatalf("%s not streaming %s after the failover; the sessions' last warnings:\n  %s", a.id, timeout, h.f.warnings())
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
