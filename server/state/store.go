@@ -28,7 +28,7 @@ type Config struct {
 	DedupWindow time.Duration
 	// FeedWindow is how many changes the change feed keeps at most (65,536 if
 	// 0). It also keeps no more bytes of rows than the state's rows take, or
-	// FeedBytes (1 MiB if 0) if more.
+	// FeedBytes (64 KiB if 0) if more.
 	FeedWindow int
 	FeedBytes  int64
 }
@@ -227,10 +227,21 @@ func (s *Store) applyCommand(txn *memdb.Txn, index uint64, cmd *ferrypb.Command)
 // (see ferrypb.AppliedRequest).
 func appliedRequest(cmd *ferrypb.Command, index uint64, res *ferrypb.CommandResult) *ferrypb.AppliedRequest {
 	ar := &ferrypb.AppliedRequest{RequestId: cmd.RequestId, Index: index, TimeUnixNano: cmd.TimeUnixNano, Result: res}
-	if len(res.Entries) == 0 {
+	if len(res.Entries) == 0 && len(res.Items) == 0 {
 		return ar
 	}
 	ar.Result = withoutEntries(res)
+	// A batch's items are mostly plain OK: keep one shared value for those.
+	ar.Result.Items = make([]*ferrypb.Status, len(res.Items))
+	for i, st := range res.Items {
+		if proto.Equal(st, okStatus) {
+			st = okStatus
+		}
+		ar.Result.Items[i] = st
+	}
+	if len(res.Entries) == 0 {
+		return ar
+	}
 	ar.EntryIds = make([]string, len(res.Entries))
 	ar.EntryRevisions = make([]uint64, len(res.Entries))
 	for i, e := range res.Entries {
@@ -400,6 +411,10 @@ func (a *applier) delete(table, key string, row proto.Message) {
 }
 
 func ok() *ferrypb.Status { return &ferrypb.Status{Code: int32(codes.OK)} }
+
+// okStatus is the one OK status the requests table keeps for every item that
+// had it; like every row it is shared and must not be modified.
+var okStatus = ok()
 
 func status(c codes.Code, format string, args ...any) *ferrypb.Status {
 	return &ferrypb.Status{Code: int32(c), Message: fmt.Sprintf(format, args...)}
