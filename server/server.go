@@ -142,23 +142,15 @@ func (s *Server) Store() *state.Store { return s.store }
 // Ready is closed once the admin API is listening.
 func (s *Server) Ready() <-chan struct{} { return s.ready }
 
-// defaultGCPercent trades memory for CPU: the state store's immutable trees
-// make garbage on every write, and at Go's default (100) the collector takes a
-// large share of a small server's cores. $GOGC still wins when set.
-const defaultGCPercent = 400
-
 // Run starts the node and serves until ctx ends.
 func (s *Server) Run(ctx context.Context) error {
-	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(defaultGCPercent)
+	if err := s.setGC(); err != nil {
+		return fmt.Errorf("server: memory_limit: %w", err)
 	}
-	if s.cfg.MemoryLimit != "" {
-		n, err := parseBytes(s.cfg.MemoryLimit)
-		if err != nil {
-			return fmt.Errorf("server: memory_limit: %w", err)
-		}
-		debug.SetMemoryLimit(n)
-	}
+	go followStateMemory(ctx, s.store.StateBytes, func() {
+		debug.FreeOSMemory()
+		s.log.Debug("state shrank: free memory returned", "state_bytes", s.store.StateBytes())
+	})
 	if err := os.MkdirAll(s.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("server: data dir: %w", err)
 	}

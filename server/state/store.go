@@ -2,6 +2,7 @@ package state
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -242,38 +243,59 @@ func appliedRequest(cmd *ferrypb.Command, index uint64, res *ferrypb.CommandResu
 	if len(res.Entries) == 0 {
 		return ar
 	}
-	ar.EntryIds = make([]string, len(res.Entries))
-	ar.EntryRevisions = make([]uint64, len(res.Entries))
-	for i, e := range res.Entries {
-		if e != nil {
-			ar.EntryIds[i], ar.EntryRevisions[i] = e.Id, e.Revision
+	var n int
+	var scratch [binary.MaxVarintLen64]byte
+	for _, e := range res.Entries {
+		if e == nil {
+			n++
+			continue
 		}
+		n += len(binary.AppendUvarint(scratch[:0], uint64(len(e.Id))+1)) + len(e.Id) + len(binary.AppendUvarint(scratch[:0], e.Revision))
 	}
+	refs := make([]byte, 0, n)
+	for _, e := range res.Entries {
+		if e == nil {
+			refs = binary.AppendUvarint(refs, 0)
+			continue
+		}
+		refs = binary.AppendUvarint(refs, uint64(len(e.Id))+1)
+		refs = append(refs, e.Id...)
+		refs = binary.AppendUvarint(refs, e.Revision)
+	}
+	ar.EntryRefs = refs
 	return ar
 }
 
 // replayResult answers a retry from its AppliedRequest: the stored result
 // with its entries looked up again.
 func replayResult(txn *memdb.Txn, ar *ferrypb.AppliedRequest) *ferrypb.CommandResult {
-	if len(ar.EntryIds) == 0 {
+	if len(ar.EntryRefs) == 0 {
 		return ar.Result
 	}
 	out := withoutEntries(ar.Result)
-	out.Entries = make([]*ferrypb.Entry, len(ar.EntryIds))
-	for i, id := range ar.EntryIds {
-		if id == "" {
+	for refs := ar.EntryRefs; len(refs) > 0; {
+		l, k := binary.Uvarint(refs)
+		if k <= 0 || (l > 0 && uint64(len(refs)-k) < l-1) {
+			break // not written by appliedRequest: stop at garbage
+		}
+		refs = refs[k:]
+		if l == 0 {
+			out.Entries = append(out.Entries, nil)
 			continue
 		}
-		var rev uint64
-		if i < len(ar.EntryRevisions) {
-			rev = ar.EntryRevisions[i]
+		id := string(refs[:l-1])
+		refs = refs[l-1:]
+		rev, k := binary.Uvarint(refs)
+		if k <= 0 {
+			break
 		}
+		refs = refs[k:]
 		raw, err := txn.First(TableEntries, "id", id)
 		must(err)
 		if e, ok := raw.(*ferrypb.Entry); ok && e.Revision == rev {
-			out.Entries[i] = e
+			out.Entries = append(out.Entries, e)
 		} else {
-			out.Entries[i] = &ferrypb.Entry{Id: id, Revision: rev}
+			out.Entries = append(out.Entries, &ferrypb.Entry{Id: id, Revision: rev})
 		}
 	}
 	return out
