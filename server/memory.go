@@ -4,36 +4,34 @@ import (
 	"context"
 	"os"
 	"runtime/debug"
+	"runtime/metrics"
 	"time"
 )
 
-// Memory that follows the state. The Go runtime keeps the pages a heap grew
-// into until a collection finds them free and its scavenger returns them,
-// slowly; an idle server collects only every two minutes. After a burst of
-// writes that left a smaller state behind (entries created and deleted) a
-// server therefore kept the RSS of its peak for minutes. The server watches
-// the state's size and, once it has shrunk by a good share since the last
-// look, collects and returns the free memory at once.
+// Memory that follows the state. The Go runtime keeps the pages its heap
+// grew into until a collection finds them free and its scavenger returns
+// them, slowly; and an idle process collects only every two minutes. After a
+// burst of writes (entries created and deleted, a log replayed at start) a
+// server therefore held the memory of the burst's peak for minutes, whatever
+// the state left behind. Once writes stop, the server collects and returns
+// what the burst left free at once: its memory falls back to what the state
+// needs.
 
 // defaultGCPercent is GOGC unless $GOGC is set: the heap may grow to twice
-// what is live between collections (Go's default). 400 (five times) wrote
-// entries about 10% faster but held 997 MiB for 100,000 entries instead of
-// 469 MiB (see README, "Memory").
+// what is live between collections (Go's default). See README, "Memory", for
+// the measurements behind it.
 const defaultGCPercent = 100
 
 const (
-	// memorySampleInterval is how often the state's size is looked at (an
-	// atomic read), so a short burst's peak is seen; memoryQuiet how long the
-	// size must stay put before memory is released: once a burst of writes
-	// is over, not in the middle of it (each release is a full collection).
+	// memorySampleInterval is how often the applied writes are looked at;
+	// memoryQuiet how long no write may have been applied before memory is
+	// released (each release is a full collection).
 	memorySampleInterval = 250 * time.Millisecond
 	memoryQuiet          = time.Second
-	// shrinkFraction and shrinkMinBytes: the state must have shrunk by at
-	// least this share of its largest size since the last release, and by
-	// this many bytes, for memory to be released. A megabyte of state is
-	// about 5,000 entries, which take some 12 MiB of heap with their indexes.
-	shrinkFraction = 0.25
-	shrinkMinBytes = 1 << 20
+	// burstBytes is how much log a burst must have applied for a release to
+	// be worth a collection: a megabyte is about 5,000 entries, which took
+	// some 12 MiB of heap with their indexes while they were written.
+	burstBytes = 1 << 20
 )
 
 // setGC applies the collector settings: defaultGCPercent unless $GOGC is set,
@@ -52,30 +50,52 @@ func (s *Server) setGC() error {
 	return nil
 }
 
-// followStateMemory calls release (which returns free memory to the system)
-// whenever the state, having shrunk by shrinkFraction and shrinkMinBytes of
-// its peak since the last release, has kept its size for memoryQuiet; until
-// ctx ends. size reports the state's size in bytes.
-func followStateMemory(ctx context.Context, size func() int64, release func()) {
-	t := time.NewTicker(memorySampleInterval)
-	defer t.Stop()
-	peak := size()
-	prev, since := peak, time.Now()
+// releaseMemory collects and returns free memory to the system.
+func releaseMemory() { debug.FreeOSMemory() }
+
+// memoryFollower calls release after each burst of writes of burstBytes or
+// more, once no write has been applied for memoryQuiet. It runs until ctx
+// ends.
+type memoryFollower struct {
+	applied func() uint64 // bytes of log applied so far
+	release func()
+	now     func() time.Time
+}
+
+func (f memoryFollower) run(ctx context.Context, tick <-chan time.Time) {
+	last := f.applied()
+	released, moved := last, f.now()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-tick:
 		}
-		cur := size()
-		if cur != prev {
-			prev, since = cur, time.Now()
+		if a := f.applied(); a != last {
+			last, moved = a, f.now()
+			continue
 		}
-		peak = max(peak, cur)
-		shrunk := peak - cur
-		if shrunk >= shrinkMinBytes && float64(shrunk) >= shrinkFraction*float64(peak) && time.Since(since) >= memoryQuiet {
-			release()
-			peak = cur
+		if last-released >= burstBytes && f.now().Sub(moved) >= memoryQuiet {
+			f.release()
+			released = last
 		}
 	}
+}
+
+// heapHeld is the memory the heap holds from the system: its objects (dead
+// ones not yet collected included) and the free memory it has not returned.
+func heapHeld() uint64 {
+	s := []metrics.Sample{
+		{Name: "/memory/classes/heap/objects:bytes"},
+		{Name: "/memory/classes/heap/unused:bytes"},
+		{Name: "/memory/classes/heap/free:bytes"},
+	}
+	metrics.Read(s)
+	var n uint64
+	for _, v := range s {
+		if v.Value.Kind() == metrics.KindUint64 {
+			n += v.Value.Uint64()
+		}
+	}
+	return n
 }

@@ -147,10 +147,15 @@ func (s *Server) Run(ctx context.Context) error {
 	if err := s.setGC(); err != nil {
 		return fmt.Errorf("server: memory_limit: %w", err)
 	}
-	go followStateMemory(ctx, s.store.StateBytes, func() {
-		debug.FreeOSMemory()
-		s.log.Debug("state shrank: free memory returned", "state_bytes", s.store.StateBytes())
-	})
+	go func() {
+		t := time.NewTicker(memorySampleInterval)
+		defer t.Stop()
+		memoryFollower{applied: s.store.AppliedBytes, now: time.Now, release: func() {
+			before := heapHeld()
+			releaseMemory()
+			s.log.Debug("writes stopped: free memory returned", "heap_before", before, "heap_after", heapHeld())
+		}}.run(ctx, t.C)
+	}()
 	if err := os.MkdirAll(s.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("server: data dir: %w", err)
 	}

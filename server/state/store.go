@@ -47,8 +47,10 @@ type Store struct {
 	db      *memdb.MemDB
 	feed    *feed
 	applied atomic.Uint64
-	// rowBytes is the encoded size of every row of db.
-	rowBytes atomic.Int64
+	// rowBytes is the encoded size of every row of db; appliedBytes the size
+	// of the log entries applied since the store was made.
+	rowBytes     atomic.Int64
+	appliedBytes atomic.Uint64
 	// appliedCh is closed and replaced whenever applied moves.
 	appliedCh chan struct{}
 }
@@ -86,6 +88,10 @@ func New(cfg Config) (*Store, error) {
 	s.feed = newFeed(s.feedWindow, cfg.FeedBytes, 0)
 	return s, nil
 }
+
+// AppliedBytes is the size of the log entries applied since the store was
+// made (a snapshot restore does not count): how much writing it has seen.
+func (s *Store) AppliedBytes() uint64 { return s.appliedBytes.Load() }
 
 // StateBytes is the encoded size of the state's rows: what a snapshot of it
 // holds, give or take framing.
@@ -150,6 +156,11 @@ func (s *Store) ApplyBatch(logs []*raft.Log) []any {
 		delta += rowSize(c.After) - rowSize(c.Before)
 	}
 	last := logs[len(logs)-1].Index
+	var n uint64
+	for _, l := range logs {
+		n += uint64(len(l.Data))
+	}
+	s.appliedBytes.Add(n)
 	s.mu.Lock()
 	txn.Commit()
 	rows := s.rowBytes.Add(delta)
@@ -232,14 +243,7 @@ func appliedRequest(cmd *ferrypb.Command, index uint64, res *ferrypb.CommandResu
 		return ar
 	}
 	ar.Result = withoutEntries(res)
-	// A batch's items are mostly plain OK: keep one shared value for those.
-	ar.Result.Items = make([]*ferrypb.Status, len(res.Items))
-	for i, st := range res.Items {
-		if proto.Equal(st, okStatus) {
-			st = okStatus
-		}
-		ar.Result.Items[i] = st
-	}
+	ar.Result.Items = shareOK(res.Items)
 	if len(res.Entries) == 0 {
 		return ar
 	}
@@ -264,6 +268,19 @@ func appliedRequest(cmd *ferrypb.Command, index uint64, res *ferrypb.CommandResu
 	}
 	ar.EntryRefs = refs
 	return ar
+}
+
+// shareOK returns items with every plain OK status replaced by okStatus: a
+// batch's items are mostly that, and the requests table keeps them a while.
+func shareOK(items []*ferrypb.Status) []*ferrypb.Status {
+	out := make([]*ferrypb.Status, len(items))
+	for i, st := range items {
+		if proto.Equal(st, okStatus) {
+			st = okStatus
+		}
+		out[i] = st
+	}
+	return out
 }
 
 // replayResult answers a retry from its AppliedRequest: the stored result
