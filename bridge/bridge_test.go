@@ -69,6 +69,7 @@ func TestExchangeV2(t *testing.T) {
 	require.Equal(t, tenantID, c["tid"])
 	require.Equal(t, "2.0", c["ver"])
 	require.Equal(t, "app", c["idtyp"])
+	require.Equal(t, "/subscriptions/"+tenantID+"/resourceGroups/ferry/providers/Microsoft.ManagedIdentity/userAssignedIdentities/web", c["xms_mirid"], "a managed identity's token names its resource, as Entra's")
 	require.Equal(t, []any{"Orders.Read"}, c["roles"])
 	require.Len(t, c["uti"], 22)
 

@@ -245,9 +245,10 @@ func TestExternalIssuerFetchTimeout(t *testing.T) {
 	o.mu.Lock()
 	o.discovery = func(http.ResponseWriter) bool { <-release; return true }
 	o.mu.Unlock()
-	start := time.Now()
+	// The issuer never answers while the request is in flight (on a loaded
+	// machine the fetch may not even reach it within the timeout): the
+	// request can return only because the bridge gave up on the fetch.
 	requireError(t, f.post(t, v2Token, v2Form(f.extToken(t, o.issuer, "k1", rsaIssKey1))), 400, "invalid_request", bridge.CodeIssuerMetadata)
-	require.Less(t, time.Since(start), 5*time.Second)
 }
 
 // Nothing named by a token is ever fetched: not jku/x5u headers, and not an

@@ -108,7 +108,8 @@ func newFixture(t testing.TB, mutate ...func(*bridge.Config)) *fixture {
 	loadKeys(t)
 	d := &memdir.Dir{}
 	d.PutTenant(&ferrypb.Tenant{Id: tenantID, Name: "contoso"})
-	d.PutIdentity(&ferrypb.Identity{ObjectId: objectID, ClientId: clientID, TenantId: tenantID, Name: "web", Kind: "user-assigned"})
+	d.PutIdentity(&ferrypb.Identity{ObjectId: objectID, ClientId: clientID, TenantId: tenantID, Name: "web", Kind: "user-assigned",
+		ResourceId: "/subscriptions/" + tenantID + "/resourceGroups/ferry/providers/Microsoft.ManagedIdentity/userAssignedIdentities/web"})
 	d.SetFederatedCredentials(objectID, &ferrypb.FederatedCredential{
 		IdentityObjectId: objectID,
 		Name:             "web-frontend",

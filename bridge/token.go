@@ -381,6 +381,10 @@ type accessClaims struct {
 	Tid      string   `json:"tid"`
 	Uti      string   `json:"uti"`
 	Ver      string   `json:"ver"`
+	// XmsMirid is a managed identity's resource ID, as Entra writes it in
+	// managed identities' tokens (a VM's or Arc machine's for its
+	// system-assigned identity).
+	XmsMirid string `json:"xms_mirid,omitempty"`
 }
 
 // tokenResponseV2 is the v2 success body; expiry fields are numbers.
@@ -426,6 +430,9 @@ func (b *Bridge) issue(r *http.Request, req *tokenRequest, ident *ferrypb.Identi
 		Tid:   tid,
 		Uti:   newUTI(),
 		Roles: roles(b.dir, res, ident),
+	}
+	if k := ident.GetKind(); k == "user-assigned" || k == "system-assigned" {
+		c.XmsMirid = ident.GetResourceId()
 	}
 	if req.v1 {
 		c.Aud = req.resource

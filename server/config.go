@@ -36,6 +36,12 @@ type serverBlock struct {
 	X509PoP     *x509popBlock          `hcl:"x509pop"`
 	OIDC        *oidcBlock             `hcl:"oidc"`
 	Federation  *federationBlock       `hcl:"federation"`
+	AzureIMDS   *azureIMDSServerBlock  `hcl:"azure_imds"`
+	AWSIID      *awsIIDServerBlock     `hcl:"aws_iid"`
+	GCPIIT      *gcpIITServerBlock     `hcl:"gcp_iit"`
+	AzureMSI    *azureMSIServerBlock   `hcl:"azure_msi"`
+	TPM         *tpmServerBlock        `hcl:"tpm"`
+	SSHPoP      *sshpopServerBlock     `hcl:"sshpop"`
 	UnusedKeys  map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
@@ -148,6 +154,11 @@ func LoadConfig(path string) (Config, error) {
 		}
 		c.TrustDomain = td
 	}
+	na, err := nodeAttestors(s, path, c.TrustDomain)
+	if err != nil {
+		return Config{}, err
+	}
+	c.NodeAttestors = na
 	if cb := s.Cluster; cb != nil {
 		c.Cluster = ClusterConfig{
 			BindAddr:          cb.BindAddr,
@@ -200,7 +211,7 @@ func (c *Config) validate() error {
 		c.CA.JWTIssuer = c.OIDC.Issuer
 	}
 	if c.AdminSocket == "" {
-		c.AdminSocket = filepath.Join(c.DataDir, "admin.sock")
+		c.AdminSocket = filepath.Join(config.RuntimeDir("server"), "admin.sock")
 	}
 	return nil
 }

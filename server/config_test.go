@@ -1,14 +1,21 @@
 package server_test
 
 import (
+	"crypto/ed25519"
+	"crypto/rand"
+	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/crypto/ssh"
 
 	"github.com/ferry-id/ferry/server"
+	"github.com/ferry-id/ferry/test/metadata/testpki"
 )
 
 // TestSampleConfig keeps conf/server.conf parseable: docs that cannot rot.
@@ -18,6 +25,7 @@ func TestSampleConfig(t *testing.T) {
 	require.Equal(t, "server-1", cfg.NodeID)
 	require.Equal(t, "example.org", cfg.TrustDomain.String())
 	require.Equal(t, "/var/lib/ferry/server", cfg.DataDir)
+	require.Equal(t, "/run/ferry/server/admin.sock", cfg.AdminSocket)
 	require.Equal(t, "127.0.0.1:8301", cfg.Cluster.BindAddr)
 	require.True(t, cfg.Cluster.Bootstrap)
 	require.Equal(t, "wal", cfg.Cluster.LogStore)
@@ -25,6 +33,7 @@ func TestSampleConfig(t *testing.T) {
 }
 
 func TestConfigErrors(t *testing.T) {
+	t.Setenv("RUNTIME_DIRECTORY", "")
 	dir := t.TempDir()
 	write := func(body string) string {
 		p := filepath.Join(dir, "s.conf")
@@ -40,20 +49,10 @@ func TestConfigErrors(t *testing.T) {
 	_, err = server.LoadConfig(write(`server { node_id = "a" trust_domain = "example.org" data_dir = "d" cluster { bind_addr = "127.0.0.1:1" } }`))
 	require.ErrorContains(t, err, "ferry cluster tls ca create")
 
-	cfg, err := server.LoadConfig(write(`server {
-  node_id = "a"
-  trust_domain = "example.org"
-  data_dir = "data"
-  cluster {
-    bind_addr = "127.0.0.1:1"
-    ca_file = "tls/ca.pem"
-    cert_file = "tls/n.pem"
-    key_file = "tls/n-key.pem"
-  }
-}`))
+	cfg, err := server.LoadConfig(write(fmt.Sprintf(minimalServer, "")))
 	require.NoError(t, err)
 	require.Equal(t, filepath.Join(dir, "data"), cfg.DataDir, "relative to the config file")
-	require.Equal(t, filepath.Join(dir, "data", "admin.sock"), cfg.AdminSocket)
+	require.Equal(t, "/run/ferry/server/admin.sock", cfg.AdminSocket, "never under /tmp")
 	require.Equal(t, filepath.Join(dir, "tls", "ca.pem"), cfg.Cluster.TLS.CAFile)
 }
 
@@ -171,4 +170,195 @@ func TestFederationConfig(t *testing.T) {
 		_, err := server.LoadConfig(write(tc.block))
 		require.ErrorContains(t, err, tc.want, tc.block)
 	}
+}
+
+// minimalServer is the least a server.conf holds, with %s for more settings.
+const minimalServer = `server {
+  node_id = "a"
+  trust_domain = "example.org"
+  data_dir = "data"
+  %s
+  cluster {
+    bind_addr = "127.0.0.1:1"
+    ca_file = "tls/ca.pem"
+    cert_file = "tls/n.pem"
+    key_file = "tls/n-key.pem"
+  }
+}`
+
+// TestAdminSocketInRuntimeDirectory: under systemd, the admin socket goes to
+// the unit's RuntimeDirectory= unless the config names one.
+func TestAdminSocketInRuntimeDirectory(t *testing.T) {
+	t.Setenv("RUNTIME_DIRECTORY", "/run/ferry/server-2")
+	p := filepath.Join(t.TempDir(), "s.conf")
+	require.NoError(t, os.WriteFile(p, []byte(fmt.Sprintf(minimalServer, "")), 0o600))
+	cfg, err := server.LoadConfig(p)
+	require.NoError(t, err)
+	require.Equal(t, "/run/ferry/server-2/admin.sock", cfg.AdminSocket)
+	require.NoError(t, os.WriteFile(p, []byte(fmt.Sprintf(minimalServer, `admin_socket = "/srv/admin.sock"`)), 0o600))
+	cfg, err = server.LoadConfig(p)
+	require.NoError(t, err)
+	require.Equal(t, "/srv/admin.sock", cfg.AdminSocket, "the config wins")
+}
+
+// sampleBlock returns the commented block `# name {` … `# }` of a sample
+// config, uncommented.
+func sampleBlock(t *testing.T, path, name string) string {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	require.NoError(t, err)
+	var block []string
+	in := false
+	for line := range strings.Lines(string(data)) {
+		l := strings.TrimSpace(line)
+		if l == "# "+name+" {" {
+			in = true
+		}
+		if in {
+			block = append(block, strings.TrimPrefix(l, "#"))
+		}
+		if in && l == "# }" {
+			break
+		}
+	}
+	require.NotEmpty(t, block, name)
+	return strings.Join(block, "\n")
+}
+
+// TestNodeAttestorConfig parses the sample's node attestor blocks, with real
+// files for their paths, and checks their refusals.
+func TestNodeAttestorConfig(t *testing.T) {
+	dir := t.TempDir()
+	root := testpki.NewRoot(t, "root")
+	inter := root.Intermediate(t, "inter")
+	files := map[string]string{
+		"/etc/ferry/azure-roots.pem":                    testpki.WritePEM(t, dir, "roots.pem", root.Cert),
+		"/etc/ferry/azure-intermediates.pem":            testpki.WritePEM(t, dir, "inter.pem", inter.Cert),
+		"/etc/ferry/aws/us-east-1-rsa2048.pem":          testpki.WritePEM(t, dir, "aws.pem", root.Cert),
+		"/etc/ferry/tpm-manufacturer-roots.pem":         testpki.WritePEM(t, dir, "tpm-roots.pem", root.Cert),
+		"/etc/ferry/tpm-manufacturer-intermediates.pem": testpki.WritePEM(t, dir, "tpm-inter.pem", inter.Cert),
+	}
+	load := func(block string) (server.Config, error) {
+		for from, to := range files {
+			block = strings.ReplaceAll(block, from, to)
+		}
+		p := filepath.Join(dir, "s.conf")
+		require.NoError(t, os.WriteFile(p, []byte(`server {
+  node_id = "a"
+  trust_domain = "example.org"
+  data_dir = "data"
+  cluster {
+    bind_addr = "127.0.0.1:1"
+    ca_file = "ca.pem"
+    cert_file = "n.pem"
+    key_file = "n-key.pem"
+  }
+`+block+"\n}\n"), 0o600))
+		return server.LoadConfig(p)
+	}
+	az := sampleBlock(t, "../conf/server.conf", "azure_imds")
+	cfg, err := load(az)
+	require.NoError(t, err)
+	require.Len(t, cfg.NodeAttestors, 1)
+	at, err := cfg.NodeAttestors[0](slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	require.Equal(t, "azure_imds", at.Name())
+
+	for name, c := range map[string]struct{ from, to, want string }{
+		"no roots":       {`ca_bundle_file     = "` + files["/etc/ferry/azure-roots.pem"] + `"`, "", "ca_bundle_file is required"},
+		"missing roots":  {files["/etc/ferry/azure-roots.pem"], "/nonexistent.pem", "ca_bundle_file"},
+		"bad age":        {`"5m"`, `"soon"`, "max_document_age"},
+		"no tenants":     {`"72f988bf-86f1-41af-91ab-2d7cd011db47" = ["8d10da13-8125-4ba9-a717-bf7490507b3d"]`, "", "at least one tenant"},
+		"tenant no subs": {`["8d10da13-8125-4ba9-a717-bf7490507b3d"]`, `[]`, "lists no subscription"},
+		"unknown key":    {`max_document_age`, `max_age`, "unknown setting(s): server.azure_imds.max_age"},
+	} {
+		block := strings.ReplaceAll(az, "/etc/ferry/azure-roots.pem", files["/etc/ferry/azure-roots.pem"])
+		require.Contains(t, block, c.from, name)
+		_, err := load(strings.Replace(block, c.from, c.to, 1))
+		require.ErrorContains(t, err, c.want, name)
+	}
+
+	aw := sampleBlock(t, "../conf/server.conf", "aws_iid")
+	cfg, err = load(aw)
+	require.NoError(t, err)
+	require.Len(t, cfg.NodeAttestors, 1)
+	at, err = cfg.NodeAttestors[0](slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	require.Equal(t, "aws_iid", at.Name())
+	for name, c := range map[string]struct{ from, to, want string }{
+		"no accounts":  {`["123456789012"]`, `[]`, "at least one account ID"},
+		"bad account":  {`["123456789012"]`, `["1234"]`, "not a 12-digit account ID"},
+		"missing cert": {files["/etc/ferry/aws/us-east-1-rsa2048.pem"], "/nonexistent.pem", "region_certificates us-east-1"},
+		"bad region":   {`"us-east-1" =`, `"Virginia" =`, "not an AWS region"},
+	} {
+		block := strings.ReplaceAll(aw, "/etc/ferry/aws/us-east-1-rsa2048.pem", files["/etc/ferry/aws/us-east-1-rsa2048.pem"])
+		require.Contains(t, block, c.from, name)
+		_, err := load(strings.Replace(block, c.from, c.to, 1))
+		require.ErrorContains(t, err, c.want, name)
+	}
+
+	gb := sampleBlock(t, "../conf/server.conf", "gcp_iit")
+	cfg, err = load(gb)
+	require.NoError(t, err)
+	require.Len(t, cfg.NodeAttestors, 1)
+	at, err = cfg.NodeAttestors[0](slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	require.Equal(t, "gcp_iit", at.Name())
+	for name, c := range map[string]struct{ from, to, want string }{
+		"no projects": {`["my-project"]`, `[]`, "at least one project ID"},
+		"bad project": {`["my-project"]`, `["My Project"]`, "not a GCP project ID"},
+		"missing ca":  {`jwks_url`, `jwks_ca_file = "/nonexistent.pem"` + "\n  jwks_url", "jwks_ca_file"},
+	} {
+		require.Contains(t, gb, c.from, name)
+		_, err := load(strings.Replace(gb, c.from, c.to, 1))
+		require.ErrorContains(t, err, c.want, name)
+	}
+
+	mb := sampleBlock(t, "../conf/server.conf", "azure_msi")
+	cfg, err = load(mb)
+	require.NoError(t, err)
+	require.Len(t, cfg.NodeAttestors, 1)
+	at, err = cfg.NodeAttestors[0](slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	require.Equal(t, "azure_msi", at.Name())
+	for name, c := range map[string]struct{ from, to, want string }{
+		"no tenants":  {`["72f988bf-86f1-41af-91ab-2d7cd011db47"]`, `[]`, "at least one tenant"},
+		"no audience": {`"api://ferry-node-attestation"`, `""`, "audience is required"},
+		"http issuer": {`"https://sts.windows.net/{tenant}/"`, `"http://sts.windows.net/{tenant}/"`, "must be an https URL"},
+		"missing ca":  {`allow_reattestation`, `ca_file = "/nonexistent.pem"` + "\n  allow_reattestation", "ca_file"},
+	} {
+		require.Contains(t, mb, c.from, name)
+		_, err := load(strings.Replace(mb, c.from, c.to, 1))
+		require.ErrorContains(t, err, c.want, name)
+	}
+
+	tb := sampleBlock(t, "../conf/server.conf", "tpm")
+	cfg, err = load(tb)
+	require.NoError(t, err)
+	require.Len(t, cfg.NodeAttestors, 1)
+	at, err = cfg.NodeAttestors[0](slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	require.Equal(t, "tpm", at.Name())
+	_, err = load(strings.Replace(tb, `"/etc/ferry/tpm-manufacturer-roots.pem"`, `""`, 1))
+	require.ErrorContains(t, err, "manufacturer_ca_file is required")
+	_, err = load(strings.Replace(tb, `"/etc/ferry/tpm-manufacturer-roots.pem"`, `"/nonexistent.pem"`, 1))
+	require.ErrorContains(t, err, "manufacturer_ca_file")
+
+	_, caKey, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	caPub, err := ssh.NewPublicKey(caKey.Public())
+	require.NoError(t, err)
+	caFile := filepath.Join(dir, "ssh-ca.pub")
+	require.NoError(t, os.WriteFile(caFile, append([]byte("# host CA\n@cert-authority *.example.org "), ssh.MarshalAuthorizedKey(caPub)...), 0o644))
+	files["/etc/ferry/ssh-host-ca.pub"] = caFile
+	sb := sampleBlock(t, "../conf/server.conf", "sshpop")
+	cfg, err = load(sb)
+	require.NoError(t, err)
+	require.Len(t, cfg.NodeAttestors, 1)
+	at, err = cfg.NodeAttestors[0](slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	require.Equal(t, "sshpop", at.Name())
+	require.NoError(t, os.WriteFile(caFile, []byte("not a key\n"), 0o644))
+	_, err = load(sb)
+	require.ErrorContains(t, err, "ssh-ca.pub line 1")
 }

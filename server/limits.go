@@ -25,10 +25,15 @@ const (
 type limiter struct {
 	slots chan struct{}
 	wait  time.Duration
+	// after starts the wait for a free slot; time.After unless a test
+	// drives the clock. waiting, when set, is told each time a call starts
+	// waiting.
+	after   func(time.Duration) <-chan time.Time
+	waiting func()
 }
 
 func newLimiter(n int, wait time.Duration) *limiter {
-	return &limiter{slots: make(chan struct{}, n), wait: wait}
+	return &limiter{slots: make(chan struct{}, n), wait: wait, after: time.After}
 }
 
 // admission returns a server option that limits the server's unary calls in
@@ -41,14 +46,15 @@ func (l *limiter) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h
 	select {
 	case l.slots <- struct{}{}:
 	default:
-		t := time.NewTimer(l.wait)
+		expired := l.after(l.wait)
+		if l.waiting != nil {
+			l.waiting()
+		}
 		select {
 		case l.slots <- struct{}{}:
-			t.Stop()
-		case <-t.C:
+		case <-expired:
 			return nil, status.Errorf(codes.ResourceExhausted, "server: overloaded: %d requests in flight; retry later", cap(l.slots))
 		case <-ctx.Done():
-			t.Stop()
 			return nil, status.FromContextError(ctx.Err()).Err()
 		}
 	}

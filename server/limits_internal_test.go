@@ -12,7 +12,17 @@ import (
 )
 
 func TestLimiterShedsOverCapacity(t *testing.T) {
-	l := newLimiter(2, 50*time.Millisecond)
+	l := newLimiter(2, time.Hour)
+	// The test owns the clock: a waiting call is refused only when the
+	// test says its wait has expired.
+	expire := make(chan time.Time)
+	l.after = func(d time.Duration) <-chan time.Time {
+		require.Equal(t, time.Hour, d)
+		return expire
+	}
+	waiting := make(chan struct{}, 1)
+	l.waiting = func() { waiting <- struct{}{} }
+
 	info := &grpc.UnaryServerInfo{FullMethod: "/ferry.v1.Admin/BatchCreateEntry"}
 	release := make(chan struct{})
 	entered := make(chan struct{}, 2)
@@ -31,31 +41,42 @@ func TestLimiterShedsOverCapacity(t *testing.T) {
 	<-entered
 	<-entered
 
-	// Both slots are taken: the third call waits its turn, then is refused.
-	start := time.Now()
-	_, err := l.unary(context.Background(), nil, info, func(context.Context, any) (any, error) {
-		t.Error("handler ran over the limit")
-		return nil, nil
-	})
+	// Both slots are taken: the third call waits its turn (it has not
+	// returned when its wait starts), then is refused once the wait expires.
+	third := make(chan error, 1)
+	go func() {
+		_, err := l.unary(context.Background(), nil, info, func(context.Context, any) (any, error) {
+			t.Error("handler ran over the limit")
+			return nil, nil
+		})
+		third <- err
+	}()
+	<-waiting
+	select {
+	case err := <-third:
+		t.Fatalf("refused before its wait expired: %v", err)
+	default:
+	}
+	expire <- time.Time{}
+	err := <-third
 	require.Equal(t, codes.ResourceExhausted, status.Code(err), "%v", err)
 	require.Contains(t, status.Convert(err).Message(), "overloaded")
-	require.GreaterOrEqual(t, time.Since(start), 50*time.Millisecond)
 
 	// A caller that gives up while waiting gets its own context's error.
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	_, err = l.unary(ctx, nil, info, nil)
 	require.Equal(t, codes.Canceled, status.Code(err))
+	<-waiting
 
 	// A slot freed while a caller waits is handed to it.
-	l.wait = time.Minute
 	got := make(chan any, 1)
 	go func() {
 		resp, err := l.unary(context.Background(), nil, info, func(context.Context, any) (any, error) { return "admitted", nil })
 		require.NoError(t, err)
 		got <- resp
 	}()
-	time.Sleep(10 * time.Millisecond)
+	<-waiting
 	release <- struct{}{}
 	require.Equal(t, "admitted", <-got)
 	close(release)

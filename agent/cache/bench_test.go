@@ -42,12 +42,15 @@ func benchCache(b *testing.B, n int) (*cache.Cache, *testSigner, []*ferrypb.Entr
 	return c, signer, entries, func() { cancel(); <-done }
 }
 
-func heapInUse() uint64 {
+// heapInUse returns the live heap after two collections, signed so that
+// differences between readings may be negative (the heap shrank) instead of
+// wrapping around.
+func heapInUse() int64 {
 	runtime.GC()
 	runtime.GC()
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
-	return m.HeapAlloc
+	return int64(m.HeapAlloc)
 }
 
 // BenchmarkMemoryPerEntry reports the heap the cache holds per entry for

@@ -22,16 +22,19 @@ type Peers interface {
 	FindProcess(inode uint64) (peer.Process, error)
 }
 
-// Conns leads a token request back to the process that sent it, for an
-// endpoint that identifies callers by uid only.
+// Conns tracks the connections of the token endpoint, so that decisions
+// are kept per connection, and leads a token request back to the process
+// that sent it when the request does not carry it.
 //
 // The endpoint binds an Arc challenge to whatever caller it resolved: to a
 // uid, so that Azure's documented two-step curl (two processes of one user)
-// works, or to a process. Attestation needs the process either way. Conns
-// wraps the endpoint's listener and gives every accepted connection its own
-// local address value; net/http puts that value in each request's context
-// (http.LocalAddrContextKey), from which Resolver finds the connection and
-// resolves its process once per connection. Safe for concurrent use.
+// works, or to a process. Attestation needs the process either way; the
+// endpoint passes the one it found (imds.ProcessFrom). Conns wraps the
+// endpoint's listener and gives every accepted connection its own local
+// address value; net/http puts that value in each request's context
+// (http.LocalAddrContextKey), from which Resolver finds the connection and,
+// for a request that carries no process, resolves its process once per
+// connection. Safe for concurrent use.
 //
 // Each connection also remembers the identities Resolver granted on it (see
 // grant), so that a keep-alive connection is attested once per ReattestAfter
@@ -141,8 +144,9 @@ func (t *Conns) info(ctx context.Context) *connInfo {
 }
 
 // process returns the process holding the client end of the connection the
-// request in ctx arrived on, checking that it runs as uid.
-func (t *Conns) process(ctx context.Context, uid uint32) (peer.Process, error) {
+// request in ctx arrived on. Its ids are checked when it is attested
+// (Processes.Attest).
+func (t *Conns) process(ctx context.Context) (peer.Process, error) {
 	ci := t.info(ctx)
 	if ci == nil {
 		return peer.Process{}, errNoConn
@@ -157,9 +161,6 @@ func (t *Conns) process(ctx context.Context, uid uint32) (peer.Process, error) {
 	})
 	if ci.err != nil {
 		return peer.Process{}, fmt.Errorf("identities: calling process: %w", ci.err)
-	}
-	if ci.proc.UID != uid {
-		return peer.Process{}, fmt.Errorf("identities: calling process %d runs as uid %d, its socket belongs to uid %d", ci.proc.PID, ci.proc.UID, uid)
 	}
 	return ci.proc, nil
 }

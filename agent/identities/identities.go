@@ -29,6 +29,7 @@ import (
 	"github.com/ferry-id/ferry/agent/imds"
 	"github.com/ferry-id/ferry/agent/peer"
 	"github.com/ferry-id/ferry/agent/tokens"
+	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -57,10 +58,13 @@ type Directory interface {
 	ListAgentIdentities(ctx context.Context, in *ferrypb.ListAgentIdentitiesRequest, opts ...grpc.CallOption) (*ferrypb.ListAgentIdentitiesResponse, error)
 }
 
-// Processes tells whether an attested process is still the one that called
-// (*peer.Finder).
+// Processes attests the calling process under the agent's credential rule
+// (*peer.Finder): attest runs against the process pinned with p's PID and
+// start time, its ids are read once and must pass want.Check, and it must
+// still be that process afterwards (workload.AttestCaller). Refusals wrap
+// workload.ErrProcessChanged or workload.ErrCredentialsChanged.
 type Processes interface {
-	Alive(p peer.Process) error
+	Attest(ctx context.Context, p peer.Process, want workload.Peer, attest workload.AttestFunc) ([]*ferrypb.Selector, error)
 }
 
 // Agent is the agent itself, whose identities callers may also use
@@ -231,25 +235,43 @@ func (r *Resolver) Granted(ctx context.Context, c imds.Caller, s imds.Selector) 
 	return ci.granted(c, s, r.cfg.Now(), r.cfg.ReattestAfter, rev)
 }
 
-func (r *Resolver) identity(ctx context.Context, c imds.Caller, s imds.Selector) (tokens.Identity, error) {
-	if c.PID <= 0 && r.cfg.Conns != nil {
-		p, err := r.cfg.Conns.process(ctx, c.UID)
+// process returns the calling process: the one the endpoint found for the
+// request (imds.ProcessFrom), else the caller's own PID and start time, else
+// the one Conns finds for the request's connection.
+func (r *Resolver) process(ctx context.Context, c imds.Caller) (peer.Process, error) {
+	if p, ok := imds.ProcessFrom(ctx); ok {
+		return p, nil
+	}
+	if c.PID > 0 {
+		return peer.Process{PID: c.PID, UID: c.UID, GID: c.GID, StartTime: c.StartTime}, nil
+	}
+	if r.cfg.Conns != nil {
+		p, err := r.cfg.Conns.process(ctx)
 		if err != nil {
-			return tokens.Identity{}, fmt.Errorf("identities: %w: %w", imds.ErrForbidden, err)
+			return peer.Process{}, fmt.Errorf("identities: %w: %w", imds.ErrForbidden, err)
 		}
-		c.PID, c.GID, c.StartTime = p.PID, p.GID, p.StartTime
+		return p, nil
 	}
-	if c.PID <= 0 {
-		return tokens.Identity{}, errors.New("identities: the calling process is unknown")
+	return peer.Process{}, errors.New("identities: the calling process is unknown")
+}
+
+func (r *Resolver) identity(ctx context.Context, c imds.Caller, s imds.Selector) (tokens.Identity, error) {
+	proc, err := r.process(ctx, c)
+	if err != nil {
+		return tokens.Identity{}, err
 	}
-	sels, err := r.cfg.Attestor.Attest(ctx, c.PID)
+	c.PID, c.StartTime = proc.PID, proc.StartTime
+	// Attested as the endpoint and the Workload API attest: through the
+	// pinned process, the ids the selectors describe checked against the
+	// uid owning the caller's socket, and the process still the one that
+	// called once the selectors are read (a PID reused in between would
+	// lend its selectors).
+	sels, err := r.cfg.Processes.Attest(ctx, proc, imds.CallerPeer(c.UID), r.cfg.Attestor.Attest)
+	if errors.Is(err, workload.ErrProcessChanged) || errors.Is(err, workload.ErrCredentialsChanged) {
+		return tokens.Identity{}, fmt.Errorf("identities: %w: %w", imds.ErrForbidden, err)
+	}
 	if err != nil {
 		return tokens.Identity{}, fmt.Errorf("identities: attest pid %d: %w", c.PID, err)
-	}
-	// The selectors describe the process that called only if it is still
-	// running: a PID reused in between would lend its selectors.
-	if err := r.cfg.Processes.Alive(peer.Process{PID: c.PID, UID: c.UID, GID: c.GID, StartTime: c.StartTime}); err != nil {
-		return tokens.Identity{}, fmt.Errorf("identities: %w: %w", imds.ErrForbidden, err)
 	}
 	upd, err := r.cfg.Workloads.FetchWorkloadUpdate(ctx, sels)
 	if err != nil {

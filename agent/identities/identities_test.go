@@ -22,6 +22,7 @@ import (
 	"github.com/ferry-id/ferry/agent/imds"
 	"github.com/ferry-id/ferry/agent/peer"
 	"github.com/ferry-id/ferry/agent/tokens"
+	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -93,9 +94,23 @@ func (d *directory) numCalls() int {
 	return len(d.calls)
 }
 
+// processes attests without a process of its own: the process's ids are
+// its UID and GID, checked with the real credential rule; err, when set, is
+// what the liveness check found.
 type processes struct{ err error }
 
-func (p processes) Alive(peer.Process) error { return p.err }
+func (p processes) Attest(ctx context.Context, proc peer.Process, want workload.Peer, attest workload.AttestFunc) ([]*ferrypb.Selector, error) {
+	sels, err := attest(ctx, proc.PID)
+	if p.err != nil {
+		return nil, p.err
+	}
+	uid := workload.IDs{Real: proc.UID, Effective: proc.UID, Saved: proc.UID, FS: proc.UID}
+	gid := workload.IDs{Real: proc.GID, Effective: proc.GID, Saved: proc.GID, FS: proc.GID}
+	if cerr := want.Check(workload.Creds{UID: uid, GID: gid}, false); cerr != nil {
+		return nil, cerr
+	}
+	return sels, err
+}
 
 const (
 	web   = "spiffe://example.org/web"
@@ -213,9 +228,13 @@ func TestAssertionUsesTheGrantingEntry(t *testing.T) {
 
 func TestCallerChecks(t *testing.T) {
 	ctx := context.Background()
-	f := newFixture(t, func(c *identities.Config) { c.Processes = processes{err: peer.ErrNotFound} })
+	f := newFixture(t, func(c *identities.Config) { c.Processes = processes{err: workload.ErrProcessChanged} })
 	_, err := f.r.Identity(ctx, caller(30), imds.Selector{})
 	require.ErrorIs(t, err, imds.ErrForbidden, "a replaced process lends no selectors")
+
+	f = newFixture(t, func(c *identities.Config) { c.Processes = processes{err: workload.ErrCredentialsChanged} })
+	_, err = f.r.Identity(ctx, caller(30), imds.Selector{})
+	require.ErrorIs(t, err, imds.ErrForbidden, "a process whose ids changed gets nothing")
 
 	f = newFixture(t, func(c *identities.Config) { c.Attestor = attestor{err: errors.New("boom")} })
 	_, err = f.r.Identity(ctx, caller(30), imds.Selector{})
@@ -368,8 +387,13 @@ type switchable struct {
 	err error
 }
 
-func (p *switchable) Alive(peer.Process) error { p.mu.Lock(); defer p.mu.Unlock(); return p.err }
-func (p *switchable) set(err error)            { p.mu.Lock(); p.err = err; p.mu.Unlock() }
+func (p *switchable) Attest(ctx context.Context, proc peer.Process, want workload.Peer, attest workload.AttestFunc) ([]*ferrypb.Selector, error) {
+	p.mu.Lock()
+	err := p.err
+	p.mu.Unlock()
+	return processes{err: err}.Attest(ctx, proc, want, attest)
+}
+func (p *switchable) set(err error) { p.mu.Lock(); p.err = err; p.mu.Unlock() }
 
 // revWorkloads is workloads with the cache's Revision.
 type revWorkloads struct {
@@ -480,7 +504,7 @@ func TestGrantsAreReattestedAfterTheBound(t *testing.T) {
 
 	// Past the bound the process is attested and checked again; it has
 	// been replaced by another process with its PID.
-	procs.set(peer.ErrNotFound)
+	procs.set(workload.ErrProcessChanged)
 	f.advance(2 * time.Second)
 	code, body := getIdentity(t, c, addr, 1000, "")
 	require.Equal(t, http.StatusForbidden, code, body)

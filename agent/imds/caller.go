@@ -11,18 +11,20 @@ import (
 	"sync/atomic"
 
 	"github.com/ferry-id/ferry/agent/peer"
+	"github.com/ferry-id/ferry/attestors/workload"
 )
 
 type connKey struct{}
 
 // connState caches the caller of one TCP connection: the client socket, and
-// so its owner, cannot change while the connection lives.
+// so its owner, cannot change while the connection lives. Its process is
+// verified again on every request (Server.caller).
 type connState struct {
 	conn   net.Conn
 	once   sync.Once
 	done   atomic.Bool // once has run
 	caller Caller
-	proc   *peer.Process
+	proc   peer.Process
 	err    error
 }
 
@@ -30,8 +32,15 @@ func connContext(ctx context.Context, c net.Conn) context.Context {
 	return context.WithValue(ctx, connKey{}, &connState{conn: c})
 }
 
-// caller identifies the process behind r's connection.
-func (s *Server) caller(r *http.Request) (Caller, *peer.Process, error) {
+// caller identifies the process behind r's connection: found on the
+// connection's first request, and verified (same process, same ids) on
+// every request.
+func (s *Server) caller(r *http.Request) (Caller, peer.Process, error) {
+	var (
+		c   Caller
+		p   peer.Process
+		err error
+	)
 	if st, ok := r.Context().Value(connKey{}).(*connState); ok {
 		st.once.Do(func() {
 			local, err1 := tcpAddrPort(st.conn.LocalAddr())
@@ -43,94 +52,112 @@ func (s *Server) caller(r *http.Request) (Caller, *peer.Process, error) {
 			st.caller, st.proc, st.err = s.lookup(local, remote)
 		})
 		st.done.Store(true)
-		return st.caller, st.proc, st.err
+		c, p, err = st.caller, st.proc, st.err
+	} else {
+		// Served outside our http.Server (a handler test or a wrapper): use
+		// the addresses net/http records.
+		la, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+		local, err1 := tcpAddrPort(la)
+		remote, err2 := netip.ParseAddrPort(r.RemoteAddr)
+		if err := errors.Join(err1, err2); err != nil {
+			return Caller{}, peer.Process{}, fmt.Errorf("imds: connection addresses: %w", err)
+		}
+		c, p, err = s.lookup(local, remote)
 	}
-	// Served outside our http.Server (a handler test or a wrapper): use the
-	// addresses net/http records.
-	la, _ := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
-	local, err1 := tcpAddrPort(la)
-	remote, err2 := netip.ParseAddrPort(r.RemoteAddr)
-	if err := errors.Join(err1, err2); err != nil {
-		return Caller{}, nil, fmt.Errorf("imds: connection addresses: %w", err)
+	if err != nil {
+		return Caller{}, peer.Process{}, err
 	}
-	return s.lookup(local, remote)
+	if err := s.peers.Verify(p); err != nil {
+		return Caller{}, peer.Process{}, err
+	}
+	return c, p, nil
 }
 
 // knownCaller returns the caller of r's connection if it was identified
-// already (by an earlier request on the connection).
-func knownCaller(r *http.Request) (Caller, *peer.Process, bool) {
+// already (by an earlier request on the connection). Its process must still
+// be verified.
+func knownCaller(r *http.Request) (Caller, peer.Process, bool) {
 	st, ok := r.Context().Value(connKey{}).(*connState)
 	if !ok || !st.done.Load() || st.err != nil {
-		return Caller{}, nil, false
+		return Caller{}, peer.Process{}, false
 	}
 	return st.caller, st.proc, true
 }
 
-func (s *Server) lookup(local, remote netip.AddrPort) (Caller, *peer.Process, error) {
+// lookup finds the caller of the connection (local, remote): the client
+// socket must be ESTABLISHED with an inode (Peers.Lookup), held by a live
+// process (Peers.FindProcess) whose ids pass the credential rule against the
+// socket's owner, the only credential a TCP connection carries.
+func (s *Server) lookup(local, remote netip.AddrPort) (Caller, peer.Process, error) {
 	la, ra := local.Addr().Unmap(), remote.Addr().Unmap()
 	// A local client connects from a loopback address, or from the address
 	// it connects to (169.254.169.254 on lo). The socket lookup below is
 	// what proves the client is on this host.
 	if !ra.IsLoopback() && ra != la {
-		return Caller{}, nil, fmt.Errorf("imds: remote address %v is not local", ra)
+		return Caller{}, peer.Process{}, fmt.Errorf("imds: remote address %v is not local", ra)
 	}
 	sock, err := s.peers.Lookup(local, remote)
 	if err != nil {
-		return Caller{}, nil, err
-	}
-	c := Caller{UID: sock.UID, GID: NoGID}
-	needProc := s.resolvePID || (s.groups != nil && sock.UID != 0)
-	if !needProc {
-		return c, nil, nil
+		return Caller{}, peer.Process{}, err
 	}
 	p, err := s.peers.FindProcess(sock.Inode)
 	if err != nil {
-		return Caller{}, nil, err
+		return Caller{}, peer.Process{}, err
 	}
-	if p.UID != sock.UID {
-		// The socket was created under one uid and is held by a process of
-		// another (passed or inherited across setuid): trust neither.
-		return Caller{}, nil, fmt.Errorf("imds: socket uid %d differs from process %d uid %d", sock.UID, p.PID, p.UID)
+	if err := CallerPeer(sock.UID).Check(p.Creds, false); err != nil {
+		return Caller{}, peer.Process{}, fmt.Errorf("imds: process %d holding a socket of uid %d: %w", p.PID, sock.UID, err)
 	}
 	if s.groups != nil && sock.UID != 0 {
 		if err := s.admit(p); err != nil {
-			return Caller{}, nil, err
+			return Caller{}, peer.Process{}, err
 		}
 	}
-	if !s.resolvePID {
-		return c, nil, nil
+	c := Caller{UID: sock.UID, GID: NoGID}
+	if s.resolvePID {
+		c.GID, c.PID, c.StartTime = p.Creds.GID.Real, p.PID, p.StartTime
 	}
-	c.GID, c.PID, c.StartTime = p.GID, p.PID, p.StartTime
-	return c, &p, nil
+	return c, p, nil
 }
+
+// CallerPeer is what the kernel says about the caller of a loopback TCP
+// connection whose client socket uid owns: its uid, and nothing else. The
+// credential rule (workload.Peer.Check) then wants every uid of the caller
+// to be uid and its gids to agree with each other.
+func CallerPeer(uid uint32) workload.Peer { return workload.Peer{UID: uid} }
 
 // errNotAllowed: the caller is in none of AllowedGroups.
 var errNotAllowed = errors.New("imds: caller is not in an allowed group")
 
-// admit applies AllowedGroups to the process holding the client socket.
-// The decision is kept for the connection, like the caller itself: a
-// process's groups change only through setgroups/setgid, which needs the
-// privilege that would let it join the group anyway, and the socket stays
-// with the process found (a process that took over the PID afterwards does
-// not hold it). The groups are read between two start-time checks, so they
-// are the groups of the process whose socket it is.
+// admit applies AllowedGroups to the process holding the client socket, with
+// the groups read when it was found (between two start-time checks, so they
+// are the groups of the process whose socket it is). The decision is kept
+// for the connection, like the caller itself: every later request verifies
+// that the process still has those ids and groups.
 func (s *Server) admit(p peer.Process) error {
-	gid, groups, err := s.peers.(GroupPeers).Groups(p.PID)
-	if err != nil {
-		return err
-	}
-	if err := s.peers.Alive(p); err != nil {
-		return err
-	}
+	gid := p.Creds.GID.Real // all four agree (the credential rule)
 	if s.groups[gid] {
 		return nil
 	}
-	for _, g := range groups {
+	for _, g := range p.Creds.Groups {
 		if s.groups[g] {
 			return nil
 		}
 	}
-	return fmt.Errorf("%w: uid %d, gid %d, groups %v", errNotAllowed, p.UID, gid, groups)
+	return fmt.Errorf("%w: uid %d, gid %d, groups %v", errNotAllowed, p.Creds.UID.Real, gid, p.Creds.Groups)
+}
+
+type processKey struct{}
+
+// ProcessFrom returns the process the endpoint found, and verified, for the
+// request whose context is ctx (the context Tokens gets): the process holding
+// the client socket, with its credentials.
+func ProcessFrom(ctx context.Context) (peer.Process, bool) {
+	p, ok := ctx.Value(processKey{}).(peer.Process)
+	return p, ok
+}
+
+func withProcess(ctx context.Context, p peer.Process) context.Context {
+	return context.WithValue(ctx, processKey{}, p)
 }
 
 func tcpAddrPort(a net.Addr) (netip.AddrPort, error) {

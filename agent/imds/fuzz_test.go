@@ -36,7 +36,7 @@ func FuzzRequest(f *testing.F) {
 	s, err := imds.New(imds.Config{
 		Mode:     imds.ModeVM,
 		Tokens:   toks,
-		Peers:    &peers{sock: peer.Socket{UID: 1000, Inode: 1}},
+		Peers:    &peers{sock: peer.Socket{UID: 1000, Inode: 1}, proc: userProc(5, 1000)},
 		Listener: closedListener{},
 		Logger:   discardLogger(),
 	})

@@ -15,6 +15,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/ferry-id/ferry/agent/peer"
+	"github.com/ferry-id/ferry/attestors/workload"
 )
 
 // TokenPath is the only path served.
@@ -60,9 +61,14 @@ var (
 	errNotInGroup = &reply{status: http.StatusForbidden, code: "access_denied",
 		desc: "The caller is not a member of a group allowed to request tokens"}
 	errUnknownCaller = &reply{status: http.StatusForbidden, code: "access_denied", desc: "The caller could not be identified as a local process"}
-	errBadSecret     = &reply{status: http.StatusUnauthorized, code: "invalid_request", desc: "Invalid or expired secret"}
-	errInternal      = &reply{status: http.StatusInternalServerError, code: "unknown", desc: "Internal error"}
-	errUpstream      = &reply{status: http.StatusInternalServerError, code: "unknown", desc: "Failed to retrieve token from the Active directory"}
+	// A caller whose ids are not those of its socket's owner, disagree with
+	// each other (a setuid or setgid program) or changed since it was
+	// identified.
+	errCallerIDs = &reply{status: http.StatusForbidden, code: "access_denied",
+		desc: "The caller's user and group ids are not those it connected with"}
+	errBadSecret = &reply{status: http.StatusUnauthorized, code: "invalid_request", desc: "Invalid or expired secret"}
+	errInternal  = &reply{status: http.StatusInternalServerError, code: "unknown", desc: "Internal error"}
+	errUpstream  = &reply{status: http.StatusInternalServerError, code: "unknown", desc: "Failed to retrieve token from the Active directory"}
 
 	errAPIVersionMissing = apiVersionError("Bad request. api-version was not specified in the request. For more information refer to aka.ms/azureimds")
 	errAPIVersionInvalid = apiVersionError("Bad request. api-version is invalid or was not specified in the request. For more information refer to aka.ms/azureimds")
@@ -255,14 +261,10 @@ func (s *Server) serve(r *http.Request) (*Token, Request, *reply) {
 	defer s.limit.release()
 
 	caller, proc, err := s.caller(r)
-	if errors.Is(err, errNotAllowed) {
-		s.log.Info("caller refused by allowed_groups", "remote", r.RemoteAddr, "error", err)
-		return nil, req, errNotInGroup
-	}
 	if err != nil {
-		s.log.Warn("caller not identified", "remote", r.RemoteAddr, "error", err)
-		return nil, req, errUnknownCaller
+		return nil, req, s.callerError(r, err)
 	}
+	ctx = withProcess(ctx, proc)
 
 	if s.mode == ModeArc {
 		auth := r.Header.Values("Authorization")
@@ -299,7 +301,7 @@ func (s *Server) fromMemory(r *http.Request, req Request) (*Token, bool) {
 	if !ok {
 		return nil, false
 	}
-	tok, ok := s.cached.CachedToken(r.Context(), caller, req)
+	tok, ok := s.cached.CachedToken(withProcess(r.Context(), proc), caller, req)
 	if !ok || s.check(tok, req, proc) != nil {
 		// The full path decides again, and reports any failure.
 		return nil, false
@@ -307,15 +309,31 @@ func (s *Server) fromMemory(r *http.Request, req Request) (*Token, bool) {
 	return tok, true
 }
 
-// check vets a token before it is sent.
-func (s *Server) check(tok *Token, req Request, proc *peer.Process) *reply {
-	if proc != nil {
-		// The PID was resolved before attestation; make sure it still names
-		// the same process, not a successor that reused the PID.
-		if err := s.peers.Alive(*proc); err != nil {
-			s.log.Warn("caller exited during the request", "pid", proc.PID, "error", err)
-			return errUnknownCaller
+// callerError logs why the caller of r was refused and picks the reply.
+func (s *Server) callerError(r *http.Request, err error) *reply {
+	switch {
+	case errors.Is(err, errNotAllowed):
+		s.log.Info("caller refused by allowed_groups", "remote", r.RemoteAddr, "error", err)
+		return errNotInGroup
+	case errors.Is(err, workload.ErrCredentialsChanged):
+		s.log.Warn("caller refused: its ids are not its socket's", "remote", r.RemoteAddr, "error", err)
+		return errCallerIDs
+	}
+	s.log.Warn("caller not identified", "remote", r.RemoteAddr, "error", err)
+	return errUnknownCaller
+}
+
+// check vets a token before it is sent: the caller's process is still the
+// one identified, with the same ids (not a successor that reused the PID,
+// nor a process that changed its ids while the token was fetched).
+func (s *Server) check(tok *Token, req Request, proc peer.Process) *reply {
+	if err := s.peers.Verify(proc); err != nil {
+		if errors.Is(err, workload.ErrCredentialsChanged) {
+			s.log.Warn("caller changed its ids during the request", "pid", proc.PID, "error", err)
+			return errCallerIDs
 		}
+		s.log.Warn("caller exited during the request", "pid", proc.PID, "error", err)
+		return errUnknownCaller
 	}
 	if tok == nil || tok.AccessToken == "" || tok.ExpiresOn.IsZero() {
 		s.log.Error("token source returned an empty token")

@@ -12,6 +12,7 @@ import (
 
 	"github.com/ferry-id/ferry/agent/imds"
 	"github.com/ferry-id/ferry/agent/peer"
+	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/stretchr/testify/require"
 )
 
@@ -25,6 +26,7 @@ const (
 	bodyInternal   = `{"error":"unknown","error_description":"Internal error"}`
 	bodyUpstream   = `{"error":"unknown","error_description":"Failed to retrieve token from the Active directory"}`
 	bodyUnknown    = `{"error":"access_denied","error_description":"The caller could not be identified as a local process"}`
+	bodyIDs        = `{"error":"access_denied","error_description":"The caller's user and group ids are not those it connected with"}`
 	bodyForwarded  = `{"error":"invalid_request","error_description":"Requests with an X-Forwarded-For or Forwarded header are not accepted"}`
 	bodyTooMany    = `{"error":"too_many_requests","error_description":"Too many requests, retry later"}`
 )
@@ -238,33 +240,51 @@ type peers struct {
 	err     error
 	procErr error
 	dead    bool
+	changed bool
 }
 
 func (p *peers) Lookup(_, _ netip.AddrPort) (peer.Socket, error) { return p.sock, p.err }
 func (p *peers) FindProcess(uint64) (peer.Process, error)        { return p.proc, p.procErr }
-func (p *peers) Alive(peer.Process) error {
-	if p.dead {
+func (p *peers) Verify(peer.Process) error {
+	switch {
+	case p.dead:
 		return peer.ErrNotFound
+	case p.changed:
+		return fmt.Errorf("%w: changed", workload.ErrCredentialsChanged)
 	}
 	return nil
 }
 
+// userProc is a process whose ids are all uid.
+func userProc(pid int32, uid uint32) peer.Process {
+	ids := workload.IDs{Real: uid, Effective: uid, Saved: uid, FS: uid}
+	return peer.Process{PID: pid, UID: uid, GID: uid, StartTime: 9, Creds: workload.Creds{UID: ids, GID: ids}}
+}
+
 func TestUnidentifiedCaller(t *testing.T) {
-	for name, p := range map[string]*peers{
-		"no local socket":                {err: peer.ErrNotFound},
-		"no process":                     {sock: peer.Socket{UID: 1000, Inode: 1}, procErr: peer.ErrNotFound},
-		"socket and process disagree":    {sock: peer.Socket{UID: 1000, Inode: 1}, proc: peer.Process{PID: 5, UID: 0}},
-		"process gone after attestation": {sock: peer.Socket{UID: 1000, Inode: 1}, proc: peer.Process{PID: 5, UID: 1000, StartTime: 9}, dead: true},
+	setuid := userProc(5, 1000)
+	setuid.Creds.UID.Effective = 0
+	setgid := userProc(5, 1000)
+	setgid.Creds.GID.Saved = 0
+	for name, tc := range map[string]struct {
+		p    *peers
+		body string
+	}{
+		"no local socket":             {&peers{err: peer.ErrNotFound}, bodyUnknown},
+		"no process":                  {&peers{sock: peer.Socket{UID: 1000, Inode: 1}, procErr: peer.ErrNotFound}, bodyUnknown},
+		"socket and process disagree": {&peers{sock: peer.Socket{UID: 1000, Inode: 1}, proc: userProc(5, 0)}, bodyIDs},
+		"setuid program":              {&peers{sock: peer.Socket{UID: 1000, Inode: 1}, proc: setuid}, bodyIDs},
+		"setgid program":              {&peers{sock: peer.Socket{UID: 1000, Inode: 1}, proc: setgid}, bodyIDs},
+		"process gone":                {&peers{sock: peer.Socket{UID: 1000, Inode: 1}, proc: userProc(5, 1000), dead: true}, bodyUnknown},
+		"process changed its ids":     {&peers{sock: peer.Socket{UID: 1000, Inode: 1}, proc: userProc(5, 1000), changed: true}, bodyIDs},
 	} {
 		t.Run(name, func(t *testing.T) {
 			toks := newFakeTokens()
-			_, base := startServer(t, imds.Config{Mode: imds.ModeVM, Tokens: toks, Peers: p, ResolvePID: true})
+			_, base := startServer(t, imds.Config{Mode: imds.ModeVM, Tokens: toks, Peers: tc.p, ResolvePID: true})
 			r := get(t, tokenURL(base, mgmt), "Metadata", "true")
 			require.Equal(t, http.StatusForbidden, r.Status)
-			require.Equal(t, bodyUnknown, r.Body)
-			if !p.dead {
-				require.Empty(t, toks.Calls())
-			}
+			require.Equal(t, tc.body, r.Body)
+			require.Empty(t, toks.Calls(), "Tokens is never asked for an unidentified caller")
 			// The probe is answered before any caller lookup.
 			r = get(t, base+imds.TokenPath)
 			require.Equal(t, 400, r.Status)

@@ -19,8 +19,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ferry-id/ferry/agent/imds"
 	"github.com/stretchr/testify/require"
+
+	"github.com/ferry-id/ferry/agent/imds"
+	"github.com/ferry-id/ferry/internal/hostilecaller"
+	"github.com/ferry-id/ferry/internal/roottest"
 )
 
 const nobody = 65534
@@ -39,6 +42,7 @@ type childResult struct {
 }
 
 func TestMain(m *testing.M) {
+	hostilecaller.Main()
 	switch os.Getenv("IMDS_TEST_CHILD") {
 	case "":
 		os.Exit(m.Run())
@@ -132,11 +136,11 @@ func sharedTempDir(t *testing.T) string {
 	return dir
 }
 
+// requireRoot: files are chowned to callers and children run under
+// another uid.
 func requireRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: files are chowned to callers and children run under another uid")
-	}
+	roottest.Require(t)
 }
 
 // runChild runs the test binary in child mode under uid (nil: as the test

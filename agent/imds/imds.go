@@ -4,16 +4,23 @@
 // Azure SDK clients obtain access tokens from ferry.
 //
 // The endpoint identifies every caller from the kernel's view of the loopback
-// TCP connection (the owning uid of the client socket, and its process when
-// ResolvePID is set), never from anything the request says. In Arc mode the
-// first request is answered with a challenge file that only the caller's uid
-// can read; the second request proves possession of its content.
+// TCP connection, never from anything the request says: the client socket
+// must be ESTABLISHED, held by a live process (its inode found in that
+// process's descriptors), and the caller is the uid owning it. A socket the
+// client has closed (FIN_WAIT or TIME_WAIT, inode 0, listed as uid 0) is
+// nobody's, never root's. The process must pass the agent's credential rule
+// (workload.Peer.Check, the rule the Workload API applies): all its uids are
+// the socket's owner and its gids agree with each other, so a process running
+// a setuid or setgid program is refused (403). In Arc mode the first request
+// is answered with a challenge file that only the caller's uid can read; the
+// second request proves possession of its content.
 //
-// The caller of a connection is found once, when its first request arrives:
-// the client socket's owner cannot change while the connection lives (the
-// Workload API's SO_PEERCRED is fixed at connect the same way). With
-// AllowedGroups set, only root and members of those groups are served at all,
-// as Arc serves only its himds group.
+// The caller of a connection is found once, when its first request arrives
+// (the client socket's owner cannot change while the connection lives), and
+// every request checks again that the same process still holds the ids it
+// had then (Peers.Verify), before anything is done and once more before a
+// token is sent. With AllowedGroups set, only root and members of those
+// groups are served at all, as Arc serves only its himds group.
 //
 // Token issuance itself (attesting the caller, choosing the identity, fetching
 // and caching access tokens) is delegated to a Tokens implementation. One that
@@ -164,18 +171,18 @@ type UpstreamError interface {
 	Upstream() (status int, code, description string, retryAfter time.Duration)
 }
 
-// Peers finds the local owner of the client end of a loopback TCP connection.
-// *peer.Finder implements it.
+// Peers finds the local process at the client end of a loopback TCP
+// connection. *peer.Finder implements it.
 type Peers interface {
+	// Lookup returns the client socket; only an ESTABLISHED socket with an
+	// inode, else an error.
 	Lookup(local, remote netip.AddrPort) (peer.Socket, error)
+	// FindProcess returns a live process holding the socket inode, with its
+	// credentials.
 	FindProcess(inode uint64) (peer.Process, error)
-	Alive(p peer.Process) error
-}
-
-// GroupPeers is a Peers that can read a process's groups (*peer.Finder).
-type GroupPeers interface {
-	Peers
-	Groups(pid int32) (gid uint32, groups []uint32, err error)
+	// Verify returns nil if p still runs as the same process with the
+	// credentials it had when found.
+	Verify(p peer.Process) error
 }
 
 // Config configures a Server.
@@ -194,16 +201,15 @@ type Config struct {
 	Tokens Tokens
 	// Peers identifies callers; default peer.New(peer.Config{}).
 	Peers Peers
-	// ResolvePID finds the calling process, not only its uid, and passes it
-	// to Tokens (for selectors). It costs a /proc scan per connection, and in
-	// Arc mode binds the challenge secret to that process.
+	// ResolvePID passes the calling process (its PID, gid and start time) to
+	// Tokens in Caller, not only its uid, and in Arc mode binds the
+	// challenge secret to that process. The process is found either way
+	// (ProcessFrom gives it to Tokens): a caller is always a live process.
 	ResolvePID bool
 
 	// AllowedGroups, when not empty, admits only callers running as root or
-	// whose effective gid or supplementary groups hold one of these gids
-	// (Arc admits the himds group); others get 403 before any challenge or
-	// attestation. It needs the calling process: Peers must implement
-	// GroupPeers, and each connection costs a /proc scan (see ResolvePID).
+	// whose gid or supplementary groups hold one of these gids (Arc admits
+	// the himds group); others get 403 before any challenge or attestation.
 	AllowedGroups []uint32
 
 	// TokenDir holds Arc challenge files; default DefaultTokenDir. Clients
@@ -235,6 +241,10 @@ type Config struct {
 
 	// Logger; default slog.Default().
 	Logger *slog.Logger
+
+	// queued, when set, is called each time a request starts waiting for
+	// a slot (tests use it to know a request is queued).
+	queued func()
 }
 
 // Server is the managed-identity endpoint.
@@ -289,15 +299,12 @@ func New(c Config) (*Server, error) {
 		cached:     cached,
 		peers:      c.Peers,
 		resolvePID: c.ResolvePID,
-		limit:      newLimiter(c.MaxConcurrent, c.QueueWait, c.RequestsPerSecond, c.Burst),
+		limit:      newLimiter(c.MaxConcurrent, c.QueueWait, c.RequestsPerSecond, c.Burst, c.queued),
 		retryAfter: c.RetryAfter,
 		timeout:    c.RequestTimeout,
 		log:        c.Logger.With("component", "imds", "mode", c.Mode.String()),
 	}
 	if len(c.AllowedGroups) > 0 {
-		if _, ok := c.Peers.(GroupPeers); !ok {
-			return nil, errors.New("imds: AllowedGroups needs Peers that read process groups")
-		}
 		s.groups = map[uint32]bool{}
 		for _, g := range c.AllowedGroups {
 			s.groups[g] = true

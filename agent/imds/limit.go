@@ -9,8 +9,9 @@ import (
 // limiter bounds concurrent requests and, optionally, their rate. A request
 // that finds no slot waits at most wait before being turned away.
 type limiter struct {
-	sem  chan struct{}
-	wait time.Duration
+	sem    chan struct{}
+	wait   time.Duration
+	queued func() // called when a request starts waiting; may be nil
 
 	mu     sync.Mutex
 	rate   float64 // tokens per second; 0 = unlimited
@@ -19,8 +20,8 @@ type limiter struct {
 	last   time.Time
 }
 
-func newLimiter(concurrent int, wait time.Duration, rate float64, burst int) *limiter {
-	l := &limiter{sem: make(chan struct{}, concurrent), wait: wait, rate: rate}
+func newLimiter(concurrent int, wait time.Duration, rate float64, burst int, queued func()) *limiter {
+	l := &limiter{sem: make(chan struct{}, concurrent), wait: wait, rate: rate, queued: queued}
 	if rate > 0 {
 		l.burst = float64(burst)
 		if l.burst <= 0 {
@@ -42,6 +43,9 @@ func (l *limiter) acquire(ctx context.Context) bool {
 	}
 	t := time.NewTimer(l.wait)
 	defer t.Stop()
+	if l.queued != nil {
+		l.queued()
+	}
 	select {
 	case l.sem <- struct{}{}:
 		return true

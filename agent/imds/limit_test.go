@@ -35,16 +35,18 @@ func TestQueuedRequestGetsSlot(t *testing.T) {
 	toks := newFakeTokens()
 	toks.entered = make(chan struct{}, 2)
 	toks.release = make(chan struct{})
-	_, base := startServer(t, imds.Config{Mode: imds.ModeVM, Tokens: toks, MaxConcurrent: 1, QueueWait: 10 * time.Second})
+	queued := make(chan struct{}, 1)
+	_, base := startServer(t, imds.WithQueuedHook(imds.Config{Mode: imds.ModeVM, Tokens: toks, MaxConcurrent: 1, QueueWait: time.Hour},
+		func() { queued <- struct{}{} }))
 
 	first := make(chan response, 1)
 	go func() { first <- get(t, tokenURL(base, mgmt), "Metadata", "true") }()
 	<-toks.entered
 	second := make(chan response, 1)
 	go func() { second <- get(t, tokenURL(base, mgmt), "Metadata", "true") }()
-	// Give the second request time to reach the limiter and wait there;
-	// without the queue it would be refused at once.
-	time.Sleep(100 * time.Millisecond)
+	// The second request waits at the limiter (without the queue it would
+	// be refused at once) until the first one's slot is free.
+	<-queued
 	close(toks.release) // the first finishes; the queued one takes its slot
 	require.Equal(t, 200, (<-first).Status)
 	require.Equal(t, 200, (<-second).Status)

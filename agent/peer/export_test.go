@@ -6,4 +6,3 @@ var (
 	LookupNetlink  = lookupNetlink
 	LookupProcNet  = lookupProcNet
 )
-var ParseGroups = parseGroups

@@ -124,5 +124,6 @@ func parseDiagMsg(d []byte, family uint8, src, dst netip.AddrPort) (Socket, erro
 		return Socket{}, errors.New("peer: sock_diag: reply for another socket")
 	}
 	ne := binary.NativeEndian
-	return Socket{UID: ne.Uint32(d[offsetMsgUID:]), Inode: uint64(ne.Uint32(d[offsetMsgInode:]))}, nil
+	s := Socket{UID: ne.Uint32(d[offsetMsgUID:]), Inode: uint64(ne.Uint32(d[offsetMsgInode:]))}
+	return connected(s, d[1], dst, src) // idiag_state
 }

@@ -2,19 +2,26 @@
 // loopback TCP connection.
 //
 // A TCP connection carries no credentials, but when both ends live on this
-// host the kernel knows the client's socket: its owner uid and its inode.
-// Finder looks the client's socket up by the exact 4-tuple through netlink
-// sock_diag (inet_diag), falling back to /proc/net/tcp and /proc/net/tcp6 when
-// sock_diag is unavailable. Turning the socket into a process (for selectors
-// that need a PID) scans /proc/*/fd for the socket inode and is done only when
-// asked, because it costs a walk over every process.
+// host the kernel knows the client's socket: its owner uid, its inode and
+// its state. Finder looks the client's socket up by the exact 4-tuple through
+// netlink sock_diag (inet_diag), falling back to /proc/net/tcp and
+// /proc/net/tcp6 when sock_diag is unavailable. Either way only an
+// ESTABLISHED socket with an inode is a caller: once a client closes its end,
+// its socket lingers in FIN_WAIT1, FIN_WAIT2 or TIME_WAIT, orphaned (inode 0)
+// and, as a TIME_WAIT entry, reported as owned by uid 0; such a socket
+// belongs to nobody and is never taken for root. Turning the socket into a
+// process scans /proc/*/fd for the socket inode, so a socket no live process
+// holds is refused too.
 //
 // PID reuse is guarded by the process start time (field 22 of
-// /proc/PID/stat): FindProcess reads it before and after matching the inode,
-// and Process.Alive lets the caller re-check it after acting on the PID.
+// /proc/PID/stat): FindProcess reads it before and after matching the inode
+// and reading the credentials, Verify checks it again with the credentials,
+// and Attest pins the process (workload.Process) for the attestation and
+// applies the agent's credential rule (workload.AttestCaller).
 package peer
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -24,6 +31,9 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/ferry-id/ferry/attestors/workload"
+	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
 // ErrNotFound is returned when no local socket or process matches: the peer is
@@ -46,6 +56,8 @@ type Process struct {
 	// StartTime is the process start time in clock ticks after boot; with PID
 	// it names the process uniquely.
 	StartTime uint64
+	// Creds are all its ids and its supplementary groups, as found.
+	Creds workload.Creds
 }
 
 // Config configures a Finder. The zero value is ready to use.
@@ -71,7 +83,8 @@ func New(c Config) *Finder {
 }
 
 // LookupConn returns the client socket of a connection accepted by this
-// process. It fails with ErrNotFound when the client is not a local socket.
+// process. It fails with ErrNotFound when the client is not a local socket,
+// or its socket is no longer connected (see Lookup).
 func (f *Finder) LookupConn(c net.Conn) (Socket, error) {
 	local, err1 := addrPort(c.LocalAddr())
 	remote, err2 := addrPort(c.RemoteAddr())
@@ -82,7 +95,9 @@ func (f *Finder) LookupConn(c net.Conn) (Socket, error) {
 }
 
 // Lookup returns the socket whose local address is remote and whose peer is
-// local: the client end of the server-side connection (local, remote).
+// local: the client end of the server-side connection (local, remote). Only
+// an ESTABLISHED socket with an inode is returned; any other fails with an
+// error wrapping ErrNotFound.
 func (f *Finder) Lookup(local, remote netip.AddrPort) (Socket, error) {
 	local = unmapAddrPort(local)
 	remote = unmapAddrPort(remote)
@@ -91,13 +106,46 @@ func (f *Finder) Lookup(local, remote netip.AddrPort) (Socket, error) {
 	}
 	if f.netlink {
 		s, err := lookupNetlink(local, remote)
-		if err == nil {
-			return s, nil
+		if err == nil || errors.Is(err, errNotConnected) {
+			return s, err
 		}
 		// ENOENT also means "no diag handler"; the /proc tables are the
 		// authority either way, and this path only runs on a miss.
 	}
 	return lookupProcNet(f.proc, local, remote)
+}
+
+// errNotConnected wraps ErrNotFound: the client socket exists but is no
+// caller's (see connected).
+var errNotConnected = fmt.Errorf("%w: client socket not connected", ErrNotFound)
+
+// tcpEstablished is TCP_ESTABLISHED in the kernel's numbering
+// (include/net/tcp_states.h), which sock_diag and /proc/net/tcp report.
+const tcpEstablished = 1
+
+var tcpStates = [...]string{"", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
+	"TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV"}
+
+func stateName(state uint8) string {
+	if int(state) < len(tcpStates) && tcpStates[state] != "" {
+		return tcpStates[state]
+	}
+	return fmt.Sprintf("state %d", state)
+}
+
+// connected returns s, found in state, if it can be a caller's socket: it is
+// ESTABLISHED and has an inode. A client that closed its end leaves its
+// socket in FIN_WAIT1, FIN_WAIT2 or TIME_WAIT, orphaned (inode 0), and the
+// kernel reports a TIME_WAIT entry as owned by uid 0: its owner is unknown,
+// and it must never be taken for root's.
+func connected(s Socket, state uint8, local, remote netip.AddrPort) (Socket, error) {
+	if state != tcpEstablished {
+		return Socket{}, fmt.Errorf("%w: %v -> %v is %s: the client has closed it", errNotConnected, remote, local, stateName(state))
+	}
+	if s.Inode == 0 {
+		return Socket{}, fmt.Errorf("%w: %v -> %v has no inode: no process holds it", errNotConnected, remote, local)
+	}
+	return s, nil
 }
 
 // FindProcess returns a process holding the socket inode. When several
@@ -125,7 +173,7 @@ func (f *Finder) FindProcess(inode uint64) (Process, error) {
 		if !f.holds(pid, target) {
 			continue
 		}
-		uid, gid, err := f.ids(pid)
+		creds, err := f.creds(pid)
 		if err != nil {
 			continue
 		}
@@ -134,22 +182,61 @@ func (f *Finder) FindProcess(inode uint64) (Process, error) {
 			// The PID was recycled while we looked at it.
 			continue
 		}
-		return Process{PID: pid, UID: uid, GID: gid, StartTime: before}, nil
+		return Process{PID: pid, UID: creds.UID.Effective, GID: creds.GID.Effective, StartTime: before, Creds: creds}, nil
 	}
 	return Process{}, fmt.Errorf("%w: no process holds socket inode %d", ErrNotFound, inode)
 }
 
-// Alive reports whether p is still running as the same process (same PID and
-// start time). It returns ErrNotFound otherwise.
-func (f *Finder) Alive(p Process) error {
-	st, err := f.startTime(p.PID)
+// Verify returns nil if p is still running as the same process (same PID and
+// start time) with the ids it had when it was found: every uid and gid, and
+// its supplementary groups (workload.Peer.Check, the agent's credential rule,
+// with p's ids as found as the reference). It returns an error wrapping
+// ErrNotFound if the process is gone or replaced, and one wrapping
+// workload.ErrCredentialsChanged if its ids changed.
+func (f *Finder) Verify(p Process) error {
+	before, err := f.startTime(p.PID)
 	if err != nil {
 		return fmt.Errorf("%w: process %d: %v", ErrNotFound, p.PID, err)
 	}
-	if st != p.StartTime {
+	creds, err := f.creds(p.PID)
+	if err != nil {
+		return fmt.Errorf("%w: process %d: %v", ErrNotFound, p.PID, err)
+	}
+	after, err := f.startTime(p.PID)
+	if err != nil {
+		return fmt.Errorf("%w: process %d: %v", ErrNotFound, p.PID, err)
+	}
+	if before != p.StartTime || after != p.StartTime {
 		return fmt.Errorf("%w: process %d was replaced", ErrNotFound, p.PID)
 	}
-	return nil
+	return asFound(p).Check(creds, true)
+}
+
+// asFound is the reference the credentials of p are checked against: the
+// ids it had when found.
+func asFound(p Process) workload.Peer {
+	groups := p.Creds.Groups
+	return workload.Peer{UID: p.Creds.UID.Real, GID: p.Creds.GID.Real, HasGID: true,
+		Groups: func() ([]uint32, error) { return groups, nil }}
+}
+
+// Attest attests the process p (found by FindProcess, or known by its PID and
+// start time) for a caller whose kernel-recorded credentials are want,
+// through workload.AttestCaller: the process is pinned (its /proc directory
+// held open) and must have p's start time, attest runs against the pin, its
+// credentials are read once and must pass want.Check, and the pinned process
+// must still be alive afterwards. Errors wrap workload.ErrProcessChanged or
+// workload.ErrCredentialsChanged when the caller is refused.
+func (f *Finder) Attest(ctx context.Context, p Process, want workload.Peer, attest workload.AttestFunc) ([]*ferrypb.Selector, error) {
+	proc, err := workload.OpenProcessIn(f.proc, p.PID)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", workload.ErrProcessChanged, err)
+	}
+	defer proc.Close()
+	if proc.StartTime() != p.StartTime {
+		return nil, fmt.Errorf("%w: pid %d: start time %d, not %d: another process", workload.ErrProcessChanged, p.PID, proc.StartTime(), p.StartTime)
+	}
+	return workload.AttestCaller(ctx, proc, want, attest)
 }
 
 func (f *Finder) holds(pid int32, target string) bool {
@@ -197,38 +284,18 @@ func parseStartTime(stat string) (uint64, error) {
 	return strconv.ParseUint(fields[19], 10, 64)
 }
 
-// ids reads the effective uid and gid from /proc/PID/status.
-func (f *Finder) ids(pid int32) (uid, gid uint32, err error) {
-	b, err := os.ReadFile(filepath.Join(f.proc, strconv.Itoa(int(pid)), "status"))
+// creds reads the ids and groups of pid from /proc/PID/status.
+func (f *Finder) creds(pid int32) (workload.Creds, error) {
+	file, err := os.Open(filepath.Join(f.proc, strconv.Itoa(int(pid)), "status"))
 	if err != nil {
-		return 0, 0, err
+		return workload.Creds{}, err
 	}
-	var haveU, haveG bool
-	for line := range strings.Lines(string(b)) {
-		var dst *uint32
-		var have *bool
-		switch {
-		case strings.HasPrefix(line, "Uid:"):
-			dst, have = &uid, &haveU
-		case strings.HasPrefix(line, "Gid:"):
-			dst, have = &gid, &haveG
-		default:
-			continue
-		}
-		f := strings.Fields(line)
-		if len(f) < 3 {
-			return 0, 0, errors.New("peer: malformed status")
-		}
-		v, err := strconv.ParseUint(f[2], 10, 32) // real, effective, saved, fs
-		if err != nil {
-			return 0, 0, fmt.Errorf("peer: malformed status: %w", err)
-		}
-		*dst, *have = uint32(v), true
+	defer file.Close()
+	c, err := workload.ParseCreds(file)
+	if err != nil {
+		return workload.Creds{}, fmt.Errorf("peer: process %d: %w", pid, err)
 	}
-	if !haveU || !haveG {
-		return 0, 0, errors.New("peer: status without Uid/Gid")
-	}
-	return uid, gid, nil
+	return c, nil
 }
 
 func addrPort(a net.Addr) (netip.AddrPort, error) {
@@ -241,46 +308,4 @@ func addrPort(a net.Addr) (netip.AddrPort, error) {
 
 func unmapAddrPort(a netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(a.Addr().Unmap().WithZone(""), a.Port())
-}
-
-// Groups returns the effective gid and the supplementary groups of a
-// process (the Gid and Groups lines of /proc/PID/status). Pair it with
-// Alive to make sure the PID still names the process meant.
-func (f *Finder) Groups(pid int32) (gid uint32, groups []uint32, err error) {
-	b, err := os.ReadFile(filepath.Join(f.proc, strconv.Itoa(int(pid)), "status"))
-	if err != nil {
-		return 0, nil, fmt.Errorf("%w: process %d: %v", ErrNotFound, pid, err)
-	}
-	return parseGroups(string(b))
-}
-
-func parseGroups(status string) (gid uint32, groups []uint32, err error) {
-	var haveG, haveGroups bool
-	for line := range strings.Lines(status) {
-		switch {
-		case strings.HasPrefix(line, "Gid:"):
-			f := strings.Fields(line)
-			if len(f) < 3 {
-				return 0, nil, errors.New("peer: malformed status Gid")
-			}
-			v, err := strconv.ParseUint(f[2], 10, 32) // real, effective, saved, fs
-			if err != nil {
-				return 0, nil, fmt.Errorf("peer: malformed status Gid: %w", err)
-			}
-			gid, haveG = uint32(v), true
-		case strings.HasPrefix(line, "Groups:"):
-			for _, s := range strings.Fields(line)[1:] {
-				v, err := strconv.ParseUint(s, 10, 32)
-				if err != nil {
-					return 0, nil, fmt.Errorf("peer: malformed status Groups: %w", err)
-				}
-				groups = append(groups, uint32(v))
-			}
-			haveGroups = true
-		}
-	}
-	if !haveG || !haveGroups {
-		return 0, nil, errors.New("peer: status without Gid/Groups")
-	}
-	return gid, groups, nil
 }

@@ -19,8 +19,8 @@ func lookupProcNet(proc string, local, remote netip.AddrPort) (Socket, error) {
 	var errs []error
 	for _, name := range []string{"tcp", "tcp6"} {
 		s, err := scanProcNet(filepath.Join(proc, "net", name), local, remote)
-		if err == nil {
-			return s, nil
+		if err == nil || errors.Is(err, errNotConnected) {
+			return s, err
 		}
 		if !errors.Is(err, ErrNotFound) {
 			errs = append(errs, err)
@@ -50,6 +50,10 @@ func scanProcNet(path string, local, remote netip.AddrPort) (Socket, error) {
 		if err1 != nil || err2 != nil || src != remote || dst != local {
 			continue
 		}
+		state, err := strconv.ParseUint(fields[3], 16, 8)
+		if err != nil {
+			return Socket{}, fmt.Errorf("peer: %s: bad state %q", path, fields[3])
+		}
 		uid, err := strconv.ParseUint(fields[7], 10, 32)
 		if err != nil {
 			return Socket{}, fmt.Errorf("peer: %s: bad uid %q", path, fields[7])
@@ -58,7 +62,7 @@ func scanProcNet(path string, local, remote netip.AddrPort) (Socket, error) {
 		if err != nil {
 			return Socket{}, fmt.Errorf("peer: %s: bad inode %q", path, fields[9])
 		}
-		return Socket{UID: uint32(uid), Inode: inode}, nil
+		return connected(Socket{UID: uint32(uid), Inode: inode}, uint8(state), local, remote)
 	}
 	if err := sc.Err(); err != nil {
 		return Socket{}, fmt.Errorf("peer: %s: %w", path, err)

@@ -40,37 +40,32 @@ type service struct {
 
 var _ workloadpb.SpiffeWorkloadAPIServer = service{}
 
-// attest returns the selectors of the caller of ctx. It fails with
-// Unauthenticated when the process that connected is no longer the one behind
-// its PID: the selectors might describe another process.
+// attest returns the selectors of the caller of ctx, through
+// workload.AttestCaller: attestors read the process through the pin taken at
+// connect, its credentials are read once for the call and must be those the
+// kernel recorded at connect, and it must still be the process that
+// connected. A caller whose process is no longer the one behind its PID gets
+// Unauthenticated (the selectors might describe another process); one whose
+// credentials changed, or that runs a setuid or setgid program, gets
+// PermissionDenied; nothing is looked up for either.
 func (s *Server) attest(ctx context.Context) ([]*ferrypb.Selector, error) {
 	c, ok := callerFrom(ctx)
 	if !ok {
 		return nil, status.Error(codes.Internal, "caller credentials missing from connection")
 	}
-	actx := ctx
-	if p, ok := c.proc.(*workload.Process); ok {
-		// Attestors read the caller's procfs files through the pin, whose
-		// descriptors are bound to the process that connected.
-		actx = workload.WithProcess(ctx, p)
-	}
-	sels, err := s.attestor.Attest(actx, c.PID)
-	// Checked after attesting, whatever the attestor read: the selectors
-	// describe the caller only if the process that connected is still the
-	// one behind its PID.
-	if aliveErr := c.proc.CheckAlive(); aliveErr != nil {
-		return nil, status.Errorf(codes.Unauthenticated, "could not verify existence of the original caller: %v", aliveErr)
-	}
-	if err != nil {
-		if errors.Is(err, workload.ErrProcessChanged) {
-			return nil, status.Errorf(codes.Unauthenticated, "could not verify existence of the original caller: %v", err)
-		}
-		if ctx.Err() != nil {
-			return nil, status.FromContextError(ctx.Err()).Err()
-		}
+	sels, err := workload.AttestCaller(ctx, c.proc, c.peer(), s.attestor.Attest)
+	switch {
+	case err == nil:
+		return sels, nil
+	case errors.Is(err, workload.ErrProcessChanged):
+		return nil, status.Errorf(codes.Unauthenticated, "could not verify existence of the original caller: %v", err)
+	case errors.Is(err, workload.ErrCredentialsChanged):
+		return nil, status.Error(codes.PermissionDenied, err.Error())
+	case ctx.Err() != nil:
+		return nil, status.FromContextError(ctx.Err()).Err()
+	default:
 		return nil, status.Errorf(codes.Unavailable, "workload attestation failed: %v", err)
 	}
-	return sels, nil
 }
 
 // subscribe attests the caller and follows its identities.
@@ -81,7 +76,7 @@ func (s *Server) subscribe(ctx context.Context) (cache.Subscriber, error) {
 	}
 	sub, err := s.manager.SubscribeToCacheChanges(ctx, sels)
 	if err != nil {
-		return nil, status.Errorf(codes.Unavailable, "subscribe to identity cache: %v", err)
+		return nil, cacheErr(ctx, "subscribe to identity cache", err)
 	}
 	return sub, nil
 }
@@ -94,12 +89,22 @@ func (s *Server) fetchUpdate(ctx context.Context) (*cache.WorkloadUpdate, error)
 	}
 	u, err := s.manager.FetchWorkloadUpdate(ctx, sels)
 	if err != nil {
-		return nil, status.Errorf(codes.Unavailable, "fetch identities: %v", err)
+		return nil, cacheErr(ctx, "fetch identities", err)
 	}
 	if u == nil {
 		u = &cache.WorkloadUpdate{}
 	}
 	return u, nil
+}
+
+// cacheErr is the status of a failed cache call: the client's own
+// cancellation or deadline when its context has ended (the client went away:
+// not the agent's failure), else Unavailable.
+func cacheErr(ctx context.Context, what string, err error) error {
+	if ctx.Err() != nil {
+		return status.FromContextError(ctx.Err()).Err()
+	}
+	return status.Errorf(codes.Unavailable, "%s: %v", what, err)
 }
 
 // follow calls send with every update sub delivers until the client goes
@@ -245,7 +250,7 @@ func (s service) FetchJWTSVID(ctx context.Context, req *workloadpb.JWTSVIDReques
 	for _, id := range ids {
 		svid, err := s.manager.FetchJWTSVID(ctx, id.Entry, req.GetAudience())
 		if err != nil {
-			return nil, status.Errorf(codes.Unavailable, "could not fetch JWT-SVID for %s: %v", id.Entry.GetSpiffeId(), err)
+			return nil, cacheErr(ctx, "could not fetch JWT-SVID for "+id.Entry.GetSpiffeId(), err)
 		}
 		resp.Svids = append(resp.Svids, &workloadpb.JWTSVID{
 			SpiffeId: id.Entry.GetSpiffeId(),

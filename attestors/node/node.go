@@ -2,8 +2,9 @@
 // runs on, and how the server turns that proof into the agent's SPIFFE ID and
 // node selectors.
 //
-// Each attestor package (attestors/node/jointoken, attestors/node/x509pop, …)
-// holds both halves. The agent half produces a payload and answers challenges;
+// Each attestor package (attestors/node/jointoken, x509pop, azureimds,
+// azuremsi, awsiid, gcpiit, tpm, sshpop) holds both halves; docs/attestors.md
+// describes them for operators. The agent half produces a payload and answers challenges;
 // the server half verifies the payload, may issue any number of challenges and
 // returns a Result. The server's attestation stream carries the bytes:
 //
@@ -22,9 +23,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -67,11 +70,47 @@ type Result struct {
 	// credential (x509pop can; a consumed join token cannot), so it may renew
 	// by re-attesting rather than only with its current SVID.
 	CanReattest bool
+	// SingleAgent says whoever once saw the proof could present it again (a
+	// static signed document, a bearer token still within its lifetime), so
+	// the server admits it only while no other agent holds an unexpired SVID
+	// for AgentID. Attestors set it unless their configuration allows
+	// re-attestation.
+	SingleAgent bool
+	// JoinTokenHash, when set, is the hash of the one-time join token the
+	// agent proved itself with. The server spends the token in the same
+	// replicated write that records the agent, after every other check has
+	// passed: an attestation refused for any other reason (its CA not ready,
+	// a banned ID, a lost leader) leaves the token usable, and of several
+	// attestations racing with one token exactly one records its agent.
+	JoinTokenHash string
 }
 
 // ErrNoChallenge is returned by agent halves of attestors that never expect a
 // challenge.
 var ErrNoChallenge = errors.New("node: attestor does not expect a challenge")
+
+// AgentPathPrefix starts the path of every agent's SPIFFE ID, as in SPIRE.
+const AgentPathPrefix = "/spire/agent/"
+
+// CheckAgentID reports whether id may be an agent's SPIFFE ID: in td (a zero
+// td skips that check, for clients that do not know the server's) and under
+// AgentPathPrefix. The server's CA signs agent SVIDs for no other ID, so
+// anything naming an agent ID (a join token, an attestor's template) is held
+// to this before it is accepted.
+func CheckAgentID(td spiffeid.TrustDomain, id spiffeid.ID) error {
+	if id.IsZero() {
+		return errors.New("no SPIFFE ID")
+	}
+	if !td.IsZero() && !id.MemberOf(td) {
+		return fmt.Errorf("%q is not a member of trust domain %q", id.String(), td.Name())
+	}
+	if !strings.HasPrefix(id.Path(), AgentPathPrefix) || len(id.Path()) == len(AgentPathPrefix) {
+		name := id.TrustDomain().Name()
+		return fmt.Errorf("%q is not an agent ID: agent IDs are under spiffe://%s%s, e.g. spiffe://%s%snode1",
+			id.String(), name, AgentPathPrefix, name, AgentPathPrefix)
+	}
+	return nil
+}
 
 // AgentPath returns spiffe://<td>/spire/agent/<attestor>/<segments…>, the agent
 // ID layout SPIRE uses, validating every segment.
@@ -110,4 +149,20 @@ func Exchange(ctx context.Context, agent AgentAttestor, server ServerAttestor) (
 		}
 		return resp, nil
 	})
+}
+
+// Selectors turns values, produced by attestor typ, into its node
+// selectors in canonical order, refusing any value schema does not accept
+// (the attestor's own Selectors declaration, so what it emits and what
+// node-alias entries are checked against cannot drift apart).
+func Selectors(schema *selector.Registry, typ string, values ...string) ([]*ferrypb.Selector, error) {
+	out := make([]*ferrypb.Selector, 0, len(values))
+	for _, v := range values {
+		sel := &ferrypb.Selector{Type: typ, Value: v}
+		if err := schema.Check(selector.Node, sel); err != nil {
+			return nil, err
+		}
+		out = append(out, sel)
+	}
+	return selector.Canonical(out), nil
 }

@@ -6,7 +6,19 @@
 // Process pins a PID against reuse for the duration of an attestation, the way
 // SPIRE's peertracker does: the selectors of a process that exited while it was
 // being attested are discarded, because its PID may already name another
-// process. Attest ties the two together and is what the agent calls.
+// process.
+//
+// AttestCaller is where the agent's two endpoints (the Workload API and the
+// managed-identity endpoint) decide whether a caller may have the selectors
+// its pinned process is attested with: its credentials are read once per call
+// (Creds, from /proc/PID/status, shared with the attestors through
+// CredsFrom) and must pass Peer.Check against what the kernel recorded when
+// it connected: every uid (real, effective, saved, filesystem) the uid it
+// connected as, every gid likewise (or, for a loopback TCP caller, whose
+// connection carries no gid, the same as each other), and the supplementary
+// groups it connected with when an attestor uses them. A caller whose ids
+// changed since it connected, or that runs a setuid or setgid program, is
+// refused (ErrCredentialsChanged), never attested as its effective ids.
 package workload
 
 import (

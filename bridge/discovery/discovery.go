@@ -131,6 +131,24 @@ func New(cfg Config) *Cache {
 // are cached, when they are older than MaxAge, or when kid is unknown and the
 // last fetch is at least MinRefresh old. Errors wrap ErrUnknownKey or ErrFetch.
 func (c *Cache) Key(ctx context.Context, iss, kid string) (assertion.Key, error) {
+	return c.key(ctx, iss, kid, c.fetch)
+}
+
+// JWKSKey is Key for keys published at a JWKS URL known in advance, without
+// a discovery document (Google's instance identity tokens, say): the same
+// caching and refresh rules, keyed by the URL, which must be https.
+func (c *Cache) JWKSKey(ctx context.Context, jwksURL, kid string) (assertion.Key, error) {
+	return c.key(ctx, "jwks "+jwksURL, kid, func(ctx context.Context, _ string) (map[string]assertion.Key, error) {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.FetchTimeout)
+		defer cancel()
+		if err := httpsURL(jwksURL); err != nil {
+			return nil, fmt.Errorf("jwks: %w", err)
+		}
+		return c.fetchJWKS(ctx, jwksURL)
+	})
+}
+
+func (c *Cache) key(ctx context.Context, iss, kid string, fetch func(context.Context, string) (map[string]assertion.Key, error)) (assertion.Key, error) {
 	c.mu.Lock()
 	ik, ok := c.issuers[iss]
 	if !ok {
@@ -148,7 +166,7 @@ func (c *Cache) Key(ctx context.Context, iss, kid string) (assertion.Key, error)
 		return k, nil
 	}
 	if c.mayFetch(ik, now) {
-		keys, err := c.fetch(ctx, iss)
+		keys, err := fetch(ctx, iss)
 		ik.attemptedAt = now
 		ik.lastErr = err
 		if err != nil {
@@ -211,10 +229,14 @@ func (c *Cache) fetch(ctx context.Context, iss string) (map[string]assertion.Key
 	if err := httpsURL(meta.JWKSURI); err != nil {
 		return nil, fmt.Errorf("jwks_uri: %w", err)
 	}
+	return c.fetchJWKS(ctx, meta.JWKSURI)
+}
+
+func (c *Cache) fetchJWKS(ctx context.Context, jwksURI string) (map[string]assertion.Key, error) {
 	var set struct {
 		Keys []json.RawMessage `json:"keys"`
 	}
-	if err := c.getJSON(ctx, meta.JWKSURI, &set); err != nil {
+	if err := c.getJSON(ctx, jwksURI, &set); err != nil {
 		return nil, err
 	}
 	if len(set.Keys) > MaxKeys {

@@ -8,6 +8,11 @@
 //
 // Matching has SPIRE's AND semantics: an entry applies to a workload when every
 // one of the entry's selectors is among the workload's selectors.
+//
+// Which types exist, and the form of their values, is not known here: each
+// attestor declares the selectors it produces as a Schema, and a Registry of
+// those declarations (attestors/catalog) checks registration entries, so that
+// an entry no attestor could ever match is refused when it is written.
 package selector
 
 import (

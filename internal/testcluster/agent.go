@@ -1,6 +1,7 @@
 package testcluster
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"os"
@@ -24,6 +25,7 @@ type Agent struct {
 	// ID is the agent's SPIFFE ID.
 	ID string
 
+	uid  uint32
 	mu   sync.Mutex
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -43,8 +45,71 @@ func (c *Cluster) StartAgent(name string) *Agent {
 // agent block (e.g. an imds block).
 func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
 	c.t.Helper()
+	return c.StartAgentOpts(name, AgentOptions{Extra: extraConfig})
+}
+
+// AgentOptions shape an agent process.
+type AgentOptions struct {
+	// Extra lines are inserted verbatim in the agent block.
+	Extra string
+	// UID, when not 0, runs the agent as that uid (and gid), as a service
+	// user would: its data and socket directories are made its own, the
+	// agent creates what is inside them.
+	UID uint32
+	// SocketPath and DataDir, when set, replace the agent's own
+	// directories (for tests of where an agent agrees to run).
+	SocketPath, DataDir string
+}
+
+// StartAgentOpts is StartAgent shaped by opts.
+func (c *Cluster) StartAgentOpts(name string, opts AgentOptions) *Agent {
+	c.t.Helper()
+	a := c.PrepareAgent(name, opts)
+	a.Start()
+	return a
+}
+
+// PrepareAgent creates a join token and writes the agent's config, without
+// starting it (Start, or Command for a test that watches the process itself).
+func (c *Cluster) PrepareAgent(name string, opts AgentOptions) *Agent {
+	c.t.Helper()
 	leader := c.WaitLeader(30*time.Second, nil)
 	id := fmt.Sprintf("spiffe://%s/spire/agent/%s", c.Opts.TrustDomain, name)
+	out, err := leader.CLI("token", "generate", "--spiffe-id", id, "--ttl", "10m", "--output", "json")
+	if err != nil {
+		c.t.Fatalf("token generate: %v %s", err, out)
+	}
+	token := between(out, `"token": "`, `"`)
+	opts.Extra = fmt.Sprintf("  join_token        = %q\n%s", token, opts.Extra)
+	a := c.writeAgent(name, opts)
+	a.ID = id
+	return a
+}
+
+// StartAgentToken starts an agent that attests with token (one made by the
+// caller, as an operator would), whose agent ID is id.
+func (c *Cluster) StartAgentToken(name, id, token string) *Agent {
+	c.t.Helper()
+	a := c.writeAgent(name, AgentOptions{Extra: fmt.Sprintf("  join_token        = %q\n", token)})
+	a.ID = id
+	a.Start()
+	return a
+}
+
+// NewAgentAttested writes the config of an agent that attests with
+// attestorConfig (lines inserted verbatim in the agent block, e.g. an
+// azure_imds block) instead of a join token, and returns it unstarted. Its ID
+// is whatever the attestor proves: a.ID is empty until the caller sets it.
+func (c *Cluster) NewAgentAttested(name, attestorConfig string) *Agent {
+	c.t.Helper()
+	return c.writeAgent(name, AgentOptions{Extra: attestorConfig})
+}
+
+// writeAgent writes an agent config listing every server, with opts.Extra
+// in the agent block, and the trust bundle it starts from.
+func (c *Cluster) writeAgent(name string, opts AgentOptions) *Agent {
+	c.t.Helper()
+	leader := c.WaitLeader(30*time.Second, nil)
 	var bundle string
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -58,23 +123,31 @@ func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	out, err := leader.CLI("token", "generate", "--spiffe-id", id, "--ttl", "10m", "--output", "json")
-	if err != nil {
-		c.t.Fatalf("token generate: %v %s", err, out)
-	}
-	token := between(out, `"token": "`, `"`)
-
 	dir := filepath.Join(c.Dir, "agent-"+name)
+	if opts.UID != 0 {
+		// The cluster's dir is root's alone: the service user's lives in
+		// a directory it can reach.
+		dir = filepath.Join(PublicDir(c.t, "ferry-agent-"), "agent-"+name)
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		c.t.Fatal(err)
 	}
-	sockDir, err := os.MkdirTemp("", "ferry-agent-sock-")
-	if err != nil {
-		c.t.Fatal(err)
+	sockDir := PublicDir(c.t, "ferry-agent-sock-")
+	if opts.UID != 0 {
+		for _, d := range []string{dir, sockDir} {
+			if err := os.Chown(d, int(opts.UID), int(opts.UID)); err != nil {
+				c.t.Fatal(err)
+			}
+		}
 	}
-	_ = os.Chmod(sockDir, 0o755)
-	c.t.Cleanup(func() { os.RemoveAll(sockDir) })
-	a := &Agent{c: c, Name: name, Dir: dir, Config: filepath.Join(dir, "agent.conf"), Socket: filepath.Join(sockDir, "public", "api.sock"), ID: id}
+	a := &Agent{c: c, Name: name, Dir: dir, Config: filepath.Join(dir, "agent.conf"), Socket: filepath.Join(sockDir, "public", "api.sock"), uid: opts.UID}
+	if opts.SocketPath != "" {
+		a.Socket = opts.SocketPath
+	}
+	dataDir := "data"
+	if opts.DataDir != "" {
+		dataDir = opts.DataDir
+	}
 	if err := os.WriteFile(filepath.Join(dir, "bundle.pem"), []byte(bundle), 0o644); err != nil {
 		c.t.Fatal(err)
 	}
@@ -86,18 +159,21 @@ func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
   trust_domain      = %q
   server_addresses  = [%s]
   trust_bundle_file = "bundle.pem"
-  data_dir          = "data"
+  data_dir          = %q
   socket_path       = %q
-  log_level         = "debug"
-  join_token        = %q
+  log_level         = %q
 %s
 }
-`, c.Opts.TrustDomain, strings.Join(servers, ", "), a.Socket, token, extraConfig)
+`, c.Opts.TrustDomain, strings.Join(servers, ", "), dataDir, a.Socket, c.Opts.AgentLogLevel, opts.Extra)
 	if err := os.WriteFile(a.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
 	}
+	if opts.UID != 0 {
+		if err := os.Chown(a.Config, int(opts.UID), int(opts.UID)); err != nil {
+			c.t.Fatal(err)
+		}
+	}
 	c.t.Cleanup(a.Stop)
-	a.Start()
 	return a
 }
 
@@ -111,6 +187,26 @@ func between(s, start, end string) string {
 		return s[:j]
 	}
 	return s
+}
+
+// RunToExit runs the agent process, which must exit (a refused attestation,
+// say) within timeout, and returns its output.
+func (a *Agent) RunToExit(timeout time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, a.c.Bin, "agent", "run", "--config", a.Config).CombinedOutput()
+	if ctx.Err() != nil {
+		a.c.t.Fatalf("agent %s still running after %s:\n%s", a.Name, timeout, out)
+	}
+	return string(out), err
+}
+
+// WipeData deletes the agent's data dir (its SVID, key and bundle), as a
+// reinstalled machine would; the agent must be stopped.
+func (a *Agent) WipeData() {
+	if err := os.RemoveAll(filepath.Join(a.Dir, "data")); err != nil {
+		a.c.t.Fatal(err)
+	}
 }
 
 // Start starts (or restarts) the agent process and waits for its socket.
@@ -140,7 +236,7 @@ func (a *Agent) Spawn() <-chan struct{} {
 	if err != nil {
 		a.c.t.Fatal(err)
 	}
-	cmd := exec.Command(a.c.Bin, "agent", "run", "--config", a.Config)
+	cmd := a.Command()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		a.c.t.Fatal(err)
@@ -149,6 +245,17 @@ func (a *Agent) Spawn() <-chan struct{} {
 	go func() { _ = cmd.Wait(); logf.Close(); close(done) }()
 	a.cmd, a.done = cmd, done
 	return done
+}
+
+// Command is `ferry agent run` for this agent, as the agent's uid, not
+// started.
+func (a *Agent) Command() *exec.Cmd {
+	cmd := exec.Command(a.c.Bin, "agent", "run", "--config", a.Config)
+	if a.uid != 0 {
+		cmd.Dir = "/"
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: a.uid, Gid: a.uid}}
+	}
+	return cmd
 }
 
 // PID is the agent process's ID, or 0 when it is not running.

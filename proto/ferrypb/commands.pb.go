@@ -699,9 +699,18 @@ type NodePut struct {
 	Node  *AttestedNode          `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
 	// expect_serial, when set, makes the put conditional on the node's current
 	// certificate serial (renewal races).
-	ExpectSerial  string `protobuf:"bytes,2,opt,name=expect_serial,json=expectSerial,proto3" json:"expect_serial,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ExpectSerial string `protobuf:"bytes,2,opt,name=expect_serial,json=expectSerial,proto3" json:"expect_serial,omitempty"`
+	// refuse_active, when set, refuses the put while the node exists and holds
+	// an SVID that has not expired at the command's time: a node attestor whose
+	// proof could be replayed admits one agent per instance at a time.
+	RefuseActive bool `protobuf:"varint,3,opt,name=refuse_active,json=refuseActive,proto3" json:"refuse_active,omitempty"`
+	// consume_join_token, when set, is the hash of the join token this
+	// attestation spends: the put applies only if the token is still there and
+	// unexpired, and deletes it in the same step. A token is thus spent only by
+	// an attestation that succeeds.
+	ConsumeJoinToken string `protobuf:"bytes,4,opt,name=consume_join_token,json=consumeJoinToken,proto3" json:"consume_join_token,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *NodePut) Reset() {
@@ -744,6 +753,20 @@ func (x *NodePut) GetNode() *AttestedNode {
 func (x *NodePut) GetExpectSerial() string {
 	if x != nil {
 		return x.ExpectSerial
+	}
+	return ""
+}
+
+func (x *NodePut) GetRefuseActive() bool {
+	if x != nil {
+		return x.RefuseActive
+	}
+	return false
+}
+
+func (x *NodePut) GetConsumeJoinToken() string {
+	if x != nil {
+		return x.ConsumeJoinToken
 	}
 	return ""
 }
@@ -2583,10 +2606,12 @@ const file_commands_proto_rawDesc = "" +
 	"\x0fJoinTokenCreate\x12)\n" +
 	"\x05token\x18\x01 \x01(\v2\x13.ferry.v1.JoinTokenR\x05token\"&\n" +
 	"\x10JoinTokenConsume\x12\x12\n" +
-	"\x04hash\x18\x01 \x01(\tR\x04hash\"Z\n" +
+	"\x04hash\x18\x01 \x01(\tR\x04hash\"\xad\x01\n" +
 	"\aNodePut\x12*\n" +
 	"\x04node\x18\x01 \x01(\v2\x16.ferry.v1.AttestedNodeR\x04node\x12#\n" +
-	"\rexpect_serial\x18\x02 \x01(\tR\fexpectSerial\")\n" +
+	"\rexpect_serial\x18\x02 \x01(\tR\fexpectSerial\x12#\n" +
+	"\rrefuse_active\x18\x03 \x01(\bR\frefuseActive\x12,\n" +
+	"\x12consume_join_token\x18\x04 \x01(\tR\x10consumeJoinToken\")\n" +
 	"\n" +
 	"NodeDelete\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\">\n" +

@@ -2,6 +2,7 @@ package state
 
 import (
 	"bytes"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
@@ -31,7 +32,8 @@ func (a *applier) createJoinToken(t *ferrypb.JoinToken) *ferrypb.CommandResult {
 }
 
 // consumeJoinToken deletes the token and returns it. The log orders concurrent
-// attempts, so exactly one of them finds the token.
+// attempts, so exactly one of them finds the token. An expired token is
+// deleted too: it can never be used.
 func (a *applier) consumeJoinToken(hash string) *ferrypb.CommandResult {
 	raw, err := a.txn.First(TableJoinTokens, "id", hash)
 	must(err)
@@ -71,6 +73,20 @@ func (a *applier) putNode(p *ferrypb.NodePut) *ferrypb.CommandResult {
 	}
 	if p.ExpectSerial != "" && (old == nil || old.CertSerial != p.ExpectSerial) {
 		return &ferrypb.CommandResult{Status: status(codes.Aborted, "agent %s changed since it presented serial %s", n.SpiffeId, p.ExpectSerial)}
+	}
+	if p.RefuseActive && old != nil {
+		if until := max(old.CertNotAfter, old.NewCertNotAfter); until > a.now.Unix() {
+			return &ferrypb.CommandResult{Status: status(codes.PermissionDenied,
+				"agent %s is already attested and its SVID is valid until %s; evict it first, or allow re-attestation in the attestor's configuration",
+				n.SpiffeId, time.Unix(until, 0).UTC().Format(time.RFC3339))}
+		}
+	}
+	if h := p.ConsumeJoinToken; h != "" {
+		// Spent here, with the agent recorded, or not at all: last, after
+		// every other reason to refuse.
+		if res := a.consumeJoinToken(h); codes.Code(res.Status.GetCode()) != codes.OK {
+			return res
+		}
 	}
 	row := proto.Clone(n).(*ferrypb.AttestedNode)
 	sortSelectors(row.Selectors)

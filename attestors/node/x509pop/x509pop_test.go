@@ -28,6 +28,7 @@ import (
 
 	"github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -102,6 +103,15 @@ func TestAttestECChain(t *testing.T) {
 		"x509pop:san:datacenter:us-east-1",
 	}, values(res.Selectors))
 	assert.Contains(t, logs.String(), "x509pop attestation succeeded")
+	// What the attestor produces is what it declares, kind by kind.
+	reg := selector.MustRegistry(x509pop.Selectors())
+	kinds := map[string]bool{}
+	for _, sel := range res.Selectors {
+		assert.NoError(t, reg.Check(selector.Node, sel))
+		kind, _, _ := strings.Cut(sel.GetValue(), ":")
+		kinds[kind] = true
+	}
+	assert.Len(t, kinds, len(x509pop.Selectors().Kinds))
 }
 
 func TestAttestRSALeafDirectlyUnderRoot(t *testing.T) {

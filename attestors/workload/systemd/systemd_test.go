@@ -20,6 +20,8 @@ import (
 
 	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/attestors/workload/systemd"
+	"github.com/ferry-id/ferry/internal/roottest"
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -168,6 +170,15 @@ func TestKinds(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []string{"systemd:fragment_path:" + filepath.Join(units, "web.service")}, values(got))
 
+	// Both kinds, as declared: entries checked against the schema match them.
+	got, err = a.Attest(context.Background(), 5, nil)
+	require.NoError(t, err)
+	require.Len(t, got, len(systemd.Selectors().Kinds))
+	reg := selector.MustRegistry(systemd.Selectors())
+	for _, s := range got {
+		assert.NoError(t, reg.Check(selector.Workload, s))
+	}
+
 	// Nothing requested: the cgroup file is not even read.
 	got, err = a.Attest(context.Background(), 999, workload.Kinds{})
 	require.NoError(t, err)
@@ -218,10 +229,23 @@ func TestAttestSelf(t *testing.T) {
 	require.NoError(t, err)
 	cg, err := os.ReadFile("/proc/self/cgroup")
 	require.NoError(t, err)
+	// Whichever machine this runs on, the answer must agree with the
+	// cgroup the kernel reports: a unit's id when the test runs inside a
+	// systemd unit, nothing at all otherwise.
+	var ids []string
 	for _, s := range got {
 		if id, ok := strings.CutPrefix(s.GetValue(), "id:"); ok {
-			assert.Contains(t, string(cg), "/"+id)
+			ids = append(ids, id)
 		}
+	}
+	if !strings.Contains(string(cg), ".service") && !strings.Contains(string(cg), ".scope") {
+		t.Logf("not inside a systemd unit (cgroup %q): expecting no selectors", strings.TrimSpace(string(cg)))
+		require.Empty(t, got)
+		return
+	}
+	require.NotEmpty(t, ids, "inside a systemd unit (cgroup %q) but no systemd:id selector", cg)
+	for _, id := range ids {
+		assert.Contains(t, string(cg), "/"+id)
 	}
 }
 
@@ -235,11 +259,11 @@ func TestAttestRealCgroup(t *testing.T) {
 	slice := filepath.Join(mnt, "ferrytest"+suffix+".slice")
 	svc := filepath.Join(slice, "app-"+suffix+".service")
 	if err := os.Mkdir(slice, 0o755); err != nil {
-		t.Skipf("cannot create a cgroup: %v", err)
+		roottest.Skipf(t, "cannot create a cgroup: %v", err)
 	}
 	t.Cleanup(func() { removeCgroup(slice) })
 	if err := os.Mkdir(svc, 0o755); err != nil {
-		t.Skipf("cannot create a nested cgroup: %v", err)
+		roottest.Skipf(t, "cannot create a nested cgroup: %v", err)
 	}
 	t.Cleanup(func() { removeCgroup(svc) })
 
@@ -247,7 +271,7 @@ func TestAttestRealCgroup(t *testing.T) {
 	require.NoError(t, cmd.Start())
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	if err := os.WriteFile(filepath.Join(svc, "cgroup.procs"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
-		t.Skipf("cannot move a process into a cgroup: %v", err)
+		roottest.Skipf(t, "cannot move a process into a cgroup: %v", err)
 	}
 
 	a := newAttestor(t, systemd.Config{})
@@ -268,7 +292,7 @@ func cgroup2Mount(t *testing.T) string {
 			return fields[1]
 		}
 	}
-	t.Skip("no cgroup2 mount")
+	roottest.Skipf(t, "no cgroup2 mount")
 	return ""
 }
 

@@ -3,16 +3,27 @@
 //
 // Selectors, as SPIRE's unix attestor names them:
 //
-//	unix:uid:<effective uid>                unix:user:<name of that uid>
-//	unix:gid:<effective gid>                unix:group:<name of that gid>
+//	unix:uid:<uid>                          unix:user:<name of that uid>
+//	unix:gid:<gid>                          unix:group:<name of that gid>
 //	unix:supplementary_gid:<gid>            unix:supplementary_group:<name>
 //	unix:path:<absolute executable path>    unix:sha256:<hex SHA-256 of the executable>
+//
+// A process is attested by its ids only when its real, effective, saved and
+// filesystem uids are one uid, and likewise its gids: a process running a
+// setuid or setgid program (or one that changed some of its ids) fails
+// attestation rather than being attested as its effective ids. Within the
+// agent's attestation of a caller (workload.AttestCaller) the ids come from
+// the one read of /proc/PID/status made for the call, which is also checked
+// against the ids the caller connected with.
 //
 // Names are emitted only when the uid or gid resolves. The path comes from the
 // /proc/PID/exe link (as the kernel reports it, so a replaced binary shows a
 // " (deleted)" suffix); the hash is computed over the file that link opens, so
 // it covers the binary the process actually runs, even across mount
-// namespaces. Hashing is capped by Config.WorkloadSizeLimit: hashing large
+// namespaces. Both describe the program the process runs when it is
+// attested: a caller that executed another program since it connected is
+// attested as that program. The executable is read before the ids. Hashing
+// is capped by Config.WorkloadSizeLimit: hashing large
 // binaries on every attestation is a denial-of-service vector, and results are
 // cached per file identity (device, inode, size, mtime, ctime).
 //
@@ -21,7 +32,6 @@
 package unix
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -31,9 +41,7 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
-	"slices"
 	"strconv"
-	"strings"
 	"sync"
 
 	"github.com/ferry-id/ferry/attestors/workload"
@@ -122,6 +130,11 @@ func New(c Config) (*Attestor, error) {
 func (a *Attestor) Name() string { return Name }
 
 // Attest returns the unix selectors of pid that kinds asks for.
+//
+// The executable is read before the ids: a process that executes a setuid
+// or setgid program while it is being attested then shows its new ids, and
+// is refused, rather than being attested as the new program with the old
+// ids.
 func (a *Attestor) Attest(ctx context.Context, pid int32, kinds workload.Kinds) ([]*ferrypb.Selector, error) {
 	has := func(kind string) bool { return kinds.Has(Name, kind) }
 	var out []*ferrypb.Selector
@@ -135,28 +148,68 @@ func (a *Attestor) Attest(ctx context.Context, pid int32, kinds workload.Kinds) 
 		out = append(out, s)
 	}
 
-	if has("uid") || has("user") || has("gid") || has("group") || has("supplementary_gid") || has("supplementary_group") {
-		st, err := a.readStatus(ctx, pid)
-		if err != nil {
-			return nil, err
-		}
-		if has("uid") {
-			add("uid", st.uid)
-		}
-		if has("user") {
-			if u, err := a.hooks.LookupUser(st.uid); err == nil {
-				add("user", u.Username)
+	if !a.noPath {
+		exe := a.procPath(pid, "exe")
+		if has("path") {
+			var p string
+			var err error
+			if proc := workload.ProcessFrom(ctx, a.hooks.ProcRoot, pid); proc != nil {
+				p, err = proc.Readlink("exe")
+			} else {
+				p, err = os.Readlink(exe)
 			}
-		}
-		if has("gid") {
-			add("gid", st.gid)
-		}
-		if has("group") {
-			if g, err := a.hooks.LookupGroup(st.gid); err == nil {
-				add("group", g.Name)
+			if err != nil {
+				return nil, fmt.Errorf("unix: pid %d: executable path: %w", pid, err)
 			}
+			add("path", p)
 		}
-		for _, sg := range st.groups {
+		if has("sha256") && a.sizeLimit > 0 {
+			sum, err := a.hashExecutable(ctx, exe)
+			if err != nil {
+				return nil, fmt.Errorf("unix: pid %d: %w", pid, err)
+			}
+			add("sha256", sum)
+		}
+	}
+
+	groups := has("supplementary_gid") || has("supplementary_group")
+	if !has("uid") && !has("user") && !has("gid") && !has("group") && !groups {
+		return out, nil
+	}
+	c, err := a.creds(ctx, pid, groups)
+	if err != nil {
+		return nil, err
+	}
+	// A process whose ids disagree runs a setuid or setgid program, or
+	// changed its ids: it is not attested as any of them.
+	uid, ok := c.UID.Uniform()
+	if !ok {
+		return nil, fmt.Errorf("unix: pid %d: user ids (real/effective/saved/fs) %v differ: not attested", pid, c.UID)
+	}
+	gid, ok := c.GID.Uniform()
+	if !ok {
+		return nil, fmt.Errorf("unix: pid %d: group ids (real/effective/saved/fs) %v differ: not attested", pid, c.GID)
+	}
+	uidStr, gidStr := strconv.FormatUint(uint64(uid), 10), strconv.FormatUint(uint64(gid), 10)
+	if has("uid") {
+		add("uid", uidStr)
+	}
+	if has("user") {
+		if u, err := a.hooks.LookupUser(uidStr); err == nil {
+			add("user", u.Username)
+		}
+	}
+	if has("gid") {
+		add("gid", gidStr)
+	}
+	if has("group") {
+		if g, err := a.hooks.LookupGroup(gidStr); err == nil {
+			add("group", g.Name)
+		}
+	}
+	if groups {
+		for _, g := range c.Groups {
+			sg := strconv.FormatUint(uint64(g), 10)
 			if has("supplementary_gid") {
 				add("supplementary_gid", sg)
 			}
@@ -167,31 +220,6 @@ func (a *Attestor) Attest(ctx context.Context, pid int32, kinds workload.Kinds) 
 			}
 		}
 	}
-
-	if a.noPath {
-		return out, nil
-	}
-	exe := a.procPath(pid, "exe")
-	if has("path") {
-		var p string
-		var err error
-		if proc := workload.ProcessFrom(ctx, a.hooks.ProcRoot, pid); proc != nil {
-			p, err = proc.Readlink("exe")
-		} else {
-			p, err = os.Readlink(exe)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("unix: pid %d: executable path: %w", pid, err)
-		}
-		add("path", p)
-	}
-	if has("sha256") && a.sizeLimit > 0 {
-		sum, err := a.hashExecutable(ctx, exe)
-		if err != nil {
-			return nil, fmt.Errorf("unix: pid %d: %w", pid, err)
-		}
-		add("sha256", sum)
-	}
 	return out, nil
 }
 
@@ -199,127 +227,39 @@ func (a *Attestor) procPath(pid int32, name string) string {
 	return filepath.Join(a.hooks.ProcRoot, strconv.FormatInt(int64(pid), 10), name)
 }
 
-type status struct {
-	uid, gid string
-	groups   []string
-}
-
-// readStatus reads the effective uid and gid and the supplementary groups from
-// /proc/PID/status. Lines are "Uid:\treal\teffective\tsaved\tfs", likewise Gid,
-// and "Groups:\tg1 g2 …". It stops reading once it has all three (they come
-// early in the file), and splits only those lines.
+// creds returns the ids and groups of pid from /proc/PID/status.
 //
-// When ctx carries the pinned process (workload.ProcessFrom), the file is read
-// through it: the descriptor it keeps is bound to that process, so the
-// content cannot come from another process that reused the PID, and it saves
-// an open and a close per attestation. The content is read afresh each time.
-func (a *Attestor) readStatus(ctx context.Context, pid int32) (status, error) {
-	if p := workload.ProcessFrom(ctx, a.hooks.ProcRoot, pid); p != nil {
-		var st status
-		var perr error
-		err := p.ReadFile("status", func(r io.Reader) error {
-			st, perr = parseStatus(pid, r)
-			return nil
-		})
+// Within an attestation of a pinned caller (workload.CredsFrom), they are
+// the ones read once for the whole call and checked against the ids the
+// caller connected with. Otherwise, with only the pin in ctx
+// (workload.ProcessFrom), the file is read through it: the descriptor it
+// keeps is bound to that process, so the content cannot come from another
+// process that reused the PID. Without either, /proc/PID/status is read by
+// path. The content is read afresh each time.
+func (a *Attestor) creds(ctx context.Context, pid int32, groups bool) (workload.Creds, error) {
+	if c, ok, err := workload.CredsFrom(ctx, a.hooks.ProcRoot, pid, groups); ok {
 		if err != nil {
-			return status{}, fmt.Errorf("unix: pid %d: %w", pid, err)
+			return workload.Creds{}, fmt.Errorf("unix: pid %d: %w", pid, err)
 		}
-		return st, perr
+		return c, nil
+	}
+	if p := workload.ProcessFrom(ctx, a.hooks.ProcRoot, pid); p != nil {
+		c, err := p.ReadCreds()
+		if err != nil {
+			return workload.Creds{}, fmt.Errorf("unix: pid %d: %w", pid, err)
+		}
+		return c, nil
 	}
 	f, err := openProcFile(a.procPath(pid, "status"))
 	if err != nil {
-		return status{}, fmt.Errorf("unix: pid %d: %w", pid, err)
+		return workload.Creds{}, fmt.Errorf("unix: pid %d: %w", pid, err)
 	}
 	defer f.Close()
-	return parseStatus(pid, f)
-}
-
-// parseStatus reads the ids from a /proc/PID/status reader (see readStatus).
-// A read of 0 bytes, with or without io.EOF, is the end of the file.
-func parseStatus(pid int32, f io.Reader) (status, error) {
-	bp := statusBufs.Get().(*[]byte)
-	defer statusBufs.Put(bp)
-	data := (*bp)[:0]
-	var st status
-	var haveUID, haveGID, haveGroups bool
-	parse := func(line []byte) error {
-		key, value, ok := bytes.Cut(line, []byte{':'})
-		if !ok {
-			return nil
-		}
-		switch string(key) {
-		case "Uid":
-			st.uid, haveUID = effectiveID(strings.Fields(string(value)))
-		case "Gid":
-			st.gid, haveGID = effectiveID(strings.Fields(string(value)))
-		case "Groups":
-			fields := strings.Fields(string(value))
-			for _, g := range fields {
-				if _, err := strconv.ParseUint(g, 10, 32); err != nil {
-					return fmt.Errorf("unix: pid %d: malformed supplementary gid %q", pid, g)
-				}
-			}
-			st.groups, haveGroups = fields, true
-		}
-		return nil
+	c, err := workload.ParseCreds(f)
+	if err != nil {
+		return workload.Creds{}, fmt.Errorf("unix: pid %d: %w", pid, err)
 	}
-	off := 0 // start of the first line not parsed yet
-	for !haveUID || !haveGID || !haveGroups {
-		if len(data) >= maxStatusSize {
-			break
-		}
-		if len(data) == cap(data) {
-			data = slices.Grow(data, cap(data))
-		}
-		n, err := f.Read(data[len(data):min(cap(data), maxStatusSize)])
-		if err == io.EOF {
-			n, err = 0, nil
-		}
-		if err != nil {
-			return status{}, fmt.Errorf("unix: pid %d: read status: %w", pid, err)
-		}
-		data = data[:len(data)+n]
-		for {
-			i := bytes.IndexByte(data[off:], '\n')
-			if i < 0 {
-				break
-			}
-			if err := parse(data[off : off+i]); err != nil {
-				return status{}, err
-			}
-			off += i + 1
-		}
-		if n == 0 { // end of file: a last line without a newline
-			if err := parse(data[off:]); err != nil {
-				return status{}, err
-			}
-			break
-		}
-	}
-	if cap(data) <= maxStatusSize {
-		*bp = data[:0]
-	}
-	if !haveUID || !haveGID {
-		return status{}, fmt.Errorf("unix: pid %d: status has no valid Uid/Gid lines", pid)
-	}
-	return st, nil
-}
-
-// maxStatusSize bounds how much of /proc/PID/status is read.
-const maxStatusSize = 64 << 10
-
-// statusBufs recycles the buffers /proc/PID/status is read into.
-var statusBufs = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
-
-// effectiveID picks the effective id: the second of real, effective, saved, fs.
-func effectiveID(fields []string) (string, bool) {
-	if len(fields) < 2 {
-		return "", false
-	}
-	if _, err := strconv.ParseUint(fields[1], 10, 32); err != nil {
-		return "", false
-	}
-	return fields[1], true
+	return c, nil
 }
 
 // fileKey identifies one version of a file: a rewrite changes mtime and ctime,

@@ -23,6 +23,8 @@ import (
 
 	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/attestors/workload/unix"
+	"github.com/ferry-id/ferry/internal/roottest"
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -95,14 +97,30 @@ func TestAttestSelf(t *testing.T) {
 	require.NoError(t, err)
 	want = append(want, "unix:path:"+exe, "unix:sha256:"+fileSHA256(t, exe))
 	assert.ElementsMatch(t, want, values(got))
+	assertDeclared(t, got)
+}
+
+// assertDeclared checks that what the attestor produced is what its schema
+// declares, so entries checked against the schema can match it.
+func assertDeclared(t *testing.T, sels []*ferrypb.Selector) {
+	t.Helper()
+	reg := selector.MustRegistry(unix.Selectors())
+	kinds := map[string]bool{}
+	for _, s := range sels {
+		assert.NoError(t, reg.Check(selector.Workload, s))
+		kinds[workload.Kind(s)] = true
+	}
+	for _, k := range unix.Selectors().Kinds {
+		if k.Name != "user" && k.Name != "group" && k.Name != "supplementary_group" && k.Name != "supplementary_gid" {
+			assert.True(t, kinds[k.Name], "declared kind %s was produced", k.Name)
+		}
+	}
 }
 
 // TestAttestOtherUser attests a real child running under another uid, gid and
 // supplementary groups.
 func TestAttestOtherUser(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to start a child under another uid")
-	}
+	roottest.Require(t)
 	sleep, err := exec.LookPath("sleep")
 	require.NoError(t, err)
 	sleep, err = filepath.EvalSymlinks(sleep)
@@ -262,12 +280,20 @@ func TestStatusEdgeCases(t *testing.T) {
 		wantErr string
 	}{
 		{
-			name:   "effective ids and groups",
-			status: "Name:\tx\nUid:\t0\t1000\t1000\t1000\nGid:\t0\t2000\t2000\t2000\nGroups:\t3 4 5\n",
+			name:   "ids and groups",
+			status: "Name:\tx\nUid:\t1000\t1000\t1000\t1000\nGid:\t2000\t2000\t2000\t2000\nGroups:\t3 4 5\n",
 			// gid 4 has no name; gid 5's name cannot be a selector value.
 			want: []string{"unix:uid:1000", "unix:user:alice", "unix:gid:2000", "unix:group:staff",
 				"unix:supplementary_gid:3", "unix:supplementary_group:sys", "unix:supplementary_gid:4", "unix:supplementary_gid:5"},
 		},
+		// A setuid program (real uid 1000, effective and saved 0) is not
+		// attested as root, nor as 1000; likewise any one id that differs,
+		// and a setgid program.
+		{name: "setuid program", status: "Uid:\t1000\t0\t0\t0\nGid:\t1000\t1000\t1000\t1000\n", wantErr: "user ids (real/effective/saved/fs) 1000/0/0/0 differ"},
+		{name: "root real uid", status: "Uid:\t0\t1000\t1000\t1000\nGid:\t7\t7\t7\t7\n", wantErr: "user ids (real/effective/saved/fs) 0/1000/1000/1000 differ"},
+		{name: "saved uid", status: "Uid:\t1000\t1000\t0\t1000\nGid:\t7\t7\t7\t7\n", wantErr: "user ids (real/effective/saved/fs) 1000/1000/0/1000 differ"},
+		{name: "fs uid", status: "Uid:\t1000\t1000\t1000\t0\nGid:\t7\t7\t7\t7\n", wantErr: "differ"},
+		{name: "setgid program", status: "Uid:\t7\t7\t7\t7\nGid:\t7\t0\t0\t0\n", wantErr: "group ids (real/effective/saved/fs) 7/0/0/0 differ"},
 		{
 			name:   "unknown user, no groups",
 			status: "Uid:\t7\t7\t7\t7\nGid:\t7\t7\t7\t7\nGroups:\t\n",
@@ -279,7 +305,7 @@ func TestStatusEdgeCases(t *testing.T) {
 		{name: "bad group", status: "Uid:\t7\t7\t7\t7\nGid:\t7\t7\t7\t7\nGroups:\t1 ../x\n", wantErr: "malformed supplementary gid"},
 		{
 			name:   "ids past the first read, last line without newline",
-			status: strings.Repeat("Pad:\t"+strings.Repeat("x", 100)+"\n", 100) + "Uid:\t7\t7\t7\t7\nGid:\t7\t8\t7\t7\nGroups:\t9",
+			status: strings.Repeat("Pad:\t"+strings.Repeat("x", 100)+"\n", 100) + "Uid:\t7\t7\t7\t7\nGid:\t8\t8\t8\t8\nGroups:\t9",
 			want:   []string{"unix:uid:7", "unix:gid:8", "unix:supplementary_gid:9"},
 		},
 		{
@@ -385,5 +411,26 @@ func BenchmarkAttestSelf(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// BenchmarkAttestCaller is the per-call attestation of a Workload API
+// caller, uid and gid selectors: the unix attestor through the caller's pin,
+// its ids read once and checked against those it connected with
+// (workload.AttestCaller), and the pin checked afterwards.
+func BenchmarkAttestCaller(b *testing.B) {
+	a, err := unix.New(unix.Config{Log: slog.New(slog.DiscardHandler)})
+	require.NoError(b, err)
+	p, err := workload.OpenProcess(int32(os.Getpid()))
+	require.NoError(b, err)
+	defer p.Close()
+	kinds := workload.KindsOf([]*ferrypb.Selector{{Type: "unix", Value: "uid:0"}, {Type: "unix", Value: "gid:0"}})
+	peer := workload.Peer{UID: uint32(os.Geteuid()), GID: uint32(os.Getegid()), HasGID: true}
+	attest := func(ctx context.Context, pid int32) ([]*ferrypb.Selector, error) { return a.Attest(ctx, pid, kinds) }
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := workload.AttestCaller(context.Background(), p, peer, attest); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
