@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"time"
 
@@ -22,6 +21,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/attestors/workload/systemd"
 	"github.com/ferry-id/ferry/attestors/workload/unix"
+	"github.com/ferry-id/ferry/internal/securedir"
 )
 
 // Config configures an agent.
@@ -38,9 +38,9 @@ type Config struct {
 	// NodeAttestor proves the node's identity (join_token, x509pop, or one
 	// of the platform attestors of docs/attestors.md).
 	NodeAttestor node.AgentAttestor
-	// GRPCServer selects the Workload API's gRPC server (see
-	// workloadapi.Config.GRPCServer); empty for the default.
-	GRPCServer string
+	// WorkloadAPILimits bound what local callers may hold of the Workload
+	// API; zero fields take workloadapi.DefaultLimits.
+	WorkloadAPILimits workloadapi.Limits
 	// Systemd enables the systemd workload attestor (unix is always on).
 	Systemd bool
 	// IMDS, when set, enables the managed-identity token endpoint.
@@ -64,8 +64,14 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+	// The data dir holds the agent's key; the socket's directory decides who
+	// answers workloads. Both refuse to start the agent when another user
+	// could change them, before it attests or serves anything.
+	if err := securedir.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("agent: data dir: %w", err)
+	}
+	if err := securedir.MkdirAll(filepath.Dir(cfg.SocketPath), 0o755); err != nil {
+		return nil, fmt.Errorf("agent: Workload API socket directory: %w", err)
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger}
 	// The cache signs through the session and the session feeds the cache:
@@ -103,6 +109,19 @@ func (a *Agent) Cache() *cache.Cache { return a.cache }
 // Session is the agent's server session.
 func (a *Agent) Session() *session.Session { return a.session }
 
+// health is nil while the agent holds an unexpired agent SVID: it can then
+// serve what it has cached and renew it.
+func (a *Agent) health() error {
+	svid, err := a.session.GetX509SVID()
+	if err != nil {
+		return err
+	}
+	if !time.Now().Before(svid.Certificates[0].NotAfter) {
+		return errors.New("agent SVID expired")
+	}
+	return nil
+}
+
 // Run attests the node and serves until ctx ends.
 func (a *Agent) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
@@ -128,7 +147,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		Manager:    a.cache,
 		Attestor:   wlAttestor,
 		Log:        a.log.With("component", "workloadapi"),
-		GRPCServer: a.cfg.GRPCServer,
+		Limits:     a.cfg.WorkloadAPILimits,
+		Health:     a.health,
 	})
 	if err != nil {
 		return err

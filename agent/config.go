@@ -7,9 +7,11 @@ import (
 	"net/url"
 	"os"
 	"os/user"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/hcl/hcl/token"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -33,7 +35,8 @@ type agentBlock struct {
 	ServerAddresses []string               `hcl:"server_addresses"`
 	TrustBundleFile string                 `hcl:"trust_bundle_file"`
 	SocketPath      string                 `hcl:"socket_path"`
-	WorkloadAPIGRPC string                 `hcl:"workload_api_grpc_server"`
+	WorkloadAPIGRPC *string                `hcl:"workload_api_grpc_server"`
+	WorkloadAPI     *workloadAPIBlock      `hcl:"workload_api"`
 	LogLevel        string                 `hcl:"log_level"`
 	LogFormat       string                 `hcl:"log_format"`
 	JoinToken       string                 `hcl:"join_token"`
@@ -60,7 +63,54 @@ type imdsBlock struct {
 	TenantID           string                 `hcl:"tenant_id"`
 	AllowedGroups      []string               `hcl:"allowed_groups"`
 	AgentIdentities    *bool                  `hcl:"agent_identities"`
+	IdentityCacheTTL   string                 `hcl:"identity_cache_ttl"`
 	UnusedKeys         map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+// workloadAPIBlock holds the Workload API's limits (workloadapi.Limits);
+// an unset key takes its default.
+type workloadAPIBlock struct {
+	MaxConnections        int                    `hcl:"max_connections"`
+	MaxConnectionsPerUID  int                    `hcl:"max_connections_per_uid"`
+	MaxCalls              int                    `hcl:"max_calls"`
+	MaxCallsPerUID        int                    `hcl:"max_calls_per_uid"`
+	MaxCallsPerConnection int                    `hcl:"max_calls_per_connection"`
+	IdleTimeout           string                 `hcl:"idle_timeout"`
+	HandshakeTimeout      string                 `hcl:"handshake_timeout"`
+	MaxHeaderListBytes    int                    `hcl:"max_header_list_bytes"`
+	MaxRequestBytes       int                    `hcl:"max_request_bytes"`
+	UnusedKeys            map[string][]token.Pos `hcl:",unusedKeyPositions"`
+}
+
+// limits validates b and returns the limits it sets.
+func (b *workloadAPIBlock) limits() (workloadapi.Limits, error) {
+	l := workloadapi.Limits{
+		MaxConnections:        b.MaxConnections,
+		MaxConnectionsPerUID:  b.MaxConnectionsPerUID,
+		MaxCalls:              b.MaxCalls,
+		MaxCallsPerUID:        b.MaxCallsPerUID,
+		MaxCallsPerConnection: b.MaxCallsPerConnection,
+		MaxHeaderListBytes:    b.MaxHeaderListBytes,
+		MaxRequestBytes:       b.MaxRequestBytes,
+	}
+	if b.IdleTimeout != "" {
+		d, err := time.ParseDuration(b.IdleTimeout)
+		if err != nil || d <= 0 {
+			return l, fmt.Errorf("agent: workload_api: idle_timeout %q: want a positive duration such as \"5m\"", b.IdleTimeout)
+		}
+		l.IdleTimeout = d
+	}
+	if b.HandshakeTimeout != "" {
+		d, err := time.ParseDuration(b.HandshakeTimeout)
+		if err != nil || d <= 0 {
+			return l, fmt.Errorf("agent: workload_api: handshake_timeout %q: want a positive duration such as \"10s\"", b.HandshakeTimeout)
+		}
+		l.HandshakeTimeout = d
+	}
+	if err := l.Validate(); err != nil {
+		return l, fmt.Errorf("agent: workload_api: %w", err)
+	}
+	return l, nil
 }
 
 type x509popAgentBlock struct {
@@ -97,12 +147,16 @@ func LoadConfig(path, joinToken string) (FileConfig, error) {
 		DataDir:     config.Resolve(path, a.DataDir),
 		SocketPath:  config.Resolve(path, a.SocketPath),
 		Systemd:     a.Systemd,
-		GRPCServer:  a.WorkloadAPIGRPC,
 	}}
-	switch a.WorkloadAPIGRPC {
-	case "", workloadapi.TransportFerry, workloadapi.TransportGRPCGo:
-	default:
-		return FileConfig{}, fmt.Errorf("agent: workload_api_grpc_server %q: want %q or %q", a.WorkloadAPIGRPC, workloadapi.TransportFerry, workloadapi.TransportGRPCGo)
+	if a.WorkloadAPIGRPC != nil {
+		return FileConfig{}, fmt.Errorf("agent: workload_api_grpc_server was removed: the Workload API is always served by grpc-go; delete the setting (its limits are in the workload_api block)")
+	}
+	if a.WorkloadAPI != nil {
+		l, err := a.WorkloadAPI.limits()
+		if err != nil {
+			return FileConfig{}, err
+		}
+		out.WorkloadAPILimits = l
 	}
 	if len(out.Servers) == 0 {
 		return FileConfig{}, fmt.Errorf("agent: server_addresses is required")
@@ -111,7 +165,7 @@ func LoadConfig(path, joinToken string) (FileConfig, error) {
 		return FileConfig{}, fmt.Errorf("agent: data_dir is required")
 	}
 	if out.SocketPath == "" {
-		out.SocketPath = "/tmp/ferry/agent/public/api.sock"
+		out.SocketPath = filepath.Join(config.RuntimeDir("agent"), "public", "api.sock")
 	}
 	if a.TrustBundleFile != "" {
 		b, err := x509bundle.Load(td, config.Resolve(path, a.TrustBundleFile))
@@ -223,6 +277,13 @@ func loadIMDS(path string, b *imdsBlock) (*IMDSConfig, error) {
 		return nil, err
 	}
 	c.AllowedGroups = groups
+	if b.IdentityCacheTTL != "" {
+		d, err := time.ParseDuration(b.IdentityCacheTTL)
+		if err != nil || d <= 0 {
+			return nil, fmt.Errorf("agent: imds: identity_cache_ttl %q: want a positive duration such as \"30s\"", b.IdentityCacheTTL)
+		}
+		c.IdentityCacheTTL = d
+	}
 	return c, nil
 }
 

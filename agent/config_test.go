@@ -18,6 +18,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/ferry-id/ferry/agent"
+	"github.com/ferry-id/ferry/agent/workloadapi"
 )
 
 // TestSampleConfig keeps conf/agent.conf parseable.
@@ -36,10 +37,12 @@ func TestSampleConfig(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, "example.org", fc.TrustDomain.String())
 	require.Equal(t, []string{"127.0.0.1:8081"}, fc.Servers)
-	require.Equal(t, "/tmp/ferry/agent/public/api.sock", fc.SocketPath)
+	require.Equal(t, "/run/ferry/agent/public/api.sock", fc.SocketPath)
 	require.True(t, fc.Systemd)
 	require.Len(t, fc.TrustBundle, 1)
 	require.Equal(t, "join_token", fc.NodeAttestor.Name())
+	// The sample spells out every Workload API limit at its default.
+	require.Equal(t, workloadapi.DefaultLimits(), fc.WorkloadAPILimits)
 }
 
 // TestSampleIMDSBlock parses the sample's commented imds block as written,
@@ -84,14 +87,28 @@ func TestConfigErrors(t *testing.T) {
 	_, err := agent.LoadConfig(p, "")
 	require.ErrorContains(t, err, "unknown setting(s): agent.sockt")
 
-	require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"] workload_api_grpc_server = "netty" }`), 0o600))
-	_, err = agent.LoadConfig(p, "")
-	require.ErrorContains(t, err, `workload_api_grpc_server "netty"`)
-	for _, v := range []string{"ferry", "grpc-go"} {
+	// The setting that chose between two gRPC servers is gone; a config
+	// that still names it is told so, whatever the value.
+	for _, v := range []string{"ferry", "grpc-go", "netty"} {
 		require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"] workload_api_grpc_server = "`+v+`" }`), 0o600))
-		c, err := agent.LoadConfig(p, "")
-		require.NoError(t, err)
-		require.Equal(t, v, c.GRPCServer)
+		_, err = agent.LoadConfig(p, "")
+		require.ErrorContains(t, err, "workload_api_grpc_server was removed")
+	}
+
+	for block, want := range map[string]string{
+		`workload_api { max_conections = 1 }`:                                "unknown setting(s): agent.workload_api.max_conections",
+		`workload_api { max_connections = -1 }`:                              "max_connections must not be negative",
+		`workload_api { max_connections = 10 max_connections_per_uid = 11 }`: "max_connections_per_uid (11) is above max_connections (10)",
+		`workload_api { max_calls = 10 max_calls_per_uid = 11 }`:             "max_calls_per_uid (11) is above max_calls (10)",
+		`workload_api { idle_timeout = "soon" }`:                             `idle_timeout "soon"`,
+		`workload_api { idle_timeout = "-1s" }`:                              `idle_timeout "-1s"`,
+		`workload_api { handshake_timeout = "0s" }`:                          `handshake_timeout "0s"`,
+		`workload_api { max_header_list_bytes = 100 }`:                       "max_header_list_bytes (100) is below",
+		`workload_api { max_request_bytes = 100 }`:                           "max_request_bytes (100) is below",
+	} {
+		require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"] `+block+` }`), 0o600))
+		_, err = agent.LoadConfig(p, "")
+		require.ErrorContains(t, err, want, block)
 	}
 
 	require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" }`), 0o600))
@@ -159,11 +176,28 @@ func TestIMDSConfig(t *testing.T) {
 		{`imds { authority = "https://a" authority_ca_file = "missing.pem" }`, "authority_ca_file"},
 		{`imds { authority = "https://a" arcaddr = "x" }`, "agent.imds.arcaddr"},
 		{`imds { authority = "https://a" allowed_groups = [] }`, "allowed_groups is empty"},
+		{`imds { authority = "https://a" identity_cache_ttl = "forever" }`, `identity_cache_ttl "forever"`},
 		{`imds { authority = "https://a" allowed_groups = ["no-such-group-ferry"] }`, "no-such-group-ferry"},
 	} {
 		_, err := load(tc.block)
 		require.ErrorContains(t, err, tc.err, tc.block)
 	}
+}
+
+// TestDefaultSocketPath: with no socket_path, the Workload API goes to
+// public/api.sock in systemd's RuntimeDirectory= when the agent runs as a unit,
+// else under /run/ferry/agent; never under /tmp.
+func TestDefaultSocketPath(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "a.conf")
+	require.NoError(t, os.WriteFile(p, []byte(`agent { trust_domain = "example.org" data_dir = "d" server_addresses = ["x:1"] }`), 0o600))
+	t.Setenv("RUNTIME_DIRECTORY", "")
+	fc, err := agent.LoadConfig(p, "")
+	require.NoError(t, err)
+	require.Equal(t, "/run/ferry/agent/public/api.sock", fc.SocketPath)
+	t.Setenv("RUNTIME_DIRECTORY", "/run/ferry/agent-b")
+	fc, err = agent.LoadConfig(p, "")
+	require.NoError(t, err)
+	require.Equal(t, "/run/ferry/agent-b/public/api.sock", fc.SocketPath)
 }
 
 // TestNodeAttestorBlocks parses the sample's cloud attestor blocks and

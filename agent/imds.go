@@ -52,6 +52,11 @@ type IMDSConfig struct {
 	// identities too (identities.Config.Agent; agent.conf agent_identities,
 	// on by default).
 	AgentIdentities bool
+	// IdentityCacheTTL is how long the servers' answer about the identities
+	// a SPIFFE ID may use is reused while the agent's entries stay the same
+	// (identities.Config.TTL; agent.conf identity_cache_ttl); zero takes
+	// the default, 30 s.
+	IdentityCacheTTL time.Duration
 }
 
 // agentSelf gives the identities resolver the agent's own SPIFFE ID and
@@ -128,6 +133,7 @@ func (a *Agent) startIMDS(attestor workloadapi.Attestor) ([]*imds.Server, *grpc.
 		Processes: finder,
 		Conns:     conns,
 		TenantID:  c.TenantID,
+		TTL:       c.IdentityCacheTTL,
 		Logger:    a.log,
 	})
 	if err != nil {

@@ -211,7 +211,7 @@ func (c *Config) validate() error {
 		c.CA.JWTIssuer = c.OIDC.Issuer
 	}
 	if c.AdminSocket == "" {
-		c.AdminSocket = filepath.Join(c.DataDir, "admin.sock")
+		c.AdminSocket = filepath.Join(config.RuntimeDir("server"), "admin.sock")
 	}
 	return nil
 }

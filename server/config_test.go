@@ -3,6 +3,7 @@ package server_test
 import (
 	"crypto/ed25519"
 	"crypto/rand"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -24,6 +25,7 @@ func TestSampleConfig(t *testing.T) {
 	require.Equal(t, "server-1", cfg.NodeID)
 	require.Equal(t, "example.org", cfg.TrustDomain.String())
 	require.Equal(t, "/var/lib/ferry/server", cfg.DataDir)
+	require.Equal(t, "/run/ferry/server/admin.sock", cfg.AdminSocket)
 	require.Equal(t, "127.0.0.1:8301", cfg.Cluster.BindAddr)
 	require.True(t, cfg.Cluster.Bootstrap)
 	require.Equal(t, "wal", cfg.Cluster.LogStore)
@@ -31,6 +33,7 @@ func TestSampleConfig(t *testing.T) {
 }
 
 func TestConfigErrors(t *testing.T) {
+	t.Setenv("RUNTIME_DIRECTORY", "")
 	dir := t.TempDir()
 	write := func(body string) string {
 		p := filepath.Join(dir, "s.conf")
@@ -46,20 +49,10 @@ func TestConfigErrors(t *testing.T) {
 	_, err = server.LoadConfig(write(`server { node_id = "a" trust_domain = "example.org" data_dir = "d" cluster { bind_addr = "127.0.0.1:1" } }`))
 	require.ErrorContains(t, err, "ferry cluster tls ca create")
 
-	cfg, err := server.LoadConfig(write(`server {
-  node_id = "a"
-  trust_domain = "example.org"
-  data_dir = "data"
-  cluster {
-    bind_addr = "127.0.0.1:1"
-    ca_file = "tls/ca.pem"
-    cert_file = "tls/n.pem"
-    key_file = "tls/n-key.pem"
-  }
-}`))
+	cfg, err := server.LoadConfig(write(fmt.Sprintf(minimalServer, "")))
 	require.NoError(t, err)
 	require.Equal(t, filepath.Join(dir, "data"), cfg.DataDir, "relative to the config file")
-	require.Equal(t, filepath.Join(dir, "data", "admin.sock"), cfg.AdminSocket)
+	require.Equal(t, "/run/ferry/server/admin.sock", cfg.AdminSocket, "never under /tmp")
 	require.Equal(t, filepath.Join(dir, "tls", "ca.pem"), cfg.Cluster.TLS.CAFile)
 }
 
@@ -177,6 +170,35 @@ func TestFederationConfig(t *testing.T) {
 		_, err := server.LoadConfig(write(tc.block))
 		require.ErrorContains(t, err, tc.want, tc.block)
 	}
+}
+
+// minimalServer is the least a server.conf holds, with %s for more settings.
+const minimalServer = `server {
+  node_id = "a"
+  trust_domain = "example.org"
+  data_dir = "data"
+  %s
+  cluster {
+    bind_addr = "127.0.0.1:1"
+    ca_file = "tls/ca.pem"
+    cert_file = "tls/n.pem"
+    key_file = "tls/n-key.pem"
+  }
+}`
+
+// TestAdminSocketInRuntimeDirectory: under systemd, the admin socket goes to
+// the unit's RuntimeDirectory= unless the config names one.
+func TestAdminSocketInRuntimeDirectory(t *testing.T) {
+	t.Setenv("RUNTIME_DIRECTORY", "/run/ferry/server-2")
+	p := filepath.Join(t.TempDir(), "s.conf")
+	require.NoError(t, os.WriteFile(p, []byte(fmt.Sprintf(minimalServer, "")), 0o600))
+	cfg, err := server.LoadConfig(p)
+	require.NoError(t, err)
+	require.Equal(t, "/run/ferry/server-2/admin.sock", cfg.AdminSocket)
+	require.NoError(t, os.WriteFile(p, []byte(fmt.Sprintf(minimalServer, `admin_socket = "/srv/admin.sock"`)), 0o600))
+	cfg, err = server.LoadConfig(p)
+	require.NoError(t, err)
+	require.Equal(t, "/srv/admin.sock", cfg.AdminSocket, "the config wins")
 }
 
 // sampleBlock returns the commented block `# name {` … `# }` of a sample

@@ -19,20 +19,29 @@ import (
 	"runtime/debug"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/ferry-id/ferry/attestors/catalog"
 	nodeattestor "github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
+	"github.com/ferry-id/ferry/internal/buildinfo"
+	"github.com/ferry-id/ferry/internal/grpchealth"
+	"github.com/ferry-id/ferry/internal/logging"
+	"github.com/ferry-id/ferry/internal/securedir"
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/api"
 	"github.com/ferry-id/ferry/server/ca"
@@ -47,7 +56,8 @@ type Config struct {
 	TrustDomain spiffeid.TrustDomain
 	// DataDir holds Raft's log and snapshots and this node's keys (created 0700).
 	DataDir string
-	// AdminSocket is the admin API's unix socket (mode 0600); default DataDir/admin.sock.
+	// AdminSocket is the admin API's unix socket (mode 0600); default admin.sock
+	// in $RUNTIME_DIRECTORY, else in /run/ferry/server.
 	AdminSocket string
 	// HealthAddr serves /live, /ready and /metrics over plain HTTP; empty disables it.
 	HealthAddr string
@@ -79,6 +89,9 @@ type Config struct {
 	Federation FederationConfig
 	// Logger overrides the logger built from LogLevel and LogFormat.
 	Logger *slog.Logger
+	// Level, when set, is Logger's level, which `ferry logger set|reset`
+	// changes while the server runs.
+	Level *logging.Level
 }
 
 // ClusterConfig is the Raft part of Config.
@@ -119,6 +132,7 @@ type Server struct {
 
 	readyOnce sync.Once
 	ready     chan struct{}
+	started   time.Time
 }
 
 // New validates cfg and prepares a server; Run starts it.
@@ -135,7 +149,7 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{})}, nil
+	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{}), started: time.Now()}, nil
 }
 
 // Store is the node's replicated state (read-only use).
@@ -146,22 +160,29 @@ func (s *Server) Ready() <-chan struct{} { return s.ready }
 
 // Run starts the node and serves until ctx ends.
 func (s *Server) Run(ctx context.Context) error {
-	// GOGC follows the live heap (paceGC); $GOGC still wins when set.
-	if os.Getenv("GOGC") == "" {
-		paceGC()
+	if err := s.setGC(); err != nil {
+		return fmt.Errorf("server: memory_limit: %w", err)
 	}
-	if s.cfg.MemoryLimit != "" {
-		n, err := parseBytes(s.cfg.MemoryLimit)
-		if err != nil {
-			return fmt.Errorf("server: memory_limit: %w", err)
-		}
-		debug.SetMemoryLimit(n)
-	}
-	if err := os.MkdirAll(s.cfg.DataDir, 0o700); err != nil {
+	go func() {
+		t := time.NewTicker(memorySampleInterval)
+		defer t.Stop()
+		memoryFollower{applied: s.store.AppliedBytes, now: time.Now, release: func() {
+			before := heapHeld()
+			releaseMemory()
+			s.log.Debug("writes stopped: free memory returned", "heap_before", before, "heap_after", heapHeld())
+		}}.run(ctx, t.C)
+	}()
+	// The data dir holds this node's keys and the admin socket's directory
+	// decides who may command the trust domain: refuse to start when another
+	// user could change either, before anything is read or served.
+	if err := securedir.MkdirAll(s.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("server: data dir: %w", err)
 	}
 	if err := os.Chmod(s.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("server: data dir: %w", err)
+	}
+	if err := securedir.MkdirAll(filepath.Dir(s.cfg.AdminSocket), 0o700); err != nil {
+		return fmt.Errorf("server: admin socket directory: %w", err)
 	}
 	node, err := cluster.New(cluster.Config{
 		NodeID:            s.cfg.NodeID,
@@ -189,7 +210,9 @@ func (s *Server) Run(ctx context.Context) error {
 		return err
 	}
 	admin, err := api.NewAdmin(api.Config{Cluster: clusterAPI{node, s.store}, Store: s.store, Logger: s.log.With("component", "admin"),
-		Authority: authority, TrustDomain: s.cfg.TrustDomain, JWTIssuer: s.cfg.CA.JWTIssuer})
+		Authority: authority, TrustDomain: s.cfg.TrustDomain, JWTIssuer: s.cfg.CA.JWTIssuer,
+		Selectors: catalog.Selectors().Enable(selector.Node, agentAPI.Attestors()...),
+		Info:      func() *ferrypb.ServerInfo { return s.info(agentAPI.Attestors()) }, LogLevel: s.cfg.Level})
 	if err != nil {
 		return err
 	}
@@ -203,6 +226,7 @@ func (s *Server) Run(ctx context.Context) error {
 	gs := grpc.NewServer(grpc.Creds(adminCreds{tls: tlsCfg}), s.admission(),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor, s.adminUnaryAuth), grpc.ChainStreamInterceptor(s.streamInterceptor, s.adminStreamAuth))
 	ferrypb.RegisterAdminServer(gs, admin)
+	healthpb.RegisterHealthServer(gs, grpchealth.New(s.readiness))
 	issuers := map[string]string{}
 	if s.cfg.CA.JWTIssuer != "" {
 		issuers[s.cfg.CA.JWTIssuer] = s.cfg.TrustDomain.Name()
@@ -321,7 +345,7 @@ func (s *Server) startAuthority(ctx context.Context, node *cluster.Node) (*ca.CA
 		}
 	}()
 	attestors := []nodeattestor.ServerAttestor{}
-	jt, err := jointoken.NewServer(jointoken.ServerConfig{TrustDomain: s.cfg.TrustDomain, Tokens: api.ClusterTokens{Cluster: cl}, Log: s.log.With("attestor", "join_token")})
+	jt, err := jointoken.NewServer(jointoken.ServerConfig{TrustDomain: s.cfg.TrustDomain, Tokens: api.ClusterTokens{Cluster: cl, Store: s.store}, Log: s.log.With("attestor", "join_token")})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -390,9 +414,12 @@ func (s *Server) inCluster(ctx context.Context) bool {
 	return len(members) > 1 || (len(members) == 1 && members[0].ID == s.cfg.NodeID && s.node.IsLeader())
 }
 
+// listenUnix creates the admin socket at path, mode 0600: only this
+// server's user (and root) may connect, in a directory (created 0700 when
+// missing) no other user can change.
 func listenUnix(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("server: admin socket: %w", err)
+	if err := securedir.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("server: admin socket directory: %w", err)
 	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
@@ -405,15 +432,32 @@ func listenUnix(path string) (net.Listener, error) {
 		}
 		_ = os.Remove(path)
 	}
-	lis, err := net.Listen("unix", path)
+	lis, err := listenPrivate(path)
 	if err != nil {
 		return nil, fmt.Errorf("server: admin socket: %w", err)
 	}
+	// Already 0600 (listenPrivate); set again in case the file system
+	// ignored the socket's own mode.
 	if err := os.Chmod(path, 0o600); err != nil {
 		lis.Close()
 		return nil, fmt.Errorf("server: admin socket: %w", err)
 	}
 	return lis, nil
+}
+
+// listenPrivate listens on the unix socket path, created with mode 0600
+// whatever the process's umask: the socket's mode is set before it is bound
+// (bind takes the new file's mode from the socket), so there is no moment in
+// which another user may connect to it.
+func listenPrivate(path string) (net.Listener, error) {
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		if cerr := c.Control(func(fd uintptr) { err = unix.Fchmod(int(fd), 0o600) }); cerr != nil {
+			return cerr
+		}
+		return err
+	}}
+	return lc.Listen(context.Background(), "unix", path)
 }
 
 // unaryInterceptor keeps a panic from reaching the client or killing the server,
@@ -484,8 +528,8 @@ func (s *Server) healthHandler() http.Handler {
 		_, _ = io.WriteString(w, "ok\n")
 	})
 	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
-		if id, _ := s.node.Leader(); id == "" {
-			http.Error(w, "no cluster leader known", http.StatusServiceUnavailable)
+		if err := s.readiness(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = io.WriteString(w, "ok\n")
@@ -498,6 +542,38 @@ func (s *Server) healthHandler() http.Handler {
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	return mux
+}
+
+// readiness is nil when this node serves requests: what /ready, the admin
+// socket's gRPC health service and `ferry server info` report.
+func (s *Server) readiness() error {
+	select {
+	case <-s.ready:
+	default:
+		return errors.New("starting")
+	}
+	if id, _ := s.node.Leader(); id == "" {
+		return errors.New("no cluster leader known")
+	}
+	return nil
+}
+
+// info describes this node for `ferry server info`.
+func (s *Server) info(attestors []string) *ferrypb.ServerInfo {
+	b := buildinfo.Get()
+	leader, _ := s.node.Leader()
+	info := &ferrypb.ServerInfo{
+		NodeId: s.cfg.NodeID, TrustDomain: s.cfg.TrustDomain.Name(),
+		Version: b.Version, VcsRevision: b.Revision, GoVersion: b.GoVersion,
+		StartedAt: s.started.Unix(), RaftState: s.node.State().String(), LeaderId: leader,
+		AppliedIndex: s.store.AppliedIndex(), NodeAttestors: attestors,
+	}
+	if err := s.readiness(); err != nil {
+		info.NotReadyReason = err.Error()
+	} else {
+		info.Ready = true
+	}
+	return info
 }
 
 // clusterAPI adapts cluster.Node to what the Admin API needs.

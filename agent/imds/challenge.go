@@ -15,6 +15,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/ferry-id/ferry/internal/securedir"
 )
 
 var (
@@ -78,10 +80,11 @@ func newChallenges(dir string, ttl time.Duration, maxTotal, maxPerUID int, log *
 }
 
 // prepareTokenDir creates dir 0711, insists it is a real directory owned by
-// this process's uid and not writable by others, and removes *.key files left
-// by an earlier run (their secrets died with it).
+// this process's uid below directories no other user can change (securedir),
+// tightens it to 0711, and removes *.key files left by an earlier run (their
+// secrets died with it).
 func prepareTokenDir(dir string) error {
-	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
+	if err := securedir.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
 		return fmt.Errorf("imds: token dir: %w", err)
 	}
 	if err := os.Mkdir(dir, 0o711); err != nil && !errors.Is(err, fs.ErrExist) {

@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/ferry-id/ferry/internal/roottest"
 )
 
 // arcDocScript is the bash example from Azure's Arc documentation
@@ -26,7 +28,7 @@ fi
 func TestArcDocumentationCurl(t *testing.T) {
 	for _, tool := range []string{"bash", "curl", "grep", "cut", "tr", "cat"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
+			roottest.Skipf(t, "%s is not installed", tool)
 		}
 	}
 	toks := newFakeTokens()

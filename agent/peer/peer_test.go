@@ -106,7 +106,7 @@ func listen(t *testing.T, network, addr string) net.Listener {
 	t.Helper()
 	l, err := net.Listen(network, addr)
 	if err != nil {
-		t.Skipf("cannot listen on %s: %v", addr, err)
+		roottest.Skipf(t, "cannot listen on %s: %v", addr, err)
 	}
 	t.Cleanup(func() { l.Close() })
 	return l

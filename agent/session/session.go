@@ -15,12 +15,14 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"math"
 	mathrand "math/rand/v2"
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
@@ -38,6 +40,7 @@ import (
 
 	"github.com/ferry-id/ferry/agent/cache"
 	"github.com/ferry-id/ferry/attestors/node"
+	"github.com/ferry-id/ferry/internal/securedir"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/ca"
 )
@@ -124,8 +127,8 @@ func New(cfg Config) (*Session, error) {
 		return nil, err
 	}
 	s.conn, s.client = conn, ferrypb.NewAgentClient(conn)
-	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("session: %w", err)
+	if err := securedir.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("session: data dir: %w", err)
 	}
 	if b, err := x509bundle.Load(cfg.TrustDomain, s.path("bundle.pem")); err == nil && len(b.X509Authorities()) > 0 {
 		s.bundle = b
@@ -365,7 +368,7 @@ func (s *Session) setSVID(chain [][]byte, key crypto.Signer) error {
 	if err := writeFile(s.path("agent-key.pem"), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
 		return err
 	}
-	if err := writeFile(s.path("agent-svid.pem"), pemOut, 0o644); err != nil {
+	if err := writeFile(s.path("agent-svid.pem"), pemOut, 0o600); err != nil {
 		return err
 	}
 	s.mu.Lock()
@@ -407,7 +410,7 @@ func (s *Session) setBundle(b *ferrypb.Bundle) {
 	s.mu.Lock()
 	s.bundle = x509bundle.FromX509Authorities(s.cfg.TrustDomain, roots)
 	s.mu.Unlock()
-	if err := writeFile(s.path("bundle.pem"), pemOut, 0o644); err != nil {
+	if err := writeFile(s.path("bundle.pem"), pemOut, 0o600); err != nil {
 		s.log.Warn("saving bundle", "error", err)
 	}
 }
@@ -663,12 +666,27 @@ func newKeyAndCSR() (crypto.Signer, []byte, error) {
 	return key, csr, nil
 }
 
+// writeFile replaces path with data, mode set before the first byte is
+// written: the file is new (a leftover temporary file is removed, never
+// reused with its old mode) and chmodded whatever the umask.
 func writeFile(path string, data []byte, mode os.FileMode) error {
 	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, mode); err != nil {
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("session: %w", err)
 	}
-	if err := os.Chmod(tmp, mode); err != nil {
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, mode)
+	if err != nil {
+		return fmt.Errorf("session: %w", err)
+	}
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return fmt.Errorf("session: %w", err)
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("session: %w", err)
+	}
+	if err := f.Close(); err != nil {
 		return fmt.Errorf("session: %w", err)
 	}
 	return os.Rename(tmp, path)

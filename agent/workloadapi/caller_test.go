@@ -162,6 +162,10 @@ func TestExecAfterConnect(t *testing.T) {
 		ua, err := unix.New(unix.Config{Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 		require.NoError(t, err)
 		c.Attestor = ferrywl.WorkloadAttestors(c.Manager.(ferrywl.KindsSource), ua)
+		// The connection is opened before the exec and used after it:
+		// starting the second program may take long on a loaded machine,
+		// and the agent must not close the silent connection meanwhile.
+		c.Limits.HandshakeTimeout = time.Hour
 	})
 	f.mgr.setEntries(
 		selEntry("e-before", "spiffe://example.org/before", "path:"+before, "sha256:"+hex.EncodeToString(beforeSum[:])),
@@ -170,5 +174,5 @@ func TestExecAfterConnect(t *testing.T) {
 	)
 	out := runCaller(t, before, f, hostilecaller.ModeExec, nil, hostilecaller.EnvExec+"="+after)
 	require.Contains(t, out, "before=OK ids=spiffe://example.org/before\n")
-	require.Contains(t, out, "inherited=OK ids=spiffe://example.org/after,spiffe://example.org/after-path\n")
+	require.Contains(t, out, "inherited=OK ids=spiffe://example.org/after,spiffe://example.org/after-path\n", "agent log:\n%s", f.log.String())
 }

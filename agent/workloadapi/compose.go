@@ -206,7 +206,7 @@ func (s *Server) composeWITSVIDResponse(ctx context.Context, u *cache.WorkloadUp
 	for _, ident := range ids {
 		svid, err := s.wit.FetchWITSVID(ctx, ident.Entry)
 		if err != nil {
-			return nil, time.Time{}, status.Errorf(codes.Unavailable, "could not fetch WIT-SVID for %s: %v", ident.Entry.GetSpiffeId(), err)
+			return nil, time.Time{}, cacheErr(ctx, "could not fetch WIT-SVID for "+ident.Entry.GetSpiffeId(), err)
 		}
 		if svid == nil || svid.PrivateKey == nil {
 			return nil, time.Time{}, serializeErr(fmt.Errorf("WIT-SVID for %s has no private key", ident.Entry.GetSpiffeId()))

@@ -76,7 +76,7 @@ func (s *Server) subscribe(ctx context.Context) (cache.Subscriber, error) {
 	}
 	sub, err := s.manager.SubscribeToCacheChanges(ctx, sels)
 	if err != nil {
-		return nil, status.Errorf(codes.Unavailable, "subscribe to identity cache: %v", err)
+		return nil, cacheErr(ctx, "subscribe to identity cache", err)
 	}
 	return sub, nil
 }
@@ -89,12 +89,22 @@ func (s *Server) fetchUpdate(ctx context.Context) (*cache.WorkloadUpdate, error)
 	}
 	u, err := s.manager.FetchWorkloadUpdate(ctx, sels)
 	if err != nil {
-		return nil, status.Errorf(codes.Unavailable, "fetch identities: %v", err)
+		return nil, cacheErr(ctx, "fetch identities", err)
 	}
 	if u == nil {
 		u = &cache.WorkloadUpdate{}
 	}
 	return u, nil
+}
+
+// cacheErr is the status of a failed cache call: the client's own
+// cancellation or deadline when its context has ended (the client went away:
+// not the agent's failure), else Unavailable.
+func cacheErr(ctx context.Context, what string, err error) error {
+	if ctx.Err() != nil {
+		return status.FromContextError(ctx.Err()).Err()
+	}
+	return status.Errorf(codes.Unavailable, "%s: %v", what, err)
 }
 
 // follow calls send with every update sub delivers until the client goes
@@ -240,7 +250,7 @@ func (s service) FetchJWTSVID(ctx context.Context, req *workloadpb.JWTSVIDReques
 	for _, id := range ids {
 		svid, err := s.manager.FetchJWTSVID(ctx, id.Entry, req.GetAudience())
 		if err != nil {
-			return nil, status.Errorf(codes.Unavailable, "could not fetch JWT-SVID for %s: %v", id.Entry.GetSpiffeId(), err)
+			return nil, cacheErr(ctx, "could not fetch JWT-SVID for "+id.Entry.GetSpiffeId(), err)
 		}
 		resp.Svids = append(resp.Svids, &workloadpb.JWTSVID{
 			SpiffeId: id.Entry.GetSpiffeId(),

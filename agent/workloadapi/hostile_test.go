@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	ferrywl "github.com/ferry-id/ferry/agent/workloadapi"
 	"github.com/ferry-id/ferry/internal/badjwt"
 )
 
@@ -45,7 +46,7 @@ var _ jose.OpaqueVerifier = (*countingKey)(nil)
 
 // TestValidateJWTSVIDHostileTokens sends the known-bad corpus to
 // ValidateJWTSVID. Every token is refused with InvalidArgument (or, past
-// the message limit, ResourceExhausted), and only the well-formed forgery
+// the request limit, ResourceExhausted), and only the well-formed forgery
 // reaches a signature check: the rest are refused before any.
 func TestValidateJWTSVIDHostileTokens(t *testing.T) {
 	f := startServer(t)
@@ -70,7 +71,7 @@ func TestValidateJWTSVIDHostileTokens(t *testing.T) {
 			before := key.checks.Load()
 			_, err := c.ValidateJWTSVID(ctx, &workloadpb.ValidateJWTSVIDRequest{Svid: tc.Token, Audience: "aud1"})
 			code := status.Code(err)
-			if len(tc.Token) > 1<<20 {
+			if len(tc.Token) > ferrywl.DefaultLimits().MaxRequestBytes {
 				require.Equal(t, codes.ResourceExhausted, code, "%v", err)
 			} else {
 				require.Equal(t, codes.InvalidArgument, code, "%v", err)

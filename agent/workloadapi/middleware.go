@@ -34,6 +34,9 @@ func (s *Server) unaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 	if err == nil {
 		resp, err = handler(ctx, req)
 	}
+	if shed := shedErr(ctx); shed != nil {
+		resp, err = nil, shed
+	}
 	s.logCall(ctx, info.FullMethod, start, err, -1)
 	return resp, err
 }
@@ -45,15 +48,20 @@ func (s *Server) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.Str
 	if err == nil {
 		err = handler(srv, counted)
 	}
+	if shed := shedErr(ss.Context()); shed != nil {
+		err = shed
+	}
 	s.logCall(ss.Context(), info.FullMethod, start, err, counted.sent.Load())
 	return err
 }
 
 // logCall writes the one line each call gets: at Debug for a call served
-// (as SPIRE logs issuance; a busy node makes thousands a second), at Info for
-// a refusal, at Warn when the agent failed. Messages are never logged:
-// responses carry keys and tokens. Error texts are produced by this package
-// and carry neither.
+// or canceled by its client (as SPIRE logs issuance; a busy node makes
+// thousands a second), at Info for a refusal, at Warn when the agent failed.
+// Lines at Info and above are limited per caller's uid (callerLog), so that
+// no caller can flood the log. Messages are never logged: responses carry
+// keys and tokens. Error texts are produced by this package and carry
+// neither.
 func (s *Server) logCall(ctx context.Context, fullMethod string, start time.Time, err error, sent int64) {
 	st := status.Convert(err)
 	level := slog.LevelInfo
@@ -68,7 +76,8 @@ func (s *Server) logCall(ctx context.Context, fullMethod string, start time.Time
 	}
 	attrs := make([]slog.Attr, 0, 8)
 	attrs = append(attrs, slog.String("method", path.Base(fullMethod)))
-	if c, ok := callerFrom(ctx); ok {
+	c, ok := callerFrom(ctx)
+	if ok {
 		attrs = append(attrs, slog.Int("pid", int(c.PID)), slog.Uint64("uid", uint64(c.UID)))
 	}
 	attrs = append(attrs, slog.String("code", st.Code().String()), slog.Duration("duration", time.Since(start)))
@@ -78,7 +87,7 @@ func (s *Server) logCall(ctx context.Context, fullMethod string, start time.Time
 	if err != nil {
 		attrs = append(attrs, slog.String("error", st.Message()))
 	}
-	s.log.LogAttrs(ctx, level, "workload API call", attrs...)
+	s.callerLog.Log(ctx, level, "uid", uint64(c.UID), "workload API call", attrs...)
 }
 
 // countingStream counts the messages a stream sends, for the call's log line.

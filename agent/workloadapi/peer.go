@@ -14,7 +14,9 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 
+	"github.com/ferry-id/ferry/agent/budget"
 	"github.com/ferry-id/ferry/attestors/workload"
+	"github.com/ferry-id/ferry/internal/logging"
 )
 
 // authType is what callerInfo reports as its credentials.AuthInfo type.
@@ -63,7 +65,7 @@ func callerFrom(ctx context.Context) (callerInfo, bool) {
 // the peer can send a single request. The pin lives as long as the connection.
 type peerCreds struct {
 	pin pinFunc
-	log *slog.Logger
+	log *logging.PerKey
 }
 
 var _ credentials.TransportCredentials = (*peerCreds)(nil)
@@ -77,7 +79,7 @@ func (c *peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthIn
 	if err != nil {
 		return nil, nil, err
 	}
-	ucred, err := peerCred(raw)
+	ucred, err := budget.PeerCred(raw)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -88,7 +90,8 @@ func (c *peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthIn
 	proc, err := c.pin(ucred.Pid)
 	if err != nil {
 		// Typically a caller that exited right after connecting.
-		c.log.Warn("workload API connection refused", "pid", ucred.Pid, "uid", ucred.Uid, "error", err)
+		c.log.Log(context.Background(), slog.LevelWarn, "uid", uint64(ucred.Uid), "workload API connection refused",
+			slog.Int("pid", int(ucred.Pid)), slog.Uint64("uid", uint64(ucred.Uid)), slog.String("error", err.Error()))
 		return nil, nil, fmt.Errorf("workloadapi: pin caller pid %d: %w", ucred.Pid, err)
 	}
 	info := callerInfo{
@@ -123,24 +126,6 @@ func rawConn(conn net.Conn) (syscall.RawConn, error) {
 		return nil, fmt.Errorf("workloadapi: peer credentials: %w", err)
 	}
 	return raw, nil
-}
-
-// peerCred reads SO_PEERCRED off a unix socket: the peer's pid and its
-// effective uid and gid when it connected.
-func peerCred(raw syscall.RawConn) (*unix.Ucred, error) {
-	var (
-		cred    *unix.Ucred
-		credErr error
-	)
-	if err := raw.Control(func(fd uintptr) {
-		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return nil, fmt.Errorf("workloadapi: peer credentials: %w", err)
-	}
-	if credErr != nil {
-		return nil, fmt.Errorf("workloadapi: peer credentials: %w", credErr)
-	}
-	return cred, nil
 }
 
 // peerGroups reads SO_PEERGROUPS, the supplementary groups the peer had when

@@ -43,13 +43,19 @@
 // caller's pid and uid, and the result code (at Debug when served, Info when
 // refused, Warn when the agent failed); keys and tokens are never logged.
 //
-// The gRPC server is internal/h2grpc unless Config.GRPCServer asks for
-// grpc-go's: the goroutine reading a connection answers its unary calls
-// inline and runs its streaming calls itself, which spares each call the
-// hand-offs between goroutines that grpc-go's server makes.
+// The API is served by grpc-go's server inside budgets that hold against any
+// local process (Limits): connections and calls in flight, in total and per
+// uid (agent/budget charges each connection to its peer's uid at accept,
+// before gRPC reads a byte of it, and each call when its headers arrive),
+// calls per connection, the decoded size of a call's header list, the size of
+// a request, and an idle timeout. When a budget is exhausted the uid holding
+// the most is refused or shed first; a refused call gets ResourceExhausted, a
+// refused connection an HTTP/2 GOAWAY that says why. Lines a caller can
+// provoke (refusals, failures) are rate-limited per uid.
 //
 // The socket file is made world-accessible (mode 0777) inside a directory that
-// only the agent may write: access is decided by attestation, not file modes.
+// only the agent (or root) may change, up to /: access is decided by
+// attestation, not file modes.
 package workloadapi
 
 import (
@@ -66,16 +72,22 @@ import (
 
 	workloadpb "github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 
+	"github.com/ferry-id/ferry/agent/budget"
 	"github.com/ferry-id/ferry/agent/cache"
 	"github.com/ferry-id/ferry/attestors/workload"
-	"github.com/ferry-id/ferry/internal/h2grpc"
+	"github.com/ferry-id/ferry/internal/grpchealth"
+	"github.com/ferry-id/ferry/internal/logging"
+	"github.com/ferry-id/ferry/internal/securedir"
 )
 
 // Config configures a Server.
 type Config struct {
 	// SocketPath is the unix socket Run listens on. Its directory is created
-	// (0755) if missing and must not be writable by group or others.
+	// (0755) if missing; no other user may be able to change it or any
+	// directory above it (see Listen).
 	SocketPath string
 	// Manager serves identities and bundles. Required.
 	Manager cache.Manager
@@ -100,23 +112,13 @@ type Config struct {
 	// ShutdownTimeout bounds how long Stop waits for in-flight calls.
 	// Defaults to 5 s.
 	ShutdownTimeout time.Duration
-	// GRPCServer selects the gRPC server: "" or TransportFerry for
-	// internal/h2grpc (a connection's calls are answered by the goroutine
-	// reading it), TransportGRPCGo for grpc-go's server.
-	GRPCServer string
-}
-
-// The gRPC servers Config.GRPCServer selects.
-const (
-	TransportFerry  = "ferry"
-	TransportGRPCGo = "grpc-go"
-)
-
-// rpcServer is what Server needs of a gRPC server.
-type rpcServer interface {
-	Serve(net.Listener) error
-	GracefulStop()
-	Stop()
+	// Limits bound what local callers may hold; a zero field takes its
+	// default (DefaultLimits).
+	Limits Limits
+	// Health, when set, serves the gRPC health service on the socket (calls
+	// carry the security header like any other): SERVING while it returns
+	// nil.
+	Health func() error
 }
 
 // Server is a Workload API server. Serve (or Run) may be called once.
@@ -126,13 +128,17 @@ type Server struct {
 	attestor       Attestor
 	log            *slog.Logger
 	socketPath     string
+	health         func() error
 	foreignClaims  map[string]bool
 	unauthVerifier bool
 	shutdown       time.Duration
 
-	grpc     rpcServer
-	quit     chan struct{}
-	stopOnce sync.Once
+	limits    Limits
+	budget    *budget.Budget
+	callerLog *logging.PerKey
+	grpc      *grpc.Server
+	quit      chan struct{}
+	stopOnce  sync.Once
 }
 
 // New validates c and returns a Server.
@@ -149,6 +155,7 @@ func New(c Config) (*Server, error) {
 		attestor:       c.Attestor,
 		log:            c.Log,
 		socketPath:     c.SocketPath,
+		health:         c.Health,
 		foreignClaims:  make(map[string]bool, len(c.AllowedForeignJWTClaims)),
 		unauthVerifier: c.AllowUnauthenticatedVerifiers,
 		shutdown:       c.ShutdownTimeout,
@@ -170,40 +177,46 @@ func New(c Config) (*Server, error) {
 	if procRoot == "" {
 		procRoot = workload.DefaultProcRoot
 	}
-	switch c.GRPCServer {
-	case "", TransportFerry:
-		s.grpc = s.newH2Server(procPinner(procRoot))
-	case TransportGRPCGo:
-		s.grpc = s.newGRPCServer(procPinner(procRoot))
-	default:
-		return nil, fmt.Errorf("workloadapi: unknown gRPC server %q (want %q or %q)", c.GRPCServer, TransportFerry, TransportGRPCGo)
+	s.callerLog = logging.NewPerKey(s.log, callerLogBurst, callerLogWindow)
+	lim, err := c.Limits.withDefaults()
+	if err != nil {
+		return nil, err
 	}
+	s.limits = fitDescriptors(lim, s.log)
+	s.budget, err = budget.New(budget.Limits{
+		Conns:       s.limits.MaxConnections,
+		ConnsPerUID: s.limits.MaxConnectionsPerUID,
+		Calls:       s.limits.MaxCalls,
+		CallsPerUID: s.limits.MaxCallsPerUID,
+	}, s.logRefusal)
+	if err != nil {
+		return nil, fmt.Errorf("workloadapi: %w", err)
+	}
+	s.grpc = s.newGRPCServer(procPinner(procRoot))
 	return s, nil
 }
 
-// maxRecvMsgSize bounds a request: they are small; a JWT to validate is the
-// largest.
-const maxRecvMsgSize = 1 << 20
-
-func (s *Server) newH2Server(pin pinFunc) *h2grpc.Server {
-	creds := &peerCreds{pin: pin, log: s.log}
-	srv := h2grpc.NewServer(h2grpc.Options{
-		Handshake:         creds.ServerHandshake,
-		UnaryInterceptor:  s.unaryInterceptor,
-		StreamInterceptor: s.streamInterceptor,
-		MaxRecvMsgSize:    maxRecvMsgSize,
-		Log:               s.log,
-	})
-	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, service{Server: s})
-	return srv
-}
+// The lines one uid can make the agent write: callerLogBurst per
+// callerLogWindow, then a count of those suppressed.
+const (
+	callerLogBurst  = 10
+	callerLogWindow = 10 * time.Second
+)
 
 func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
+	lim := s.limits
 	srv := grpc.NewServer(
-		grpc.Creds(&peerCreds{pin: pin, log: s.log}),
+		grpc.Creds(&peerCreds{pin: pin, log: s.callerLog}),
+		grpc.InTapHandle(s.startCall),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor),
 		grpc.ChainStreamInterceptor(s.streamInterceptor),
-		grpc.MaxRecvMsgSize(maxRecvMsgSize),
+		grpc.MaxRecvMsgSize(lim.MaxRequestBytes),
+		grpc.MaxHeaderListSize(uint32(lim.MaxHeaderListBytes)),
+		grpc.MaxConcurrentStreams(uint32(lim.MaxCallsPerConnection)),
+		grpc.ConnectionTimeout(lim.HandshakeTimeout),
+		// A connection with no call in flight for IdleTimeout gets a
+		// GOAWAY; clients reconnect on their next call.
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: lim.IdleTimeout}),
 		// Every connection gets its own read buffer (32 KiB by default): a
 		// client that connects per call would allocate it per call, while
 		// requests are a few hundred bytes. Larger reads bypass the buffer.
@@ -214,6 +227,9 @@ func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
 		// A fixed window turns off gRPC's bandwidth estimation, which pings
 		// the client after a request arrives: an extra write and read on
 		// both sides of every call, for requests of a few hundred bytes.
+		// 64 KiB, gRPC's smallest, is what a call may buffer before its
+		// handler reads it; the handler then reads at most
+		// MaxRequestBytes.
 		grpc.InitialWindowSize(64<<10),
 		grpc.InitialConnWindowSize(64<<10),
 		// Calls run on a few long-lived goroutines whose stacks have already
@@ -224,6 +240,9 @@ func (s *Server) newGRPCServer(pin pinFunc) *grpc.Server {
 		grpc.NumStreamWorkers(uint32(max(4, runtime.GOMAXPROCS(0)))),
 	)
 	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, service{Server: s})
+	if s.health != nil {
+		healthpb.RegisterHealthServer(srv, grpchealth.New(s.health))
+	}
 	return srv
 }
 
@@ -248,9 +267,14 @@ func (s *Server) Run(ctx context.Context) error {
 // Serve serves the Workload API on l, which must yield unix socket
 // connections, until Stop. It returns nil after Stop.
 func (s *Server) Serve(l net.Listener) error {
-	s.log.Info("workload API serving", "addr", l.Addr().String())
-	err := s.grpc.Serve(l)
-	if err == nil || errors.Is(err, grpc.ErrServerStopped) || errors.Is(err, h2grpc.ErrServerStopped) { // stopped before it started
+	lim := s.limits
+	s.log.Info("workload API serving", "addr", l.Addr().String(),
+		"max_connections", lim.MaxConnections, "max_connections_per_uid", lim.MaxConnectionsPerUID,
+		"max_calls", lim.MaxCalls, "max_calls_per_uid", lim.MaxCallsPerUID,
+		"max_calls_per_connection", lim.MaxCallsPerConnection, "idle_timeout", lim.IdleTimeout,
+		"max_header_list_bytes", lim.MaxHeaderListBytes, "max_request_bytes", lim.MaxRequestBytes)
+	err := s.grpc.Serve(s.budget.Listener(l))
+	if err == nil || errors.Is(err, grpc.ErrServerStopped) { // stopped before it started
 		return nil
 	}
 	return fmt.Errorf("workloadapi: serve: %w", err)
@@ -279,8 +303,9 @@ func (s *Server) Stop() {
 }
 
 // Listen creates the Workload API socket at path: it creates the directory
-// (0755) if missing, refuses a directory that group or others may write (they
-// could swap the socket for their own), replaces a stale socket left by a
+// (0755) if missing, refuses it when another user could change it or any
+// directory above it (see securedir: they could move the socket aside and
+// relay every caller through their own), replaces a stale socket left by a
 // previous run but never a live one or a non-socket file, and makes the
 // socket mode 0777.
 func Listen(path string) (net.Listener, error) {
@@ -290,16 +315,8 @@ func Listen(path string) (net.Listener, error) {
 	if !filepath.IsAbs(path) {
 		return nil, fmt.Errorf("workloadapi: socket path %q is not absolute", path)
 	}
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("workloadapi: create socket directory: %w", err)
-	}
-	fi, err := os.Stat(dir)
-	if err != nil {
+	if err := securedir.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("workloadapi: socket directory: %w", err)
-	}
-	if fi.Mode().Perm()&0o022 != 0 {
-		return nil, fmt.Errorf("workloadapi: socket directory %s is writable by group or others (mode %v)", dir, fi.Mode().Perm())
 	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode().Type() != os.ModeSocket {

@@ -55,7 +55,7 @@ func TestMain(m *testing.M) {
 		os.Exit(m.Run())
 	case "fetch":
 		// Report the gRPC code FetchX509SVID gets, and the SVID's ID if any.
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
 		svid, err := workloadapi.FetchX509SVID(ctx, workloadapi.WithAddr("unix://"+os.Getenv(childSocketEnv)))
 		if err != nil {
@@ -67,7 +67,7 @@ func TestMain(m *testing.M) {
 	case "setuid":
 		// Fetch as root, drop to uid 65534, fetch again on the same
 		// connection: report both codes.
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
 		c, err := workloadapi.New(ctx, workloadapi.WithAddr("unix://"+os.Getenv(childSocketEnv)))
 		if err != nil {
@@ -100,9 +100,17 @@ func TestMain(m *testing.M) {
 
 func clientOpt(f *fixture) workloadapi.ClientOption { return workloadapi.WithAddr(f.addr) }
 
+// testCtx is the context of a test's calls: it ends with the test, or
+// shortly before the test binary's own deadline (-timeout), so a call that
+// hangs fails the test with its own error rather than a timeout panic. No
+// shorter bound: on a loaded machine a slow call is not a failure.
 func testCtx(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	t.Cleanup(cancel)
+	ctx := t.Context()
+	if d, ok := t.Deadline(); ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, d.Add(-30*time.Second))
+		t.Cleanup(cancel)
+	}
 	return ctx
 }
 
@@ -890,23 +898,27 @@ func TestJWKSKeyTypes(t *testing.T) {
 // token before the current one expires, without any cache update.
 func TestWITStreamRenewsBeforeExpiry(t *testing.T) {
 	f := startServer(t)
-	f.mgr.setWIT("ec", 3*time.Second)
+	// Renewed at about half the remaining life (5 s), which leaves the
+	// stream 5 s to deliver the new token before the first one expires.
+	f.mgr.setWIT("ec", 10*time.Second)
 	ctx := withHeader(testCtx(t))
 	stream, err := rawClient(t, f).FetchWITSVID(ctx, &workloadpb.WITSVIDRequest{SpiffeId: "spiffe://example.org/web"})
 	require.NoError(t, err)
 	first, err := stream.Recv()
 	require.NoError(t, err)
 	require.Len(t, first.Svids, 1)
-	start := time.Now()
 	second, err := stream.Recv()
 	require.NoError(t, err)
 	require.NotEqual(t, first.Svids[0].WitSvid, second.Svids[0].WitSvid)
 	require.NotEqual(t, first.Svids[0].WitSvidKey, second.Svids[0].WitSvidKey)
-	// Renewed at about half the remaining life (1.5 s), well before expiry.
-	require.Less(t, time.Since(start), 2500*time.Millisecond)
+	// The second token was sent while the first was still valid: the stream
+	// renews before expiry, not after.
+	a, err := witsvid.ParseInsecure(first.Svids[0].WitSvid)
+	require.NoError(t, err)
 	got, err := witsvid.ParseInsecure(second.Svids[0].WitSvid)
 	require.NoError(t, err)
 	require.Equal(t, "spiffe://example.org/web", got.ID.String())
+	require.True(t, got.Expiry.Add(-10*time.Second).Before(a.Expiry), "second token issued at %v, first expired at %v", got.Expiry.Add(-10*time.Second), a.Expiry)
 }
 
 func TestAttestationFailureIsUnavailable(t *testing.T) {
@@ -929,26 +941,4 @@ func TestStreamEndsWhenLastIdentityIsRemoved(t *testing.T) {
 	f.mgr.setEntries()
 	_, err = x.Recv()
 	requireCode(t, err, codes.PermissionDenied, "no identity issued")
-}
-
-// TestGRPCServers runs the same calls on both gRPC servers the agent can
-// serve with: the default (internal/h2grpc) and grpc-go's.
-func TestGRPCServers(t *testing.T) {
-	for _, srv := range []string{ferrywl.TransportFerry, ferrywl.TransportGRPCGo} {
-		t.Run(srv, func(t *testing.T) {
-			f := startServer(t, func(c *ferrywl.Config) { c.GRPCServer = srv })
-			ctx := testCtx(t)
-			svid, err := workloadapi.FetchX509SVID(ctx, clientOpt(f))
-			require.NoError(t, err)
-			require.Equal(t, "spiffe://example.org/web", svid.ID.String())
-			jwt, err := workloadapi.FetchJWTSVID(ctx, jwtsvid.Params{Audience: "aud1"}, clientOpt(f))
-			require.NoError(t, err)
-			require.Equal(t, []string{"aud1"}, jwt.Audience)
-			_, err = rawClient(t, f).FetchJWTSVID(ctx, &workloadpb.JWTSVIDRequest{Audience: []string{"a"}})
-			requireCode(t, err, codes.InvalidArgument, "security header missing from request")
-		})
-	}
-	f := startServer(t)
-	_, err := ferrywl.New(ferrywl.Config{Manager: f.mgr, Attestor: ferrywl.AttestorFunc(nil), GRPCServer: "netty"})
-	require.ErrorContains(t, err, `unknown gRPC server "netty"`)
 }

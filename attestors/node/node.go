@@ -23,6 +23,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -75,11 +76,41 @@ type Result struct {
 	// for AgentID. Attestors set it unless their configuration allows
 	// re-attestation.
 	SingleAgent bool
+	// JoinTokenHash, when set, is the hash of the one-time join token the
+	// agent proved itself with. The server spends the token in the same
+	// replicated write that records the agent, after every other check has
+	// passed: an attestation refused for any other reason (its CA not ready,
+	// a banned ID, a lost leader) leaves the token usable, and of several
+	// attestations racing with one token exactly one records its agent.
+	JoinTokenHash string
 }
 
 // ErrNoChallenge is returned by agent halves of attestors that never expect a
 // challenge.
 var ErrNoChallenge = errors.New("node: attestor does not expect a challenge")
+
+// AgentPathPrefix starts the path of every agent's SPIFFE ID, as in SPIRE.
+const AgentPathPrefix = "/spire/agent/"
+
+// CheckAgentID reports whether id may be an agent's SPIFFE ID: in td (a zero
+// td skips that check, for clients that do not know the server's) and under
+// AgentPathPrefix. The server's CA signs agent SVIDs for no other ID, so
+// anything naming an agent ID (a join token, an attestor's template) is held
+// to this before it is accepted.
+func CheckAgentID(td spiffeid.TrustDomain, id spiffeid.ID) error {
+	if id.IsZero() {
+		return errors.New("no SPIFFE ID")
+	}
+	if !td.IsZero() && !id.MemberOf(td) {
+		return fmt.Errorf("%q is not a member of trust domain %q", id.String(), td.Name())
+	}
+	if !strings.HasPrefix(id.Path(), AgentPathPrefix) || len(id.Path()) == len(AgentPathPrefix) {
+		name := id.TrustDomain().Name()
+		return fmt.Errorf("%q is not an agent ID: agent IDs are under spiffe://%s%s, e.g. spiffe://%s%snode1",
+			id.String(), name, AgentPathPrefix, name, AgentPathPrefix)
+	}
+	return nil
+}
 
 // AgentPath returns spiffe://<td>/spire/agent/<attestor>/<segments…>, the agent
 // ID layout SPIRE uses, validating every segment.

@@ -81,6 +81,15 @@ func Validate(fc *ferrypb.FederatedCredential) error {
 	if fc.GetIdentityObjectId() == "" {
 		return invalid("identity object ID is required")
 	}
+	return ValidateContent(fc)
+}
+
+// ValidateContent is Validate without the identity the credential belongs to:
+// what an operator writes, checked (by the CLI) before the server sees it.
+func ValidateContent(fc *ferrypb.FederatedCredential) error {
+	if fc == nil {
+		return invalid("missing credential")
+	}
 	if !ValidName(fc.GetName()) {
 		return invalid("name must be %d-%d characters of A-Z, a-z, 0-9, '-' and '_', starting with a letter or digit", MinNameLength, MaxNameLength)
 	}

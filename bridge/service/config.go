@@ -22,6 +22,7 @@ type bridgeBlock struct {
 	DataDir      string                 `hcl:"data_dir"`
 	ServerSocket string                 `hcl:"server_socket"`
 	Sockets      []string               `hcl:"server_sockets"`
+	Insecure     bool                   `hcl:"insecure_socket"`
 	ServerAddr   string                 `hcl:"server_address"`
 	Addresses    []string               `hcl:"server_addresses"`
 	WorkloadAPI  string                 `hcl:"workload_api_socket"`
@@ -50,13 +51,14 @@ func LoadConfig(path string) (FileConfig, error) {
 		return FileConfig{}, fmt.Errorf("service: %s has no bridge block", path)
 	}
 	out := FileConfig{LogLevel: b.LogLevel, LogFormat: b.LogFormat, Config: Config{
-		ListenAddr:  b.ListenAddr,
-		BaseURL:     b.BaseURL,
-		TLSCertFile: config.Resolve(path, b.TLSCertFile),
-		TLSKeyFile:  config.Resolve(path, b.TLSKeyFile),
-		DataDir:     config.Resolve(path, b.DataDir),
-		WorkloadAPI: b.WorkloadAPI,
-		Name:        b.Name,
+		ListenAddr:     b.ListenAddr,
+		BaseURL:        b.BaseURL,
+		TLSCertFile:    config.Resolve(path, b.TLSCertFile),
+		TLSKeyFile:     config.Resolve(path, b.TLSKeyFile),
+		DataDir:        config.Resolve(path, b.DataDir),
+		WorkloadAPI:    b.WorkloadAPI,
+		Name:           b.Name,
+		InsecureSocket: b.Insecure,
 	}}
 	for _, p := range append([]string{b.ServerSocket}, b.Sockets...) {
 		if p != "" {
@@ -92,10 +94,10 @@ func LoadConfig(path string) (FileConfig, error) {
 	case len(out.ServerSockets) > 0 && len(out.ServerAddresses) > 0:
 		return FileConfig{}, fmt.Errorf("service: server sockets and server addresses do not go together: a replica follows servers one way")
 	case len(out.ServerSockets) == 0 && len(out.ServerAddresses) == 0:
-		out.ServerSockets = []string{"/tmp/ferry/server/admin.sock"}
+		out.ServerSockets = []string{config.AdminSocket}
 	}
 	if len(out.ServerAddresses) > 0 && out.WorkloadAPI == "" {
-		out.WorkloadAPI = "unix:///tmp/ferry/agent/public/api.sock"
+		out.WorkloadAPI = "unix://" + config.WorkloadAPISocket
 	}
 	if (out.TLSCertFile == "") != (out.TLSKeyFile == "") {
 		return FileConfig{}, fmt.Errorf("service: tls_cert_file and tls_key_file go together")

@@ -17,7 +17,8 @@ func TestSampleConfig(t *testing.T) {
 	require.Equal(t, "127.0.0.1:8443", fc.ListenAddr)
 	require.Equal(t, "https://127.0.0.1:8443", fc.BaseURL)
 	require.Equal(t, "/var/lib/ferry/bridge", fc.DataDir)
-	require.Equal(t, []string{"/tmp/ferry/server/admin.sock"}, fc.ServerSockets)
+	require.Equal(t, []string{"/run/ferry/server/admin.sock"}, fc.ServerSockets)
+	require.False(t, fc.InsecureSocket)
 }
 
 func TestConfigServers(t *testing.T) {
@@ -36,7 +37,10 @@ func TestConfigServers(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, []string{"10.0.0.1:8082", "10.0.0.2:8082", "10.0.0.3:8082"}, fc.ServerAddresses)
 	require.Empty(t, fc.ServerSockets)
-	require.Equal(t, "unix:///tmp/ferry/agent/public/api.sock", fc.WorkloadAPI)
+	require.Equal(t, "unix:///run/ferry/agent/public/api.sock", fc.WorkloadAPI)
+	fc, err = load(`server_socket = "/run/s.sock" insecure_socket = true`)
+	require.NoError(t, err)
+	require.True(t, fc.InsecureSocket)
 	_, err = load(`server_socket = "a.sock" server_addresses = ["10.0.0.2:8082"]`)
 	require.ErrorContains(t, err, "do not go together")
 }

@@ -15,6 +15,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"math/big"
 	"net"
@@ -22,6 +23,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -37,6 +39,7 @@ import (
 	"github.com/ferry-id/ferry/bridge"
 	"github.com/ferry-id/ferry/bridge/replica"
 	"github.com/ferry-id/ferry/bridge/signing"
+	"github.com/ferry-id/ferry/internal/securedir"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -54,8 +57,12 @@ type Config struct {
 	// DataDir holds the signing key (0600) and any generated TLS material.
 	DataDir string
 	// ServerSockets are servers' admin sockets, where the Directory service
-	// is (a replica on a server's machine).
-	ServerSockets []string
+	// is (a replica on a server's machine). The replica talks only to a
+	// socket owned by root or by its own user, in directories no other user
+	// can change (securedir.CheckSocket), unless InsecureSocket is set: for a
+	// socket mounted into a container from a host whose uids it does not know.
+	ServerSockets  []string
+	InsecureSocket bool
 	// ServerAddresses are servers' admin_addr, reached over mutual TLS with
 	// the X509-SVID this replica gets from its local agent's Workload API at
 	// WorkloadAPI (a replica on any machine; its entry must be marked admin).
@@ -101,8 +108,16 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Name == "" {
 		cfg.Name, _ = os.Hostname()
 	}
-	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("service: %w", err)
+	// The data dir holds the signing key.
+	if err := securedir.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("service: data dir: %w", err)
+	}
+	// A socket already there that another user could have put there is
+	// refused at start; one that appears later is checked at each dial.
+	for _, p := range cfg.ServerSockets {
+		if err := checkSocket(p, cfg.InsecureSocket); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
 	}
 	lis, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
@@ -150,8 +165,17 @@ func (s *Service) Run(ctx context.Context) error {
 	if len(addrs) == 0 {
 		addrs = s.cfg.ServerSockets
 		var d net.Dialer
+		var refused sync.Map // path -> the refusal last logged
 		opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()),
 			grpc.WithContextDialer(func(ctx context.Context, path string) (net.Conn, error) {
+				if err := checkSocket(path, s.cfg.InsecureSocket); err != nil {
+					// Redialled with backoff: say it once per change.
+					if prev, _ := refused.Swap(path, err.Error()); prev != err.Error() {
+						s.log.Error("refusing the server's admin socket", "error", err)
+					}
+					return nil, err
+				}
+				refused.Delete(path)
 				return d.DialContext(ctx, "unix", path)
 			}))
 	} else {
@@ -350,4 +374,18 @@ func generateTLS(caFile, certFile, keyFile, baseURL string) error {
 func serial() *big.Int {
 	n, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	return n
+}
+
+// checkSocket refuses an admin socket that is not the server's: one owned by
+// another user, or in a directory another user could change (they could move
+// the server's socket aside and relay the directory, altered, through
+// theirs). insecure skips the check.
+func checkSocket(path string, insecure bool) error {
+	if insecure {
+		return nil
+	}
+	if err := securedir.CheckSocket(path); err != nil {
+		return fmt.Errorf("service: server socket %s: %w (insecure_socket = true to skip this check)", path, err)
+	}
+	return nil
 }

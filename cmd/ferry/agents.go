@@ -9,9 +9,13 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/urfave/cli/v2"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/api"
 	"github.com/ferry-id/ferry/server/ca"
 )
 
@@ -23,10 +27,18 @@ func tokenCommand() *cli.Command {
 			Name:  "generate",
 			Usage: "create a one-time join token",
 			Flags: adminFlags(
-				&cli.StringFlag{Name: "spiffe-id", Usage: "agent SPIFFE ID the token attests to (default: derived from the token)"},
-				&cli.DurationFlag{Name: "ttl", Value: 10 * time.Minute, Usage: "how long the token stays usable"},
+				&cli.StringFlag{Name: "spiffe-id", Usage: "agent SPIFFE ID the token attests to, under spiffe://TD/spire/agent/ (default: spiffe://TD/spire/agent/join_token/<token hash>)"},
+				&cli.DurationFlag{Name: "ttl", Value: 10 * time.Minute, Usage: "how long the token stays usable (1s to 168h)"},
 			),
 			Action: func(c *cli.Context) error {
+				if id := c.String("spiffe-id"); id != "" {
+					if err := api.CheckJoinTokenID(spiffeid.TrustDomain{}, id); err != nil {
+						return err
+					}
+				}
+				if ttl := c.Duration("ttl"); ttl < time.Second || ttl%time.Second != 0 || ttl > api.MaxJoinTokenTTL {
+					return fmt.Errorf("--ttl %s: want whole seconds from 1s to %s", ttl, api.MaxJoinTokenTTL)
+				}
 				return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 					resp, err := a.CreateJoinToken(ctx, &ferrypb.CreateJoinTokenRequest{SpiffeId: c.String("spiffe-id"), TtlSeconds: int64(c.Duration("ttl") / time.Second)})
 					if err != nil {
@@ -44,7 +56,7 @@ func tokenCommand() *cli.Command {
 }
 
 func agentIDFlag() cli.Flag {
-	return &cli.StringFlag{Name: "spiffe-id", Required: true, Usage: "the agent's SPIFFE ID"}
+	return &cli.StringFlag{Name: "spiffe-id", Required: true, Usage: "the agent's SPIFFE ID", Action: checked("spiffe-id", isSPIFFEID)}
 }
 
 func agentAdminCommands() []*cli.Command {
@@ -94,6 +106,31 @@ func agentAdminCommands() []*cli.Command {
 			},
 		},
 		{
+			Name: "count", Usage: "count attested agents", Flags: adminFlags(consistentFlag),
+			Action: func(c *cli.Context) error {
+				return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
+					resp, err := a.CountAgents(ctx, &ferrypb.CountAgentsRequest{Consistency: consistency(c)})
+					if err != nil {
+						return err
+					}
+					if jsonOutput(c) {
+						return printJSON(c.App.Writer, resp)
+					}
+					fmt.Fprintf(c.App.Writer, "%d attested agents\n", resp.Count)
+					return nil
+				})
+			},
+		},
+		{
+			Name:  "purge",
+			Usage: "evict agents whose SVID expired more than --expired-for ago (banned agents stay banned)",
+			Flags: adminFlags(
+				&cli.DurationFlag{Name: "expired-for", Value: 30 * 24 * time.Hour, Usage: "how long an agent's SVID must have been expired"},
+				&cli.BoolFlag{Name: "dry-run", Usage: "list the agents that would be evicted, evict none"},
+			),
+			Action: agentPurge,
+		},
+		{
 			Name: "show", Usage: "show one agent", Flags: adminFlags(agentIDFlag()),
 			Action: func(c *cli.Context) error {
 				return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
@@ -109,8 +146,12 @@ func agentAdminCommands() []*cli.Command {
 			Name: "evict", Usage: "forget an agent: its SVID stops working and it must attest again", Flags: adminFlags(agentIDFlag()),
 			Action: func(c *cli.Context) error {
 				return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
-					if _, err := a.EvictAgent(ctx, &ferrypb.EvictAgentRequest{SpiffeId: c.String("spiffe-id")}); err != nil {
+					n, err := a.EvictAgent(ctx, &ferrypb.EvictAgentRequest{SpiffeId: c.String("spiffe-id")})
+					if err != nil {
 						return err
+					}
+					if jsonOutput(c) {
+						return printJSON(c.App.Writer, n)
 					}
 					fmt.Fprintln(c.App.Writer, "evicted", c.String("spiffe-id"))
 					return nil
@@ -119,11 +160,15 @@ func agentAdminCommands() []*cli.Command {
 		},
 		{
 			Name: "ban", Usage: "refuse an agent's SVID and any new attestation (--unban lifts it)",
-			Flags: adminFlags(agentIDFlag(), &cli.BoolFlag{Name: "unban"}),
+			Flags: adminFlags(agentIDFlag(), &cli.BoolFlag{Name: "unban", Usage: "lift the ban instead"}),
 			Action: func(c *cli.Context) error {
 				return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
-					if _, err := a.BanAgent(ctx, &ferrypb.BanAgentRequest{SpiffeId: c.String("spiffe-id"), Unban: c.Bool("unban")}); err != nil {
+					n, err := a.BanAgent(ctx, &ferrypb.BanAgentRequest{SpiffeId: c.String("spiffe-id"), Unban: c.Bool("unban")})
+					if err != nil {
 						return err
+					}
+					if jsonOutput(c) {
+						return printJSON(c.App.Writer, n)
 					}
 					if c.Bool("unban") {
 						fmt.Fprintln(c.App.Writer, "unbanned", c.String("spiffe-id"))
@@ -137,8 +182,48 @@ func agentAdminCommands() []*cli.Command {
 	}
 }
 
+// agentPurge evicts the agents whose SVIDs expired long ago (as SPIRE's
+// agent purge): they can only come back by attesting again.
+func agentPurge(c *cli.Context) error {
+	if c.Duration("expired-for") < 0 {
+		return errors.New("--expired-for must not be negative")
+	}
+	cutoff := time.Now().Add(-c.Duration("expired-for"))
+	return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
+		resp, err := a.ListAgents(ctx, &ferrypb.ListAgentsRequest{})
+		if err != nil {
+			return err
+		}
+		var purged []*ferrypb.AttestedNode
+		for _, n := range resp.Agents {
+			notAfter := max(n.CertNotAfter, n.NewCertNotAfter)
+			if n.Banned || notAfter == 0 || !time.Unix(notAfter, 0).Before(cutoff) {
+				continue
+			}
+			if !c.Bool("dry-run") {
+				if _, err := a.EvictAgent(ctx, &ferrypb.EvictAgentRequest{SpiffeId: n.SpiffeId}); err != nil && status.Code(err) != codes.NotFound {
+					return fmt.Errorf("evict %s: %w", n.SpiffeId, err)
+				}
+			}
+			purged = append(purged, n)
+		}
+		if jsonOutput(c) {
+			return printJSON(c.App.Writer, &ferrypb.ListAgentsResponse{Agents: purged})
+		}
+		verb := "Evicted"
+		if c.Bool("dry-run") {
+			verb = "Would evict"
+		}
+		fmt.Fprintf(c.App.Writer, "%s %d agents whose SVID expired before %s\n", verb, len(purged), cutoff.UTC().Format(time.RFC3339))
+		for _, n := range purged {
+			fmt.Fprintf(c.App.Writer, "  %s (expired %s)\n", n.SpiffeId, time.Unix(max(n.CertNotAfter, n.NewCertNotAfter), 0).UTC().Format(time.RFC3339))
+		}
+		return nil
+	})
+}
+
 func bundleCommand() *cli.Command {
-	format := &cli.StringFlag{Name: "format", Value: "pem", Usage: "pem or spiffe (JWKS)"}
+	format := choiceFlag("format", "bundle format (spiffe: the SPIFFE bundle JWKS)", "pem", "spiffe")
 	show := func(c *cli.Context, b *ferrypb.Bundle) error {
 		if jsonOutput(c) {
 			return printJSON(c.App.Writer, b)
@@ -197,6 +282,22 @@ func bundleCommand() *cli.Command {
 				},
 			},
 			{
+				Name: "count", Usage: "count the bundles the server holds (this trust domain's and federated ones)", Flags: adminFlags(consistentFlag),
+				Action: func(c *cli.Context) error {
+					return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
+						resp, err := a.CountBundles(ctx, &ferrypb.CountBundlesRequest{Consistency: consistency(c)})
+						if err != nil {
+							return err
+						}
+						if jsonOutput(c) {
+							return printJSON(c.App.Writer, resp)
+						}
+						fmt.Fprintf(c.App.Writer, "%d bundles\n", resp.Count)
+						return nil
+					})
+				},
+			},
+			{
 				Name: "list", Usage: "list every bundle the server holds", Flags: adminFlags(format),
 				Action: func(c *cli.Context) error {
 					return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
@@ -229,8 +330,8 @@ func agentIdentityCommand() *cli.Command {
 			if id == "" {
 				id = c.Args().First()
 			}
-			if id == "" || c.Args().Len() > 1 || c.String("spiffe-id") != "" && c.Args().Len() > 0 {
-				return errors.New("name the agent: ferry agent identity enable|disable SPIFFE_ID (or --spiffe-id)")
+			if id == "" || c.String("spiffe-id") != "" && c.Args().Len() > 0 {
+				return errors.New("name the agent once: SPIFFE_ID or --spiffe-id")
 			}
 			return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 				resp, err := a.SetAgentIdentity(ctx, &ferrypb.SetAgentIdentityRequest{SpiffeId: id, Enabled: enabled, TenantId: c.String("tenant"), RequestId: c.String("request-id")})
@@ -255,7 +356,7 @@ func agentIdentityCommand() *cli.Command {
 	flags := func() []cli.Flag {
 		return adminFlags(
 			&cli.StringFlag{Name: "spiffe-id", Usage: "the agent's SPIFFE ID (or as the argument)"},
-			&cli.StringFlag{Name: "request-id", Usage: "idempotency key"},
+			&cli.StringFlag{Name: "request-id", Usage: "idempotency key: retrying with the same ID applies once"},
 		)
 	}
 	return &cli.Command{
@@ -263,12 +364,12 @@ func agentIdentityCommand() *cli.Command {
 		Usage: "an attested agent's system-assigned managed identity",
 		Subcommands: []*cli.Command{
 			{
-				Name: "enable", Usage: "give the agent a system-assigned identity, deleted when it is evicted", ArgsUsage: "SPIFFE_ID",
+				Name: "enable", Usage: "give the agent a system-assigned identity, deleted when it is evicted", ArgsUsage: "[SPIFFE_ID]",
 				Flags:  append(flags(), &cli.StringFlag{Name: "tenant", Usage: "tenant of the identity (default: the only tenant)"}),
 				Action: set(true),
 			},
 			{
-				Name: "disable", Usage: "delete the agent's system-assigned identity with its role assignments", ArgsUsage: "SPIFFE_ID",
+				Name: "disable", Usage: "delete the agent's system-assigned identity with its role assignments", ArgsUsage: "[SPIFFE_ID]",
 				Flags: flags(), Action: set(false),
 			},
 		},

@@ -13,6 +13,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"github.com/urfave/cli/v2"
+
+	"github.com/ferry-id/ferry/internal/config"
 )
 
 // The workload-side commands talk to the agent's Workload API exactly as any
@@ -22,15 +24,18 @@ var workloadSocketFlag = &cli.StringFlag{
 	Name:    "socket",
 	Usage:   "Workload API address (unix:///path)",
 	EnvVars: []string{"SPIFFE_ENDPOINT_SOCKET"},
-	Value:   "unix:///tmp/ferry/agent/public/api.sock",
+	Value:   "unix://" + config.WorkloadAPISocket,
 }
 
 func workloadClient(c *cli.Context) (*workloadapi.Client, error) {
 	return workloadapi.New(c.Context, workloadapi.WithAddr(c.String("socket")))
 }
 
+// workloadTimeoutFlag bounds a call to the agent.
+var workloadTimeoutFlag = &cli.DurationFlag{Name: "timeout", Value: 10 * time.Second, Usage: "how long to wait for the agent"}
+
 func apiCommand() *cli.Command {
-	timeout := &cli.DurationFlag{Name: "timeout", Value: 10 * time.Second}
+	timeout := workloadTimeoutFlag
 	return &cli.Command{
 		Name:  "api",
 		Usage: "talk to the local agent's SPIFFE Workload API, as a workload",
@@ -90,8 +95,8 @@ func apiCommand() *cli.Command {
 						Name:  "jwt",
 						Usage: "fetch a JWT-SVID for --audience (--write FILE, and --watch to keep FILE fresh)",
 						Flags: []cli.Flag{workloadSocketFlag, timeout,
-							&cli.StringSliceFlag{Name: "audience", Required: true},
-							&cli.StringFlag{Name: "spiffe-id", Usage: "which of this process's identities"},
+							&cli.StringSliceFlag{Name: "audience", Required: true, Usage: "audience of the JWT-SVID (repeatable; the first is the main one)"},
+							&cli.StringFlag{Name: "spiffe-id", Usage: "which of this process's identities", Action: checked("spiffe-id", isSPIFFEID)},
 							&cli.StringFlag{Name: "write", Usage: "file to write the token to (0600)"},
 							&cli.BoolFlag{Name: "watch", Usage: "with --write: keep renewing the file before the token expires"},
 						},
@@ -140,7 +145,7 @@ func apiCommand() *cli.Command {
 				Subcommands: []*cli.Command{{
 					Name:  "jwt",
 					Usage: "validate a JWT-SVID (--svid TOKEN, or - for stdin) for --audience",
-					Flags: []cli.Flag{workloadSocketFlag, timeout, &cli.StringFlag{Name: "audience", Required: true}, &cli.StringFlag{Name: "svid", Required: true}},
+					Flags: []cli.Flag{workloadSocketFlag, timeout, &cli.StringFlag{Name: "audience", Required: true, Usage: "audience the JWT-SVID must hold"}, &cli.StringFlag{Name: "svid", Required: true, Usage: `the JWT-SVID ("-" reads it from stdin)`}},
 					Action: func(c *cli.Context) error {
 						token := c.String("svid")
 						if token == "-" {

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/api"
 	"github.com/ferry-id/ferry/server/ca"
 )
 
@@ -125,9 +126,9 @@ func x509Command() *cli.Command {
 			Name:  "mint",
 			Usage: "mint an X509-SVID for a key generated locally (--write DIR saves svid.pem, key.pem, bundle.pem)",
 			Flags: adminFlags(
-				&cli.StringFlag{Name: "spiffe-id", Required: true, Usage: "SPIFFE ID of the SVID"},
-				&cli.DurationFlag{Name: "ttl", Usage: "lifetime (default: the server's X509-SVID TTL)"},
-				&cli.StringSliceFlag{Name: "dns", Usage: "DNS name (repeatable)"},
+				&cli.StringFlag{Name: "spiffe-id", Required: true, Usage: "SPIFFE ID of the SVID, in the server's trust domain, not under /spire/"},
+				&cli.DurationFlag{Name: "ttl", Usage: "lifetime in whole seconds, at most 720h (default: the server's X509-SVID TTL)"},
+				&cli.StringSliceFlag{Name: "dns", Usage: "DNS name (repeatable; the first is also the subject CN)"},
 				&cli.StringFlag{Name: "write", Usage: "directory to write svid.pem, key.pem (0600) and bundle.pem to"},
 			),
 			Action: x509Mint,
@@ -136,6 +137,13 @@ func x509Command() *cli.Command {
 }
 
 func x509Mint(c *cli.Context) error {
+	ttl, err := mintChecks(c)
+	if err != nil {
+		return err
+	}
+	if err := ca.CheckDNSNames(c.StringSlice("dns")); err != nil {
+		return fmt.Errorf("--dns: %w", err)
+	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return err
@@ -150,7 +158,7 @@ func x509Mint(c *cli.Context) error {
 	}
 	return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 		resp, err := a.MintX509SVID(ctx, &ferrypb.MintX509SVIDRequest{
-			Csr: csr, SpiffeId: c.String("spiffe-id"), TtlSeconds: int64(c.Duration("ttl") / time.Second), DnsNames: c.StringSlice("dns"),
+			Csr: csr, SpiffeId: c.String("spiffe-id"), TtlSeconds: ttl, DnsNames: c.StringSlice("dns"),
 		})
 		if err != nil {
 			return err
@@ -202,15 +210,22 @@ func jwtCommand() *cli.Command {
 			Name:  "mint",
 			Usage: "mint a JWT-SVID",
 			Flags: adminFlags(
-				&cli.StringFlag{Name: "spiffe-id", Required: true, Usage: "SPIFFE ID of the SVID (the sub claim)"},
+				&cli.StringFlag{Name: "spiffe-id", Required: true, Usage: "SPIFFE ID of the SVID (the sub claim), in the server's trust domain, not under /spire/"},
 				&cli.StringSliceFlag{Name: "audience", Required: true, Usage: "audience (repeatable)"},
-				&cli.DurationFlag{Name: "ttl", Usage: "lifetime (default: the server's JWT-SVID TTL)"},
+				&cli.DurationFlag{Name: "ttl", Usage: "lifetime in whole seconds, at most 720h (default: the server's JWT-SVID TTL)"},
 				&cli.StringFlag{Name: "write", Usage: "file to write the token to (0600)"},
 			),
 			Action: func(c *cli.Context) error {
+				ttl, err := mintChecks(c)
+				if err != nil {
+					return err
+				}
+				if err := ca.CheckAudiences(c.StringSlice("audience")); err != nil {
+					return fmt.Errorf("--audience: %w", err)
+				}
 				return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 					resp, err := a.MintJWTSVID(ctx, &ferrypb.MintJWTSVIDRequest{
-						SpiffeId: c.String("spiffe-id"), Audience: c.StringSlice("audience"), TtlSeconds: int64(c.Duration("ttl") / time.Second),
+						SpiffeId: c.String("spiffe-id"), Audience: c.StringSlice("audience"), TtlSeconds: ttl,
 					})
 					if err != nil {
 						return err
@@ -236,17 +251,30 @@ func jwtCommand() *cli.Command {
 	}
 }
 
+// mintChecks checks --spiffe-id and --ttl of a mint command as the server
+// will, and returns the lifetime in seconds.
+func mintChecks(c *cli.Context) (int64, error) {
+	ttl := c.Duration("ttl")
+	if ttl%time.Second != 0 {
+		return 0, fmt.Errorf("--ttl %s: whole seconds only", ttl)
+	}
+	if err := api.CheckMint(spiffeid.TrustDomain{}, c.String("spiffe-id"), int64(ttl/time.Second)); err != nil {
+		return 0, err
+	}
+	return int64(ttl / time.Second), nil
+}
+
 // withBundleEdits adds `set` and `delete` for federated trust domains to the
 // bundle command.
 func withBundleEdits(bundle *cli.Command) *cli.Command {
-	tdFlag := &cli.StringFlag{Name: "trust-domain", Required: true, Usage: "the federated trust domain"}
+	tdFlag := &cli.StringFlag{Name: "trust-domain", Required: true, Usage: "the federated trust domain", Action: checked("trust-domain", isTrustDomain)}
 	bundle.Subcommands = append(bundle.Subcommands,
 		&cli.Command{
 			Name:  "set",
 			Usage: "create or replace a federated trust domain's bundle (never our own)",
 			Flags: adminFlags(tdFlag,
 				&cli.StringFlag{Name: "path", Required: true, Usage: `bundle file ("-" for stdin)`},
-				&cli.StringFlag{Name: "format", Value: "pem", Usage: "pem (X.509 authorities) or spiffe (SPIFFE bundle JWKS)"}),
+				choiceFlag("format", "bundle format (pem: X.509 authorities; spiffe: SPIFFE bundle JWKS)", "pem", "spiffe")),
 			Action: func(c *cli.Context) error {
 				td, err := spiffeid.TrustDomainFromString(c.String("trust-domain"))
 				if err != nil {

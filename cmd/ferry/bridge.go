@@ -14,8 +14,16 @@ import (
 func bridgeCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "bridge",
-		Usage: "run an Entra-style token service replica",
+		Usage: "run an Entra-style token service replica, or check its config",
 		Subcommands: []*cli.Command{{
+			Name:  "validate",
+			Usage: "check a bridge config file as `bridge run` reads it, without starting anything",
+			Flags: []cli.Flag{&cli.StringFlag{Name: "config", Usage: "path of bridge.conf", Value: "conf/bridge.conf"}},
+			Action: validateConfig(func(c *cli.Context) (string, string, error) {
+				fc, err := service.LoadConfig(c.String("config"))
+				return fc.LogLevel, fc.LogFormat, err
+			}),
+		}, {
 			Name:  "run",
 			Usage: "start a bridge replica from its config file",
 			Flags: []cli.Flag{&cli.StringFlag{Name: "config", Usage: "path of bridge.conf", Value: "conf/bridge.conf"}},

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/sha256"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -14,6 +13,8 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/api"
+	"github.com/ferry-id/ferry/server/ca"
 	"github.com/ferry-id/ferry/server/cluster"
 )
 
@@ -28,8 +29,8 @@ func clusterCommand() *cli.Command {
 				ArgsUsage: "ADDR",
 				Flags:     adminFlags(),
 				Action: func(c *cli.Context) error {
-					if c.NArg() != 1 {
-						return errors.New("usage: ferry cluster join ADDR")
+					if err := api.CheckClusterAddress(c.Args().First()); err != nil {
+						return err
 					}
 					return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 						if _, err := a.ClusterJoin(ctx, &ferrypb.ClusterJoinRequest{Address: c.Args().First()}); err != nil {
@@ -69,9 +70,6 @@ func clusterCommand() *cli.Command {
 				ArgsUsage: "ID",
 				Flags:     adminFlags(),
 				Action: func(c *cli.Context) error {
-					if c.NArg() != 1 {
-						return errors.New("usage: ferry cluster remove ID")
-					}
 					return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 						if _, err := a.ClusterRemove(ctx, &ferrypb.ClusterRemoveRequest{Id: c.Args().First()}); err != nil {
 							return err
@@ -136,7 +134,7 @@ func clusterCommand() *cli.Command {
 								&cli.StringFlag{Name: "dir", Value: ".", Usage: "output directory"},
 								&cli.StringFlag{Name: "ca", Value: "ca.pem", Usage: "cluster CA certificate"},
 								&cli.StringFlag{Name: "ca-key", Value: "ca-key.pem", Usage: "cluster CA key"},
-								&cli.StringSliceFlag{Name: "dns", Usage: "extra DNS name (repeatable)"},
+								&cli.StringSliceFlag{Name: "dns", Usage: "extra DNS name (repeatable)", Action: checkedSlice("dns", ca.CheckDNSNames)},
 								&cli.StringSliceFlag{Name: "ip", Usage: "extra IP address (repeatable)"},
 								&cli.BoolFlag{Name: "force", Usage: "overwrite existing files"},
 							},
@@ -168,9 +166,6 @@ func clusterCommand() *cli.Command {
 }
 
 func snapshotSave(c *cli.Context) error {
-	if c.NArg() != 1 {
-		return errors.New("usage: ferry cluster snapshot save FILE")
-	}
 	path := c.Args().First()
 	return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 		stream, err := a.SnapshotSave(ctx, &ferrypb.SnapshotSaveRequest{})
@@ -220,9 +215,6 @@ func snapshotSave(c *cli.Context) error {
 }
 
 func snapshotRestore(c *cli.Context) error {
-	if c.NArg() != 1 {
-		return errors.New("usage: ferry cluster snapshot restore FILE")
-	}
 	f, err := os.Open(c.Args().First())
 	if err != nil {
 		return err

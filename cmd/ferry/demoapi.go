@@ -33,7 +33,7 @@ the app ID (v2 tokens, as the managed-identity endpoint gets them).`,
 			&cli.StringFlag{Name: "ca", EnvVars: []string{"FERRY_BRIDGE_CA"}, Usage: "PEM file of the only roots trusted for the authority (default: system roots)"},
 			&cli.StringFlag{Name: "tls-cert", Usage: "serve HTTPS with this certificate (PEM)"},
 			&cli.StringFlag{Name: "tls-key", Usage: "key of --tls-cert (PEM)"},
-			&cli.StringFlag{Name: "log-level", Value: "info"},
+			logLevelFlag(),
 		},
 		Action: func(c *cli.Context) error {
 			if c.String("authority") == "" || c.String("tenant") == "" || len(c.StringSlice("audience")) == 0 {

@@ -18,8 +18,8 @@ func devCommand() *cli.Command {
 		Usage: "run everything on this machine in one process, with generated keys and config under --data-dir",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "data-dir", Value: ".dev", Usage: "where keys, state, sockets and the env file live"},
-			&cli.StringFlag{Name: "trust-domain", Value: "example.org"},
-			&cli.StringFlag{Name: "log-level", Value: "info"},
+			&cli.StringFlag{Name: "trust-domain", Value: "example.org", Usage: "the trust domain of the dev server"},
+			logLevelFlag(),
 		},
 		Action: func(c *cli.Context) error {
 			td, err := spiffeid.TrustDomainFromString(c.String("trust-domain"))

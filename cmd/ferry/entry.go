@@ -5,9 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
+	"slices"
 	"strconv"
-	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -15,19 +16,22 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/ferry-id/ferry/attestors/catalog"
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/api"
 )
 
 func entryFlags(update bool) []cli.Flag {
 	flags := []cli.Flag{
 		&cli.StringFlag{Name: "entry-id", Usage: "entry ID (default: a new random one)", Required: update},
-		&cli.StringFlag{Name: "spiffe-id", Usage: "SPIFFE ID the entry issues"},
-		&cli.StringFlag{Name: "parent-id", Usage: "SPIFFE ID of the agent (or node alias) the entry is for"},
-		&cli.StringSliceFlag{Name: "selector", Usage: "selector type:value (repeatable; all must match)"},
-		&cli.StringFlag{Name: "x509-ttl", Usage: "X509-SVID lifetime (e.g. 1h, or seconds)"},
-		&cli.StringFlag{Name: "jwt-ttl", Usage: "JWT-SVID lifetime (e.g. 5m, or seconds)"},
-		&cli.StringSliceFlag{Name: "dns", Usage: "DNS name for the X509-SVID (repeatable)"},
-		&cli.StringSliceFlag{Name: "federates-with", Usage: "trust domain whose bundle the workload receives (repeatable)"},
+		&cli.StringFlag{Name: "spiffe-id", Usage: "SPIFFE ID the entry issues, in the server's trust domain, not under /spire/"},
+		&cli.StringFlag{Name: "parent-id", Usage: "SPIFFE ID of the agent (or node alias) the entry is for; spiffe://TD/spire/server makes the entry a node alias"},
+		&cli.StringSliceFlag{Name: "selector", Usage: "selector type:value (repeatable; all must match; the forms are listed below)"},
+		&cli.StringFlag{Name: "x509-ttl", Usage: "X509-SVID lifetime: a duration (1h) or seconds (default: the server's)"},
+		&cli.StringFlag{Name: "jwt-ttl", Usage: "JWT-SVID lifetime: a duration (5m) or seconds (default: the server's)"},
+		&cli.StringSliceFlag{Name: "dns", Usage: "DNS name for the X509-SVID (repeatable; the first is also its subject CN)"},
+		&cli.StringSliceFlag{Name: "federates-with", Usage: "another trust domain whose bundle the workload receives (repeatable)"},
 		&cli.StringFlag{Name: "hint", Usage: "hint to tell apart several SVIDs of one workload"},
 		&cli.BoolFlag{Name: "admin", Usage: "the workload may use the admin API"},
 		&cli.BoolFlag{Name: "downstream", Usage: "the workload is a downstream server"},
@@ -35,10 +39,20 @@ func entryFlags(update bool) []cli.Flag {
 		&cli.BoolFlag{Name: "system-assigned-identity", Usage: "give the entry a system-assigned managed identity, created and deleted with it (update: =false deletes it with its role assignments; not given keeps it)"},
 		&cli.StringFlag{Name: "identity-tenant", Usage: "tenant of the system-assigned identity (default: the only tenant)"},
 		&cli.Int64Flag{Name: "revision", Usage: "update only if the entry still has this revision"},
-		&cli.StringFlag{Name: "data", Usage: `JSON file {"entries":[...]} to create or update many entries at once ("-" for stdin)`},
+		&cli.StringFlag{Name: "data", Usage: `JSON file {"entries":[...]} to create or update many entries at once ("-" for stdin), instead of the entry flags`},
 		&cli.StringFlag{Name: "request-id", Usage: "idempotency key: retrying with the same ID applies once"},
 	}
 	return adminFlags(flags...)
+}
+
+// selectorHelp lists the selector forms, for the help of the entry commands.
+func selectorHelp() string {
+	reg := catalog.Selectors()
+	return "Workload selectors (entries parented on an agent, or on a node alias's SPIFFE ID):\n" +
+		reg.Help(selector.Workload) +
+		"\nNode selectors (node aliases: entries parented on spiffe://TD/spire/server),\n" +
+		"each accepted when the server runs its node attestor:\n" +
+		reg.Help(selector.Node)
 }
 
 func entryCommand() *cli.Command {
@@ -46,19 +60,16 @@ func entryCommand() *cli.Command {
 		Name:  "entry",
 		Usage: "manage registration entries",
 		Subcommands: []*cli.Command{
-			{Name: "create", Usage: "create registration entries", Flags: entryFlags(false), Action: entryWrite(false)},
-			{Name: "update", Usage: "replace registration entries by ID", Flags: entryFlags(true), Action: entryWrite(true)},
+			{Name: "create", Usage: "create registration entries", Flags: entryFlags(false), Action: entryWrite(false), Description: selectorHelp()},
+			{Name: "update", Usage: "replace registration entries by ID", Flags: entryFlags(true), Action: entryWrite(true), Description: selectorHelp()},
 			{
 				Name: "delete", Usage: "delete registration entries",
 				Flags: adminFlags(
-					&cli.StringSliceFlag{Name: "entry-id", Usage: "entry ID (repeatable)"},
-					&cli.StringFlag{Name: "request-id", Usage: "idempotency key"},
+					&cli.StringSliceFlag{Name: "entry-id", Usage: "entry ID (repeatable)", Required: true},
+					&cli.StringFlag{Name: "request-id", Usage: "idempotency key: retrying with the same ID applies once"},
 				),
 				Action: func(c *cli.Context) error {
 					ids := c.StringSlice("entry-id")
-					if len(ids) == 0 {
-						return errors.New("--entry-id is required")
-					}
 					return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 						resp, err := a.BatchDeleteEntry(ctx, &ferrypb.BatchDeleteEntryRequest{Ids: ids, RequestId: c.String("request-id")})
 						if err != nil {
@@ -70,7 +81,7 @@ func entryCommand() *cli.Command {
 			},
 			{
 				Name: "show", Usage: "show one entry",
-				Flags: adminFlags(&cli.StringFlag{Name: "entry-id", Required: true}, &cli.BoolFlag{Name: "consistent", Usage: "linearizable read"}),
+				Flags: adminFlags(&cli.StringFlag{Name: "entry-id", Required: true, Usage: "ID of the entry"}, consistentFlag),
 				Action: func(c *cli.Context) error {
 					return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 						e, err := a.GetEntry(ctx, &ferrypb.GetEntryRequest{Id: c.String("entry-id"), Consistency: consistency(c)})
@@ -86,18 +97,20 @@ func entryCommand() *cli.Command {
 				},
 			},
 			{
-				Name: "list", Usage: "list entries",
+				Name: "list", Usage: "list entries", Description: selectorHelp(),
 				Flags: adminFlags(
-					&cli.StringFlag{Name: "spiffe-id"}, &cli.StringFlag{Name: "parent-id"}, &cli.StringFlag{Name: "hint"},
-					&cli.StringSliceFlag{Name: "selector", Usage: "entries having all of these selectors"},
-					&cli.IntFlag{Name: "page-size", Value: 1000},
-					&cli.BoolFlag{Name: "consistent", Usage: "linearizable read"},
+					&cli.StringFlag{Name: "spiffe-id", Usage: "only entries issuing this SPIFFE ID"},
+					&cli.StringFlag{Name: "parent-id", Usage: "only entries parented on this SPIFFE ID"},
+					&cli.StringFlag{Name: "hint", Usage: "only entries with this hint"},
+					&cli.StringSliceFlag{Name: "selector", Usage: "only entries having all of these selectors (type:value, repeatable)"},
+					&cli.IntFlag{Name: "page-size", Value: 1000, Usage: fmt.Sprintf("entries per request to the server (1 to %d)", api.MaxPageSize)},
+					consistentFlag,
 				),
 				Action: entryList,
 			},
 			{
 				Name: "count", Usage: "count entries",
-				Flags: adminFlags(&cli.BoolFlag{Name: "consistent", Usage: "linearizable read"}),
+				Flags: adminFlags(consistentFlag),
 				Action: func(c *cli.Context) error {
 					return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 						resp, err := a.CountEntries(ctx, &ferrypb.CountEntriesRequest{Consistency: consistency(c)})
@@ -116,6 +129,8 @@ func entryCommand() *cli.Command {
 	}
 }
 
+var consistentFlag = &cli.BoolFlag{Name: "consistent", Usage: "linearizable read: see every write acknowledged before the command (a round trip to the leader)"}
+
 func consistency(c *cli.Context) ferrypb.ReadConsistency {
 	if c.Bool("consistent") {
 		return ferrypb.ReadConsistency_READ_LINEARIZABLE
@@ -127,6 +142,11 @@ func entryWrite(update bool) cli.ActionFunc {
 	return func(c *cli.Context) error {
 		var entries []*ferrypb.Entry
 		if path := c.String("data"); path != "" {
+			for _, f := range entryFlags(update) {
+				if n := f.Names()[0]; c.IsSet(n) && !slices.Contains([]string{"data", "request-id", "identity-tenant", "socket", "output", "timeout"}, n) {
+					return fmt.Errorf("--data and --%s do not go together: the file holds the entries", n)
+				}
+			}
 			var err error
 			if entries, err = readEntries(path, c.App.Reader); err != nil {
 				return err
@@ -137,6 +157,19 @@ func entryWrite(update bool) cli.ActionFunc {
 				return err
 			}
 			entries = []*ferrypb.Entry{e}
+		}
+		// The server checks the same (and the trust domain, which only it
+		// knows); checking here first names the flag at fault.
+		for i, e := range entries {
+			if update && e.GetId() == "" {
+				return fmt.Errorf("entry %d: an update needs the entry ID", i)
+			}
+			if err := (api.EntryRules{}).Check(e); err != nil {
+				if len(entries) == 1 {
+					return fmt.Errorf("invalid entry: %w", err)
+				}
+				return fmt.Errorf("entry %d %s: invalid entry: %w", i, e.GetId(), err)
+			}
 		}
 		keep := update && c.String("data") == "" && !c.IsSet("system-assigned-identity")
 		tenant := c.String("identity-tenant")
@@ -184,10 +217,19 @@ func readEntries(path string, stdin io.Reader) ([]*ferrypb.Entry, error) {
 	if err := (protojson.UnmarshalOptions{}).Unmarshal(data, &req); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
+	if len(req.Entries) == 0 {
+		return nil, fmt.Errorf(`%s: no entries (want {"entries":[...]})`, path)
+	}
 	return req.Entries, nil
 }
 
 func entryFromFlags(c *cli.Context) (*ferrypb.Entry, error) {
+	if !c.IsSet("spiffe-id") || !c.IsSet("parent-id") || !c.IsSet("selector") {
+		return nil, errors.New("--spiffe-id, --parent-id and --selector are required (or --data FILE)")
+	}
+	if c.Int64("revision") < 0 {
+		return nil, errors.New("--revision must not be negative")
+	}
 	e := &ferrypb.Entry{
 		Id:            c.String("entry-id"),
 		SpiffeId:      c.String("spiffe-id"),
@@ -202,15 +244,12 @@ func entryFromFlags(c *cli.Context) (*ferrypb.Entry, error) {
 
 		SystemAssignedIdentity: c.Bool("system-assigned-identity"),
 	}
-	if e.SpiffeId == "" || e.ParentId == "" {
-		return nil, errors.New("--spiffe-id and --parent-id are required (or --data FILE)")
-	}
 	for _, s := range c.StringSlice("selector") {
-		typ, val, ok := strings.Cut(s, ":")
-		if !ok || typ == "" || val == "" {
-			return nil, fmt.Errorf("--selector %q: want type:value", s)
+		sel, err := selector.Parse(s)
+		if err != nil {
+			return nil, fmt.Errorf("--selector: %w", err)
 		}
-		e.Selectors = append(e.Selectors, &ferrypb.Selector{Type: typ, Value: val})
+		e.Selectors = append(e.Selectors, sel)
 	}
 	var err error
 	if e.X509SvidTtl, err = seconds(c.String("x509-ttl")); err != nil {
@@ -222,17 +261,28 @@ func entryFromFlags(c *cli.Context) (*ferrypb.Entry, error) {
 	return e, nil
 }
 
-// seconds reads a lifetime written as a Go duration ("1h30m") or in seconds.
+// seconds reads a lifetime written as a Go duration ("1h30m") or in whole
+// seconds; "" is 0, the server's default.
 func seconds(s string) (int32, error) {
 	if s == "" {
 		return 0, nil
 	}
-	if n, err := strconv.ParseInt(s, 10, 32); err == nil {
-		return int32(n), nil
-	}
 	d, err := time.ParseDuration(s)
-	if err != nil {
-		return 0, err
+	if n, nerr := strconv.ParseInt(s, 10, 64); nerr == nil {
+		d, err = time.Duration(n)*time.Second, nil
+		if n > math.MaxInt32 || n < math.MinInt32 {
+			d = math.MaxInt64
+		}
+	}
+	switch {
+	case err != nil:
+		return 0, fmt.Errorf("%q is not a duration (1h30m) or a number of seconds", s)
+	case d <= 0:
+		return 0, fmt.Errorf("%q: a lifetime must be positive (leave it out for the server's default)", s)
+	case d/time.Second > math.MaxInt32:
+		return 0, fmt.Errorf("%q: at most %d seconds", s, math.MaxInt32)
+	case d%time.Second != 0:
+		return 0, fmt.Errorf("%q: whole seconds only", s)
 	}
 	return int32(d / time.Second), nil
 }
@@ -240,6 +290,11 @@ func seconds(s string) (int32, error) {
 func printBatch(c *cli.Context, resp *ferrypb.BatchEntryResponse, ids []string) error {
 	if jsonOutput(c) {
 		return printJSON(c.App.Writer, resp)
+	}
+	if len(resp.Results) == 1 && codes.Code(resp.Results[0].GetCode()) != codes.OK {
+		// One entry: its refusal is the command's error.
+		st := resp.Results[0]
+		return fmt.Errorf("%s: %s", codes.Code(st.GetCode()), st.GetMessage())
 	}
 	failed := 0
 	for i, st := range resp.Results {
@@ -311,11 +366,17 @@ func printEntry(w io.Writer, e *ferrypb.Entry) {
 func entryList(c *cli.Context) error {
 	var sels []*ferrypb.Selector
 	for _, s := range c.StringSlice("selector") {
-		typ, val, ok := strings.Cut(s, ":")
-		if !ok {
-			return fmt.Errorf("--selector %q: want type:value", s)
+		sel, err := selector.Parse(s)
+		if err != nil {
+			return fmt.Errorf("--selector: %w", err)
 		}
-		sels = append(sels, &ferrypb.Selector{Type: typ, Value: val})
+		sels = append(sels, sel)
+	}
+	if n := c.Int("page-size"); n < 1 || n > api.MaxPageSize {
+		return fmt.Errorf("--page-size %d: want 1 to %d", n, api.MaxPageSize)
+	}
+	if err := (api.EntryRules{}).CheckFilter(c.String("spiffe-id"), c.String("parent-id"), sels); err != nil {
+		return err
 	}
 	return withAdmin(c, func(ctx context.Context, a ferrypb.AdminClient) error {
 		req := &ferrypb.ListEntriesRequest{

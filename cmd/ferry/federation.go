@@ -4,33 +4,30 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/urfave/cli/v2"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/state"
 )
 
 // federationCommand is `ferry federation create|list|show|update|delete|refresh`:
 // SPIFFE federation relationships with foreign trust domains (SPIRE's flags).
 func federationCommand() *cli.Command {
 	td := func() cli.Flag {
-		return &cli.StringFlag{Name: "trust-domain", Required: true, Usage: "the federated trust domain"}
+		return &cli.StringFlag{Name: "trust-domain", Required: true, Usage: "the federated trust domain", Action: checked("trust-domain", isTrustDomain)}
 	}
 	relFlags := func() []cli.Flag {
 		return adminFlags(td(),
 			&cli.StringFlag{Name: "bundle-endpoint-url", Required: true, Usage: "https URL of the trust domain's bundle endpoint"},
-			&cli.StringFlag{Name: "bundle-endpoint-profile", Value: "https_spiffe", Usage: "https_web or https_spiffe"},
+			choiceFlag("bundle-endpoint-profile", "how the bundle endpoint authenticates", state.ProfileHTTPSSPIFFE, state.ProfileHTTPSWeb),
 			&cli.StringFlag{Name: "endpoint-spiffe-id", Usage: "SPIFFE ID of the https_spiffe endpoint (default spiffe://TD/spire/server)"},
 			&cli.StringFlag{Name: "trust-domain-bundle-path", Usage: `initial bundle of the trust domain ("-" for stdin); https_spiffe needs one`},
-			&cli.StringFlag{Name: "trust-domain-bundle-format", Value: "pem", Usage: "pem or spiffe"})
+			choiceFlag("trust-domain-bundle-format", "format of --trust-domain-bundle-path", "pem", "spiffe"))
 	}
 	return &cli.Command{
 		Name:  "federation",
@@ -111,6 +108,9 @@ func federationPut(create bool) cli.ActionFunc {
 		if rel.Profile == "https_spiffe" && rel.EndpointSpiffeId == "" {
 			rel.EndpointSpiffeId = "spiffe://" + td.Name() + "/spire/server"
 		}
+		if err := state.ValidateFederationRelationship(rel); err != nil {
+			return err
+		}
 		req := &ferrypb.PutFederationRelationshipRequest{Relationship: rel}
 		if p := c.String("trust-domain-bundle-path"); p != "" {
 			data, err := readBundleFile(p, c.App.Reader)
@@ -188,14 +188,7 @@ func refreshStatus(rel *ferrypb.FederationRelationship) string {
 // withFederation dials the admin socket, like withAdmin, and runs fn with a
 // Federation client.
 func withFederation(c *cli.Context, fn func(ctx context.Context, f ferrypb.FederationClient) error) error {
-	path, err := filepath.Abs(c.String("socket"))
-	if err != nil {
-		return err
-	}
-	if _, err := os.Stat(path); err != nil {
-		return fmt.Errorf("admin socket %s: %w (is the server running? set --socket or FERRY_ADMIN_SOCKET)", path, err)
-	}
-	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dialAdmin(c)
 	if err != nil {
 		return err
 	}

@@ -9,31 +9,23 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"strings"
 	"text/tabwriter"
 
 	"github.com/urfave/cli/v2"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/ferry-id/ferry/bridge/fic"
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/api"
+	"github.com/ferry-id/ferry/server/state"
 )
 
 // withDirectory dials the admin socket, like withAdmin, and runs fn with a
 // Directory client.
 func withDirectory(c *cli.Context, fn func(ctx context.Context, d ferrypb.DirectoryClient) error) error {
-	path, err := filepath.Abs(c.String("socket"))
-	if err != nil {
-		return err
-	}
-	if _, err := os.Stat(path); err != nil {
-		return fmt.Errorf("admin socket %s: %w (is the server running? set --socket or FERRY_ADMIN_SOCKET)", path, err)
-	}
-	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dialAdmin(c)
 	if err != nil {
 		return err
 	}
@@ -49,7 +41,7 @@ func withDirectory(c *cli.Context, fn func(ctx context.Context, d ferrypb.Direct
 	return nil
 }
 
-var tenantFlag = &cli.StringFlag{Name: "tenant", Usage: "tenant ID (default: the only tenant)"}
+var tenantFlag = &cli.StringFlag{Name: "tenant", Usage: "tenant ID, a GUID (default: the only tenant)", Action: checked("tenant", isGUID)}
 
 // Tenants ----------------------------------------------------------------------
 
@@ -62,9 +54,12 @@ func tenantCommand() *cli.Command {
 				Name: "create", Usage: "create a tenant",
 				Flags: adminFlags(
 					&cli.StringFlag{Name: "name", Usage: "display name", Required: true},
-					&cli.StringFlag{Name: "tenant-id", Usage: "tenant ID, a GUID (default: a new one)"},
+					&cli.StringFlag{Name: "tenant-id", Usage: "tenant ID, a GUID (default: a new one)", Action: checked("tenant-id", isGUID)},
 				),
 				Action: func(c *cli.Context) error {
+					if err := state.ValidateDisplayName(c.String("name")); err != nil {
+						return err
+					}
 					return withDirectory(c, func(ctx context.Context, d ferrypb.DirectoryClient) error {
 						t, err := d.CreateTenant(ctx, &ferrypb.CreateTenantRequest{Id: c.String("tenant-id"), Name: c.String("name")})
 						if err != nil {
@@ -104,8 +99,8 @@ func printTenant(w io.Writer, t *ferrypb.Tenant) {
 func identityRefFlags(prefix string) []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: prefix + "name", Usage: "identity name"},
-		&cli.StringFlag{Name: prefix + "object-id", Usage: "identity object (principal) ID"},
-		&cli.StringFlag{Name: prefix + "client-id", Usage: "identity client ID"},
+		&cli.StringFlag{Name: prefix + "object-id", Usage: "identity object (principal) ID, a GUID", Action: checked(prefix+"object-id", isGUID)},
+		&cli.StringFlag{Name: prefix + "client-id", Usage: "identity client ID, a GUID", Action: checked(prefix+"client-id", isGUID)},
 		tenantFlag,
 	}
 }
@@ -115,8 +110,17 @@ func identityRef(c *cli.Context, prefix string) (*ferrypb.IdentityRef, error) {
 		Name: c.String(prefix + "name"), ObjectId: c.String(prefix + "object-id"),
 		ClientId: c.String(prefix + "client-id"), TenantId: c.String("tenant"),
 	}
-	if ref.Name == "" && ref.ObjectId == "" && ref.ClientId == "" {
+	n := 0
+	for _, v := range []string{ref.Name, ref.ObjectId, ref.ClientId} {
+		if v != "" {
+			n++
+		}
+	}
+	switch {
+	case n == 0:
 		return nil, fmt.Errorf("--%sname, --%sobject-id or --%sclient-id is required", prefix, prefix, prefix)
+	case n > 1:
+		return nil, fmt.Errorf("name the identity once: --%sname, --%sobject-id or --%sclient-id", prefix, prefix, prefix)
 	}
 	return ref, nil
 }
@@ -131,11 +135,17 @@ func identityCommand() *cli.Command {
 				Flags: adminFlags(
 					&cli.StringFlag{Name: "name", Usage: "identity name (3-128 of A-Z a-z 0-9 - _)", Required: true},
 					tenantFlag,
-					&cli.StringFlag{Name: "kind", Usage: "user-assigned or application (a system-assigned identity is enabled on its entry or agent instead)", Value: "user-assigned"},
+					&cli.StringFlag{Name: "kind", Value: state.KindUserAssigned, Usage: fmt.Sprintf("%s or %s (a %s identity is enabled on its entry or agent instead)", state.KindUserAssigned, state.KindApplication, state.KindSystemAssigned)},
 					&cli.StringFlag{Name: "resource-id", Usage: "ARM-style resource ID clients may select it by (default: derived from tenant and name)"},
-					&cli.StringFlag{Name: "request-id", Usage: "idempotency key"},
+					&cli.StringFlag{Name: "request-id", Usage: "idempotency key: retrying with the same ID applies once"},
 				),
 				Action: func(c *cli.Context) error {
+					if err := api.CheckCreateIdentity(c.String("name"), c.String("kind")); err != nil {
+						return err
+					}
+					if err := state.ValidateIdentityContent(&ferrypb.Identity{Name: c.String("name"), Kind: c.String("kind"), ResourceId: c.String("resource-id")}); err != nil {
+						return err
+					}
 					return withDirectory(c, func(ctx context.Context, d ferrypb.DirectoryClient) error {
 						i, err := d.CreateIdentity(ctx, &ferrypb.CreateIdentityRequest{
 							Name: c.String("name"), TenantId: c.String("tenant"), Kind: c.String("kind"),
@@ -272,7 +282,7 @@ func ficFlags(required bool) []cli.Flag {
 		&cli.StringFlag{Name: "claims-matching-expression", Usage: `instead of --subject, e.g. "claims['sub'] matches 'spiffe://td/ns/*'"`},
 		&cli.StringSliceFlag{Name: "audiences", Usage: "audience the assertion's aud must hold (exactly one; default api://AzureADTokenExchange)"},
 		&cli.StringFlag{Name: "description", Usage: "free text"},
-		&cli.StringFlag{Name: "request-id", Usage: "idempotency key"},
+		&cli.StringFlag{Name: "request-id", Usage: "idempotency key: retrying with the same ID applies once"},
 	)
 	return adminFlags(flags...)
 }
@@ -355,15 +365,11 @@ func ficWrite(update bool) cli.ActionFunc {
 		if err != nil {
 			return err
 		}
-		return withDirectory(c, func(ctx context.Context, d ferrypb.DirectoryClient) error {
-			fc := &ferrypb.FederatedCredential{Name: c.String("name")}
-			mode := ferrypb.PutMode_PUT_CREATE
-			if update {
-				mode = ferrypb.PutMode_PUT_UPDATE
-				if fc, err = d.GetFederatedCredential(ctx, &ferrypb.GetFederatedCredentialRequest{Identity: ref, Name: c.String("name")}); err != nil {
-					return err
-				}
-			}
+		if c.IsSet("subject") && c.IsSet("claims-matching-expression") {
+			return errors.New("--subject and --claims-matching-expression are mutually exclusive")
+		}
+		// apply sets what the flags give on fc (all of it on create).
+		apply := func(fc *ferrypb.FederatedCredential) error {
 			if c.IsSet("issuer") {
 				fc.Issuer = c.String("issuer")
 			}
@@ -374,14 +380,33 @@ func ficWrite(update bool) cli.ActionFunc {
 			if c.IsSet("claims-matching-expression") {
 				fc.ClaimsMatchingExpression, fc.Subject = c.String("claims-matching-expression"), ""
 			}
-			if c.IsSet("subject") && c.IsSet("claims-matching-expression") {
-				return errors.New("--subject and --claims-matching-expression are mutually exclusive")
-			}
 			if c.IsSet("audiences") {
 				fc.Audiences = c.StringSlice("audiences")
 			}
 			if c.IsSet("description") {
 				fc.Description = c.String("description")
+			}
+			// The server checks the same; checking here names the flag.
+			probe := proto.Clone(fc).(*ferrypb.FederatedCredential)
+			fic.Normalize(probe)
+			return fic.ValidateContent(probe)
+		}
+		fc := &ferrypb.FederatedCredential{Name: c.String("name")}
+		if !update {
+			if err := apply(fc); err != nil {
+				return err
+			}
+		}
+		return withDirectory(c, func(ctx context.Context, d ferrypb.DirectoryClient) error {
+			mode := ferrypb.PutMode_PUT_CREATE
+			if update {
+				mode = ferrypb.PutMode_PUT_UPDATE
+				if fc, err = d.GetFederatedCredential(ctx, &ferrypb.GetFederatedCredentialRequest{Identity: ref, Name: c.String("name")}); err != nil {
+					return err
+				}
+				if err := apply(fc); err != nil {
+					return err
+				}
 			}
 			out, err := d.PutFederatedCredential(ctx, &ferrypb.PutFederatedCredentialRequest{Identity: ref, Credential: fc, Mode: mode, RequestId: c.String("request-id")})
 			if err != nil {
@@ -416,10 +441,10 @@ func resourceCommand() *cli.Command {
 				Flags: adminFlags(
 					&cli.StringFlag{Name: "name", Usage: "display name", Required: true},
 					tenantFlag,
-					&cli.StringSliceFlag{Name: "identifier-uri", Usage: "App ID URI, e.g. api://orders (repeatable)"},
+					&cli.StringSliceFlag{Name: "identifier-uri", Usage: "App ID URI: api://..., https://... or urn:... (repeatable)"},
 					&cli.StringSliceFlag{Name: "app-role", Usage: "app role value, e.g. Orders.Read (repeatable)"},
-					&cli.StringFlag{Name: "app-id", Usage: "app (client) ID, a GUID (default: a new one)"},
-					&cli.StringFlag{Name: "request-id", Usage: "idempotency key"},
+					&cli.StringFlag{Name: "app-id", Usage: "app (client) ID, a GUID (default: a new one)", Action: checked("app-id", isGUID)},
+					&cli.StringFlag{Name: "request-id", Usage: "idempotency key: retrying with the same ID applies once"},
 				),
 				Action: func(c *cli.Context) error {
 					req := &ferrypb.CreateResourceRequest{
@@ -429,12 +454,45 @@ func resourceCommand() *cli.Command {
 					for _, v := range c.StringSlice("app-role") {
 						req.AppRoles = append(req.AppRoles, &ferrypb.AppRole{Value: v})
 					}
+					if err := state.ValidateResourceContent(&ferrypb.Resource{Name: req.Name, IdentifierUris: req.IdentifierUris, AppRoles: req.AppRoles}); err != nil {
+						return err
+					}
 					return withDirectory(c, func(ctx context.Context, d ferrypb.DirectoryClient) error {
 						r, err := d.CreateResource(ctx, req)
 						if err != nil {
 							return err
 						}
 						return printRows(c, []*ferrypb.Resource{r}, printResource)
+					})
+				},
+			},
+			{
+				Name: "show", Usage: "show a resource",
+				Flags: adminFlags(resourceRefFlag(), tenantFlag),
+				Action: func(c *cli.Context) error {
+					return withDirectory(c, func(ctx context.Context, d ferrypb.DirectoryClient) error {
+						r, err := d.GetResource(ctx, &ferrypb.GetResourceRequest{Resource: c.String("resource"), TenantId: c.String("tenant")})
+						if err != nil {
+							return err
+						}
+						return printRows(c, []*ferrypb.Resource{r}, printResource)
+					})
+				},
+			},
+			{
+				Name: "delete", Usage: "delete a resource with every role assignment of its app roles",
+				Flags: adminFlags(resourceRefFlag(), tenantFlag, &cli.StringFlag{Name: "request-id", Usage: "idempotency key: retrying with the same ID applies once"}),
+				Action: func(c *cli.Context) error {
+					return withDirectory(c, func(ctx context.Context, d ferrypb.DirectoryClient) error {
+						resp, err := d.DeleteResource(ctx, &ferrypb.DeleteResourceRequest{Resource: c.String("resource"), TenantId: c.String("tenant"), RequestId: c.String("request-id")})
+						if err != nil {
+							return err
+						}
+						if jsonOutput(c) {
+							return printJSON(c.App.Writer, resp)
+						}
+						fmt.Fprintf(c.App.Writer, "Deleted resource %s (%s) and its role assignments\n", resp.Resource.GetName(), resp.Resource.GetObjectId())
+						return nil
 					})
 				},
 			},
@@ -456,6 +514,11 @@ func resourceCommand() *cli.Command {
 			},
 		},
 	}
+}
+
+// resourceRefFlag names one resource, as az does.
+func resourceRefFlag() cli.Flag {
+	return &cli.StringFlag{Name: "resource", Required: true, Usage: "identifier URI, app ID, object ID or name of the resource"}
 }
 
 func printResource(w io.Writer, r *ferrypb.Resource) {
@@ -485,7 +548,7 @@ func roleCommand() *cli.Command {
 				Flags: adminFlags(append(principal,
 					&cli.StringFlag{Name: "resource", Usage: "identifier URI, app ID, object ID or name of the resource", Required: true},
 					&cli.StringFlag{Name: "role", Usage: "app role value (or ID)", Required: true},
-					&cli.StringFlag{Name: "request-id", Usage: "idempotency key"},
+					&cli.StringFlag{Name: "request-id", Usage: "idempotency key: retrying with the same ID applies once"},
 				)...),
 				Action: func(c *cli.Context) error {
 					ref, err := identityRef(c, "identity-")
@@ -506,7 +569,11 @@ func roleCommand() *cli.Command {
 				Flags: adminFlags(append(principal, &cli.StringFlag{Name: "resource", Usage: "identifier URI, app ID, object ID or name of the resource"})...),
 				Action: func(c *cli.Context) error {
 					req := &ferrypb.ListRoleAssignmentsRequest{Resource: c.String("resource")}
-					if ref, err := identityRef(c, "identity-"); err == nil {
+					if c.IsSet("identity-name") || c.IsSet("identity-object-id") || c.IsSet("identity-client-id") {
+						ref, err := identityRef(c, "identity-")
+						if err != nil {
+							return err
+						}
 						req.Principal = ref
 					}
 					return withDirectory(c, func(ctx context.Context, d ferrypb.DirectoryClient) error {
@@ -523,7 +590,7 @@ func roleCommand() *cli.Command {
 			},
 			{
 				Name: "delete", Usage: "delete a role assignment",
-				Flags: adminFlags(&cli.StringFlag{Name: "id", Usage: "role assignment ID", Required: true}),
+				Flags: adminFlags(&cli.StringFlag{Name: "id", Usage: "role assignment ID, a GUID", Required: true, Action: checked("id", isGUID)}),
 				Action: func(c *cli.Context) error {
 					return withDirectory(c, func(ctx context.Context, d ferrypb.DirectoryClient) error {
 						resp, err := d.DeleteRoleAssignment(ctx, &ferrypb.DeleteRoleAssignmentRequest{Id: c.String("id")})

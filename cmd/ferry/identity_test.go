@@ -256,7 +256,7 @@ func TestSystemAssignedIdentityCommands(t *testing.T) {
 		"--issuer", "https://oidc.example.org", "--subject", "spiffe://example.org/other")
 	require.ErrorContains(t, err, "FailedPrecondition")
 	_, err = ferry(t, sock, "identity", "create", "--name", "sys", "--kind", "system-assigned")
-	require.ErrorContains(t, err, "FailedPrecondition")
+	require.ErrorContains(t, err, "a system-assigned identity is enabled on its owner, not created")
 
 	// An update from flags keeps the identity unless told; =false deletes it.
 	mustFerry(t, sock, "entry", "update", "--entry-id", "vm-web", "--spiffe-id", "spiffe://example.org/web",

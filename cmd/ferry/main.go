@@ -7,10 +7,9 @@ import (
 	"os"
 
 	"github.com/urfave/cli/v2"
-)
 
-// version is set at build time with -ldflags "-X main.version=...".
-var version = "dev"
+	"github.com/ferry-id/ferry/internal/buildinfo"
+)
 
 func main() {
 	if err := newApp().Run(os.Args); err != nil {
@@ -20,10 +19,10 @@ func main() {
 }
 
 func newApp() *cli.App {
-	return &cli.App{
+	app := &cli.App{
 		Name:                 "ferry",
 		Usage:                "workload identity for every process on every machine",
-		Version:              version,
+		Version:              buildinfo.Get().String(),
 		EnableBashCompletion: true,
 		Commands: []*cli.Command{
 			serverCommand(),
@@ -44,6 +43,23 @@ func newApp() *cli.App {
 			jwtCommand(),
 			federationCommand(),
 			demoAPICommand(),
+			loggerCommand(),
+			versionCommand(),
+		},
+	}
+	strict(app)
+	return app
+}
+
+// versionCommand is `ferry version`: the build, from the binary's build
+// information (`ferry --version` prints the same on one line).
+func versionCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "version",
+		Usage: "print the version, VCS revision and Go version of this binary",
+		Action: func(c *cli.Context) error {
+			_, err := fmt.Fprint(c.App.Writer, buildinfo.Get().Lines())
+			return err
 		},
 	}
 }

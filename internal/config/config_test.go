@@ -1,6 +1,7 @@
 package config_test
 
 import (
+	"path/filepath"
 	"testing"
 
 	"github.com/hashicorp/hcl/hcl/token"
@@ -51,4 +52,18 @@ func TestResolve(t *testing.T) {
 	require.Equal(t, "/etc/ferry/data", config.Resolve("/etc/ferry/server.conf", "data"))
 	require.Equal(t, "/abs", config.Resolve("/etc/ferry/server.conf", "/abs"))
 	require.Equal(t, "", config.Resolve("/etc/ferry/server.conf", ""))
+}
+
+func TestRuntimeDir(t *testing.T) {
+	t.Setenv("RUNTIME_DIRECTORY", "")
+	require.Equal(t, "/run/ferry/agent", config.RuntimeDir("agent"))
+	require.Equal(t, config.AdminSocket, filepath.Join(config.RuntimeDir("server"), "admin.sock"))
+	require.Equal(t, config.WorkloadAPISocket, filepath.Join(config.RuntimeDir("agent"), "public", "api.sock"))
+	// systemd joins several RuntimeDirectory= entries with colons.
+	t.Setenv("RUNTIME_DIRECTORY", "/run/ferry/agent:/run/other")
+	require.Equal(t, "/run/ferry/agent", config.RuntimeDir("agent"))
+	t.Setenv("RUNTIME_DIRECTORY", "/run/custom/")
+	require.Equal(t, "/run/custom", config.RuntimeDir("server"))
+	t.Setenv("RUNTIME_DIRECTORY", "relative")
+	require.Equal(t, "/run/ferry/server", config.RuntimeDir("server"))
 }

@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -20,7 +19,6 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -31,6 +29,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/bridge/service"
 	"github.com/ferry-id/ferry/demoapi"
+	"github.com/ferry-id/ferry/internal/securedir"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 
 	"github.com/ferry-id/ferry/server"
@@ -130,8 +129,10 @@ func (s *Stack) Run(ctx context.Context) error {
 	dir := s.cfg.DataDir
 	// Other users may traverse (not list) the data dir to reach the Workload
 	// API socket in public/; everything secret is in 0700 directories below.
-	if err := os.MkdirAll(dir, 0o711); err != nil {
-		return fmt.Errorf("dev: %w", err)
+	// Keys and sockets live here: no other user may be able to change it or
+	// any directory above it.
+	if err := securedir.MkdirAll(dir, 0o711); err != nil {
+		return fmt.Errorf("dev: data dir: %w", err)
 	}
 	if err := os.Chmod(dir, 0o711); err != nil {
 		return fmt.Errorf("dev: %w", err)
@@ -480,17 +481,10 @@ func TokenDir(dataDir string) (string, error) {
 	}
 	sum := sha256.Sum256([]byte(dataDir))
 	parent := filepath.Join(os.TempDir(), fmt.Sprintf("ferry-dev-%d-%x", os.Geteuid(), sum[:6]))
-	if err := os.Mkdir(parent, 0o711); err != nil && !errors.Is(err, fs.ErrExist) {
+	// In a shared temp dir the name may have been taken by someone else:
+	// securedir refuses it then.
+	if err := securedir.MkdirAll(parent, 0o711); err != nil {
 		return "", fmt.Errorf("dev: %w", err)
-	}
-	// In a shared temp dir the name may have been taken by someone else.
-	fi, err := os.Lstat(parent)
-	if err != nil {
-		return "", fmt.Errorf("dev: %w", err)
-	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !fi.IsDir() || !ok || int(st.Uid) != os.Geteuid() || fi.Mode().Perm()&0o022 != 0 {
-		return "", fmt.Errorf("dev: %s is not a directory of this user's that only it can write", parent)
 	}
 	return filepath.Join(parent, "tokens"), nil
 }

@@ -11,19 +11,14 @@ import (
 // New returns a logger writing to w at level ("debug", "info", "warn", "error";
 // default info) in format ("text" or "json"; default text).
 func New(w io.Writer, level, format string) (*slog.Logger, error) {
-	var lv slog.Level
-	switch strings.ToLower(level) {
-	case "", "info":
-		lv = slog.LevelInfo
-	case "debug":
-		lv = slog.LevelDebug
-	case "warn", "warning":
-		lv = slog.LevelWarn
-	case "error":
-		lv = slog.LevelError
-	default:
-		return nil, fmt.Errorf("logging: unknown level %q", level)
+	lv, err := ParseLevel(level)
+	if err != nil {
+		return nil, err
 	}
+	return newLogger(w, lv, format)
+}
+
+func newLogger(w io.Writer, lv slog.Leveler, format string) (*slog.Logger, error) {
 	opts := &slog.HandlerOptions{Level: lv}
 	switch strings.ToLower(format) {
 	case "", "text":
@@ -31,5 +26,5 @@ func New(w io.Writer, level, format string) (*slog.Logger, error) {
 	case "json":
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	}
-	return nil, fmt.Errorf("logging: unknown format %q", format)
+	return nil, fmt.Errorf("logging: unknown format %q (want text or json)", format)
 }

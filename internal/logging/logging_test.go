@@ -2,6 +2,7 @@ package logging_test
 
 import (
 	"bytes"
+	"log/slog"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -22,4 +23,26 @@ func TestNew(t *testing.T) {
 	require.Error(t, err)
 	_, err = logging.New(&buf, "", "xml")
 	require.Error(t, err)
+}
+
+func TestLevel(t *testing.T) {
+	var buf bytes.Buffer
+	log, lv, err := logging.NewLeveled(&buf, "warn", "text")
+	require.NoError(t, err)
+	log.Info("before")
+	lv.Set(slog.LevelDebug)
+	log.Debug("while debugging")
+	lv.Reset()
+	log.Info("after")
+	require.NotContains(t, buf.String(), "before")
+	require.Contains(t, buf.String(), "while debugging")
+	require.NotContains(t, buf.String(), "after")
+	require.Equal(t, "warn", logging.LevelName(lv.Launch()))
+	for _, name := range logging.Levels {
+		l, err := logging.ParseLevel(name)
+		require.NoError(t, err)
+		require.Equal(t, name, logging.LevelName(l))
+	}
+	_, err = logging.ParseLevel("loud")
+	require.ErrorContains(t, err, "want debug, info, warn or error")
 }

@@ -57,8 +57,8 @@ type Kind struct {
 	// Form names what follows "<Name>:" in help and errors, e.g. "<uid>" or
 	// "<key>:<value>".
 	Form string
-	// Help says in a few words what the value is, e.g. "effective user ID,
-	// decimal".
+	// Help says in a few words what the value is, e.g. "user ID of the
+	// process, decimal".
 	Help string
 	// Check returns why rest is not a value the attestor could produce; nil
 	// accepts any rest that passes Validate. Errors should name the expected
@@ -187,7 +187,7 @@ func (r *Registry) Help(c Class) string {
 
 // ErrUnknownType is wrapped by Check's error for a selector type no enabled
 // attestor of the class produces.
-var ErrUnknownType = errors.New("selector: no attestor produces this type")
+var ErrUnknownType = errors.New("unknown selector type")
 
 // Check reports whether sel could be produced by an enabled attestor of class
 // c: it passes Validate, its type is one of c's, its kind is one the attestor

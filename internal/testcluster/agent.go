@@ -25,6 +25,7 @@ type Agent struct {
 	// ID is the agent's SPIFFE ID.
 	ID string
 
+	uid  uint32
 	mu   sync.Mutex
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -44,6 +45,34 @@ func (c *Cluster) StartAgent(name string) *Agent {
 // agent block (e.g. an imds block).
 func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
 	c.t.Helper()
+	return c.StartAgentOpts(name, AgentOptions{Extra: extraConfig})
+}
+
+// AgentOptions shape an agent process.
+type AgentOptions struct {
+	// Extra lines are inserted verbatim in the agent block.
+	Extra string
+	// UID, when not 0, runs the agent as that uid (and gid), as a service
+	// user would: its data and socket directories are made its own, the
+	// agent creates what is inside them.
+	UID uint32
+	// SocketPath and DataDir, when set, replace the agent's own
+	// directories (for tests of where an agent agrees to run).
+	SocketPath, DataDir string
+}
+
+// StartAgentOpts is StartAgent shaped by opts.
+func (c *Cluster) StartAgentOpts(name string, opts AgentOptions) *Agent {
+	c.t.Helper()
+	a := c.PrepareAgent(name, opts)
+	a.Start()
+	return a
+}
+
+// PrepareAgent creates a join token and writes the agent's config, without
+// starting it (Start, or Command for a test that watches the process itself).
+func (c *Cluster) PrepareAgent(name string, opts AgentOptions) *Agent {
+	c.t.Helper()
 	leader := c.WaitLeader(30*time.Second, nil)
 	id := fmt.Sprintf("spiffe://%s/spire/agent/%s", c.Opts.TrustDomain, name)
 	out, err := leader.CLI("token", "generate", "--spiffe-id", id, "--ttl", "10m", "--output", "json")
@@ -51,7 +80,17 @@ func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
 		c.t.Fatalf("token generate: %v %s", err, out)
 	}
 	token := between(out, `"token": "`, `"`)
-	a := c.writeAgent(name, fmt.Sprintf("  join_token        = %q\n%s", token, extraConfig))
+	opts.Extra = fmt.Sprintf("  join_token        = %q\n%s", token, opts.Extra)
+	a := c.writeAgent(name, opts)
+	a.ID = id
+	return a
+}
+
+// StartAgentToken starts an agent that attests with token (one made by the
+// caller, as an operator would), whose agent ID is id.
+func (c *Cluster) StartAgentToken(name, id, token string) *Agent {
+	c.t.Helper()
+	a := c.writeAgent(name, AgentOptions{Extra: fmt.Sprintf("  join_token        = %q\n", token)})
 	a.ID = id
 	a.Start()
 	return a
@@ -63,12 +102,12 @@ func (c *Cluster) StartAgentWith(name, extraConfig string) *Agent {
 // is whatever the attestor proves: a.ID is empty until the caller sets it.
 func (c *Cluster) NewAgentAttested(name, attestorConfig string) *Agent {
 	c.t.Helper()
-	return c.writeAgent(name, attestorConfig)
+	return c.writeAgent(name, AgentOptions{Extra: attestorConfig})
 }
 
-// writeAgent writes an agent config listing every server, with lines in the
-// agent block, and the trust bundle it starts from.
-func (c *Cluster) writeAgent(name, lines string) *Agent {
+// writeAgent writes an agent config listing every server, with opts.Extra
+// in the agent block, and the trust bundle it starts from.
+func (c *Cluster) writeAgent(name string, opts AgentOptions) *Agent {
 	c.t.Helper()
 	leader := c.WaitLeader(30*time.Second, nil)
 	var bundle string
@@ -85,16 +124,30 @@ func (c *Cluster) writeAgent(name, lines string) *Agent {
 		time.Sleep(100 * time.Millisecond)
 	}
 	dir := filepath.Join(c.Dir, "agent-"+name)
+	if opts.UID != 0 {
+		// The cluster's dir is root's alone: the service user's lives in
+		// a directory it can reach.
+		dir = filepath.Join(PublicDir(c.t, "ferry-agent-"), "agent-"+name)
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		c.t.Fatal(err)
 	}
-	sockDir, err := os.MkdirTemp("", "ferry-agent-sock-")
-	if err != nil {
-		c.t.Fatal(err)
+	sockDir := PublicDir(c.t, "ferry-agent-sock-")
+	if opts.UID != 0 {
+		for _, d := range []string{dir, sockDir} {
+			if err := os.Chown(d, int(opts.UID), int(opts.UID)); err != nil {
+				c.t.Fatal(err)
+			}
+		}
 	}
-	_ = os.Chmod(sockDir, 0o755)
-	c.t.Cleanup(func() { os.RemoveAll(sockDir) })
-	a := &Agent{c: c, Name: name, Dir: dir, Config: filepath.Join(dir, "agent.conf"), Socket: filepath.Join(sockDir, "public", "api.sock")}
+	a := &Agent{c: c, Name: name, Dir: dir, Config: filepath.Join(dir, "agent.conf"), Socket: filepath.Join(sockDir, "public", "api.sock"), uid: opts.UID}
+	if opts.SocketPath != "" {
+		a.Socket = opts.SocketPath
+	}
+	dataDir := "data"
+	if opts.DataDir != "" {
+		dataDir = opts.DataDir
+	}
 	if err := os.WriteFile(filepath.Join(dir, "bundle.pem"), []byte(bundle), 0o644); err != nil {
 		c.t.Fatal(err)
 	}
@@ -106,14 +159,19 @@ func (c *Cluster) writeAgent(name, lines string) *Agent {
   trust_domain      = %q
   server_addresses  = [%s]
   trust_bundle_file = "bundle.pem"
-  data_dir          = "data"
+  data_dir          = %q
   socket_path       = %q
-  log_level         = "debug"
+  log_level         = %q
 %s
 }
-`, c.Opts.TrustDomain, strings.Join(servers, ", "), a.Socket, lines)
+`, c.Opts.TrustDomain, strings.Join(servers, ", "), dataDir, a.Socket, c.Opts.AgentLogLevel, opts.Extra)
 	if err := os.WriteFile(a.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
+	}
+	if opts.UID != 0 {
+		if err := os.Chown(a.Config, int(opts.UID), int(opts.UID)); err != nil {
+			c.t.Fatal(err)
+		}
 	}
 	c.t.Cleanup(a.Stop)
 	return a
@@ -178,7 +236,7 @@ func (a *Agent) Spawn() <-chan struct{} {
 	if err != nil {
 		a.c.t.Fatal(err)
 	}
-	cmd := exec.Command(a.c.Bin, "agent", "run", "--config", a.Config)
+	cmd := a.Command()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		a.c.t.Fatal(err)
@@ -187,6 +245,17 @@ func (a *Agent) Spawn() <-chan struct{} {
 	go func() { _ = cmd.Wait(); logf.Close(); close(done) }()
 	a.cmd, a.done = cmd, done
 	return done
+}
+
+// Command is `ferry agent run` for this agent, as the agent's uid, not
+// started.
+func (a *Agent) Command() *exec.Cmd {
+	cmd := exec.Command(a.c.Bin, "agent", "run", "--config", a.Config)
+	if a.uid != 0 {
+		cmd.Dir = "/"
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: a.uid, Gid: a.uid}}
+	}
+	return cmd
 }
 
 // PID is the agent process's ID, or 0 when it is not running.

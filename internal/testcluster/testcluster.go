@@ -62,6 +62,7 @@ type Options struct {
 	TrailingLogs      int
 	SnapshotInterval  string
 	LogLevel          string // default debug
+	AgentLogLevel     string // agents' log_level; default debug
 	// AdminTCP also serves the admin services over mutual TLS (admin_addr).
 	AdminTCP bool
 	// ExtraServerConfig is inserted verbatim in every node's server block
@@ -70,6 +71,10 @@ type Options struct {
 	// AdvertiseAddr, when set, names each node's advertised cluster address
 	// (e.g. a fault-injecting proxy in front of bindAddr).
 	AdvertiseAddr func(nodeID, bindAddr string) string
+	// PublicAdminSocket puts each node's admin socket in a directory of its
+	// own that every user may traverse, so tests can try it as other users
+	// (the socket's own mode is then all that keeps them out).
+	PublicAdminSocket bool
 }
 
 // Cluster is a set of server processes sharing one cluster CA.
@@ -109,6 +114,9 @@ func New(t testing.TB, opts Options) *Cluster {
 	}
 	if opts.LogLevel == "" {
 		opts.LogLevel = "debug"
+	}
+	if opts.AgentLogLevel == "" {
+		opts.AgentLogLevel = "debug"
 	}
 	if opts.TrustDomain == "" {
 		opts.TrustDomain = "example.org"
@@ -162,6 +170,9 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
 		HealthAddr:  FreeAddr(c.t),
 		AgentAddr:   FreeAddr(c.t),
 	}
+	if c.Opts.PublicAdminSocket {
+		n.Socket = filepath.Join(PublicDir(c.t, "ferry-admin-sock-"), "admin.sock")
+	}
 	tlsDir := filepath.Join(dir, "tls")
 	c.run("cluster", "tls", "cert", "create", "--node", id, "--dir", tlsDir,
 		"--ca", filepath.Join(caDir, "ca.pem"), "--ca-key", filepath.Join(caDir, "ca-key.pem"))
@@ -194,7 +205,7 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
   node_id      = %q
   trust_domain = %q
   data_dir     = "data"
-  admin_socket = "admin.sock"
+  admin_socket = %q
   health_addr  = %q
   agent_addr   = %q
   profiling    = true
@@ -210,11 +221,26 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
     key_file  = "tls/node-key.pem"
 %s  }
 }
-`, id, c.Opts.TrustDomain, n.HealthAddr, n.AgentAddr, adminAddr, c.Opts.LogLevel, c.Opts.ExtraServerConfig, n.ClusterAddr, bootstrap, join, filepath.Join(caDir, "ca.pem"), extra.String())
+`, id, c.Opts.TrustDomain, n.Socket, n.HealthAddr, n.AgentAddr, adminAddr, c.Opts.LogLevel, c.Opts.ExtraServerConfig, n.ClusterAddr, bootstrap, join, filepath.Join(caDir, "ca.pem"), extra.String())
 	if err := os.WriteFile(n.Config, []byte(conf), 0o600); err != nil {
 		c.t.Fatal(err)
 	}
 	return n
+}
+
+// PublicDir makes a directory under the system temp dir that every user may
+// traverse (0755), removed when the test ends.
+func PublicDir(t testing.TB, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
 }
 
 // run runs the ferry binary and fails the test on error.

@@ -2275,6 +2275,545 @@ func (x *StateHashResponse) GetSha256() []byte {
 	return nil
 }
 
+type CountAgentsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Consistency   ReadConsistency        `protobuf:"varint,1,opt,name=consistency,proto3,enum=ferry.v1.ReadConsistency" json:"consistency,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CountAgentsRequest) Reset() {
+	*x = CountAgentsRequest{}
+	mi := &file_admin_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CountAgentsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CountAgentsRequest) ProtoMessage() {}
+
+func (x *CountAgentsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CountAgentsRequest.ProtoReflect.Descriptor instead.
+func (*CountAgentsRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *CountAgentsRequest) GetConsistency() ReadConsistency {
+	if x != nil {
+		return x.Consistency
+	}
+	return ReadConsistency_READ_LOCAL
+}
+
+type CountAgentsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Count         int64                  `protobuf:"varint,1,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CountAgentsResponse) Reset() {
+	*x = CountAgentsResponse{}
+	mi := &file_admin_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CountAgentsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CountAgentsResponse) ProtoMessage() {}
+
+func (x *CountAgentsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CountAgentsResponse.ProtoReflect.Descriptor instead.
+func (*CountAgentsResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *CountAgentsResponse) GetCount() int64 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+type CountBundlesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Consistency   ReadConsistency        `protobuf:"varint,1,opt,name=consistency,proto3,enum=ferry.v1.ReadConsistency" json:"consistency,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CountBundlesRequest) Reset() {
+	*x = CountBundlesRequest{}
+	mi := &file_admin_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CountBundlesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CountBundlesRequest) ProtoMessage() {}
+
+func (x *CountBundlesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CountBundlesRequest.ProtoReflect.Descriptor instead.
+func (*CountBundlesRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *CountBundlesRequest) GetConsistency() ReadConsistency {
+	if x != nil {
+		return x.Consistency
+	}
+	return ReadConsistency_READ_LOCAL
+}
+
+type CountBundlesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Count         int64                  `protobuf:"varint,1,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CountBundlesResponse) Reset() {
+	*x = CountBundlesResponse{}
+	mi := &file_admin_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CountBundlesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CountBundlesResponse) ProtoMessage() {}
+
+func (x *CountBundlesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CountBundlesResponse.ProtoReflect.Descriptor instead.
+func (*CountBundlesResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *CountBundlesResponse) GetCount() int64 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+type GetServerInfoRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetServerInfoRequest) Reset() {
+	*x = GetServerInfoRequest{}
+	mi := &file_admin_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetServerInfoRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetServerInfoRequest) ProtoMessage() {}
+
+func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetServerInfoRequest.ProtoReflect.Descriptor instead.
+func (*GetServerInfoRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{46}
+}
+
+// ServerInfo describes one server node.
+type ServerInfo struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	NodeId      string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	TrustDomain string                 `protobuf:"bytes,2,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	// version, vcs_revision, go_version: the build of the node's binary.
+	Version        string   `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`
+	VcsRevision    string   `protobuf:"bytes,4,opt,name=vcs_revision,json=vcsRevision,proto3" json:"vcs_revision,omitempty"`
+	GoVersion      string   `protobuf:"bytes,5,opt,name=go_version,json=goVersion,proto3" json:"go_version,omitempty"`
+	StartedAt      int64    `protobuf:"varint,6,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`          // unix seconds
+	RaftState      string   `protobuf:"bytes,7,opt,name=raft_state,json=raftState,proto3" json:"raft_state,omitempty"`           // Leader, Follower, Candidate, Shutdown
+	LeaderId       string   `protobuf:"bytes,8,opt,name=leader_id,json=leaderId,proto3" json:"leader_id,omitempty"`              // empty when no leader is known
+	AppliedIndex   uint64   `protobuf:"varint,9,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"` // Raft index applied to this node's state
+	Ready          bool     `protobuf:"varint,10,opt,name=ready,proto3" json:"ready,omitempty"`                                  // what /ready and the gRPC health service report
+	NotReadyReason string   `protobuf:"bytes,11,opt,name=not_ready_reason,json=notReadyReason,proto3" json:"not_ready_reason,omitempty"`
+	Agents         int64    `protobuf:"varint,12,opt,name=agents,proto3" json:"agents,omitempty"`
+	Entries        int64    `protobuf:"varint,13,opt,name=entries,proto3" json:"entries,omitempty"`
+	Bundles        int64    `protobuf:"varint,14,opt,name=bundles,proto3" json:"bundles,omitempty"`
+	NodeAttestors  []string `protobuf:"bytes,15,rep,name=node_attestors,json=nodeAttestors,proto3" json:"node_attestors,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ServerInfo) Reset() {
+	*x = ServerInfo{}
+	mi := &file_admin_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServerInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServerInfo) ProtoMessage() {}
+
+func (x *ServerInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServerInfo.ProtoReflect.Descriptor instead.
+func (*ServerInfo) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *ServerInfo) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *ServerInfo) GetTrustDomain() string {
+	if x != nil {
+		return x.TrustDomain
+	}
+	return ""
+}
+
+func (x *ServerInfo) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *ServerInfo) GetVcsRevision() string {
+	if x != nil {
+		return x.VcsRevision
+	}
+	return ""
+}
+
+func (x *ServerInfo) GetGoVersion() string {
+	if x != nil {
+		return x.GoVersion
+	}
+	return ""
+}
+
+func (x *ServerInfo) GetStartedAt() int64 {
+	if x != nil {
+		return x.StartedAt
+	}
+	return 0
+}
+
+func (x *ServerInfo) GetRaftState() string {
+	if x != nil {
+		return x.RaftState
+	}
+	return ""
+}
+
+func (x *ServerInfo) GetLeaderId() string {
+	if x != nil {
+		return x.LeaderId
+	}
+	return ""
+}
+
+func (x *ServerInfo) GetAppliedIndex() uint64 {
+	if x != nil {
+		return x.AppliedIndex
+	}
+	return 0
+}
+
+func (x *ServerInfo) GetReady() bool {
+	if x != nil {
+		return x.Ready
+	}
+	return false
+}
+
+func (x *ServerInfo) GetNotReadyReason() string {
+	if x != nil {
+		return x.NotReadyReason
+	}
+	return ""
+}
+
+func (x *ServerInfo) GetAgents() int64 {
+	if x != nil {
+		return x.Agents
+	}
+	return 0
+}
+
+func (x *ServerInfo) GetEntries() int64 {
+	if x != nil {
+		return x.Entries
+	}
+	return 0
+}
+
+func (x *ServerInfo) GetBundles() int64 {
+	if x != nil {
+		return x.Bundles
+	}
+	return 0
+}
+
+func (x *ServerInfo) GetNodeAttestors() []string {
+	if x != nil {
+		return x.NodeAttestors
+	}
+	return nil
+}
+
+type GetLoggerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetLoggerRequest) Reset() {
+	*x = GetLoggerRequest{}
+	mi := &file_admin_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetLoggerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetLoggerRequest) ProtoMessage() {}
+
+func (x *GetLoggerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetLoggerRequest.ProtoReflect.Descriptor instead.
+func (*GetLoggerRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{48}
+}
+
+// Logger is a node's log level: current, and the one it started with.
+type Logger struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CurrentLevel  string                 `protobuf:"bytes,1,opt,name=current_level,json=currentLevel,proto3" json:"current_level,omitempty"` // debug, info, warn or error
+	LaunchLevel   string                 `protobuf:"bytes,2,opt,name=launch_level,json=launchLevel,proto3" json:"launch_level,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Logger) Reset() {
+	*x = Logger{}
+	mi := &file_admin_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Logger) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Logger) ProtoMessage() {}
+
+func (x *Logger) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Logger.ProtoReflect.Descriptor instead.
+func (*Logger) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *Logger) GetCurrentLevel() string {
+	if x != nil {
+		return x.CurrentLevel
+	}
+	return ""
+}
+
+func (x *Logger) GetLaunchLevel() string {
+	if x != nil {
+		return x.LaunchLevel
+	}
+	return ""
+}
+
+type SetLogLevelRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Level         string                 `protobuf:"bytes,1,opt,name=level,proto3" json:"level,omitempty"` // debug, info, warn or error
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetLogLevelRequest) Reset() {
+	*x = SetLogLevelRequest{}
+	mi := &file_admin_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetLogLevelRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetLogLevelRequest) ProtoMessage() {}
+
+func (x *SetLogLevelRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetLogLevelRequest.ProtoReflect.Descriptor instead.
+func (*SetLogLevelRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *SetLogLevelRequest) GetLevel() string {
+	if x != nil {
+		return x.Level
+	}
+	return ""
+}
+
+type ResetLogLevelRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResetLogLevelRequest) Reset() {
+	*x = ResetLogLevelRequest{}
+	mi := &file_admin_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResetLogLevelRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResetLogLevelRequest) ProtoMessage() {}
+
+func (x *ResetLogLevelRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResetLogLevelRequest.ProtoReflect.Descriptor instead.
+func (*ResetLogLevelRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{51}
+}
+
 var File_admin_proto protoreflect.FileDescriptor
 
 const file_admin_proto_rawDesc = "" +
@@ -2426,11 +2965,48 @@ const file_admin_proto_rawDesc = "" +
 	"\x10StateHashRequest\"P\n" +
 	"\x11StateHashResponse\x12#\n" +
 	"\rapplied_index\x18\x01 \x01(\x04R\fappliedIndex\x12\x16\n" +
-	"\x06sha256\x18\x02 \x01(\fR\x06sha256*8\n" +
+	"\x06sha256\x18\x02 \x01(\fR\x06sha256\"Q\n" +
+	"\x12CountAgentsRequest\x12;\n" +
+	"\vconsistency\x18\x01 \x01(\x0e2\x19.ferry.v1.ReadConsistencyR\vconsistency\"+\n" +
+	"\x13CountAgentsResponse\x12\x14\n" +
+	"\x05count\x18\x01 \x01(\x03R\x05count\"R\n" +
+	"\x13CountBundlesRequest\x12;\n" +
+	"\vconsistency\x18\x01 \x01(\x0e2\x19.ferry.v1.ReadConsistencyR\vconsistency\",\n" +
+	"\x14CountBundlesResponse\x12\x14\n" +
+	"\x05count\x18\x01 \x01(\x03R\x05count\"\x16\n" +
+	"\x14GetServerInfoRequest\"\xd7\x03\n" +
+	"\n" +
+	"ServerInfo\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12!\n" +
+	"\ftrust_domain\x18\x02 \x01(\tR\vtrustDomain\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\tR\aversion\x12!\n" +
+	"\fvcs_revision\x18\x04 \x01(\tR\vvcsRevision\x12\x1d\n" +
+	"\n" +
+	"go_version\x18\x05 \x01(\tR\tgoVersion\x12\x1d\n" +
+	"\n" +
+	"started_at\x18\x06 \x01(\x03R\tstartedAt\x12\x1d\n" +
+	"\n" +
+	"raft_state\x18\a \x01(\tR\traftState\x12\x1b\n" +
+	"\tleader_id\x18\b \x01(\tR\bleaderId\x12#\n" +
+	"\rapplied_index\x18\t \x01(\x04R\fappliedIndex\x12\x14\n" +
+	"\x05ready\x18\n" +
+	" \x01(\bR\x05ready\x12(\n" +
+	"\x10not_ready_reason\x18\v \x01(\tR\x0enotReadyReason\x12\x16\n" +
+	"\x06agents\x18\f \x01(\x03R\x06agents\x12\x18\n" +
+	"\aentries\x18\r \x01(\x03R\aentries\x12\x18\n" +
+	"\abundles\x18\x0e \x01(\x03R\abundles\x12%\n" +
+	"\x0enode_attestors\x18\x0f \x03(\tR\rnodeAttestors\"\x12\n" +
+	"\x10GetLoggerRequest\"P\n" +
+	"\x06Logger\x12#\n" +
+	"\rcurrent_level\x18\x01 \x01(\tR\fcurrentLevel\x12!\n" +
+	"\flaunch_level\x18\x02 \x01(\tR\vlaunchLevel\"*\n" +
+	"\x12SetLogLevelRequest\x12\x14\n" +
+	"\x05level\x18\x01 \x01(\tR\x05level\"\x16\n" +
+	"\x14ResetLogLevelRequest*8\n" +
 	"\x0fReadConsistency\x12\x0e\n" +
 	"\n" +
 	"READ_LOCAL\x10\x00\x12\x15\n" +
-	"\x11READ_LINEARIZABLE\x10\x012\x9d\x11\n" +
+	"\x11READ_LINEARIZABLE\x10\x012\xbc\x14\n" +
 	"\x05Admin\x12J\n" +
 	"\vClusterJoin\x12\x1c.ferry.v1.ClusterJoinRequest\x1a\x1d.ferry.v1.ClusterJoinResponse\x12J\n" +
 	"\vClusterList\x12\x1c.ferry.v1.ClusterListRequest\x1a\x1d.ferry.v1.ClusterListResponse\x12P\n" +
@@ -2461,7 +3037,13 @@ const file_admin_proto_rawDesc = "" +
 	"\vMintJWTSVID\x12\x1c.ferry.v1.MintJWTSVIDRequest\x1a\x1d.ferry.v1.MintJWTSVIDResponse\x12K\n" +
 	"\x12SetFederatedBundle\x12#.ferry.v1.SetFederatedBundleRequest\x1a\x10.ferry.v1.Bundle\x12Q\n" +
 	"\x15DeleteFederatedBundle\x12&.ferry.v1.DeleteFederatedBundleRequest\x1a\x10.ferry.v1.Bundle\x12D\n" +
-	"\tStateHash\x12\x1a.ferry.v1.StateHashRequest\x1a\x1b.ferry.v1.StateHashResponseB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
+	"\tStateHash\x12\x1a.ferry.v1.StateHashRequest\x1a\x1b.ferry.v1.StateHashResponse\x12J\n" +
+	"\vCountAgents\x12\x1c.ferry.v1.CountAgentsRequest\x1a\x1d.ferry.v1.CountAgentsResponse\x12M\n" +
+	"\fCountBundles\x12\x1d.ferry.v1.CountBundlesRequest\x1a\x1e.ferry.v1.CountBundlesResponse\x12E\n" +
+	"\rGetServerInfo\x12\x1e.ferry.v1.GetServerInfoRequest\x1a\x14.ferry.v1.ServerInfo\x129\n" +
+	"\tGetLogger\x12\x1a.ferry.v1.GetLoggerRequest\x1a\x10.ferry.v1.Logger\x12=\n" +
+	"\vSetLogLevel\x12\x1c.ferry.v1.SetLogLevelRequest\x1a\x10.ferry.v1.Logger\x12A\n" +
+	"\rResetLogLevel\x12\x1e.ferry.v1.ResetLogLevelRequest\x1a\x10.ferry.v1.LoggerB)Z'github.com/ferry-id/ferry/proto/ferrypbb\x06proto3"
 
 var (
 	file_admin_proto_rawDescOnce sync.Once
@@ -2476,7 +3058,7 @@ func file_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 52)
 var file_admin_proto_goTypes = []any{
 	(ReadConsistency)(0),                 // 0: ferry.v1.ReadConsistency
 	(*CreateJoinTokenRequest)(nil),       // 1: ferry.v1.CreateJoinTokenRequest
@@ -2521,92 +3103,116 @@ var file_admin_proto_goTypes = []any{
 	(*DeleteFederatedBundleRequest)(nil), // 40: ferry.v1.DeleteFederatedBundleRequest
 	(*StateHashRequest)(nil),             // 41: ferry.v1.StateHashRequest
 	(*StateHashResponse)(nil),            // 42: ferry.v1.StateHashResponse
-	(*AttestedNode)(nil),                 // 43: ferry.v1.AttestedNode
-	(*Identity)(nil),                     // 44: ferry.v1.Identity
-	(*Bundle)(nil),                       // 45: ferry.v1.Bundle
-	(*Entry)(nil),                        // 46: ferry.v1.Entry
-	(*Status)(nil),                       // 47: ferry.v1.Status
-	(*Selector)(nil),                     // 48: ferry.v1.Selector
+	(*CountAgentsRequest)(nil),           // 43: ferry.v1.CountAgentsRequest
+	(*CountAgentsResponse)(nil),          // 44: ferry.v1.CountAgentsResponse
+	(*CountBundlesRequest)(nil),          // 45: ferry.v1.CountBundlesRequest
+	(*CountBundlesResponse)(nil),         // 46: ferry.v1.CountBundlesResponse
+	(*GetServerInfoRequest)(nil),         // 47: ferry.v1.GetServerInfoRequest
+	(*ServerInfo)(nil),                   // 48: ferry.v1.ServerInfo
+	(*GetLoggerRequest)(nil),             // 49: ferry.v1.GetLoggerRequest
+	(*Logger)(nil),                       // 50: ferry.v1.Logger
+	(*SetLogLevelRequest)(nil),           // 51: ferry.v1.SetLogLevelRequest
+	(*ResetLogLevelRequest)(nil),         // 52: ferry.v1.ResetLogLevelRequest
+	(*AttestedNode)(nil),                 // 53: ferry.v1.AttestedNode
+	(*Identity)(nil),                     // 54: ferry.v1.Identity
+	(*Bundle)(nil),                       // 55: ferry.v1.Bundle
+	(*Entry)(nil),                        // 56: ferry.v1.Entry
+	(*Status)(nil),                       // 57: ferry.v1.Status
+	(*Selector)(nil),                     // 58: ferry.v1.Selector
 }
 var file_admin_proto_depIdxs = []int32{
-	43, // 0: ferry.v1.ListAgentsResponse.agents:type_name -> ferry.v1.AttestedNode
-	43, // 1: ferry.v1.SetAgentIdentityResponse.agent:type_name -> ferry.v1.AttestedNode
-	44, // 2: ferry.v1.SetAgentIdentityResponse.identity:type_name -> ferry.v1.Identity
-	45, // 3: ferry.v1.ListBundlesResponse.bundles:type_name -> ferry.v1.Bundle
+	53, // 0: ferry.v1.ListAgentsResponse.agents:type_name -> ferry.v1.AttestedNode
+	53, // 1: ferry.v1.SetAgentIdentityResponse.agent:type_name -> ferry.v1.AttestedNode
+	54, // 2: ferry.v1.SetAgentIdentityResponse.identity:type_name -> ferry.v1.Identity
+	55, // 3: ferry.v1.ListBundlesResponse.bundles:type_name -> ferry.v1.Bundle
 	15, // 4: ferry.v1.ClusterListResponse.members:type_name -> ferry.v1.ClusterMember
-	46, // 5: ferry.v1.BatchCreateEntryRequest.entries:type_name -> ferry.v1.Entry
-	46, // 6: ferry.v1.BatchUpdateEntryRequest.entries:type_name -> ferry.v1.Entry
-	47, // 7: ferry.v1.BatchEntryResponse.results:type_name -> ferry.v1.Status
-	46, // 8: ferry.v1.BatchEntryResponse.entries:type_name -> ferry.v1.Entry
-	44, // 9: ferry.v1.BatchEntryResponse.identities:type_name -> ferry.v1.Identity
+	56, // 5: ferry.v1.BatchCreateEntryRequest.entries:type_name -> ferry.v1.Entry
+	56, // 6: ferry.v1.BatchUpdateEntryRequest.entries:type_name -> ferry.v1.Entry
+	57, // 7: ferry.v1.BatchEntryResponse.results:type_name -> ferry.v1.Status
+	56, // 8: ferry.v1.BatchEntryResponse.entries:type_name -> ferry.v1.Entry
+	54, // 9: ferry.v1.BatchEntryResponse.identities:type_name -> ferry.v1.Identity
 	0,  // 10: ferry.v1.GetEntryRequest.consistency:type_name -> ferry.v1.ReadConsistency
-	48, // 11: ferry.v1.ListEntriesRequest.by_selectors:type_name -> ferry.v1.Selector
+	58, // 11: ferry.v1.ListEntriesRequest.by_selectors:type_name -> ferry.v1.Selector
 	0,  // 12: ferry.v1.ListEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
-	46, // 13: ferry.v1.ListEntriesResponse.entries:type_name -> ferry.v1.Entry
+	56, // 13: ferry.v1.ListEntriesResponse.entries:type_name -> ferry.v1.Entry
 	0,  // 14: ferry.v1.CountEntriesRequest.consistency:type_name -> ferry.v1.ReadConsistency
 	31, // 15: ferry.v1.ListLocalAuthoritiesResponse.authorities:type_name -> ferry.v1.LocalAuthority
-	45, // 16: ferry.v1.SetFederatedBundleRequest.bundle:type_name -> ferry.v1.Bundle
-	12, // 17: ferry.v1.Admin.ClusterJoin:input_type -> ferry.v1.ClusterJoinRequest
-	14, // 18: ferry.v1.Admin.ClusterList:input_type -> ferry.v1.ClusterListRequest
-	17, // 19: ferry.v1.Admin.ClusterRemove:input_type -> ferry.v1.ClusterRemoveRequest
-	19, // 20: ferry.v1.Admin.SnapshotSave:input_type -> ferry.v1.SnapshotSaveRequest
-	20, // 21: ferry.v1.Admin.SnapshotRestore:input_type -> ferry.v1.SnapshotChunk
-	22, // 22: ferry.v1.Admin.BatchCreateEntry:input_type -> ferry.v1.BatchCreateEntryRequest
-	23, // 23: ferry.v1.Admin.BatchUpdateEntry:input_type -> ferry.v1.BatchUpdateEntryRequest
-	24, // 24: ferry.v1.Admin.BatchDeleteEntry:input_type -> ferry.v1.BatchDeleteEntryRequest
-	26, // 25: ferry.v1.Admin.GetEntry:input_type -> ferry.v1.GetEntryRequest
-	27, // 26: ferry.v1.Admin.ListEntries:input_type -> ferry.v1.ListEntriesRequest
-	29, // 27: ferry.v1.Admin.CountEntries:input_type -> ferry.v1.CountEntriesRequest
-	1,  // 28: ferry.v1.Admin.CreateJoinToken:input_type -> ferry.v1.CreateJoinTokenRequest
-	3,  // 29: ferry.v1.Admin.ListAgents:input_type -> ferry.v1.ListAgentsRequest
-	5,  // 30: ferry.v1.Admin.GetAgent:input_type -> ferry.v1.GetAgentRequest
-	6,  // 31: ferry.v1.Admin.EvictAgent:input_type -> ferry.v1.EvictAgentRequest
-	7,  // 32: ferry.v1.Admin.BanAgent:input_type -> ferry.v1.BanAgentRequest
-	8,  // 33: ferry.v1.Admin.SetAgentIdentity:input_type -> ferry.v1.SetAgentIdentityRequest
-	10, // 34: ferry.v1.Admin.ListBundles:input_type -> ferry.v1.ListBundlesRequest
-	32, // 35: ferry.v1.Admin.ListLocalAuthorities:input_type -> ferry.v1.ListLocalAuthoritiesRequest
-	34, // 36: ferry.v1.Admin.PrepareLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
-	34, // 37: ferry.v1.Admin.ActivateLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
-	34, // 38: ferry.v1.Admin.TaintLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
-	34, // 39: ferry.v1.Admin.RevokeLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
-	35, // 40: ferry.v1.Admin.MintX509SVID:input_type -> ferry.v1.MintX509SVIDRequest
-	37, // 41: ferry.v1.Admin.MintJWTSVID:input_type -> ferry.v1.MintJWTSVIDRequest
-	39, // 42: ferry.v1.Admin.SetFederatedBundle:input_type -> ferry.v1.SetFederatedBundleRequest
-	40, // 43: ferry.v1.Admin.DeleteFederatedBundle:input_type -> ferry.v1.DeleteFederatedBundleRequest
-	41, // 44: ferry.v1.Admin.StateHash:input_type -> ferry.v1.StateHashRequest
-	13, // 45: ferry.v1.Admin.ClusterJoin:output_type -> ferry.v1.ClusterJoinResponse
-	16, // 46: ferry.v1.Admin.ClusterList:output_type -> ferry.v1.ClusterListResponse
-	18, // 47: ferry.v1.Admin.ClusterRemove:output_type -> ferry.v1.ClusterRemoveResponse
-	20, // 48: ferry.v1.Admin.SnapshotSave:output_type -> ferry.v1.SnapshotChunk
-	21, // 49: ferry.v1.Admin.SnapshotRestore:output_type -> ferry.v1.SnapshotRestoreResponse
-	25, // 50: ferry.v1.Admin.BatchCreateEntry:output_type -> ferry.v1.BatchEntryResponse
-	25, // 51: ferry.v1.Admin.BatchUpdateEntry:output_type -> ferry.v1.BatchEntryResponse
-	25, // 52: ferry.v1.Admin.BatchDeleteEntry:output_type -> ferry.v1.BatchEntryResponse
-	46, // 53: ferry.v1.Admin.GetEntry:output_type -> ferry.v1.Entry
-	28, // 54: ferry.v1.Admin.ListEntries:output_type -> ferry.v1.ListEntriesResponse
-	30, // 55: ferry.v1.Admin.CountEntries:output_type -> ferry.v1.CountEntriesResponse
-	2,  // 56: ferry.v1.Admin.CreateJoinToken:output_type -> ferry.v1.CreateJoinTokenResponse
-	4,  // 57: ferry.v1.Admin.ListAgents:output_type -> ferry.v1.ListAgentsResponse
-	43, // 58: ferry.v1.Admin.GetAgent:output_type -> ferry.v1.AttestedNode
-	43, // 59: ferry.v1.Admin.EvictAgent:output_type -> ferry.v1.AttestedNode
-	43, // 60: ferry.v1.Admin.BanAgent:output_type -> ferry.v1.AttestedNode
-	9,  // 61: ferry.v1.Admin.SetAgentIdentity:output_type -> ferry.v1.SetAgentIdentityResponse
-	11, // 62: ferry.v1.Admin.ListBundles:output_type -> ferry.v1.ListBundlesResponse
-	33, // 63: ferry.v1.Admin.ListLocalAuthorities:output_type -> ferry.v1.ListLocalAuthoritiesResponse
-	31, // 64: ferry.v1.Admin.PrepareLocalAuthority:output_type -> ferry.v1.LocalAuthority
-	31, // 65: ferry.v1.Admin.ActivateLocalAuthority:output_type -> ferry.v1.LocalAuthority
-	31, // 66: ferry.v1.Admin.TaintLocalAuthority:output_type -> ferry.v1.LocalAuthority
-	31, // 67: ferry.v1.Admin.RevokeLocalAuthority:output_type -> ferry.v1.LocalAuthority
-	36, // 68: ferry.v1.Admin.MintX509SVID:output_type -> ferry.v1.MintX509SVIDResponse
-	38, // 69: ferry.v1.Admin.MintJWTSVID:output_type -> ferry.v1.MintJWTSVIDResponse
-	45, // 70: ferry.v1.Admin.SetFederatedBundle:output_type -> ferry.v1.Bundle
-	45, // 71: ferry.v1.Admin.DeleteFederatedBundle:output_type -> ferry.v1.Bundle
-	42, // 72: ferry.v1.Admin.StateHash:output_type -> ferry.v1.StateHashResponse
-	45, // [45:73] is the sub-list for method output_type
-	17, // [17:45] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	55, // 16: ferry.v1.SetFederatedBundleRequest.bundle:type_name -> ferry.v1.Bundle
+	0,  // 17: ferry.v1.CountAgentsRequest.consistency:type_name -> ferry.v1.ReadConsistency
+	0,  // 18: ferry.v1.CountBundlesRequest.consistency:type_name -> ferry.v1.ReadConsistency
+	12, // 19: ferry.v1.Admin.ClusterJoin:input_type -> ferry.v1.ClusterJoinRequest
+	14, // 20: ferry.v1.Admin.ClusterList:input_type -> ferry.v1.ClusterListRequest
+	17, // 21: ferry.v1.Admin.ClusterRemove:input_type -> ferry.v1.ClusterRemoveRequest
+	19, // 22: ferry.v1.Admin.SnapshotSave:input_type -> ferry.v1.SnapshotSaveRequest
+	20, // 23: ferry.v1.Admin.SnapshotRestore:input_type -> ferry.v1.SnapshotChunk
+	22, // 24: ferry.v1.Admin.BatchCreateEntry:input_type -> ferry.v1.BatchCreateEntryRequest
+	23, // 25: ferry.v1.Admin.BatchUpdateEntry:input_type -> ferry.v1.BatchUpdateEntryRequest
+	24, // 26: ferry.v1.Admin.BatchDeleteEntry:input_type -> ferry.v1.BatchDeleteEntryRequest
+	26, // 27: ferry.v1.Admin.GetEntry:input_type -> ferry.v1.GetEntryRequest
+	27, // 28: ferry.v1.Admin.ListEntries:input_type -> ferry.v1.ListEntriesRequest
+	29, // 29: ferry.v1.Admin.CountEntries:input_type -> ferry.v1.CountEntriesRequest
+	1,  // 30: ferry.v1.Admin.CreateJoinToken:input_type -> ferry.v1.CreateJoinTokenRequest
+	3,  // 31: ferry.v1.Admin.ListAgents:input_type -> ferry.v1.ListAgentsRequest
+	5,  // 32: ferry.v1.Admin.GetAgent:input_type -> ferry.v1.GetAgentRequest
+	6,  // 33: ferry.v1.Admin.EvictAgent:input_type -> ferry.v1.EvictAgentRequest
+	7,  // 34: ferry.v1.Admin.BanAgent:input_type -> ferry.v1.BanAgentRequest
+	8,  // 35: ferry.v1.Admin.SetAgentIdentity:input_type -> ferry.v1.SetAgentIdentityRequest
+	10, // 36: ferry.v1.Admin.ListBundles:input_type -> ferry.v1.ListBundlesRequest
+	32, // 37: ferry.v1.Admin.ListLocalAuthorities:input_type -> ferry.v1.ListLocalAuthoritiesRequest
+	34, // 38: ferry.v1.Admin.PrepareLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
+	34, // 39: ferry.v1.Admin.ActivateLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
+	34, // 40: ferry.v1.Admin.TaintLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
+	34, // 41: ferry.v1.Admin.RevokeLocalAuthority:input_type -> ferry.v1.LocalAuthorityRequest
+	35, // 42: ferry.v1.Admin.MintX509SVID:input_type -> ferry.v1.MintX509SVIDRequest
+	37, // 43: ferry.v1.Admin.MintJWTSVID:input_type -> ferry.v1.MintJWTSVIDRequest
+	39, // 44: ferry.v1.Admin.SetFederatedBundle:input_type -> ferry.v1.SetFederatedBundleRequest
+	40, // 45: ferry.v1.Admin.DeleteFederatedBundle:input_type -> ferry.v1.DeleteFederatedBundleRequest
+	41, // 46: ferry.v1.Admin.StateHash:input_type -> ferry.v1.StateHashRequest
+	43, // 47: ferry.v1.Admin.CountAgents:input_type -> ferry.v1.CountAgentsRequest
+	45, // 48: ferry.v1.Admin.CountBundles:input_type -> ferry.v1.CountBundlesRequest
+	47, // 49: ferry.v1.Admin.GetServerInfo:input_type -> ferry.v1.GetServerInfoRequest
+	49, // 50: ferry.v1.Admin.GetLogger:input_type -> ferry.v1.GetLoggerRequest
+	51, // 51: ferry.v1.Admin.SetLogLevel:input_type -> ferry.v1.SetLogLevelRequest
+	52, // 52: ferry.v1.Admin.ResetLogLevel:input_type -> ferry.v1.ResetLogLevelRequest
+	13, // 53: ferry.v1.Admin.ClusterJoin:output_type -> ferry.v1.ClusterJoinResponse
+	16, // 54: ferry.v1.Admin.ClusterList:output_type -> ferry.v1.ClusterListResponse
+	18, // 55: ferry.v1.Admin.ClusterRemove:output_type -> ferry.v1.ClusterRemoveResponse
+	20, // 56: ferry.v1.Admin.SnapshotSave:output_type -> ferry.v1.SnapshotChunk
+	21, // 57: ferry.v1.Admin.SnapshotRestore:output_type -> ferry.v1.SnapshotRestoreResponse
+	25, // 58: ferry.v1.Admin.BatchCreateEntry:output_type -> ferry.v1.BatchEntryResponse
+	25, // 59: ferry.v1.Admin.BatchUpdateEntry:output_type -> ferry.v1.BatchEntryResponse
+	25, // 60: ferry.v1.Admin.BatchDeleteEntry:output_type -> ferry.v1.BatchEntryResponse
+	56, // 61: ferry.v1.Admin.GetEntry:output_type -> ferry.v1.Entry
+	28, // 62: ferry.v1.Admin.ListEntries:output_type -> ferry.v1.ListEntriesResponse
+	30, // 63: ferry.v1.Admin.CountEntries:output_type -> ferry.v1.CountEntriesResponse
+	2,  // 64: ferry.v1.Admin.CreateJoinToken:output_type -> ferry.v1.CreateJoinTokenResponse
+	4,  // 65: ferry.v1.Admin.ListAgents:output_type -> ferry.v1.ListAgentsResponse
+	53, // 66: ferry.v1.Admin.GetAgent:output_type -> ferry.v1.AttestedNode
+	53, // 67: ferry.v1.Admin.EvictAgent:output_type -> ferry.v1.AttestedNode
+	53, // 68: ferry.v1.Admin.BanAgent:output_type -> ferry.v1.AttestedNode
+	9,  // 69: ferry.v1.Admin.SetAgentIdentity:output_type -> ferry.v1.SetAgentIdentityResponse
+	11, // 70: ferry.v1.Admin.ListBundles:output_type -> ferry.v1.ListBundlesResponse
+	33, // 71: ferry.v1.Admin.ListLocalAuthorities:output_type -> ferry.v1.ListLocalAuthoritiesResponse
+	31, // 72: ferry.v1.Admin.PrepareLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	31, // 73: ferry.v1.Admin.ActivateLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	31, // 74: ferry.v1.Admin.TaintLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	31, // 75: ferry.v1.Admin.RevokeLocalAuthority:output_type -> ferry.v1.LocalAuthority
+	36, // 76: ferry.v1.Admin.MintX509SVID:output_type -> ferry.v1.MintX509SVIDResponse
+	38, // 77: ferry.v1.Admin.MintJWTSVID:output_type -> ferry.v1.MintJWTSVIDResponse
+	55, // 78: ferry.v1.Admin.SetFederatedBundle:output_type -> ferry.v1.Bundle
+	55, // 79: ferry.v1.Admin.DeleteFederatedBundle:output_type -> ferry.v1.Bundle
+	42, // 80: ferry.v1.Admin.StateHash:output_type -> ferry.v1.StateHashResponse
+	44, // 81: ferry.v1.Admin.CountAgents:output_type -> ferry.v1.CountAgentsResponse
+	46, // 82: ferry.v1.Admin.CountBundles:output_type -> ferry.v1.CountBundlesResponse
+	48, // 83: ferry.v1.Admin.GetServerInfo:output_type -> ferry.v1.ServerInfo
+	50, // 84: ferry.v1.Admin.GetLogger:output_type -> ferry.v1.Logger
+	50, // 85: ferry.v1.Admin.SetLogLevel:output_type -> ferry.v1.Logger
+	50, // 86: ferry.v1.Admin.ResetLogLevel:output_type -> ferry.v1.Logger
+	53, // [53:87] is the sub-list for method output_type
+	19, // [19:53] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_admin_proto_init() }
@@ -2622,7 +3228,7 @@ func file_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_admin_proto_rawDesc), len(file_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   42,
+			NumMessages:   52,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

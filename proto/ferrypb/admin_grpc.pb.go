@@ -49,6 +49,12 @@ const (
 	Admin_SetFederatedBundle_FullMethodName     = "/ferry.v1.Admin/SetFederatedBundle"
 	Admin_DeleteFederatedBundle_FullMethodName  = "/ferry.v1.Admin/DeleteFederatedBundle"
 	Admin_StateHash_FullMethodName              = "/ferry.v1.Admin/StateHash"
+	Admin_CountAgents_FullMethodName            = "/ferry.v1.Admin/CountAgents"
+	Admin_CountBundles_FullMethodName           = "/ferry.v1.Admin/CountBundles"
+	Admin_GetServerInfo_FullMethodName          = "/ferry.v1.Admin/GetServerInfo"
+	Admin_GetLogger_FullMethodName              = "/ferry.v1.Admin/GetLogger"
+	Admin_SetLogLevel_FullMethodName            = "/ferry.v1.Admin/SetLogLevel"
+	Admin_ResetLogLevel_FullMethodName          = "/ferry.v1.Admin/ResetLogLevel"
 )
 
 // AdminClient is the client API for Admin service.
@@ -88,6 +94,17 @@ type AdminClient interface {
 	DeleteFederatedBundle(ctx context.Context, in *DeleteFederatedBundleRequest, opts ...grpc.CallOption) (*Bundle, error)
 	// StateHash digests this node's replicated state, for comparing nodes.
 	StateHash(ctx context.Context, in *StateHashRequest, opts ...grpc.CallOption) (*StateHashResponse, error)
+	// Counts without listing (as SPIRE's agent count and bundle count).
+	CountAgents(ctx context.Context, in *CountAgentsRequest, opts ...grpc.CallOption) (*CountAgentsResponse, error)
+	CountBundles(ctx context.Context, in *CountBundlesRequest, opts ...grpc.CallOption) (*CountBundlesResponse, error)
+	// GetServerInfo describes the node serving this socket: build, cluster
+	// role, readiness and the size of its state (SPIRE's debug GetInfo).
+	GetServerInfo(ctx context.Context, in *GetServerInfoRequest, opts ...grpc.CallOption) (*ServerInfo, error)
+	// The log level of the node serving this socket, changeable while it runs
+	// (SPIRE's logger get|set|reset).
+	GetLogger(ctx context.Context, in *GetLoggerRequest, opts ...grpc.CallOption) (*Logger, error)
+	SetLogLevel(ctx context.Context, in *SetLogLevelRequest, opts ...grpc.CallOption) (*Logger, error)
+	ResetLogLevel(ctx context.Context, in *ResetLogLevelRequest, opts ...grpc.CallOption) (*Logger, error)
 }
 
 type adminClient struct {
@@ -390,6 +407,66 @@ func (c *adminClient) StateHash(ctx context.Context, in *StateHashRequest, opts 
 	return out, nil
 }
 
+func (c *adminClient) CountAgents(ctx context.Context, in *CountAgentsRequest, opts ...grpc.CallOption) (*CountAgentsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CountAgentsResponse)
+	err := c.cc.Invoke(ctx, Admin_CountAgents_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) CountBundles(ctx context.Context, in *CountBundlesRequest, opts ...grpc.CallOption) (*CountBundlesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CountBundlesResponse)
+	err := c.cc.Invoke(ctx, Admin_CountBundles_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) GetServerInfo(ctx context.Context, in *GetServerInfoRequest, opts ...grpc.CallOption) (*ServerInfo, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ServerInfo)
+	err := c.cc.Invoke(ctx, Admin_GetServerInfo_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) GetLogger(ctx context.Context, in *GetLoggerRequest, opts ...grpc.CallOption) (*Logger, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Logger)
+	err := c.cc.Invoke(ctx, Admin_GetLogger_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) SetLogLevel(ctx context.Context, in *SetLogLevelRequest, opts ...grpc.CallOption) (*Logger, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Logger)
+	err := c.cc.Invoke(ctx, Admin_SetLogLevel_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) ResetLogLevel(ctx context.Context, in *ResetLogLevelRequest, opts ...grpc.CallOption) (*Logger, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Logger)
+	err := c.cc.Invoke(ctx, Admin_ResetLogLevel_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -427,6 +504,17 @@ type AdminServer interface {
 	DeleteFederatedBundle(context.Context, *DeleteFederatedBundleRequest) (*Bundle, error)
 	// StateHash digests this node's replicated state, for comparing nodes.
 	StateHash(context.Context, *StateHashRequest) (*StateHashResponse, error)
+	// Counts without listing (as SPIRE's agent count and bundle count).
+	CountAgents(context.Context, *CountAgentsRequest) (*CountAgentsResponse, error)
+	CountBundles(context.Context, *CountBundlesRequest) (*CountBundlesResponse, error)
+	// GetServerInfo describes the node serving this socket: build, cluster
+	// role, readiness and the size of its state (SPIRE's debug GetInfo).
+	GetServerInfo(context.Context, *GetServerInfoRequest) (*ServerInfo, error)
+	// The log level of the node serving this socket, changeable while it runs
+	// (SPIRE's logger get|set|reset).
+	GetLogger(context.Context, *GetLoggerRequest) (*Logger, error)
+	SetLogLevel(context.Context, *SetLogLevelRequest) (*Logger, error)
+	ResetLogLevel(context.Context, *ResetLogLevelRequest) (*Logger, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -520,6 +608,24 @@ func (UnimplementedAdminServer) DeleteFederatedBundle(context.Context, *DeleteFe
 }
 func (UnimplementedAdminServer) StateHash(context.Context, *StateHashRequest) (*StateHashResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method StateHash not implemented")
+}
+func (UnimplementedAdminServer) CountAgents(context.Context, *CountAgentsRequest) (*CountAgentsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CountAgents not implemented")
+}
+func (UnimplementedAdminServer) CountBundles(context.Context, *CountBundlesRequest) (*CountBundlesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CountBundles not implemented")
+}
+func (UnimplementedAdminServer) GetServerInfo(context.Context, *GetServerInfoRequest) (*ServerInfo, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetServerInfo not implemented")
+}
+func (UnimplementedAdminServer) GetLogger(context.Context, *GetLoggerRequest) (*Logger, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetLogger not implemented")
+}
+func (UnimplementedAdminServer) SetLogLevel(context.Context, *SetLogLevelRequest) (*Logger, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetLogLevel not implemented")
+}
+func (UnimplementedAdminServer) ResetLogLevel(context.Context, *ResetLogLevelRequest) (*Logger, error) {
+	return nil, status.Error(codes.Unimplemented, "method ResetLogLevel not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -1028,6 +1134,114 @@ func _Admin_StateHash_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_CountAgents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CountAgentsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).CountAgents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_CountAgents_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).CountAgents(ctx, req.(*CountAgentsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_CountBundles_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CountBundlesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).CountBundles(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_CountBundles_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).CountBundles(ctx, req.(*CountBundlesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_GetServerInfo_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetServerInfoRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).GetServerInfo(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_GetServerInfo_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).GetServerInfo(ctx, req.(*GetServerInfoRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_GetLogger_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetLoggerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).GetLogger(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_GetLogger_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).GetLogger(ctx, req.(*GetLoggerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_SetLogLevel_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetLogLevelRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).SetLogLevel(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_SetLogLevel_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).SetLogLevel(ctx, req.(*SetLogLevelRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_ResetLogLevel_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ResetLogLevelRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ResetLogLevel(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ResetLogLevel_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ResetLogLevel(ctx, req.(*ResetLogLevelRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1138,6 +1352,30 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "StateHash",
 			Handler:    _Admin_StateHash_Handler,
+		},
+		{
+			MethodName: "CountAgents",
+			Handler:    _Admin_CountAgents_Handler,
+		},
+		{
+			MethodName: "CountBundles",
+			Handler:    _Admin_CountBundles_Handler,
+		},
+		{
+			MethodName: "GetServerInfo",
+			Handler:    _Admin_GetServerInfo_Handler,
+		},
+		{
+			MethodName: "GetLogger",
+			Handler:    _Admin_GetLogger_Handler,
+		},
+		{
+			MethodName: "SetLogLevel",
+			Handler:    _Admin_SetLogLevel_Handler,
+		},
+		{
+			MethodName: "ResetLogLevel",
+			Handler:    _Admin_ResetLogLevel_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -703,9 +703,14 @@ type NodePut struct {
 	// refuse_active, when set, refuses the put while the node exists and holds
 	// an SVID that has not expired at the command's time: a node attestor whose
 	// proof could be replayed admits one agent per instance at a time.
-	RefuseActive  bool `protobuf:"varint,3,opt,name=refuse_active,json=refuseActive,proto3" json:"refuse_active,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	RefuseActive bool `protobuf:"varint,3,opt,name=refuse_active,json=refuseActive,proto3" json:"refuse_active,omitempty"`
+	// consume_join_token, when set, is the hash of the join token this
+	// attestation spends: the put applies only if the token is still there and
+	// unexpired, and deletes it in the same step. A token is thus spent only by
+	// an attestation that succeeds.
+	ConsumeJoinToken string `protobuf:"bytes,4,opt,name=consume_join_token,json=consumeJoinToken,proto3" json:"consume_join_token,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *NodePut) Reset() {
@@ -757,6 +762,13 @@ func (x *NodePut) GetRefuseActive() bool {
 		return x.RefuseActive
 	}
 	return false
+}
+
+func (x *NodePut) GetConsumeJoinToken() string {
+	if x != nil {
+		return x.ConsumeJoinToken
+	}
+	return ""
 }
 
 type NodeDelete struct {
@@ -1729,15 +1741,16 @@ type AppliedRequest struct {
 	Index        uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
 	TimeUnixNano int64                  `protobuf:"varint,3,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
 	Result       *CommandResult         `protobuf:"bytes,4,opt,name=result,proto3" json:"result,omitempty"`
-	// entry_ids and entry_revisions stand for result.entries, which is stored
-	// without them ("" for an absent one): the rows live in the entries table, and
-	// a deleted row must not stay in memory and in every snapshot for the dedup
-	// window. A retry is answered with the rows still at those revisions, and
-	// with only the ID and revision of the others (deleted or changed since).
-	EntryIds       []string `protobuf:"bytes,5,rep,name=entry_ids,json=entryIds,proto3" json:"entry_ids,omitempty"`
-	EntryRevisions []uint64 `protobuf:"varint,6,rep,packed,name=entry_revisions,json=entryRevisions,proto3" json:"entry_revisions,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// entry_refs stands for result.entries, which is stored without them: the
+	// rows live in the entries table, and a deleted row must not stay in memory
+	// and in every snapshot for the dedup window. It holds, per entry, a uvarint
+	// (0 for an absent entry, else the ID's length plus one), the ID and the
+	// revision as a uvarint: one allocation per command, not one per entry. A
+	// retry is answered with the rows still at those revisions, and with only the
+	// ID and revision of the others (deleted or changed since).
+	EntryRefs     []byte `protobuf:"bytes,5,opt,name=entry_refs,json=entryRefs,proto3" json:"entry_refs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *AppliedRequest) Reset() {
@@ -1798,16 +1811,9 @@ func (x *AppliedRequest) GetResult() *CommandResult {
 	return nil
 }
 
-func (x *AppliedRequest) GetEntryIds() []string {
+func (x *AppliedRequest) GetEntryRefs() []byte {
 	if x != nil {
-		return x.EntryIds
-	}
-	return nil
-}
-
-func (x *AppliedRequest) GetEntryRevisions() []uint64 {
-	if x != nil {
-		return x.EntryRevisions
+		return x.EntryRefs
 	}
 	return nil
 }
@@ -2600,11 +2606,12 @@ const file_commands_proto_rawDesc = "" +
 	"\x0fJoinTokenCreate\x12)\n" +
 	"\x05token\x18\x01 \x01(\v2\x13.ferry.v1.JoinTokenR\x05token\"&\n" +
 	"\x10JoinTokenConsume\x12\x12\n" +
-	"\x04hash\x18\x01 \x01(\tR\x04hash\"\x7f\n" +
+	"\x04hash\x18\x01 \x01(\tR\x04hash\"\xad\x01\n" +
 	"\aNodePut\x12*\n" +
 	"\x04node\x18\x01 \x01(\v2\x16.ferry.v1.AttestedNodeR\x04node\x12#\n" +
 	"\rexpect_serial\x18\x02 \x01(\tR\fexpectSerial\x12#\n" +
-	"\rrefuse_active\x18\x03 \x01(\bR\frefuseActive\")\n" +
+	"\rrefuse_active\x18\x03 \x01(\bR\frefuseActive\x12,\n" +
+	"\x12consume_join_token\x18\x04 \x01(\tR\x10consumeJoinToken\")\n" +
 	"\n" +
 	"NodeDelete\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\">\n" +
@@ -2671,15 +2678,15 @@ const file_commands_proto_rawDesc = "" +
 	"\vsigning_key\x18\x19 \x01(\v2\x14.ferry.v1.SigningKeyR\n" +
 	"signingKey\x12-\n" +
 	"\x05batch\x18\x1e \x03(\v2\x17.ferry.v1.CommandResultR\x05batch\x12Y\n" +
-	"\x17federation_relationship\x18( \x01(\v2 .ferry.v1.FederationRelationshipR\x16federationRelationship\"\xe2\x01\n" +
+	"\x17federation_relationship\x18( \x01(\v2 .ferry.v1.FederationRelationshipR\x16federationRelationship\"\xbb\x01\n" +
 	"\x0eAppliedRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12$\n" +
 	"\x0etime_unix_nano\x18\x03 \x01(\x03R\ftimeUnixNano\x12/\n" +
-	"\x06result\x18\x04 \x01(\v2\x17.ferry.v1.CommandResultR\x06result\x12\x1b\n" +
-	"\tentry_ids\x18\x05 \x03(\tR\bentryIds\x12'\n" +
-	"\x0fentry_revisions\x18\x06 \x03(\x04R\x0eentryRevisions\"5\n" +
+	"\x06result\x18\x04 \x01(\v2\x17.ferry.v1.CommandResultR\x06result\x12\x1d\n" +
+	"\n" +
+	"entry_refs\x18\x05 \x01(\fR\tentryRefs\"5\n" +
 	"\tTenantPut\x12(\n" +
 	"\x06tenant\x18\x01 \x01(\v2\x10.ferry.v1.TenantR\x06tenant\"\x1e\n" +
 	"\fTenantDelete\x12\x0e\n" +

@@ -1334,6 +1334,163 @@ func (x *ListResourcesResponse) GetResources() []*Resource {
 	return nil
 }
 
+type GetResourceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// resource: object ID, app ID, identifier URI or name of the resource.
+	Resource      string `protobuf:"bytes,1,opt,name=resource,proto3" json:"resource,omitempty"`
+	TenantId      string `protobuf:"bytes,2,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"` // as CreateIdentityRequest.tenant_id
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetResourceRequest) Reset() {
+	*x = GetResourceRequest{}
+	mi := &file_directory_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetResourceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetResourceRequest) ProtoMessage() {}
+
+func (x *GetResourceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_directory_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetResourceRequest.ProtoReflect.Descriptor instead.
+func (*GetResourceRequest) Descriptor() ([]byte, []int) {
+	return file_directory_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *GetResourceRequest) GetResource() string {
+	if x != nil {
+		return x.Resource
+	}
+	return ""
+}
+
+func (x *GetResourceRequest) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+type DeleteResourceRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Resource      string                 `protobuf:"bytes,1,opt,name=resource,proto3" json:"resource,omitempty"` // as GetResourceRequest.resource
+	TenantId      string                 `protobuf:"bytes,2,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	RequestId     string                 `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteResourceRequest) Reset() {
+	*x = DeleteResourceRequest{}
+	mi := &file_directory_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteResourceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteResourceRequest) ProtoMessage() {}
+
+func (x *DeleteResourceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_directory_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteResourceRequest.ProtoReflect.Descriptor instead.
+func (*DeleteResourceRequest) Descriptor() ([]byte, []int) {
+	return file_directory_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *DeleteResourceRequest) GetResource() string {
+	if x != nil {
+		return x.Resource
+	}
+	return ""
+}
+
+func (x *DeleteResourceRequest) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *DeleteResourceRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type DeleteResourceResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Resource      *Resource              `protobuf:"bytes,1,opt,name=resource,proto3" json:"resource,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteResourceResponse) Reset() {
+	*x = DeleteResourceResponse{}
+	mi := &file_directory_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteResourceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteResourceResponse) ProtoMessage() {}
+
+func (x *DeleteResourceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_directory_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteResourceResponse.ProtoReflect.Descriptor instead.
+func (*DeleteResourceResponse) Descriptor() ([]byte, []int) {
+	return file_directory_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *DeleteResourceResponse) GetResource() *Resource {
+	if x != nil {
+		return x.Resource
+	}
+	return nil
+}
+
 type AssignRoleRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Principal *IdentityRef           `protobuf:"bytes,1,opt,name=principal,proto3" json:"principal,omitempty"`
@@ -1348,7 +1505,7 @@ type AssignRoleRequest struct {
 
 func (x *AssignRoleRequest) Reset() {
 	*x = AssignRoleRequest{}
-	mi := &file_directory_proto_msgTypes[23]
+	mi := &file_directory_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1360,7 +1517,7 @@ func (x *AssignRoleRequest) String() string {
 func (*AssignRoleRequest) ProtoMessage() {}
 
 func (x *AssignRoleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[23]
+	mi := &file_directory_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1373,7 +1530,7 @@ func (x *AssignRoleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignRoleRequest.ProtoReflect.Descriptor instead.
 func (*AssignRoleRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{23}
+	return file_directory_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *AssignRoleRequest) GetPrincipal() *IdentityRef {
@@ -1414,7 +1571,7 @@ type ListRoleAssignmentsRequest struct {
 
 func (x *ListRoleAssignmentsRequest) Reset() {
 	*x = ListRoleAssignmentsRequest{}
-	mi := &file_directory_proto_msgTypes[24]
+	mi := &file_directory_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1426,7 +1583,7 @@ func (x *ListRoleAssignmentsRequest) String() string {
 func (*ListRoleAssignmentsRequest) ProtoMessage() {}
 
 func (x *ListRoleAssignmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[24]
+	mi := &file_directory_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1439,7 +1596,7 @@ func (x *ListRoleAssignmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRoleAssignmentsRequest.ProtoReflect.Descriptor instead.
 func (*ListRoleAssignmentsRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{24}
+	return file_directory_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListRoleAssignmentsRequest) GetPrincipal() *IdentityRef {
@@ -1465,7 +1622,7 @@ type ListRoleAssignmentsResponse struct {
 
 func (x *ListRoleAssignmentsResponse) Reset() {
 	*x = ListRoleAssignmentsResponse{}
-	mi := &file_directory_proto_msgTypes[25]
+	mi := &file_directory_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1477,7 +1634,7 @@ func (x *ListRoleAssignmentsResponse) String() string {
 func (*ListRoleAssignmentsResponse) ProtoMessage() {}
 
 func (x *ListRoleAssignmentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[25]
+	mi := &file_directory_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1490,7 +1647,7 @@ func (x *ListRoleAssignmentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRoleAssignmentsResponse.ProtoReflect.Descriptor instead.
 func (*ListRoleAssignmentsResponse) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{25}
+	return file_directory_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListRoleAssignmentsResponse) GetAssignments() []*RoleAssignment {
@@ -1509,7 +1666,7 @@ type DeleteRoleAssignmentRequest struct {
 
 func (x *DeleteRoleAssignmentRequest) Reset() {
 	*x = DeleteRoleAssignmentRequest{}
-	mi := &file_directory_proto_msgTypes[26]
+	mi := &file_directory_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1521,7 +1678,7 @@ func (x *DeleteRoleAssignmentRequest) String() string {
 func (*DeleteRoleAssignmentRequest) ProtoMessage() {}
 
 func (x *DeleteRoleAssignmentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[26]
+	mi := &file_directory_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1534,7 +1691,7 @@ func (x *DeleteRoleAssignmentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRoleAssignmentRequest.ProtoReflect.Descriptor instead.
 func (*DeleteRoleAssignmentRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{26}
+	return file_directory_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *DeleteRoleAssignmentRequest) GetId() string {
@@ -1552,7 +1709,7 @@ type DeleteRoleAssignmentResponse struct {
 
 func (x *DeleteRoleAssignmentResponse) Reset() {
 	*x = DeleteRoleAssignmentResponse{}
-	mi := &file_directory_proto_msgTypes[27]
+	mi := &file_directory_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1564,7 +1721,7 @@ func (x *DeleteRoleAssignmentResponse) String() string {
 func (*DeleteRoleAssignmentResponse) ProtoMessage() {}
 
 func (x *DeleteRoleAssignmentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[27]
+	mi := &file_directory_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1577,7 +1734,7 @@ func (x *DeleteRoleAssignmentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRoleAssignmentResponse.ProtoReflect.Descriptor instead.
 func (*DeleteRoleAssignmentResponse) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{27}
+	return file_directory_proto_rawDescGZIP(), []int{30}
 }
 
 type RetireSigningKeyRequest struct {
@@ -1589,7 +1746,7 @@ type RetireSigningKeyRequest struct {
 
 func (x *RetireSigningKeyRequest) Reset() {
 	*x = RetireSigningKeyRequest{}
-	mi := &file_directory_proto_msgTypes[28]
+	mi := &file_directory_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1601,7 +1758,7 @@ func (x *RetireSigningKeyRequest) String() string {
 func (*RetireSigningKeyRequest) ProtoMessage() {}
 
 func (x *RetireSigningKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[28]
+	mi := &file_directory_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1614,7 +1771,7 @@ func (x *RetireSigningKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetireSigningKeyRequest.ProtoReflect.Descriptor instead.
 func (*RetireSigningKeyRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{28}
+	return file_directory_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RetireSigningKeyRequest) GetKid() string {
@@ -1632,7 +1789,7 @@ type RetireSigningKeyResponse struct {
 
 func (x *RetireSigningKeyResponse) Reset() {
 	*x = RetireSigningKeyResponse{}
-	mi := &file_directory_proto_msgTypes[29]
+	mi := &file_directory_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1644,7 +1801,7 @@ func (x *RetireSigningKeyResponse) String() string {
 func (*RetireSigningKeyResponse) ProtoMessage() {}
 
 func (x *RetireSigningKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[29]
+	mi := &file_directory_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1657,7 +1814,7 @@ func (x *RetireSigningKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetireSigningKeyResponse.ProtoReflect.Descriptor instead.
 func (*RetireSigningKeyResponse) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{29}
+	return file_directory_proto_rawDescGZIP(), []int{32}
 }
 
 type WatchRequest struct {
@@ -1671,7 +1828,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_directory_proto_msgTypes[30]
+	mi := &file_directory_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1683,7 +1840,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[30]
+	mi := &file_directory_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1696,7 +1853,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{30}
+	return file_directory_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *WatchRequest) GetSinceRevision() uint64 {
@@ -1718,7 +1875,7 @@ type DirectoryIssuer struct {
 
 func (x *DirectoryIssuer) Reset() {
 	*x = DirectoryIssuer{}
-	mi := &file_directory_proto_msgTypes[31]
+	mi := &file_directory_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1730,7 +1887,7 @@ func (x *DirectoryIssuer) String() string {
 func (*DirectoryIssuer) ProtoMessage() {}
 
 func (x *DirectoryIssuer) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[31]
+	mi := &file_directory_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1743,7 +1900,7 @@ func (x *DirectoryIssuer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DirectoryIssuer.ProtoReflect.Descriptor instead.
 func (*DirectoryIssuer) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{31}
+	return file_directory_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *DirectoryIssuer) GetIssuer() string {
@@ -1777,7 +1934,7 @@ type DirectorySnapshot struct {
 
 func (x *DirectorySnapshot) Reset() {
 	*x = DirectorySnapshot{}
-	mi := &file_directory_proto_msgTypes[32]
+	mi := &file_directory_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1789,7 +1946,7 @@ func (x *DirectorySnapshot) String() string {
 func (*DirectorySnapshot) ProtoMessage() {}
 
 func (x *DirectorySnapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[32]
+	mi := &file_directory_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1802,7 +1959,7 @@ func (x *DirectorySnapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DirectorySnapshot.ProtoReflect.Descriptor instead.
 func (*DirectorySnapshot) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{32}
+	return file_directory_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *DirectorySnapshot) GetTenants() []*Tenant {
@@ -1881,7 +2038,7 @@ type DirectoryChange struct {
 
 func (x *DirectoryChange) Reset() {
 	*x = DirectoryChange{}
-	mi := &file_directory_proto_msgTypes[33]
+	mi := &file_directory_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1893,7 +2050,7 @@ func (x *DirectoryChange) String() string {
 func (*DirectoryChange) ProtoMessage() {}
 
 func (x *DirectoryChange) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[33]
+	mi := &file_directory_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1906,7 +2063,7 @@ func (x *DirectoryChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DirectoryChange.ProtoReflect.Descriptor instead.
 func (*DirectoryChange) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{33}
+	return file_directory_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *DirectoryChange) GetDeleted() bool {
@@ -2048,7 +2205,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_directory_proto_msgTypes[34]
+	mi := &file_directory_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2060,7 +2217,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_directory_proto_msgTypes[34]
+	mi := &file_directory_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2073,7 +2230,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_directory_proto_rawDescGZIP(), []int{34}
+	return file_directory_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *WatchResponse) GetRevision() uint64 {
@@ -2197,7 +2354,17 @@ const file_directory_proto_rawDesc = "" +
 	"\x14ListResourcesRequest\x12\x1b\n" +
 	"\ttenant_id\x18\x01 \x01(\tR\btenantId\"I\n" +
 	"\x15ListResourcesResponse\x120\n" +
-	"\tresources\x18\x01 \x03(\v2\x12.ferry.v1.ResourceR\tresources\"\x97\x01\n" +
+	"\tresources\x18\x01 \x03(\v2\x12.ferry.v1.ResourceR\tresources\"M\n" +
+	"\x12GetResourceRequest\x12\x1a\n" +
+	"\bresource\x18\x01 \x01(\tR\bresource\x12\x1b\n" +
+	"\ttenant_id\x18\x02 \x01(\tR\btenantId\"o\n" +
+	"\x15DeleteResourceRequest\x12\x1a\n" +
+	"\bresource\x18\x01 \x01(\tR\bresource\x12\x1b\n" +
+	"\ttenant_id\x18\x02 \x01(\tR\btenantId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"H\n" +
+	"\x16DeleteResourceResponse\x12.\n" +
+	"\bresource\x18\x01 \x01(\v2\x12.ferry.v1.ResourceR\bresource\"\x97\x01\n" +
 	"\x11AssignRoleRequest\x123\n" +
 	"\tprincipal\x18\x01 \x01(\v2\x15.ferry.v1.IdentityRefR\tprincipal\x12\x1a\n" +
 	"\bresource\x18\x02 \x01(\tR\bresource\x12\x12\n" +
@@ -2253,7 +2420,7 @@ const file_directory_proto_rawDesc = "" +
 	"\n" +
 	"PUT_CREATE\x10\x01\x12\x0e\n" +
 	"\n" +
-	"PUT_UPDATE\x10\x022\xc0\f\n" +
+	"PUT_UPDATE\x10\x022\xd6\r\n" +
 	"\tDirectory\x12?\n" +
 	"\fCreateTenant\x12\x1d.ferry.v1.CreateTenantRequest\x1a\x10.ferry.v1.Tenant\x12J\n" +
 	"\vListTenants\x12\x1c.ferry.v1.ListTenantsRequest\x1a\x1d.ferry.v1.ListTenantsResponse\x12E\n" +
@@ -2267,7 +2434,9 @@ const file_directory_proto_rawDesc = "" +
 	"\x18ListFederatedCredentials\x12).ferry.v1.ListFederatedCredentialsRequest\x1a*.ferry.v1.ListFederatedCredentialsResponse\x12t\n" +
 	"\x19DeleteFederatedCredential\x12*.ferry.v1.DeleteFederatedCredentialRequest\x1a+.ferry.v1.DeleteFederatedCredentialResponse\x12E\n" +
 	"\x0eCreateResource\x12\x1f.ferry.v1.CreateResourceRequest\x1a\x12.ferry.v1.Resource\x12P\n" +
-	"\rListResources\x12\x1e.ferry.v1.ListResourcesRequest\x1a\x1f.ferry.v1.ListResourcesResponse\x12C\n" +
+	"\rListResources\x12\x1e.ferry.v1.ListResourcesRequest\x1a\x1f.ferry.v1.ListResourcesResponse\x12?\n" +
+	"\vGetResource\x12\x1c.ferry.v1.GetResourceRequest\x1a\x12.ferry.v1.Resource\x12S\n" +
+	"\x0eDeleteResource\x12\x1f.ferry.v1.DeleteResourceRequest\x1a .ferry.v1.DeleteResourceResponse\x12C\n" +
 	"\n" +
 	"AssignRole\x12\x1b.ferry.v1.AssignRoleRequest\x1a\x18.ferry.v1.RoleAssignment\x12b\n" +
 	"\x13ListRoleAssignments\x12$.ferry.v1.ListRoleAssignmentsRequest\x1a%.ferry.v1.ListRoleAssignmentsResponse\x12e\n" +
@@ -2289,7 +2458,7 @@ func file_directory_proto_rawDescGZIP() []byte {
 }
 
 var file_directory_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_directory_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_directory_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_directory_proto_goTypes = []any{
 	(PutMode)(0),                              // 0: ferry.v1.PutMode
 	(*IdentityRef)(nil),                       // 1: ferry.v1.IdentityRef
@@ -2315,116 +2484,124 @@ var file_directory_proto_goTypes = []any{
 	(*CreateResourceRequest)(nil),             // 21: ferry.v1.CreateResourceRequest
 	(*ListResourcesRequest)(nil),              // 22: ferry.v1.ListResourcesRequest
 	(*ListResourcesResponse)(nil),             // 23: ferry.v1.ListResourcesResponse
-	(*AssignRoleRequest)(nil),                 // 24: ferry.v1.AssignRoleRequest
-	(*ListRoleAssignmentsRequest)(nil),        // 25: ferry.v1.ListRoleAssignmentsRequest
-	(*ListRoleAssignmentsResponse)(nil),       // 26: ferry.v1.ListRoleAssignmentsResponse
-	(*DeleteRoleAssignmentRequest)(nil),       // 27: ferry.v1.DeleteRoleAssignmentRequest
-	(*DeleteRoleAssignmentResponse)(nil),      // 28: ferry.v1.DeleteRoleAssignmentResponse
-	(*RetireSigningKeyRequest)(nil),           // 29: ferry.v1.RetireSigningKeyRequest
-	(*RetireSigningKeyResponse)(nil),          // 30: ferry.v1.RetireSigningKeyResponse
-	(*WatchRequest)(nil),                      // 31: ferry.v1.WatchRequest
-	(*DirectoryIssuer)(nil),                   // 32: ferry.v1.DirectoryIssuer
-	(*DirectorySnapshot)(nil),                 // 33: ferry.v1.DirectorySnapshot
-	(*DirectoryChange)(nil),                   // 34: ferry.v1.DirectoryChange
-	(*WatchResponse)(nil),                     // 35: ferry.v1.WatchResponse
-	(*Tenant)(nil),                            // 36: ferry.v1.Tenant
-	(*Identity)(nil),                          // 37: ferry.v1.Identity
-	(*FederatedCredential)(nil),               // 38: ferry.v1.FederatedCredential
-	(*Entry)(nil),                             // 39: ferry.v1.Entry
-	(*AttestedNode)(nil),                      // 40: ferry.v1.AttestedNode
-	(*RoleAssignment)(nil),                    // 41: ferry.v1.RoleAssignment
-	(*AppRole)(nil),                           // 42: ferry.v1.AppRole
-	(*Resource)(nil),                          // 43: ferry.v1.Resource
-	(*SigningKey)(nil),                        // 44: ferry.v1.SigningKey
-	(*Bundle)(nil),                            // 45: ferry.v1.Bundle
+	(*GetResourceRequest)(nil),                // 24: ferry.v1.GetResourceRequest
+	(*DeleteResourceRequest)(nil),             // 25: ferry.v1.DeleteResourceRequest
+	(*DeleteResourceResponse)(nil),            // 26: ferry.v1.DeleteResourceResponse
+	(*AssignRoleRequest)(nil),                 // 27: ferry.v1.AssignRoleRequest
+	(*ListRoleAssignmentsRequest)(nil),        // 28: ferry.v1.ListRoleAssignmentsRequest
+	(*ListRoleAssignmentsResponse)(nil),       // 29: ferry.v1.ListRoleAssignmentsResponse
+	(*DeleteRoleAssignmentRequest)(nil),       // 30: ferry.v1.DeleteRoleAssignmentRequest
+	(*DeleteRoleAssignmentResponse)(nil),      // 31: ferry.v1.DeleteRoleAssignmentResponse
+	(*RetireSigningKeyRequest)(nil),           // 32: ferry.v1.RetireSigningKeyRequest
+	(*RetireSigningKeyResponse)(nil),          // 33: ferry.v1.RetireSigningKeyResponse
+	(*WatchRequest)(nil),                      // 34: ferry.v1.WatchRequest
+	(*DirectoryIssuer)(nil),                   // 35: ferry.v1.DirectoryIssuer
+	(*DirectorySnapshot)(nil),                 // 36: ferry.v1.DirectorySnapshot
+	(*DirectoryChange)(nil),                   // 37: ferry.v1.DirectoryChange
+	(*WatchResponse)(nil),                     // 38: ferry.v1.WatchResponse
+	(*Tenant)(nil),                            // 39: ferry.v1.Tenant
+	(*Identity)(nil),                          // 40: ferry.v1.Identity
+	(*FederatedCredential)(nil),               // 41: ferry.v1.FederatedCredential
+	(*Entry)(nil),                             // 42: ferry.v1.Entry
+	(*AttestedNode)(nil),                      // 43: ferry.v1.AttestedNode
+	(*RoleAssignment)(nil),                    // 44: ferry.v1.RoleAssignment
+	(*AppRole)(nil),                           // 45: ferry.v1.AppRole
+	(*Resource)(nil),                          // 46: ferry.v1.Resource
+	(*SigningKey)(nil),                        // 47: ferry.v1.SigningKey
+	(*Bundle)(nil),                            // 48: ferry.v1.Bundle
 }
 var file_directory_proto_depIdxs = []int32{
-	36, // 0: ferry.v1.ListTenantsResponse.tenants:type_name -> ferry.v1.Tenant
+	39, // 0: ferry.v1.ListTenantsResponse.tenants:type_name -> ferry.v1.Tenant
 	1,  // 1: ferry.v1.GetIdentityRequest.identity:type_name -> ferry.v1.IdentityRef
-	37, // 2: ferry.v1.ListIdentitiesResponse.identities:type_name -> ferry.v1.Identity
+	40, // 2: ferry.v1.ListIdentitiesResponse.identities:type_name -> ferry.v1.Identity
 	1,  // 3: ferry.v1.DeleteIdentityRequest.identity:type_name -> ferry.v1.IdentityRef
-	37, // 4: ferry.v1.DeleteIdentityResponse.identity:type_name -> ferry.v1.Identity
+	40, // 4: ferry.v1.DeleteIdentityResponse.identity:type_name -> ferry.v1.Identity
 	1,  // 5: ferry.v1.ShowIdentityRequest.identity:type_name -> ferry.v1.IdentityRef
-	37, // 6: ferry.v1.IdentityUsage.identity:type_name -> ferry.v1.Identity
-	38, // 7: ferry.v1.IdentityUsage.credentials:type_name -> ferry.v1.FederatedCredential
+	40, // 6: ferry.v1.IdentityUsage.identity:type_name -> ferry.v1.Identity
+	41, // 7: ferry.v1.IdentityUsage.credentials:type_name -> ferry.v1.FederatedCredential
 	13, // 8: ferry.v1.IdentityUsage.workloads:type_name -> ferry.v1.IdentityWorkload
 	14, // 9: ferry.v1.IdentityUsage.role_assignments:type_name -> ferry.v1.IdentityRoleAssignment
-	39, // 10: ferry.v1.IdentityUsage.owner_entry:type_name -> ferry.v1.Entry
-	40, // 11: ferry.v1.IdentityUsage.owner_agent:type_name -> ferry.v1.AttestedNode
-	39, // 12: ferry.v1.IdentityWorkload.entry:type_name -> ferry.v1.Entry
-	41, // 13: ferry.v1.IdentityRoleAssignment.assignment:type_name -> ferry.v1.RoleAssignment
+	42, // 10: ferry.v1.IdentityUsage.owner_entry:type_name -> ferry.v1.Entry
+	43, // 11: ferry.v1.IdentityUsage.owner_agent:type_name -> ferry.v1.AttestedNode
+	42, // 12: ferry.v1.IdentityWorkload.entry:type_name -> ferry.v1.Entry
+	44, // 13: ferry.v1.IdentityRoleAssignment.assignment:type_name -> ferry.v1.RoleAssignment
 	1,  // 14: ferry.v1.PutFederatedCredentialRequest.identity:type_name -> ferry.v1.IdentityRef
-	38, // 15: ferry.v1.PutFederatedCredentialRequest.credential:type_name -> ferry.v1.FederatedCredential
+	41, // 15: ferry.v1.PutFederatedCredentialRequest.credential:type_name -> ferry.v1.FederatedCredential
 	0,  // 16: ferry.v1.PutFederatedCredentialRequest.mode:type_name -> ferry.v1.PutMode
 	1,  // 17: ferry.v1.GetFederatedCredentialRequest.identity:type_name -> ferry.v1.IdentityRef
 	1,  // 18: ferry.v1.ListFederatedCredentialsRequest.identity:type_name -> ferry.v1.IdentityRef
-	38, // 19: ferry.v1.ListFederatedCredentialsResponse.credentials:type_name -> ferry.v1.FederatedCredential
+	41, // 19: ferry.v1.ListFederatedCredentialsResponse.credentials:type_name -> ferry.v1.FederatedCredential
 	1,  // 20: ferry.v1.DeleteFederatedCredentialRequest.identity:type_name -> ferry.v1.IdentityRef
-	42, // 21: ferry.v1.CreateResourceRequest.app_roles:type_name -> ferry.v1.AppRole
-	43, // 22: ferry.v1.ListResourcesResponse.resources:type_name -> ferry.v1.Resource
-	1,  // 23: ferry.v1.AssignRoleRequest.principal:type_name -> ferry.v1.IdentityRef
-	1,  // 24: ferry.v1.ListRoleAssignmentsRequest.principal:type_name -> ferry.v1.IdentityRef
-	41, // 25: ferry.v1.ListRoleAssignmentsResponse.assignments:type_name -> ferry.v1.RoleAssignment
-	36, // 26: ferry.v1.DirectorySnapshot.tenants:type_name -> ferry.v1.Tenant
-	37, // 27: ferry.v1.DirectorySnapshot.identities:type_name -> ferry.v1.Identity
-	38, // 28: ferry.v1.DirectorySnapshot.federated_credentials:type_name -> ferry.v1.FederatedCredential
-	43, // 29: ferry.v1.DirectorySnapshot.resources:type_name -> ferry.v1.Resource
-	41, // 30: ferry.v1.DirectorySnapshot.role_assignments:type_name -> ferry.v1.RoleAssignment
-	44, // 31: ferry.v1.DirectorySnapshot.signing_keys:type_name -> ferry.v1.SigningKey
-	45, // 32: ferry.v1.DirectorySnapshot.bundles:type_name -> ferry.v1.Bundle
-	32, // 33: ferry.v1.DirectorySnapshot.issuers:type_name -> ferry.v1.DirectoryIssuer
-	36, // 34: ferry.v1.DirectoryChange.tenant:type_name -> ferry.v1.Tenant
-	37, // 35: ferry.v1.DirectoryChange.identity:type_name -> ferry.v1.Identity
-	38, // 36: ferry.v1.DirectoryChange.federated_credential:type_name -> ferry.v1.FederatedCredential
-	43, // 37: ferry.v1.DirectoryChange.resource:type_name -> ferry.v1.Resource
-	41, // 38: ferry.v1.DirectoryChange.role_assignment:type_name -> ferry.v1.RoleAssignment
-	44, // 39: ferry.v1.DirectoryChange.signing_key:type_name -> ferry.v1.SigningKey
-	45, // 40: ferry.v1.DirectoryChange.bundle:type_name -> ferry.v1.Bundle
-	33, // 41: ferry.v1.WatchResponse.snapshot:type_name -> ferry.v1.DirectorySnapshot
-	34, // 42: ferry.v1.WatchResponse.changes:type_name -> ferry.v1.DirectoryChange
-	2,  // 43: ferry.v1.Directory.CreateTenant:input_type -> ferry.v1.CreateTenantRequest
-	3,  // 44: ferry.v1.Directory.ListTenants:input_type -> ferry.v1.ListTenantsRequest
-	5,  // 45: ferry.v1.Directory.CreateIdentity:input_type -> ferry.v1.CreateIdentityRequest
-	6,  // 46: ferry.v1.Directory.GetIdentity:input_type -> ferry.v1.GetIdentityRequest
-	7,  // 47: ferry.v1.Directory.ListIdentities:input_type -> ferry.v1.ListIdentitiesRequest
-	9,  // 48: ferry.v1.Directory.DeleteIdentity:input_type -> ferry.v1.DeleteIdentityRequest
-	11, // 49: ferry.v1.Directory.ShowIdentity:input_type -> ferry.v1.ShowIdentityRequest
-	15, // 50: ferry.v1.Directory.PutFederatedCredential:input_type -> ferry.v1.PutFederatedCredentialRequest
-	16, // 51: ferry.v1.Directory.GetFederatedCredential:input_type -> ferry.v1.GetFederatedCredentialRequest
-	17, // 52: ferry.v1.Directory.ListFederatedCredentials:input_type -> ferry.v1.ListFederatedCredentialsRequest
-	19, // 53: ferry.v1.Directory.DeleteFederatedCredential:input_type -> ferry.v1.DeleteFederatedCredentialRequest
-	21, // 54: ferry.v1.Directory.CreateResource:input_type -> ferry.v1.CreateResourceRequest
-	22, // 55: ferry.v1.Directory.ListResources:input_type -> ferry.v1.ListResourcesRequest
-	24, // 56: ferry.v1.Directory.AssignRole:input_type -> ferry.v1.AssignRoleRequest
-	25, // 57: ferry.v1.Directory.ListRoleAssignments:input_type -> ferry.v1.ListRoleAssignmentsRequest
-	27, // 58: ferry.v1.Directory.DeleteRoleAssignment:input_type -> ferry.v1.DeleteRoleAssignmentRequest
-	31, // 59: ferry.v1.Directory.Watch:input_type -> ferry.v1.WatchRequest
-	44, // 60: ferry.v1.Directory.PublishSigningKey:input_type -> ferry.v1.SigningKey
-	29, // 61: ferry.v1.Directory.RetireSigningKey:input_type -> ferry.v1.RetireSigningKeyRequest
-	36, // 62: ferry.v1.Directory.CreateTenant:output_type -> ferry.v1.Tenant
-	4,  // 63: ferry.v1.Directory.ListTenants:output_type -> ferry.v1.ListTenantsResponse
-	37, // 64: ferry.v1.Directory.CreateIdentity:output_type -> ferry.v1.Identity
-	37, // 65: ferry.v1.Directory.GetIdentity:output_type -> ferry.v1.Identity
-	8,  // 66: ferry.v1.Directory.ListIdentities:output_type -> ferry.v1.ListIdentitiesResponse
-	10, // 67: ferry.v1.Directory.DeleteIdentity:output_type -> ferry.v1.DeleteIdentityResponse
-	12, // 68: ferry.v1.Directory.ShowIdentity:output_type -> ferry.v1.IdentityUsage
-	38, // 69: ferry.v1.Directory.PutFederatedCredential:output_type -> ferry.v1.FederatedCredential
-	38, // 70: ferry.v1.Directory.GetFederatedCredential:output_type -> ferry.v1.FederatedCredential
-	18, // 71: ferry.v1.Directory.ListFederatedCredentials:output_type -> ferry.v1.ListFederatedCredentialsResponse
-	20, // 72: ferry.v1.Directory.DeleteFederatedCredential:output_type -> ferry.v1.DeleteFederatedCredentialResponse
-	43, // 73: ferry.v1.Directory.CreateResource:output_type -> ferry.v1.Resource
-	23, // 74: ferry.v1.Directory.ListResources:output_type -> ferry.v1.ListResourcesResponse
-	41, // 75: ferry.v1.Directory.AssignRole:output_type -> ferry.v1.RoleAssignment
-	26, // 76: ferry.v1.Directory.ListRoleAssignments:output_type -> ferry.v1.ListRoleAssignmentsResponse
-	28, // 77: ferry.v1.Directory.DeleteRoleAssignment:output_type -> ferry.v1.DeleteRoleAssignmentResponse
-	35, // 78: ferry.v1.Directory.Watch:output_type -> ferry.v1.WatchResponse
-	44, // 79: ferry.v1.Directory.PublishSigningKey:output_type -> ferry.v1.SigningKey
-	30, // 80: ferry.v1.Directory.RetireSigningKey:output_type -> ferry.v1.RetireSigningKeyResponse
-	62, // [62:81] is the sub-list for method output_type
-	43, // [43:62] is the sub-list for method input_type
-	43, // [43:43] is the sub-list for extension type_name
-	43, // [43:43] is the sub-list for extension extendee
-	0,  // [0:43] is the sub-list for field type_name
+	45, // 21: ferry.v1.CreateResourceRequest.app_roles:type_name -> ferry.v1.AppRole
+	46, // 22: ferry.v1.ListResourcesResponse.resources:type_name -> ferry.v1.Resource
+	46, // 23: ferry.v1.DeleteResourceResponse.resource:type_name -> ferry.v1.Resource
+	1,  // 24: ferry.v1.AssignRoleRequest.principal:type_name -> ferry.v1.IdentityRef
+	1,  // 25: ferry.v1.ListRoleAssignmentsRequest.principal:type_name -> ferry.v1.IdentityRef
+	44, // 26: ferry.v1.ListRoleAssignmentsResponse.assignments:type_name -> ferry.v1.RoleAssignment
+	39, // 27: ferry.v1.DirectorySnapshot.tenants:type_name -> ferry.v1.Tenant
+	40, // 28: ferry.v1.DirectorySnapshot.identities:type_name -> ferry.v1.Identity
+	41, // 29: ferry.v1.DirectorySnapshot.federated_credentials:type_name -> ferry.v1.FederatedCredential
+	46, // 30: ferry.v1.DirectorySnapshot.resources:type_name -> ferry.v1.Resource
+	44, // 31: ferry.v1.DirectorySnapshot.role_assignments:type_name -> ferry.v1.RoleAssignment
+	47, // 32: ferry.v1.DirectorySnapshot.signing_keys:type_name -> ferry.v1.SigningKey
+	48, // 33: ferry.v1.DirectorySnapshot.bundles:type_name -> ferry.v1.Bundle
+	35, // 34: ferry.v1.DirectorySnapshot.issuers:type_name -> ferry.v1.DirectoryIssuer
+	39, // 35: ferry.v1.DirectoryChange.tenant:type_name -> ferry.v1.Tenant
+	40, // 36: ferry.v1.DirectoryChange.identity:type_name -> ferry.v1.Identity
+	41, // 37: ferry.v1.DirectoryChange.federated_credential:type_name -> ferry.v1.FederatedCredential
+	46, // 38: ferry.v1.DirectoryChange.resource:type_name -> ferry.v1.Resource
+	44, // 39: ferry.v1.DirectoryChange.role_assignment:type_name -> ferry.v1.RoleAssignment
+	47, // 40: ferry.v1.DirectoryChange.signing_key:type_name -> ferry.v1.SigningKey
+	48, // 41: ferry.v1.DirectoryChange.bundle:type_name -> ferry.v1.Bundle
+	36, // 42: ferry.v1.WatchResponse.snapshot:type_name -> ferry.v1.DirectorySnapshot
+	37, // 43: ferry.v1.WatchResponse.changes:type_name -> ferry.v1.DirectoryChange
+	2,  // 44: ferry.v1.Directory.CreateTenant:input_type -> ferry.v1.CreateTenantRequest
+	3,  // 45: ferry.v1.Directory.ListTenants:input_type -> ferry.v1.ListTenantsRequest
+	5,  // 46: ferry.v1.Directory.CreateIdentity:input_type -> ferry.v1.CreateIdentityRequest
+	6,  // 47: ferry.v1.Directory.GetIdentity:input_type -> ferry.v1.GetIdentityRequest
+	7,  // 48: ferry.v1.Directory.ListIdentities:input_type -> ferry.v1.ListIdentitiesRequest
+	9,  // 49: ferry.v1.Directory.DeleteIdentity:input_type -> ferry.v1.DeleteIdentityRequest
+	11, // 50: ferry.v1.Directory.ShowIdentity:input_type -> ferry.v1.ShowIdentityRequest
+	15, // 51: ferry.v1.Directory.PutFederatedCredential:input_type -> ferry.v1.PutFederatedCredentialRequest
+	16, // 52: ferry.v1.Directory.GetFederatedCredential:input_type -> ferry.v1.GetFederatedCredentialRequest
+	17, // 53: ferry.v1.Directory.ListFederatedCredentials:input_type -> ferry.v1.ListFederatedCredentialsRequest
+	19, // 54: ferry.v1.Directory.DeleteFederatedCredential:input_type -> ferry.v1.DeleteFederatedCredentialRequest
+	21, // 55: ferry.v1.Directory.CreateResource:input_type -> ferry.v1.CreateResourceRequest
+	22, // 56: ferry.v1.Directory.ListResources:input_type -> ferry.v1.ListResourcesRequest
+	24, // 57: ferry.v1.Directory.GetResource:input_type -> ferry.v1.GetResourceRequest
+	25, // 58: ferry.v1.Directory.DeleteResource:input_type -> ferry.v1.DeleteResourceRequest
+	27, // 59: ferry.v1.Directory.AssignRole:input_type -> ferry.v1.AssignRoleRequest
+	28, // 60: ferry.v1.Directory.ListRoleAssignments:input_type -> ferry.v1.ListRoleAssignmentsRequest
+	30, // 61: ferry.v1.Directory.DeleteRoleAssignment:input_type -> ferry.v1.DeleteRoleAssignmentRequest
+	34, // 62: ferry.v1.Directory.Watch:input_type -> ferry.v1.WatchRequest
+	47, // 63: ferry.v1.Directory.PublishSigningKey:input_type -> ferry.v1.SigningKey
+	32, // 64: ferry.v1.Directory.RetireSigningKey:input_type -> ferry.v1.RetireSigningKeyRequest
+	39, // 65: ferry.v1.Directory.CreateTenant:output_type -> ferry.v1.Tenant
+	4,  // 66: ferry.v1.Directory.ListTenants:output_type -> ferry.v1.ListTenantsResponse
+	40, // 67: ferry.v1.Directory.CreateIdentity:output_type -> ferry.v1.Identity
+	40, // 68: ferry.v1.Directory.GetIdentity:output_type -> ferry.v1.Identity
+	8,  // 69: ferry.v1.Directory.ListIdentities:output_type -> ferry.v1.ListIdentitiesResponse
+	10, // 70: ferry.v1.Directory.DeleteIdentity:output_type -> ferry.v1.DeleteIdentityResponse
+	12, // 71: ferry.v1.Directory.ShowIdentity:output_type -> ferry.v1.IdentityUsage
+	41, // 72: ferry.v1.Directory.PutFederatedCredential:output_type -> ferry.v1.FederatedCredential
+	41, // 73: ferry.v1.Directory.GetFederatedCredential:output_type -> ferry.v1.FederatedCredential
+	18, // 74: ferry.v1.Directory.ListFederatedCredentials:output_type -> ferry.v1.ListFederatedCredentialsResponse
+	20, // 75: ferry.v1.Directory.DeleteFederatedCredential:output_type -> ferry.v1.DeleteFederatedCredentialResponse
+	46, // 76: ferry.v1.Directory.CreateResource:output_type -> ferry.v1.Resource
+	23, // 77: ferry.v1.Directory.ListResources:output_type -> ferry.v1.ListResourcesResponse
+	46, // 78: ferry.v1.Directory.GetResource:output_type -> ferry.v1.Resource
+	26, // 79: ferry.v1.Directory.DeleteResource:output_type -> ferry.v1.DeleteResourceResponse
+	44, // 80: ferry.v1.Directory.AssignRole:output_type -> ferry.v1.RoleAssignment
+	29, // 81: ferry.v1.Directory.ListRoleAssignments:output_type -> ferry.v1.ListRoleAssignmentsResponse
+	31, // 82: ferry.v1.Directory.DeleteRoleAssignment:output_type -> ferry.v1.DeleteRoleAssignmentResponse
+	38, // 83: ferry.v1.Directory.Watch:output_type -> ferry.v1.WatchResponse
+	47, // 84: ferry.v1.Directory.PublishSigningKey:output_type -> ferry.v1.SigningKey
+	33, // 85: ferry.v1.Directory.RetireSigningKey:output_type -> ferry.v1.RetireSigningKeyResponse
+	65, // [65:86] is the sub-list for method output_type
+	44, // [44:65] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_directory_proto_init() }
@@ -2433,7 +2610,7 @@ func file_directory_proto_init() {
 		return
 	}
 	file_types_proto_init()
-	file_directory_proto_msgTypes[33].OneofWrappers = []any{
+	file_directory_proto_msgTypes[36].OneofWrappers = []any{
 		(*DirectoryChange_Tenant)(nil),
 		(*DirectoryChange_Identity)(nil),
 		(*DirectoryChange_FederatedCredential)(nil),
@@ -2448,7 +2625,7 @@ func file_directory_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_directory_proto_rawDesc), len(file_directory_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   35,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -37,6 +37,8 @@ const (
 	Directory_DeleteFederatedCredential_FullMethodName = "/ferry.v1.Directory/DeleteFederatedCredential"
 	Directory_CreateResource_FullMethodName            = "/ferry.v1.Directory/CreateResource"
 	Directory_ListResources_FullMethodName             = "/ferry.v1.Directory/ListResources"
+	Directory_GetResource_FullMethodName               = "/ferry.v1.Directory/GetResource"
+	Directory_DeleteResource_FullMethodName            = "/ferry.v1.Directory/DeleteResource"
 	Directory_AssignRole_FullMethodName                = "/ferry.v1.Directory/AssignRole"
 	Directory_ListRoleAssignments_FullMethodName       = "/ferry.v1.Directory/ListRoleAssignments"
 	Directory_DeleteRoleAssignment_FullMethodName      = "/ferry.v1.Directory/DeleteRoleAssignment"
@@ -65,6 +67,9 @@ type DirectoryClient interface {
 	DeleteFederatedCredential(ctx context.Context, in *DeleteFederatedCredentialRequest, opts ...grpc.CallOption) (*DeleteFederatedCredentialResponse, error)
 	CreateResource(ctx context.Context, in *CreateResourceRequest, opts ...grpc.CallOption) (*Resource, error)
 	ListResources(ctx context.Context, in *ListResourcesRequest, opts ...grpc.CallOption) (*ListResourcesResponse, error)
+	GetResource(ctx context.Context, in *GetResourceRequest, opts ...grpc.CallOption) (*Resource, error)
+	// DeleteResource deletes a resource with every role assignment of its app roles.
+	DeleteResource(ctx context.Context, in *DeleteResourceRequest, opts ...grpc.CallOption) (*DeleteResourceResponse, error)
 	AssignRole(ctx context.Context, in *AssignRoleRequest, opts ...grpc.CallOption) (*RoleAssignment, error)
 	ListRoleAssignments(ctx context.Context, in *ListRoleAssignmentsRequest, opts ...grpc.CallOption) (*ListRoleAssignmentsResponse, error)
 	DeleteRoleAssignment(ctx context.Context, in *DeleteRoleAssignmentRequest, opts ...grpc.CallOption) (*DeleteRoleAssignmentResponse, error)
@@ -214,6 +219,26 @@ func (c *directoryClient) ListResources(ctx context.Context, in *ListResourcesRe
 	return out, nil
 }
 
+func (c *directoryClient) GetResource(ctx context.Context, in *GetResourceRequest, opts ...grpc.CallOption) (*Resource, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Resource)
+	err := c.cc.Invoke(ctx, Directory_GetResource_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *directoryClient) DeleteResource(ctx context.Context, in *DeleteResourceRequest, opts ...grpc.CallOption) (*DeleteResourceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteResourceResponse)
+	err := c.cc.Invoke(ctx, Directory_DeleteResource_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *directoryClient) AssignRole(ctx context.Context, in *AssignRoleRequest, opts ...grpc.CallOption) (*RoleAssignment, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(RoleAssignment)
@@ -303,6 +328,9 @@ type DirectoryServer interface {
 	DeleteFederatedCredential(context.Context, *DeleteFederatedCredentialRequest) (*DeleteFederatedCredentialResponse, error)
 	CreateResource(context.Context, *CreateResourceRequest) (*Resource, error)
 	ListResources(context.Context, *ListResourcesRequest) (*ListResourcesResponse, error)
+	GetResource(context.Context, *GetResourceRequest) (*Resource, error)
+	// DeleteResource deletes a resource with every role assignment of its app roles.
+	DeleteResource(context.Context, *DeleteResourceRequest) (*DeleteResourceResponse, error)
 	AssignRole(context.Context, *AssignRoleRequest) (*RoleAssignment, error)
 	ListRoleAssignments(context.Context, *ListRoleAssignmentsRequest) (*ListRoleAssignmentsResponse, error)
 	DeleteRoleAssignment(context.Context, *DeleteRoleAssignmentRequest) (*DeleteRoleAssignmentResponse, error)
@@ -360,6 +388,12 @@ func (UnimplementedDirectoryServer) CreateResource(context.Context, *CreateResou
 }
 func (UnimplementedDirectoryServer) ListResources(context.Context, *ListResourcesRequest) (*ListResourcesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListResources not implemented")
+}
+func (UnimplementedDirectoryServer) GetResource(context.Context, *GetResourceRequest) (*Resource, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetResource not implemented")
+}
+func (UnimplementedDirectoryServer) DeleteResource(context.Context, *DeleteResourceRequest) (*DeleteResourceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteResource not implemented")
 }
 func (UnimplementedDirectoryServer) AssignRole(context.Context, *AssignRoleRequest) (*RoleAssignment, error) {
 	return nil, status.Error(codes.Unimplemented, "method AssignRole not implemented")
@@ -634,6 +668,42 @@ func _Directory_ListResources_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Directory_GetResource_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetResourceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DirectoryServer).GetResource(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Directory_GetResource_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DirectoryServer).GetResource(ctx, req.(*GetResourceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Directory_DeleteResource_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteResourceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DirectoryServer).DeleteResource(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Directory_DeleteResource_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DirectoryServer).DeleteResource(ctx, req.(*DeleteResourceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Directory_AssignRole_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(AssignRoleRequest)
 	if err := dec(in); err != nil {
@@ -793,6 +863,14 @@ var Directory_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListResources",
 			Handler:    _Directory_ListResources_Handler,
+		},
+		{
+			MethodName: "GetResource",
+			Handler:    _Directory_GetResource_Handler,
+		},
+		{
+			MethodName: "DeleteResource",
+			Handler:    _Directory_DeleteResource_Handler,
 		},
 		{
 			MethodName: "AssignRole",

@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"strconv"
 
 	"github.com/google/uuid"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -16,6 +18,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/ferry-id/ferry/internal/logging"
+	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/state"
 )
@@ -54,13 +58,24 @@ type Config struct {
 	// the credential binding a system-assigned identity to its owner. Without
 	// it, system-assigned identities cannot be enabled.
 	JWTIssuer string
+	// Info describes this node for GetServerInfo: build, cluster role and
+	// readiness (the API adds the size of the state). Nil leaves them empty.
+	Info func() *ferrypb.ServerInfo
+	// LogLevel is this node's logger level, for GetLogger, SetLogLevel and
+	// ResetLogLevel; nil refuses them.
+	LogLevel *logging.Level
+	// Selectors checks entry selectors; nil is every compiled-in attestor's
+	// (catalog.Selectors()). A server narrows the node class to the node
+	// attestors it runs.
+	Selectors *selector.Registry
 }
 
 // Admin implements ferrypb.AdminServer.
 type Admin struct {
 	ferrypb.UnimplementedAdminServer
-	cfg Config
-	log *slog.Logger
+	cfg     Config
+	log     *slog.Logger
+	entries EntryRules
 }
 
 var _ ferrypb.AdminServer = (*Admin)(nil)
@@ -76,19 +91,38 @@ func NewAdmin(cfg Config) (*Admin, error) {
 	if cfg.MaxBatch <= 0 {
 		cfg.MaxBatch = 1000
 	}
-	return &Admin{cfg: cfg, log: cfg.Logger}, nil
+	if cfg.TrustDomain.IsZero() && cfg.Authority != nil {
+		cfg.TrustDomain = cfg.Authority.TrustDomain()
+	}
+	return &Admin{cfg: cfg, log: cfg.Logger, entries: EntryRules{TrustDomain: cfg.TrustDomain, Selectors: cfg.Selectors}}, nil
 }
 
 // ClusterJoin asks this node to join the cluster a member of which listens at the
 // given address.
 func (a *Admin) ClusterJoin(ctx context.Context, req *ferrypb.ClusterJoinRequest) (*ferrypb.ClusterJoinResponse, error) {
-	if req.Address == "" {
-		return nil, status.Error(codes.InvalidArgument, "address is required")
+	if err := CheckClusterAddress(req.Address); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	if err := a.cfg.Cluster.Join(ctx, req.Address); err != nil {
 		return nil, toStatus(err)
 	}
 	return &ferrypb.ClusterJoinResponse{}, nil
+}
+
+// CheckClusterAddress checks a server's cluster address: host:port with a
+// host and a port from 1 to 65535.
+func CheckClusterAddress(addr string) error {
+	if addr == "" {
+		return errors.New("address is required")
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("address %q: want host:port (%v)", addr, err)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 || host == "" {
+		return fmt.Errorf("address %q: want host:port with a port from 1 to 65535", addr)
+	}
+	return nil
 }
 
 func (a *Admin) ClusterList(ctx context.Context, _ *ferrypb.ClusterListRequest) (*ferrypb.ClusterListResponse, error) {
@@ -276,7 +310,7 @@ func (a *Admin) batchEntries(ctx context.Context, requestID string, in []*ferryp
 	var valid []*ferrypb.Entry
 	var pos []int
 	for i, e := range in {
-		if err := state.ValidateEntry(e); err != nil {
+		if err := a.checkEntry(e); err != nil {
 			resp.Results[i] = &ferrypb.Status{Code: int32(codes.InvalidArgument), Message: "invalid entry: " + err.Error()}
 			continue
 		}
@@ -308,6 +342,14 @@ func (a *Admin) batchEntries(ctx context.Context, requestID string, in []*ferryp
 		resp.Index = res.Index
 	}
 	return resp, nil
+}
+
+// checkEntry checks an entry with its ID assigned.
+func (a *Admin) checkEntry(e *ferrypb.Entry) error {
+	if err := state.ValidateEntry(e); err != nil {
+		return err
+	}
+	return a.entries.Check(e)
 }
 
 func chunks[T any](in []T, size int) [][]T {
@@ -343,15 +385,22 @@ func (a *Admin) GetEntry(ctx context.Context, req *ferrypb.GetEntryRequest) (*fe
 	return e, nil
 }
 
-const maxPageSize = 10000
+// MaxPageSize is the most entries ListEntries returns in one page.
+const MaxPageSize = 10000
 
 func (a *Admin) ListEntries(ctx context.Context, req *ferrypb.ListEntriesRequest) (*ferrypb.ListEntriesResponse, error) {
 	if err := a.read(ctx, req.Consistency); err != nil {
 		return nil, err
 	}
+	if err := a.entries.CheckFilter(req.BySpiffeId, req.ByParentId, req.BySelectors); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if req.PageSize < 0 || req.PageSize > MaxPageSize {
+		return nil, status.Errorf(codes.InvalidArgument, "page_size must be from 1 to %d (0: the largest)", MaxPageSize)
+	}
 	size := int(req.PageSize)
-	if size <= 0 || size > maxPageSize {
-		size = maxPageSize
+	if size == 0 {
+		size = MaxPageSize
 	}
 	entries, next := a.cfg.Store.View().ListEntries(state.EntryFilter{
 		SpiffeID:  req.BySpiffeId,

@@ -108,31 +108,42 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 	return a, nil
 }
 
+// Attestors returns the names of the node attestors this server runs, sorted.
+func (a *Agent) Attestors() []string {
+	out := make([]string, 0, len(a.attestors))
+	for name := range a.attestors {
+		out = append(out, name)
+	}
+	slices.Sort(out)
+	return out
+}
+
 // ServerID is the SPIFFE ID of the trust domain's servers (node-alias entries
 // are parented on it).
 func ServerID(td spiffeid.TrustDomain) spiffeid.ID {
 	return spiffeid.RequireFromPath(td, ca.ServerPath)
 }
 
-// ClusterTokens consumes join tokens through the Raft log, so one token admits
-// one agent across the whole cluster.
-type ClusterTokens struct{ Cluster Cluster }
+// ClusterTokens looks join tokens up in the replicated state. A token this
+// node does not hold yet is looked up again after a read barrier, so one just
+// created through another server is found. Tokens are spent by the NodePut
+// that records the attested agent (see node.Result.JoinTokenHash).
+type ClusterTokens struct {
+	Cluster Cluster
+	Store   *state.Store
+}
 
-func (t ClusterTokens) Consume(ctx context.Context, hash string) (*ferrypb.JoinToken, error) {
-	res, err := t.Cluster.Apply(ctx, &ferrypb.Command{Op: &ferrypb.Command_JoinTokenConsume{JoinTokenConsume: &ferrypb.JoinTokenConsume{Hash: hash}}})
-	if err != nil {
+func (t ClusterTokens) Lookup(ctx context.Context, hash string) (*ferrypb.JoinToken, error) {
+	if jt := t.Store.View().JoinToken(hash); jt != nil {
+		return jt, nil
+	}
+	if err := t.Cluster.VerifyRead(ctx); err != nil {
 		return nil, err
 	}
-	switch codes.Code(res.GetStatus().GetCode()) {
-	case codes.OK:
-		return res.JoinToken, nil
-	case codes.NotFound:
-		return nil, jointoken.ErrUnknown
-	case codes.PermissionDenied:
-		return nil, jointoken.ErrExpired
-	default:
-		return nil, status.Error(codes.Code(res.Status.Code), res.Status.Message)
+	if jt := t.Store.View().JoinToken(hash); jt != nil {
+		return jt, nil
 	}
+	return nil, jointoken.ErrUnknown
 }
 
 // AttestAgent runs one node attestation: params, then any challenges, then the
@@ -198,15 +209,22 @@ func (a *Agent) AttestAgent(stream ferrypb.Agent_AttestAgentServer) error {
 	if err != nil {
 		return status.Errorf(codes.Unavailable, "signing agent SVID: %v", err)
 	}
+	// The join token, if any, is spent by this write and only by it: every
+	// refusal above left it usable.
 	put, err := a.cfg.Cluster.Apply(ctx, &ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: &ferrypb.AttestedNode{
 		SpiffeId:        res.AgentID.String(),
 		AttestationType: params.Attestor,
 		CertSerial:      chain[0].SerialNumber.String(),
 		CertNotAfter:    chain[0].NotAfter.Unix(),
 		Selectors:       res.Selectors,
-	}, RefuseActive: res.SingleAgent}}})
+	}, RefuseActive: res.SingleAgent, ConsumeJoinToken: res.JoinTokenHash}}})
 	if err != nil {
 		return toStatus(err)
+	}
+	if st := put.GetStatus(); res.JoinTokenHash != "" && codes.Code(st.GetCode()) != codes.OK {
+		// Another attestation spent the token first, or it expired meanwhile.
+		a.log.Warn("node attestation failed", "attestor", params.Attestor, "token_hash", res.JoinTokenHash, "error", st.GetMessage())
+		return status.Errorf(codes.PermissionDenied, "node attestation failed: %s", st.GetMessage())
 	}
 	if err := resultError(put); err != nil {
 		return err

@@ -15,6 +15,7 @@ import (
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/ca"
+	"github.com/ferry-id/ferry/server/state"
 )
 
 // AuthorityManager is what the Admin API needs from this node's CA (*ca.CA):
@@ -33,13 +34,9 @@ type AuthorityManager interface {
 
 var _ AuthorityManager = (*ca.CA)(nil)
 
-// maxMintTTL caps the lifetime of an SVID minted through the admin API; the
+// MaxMintTTL caps the lifetime of an SVID minted through the admin API; the
 // CA caps it further at its authority's end.
-const maxMintTTL = 30 * 24 * time.Hour
-
-// reservedPathPrefix holds the server's and agents' own IDs, which operators
-// may not mint.
-const reservedPathPrefix = "/spire/"
+const MaxMintTTL = 30 * 24 * time.Hour
 
 func (a *Admin) authority() (AuthorityManager, error) {
 	if a.cfg.Authority == nil {
@@ -181,24 +178,30 @@ func (a *Admin) MintJWTSVID(_ context.Context, req *ferrypb.MintJWTSVIDRequest) 
 }
 
 func mintArgs(td spiffeid.TrustDomain, rawID string, ttlSeconds int64) (spiffeid.ID, time.Duration, error) {
+	if err := CheckMint(td, rawID, ttlSeconds); err != nil {
+		return spiffeid.ID{}, 0, status.Error(codes.InvalidArgument, err.Error())
+	}
+	return spiffeid.RequireFromString(rawID), time.Duration(ttlSeconds) * time.Second, nil
+}
+
+// CheckMint checks the SPIFFE ID and lifetime of an SVID minted through the
+// admin API: a workload ID in td (a zero td skips that part, for clients that
+// do not know the server's; see ca.CheckWorkloadID) and a lifetime from 0 (the
+// server's default) to MaxMintTTL.
+func CheckMint(td spiffeid.TrustDomain, rawID string, ttlSeconds int64) error {
 	if rawID == "" {
-		return spiffeid.ID{}, 0, status.Error(codes.InvalidArgument, "spiffe_id is required")
+		return errors.New("spiffe_id is required")
 	}
-	id, err := spiffeid.FromString(rawID)
-	if err != nil {
-		return spiffeid.ID{}, 0, status.Errorf(codes.InvalidArgument, "spiffe_id: %v", err)
+	if err := state.ValidateSPIFFEID(rawID); err != nil {
+		return fmt.Errorf("spiffe_id: %w", err)
 	}
-	if !id.MemberOf(td) {
-		return spiffeid.ID{}, 0, status.Errorf(codes.InvalidArgument, "spiffe_id %s is not in trust domain %s", id, td)
+	if err := ca.CheckWorkloadID(td, spiffeid.RequireFromString(rawID)); err != nil {
+		return fmt.Errorf("spiffe_id: %w", err)
 	}
-	if strings.HasPrefix(id.Path(), reservedPathPrefix) {
-		return spiffeid.ID{}, 0, status.Errorf(codes.InvalidArgument, "spiffe_id %s uses the reserved path %s", id, reservedPathPrefix)
+	if ttlSeconds < 0 || time.Duration(ttlSeconds)*time.Second > MaxMintTTL {
+		return fmt.Errorf("ttl must be between 0 (the default) and %s", MaxMintTTL)
 	}
-	ttl := time.Duration(ttlSeconds) * time.Second
-	if ttlSeconds < 0 || ttl > maxMintTTL {
-		return spiffeid.ID{}, 0, status.Errorf(codes.InvalidArgument, "ttl must be between 0 (the default) and %s", maxMintTTL)
-	}
-	return id, ttl, nil
+	return nil
 }
 
 // SetFederatedBundle replaces a federated trust domain's bundle. Our own

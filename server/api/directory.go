@@ -216,13 +216,34 @@ func (d *Directory) ListTenants(context.Context, *ferrypb.ListTenantsRequest) (*
 	return &ferrypb.ListTenantsResponse{Tenants: d.cfg.Store.View().Tenants()}, nil
 }
 
+// ErrEnabledOnOwner refuses creating a system-assigned identity.
+var ErrEnabledOnOwner = fmt.Errorf("a %s identity is enabled on its owner, not created: ferry entry create|update --system-assigned-identity, or ferry agent identity enable", state.KindSystemAssigned)
+
+// CheckCreateIdentity checks the name and kind of an identity to create (""
+// is user-assigned).
+func CheckCreateIdentity(name, kind string) error {
+	if !state.ValidIdentityName(name) {
+		return fmt.Errorf("identity name %q must be %d-%d characters of A-Z, a-z, 0-9, '-' and '_', starting with a letter or digit", name, state.MinIdentityName, state.MaxIdentityName)
+	}
+	switch kind {
+	case "", state.KindUserAssigned, state.KindApplication:
+		return nil
+	case state.KindSystemAssigned:
+		return ErrEnabledOnOwner
+	}
+	return fmt.Errorf("identity kind %q: want %s or %s", kind, state.KindUserAssigned, state.KindApplication)
+}
+
 // CreateIdentity creates an identity with new object and client IDs.
 func (d *Directory) CreateIdentity(ctx context.Context, req *ferrypb.CreateIdentityRequest) (*ferrypb.Identity, error) {
-	if !state.ValidIdentityName(req.Name) {
-		return nil, status.Errorf(codes.InvalidArgument, "identity name %q must be %d-%d characters of A-Z, a-z, 0-9, '-' and '_', starting with a letter or digit", req.Name, state.MinIdentityName, state.MaxIdentityName)
+	if err := CheckCreateIdentity(req.Name, req.Kind); err != nil {
+		if errors.Is(err, ErrEnabledOnOwner) {
+			return nil, status.Error(codes.FailedPrecondition, err.Error())
+		}
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	if req.Kind == state.KindSystemAssigned || req.OwnerSpiffeId != "" || req.OwnerEntryId != "" {
-		return nil, status.Errorf(codes.FailedPrecondition, "a %s identity is enabled on its owner, not created: ferry entry create|update --system-assigned-identity, or ferry agent identity enable", state.KindSystemAssigned)
+	if req.OwnerSpiffeId != "" || req.OwnerEntryId != "" {
+		return nil, status.Error(codes.FailedPrecondition, ErrEnabledOnOwner.Error())
 	}
 	tenant, err := d.tenant(ctx, req.TenantId, true)
 	if err != nil {
@@ -476,6 +497,34 @@ func (d *Directory) ListResources(_ context.Context, req *ferrypb.ListResourcesR
 		}
 	}
 	return &ferrypb.ListResourcesResponse{Resources: d.cfg.Store.View().Resources(tenant)}, nil
+}
+
+// GetResource finds a resource by object ID, app ID, identifier URI or name.
+func (d *Directory) GetResource(ctx context.Context, req *ferrypb.GetResourceRequest) (*ferrypb.Resource, error) {
+	tenant, err := d.tenant(ctx, req.TenantId, false)
+	if err != nil {
+		return nil, err
+	}
+	return d.resource(d.cfg.Store.View(), tenant, req.Resource)
+}
+
+// DeleteResource deletes a resource with every role assignment of its app
+// roles: tokens for it are no longer issued.
+func (d *Directory) DeleteResource(ctx context.Context, req *ferrypb.DeleteResourceRequest) (*ferrypb.DeleteResourceResponse, error) {
+	tenant, err := d.tenant(ctx, req.TenantId, false)
+	if err != nil {
+		return nil, err
+	}
+	r, err := d.resource(d.cfg.Store.View(), tenant, req.Resource)
+	if err != nil {
+		return nil, err
+	}
+	res, err := d.apply(ctx, req.RequestId, &ferrypb.Command{Op: &ferrypb.Command_ResourceDelete{ResourceDelete: &ferrypb.ResourceDelete{ObjectId: r.ObjectId}}})
+	if err != nil {
+		return nil, err
+	}
+	d.log.Info("resource deleted", "object_id", r.ObjectId, "name", r.Name, "tenant", tenant)
+	return &ferrypb.DeleteResourceResponse{Resource: res.Resource}, nil
 }
 
 // resource finds a resource of the tenant by object ID, app ID, identifier URI

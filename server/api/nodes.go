@@ -2,29 +2,32 @@ package api
 
 import (
 	"context"
+	"fmt"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/state"
 )
 
-// maxJoinTokenTTL caps how long a join token stays usable.
-const maxJoinTokenTTL = 7 * 24 * time.Hour
+// MaxJoinTokenTTL caps how long a join token stays usable.
+const MaxJoinTokenTTL = 7 * 24 * time.Hour
 
 // CreateJoinToken makes a one-time join token. Only its hash enters the log; the
 // token itself is returned once, here.
 func (a *Admin) CreateJoinToken(ctx context.Context, req *ferrypb.CreateJoinTokenRequest) (*ferrypb.CreateJoinTokenResponse, error) {
 	ttl := time.Duration(req.TtlSeconds) * time.Second
-	if ttl <= 0 || ttl > maxJoinTokenTTL {
-		return nil, status.Errorf(codes.InvalidArgument, "ttl must be between 1s and %s", maxJoinTokenTTL)
+	if ttl <= 0 || ttl > MaxJoinTokenTTL {
+		return nil, status.Errorf(codes.InvalidArgument, "ttl must be between 1s and %s", MaxJoinTokenTTL)
 	}
 	if req.SpiffeId != "" {
-		if err := state.ValidateSPIFFEID(req.SpiffeId); err != nil {
-			return nil, status.Errorf(codes.InvalidArgument, "spiffe_id: %v", err)
+		if err := CheckJoinTokenID(a.cfg.TrustDomain, req.SpiffeId); err != nil {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
 		}
 	}
 	token, err := jointoken.Generate()
@@ -42,6 +45,20 @@ func (a *Admin) CreateJoinToken(ctx context.Context, req *ferrypb.CreateJoinToke
 		return nil, err
 	}
 	return &ferrypb.CreateJoinTokenResponse{Token: token, ExpiresAt: expires}, nil
+}
+
+// CheckJoinTokenID reports whether id may be the agent ID a join token
+// attests to: a canonical SPIFFE ID that is an agent ID in td (a zero td, for
+// clients that do not know the server's, skips that part). Attestation would
+// refuse any other, so the token is refused when it is made.
+func CheckJoinTokenID(td spiffeid.TrustDomain, raw string) error {
+	if err := state.ValidateSPIFFEID(raw); err != nil {
+		return fmt.Errorf("spiffe_id: %w", err)
+	}
+	if err := node.CheckAgentID(td, spiffeid.RequireFromString(raw)); err != nil {
+		return fmt.Errorf("spiffe_id: %w", err)
+	}
+	return nil
 }
 
 func (a *Admin) ListAgents(ctx context.Context, _ *ferrypb.ListAgentsRequest) (*ferrypb.ListAgentsResponse, error) {

@@ -34,6 +34,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/ferry-id/ferry/attestors/node"
+
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
 
@@ -51,7 +53,7 @@ const (
 	// ServerPath is the path of every ferry server's own SVID.
 	ServerPath = "/spire/server"
 	// AgentPathPrefix starts the path of every agent SVID.
-	AgentPathPrefix = "/spire/agent/"
+	AgentPathPrefix = node.AgentPathPrefix
 	// reservedPathPrefix may not start a workload SVID's path.
 	reservedPathPrefix = "/spire/"
 )

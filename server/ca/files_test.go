@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/ferry-id/ferry/internal/roottest"
 	"github.com/ferry-id/ferry/server/ca"
 )
 
@@ -91,11 +92,9 @@ func TestOrphanKeyFilesRemoved(t *testing.T) {
 // while the dir's parents are world-searchable, so only the CA's own modes
 // stand in the way.
 func TestOtherUserCannotReadKeys(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to run a child under another uid")
-	}
+	roottest.Require(t)
 	if _, err := exec.LookPath("cat"); err != nil {
-		t.Skip("no cat")
+		roottest.Skipf(t, "cat is not installed")
 	}
 	e := newReadyEnv(t, nil)
 	for d := filepath.Dir(e.cfg.DataDir); d != "/" && d != os.TempDir(); d = filepath.Dir(d) {

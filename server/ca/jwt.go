@@ -47,16 +47,11 @@ func newJWTSigner(a *authority) *jwtSigner {
 // override any of those. A zero ttl means the configured default; the token
 // never outlives its key.
 func (c *CA) MintJWTSVID(id spiffeid.ID, audience []string, ttl time.Duration, extra map[string]any) (*JWTSVID, error) {
-	if err := c.checkMember(id); err != nil {
-		return nil, err
+	if err := CheckMemberID(c.td, id); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
-	if len(audience) == 0 || len(audience) > maxAudiences {
-		return nil, fmt.Errorf("%w: need 1 to %d audiences, got %d", ErrInvalidRequest, maxAudiences, len(audience))
-	}
-	for _, a := range audience {
-		if a == "" {
-			return nil, fmt.Errorf("%w: empty audience", ErrInvalidRequest)
-		}
+	if err := CheckAudiences(audience); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
 	if ttl < 0 {
 		return nil, fmt.Errorf("%w: negative TTL", ErrInvalidRequest)

@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/ferry-id/ferry/internal/securedir"
 )
 
 // stateFileName holds the slot state; keys sit beside it, one file each.
@@ -38,17 +40,15 @@ type authorityRecord struct {
 	Certificate []byte    `json:"certificate,omitempty"`
 }
 
-// prepareDir creates dir 0700, or tightens an existing one to 0700.
+// prepareDir creates dir 0700, or tightens an existing one to 0700, after
+// making sure no other user can change it or any directory above it.
 func prepareDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("ca: create data dir: %w", err)
+	if err := securedir.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("ca: data dir: %w", err)
 	}
 	fi, err := os.Stat(dir)
 	if err != nil {
 		return fmt.Errorf("ca: data dir: %w", err)
-	}
-	if !fi.IsDir() {
-		return fmt.Errorf("ca: data dir %s is not a directory", dir)
 	}
 	if fi.Mode().Perm() != 0o700 {
 		if err := os.Chmod(dir, 0o700); err != nil {

@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/ferry-id/ferry/attestors/node"
 )
 
 const (
@@ -174,11 +176,8 @@ func (c *CA) SignWorkloadX509SVID(csr []byte, id spiffeid.ID, dnsNames []string,
 // SignAgentX509SVID signs an agent's X509-SVID; id must be under
 // AgentPathPrefix. Callers holding a CSR use ParseCSR first.
 func (c *CA) SignAgentX509SVID(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) ([]*x509.Certificate, error) {
-	if err := c.checkMember(id); err != nil {
-		return nil, err
-	}
-	if !strings.HasPrefix(id.Path(), AgentPathPrefix) || len(id.Path()) == len(AgentPathPrefix) {
-		return nil, fmt.Errorf("%w: agent ID %s is not under %s", ErrInvalidRequest, id, AgentPathPrefix)
+	if err := node.CheckAgentID(c.td, id); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
 	if err := checkSubjectKey(pub); err != nil {
 		return nil, err
@@ -195,22 +194,9 @@ func (c *CA) SignServerX509SVID(pub crypto.PublicKey, dnsNames []string, ttl tim
 	return c.signX509SVID(pub, c.ServerID(), dnsNames, ttl)
 }
 
-func (c *CA) checkMember(id spiffeid.ID) error {
-	if id.IsZero() || !id.MemberOf(c.td) {
-		return fmt.Errorf("%w: SPIFFE ID %q is not in trust domain %s", ErrInvalidRequest, id.String(), c.td)
-	}
-	if id.Path() == "" {
-		return fmt.Errorf("%w: SPIFFE ID %s has no path", ErrInvalidRequest, id)
-	}
-	return nil
-}
-
 func (c *CA) checkWorkloadID(id spiffeid.ID) error {
-	if err := c.checkMember(id); err != nil {
-		return err
-	}
-	if strings.HasPrefix(id.Path(), reservedPathPrefix) {
-		return fmt.Errorf("%w: workload SPIFFE ID %s uses the reserved path %s", ErrInvalidRequest, id, reservedPathPrefix)
+	if err := CheckWorkloadID(c.td, id); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
 	return nil
 }
@@ -268,13 +254,8 @@ func svidTemplate(pub crypto.PublicKey, id spiffeid.ID, dnsNames []string, now, 
 }
 
 func checkDNSNames(names []string) error {
-	if len(names) > maxDNSNames {
-		return fmt.Errorf("%w: %d DNS names (at most %d)", ErrInvalidRequest, len(names), maxDNSNames)
-	}
-	for _, n := range names {
-		if !validDNSName(n) {
-			return fmt.Errorf("%w: invalid DNS name %q", ErrInvalidRequest, n)
-		}
+	if err := CheckDNSNames(names); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
 	return nil
 }

@@ -10,7 +10,8 @@ import (
 // store, so replication to followers and the FSM rarely read the disk. Unlike
 // raft.LogCache it is bounded in bytes as well as in entries: one entry can
 // be a batch of 1,000 registration entries (up to 512 KiB), and 512 such
-// entries held a quarter of a gigabyte of history, deleted rows included.
+// entries held a quarter of a gigabyte of history. It keeps copies of the
+// entries, not the pointers Raft hands it (see StoreLogs).
 // It also tells a counter (the snapshot trigger) the size of every entry
 // stored. It is safe for concurrent use.
 type logCache struct {
@@ -74,7 +75,11 @@ func (c *logCache) StoreLogs(logs []*raft.Log) error {
 			// start over from this one.
 			c.logs, c.bytes = nil, 0
 		}
-		c.logs = append(c.logs, l)
+		// A copy: Raft hands the leader's entries as pointers into their
+		// apply futures, and keeping those would keep every command's result
+		// (deleted rows included) for as long as the entry is cached.
+		cp := *l
+		c.logs = append(c.logs, &cp)
 		c.bytes += logSize(l)
 	}
 	drop, bytes := 0, c.bytes

@@ -94,6 +94,31 @@ func TestLogCacheBounds(t *testing.T) {
 	}
 }
 
+// The cache keeps its own copy of each entry: Raft's entries live inside
+// their apply futures, with the command's result, which the cache must not
+// keep alive (a batch delete's result holds every deleted row).
+func TestLogCacheCopiesEntries(t *testing.T) {
+	c := newLogCache(raft.NewInmemStore(), 8, 1<<20, nil)
+	type future struct {
+		log      raft.Log
+		response []byte
+	}
+	f := &future{log: raft.Log{Index: 1, Term: 1, Type: raft.LogCommand, Data: []byte("cmd")}, response: make([]byte, 1<<20)}
+	if err := c.StoreLogs([]*raft.Log{&f.log}); err != nil {
+		t.Fatal(err)
+	}
+	c.mu.RLock()
+	held := c.logs[0]
+	c.mu.RUnlock()
+	if held == &f.log {
+		t.Fatal("the cache holds the pointer Raft gave it (and so the future around it)")
+	}
+	var l raft.Log
+	if err := c.GetLog(1, &l); err != nil || string(l.Data) != "cmd" {
+		t.Fatalf("GetLog: %q %v", l.Data, err)
+	}
+}
+
 // Raft must learn that the store behind the cache is monotonic (raft-wal),
 // or it leaves old entries behind after installing a snapshot and the next
 // append leaves a gap the store refuses.

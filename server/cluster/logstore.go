@@ -24,12 +24,13 @@ const (
 
 // logCacheSize and logCacheBytes bound the recent entries kept in memory in
 // front of the store, so replication to followers rarely reads the disk
-// (Consul keeps 512 entries). 4 MiB holds the last 512 small commands, or the
-// last 20 or so batches of 1,000 entries: what a follower a moment behind
-// needs.
+// (Consul keeps 512 entries). 1 MiB holds the last 512 small commands, or the
+// last five batches of 1,000 entries: what a follower a moment behind needs;
+// one further behind reads the log store, which holds the rest in the page
+// cache.
 const (
 	logCacheSize  = 512
-	logCacheBytes = 4 << 20
+	logCacheBytes = 1 << 20
 )
 
 // logStore is the opened log and stable store.

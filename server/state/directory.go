@@ -171,6 +171,15 @@ func ValidIdentityName(name string) bool {
 	return true
 }
 
+// ValidateDisplayName checks a tenant's or resource's display name as the
+// FSM does.
+func ValidateDisplayName(s string) error {
+	if err := validDisplayName(s); err != nil {
+		return fmt.Errorf("name %w", err)
+	}
+	return nil
+}
+
 // validDisplayName: 1-256 characters of valid UTF-8 without control characters
 // or surrounding whitespace.
 func validDisplayName(s string) error {
@@ -298,6 +307,13 @@ func validateIdentity(in *ferrypb.Identity) error {
 	if !ValidGUID(in.TenantId) {
 		return fmt.Errorf("tenant_id %q is not a GUID", in.TenantId)
 	}
+	return ValidateIdentityContent(in)
+}
+
+// ValidateIdentityContent checks what a caller writes of an identity (name,
+// kind, owner, resource ID), as the FSM does; the IDs the server assigns are
+// not checked.
+func ValidateIdentityContent(in *ferrypb.Identity) error {
 	if !ValidIdentityName(in.Name) {
 		return fmt.Errorf("name %q must be %d-%d characters of A-Z, a-z, 0-9, '-' and '_', starting with a letter or digit", in.Name, MinIdentityName, MaxIdentityName)
 	}
@@ -546,6 +562,18 @@ func validateResource(r *ferrypb.Resource) error {
 	if !ValidGUID(r.TenantId) {
 		return fmt.Errorf("tenant_id %q is not a GUID", r.TenantId)
 	}
+	for i, ar := range r.AppRoles {
+		if ar == nil || !ValidGUID(ar.Id) {
+			return fmt.Errorf("app role %d: id is not a GUID", i)
+		}
+	}
+	return ValidateResourceContent(r)
+}
+
+// ValidateResourceContent checks what a caller writes of a resource (name,
+// identifier URIs, app role values and display names), as the FSM does; the
+// IDs the server assigns are not checked.
+func ValidateResourceContent(r *ferrypb.Resource) error {
 	if err := validDisplayName(r.Name); err != nil {
 		return fmt.Errorf("name %w", err)
 	}
@@ -564,8 +592,8 @@ func validateResource(r *ferrypb.Resource) error {
 		return fmt.Errorf("more than %d app roles", MaxAppRoles)
 	}
 	for i, ar := range r.AppRoles {
-		if ar == nil || !ValidGUID(ar.Id) {
-			return fmt.Errorf("app role %d: id is not a GUID", i)
+		if ar == nil {
+			return fmt.Errorf("app role %d is empty", i)
 		}
 		if !validAppRoleValue(ar.Value) {
 			return fmt.Errorf("app role value %q must be 1-%d printable ASCII characters without space, '\"' or '\\', not starting with '.'", ar.Value, MaxAppRoleValue)
@@ -576,7 +604,7 @@ func validateResource(r *ferrypb.Resource) error {
 			}
 		}
 		for _, o := range r.AppRoles[:i] {
-			if o.Id == ar.Id {
+			if o.Id == ar.Id && ar.Id != "" {
 				return fmt.Errorf("app role id %s is listed twice", ar.Id)
 			}
 			if o.Value == ar.Value {

@@ -21,13 +21,22 @@ const (
 	maxHintLength    = 1024
 )
 
-// ValidateEntry checks an entry as the API receives it. The FSM runs the same check,
-// so a command that slips past an API is still refused the same way on every node.
+// ValidateEntry checks an entry's shape. The FSM runs it on every command, so a
+// command that slips past an API is still refused the same way on every node;
+// the API checks more first (api.EntryRules: the trust domain, the CA's rules,
+// the selector registry), which the FSM does not repeat, so that entries
+// written before a rule existed stay readable.
 func ValidateEntry(e *ferrypb.Entry) error {
 	if e.GetId() == "" {
 		return fmt.Errorf("entry id is required")
 	}
-	if len(e.Id) > maxEntryIDLength {
+	return ValidateEntryContent(e)
+}
+
+// ValidateEntryContent is ValidateEntry for an entry that may still lack its
+// ID (the server assigns one on create).
+func ValidateEntryContent(e *ferrypb.Entry) error {
+	if len(e.GetId()) > maxEntryIDLength {
 		return fmt.Errorf("entry id is longer than %d bytes", maxEntryIDLength)
 	}
 	if err := ValidateSPIFFEID(e.SpiffeId); err != nil {

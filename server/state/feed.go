@@ -49,7 +49,7 @@ var ErrCompacted = errors.New("state: changes since that index were compacted; r
 // bytes of rows it may keep (see feed.budget).
 const (
 	defaultFeedWindow = 1 << 16
-	defaultFeedBytes  = 1 << 20
+	defaultFeedBytes  = 64 << 10
 )
 
 // feed is the in-memory window of recent changes. Appends come from the FSM's one

@@ -32,7 +32,8 @@ func (a *applier) createJoinToken(t *ferrypb.JoinToken) *ferrypb.CommandResult {
 }
 
 // consumeJoinToken deletes the token and returns it. The log orders concurrent
-// attempts, so exactly one of them finds the token.
+// attempts, so exactly one of them finds the token. An expired token is
+// deleted too: it can never be used.
 func (a *applier) consumeJoinToken(hash string) *ferrypb.CommandResult {
 	raw, err := a.txn.First(TableJoinTokens, "id", hash)
 	must(err)
@@ -78,6 +79,13 @@ func (a *applier) putNode(p *ferrypb.NodePut) *ferrypb.CommandResult {
 			return &ferrypb.CommandResult{Status: status(codes.PermissionDenied,
 				"agent %s is already attested and its SVID is valid until %s; evict it first, or allow re-attestation in the attestor's configuration",
 				n.SpiffeId, time.Unix(until, 0).UTC().Format(time.RFC3339))}
+		}
+	}
+	if h := p.ConsumeJoinToken; h != "" {
+		// Spent here, with the agent recorded, or not at all: last, after
+		// every other reason to refuse.
+		if res := a.consumeJoinToken(h); codes.Code(res.Status.GetCode()) != codes.OK {
+			return res
 		}
 	}
 	row := proto.Clone(n).(*ferrypb.AttestedNode)

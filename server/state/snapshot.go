@@ -306,6 +306,9 @@ func decodeRows(hr *hashingReader, batches chan<- []snapshotRow, stop <-chan str
 		if err := proto.Unmarshal(body, row); err != nil {
 			return 0, fmt.Errorf("%w: %s row: %v", ErrBadSnapshot, t.table, err)
 		}
+		if ar, ok := row.(*ferrypb.AppliedRequest); ok && ar.Result != nil {
+			ar.Result.Items = shareOK(ar.Result.Items)
+		}
 		rowBytes += int64(n)
 		batch = append(batch, snapshotRow{t.table, row})
 		if len(batch) == batchRows && !send() {

@@ -2,6 +2,7 @@ package state
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -28,7 +29,7 @@ type Config struct {
 	DedupWindow time.Duration
 	// FeedWindow is how many changes the change feed keeps at most (65,536 if
 	// 0). It also keeps no more bytes of rows than the state's rows take, or
-	// FeedBytes (1 MiB if 0) if more.
+	// FeedBytes (64 KiB if 0) if more.
 	FeedWindow int
 	FeedBytes  int64
 }
@@ -46,8 +47,10 @@ type Store struct {
 	db      *memdb.MemDB
 	feed    *feed
 	applied atomic.Uint64
-	// rowBytes is the encoded size of every row of db.
-	rowBytes atomic.Int64
+	// rowBytes is the encoded size of every row of db; appliedBytes the size
+	// of the log entries applied since the store was made.
+	rowBytes     atomic.Int64
+	appliedBytes atomic.Uint64
 	// appliedCh is closed and replaced whenever applied moves.
 	appliedCh chan struct{}
 }
@@ -85,6 +88,10 @@ func New(cfg Config) (*Store, error) {
 	s.feed = newFeed(s.feedWindow, cfg.FeedBytes, 0)
 	return s, nil
 }
+
+// AppliedBytes is the size of the log entries applied since the store was
+// made (a snapshot restore does not count): how much writing it has seen.
+func (s *Store) AppliedBytes() uint64 { return s.appliedBytes.Load() }
 
 // StateBytes is the encoded size of the state's rows: what a snapshot of it
 // holds, give or take framing.
@@ -149,6 +156,11 @@ func (s *Store) ApplyBatch(logs []*raft.Log) []any {
 		delta += rowSize(c.After) - rowSize(c.Before)
 	}
 	last := logs[len(logs)-1].Index
+	var n uint64
+	for _, l := range logs {
+		n += uint64(len(l.Data))
+	}
+	s.appliedBytes.Add(n)
 	s.mu.Lock()
 	txn.Commit()
 	rows := s.rowBytes.Add(delta)
@@ -227,42 +239,80 @@ func (s *Store) applyCommand(txn *memdb.Txn, index uint64, cmd *ferrypb.Command)
 // (see ferrypb.AppliedRequest).
 func appliedRequest(cmd *ferrypb.Command, index uint64, res *ferrypb.CommandResult) *ferrypb.AppliedRequest {
 	ar := &ferrypb.AppliedRequest{RequestId: cmd.RequestId, Index: index, TimeUnixNano: cmd.TimeUnixNano, Result: res}
-	if len(res.Entries) == 0 {
+	if len(res.Entries) == 0 && len(res.Items) == 0 {
 		return ar
 	}
 	ar.Result = withoutEntries(res)
-	ar.EntryIds = make([]string, len(res.Entries))
-	ar.EntryRevisions = make([]uint64, len(res.Entries))
-	for i, e := range res.Entries {
-		if e != nil {
-			ar.EntryIds[i], ar.EntryRevisions[i] = e.Id, e.Revision
-		}
+	ar.Result.Items = shareOK(res.Items)
+	if len(res.Entries) == 0 {
+		return ar
 	}
+	var n int
+	var scratch [binary.MaxVarintLen64]byte
+	for _, e := range res.Entries {
+		if e == nil {
+			n++
+			continue
+		}
+		n += len(binary.AppendUvarint(scratch[:0], uint64(len(e.Id))+1)) + len(e.Id) + len(binary.AppendUvarint(scratch[:0], e.Revision))
+	}
+	refs := make([]byte, 0, n)
+	for _, e := range res.Entries {
+		if e == nil {
+			refs = binary.AppendUvarint(refs, 0)
+			continue
+		}
+		refs = binary.AppendUvarint(refs, uint64(len(e.Id))+1)
+		refs = append(refs, e.Id...)
+		refs = binary.AppendUvarint(refs, e.Revision)
+	}
+	ar.EntryRefs = refs
 	return ar
+}
+
+// shareOK returns items with every plain OK status replaced by okStatus: a
+// batch's items are mostly that, and the requests table keeps them a while.
+func shareOK(items []*ferrypb.Status) []*ferrypb.Status {
+	out := make([]*ferrypb.Status, len(items))
+	for i, st := range items {
+		if proto.Equal(st, okStatus) {
+			st = okStatus
+		}
+		out[i] = st
+	}
+	return out
 }
 
 // replayResult answers a retry from its AppliedRequest: the stored result
 // with its entries looked up again.
 func replayResult(txn *memdb.Txn, ar *ferrypb.AppliedRequest) *ferrypb.CommandResult {
-	if len(ar.EntryIds) == 0 {
+	if len(ar.EntryRefs) == 0 {
 		return ar.Result
 	}
 	out := withoutEntries(ar.Result)
-	out.Entries = make([]*ferrypb.Entry, len(ar.EntryIds))
-	for i, id := range ar.EntryIds {
-		if id == "" {
+	for refs := ar.EntryRefs; len(refs) > 0; {
+		l, k := binary.Uvarint(refs)
+		if k <= 0 || (l > 0 && uint64(len(refs)-k) < l-1) {
+			break // not written by appliedRequest: stop at garbage
+		}
+		refs = refs[k:]
+		if l == 0 {
+			out.Entries = append(out.Entries, nil)
 			continue
 		}
-		var rev uint64
-		if i < len(ar.EntryRevisions) {
-			rev = ar.EntryRevisions[i]
+		id := string(refs[:l-1])
+		refs = refs[l-1:]
+		rev, k := binary.Uvarint(refs)
+		if k <= 0 {
+			break
 		}
+		refs = refs[k:]
 		raw, err := txn.First(TableEntries, "id", id)
 		must(err)
 		if e, ok := raw.(*ferrypb.Entry); ok && e.Revision == rev {
-			out.Entries[i] = e
+			out.Entries = append(out.Entries, e)
 		} else {
-			out.Entries[i] = &ferrypb.Entry{Id: id, Revision: rev}
+			out.Entries = append(out.Entries, &ferrypb.Entry{Id: id, Revision: rev})
 		}
 	}
 	return out
@@ -400,6 +450,10 @@ func (a *applier) delete(table, key string, row proto.Message) {
 }
 
 func ok() *ferrypb.Status { return &ferrypb.Status{Code: int32(codes.OK)} }
+
+// okStatus is the one OK status the requests table keeps for every item that
+// had it; like every row it is shared and must not be modified.
+var okStatus = ok()
 
 func status(c codes.Code, format string, args ...any) *ferrypb.Status {
 	return &ferrypb.Status{Code: int32(c), Message: fmt.Sprintf(format, args...)}

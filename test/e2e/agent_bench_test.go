@@ -110,7 +110,7 @@ func uidEntry(agentID, id string, uid int) *ferrypb.Entry {
 	}
 }
 
-func createOne(b *testing.B, n *testcluster.Node, e *ferrypb.Entry) {
+func createOne(b testing.TB, n *testcluster.Node, e *ferrypb.Entry) {
 	b.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -34,10 +34,10 @@ import (
 // worst, with the CPU time the agent and the server spent). FERRY_BENCH_CALLS=0
 // skips the calls.
 //
-// The agents serve the Workload API with FERRY_BENCH_AGENT_CONFIG (default
-// `workload_api_grpc_server = "grpc-go"`); FERRY_BENCH_CLIENTS picks the
-// clients (default go-spiffe; see wlload.Clients); FERRY_BENCH_CLIENT=process
-// runs them in a process of their own.
+// FERRY_BENCH_AGENT_CONFIG is inserted in both agents' configs (default
+// none); FERRY_BENCH_CLIENTS picks the clients (default go-spiffe; see
+// wlload.Clients); FERRY_BENCH_CLIENT=process runs them in a process of their
+// own.
 //
 //	go test -run '^$' -bench AgentEntryCount -benchtime 1x -timeout 60m ./test/e2e/
 func BenchmarkAgentEntryCount(b *testing.B) {
@@ -49,10 +49,7 @@ func BenchmarkAgentEntryCount(b *testing.B) {
 	if s := os.Getenv("FERRY_BENCH_CLIENTS"); s != "" {
 		clients = strings.Split(s, ",")
 	}
-	agentConf := `workload_api_grpc_server = "grpc-go"`
-	if s, ok := os.LookupEnv("FERRY_BENCH_AGENT_CONFIG"); ok {
-		agentConf = s
-	}
+	agentConf := os.Getenv("FERRY_BENCH_AGENT_CONFIG")
 	var driver string
 	if os.Getenv("FERRY_BENCH_CLIENT") == "process" {
 		driver = buildDriver(b)

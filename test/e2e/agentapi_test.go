@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -272,6 +273,44 @@ func TestAgentAPI(t *testing.T) {
 		requireCode(t, codes.PermissionDenied, err, "second use of a join token")
 	})
 
+	t.Run("README agent example", func(t *testing.T) {
+		// The README's agent walkthrough, as written: its token generate
+		// line, then an agent attesting with that token.
+		readme, err := os.ReadFile("../../README.md")
+		require.NoError(t, err)
+		var args []string
+		for _, line := range strings.Split(string(readme), "\n") {
+			if strings.HasPrefix(line, "ferry token generate ") {
+				cmd, _, _ := strings.Cut(line, "#")
+				args = strings.Fields(cmd)[1:]
+				break
+			}
+		}
+		require.NotEmpty(t, args, "the README shows ferry token generate")
+		i := slices.Index(args, "--spiffe-id")
+		require.GreaterOrEqual(t, i, 0, "the README's example names an agent ID")
+		id := args[i+1]
+		out, err := s.CLI(args...)
+		require.NoError(t, err, out)
+		token := strings.TrimSpace(between(out, "Token: ", "\n"))
+		require.NotEmpty(t, token, out)
+		bundle, err := s.CLI("bundle", "show")
+		require.NoError(t, err, bundle)
+		require.Contains(t, bundle, "BEGIN CERTIFICATE")
+
+		c.StartAgentToken("readme", id, token)
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			out, err := s.CLI("agent", "show", "--spiffe-id", id, "--output", "json")
+			if err == nil {
+				require.Contains(t, out, `"attestation_type": "join_token"`)
+				break
+			}
+			require.True(t, time.Now().Before(deadline), "the README's agent never attested: %s", out)
+			time.Sleep(100 * time.Millisecond)
+		}
+	})
+
 	t.Run("expired join token", func(t *testing.T) {
 		api := *api
 		api.t = t
@@ -292,11 +331,22 @@ func TestAgentAPI(t *testing.T) {
 		requireCode(t, codes.PermissionDenied, err)
 	})
 
-	t.Run("token for the server ID", func(t *testing.T) {
-		api := *api
-		api.t = t
-		_, err := api.attest(ctx, s.AgentAddr, api.token(s, agentAPIServerID.String(), time.Minute))
-		requireCode(t, codes.PermissionDenied, err)
+	t.Run("token for an ID no agent can have", func(t *testing.T) {
+		// Refused when the token is made, by the CLI and by the server: an
+		// attestation with it would be refused.
+		for id, why := range map[string]string{
+			agentAPIServerID.String():           `"spiffe://example.org/spire/server" is not an agent ID: agent IDs are under spiffe://example.org/spire/agent/`,
+			"spiffe://example.org/agent/node1":  `"spiffe://example.org/agent/node1" is not an agent ID: agent IDs are under spiffe://example.org/spire/agent/, e.g. spiffe://example.org/spire/agent/node1`,
+			"spiffe://other.org/spire/agent/x":  `"spiffe://other.org/spire/agent/x" is not a member of trust domain "example.org"`,
+			"spiffe://example.org/spire/agent/": "trailing slash",
+		} {
+			out, err := s.CLI("token", "generate", "--spiffe-id", id)
+			require.Error(t, err, id)
+			require.Contains(t, out, why)
+			_, err = s.Admin().CreateJoinToken(ctx, &ferrypb.CreateJoinTokenRequest{SpiffeId: id, TtlSeconds: 60})
+			requireCode(t, codes.InvalidArgument, err, id)
+			require.Contains(t, status.Convert(err).Message(), why)
+		}
 	})
 
 	t.Run("banned agent", func(t *testing.T) {
@@ -314,12 +364,19 @@ func TestAgentAPI(t *testing.T) {
 		_, key := newKeyCSR(t)
 		_, err = cl.RenewAgent(ctx, &ferrypb.RenewAgentRequest{Csr: key})
 		requireCode(t, codes.PermissionDenied, err, "renewal by a banned agent")
-		_, err = api.attest(ctx, s.AgentAddr, api.token(s, id, time.Minute))
+		tok := api.token(s, id, time.Minute)
+		_, err = api.attest(ctx, s.AgentAddr, tok)
 		requireCode(t, codes.PermissionDenied, err, "attestation of a banned agent")
 
+		// The refusal was the operator's doing, not the agent's: the token
+		// is still good once the ban is lifted.
 		out, err = s.CLI("agent", "ban", "--unban", "--spiffe-id", id)
 		require.NoError(t, err, out)
-		api.mustAttest(ctx, s, id)
+		svid, err = api.attest(ctx, s.AgentAddr, tok)
+		require.NoError(t, err, "the token survives a refused attestation")
+		require.Equal(t, id, svid.ID.String())
+		_, err = api.attest(ctx, s.AgentAddr, tok)
+		requireCode(t, codes.PermissionDenied, err, "and is spent by the one that succeeded")
 	})
 
 	t.Run("evicted agent", func(t *testing.T) {
@@ -406,10 +463,16 @@ func TestAgentAPI(t *testing.T) {
 			apiEntry("sign-mine", "spiffe://example.org/w/mine", idA),
 			apiEntry("sign-child", "spiffe://example.org/w/child", "spiffe://example.org/w/mine"),
 			apiEntry("sign-theirs", "spiffe://example.org/w/theirs", idB),
-			&ferrypb.Entry{Id: "sign-alias", SpiffeId: "spiffe://example.org/alias/pop", ParentId: agentAPIServerID.String(),
-				Selectors: []*ferrypb.Selector{{Type: "x509pop", Value: "subject:cn:node-1"}}},
 			apiEntry("sign-via-alias", "spiffe://example.org/w/via-alias", "spiffe://example.org/alias/pop"),
 		)
+		// A node alias keyed on selectors no enabled node attestor produces
+		// could never apply: refused (x509pop is enabled further down).
+		alias := &ferrypb.Entry{Id: "sign-alias", SpiffeId: "spiffe://example.org/alias/pop", ParentId: agentAPIServerID.String(),
+			Selectors: []*ferrypb.Selector{{Type: "x509pop", Value: "subject:cn:node-1"}}}
+		resp0, err := s.Admin().BatchCreateEntry(ctx, &ferrypb.BatchCreateEntryRequest{Entries: []*ferrypb.Entry{alias}})
+		require.NoError(t, err)
+		require.Equal(t, codes.InvalidArgument.String(), codes.Code(resp0.Results[0].GetCode()).String())
+		require.Contains(t, resp0.Results[0].GetMessage(), `"x509pop:subject:cn:node-1": the x509pop attestor is not enabled here`)
 		cl := api.client(s.AgentAddr, svidA)
 		var params []*ferrypb.X509SVIDParams
 		keys := map[string]crypto.Signer{}
@@ -478,6 +541,7 @@ func TestAgentAPI(t *testing.T) {
 			// selector x509pop:subject:cn:node-1, which the alias entry needs.
 			popAgent := enableX509PoP(t, c, "node-1")
 			api := newAgentAPI(t, c)
+			createEntries(t, s, alias)
 			svid, err := api.attestWith(ctx, s.AgentAddr, popAgent)
 			require.NoError(t, err)
 			n := agentShow(t, s, svid.ID.String())
@@ -645,4 +709,13 @@ func TestAgentRenewsShortSVID(t *testing.T) {
 	require.GreaterOrEqual(t, len(serials), 3, "the agent renewed at least twice in 20s")
 	require.NotContains(t, a.LogTail(400), "renewal failed")
 	require.NotContains(t, s.LogTail(400), "no longer current")
+}
+
+func between(s, start, end string) string {
+	_, after, ok := strings.Cut(s, start)
+	if !ok {
+		return ""
+	}
+	v, _, _ := strings.Cut(after, end)
+	return v
 }

@@ -25,7 +25,7 @@ func testEntry(id string) *ferrypb.Entry {
 	return &ferrypb.Entry{
 		Id:        id,
 		SpiffeId:  "spiffe://example.org/workload/" + id,
-		ParentId:  "spiffe://example.org/agent/a",
+		ParentId:  "spiffe://example.org/spire/agent/a",
 		Selectors: []*ferrypb.Selector{{Type: "unix", Value: "uid:1000"}},
 	}
 }
@@ -281,9 +281,23 @@ func TestClusterRefusesBadInput(t *testing.T) {
 	})
 
 	t.Run("oversize entry", func(t *testing.T) {
+		// One entry with a huge selector: refused on its own.
 		e := testEntry("huge")
 		e.Selectors[0].Value = strings.Repeat("x", 600<<10)
-		_, err := c.Nodes[1].Admin().BatchCreateEntry(ctx, &ferrypb.BatchCreateEntryRequest{Entries: []*ferrypb.Entry{e}})
+		resp, err := c.Nodes[1].Admin().BatchCreateEntry(ctx, &ferrypb.BatchCreateEntryRequest{Entries: []*ferrypb.Entry{e}})
+		require.NoError(t, err)
+		require.Equal(t, codes.InvalidArgument, codes.Code(resp.Results[0].GetCode()))
+		require.Contains(t, resp.Results[0].GetMessage(), "value longer than 1024 bytes")
+
+		// Entries each valid, too large together for one command: the
+		// request is refused whole, before Raft sees it.
+		var batch []*ferrypb.Entry
+		for i := range 1000 {
+			e := testEntry(fmt.Sprintf("big-%d", i))
+			e.Hint = strings.Repeat("h", 1000)
+			batch = append(batch, e)
+		}
+		_, err = c.Nodes[1].Admin().BatchCreateEntry(ctx, &ferrypb.BatchCreateEntryRequest{Entries: batch})
 		require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
 		require.Contains(t, status.Convert(err).Message(), "512 KiB")
 	})

@@ -29,8 +29,8 @@ func benchEntry(prefix string, i int) *ferrypb.Entry {
 		SpiffeId: fmt.Sprintf("spiffe://example.org/ns/%s/sa/workload-%07d", prefix, i),
 		ParentId: fmt.Sprintf("spiffe://example.org/spire/agent/k8s/node-%03d", i%100),
 		Selectors: []*ferrypb.Selector{
-			{Type: "k8s", Value: "ns:" + prefix},
-			{Type: "k8s", Value: fmt.Sprintf("sa:workload-%07d", i)},
+			{Type: "unix", Value: "group:" + prefix},
+			{Type: "systemd", Value: fmt.Sprintf("id:workload-%07d.service", i)},
 			{Type: "unix", Value: "uid:1000"},
 		},
 		X509SvidTtl: 3600,

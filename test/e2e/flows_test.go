@@ -21,6 +21,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"github.com/stretchr/testify/require"
 
+	"github.com/ferry-id/ferry/internal/roottest"
 	"github.com/ferry-id/ferry/internal/testcluster"
 	"github.com/ferry-id/ferry/test/oidcissuer"
 )
@@ -366,9 +367,7 @@ const nobodyUID = 65534
 // The resource is a stand-in for Azure Resource Manager: demo-api serving
 // https://management.azure.com, the resource Azure's example asks for.
 func TestFlowArc(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("the Arc flow hands challenge files to other users: needs root")
-	}
+	roottest.Require(t) // the Arc flow hands challenge files to other users
 	s := newFlowStack(t)
 	ag := s.arcAgent("arc")
 	const arm = "https://management.azure.com"
@@ -453,7 +452,7 @@ func TestFlowArc(t *testing.T) {
 	// (uid 0, the identity's) and as another user (no identity).
 	for _, tool := range []string{"bash", "curl", "grep", "cut", "tr", "cat"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
+			roottest.Skipf(t, "%s is not installed", tool)
 		}
 	}
 	script := strings.ReplaceAll(arcDocScript, "127.0.0.1:40342", ag.addr)

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"io"
 	"io/fs"
 	"net/http"
 	"os"
@@ -126,8 +127,9 @@ func raftBytes(b *testing.B, n *testcluster.Node) (snapshots, logs int64) {
 // FERRY_BENCH_CHURN entries (default 10,000, in batches of 1,000) and
 // deleting them again on a server that keeps 3 entries throughout, and prints
 // the server's RSS after each round once the runtime has returned what it
-// freed (FERRY_BENCH_SETTLE, default 10s), next to a fresh server holding
-// the same 3 entries. FERRY_BENCH_HEAPPROFILE=DIR saves the churned server's
+// freed (FERRY_BENCH_SETTLE, default 10s); then the RSS of the same server
+// restarted (a fresh process holding the same replicated state) and of a new
+// server holding the same 3 entries. FERRY_BENCH_HEAPPROFILE=DIR saves the churned server's
 // heap profile there.
 func BenchmarkServerChurn(b *testing.B) {
 	rounds := envInt("FERRY_BENCH_ROUNDS", 3)
@@ -159,22 +161,32 @@ func BenchmarkServerChurn(b *testing.B) {
 			}
 			time.Sleep(settle)
 			last = vmRSS(b, srv)
-			fmt.Printf("server churn: round %d (%d entries created and deleted in %s): RSS %6.1f MiB with them, %6.1f MiB after (3 entries left)\n",
-				r+1, churn, d.Round(time.Millisecond), mib(loaded), mib(last))
+			fmt.Printf("server churn: round %d (%d entries created and deleted in %s): RSS %6.1f MiB with them, %6.1f MiB after (3 entries left; %s)\n",
+				r+1, churn, d.Round(time.Millisecond), mib(loaded), mib(last), heapStats(b, srv))
 		}
 		if dir := os.Getenv("FERRY_BENCH_HEAPPROFILE"); dir != "" {
 			saveHeapProfile(b, srv, filepath.Join(dir, "heap-churned.pb.gz"))
 		}
-		// A fresh server holding the same state.
+		// The same server restarted: a fresh process holding the same
+		// replicated state (the request IDs of the last 15 minutes included).
+		srv.Stop()
+		srv.Start()
+		waitCount(b, srv, 3, time.Minute)
+		time.Sleep(settle)
+		restarted := vmRSS(b, srv)
+		fmt.Printf("server churn: after %d rounds %6.1f MiB; the same server restarted %6.1f MiB (%+.0f%%; %s)\n",
+			rounds, mib(last), mib(restarted), 100*(float64(last)/float64(restarted)-1), heapStats(b, srv))
+		// A new server holding the same entries.
 		fresh := testcluster.New(b, testcluster.Options{Nodes: 1, LogLevel: "warn"})
 		fs := fresh.WaitLeader(30*time.Second, nil)
 		createBatches(b, fresh, benchEntries("keep", 3), 3, 1)
 		time.Sleep(settle)
 		want := vmRSS(b, fs)
-		fmt.Printf("server churn: after %d rounds %6.1f MiB; a fresh server with the same 3 entries %6.1f MiB (%+.0f%%)\n",
-			rounds, mib(last), mib(want), 100*(float64(last)/float64(want)-1))
+		fmt.Printf("server churn: after %d rounds %6.1f MiB; a new server with the same 3 entries %6.1f MiB (%+.0f%%; %s)\n",
+			rounds, mib(last), mib(want), 100*(float64(last)/float64(want)-1), heapStats(b, fs))
 		b.ReportMetric(mib(last), "churned-RSS-MiB")
-		b.ReportMetric(mib(want), "fresh-RSS-MiB")
+		b.ReportMetric(mib(restarted), "restarted-RSS-MiB")
+		b.ReportMetric(mib(want), "new-RSS-MiB")
 	}
 }
 
@@ -200,4 +212,31 @@ func deleteEntries(b *testing.B, n *testcluster.Node, entries []*ferrypb.Entry, 
 			}
 		}
 	}
+}
+
+// heapStats summarizes the Go heap of n's process from its /metrics: what
+// is in use, what is free but still held, and what was returned.
+func heapStats(b *testing.B, n *testcluster.Node) string {
+	b.Helper()
+	resp, err := http.Get("http://" + n.HealthAddr + "/metrics")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		b.Fatal(err)
+	}
+	val := func(name string) float64 {
+		for line := range strings.SplitSeq(string(data), "\n") {
+			if v, ok := strings.CutPrefix(line, name+" "); ok {
+				var f float64
+				fmt.Sscan(v, &f)
+				return f
+			}
+		}
+		return 0
+	}
+	return fmt.Sprintf("heap in use %.1f MiB, idle %.1f MiB of which released %.1f MiB",
+		val("go_memstats_heap_inuse_bytes")/(1<<20), val("go_memstats_heap_idle_bytes")/(1<<20), val("go_memstats_heap_released_bytes")/(1<<20))
 }

@@ -78,12 +78,12 @@ var (
 // startIMDSAgent sets up the directory and the agent once per test binary.
 func startIMDSAgent(tb testing.TB) *imdsAgent {
 	tb.Helper()
-	if os.Geteuid() != 0 {
-		tb.Skip("the managed-identity tests need root: a private mount namespace for /var/opt/azcmagent/tokens, and children under other uids")
-	}
+	// Root: a private mount namespace for /var/opt/azcmagent/tokens, and
+	// children under other uids.
+	requireRoot(tb)
 	for _, tool := range []string{"unshare", "nsenter", "mount"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			tb.Skipf("%s is not installed", tool)
+			skipSecurity(tb, "%s is not installed", tool)
 		}
 	}
 	imdsOnce.Do(func() { imdsAg, imdsErr = setupIMDSAgent(tb) })
@@ -584,7 +584,7 @@ func TestIMDSRefusals(t *testing.T) {
 func TestIMDSArcDocumentationCurl(t *testing.T) {
 	for _, tool := range []string{"bash", "curl", "grep", "cut", "tr", "cat"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s is not installed", tool)
+			skipSecurity(t, "%s is not installed", tool)
 		}
 	}
 	ag := startIMDSAgent(t) // the directory: resource and identities; root

@@ -131,9 +131,7 @@ func TestSecurityHeaderRequired(t *testing.T) {
 // TestOtherUserGetsNothing runs a go-spiffe client as uid 65534, which no entry
 // selects: the agent answers PermissionDenied.
 func TestOtherUserGetsNothing(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root to run a child as another user")
-	}
+	requireRoot(t) // runs a child as another user
 	entryFor(t, "root-only")
 	cmd := exec.Command(filepath.Join(filepath.Dir(dev.bin), "interop.test"), "-test.run", "^$")
 	cmd.Env = append(os.Environ(), "INTEROP_CHILD=fetch-x509", "SPIFFE_ENDPOINT_SOCKET="+dev.env["SPIFFE_ENDPOINT_SOCKET"])

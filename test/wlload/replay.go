@@ -9,8 +9,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
-
-	"github.com/ferry-id/ferry/internal/h2grpc"
 )
 
 // Replayer is a Workload API server that does nothing but answer
@@ -50,17 +48,11 @@ func Record(ctx context.Context, addr, audience string) (*Replayer, error) {
 	return &Replayer{x509: x, jwt: j}, nil
 }
 
-// Serve answers on l until it fails, with the gRPC server the agent serves
-// with by default (internal/h2grpc), or with grpc-go's when grpcGo is set
-// (with the agent's settings for it).
-func (r *Replayer) Serve(l net.Listener, grpcGo bool) error {
-	if grpcGo {
-		srv := grpc.NewServer(grpc.ReadBufferSize(4<<10), grpc.SharedWriteBuffer(true),
-			grpc.InitialWindowSize(64<<10), grpc.InitialConnWindowSize(64<<10), grpc.NumStreamWorkers(4))
-		workloadpb.RegisterSpiffeWorkloadAPIServer(srv, r)
-		return srv.Serve(l)
-	}
-	srv := h2grpc.NewServer(h2grpc.Options{})
+// Serve answers on l until it fails, with grpc-go's server and the
+// transport settings the agent serves with.
+func (r *Replayer) Serve(l net.Listener) error {
+	srv := grpc.NewServer(grpc.ReadBufferSize(4<<10), grpc.SharedWriteBuffer(true),
+		grpc.InitialWindowSize(64<<10), grpc.InitialConnWindowSize(64<<10), grpc.NumStreamWorkers(4))
 	workloadpb.RegisterSpiffeWorkloadAPIServer(srv, r)
 	return srv.Serve(l)
 }

@@ -1,12 +1,17 @@
 // Package jointoken is the "join_token" node attestor: a pre-shared, one-time
 // secret that an operator hands to a new agent.
 //
-// The agent sends the token; the server hashes it (SHA-256, hex) and consumes
-// it through Tokens, which the server implements over its replicated log, so a
-// token can be used once across the whole cluster and the raw secret never
-// enters the log, snapshots or backups: only its hash does.
+// The agent sends the token; the server hashes it (SHA-256, hex) and looks it
+// up through Tokens, which the server implements over its replicated state, so
+// the raw secret never enters the log, snapshots or backups: only its hash
+// does. Attest does not spend the token: it returns its hash in the Result,
+// and the server spends it in the same replicated write that records the
+// agent, once every other check has passed. So a token is used once across
+// the whole cluster, and an attestation the server refuses for a reason the
+// agent did not cause (its CA not ready, a leader change) leaves it usable.
 //
-// The agent ID is the token's fixed SPIFFE ID when one was set, otherwise
+// The agent ID is the token's fixed SPIFFE ID when one was set (it must be an
+// agent ID, under /spire/agent/; node.CheckAgentID), otherwise
 // spiffe://<trust domain>/spire/agent/join_token/<hex SHA-256 of the token>.
 // SPIRE puts the token itself in that path; an agent ID is printed in logs, in
 // certificates and in every API listing, so ferry uses the hash instead (the
@@ -42,24 +47,22 @@ const (
 	MaxTokenLen = 256
 )
 
-// Sentinel errors returned by Tokens.Consume and, wrapped, by Server.Attest.
+// Sentinel errors returned by Tokens.Lookup and, wrapped, by Server.Attest and
+// by the server when it spends a token.
 var (
 	// ErrUnknown means no such token exists: never created, or already used.
 	ErrUnknown = errors.New("jointoken: unknown or already used token")
-	// ErrExpired means the token existed but had expired. It is consumed all
-	// the same, so an expired token cannot be retried.
+	// ErrExpired means the token exists but has expired.
 	ErrExpired = errors.New("jointoken: token expired")
 )
 
-// Tokens consumes join tokens. The server implements it over its replicated
+// Tokens looks join tokens up. The server implements it over its replicated
 // state.
 type Tokens interface {
-	// Consume atomically deletes the token with the given hex SHA-256 hash and
-	// returns it. Exactly one of any number of concurrent calls with the same
-	// hash, on any server, may succeed. It returns an error wrapping ErrUnknown
-	// if there is no such token, and one wrapping ErrExpired (after deleting
-	// it) if it has expired.
-	Consume(ctx context.Context, hash string) (*ferrypb.JoinToken, error)
+	// Lookup returns the token with the given hex SHA-256 hash without
+	// spending it, or an error wrapping ErrUnknown if there is none. It sees
+	// every token created before the call, on any server.
+	Lookup(ctx context.Context, hash string) (*ferrypb.JoinToken, error)
 }
 
 // Generate returns a new random token: 128 bits, base64url without padding.
@@ -169,20 +172,21 @@ func NewServer(c ServerConfig) (*Server, error) {
 // Name returns "join_token".
 func (s *Server) Name() string { return Name }
 
-// Attest consumes the token in payload and returns the agent's identity.
+// Attest looks the token in payload up and returns the agent's identity, with
+// the token's hash in Result.JoinTokenHash for the server to spend.
 func (s *Server) Attest(ctx context.Context, payload []byte, _ node.ChallengeFunc) (*node.Result, error) {
 	token := string(payload)
 	if err := Validate(token); err != nil {
 		return nil, fmt.Errorf("jointoken: malformed token: %w", err)
 	}
 	hash := Hash(token)
-	jt, err := s.tokens.Consume(ctx, hash)
+	jt, err := s.tokens.Lookup(ctx, hash)
 	switch {
-	case errors.Is(err, ErrUnknown), errors.Is(err, ErrExpired):
+	case errors.Is(err, ErrUnknown):
 		s.log.Info("join token rejected", "token_hash", hash, "error", err)
 		return nil, err
 	case err != nil:
-		return nil, fmt.Errorf("jointoken: consume token: %w", err)
+		return nil, fmt.Errorf("jointoken: look up token: %w", err)
 	case jt == nil || jt.GetHash() != hash:
 		return nil, errors.New("jointoken: token store returned a different token")
 	}
@@ -194,11 +198,11 @@ func (s *Server) Attest(ctx context.Context, payload []byte, _ node.ChallengeFun
 	var id spiffeid.ID
 	if fixed := jt.GetSpiffeId(); fixed != "" {
 		id, err = spiffeid.FromString(fixed)
+		if err == nil {
+			err = node.CheckAgentID(s.td, id)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("jointoken: token's agent ID: %w", err)
-		}
-		if !id.MemberOf(s.td) || id.Path() == "" {
-			return nil, fmt.Errorf("jointoken: token's agent ID %q is not a workload ID in trust domain %q", id, s.td)
 		}
 	} else {
 		id, err = node.AgentPath(s.td, Name, hash)
@@ -206,6 +210,5 @@ func (s *Server) Attest(ctx context.Context, payload []byte, _ node.ChallengeFun
 			return nil, fmt.Errorf("jointoken: %w", err)
 		}
 	}
-	s.log.Info("join token consumed", "token_hash", hash, "agent_id", id.String())
-	return &node.Result{AgentID: id}, nil
+	return &node.Result{AgentID: id, JoinTokenHash: hash}, nil
 }

@@ -20,6 +20,7 @@ import (
 
 	"github.com/ferry-id/ferry/attestors/workload"
 	"github.com/ferry-id/ferry/attestors/workload/systemd"
+	"github.com/ferry-id/ferry/internal/roottest"
 	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
@@ -258,11 +259,11 @@ func TestAttestRealCgroup(t *testing.T) {
 	slice := filepath.Join(mnt, "ferrytest"+suffix+".slice")
 	svc := filepath.Join(slice, "app-"+suffix+".service")
 	if err := os.Mkdir(slice, 0o755); err != nil {
-		t.Skipf("cannot create a cgroup: %v", err)
+		roottest.Skipf(t, "cannot create a cgroup: %v", err)
 	}
 	t.Cleanup(func() { removeCgroup(slice) })
 	if err := os.Mkdir(svc, 0o755); err != nil {
-		t.Skipf("cannot create a nested cgroup: %v", err)
+		roottest.Skipf(t, "cannot create a nested cgroup: %v", err)
 	}
 	t.Cleanup(func() { removeCgroup(svc) })
 
@@ -270,7 +271,7 @@ func TestAttestRealCgroup(t *testing.T) {
 	require.NoError(t, cmd.Start())
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	if err := os.WriteFile(filepath.Join(svc, "cgroup.procs"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
-		t.Skipf("cannot move a process into a cgroup: %v", err)
+		roottest.Skipf(t, "cannot move a process into a cgroup: %v", err)
 	}
 
 	a := newAttestor(t, systemd.Config{})
@@ -291,7 +292,7 @@ func cgroup2Mount(t *testing.T) string {
 			return fields[1]
 		}
 	}
-	t.Skip("no cgroup2 mount")
+	roottest.Skipf(t, "no cgroup2 mount")
 	return ""
 }
 

@@ -3,7 +3,7 @@
 // process used.
 //
 //	wlload -addr unix:///run/ferry/public/api.sock -call x509 -mode reused -c 16 -seconds 3 [-client grpc]
-//	wlload -addr unix:///run/ferry/public/api.sock -replay-on /tmp/replay.sock
+//	wlload -addr unix:///run/ferry/agent/public/api.sock -replay-on $XDG_RUNTIME_DIR/replay.sock
 package main
 
 import (
@@ -27,10 +27,9 @@ func main() {
 	audience := flag.String("audience", "spiffe://example.org/bench", "JWT-SVID audience")
 	client := flag.String("client", "go-spiffe", "go-spiffe (workloadapi.Client) or grpc (bare generated stubs)")
 	replay := flag.String("replay-on", "", "record one answer of each kind from -addr, then serve them on this unix socket path until killed (see wlload.Replayer)")
-	replayGRPCGo := flag.Bool("replay-grpc-go", false, "with -replay-on: serve with grpc-go's server instead of the agent's default")
 	flag.Parse()
 	if *replay != "" {
-		serveReplay(*addr, *replay, *audience, *replayGRPCGo)
+		serveReplay(*addr, *replay, *audience)
 		return
 	}
 	if *addr == "" || *conc < 1 || (*call != "x509" && *call != "jwt") || (*mode != "reused" && *mode != "new") {
@@ -43,7 +42,7 @@ func main() {
 	}
 }
 
-func serveReplay(addr, path, audience string, grpcGo bool) {
+func serveReplay(addr, path, audience string) {
 	fail := func(err error) {
 		fmt.Fprintln(os.Stderr, "wlload:", err)
 		os.Exit(1)
@@ -57,5 +56,5 @@ func serveReplay(addr, path, audience string, grpcGo bool) {
 		fail(err)
 	}
 	fmt.Println("serving")
-	fail(r.Serve(l, grpcGo))
+	fail(r.Serve(l))
 }

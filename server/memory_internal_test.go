@@ -1,0 +1,142 @@
+package server
+
+import (
+	"context"
+	"runtime"
+	"runtime/debug"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+)
+
+// A memoryFollower releases memory once per burst of writes of burstBytes or
+// more, after no write for memoryQuiet; never during a burst, never for small
+// ones, never without writes.
+func TestMemoryFollowerReleasesAfterWriteBursts(t *testing.T) {
+	var applied atomic.Uint64
+	var now atomic.Int64 // unix nanoseconds
+	released := make(chan uint64, 10)
+	f := memoryFollower{
+		applied: applied.Load,
+		now:     func() time.Time { return time.Unix(0, now.Load()) },
+		release: func() { released <- applied.Load() },
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	tick := make(chan time.Time)
+	done := make(chan struct{})
+	go func() { f.run(ctx, tick); close(done) }()
+	defer func() { cancel(); <-done }()
+	// step moves the clock and ticks; the second tick returns once the
+	// follower has handled the first, at the new time.
+	step := func(d time.Duration) {
+		now.Add(int64(d))
+		tick <- time.Time{}
+		tick <- time.Time{}
+	}
+	noRelease := func(what string) {
+		t.Helper()
+		select {
+		case a := <-released:
+			t.Fatalf("%s: released after %d bytes", what, a)
+		default:
+		}
+	}
+	write := func(n uint64) {
+		applied.Add(n)
+		step(250 * time.Millisecond)
+	}
+
+	for range 10 {
+		step(time.Second)
+	}
+	noRelease("no writes")
+
+	// A burst: nothing while it goes on, one release once it stopped for a
+	// second.
+	for range 8 {
+		write(256 << 10)
+	}
+	step(500 * time.Millisecond)
+	noRelease("half a second after the last write")
+	step(600 * time.Millisecond)
+	select {
+	case a := <-released:
+		if a != 2<<20 {
+			t.Fatalf("released after %d bytes, want %d", a, 2<<20)
+		}
+	default:
+		t.Fatal("no release a second after the writes stopped")
+	}
+	for range 10 {
+		step(time.Second)
+	}
+	noRelease("no writes since the release")
+
+	// Small writes, however long after: not worth a collection, until they
+	// add up to a burst's worth.
+	for range 3 {
+		write(100 << 10)
+		step(2 * time.Second)
+	}
+	noRelease("small writes")
+	write(800 << 10)
+	step(2 * time.Second)
+	select {
+	case <-released:
+	default:
+		t.Fatal("no release once the writes added up")
+	}
+}
+
+func TestGCPercent(t *testing.T) {
+	for _, c := range []struct {
+		live uint64
+		want int
+	}{
+		{0, 400},
+		{16 << 20, 400},
+		{64 << 20, 400},  // headroom 256 MiB = 4x
+		{128 << 20, 200}, // headroom 256 MiB = 2x
+		{200 << 20, 128},
+		{256 << 20, 100},
+		{2 << 30, 100}, // never under Go's default
+	} {
+		assert.Equal(t, c.want, gcPercent(c.live), "live heap %d MiB", c.live>>20)
+	}
+}
+
+// TestPaceGCFollowsLiveHeap: with 300 MiB live, GOGC comes down to 100 after
+// a collection; once it is freed, it goes back up to 400.
+func TestPaceGCFollowsLiveHeap(t *testing.T) {
+	old := debug.SetGCPercent(-1)
+	debug.SetGCPercent(old)
+	t.Cleanup(func() { debug.SetGCPercent(old) })
+	paceGC()
+	live := make([][]byte, 300)
+	for i := range live {
+		live[i] = make([]byte, 1<<20)
+	}
+	current := func() int {
+		p := debug.SetGCPercent(-1)
+		debug.SetGCPercent(p)
+		return p
+	}
+	// A collection, then the pacer's run after it (its finalizer).
+	collect := func() {
+		n := paced.Load()
+		runtime.GC()
+		for paced.Load() == n {
+			runtime.Gosched()
+		}
+	}
+	collect()
+	collect()
+	assert.Equal(t, minGCPercent, current(), "GOGC with 300 MiB live")
+	runtime.KeepAlive(live)
+	live = nil
+	collect()
+	collect()
+	assert.Equal(t, maxGCPercent, current(), "GOGC once the heap is small again")
+}
