@@ -53,7 +53,12 @@ func TestLeaderKilled(t *testing.T) {
 			}(n, w)
 		}
 	}
-	time.Sleep(200 * time.Millisecond)
+	// Writes are flowing through every writer when the leader goes.
+	waitFor(t, time.Minute, "writes before the kill", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(acked) >= 4*len(rest)
+	})
 	killed := time.Now()
 	if err := leader.Close(); err != nil {
 		t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 
 	"google.golang.org/protobuf/proto"
 )
@@ -68,6 +69,8 @@ type feed struct {
 	// budget for it (see budget).
 	bytes, minBytes int64
 	notify          chan struct{} // closed and replaced on every append or reset
+	// waiting counts the watchers blocked for a change (tests wait on it).
+	waiting atomic.Int32
 }
 
 func newFeed(window int, minBytes int64, base uint64) *feed {
@@ -160,11 +163,14 @@ func (f *feed) since(ctx context.Context, index uint64, tables []string) ([]Chan
 		if len(out) > 0 {
 			return out, nil
 		}
+		f.waiting.Add(1)
 		select {
 		case <-ctx.Done():
+			f.waiting.Add(-1)
 			return nil, ctx.Err()
 		case <-wait:
 		}
+		f.waiting.Add(-1)
 	}
 }
 

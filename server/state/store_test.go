@@ -206,7 +206,7 @@ func TestBatchApplyDedupsWithinBatch(t *testing.T) {
 
 func TestChangeFeed(t *testing.T) {
 	h := newHarness(t, state.Config{FeedWindow: 4})
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 
 	// A watcher blocks until a change arrives.
@@ -218,10 +218,11 @@ func TestChangeFeed(t *testing.T) {
 		}
 		got <- cs
 	}()
+	require.Eventually(t, func() bool { return h.s.FeedWaiters() == 1 }, time.Minute, time.Millisecond, "the watcher never waited")
 	select {
 	case <-got:
 		t.Fatal("watcher returned before any change")
-	case <-time.After(50 * time.Millisecond):
+	default:
 	}
 	h.apply(create("a", entry("e1", "spiffe://example.org/a", "uid:1")))
 	cs := <-got
@@ -391,11 +392,13 @@ func TestRestoreCompactsWatchers(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		w.apply(create(fmt.Sprint(i), entry(fmt.Sprint(i), "spiffe://example.org/x", fmt.Sprint("uid:", i))))
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	errc := make(chan error, 1)
 	go func() { _, err := w.s.ChangesSince(ctx, 3); errc <- err }()
-	time.Sleep(20 * time.Millisecond)
+	// The watcher must be blocked for a change when the restore comes: one
+	// arriving after it would be refused without waiting.
+	require.Eventually(t, func() bool { return w.s.FeedWaiters() == 1 }, time.Minute, time.Millisecond, "the watcher never waited")
 	require.NoError(t, w.s.Restore(io.NopCloser(&buf)))
 	require.ErrorIs(t, <-errc, state.ErrCompacted, "a watcher from the replaced history reloads")
 }
