@@ -20,7 +20,7 @@ LDFLAGS  := -X github.com/ferry-id/ferry/internal/buildinfo.version=$(VERSION) -
 build: ## build bin/ferry (version from git describe: bin/ferry version)
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ferry
 
-run: build ## start everything on this machine (server, agent, bridge) with embedded defaults in .dev/
+run: build ## start everything on this machine (server, agent, bridge, demo API) with embedded defaults in .dev/
 	./$(BIN) dev --data-dir $(DEV)
 
 test: ## what every commit must pass: vet, unit, cluster and end-to-end tests with the race detector

@@ -176,9 +176,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	select {
 	case <-ctx.Done():
+		a.log.Info("agent stopped")
 		return nil
 	case err := <-errc:
 		if ctx.Err() != nil {
+			a.log.Info("agent stopped")
 			return nil
 		}
 		return fmt.Errorf("agent: %w", err)

@@ -52,6 +52,8 @@ type IMDSConfig struct {
 	// identities too (identities.Config.Agent; agent.conf agent_identities,
 	// on by default).
 	AgentIdentities bool
+	// Listen opens the endpoint's listeners; default net.Listen.
+	Listen func(network, address string) (net.Listener, error)
 	// IdentityCacheTTL is how long the servers' answer about the identities
 	// a SPIFFE ID may use is reused while the agent's entries stay the same
 	// (identities.Config.TTL; agent.conf identity_cache_ttl); zero takes
@@ -147,7 +149,7 @@ func (a *Agent) startIMDS(attestor workloadapi.Attestor) ([]*imds.Server, *grpc.
 	}
 	var servers []*imds.Server
 	add := func(ic imds.Config) error {
-		ln, err := listenIMDS(ic.Address, ic.AddLoopbackAddress)
+		ln, err := listenIMDS(c.Listen, ic.Address, ic.AddLoopbackAddress)
 		if err != nil {
 			return err
 		}
@@ -213,7 +215,10 @@ func runIMDS(ctx context.Context, servers []*imds.Server, errc chan<- error) {
 }
 
 // listenIMDS listens on addr, first adding its IP to lo when asked.
-func listenIMDS(addr string, addLoopback bool) (net.Listener, error) {
+func listenIMDS(listen func(network, address string) (net.Listener, error), addr string, addLoopback bool) (net.Listener, error) {
+	if listen == nil {
+		listen = net.Listen
+	}
 	if addLoopback {
 		ap, err := netip.ParseAddrPort(addr)
 		if err != nil {
@@ -223,7 +228,7 @@ func listenIMDS(addr string, addLoopback bool) (net.Listener, error) {
 			return nil, fmt.Errorf("agent: %w", err)
 		}
 	}
-	ln, err := net.Listen("tcp", addr)
+	ln, err := listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("agent: imds: %w", err)
 	}

@@ -123,6 +123,49 @@ func TestExchangeV1(t *testing.T) {
 	require.Equal(t, resAppID, c["aud"])
 }
 
+// A resource named with or without a trailing slash, when only the other
+// form is registered, is that resource; a v1 token's aud and the response's
+// resource are what was asked for, byte for byte, as Entra issues them (its
+// guidance: an API expecting https://database.windows.net/ in aud is asked
+// for as https://database.windows.net//.default). A v2 token's aud is the
+// app ID either way.
+func TestExchangeTrailingSlash(t *testing.T) {
+	f := newFixture(t)
+	const slashed = "https://db.example.org/"
+	f.dir.PutResource(&ferrypb.Resource{ObjectId: "db", AppId: "33333333-3333-4333-8333-333333333333", TenantId: tenantID, IdentifierUris: []string{slashed}})
+	for _, tc := range []struct{ requested, registered string }{
+		{resURI + "/", resURI},              // registered without the slash
+		{resURI, resURI},                    // exact
+		{"https://db.example.org", slashed}, // registered with it
+		{slashed, slashed},                  // exact
+	} {
+		form := v1Form(svid(t))
+		form.Set("resource", tc.requested)
+		res := f.post(t, v1Token, form)
+		require.Equal(t, http.StatusOK, res.status, "%s: %s", tc.requested, res.raw)
+		require.Equal(t, tc.requested, res.body["resource"])
+		_, c := parseAccessToken(t, f, res.body["access_token"].(string), "/common/discovery/keys")
+		require.Equal(t, tc.requested, c["aud"], "v1 aud is the resource as requested")
+
+		form = v2Form(svid(t))
+		form.Set("scope", tc.requested+"/.default")
+		res = f.post(t, v2Token, form)
+		require.Equal(t, http.StatusOK, res.status, "%s: %s", tc.requested, res.raw)
+		_, c = parseAccessToken(t, f, res.body["access_token"].(string), "/common/discovery/keys")
+		want := resAppID
+		if tc.registered == slashed {
+			want = "33333333-3333-4333-8333-333333333333"
+		}
+		require.Equal(t, want, c["aud"])
+	}
+	// Two slashes are not one.
+	form := v1Form(svid(t))
+	form.Set("resource", resURI+"//")
+	res := f.post(t, v1Token, form)
+	require.Equal(t, http.StatusBadRequest, res.status, "%s", res.raw)
+	require.Equal(t, "invalid_resource", res.body["error"])
+}
+
 func TestExchangeWithoutRoles(t *testing.T) {
 	f := newFixture(t)
 	f.dir.PutResource(&ferrypb.Resource{ObjectId: "other", AppId: "22222222-2222-4222-8222-222222222222", TenantId: tenantID, IdentifierUris: []string{"https://other.example.org"}})

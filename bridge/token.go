@@ -202,10 +202,21 @@ func parseScope(scope string) (string, *oauthError) {
 	return res, nil
 }
 
+// resolveResource finds the resource a request names. An identifier that
+// differs from a registered one only by a trailing slash names it too, as in
+// Entra; a v1 token's aud is then the identifier as requested, slash or no
+// slash (Entra's "trailing slash and .default": an API that expects
+// https://database.windows.net/ in aud is asked for with that slash).
 func (b *Bridge) resolveResource(req *tokenRequest) (*ferrypb.Resource, *oauthError) {
 	res, ok := b.dir.ResourceByIdentifier(req.tenant.GetId(), req.resource)
-	if !ok && strings.HasSuffix(req.resource, "/") {
-		res, ok = b.dir.ResourceByIdentifier(req.tenant.GetId(), strings.TrimSuffix(req.resource, "/"))
+	if !ok {
+		other := req.resource + "/"
+		if strings.HasSuffix(req.resource, "/") {
+			other = strings.TrimSuffix(req.resource, "/")
+		}
+		if other != "" {
+			res, ok = b.dir.ResourceByIdentifier(req.tenant.GetId(), other)
+		}
 	}
 	if !ok {
 		return nil, errf(http.StatusBadRequest, "invalid_resource", CodeUnknownResource,

@@ -520,6 +520,7 @@ func (a *API) Serve(ctx context.Context, ln net.Listener, tlsCfg *tls.Config) er
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = srv.Shutdown(sctx)
+	a.log.Info("demo API stopped")
 	return nil
 }
 

@@ -284,7 +284,7 @@ func (s *Server) startOIDC(authority *ca.CA, errc chan<- error) (*http.Server, e
 		}
 		getCert = (&svidCert{ca: authority, dnsNames: names}).get
 	}
-	lis, err := net.Listen("tcp", oc.Addr)
+	lis, err := s.listen("tcp", oc.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("server: oidc listener: %w", err)
 	}
@@ -299,7 +299,7 @@ func (s *Server) startOIDC(authority *ca.CA, errc chan<- error) (*http.Server, e
 		ErrorLog:          slog.NewLogLogger(s.log.With("component", "oidc").Handler(), slog.LevelDebug),
 	}
 	go func() {
-		if err := hs.ServeTLS(lis, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := hs.ServeTLS(gate(lis, s.caughtUp), "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			errc <- fmt.Errorf("oidc: %w", err)
 		}
 	}()

@@ -60,6 +60,7 @@ type Config struct {
 	// in $RUNTIME_DIRECTORY, else in /run/ferry/server.
 	AdminSocket string
 	// HealthAddr serves /live, /ready and /metrics over plain HTTP; empty disables it.
+	// /ready is 200 once the node has caught up with the log (CaughtUp) and knows a leader.
 	HealthAddr string
 	// Profiling serves Go's /debug/pprof on the health listener.
 	Profiling bool
@@ -89,6 +90,11 @@ type Config struct {
 	Federation FederationConfig
 	// Logger overrides the logger built from LogLevel and LogFormat.
 	Logger *slog.Logger
+	// Listen opens the node's TCP listeners (cluster, agent, admin, health,
+	// OIDC, bundle endpoint); default net.Listen. ferry dev passes the
+	// listeners it opened when it chose the ports, so no other process can
+	// take a port between the choice and the bind.
+	Listen func(network, address string) (net.Listener, error)
 	// Level, when set, is Logger's level, which `ferry logger set|reset`
 	// changes while the server runs.
 	Level *logging.Level
@@ -132,6 +138,7 @@ type Server struct {
 
 	readyOnce sync.Once
 	ready     chan struct{}
+	caughtUp  chan struct{}
 	started   time.Time
 }
 
@@ -149,13 +156,21 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{}), started: time.Now()}, nil
+	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{}), caughtUp: make(chan struct{}), started: time.Now()}, nil
+}
+
+func (s *Server) listen(network, address string) (net.Listener, error) {
+	if s.cfg.Listen != nil {
+		return s.cfg.Listen(network, address)
+	}
+	return net.Listen(network, address)
 }
 
 // Store is the node's replicated state (read-only use).
 func (s *Server) Store() *state.Store { return s.store }
 
-// Ready is closed once the admin API is listening.
+// Ready is closed once the admin API is listening. The node may still be
+// catching up with the cluster's log then: see CaughtUp.
 func (s *Server) Ready() <-chan struct{} { return s.ready }
 
 // Run starts the node and serves until ctx ends.
@@ -194,6 +209,7 @@ func (s *Server) Run(ctx context.Context) error {
 		FSM:               s.store,
 		LogStore:          s.cfg.Cluster.LogStore,
 		Logger:            s.log.With("component", "cluster"),
+		Listen:            s.cfg.Listen,
 		SnapshotThreshold: s.cfg.Cluster.SnapshotThreshold,
 		TrailingLogs:      s.cfg.Cluster.TrailingLogs,
 		SnapshotInterval:  s.cfg.Cluster.SnapshotInterval,
@@ -203,9 +219,23 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	s.node = node
 	defer node.Close()
+	// Work started below (CA rotation, the federation refresher, joining)
+	// ends before the node closes and Run returns: none of it may write to
+	// the data dir after Run has returned.
+	var bg sync.WaitGroup
+	defer bg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-node.CaughtUp():
+			close(s.caughtUp)
+		case <-ctx.Done():
+		}
+	}()
 	s.registerMetrics()
 
-	authority, agentAPI, err := s.startAuthority(ctx, node)
+	authority, agentAPI, err := s.startAuthority(ctx, node, &bg)
 	if err != nil {
 		return err
 	}
@@ -223,7 +253,7 @@ func (s *Server) Run(ctx context.Context) error {
 	// The admin services answer on the unix socket (file permissions guard it)
 	// and, when admin_addr is set, over mutual TLS to admin workloads.
 	tlsCfg := &svidTLS{store: s.store, td: s.cfg.TrustDomain.String(), log: s.log}
-	gs := grpc.NewServer(grpc.Creds(adminCreds{tls: tlsCfg}), s.admission(),
+	gs := grpc.NewServer(grpc.Creds(adminCreds{tls: tlsCfg}), s.catchUpGate(), s.catchUpStreamGate(), s.admission(),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor, s.adminUnaryAuth), grpc.ChainStreamInterceptor(s.streamInterceptor, s.adminStreamAuth))
 	ferrypb.RegisterAdminServer(gs, admin)
 	healthpb.RegisterHealthServer(gs, grpchealth.New(s.readiness))
@@ -231,7 +261,7 @@ func (s *Server) Run(ctx context.Context) error {
 	if s.cfg.CA.JWTIssuer != "" {
 		issuers[s.cfg.CA.JWTIssuer] = s.cfg.TrustDomain.Name()
 	}
-	directory, err := api.NewDirectory(api.DirectoryConfig{Cluster: clusterAPI{node, s.store}, Store: s.store,
+	directory, err := api.NewDirectory(api.DirectoryConfig{Cluster: clusterAPI{node, s.store}, Store: s.store, TrustDomain: s.cfg.TrustDomain,
 		Logger: s.log.With("component", "directory"), Issuers: issuers})
 	if err != nil {
 		return err
@@ -244,7 +274,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	// --- end federation ---
 
-	agentLis, err := net.Listen("tcp", s.cfg.AgentAddr)
+	agentLis, err := s.listen("tcp", s.cfg.AgentAddr)
 	if err != nil {
 		return fmt.Errorf("server: agent listener: %w", err)
 	}
@@ -256,7 +286,7 @@ func (s *Server) Run(ctx context.Context) error {
 
 	errc := make(chan error, 5)
 	go func() { errc <- gs.Serve(lis) }()
-	go func() { errc <- ags.Serve(agentLis) }()
+	go func() { errc <- ags.Serve(gate(agentLis, s.caughtUp)) }()
 	oidcSrv, err := s.startOIDC(authority, errc)
 	if err != nil {
 		gs.Stop()
@@ -264,13 +294,13 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	defer oidcShutdown(oidcSrv)
 	// --- federation: bundle endpoint and leader-only refresher ---
-	if err := s.startFederation(ctx, refresher, tlsCfg, errc); err != nil {
+	if err := s.startFederation(ctx, refresher, tlsCfg, errc, &bg); err != nil {
 		gs.Stop()
 		return err
 	}
 	// --- end federation ---
 	if s.cfg.AdminAddr != "" {
-		adminLis, err := net.Listen("tcp", s.cfg.AdminAddr)
+		adminLis, err := s.listen("tcp", s.cfg.AdminAddr)
 		if err != nil {
 			gs.Stop()
 			return fmt.Errorf("server: admin listener: %w", err)
@@ -280,7 +310,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	var hs *http.Server
 	if s.cfg.HealthAddr != "" {
-		hl, err := net.Listen("tcp", s.cfg.HealthAddr)
+		hl, err := s.listen("tcp", s.cfg.HealthAddr)
 		if err != nil {
 			gs.Stop()
 			return fmt.Errorf("server: health listener: %w", err)
@@ -290,7 +320,8 @@ func (s *Server) Run(ctx context.Context) error {
 		s.log.Info("health and metrics", "addr", hl.Addr().String())
 	}
 	if len(s.cfg.Cluster.RetryJoin) > 0 {
-		go s.retryJoin(ctx)
+		bg.Add(1)
+		go func() { defer bg.Done(); s.retryJoin(ctx) }()
 	}
 	s.log.Info("server running", "trust_domain", s.cfg.TrustDomain.String(), "cluster_addr", node.Addr(), "agent_addr", agentLis.Addr().String(), "admin_socket", s.cfg.AdminSocket)
 	s.readyOnce.Do(func() { close(s.ready) })
@@ -317,7 +348,7 @@ func (s *Server) Run(ctx context.Context) error {
 
 // startAuthority opens this node's CA (keys on its own disk), starts its rotation
 // loop once the cluster has a leader to publish through, and builds the agent API.
-func (s *Server) startAuthority(ctx context.Context, node *cluster.Node) (*ca.CA, *api.Agent, error) {
+func (s *Server) startAuthority(ctx context.Context, node *cluster.Node, bg *sync.WaitGroup) (*ca.CA, *api.Agent, error) {
 	cl := clusterAPI{node, s.store}
 	authority, err := ca.New(ca.Config{
 		TrustDomain:  s.cfg.TrustDomain,
@@ -336,9 +367,15 @@ func (s *Server) startAuthority(ctx context.Context, node *cluster.Node) (*ca.CA
 	if err != nil {
 		return nil, nil, fmt.Errorf("server: %w", err)
 	}
+	bg.Add(1)
 	go func() {
-		if err := waitLeader(ctx, func() string { id, _ := node.Leader(); return id }); err != nil {
+		defer bg.Done()
+		// The CA publishes through the log, and what it finds there must be
+		// the cluster's current state, not this node's last snapshot.
+		select {
+		case <-ctx.Done():
 			return
+		case <-s.caughtUp:
 		}
 		if err := authority.Run(ctx); err != nil && ctx.Err() == nil {
 			s.log.Error("CA rotation stopped", "error", err)
@@ -552,6 +589,9 @@ func (s *Server) readiness() error {
 	default:
 		return errors.New("starting")
 	}
+	if !s.isCaughtUp() {
+		return errors.New("catching up with the cluster log")
+	}
 	if id, _ := s.node.Leader(); id == "" {
 		return errors.New("no cluster leader known")
 	}
@@ -668,8 +708,9 @@ func (s *Server) registerFederation(gs *grpc.Server, node *cluster.Node) (*feder
 
 // startFederation runs the refresher and, when configured, the bundle
 // endpoint (https_spiffe serves this node's server X509-SVID).
-func (s *Server) startFederation(ctx context.Context, refresher *federation.Refresher, tlsCfg *svidTLS, errc chan<- error) error {
-	go func() { _ = refresher.Run(ctx) }()
+func (s *Server) startFederation(ctx context.Context, refresher *federation.Refresher, tlsCfg *svidTLS, errc chan<- error, bg *sync.WaitGroup) error {
+	bg.Add(1)
+	go func() { defer bg.Done(); _ = refresher.Run(ctx) }()
 	be := s.cfg.Federation.BundleEndpoint
 	if be == nil {
 		return nil
@@ -685,12 +726,12 @@ func (s *Server) startFederation(ctx context.Context, refresher *federation.Refr
 	if err != nil {
 		return err
 	}
-	lis, err := net.Listen("tcp", be.Addr)
+	lis, err := s.listen("tcp", be.Addr)
 	if err != nil {
 		return fmt.Errorf("server: bundle endpoint listener: %w", err)
 	}
 	go func() {
-		if err := ep.Serve(ctx, lis); err != nil {
+		if err := ep.Serve(ctx, gate(lis, s.caughtUp)); err != nil {
 			errc <- err
 		}
 	}()

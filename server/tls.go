@@ -1,7 +1,6 @@
 package server
 
 import (
-	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -99,17 +98,4 @@ func (s *svidTLS) config() *tls.Config {
 			}, nil
 		},
 	}
-}
-
-// waitLeader blocks until the cluster has a leader (the CA cannot publish keys
-// before), or ctx ends.
-func waitLeader(ctx context.Context, leader func() string) error {
-	for leader() == "" {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-	return nil
 }

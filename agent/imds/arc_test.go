@@ -313,3 +313,31 @@ func closeUnrun(t *testing.T, s *imds.Server) {
 	cancel()
 	require.NoError(t, s.Run(ctx))
 }
+
+// The token path is served with a trailing slash too, as IMDS and himds serve
+// it (msal-node adds one whenever AZURE_POD_IDENTITY_AUTHORITY_HOST is set):
+// in Arc mode the whole challenge exchange, in VM mode the token itself.
+func TestTrailingSlash(t *testing.T) {
+	toks := newFakeTokens()
+	base, dir := startArc(t, toks, nil)
+	u := base + imds.TokenPath + "/?" + arcQuery
+	r := get(t, u, "Metadata", "true")
+	require.Equal(t, 401, r.Status, r.Body)
+	m := realmRE.FindStringSubmatch(r.Header.Get("WWW-Authenticate"))
+	require.NotNil(t, m)
+	require.Equal(t, dir, filepath.Dir(m[1]))
+	secret, err := os.ReadFile(m[1])
+	require.NoError(t, err)
+	r = get(t, u, "Metadata", "true", "Authorization", "Basic "+string(secret))
+	require.Equal(t, 200, r.Status, r.Body)
+
+	_, vm := startServer(t, imds.Config{Mode: imds.ModeVM, Tokens: toks})
+	r = get(t, vm+imds.TokenPath+"/?"+mgmt, "Metadata", "true")
+	require.Equal(t, 200, r.Status, r.Body)
+	// One slash only, and nothing below it.
+	for _, p := range []string{imds.TokenPath + "//", imds.TokenPath + "/x", imds.TokenPath + "x"} {
+		r = get(t, vm+p+"?"+mgmt, "Metadata", "true")
+		require.Equal(t, 400, r.Status, p)
+		require.Equal(t, `{"error":"invalid_request","error_description":"The requested path is not served"}`, r.Body, p)
+	}
+}

@@ -18,7 +18,9 @@ import (
 	"github.com/ferry-id/ferry/attestors/workload"
 )
 
-// TokenPath is the only path served.
+// TokenPath is the only path served, with or without a trailing slash, as
+// IMDS and himds serve it: msal-node (and so @azure/identity) add the slash
+// whenever AZURE_POD_IDENTITY_AUTHORITY_HOST points them elsewhere.
 const TokenPath = "/metadata/identity/oauth2/token"
 
 // newestAPIVersions is listed in the api-version errors, as IMDS does.
@@ -115,7 +117,7 @@ func parse(r *http.Request) (Request, *reply) {
 	if r.Method != http.MethodGet {
 		return Request{}, errMethod
 	}
-	if r.URL.Path != TokenPath {
+	if p := r.URL.Path; p != TokenPath && p != TokenPath+"/" {
 		return Request{}, errNotFound
 	}
 	if v := r.Header.Values("Metadata"); len(v) != 1 || v[0] != "true" {
@@ -423,7 +425,8 @@ var (
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 2048); return &b }}
 
 // writeToken writes IMDS's success body: every value a JSON string, in the
-// field order IMDS uses. A user-assigned selector is echoed under its own
+// field order IMDS uses. not_before is the token's own nbf, as in Azure's
+// documented response. A user-assigned selector is echoed under its own
 // name, because Arc clients reject a response that does not confirm it.
 func writeToken(w http.ResponseWriter, tok *Token, req Request) {
 	now := time.Now()

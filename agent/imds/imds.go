@@ -123,7 +123,8 @@ type Token struct {
 	// ClientID is the client (application) ID of the identity.
 	ClientID  string
 	ExpiresOn time.Time
-	// NotBefore defaults to the time of the response when zero.
+	// NotBefore is the token's nbf (the response's not_before); only a token
+	// that carries none gets the time of the response.
 	NotBefore time.Time
 	// ExtExpiresOn defaults to ExpiresOn when zero.
 	ExtExpiresOn time.Time

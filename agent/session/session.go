@@ -557,9 +557,10 @@ func (s *Session) syncOnce(ctx context.Context) (gotAny bool, err error) {
 		} else if len(msg.Entries) > 0 || len(msg.DeletedIds) > 0 || identityChanged {
 			s.cfg.Sink.ApplyEntryChanges(msg.Entries, msg.DeletedIds, msg.Revision)
 		}
-		// Bundles after entries: the first bundle is what lets the cache
-		// answer workloads, and it must not answer before it knows their
-		// entries (a workload would be told it has no identity).
+		// Bundles after entries: the cache answers a waiting workload once
+		// it has the bundle, so on a (re)started agent the first message's
+		// entries must be there by then, or a workload with an identity is
+		// told it has none.
 		if msg.Bundles != nil {
 			s.applyBundles(msg.Bundles)
 		}

@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/golang-jwt/jwt/v5"
 )
 
 // AssertionType is the client_assertion_type of a JWT client assertion.
@@ -182,7 +184,11 @@ func parseToken(body []byte, sent time.Time) (*Token, error) {
 	if j.RefreshIn.set && j.RefreshIn.v > 0 {
 		t.RefreshOn = sent.Add(time.Duration(j.RefreshIn.v) * time.Second)
 	}
-	if j.NotBefore.set && j.NotBefore.v > 0 {
+	// not_before is the token's nbf: IMDS passes it on, and v2 responses do
+	// not carry it, so it is read from the token itself.
+	if nbf := jwtNotBefore(j.AccessToken); !nbf.IsZero() {
+		t.NotBefore = nbf
+	} else if j.NotBefore.set && j.NotBefore.v > 0 {
 		t.NotBefore = time.Unix(j.NotBefore.v, 0)
 	}
 	return t, nil
@@ -262,4 +268,15 @@ func retryAfter(v string) time.Duration {
 		return max(time.Until(t), 0)
 	}
 	return 0
+}
+
+// jwtNotBefore is the nbf claim of an access token in JWT form, or zero. The
+// token is not verified: it came over TLS from the authority, and its nbf is
+// only reported to the caller, never trusted for a decision.
+func jwtNotBefore(token string) time.Time {
+	var claims jwt.RegisteredClaims
+	if _, _, err := jwt.NewParser().ParseUnverified(token, &claims); err != nil || claims.NotBefore == nil {
+		return time.Time{}
+	}
+	return claims.NotBefore.Time
 }

@@ -2,6 +2,8 @@ package tokens_test
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"io"
 	"log/slog"
@@ -110,6 +112,32 @@ func TestExchangeStringLifetimesAndPathPrefix(t *testing.T) {
 	require.Equal(t, 600*time.Second, tok.ExpiresOn.Sub(tok.Obtained))
 	require.Equal(t, tok.ExpiresOn, tok.ExtExpiresOn)
 	require.True(t, tok.RefreshOn.IsZero())
+}
+
+// not_before is the access token's nbf, whether or not the authority sent
+// it (v2 responses do not); a token that is not a JWT has none.
+func TestExchangeNotBefore(t *testing.T) {
+	nbf := time.Now().Add(-5 * time.Minute).Truncate(time.Second)
+	claims, err := json.Marshal(map[string]any{"aud": "api://app", "nbf": nbf.Unix(), "exp": nbf.Add(time.Hour).Unix()})
+	require.NoError(t, err)
+	jwtToken := base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"RS256","typ":"JWT"}`)) + "." +
+		base64.RawURLEncoding.EncodeToString(claims) + ".c2ln"
+	for name, tc := range map[string]struct {
+		body string
+		want time.Time
+	}{
+		"v2 response, JWT":         {`{"token_type":"Bearer","expires_in":3599,"access_token":"` + jwtToken + `"}`, nbf},
+		"not_before disagrees":     {`{"token_type":"Bearer","expires_in":3599,"not_before":"1","access_token":"` + jwtToken + `"}`, nbf},
+		"opaque token, not_before": {`{"token_type":"Bearer","expires_in":3599,"not_before":"1700000000","access_token":"opaque"}`, time.Unix(1700000000, 0)},
+		"opaque token":             {`{"token_type":"Bearer","expires_in":3599,"access_token":"opaque"}`, time.Time{}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			a := newAuthority(t, jsonReply(200, tc.body))
+			tok, err := a.exchanger(t, "").Exchange(context.Background(), req1)
+			require.NoError(t, err)
+			require.True(t, tc.want.Equal(tok.NotBefore), "got %v, want %v", tok.NotBefore, tc.want)
+		})
+	}
 }
 
 func TestExchangeErrors(t *testing.T) {

@@ -2,10 +2,11 @@
 // the server's Directory.Watch stream and answers every lookup from memory.
 //
 // The replica holds the directory in a go-memdb database. Lookups read an
-// immutable snapshot of it (a read transaction) and never wait for the network
-// or for the writer. One goroutine (Run) applies the stream: a full snapshot
-// replaces the whole database, changes are applied in one write transaction per
-// message. When the stream breaks, Run reconnects with exponential backoff and
+// immutable snapshot of it, published together with the revision it reflects,
+// and never wait for the network or for the writer. One goroutine (Run) applies
+// the stream: a full snapshot replaces the whole database, changes are applied
+// in one write transaction per message, and only then is the new snapshot
+// published, so a lookup never sees a change its Revision does not cover. When the stream breaks, Run reconnects with exponential backoff and
 // resumes from the last revision it holds; the server answers with the missed
 // changes, or with a new full snapshot when it no longer has them.
 //
@@ -21,6 +22,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -65,14 +67,27 @@ type Replica struct {
 	cfg Config
 	log *slog.Logger
 
-	db       atomic.Pointer[memdb.MemDB]
-	issuers  atomic.Pointer[map[string]string]
-	revision atomic.Uint64
+	// live is the database Run writes (only Run touches it); view is what
+	// lookups read: an immutable snapshot of live with its revision.
+	live *memdb.MemDB
+	view atomic.Pointer[view]
 
 	readyOnce sync.Once
 	ready     chan struct{}
 	publish   chan struct{} // a pending "make sure the keys are published"
 	own       atomic.Pointer[[]*ferrypb.SigningKey]
+	// sent maps the kid of each key this replica published to the revision
+	// the server answered with: until the replica reflects that revision the
+	// key is in flight, not missing, and is not published again.
+	sentMu sync.Mutex
+	sent   map[string]uint64
+}
+
+// view is one consistent state of the followed directory.
+type view struct {
+	db       *memdb.MemDB
+	issuers  map[string]string
+	revision uint64
 }
 
 var _ bridge.Directory = (*Replica)(nil)
@@ -95,7 +110,7 @@ func New(cfg Config) (*Replica, error) {
 	if cfg.PublishTimeout <= 0 {
 		cfg.PublishTimeout = 10 * time.Second
 	}
-	r := &Replica{cfg: cfg, log: cfg.Logger, ready: make(chan struct{}), publish: make(chan struct{}, 1)}
+	r := &Replica{cfg: cfg, log: cfg.Logger, ready: make(chan struct{}), publish: make(chan struct{}, 1), sent: map[string]uint64{}}
 	var own []*ferrypb.SigningKey
 	if cfg.Key != nil {
 		own = []*ferrypb.SigningKey{cfg.Key}
@@ -105,8 +120,8 @@ func New(cfg Config) (*Replica, error) {
 	if err != nil {
 		return nil, err
 	}
-	r.db.Store(db)
-	r.setIssuers(nil)
+	r.live = db
+	r.publishView(nil, 0)
 	return r, nil
 }
 
@@ -114,7 +129,7 @@ func New(cfg Config) (*Replica, error) {
 func (r *Replica) Ready() <-chan struct{} { return r.ready }
 
 // Revision is the server revision the replica's directory reflects.
-func (r *Replica) Revision() uint64 { return r.revision.Load() }
+func (r *Replica) Revision() uint64 { return r.view.Load().revision }
 
 // Run follows the server until ctx ends, reconnecting as needed. It returns nil
 // when ctx ends.
@@ -193,10 +208,9 @@ func (r *Replica) follow(ctx context.Context) (progressed bool, err error) {
 				continue
 			}
 			pending.Commit()
-			r.db.Store(pendingDB)
+			r.live = pendingDB
 			pending = nil
-			r.setIssuers(pendingIssuers)
-			r.revision.Store(msg.Revision)
+			r.publishView(pendingIssuers, msg.Revision)
 			r.log.Info("directory snapshot loaded", "revision", msg.Revision)
 		case pending != nil:
 			return progressed, errors.New("replica: watch: changes inside a snapshot")
@@ -206,8 +220,8 @@ func (r *Replica) follow(ctx context.Context) (progressed bool, err error) {
 					return progressed, err
 				}
 			}
-			if msg.Revision > r.Revision() {
-				r.revision.Store(msg.Revision)
+			if cur := r.view.Load(); len(msg.Changes) > 0 || msg.Revision > cur.revision {
+				r.publishView(cur.issuers, max(msg.Revision, cur.revision))
 			}
 		}
 		r.readyOnce.Do(func() { close(r.ready) })
@@ -247,10 +261,10 @@ func loadSnapshot(txn *memdb.Txn, s *ferrypb.DirectorySnapshot) error {
 	return err
 }
 
-// applyChanges applies one message's changes atomically: readers see all of
-// them or none.
+// applyChanges applies one message's changes to the live database in one
+// transaction; readers see them once publishView publishes the result.
 func (r *Replica) applyChanges(cs []*ferrypb.DirectoryChange) error {
-	txn := r.db.Load().Txn(true)
+	txn := r.live.Txn(true)
 	defer txn.Abort()
 	for _, c := range cs {
 		table, row := changeRow(c)
@@ -294,7 +308,9 @@ func changeRow(c *ferrypb.DirectoryChange) (string, any) {
 	return "", nil
 }
 
-func (r *Replica) setIssuers(fromServer map[string]string) {
+// publishView makes the live database, the server's issuers and revision
+// what lookups see, in one step.
+func (r *Replica) publishView(fromServer map[string]string, revision uint64) {
 	m := make(map[string]string, len(fromServer)+len(r.cfg.Issuers))
 	for k, v := range fromServer {
 		m[k] = v
@@ -302,7 +318,7 @@ func (r *Replica) setIssuers(fromServer map[string]string) {
 	for k, v := range r.cfg.Issuers {
 		m[k] = v
 	}
-	r.issuers.Store(&m)
+	r.view.Store(&view{db: r.live.Snapshot(), issuers: m, revision: revision})
 }
 
 // SetKeys replaces the set of this replica's keys that must be published (a
@@ -310,6 +326,13 @@ func (r *Replica) setIssuers(fromServer map[string]string) {
 func (r *Replica) SetKeys(keys []*ferrypb.SigningKey) {
 	keys = append([]*ferrypb.SigningKey(nil), keys...)
 	r.own.Store(&keys)
+	r.sentMu.Lock()
+	for kid := range r.sent {
+		if !slices.ContainsFunc(keys, func(k *ferrypb.SigningKey) bool { return k.Kid == kid }) {
+			delete(r.sent, kid)
+		}
+	}
+	r.sentMu.Unlock()
 	r.checkKey()
 }
 
@@ -336,15 +359,23 @@ func (r *Replica) checkKey() {
 	}
 }
 
-// missingKeys are this replica's keys the followed directory does not list.
+// missingKeys are this replica's keys the followed directory does not list,
+// leaving out those published at a revision the replica has not reached yet.
 func (r *Replica) missingKeys() []*ferrypb.SigningKey {
-	txn := r.db.Load().Txn(false)
+	v := r.view.Load()
+	txn := v.db.Txn(false)
+	r.sentMu.Lock()
+	defer r.sentMu.Unlock()
 	var out []*ferrypb.SigningKey
 	for _, k := range *r.own.Load() {
 		raw, err := txn.First(tableKeys, "id", k.Kid)
-		if err != nil || raw == nil || !bytes.Equal(raw.(*ferrypb.SigningKey).PublicKey, k.PublicKey) {
-			out = append(out, k)
+		if err == nil && raw != nil && bytes.Equal(raw.(*ferrypb.SigningKey).PublicKey, k.PublicKey) {
+			continue
 		}
+		if rev, ok := r.sent[k.Kid]; ok && rev > v.revision {
+			continue
+		}
+		out = append(out, k)
 	}
 	return out
 }
@@ -362,9 +393,12 @@ func (r *Replica) publishLoop(ctx context.Context) {
 		for _, key := range r.missingKeys() {
 			for {
 				pctx, cancel := context.WithTimeout(ctx, r.cfg.PublishTimeout)
-				_, err := r.cfg.Source.PublishSigningKey(pctx, key)
+				row, err := r.cfg.Source.PublishSigningKey(pctx, key)
 				cancel()
 				if err == nil {
+					r.sentMu.Lock()
+					r.sent[key.Kid] = row.GetRevision()
+					r.sentMu.Unlock()
 					r.log.Info("signing key published", "kid", key.Kid)
 					break
 				}
@@ -386,7 +420,7 @@ func (r *Replica) publishLoop(ctx context.Context) {
 // Lookups ----------------------------------------------------------------------
 
 func (r *Replica) first(table, index string, args ...any) any {
-	raw, err := r.db.Load().Txn(false).First(table, index, args...)
+	raw, err := r.view.Load().db.Txn(false).First(table, index, args...)
 	if err != nil {
 		return nil
 	}
@@ -394,7 +428,7 @@ func (r *Replica) first(table, index string, args ...any) any {
 }
 
 func all[T any](r *Replica, table, index string, args ...any) []T {
-	it, err := r.db.Load().Txn(false).Get(table, index, args...)
+	it, err := r.view.Load().db.Txn(false).Get(table, index, args...)
 	if err != nil {
 		return nil
 	}
@@ -446,13 +480,14 @@ func (r *Replica) RoleAssignments(resourceObjectID, principalObjectID string) []
 // domain is local even before its bundle arrives (its keys are then unknown,
 // never fetched).
 func (r *Replica) LocalIssuer(iss string) (bridge.LocalIssuer, bool) {
-	td, ok := (*r.issuers.Load())[iss]
+	v := r.view.Load()
+	td, ok := v.issuers[iss]
 	if !ok {
 		return bridge.LocalIssuer{}, false
 	}
 	li := bridge.LocalIssuer{TrustDomain: td}
-	if b, ok := r.first(tableBundles, "id", td).(*ferrypb.Bundle); ok {
-		li.Authorities = b.JwtAuthorities
+	if raw, err := v.db.Txn(false).First(tableBundles, "id", td); err == nil && raw != nil {
+		li.Authorities = raw.(*ferrypb.Bundle).JwtAuthorities
 	}
 	return li, true
 }

@@ -78,6 +78,8 @@ type Config struct {
 	// replaced key stays published (2 h by default).
 	KeyLifetime, KeyRetireAfter time.Duration
 	Logger                      *slog.Logger
+	// Listen opens the HTTPS listener; default net.Listen.
+	Listen func(network, address string) (net.Listener, error)
 }
 
 // Service is a running bridge replica.
@@ -119,7 +121,11 @@ func New(cfg Config) (*Service, error) {
 			return nil, err
 		}
 	}
-	lis, err := net.Listen("tcp", cfg.ListenAddr)
+	listen := cfg.Listen
+	if listen == nil {
+		listen = net.Listen
+	}
+	lis, err := listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		return nil, fmt.Errorf("service: %w", err)
 	}
@@ -234,9 +240,11 @@ func (s *Service) Run(ctx context.Context) error {
 	go s.rotate(ctx, rep, b)
 	select {
 	case <-ctx.Done():
+		s.log.Info("bridge stopped")
 		return nil
 	case err := <-errc:
 		if ctx.Err() != nil {
+			s.log.Info("bridge stopped")
 			return nil
 		}
 		return err

@@ -83,7 +83,11 @@ func TestCLIRefusals(t *testing.T) {
 			{[]string{"--bogus"}, "flag provided but not defined: -bogus (see 'ferry --help')"},
 		},
 		"entry create": {
-			{[]string{"entry", "create"}, "entry create: --spiffe-id, --parent-id and --selector are required (or --data FILE)"},
+			{[]string{"entry", "create"}, "entry create: --spiffe-id, --parent-id (or --node) and --selector are required (or --data FILE)"},
+			{[]string{"entry", "create", "--spiffe-id", web, "--node", "--parent-id", agent, "--selector", "x509pop:subject:cn:n1"},
+				"entry create: --node and --parent-id are exclusive: a node alias's parent is the trust domain's server ID"},
+			{[]string{"entry", "create", "--spiffe-id", web, "--node", "--selector", "unix:uid:0"},
+				`unix is a workload selector type, not a node one; node selectors are x509pop:subject:cn:<common name>`},
 			{entry("--selector", "uid:0"), `entry create: invalid entry: selector: invalid selector "uid:0": unknown selector type; workload selectors are unix:uid:<uid>, unix:user:<name>,`},
 			{entry("--selector", "bogus:thing:1"), `invalid selector "bogus:thing:1": unknown selector type; workload selectors are unix:uid:<uid>`},
 			{entry("--selector", "unix:uid:abc"), `invalid selector "unix:uid:abc": want unix:uid:<uid> (user ID of the process (all four of its uids), decimal): not a decimal number from 0 to 4294967295`},

@@ -12,6 +12,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/urfave/cli/v2"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -20,6 +21,7 @@ import (
 	"github.com/ferry-id/ferry/internal/selector"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/api"
+	"github.com/ferry-id/ferry/server/ca"
 )
 
 func entryFlags(update bool) []cli.Flag {
@@ -27,6 +29,7 @@ func entryFlags(update bool) []cli.Flag {
 		&cli.StringFlag{Name: "entry-id", Usage: "entry ID (default: a new random one)", Required: update},
 		&cli.StringFlag{Name: "spiffe-id", Usage: "SPIFFE ID the entry issues, in the server's trust domain, not under /spire/"},
 		&cli.StringFlag{Name: "parent-id", Usage: "SPIFFE ID of the agent (or node alias) the entry is for; spiffe://TD/spire/server makes the entry a node alias"},
+		&cli.BoolFlag{Name: "node", Usage: "the entry is a node alias: agents whose node selectors all match get the entries parented on its SPIFFE ID (sets the parent to spiffe://TD/spire/server; instead of --parent-id)"},
 		&cli.StringSliceFlag{Name: "selector", Usage: "selector type:value (repeatable; all must match; the forms are listed below)"},
 		&cli.StringFlag{Name: "x509-ttl", Usage: "X509-SVID lifetime: a duration (1h) or seconds (default: the server's)"},
 		&cli.StringFlag{Name: "jwt-ttl", Usage: "JWT-SVID lifetime: a duration (5m) or seconds (default: the server's)"},
@@ -224,8 +227,19 @@ func readEntries(path string, stdin io.Reader) ([]*ferrypb.Entry, error) {
 }
 
 func entryFromFlags(c *cli.Context) (*ferrypb.Entry, error) {
-	if !c.IsSet("spiffe-id") || !c.IsSet("parent-id") || !c.IsSet("selector") {
-		return nil, errors.New("--spiffe-id, --parent-id and --selector are required (or --data FILE)")
+	if c.Bool("node") && c.IsSet("parent-id") {
+		return nil, errors.New("--node and --parent-id are exclusive: a node alias's parent is the trust domain's server ID")
+	}
+	if !c.IsSet("spiffe-id") || !(c.IsSet("parent-id") || c.Bool("node")) || !c.IsSet("selector") {
+		return nil, errors.New("--spiffe-id, --parent-id (or --node) and --selector are required (or --data FILE)")
+	}
+	parent := c.String("parent-id")
+	if c.Bool("node") {
+		id, err := spiffeid.FromString(c.String("spiffe-id"))
+		if err != nil {
+			return nil, fmt.Errorf("--spiffe-id: %w", err)
+		}
+		parent = spiffeid.RequireFromPath(id.TrustDomain(), ca.ServerPath).String()
 	}
 	if c.Int64("revision") < 0 {
 		return nil, errors.New("--revision must not be negative")
@@ -233,7 +247,7 @@ func entryFromFlags(c *cli.Context) (*ferrypb.Entry, error) {
 	e := &ferrypb.Entry{
 		Id:            c.String("entry-id"),
 		SpiffeId:      c.String("spiffe-id"),
-		ParentId:      c.String("parent-id"),
+		ParentId:      parent,
 		DnsNames:      c.StringSlice("dns"),
 		FederatesWith: c.StringSlice("federates-with"),
 		Hint:          c.String("hint"),

@@ -5,6 +5,7 @@
 package dev
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"crypto/x509"
@@ -19,20 +20,25 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
+	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	"github.com/ferry-id/ferry/agent"
+	"github.com/ferry-id/ferry/agent/imds"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/bridge/service"
 	"github.com/ferry-id/ferry/demoapi"
 	"github.com/ferry-id/ferry/internal/securedir"
 	"github.com/ferry-id/ferry/proto/ferrypb"
-
 	"github.com/ferry-id/ferry/server"
+	"github.com/ferry-id/ferry/server/api"
 	"github.com/ferry-id/ferry/server/cluster"
 )
 
@@ -82,44 +88,98 @@ type ports struct {
 	Bridge  int `json:"bridge"`
 	OIDC    int `json:"oidc"`
 	IMDS    int `json:"imds"`
+	IMDSVM  int `json:"imds_vm"`
 	DemoAPI int `json:"demo_api"`
 }
 
-func (s *Stack) ports() (ports, error) {
+// openPorts opens a loopback listener for every port of the stack and keeps
+// it for the role that serves there (listeners.Listen), so no other process
+// can take a port between its choice and its use. A new data dir gets free
+// ports; a restart gets the ports it had. A saved port another process has
+// taken meanwhile is replaced, except the cluster port (it is in the Raft
+// configuration) and the OIDC port (it is in the issuer URL every JWT-SVID
+// and federated credential names).
+func (s *Stack) openPorts() (ports, *listeners, error) {
 	path := filepath.Join(s.cfg.DataDir, "ports.json")
 	var p ports
 	if data, err := os.ReadFile(path); err == nil {
 		if err := json.Unmarshal(data, &p); err != nil {
-			return p, fmt.Errorf("dev: %s: %w", path, err)
+			return p, nil, fmt.Errorf("dev: %s: %w", path, err)
 		}
 	}
-	// A new data dir gets every port; one from an earlier version gets the
-	// ports it lacks, and keeps the others.
+	held := &listeners{held: map[string]net.Listener{}}
 	changed := false
-	for _, port := range []*int{&p.Cluster, &p.Health, &p.Agent, &p.Bridge, &p.OIDC, &p.IMDS, &p.DemoAPI} {
-		if *port != 0 {
-			continue
+	for _, port := range []struct {
+		name   string
+		n      *int
+		stable bool
+	}{
+		{"cluster", &p.Cluster, true}, {"oidc", &p.OIDC, true}, {"health", &p.Health, false}, {"agent", &p.Agent, false},
+		{"bridge", &p.Bridge, false}, {"imds", &p.IMDS, false}, {"imds_vm", &p.IMDSVM, false}, {"demo_api", &p.DemoAPI, false},
+	} {
+		if *port.n != 0 {
+			ln, err := net.Listen("tcp", loopback(*port.n))
+			if err == nil {
+				held.held[loopback(*port.n)] = ln
+				continue
+			}
+			if port.stable || !errors.Is(err, syscall.EADDRINUSE) {
+				held.closeRest()
+				return p, nil, fmt.Errorf("dev: the %s port saved in %s: %w (stop what holds it, or remove %s to start afresh)", port.name, path, err, s.cfg.DataDir)
+			}
+			s.log.Warn("a port of the stack is taken by another process; using another", "port", port.name, "was", *port.n)
 		}
-		var err error
-		if *port, err = freePort(); err != nil {
-			return p, err
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			held.closeRest()
+			return p, nil, fmt.Errorf("dev: %w", err)
 		}
+		*port.n = ln.Addr().(*net.TCPAddr).Port
+		held.held[loopback(*port.n)] = ln
 		changed = true
 	}
-	if !changed {
-		return p, nil
+	if changed {
+		data, _ := json.Marshal(p)
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			held.closeRest()
+			return p, nil, fmt.Errorf("dev: %w", err)
+		}
 	}
-	data, _ := json.Marshal(p)
-	return p, os.WriteFile(path, data, 0o600)
+	return p, held, nil
 }
 
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("dev: %w", err)
+func loopback(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
+
+// listeners are the stack's listeners, opened before any role starts; each
+// is handed to the role that asks for its address.
+type listeners struct {
+	mu   sync.Mutex
+	held map[string]net.Listener
+}
+
+// Listen hands over the listener opened for address, or opens one.
+func (l *listeners) Listen(network, address string) (net.Listener, error) {
+	l.mu.Lock()
+	ln, ok := l.held[address]
+	delete(l.held, address)
+	l.mu.Unlock()
+	if ok && network == "tcp" {
+		return ln, nil
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	if ok {
+		ln.Close()
+	}
+	return net.Listen(network, address)
+}
+
+// closeRest closes the listeners no role took.
+func (l *listeners) closeRest() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for a, ln := range l.held {
+		ln.Close()
+		delete(l.held, a)
+	}
 }
 
 // Run starts the stack and blocks until ctx ends.
@@ -137,10 +197,11 @@ func (s *Stack) Run(ctx context.Context) error {
 	if err := os.Chmod(dir, 0o711); err != nil {
 		return fmt.Errorf("dev: %w", err)
 	}
-	p, err := s.ports()
+	p, held, err := s.openPorts()
 	if err != nil {
 		return err
 	}
+	defer held.closeRest()
 	tlsDir := filepath.Join(dir, "cluster-tls")
 	if _, err := os.Stat(filepath.Join(tlsDir, "ca.pem")); err != nil {
 		if _, err := cluster.CreateCA(cluster.CAOptions{Dir: tlsDir}); err != nil {
@@ -157,20 +218,22 @@ func (s *Stack) Run(ctx context.Context) error {
 		}
 	}
 	adminSocket := filepath.Join(dir, "admin.sock")
+	issuer := fmt.Sprintf("https://localhost:%d", p.OIDC)
 	srv, err := server.New(server.Config{
 		NodeID:      "dev",
 		TrustDomain: s.cfg.TrustDomain,
 		DataDir:     filepath.Join(dir, "server"),
 		AdminSocket: adminSocket,
-		HealthAddr:  fmt.Sprintf("127.0.0.1:%d", p.Health),
-		AgentAddr:   fmt.Sprintf("127.0.0.1:%d", p.Agent),
+		HealthAddr:  loopback(p.Health),
+		AgentAddr:   loopback(p.Agent),
 		// JWT-SVIDs name the trust domain's OIDC issuer, which is how the
 		// bridge (and Entra) know whose keys verify them; the server serves
 		// its discovery document and JWKS there.
-		OIDC:   server.OIDCConfig{Addr: fmt.Sprintf("127.0.0.1:%d", p.OIDC), Issuer: fmt.Sprintf("https://localhost:%d", p.OIDC)},
+		OIDC:   server.OIDCConfig{Addr: loopback(p.OIDC), Issuer: issuer},
 		Logger: s.log.With("role", "server"),
+		Listen: held.Listen,
 		Cluster: server.ClusterConfig{
-			BindAddr:  fmt.Sprintf("127.0.0.1:%d", p.Cluster),
+			BindAddr:  loopback(p.Cluster),
 			Bootstrap: true,
 			TLS: cluster.TLSFiles{
 				CAFile:   filepath.Join(tlsDir, "ca.pem"),
@@ -182,73 +245,184 @@ func (s *Stack) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	errc := make(chan error, 4)
-	go func() { errc <- srv.Run(ctx) }()
-	select {
-	case err := <-errc:
+	// The first part to end ends them all; the others get a moment to
+	// finish (the agent removes outstanding challenge files).
+	g := &parts{errc: make(chan error, 4)}
+	errc := g.errc
+	defer g.stop(stop, 10*time.Second)
+	g.start(func() error { return srv.Run(ctx) })
+	// Everything below reads the server's state ("is there a tenant yet?"),
+	// so it waits until the server has replayed its log: before that, a
+	// restarted server holds only its last snapshot.
+	for _, ch := range []<-chan struct{}{srv.Ready(), srv.CaughtUp()} {
+		select {
+		case err := <-errc:
+			return err
+		case <-ctx.Done():
+			return nil
+		case <-ch:
+		}
+	}
+	conn, err := grpc.NewClient("unix://"+adminSocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
 		return err
-	case <-srv.Ready():
+	}
+	defer conn.Close()
+	dirc := ferrypb.NewDirectoryClient(conn)
+	tenant, err := s.ensureTenant(ctx, dirc)
+	if err != nil {
+		return err
+	}
+	appID, err := s.ensureDemoResource(ctx, dirc, tenant)
+	if err != nil {
+		return err
 	}
 
-	br, tenant, err := s.startBridge(ctx, adminSocket, fmt.Sprintf("127.0.0.1:%d", p.Bridge), errc)
+	br, err := s.startBridge(ctx, adminSocket, loopback(p.Bridge), held, g)
 	if err != nil {
 		return err
 	}
-	// The agent's managed-identity endpoint (Arc style) trades JWT-SVIDs at
-	// the bridge. Arc clients insist on challenge files under
-	// /var/opt/azcmagent/tokens; the dev stack keeps its own elsewhere so the
-	// host stays untouched (curl and VM-style clients do not care).
-	imdsAddr := fmt.Sprintf("127.0.0.1:%d", p.IMDS)
-	tokens, err := TokenDir(dir)
+	// The agent's managed-identity endpoint, Arc style and VM style, trades
+	// JWT-SVIDs at the bridge.
+	arc, err := chooseArc(imds.DefaultTokenDir, imds.DefaultArcAddress, dir)
 	if err != nil {
 		return err
 	}
-	ag, err := s.startAgent(ctx, srv, adminSocket, fmt.Sprintf("127.0.0.1:%d", p.Agent), &agent.IMDSConfig{
-		ArcAddr:         imdsAddr,
-		TokenDir:        tokens,
+	defer arc.release()
+	if arc.why != "" {
+		s.log.Info("Azure SDKs will refuse the Arc endpoint", "reason", arc.why, "challenge_files", arc.dir)
+	}
+	ag, err := s.startAgent(ctx, srv, ferrypb.NewAdminClient(conn), loopback(p.Agent), &agent.IMDSConfig{
+		ArcAddr:         loopback(p.IMDS),
+		TokenDir:        arc.dir,
+		VM:              true,
+		VMAddr:          loopback(p.IMDSVM),
 		Authority:       br.BaseURL(),
 		AuthorityCAFile: br.CAFile(),
 		AgentIdentities: true,
-	}, errc)
+		Listen:          held.Listen,
+	}, g)
 	if err != nil {
 		return err
 	}
-	demoURL, demoCmd, err := s.startDemoAPI(ctx, adminSocket, br, tenant, fmt.Sprintf("127.0.0.1:%d", p.DemoAPI), errc)
+	demoURL, demoCmd, err := s.startDemoAPI(ctx, br, tenant, appID, loopback(p.DemoAPI), held, g)
 	if err != nil {
 		return err
 	}
 	agentSocket := filepath.Join(dir, "public", "api.sock")
+	arcURL := "http://" + loopback(p.IMDS)
 	env := map[string]string{
 		"AZURE_AUTHORITY_HOST":   br.BaseURL(),
 		"AZURE_TENANT_ID":        tenant,
 		"FERRY_BRIDGE_CA":        br.CAFile(),
-		"FERRY_JWT_ISSUER":       fmt.Sprintf("https://localhost:%d", p.OIDC),
+		"FERRY_JWT_ISSUER":       issuer,
 		"FERRY_ADMIN_SOCKET":     adminSocket,
 		"FERRY_TRUST_DOMAIN":     s.cfg.TrustDomain.String(),
 		"SPIFFE_ENDPOINT_SOCKET": "unix://" + agentSocket,
 		"FERRY_AGENT_ID":         ag.Session().SpiffeID().String(),
-		"IDENTITY_ENDPOINT":      "http://" + imdsAddr + "/metadata/identity/oauth2/token",
-		"IMDS_ENDPOINT":          "http://" + imdsAddr,
-		"DEMO_API":               demoURL,
+		"IDENTITY_ENDPOINT":      arcURL + imds.TokenPath,
+		"IMDS_ENDPOINT":          arcURL,
+		// The VM-style endpoint, for the SDKs that can be pointed at one
+		// (@azure/identity, msal-node, Python's azure-identity and msal).
+		"AZURE_POD_IDENTITY_AUTHORITY_HOST": "http://" + loopback(p.IMDSVM),
+		"DEMO_API":                          demoURL,
 	}
 	envFile := filepath.Join(dir, "env")
 	if err := writeEnv(envFile, env); err != nil {
 		return err
 	}
-	td := s.cfg.TrustDomain.String()
-	fmt.Fprint(s.cfg.Out, strings.NewReplacer("{td}", td, "{env}", envFile, "{demo-cmd}", demoCmd).Replace(walkthrough))
-	// The first part to end ends them all; the others get a moment to
-	// finish (the agent removes outstanding challenge files).
-	err = <-errc
-	stop()
-	for range 3 {
-		select {
-		case <-errc:
-		case <-time.After(10 * time.Second):
-			return err
-		}
+	fmt.Fprint(s.cfg.Out, s.walkthrough(envFile, demoCmd, arc))
+	select {
+	case err = <-errc:
+		return err
+	case <-ctx.Done():
+		return nil
 	}
-	return err
+}
+
+// parts are the roles of a running stack, each in its own goroutine.
+type parts struct {
+	wg   sync.WaitGroup
+	errc chan error // one slot per part, so none blocks on its way out
+}
+
+func (g *parts) start(f func() error) {
+	g.wg.Add(1)
+	go func() {
+		defer g.wg.Done()
+		g.errc <- f()
+	}()
+}
+
+// stop cancels the parts' context and waits at most d for them to end.
+func (g *parts) stop(cancel context.CancelFunc, d time.Duration) {
+	cancel()
+	done := make(chan struct{})
+	go func() { g.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+	}
+}
+
+// ensureTenant returns the stack's tenant, creating it when there is none.
+// The tenant created has the ID every "create the default tenant" derives
+// (api.DefaultTenantID), so no two starts can ever make two.
+func (s *Stack) ensureTenant(ctx context.Context, dir ferrypb.DirectoryClient) (string, error) {
+	list, err := dir.ListTenants(ctx, &ferrypb.ListTenantsRequest{})
+	if err != nil {
+		return "", fmt.Errorf("dev: tenants: %w", err)
+	}
+	switch ts := list.Tenants; {
+	case len(ts) == 1:
+		return ts[0].Id, nil
+	case len(ts) > 1:
+		// Earlier versions of ferry dev made one per start; the first one
+		// is the one the first env file named.
+		oldest := slices.MinFunc(ts, func(a, b *ferrypb.Tenant) int { return cmp.Compare(a.Revision, b.Revision) })
+		s.log.Warn("the data dir holds several tenants; using the oldest", "tenants", len(ts), "tenant", oldest.Id)
+		return oldest.Id, nil
+	}
+	id := api.DefaultTenantID(s.cfg.TrustDomain.Name())
+	if _, err := dir.CreateTenant(ctx, &ferrypb.CreateTenantRequest{Id: id, Name: api.DefaultTenantName}); err != nil && status.Code(err) != codes.AlreadyExists {
+		return "", fmt.Errorf("dev: tenant: %w", err)
+	}
+	return id, nil
+}
+
+// demoResourceRequestID makes the demo resource's creation a retry-safe
+// write; identifier URIs are unique in a tenant, so there is only ever one.
+const demoResourceRequestID = "ferry-dev/demo-resource"
+
+// ensureDemoResource registers the demo API (once per data dir) and returns
+// its app ID.
+func (s *Stack) ensureDemoResource(ctx context.Context, dir ferrypb.DirectoryClient, tenant string) (string, error) {
+	find := func() (string, error) {
+		list, err := dir.ListResources(ctx, &ferrypb.ListResourcesRequest{TenantId: tenant})
+		if err != nil {
+			return "", fmt.Errorf("dev: resources: %w", err)
+		}
+		for _, r := range list.Resources {
+			if slices.Contains(r.IdentifierUris, DemoResource) {
+				return r.AppId, nil
+			}
+		}
+		return "", nil
+	}
+	if appID, err := find(); err != nil || appID != "" {
+		return appID, err
+	}
+	r, err := dir.CreateResource(ctx, &ferrypb.CreateResourceRequest{
+		Name: "demo", TenantId: tenant, IdentifierUris: []string{DemoResource},
+		AppRoles: []*ferrypb.AppRole{{Value: DemoRole}}, RequestId: demoResourceRequestID,
+	})
+	if status.Code(err) == codes.AlreadyExists {
+		return find()
+	}
+	if err != nil {
+		return "", fmt.Errorf("dev: demo resource: %w", err)
+	}
+	return r.AppId, nil
 }
 
 // DemoResource is the API ferry dev registers and serves with the demo API:
@@ -263,8 +437,9 @@ const (
 // trailing comment that starts with an HTTP status, or with a quoted string,
 // says what the command shows.
 const walkthrough = `
-ferry is running (trust domain {td}). In another shell (bin/ on your PATH):
+ferry is running (trust domain {td}). In another shell:
 
+  export PATH="{bin}:$PATH"   # where the ferry binary is (make build puts it in bin/)
   . {env}
   # an identity for this user's processes, delivered by the Workload API
   ferry entry create --spiffe-id spiffe://{td}/web --parent-id $FERRY_AGENT_ID --selector unix:uid:$(id -u)
@@ -287,10 +462,14 @@ ferry is running (trust domain {td}). In another shell (bin/ on your PATH):
       -d client_assertion=$(ferry api fetch jwt --audience api://AzureADTokenExchange) | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p')
   curl -si -H "Authorization: Bearer $tok" $DEMO_API       # 403: "insufficient_scope", web-id does not hold the role yet
   ferry role assign --identity-name web-id --resource api://demo --role reader
+  # a token carries the roles its identity held when it was issued: this one
+  # still has none, and a new one is needed (below, the agent gets one)
+  curl -si -H "Authorization: Bearer $tok" $DEMO_API       # 403: "insufficient_scope"
 
   # or let the agent do all that, as Azure Arc's endpoint does for Azure SDKs
   # (IDENTITY_ENDPOINT and IMDS_ENDPOINT are in the env file): a request without
   # a secret is answered 401, naming a file that only the caller can read
+{arc-note}
   curl -si -H Metadata:true "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=api://demo"   # 401: "Www-Authenticate: Basic realm=/"
   p=$(curl -s -D - -H Metadata:true "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=api://demo" | grep Www-Authenticate | cut -d "=" -f 2 | tr -d "[:cntrl:]")
   ls -l $p                                                 # "-rw-------": yours only
@@ -300,49 +479,56 @@ ferry is running (trust domain {td}). In another shell (bin/ on your PATH):
   mi() { p=$(curl -s -D - -H Metadata:true "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=$1" | grep Www-Authenticate | cut -d "=" -f 2 | tr -d "[:cntrl:]"); curl -s -H Metadata:true -H "Authorization: Basic $(cat $p)" "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=$1"; }
   curl -si -H "Authorization: Bearer $(mi api://demo | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p')" $DEMO_API    # 200: who called, with "roles":["reader"]
 
+  # the VM-style endpoint (what an Azure VM serves at 169.254.169.254) needs no
+  # challenge. Azure SDKs that honour AZURE_POD_IDENTITY_AUTHORITY_HOST (in the
+  # env file) call it once IDENTITY_ENDPOINT and IMDS_ENDPOINT are unset:
+  # @azure/identity, msal-node, Python's azure-identity and msal. Go's azidentity
+  # and MSAL always call 169.254.169.254:80 (a real agent can serve there:
+  # imds { vm = true, add_loopback_address = true } in agent.conf)
+  curl -s -H Metadata:true "$AZURE_POD_IDENTITY_AUTHORITY_HOST/metadata/identity/oauth2/token?api-version=2018-02-01&resource=api://demo"   # "access_token"
+
   # a token for another resource is refused by the API
   ferry resource create --name other --identifier-uri api://other
   curl -si -H "Authorization: Bearer $(mi api://other | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p')" $DEMO_API   # 401: "invalid_token", the audience is not accepted
 
   # another user's processes get nothing: they cannot read your challenge file,
-  # and no entry selects them
+  # and no entry selects them (as root: setpriv, from util-linux, runs a
+  # command as another user; uid and gid 65534 are nobody's)
   p=$(curl -s -D - -H Metadata:true "$IDENTITY_ENDPOINT?api-version=2020-06-01&resource=api://demo" | grep Www-Authenticate | cut -d "=" -f 2 | tr -d "[:cntrl:]")
-  sudo -u nobody cat $p                                    # "Permission denied"
-  sudo -u nobody bash -c "$(declare -f mi); IDENTITY_ENDPOINT=$IDENTITY_ENDPOINT mi api://demo"   # "Identity not found"
+  setpriv --reuid=65534 --regid=65534 --clear-groups cat $p   # "Permission denied"
+  setpriv --reuid=65534 --regid=65534 --clear-groups bash -c "$(declare -f mi); IDENTITY_ENDPOINT=$IDENTITY_ENDPOINT mi api://demo"   # "Identity not found"
+  setpriv --reuid=65534 --regid=65534 --clear-groups curl -s -H Metadata:true "$AZURE_POD_IDENTITY_AUTHORITY_HOST/metadata/identity/oauth2/token?api-version=2018-02-01&resource=api://demo"   # "Identity not found"
 
-Stop with Ctrl-C; start again with the same data dir to carry on where you left off.
+Stop with Ctrl-C; start again with the same data dir to carry on where you left off
+(what you created above is still there: running its create commands again says so).
 `
 
-// startDemoAPI registers the demo resource (once per data dir) and serves the
-// demo API on addr, trusting the bridge's CA. It returns the API's URL and the
-// equivalent ferry demo-api command.
-func (s *Stack) startDemoAPI(ctx context.Context, adminSocket string, br *service.Service, tenant, addr string, errc chan error) (string, string, error) {
-	conn, err := grpc.NewClient("unix://"+adminSocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return "", "", err
+// arcNoteReady and arcNoteRefused tell, once, whether unmodified Azure SDKs
+// accept the Arc endpoint's challenge files.
+const (
+	arcNoteReady = `  # the challenge files are in ` + imds.DefaultTokenDir + `, so unmodified Azure SDKs
+  # (azidentity, MSAL, @azure/identity, azure-identity) work against this endpoint`
+	arcNoteRefused = `  # the challenge files are in {arc-dir}: Azure SDKs refuse this endpoint,
+  # accepting challenge files only under ` + imds.DefaultTokenDir + `, and {why}.
+  # Start ferry dev as root for that, or use the VM-style endpoint below`
+)
+
+func (s *Stack) walkthrough(envFile, demoCmd string, arc arcSetup) string {
+	note := arcNoteReady
+	if arc.why != "" {
+		note = strings.NewReplacer("{arc-dir}", arc.dir, "{why}", arc.why).Replace(arcNoteRefused)
 	}
-	defer conn.Close()
-	dir := ferrypb.NewDirectoryClient(conn)
-	list, err := dir.ListResources(ctx, &ferrypb.ListResourcesRequest{TenantId: tenant})
-	if err != nil {
-		return "", "", fmt.Errorf("dev: resources: %w", err)
+	bin := "bin"
+	if exe, err := os.Executable(); err == nil {
+		bin = filepath.Dir(exe)
 	}
-	var appID string
-	for _, r := range list.Resources {
-		if slices.Contains(r.IdentifierUris, DemoResource) {
-			appID = r.AppId
-		}
-	}
-	if appID == "" {
-		r, err := dir.CreateResource(ctx, &ferrypb.CreateResourceRequest{
-			Name: "demo", TenantId: tenant, IdentifierUris: []string{DemoResource},
-			AppRoles: []*ferrypb.AppRole{{Value: DemoRole}},
-		})
-		if err != nil {
-			return "", "", fmt.Errorf("dev: demo resource: %w", err)
-		}
-		appID = r.AppId
-	}
+	return strings.NewReplacer("{td}", s.cfg.TrustDomain.String(), "{env}", envFile, "{demo-cmd}", demoCmd,
+		"{arc-note}", note, "{bin}", bin).Replace(walkthrough)
+}
+
+// startDemoAPI serves the demo API on addr, trusting the bridge's CA. It
+// returns the API's URL and the equivalent ferry demo-api command.
+func (s *Stack) startDemoAPI(ctx context.Context, br *service.Service, tenant, appID, addr string, held *listeners, g *parts) (string, string, error) {
 	client, err := demoapi.HTTPClient(br.CAFile())
 	if err != nil {
 		return "", "", err
@@ -354,18 +540,20 @@ func (s *Stack) startDemoAPI(ctx context.Context, adminSocket string, br *servic
 	if err != nil {
 		return "", "", err
 	}
-	ln, err := net.Listen("tcp", addr)
+	ln, err := held.Listen("tcp", addr)
 	if err != nil {
 		return "", "", fmt.Errorf("dev: demo API: %w", err)
 	}
-	go func() { errc <- api.Serve(ctx, ln, nil) }()
+	g.start(func() error { return api.Serve(ctx, ln, nil) })
 	cmd := fmt.Sprintf("ferry demo-api --listen %s --audience %s --audience %s --role %s", addr, DemoResource, appID, DemoRole)
 	return "http://" + addr + "/", cmd, nil
 }
 
-// startAgent waits for the server's CA to publish its first keys, gets a join
-// token through the admin socket, and starts an agent in this process.
-func (s *Stack) startAgent(ctx context.Context, srv *server.Server, adminSocket, agentAddr string, imdsCfg *agent.IMDSConfig, errc chan error) (*agent.Agent, error) {
+// startAgent waits for the server's CA to publish its first keys and starts
+// an agent in this process. The agent attests with a join token only when it
+// has no usable SVID of its own; the token is made then, through the admin
+// API.
+func (s *Stack) startAgent(ctx context.Context, srv *server.Server, admin ferrypb.AdminClient, agentAddr string, imdsCfg *agent.IMDSConfig, g *parts) (*agent.Agent, error) {
 	var roots []*x509.Certificate
 	for len(roots) == 0 {
 		if b := srv.Store().View().Bundle(s.cfg.TrustDomain.String()); b != nil {
@@ -381,20 +569,48 @@ func (s *Stack) startAgent(ctx context.Context, srv *server.Server, adminSocket,
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
-		case err := <-errc:
+		case err := <-g.errc:
 			return nil, err
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	conn, err := grpc.NewClient("unix://"+adminSocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	ag, err := agent.New(agent.Config{
+		TrustDomain: s.cfg.TrustDomain,
+		Servers:     []string{agentAddr},
+		TrustBundle: roots,
+		DataDir:     filepath.Join(s.cfg.DataDir, "agent"),
+		SocketPath:  filepath.Join(s.cfg.DataDir, "public", "api.sock"),
+		NodeAttestor: joinTokenOnDemand{admin: admin,
+			agentID: spiffeid.RequireFromPath(s.cfg.TrustDomain, "/spire/agent/dev").String()},
+		IMDS:   imdsCfg,
+		Logger: s.log.With("role", "agent"),
+	})
 	if err != nil {
 		return nil, err
 	}
-	defer conn.Close()
-	tok, err := ferrypb.NewAdminClient(conn).CreateJoinToken(ctx, &ferrypb.CreateJoinTokenRequest{
-		SpiffeId:   spiffeid.RequireFromPath(s.cfg.TrustDomain, "/spire/agent/dev").String(),
-		TtlSeconds: 600,
-	})
+	g.start(func() error { return ag.Run(ctx) })
+	select {
+	case <-ag.Session().Ready():
+		return ag, nil
+	case err := <-g.errc:
+		return nil, err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// joinTokenOnDemand is the dev agent's node attestor: a join token for the
+// dev agent's SPIFFE ID, made when the agent attests (a restarted agent with
+// a valid SVID does not), so no start leaves an unused token behind.
+type joinTokenOnDemand struct {
+	admin   ferrypb.AdminClient
+	agentID string
+}
+
+func (j joinTokenOnDemand) Name() string { return jointoken.Name }
+
+func (j joinTokenOnDemand) Payload(ctx context.Context) ([]byte, error) {
+	tok, err := j.admin.CreateJoinToken(ctx, &ferrypb.CreateJoinTokenRequest{SpiffeId: j.agentID, TtlSeconds: 600})
 	if err != nil {
 		return nil, fmt.Errorf("dev: join token: %w", err)
 	}
@@ -402,71 +618,35 @@ func (s *Stack) startAgent(ctx context.Context, srv *server.Server, adminSocket,
 	if err != nil {
 		return nil, err
 	}
-	ag, err := agent.New(agent.Config{
-		TrustDomain:  s.cfg.TrustDomain,
-		Servers:      []string{agentAddr},
-		TrustBundle:  roots,
-		DataDir:      filepath.Join(s.cfg.DataDir, "agent"),
-		SocketPath:   filepath.Join(s.cfg.DataDir, "public", "api.sock"),
-		NodeAttestor: at,
-		IMDS:         imdsCfg,
-		Logger:       s.log.With("role", "agent"),
-	})
-	if err != nil {
-		return nil, err
-	}
-	go func() { errc <- ag.Run(ctx) }()
-	select {
-	case <-ag.Session().Ready():
-		return ag, nil
-	case err := <-errc:
-		return nil, err
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
+	return at.Payload(ctx)
 }
 
-// startBridge makes sure a tenant exists and starts a bridge replica in this
-// process, following the server's directory through the admin socket.
-func (s *Stack) startBridge(ctx context.Context, adminSocket, addr string, errc chan error) (*service.Service, string, error) {
-	conn, err := grpc.NewClient("unix://"+adminSocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return nil, "", err
-	}
-	defer conn.Close()
-	dir := ferrypb.NewDirectoryClient(conn)
-	tenants, err := dir.ListTenants(ctx, &ferrypb.ListTenantsRequest{})
-	if err != nil {
-		return nil, "", fmt.Errorf("dev: tenants: %w", err)
-	}
-	var tenant string
-	if len(tenants.Tenants) > 0 {
-		tenant = tenants.Tenants[0].Id
-	} else {
-		t, err := dir.CreateTenant(ctx, &ferrypb.CreateTenantRequest{Name: "default"})
-		if err != nil {
-			return nil, "", fmt.Errorf("dev: tenant: %w", err)
-		}
-		tenant = t.Id
-	}
+func (j joinTokenOnDemand) Respond(ctx context.Context, challenge []byte) ([]byte, error) {
+	return (&jointoken.Agent{}).Respond(ctx, challenge)
+}
+
+// startBridge starts a bridge replica in this process, following the
+// server's directory through the admin socket.
+func (s *Stack) startBridge(ctx context.Context, adminSocket, addr string, held *listeners, g *parts) (*service.Service, error) {
 	br, err := service.New(service.Config{
 		ListenAddr:    addr,
 		DataDir:       filepath.Join(s.cfg.DataDir, "bridge"),
 		ServerSockets: []string{adminSocket},
 		Name:          "dev",
 		Logger:        s.log.With("role", "bridge"),
+		Listen:        held.Listen,
 	})
 	if err != nil {
-		return nil, "", err
+		return nil, err
 	}
-	go func() { errc <- br.Run(ctx) }()
+	g.start(func() error { return br.Run(ctx) })
 	select {
 	case <-br.Ready():
-		return br, tenant, nil
-	case err := <-errc:
-		return nil, "", err
+		return br, nil
+	case err := <-g.errc:
+		return nil, err
 	case <-ctx.Done():
-		return nil, "", ctx.Err()
+		return nil, ctx.Err()
 	}
 }
 

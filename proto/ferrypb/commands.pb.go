@@ -1819,8 +1819,11 @@ func (x *AppliedRequest) GetEntryRefs() []byte {
 }
 
 type TenantPut struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Tenant        *Tenant                `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Tenant *Tenant                `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	// create_only makes the put a "create if missing": when a tenant with this
+	// ID exists it is answered as it is, never renamed.
+	CreateOnly    bool `protobuf:"varint,2,opt,name=create_only,json=createOnly,proto3" json:"create_only,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1860,6 +1863,13 @@ func (x *TenantPut) GetTenant() *Tenant {
 		return x.Tenant
 	}
 	return nil
+}
+
+func (x *TenantPut) GetCreateOnly() bool {
+	if x != nil {
+		return x.CreateOnly
+	}
+	return false
 }
 
 type TenantDelete struct {
@@ -2686,9 +2696,11 @@ const file_commands_proto_rawDesc = "" +
 	"\x0etime_unix_nano\x18\x03 \x01(\x03R\ftimeUnixNano\x12/\n" +
 	"\x06result\x18\x04 \x01(\v2\x17.ferry.v1.CommandResultR\x06result\x12\x1d\n" +
 	"\n" +
-	"entry_refs\x18\x05 \x01(\fR\tentryRefs\"5\n" +
+	"entry_refs\x18\x05 \x01(\fR\tentryRefs\"V\n" +
 	"\tTenantPut\x12(\n" +
-	"\x06tenant\x18\x01 \x01(\v2\x10.ferry.v1.TenantR\x06tenant\"\x1e\n" +
+	"\x06tenant\x18\x01 \x01(\v2\x10.ferry.v1.TenantR\x06tenant\x12\x1f\n" +
+	"\vcreate_only\x18\x02 \x01(\bR\n" +
+	"createOnly\"\x1e\n" +
 	"\fTenantDelete\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"^\n" +
 	"\vIdentityPut\x12.\n" +

@@ -271,7 +271,7 @@ func (a *Admin) identityTenant(ctx context.Context, tenantID string) (string, er
 	if a.cfg.JWTIssuer == "" {
 		return "", status.Error(codes.FailedPrecondition, "system-assigned identities need the trust domain's JWT issuer (jwt_issuer or oidc.issuer in the server config)")
 	}
-	return resolveTenant(ctx, a.cfg.Cluster, a.cfg.Store, a.log, tenantID, true)
+	return resolveTenant(ctx, a.cfg.Cluster, a.cfg.Store, a.log, a.cfg.TrustDomain, tenantID, true)
 }
 
 func (a *Admin) newSystemIdentity(owner, tenant string) *ferrypb.SystemIdentity {

@@ -47,14 +47,22 @@ type AgentConfig struct {
 	AgentSVIDTTL time.Duration
 	// Limits on signing: per agent and for the whole server, in signatures per
 	// second (burst = rate). Over the limit a call gets ResourceExhausted and
-	// the agent retries later. Defaults: 500 per agent, 5,000 overall.
+	// the agent retries later. Defaults: DefaultPerAgentRate, DefaultGlobalRate.
 	PerAgentRate, GlobalRate float64
+	// Now is the signing limits' clock (default time.Now).
+	Now func() time.Time
 	// MaxBatch is the most CSRs one BatchNewX509SVID call may carry (default 500).
 	MaxBatch int
 	// JWTIssuer is the `iss` of the trust domain's JWT-SVIDs; ListAgentIdentities
 	// matches federated credentials against it (any issuer when empty).
 	JWTIssuer string
 }
+
+// Default signing limits, in signatures per second (see AgentConfig).
+const (
+	DefaultPerAgentRate = 500
+	DefaultGlobalRate   = 5000
+)
 
 // Agent implements ferrypb.AgentServer.
 type Agent struct {
@@ -85,10 +93,13 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 		cfg.AgentSVIDTTL = time.Hour
 	}
 	if cfg.PerAgentRate <= 0 {
-		cfg.PerAgentRate = 500
+		cfg.PerAgentRate = DefaultPerAgentRate
 	}
 	if cfg.GlobalRate <= 0 {
-		cfg.GlobalRate = 5000
+		cfg.GlobalRate = DefaultGlobalRate
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
 	}
 	if cfg.MaxBatch <= 0 {
 		cfg.MaxBatch = 500
@@ -319,7 +330,7 @@ func (a *Agent) allow(agentID string, n int) error {
 		a.limiter[agentID] = l
 	}
 	a.mu.Unlock()
-	now := time.Now()
+	now := a.cfg.Now()
 	if !l.AllowN(now, n) {
 		return status.Errorf(codes.ResourceExhausted, "agent %s is over its signing rate (%.0f/s); retry later", agentID, a.cfg.PerAgentRate)
 	}

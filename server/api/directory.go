@@ -7,9 +7,11 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -23,9 +25,13 @@ import (
 // identity or resource is created before any tenant exists.
 const DefaultTenantName = "default"
 
-// defaultTenantRequestID makes concurrent first uses create one default tenant:
-// the FSM applies the first and answers the others with its result.
-const defaultTenantRequestID = "directory/default-tenant"
+// DefaultTenantID is the GUID of the default tenant of trust domain td. It is
+// derived, not drawn, so that every "create the default tenant if there is
+// none", on any node, at any time, names the same tenant: the log applies the
+// first as a create and answers the others with what exists.
+func DefaultTenantID(td string) string {
+	return uuid.NewSHA1(uuid.NameSpaceURL, []byte("spiffe://"+td+"/ferry/default-tenant")).String()
+}
 
 // DefaultResourceGroup is the resource group in the ARM-style resource ID an
 // identity gets when none is given: /subscriptions/{tenant}/resourceGroups/ferry/...
@@ -36,6 +42,8 @@ type DirectoryConfig struct {
 	Cluster Cluster
 	Store   *state.Store
 	Logger  *slog.Logger
+	// TrustDomain names the default tenant (DefaultTenantID).
+	TrustDomain spiffeid.TrustDomain
 	// Issuers maps the OIDC issuer URL of each local trust domain (the `iss` of
 	// its JWT-SVIDs) to the trust domain. Replicas receive it with every
 	// snapshot, to resolve assertion keys from the replicated bundle.
@@ -63,6 +71,10 @@ type Directory struct {
 	ferrypb.UnimplementedDirectoryServer
 	cfg DirectoryConfig
 	log *slog.Logger
+
+	// resumeWaiting, when set, is called as a Watch starts waiting for this
+	// node to reach the replica's revision (tests use it to know it waits).
+	resumeWaiting atomic.Pointer[func(rev uint64)]
 }
 
 var _ ferrypb.DirectoryServer = (*Directory)(nil)
@@ -125,12 +137,12 @@ func guidArg(s string) string {
 }
 
 func (d *Directory) tenant(ctx context.Context, id string, create bool) (string, error) {
-	return resolveTenant(ctx, d.cfg.Cluster, d.cfg.Store, d.log, id, create)
+	return resolveTenant(ctx, d.cfg.Cluster, d.cfg.Store, d.log, d.cfg.TrustDomain, id, create)
 }
 
 // resolveTenant names the tenant a request means: the one given, else the
 // only one; with create, a tenant named DefaultTenantName when there is none.
-func resolveTenant(ctx context.Context, cl Cluster, store *state.Store, log *slog.Logger, id string, create bool) (string, error) {
+func resolveTenant(ctx context.Context, cl Cluster, store *state.Store, log *slog.Logger, td spiffeid.TrustDomain, id string, create bool) (string, error) {
 	v := store.View()
 	if id != "" {
 		g := guidArg(id)
@@ -150,13 +162,15 @@ func resolveTenant(ctx context.Context, cl Cluster, store *state.Store, log *slo
 	case !create:
 		return "", status.Error(codes.NotFound, "no tenant exists")
 	}
-	res, err := applyAndWait(ctx, cl, store, defaultTenantRequestID, &ferrypb.Command{Op: &ferrypb.Command_TenantPut{TenantPut: &ferrypb.TenantPut{
-		Tenant: &ferrypb.Tenant{Id: uuid.NewString(), Name: DefaultTenantName},
+	res, err := applyAndWait(ctx, cl, store, "", &ferrypb.Command{Op: &ferrypb.Command_TenantPut{TenantPut: &ferrypb.TenantPut{
+		Tenant: &ferrypb.Tenant{Id: DefaultTenantID(td.Name()), Name: DefaultTenantName}, CreateOnly: true,
 	}}})
 	if err != nil {
 		return "", err
 	}
-	log.Info("created the default tenant", "tenant", res.Tenant.GetId())
+	if res.Tenant.GetRevision() == res.Index {
+		log.Info("created the default tenant", "tenant", res.Tenant.GetId())
+	}
 	return res.Tenant.GetId(), nil
 }
 
@@ -583,7 +597,7 @@ func (d *Directory) AssignRole(ctx context.Context, req *ferrypb.AssignRoleReque
 	if err != nil {
 		return nil, err
 	}
-	d.log.Info("app role assigned", "identity", i.ObjectId, "resource", r.ObjectId, "role", req.Role)
+	d.log.Info("app role assigned", "identity", i.ObjectId, "resource", r.ObjectId, "app_role", req.Role)
 	return res.RoleAssignment, nil
 }
 
@@ -665,6 +679,9 @@ func (d *Directory) Watch(req *ferrypb.WatchRequest, stream ferrypb.Directory_Wa
 		// back in time (a deleted credential reappearing), so first give this
 		// node a chance to catch up.
 		wctx, cancel := context.WithTimeout(ctx, d.cfg.ResumeWait)
+		if f := d.resumeWaiting.Load(); f != nil {
+			(*f)(rev)
+		}
 		_ = d.cfg.Store.WaitForIndex(wctx, rev)
 		cancel()
 	}

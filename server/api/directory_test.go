@@ -67,6 +67,7 @@ func (c *fakeCluster) SnapshotRestore(context.Context, io.Reader) (uint64, error
 type env struct {
 	store   *state.Store
 	cluster *fakeCluster
+	dir     *api.Directory
 	client  ferrypb.DirectoryClient
 	ctx     context.Context
 }
@@ -95,7 +96,7 @@ func newEnv(t *testing.T, storeCfg state.Config, cfg api.DirectoryConfig) *env {
 		conn.Close()
 		gs.Stop()
 	})
-	return &env{store: store, cluster: fc, client: ferrypb.NewDirectoryClient(conn), ctx: ctx}
+	return &env{store: store, cluster: fc, dir: dir, client: ferrypb.NewDirectoryClient(conn), ctx: ctx}
 }
 
 type tlog struct{ t *testing.T }
@@ -136,6 +137,8 @@ func TestDefaultTenant(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, ts.Tenants, 1)
 	require.Equal(t, api.DefaultTenantName, ts.Tenants[0].Name)
+	require.Equal(t, api.DefaultTenantID(""), ts.Tenants[0].Id, "the default tenant's ID is derived, so every creator names the same one")
+	require.NotEqual(t, api.DefaultTenantID("example.org"), api.DefaultTenantID("other.example"))
 	ids, err := e.client.ListIdentities(e.ctx, &ferrypb.ListIdentitiesRequest{TenantId: ts.Tenants[0].Id})
 	require.NoError(t, err)
 	require.Len(t, ids.Identities, 8)
@@ -310,17 +313,10 @@ func next(t *testing.T, ch <-chan *ferrypb.WatchResponse) *ferrypb.WatchResponse
 	}
 }
 
-func requireQuiet(t *testing.T, ch <-chan *ferrypb.WatchResponse) {
-	t.Helper()
-	select {
-	case m := <-ch:
-		t.Fatalf("unexpected watch message %v", m)
-	case <-time.After(50 * time.Millisecond):
-	}
-}
-
 func TestWatch(t *testing.T) {
-	e := newEnv(t, state.Config{}, api.DirectoryConfig{Issuers: map[string]string{"https://oidc.example.org": "example.org"}, ResumeWait: 300 * time.Millisecond})
+	// A replica ahead of the node is waited for as long as the test needs
+	// (the case where the wait runs out is TestWatchFarAhead).
+	e := newEnv(t, state.Config{}, api.DirectoryConfig{Issuers: map[string]string{"https://oidc.example.org": "example.org"}, ResumeWait: time.Hour})
 	web, err := e.client.CreateIdentity(e.ctx, &ferrypb.CreateIdentityRequest{Name: "web"})
 	require.NoError(t, err)
 	_, err = e.client.PutFederatedCredential(e.ctx, &ferrypb.PutFederatedCredentialRequest{Identity: byName("web"),
@@ -344,9 +340,9 @@ func TestWatch(t *testing.T) {
 	require.Len(t, snap.Snapshot.SigningKeys, 1)
 	require.Len(t, snap.Snapshot.Bundles, 1)
 	require.Equal(t, []*ferrypb.DirectoryIssuer{{Issuer: "https://oidc.example.org", TrustDomain: "example.org"}}, snap.Snapshot.Issuers)
-	requireQuiet(t, ch)
 
-	// Incremental: an upsert, then a delete with its cascade in one message.
+	// Incremental (and nothing before it: the next message is this change):
+	// an upsert, then a delete with its cascade in one message.
 	api2, err := e.client.CreateIdentity(e.ctx, &ferrypb.CreateIdentityRequest{Name: "api"})
 	require.NoError(t, err)
 	m := next(t, ch)
@@ -368,24 +364,29 @@ func TestWatch(t *testing.T) {
 	afterDelete := m.Revision
 	require.Equal(t, e.store.AppliedIndex(), afterDelete)
 
-	// Commands outside the directory do not reach the stream.
+	// Commands outside the directory do not reach the stream: the next
+	// message is the directory change made after the entry.
 	_, err = e.cluster.Apply(e.ctx, &ferrypb.Command{Op: &ferrypb.Command_EntriesCreate{EntriesCreate: &ferrypb.EntriesCreate{
 		Entries: []*ferrypb.Entry{{Id: "e1", SpiffeId: "spiffe://example.org/w", ParentId: "spiffe://example.org/a", Selectors: []*ferrypb.Selector{{Type: "unix", Value: "uid:1"}}}},
 	}}})
 	require.NoError(t, err)
-	requireQuiet(t, ch)
+	_, err = e.client.RetireSigningKey(e.ctx, &ferrypb.RetireSigningKeyRequest{Kid: "kid-a"})
+	require.NoError(t, err)
+	m = next(t, ch)
+	require.Len(t, m.Changes, 1, "only the directory change: %v", m)
+	require.Equal(t, "kid-a", m.Changes[0].GetSigningKey().GetKid())
+	afterRetire := m.Revision
 	stop()
 
 	// Resume: nothing new yields an empty message at the same revision...
-	ch, stop = e.watch(t, afterDelete)
+	ch, stop = e.watch(t, afterRetire)
 	m = next(t, ch)
 	require.Nil(t, m.Snapshot)
 	require.Empty(t, m.Changes)
-	require.Equal(t, afterDelete, m.Revision)
+	require.Equal(t, afterRetire, m.Revision)
 	stop()
-	// ...and a replica behind by some changes gets just those.
-	_, err = e.client.RetireSigningKey(e.ctx, &ferrypb.RetireSigningKeyRequest{Kid: "kid-a"})
-	require.NoError(t, err)
+	// ...and a replica behind by some changes gets just those (not the
+	// entry in between).
 	ch, stop = e.watch(t, afterDelete)
 	m = next(t, ch)
 	require.Nil(t, m.Snapshot)
@@ -395,25 +396,39 @@ func TestWatch(t *testing.T) {
 	stop()
 
 	// A replica ahead of this node (a lagging follower) is resumed once the
-	// node catches up within ResumeWait...
+	// node catches up: the watch waits for it (it has started waiting when
+	// the node moves on).
 	ahead := e.store.AppliedIndex() + 1
+	waiting := make(chan uint64, 1)
+	api.OnResumeWait(e.dir, func(rev uint64) { waiting <- rev })
 	ch, stop = e.watch(t, ahead)
-	time.Sleep(50 * time.Millisecond)
+	require.Equal(t, ahead, <-waiting)
 	_, err = e.client.CreateTenant(e.ctx, &ferrypb.CreateTenantRequest{Name: "fabrikam"})
 	require.NoError(t, err)
 	m = next(t, ch)
 	require.Nil(t, m.Snapshot, "no snapshot older than the replica")
 	require.Equal(t, ahead, m.Revision)
 	stop()
+}
 
-	// ...and one from another history (far ahead) gets a snapshot.
-	ch, stop = e.watch(t, e.store.AppliedIndex()+100)
-	m = next(t, ch)
+// TestWatchFarAhead: a replica from another history (far ahead of anything
+// the node will reach within ResumeWait) gets a full snapshot once the wait
+// runs out.
+func TestWatchFarAhead(t *testing.T) {
+	e := newEnv(t, state.Config{}, api.DirectoryConfig{ResumeWait: 100 * time.Millisecond})
+	_, err := e.client.CreateIdentity(e.ctx, &ferrypb.CreateIdentityRequest{Name: "web"})
+	require.NoError(t, err)
+	waiting := make(chan uint64, 1)
+	api.OnResumeWait(e.dir, func(rev uint64) { waiting <- rev })
+	far := e.store.AppliedIndex() + 100
+	ch, stop := e.watch(t, far)
+	defer stop()
+	require.Equal(t, far, <-waiting, "the watch first waits for the node")
+	m := next(t, ch)
 	require.NotNil(t, m.Snapshot)
 	require.Len(t, m.Snapshot.Identities, 1)
-	require.Len(t, m.Snapshot.Tenants, 2)
-	require.Empty(t, m.Snapshot.SigningKeys)
-	stop()
+	require.Len(t, m.Snapshot.Tenants, 1)
+	require.Equal(t, e.store.AppliedIndex(), m.Revision)
 }
 
 func TestWatchCompactionAndChunks(t *testing.T) {
@@ -430,7 +445,6 @@ func TestWatchCompactionAndChunks(t *testing.T) {
 	require.False(t, p2.More)
 	require.Equal(t, p1.Revision, p2.Revision)
 	require.Len(t, append(p1.Snapshot.Identities, p2.Snapshot.Identities...), 3)
-	requireQuiet(t, ch)
 
 	// A replica resuming from before the feed's window gets a snapshot.
 	ch2, stop2 := e.watch(t, 1)

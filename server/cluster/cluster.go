@@ -97,6 +97,8 @@ type Config struct {
 	MaxAppendEntries   int    // entries per AppendEntries RPC and per leader batch (≤1024)
 	// BarrierTimeout bounds the Barrier a new leader runs before it is ready.
 	BarrierTimeout time.Duration
+	// Listen opens the cluster listener; default net.Listen.
+	Listen func(network, address string) (net.Listener, error)
 }
 
 func (c *Config) setDefaults() error {
@@ -114,6 +116,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Listen == nil {
+		c.Listen = net.Listen
 	}
 	if c.LogStore == "" {
 		c.LogStore = DefaultLogStore
@@ -187,6 +192,8 @@ type Node struct {
 
 	tasksMu sync.Mutex
 	tasks   map[string]LeaderTask
+
+	caughtUp chan struct{} // see CaughtUp
 }
 
 // New opens (or creates) the node's data dir, starts the cluster listener and
@@ -196,7 +203,9 @@ func New(cfg Config) (*Node, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	log := cfg.Logger.With("node", cfg.NodeID)
+	// The caller's logger names the node (the server's does); a second
+	// "node" key would repeat it on every line.
+	log := cfg.Logger
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("cluster: %w", err)
 	}
@@ -208,7 +217,7 @@ func New(cfg Config) (*Node, error) {
 		return nil, err
 	}
 
-	n := &Node{cfg: cfg, log: log, id: raft.ServerID(cfg.NodeID), tasks: map[string]LeaderTask{}}
+	n := &Node{cfg: cfg, log: log, id: raft.ServerID(cfg.NodeID), tasks: map[string]LeaderTask{}, caughtUp: make(chan struct{})}
 	n.lead.init()
 	n.leaderSeen = make(chan struct{})
 	n.ctx, n.cancel = context.WithCancel(context.Background())
@@ -237,7 +246,7 @@ func New(cfg Config) (*Node, error) {
 	}
 	snaps := &snapshotStore{SnapshotStore: n.snaps, c: n.compact}
 
-	ln, err := net.Listen("tcp", cfg.BindAddr)
+	ln, err := cfg.Listen("tcp", cfg.BindAddr)
 	if err != nil {
 		return nil, fmt.Errorf("cluster: listen: %w", err)
 	}
@@ -338,6 +347,15 @@ func New(cfg Config) (*Node, error) {
 		log.Info("cluster: bootstrapped a one-node cluster", "address", n.advertise)
 	}
 	n.electAlone(raft.ReloadableConfig{HeartbeatTimeout: rc.LeaderLeaseTimeout, ElectionTimeout: rc.LeaderLeaseTimeout})
+	lastAtStart, err := n.store.logs.LastIndex()
+	if err != nil {
+		return nil, fmt.Errorf("cluster: read last index: %w", err)
+	}
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		n.catchUp(lastAtStart)
+	}()
 	log.Info("cluster: node started", "address", n.advertise, "log_store", cfg.LogStore, "existing_state", hasState)
 	ok = true
 	return n, nil

@@ -2,16 +2,21 @@ package cluster
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log"
 	"log/slog"
+	"strconv"
 	"strings"
 
 	"github.com/hashicorp/go-hclog"
 )
 
 // hclogAdapter lets hashicorp/raft and raft-wal, which want an hclog.Logger,
-// write through the node's slog.Logger.
+// write through the node's slog.Logger. The hclog name goes under the key
+// "subsystem" (the node's logger already names its component), and hclog's
+// deferred formats (hclog.Fmt, Hex, Octal, Quote) are rendered, as hclog's
+// own writers do. Raft's own "node" key becomes "raft-node".
 type hclogAdapter struct {
 	l     *slog.Logger
 	name  string
@@ -51,11 +56,40 @@ func (a *hclogAdapter) Log(level hclog.Level, msg string, args ...any) {
 	}
 	all := make([]any, 0, len(a.args)+len(args)+2)
 	if a.name != "" {
-		all = append(all, "component", a.name)
+		all = append(all, "subsystem", a.name)
 	}
 	all = append(all, a.args...)
 	all = append(all, args...)
+	for i, v := range all {
+		if i%2 == 1 && all[i-1] == "node" {
+			// Raft's "node" (a description of the Raft node) would
+			// repeat the key the server's logger names the node by.
+			all[i-1] = "raft-node"
+		}
+		all[i] = render(v)
+	}
 	a.l.Log(ctx, sl, msg, all...)
+}
+
+// render turns hclog's formatting wrappers into the strings they stand for.
+func render(v any) any {
+	switch v := v.(type) {
+	case hclog.Format:
+		if len(v) == 0 {
+			return ""
+		}
+		if f, ok := v[0].(string); ok {
+			return fmt.Sprintf(f, v[1:]...)
+		}
+		return fmt.Sprint(v...)
+	case hclog.Hex:
+		return fmt.Sprintf("0x%x", int(v))
+	case hclog.Octal:
+		return fmt.Sprintf("0%o", int(v))
+	case hclog.Quote:
+		return strconv.Quote(string(v))
+	}
+	return v
 }
 
 func (a *hclogAdapter) Trace(msg string, args ...any) { a.Log(hclog.Trace, msg, args...) }

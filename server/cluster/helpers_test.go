@@ -270,20 +270,19 @@ type testNode struct {
 	cfg cluster.Config
 }
 
-// fastConfig returns a config with test timings: elections in a few hundred
-// milliseconds, small WAL segments.
+// fastConfig returns a config for tests: small WAL segments and a short
+// commit timeout. Heartbeat and election timeouts stay at Raft's defaults
+// (1 s): at 300 ms a loaded machine's scheduling stalls alone set off
+// elections, over and over (TestCluster once went 20 s without a leader).
 func fastConfig(t testing.TB, pki *testPKI, id string) cluster.Config {
 	return cluster.Config{
-		NodeID:             id,
-		DataDir:            filepath.Join(t.TempDir(), id),
-		BindAddr:           "127.0.0.1:0",
-		TLS:                pki.node(t, id),
-		Logger:             newTestLogger(t, testLogLevel),
-		WALSegmentSize:     4 << 20,
-		HeartbeatTimeout:   300 * time.Millisecond,
-		ElectionTimeout:    300 * time.Millisecond,
-		LeaderLeaseTimeout: 150 * time.Millisecond,
-		CommitTimeout:      10 * time.Millisecond,
+		NodeID:         id,
+		DataDir:        filepath.Join(t.TempDir(), id),
+		BindAddr:       "127.0.0.1:0",
+		TLS:            pki.node(t, id),
+		Logger:         newTestLogger(t, testLogLevel).With("node", id),
+		WALSegmentSize: 4 << 20,
+		CommitTimeout:  10 * time.Millisecond,
 	}
 }
 
@@ -410,6 +409,15 @@ func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 			t.Fatalf("timed out after %v waiting for %s", d, what)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func waitCaughtUp(t testing.TB, n *testNode) {
+	t.Helper()
+	select {
+	case <-n.CaughtUp():
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s: not caught up after 30s", n.ID())
 	}
 }
 

@@ -176,7 +176,10 @@ func (s *clusterService) LeaderTask(ctx context.Context, req *ferrypb.LeaderTask
 	if err := f(ctx, req.GetArg()); err != nil {
 		return nil, toStatus(err)
 	}
-	return &ferrypb.LeaderTaskResponse{Index: s.n.raft.AppliedIndex()}, nil
+	// The FSM's own index, not Raft's: Raft records an index as applied
+	// only after the FSM goroutine may already have applied it and answered
+	// the task's write, so Raft's can still be below that write here.
+	return &ferrypb.LeaderTaskResponse{Index: s.n.appliedIndex()}, nil
 }
 
 // opsService carries the membership operations cluster.proto does not have

@@ -259,7 +259,9 @@ func (a *applier) tenant(id string) *ferrypb.Tenant {
 	return raw.(*ferrypb.Tenant)
 }
 
-func (a *applier) putTenant(t *ferrypb.Tenant) *ferrypb.CommandResult {
+// putTenant creates or renames a tenant; with createOnly an existing tenant
+// is answered as it is.
+func (a *applier) putTenant(t *ferrypb.Tenant, createOnly bool) *ferrypb.CommandResult {
 	if t == nil {
 		return &ferrypb.CommandResult{Status: status(codes.InvalidArgument, "tenant is required")}
 	}
@@ -269,7 +271,7 @@ func (a *applier) putTenant(t *ferrypb.Tenant) *ferrypb.CommandResult {
 	if err := validDisplayName(t.Name); err != nil {
 		return &ferrypb.CommandResult{Status: status(codes.InvalidArgument, "tenant name %v", err)}
 	}
-	if old := a.tenant(t.Id); old != nil && old.Name == t.Name {
+	if old := a.tenant(t.Id); old != nil && (old.Name == t.Name || createOnly) {
 		return &ferrypb.CommandResult{Status: ok(), Tenant: old}
 	}
 	row := &ferrypb.Tenant{Id: t.Id, Name: t.Name, Revision: a.index}

@@ -138,6 +138,10 @@ func TestTenants(t *testing.T) {
 	renamed := h.ok(&ferrypb.TenantPut{Tenant: &ferrypb.Tenant{Id: tenantA, Name: "Contoso Ltd"}}).Tenant
 	require.Greater(t, renamed.Revision, first.Revision)
 	require.Equal(t, "Contoso Ltd", h.s.View().Tenant(tenantA).Name)
+	// A create-only put of an existing tenant answers with it, unrenamed.
+	kept := h.ok(&ferrypb.TenantPut{Tenant: &ferrypb.Tenant{Id: tenantA, Name: "default"}, CreateOnly: true}).Tenant
+	require.Equal(t, renamed.Revision, kept.Revision)
+	require.Equal(t, "Contoso Ltd", kept.Name)
 
 	// A tenant holding an identity cannot be deleted.
 	h.ok(&ferrypb.IdentityPut{Identity: ident(1, tenantA, "web")})

@@ -396,7 +396,7 @@ func (a *applier) apply(cmd *ferrypb.Command) *ferrypb.CommandResult {
 		return a.deleteBundle(op.BundleDelete.TrustDomain)
 	// Directory (directory.go).
 	case *ferrypb.Command_TenantPut:
-		return a.putTenant(op.TenantPut.Tenant)
+		return a.putTenant(op.TenantPut.Tenant, op.TenantPut.CreateOnly)
 	case *ferrypb.Command_TenantDelete:
 		return a.deleteTenant(op.TenantDelete.Id)
 	case *ferrypb.Command_IdentityPut:

@@ -30,6 +30,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/internal/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/server/api"
 )
 
 // stormAgent is one attested agent identity talking to the Agent service
@@ -257,8 +258,18 @@ func TestCSRStorm(t *testing.T) {
 	t.Logf("CSR storm: %d CSRs from %d agents on %s: %d signed at once, %d shed (%q), %d retried calls, all signed after %s",
 		agents*perAgent, agents, target.ID, firstOK.Load(), firstShed.Load(), msg, retries.Load(), drained.Round(time.Millisecond))
 	require.Empty(t, other, "the only refusal is ResourceExhausted")
-	require.Positive(t, firstShed.Load(), "a storm of %d CSRs must be shed in part", agents*perAgent)
-	require.Contains(t, msg, "retry later")
+	// What was signed at once fits the server's signing rate over the time
+	// the storm took. Whether anything had to be shed depends on how fast
+	// the calls arrived, which is the machine's business (the limits' own
+	// test, server/api TestSigningLimitsShed, drives the clock); on a quiet
+	// machine a storm this size arrives within a second and is shed in part.
+	require.LessOrEqual(t, float64(firstOK.Load()), api.DefaultGlobalRate*(1+drained.Seconds()),
+		"signed at once beyond the server's signing rate")
+	if firstShed.Load() > 0 {
+		require.Contains(t, msg, "retry later")
+	} else {
+		t.Logf("nothing shed: the storm arrived slower than %d CSRs/s", api.DefaultGlobalRate)
+	}
 	require.EqualValues(t, agents*perAgent, signed.Load())
 
 	// Every CSR signed for its own entry's SPIFFE ID, chaining to the bundle.

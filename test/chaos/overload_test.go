@@ -111,7 +111,12 @@ func TestOverloadSheds(t *testing.T) {
 	// Many client connections, as many clients would open.
 	clients := make([]ferrypb.AdminClient, conns)
 	for i := range clients {
-		cc, err := grpc.NewClient("unix://"+target.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		// A call waits for its connection rather than failing at once when
+		// the first connect is slow (a loaded machine can take longer than
+		// gRPC's 20 s connect timeout to finish a handshake): the test is
+		// about the calls the server sheds, not about connects.
+		cc, err := grpc.NewClient("unix://"+target.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.WaitForReady(true)))
 		require.NoError(t, err)
 		defer cc.Close()
 		clients[i] = ferrypb.NewAdminClient(cc)

@@ -44,19 +44,21 @@ func newNodeAttestEnv(t *testing.T, serverConfig string) *nodeAttestEnv {
 	return &nodeAttestEnv{t: t, c: c, srv: c.Nodes[0], uid: fmt.Sprintf("uid:%d", os.Getuid())}
 }
 
-// alias creates a node-alias entry (parented on the servers) keyed on node
-// selectors, and a workload entry for this test's uid under it.
+// alias creates a node-alias entry keyed on node selectors, as an operator
+// does (`ferry entry create --node`), and a workload entry for this test's
+// uid under it.
 func (e *nodeAttestEnv) alias(name string, nodeSelectors ...string) {
 	e.t.Helper()
 	aliasID := "spiffe://example.org/nodes/" + name
-	al := &ferrypb.Entry{Id: "alias-" + name, SpiffeId: aliasID, ParentId: "spiffe://example.org/spire/server"}
+	args := []string{"entry", "create", "--entry-id", "alias-" + name, "--spiffe-id", aliasID, "--node"}
 	for _, s := range nodeSelectors {
-		typ, value, _ := strings.Cut(s, ":")
-		al.Selectors = append(al.Selectors, &ferrypb.Selector{Type: typ, Value: value})
+		args = append(args, "--selector", s)
 	}
+	out, err := e.srv.CLI(args...)
+	require.NoError(e.t, err, out)
 	wl := &ferrypb.Entry{Id: name, SpiffeId: "spiffe://example.org/" + name, ParentId: aliasID,
 		Selectors: []*ferrypb.Selector{{Type: "unix", Value: e.uid}}}
-	createEntries(e.t, e.srv, al, wl)
+	createEntries(e.t, e.srv, wl)
 }
 
 // marker creates an entry parented on the agent itself. Streams carry the

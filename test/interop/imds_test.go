@@ -319,15 +319,32 @@ func (ag *imdsAgent) clientBy(tb testing.TB, mode, lib, kind, id string, gid int
 	if gid == nobody {
 		uid = nobody
 	}
-	cmd := exec.Command("nsenter", "-t", strconv.Itoa(ag.pid), "-m", "-S", strconv.Itoa(uid), "-G", strconv.Itoa(gid), "--",
+	ep := endpoints{pid: ag.pid, arc: ag.arc, vm: ag.vm}
+	return ep.client(tb, mode, lib, kind, id, imdsRes, uid, gid)
+}
+
+// endpoints are an agent's managed-identity endpoints: the agent's process
+// (its mount namespace holds the challenge files), the Arc base URL
+// (http://127.0.0.1:port) and the VM-style address (127.0.0.1:port).
+type endpoints struct {
+	pid     int
+	arc, vm string
+}
+
+// client runs an unmodified Azure client in a child process inside the
+// agent's mount namespace, as uid and gid, asking for resource with the
+// identity named by kind and id (none: no selector).
+func (ep endpoints) client(tb testing.TB, mode, lib, kind, id, resource string, uid, gid int) (string, error) {
+	tb.Helper()
+	cmd := exec.Command("nsenter", "-t", strconv.Itoa(ep.pid), "-m", "-S", strconv.Itoa(uid), "-G", strconv.Itoa(gid), "--",
 		filepath.Join(filepath.Dir(dev.bin), "interop.test"), "-test.run", "^$")
 	cmd.Dir = "/"
 	env := []string{"PATH=" + os.Getenv("PATH"), "NO_PROXY=*", "HOME=/",
-		"FERRY_IMDS_CLIENT=" + lib, "FERRY_IMDS_ID_KIND=" + kind, "FERRY_IMDS_CLIENT_ID=" + id, "FERRY_IMDS_RESOURCE=" + imdsRes}
+		"FERRY_IMDS_CLIENT=" + lib, "FERRY_IMDS_ID_KIND=" + kind, "FERRY_IMDS_CLIENT_ID=" + id, "FERRY_IMDS_RESOURCE=" + resource}
 	if mode == "arc" {
-		env = append(env, "IDENTITY_ENDPOINT="+ag.arc+"/metadata/identity/oauth2/token", "IMDS_ENDPOINT="+ag.arc)
+		env = append(env, "IDENTITY_ENDPOINT="+ep.arc+"/metadata/identity/oauth2/token", "IMDS_ENDPOINT="+ep.arc)
 	} else {
-		env = append(env, "FERRY_IMDS_VM_ADDR="+ag.vm)
+		env = append(env, "FERRY_IMDS_VM_ADDR="+ep.vm)
 	}
 	cmd.Env = env
 	out, err := cmd.Output()
@@ -592,15 +609,7 @@ func TestIMDSArcDocumentationCurl(t *testing.T) {
 	id := "spiffe://" + td + "/interop/imds-dev-curl"
 	dev.ferry(t, "entry", "create", "--spiffe-id", id, "--parent-id", dev.env["FERRY_AGENT_ID"],
 		"--selector", fmt.Sprintf("unix:uid:%d", curlUID))
-	out := dev.ferry(t, "identity", "create", "--name", "imds-dev-curl", "--output", "json")
-	var v struct {
-		ObjectID string `json:"object_id"`
-		ClientID string `json:"client_id"`
-	}
-	require.NoError(t, json.Unmarshal([]byte(out), &v))
-	dev.ferry(t, "identity", "federated-credential", "create", "--identity-name", "imds-dev-curl", "--name", "spiffe-curl",
-		"--issuer", dev.env["FERRY_JWT_ISSUER"], "--subject", id)
-	dev.ferry(t, "role", "assign", "--identity-name", "imds-dev-curl", "--resource", imdsRes, "--role", "reader")
+	v := federatedIdentity(t, "imds-dev-curl", id, imdsRes)
 
 	const script = `ChallengeTokenPath=$(curl -s -D - -H Metadata:true "http://127.0.0.1:40342/metadata/identity/oauth2/token?api-version=2019-11-01&resource=https%3A%2F%2Fmanagement.azure.com" | grep Www-Authenticate | cut -d "=" -f 2 | tr -d "[:cntrl:]")
 ChallengeToken=$(cat $ChallengeTokenPath)
@@ -617,19 +626,19 @@ fi
 	var last string
 	// The new entry and credential reach the agent within moments.
 	ok := assert.Eventually(t, func() bool {
-		cmd := exec.Command("bash", "-c", s)
+		// In ferry dev's mount namespace, where its challenge files are.
+		cmd := exec.Command("nsenter", "-t", strconv.Itoa(dev.pid), "-m", "-S", strconv.Itoa(curlUID), "-G", strconv.Itoa(curlUID), "--", "bash", "-c", s)
 		cmd.Dir = "/"
 		cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "NO_PROXY=*"}
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: curlUID, Gid: curlUID}}
 		out, err := cmd.CombinedOutput()
 		last, resp = string(out), nil
 		return err == nil && json.Unmarshal(out, &resp) == nil && resp["access_token"] != ""
 	}, 20*time.Second, 500*time.Millisecond)
 	require.True(t, ok, "last answer: %s", last)
-	require.Equal(t, v.ClientID, resp["client_id"])
+	require.Equal(t, v.clientID, resp["client_id"])
 	require.Equal(t, imdsRes, resp["resource"])
 	require.Equal(t, "Bearer", resp["token_type"])
-	checkAccessToken(t, federation{clientID: v.ClientID, objectID: v.ObjectID, tenantID: ag.tenantID, resourceURI: imdsRes, resourceAppID: ag.appID}, resp["access_token"])
+	checkAccessToken(t, federation{clientID: v.clientID, objectID: v.objectID, tenantID: ag.tenantID, resourceURI: imdsRes, resourceAppID: ag.appID}, resp["access_token"])
 }
 
 // vmGet is one VM-style token request from this process (uid 0, gid 0: the

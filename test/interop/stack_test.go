@@ -21,6 +21,7 @@ type stack struct {
 	bin string
 	dir string
 	env map[string]string
+	pid int // ferry dev's process, in its own mount namespace when run as root
 }
 
 var dev *stack
@@ -56,6 +57,14 @@ func run(m *testing.M) int {
 		return 1
 	}
 	cmd := exec.Command(bin, "dev", "--data-dir", dir, "--log-level", "debug")
+	if os.Geteuid() == 0 {
+		// As root ferry dev writes Arc challenge files to
+		// /var/opt/azcmagent/tokens, where Azure SDKs look for them: a
+		// private mount namespace with a tmpfs on /var/opt keeps the host
+		// untouched. Clients that read those files enter it (nsenter).
+		cmd = exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c",
+			`mount -t tmpfs -o mode=0755 ferry-interop-dev /var/opt && exec "$0" dev --data-dir "$1" --log-level debug`, bin, dir)
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -72,7 +81,7 @@ func run(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "ferry dev did not come up: %v\n%s", err, out)
 		return 1
 	}
-	dev = &stack{bin: bin, dir: dir, env: env}
+	dev = &stack{bin: bin, dir: dir, env: env, pid: cmd.Process.Pid}
 	// The only concession the Azure clients need: trust the bridge's CA. Go
 	// reads SSL_CERT_FILE when it first loads the system roots, which has not
 	// happened yet in this process.
