@@ -36,8 +36,12 @@ func TestSnapshotBySize(t *testing.T) {
 	waitLeader(t, []*testNode{r})
 	// The only voter stood for election early; leading, it is back on the
 	// configured timeouts.
-	waitFor(t, 10*time.Second, "the configured heartbeat timeout", func() bool {
-		return r.Stats()["heartbeat_timeout"] == r.cfg.HeartbeatTimeout.String()
+	want := r.cfg.HeartbeatTimeout
+	if want == 0 {
+		want = cluster.DefaultHeartbeatTimeout
+	}
+	waitFor(t, time.Minute, "the configured heartbeat timeout", func() bool {
+		return r.Stats()["heartbeat_timeout"] == want.String()
 	})
 	waitFor(t, 10*time.Second, "the state back", func() bool { return r.fsm.Count() == 43 })
 	if r.fsm.Restores() != 1 {
