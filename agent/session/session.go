@@ -34,6 +34,7 @@ import (
 	grpcbackoff "google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/resolver/manual"
 	"google.golang.org/grpc/status"
@@ -509,6 +510,11 @@ func (s *Session) syncOnce(ctx context.Context) (gotAny bool, err error) {
 	stream, err := s.agentClient().SyncEntries(ctx, &ferrypb.SyncEntriesRequest{}, grpc.WaitForReady(true))
 	if err != nil {
 		return false, err
+	}
+	if p, ok := peer.FromContext(stream.Context()); ok {
+		// Which server an agent follows is not always the first it lists:
+		// a server slow to answer is passed over for the next.
+		s.log.Debug("entry stream open", "server", p.Addr.String())
 	}
 	var pending *ferrypb.SyncEntriesResponse // a full set arriving in parts
 	for {

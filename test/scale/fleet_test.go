@@ -76,6 +76,7 @@ type simAgent struct {
 	parents  map[string]string // ID -> parent ID, as sent
 	fulls    int               // full sets received
 	lastFull time.Time
+	server   string // the agent API address its entry stream last opened on
 	bundle   bool
 	probeSeq uint64 // last probe this agent reported
 
@@ -444,11 +445,28 @@ func (f *fleet) timeChange(id string, n int, timeout time.Duration, write func()
 }
 
 // countingHandler counts the sessions' warnings and the refusals with
-// ResourceExhausted among them (a shed call the session retries).
-type countingHandler struct{ f *fleet }
+// ResourceExhausted among them (a shed call the session retries), and notes
+// the server agent a's entry stream opened on.
+type countingHandler struct {
+	f *fleet
+	a *simAgent
+}
 
-func (h countingHandler) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (h countingHandler) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelDebug }
 func (h countingHandler) Handle(_ context.Context, r slog.Record) error {
+	if r.Level < slog.LevelWarn {
+		if r.Message == "entry stream open" {
+			r.Attrs(func(at slog.Attr) bool {
+				if at.Key == "server" {
+					h.a.mu.Lock()
+					h.a.server = at.Value.String()
+					h.a.mu.Unlock()
+				}
+				return true
+			})
+		}
+		return nil
+	}
 	h.f.logWarn.Add(1)
 	var b strings.Builder
 	b.WriteString(r.Message)
@@ -544,7 +562,9 @@ func joinAgent(t testing.TB, token string) node.AgentAttestor {
 	return att
 }
 
-func countingLogger(f *fleet) *slog.Logger { return slog.New(countingHandler{f: f}) }
+func countingLogger(f *fleet, a *simAgent) *slog.Logger {
+	return slog.New(countingHandler{f: f, a: a})
+}
 
 func x509popFingerprint(c *x509.Certificate) string { return x509pop.Fingerprint(c) }
 

@@ -493,7 +493,6 @@ func (h *harness) startAgents(ctx context.Context) {
 	for _, n := range h.c.Nodes {
 		addrs = append(addrs, n.AgentAddr)
 	}
-	log := countingLogger(h.f)
 	sem := make(chan struct{}, h.cfg.AttestParallel)
 	var wg sync.WaitGroup
 	for i, a := range h.f.agents {
@@ -507,7 +506,7 @@ func (h *harness) startAgents(ctx context.Context) {
 			DataDir:     filepath.Join(h.f.dir, fmt.Sprintf("a%05d", i), "data"),
 			Attestor:    a.att,
 			Sink:        a,
-			Logger:      log,
+			Logger:      countingLogger(h.f, a),
 		})
 		if err != nil {
 			h.t.Fatal(err)
@@ -721,34 +720,35 @@ func (h *harness) waitStreaming(t time.Time, timeout time.Duration) time.Duratio
 }
 
 // failover kills the leader while every agent streams: the time until a new
-// leader, and until the leader's agents stream again from another server.
+// leader, and until the agents that were streaming from it stream again from
+// another server.
 func (h *harness) failover(rep *report) {
 	old := h.leader()
+	var from []*simAgent
+	for _, a := range h.f.agents {
+		a.mu.Lock()
+		if a.server == old.AgentAddr {
+			from = append(from, a)
+		}
+		a.mu.Unlock()
+	}
 	start := time.Now()
 	old.Kill()
 	h.c.WaitLeader(60*time.Second, old)
 	elected := time.Since(start)
-	streaming := h.waitStreamingFrom(old, start, 5*time.Minute)
-	rep.add(fmt.Sprintf("leader failover, %d agents: new leader / all agents streaming again", h.cfg.Agents), ms(elected)+" / "+ms(streaming), "streaming < 10 s")
+	streaming := h.waitStreamingFrom(from, start, 5*time.Minute)
+	rep.add(fmt.Sprintf("leader failover, %d agents (%d streaming from the leader): new leader / all of those streaming again", h.cfg.Agents, len(from)),
+		ms(elected)+" / "+ms(streaming), "streaming < 10 s")
 	old.Start()
 	h.converge(5 * time.Minute)
 }
 
-// waitStreamingFrom waits until the agents that were connected to node n
-// (those listing it first) have a new full set after t.
-func (h *harness) waitStreamingFrom(n *testcluster.Node, t time.Time, timeout time.Duration) time.Duration {
-	idx := 0
-	for i, x := range h.c.Nodes {
-		if x == n {
-			idx = i
-		}
-	}
+// waitStreamingFrom waits until every agent of from has a new full set
+// after t and returns how long after t the last one did.
+func (h *harness) waitStreamingFrom(from []*simAgent, t time.Time, timeout time.Duration) time.Duration {
 	deadline := time.Now().Add(timeout)
 	var last time.Duration
-	for i, a := range h.f.agents {
-		if i%len(h.c.Nodes) != idx {
-			continue
-		}
+	for _, a := range from {
 		for !a.fullSince(t) {
 			if time.Now().After(deadline) {
 				h.t.Fatalf("%s not streaming %s after the failover; the sessions' last warnings:\n  %s", a.id, timeout, h.f.warnings())
