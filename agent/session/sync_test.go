@@ -51,6 +51,9 @@ type scriptedStream struct {
 	msgs []*ferrypb.SyncEntriesResponse
 }
 
+// Context carries no peer: the stream comes from no server.
+func (s *scriptedStream) Context() context.Context { return context.Background() }
+
 func (s *scriptedStream) Recv() (*ferrypb.SyncEntriesResponse, error) {
 	if len(s.msgs) == 0 {
 		return nil, io.EOF
