@@ -3,11 +3,8 @@ package server
 import (
 	"context"
 	"os"
-	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
-	"sync"
-	"sync/atomic"
 	"time"
 )
 
@@ -20,20 +17,14 @@ import (
 // what the burst left free at once: its memory falls back to what the state
 // needs.
 
-// The collector's pace follows the live heap. A small server runs at GOGC
-// 400: the state store's immutable trees make garbage on every write, and at
-// Go's default (100) the collector takes a larger share of a small server's
-// cores. But GOGC 400 lets the heap grow to five times what is live: with
-// 100,000 entries and 10,000 agents (200 MiB live, test/scale) the server's
-// RSS reached 755 MiB, and 997 MiB with 100,000 entries alone. So the headroom above the live heap is at most four times the live
-// heap and at most gcHeadroom, but never less than the live heap itself (GOGC
-// 100): a large server spends a little more CPU on collection and its RSS
-// stays within reach of its state. docs/scale.md has the measurements.
-const (
-	maxGCPercent = 400
-	minGCPercent = 100
-	gcHeadroom   = 256 << 20
-)
+// defaultGCPercent is GOGC unless $GOGC is set: the heap may grow to twice
+// what is live between collections (Go's default). GOGC 400, which the server
+// once set, let RSS reach 755 MiB for 202 MiB live (100,000 entries, 10,000
+// agents) and 997 MiB with 100,000 entries alone; a pace that followed the
+// live heap (400 while small) raised the peak of 10,000-entry bursts from
+// 74-82 to 100-122 MiB for no write throughput this machine could measure.
+// docs/scale.md has the figures.
+const defaultGCPercent = 100
 
 const (
 	// memorySampleInterval is how often the applied writes are looked at;
@@ -47,11 +38,11 @@ const (
 	burstBytes = 1 << 20
 )
 
-// setGC applies the collector settings: GOGC follows the live heap (paceGC)
-// unless $GOGC is set, and the soft memory limit when one is configured.
+// setGC applies the collector settings: defaultGCPercent unless $GOGC is set,
+// and the soft memory limit when one is configured.
 func (s *Server) setGC() error {
 	if os.Getenv("GOGC") == "" {
-		paceGC()
+		debug.SetGCPercent(defaultGCPercent)
 	}
 	if s.cfg.MemoryLimit != "" {
 		n, err := parseBytes(s.cfg.MemoryLimit)
@@ -61,53 +52,6 @@ func (s *Server) setGC() error {
 		debug.SetMemoryLimit(n)
 	}
 	return nil
-}
-
-// gcPercent returns the GOGC for a live heap of live bytes.
-func gcPercent(live uint64) int {
-	if live == 0 {
-		return maxGCPercent
-	}
-	p := int(uint64(gcHeadroom) * 100 / live)
-	return min(maxGCPercent, max(minGCPercent, p))
-}
-
-// paceGC sets GOGC from the live heap after every collection, for the
-// process's lifetime. It is started once.
-func paceGC() {
-	paceOnce.Do(func() {
-		debug.SetGCPercent(maxGCPercent)
-		armGCPacer(maxGCPercent)
-	})
-}
-
-var (
-	paceOnce sync.Once
-	// paced counts the pacer's runs (tests wait on it).
-	paced atomic.Int64
-)
-
-// armGCPacer leaves an object for the collector to find: its finalizer runs
-// after the next collection, sets GOGC for the live heap then, and arms the
-// next one.
-func armGCPacer(current int) {
-	sentinel := new([16]byte)
-	runtime.SetFinalizer(sentinel, func(*[16]byte) {
-		sample := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
-		metrics.Read(sample)
-		next := current
-		if sample[0].Value.Kind() == metrics.KindUint64 {
-			next = gcPercent(sample[0].Value.Uint64())
-		}
-		// Setting GOGC stops the world: only for a change worth it.
-		if next*10 < current*9 || next*10 > current*11 {
-			debug.SetGCPercent(next)
-		} else {
-			next = current
-		}
-		armGCPacer(next)
-		paced.Add(1)
-	})
 }
 
 // releaseMemory collects and returns free memory to the system.

@@ -197,8 +197,7 @@ func TestOverloadSheds(t *testing.T) {
 	}
 
 	// Memory stays bounded: no server's RSS passes 512 MiB under the storm
-	// (a small server runs with GOGC 400, so its heap may grow to five times
-	// what is live before a collection).
+	// (the heap may grow to twice what is live before a collection).
 	const boundKiB = 512 << 10
 	for _, n := range c.Nodes {
 		after, err := rssKiB(n.PID())
