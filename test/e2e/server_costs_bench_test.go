@@ -46,8 +46,20 @@ func BenchmarkServerRestart(b *testing.B) {
 			start := time.Now()
 			srv.Start() // returns once the admin socket accepts
 			socket := time.Since(start)
+			// Both from the same moment: /ready may come before or after
+			// every entry is readable.
+			readyc := make(chan error, 1)
+			var readyIn time.Duration
+			go func() {
+				var err error
+				readyIn, err = waitReady(srv, 5*time.Minute)
+				readyc <- err
+			}()
 			all := socket + waitCount(b, srv, int64(total), 5*time.Minute)
-			readyAt := socket + waitReady(b, srv, 5*time.Minute)
+			if err := <-readyc; err != nil {
+				b.Fatal(err)
+			}
+			readyAt := socket + readyIn
 			cpu := procCPU(b, srv.PID())
 			r := max(all, readyAt)
 			ready = append(ready, r)
@@ -78,9 +90,9 @@ func waitCount(b *testing.B, n *testcluster.Node, want int64, timeout time.Durat
 	}
 }
 
-// waitReady polls n's /ready until it answers 200.
-func waitReady(b *testing.B, n *testcluster.Node, timeout time.Duration) time.Duration {
-	b.Helper()
+// waitReady polls n's /ready until it answers 200 and returns how long that
+// took from the call.
+func waitReady(n *testcluster.Node, timeout time.Duration) (time.Duration, error) {
 	start := time.Now()
 	client := &http.Client{Timeout: 5 * time.Second}
 	for {
@@ -88,11 +100,11 @@ func waitReady(b *testing.B, n *testcluster.Node, timeout time.Duration) time.Du
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
-				return time.Since(start)
+				return time.Since(start), nil
 			}
 		}
 		if time.Since(start) > timeout {
-			b.Fatalf("node %s: not ready after %s", n.ID, timeout)
+			return 0, fmt.Errorf("node %s: not ready after %s", n.ID, timeout)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
