@@ -271,13 +271,6 @@ func New(cfg Config) (*Node, error) {
 	n.grpc = grpc.NewServer(grpc.MaxRecvMsgSize(maxMessageSize))
 	ferrypb.RegisterClusterServer(n.grpc, &clusterService{n: n})
 	n.grpc.RegisterService(&opsServiceDesc, &opsService{n: n})
-	n.wg.Add(1)
-	go func() {
-		defer n.wg.Done()
-		if err := n.grpc.Serve(n.mux.grpc); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
-			n.log.Debug("cluster: gRPC server stopped", "err", err)
-		}
-	}()
 
 	notify := make(chan bool, 16)
 	rc := raft.DefaultConfig()
@@ -304,6 +297,17 @@ func New(cfg Config) (*Node, error) {
 	if n.raft, err = raft.NewRaft(rc, cfg.FSM, n.store.logs, n.store.stable, snaps, n.transport); err != nil {
 		return nil, fmt.Errorf("cluster: start raft: %w", err)
 	}
+	// The cluster's gRPC services answer from n.raft: they are served only
+	// once it exists (a peer's Status call during a restart's snapshot
+	// restore found it nil and crashed the node). Connections that arrive
+	// before wait in the mux.
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		if err := n.grpc.Serve(n.mux.grpc); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			n.log.Debug("cluster: gRPC server stopped", "err", err)
+		}
+	}()
 	n.wg.Add(1)
 	go func() {
 		defer n.wg.Done()
