@@ -6,7 +6,9 @@ DEV   ?= .dev
 # Security tests that could not run (not root, say) are listed here by internal/roottest.
 SKIPLOG := $(CURDIR)/.security-skips
 
-.PHONY: help build run test test-short interop bench scale scale-ci proto lint fuzz fuzz-ci clean
+.PHONY: help build run test test-short interop bench scale scale-ci proto lint fuzz fuzz-ci clean package
+ARCH    ?= $(shell $(GO) env GOARCH)
+DIST    ?= dist
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -16,6 +18,9 @@ help: ## list the targets
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
 REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)
 LDFLAGS  := -X github.com/ferry-id/ferry/internal/buildinfo.version=$(VERSION) -X github.com/ferry-id/ferry/internal/buildinfo.revision=$(REVISION)
+# The packages' version: VERSION without its v, commits after the tag as
+# +N.gHASH (0.1.0+33.g1a1bbc9 sorts after 0.1.0 for dpkg and rpm alike).
+PKG_VERSION ?= $(shell echo '$(VERSION)' | sed -e 's/^v//' -e 's/-\([0-9]*\)-g/+\1.g/' -e 's/-dirty$$/.dirty/')
 
 build: ## build bin/ferry (version from git describe: bin/ferry version)
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ferry
@@ -68,5 +73,17 @@ lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
+package: ## build dist/ferry_VERSION_ARCH.deb and .rpm (static binary, units, configs; nfpm pinned in packaging/go.mod)
+	@echo '$(PKG_VERSION)' | grep -q '^[0-9]' || { echo "no release version ('$(VERSION)': no v* tag reachable): make package VERSION=x.y.z"; exit 1; }
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o $(BIN) ./cmd/ferry
+	@mkdir -p $(DIST)
+	cd packaging && $(GO) build -o ../bin/nfpm tool
+	@# The package holds the binary just built, wherever BIN put it.
+	sed 's#^  - src: bin/ferry$$#  - src: $(BIN)#' packaging/nfpm.yaml > $(DIST)/nfpm.yaml
+	VERSION=$(PKG_VERSION) ARCH=$(ARCH) ./bin/nfpm package --config $(DIST)/nfpm.yaml --packager deb --target $(DIST)/
+	VERSION=$(PKG_VERSION) ARCH=$(ARCH) ./bin/nfpm package --config $(DIST)/nfpm.yaml --packager rpm --target $(DIST)/
+	@rm -f $(DIST)/nfpm.yaml
+	@ls -l $(DIST)
+
 clean: ## remove build output and the dev data dir
-	rm -rf bin $(DEV)
+	rm -rf bin $(DIST) $(DEV)

@@ -54,6 +54,7 @@ type Agent struct {
 	log     *slog.Logger
 	cache   *cache.Cache
 	session *session.Session
+	ready   chan struct{}
 }
 
 // New prepares an agent; Run starts it.
@@ -73,7 +74,7 @@ func New(cfg Config) (*Agent, error) {
 	if err := securedir.MkdirAll(filepath.Dir(cfg.SocketPath), 0o755); err != nil {
 		return nil, fmt.Errorf("agent: Workload API socket directory: %w", err)
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger}
+	a := &Agent{cfg: cfg, log: cfg.Logger, ready: make(chan struct{})}
 	// The cache signs through the session and the session feeds the cache:
 	// tie the knot with a forwarding signer.
 	fwd := &signer{}
@@ -108,6 +109,10 @@ func (a *Agent) Cache() *cache.Cache { return a.cache }
 
 // Session is the agent's server session.
 func (a *Agent) Session() *session.Session { return a.session }
+
+// Ready is closed once the agent serves: attested, with the Workload API
+// socket (and the managed-identity endpoints, when enabled) listening.
+func (a *Agent) Ready() <-chan struct{} { return a.ready }
 
 // health is nil while the agent holds an unexpired agent SVID: it can then
 // serve what it has cached and renew it.
@@ -154,6 +159,18 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 
+	// Bound before the session dials anything (bindIMDS says why).
+	lns, err := a.bindIMDS()
+	if err != nil {
+		return err
+	}
+	handed := false
+	defer func() {
+		if !handed {
+			lns.close()
+		}
+	}()
+
 	errc := make(chan error, 5)
 	go func() { errc <- a.session.Run(ctx) }()
 	go func() { errc <- a.cache.Run(ctx) }()
@@ -163,21 +180,43 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("agent: %w", err)
 	}
 	a.log.Info("agent attested", "agent_id", a.session.SpiffeID().String())
-	go func() { errc <- api.Run(ctx) }()
+	lis, err := workloadapi.Listen(a.cfg.SocketPath)
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	// The Workload API stops (streams ended, unary calls drained, socket
+	// removed) before Run returns.
+	apiDone := make(chan error, 1)
+	go func() { apiDone <- api.Serve(lis) }()
+	defer func() {
+		api.Stop()
+		<-apiDone
+	}()
 	a.log.Info("workload API listening", "socket", a.cfg.SocketPath)
 	if a.cfg.IMDS != nil {
 		// After attestation: the endpoint asks the servers with the agent SVID.
-		servers, conn, err := a.startIMDS(wlAttestor)
+		handed = true
+		servers, conn, err := a.startIMDS(wlAttestor, lns)
 		if err != nil {
 			return err
 		}
 		defer conn.Close()
 		runIMDS(ctx, servers, errc)
 	}
+	close(a.ready)
 	select {
 	case <-ctx.Done():
 		a.log.Info("agent stopped")
 		return nil
+	case err := <-apiDone:
+		apiDone <- err // for the deferred wait
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err == nil {
+			err = errors.New("workload API stopped")
+		}
+		return fmt.Errorf("agent: %w", err)
 	case err := <-errc:
 		if ctx.Err() != nil {
 			a.log.Info("agent stopped")

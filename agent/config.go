@@ -315,3 +315,7 @@ func resolveGroups(names []string) ([]uint32, error) {
 	}
 	return out, nil
 }
+
+// ConfigKeys lists every setting agent.conf accepts (docs/config.md is
+// checked against it).
+func ConfigKeys() []string { return config.Keys(fileConfig{}) }

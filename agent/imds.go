@@ -93,10 +93,51 @@ func loadCertPool(path string) (*x509.CertPool, error) {
 	return pool, nil
 }
 
-// startIMDS builds the token endpoint's servers (listening already) and the
-// connection it asks the servers through; the caller runs them and closes
-// the connection.
-func (a *Agent) startIMDS(attestor workloadapi.Attestor) ([]*imds.Server, *grpc.ClientConn, error) {
+// imdsListeners are the token endpoint's listeners (nil: that style is off).
+type imdsListeners struct{ arc, vm net.Listener }
+
+// bindIMDS binds the token endpoint's listeners. Run calls it before the
+// agent opens any connection of its own: the Arc port, 40342, lies in Linux's
+// ephemeral port range, and one of the agent's connections to the servers
+// could otherwise hold it as its local port when the endpoint binds.
+func (a *Agent) bindIMDS() (imdsListeners, error) {
+	var l imdsListeners
+	c := a.cfg.IMDS
+	if c == nil {
+		return l, nil
+	}
+	var err error
+	if c.ArcAddr != "" {
+		if l.arc, err = listenIMDS(c.Listen, c.ArcAddr, false); err != nil {
+			return imdsListeners{}, err
+		}
+	}
+	if c.VM {
+		if l.vm, err = listenIMDS(c.Listen, c.VMAddr, c.AddLoopbackAddress); err != nil {
+			l.close()
+			return imdsListeners{}, err
+		}
+	}
+	return l, nil
+}
+
+func (l imdsListeners) close() {
+	for _, ln := range []net.Listener{l.arc, l.vm} {
+		if ln != nil {
+			_ = ln.Close()
+		}
+	}
+}
+
+// startIMDS builds the token endpoint's servers on lns and the connection it
+// asks the servers through; the caller runs them and closes the connection.
+// The servers own lns from then on; on an error they are closed.
+func (a *Agent) startIMDS(attestor workloadapi.Attestor, lns imdsListeners) (servers []*imds.Server, _ *grpc.ClientConn, err error) {
+	defer func() {
+		if err != nil {
+			lns.close()
+		}
+	}()
 	c := a.cfg.IMDS
 	httpClient := &http.Client{Timeout: 30 * time.Second}
 	if c.AuthorityCAFile != "" {
@@ -147,30 +188,23 @@ func (a *Agent) startIMDS(attestor workloadapi.Attestor) ([]*imds.Server, *grpc.
 		conn.Close()
 		return nil, nil, fmt.Errorf("agent: %w", err)
 	}
-	var servers []*imds.Server
-	add := func(ic imds.Config) error {
-		ln, err := listenIMDS(c.Listen, ic.Address, ic.AddLoopbackAddress)
-		if err != nil {
-			return err
-		}
+	add := func(ic imds.Config, ln net.Listener) error {
+		// Bound already (bindIMDS), the loopback address added.
 		ic.Listener, ic.AddLoopbackAddress = conns.Listen(ln), false
 		ic.Tokens, ic.Peers, ic.Logger = prov, finder, a.log
 		ic.AllowedGroups = c.AllowedGroups
 		s, err := imds.New(ic)
-		if err != nil {
-			ln.Close()
-		}
 		if err != nil {
 			return err
 		}
 		servers = append(servers, s)
 		return nil
 	}
-	if c.ArcAddr != "" {
-		err = add(imds.Config{Mode: imds.ModeArc, Address: c.ArcAddr, TokenDir: c.TokenDir})
+	if lns.arc != nil {
+		err = add(imds.Config{Mode: imds.ModeArc, Address: c.ArcAddr, TokenDir: c.TokenDir}, lns.arc)
 	}
-	if err == nil && c.VM {
-		err = add(imds.Config{Mode: imds.ModeVM, Address: c.VMAddr, AddLoopbackAddress: c.AddLoopbackAddress})
+	if err == nil && lns.vm != nil {
+		err = add(imds.Config{Mode: imds.ModeVM, Address: c.VMAddr}, lns.vm)
 	}
 	if err != nil {
 		// Release what was built: Run with a done context closes the

@@ -299,3 +299,7 @@ func (f *FederationConfig) validate() error {
 	}
 	return nil
 }
+
+// ConfigKeys lists every setting server.conf accepts (docs/config.md is
+// checked against it).
+func ConfigKeys() []string { return config.Keys(fileConfig{}) }

@@ -138,6 +138,7 @@ type Server struct {
 
 	readyOnce sync.Once
 	ready     chan struct{}
+	serving   chan struct{}
 	caughtUp  chan struct{}
 	started   time.Time
 }
@@ -156,7 +157,7 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{}), caughtUp: make(chan struct{}), started: time.Now()}, nil
+	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{}), serving: make(chan struct{}), caughtUp: make(chan struct{}), started: time.Now()}, nil
 }
 
 func (s *Server) listen(network, address string) (net.Listener, error) {
@@ -172,6 +173,26 @@ func (s *Server) Store() *state.Store { return s.store }
 // Ready is closed once the admin API is listening. The node may still be
 // catching up with the cluster's log then: see CaughtUp.
 func (s *Server) Ready() <-chan struct{} { return s.ready }
+
+// Serving is closed the first time the node is what /ready reports
+// (readiness): every listener up, caught up with the cluster's log and a
+// leader known, so writes and agent attestation can be served. A node that joins a cluster later becomes
+// serving when it has joined.
+func (s *Server) Serving() <-chan struct{} { return s.serving }
+
+// watchServing closes Serving once readiness holds.
+func (s *Server) watchServing(ctx context.Context) {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for s.readiness() != nil {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+	close(s.serving)
+}
 
 // Run starts the node and serves until ctx ends.
 func (s *Server) Run(ctx context.Context) error {
@@ -325,6 +346,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	s.log.Info("server running", "trust_domain", s.cfg.TrustDomain.String(), "cluster_addr", node.Addr(), "agent_addr", agentLis.Addr().String(), "admin_socket", s.cfg.AdminSocket)
 	s.readyOnce.Do(func() { close(s.ready) })
+	go s.watchServing(ctx)
 
 	select {
 	case <-ctx.Done():

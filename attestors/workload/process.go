@@ -265,12 +265,27 @@ func (p *Process) Close() error {
 }
 
 type procStat struct {
-	state string
-	start uint64
+	state   string
+	start   uint64
+	threads int64 // num_threads
 }
 
 // gone reports a zombie or dead process: it exited and cannot use an identity.
-func (s procStat) gone() bool { return s.state == "Z" || s.state == "X" || s.state == "x" }
+//
+// A zombie thread-group leader with other threads is not gone: that is what a
+// process looks like while a thread other than its first executes a program
+// (execve makes the old leader a zombie, then hands its PID and start time to
+// the executing thread), or when its first thread ended and others run on.
+// A process that exited has no thread left but its leader.
+func (s procStat) gone() bool {
+	switch s.state {
+	case "X", "x":
+		return true
+	case "Z":
+		return s.threads <= 1
+	}
+	return false
+}
 
 // maxStatSize bounds the read of /proc/PID/stat (a few hundred bytes in practice).
 const maxStatSize = 4096
@@ -313,7 +328,7 @@ func parseStat(b []byte) (procStat, error) {
 	}
 	// After ") ": field 3 (state) is the first; field 22 (starttime) the 20th.
 	rest := b[i+1:]
-	var state, start []byte
+	var state, start, threads []byte
 	n := 0
 	for len(rest) > 0 && n < 20 {
 		j := 0
@@ -332,6 +347,8 @@ func parseStat(b []byte) (procStat, error) {
 		switch n {
 		case 1:
 			state = rest[:j]
+		case 18: // field 20, num_threads
+			threads = rest[:j]
 		case 20:
 			start = rest[:j]
 		}
@@ -344,7 +361,11 @@ func parseStat(b []byte) (procStat, error) {
 	if err != nil {
 		return procStat{}, fmt.Errorf("malformed stat start time: %w", err)
 	}
-	return procStat{state: stateString(state), start: v}, nil
+	t, err := strconv.ParseInt(string(threads), 10, 64)
+	if err != nil {
+		return procStat{}, fmt.Errorf("malformed stat thread count: %w", err)
+	}
+	return procStat{state: stateString(state), start: v, threads: t}, nil
 }
 
 func isSpace(c byte) bool {

@@ -105,6 +105,31 @@ func TestCheckAliveZombie(t *testing.T) {
 	require.ErrorIs(t, err, workload.ErrProcessChanged)
 }
 
+// A zombie leader with other threads is a process in the middle of execve
+// from a thread other than its first (the kernel makes the old leader a
+// zombie, then gives the executing thread its PID and start time), or one
+// whose first thread ended while others run: it is alive. A zombie with no
+// other thread exited.
+func TestZombieLeaderWithThreads(t *testing.T) {
+	root := t.TempDir()
+	writeStatThreads(t, root, 42, "exec", "Z", 1000, 2)
+	p, err := workload.OpenProcessIn(root, 42)
+	require.NoError(t, err, "a leader that is a zombie while another thread executes a program")
+	defer p.Close()
+	require.NoError(t, p.CheckAlive())
+
+	writeStatThreads(t, root, 42, "exec", "S", 1000, 1) // the exec done
+	require.NoError(t, p.CheckAlive())
+
+	writeStatThreads(t, root, 42, "exec", "Z", 1000, 1) // exited
+	require.ErrorIs(t, p.CheckAlive(), workload.ErrProcessChanged)
+	_, err = workload.OpenProcessIn(root, 42)
+	require.ErrorIs(t, err, workload.ErrProcessChanged)
+
+	writeStatThreads(t, root, 42, "exec", "X", 1000, 2) // dead is dead
+	require.ErrorIs(t, p.CheckAlive(), workload.ErrProcessChanged)
+}
+
 func waitForState(t *testing.T, pid int, state string) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
@@ -125,12 +150,22 @@ func waitForState(t *testing.T, pid int, state string) {
 // state and start time.
 func writeStat(t *testing.T, root string, pid int, comm, state string, start uint64) {
 	t.Helper()
+	writeStatThreads(t, root, pid, comm, state, start, 1)
+}
+
+// writeStatThreads is writeStat with a thread count (num_threads, field 20).
+func writeStatThreads(t *testing.T, root string, pid int, comm, state string, start uint64, threads int) {
+	t.Helper()
 	dir := filepath.Join(root, fmt.Sprint(pid))
 	require.NoError(t, os.MkdirAll(dir, 0o755))
 	rest := []string{state}
 	for i := 4; i <= 52; i++ {
 		if i == 22 {
 			rest = append(rest, fmt.Sprint(start))
+			continue
+		}
+		if i == 20 {
+			rest = append(rest, fmt.Sprint(threads))
 			continue
 		}
 		rest = append(rest, fmt.Sprint(i))

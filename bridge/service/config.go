@@ -104,3 +104,7 @@ func LoadConfig(path string) (FileConfig, error) {
 	}
 	return out, nil
 }
+
+// ConfigKeys lists every setting bridge.conf accepts (docs/config.md is
+// checked against it).
+func ConfigKeys() []string { return config.Keys(fileConfig{}) }

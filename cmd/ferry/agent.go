@@ -3,9 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 
 	"github.com/urfave/cli/v2"
 	"google.golang.org/grpc"
@@ -28,7 +26,7 @@ func agentCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			log, err := logging.New(os.Stderr, fc.LogLevel, fc.LogFormat)
+			log, level, err := logging.NewLeveled(os.Stderr, fc.LogLevel, fc.LogFormat)
 			if err != nil {
 				return err
 			}
@@ -37,9 +35,12 @@ func agentCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
-			defer stop()
-			return a.Run(ctx)
+			return runService(c.Context, service{role: "agent", log: log, level: level, run: a.Run, ready: a.Ready(),
+				reloadLevel: func() (string, error) {
+					// The join token is spent: a reload reads the file only.
+					fc, err := agent.LoadConfig(c.String("config"), "")
+					return fc.LogLevel, err
+				}})
 		},
 	}
 	validate := &cli.Command{

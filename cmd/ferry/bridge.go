@@ -2,12 +2,10 @@ package main
 
 import (
 	"os"
-	"os/signal"
-	"syscall"
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/ferry-id/ferry/bridge/service"
+	bridgeservice "github.com/ferry-id/ferry/bridge/service"
 	"github.com/ferry-id/ferry/internal/logging"
 )
 
@@ -20,7 +18,7 @@ func bridgeCommand() *cli.Command {
 			Usage: "check a bridge config file as `bridge run` reads it, without starting anything",
 			Flags: []cli.Flag{&cli.StringFlag{Name: "config", Usage: "path of bridge.conf", Value: "conf/bridge.conf"}},
 			Action: validateConfig(func(c *cli.Context) (string, string, error) {
-				fc, err := service.LoadConfig(c.String("config"))
+				fc, err := bridgeservice.LoadConfig(c.String("config"))
 				return fc.LogLevel, fc.LogFormat, err
 			}),
 		}, {
@@ -28,22 +26,24 @@ func bridgeCommand() *cli.Command {
 			Usage: "start a bridge replica from its config file",
 			Flags: []cli.Flag{&cli.StringFlag{Name: "config", Usage: "path of bridge.conf", Value: "conf/bridge.conf"}},
 			Action: func(c *cli.Context) error {
-				fc, err := service.LoadConfig(c.String("config"))
+				fc, err := bridgeservice.LoadConfig(c.String("config"))
 				if err != nil {
 					return err
 				}
-				log, err := logging.New(os.Stderr, fc.LogLevel, fc.LogFormat)
+				log, level, err := logging.NewLeveled(os.Stderr, fc.LogLevel, fc.LogFormat)
 				if err != nil {
 					return err
 				}
 				fc.Logger = log
-				svc, err := service.New(fc.Config)
+				svc, err := bridgeservice.New(fc.Config)
 				if err != nil {
 					return err
 				}
-				ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
-				defer stop()
-				return svc.Run(ctx)
+				return runService(c.Context, service{role: "bridge", log: log, level: level, run: svc.Run, ready: svc.Ready(),
+					reloadLevel: func() (string, error) {
+						fc, err := bridgeservice.LoadConfig(c.String("config"))
+						return fc.LogLevel, err
+					}})
 			},
 		}},
 	}

@@ -234,7 +234,7 @@ func TestCLIRefusals(t *testing.T) {
 			{[]string{"api", "validate", "jwt", "--audience", "a"}, "api validate jwt: missing --svid"},
 		},
 		"demo-api": {
-			{[]string{"demo-api", "--audience", "--role", "reader"}, `demo-api: unexpected argument "reader": it takes no arguments`},
+			{[]string{"demo-api", "--audience", "--role", "reader"}, "demo-api: --audience is missing its value (the next word, --role, is a flag)"},
 			{[]string{"demo-api", "--log-level", "loud"}, `demo-api: --log-level: "loud": want debug, info, warn or error`},
 		},
 		"dev": {

@@ -3,11 +3,9 @@ package main
 import (
 	"crypto/tls"
 	"errors"
-	"fmt"
 	"net"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
@@ -38,9 +36,6 @@ the app ID (v2 tokens, as the managed-identity endpoint gets them).`,
 			logLevelFlag(),
 		},
 		Action: func(c *cli.Context) error {
-			if err := demoAPIArgs(c); err != nil {
-				return err
-			}
 			if c.String("authority") == "" || c.String("tenant") == "" || len(c.StringSlice("audience")) == 0 {
 				return errors.New("--authority, --tenant and --audience are required")
 			}
@@ -85,40 +80,4 @@ the app ID (v2 tokens, as the managed-identity endpoint gets them).`,
 			return api.Serve(ctx, ln, tlsCfg)
 		},
 	}
-}
-
-// demoAPIArgs refuses a flag given an empty value, or one that looks like the
-// next flag: `--audience $UNSET --role reader` would otherwise take "--role"
-// for the audience and run with no role required. Arguments are refused too.
-func demoAPIArgs(c *cli.Context) error {
-	bad := func(name, v string) error {
-		if v == "" {
-			return fmt.Errorf("--%s is empty (an unset variable?)", name)
-		}
-		if strings.HasPrefix(v, "-") {
-			return fmt.Errorf("--%s %s: a value cannot start with '-' (was the value of --%s left out?)", name, v, name)
-		}
-		return nil
-	}
-	for _, f := range c.Command.Flags {
-		name := f.Names()[0]
-		if !c.IsSet(name) {
-			continue
-		}
-		if _, ok := f.(*cli.StringSliceFlag); ok {
-			for _, v := range c.StringSlice(name) {
-				if err := bad(name, v); err != nil {
-					return err
-				}
-			}
-			continue
-		}
-		if err := bad(name, c.String(name)); err != nil {
-			return err
-		}
-	}
-	if c.NArg() > 0 {
-		return fmt.Errorf("demo-api takes no arguments, got %q (a flag without its value before it?)", c.Args().First())
-	}
-	return nil
 }

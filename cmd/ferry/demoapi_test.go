@@ -9,7 +9,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/ferry-id/ferry/agent/imds"
-	"github.com/ferry-id/ferry/bridge/service"
+	bridgeservice "github.com/ferry-id/ferry/bridge/service"
 	"github.com/ferry-id/ferry/server"
 )
 
@@ -22,12 +22,12 @@ func TestDemoAPIRefusesEmptyValues(t *testing.T) {
 		want string
 	}{
 		// `--audience $UNSET --role reader`
-		{[]string{"--audience", "--role", "reader"}, `--audience --role: a value cannot start with '-'`},
-		{[]string{"--audience", "", "--role", "reader"}, "--audience is empty"},
-		{[]string{"--audience", "api://demo", "--role", ""}, "--role is empty"},
-		{[]string{"--audience", "api://demo", "--role", "--ca", "x"}, "--role --ca: a value cannot start with '-'"},
-		{[]string{"--audience", "api://demo", "reader"}, `demo-api takes no arguments, got "reader"`},
-		{[]string{"--audience", "api://demo", "--listen", ""}, "--listen is empty"},
+		{[]string{"--audience", "--role", "reader"}, "--audience is missing its value (the next word, --role, is a flag)"},
+		{[]string{"--audience", "", "--role", "reader"}, "--audience has an empty value"},
+		{[]string{"--audience", "api://demo", "--role", ""}, "--role has an empty value"},
+		{[]string{"--audience", "api://demo", "--role", "--ca", "x"}, "--role is missing its value (the next word, --ca, is a flag)"},
+		{[]string{"--audience", "api://demo", "reader"}, `unexpected argument "reader": it takes no arguments`},
+		{[]string{"--audience", "api://demo", "--listen", ""}, "--listen has an empty value"},
 	} {
 		err := newApp().Run(append(append([]string{}, base...), tc.args...))
 		require.ErrorContains(t, err, tc.want, "%q", tc.args)
@@ -39,7 +39,7 @@ func TestDemoAPIRefusesEmptyValues(t *testing.T) {
 func TestSampleAddressesDistinct(t *testing.T) {
 	srv, err := server.LoadConfig("../../conf/server.conf")
 	require.NoError(t, err)
-	br, err := service.LoadConfig("../../conf/bridge.conf")
+	br, err := bridgeservice.LoadConfig("../../conf/bridge.conf")
 	require.NoError(t, err)
 	addrs := map[string]string{
 		"server health_addr": srv.HealthAddr, "server agent_addr": srv.AgentAddr, "server admin_addr": srv.AdminAddr,

@@ -8,7 +8,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/urfave/cli/v2"
 
-	"github.com/ferry-id/ferry/internal/dev"
+	"github.com/ferry-id/ferry/cmd/ferry/dev"
 	"github.com/ferry-id/ferry/internal/logging"
 )
 

@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/signal"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -51,9 +49,11 @@ func serverCommand() *cli.Command {
 					if err != nil {
 						return err
 					}
-					ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
-					defer stop()
-					return srv.Run(ctx)
+					return runService(c.Context, service{role: "server", log: log, level: level, run: srv.Run, ready: srv.Serving(),
+						reloadLevel: func() (string, error) {
+							cfg, err := server.LoadConfig(c.String("config"))
+							return cfg.LogLevel, err
+						}})
 				},
 			},
 			{

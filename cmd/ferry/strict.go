@@ -91,22 +91,6 @@ func strictCommand(c *cli.Command, parent string) {
 // checkInput enforces the rules on one invocation.
 func checkInput(ctx *cli.Context, path string, required []string, minArgs, maxArgs int) error {
 	hint := fmt.Sprintf("see 'ferry %s --help'", path)
-	args := ctx.Args().Slice()
-	switch {
-	case len(args) > maxArgs && strings.HasPrefix(args[maxArgs], "-"):
-		return fmt.Errorf("%s: %q after the first argument is not read as a flag; put flags first (%s)", path, args[maxArgs], hint)
-	case len(args) > maxArgs && maxArgs == 0:
-		return fmt.Errorf("%s: unexpected argument %q: it takes no arguments (%s)", path, args[0], hint)
-	case len(args) > maxArgs:
-		return fmt.Errorf("%s: unexpected argument %q: it takes %s (%s)", path, args[maxArgs], ctx.Command.ArgsUsage, hint)
-	case len(args) < minArgs:
-		return fmt.Errorf("%s: missing %s (%s)", path, ctx.Command.ArgsUsage, hint)
-	}
-	for _, name := range required {
-		if !ctx.IsSet(name) {
-			return fmt.Errorf("%s: missing --%s (%s)", path, name, hint)
-		}
-	}
 	names := map[string]bool{}
 	for _, f := range ctx.Command.Flags {
 		for _, n := range f.Names() {
@@ -140,6 +124,24 @@ func checkInput(ctx *cli.Context, path string, required []string, minArgs, maxAr
 			if names[v] {
 				return fmt.Errorf("%s: --%s is missing its value (the next word, %s, is a flag) (%s)", path, name, v, hint)
 			}
+		}
+	}
+	// Flag values first: a flag that took the next flag for its value
+	// leaves that flag's value as a stray argument, and the flag is the cause.
+	args := ctx.Args().Slice()
+	switch {
+	case len(args) > maxArgs && strings.HasPrefix(args[maxArgs], "-"):
+		return fmt.Errorf("%s: %q after the first argument is not read as a flag; put flags first (%s)", path, args[maxArgs], hint)
+	case len(args) > maxArgs && maxArgs == 0:
+		return fmt.Errorf("%s: unexpected argument %q: it takes no arguments (%s)", path, args[0], hint)
+	case len(args) > maxArgs:
+		return fmt.Errorf("%s: unexpected argument %q: it takes %s (%s)", path, args[maxArgs], ctx.Command.ArgsUsage, hint)
+	case len(args) < minArgs:
+		return fmt.Errorf("%s: missing %s (%s)", path, ctx.Command.ArgsUsage, hint)
+	}
+	for _, name := range required {
+		if !ctx.IsSet(name) {
+			return fmt.Errorf("%s: missing --%s (%s)", path, name, hint)
 		}
 	}
 	return nil

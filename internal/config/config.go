@@ -95,3 +95,33 @@ func Resolve(configFile, p string) string {
 	}
 	return filepath.Join(filepath.Dir(configFile), p)
 }
+
+// Keys lists every setting a config struct accepts, as dotted paths of its
+// hcl tags ("server.cluster.bind_addr"), sorted: what the reference in
+// docs/config.md is checked against. Blocks (struct fields, pointers to
+// structs, slices of structs) are listed themselves and their keys below them.
+func Keys(v any) []string {
+	var out []string
+	keysOf(reflect.TypeOf(v), "", &out)
+	sort.Strings(out)
+	return out
+}
+
+func keysOf(t reflect.Type, prefix string, out *[]string) {
+	for t.Kind() == reflect.Pointer || t.Kind() == reflect.Slice {
+		t = t.Elem()
+	}
+	if t.Kind() != reflect.Struct {
+		return
+	}
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("hcl"), ",")
+		if name == "" {
+			continue
+		}
+		key := prefix + name
+		*out = append(*out, key)
+		keysOf(f.Type, key+".", out)
+	}
+}

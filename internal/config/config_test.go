@@ -67,3 +67,19 @@ func TestRuntimeDir(t *testing.T) {
 	t.Setenv("RUNTIME_DIRECTORY", "relative")
 	require.Equal(t, "/run/ferry/server", config.RuntimeDir("server"))
 }
+
+func TestKeys(t *testing.T) {
+	type inner struct {
+		A      string         `hcl:"a"`
+		Unused map[string]int `hcl:",unusedKeyPositions"`
+	}
+	type outer struct {
+		Top struct {
+			X     int      `hcl:"x"`
+			In    *inner   `hcl:"in"`
+			Items []inner  `hcl:"items"`
+			List  []string `hcl:"list"`
+		} `hcl:"top"`
+	}
+	require.Equal(t, []string{"top", "top.in", "top.in.a", "top.items", "top.items.a", "top.list", "top.x"}, config.Keys(outer{}))
+}

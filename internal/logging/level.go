@@ -40,24 +40,33 @@ func LevelName(l slog.Level) string {
 }
 
 // Level is a logger's level that an operator may change while the process
-// runs (`ferry logger set`), and reset to the one it started with. It is safe
-// for concurrent use.
+// runs (`ferry logger set`), and reset to the one it started with (or was
+// last reloaded with). It is safe for concurrent use.
 type Level struct {
 	v      slog.LevelVar
-	launch slog.Level
+	launch slog.LevelVar
 }
 
 // Get returns the current level.
 func (l *Level) Get() slog.Level { return l.v.Level() }
 
-// Launch returns the level the process started with.
-func (l *Level) Launch() slog.Level { return l.launch }
+// Launch returns the level the process started with, or the one its last
+// Relaunch gave.
+func (l *Level) Launch() slog.Level { return l.launch.Level() }
 
 // Set changes the level.
 func (l *Level) Set(v slog.Level) { l.v.Set(v) }
 
 // Reset goes back to the launch level.
-func (l *Level) Reset() { l.v.Set(l.launch) }
+func (l *Level) Reset() { l.v.Set(l.launch.Level()) }
+
+// Relaunch applies the level of a reloaded config file (SIGHUP): it becomes
+// the current level and the one Reset goes back to, as if the process had
+// started with it.
+func (l *Level) Relaunch(v slog.Level) {
+	l.launch.Set(v)
+	l.v.Set(v)
+}
 
 // NewLeveled is New with a Level the caller may change later.
 func NewLeveled(w io.Writer, level, format string) (*slog.Logger, *Level, error) {
@@ -65,8 +74,8 @@ func NewLeveled(w io.Writer, level, format string) (*slog.Logger, *Level, error)
 	if err != nil {
 		return nil, nil, err
 	}
-	l := &Level{launch: lv}
-	l.v.Set(lv)
+	l := new(Level)
+	l.Relaunch(lv)
 	log, err := newLogger(w, &l.v, format)
 	if err != nil {
 		return nil, nil, err

@@ -43,6 +43,16 @@ func TestLevel(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, name, logging.LevelName(l))
 	}
+	// A reload: the file's level is the new launch level.
+	lv.Set(slog.LevelError)
+	lv.Relaunch(slog.LevelInfo)
+	log.Info("reloaded")
+	lv.Set(slog.LevelError)
+	lv.Reset()
+	log.Info("reset to the reloaded level")
+	require.Contains(t, buf.String(), "reloaded")
+	require.Contains(t, buf.String(), "reset to the reloaded level")
+	require.Equal(t, "info", logging.LevelName(lv.Launch()))
 	_, err = logging.ParseLevel("loud")
 	require.ErrorContains(t, err, "want debug, info, warn or error")
 }

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
 
 // Agent is one `ferry agent run` process attested to the cluster.
@@ -24,6 +26,8 @@ type Agent struct {
 	Socket string
 	// ID is the agent's SPIFFE ID.
 	ID string
+	// Bin, when set, is the binary Start runs instead of the cluster's.
+	Bin string
 
 	uid  uint32
 	mu   sync.Mutex
@@ -250,7 +254,11 @@ func (a *Agent) Spawn() <-chan struct{} {
 // Command is `ferry agent run` for this agent, as the agent's uid, not
 // started.
 func (a *Agent) Command() *exec.Cmd {
-	cmd := exec.Command(a.c.Bin, "agent", "run", "--config", a.Config)
+	bin := a.c.Bin
+	if a.Bin != "" {
+		bin = a.Bin
+	}
+	cmd := exec.Command(bin, "agent", "run", "--config", a.Config)
 	if a.uid != 0 {
 		cmd.Dir = "/"
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: a.uid, Gid: a.uid}}
@@ -297,4 +305,26 @@ func (a *Agent) LogTail(lines int) string {
 		all = all[len(all)-lines:]
 	}
 	return strings.Join(all, "\n")
+}
+
+// WaitX509SVID waits until the agent serves this test process an X509-SVID
+// for id (its entry reaches the agent through the server's stream), as a
+// go-spiffe workload asks for it.
+func (a *Agent) WaitX509SVID(id string) {
+	a.c.t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	var last error
+	for time.Now().Before(deadline) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		svids, err := workloadapi.FetchX509SVIDs(ctx, workloadapi.WithAddr(a.SocketAddr()))
+		cancel()
+		for _, s := range svids {
+			if s.ID.String() == id {
+				return
+			}
+		}
+		last = err
+		time.Sleep(100 * time.Millisecond)
+	}
+	a.c.t.Fatalf("agent %s does not serve %s (last error: %v):\n%s", a.Name, id, last, a.LogTail(40))
 }

@@ -71,6 +71,10 @@ type Options struct {
 	// AdvertiseAddr, when set, names each node's advertised cluster address
 	// (e.g. a fault-injecting proxy in front of bindAddr).
 	AdvertiseAddr func(nodeID, bindAddr string) string
+	// Binary, when set, is the ferry binary every process starts from
+	// (another release, for upgrade tests) instead of one built from this
+	// tree. Node.Bin and Agent.Bin override it per process.
+	Binary string
 	// PublicAdminSocket puts each node's admin socket in a directory of its
 	// own that every user may traverse, so tests can try it as other users
 	// (the socket's own mode is then all that keeps them out).
@@ -97,6 +101,8 @@ type Node struct {
 	HealthAddr  string
 	AgentAddr   string
 	AdminAddr   string // set when Options.AdminTCP
+	// Bin, when set, is the binary Start runs instead of the cluster's.
+	Bin string
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -121,7 +127,11 @@ func New(t testing.TB, opts Options) *Cluster {
 	if opts.TrustDomain == "" {
 		opts.TrustDomain = "example.org"
 	}
-	c := &Cluster{t: t, Dir: t.TempDir(), Bin: Binary(t), Opts: opts}
+	bin := opts.Binary
+	if bin == "" {
+		bin = Binary(t)
+	}
+	c := &Cluster{t: t, Dir: t.TempDir(), Bin: bin, Opts: opts}
 	c.run("cluster", "tls", "ca", "create", "--dir", filepath.Join(c.Dir, "tls"))
 	for i := 0; i < opts.Nodes; i++ {
 		c.Nodes = append(c.Nodes, c.addNode(fmt.Sprintf("s%d", i+1), i == 0))
@@ -273,7 +283,11 @@ func (n *Node) Start() {
 	if err != nil {
 		n.c.t.Fatal(err)
 	}
-	cmd := exec.Command(n.c.Bin, "server", "run", "--config", n.Config)
+	bin := n.c.Bin
+	if n.Bin != "" {
+		bin = n.Bin
+	}
+	cmd := exec.Command(bin, "server", "run", "--config", n.Config)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = append(os.Environ(), "FERRY_ADMIN_SOCKET=")
 	if err := cmd.Start(); err != nil {
