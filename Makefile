@@ -6,7 +6,7 @@ DEV   ?= .dev
 # Security tests that could not run (not root, say) are listed here by internal/roottest.
 SKIPLOG := $(CURDIR)/.security-skips
 
-.PHONY: help build run test test-short interop interop-spire bench proto lint fuzz fuzz-ci clean package
+.PHONY: help build run test test-short interop interop-spire bench scale scale-ci proto lint fuzz fuzz-ci clean package
 ARCH    ?= $(shell $(GO) env GOARCH)
 DIST    ?= dist
 
@@ -60,6 +60,14 @@ fuzz-ci: ## every fuzz target for a short budget (FUZZTIME, default 10s), as CI 
 
 chaos: ## chaos campaign on 3- and 5-node clusters with agents and a bridge, then write and CSR storms; CI runs the defaults (CHAOS_KILLS, CHAOS_PARTITIONS, CHAOS_DURATION, CHAOS_NODES, CHAOS_AGENTS: see RELIABILITY.md)
 	FERRY_CHAOS=1 $(GO) test -v -count=1 -timeout $${CHAOS_TIMEOUT:-30m} -run 'TestChaos|TestOverloadSheds|TestCSRStorm' ./test/chaos/
+
+scale: ## fleet-scale harness: real servers and SCALE_AGENTS simulated agents (default 1,000 x 10 entries, 1 node; SCALE_NODES=3 for failover), prints the table of docs/scale.md; knobs in test/scale/doc.go
+	FERRY_SCALE=1 $(GO) test -v -count=1 -timeout $${SCALE_TIMEOUT:-120m} -run TestScale ./test/scale/
+
+scale-ci: ## the scale harness at CI size: 3 nodes, 60 agents renewing their SVIDs every minute, failover and whole-cluster restart; fails on a correctness violation only
+	SCALE_NODES=3 SCALE_AGENTS=60 SCALE_ENTRIES_PER_AGENT=3 SCALE_GROUPS=3 SCALE_GROUP_ENTRIES=2 SCALE_FLEET_ENTRIES=2 \
+	SCALE_CHURN=300 SCALE_CHURN_ROUNDS=1 SCALE_PROBES=10 SCALE_FANOUT_PROBES=2 SCALE_WRITES=60 SCALE_STORM_CSRS=2 \
+	SCALE_AGENT_TTL=2m SCALE_SVID_TTL=60 SCALE_REST_SECONDS=3 SCALE_TIMEOUT=20m $(MAKE) --no-print-directory scale
 
 proto: ## regenerate proto/ferrypb from proto/*.proto (needs protoc: apt-get install protobuf-compiler)
 	./proto/gen.sh

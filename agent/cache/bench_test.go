@@ -142,3 +142,37 @@ func BenchmarkFetchJWTSVIDHit(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkSubscribeOthers is one subscribe-receive-finish (what one X509
+// Workload API call does) and one one-shot fetch, by a workload with one
+// entry, while the cache also holds others entries that do not match it.
+// The cost per call must not grow with others.
+//
+//	go test -run '^$' -bench SubscribeOthers ./agent/cache/
+func BenchmarkSubscribeOthers(b *testing.B) {
+	for _, others := range []int{0, 1000, 10000, 100000} {
+		b.Run(fmt.Sprintf("others=%d", others), func(b *testing.B) {
+			c, _, entries, stop := benchCache(b, others+1)
+			defer stop()
+			c.SetEntries(entries, 1)
+			ws := sels(b, fmt.Sprintf("unix:uid:%d", 10000+others), "unix:gid:100", "unix:user:svc")
+			sub, err := c.SubscribeToCacheChanges(context.Background(), ws)
+			if err != nil {
+				b.Fatal(err)
+			}
+			<-sub.Updates()
+			sub.Finish()
+			b.ReportAllocs()
+			for b.Loop() {
+				sub, err := c.SubscribeToCacheChanges(context.Background(), ws)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if u := <-sub.Updates(); len(u.Identities) != 1 {
+					b.Fatalf("%d identities", len(u.Identities))
+				}
+				sub.Finish()
+			}
+		})
+	}
+}

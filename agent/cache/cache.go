@@ -141,10 +141,20 @@ type Cache struct {
 	schedKick chan struct{} // the schedule changed; recompute the next wake-up
 	heldKick  chan struct{} // SVIDs were minted or dropped (HeldChanged)
 
-	mu        sync.Mutex
-	revision  uint64
-	entries   map[string]*entryState
-	index     map[selKey][]*entryState // see indexLocked
+	mu       sync.Mutex
+	revision uint64
+	haveSet  bool // SetEntries was called: the entries are known
+	entries  map[string]*entryState
+	index    map[selKey][]*entryState // see indexLocked
+	// active holds the entries a pass of the schedule must look at: those
+	// demanded since they were last idle (see activateLocked). Entries no
+	// workload asks for stay out of it, so they cost a pass nothing.
+	active map[*entryState]struct{}
+	// expiry orders the entries that have an expiry time, soonest first.
+	expiry expiryHeap
+	// wakeAt is when the schedule loop runs its next pass (zero: only when
+	// kicked); see planLocked.
+	wakeAt    time.Time
 	kinds     map[string]int
 	subs      map[*subscriber]struct{}
 	queue     []*entryState // waiting for the signing loop, FIFO
@@ -176,6 +186,9 @@ type entryState struct {
 	// most of.
 	sels []*ferrypb.Selector
 	slot int // position in its index bucket
+	// expSlot is the position in Cache.expiry, -1 when not in it.
+	expSlot int
+	active  bool // in Cache.active
 
 	svid *svidState
 
@@ -245,6 +258,7 @@ func New(c Config) (*Cache, error) {
 		heldKick:  heldKick,
 		entries:   make(map[string]*entryState),
 		index:     make(map[selKey][]*entryState),
+		active:    make(map[*entryState]struct{}),
 		kinds:     make(map[string]int),
 		subs:      make(map[*subscriber]struct{}),
 		federated: make(map[spiffeid.TrustDomain]*spiffebundle.Bundle),
@@ -308,6 +322,7 @@ func (c *Cache) Revision() uint64 {
 func (c *Cache) SetEntries(all []*ferrypb.Entry, revision uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.haveSet = true
 	keep := make(map[string]bool, len(all))
 	for _, e := range all {
 		if e != nil {
@@ -367,7 +382,7 @@ func (c *Cache) applyLocked(upserts []*ferrypb.Entry, deletes []string, revision
 			continue
 		}
 		if es == nil {
-			es = &entryState{}
+			es = &entryState{expSlot: -1}
 			c.entries[e.GetId()] = es
 		} else {
 			c.unindexLocked(es)
@@ -378,6 +393,7 @@ func (c *Cache) applyLocked(upserts []*ferrypb.Entry, deletes []string, revision
 		es.entry = e
 		es.sels = canonical(e.GetSelectors())
 		c.indexLocked(es)
+		c.expiry.file(es)
 		changed = append(changed, es)
 	}
 	if len(changed) == 0 {
@@ -443,6 +459,8 @@ func (c *Cache) resetSVIDLocked(es *entryState) {
 
 func (c *Cache) removeLocked(es *entryState) {
 	c.unindexLocked(es)
+	c.expiry.remove(es)
+	c.deactivateLocked(es)
 	delete(c.entries, es.entry.GetId())
 	es.deleted = true
 	es.svid = nil
@@ -510,10 +528,14 @@ func Kind(s *ferrypb.Selector) string {
 }
 
 // SelectorKinds returns the kinds (see Kind) of every selector of every entry
-// held. The map is the caller's.
+// held; nil until the first entry set (SetEntries) arrived, as until then any
+// kind may be in use. The map is the caller's.
 func (c *Cache) SelectorKinds() map[string]bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if !c.haveSet {
+		return nil
+	}
 	out := make(map[string]bool, len(c.kinds))
 	for k := range c.kinds {
 		out[k] = true

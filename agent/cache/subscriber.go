@@ -66,10 +66,10 @@ func (s *subscriber) Finish() {
 			idle = c.releaseLocked(es, now) || idle
 		}
 		s.matched = nil
-		c.mu.Unlock()
 		if idle {
-			kick(c.schedKick) // schedule the idle eviction
+			c.planLocked(now.Add(c.idle)) // the idle eviction
 		}
+		c.mu.Unlock()
 
 		s.mu.Lock()
 		s.closed = true
@@ -133,18 +133,19 @@ func (c *Cache) FetchWorkloadUpdate(ctx context.Context, selectors []*ferrypb.Se
 	matched := c.matchLocked(w)
 	if c.readyLocked(matched, now) {
 		u, _ := c.updateLocked(matched, now)
-		idleScheduled := true
+		idle := false
 		for _, es := range matched {
 			if es.subs == 0 {
 				// As a subscriber letting go would (releaseLocked).
-				idleScheduled = idleScheduled && !es.lastUsed.IsZero()
 				es.lastUsed = now
+				c.activateLocked(es)
+				idle = true
 			}
 		}
-		c.mu.Unlock()
-		if !idleScheduled {
-			kick(c.schedKick) // schedule the idle eviction
+		if idle {
+			c.planLocked(now.Add(c.idle)) // the idle eviction
 		}
+		c.mu.Unlock()
 		return u, nil
 	}
 	c.mu.Unlock()
@@ -191,6 +192,7 @@ func (c *Cache) rematchLocked(s *subscriber, now time.Time) {
 	matched := c.matchLocked(s.sels)
 	for _, es := range matched {
 		es.subs++
+		c.activateLocked(es)
 	}
 	for _, es := range s.matched {
 		c.releaseLocked(es, now)
@@ -227,6 +229,7 @@ func (c *Cache) demandLocked(es *entryState, now time.Time) {
 }
 
 func (c *Cache) enqueueLocked(es *entryState) {
+	c.activateLocked(es)
 	es.queued = true
 	c.queue = append(c.queue, es)
 	kick(c.signKick)

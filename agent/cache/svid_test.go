@@ -175,6 +175,63 @@ func TestLazyMintingAndIdleEviction(t *testing.T) {
 	if _, csrs, _, _ := e.signer.counts(); csrs != 2 {
 		t.Fatalf("%d CSRs, want 2", csrs)
 	}
+
+	// Minted again on demand, the SVID is evicted again once idle.
+	idleAt = e.clock.Now().Add(5 * time.Minute)
+	eventually(t, "second eviction scheduled", func() bool { return e.clock.lastWake().Equal(idleAt) })
+	e.clock.Set(idleAt)
+	eventually(t, "second eviction", func() bool { return e.cache.Stats().X509SVIDs == 0 })
+}
+
+// Entries expire in the order of their expiry times, as changed by updates,
+// whichever workloads use them.
+func TestEntryExpiryOrder(t *testing.T) {
+	e := newEnv(t, nil)
+	at := func(m int) int64 { return epoch.Add(time.Duration(m) * time.Minute).Unix() }
+	var all []*ferrypb.Entry
+	for i, m := range []int{30, 10, 20, 40, 50} {
+		x := e.entry(fmt.Sprint(i), fmt.Sprintf("/w%d", i), fmt.Sprintf("unix:uid:%d", i))
+		x.ExpiresAt = at(m)
+		all = append(all, x)
+	}
+	e.cache.SetEntries(all, 1)
+	sub := e.subscribe("unix:uid:4")
+	if got := ids(next(t, sub)); len(got) != 1 {
+		t.Fatalf("identities %v", got)
+	}
+	// Entry 3 now expires first, entry 0 never, entry 4 (the subscriber's)
+	// later than before.
+	changed := func(x *ferrypb.Entry, m int) *ferrypb.Entry {
+		c := withHint(x, "changed", x.Revision+10)
+		c.X509SvidTtl, c.DnsNames, c.ExpiresAt = x.X509SvidTtl, x.DnsNames, 0
+		if m > 0 {
+			c.ExpiresAt = at(m)
+		}
+		return c
+	}
+	e.cache.ApplyEntryChanges([]*ferrypb.Entry{changed(all[3], 5), changed(all[0], 0), changed(all[4], 60)}, nil, 2)
+	if u := next(t, sub); len(u.Identities) != 1 || u.Identities[0].Entry.GetHint() != "changed" {
+		t.Fatalf("after the change: %+v", u.Identities)
+	}
+	for _, step := range []struct {
+		minute int
+		left   int
+	}{{5, 4}, {10, 3}, {20, 2}} {
+		eventually(t, fmt.Sprintf("wake-up at minute %d", step.minute), func() bool {
+			return e.clock.lastWake().Equal(time.Unix(at(step.minute), 0))
+		})
+		e.clock.Set(time.Unix(at(step.minute), 0))
+		eventually(t, fmt.Sprintf("%d entries left at minute %d", step.left, step.minute), func() bool {
+			return e.cache.Stats().Entries == step.left
+		})
+	}
+	e.clock.Set(time.Unix(at(60), 0))
+	if got := ids(next(t, sub)); len(got) != 0 {
+		t.Fatalf("after the subscriber's entry expired: %v", got)
+	}
+	if st := e.cache.Stats(); st.Entries != 1 {
+		t.Fatalf("stats %+v, want the entry without expiry only", st)
+	}
 }
 
 func TestBatchesConcurrentDemand(t *testing.T) {
@@ -358,6 +415,13 @@ func TestFetchWorkloadUpdateHonoursContext(t *testing.T) {
 
 func TestSelectorKinds(t *testing.T) {
 	e := newEnv(t, nil)
+	if got := e.cache.SelectorKinds(); got != nil {
+		t.Fatalf("kinds %v before any entry set, want nil (not known)", got)
+	}
+	e.cache.SetEntries(nil, 1)
+	if got := e.cache.SelectorKinds(); got == nil || len(got) != 0 {
+		t.Fatalf("kinds %v with no entries, want none", got)
+	}
 	a := e.entry("a", "/a", "unix:uid:1000", "unix:sha256:abcd")
 	b := e.entry("b", "/b", "systemd:id:web.service", "unix:uid:1001")
 	c := e.entry("c", "/c", "docker:root")

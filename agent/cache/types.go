@@ -68,7 +68,8 @@ type Manager interface {
 	// from cache when one with enough life left exists.
 	FetchJWTSVID(ctx context.Context, entry *ferrypb.Entry, audience []string) (*JWTSVID, error)
 	// SelectorKinds reports which selector kinds ("unix:uid", "systemd:id", ...)
-	// some entry on this node uses, so attestors can skip the rest.
+	// some entry on this node uses, so attestors can skip the rest; nil while
+	// that is not known yet (every kind may be in use).
 	SelectorKinds() map[string]bool
 }
 

@@ -30,16 +30,16 @@ type recordingSink struct {
 	changes int
 	bundles []*spiffebundle.Bundle
 	taints  []taint
-	calls   []string // in order: "entries", "changes", "bundles"
+	calls   []string // "full", "change", "bundles" in call order
 }
 
 func (r *recordingSink) SetEntries(all []*ferrypb.Entry, _ uint64) {
 	r.full = append(r.full, all)
-	r.calls = append(r.calls, "entries")
+	r.calls = append(r.calls, "full")
 }
 func (r *recordingSink) ApplyEntryChanges([]*ferrypb.Entry, []string, uint64) {
 	r.changes++
-	r.calls = append(r.calls, "changes")
+	r.calls = append(r.calls, "change")
 }
 func (r *recordingSink) SetBundles(own *spiffebundle.Bundle, _ map[spiffeid.TrustDomain]*spiffebundle.Bundle) {
 	r.bundles = append(r.bundles, own)
@@ -59,6 +59,9 @@ type scriptedStream struct {
 	grpc.ClientStream
 	msgs []*ferrypb.SyncEntriesResponse
 }
+
+// Context carries no peer: the stream comes from no server.
+func (s *scriptedStream) Context() context.Context { return context.Background() }
 
 func (s *scriptedStream) Recv() (*ferrypb.SyncEntriesResponse, error) {
 	if len(s.msgs) == 0 {
@@ -165,23 +168,69 @@ func TestBundlesCarryWITAuthorities(t *testing.T) {
 	assert.True(t, key.PublicKey.Equal(wit))
 }
 
-// A message's entries reach the cache before its bundles: the cache answers
-// a workload waiting since the agent started as soon as it has the bundle,
-// and it must know the workload's entries by then (before, the first answer
-// after a restart could be "no identity issued").
-func TestEntriesBeforeBundles(t *testing.T) {
+// ownBundle is a bundle of the agent's trust domain with one JWT key.
+func ownBundle(t *testing.T) *ferrypb.Bundle {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	require.NoError(t, err)
 	der, err := x509.MarshalPKIXPublicKey(key.Public())
 	require.NoError(t, err)
-	bundles := []*ferrypb.Bundle{{TrustDomain: "example.org", JwtAuthorities: []*ferrypb.JWTAuthority{{KeyId: "k1", PublicKey: der}}}}
+	return &ferrypb.Bundle{TrustDomain: "example.org", JwtAuthorities: []*ferrypb.JWTAuthority{{KeyId: "k1", PublicKey: der}}}
+}
+
+// The cache learns a message's entries before its bundles: the first bundle
+// lets it answer workloads, which must not be told they have no identity
+// because their entries came a moment later.
+func TestEntriesBeforeBundles(t *testing.T) {
 	first := full(1, "a")
-	first.Bundles = bundles
-	change := &ferrypb.SyncEntriesResponse{Revision: 2, Entries: []*ferrypb.Entry{{Id: "b"}}, Bundles: bundles}
+	first.Bundles = []*ferrypb.Bundle{ownBundle(t)}
+	change := &ferrypb.SyncEntriesResponse{Revision: 2, Entries: []*ferrypb.Entry{{Id: "b"}}, Bundles: first.Bundles}
 	s, sink, _ := newScripted(t, first, change)
-	_, err = s.syncOnce(t.Context())
+	_, err := s.syncOnce(t.Context())
 	require.ErrorIs(t, err, io.EOF)
-	assert.Equal(t, []string{"entries", "bundles", "changes", "bundles"}, sink.calls)
+	assert.Equal(t, []string{"full", "bundles", "change", "bundles"}, sink.calls)
+}
+
+// A full set in parts reaches the cache once, whole, after its last part;
+// the changes that follow as they come.
+func TestFullSetInParts(t *testing.T) {
+	p1 := full(7, "a", "b")
+	p1.Bundles = []*ferrypb.Bundle{ownBundle(t)}
+	p1.More = true
+	p2 := &ferrypb.SyncEntriesResponse{Revision: 7, Entries: []*ferrypb.Entry{{Id: "c"}}, More: true}
+	p3 := &ferrypb.SyncEntriesResponse{Revision: 7, Entries: []*ferrypb.Entry{{Id: "d"}}, AgentIdentity: true}
+	c1 := &ferrypb.SyncEntriesResponse{Revision: 8, Entries: []*ferrypb.Entry{{Id: "e"}}, More: true, AgentIdentity: true}
+	c2 := &ferrypb.SyncEntriesResponse{Revision: 8, DeletedIds: []string{"a"}, AgentIdentity: true}
+	s, sink, _ := newScripted(t, p1, p2, p3, c1, c2)
+	_, err := s.syncOnce(t.Context())
+	require.ErrorIs(t, err, io.EOF)
+	assert.Equal(t, []string{"full", "bundles", "change", "change"}, sink.calls)
+	require.Len(t, sink.full, 1)
+	var got []string
+	for _, e := range sink.full[0] {
+		got = append(got, e.Id)
+	}
+	assert.Equal(t, []string{"a", "b", "c", "d"}, got)
+	assert.True(t, s.agentIdentity, "the last part's agent identity holds")
+	assert.EqualValues(t, 8, s.revision)
+}
+
+// A part that does not continue the full set under way ends the stream
+// without applying anything of that set.
+func TestFullSetPartsMismatch(t *testing.T) {
+	for name, next := range map[string]*ferrypb.SyncEntriesResponse{
+		"other revision": {Revision: 8, Entries: []*ferrypb.Entry{{Id: "c"}}},
+		"another full":   full(7, "c"),
+	} {
+		t.Run(name, func(t *testing.T) {
+			p1 := full(7, "a", "b")
+			p1.More = true
+			s, sink, _ := newScripted(t, p1, next)
+			_, err := s.syncOnce(t.Context())
+			require.Error(t, err)
+			assert.NotErrorIs(t, err, io.EOF)
+			assert.Empty(t, sink.calls)
+		})
+	}
 }
 
 func TestMintWITSVIDSendsPKIXKey(t *testing.T) {

@@ -27,7 +27,8 @@ func (f AttestorFunc) Attest(ctx context.Context, pid int32) ([]*ferrypb.Selecto
 }
 
 // KindsSource reports which selector kinds ("unix:uid", "systemd:id", ...)
-// some entry uses; cache.Manager implements it.
+// some entry uses, nil when that is not known (every kind may be);
+// cache.Manager implements it.
 type KindsSource interface {
 	SelectorKinds() map[string]bool
 }
@@ -39,9 +40,8 @@ type KindsSource interface {
 // entry needs them. Any attestor error fails the attestation.
 func WorkloadAttestors(kinds KindsSource, list ...workload.Attestor) Attestor {
 	return AttestorFunc(func(ctx context.Context, pid int32) ([]*ferrypb.Selector, error) {
-		var k workload.Kinds
-		if kinds != nil {
-			used := kinds.SelectorKinds()
+		var k workload.Kinds // nil: every kind
+		if used := kindsOf(kinds); used != nil {
 			k = make(workload.Kinds, len(used))
 			for kind, ok := range used {
 				if ok {
@@ -65,4 +65,15 @@ func WorkloadAttestors(kinds KindsSource, list ...workload.Attestor) Attestor {
 		}
 		return all.Selectors(), nil
 	})
+}
+
+// kindsOf returns the kinds src reports, nil when src is nil or does not know
+// them yet: then every attestor runs, since a caller attested before the agent
+// knows its entries must get all its selectors (the entries that arrive next
+// may use any).
+func kindsOf(src KindsSource) map[string]bool {
+	if src == nil {
+		return nil
+	}
+	return src.SelectorKinds()
 }

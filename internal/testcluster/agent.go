@@ -215,6 +215,25 @@ func (a *Agent) WipeData() {
 
 // Start starts (or restarts) the agent process and waits for its socket.
 func (a *Agent) Start() {
+	done := a.Spawn()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if conn, err := net.Dial("unix", a.Socket); err == nil {
+			conn.Close()
+			return
+		}
+		select {
+		case <-done:
+			a.c.t.Fatalf("agent %s exited:\n%s", a.Name, a.LogTail(40))
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	a.c.t.Fatalf("agent %s: socket not ready:\n%s", a.Name, a.LogTail(40))
+}
+
+// Spawn starts the agent process without waiting for anything; the returned
+// channel is closed when it exits.
+func (a *Agent) Spawn() <-chan struct{} {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	logf, err := os.OpenFile(filepath.Join(a.Dir, "agent.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
@@ -229,19 +248,7 @@ func (a *Agent) Start() {
 	done := make(chan struct{})
 	go func() { _ = cmd.Wait(); logf.Close(); close(done) }()
 	a.cmd, a.done = cmd, done
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if conn, err := net.Dial("unix", a.Socket); err == nil {
-			conn.Close()
-			return
-		}
-		select {
-		case <-done:
-			a.c.t.Fatalf("agent %s exited:\n%s", a.Name, a.LogTail(40))
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	a.c.t.Fatalf("agent %s: socket not ready:\n%s", a.Name, a.LogTail(40))
+	return done
 }
 
 // Command is `ferry agent run` for this agent, as the agent's uid, not

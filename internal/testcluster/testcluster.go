@@ -309,7 +309,7 @@ func (n *Node) waitSocket(timeout time.Duration) {
 		select {
 		case <-n.done:
 			n.c.t.Fatalf("node %s exited at start:\n%s", n.ID, n.LogTail(40))
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(10 * time.Millisecond):
 		}
 	}
 	n.c.t.Fatalf("node %s: admin socket not ready after %s:\n%s", n.ID, timeout, n.LogTail(40))

@@ -763,6 +763,12 @@ type SyncEntriesResponse struct {
 	// enabled, in every message; a change of it alone sends a message, so the
 	// agent stops offering a disabled identity at once.
 	AgentIdentity bool `protobuf:"varint,6,opt,name=agent_identity,json=agentIdentity,proto3" json:"agent_identity,omitempty"`
+	// more: the message is one part of a change (or of the full set) that
+	// continues in the next message; parts carry the same revision, the first
+	// carries full and bundles. A message is kept well under the agent's 4 MiB
+	// receive limit, so a change of any size arrives. An agent applies a full set
+	// once its last part arrived (a part of a change may be applied as it comes).
+	More          bool `protobuf:"varint,7,opt,name=more,proto3" json:"more,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -835,6 +841,13 @@ func (x *SyncEntriesResponse) GetRevision() uint64 {
 func (x *SyncEntriesResponse) GetAgentIdentity() bool {
 	if x != nil {
 		return x.AgentIdentity
+	}
+	return false
+}
+
+func (x *SyncEntriesResponse) GetMore() bool {
+	if x != nil {
+		return x.More
 	}
 	return false
 }
@@ -1259,7 +1272,7 @@ const file_agent_proto_rawDesc = "" +
 	"\tissued_at\x18\x02 \x01(\x03R\bissuedAt\x12\x1d\n" +
 	"\n" +
 	"expires_at\x18\x03 \x01(\x03R\texpiresAt\"\x14\n" +
-	"\x12SyncEntriesRequest\"\xe4\x01\n" +
+	"\x12SyncEntriesRequest\"\xf8\x01\n" +
 	"\x13SyncEntriesResponse\x12\x12\n" +
 	"\x04full\x18\x01 \x01(\bR\x04full\x12)\n" +
 	"\aentries\x18\x02 \x03(\v2\x0f.ferry.v1.EntryR\aentries\x12\x1f\n" +
@@ -1267,7 +1280,8 @@ const file_agent_proto_rawDesc = "" +
 	"deletedIds\x12*\n" +
 	"\abundles\x18\x04 \x03(\v2\x10.ferry.v1.BundleR\abundles\x12\x1a\n" +
 	"\brevision\x18\x05 \x01(\x04R\brevision\x12%\n" +
-	"\x0eagent_identity\x18\x06 \x01(\bR\ragentIdentity\";\n" +
+	"\x0eagent_identity\x18\x06 \x01(\bR\ragentIdentity\x12\x12\n" +
+	"\x04more\x18\a \x01(\bR\x04more\";\n" +
 	"\x1aListAgentIdentitiesRequest\x12\x1d\n" +
 	"\n" +
 	"spiffe_ids\x18\x01 \x03(\tR\tspiffeIds\"\xcc\x01\n" +

@@ -1753,11 +1753,19 @@ func (x *CommandResult) GetFederationRelationship() *FederationRelationship {
 // AppliedRequest remembers the result of an applied request ID, so a retry of the
 // same command is answered without applying it again.
 type AppliedRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	RequestId     string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
-	TimeUnixNano  int64                  `protobuf:"varint,3,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
-	Result        *CommandResult         `protobuf:"bytes,4,opt,name=result,proto3" json:"result,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	RequestId    string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Index        uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	TimeUnixNano int64                  `protobuf:"varint,3,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
+	Result       *CommandResult         `protobuf:"bytes,4,opt,name=result,proto3" json:"result,omitempty"`
+	// entry_refs stands for result.entries, which is stored without them: the
+	// rows live in the entries table, and a deleted row must not stay in memory
+	// and in every snapshot for the dedup window. It holds, per entry, a uvarint
+	// (0 for an absent entry, else the ID's length plus one), the ID and the
+	// revision as a uvarint: one allocation per command, not one per entry. A
+	// retry is answered with the rows still at those revisions, and with only the
+	// ID and revision of the others (deleted or changed since).
+	EntryRefs     []byte `protobuf:"bytes,5,opt,name=entry_refs,json=entryRefs,proto3" json:"entry_refs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1816,6 +1824,13 @@ func (x *AppliedRequest) GetTimeUnixNano() int64 {
 func (x *AppliedRequest) GetResult() *CommandResult {
 	if x != nil {
 		return x.Result
+	}
+	return nil
+}
+
+func (x *AppliedRequest) GetEntryRefs() []byte {
+	if x != nil {
+		return x.EntryRefs
 	}
 	return nil
 }
@@ -2754,13 +2769,15 @@ const file_commands_proto_rawDesc = "" +
 	"\vsigning_key\x18\x19 \x01(\v2\x14.ferry.v1.SigningKeyR\n" +
 	"signingKey\x12-\n" +
 	"\x05batch\x18\x1e \x03(\v2\x17.ferry.v1.CommandResultR\x05batch\x12Y\n" +
-	"\x17federation_relationship\x18( \x01(\v2 .ferry.v1.FederationRelationshipR\x16federationRelationship\"\x9c\x01\n" +
+	"\x17federation_relationship\x18( \x01(\v2 .ferry.v1.FederationRelationshipR\x16federationRelationship\"\xbb\x01\n" +
 	"\x0eAppliedRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12$\n" +
 	"\x0etime_unix_nano\x18\x03 \x01(\x03R\ftimeUnixNano\x12/\n" +
-	"\x06result\x18\x04 \x01(\v2\x17.ferry.v1.CommandResultR\x06result\"V\n" +
+	"\x06result\x18\x04 \x01(\v2\x17.ferry.v1.CommandResultR\x06result\x12\x1d\n" +
+	"\n" +
+	"entry_refs\x18\x05 \x01(\fR\tentryRefs\"V\n" +
 	"\tTenantPut\x12(\n" +
 	"\x06tenant\x18\x01 \x01(\v2\x10.ferry.v1.TenantR\x06tenant\x12\x1f\n" +
 	"\vcreate_only\x18\x02 \x01(\bR\n" +

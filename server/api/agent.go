@@ -73,6 +73,8 @@ type Agent struct {
 	attestors map[string]node.ServerAttestor
 	global    *rate.Limiter
 
+	hub *syncHub
+
 	mu      sync.Mutex
 	limiter map[string]*rate.Limiter
 }
@@ -110,6 +112,7 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 		global:    rate.NewLimiter(rate.Limit(cfg.GlobalRate), int(cfg.GlobalRate)),
 		limiter:   map[string]*rate.Limiter{},
 	}
+	a.hub = newSyncHub(cfg.Store, a.serverID)
 	for _, at := range cfg.Attestors {
 		a.attestors[at.Name()] = at
 	}
@@ -346,6 +349,12 @@ func (a *Agent) authorized(v *state.View, n *ferrypb.AttestedNode) map[string]*f
 	return out
 }
 
+// authorizedEntry returns entry id if agent n may serve it, else nil; its
+// cost does not grow with the agent's other entries (see authorized).
+func (a *Agent) authorizedEntry(v *state.View, n *ferrypb.AttestedNode, id string) *ferrypb.Entry {
+	return v.AuthorizedEntry(id, n.SpiffeId, a.serverID, n.Selectors)
+}
+
 // BatchNewX509SVID signs CSRs for authorized entries. The SPIFFE ID always comes
 // from the entry, never from the CSR.
 func (a *Agent) BatchNewX509SVID(ctx context.Context, req *ferrypb.BatchNewX509SVIDRequest) (*ferrypb.BatchNewX509SVIDResponse, error) {
@@ -359,13 +368,13 @@ func (a *Agent) BatchNewX509SVID(ctx context.Context, req *ferrypb.BatchNewX509S
 	if err := a.allow(n.SpiffeId, len(req.Params)); err != nil {
 		return nil, err
 	}
-	entries := a.authorized(a.cfg.Store.View(), n)
+	v := a.cfg.Store.View()
 	resp := &ferrypb.BatchNewX509SVIDResponse{Results: make([]*ferrypb.X509SVIDResult, len(req.Params))}
 	var reqs []ca.X509SVIDRequest
 	var pos []int
 	for i, p := range req.Params {
-		e, ok := entries[p.EntryId]
-		if !ok {
+		e := a.authorizedEntry(v, n, p.EntryId)
+		if e == nil {
 			resp.Results[i] = &ferrypb.X509SVIDResult{Status: &ferrypb.Status{Code: int32(codes.PermissionDenied), Message: fmt.Sprintf("agent is not authorized for entry %q", p.EntryId)}}
 			continue
 		}
@@ -411,17 +420,16 @@ func (a *Agent) NewJWTSVID(ctx context.Context, req *ferrypb.NewJWTSVIDRequest) 
 		return nil, err
 	}
 	v := a.cfg.Store.View()
-	auth := a.authorized(v, n)
 	var subject string
 	var ttl time.Duration
 	if req.Agent {
-		if err := a.agentMayExchange(v, n, auth, req); err != nil {
+		if err := a.agentMayExchange(v, n, a.authorized(v, n), req); err != nil {
 			return nil, err
 		}
 		subject = n.SpiffeId
 	} else {
-		e, ok := auth[req.EntryId]
-		if !ok {
+		e := a.authorizedEntry(v, n, req.EntryId)
+		if e == nil {
 			return nil, status.Errorf(codes.PermissionDenied, "agent is not authorized for entry %q", req.EntryId)
 		}
 		subject, ttl = e.SpiffeId, time.Duration(e.JwtSvidTtl)*time.Second
@@ -458,73 +466,237 @@ func (a *Agent) agentMayExchange(v *state.View, n *ferrypb.AttestedNode, auth ma
 }
 
 // SyncEntries streams the caller's authorized entries: everything first, then the
-// difference after every committed change to entries, nodes or bundles. Nothing
-// is polled: the stream waits on the state's change feed.
+// difference after every committed change to entries, nodes or bundles that
+// may concern the agent. Nothing is polled: the server's sync hub follows the
+// change feed and wakes the streams a change concerns (see syncHub).
 func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_SyncEntriesServer) error {
 	ctx := stream.Context()
 	n, _, err := a.caller(ctx)
 	if err != nil {
 		return err
 	}
+	// Registered before the first view: a change to the agent's node from
+	// here on wakes the stream.
+	box := a.hub.register(n.SpiffeId)
+	defer a.hub.unregister(box)
 	v := a.cfg.Store.View()
-	sent := a.authorized(v, n)
-	bundles := a.bundlesFor(v, sent)
-	agentIdentity := n.GetSystemAssignedIdentity()
 	if cur := v.Node(n.SpiffeId); cur != nil {
-		agentIdentity = cur.GetSystemAssignedIdentity()
+		n = cur
 	}
-	first := &ferrypb.SyncEntriesResponse{Full: true, Bundles: bundles, Revision: v.Index(), AgentIdentity: agentIdentity}
-	for _, e := range sent {
+	st := &syncState{a: a, agentID: n.SpiffeId, selectors: n.Selectors, sent: a.authorized(v, n)}
+	st.bundles = a.bundlesFor(v, st.sent)
+	st.agentIdentity = n.GetSystemAssignedIdentity()
+	first := &ferrypb.SyncEntriesResponse{Full: true, Bundles: st.bundles, Revision: v.Index(), AgentIdentity: st.agentIdentity}
+	first.Entries = make([]*ferrypb.Entry, 0, len(st.sent))
+	for _, e := range st.sent {
 		first.Entries = append(first.Entries, e)
 	}
-	if err := stream.Send(first); err != nil {
+	if a.hub.setParents(box, st.parents(v), v.Index()) {
+		box.post(func() { box.full = true })
+	}
+	if err := sendSync(stream, first); err != nil {
 		return err
 	}
-	index := v.Index()
 	for {
-		_, err := a.cfg.Store.ChangesSince(ctx, index, state.TableEntries, state.TableNodes, state.TableBundles)
-		if err != nil && !errors.Is(err, state.ErrCompacted) {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return toStatus(err)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-box.wake:
 		}
+		keys, full, nodeChanged, bundlesChanged := box.take()
 		v = a.cfg.Store.View()
-		index = v.Index()
 		cur := v.Node(n.SpiffeId)
 		if cur == nil || cur.Banned {
 			return status.Errorf(codes.PermissionDenied, "agent %s was evicted or banned", n.SpiffeId)
 		}
-		now := a.authorized(v, cur)
-		msg := &ferrypb.SyncEntriesResponse{Revision: index, AgentIdentity: cur.GetSystemAssignedIdentity()}
-		for id, e := range now {
-			if old, ok := sent[id]; !ok || old.Revision != e.Revision {
-				msg.Entries = append(msg.Entries, e)
+		if nodeChanged && !slices.EqualFunc(cur.Selectors, st.selectors, func(x, y *ferrypb.Selector) bool { return proto.Equal(x, y) }) {
+			full = true
+		}
+		st.selectors = cur.Selectors
+		msg := &ferrypb.SyncEntriesResponse{Revision: v.Index(), AgentIdentity: cur.GetSystemAssignedIdentity()}
+		reparent := full
+		if !full {
+			ok, moved := st.apply(v, cur, keys, msg)
+			full, reparent = !ok, !ok || moved
+		}
+		if full {
+			msg.Entries, msg.DeletedIds = nil, nil
+			st.recompute(v, cur, msg)
+			bundlesChanged = true
+		}
+		if bundlesChanged || st.federated {
+			if nb := a.bundlesFor(v, st.sent); !sameBundles(nb, st.bundles) {
+				msg.Bundles = nb
+				st.bundles = nb
 			}
 		}
-		for id := range sent {
-			if _, ok := now[id]; !ok {
-				msg.DeletedIds = append(msg.DeletedIds, id)
+		st.federated = false
+		if reparent {
+			if a.hub.setParents(box, st.parents(v), v.Index()) {
+				box.post(func() { box.full = true })
 			}
 		}
-		nb := a.bundlesFor(v, now)
-		if !sameBundles(nb, bundles) {
-			msg.Bundles = nb
-			bundles = nb
-		}
-		sent = now
-		identityChanged := msg.AgentIdentity != agentIdentity
-		agentIdentity = msg.AgentIdentity
+		identityChanged := msg.AgentIdentity != st.agentIdentity
+		st.agentIdentity = msg.AgentIdentity
 		if len(msg.Entries) == 0 && len(msg.DeletedIds) == 0 && msg.Bundles == nil && !identityChanged {
 			continue
 		}
-		if err := stream.Send(msg); err != nil {
+		if err := sendSync(stream, msg); err != nil {
 			if errors.Is(err, io.EOF) || ctx.Err() != nil {
 				return nil
 			}
 			return err
 		}
 	}
+}
+
+// syncState is what one SyncEntries stream has sent its agent.
+type syncState struct {
+	a             *Agent
+	agentID       string
+	selectors     []*ferrypb.Selector // the agent's node selectors sent against
+	sent          map[string]*ferrypb.Entry
+	bundles       []*ferrypb.Bundle
+	agentIdentity bool
+	// federated: a change touched an entry that federates, so the bundles
+	// the agent needs may have changed.
+	federated bool
+}
+
+// recompute diffs the agent's whole authorized set against what was sent.
+func (st *syncState) recompute(v *state.View, n *ferrypb.AttestedNode, msg *ferrypb.SyncEntriesResponse) {
+	now := st.a.authorized(v, n)
+	for id, e := range now {
+		if old, ok := st.sent[id]; !ok || old.Revision != e.Revision {
+			msg.Entries = append(msg.Entries, e)
+		}
+	}
+	for id := range st.sent {
+		if _, ok := now[id]; !ok {
+			msg.DeletedIds = append(msg.DeletedIds, id)
+		}
+	}
+	st.sent = now
+}
+
+// apply brings the changed entries keys up to date, each decided on its own
+// by walking up its parents (View.AuthorizedEntry). It returns ok false,
+// having changed nothing, when a change may also change whether other
+// entries are authorized (an entry that issues a SPIFFE ID other entries are
+// parented on came, went or changed its SPIFFE ID): the caller then
+// recomputes. moved reports that the SPIFFE IDs of the sent entries changed,
+// so the stream's registrations must follow (an entry that only changed
+// otherwise, the common case, leaves them as they are).
+func (st *syncState) apply(v *state.View, n *ferrypb.AttestedNode, keys map[string]struct{}, msg *ferrypb.SyncEntriesResponse) (ok, moved bool) {
+	type update struct {
+		id  string
+		now *ferrypb.Entry
+	}
+	var updates []update
+	for id := range keys {
+		now := v.AuthorizedEntry(id, n.SpiffeId, st.a.serverID, n.Selectors)
+		old, had := st.sent[id]
+		if now == nil && !had || now != nil && had && old.Revision == now.Revision {
+			continue
+		}
+		if had != (now != nil) || had && old.SpiffeId != now.SpiffeId {
+			if had && hasChildren(v, old.SpiffeId) || now != nil && hasChildren(v, now.SpiffeId) {
+				return false, false
+			}
+			moved = true
+		}
+		updates = append(updates, update{id, now})
+	}
+	for _, u := range updates {
+		if old := st.sent[u.id]; old != nil && len(old.FederatesWith) > 0 {
+			st.federated = true
+		}
+		if u.now == nil {
+			delete(st.sent, u.id)
+			msg.DeletedIds = append(msg.DeletedIds, u.id)
+			continue
+		}
+		if len(u.now.FederatesWith) > 0 {
+			st.federated = true
+		}
+		st.sent[u.id] = u.now
+		msg.Entries = append(msg.Entries, u.now)
+	}
+	return true, moved
+}
+
+// hasChildren reports whether any entry is parented on SPIFFE ID id.
+func hasChildren(v *state.View, id string) bool {
+	children, _ := v.ListEntries(state.EntryFilter{ParentID: id}, "", 1)
+	return len(children) > 0
+}
+
+// parents returns what the stream registers on: the agent's ID, the node
+// aliases it belongs to and the SPIFFE IDs of the entries it was sent.
+func (st *syncState) parents(v *state.View) map[string]int {
+	out := map[string]int{st.agentID: 1}
+	for _, alias := range v.NodeAliases(st.a.serverID, st.selectors) {
+		out[alias]++
+	}
+	for _, e := range st.sent {
+		out[e.SpiffeId]++
+	}
+	return out
+}
+
+// syncMessageBytes bounds the entries and deleted IDs of one SyncEntries
+// message, well under the 4 MiB an agent's gRPC client accepts.
+const syncMessageBytes = 1 << 20
+
+// sendSync sends msg in parts of at most syncMessageBytes (see splitSync).
+func sendSync(stream ferrypb.Agent_SyncEntriesServer, msg *ferrypb.SyncEntriesResponse) error {
+	for _, part := range splitSync(msg, syncMessageBytes) {
+		if err := stream.Send(part); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// splitSync splits msg into parts whose entries and deleted IDs take at most
+// budget bytes each (one entry larger than that goes alone). Every part carries
+// msg's revision and agent identity; the first also its full flag and bundles;
+// every part but the last has More set. A msg within budget is returned as is.
+func splitSync(msg *ferrypb.SyncEntriesResponse, budget int) []*ferrypb.SyncEntriesResponse {
+	var parts []*ferrypb.SyncEntriesResponse
+	part := &ferrypb.SyncEntriesResponse{Full: msg.Full, Bundles: msg.Bundles, Revision: msg.Revision, AgentIdentity: msg.AgentIdentity}
+	size := 0
+	flush := func() {
+		parts = append(parts, part)
+		part = &ferrypb.SyncEntriesResponse{Revision: msg.Revision, AgentIdentity: msg.AgentIdentity}
+		size = 0
+	}
+	// Field tag and length prefix: at most 1 + 4 bytes for what fits a part.
+	const overhead = 5
+	for _, e := range msg.Entries {
+		n := proto.Size(e) + overhead
+		if size > 0 && size+n > budget {
+			flush()
+		}
+		part.Entries = append(part.Entries, e)
+		size += n
+	}
+	for _, id := range msg.DeletedIds {
+		n := len(id) + overhead
+		if size > 0 && size+n > budget {
+			flush()
+		}
+		part.DeletedIds = append(part.DeletedIds, id)
+		size += n
+	}
+	if len(parts) == 0 {
+		return []*ferrypb.SyncEntriesResponse{msg}
+	}
+	parts = append(parts, part)
+	for _, p := range parts[:len(parts)-1] {
+		p.More = true
+	}
+	return parts
 }
 
 // bundlesFor returns our own bundle and those the entries federate with.
@@ -598,8 +770,8 @@ func (a *Agent) NewWITSVID(ctx context.Context, req *ferrypb.NewWITSVIDRequest) 
 	if err := a.allow(n.SpiffeId, 1); err != nil {
 		return nil, err
 	}
-	e, ok := a.authorized(a.cfg.Store.View(), n)[req.EntryId]
-	if !ok {
+	e := a.authorizedEntry(a.cfg.Store.View(), n, req.EntryId)
+	if e == nil {
 		return nil, status.Errorf(codes.PermissionDenied, "agent is not authorized for entry %q", req.EntryId)
 	}
 	id, err := spiffeid.FromString(e.SpiffeId)

@@ -87,8 +87,14 @@ type Config struct {
 	CommitTimeout      time.Duration
 	SnapshotThreshold  uint64        // entries since the last snapshot that trigger a new one
 	SnapshotInterval   time.Duration // how often to check SnapshotThreshold
-	TrailingLogs       uint64        // entries kept after a snapshot for slow followers
-	MaxAppendEntries   int           // entries per AppendEntries RPC and per leader batch (≤1024)
+	// SnapshotMinBytes and SnapshotStateRatio also trigger a snapshot once
+	// the log written since the last one exceeds max(SnapshotMinBytes,
+	// SnapshotStateRatio × that snapshot's size) (see compaction.go).
+	// Defaults DefaultSnapshotMinBytes, DefaultSnapshotStateRatio.
+	SnapshotMinBytes   int64
+	SnapshotStateRatio float64
+	TrailingLogs       uint64 // entries kept after a snapshot for slow followers
+	MaxAppendEntries   int    // entries per AppendEntries RPC and per leader batch (≤1024)
 	// BarrierTimeout bounds the Barrier a new leader runs before it is ready.
 	BarrierTimeout time.Duration
 	// Listen opens the cluster listener; default net.Listen.
@@ -137,6 +143,12 @@ func (c *Config) setDefaults() error {
 	if c.SnapshotThreshold == 0 {
 		c.SnapshotThreshold = DefaultSnapshotThreshold
 	}
+	if c.SnapshotMinBytes <= 0 {
+		c.SnapshotMinBytes = DefaultSnapshotMinBytes
+	}
+	if c.SnapshotStateRatio <= 0 {
+		c.SnapshotStateRatio = DefaultSnapshotStateRatio
+	}
 	if c.TrailingLogs == 0 {
 		c.TrailingLogs = DefaultTrailingLogs
 	}
@@ -163,6 +175,7 @@ type Node struct {
 	forward   *committer // group forward, on a follower
 	store     *logStore
 	snaps     *raft.FileSnapshotStore
+	compact   *compactor
 
 	lead leadership
 	// leaderSeen is closed and replaced whenever this node learns of a new
@@ -224,12 +237,14 @@ func New(cfg Config) (*Node, error) {
 	if err := os.MkdirAll(raftDir, 0o700); err != nil {
 		return nil, fmt.Errorf("cluster: %w", err)
 	}
-	if n.store, err = openLogStore(cfg.LogStore, raftDir, cfg.WALSegmentSize, hl); err != nil {
+	n.compact = newCompactor(cfg.SnapshotMinBytes, cfg.SnapshotStateRatio)
+	if n.store, err = openLogStore(cfg.LogStore, raftDir, cfg.WALSegmentSize, hl, n.compact.stored); err != nil {
 		return nil, err
 	}
 	if n.snaps, err = raft.NewFileSnapshotStoreWithLogger(raftDir, snapshotsRetained, hl.Named("snapshot")); err != nil {
 		return nil, fmt.Errorf("cluster: snapshot store: %w", err)
 	}
+	snaps := &snapshotStore{SnapshotStore: n.snaps, c: n.compact}
 
 	ln, err := cfg.Listen("tcp", cfg.BindAddr)
 	if err != nil {
@@ -256,13 +271,6 @@ func New(cfg Config) (*Node, error) {
 	n.grpc = grpc.NewServer(grpc.MaxRecvMsgSize(maxMessageSize))
 	ferrypb.RegisterClusterServer(n.grpc, &clusterService{n: n})
 	n.grpc.RegisterService(&opsServiceDesc, &opsService{n: n})
-	n.wg.Add(1)
-	go func() {
-		defer n.wg.Done()
-		if err := n.grpc.Serve(n.mux.grpc); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
-			n.log.Debug("cluster: gRPC server stopped", "err", err)
-		}
-	}()
 
 	notify := make(chan bool, 16)
 	rc := raft.DefaultConfig()
@@ -286,9 +294,25 @@ func New(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cluster: read existing state: %w", err)
 	}
-	if n.raft, err = raft.NewRaft(rc, cfg.FSM, n.store.logs, n.store.stable, n.snaps, n.transport); err != nil {
+	if n.raft, err = raft.NewRaft(rc, cfg.FSM, n.store.logs, n.store.stable, snaps, n.transport); err != nil {
 		return nil, fmt.Errorf("cluster: start raft: %w", err)
 	}
+	// The cluster's gRPC services answer from n.raft: they are served only
+	// once it exists (a peer's Status call during a restart's snapshot
+	// restore found it nil and crashed the node). Connections that arrive
+	// before wait in the mux.
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		if err := n.grpc.Serve(n.mux.grpc); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			n.log.Debug("cluster: gRPC server stopped", "err", err)
+		}
+	}()
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		n.compactLoop()
+	}()
 	n.wg.Add(1)
 	go func() {
 		defer n.wg.Done()
@@ -326,6 +350,7 @@ func New(cfg Config) (*Node, error) {
 		}
 		log.Info("cluster: bootstrapped a one-node cluster", "address", n.advertise)
 	}
+	n.electAlone(raft.ReloadableConfig{HeartbeatTimeout: rc.LeaderLeaseTimeout, ElectionTimeout: rc.LeaderLeaseTimeout})
 	lastAtStart, err := n.store.logs.LastIndex()
 	if err != nil {
 		return nil, fmt.Errorf("cluster: read last index: %w", err)
@@ -366,6 +391,7 @@ func (n *Node) Stats() map[string]string {
 	s["node_id"] = n.cfg.NodeID
 	s["advertise_addr"] = n.advertise
 	s["log_store"] = n.cfg.LogStore
+	s["heartbeat_timeout"] = n.raft.ReloadableConfig().HeartbeatTimeout.String()
 	tok, ok, _ := n.Leadership()
 	s["leader_ready"] = strconv.FormatBool(ok)
 	if ok {

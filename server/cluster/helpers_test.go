@@ -31,6 +31,7 @@ type recordFSM struct {
 	index    uint64
 	dupes    int
 	restores int
+	restored int // commands the last restore brought back
 	changed  chan struct{}
 }
 
@@ -121,6 +122,7 @@ func (f *recordFSM) Restore(rc io.ReadCloser) error {
 		f.results[id] = &ferrypb.CommandResult{Index: idx}
 	}
 	f.restores++
+	f.restored = len(img.IDs)
 	f.bump(img.Index)
 	return nil
 }
@@ -164,6 +166,13 @@ func (f *recordFSM) Count() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return len(f.ids)
+}
+
+// RestoredCount is how many commands the last restore brought back.
+func (f *recordFSM) RestoredCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.restored
 }
 
 func (f *recordFSM) Restores() int {

@@ -22,21 +22,30 @@ const (
 	LogStoreBoltDB = "boltdb" // hashicorp/raft-boltdb/v2: one bbolt file
 )
 
-// logCacheSize is how many recent entries are kept in memory in front of the
-// store, so replication to followers rarely reads the disk (Consul uses 512).
-const logCacheSize = 512
+// logCacheSize and logCacheBytes bound the recent entries kept in memory in
+// front of the store, so replication to followers rarely reads the disk
+// (Consul keeps 512 entries). 1 MiB holds the last 512 small commands, or the
+// last five batches of 1,000 entries: what a follower a moment behind needs;
+// one further behind reads the log store, which holds the rest in the page
+// cache.
+const (
+	logCacheSize  = 512
+	logCacheBytes = 1 << 20
+)
 
 // logStore is the opened log and stable store.
 type logStore struct {
-	logs   raft.LogStore
+	logs   raft.LogStore // raw behind the cache
+	raw    raft.LogStore
 	stable raft.StableStore
 	closer io.Closer
 }
 
 // openLogStore opens the chosen store under dir (DataDir/raft). It refuses to
 // open one kind when the directory holds the other, because switching would
-// silently start from an empty log.
-func openLogStore(kind, dir string, segmentSize int, log hclog.Logger) (*logStore, error) {
+// silently start from an empty log. stored, when not nil, is told of every
+// entry stored (see logCache).
+func openLogStore(kind, dir string, segmentSize int, log hclog.Logger, stored func([]*raft.Log)) (*logStore, error) {
 	walDir := filepath.Join(dir, "wal")
 	boltPath := filepath.Join(dir, "raft.db")
 	switch kind {
@@ -59,12 +68,7 @@ func openLogStore(kind, dir string, segmentSize int, log hclog.Logger) (*logStor
 			return nil, fmt.Errorf("cluster: open wal: %w", err)
 		}
 		closer := closeFunc(func() error { return errors.Join(w.Close(), meta.Close()) })
-		cache, err := raft.NewLogCache(logCacheSize, w)
-		if err != nil {
-			closer()
-			return nil, fmt.Errorf("cluster: %w", err)
-		}
-		return &logStore{logs: cache, stable: w, closer: closer}, nil
+		return &logStore{logs: newLogCache(w, logCacheSize, logCacheBytes, stored), raw: w, stable: w, closer: closer}, nil
 	case LogStoreBoltDB:
 		if exists(walDir) {
 			return nil, fmt.Errorf("cluster: log store is %q but %s holds a wal log; migrate or keep log_store = %q", kind, walDir, LogStoreWAL)
@@ -77,12 +81,7 @@ func openLogStore(kind, dir string, segmentSize int, log hclog.Logger) (*logStor
 			b.Close()
 			return nil, fmt.Errorf("cluster: %w", err)
 		}
-		cache, err := raft.NewLogCache(logCacheSize, b)
-		if err != nil {
-			b.Close()
-			return nil, fmt.Errorf("cluster: %w", err)
-		}
-		return &logStore{logs: cache, stable: b, closer: b}, nil
+		return &logStore{logs: newLogCache(b, logCacheSize, logCacheBytes, stored), raw: b, stable: b, closer: b}, nil
 	default:
 		return nil, fmt.Errorf("cluster: unknown log store %q (want %q or %q)", kind, LogStoreWAL, LogStoreBoltDB)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 
 	"google.golang.org/protobuf/proto"
 )
@@ -36,6 +37,8 @@ type Change struct {
 	Key   string
 	// Row is shared with the store and other watchers: never modify it.
 	Row proto.Message
+
+	size int64 // encoded size of Row, counted against the feed's byte budget
 }
 
 // ErrCompacted is returned for "changes since N" when the feed no longer holds every
@@ -43,8 +46,12 @@ type Change struct {
 // watcher reloads the table from a View and continues from View.Index.
 var ErrCompacted = errors.New("state: changes since that index were compacted; reload")
 
-// defaultFeedWindow is how many changes the feed keeps for watchers that fall behind.
-const defaultFeedWindow = 1 << 16
+// Defaults for the feed's bounds: the changes it keeps at most, and the least
+// bytes of rows it may keep (see feed.budget).
+const (
+	defaultFeedWindow = 1 << 16
+	defaultFeedBytes  = 64 << 10
+)
 
 // feed is the in-memory window of recent changes. Appends come from the FSM's one
 // goroutine; reads from any number of watchers.
@@ -58,15 +65,29 @@ type feed struct {
 	// be past it comes from a history a restore replaced.
 	last   uint64
 	window int
-	notify chan struct{} // closed and replaced on every append or reset
+	// bytes is the encoded size of the rows of changes; minBytes the least
+	// budget for it (see budget).
+	bytes, minBytes int64
+	notify          chan struct{} // closed and replaced on every append or reset
+	// waiting counts the watchers blocked for a change (tests wait on it).
+	waiting atomic.Int32
 }
 
-func newFeed(window int, base uint64) *feed {
-	return &feed{base: base, last: base, window: window, notify: make(chan struct{})}
+func newFeed(window int, minBytes int64, base uint64) *feed {
+	return &feed{base: base, last: base, window: window, minBytes: minBytes, notify: make(chan struct{})}
 }
 
-// append adds the changes of commands applied up to index last.
-func (f *feed) append(cs []Change, last uint64) {
+// budget is the most bytes of rows the feed keeps while the state's rows take
+// stateBytes: as much as the state, and at least minBytes. A watcher further
+// behind reloads the state, which costs no more than replaying that many
+// changes would; keeping more only holds history (deleted and replaced rows)
+// in memory.
+func (f *feed) budget(stateBytes int64) int64 { return max(f.minBytes, stateBytes) }
+
+// append adds the changes of commands applied up to index last, then drops
+// the oldest commands' changes beyond the window or the byte budget for a
+// state of stateBytes.
+func (f *feed) append(cs []Change, last uint64, stateBytes int64) {
 	f.mu.Lock()
 	if last > f.last {
 		f.last = last
@@ -75,14 +96,23 @@ func (f *feed) append(cs []Change, last uint64) {
 		f.mu.Unlock()
 		return
 	}
+	for i := range cs {
+		cs[i].size = int64(proto.Size(cs[i].Row))
+		f.bytes += cs[i].size
+	}
 	f.changes = append(f.changes, cs...)
-	if over := len(f.changes) - f.window; over > 0 {
+	budget := f.budget(stateBytes)
+	cut := 0
+	for over := len(f.changes) - f.window; cut < len(f.changes) && (cut < over || f.bytes > budget); {
 		// Drop whole commands only: a watcher must never see half of one.
-		cut := over
-		for cut < len(f.changes) && f.changes[cut].Index == f.changes[cut-1].Index {
+		index := f.changes[cut].Index
+		for cut < len(f.changes) && f.changes[cut].Index == index {
+			f.bytes -= f.changes[cut].size
 			cut++
 		}
-		f.base = f.changes[cut-1].Index
+		f.base = index
+	}
+	if cut > 0 {
 		f.changes = append(f.changes[:0:0], f.changes[cut:]...)
 	}
 	close(f.notify)
@@ -95,6 +125,7 @@ func (f *feed) append(cs []Change, last uint64) {
 func (f *feed) reset(index uint64) {
 	f.mu.Lock()
 	f.changes = nil
+	f.bytes = 0
 	f.base = index
 	f.last = index
 	close(f.notify)
@@ -132,11 +163,14 @@ func (f *feed) since(ctx context.Context, index uint64, tables []string) ([]Chan
 		if len(out) > 0 {
 			return out, nil
 		}
+		f.waiting.Add(1)
 		select {
 		case <-ctx.Done():
+			f.waiting.Add(-1)
 			return nil, ctx.Err()
 		case <-wait:
 		}
+		f.waiting.Add(-1)
 	}
 }
 

@@ -158,12 +158,13 @@ var ErrBadSnapshot = errors.New("state: bad snapshot")
 // snapshot changes nothing.
 func (s *Store) Restore(r io.ReadCloser) error {
 	defer r.Close()
-	db, index, err := readSnapshot(r)
+	db, index, rowBytes, err := readSnapshot(r)
 	if err != nil {
 		return err
 	}
 	s.mu.Lock()
 	s.db = db
+	s.rowBytes.Store(rowBytes)
 	s.feed.reset(index)
 	s.applied.Store(index)
 	close(s.appliedCh)
@@ -193,31 +194,90 @@ func (hr *hashingReader) ReadByte() (byte, error) {
 	return b, err
 }
 
-func readSnapshot(r io.Reader) (*memdb.MemDB, uint64, error) {
+// readSnapshot returns the database a snapshot holds, its applied index and
+// the encoded size of its rows. Rows are decoded on one goroutine and
+// inserted on another: on a restart the two halves of the work overlap.
+func readSnapshot(r io.Reader) (*memdb.MemDB, uint64, int64, error) {
 	hr := &hashingReader{r: bufio.NewReaderSize(r, 64<<10), h: sha256.New()}
 	hdr := make([]byte, len(snapshotMagic)+9)
 	if _, err := io.ReadFull(hr, hdr); err != nil {
-		return nil, 0, fmt.Errorf("%w: header: %v", ErrBadSnapshot, err)
+		return nil, 0, 0, fmt.Errorf("%w: header: %v", ErrBadSnapshot, err)
 	}
 	if !bytes.Equal(hdr[:len(snapshotMagic)], []byte(snapshotMagic)) {
-		return nil, 0, fmt.Errorf("%w: not a ferry state snapshot", ErrBadSnapshot)
+		return nil, 0, 0, fmt.Errorf("%w: not a ferry state snapshot", ErrBadSnapshot)
 	}
 	if v := hdr[len(snapshotMagic)]; v != snapshotVersion {
-		return nil, 0, fmt.Errorf("%w: unknown version %d", ErrBadSnapshot, v)
+		return nil, 0, 0, fmt.Errorf("%w: unknown version %d", ErrBadSnapshot, v)
 	}
 	index := binary.BigEndian.Uint64(hdr[len(snapshotMagic)+1:])
 
 	db, err := memdb.NewMemDB(schema())
 	if err != nil {
-		return nil, 0, fmt.Errorf("state: schema: %w", err)
+		return nil, 0, 0, fmt.Errorf("state: schema: %w", err)
 	}
 	txn := db.Txn(true)
 	defer txn.Abort()
+	batches := make(chan []snapshotRow, 4)
+	stop := make(chan struct{})
+	decoded := make(chan error, 1)
+	var rowBytes int64
+	go func() {
+		defer close(batches)
+		var err error
+		rowBytes, err = decodeRows(hr, batches, stop)
+		decoded <- err
+	}()
+	var insertErr error
+	for batch := range batches {
+		for _, r := range batch {
+			if insertErr == nil {
+				if err := txn.Insert(r.table, r.row); err != nil {
+					insertErr = fmt.Errorf("%w: %s row: %v", ErrBadSnapshot, r.table, err)
+					close(stop)
+				}
+			}
+		}
+	}
+	if err := <-decoded; err != nil && insertErr == nil {
+		return nil, 0, 0, err
+	}
+	if insertErr != nil {
+		return nil, 0, 0, insertErr
+	}
+	txn.Commit()
+	return db, index, rowBytes, nil
+}
+
+// snapshotRow is a decoded row and its table.
+type snapshotRow struct {
+	table string
+	row   proto.Message
+}
+
+// decodeRows decodes the records of a snapshot after its header, sends them
+// in batches, and checks the trailing checksum. It returns the encoded size
+// of the rows, and stops early when stop is closed.
+func decodeRows(hr *hashingReader, batches chan<- []snapshotRow, stop <-chan struct{}) (int64, error) {
+	const batchRows = 512
 	var body []byte
+	var rowBytes int64
+	batch := make([]snapshotRow, 0, batchRows)
+	send := func() bool {
+		if len(batch) == 0 {
+			return true
+		}
+		select {
+		case batches <- batch:
+			batch = make([]snapshotRow, 0, batchRows)
+			return true
+		case <-stop:
+			return false
+		}
+	}
 	for {
 		tag, err := hr.ReadByte()
 		if err != nil {
-			return nil, 0, fmt.Errorf("%w: truncated: %v", ErrBadSnapshot, err)
+			return 0, fmt.Errorf("%w: truncated: %v", ErrBadSnapshot, err)
 		}
 		if tag == tagEnd {
 			break
@@ -233,38 +293,43 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, uint64, error) {
 			}
 		}
 		if t == nil {
-			return nil, 0, fmt.Errorf("%w: unknown record tag %d", ErrBadSnapshot, tag)
+			return 0, fmt.Errorf("%w: unknown record tag %d", ErrBadSnapshot, tag)
 		}
 		n, err := binary.ReadUvarint(hr)
 		if err != nil || n > maxSnapshotRecord {
-			return nil, 0, fmt.Errorf("%w: bad record length", ErrBadSnapshot)
+			return 0, fmt.Errorf("%w: bad record length", ErrBadSnapshot)
 		}
 		if uint64(cap(body)) < n {
 			body = make([]byte, n)
 		}
 		body = body[:n]
 		if _, err := io.ReadFull(hr, body); err != nil {
-			return nil, 0, fmt.Errorf("%w: truncated record: %v", ErrBadSnapshot, err)
+			return 0, fmt.Errorf("%w: truncated record: %v", ErrBadSnapshot, err)
 		}
 		row := t.new()
 		if err := proto.Unmarshal(body, row); err != nil {
-			return nil, 0, fmt.Errorf("%w: %s row: %v", ErrBadSnapshot, t.table, err)
+			return 0, fmt.Errorf("%w: %s row: %v", ErrBadSnapshot, t.table, err)
 		}
-		if err := txn.Insert(t.table, row); err != nil {
-			return nil, 0, fmt.Errorf("%w: %s row: %v", ErrBadSnapshot, t.table, err)
+		if ar, ok := row.(*ferrypb.AppliedRequest); ok && ar.Result != nil {
+			ar.Result.Items = shareOK(ar.Result.Items)
+		}
+		rowBytes += int64(n)
+		batch = append(batch, snapshotRow{t.table, row})
+		if len(batch) == batchRows && !send() {
+			return 0, nil // the inserter failed and says why
 		}
 	}
 	want := hr.h.Sum(nil)
 	got := make([]byte, sha256.Size)
 	if _, err := io.ReadFull(hr.r, got); err != nil {
-		return nil, 0, fmt.Errorf("%w: missing checksum: %v", ErrBadSnapshot, err)
+		return 0, fmt.Errorf("%w: missing checksum: %v", ErrBadSnapshot, err)
 	}
 	if !bytes.Equal(got, want) {
-		return nil, 0, fmt.Errorf("%w: checksum mismatch", ErrBadSnapshot)
+		return 0, fmt.Errorf("%w: checksum mismatch", ErrBadSnapshot)
 	}
 	if _, err := hr.r.ReadByte(); err != io.EOF {
-		return nil, 0, fmt.Errorf("%w: trailing data after checksum", ErrBadSnapshot)
+		return 0, fmt.Errorf("%w: trailing data after checksum", ErrBadSnapshot)
 	}
-	txn.Commit()
-	return db, index, nil
+	send()
+	return rowBytes, nil
 }

@@ -2,6 +2,7 @@ package state
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -12,6 +13,7 @@ import (
 	"github.com/hashicorp/raft"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
 )
@@ -25,8 +27,11 @@ type Config struct {
 	Logger *slog.Logger
 	// DedupWindow is how long request IDs are remembered (DefaultDedupWindow if 0).
 	DedupWindow time.Duration
-	// FeedWindow is how many changes the change feed keeps (65,536 if 0).
+	// FeedWindow is how many changes the change feed keeps at most (65,536 if
+	// 0). It also keeps no more bytes of rows than the state's rows take, or
+	// FeedBytes (64 KiB if 0) if more.
 	FeedWindow int
+	FeedBytes  int64
 }
 
 // Store is the server's replicated state. It implements raft.FSM and
@@ -42,6 +47,10 @@ type Store struct {
 	db      *memdb.MemDB
 	feed    *feed
 	applied atomic.Uint64
+	// rowBytes is the encoded size of every row of db; appliedBytes the size
+	// of the log entries applied since the store was made.
+	rowBytes     atomic.Int64
+	appliedBytes atomic.Uint64
 	// appliedCh is closed and replaced whenever applied moves.
 	appliedCh chan struct{}
 }
@@ -73,9 +82,20 @@ func New(cfg Config) (*Store, error) {
 	if s.feedWindow <= 0 {
 		s.feedWindow = defaultFeedWindow
 	}
-	s.feed = newFeed(s.feedWindow, 0)
+	if cfg.FeedBytes <= 0 {
+		cfg.FeedBytes = defaultFeedBytes
+	}
+	s.feed = newFeed(s.feedWindow, cfg.FeedBytes, 0)
 	return s, nil
 }
+
+// AppliedBytes is the size of the log entries applied since the store was
+// made (a snapshot restore does not count): how much writing it has seen.
+func (s *Store) AppliedBytes() uint64 { return s.appliedBytes.Load() }
+
+// StateBytes is the encoded size of the state's rows: what a snapshot of it
+// holds, give or take framing.
+func (s *Store) StateBytes() int64 { return s.rowBytes.Load() }
 
 // AppliedIndex is the Raft index of the last log entry applied.
 func (s *Store) AppliedIndex() uint64 { return s.applied.Load() }
@@ -121,6 +141,7 @@ func (s *Store) ApplyBatch(logs []*raft.Log) []any {
 		return out
 	}
 	txn := s.db.Txn(true)
+	txn.TrackChanges()
 	var changes []Change
 	for i, l := range logs {
 		if l.Type != raft.LogCommand {
@@ -130,15 +151,33 @@ func (s *Store) ApplyBatch(logs []*raft.Log) []any {
 		out[i] = res
 		changes = append(changes, cs...)
 	}
+	var delta int64
+	for _, c := range txn.Changes() {
+		delta += rowSize(c.After) - rowSize(c.Before)
+	}
 	last := logs[len(logs)-1].Index
+	var n uint64
+	for _, l := range logs {
+		n += uint64(len(l.Data))
+	}
+	s.appliedBytes.Add(n)
 	s.mu.Lock()
 	txn.Commit()
-	s.feed.append(changes, last)
+	rows := s.rowBytes.Add(delta)
+	s.feed.append(changes, last, rows)
 	s.applied.Store(last)
 	close(s.appliedCh)
 	s.appliedCh = make(chan struct{})
 	s.mu.Unlock()
 	return out
+}
+
+// rowSize is the encoded size of a row (0 for none).
+func rowSize(row any) int64 {
+	if m, ok := row.(proto.Message); ok {
+		return int64(proto.Size(m))
+	}
+	return 0
 }
 
 // applyOne applies a command inside txn, de-duplicating by request ID.
@@ -183,21 +222,115 @@ func (s *Store) applyCommand(txn *memdb.Txn, index uint64, cmd *ferrypb.Command)
 			panic(fmt.Sprintf("state: requests lookup: %v", err))
 		}
 		if raw != nil {
-			return raw.(*ferrypb.AppliedRequest).Result, nil
+			return replayResult(txn, raw.(*ferrypb.AppliedRequest)), nil
 		}
 	}
 	a := &applier{txn: txn, index: index, now: time.Unix(0, cmd.TimeUnixNano)}
 	res := a.apply(cmd)
 	res.Index = index
 	if cmd.RequestId != "" {
-		must(txn.Insert(TableRequests, &ferrypb.AppliedRequest{
-			RequestId:    cmd.RequestId,
-			Index:        index,
-			TimeUnixNano: cmd.TimeUnixNano,
-			Result:       res,
-		}))
+		must(txn.Insert(TableRequests, appliedRequest(cmd, index, res)))
 	}
 	return res, a.changes
+}
+
+// appliedRequest is what the requests table keeps of a command's result: the
+// result without its entry rows, which it names by ID and revision instead
+// (see ferrypb.AppliedRequest).
+func appliedRequest(cmd *ferrypb.Command, index uint64, res *ferrypb.CommandResult) *ferrypb.AppliedRequest {
+	ar := &ferrypb.AppliedRequest{RequestId: cmd.RequestId, Index: index, TimeUnixNano: cmd.TimeUnixNano, Result: res}
+	if len(res.Entries) == 0 && len(res.Items) == 0 {
+		return ar
+	}
+	ar.Result = withoutEntries(res)
+	ar.Result.Items = shareOK(res.Items)
+	if len(res.Entries) == 0 {
+		return ar
+	}
+	var n int
+	var scratch [binary.MaxVarintLen64]byte
+	for _, e := range res.Entries {
+		if e == nil {
+			n++
+			continue
+		}
+		n += len(binary.AppendUvarint(scratch[:0], uint64(len(e.Id))+1)) + len(e.Id) + len(binary.AppendUvarint(scratch[:0], e.Revision))
+	}
+	refs := make([]byte, 0, n)
+	for _, e := range res.Entries {
+		if e == nil {
+			refs = binary.AppendUvarint(refs, 0)
+			continue
+		}
+		refs = binary.AppendUvarint(refs, uint64(len(e.Id))+1)
+		refs = append(refs, e.Id...)
+		refs = binary.AppendUvarint(refs, e.Revision)
+	}
+	ar.EntryRefs = refs
+	return ar
+}
+
+// shareOK returns items with every plain OK status replaced by okStatus: a
+// batch's items are mostly that, and the requests table keeps them a while.
+func shareOK(items []*ferrypb.Status) []*ferrypb.Status {
+	out := make([]*ferrypb.Status, len(items))
+	for i, st := range items {
+		if proto.Equal(st, okStatus) {
+			st = okStatus
+		}
+		out[i] = st
+	}
+	return out
+}
+
+// replayResult answers a retry from its AppliedRequest: the stored result
+// with its entries looked up again.
+func replayResult(txn *memdb.Txn, ar *ferrypb.AppliedRequest) *ferrypb.CommandResult {
+	if len(ar.EntryRefs) == 0 {
+		return ar.Result
+	}
+	out := withoutEntries(ar.Result)
+	for refs := ar.EntryRefs; len(refs) > 0; {
+		l, k := binary.Uvarint(refs)
+		if k <= 0 || (l > 0 && uint64(len(refs)-k) < l-1) {
+			break // not written by appliedRequest: stop at garbage
+		}
+		refs = refs[k:]
+		if l == 0 {
+			out.Entries = append(out.Entries, nil)
+			continue
+		}
+		id := string(refs[:l-1])
+		refs = refs[l-1:]
+		rev, k := binary.Uvarint(refs)
+		if k <= 0 {
+			break
+		}
+		refs = refs[k:]
+		raw, err := txn.First(TableEntries, "id", id)
+		must(err)
+		if e, ok := raw.(*ferrypb.Entry); ok && e.Revision == rev {
+			out.Entries = append(out.Entries, e)
+		} else {
+			out.Entries = append(out.Entries, &ferrypb.Entry{Id: id, Revision: rev})
+		}
+	}
+	return out
+}
+
+// withoutEntries is a shallow copy of res (sharing its other fields' values)
+// without its entries.
+func withoutEntries(res *ferrypb.CommandResult) *ferrypb.CommandResult {
+	src := res.ProtoReflect()
+	dst := src.New()
+	entries := src.Descriptor().Fields().ByName("entries")
+	src.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		if fd != entries {
+			dst.Set(fd, v)
+		}
+		return true
+	})
+	return dst.Interface().(*ferrypb.CommandResult)
 }
 
 // pruneRequests forgets request IDs older than the dedup window, measured in
@@ -320,6 +453,10 @@ func (a *applier) delete(table, key string, row proto.Message) {
 }
 
 func ok() *ferrypb.Status { return &ferrypb.Status{Code: int32(codes.OK)} }
+
+// okStatus is the one OK status the requests table keeps for every item that
+// had it; like every row it is shared and must not be modified.
+var okStatus = ok()
 
 func status(c codes.Code, format string, args ...any) *ferrypb.Status {
 	return &ferrypb.Status{Code: int32(c), Message: fmt.Sprintf(format, args...)}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strings"
 	"testing"
 	"time"
 
@@ -152,6 +153,40 @@ func TestRetriedRequestAppliesOnce(t *testing.T) {
 	require.Equal(t, codes.AlreadyExists, codeOf(late.Items[0]))
 }
 
+// A retry is answered with the entries of the first answer while they are
+// unchanged, and with their ID and revision once changed or deleted; the
+// requests table does not keep deleted rows (nor carry them in snapshots).
+func TestRetriedRequestEntries(t *testing.T) {
+	h := newHarness(t, state.Config{})
+	first := h.apply(create("c", entry("e1", "spiffe://example.org/gone", "uid:1"), entry("e2", "spiffe://example.org/b", "uid:2"),
+		entry("bad", "not-spiffe", "uid:3")))
+	require.Len(t, first.Entries, 3)
+	require.Nil(t, first.Entries[2])
+	retry := func(cmd *ferrypb.Command) *ferrypb.CommandResult { return h.apply(cmd) }
+	again := retry(create("c", entry("e1", "spiffe://example.org/gone", "uid:1")))
+	require.Len(t, again.Entries, 3)
+	require.Same(t, first.Entries[0], again.Entries[0], "the live row itself")
+	require.Same(t, first.Entries[1], again.Entries[1])
+	require.Nil(t, again.Entries[2])
+	require.Len(t, again.Items, len(first.Items))
+	for i := range first.Items {
+		require.True(t, proto.Equal(first.Items[i], again.Items[i]), "item %d: %v, first %v", i, again.Items[i], first.Items[i])
+	}
+
+	del := h.apply(&ferrypb.Command{RequestId: "d", Op: &ferrypb.Command_EntriesDelete{EntriesDelete: &ferrypb.EntriesDelete{Ids: []string{"e1"}}}})
+	require.Equal(t, "spiffe://example.org/gone", del.Entries[0].SpiffeId, "the first answer carries the deleted row")
+	again = retry(create("c"))
+	require.True(t, proto.Equal(&ferrypb.Entry{Id: "e1", Revision: first.Entries[0].Revision}, again.Entries[0]), "deleted since: ID and revision only, got %v", again.Entries[0])
+	require.Same(t, first.Entries[1], again.Entries[1])
+	againDel := retry(&ferrypb.Command{RequestId: "d", Op: &ferrypb.Command_EntriesDelete{EntriesDelete: &ferrypb.EntriesDelete{Ids: []string{"e1"}}}})
+	require.Equal(t, codes.OK, codeOf(againDel.Items[0]))
+	require.True(t, proto.Equal(&ferrypb.Entry{Id: "e1", Revision: first.Entries[0].Revision}, againDel.Entries[0]))
+
+	var buf bytes.Buffer
+	require.NoError(t, h.s.WriteSnapshot(&buf))
+	require.NotContains(t, buf.String(), "spiffe://example.org/gone", "a deleted row in the snapshot")
+}
+
 func TestBatchApplyDedupsWithinBatch(t *testing.T) {
 	h := newHarness(t, state.Config{})
 	logs := []*raft.Log{
@@ -171,7 +206,7 @@ func TestBatchApplyDedupsWithinBatch(t *testing.T) {
 
 func TestChangeFeed(t *testing.T) {
 	h := newHarness(t, state.Config{FeedWindow: 4})
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 
 	// A watcher blocks until a change arrives.
@@ -183,10 +218,11 @@ func TestChangeFeed(t *testing.T) {
 		}
 		got <- cs
 	}()
+	require.Eventually(t, func() bool { return h.s.FeedWaiters() == 1 }, time.Minute, time.Millisecond, "the watcher never waited")
 	select {
 	case <-got:
 		t.Fatal("watcher returned before any change")
-	case <-time.After(50 * time.Millisecond):
+	default:
 	}
 	h.apply(create("a", entry("e1", "spiffe://example.org/a", "uid:1")))
 	cs := <-got
@@ -216,6 +252,75 @@ func TestChangeFeed(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, cs, 1)
 	require.Equal(t, "z", cs[0].Key)
+}
+
+// The feed keeps no more bytes of rows than the state holds (or FeedBytes):
+// after the state shrank, deleted rows leave it, and a watcher that far
+// behind is told to reload.
+func TestChangeFeedByteBudget(t *testing.T) {
+	h := newHarness(t, state.Config{FeedBytes: 1})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var ids []string
+	for i := range 20 {
+		id := fmt.Sprintf("e%02d", i)
+		ids = append(ids, id)
+		h.apply(&ferrypb.Command{Op: &ferrypb.Command_EntriesCreate{EntriesCreate: &ferrypb.EntriesCreate{Entries: []*ferrypb.Entry{
+			entry(id, "spiffe://example.org/w"+id, "uid:1")}}}})
+	}
+	// Twenty creates of a state that holds twenty rows: all in the feed.
+	cs, err := h.s.ChangesSince(ctx, 0)
+	require.NoError(t, err)
+	require.Len(t, cs, 20)
+	// Deleting half leaves ten rows: the ten deletes fit, the creates before
+	// them not.
+	h.apply(&ferrypb.Command{Op: &ferrypb.Command_EntriesDelete{EntriesDelete: &ferrypb.EntriesDelete{Ids: ids[:10]}}})
+	_, err = h.s.ChangesSince(ctx, 0)
+	require.ErrorIs(t, err, state.ErrCompacted)
+	cs, err = h.s.ChangesSince(ctx, 20)
+	require.NoError(t, err)
+	require.Len(t, cs, 10)
+	require.Equal(t, state.OpDelete, cs[0].Op)
+	// Deleting the rest leaves no rows: the newest command, over budget on
+	// its own, goes too.
+	h.apply(&ferrypb.Command{Op: &ferrypb.Command_EntriesDelete{EntriesDelete: &ferrypb.EntriesDelete{Ids: ids[10:]}}})
+	require.Zero(t, h.s.StateBytes())
+	_, err = h.s.ChangesSince(ctx, 0)
+	require.ErrorIs(t, err, state.ErrCompacted)
+	_, err = h.s.ChangesSince(ctx, h.s.AppliedIndex()-1)
+	require.ErrorIs(t, err, state.ErrCompacted)
+	// A watcher at the newest index waits for what comes next.
+	v := h.s.View()
+	h.apply(create("new", entry("new", "spiffe://example.org/new", "uid:2")))
+	cs, err = h.s.ChangesSince(ctx, v.Index(), state.TableEntries)
+	require.NoError(t, err)
+	require.Len(t, cs, 1)
+}
+
+// StateBytes follows the rows: it grows and shrinks with them and a restored
+// store reports what the original did.
+func TestStateBytes(t *testing.T) {
+	h := newHarness(t, state.Config{})
+	require.Zero(t, h.s.StateBytes())
+	e := entry("e1", "spiffe://example.org/a", "uid:1")
+	h.apply(create("", e))
+	one := h.s.StateBytes()
+	require.Equal(t, int64(proto.Size(h.s.View().Entry("e1"))), one)
+	upd := proto.Clone(h.s.View().Entry("e1")).(*ferrypb.Entry)
+	upd.Hint = strings.Repeat("h", 100)
+	h.apply(&ferrypb.Command{Op: &ferrypb.Command_EntriesUpdate{EntriesUpdate: &ferrypb.EntriesUpdate{Entries: []*ferrypb.Entry{upd}}}})
+	require.Equal(t, int64(proto.Size(h.s.View().Entry("e1"))), h.s.StateBytes())
+	h.apply(create("r2", entry("e2", "spiffe://example.org/b", "uid:2")))
+	var buf bytes.Buffer
+	require.NoError(t, h.s.WriteSnapshot(&buf))
+	other, err := state.New(state.Config{})
+	require.NoError(t, err)
+	require.NoError(t, other.Restore(io.NopCloser(bytes.NewReader(buf.Bytes()))))
+	require.Equal(t, h.s.StateBytes(), other.StateBytes())
+	h.apply(&ferrypb.Command{Op: &ferrypb.Command_EntriesDelete{EntriesDelete: &ferrypb.EntriesDelete{Ids: []string{"e1", "e2"}}}})
+	reqs := h.s.StateBytes()
+	require.Positive(t, reqs, "the request ID r2 is remembered")
+	require.Less(t, reqs, one)
 }
 
 func TestSnapshotRoundTrip(t *testing.T) {
@@ -287,11 +392,13 @@ func TestRestoreCompactsWatchers(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		w.apply(create(fmt.Sprint(i), entry(fmt.Sprint(i), "spiffe://example.org/x", fmt.Sprint("uid:", i))))
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	errc := make(chan error, 1)
 	go func() { _, err := w.s.ChangesSince(ctx, 3); errc <- err }()
-	time.Sleep(20 * time.Millisecond)
+	// The watcher must be blocked for a change when the restore comes: one
+	// arriving after it would be refused without waiting.
+	require.Eventually(t, func() bool { return w.s.FeedWaiters() == 1 }, time.Minute, time.Millisecond, "the watcher never waited")
 	require.NoError(t, w.s.Restore(io.NopCloser(&buf)))
 	require.ErrorIs(t, <-errc, state.ErrCompacted, "a watcher from the replaced history reloads")
 }

@@ -1,0 +1,112 @@
+package testcluster
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// ProcRSS returns the resident set (VmRSS) of process pid, in bytes.
+func ProcRSS(pid int) (int64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			kib, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return kib << 10, err
+		}
+	}
+	return 0, fmt.Errorf("testcluster: no VmRSS for pid %d", pid)
+}
+
+// clockTicks is USER_HZ, the unit of /proc/<pid>/stat's CPU times: 100 on
+// every Linux architecture Go supports.
+const clockTicks = 100
+
+// ProcCPU returns the CPU time (user + system) process pid has used.
+func ProcCPU(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may hold spaces: count fields after its ')'.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("testcluster: malformed /proc/%d/stat", pid)
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 13 {
+		return 0, fmt.Errorf("testcluster: short /proc/%d/stat", pid)
+	}
+	// f[0] is field 3 (state): utime is field 14, stime field 15.
+	ut, err1 := strconv.ParseInt(f[11], 10, 64)
+	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("testcluster: malformed /proc/%d/stat", pid)
+	}
+	return time.Duration(ut+st) * time.Second / clockTicks, nil
+}
+
+// LiveHeap collects garbage in the node's process and returns the bytes of
+// heap still reachable (runtime.MemStats.HeapAlloc just after the
+// collection), read from /debug/pprof/heap on its health listener.
+//
+// It collects twice: what sync.Pools held at the first collection (gRPC's
+// write buffers, say) is only released by the second.
+func (n *Node) LiveHeap() (int64, error) {
+	cl := http.Client{Timeout: time.Minute}
+	var resp *http.Response
+	for i := range 2 {
+		var err error
+		resp, err = cl.Get("http://" + n.HealthAddr + "/debug/pprof/heap?gc=1&debug=1")
+		if err != nil {
+			return 0, err
+		}
+		if i == 0 {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("testcluster: heap profile: %s", resp.Status)
+	}
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "# HeapAlloc = "); ok {
+			return strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("testcluster: no HeapAlloc in the heap profile")
+}
+
+// Ready reports whether the node's /ready answers 200.
+func (n *Node) Ready() bool { return n.ReadyErr() == nil }
+
+// ReadyErr returns nil when the node's /ready answers 200, else why not.
+func (n *Node) ReadyErr() error {
+	cl := http.Client{Timeout: 2 * time.Second}
+	resp, err := cl.Get("http://" + n.HealthAddr + "/ready")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return fmt.Errorf("testcluster: /ready: %s %s", resp.Status, strings.TrimSpace(string(b)))
+	}
+	return nil
+}
