@@ -18,7 +18,7 @@ import (
 
 	"github.com/ferry-id/ferry/agent"
 	bridgeservice "github.com/ferry-id/ferry/bridge/service"
-	"github.com/ferry-id/ferry/internal/testcluster"
+	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/server"
 )
 

@@ -17,7 +17,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"github.com/stretchr/testify/require"
 
-	"github.com/ferry-id/ferry/internal/testcluster"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // watcher records every X509 context the agent pushes.

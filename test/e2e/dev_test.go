@@ -18,7 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ferry-id/ferry/internal/roottest"
-	"github.com/ferry-id/ferry/internal/testcluster"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // walkStep is one command of the printed walkthrough and what its trailing

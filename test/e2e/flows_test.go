@@ -22,7 +22,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ferry-id/ferry/internal/roottest"
-	"github.com/ferry-id/ferry/internal/testcluster"
+	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/test/oidcissuer"
 )
 

@@ -19,7 +19,7 @@ import (
 
 	"github.com/ferry-id/ferry/internal/hostilecaller"
 	"github.com/ferry-id/ferry/internal/roottest"
-	"github.com/ferry-id/ferry/internal/testcluster"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // The test binary also plays the hostile callers (internal/hostilecaller):

@@ -20,7 +20,7 @@ import (
 
 	"github.com/ferry-id/ferry/internal/hostilecaller"
 	"github.com/ferry-id/ferry/internal/roottest"
-	"github.com/ferry-id/ferry/internal/testcluster"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // The tests here play another local user against real ferry processes: a
