@@ -11,9 +11,9 @@ import (
 
 	"google.golang.org/grpc/codes"
 
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/test/chaos"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // campaign is what one run of the nemesis does. Every count can be set from

@@ -28,9 +28,9 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/api"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // stormAgent is one attested agent identity talking to the Agent service

@@ -24,9 +24,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/test/chaos"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // harness is one cluster under a nemesis, with its writer and observer.

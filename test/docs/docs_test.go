@@ -18,8 +18,8 @@ import (
 
 	"github.com/ferry-id/ferry/agent"
 	bridgeservice "github.com/ferry-id/ferry/bridge/service"
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/server"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 func read(t *testing.T, path string) string {

@@ -18,8 +18,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"google.golang.org/grpc/codes"
 
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/test/wlload"
 )
 
@@ -283,25 +283,14 @@ func BenchmarkAgentRSS(b *testing.B) {
 	}
 }
 
-// procCPU returns the user+system CPU time pid has used (procfs clock ticks,
-// 100 per second on Linux).
+// procCPU returns the CPU time (user + system) pid has used.
 func procCPU(b *testing.B, pid int) time.Duration {
 	b.Helper()
-	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	d, err := testcluster.ProcCPU(pid)
 	if err != nil {
 		b.Fatal(err)
 	}
-	s := string(raw)
-	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-	// After the command name: field 3 is fields[0]; utime (14) and stime (15).
-	var utime, stime int64
-	if _, err := fmt.Sscan(fields[11], &utime); err != nil {
-		b.Fatal(err)
-	}
-	if _, err := fmt.Sscan(fields[12], &stime); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(utime+stime) * (time.Second / 100)
+	return d
 }
 
 // buildDriver builds test/wlload/cmd/wlload, the Workload API load driver.

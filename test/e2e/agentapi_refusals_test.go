@@ -19,8 +19,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // TestAgentAPIRefusesBadInput drives the Agent service's entry points with

@@ -15,9 +15,9 @@ import (
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc/codes"
 
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/ca"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // TestAgentAPINewWITSVID: the Agent service mints WIT-SVIDs for authorized

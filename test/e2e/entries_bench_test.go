@@ -1,14 +1,12 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -17,8 +15,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/encoding/protojson"
 
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // benchEntry is a registration entry of a typical size: a Kubernetes-style
@@ -259,22 +257,9 @@ func mib(kb int64) float64 { return float64(kb) / 1024 }
 // vmRSS returns the VmRSS of n's server process in KiB.
 func vmRSS(b *testing.B, n *testcluster.Node) int64 {
 	b.Helper()
-	pid := n.PID()
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	rss, err := testcluster.ProcRSS(n.PID())
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
-			var kb int64
-			if _, err := fmt.Sscan(strings.TrimSuffix(strings.TrimSpace(v), " kB"), &kb); err != nil {
-				b.Fatal(err)
-			}
-			return kb
-		}
-	}
-	b.Fatalf("no VmRSS for pid %d", pid)
-	return 0
+	return rss >> 10
 }

@@ -15,8 +15,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"github.com/stretchr/testify/require"
 
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/test/rotation"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // fedDomain is one independent ferry trust domain: a one-node cluster that

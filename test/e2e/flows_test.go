@@ -22,8 +22,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ferry-id/ferry/internal/roottest"
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/test/oidcissuer"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // The flow tests run every piece as its own `ferry` process, as on a real

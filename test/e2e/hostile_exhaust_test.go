@@ -17,9 +17,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ferry-id/ferry/internal/roottest"
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/test/h2attack"
+	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/test/wlload"
 )
 

@@ -12,13 +12,13 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	aws "github.com/ferry-id/ferry/test/metadata/aws"
 	azure "github.com/ferry-id/ferry/test/metadata/azure"
 	gcp "github.com/ferry-id/ferry/test/metadata/gcp"
 	"github.com/ferry-id/ferry/test/metadata/testpki"
 	"github.com/ferry-id/ferry/test/swtpm"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // BenchmarkAgentFirstSVID starts one agent per node attestor against one

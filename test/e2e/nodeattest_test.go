@@ -21,13 +21,13 @@ import (
 
 	"github.com/ferry-id/ferry/attestors/node/sshpop"
 	"github.com/ferry-id/ferry/attestors/node/tpm"
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	aws "github.com/ferry-id/ferry/test/metadata/aws"
 	azure "github.com/ferry-id/ferry/test/metadata/azure"
 	gcp "github.com/ferry-id/ferry/test/metadata/gcp"
 	"github.com/ferry-id/ferry/test/metadata/testpki"
 	"github.com/ferry-id/ferry/test/swtpm"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // nodeAttestEnv is a one-node cluster whose node attestors trust stand-in

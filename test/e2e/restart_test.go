@@ -11,8 +11,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // TestClusterRestartKeepsState restarts a 3-node cluster whole. Right after

@@ -17,9 +17,9 @@ import (
 	"github.com/stretchr/testify/require"
 	"google.golang.org/protobuf/encoding/protojson"
 
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/test/rotation"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // rotationWorkload is a fedDomain's workload: an entry federating with the

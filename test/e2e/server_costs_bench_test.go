@@ -15,8 +15,8 @@ import (
 
 	"google.golang.org/grpc/codes"
 
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // Server costs that must follow the state, not its history: a real `ferry

@@ -23,8 +23,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/ferry-id/ferry/agent/session"
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // TestScale runs the fleet against real `ferry server` processes and prints

@@ -23,8 +23,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"github.com/stretchr/testify/require"
 
-	"github.com/ferry-id/ferry/test/testcluster"
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/test/testcluster"
 )
 
 // TestRollingUpgrade starts the previous release as a 3-node cluster with two
