@@ -162,11 +162,22 @@ func relay(t *testing.T, path string) int {
 					return
 				}
 				defer u.Close()
+				done := make(chan struct{})
 				go func() {
-					_, _ = io.Copy(u, c)
+					defer close(done)
+					if _, err := io.Copy(u, c); err != nil {
+						// The agent closed: keep reading what h2spec
+						// still sends, so that closing c sends a FIN
+						// and not a reset, which would discard the
+						// agent's last frames (its GOAWAY) before
+						// h2spec reads them.
+						_, _ = io.Copy(io.Discard, c)
+					}
 					_ = u.(*net.UnixConn).CloseWrite()
 				}()
 				_, _ = io.Copy(c, u)
+				_ = c.(*net.TCPConn).CloseWrite()
+				<-done // h2spec closes its side once it has read ours
 			}()
 		}
 	}()
