@@ -311,7 +311,15 @@ func decodeRows(hr *hashingReader, batches chan<- []snapshotRow, stop <-chan str
 			return 0, fmt.Errorf("%w: %s row: %v", ErrBadSnapshot, t.table, err)
 		}
 		if ar, ok := row.(*ferrypb.AppliedRequest); ok && ar.Result != nil {
-			ar.Result.Items = shareOK(ar.Result.Items)
+			if len(ar.Result.Entries) > 0 {
+				// Written by a release that kept the rows in the result:
+				// stored as this release stores it when it applies the
+				// command, so that every node holds the same state
+				// whichever snapshot it started from.
+				row = appliedRequest(ar.RequestId, ar.Index, ar.TimeUnixNano, ar.Result)
+			} else {
+				ar.Result.Items = shareOK(ar.Result.Items)
+			}
 		}
 		rowBytes += int64(n)
 		batch = append(batch, snapshotRow{t.table, row})

@@ -229,7 +229,7 @@ func (s *Store) applyCommand(txn *memdb.Txn, index uint64, cmd *ferrypb.Command)
 	res := a.apply(cmd)
 	res.Index = index
 	if cmd.RequestId != "" {
-		must(txn.Insert(TableRequests, appliedRequest(cmd, index, res)))
+		must(txn.Insert(TableRequests, appliedRequest(cmd.RequestId, index, cmd.TimeUnixNano, res)))
 	}
 	return res, a.changes
 }
@@ -237,8 +237,8 @@ func (s *Store) applyCommand(txn *memdb.Txn, index uint64, cmd *ferrypb.Command)
 // appliedRequest is what the requests table keeps of a command's result: the
 // result without its entry rows, which it names by ID and revision instead
 // (see ferrypb.AppliedRequest).
-func appliedRequest(cmd *ferrypb.Command, index uint64, res *ferrypb.CommandResult) *ferrypb.AppliedRequest {
-	ar := &ferrypb.AppliedRequest{RequestId: cmd.RequestId, Index: index, TimeUnixNano: cmd.TimeUnixNano, Result: res}
+func appliedRequest(requestID string, index uint64, timeUnixNano int64, res *ferrypb.CommandResult) *ferrypb.AppliedRequest {
+	ar := &ferrypb.AppliedRequest{RequestId: requestID, Index: index, TimeUnixNano: timeUnixNano, Result: res}
 	if len(res.Entries) == 0 && len(res.Items) == 0 {
 		return ar
 	}

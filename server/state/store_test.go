@@ -187,6 +187,36 @@ func TestRetriedRequestEntries(t *testing.T) {
 	require.NotContains(t, buf.String(), "spiffe://example.org/gone", "a deleted row in the snapshot")
 }
 
+// A snapshot written by a release that kept a request's entry rows in its
+// result restores to the state this release holds after applying the same
+// log, so the nodes of a cluster upgraded one by one agree whichever snapshot
+// each started from.
+func TestRestoreRequestsOfEarlierRelease(t *testing.T) {
+	h := newHarness(t, state.Config{})
+	res := h.apply(create("c", entry("e1", "spiffe://example.org/a", "uid:1"), entry("e2", "spiffe://example.org/b", "uid:2")))
+	_, live, err := h.s.StateHash()
+	require.NoError(t, err)
+
+	var buf bytes.Buffer
+	require.NoError(t, h.s.WriteSnapshot(&buf))
+	before := strings.Count(buf.String(), "spiffe://example.org/a")
+	h.s.RewriteRequestAsBefore("c", res)
+	buf.Reset()
+	require.NoError(t, h.s.WriteSnapshot(&buf))
+	require.Greater(t, strings.Count(buf.String(), "spiffe://example.org/a"), before, "the request row holds the entry rows")
+	restored, err := state.New(state.Config{})
+	require.NoError(t, err)
+	require.NoError(t, restored.Restore(io.NopCloser(&buf)))
+	_, got, err := restored.StateHash()
+	require.NoError(t, err)
+	require.Equal(t, live, got, "restored from the earlier release's snapshot")
+
+	h2 := &harness{t: t, s: restored, index: h.index, now: h.now}
+	again := h2.apply(create("c", entry("e1", "spiffe://example.org/a", "uid:1")))
+	require.Len(t, again.Entries, 2)
+	require.True(t, proto.Equal(res.Entries[1], again.Entries[1]), "a retry is answered with the rows")
+}
+
 func TestBatchApplyDedupsWithinBatch(t *testing.T) {
 	h := newHarness(t, state.Config{})
 	logs := []*raft.Log{
