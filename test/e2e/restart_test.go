@@ -76,6 +76,13 @@ func TestClusterRestartKeepsState(t *testing.T) {
 	for range c.Nodes {
 		require.NoError(t, <-errc)
 	}
+	// Each create was acknowledged by the node it was sent to; n reads
+	// locally, so it first applies what the leader has.
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel2()
+	list, err = c.WaitLeader(30*time.Second, nil).Admin().ClusterList(ctx2, &ferrypb.ClusterListRequest{})
+	require.NoError(t, err)
+	c.WaitApplied(list.AppliedIndex, 30*time.Second)
 	got := directoryState(t, n.Socket)
 	require.Equal(t, filter(want, "tenant "), filter(got, "tenant "), "still one tenant")
 	require.Len(t, filter(got, "identity "), 1+len(c.Nodes))
