@@ -267,7 +267,7 @@ func (p *Process) Close() error {
 type procStat struct {
 	state   string
 	start   uint64
-	threads int64 // num_threads
+	threads int64 // num_threads; read only for a zombie ("Z")
 }
 
 // gone reports a zombie or dead process: it exited and cannot use an identity.
@@ -361,11 +361,13 @@ func parseStat(b []byte) (procStat, error) {
 	if err != nil {
 		return procStat{}, fmt.Errorf("malformed stat start time: %w", err)
 	}
-	t, err := strconv.ParseInt(string(threads), 10, 64)
-	if err != nil {
-		return procStat{}, fmt.Errorf("malformed stat thread count: %w", err)
+	st := procStat{state: stateString(state), start: v}
+	if st.state == "Z" { // only gone needs it, and only for a zombie
+		if st.threads, err = strconv.ParseInt(string(threads), 10, 64); err != nil {
+			return procStat{}, fmt.Errorf("malformed stat thread count: %w", err)
+		}
 	}
-	return procStat{state: stateString(state), start: v, threads: t}, nil
+	return st, nil
 }
 
 func isSpace(c byte) bool {
