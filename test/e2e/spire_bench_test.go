@@ -3,14 +3,13 @@ package e2e
 import (
 	"bytes"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"sort"
+	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -150,106 +149,17 @@ type spire struct {
 // agent with a join token and registers one entry for this process's uid.
 func startSPIRE(b *testing.B, bin string) *spire {
 	b.Helper()
-	dir, err := os.MkdirTemp("", "ferry-spire-")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { os.RemoveAll(dir) })
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	serverSock := filepath.Join(dir, "server.sock")
-	write := func(name, text string) string {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
-			b.Fatal(err)
-		}
-		return p
-	}
-	serverConf := write("server.conf", fmt.Sprintf(`server {
-  bind_address = "127.0.0.1"
-  bind_port = "%d"
-  socket_path = %q
-  trust_domain = "example.org"
-  data_dir = %q
-  log_level = "WARN"
-}
-plugins {
-  DataStore "sql" {
-    plugin_data {
-      database_type = "sqlite3"
-      connection_string = %q
-    }
-  }
-  NodeAttestor "join_token" {
-    plugin_data {}
-  }
-  KeyManager "memory" {
-    plugin_data {}
-  }
-}
-`, port, serverSock, filepath.Join(dir, "server-data"), filepath.Join(dir, "datastore.sqlite3")))
-	start := func(name string, args ...string) *exec.Cmd {
-		logf, err := os.Create(filepath.Join(dir, filepath.Base(name)+".log"))
-		if err != nil {
-			b.Fatal(err)
-		}
-		cmd := exec.Command(name, args...)
-		cmd.Stdout, cmd.Stderr = logf, logf
-		if err := cmd.Start(); err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait(); logf.Close() })
-		return cmd
-	}
-	server := filepath.Join(bin, "spire-server")
-	start(server, "run", "-config", serverConf)
-	cli := func(args ...string) string {
-		deadline := time.Now().Add(60 * time.Second)
-		for {
-			out, err := exec.Command(server, append(args, "-socketPath", serverSock)...).CombinedOutput()
-			if err == nil {
-				return string(out)
-			}
-			if time.Now().After(deadline) {
-				b.Fatalf("spire-server %v: %v %s", args, err, out)
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
-	}
-	cli("healthcheck")
-	m := regexp.MustCompile(`Token: (\S+)`).FindStringSubmatch(cli("token", "generate", "-spiffeID", "spiffe://example.org/agent"))
+	s := startSPIREServer(b, bin, b.TempDir(), spireJoinToken)
+	m := regexp.MustCompile(`Token: (\S+)`).FindStringSubmatch(s.mustCLI("token", "generate", "-spiffeID", "spiffe://example.org/agent"))
 	if m == nil {
 		b.Fatal("spire-server token generate: no token")
 	}
-	cli("entry", "create", "-parentID", "spiffe://example.org/agent", "-spiffeID", "spiffe://example.org/bench/wlapi",
+	s.mustCLI("entry", "create", "-parentID", "spiffe://example.org/agent", "-spiffeID", "spiffe://example.org/bench/wlapi",
 		"-selector", fmt.Sprintf("unix:uid:%d", os.Getuid()))
-	agentSock := filepath.Join(dir, "agent.sock")
-	agentConf := write("agent.conf", fmt.Sprintf(`agent {
-  data_dir = %q
-  log_level = "WARN"
-  server_address = "127.0.0.1"
-  server_port = "%d"
-  socket_path = %q
-  trust_domain = "example.org"
-  insecure_bootstrap = true
-  join_token = %q
-}
-plugins {
-  NodeAttestor "join_token" {
+	a := s.startAgent(filepath.Join(s.dir, "agent"), fmt.Sprintf(`  NodeAttestor "join_token" {
     plugin_data {}
   }
-  KeyManager "memory" {
-    plugin_data {}
-  }
-  WorkloadAttestor "unix" {
-    plugin_data {}
-  }
-}
-`, filepath.Join(dir, "agent-data"), port, agentSock, m[1]))
-	agent := start(filepath.Join(bin, "spire-agent"), "run", "-config", agentConf)
-	return &spire{addr: "unix://" + agentSock, pid: agent.Process.Pid}
+`), "  join_token = "+strconv.Quote(m[1])+"\n")
+	a.waitSocket(b)
+	return &spire{addr: a.addr(), pid: a.pid()}
 }

@@ -63,12 +63,17 @@ func ProcCPU(pid int) (time.Duration, error) {
 //
 // It collects twice: what sync.Pools held at the first collection (gRPC's
 // write buffers, say) is only released by the second.
-func (n *Node) LiveHeap() (int64, error) {
+func (n *Node) LiveHeap() (int64, error) { return LiveHeapAt(n.HealthAddr) }
+
+// LiveHeapAt is LiveHeap for any Go process serving net/http/pprof at addr
+// (host:port): a ferry node's health listener, or another server's
+// profiling listener in a side-by-side comparison.
+func LiveHeapAt(addr string) (int64, error) {
 	cl := http.Client{Timeout: time.Minute}
 	var resp *http.Response
 	for i := range 2 {
 		var err error
-		resp, err = cl.Get("http://" + n.HealthAddr + "/debug/pprof/heap?gc=1&debug=1")
+		resp, err = cl.Get("http://" + addr + "/debug/pprof/heap?gc=1&debug=1")
 		if err != nil {
 			return 0, err
 		}
