@@ -6,7 +6,7 @@ DEV   ?= .dev
 # Security tests that could not run (not root, say) are listed here by internal/roottest.
 SKIPLOG := $(CURDIR)/.security-skips
 
-.PHONY: help build run test test-short interop interop-spire bench scale scale-ci proto lint fuzz fuzz-ci clean package
+.PHONY: help build run test test-short interop interop-spire bench scale scale-ci scale-spire proto lint fuzz fuzz-ci clean package
 ARCH    ?= $(shell $(GO) env GOARCH)
 DIST    ?= dist
 
@@ -68,6 +68,10 @@ scale-ci: ## the scale harness at CI size: 3 nodes, 60 agents renewing their SVI
 	SCALE_NODES=3 SCALE_AGENTS=60 SCALE_ENTRIES_PER_AGENT=3 SCALE_GROUPS=3 SCALE_GROUP_ENTRIES=2 SCALE_FLEET_ENTRIES=2 \
 	SCALE_CHURN=300 SCALE_CHURN_ROUNDS=1 SCALE_PROBES=10 SCALE_FANOUT_PROBES=2 SCALE_WRITES=60 SCALE_STORM_CSRS=2 \
 	SCALE_AGENT_TTL=2m SCALE_SVID_TTL=60 SCALE_REST_SECONDS=3 SCALE_TIMEOUT=20m $(MAKE) --no-print-directory scale
+
+scale-spire: ## ferry and SPIRE 1.13 side by side, alternated: 10k/100k entries (create, RSS, heap, restart) and a fleet of real agents (FERRY_BENCH_AGENTS, default 50); SPIRE=<dir of spire-server and spire-agent>
+	@test -n "$(SPIRE)" || { echo "make scale-spire SPIRE=<dir holding spire-server and spire-agent 1.13.3>"; exit 1; }
+	FERRY_BENCH_SPIRE=$(abspath $(SPIRE)) nice $(GO) test -run '^$$' -bench ScaleVsSPIRE -benchtime 1x -timeout $${SCALE_TIMEOUT:-180m} ./test/e2e/
 
 proto: ## regenerate proto/ferrypb from proto/*.proto (needs protoc: apt-get install protobuf-compiler)
 	./proto/gen.sh

@@ -46,13 +46,15 @@ import (
 // from 4 clients; SPIRE: `spire-server entry create -data` with files of
 // 1,000 entries, one at a time: its sqlite datastore takes one writer), up to
 // 10,000 and then up to FERRY_BENCH_ENTRIES (default 100,000; SPIRE only up to
-// FERRY_BENCH_SPIRE_ENTRIES, default 10,000: see docs); at each size the
+// FERRY_BENCH_SPIRE_ENTRIES, default 10,000: each of its creates costs more
+// CPU as the table grows, ~25 entries/s on average to 10,000 on a loaded
+// 2-core machine, which would make 100,000 a matter of hours); at each size the
 // time to create them all (from empty), the server's RSS and live heap (both
 // are Go programs serving net/http/pprof: a collection, then HeapAlloc), and
 // a restart (SIGTERM, start) to ready (ferry: /ready; SPIRE: `spire-server
 // healthcheck`) with the RSS after it.
 //
-// Fleet: a fresh server and FERRY_BENCH_AGENTS (default 30) real agent
+// Fleet: a fresh server and FERRY_BENCH_AGENTS (default 50) real agent
 // processes (`ferry agent`, `spire-agent`), each attested by x509pop with a
 // node certificate of its own from one test CA (join-token agents carry no
 // node selectors in ferry, so no node alias could cover them); each agent
@@ -74,7 +76,7 @@ func BenchmarkScaleVsSPIRE(b *testing.B) {
 		"ferry": scaleSizes(envInt("FERRY_BENCH_ENTRIES", 100000)),
 		"SPIRE": scaleSizes(envInt("FERRY_BENCH_SPIRE_ENTRIES", 10000)),
 	}
-	agents := envInt("FERRY_BENCH_AGENTS", 30)
+	agents := envInt("FERRY_BENCH_AGENTS", 50)
 	perAgent := envInt("FERRY_BENCH_AGENT_ENTRIES", 3)
 	testcluster.Binary(b)
 	res := newScaleResults()
@@ -481,8 +483,9 @@ func spread(start time.Time, at []time.Time) (median, last time.Duration) {
 	return d[len(d)/2], d[len(d)-1]
 }
 
-// fleetFigures measures a fleet once its server runs and holds its entries:
-// start agents, serve, per-agent cost, propagation, restart.
+// fleetRun measures a fleet once its server runs and holds its entries:
+// start the agents until every one serves, the server's cost per agent,
+// propagation of a shared change, and a server restart.
 type fleetRun struct {
 	agents    int
 	perAgent  int
@@ -505,7 +508,6 @@ func (f *fleetRun) run(b *testing.B, rec func(string, string, float64)) {
 	w.waitVersion(b, 0, 10*time.Minute, f.logs)
 	k := fmt.Sprintf("%d agents", f.agents)
 	rec(k+": start to every agent serving", "s", time.Since(start).Seconds())
-	// Let the agents' first rounds of work settle before measuring memory.
 	rssAfter := procRSS(b, f.serverPID())
 	heapAfter := liveHeap(b, f.heap)
 	rec(k+": server RSS", "MiB", mibBytes(rssAfter))
