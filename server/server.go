@@ -114,7 +114,17 @@ type ClusterConfig struct {
 	SnapshotThreshold uint64
 	TrailingLogs      uint64
 	SnapshotInterval  time.Duration
+	// RaftMultiplier scales Raft's heartbeat, election and leader-lease
+	// timeouts (1 s, 1 s, 500 ms at 1; 0 means 1; at most MaxRaftMultiplier),
+	// as Consul's raft_multiplier does: a higher value keeps a leader through
+	// CPU starvation (a host shared with other heavy work, or thousands of
+	// agents reconnecting to small servers at once) at the price of slower
+	// failover, which takes about 2 to 3 times the heartbeat timeout.
+	RaftMultiplier int
 }
+
+// MaxRaftMultiplier is the highest cluster.raft_multiplier.
+const MaxRaftMultiplier = 10
 
 // CAConfig shapes this node's authorities (see ca.Config for the defaults).
 type CAConfig struct {
@@ -221,19 +231,22 @@ func (s *Server) Run(ctx context.Context) error {
 		return fmt.Errorf("server: admin socket directory: %w", err)
 	}
 	node, err := cluster.New(cluster.Config{
-		NodeID:            s.cfg.NodeID,
-		DataDir:           filepath.Join(s.cfg.DataDir, "raft"),
-		BindAddr:          s.cfg.Cluster.BindAddr,
-		AdvertiseAddr:     s.cfg.Cluster.AdvertiseAddr,
-		TLS:               s.cfg.Cluster.TLS,
-		Bootstrap:         s.cfg.Cluster.Bootstrap,
-		FSM:               s.store,
-		LogStore:          s.cfg.Cluster.LogStore,
-		Logger:            s.log.With("component", "cluster"),
-		Listen:            s.cfg.Listen,
-		SnapshotThreshold: s.cfg.Cluster.SnapshotThreshold,
-		TrailingLogs:      s.cfg.Cluster.TrailingLogs,
-		SnapshotInterval:  s.cfg.Cluster.SnapshotInterval,
+		NodeID:             s.cfg.NodeID,
+		DataDir:            filepath.Join(s.cfg.DataDir, "raft"),
+		BindAddr:           s.cfg.Cluster.BindAddr,
+		AdvertiseAddr:      s.cfg.Cluster.AdvertiseAddr,
+		TLS:                s.cfg.Cluster.TLS,
+		Bootstrap:          s.cfg.Cluster.Bootstrap,
+		FSM:                s.store,
+		LogStore:           s.cfg.Cluster.LogStore,
+		Logger:             s.log.With("component", "cluster"),
+		Listen:             s.cfg.Listen,
+		SnapshotThreshold:  s.cfg.Cluster.SnapshotThreshold,
+		TrailingLogs:       s.cfg.Cluster.TrailingLogs,
+		SnapshotInterval:   s.cfg.Cluster.SnapshotInterval,
+		HeartbeatTimeout:   raftTimeout(cluster.DefaultHeartbeatTimeout, s.cfg.Cluster.RaftMultiplier),
+		ElectionTimeout:    raftTimeout(cluster.DefaultElectionTimeout, s.cfg.Cluster.RaftMultiplier),
+		LeaderLeaseTimeout: raftTimeout(cluster.DefaultLeaderLease, s.cfg.Cluster.RaftMultiplier),
 	})
 	if err != nil {
 		return fmt.Errorf("server: %w", err)
@@ -576,6 +589,11 @@ func (s *Server) registerMetrics() {
 // live heap per connected agent). Reads need no buffer of their own: the
 // HTTP/2 framer reads from the TLS connection, which holds a whole decrypted
 // record. The write buffer is taken from a pool for each flush and given back.
+// raftTimeout is one of Raft's timeouts scaled by cluster.raft_multiplier.
+func raftTimeout(d time.Duration, multiplier int) time.Duration {
+	return d * time.Duration(max(multiplier, 1))
+}
+
 func agentConnBuffers() []grpc.ServerOption {
 	return []grpc.ServerOption{grpc.ReadBufferSize(0), grpc.SharedWriteBuffer(true)}
 }

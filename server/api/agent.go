@@ -23,6 +23,7 @@ import (
 
 	"github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
+	"github.com/ferry-id/ferry/internal/cpuslots"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/ca"
 	"github.com/ferry-id/ferry/server/state"
@@ -56,6 +57,11 @@ type AgentConfig struct {
 	// JWTIssuer is the `iss` of the trust domain's JWT-SVIDs; ListAgentIdentities
 	// matches federated credentials against it (any issuer when empty).
 	JWTIssuer string
+	// Work bounds the entry streams computing an agent's entries at once
+	// (default cpuslots.Default()): after a cluster restart every agent
+	// reconnects and asks for its whole set, and unbounded that work queues
+	// the server's Raft goroutines behind thousands of runnable streams.
+	Work *cpuslots.Slots
 }
 
 // Default signing limits, in signatures per second (see AgentConfig).
@@ -103,6 +109,9 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 	}
 	if cfg.MaxBatch <= 0 {
 		cfg.MaxBatch = 500
+	}
+	if cfg.Work == nil {
+		cfg.Work = cpuslots.Default()
 	}
 	a := &Agent{
 		cfg:       cfg,
@@ -479,6 +488,10 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 	// here on wakes the stream.
 	box := a.hub.register(n.SpiffeId)
 	defer a.hub.unregister(box)
+	// The whole set is computed holding a work slot, and sent after.
+	if err := a.cfg.Work.Acquire(ctx); err != nil {
+		return status.FromContextError(err).Err()
+	}
 	v := a.cfg.Store.View()
 	if cur := v.Node(n.SpiffeId); cur != nil {
 		n = cur
@@ -494,6 +507,7 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 	if a.hub.setParents(box, st.parents(v), v.Index()) {
 		box.post(func() { box.full = true })
 	}
+	a.cfg.Work.Release()
 	if err := sendSync(stream, first); err != nil {
 		return err
 	}
@@ -503,42 +517,15 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 			return nil
 		case <-box.wake:
 		}
-		keys, full, nodeChanged, bundlesChanged := box.take()
-		v = a.cfg.Store.View()
-		cur := v.Node(n.SpiffeId)
-		if cur == nil || cur.Banned {
-			return status.Errorf(codes.PermissionDenied, "agent %s was evicted or banned", n.SpiffeId)
+		if err := a.cfg.Work.Acquire(ctx); err != nil {
+			return nil
 		}
-		if nodeChanged && !slices.EqualFunc(cur.Selectors, st.selectors, func(x, y *ferrypb.Selector) bool { return proto.Equal(x, y) }) {
-			full = true
+		msg, err := a.syncChange(box, st, n.SpiffeId)
+		a.cfg.Work.Release()
+		if err != nil {
+			return err
 		}
-		st.selectors = cur.Selectors
-		msg := &ferrypb.SyncEntriesResponse{Revision: v.Index(), AgentIdentity: cur.GetSystemAssignedIdentity()}
-		reparent := full
-		if !full {
-			ok, moved := st.apply(v, cur, keys, msg)
-			full, reparent = !ok, !ok || moved
-		}
-		if full {
-			msg.Entries, msg.DeletedIds = nil, nil
-			st.recompute(v, cur, msg)
-			bundlesChanged = true
-		}
-		if bundlesChanged || st.federated {
-			if nb := a.bundlesFor(v, st.sent); !sameBundles(nb, st.bundles) {
-				msg.Bundles = nb
-				st.bundles = nb
-			}
-		}
-		st.federated = false
-		if reparent {
-			if a.hub.setParents(box, st.parents(v), v.Index()) {
-				box.post(func() { box.full = true })
-			}
-		}
-		identityChanged := msg.AgentIdentity != st.agentIdentity
-		st.agentIdentity = msg.AgentIdentity
-		if len(msg.Entries) == 0 && len(msg.DeletedIds) == 0 && msg.Bundles == nil && !identityChanged {
+		if msg == nil {
 			continue
 		}
 		if err := sendSync(stream, msg); err != nil {
@@ -548,6 +535,50 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 			return err
 		}
 	}
+}
+
+// syncChange computes what a stream sends for the changes in its mailbox:
+// nil when there is nothing to send.
+func (a *Agent) syncChange(box *syncStream, st *syncState, agentID string) (*ferrypb.SyncEntriesResponse, error) {
+	keys, full, nodeChanged, bundlesChanged := box.take()
+	v := a.cfg.Store.View()
+	cur := v.Node(agentID)
+	if cur == nil || cur.Banned {
+		return nil, status.Errorf(codes.PermissionDenied, "agent %s was evicted or banned", agentID)
+	}
+	if nodeChanged && !slices.EqualFunc(cur.Selectors, st.selectors, func(x, y *ferrypb.Selector) bool { return proto.Equal(x, y) }) {
+		full = true
+	}
+	st.selectors = cur.Selectors
+	msg := &ferrypb.SyncEntriesResponse{Revision: v.Index(), AgentIdentity: cur.GetSystemAssignedIdentity()}
+	reparent := full
+	if !full {
+		ok, moved := st.apply(v, cur, keys, msg)
+		full, reparent = !ok, !ok || moved
+	}
+	if full {
+		msg.Entries, msg.DeletedIds = nil, nil
+		st.recompute(v, cur, msg)
+		bundlesChanged = true
+	}
+	if bundlesChanged || st.federated {
+		if nb := a.bundlesFor(v, st.sent); !sameBundles(nb, st.bundles) {
+			msg.Bundles = nb
+			st.bundles = nb
+		}
+	}
+	st.federated = false
+	if reparent {
+		if a.hub.setParents(box, st.parents(v), v.Index()) {
+			box.post(func() { box.full = true })
+		}
+	}
+	identityChanged := msg.AgentIdentity != st.agentIdentity
+	st.agentIdentity = msg.AgentIdentity
+	if len(msg.Entries) == 0 && len(msg.DeletedIds) == 0 && msg.Bundles == nil && !identityChanged {
+		return nil, nil
+	}
+	return msg, nil
 }
 
 // syncState is what one SyncEntries stream has sent its agent.

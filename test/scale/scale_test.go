@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -50,7 +51,7 @@ func TestScale(t *testing.T) {
 	dir := t.TempDir()
 	ca, caPath := newNodeCA(t, dir)
 	extra := fmt.Sprintf("x509pop {\n    ca_bundle_file = %q\n  }\n  ca {\n    agent_svid_ttl = %q\n  }\n", caPath, cfg.AgentTTL)
-	c := testcluster.New(t, testcluster.Options{Nodes: cfg.Nodes, LogLevel: "warn", ExtraServerConfig: extra})
+	c := testcluster.New(t, testcluster.Options{Nodes: cfg.Nodes, LogLevel: "warn", ExtraServerConfig: extra, RaftMultiplier: cfg.RaftMultiplier})
 	leader := c.WaitLeader(30*time.Second, nil)
 	h := &harness{t: t, c: c, cfg: cfg, model: map[string]*ferrypb.Entry{}}
 	h.waitBundle()
@@ -734,9 +735,11 @@ func (h *harness) failover(rep *report) {
 	}
 	start := time.Now()
 	old.Kill()
+	prof := h.profileWhile(h.c.Nodes[(slices.Index(h.c.Nodes, old)+1)%len(h.c.Nodes)], "cpu-failover.pb.gz")
 	h.c.WaitLeader(60*time.Second, old)
 	elected := time.Since(start)
 	streaming := h.waitStreamingFrom(from, start, 5*time.Minute)
+	prof()
 	rep.add(fmt.Sprintf("leader failover, %d agents (%d streaming from the leader): new leader / all of those streaming again", h.cfg.Agents, len(from)),
 		ms(elected)+" / "+ms(streaming), "streaming < 10 s")
 	old.Start()
@@ -774,12 +777,26 @@ func (h *harness) restartAll(rep *report) {
 		go func() { defer wg.Done(); n.Start() }()
 	}
 	wg.Wait()
+	prof := h.profileWhile(h.c.Nodes[0], "cpu-restart.pb.gz")
 	for _, n := range h.c.Nodes {
 		h.waitReady(n, 5*time.Minute)
 	}
 	ready := time.Since(start)
 	streaming := h.waitStreaming(start, 5*time.Minute)
+	prof()
 	rep.add(fmt.Sprintf("whole cluster restart, %d entries, %d agents: all ready / all agents streaming", len(h.model), h.cfg.Agents), ms(ready)+" / "+ms(streaming), "streaming < 30 s")
+}
+
+// profileWhile starts a 30 s CPU profile of n when SCALE_PROFILE is set;
+// the function it returns waits for it.
+func (h *harness) profileWhile(n *testcluster.Node, name string) func() {
+	if h.cfg.Profile == "" {
+		return func() {}
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); h.saveProfile(n, "profile?seconds=30", name) }()
+	return wg.Wait
 }
 
 // saveProfile saves /debug/pprof/<what> of node n under SCALE_PROFILE.
