@@ -29,7 +29,6 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
@@ -38,6 +37,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/internal/buildinfo"
+	"github.com/ferry-id/ferry/internal/cpuslots"
 	"github.com/ferry-id/ferry/internal/grpchealth"
 	"github.com/ferry-id/ferry/internal/logging"
 	"github.com/ferry-id/ferry/internal/securedir"
@@ -141,6 +141,7 @@ type CAConfig struct {
 // Server is a running server node.
 type Server struct {
 	cfg     Config
+	work    *cpuslots.Slots
 	log     *slog.Logger
 	store   *state.Store
 	node    *cluster.Node
@@ -269,6 +270,9 @@ func (s *Server) Run(ctx context.Context) error {
 	}()
 	s.registerMetrics()
 
+	// One set of work slots bounds the agent API's CPU-heavy work: TLS
+	// handshakes and computing agents' entry sets (see cpuslots).
+	s.work = cpuslots.Default()
 	authority, agentAPI, err := s.startAuthority(ctx, node, &bg)
 	if err != nil {
 		return err
@@ -313,7 +317,7 @@ func (s *Server) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("server: agent listener: %w", err)
 	}
-	ags := grpc.NewServer(append(agentConnBuffers(), grpc.Creds(credentials.NewTLS(tlsCfg.config())), s.admission(),
+	ags := grpc.NewServer(append(agentConnBuffers(), grpc.Creds(withHandshakeSlots(tlsCfg.config(), s.work)), s.admission(),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor), grpc.ChainStreamInterceptor(s.streamInterceptor))...)
 	ferrypb.RegisterAgentServer(ags, agentAPI)
 	defer ags.Stop()
@@ -443,7 +447,7 @@ func (s *Server) startAuthority(ctx context.Context, node *cluster.Node, bg *syn
 	agentAPI, err := api.NewAgent(api.AgentConfig{
 		Cluster: cl, Store: s.store, Signer: authority, TrustDomain: s.cfg.TrustDomain,
 		Attestors: attestors, Logger: s.log.With("component", "agent-api"), AgentSVIDTTL: s.cfg.CA.AgentSVIDTTL,
-		JWTIssuer: s.cfg.CA.JWTIssuer,
+		JWTIssuer: s.cfg.CA.JWTIssuer, Work: s.work,
 	})
 	if err != nil {
 		return nil, nil, err

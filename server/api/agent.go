@@ -225,7 +225,10 @@ func (a *Agent) AttestAgent(stream ferrypb.Agent_AttestAgentServer) error {
 		a.log.Warn("node attestation refused: instance already has an active agent", "attestor", params.Attestor, "agent_id", res.AgentID.String())
 		return status.Errorf(codes.PermissionDenied, "agent %s is already attested and its SVID is still valid; evict it first, or allow re-attestation in the %s configuration", res.AgentID, params.Attestor)
 	}
-	chain, err := a.cfg.Signer.SignAgentX509SVID(pub, res.AgentID, a.cfg.AgentSVIDTTL)
+	var chain []*x509.Certificate
+	if err := a.compute(ctx, func() { chain, err = a.cfg.Signer.SignAgentX509SVID(pub, res.AgentID, a.cfg.AgentSVIDTTL) }); err != nil {
+		return err
+	}
 	if err != nil {
 		return status.Errorf(codes.Unavailable, "signing agent SVID: %v", err)
 	}
@@ -307,12 +310,20 @@ func (a *Agent) RenewAgent(ctx context.Context, req *ferrypb.RenewAgentRequest) 
 	if err != nil {
 		return nil, err
 	}
-	pub, err := ca.ParseCSR(req.Csr)
-	if err != nil {
+	var pub crypto.PublicKey
+	var chain []*x509.Certificate
+	if err := a.compute(ctx, func() {
+		if pub, err = ca.ParseCSR(req.Csr); err != nil {
+			return
+		}
+		id, _ := spiffeid.FromString(n.SpiffeId)
+		chain, err = a.cfg.Signer.SignAgentX509SVID(pub, id, a.cfg.AgentSVIDTTL)
+	}); err != nil {
+		return nil, err
+	}
+	if pub == nil {
 		return nil, status.Errorf(codes.InvalidArgument, "agent CSR: %v", err)
 	}
-	id, _ := spiffeid.FromString(n.SpiffeId)
-	chain, err := a.cfg.Signer.SignAgentX509SVID(pub, id, a.cfg.AgentSVIDTTL)
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "signing agent SVID: %v", err)
 	}
@@ -345,6 +356,16 @@ func (a *Agent) allow(agentID string, n int) error {
 	}
 	if !a.global.AllowN(now, n) {
 		return status.Errorf(codes.ResourceExhausted, "server is over its signing rate (%.0f/s); retry later", a.cfg.GlobalRate)
+	}
+	return nil
+}
+
+// compute runs f, pure CPU work (signing, parsing a CSR), holding one of
+// the server's work slots (AgentConfig.Work); the error is the call's
+// status when ctx ends first.
+func (a *Agent) compute(ctx context.Context, f func()) error {
+	if err := a.cfg.Work.Do(ctx, f); err != nil {
+		return status.FromContextError(err).Err()
 	}
 	return nil
 }
@@ -399,7 +420,11 @@ func (a *Agent) BatchNewX509SVID(ctx context.Context, req *ferrypb.BatchNewX509S
 		reqs = append(reqs, ca.X509SVIDRequest{CSR: p.Csr, SPIFFEID: id, DNSNames: e.DnsNames, TTL: time.Duration(e.X509SvidTtl) * time.Second})
 		pos = append(pos, i)
 	}
-	for j, r := range a.cfg.Signer.SignWorkloadX509SVIDs(ctx, reqs) {
+	var results []ca.X509SVIDResult
+	if err := a.compute(ctx, func() { results = a.cfg.Signer.SignWorkloadX509SVIDs(ctx, reqs) }); err != nil {
+		return nil, err
+	}
+	for j, r := range results {
 		i := pos[j]
 		if r.Err != nil {
 			code := codes.Internal
@@ -447,7 +472,10 @@ func (a *Agent) NewJWTSVID(ctx context.Context, req *ferrypb.NewJWTSVIDRequest) 
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	svid, err := a.cfg.Signer.MintJWTSVID(id, req.Audience, ttl, nil)
+	var svid *ca.JWTSVID
+	if err := a.compute(ctx, func() { svid, err = a.cfg.Signer.MintJWTSVID(id, req.Audience, ttl, nil) }); err != nil {
+		return nil, err
+	}
 	if err != nil {
 		if errors.Is(err, ca.ErrNoAuthority) {
 			return nil, status.Error(codes.Unavailable, err.Error())

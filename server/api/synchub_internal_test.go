@@ -22,6 +22,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/protobuf/proto"
@@ -347,4 +348,43 @@ func TestSyncStreamWaitsForWorkSlot(t *testing.T) {
 	require.Eventually(t, func() bool { return s.holds(map[string]uint64{"w": store.View().Entry("w").Revision}) == "" }, 30*time.Second, time.Millisecond)
 	cancel()
 	require.NoError(t, <-done)
+}
+
+// TestSigningWaitsForWorkSlot: an agent's CSR is parsed and signed only
+// holding a work slot; a caller that gives up while waiting gets its
+// context's status.
+func TestSigningWaitsForWorkSlot(t *testing.T) {
+	store, err := state.New(state.Config{})
+	require.NoError(t, err)
+	cl := &storeCluster{store: store}
+	work := cpuslots.New(1)
+	a, err := NewAgent(AgentConfig{Cluster: cl, Store: store, Signer: noSigner{}, TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), Work: work})
+	require.NoError(t, err)
+	agent := "spiffe://example.org/spire/agent/a"
+	res, err := cl.Apply(context.Background(), &ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: &ferrypb.AttestedNode{
+		SpiffeId: agent, AttestationType: "test", CertSerial: "7", CertNotAfter: time.Now().Add(time.Hour).Unix()}}}})
+	require.NoError(t, err)
+	require.EqualValues(t, codes.OK, res.GetStatus().GetCode())
+
+	require.NoError(t, work.Acquire(context.Background()))
+	ctx, cancel := context.WithCancel(agentPeer(t, agent, 7))
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := a.RenewAgent(ctx, &ferrypb.RenewAgentRequest{Csr: []byte("not a CSR")})
+		done <- err
+	}()
+	require.Eventually(t, func() bool { return work.Waiting() == 1 }, 30*time.Second, time.Millisecond, "the renewal never waited for a work slot")
+	work.Release()
+	require.Equal(t, codes.InvalidArgument, status.Code(<-done), "the CSR is parsed once the slot is free")
+
+	require.NoError(t, work.Acquire(context.Background()))
+	go func() {
+		_, err := a.RenewAgent(ctx, &ferrypb.RenewAgentRequest{Csr: []byte("not a CSR")})
+		done <- err
+	}()
+	require.Eventually(t, func() bool { return work.Waiting() == 1 }, 30*time.Second, time.Millisecond)
+	cancel()
+	require.Equal(t, codes.Canceled, status.Code(<-done))
+	work.Release()
 }
