@@ -514,9 +514,10 @@ func (h *harness) startAgents(ctx context.Context) {
 	sem := make(chan struct{}, h.cfg.AttestParallel)
 	var wg sync.WaitGroup
 	for i, a := range h.f.agents {
-		// Agents list the servers in a different order, so each server takes
-		// its share (pick_first starts with the first).
-		servers := append(append([]string{}, addrs[i%len(addrs):]...), addrs[:i%len(addrs)]...)
+		// Every agent lists the servers in the same order, as a fleet's
+		// agent.conf does; each session shuffles the list, so each server
+		// takes its share.
+		servers := addrs
 		s, err := session.New(session.Config{
 			TrustDomain: spiffeid.RequireTrustDomainFromString(trustDomain),
 			Servers:     servers,
