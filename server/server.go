@@ -146,6 +146,8 @@ type Server struct {
 	store   *state.Store
 	node    *cluster.Node
 	metrics *prometheus.Registry
+	// memReleased counts the memory follower's returns of free memory.
+	memReleased prometheus.Counter
 
 	readyOnce sync.Once
 	ready     chan struct{}
@@ -168,7 +170,10 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{}), serving: make(chan struct{}), caughtUp: make(chan struct{}), started: time.Now()}, nil
+	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(),
+		memReleased: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_memory_released_total",
+			Help: "Times the server returned free memory to the system after a burst of writes (see server/memory.go)."}),
+		ready: make(chan struct{}), serving: make(chan struct{}), caughtUp: make(chan struct{}), started: time.Now()}, nil
 }
 
 func (s *Server) listen(network, address string) (net.Listener, error) {
@@ -216,6 +221,7 @@ func (s *Server) Run(ctx context.Context) error {
 		memoryFollower{applied: s.store.AppliedBytes, now: time.Now, release: func() {
 			before := heapHeld()
 			releaseMemory()
+			s.memReleased.Inc()
 			s.log.Debug("writes stopped: free memory returned", "heap_before", before, "heap_after", heapHeld())
 		}}.run(ctx, t.C)
 	}()
@@ -583,6 +589,7 @@ func (s *Server) registerMetrics() {
 			func() float64 { v, _ := strconv.ParseFloat(s.node.Stats()["term"], 64); return v }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ferry_entries", Help: "Registration entries in the state."},
 			func() float64 { return float64(s.store.View().CountEntries()) }),
+		s.memReleased,
 	)
 }
 
