@@ -86,50 +86,19 @@ func (s *Server) catchUpStreamGate() grpc.ServerOption {
 }
 
 // gatedListener accepts connections only once open is closed; until then
-// they wait in the kernel's backlog, or, when refuse is set, are reset at
-// once.
+// they wait in the kernel's backlog.
 type gatedListener struct {
 	net.Listener
 	open      <-chan struct{}
 	closed    chan struct{}
 	closeOnce sync.Once
-	refuse    bool
 }
 
 func gate(l net.Listener, open <-chan struct{}) net.Listener {
 	return &gatedListener{Listener: l, open: open, closed: make(chan struct{})}
 }
 
-// refuseUntil is gate for the agent API: until open is closed, a
-// connection is reset as soon as it arrives. Agents list several servers,
-// and gRPC's pick_first starts a connection to the next server when one
-// has not completed within 250 ms: connections left waiting in restarting
-// servers' backlogs let every agent hold one to each server, and each server
-// then spent a TLS handshake on every agent waiting on it when it opened,
-// though the agent keeps only one. A reset sends the agent to a server that
-// is serving, or into its backoff.
-func refuseUntil(l net.Listener, open <-chan struct{}) net.Listener {
-	return &gatedListener{Listener: l, open: open, closed: make(chan struct{}), refuse: true}
-}
-
 func (l *gatedListener) Accept() (net.Conn, error) {
-	if l.refuse {
-		for {
-			c, err := l.Listener.Accept()
-			if err != nil {
-				return nil, err
-			}
-			select {
-			case <-l.open:
-				return c, nil
-			default:
-			}
-			if tc, ok := c.(*net.TCPConn); ok {
-				_ = tc.SetLinger(0)
-			}
-			_ = c.Close()
-		}
-	}
 	select {
 	case <-l.open:
 	case <-l.closed:

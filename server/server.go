@@ -330,7 +330,7 @@ func (s *Server) Run(ctx context.Context) error {
 
 	errc := make(chan error, 5)
 	go func() { errc <- gs.Serve(lis) }()
-	go func() { errc <- ags.Serve(refuseUntil(agentLis, s.caughtUp)) }()
+	go func() { errc <- ags.Serve(gate(agentLis, s.caughtUp)) }()
 	oidcSrv, err := s.startOIDC(authority, errc)
 	if err != nil {
 		gs.Stop()
