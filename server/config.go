@@ -89,6 +89,7 @@ type clusterBlock struct {
 	SnapshotThreshold int                    `hcl:"snapshot_threshold"`
 	TrailingLogs      int                    `hcl:"trailing_logs"`
 	SnapshotInterval  string                 `hcl:"snapshot_interval"`
+	RaftMultiplier    int                    `hcl:"raft_multiplier"`
 	UnusedKeys        map[string][]token.Pos `hcl:",unusedKeyPositions"`
 }
 
@@ -169,6 +170,10 @@ func LoadConfig(path string) (Config, error) {
 			TLS:               cluster.TLSFiles{CAFile: config.Resolve(path, cb.CAFile), CertFile: config.Resolve(path, cb.CertFile), KeyFile: config.Resolve(path, cb.KeyFile)},
 			SnapshotThreshold: uint64(max(cb.SnapshotThreshold, 0)),
 			TrailingLogs:      uint64(max(cb.TrailingLogs, 0)),
+			RaftMultiplier:    cb.RaftMultiplier,
+		}
+		if cb.RaftMultiplier < 0 || cb.RaftMultiplier > MaxRaftMultiplier {
+			return Config{}, fmt.Errorf("server: cluster.raft_multiplier = %d: want 1 to %d (0 means 1)", cb.RaftMultiplier, MaxRaftMultiplier)
 		}
 		if cb.SnapshotInterval != "" {
 			d, err := time.ParseDuration(cb.SnapshotInterval)

@@ -30,6 +30,7 @@ func TestSampleConfig(t *testing.T) {
 	require.True(t, cfg.Cluster.Bootstrap)
 	require.Equal(t, "wal", cfg.Cluster.LogStore)
 	require.EqualValues(t, 8192, cfg.Cluster.SnapshotThreshold)
+	require.Equal(t, 1, cfg.Cluster.RaftMultiplier)
 }
 
 func TestConfigErrors(t *testing.T) {
@@ -54,6 +55,18 @@ func TestConfigErrors(t *testing.T) {
 	require.Equal(t, filepath.Join(dir, "data"), cfg.DataDir, "relative to the config file")
 	require.Equal(t, "/run/ferry/server/admin.sock", cfg.AdminSocket, "never under /tmp")
 	require.Equal(t, filepath.Join(dir, "tls", "ca.pem"), cfg.Cluster.TLS.CAFile)
+
+	withCluster := func(extra string) string {
+		return write(strings.Replace(fmt.Sprintf(minimalServer, ""), `key_file = "tls/n-key.pem"`, `key_file = "tls/n-key.pem"`+"\n    "+extra, 1))
+	}
+	for _, bad := range []string{"raft_multiplier = 11", "raft_multiplier = -1"} {
+		_, err = server.LoadConfig(withCluster(bad))
+		require.ErrorContains(t, err, "cluster.raft_multiplier", bad)
+		require.ErrorContains(t, err, "want 1 to 10", bad)
+	}
+	cfg, err = server.LoadConfig(withCluster("raft_multiplier = 3"))
+	require.NoError(t, err)
+	require.Equal(t, 3, cfg.Cluster.RaftMultiplier)
 }
 
 func TestOIDCConfig(t *testing.T) {

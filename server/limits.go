@@ -2,11 +2,19 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
+	"errors"
+	"net"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
+
+	"github.com/ferry-id/ferry/internal/cpuslots"
 )
 
 // Admission control for the gRPC servers. Every unary call holds one of
@@ -60,4 +68,84 @@ func (l *limiter) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h
 	}
 	defer func() { <-l.slots }()
 	return h(ctx, req)
+}
+
+// handshakeSlots makes the agent API's TLS handshakes compute holding one
+// of the server's work slots: the server's share of a handshake (its key
+// exchange and its signature) runs between reading the client's hello and
+// writing its own flight, with no wait for the peer in between, so the slot
+// is taken when the hello has arrived (GetConfigForClient) and given back
+// at the first write. A client that connects and sends nothing holds none.
+// After a cluster restart or a failover every agent redials at once; without
+// the bound thousands of handshakes are runnable together and Raft's
+// heartbeats wait behind all of them.
+type handshakeSlots struct {
+	credentials.TransportCredentials
+	slots *cpuslots.Slots
+}
+
+// withHandshakeSlots wraps the TLS config's GetConfigForClient and the
+// credentials built from it.
+func withHandshakeSlots(cfg *tls.Config, slots *cpuslots.Slots) credentials.TransportCredentials {
+	next := cfg.GetConfigForClient
+	cfg = cfg.Clone()
+	cfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		if c, ok := hello.Conn.(*slotConn); ok {
+			if err := c.acquire(hello.Context()); err != nil {
+				return nil, err
+			}
+		}
+		if next == nil {
+			return nil, nil
+		}
+		return next(hello)
+	}
+	return handshakeSlots{TransportCredentials: credentials.NewTLS(cfg), slots: slots}
+}
+
+func (h handshakeSlots) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	c := &slotConn{Conn: raw, slots: h.slots}
+	defer c.release()
+	return h.TransportCredentials.ServerHandshake(c)
+}
+
+func (h handshakeSlots) Clone() credentials.TransportCredentials {
+	return handshakeSlots{TransportCredentials: h.TransportCredentials.Clone(), slots: h.slots}
+}
+
+// slotConn is a server connection during (and after) its handshake: it
+// holds a work slot from the client's hello until its first write.
+type slotConn struct {
+	net.Conn
+	slots *cpuslots.Slots
+	held  atomic.Bool
+}
+
+func (c *slotConn) acquire(ctx context.Context) error {
+	if err := c.slots.Acquire(ctx); err != nil {
+		return err
+	}
+	c.held.Store(true)
+	return nil
+}
+
+func (c *slotConn) release() {
+	if c.held.CompareAndSwap(true, false) {
+		c.slots.Release()
+	}
+}
+
+func (c *slotConn) Write(b []byte) (int, error) {
+	c.release()
+	return c.Conn.Write(b)
+}
+
+// SyscallConn lets gRPC read the socket only when it is readable, as it
+// does for an unwrapped connection.
+func (c *slotConn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, errors.New("server: connection has no file descriptor")
+	}
+	return sc.SyscallConn()
 }

@@ -29,7 +29,6 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
@@ -38,6 +37,7 @@ import (
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
 	"github.com/ferry-id/ferry/attestors/node/x509pop"
 	"github.com/ferry-id/ferry/internal/buildinfo"
+	"github.com/ferry-id/ferry/internal/cpuslots"
 	"github.com/ferry-id/ferry/internal/grpchealth"
 	"github.com/ferry-id/ferry/internal/logging"
 	"github.com/ferry-id/ferry/internal/securedir"
@@ -114,7 +114,17 @@ type ClusterConfig struct {
 	SnapshotThreshold uint64
 	TrailingLogs      uint64
 	SnapshotInterval  time.Duration
+	// RaftMultiplier scales Raft's heartbeat, election and leader-lease
+	// timeouts (1 s, 1 s, 500 ms at 1; 0 means 1; at most MaxRaftMultiplier),
+	// as Consul's raft_multiplier does: a higher value keeps a leader through
+	// CPU starvation (a host shared with other heavy work, or thousands of
+	// agents reconnecting to small servers at once) at the price of slower
+	// failover, which takes about 2 to 3 times the heartbeat timeout.
+	RaftMultiplier int
 }
+
+// MaxRaftMultiplier is the highest cluster.raft_multiplier.
+const MaxRaftMultiplier = 10
 
 // CAConfig shapes this node's authorities (see ca.Config for the defaults).
 type CAConfig struct {
@@ -131,10 +141,13 @@ type CAConfig struct {
 // Server is a running server node.
 type Server struct {
 	cfg     Config
+	work    *cpuslots.Slots
 	log     *slog.Logger
 	store   *state.Store
 	node    *cluster.Node
 	metrics *prometheus.Registry
+	// memReleased counts the memory follower's returns of free memory.
+	memReleased prometheus.Counter
 
 	readyOnce sync.Once
 	ready     chan struct{}
@@ -157,7 +170,10 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(), ready: make(chan struct{}), serving: make(chan struct{}), caughtUp: make(chan struct{}), started: time.Now()}, nil
+	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(),
+		memReleased: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_memory_released_total",
+			Help: "Times the server returned free memory to the system after a burst of writes (see server/memory.go)."}),
+		ready: make(chan struct{}), serving: make(chan struct{}), caughtUp: make(chan struct{}), started: time.Now()}, nil
 }
 
 func (s *Server) listen(network, address string) (net.Listener, error) {
@@ -205,6 +221,7 @@ func (s *Server) Run(ctx context.Context) error {
 		memoryFollower{applied: s.store.AppliedBytes, now: time.Now, release: func() {
 			before := heapHeld()
 			releaseMemory()
+			s.memReleased.Inc()
 			s.log.Debug("writes stopped: free memory returned", "heap_before", before, "heap_after", heapHeld())
 		}}.run(ctx, t.C)
 	}()
@@ -221,19 +238,22 @@ func (s *Server) Run(ctx context.Context) error {
 		return fmt.Errorf("server: admin socket directory: %w", err)
 	}
 	node, err := cluster.New(cluster.Config{
-		NodeID:            s.cfg.NodeID,
-		DataDir:           filepath.Join(s.cfg.DataDir, "raft"),
-		BindAddr:          s.cfg.Cluster.BindAddr,
-		AdvertiseAddr:     s.cfg.Cluster.AdvertiseAddr,
-		TLS:               s.cfg.Cluster.TLS,
-		Bootstrap:         s.cfg.Cluster.Bootstrap,
-		FSM:               s.store,
-		LogStore:          s.cfg.Cluster.LogStore,
-		Logger:            s.log.With("component", "cluster"),
-		Listen:            s.cfg.Listen,
-		SnapshotThreshold: s.cfg.Cluster.SnapshotThreshold,
-		TrailingLogs:      s.cfg.Cluster.TrailingLogs,
-		SnapshotInterval:  s.cfg.Cluster.SnapshotInterval,
+		NodeID:             s.cfg.NodeID,
+		DataDir:            filepath.Join(s.cfg.DataDir, "raft"),
+		BindAddr:           s.cfg.Cluster.BindAddr,
+		AdvertiseAddr:      s.cfg.Cluster.AdvertiseAddr,
+		TLS:                s.cfg.Cluster.TLS,
+		Bootstrap:          s.cfg.Cluster.Bootstrap,
+		FSM:                s.store,
+		LogStore:           s.cfg.Cluster.LogStore,
+		Logger:             s.log.With("component", "cluster"),
+		Listen:             s.cfg.Listen,
+		SnapshotThreshold:  s.cfg.Cluster.SnapshotThreshold,
+		TrailingLogs:       s.cfg.Cluster.TrailingLogs,
+		SnapshotInterval:   s.cfg.Cluster.SnapshotInterval,
+		HeartbeatTimeout:   raftTimeout(cluster.DefaultHeartbeatTimeout, s.cfg.Cluster.RaftMultiplier),
+		ElectionTimeout:    raftTimeout(cluster.DefaultElectionTimeout, s.cfg.Cluster.RaftMultiplier),
+		LeaderLeaseTimeout: raftTimeout(cluster.DefaultLeaderLease, s.cfg.Cluster.RaftMultiplier),
 	})
 	if err != nil {
 		return fmt.Errorf("server: %w", err)
@@ -256,6 +276,9 @@ func (s *Server) Run(ctx context.Context) error {
 	}()
 	s.registerMetrics()
 
+	// One set of work slots bounds the agent API's CPU-heavy work: TLS
+	// handshakes and computing agents' entry sets (see cpuslots).
+	s.work = cpuslots.Default()
 	authority, agentAPI, err := s.startAuthority(ctx, node, &bg)
 	if err != nil {
 		return err
@@ -300,7 +323,7 @@ func (s *Server) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("server: agent listener: %w", err)
 	}
-	ags := grpc.NewServer(append(agentConnBuffers(), grpc.Creds(credentials.NewTLS(tlsCfg.config())), s.admission(),
+	ags := grpc.NewServer(append(agentConnBuffers(), grpc.Creds(withHandshakeSlots(tlsCfg.config(), s.work)), s.admission(),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor), grpc.ChainStreamInterceptor(s.streamInterceptor))...)
 	ferrypb.RegisterAgentServer(ags, agentAPI)
 	defer ags.Stop()
@@ -430,7 +453,7 @@ func (s *Server) startAuthority(ctx context.Context, node *cluster.Node, bg *syn
 	agentAPI, err := api.NewAgent(api.AgentConfig{
 		Cluster: cl, Store: s.store, Signer: authority, TrustDomain: s.cfg.TrustDomain,
 		Attestors: attestors, Logger: s.log.With("component", "agent-api"), AgentSVIDTTL: s.cfg.CA.AgentSVIDTTL,
-		JWTIssuer: s.cfg.CA.JWTIssuer,
+		JWTIssuer: s.cfg.CA.JWTIssuer, Work: s.work,
 	})
 	if err != nil {
 		return nil, nil, err
@@ -566,6 +589,7 @@ func (s *Server) registerMetrics() {
 			func() float64 { v, _ := strconv.ParseFloat(s.node.Stats()["term"], 64); return v }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ferry_entries", Help: "Registration entries in the state."},
 			func() float64 { return float64(s.store.View().CountEntries()) }),
+		s.memReleased,
 	)
 }
 
@@ -576,8 +600,21 @@ func (s *Server) registerMetrics() {
 // live heap per connected agent). Reads need no buffer of their own: the
 // HTTP/2 framer reads from the TLS connection, which holds a whole decrypted
 // record. The write buffer is taken from a pool for each flush and given back.
+// It is 16 KiB, one TLS record's payload, not gRPC's 32 KiB: a 32 KiB buffer
+// is a large object to Go's allocator (over 32 KiB less its 8-byte header),
+// and once a collection has emptied the pool, a fan-out of one change to
+// 10,000 streams spent a third of its CPU allocating, zeroing and returning
+// such buffers to the OS one by one (test/scale cpu-fanout profile).
 func agentConnBuffers() []grpc.ServerOption {
-	return []grpc.ServerOption{grpc.ReadBufferSize(0), grpc.SharedWriteBuffer(true)}
+	return []grpc.ServerOption{grpc.ReadBufferSize(0), grpc.SharedWriteBuffer(true), grpc.WriteBufferSize(agentWriteBuffer)}
+}
+
+// agentWriteBuffer is the agent API's HTTP/2 write batch (see agentConnBuffers).
+const agentWriteBuffer = 16 << 10
+
+// raftTimeout is one of Raft's timeouts scaled by cluster.raft_multiplier.
+func raftTimeout(d time.Duration, multiplier int) time.Duration {
+	return d * time.Duration(max(multiplier, 1))
 }
 
 func (s *Server) healthHandler() http.Handler {

@@ -12,6 +12,7 @@ import (
 	"math/big"
 	"net"
 	"net/url"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -192,4 +193,53 @@ func TestAgentRefusesImpostorServer(t *testing.T) {
 			require.Zero(t, imp.attested.Load(), "an attestation reached an impostor")
 		})
 	}
+}
+
+// TestSessionsSpreadOverServers: agents that all list the same servers in
+// the same order do not all connect to the first: each shuffles the list,
+// so a fleet spreads over the servers, and the agents of a failed server
+// over the others.
+func TestSessionsSpreadOverServers(t *testing.T) {
+	ca := newTestCA(t, "trusted")
+	var servers []*impostor
+	var addrs []string
+	for range 3 {
+		imp, addr := startImpostor(t, ca.serverCert(t, "spiffe://example.org/spire/server"))
+		servers, addrs = append(servers, imp), append(addrs, addr)
+	}
+	jt, err := jointoken.NewAgent(jointoken.AgentConfig{Token: "spread-test-token-0123456789"})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	const agents = 24
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	for range agents {
+		s, err := session.New(session.Config{
+			TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"),
+			Servers:     addrs,
+			TrustBundle: []*x509.Certificate{ca.cert},
+			DataDir:     t.TempDir(),
+			Attestor:    jt,
+			Sink:        nopSink{},
+		})
+		require.NoError(t, err)
+		wg.Add(1)
+		go func() { defer wg.Done(); defer s.Close(); _ = s.Run(ctx) }()
+	}
+	used := func() (n int, total int64) {
+		for _, imp := range servers {
+			if c := imp.attested.Load(); c > 0 {
+				n++
+				total += c
+			}
+		}
+		return n, total
+	}
+	require.Eventually(t, func() bool { _, total := used(); return total >= agents }, time.Minute, 10*time.Millisecond)
+	// With the list as given, all 24 would reach the first server; shuffled,
+	// all of them doing so has odds of 3 in 3^24.
+	n, _ := used()
+	require.Greater(t, n, 1, "every agent attested to the same server: %d, %d, %d", servers[0].attested.Load(), servers[1].attested.Load(), servers[2].attested.Load())
 }

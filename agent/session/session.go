@@ -225,6 +225,9 @@ var reconnect = grpc.ConnectParams{
 	MinConnectTimeout: 20 * time.Second,
 }
 
+// shuffledPickFirst is the connection's service config (see dial).
+const shuffledPickFirst = `{"loadBalancingConfig":[{"pick_first":{"shuffleAddressList":true}}]}`
+
 // dial connects to the servers; withSVID presents the agent SVID (every call but
 // attestation needs it). Connections are lazy: nothing is dialled until a call.
 func (s *Session) dial(withSVID bool) (*grpc.ClientConn, error) {
@@ -236,7 +239,11 @@ func (s *Session) dial(withSVID bool) (*grpc.ClientConn, error) {
 		tlsCfg = tlsconfig.TLSClientConfig(s, tlsconfig.AuthorizeID(s.serverID))
 	}
 	// One connection over every server: pick_first moves to the next address
-	// when the current one fails. A manual resolver serves one connection only.
+	// when the current one fails. It shuffles the list first (gRFC A62), so
+	// a fleet whose agents all list the same servers spreads over them, and
+	// the agents of a server that fails spread over the others instead of
+	// all moving to the next in the list. A manual resolver serves one
+	// connection only.
 	res := manual.NewBuilderWithScheme("ferry-servers")
 	var addrs []resolver.Address
 	for _, a := range s.cfg.Servers {
@@ -246,7 +253,8 @@ func (s *Session) dial(withSVID bool) (*grpc.ClientConn, error) {
 	conn, err := grpc.NewClient(res.Scheme()+":///servers",
 		grpc.WithResolvers(res),
 		grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)),
-		grpc.WithConnectParams(reconnect))
+		grpc.WithConnectParams(reconnect),
+		grpc.WithDefaultServiceConfig(shuffledPickFirst))
 	if err != nil {
 		return nil, fmt.Errorf("session: %w", err)
 	}

@@ -23,6 +23,7 @@ import (
 
 	"github.com/ferry-id/ferry/attestors/node"
 	"github.com/ferry-id/ferry/attestors/node/jointoken"
+	"github.com/ferry-id/ferry/internal/cpuslots"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/ca"
 	"github.com/ferry-id/ferry/server/state"
@@ -56,6 +57,11 @@ type AgentConfig struct {
 	// JWTIssuer is the `iss` of the trust domain's JWT-SVIDs; ListAgentIdentities
 	// matches federated credentials against it (any issuer when empty).
 	JWTIssuer string
+	// Work bounds the entry streams computing an agent's entries at once
+	// (default cpuslots.Default()): after a cluster restart every agent
+	// reconnects and asks for its whole set, and unbounded that work queues
+	// the server's Raft goroutines behind thousands of runnable streams.
+	Work *cpuslots.Slots
 }
 
 // Default signing limits, in signatures per second (see AgentConfig).
@@ -103,6 +109,9 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 	}
 	if cfg.MaxBatch <= 0 {
 		cfg.MaxBatch = 500
+	}
+	if cfg.Work == nil {
+		cfg.Work = cpuslots.Default()
 	}
 	a := &Agent{
 		cfg:       cfg,
@@ -216,7 +225,10 @@ func (a *Agent) AttestAgent(stream ferrypb.Agent_AttestAgentServer) error {
 		a.log.Warn("node attestation refused: instance already has an active agent", "attestor", params.Attestor, "agent_id", res.AgentID.String())
 		return status.Errorf(codes.PermissionDenied, "agent %s is already attested and its SVID is still valid; evict it first, or allow re-attestation in the %s configuration", res.AgentID, params.Attestor)
 	}
-	chain, err := a.cfg.Signer.SignAgentX509SVID(pub, res.AgentID, a.cfg.AgentSVIDTTL)
+	var chain []*x509.Certificate
+	if err := a.compute(ctx, func() { chain, err = a.cfg.Signer.SignAgentX509SVID(pub, res.AgentID, a.cfg.AgentSVIDTTL) }); err != nil {
+		return err
+	}
 	if err != nil {
 		return status.Errorf(codes.Unavailable, "signing agent SVID: %v", err)
 	}
@@ -298,12 +310,20 @@ func (a *Agent) RenewAgent(ctx context.Context, req *ferrypb.RenewAgentRequest) 
 	if err != nil {
 		return nil, err
 	}
-	pub, err := ca.ParseCSR(req.Csr)
-	if err != nil {
+	var pub crypto.PublicKey
+	var chain []*x509.Certificate
+	if err := a.compute(ctx, func() {
+		if pub, err = ca.ParseCSR(req.Csr); err != nil {
+			return
+		}
+		id, _ := spiffeid.FromString(n.SpiffeId)
+		chain, err = a.cfg.Signer.SignAgentX509SVID(pub, id, a.cfg.AgentSVIDTTL)
+	}); err != nil {
+		return nil, err
+	}
+	if pub == nil {
 		return nil, status.Errorf(codes.InvalidArgument, "agent CSR: %v", err)
 	}
-	id, _ := spiffeid.FromString(n.SpiffeId)
-	chain, err := a.cfg.Signer.SignAgentX509SVID(pub, id, a.cfg.AgentSVIDTTL)
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "signing agent SVID: %v", err)
 	}
@@ -336,6 +356,16 @@ func (a *Agent) allow(agentID string, n int) error {
 	}
 	if !a.global.AllowN(now, n) {
 		return status.Errorf(codes.ResourceExhausted, "server is over its signing rate (%.0f/s); retry later", a.cfg.GlobalRate)
+	}
+	return nil
+}
+
+// compute runs f, pure CPU work (signing, parsing a CSR), holding one of
+// the server's work slots (AgentConfig.Work); the error is the call's
+// status when ctx ends first.
+func (a *Agent) compute(ctx context.Context, f func()) error {
+	if err := a.cfg.Work.Do(ctx, f); err != nil {
+		return status.FromContextError(err).Err()
 	}
 	return nil
 }
@@ -390,7 +420,11 @@ func (a *Agent) BatchNewX509SVID(ctx context.Context, req *ferrypb.BatchNewX509S
 		reqs = append(reqs, ca.X509SVIDRequest{CSR: p.Csr, SPIFFEID: id, DNSNames: e.DnsNames, TTL: time.Duration(e.X509SvidTtl) * time.Second})
 		pos = append(pos, i)
 	}
-	for j, r := range a.cfg.Signer.SignWorkloadX509SVIDs(ctx, reqs) {
+	var results []ca.X509SVIDResult
+	if err := a.compute(ctx, func() { results = a.cfg.Signer.SignWorkloadX509SVIDs(ctx, reqs) }); err != nil {
+		return nil, err
+	}
+	for j, r := range results {
 		i := pos[j]
 		if r.Err != nil {
 			code := codes.Internal
@@ -438,7 +472,10 @@ func (a *Agent) NewJWTSVID(ctx context.Context, req *ferrypb.NewJWTSVIDRequest) 
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	svid, err := a.cfg.Signer.MintJWTSVID(id, req.Audience, ttl, nil)
+	var svid *ca.JWTSVID
+	if err := a.compute(ctx, func() { svid, err = a.cfg.Signer.MintJWTSVID(id, req.Audience, ttl, nil) }); err != nil {
+		return nil, err
+	}
 	if err != nil {
 		if errors.Is(err, ca.ErrNoAuthority) {
 			return nil, status.Error(codes.Unavailable, err.Error())
@@ -479,6 +516,10 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 	// here on wakes the stream.
 	box := a.hub.register(n.SpiffeId)
 	defer a.hub.unregister(box)
+	// The whole set is computed holding a work slot, and sent after.
+	if err := a.cfg.Work.Acquire(ctx); err != nil {
+		return status.FromContextError(err).Err()
+	}
 	v := a.cfg.Store.View()
 	if cur := v.Node(n.SpiffeId); cur != nil {
 		n = cur
@@ -494,6 +535,7 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 	if a.hub.setParents(box, st.parents(v), v.Index()) {
 		box.post(func() { box.full = true })
 	}
+	a.cfg.Work.Release()
 	if err := sendSync(stream, first); err != nil {
 		return err
 	}
@@ -503,42 +545,15 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 			return nil
 		case <-box.wake:
 		}
-		keys, full, nodeChanged, bundlesChanged := box.take()
-		v = a.cfg.Store.View()
-		cur := v.Node(n.SpiffeId)
-		if cur == nil || cur.Banned {
-			return status.Errorf(codes.PermissionDenied, "agent %s was evicted or banned", n.SpiffeId)
+		if err := a.cfg.Work.Acquire(ctx); err != nil {
+			return nil
 		}
-		if nodeChanged && !slices.EqualFunc(cur.Selectors, st.selectors, func(x, y *ferrypb.Selector) bool { return proto.Equal(x, y) }) {
-			full = true
+		msg, err := a.syncChange(box, st, n.SpiffeId)
+		a.cfg.Work.Release()
+		if err != nil {
+			return err
 		}
-		st.selectors = cur.Selectors
-		msg := &ferrypb.SyncEntriesResponse{Revision: v.Index(), AgentIdentity: cur.GetSystemAssignedIdentity()}
-		reparent := full
-		if !full {
-			ok, moved := st.apply(v, cur, keys, msg)
-			full, reparent = !ok, !ok || moved
-		}
-		if full {
-			msg.Entries, msg.DeletedIds = nil, nil
-			st.recompute(v, cur, msg)
-			bundlesChanged = true
-		}
-		if bundlesChanged || st.federated {
-			if nb := a.bundlesFor(v, st.sent); !sameBundles(nb, st.bundles) {
-				msg.Bundles = nb
-				st.bundles = nb
-			}
-		}
-		st.federated = false
-		if reparent {
-			if a.hub.setParents(box, st.parents(v), v.Index()) {
-				box.post(func() { box.full = true })
-			}
-		}
-		identityChanged := msg.AgentIdentity != st.agentIdentity
-		st.agentIdentity = msg.AgentIdentity
-		if len(msg.Entries) == 0 && len(msg.DeletedIds) == 0 && msg.Bundles == nil && !identityChanged {
+		if msg == nil {
 			continue
 		}
 		if err := sendSync(stream, msg); err != nil {
@@ -548,6 +563,50 @@ func (a *Agent) SyncEntries(_ *ferrypb.SyncEntriesRequest, stream ferrypb.Agent_
 			return err
 		}
 	}
+}
+
+// syncChange computes what a stream sends for the changes in its mailbox:
+// nil when there is nothing to send.
+func (a *Agent) syncChange(box *syncStream, st *syncState, agentID string) (*ferrypb.SyncEntriesResponse, error) {
+	keys, full, nodeChanged, bundlesChanged := box.take()
+	v := a.cfg.Store.View()
+	cur := v.Node(agentID)
+	if cur == nil || cur.Banned {
+		return nil, status.Errorf(codes.PermissionDenied, "agent %s was evicted or banned", agentID)
+	}
+	if nodeChanged && !slices.EqualFunc(cur.Selectors, st.selectors, func(x, y *ferrypb.Selector) bool { return proto.Equal(x, y) }) {
+		full = true
+	}
+	st.selectors = cur.Selectors
+	msg := &ferrypb.SyncEntriesResponse{Revision: v.Index(), AgentIdentity: cur.GetSystemAssignedIdentity()}
+	reparent := full
+	if !full {
+		ok, moved := st.apply(v, cur, keys, msg)
+		full, reparent = !ok, !ok || moved
+	}
+	if full {
+		msg.Entries, msg.DeletedIds = nil, nil
+		st.recompute(v, cur, msg)
+		bundlesChanged = true
+	}
+	if bundlesChanged || st.federated {
+		if nb := a.bundlesFor(v, st.sent); !sameBundles(nb, st.bundles) {
+			msg.Bundles = nb
+			st.bundles = nb
+		}
+	}
+	st.federated = false
+	if reparent {
+		if a.hub.setParents(box, st.parents(v), v.Index()) {
+			box.post(func() { box.full = true })
+		}
+	}
+	identityChanged := msg.AgentIdentity != st.agentIdentity
+	st.agentIdentity = msg.AgentIdentity
+	if len(msg.Entries) == 0 && len(msg.DeletedIds) == 0 && msg.Bundles == nil && !identityChanged {
+		return nil, nil
+	}
+	return msg, nil
 }
 
 // syncState is what one SyncEntries stream has sent its agent.

@@ -24,8 +24,10 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/ferry-id/ferry/internal/cpuslots"
 	"github.com/ferry-id/ferry/proto/ferrypb"
 	"github.com/ferry-id/ferry/server/ca"
 	"github.com/ferry-id/ferry/server/state"
@@ -307,4 +309,82 @@ func TestSyncStreamsFollowRandomChanges(t *testing.T) {
 		require.Equal(t, before[i+1], s.msgs, "agent %d was sent nothing", i+1)
 		s.mu.Unlock()
 	}
+}
+
+// TestSyncStreamWaitsForWorkSlot: a stream computes its agent's whole set
+// only holding one of the server's work slots, so a reconnect storm cannot
+// put thousands of streams on the run queue at once.
+func TestSyncStreamWaitsForWorkSlot(t *testing.T) {
+	store, err := state.New(state.Config{})
+	require.NoError(t, err)
+	cl := &storeCluster{store: store}
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	work := cpuslots.New(1)
+	a, err := NewAgent(AgentConfig{Cluster: cl, Store: store, Signer: noSigner{}, TrustDomain: td, Work: work})
+	require.NoError(t, err)
+	agent := "spiffe://example.org/spire/agent/a"
+	for _, cmd := range []*ferrypb.Command{
+		{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: &ferrypb.AttestedNode{
+			SpiffeId: agent, AttestationType: "test", CertSerial: "7", CertNotAfter: time.Now().Add(time.Hour).Unix()}}}},
+		{Op: &ferrypb.Command_EntriesCreate{EntriesCreate: &ferrypb.EntriesCreate{Entries: []*ferrypb.Entry{
+			{Id: "w", SpiffeId: "spiffe://example.org/w", ParentId: agent, Selectors: []*ferrypb.Selector{{Type: "t", Value: "a"}}}}}}},
+	} {
+		res, err := cl.Apply(context.Background(), cmd)
+		require.NoError(t, err)
+		require.EqualValues(t, codes.OK, res.GetStatus().GetCode())
+	}
+	require.NoError(t, work.Acquire(context.Background()))
+	ctx, cancel := context.WithCancel(agentPeer(t, agent, 7))
+	defer cancel()
+	s := &recordedStream{ctx: ctx}
+	done := make(chan error, 1)
+	go func() { done <- a.SyncEntries(&ferrypb.SyncEntriesRequest{}, s) }()
+	require.Eventually(t, func() bool { return work.Waiting() == 1 }, 30*time.Second, time.Millisecond, "the stream never waited for the slot")
+	s.mu.Lock()
+	sent := s.msgs
+	s.mu.Unlock()
+	require.Zero(t, sent, "the stream sent before it had a slot")
+	work.Release()
+	require.Eventually(t, func() bool { return s.holds(map[string]uint64{"w": store.View().Entry("w").Revision}) == "" }, 30*time.Second, time.Millisecond)
+	cancel()
+	require.NoError(t, <-done)
+}
+
+// TestSigningWaitsForWorkSlot: an agent's CSR is parsed and signed only
+// holding a work slot; a caller that gives up while waiting gets its
+// context's status.
+func TestSigningWaitsForWorkSlot(t *testing.T) {
+	store, err := state.New(state.Config{})
+	require.NoError(t, err)
+	cl := &storeCluster{store: store}
+	work := cpuslots.New(1)
+	a, err := NewAgent(AgentConfig{Cluster: cl, Store: store, Signer: noSigner{}, TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), Work: work})
+	require.NoError(t, err)
+	agent := "spiffe://example.org/spire/agent/a"
+	res, err := cl.Apply(context.Background(), &ferrypb.Command{Op: &ferrypb.Command_NodePut{NodePut: &ferrypb.NodePut{Node: &ferrypb.AttestedNode{
+		SpiffeId: agent, AttestationType: "test", CertSerial: "7", CertNotAfter: time.Now().Add(time.Hour).Unix()}}}})
+	require.NoError(t, err)
+	require.EqualValues(t, codes.OK, res.GetStatus().GetCode())
+
+	require.NoError(t, work.Acquire(context.Background()))
+	ctx, cancel := context.WithCancel(agentPeer(t, agent, 7))
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := a.RenewAgent(ctx, &ferrypb.RenewAgentRequest{Csr: []byte("not a CSR")})
+		done <- err
+	}()
+	require.Eventually(t, func() bool { return work.Waiting() == 1 }, 30*time.Second, time.Millisecond, "the renewal never waited for a work slot")
+	work.Release()
+	require.Equal(t, codes.InvalidArgument, status.Code(<-done), "the CSR is parsed once the slot is free")
+
+	require.NoError(t, work.Acquire(context.Background()))
+	go func() {
+		_, err := a.RenewAgent(ctx, &ferrypb.RenewAgentRequest{Csr: []byte("not a CSR")})
+		done <- err
+	}()
+	require.Eventually(t, func() bool { return work.Waiting() == 1 }, 30*time.Second, time.Millisecond)
+	cancel()
+	require.Equal(t, codes.Canceled, status.Code(<-done))
+	work.Release()
 }

@@ -30,6 +30,7 @@
 //	SCALE_AGENT_TTL           agent SVID lifetime (1h; renewed at half)
 //	SCALE_SVID_TTL            workload SVID lifetime in seconds (0: the server's default)
 //	SCALE_REST_SECONDS        the at-rest CPU window (10)
-//	SCALE_PROFILE             save the server's heap profile at rest and a CPU profile during the writes here
+//	SCALE_RAFT_MULTIPLIER     the servers' cluster.raft_multiplier (0: their default, 1)
+//	SCALE_PROFILE             save the servers' heap profile at rest, CPU profiles (rest, fan-out, writes, failover, restart) and logs here
 //	SCALE_OUT                 also write the figures as JSON to this file
 package scale

@@ -37,6 +37,7 @@ type config struct {
 	AgentTTL        string  // SCALE_AGENT_TTL: agent SVID lifetime (renewed at half)
 	SVIDTTL         int     // SCALE_SVID_TTL: workload X509-SVID lifetime, seconds (0 = server default)
 	Rest            time.Duration
+	RaftMultiplier  int    // SCALE_RAFT_MULTIPLIER: the servers' cluster.raft_multiplier (0: their default)
 	Out             string // SCALE_OUT: figures as JSON
 	Profile         string // SCALE_PROFILE: directory for the server's heap (at rest) and CPU (writes) profiles
 }
@@ -52,8 +53,9 @@ func loadConfig(t testing.TB) config {
 		Writes: envInt(t, "SCALE_WRITES", 300), Writers: envInt(t, "SCALE_WRITERS", 8),
 		AttestParallel: envInt(t, "SCALE_ATTEST_PARALLEL", 64), StormCSRs: envInt(t, "SCALE_STORM_CSRS", 1),
 		AgentTTL: envStr("SCALE_AGENT_TTL", "1h"), SVIDTTL: envInt(t, "SCALE_SVID_TTL", 0),
-		Rest: time.Duration(envInt(t, "SCALE_REST_SECONDS", 10)) * time.Second,
-		Out:  os.Getenv("SCALE_OUT"), Profile: os.Getenv("SCALE_PROFILE"),
+		Rest:           time.Duration(envInt(t, "SCALE_REST_SECONDS", 10)) * time.Second,
+		RaftMultiplier: envInt(t, "SCALE_RAFT_MULTIPLIER", 0),
+		Out:            os.Getenv("SCALE_OUT"), Profile: os.Getenv("SCALE_PROFILE"),
 	}
 	if c.EntriesPerAgent < 1 {
 		t.Fatal("SCALE_ENTRIES_PER_AGENT must be at least 1 (the workload uses the first)")
@@ -224,9 +226,9 @@ func loadAvg() string {
 
 func (r *report) print(t testing.TB) {
 	var b strings.Builder
-	fmt.Fprintf(&b, "\nferry scale: %d node(s), %d agents (%.0f%% join token), %d entries per agent, %d groups x %d, %d fleet, %d idle; load average %s -> %s\n\n",
+	fmt.Fprintf(&b, "\nferry scale: %d node(s), %d agents (%.0f%% join token), %d entries per agent, %d groups x %d, %d fleet, %d idle; raft_multiplier %d; load average %s -> %s\n\n",
 		r.Config.Nodes, r.Config.Agents, 100*r.Config.JoinShare, r.Config.EntriesPerAgent, r.Config.Groups, r.Config.GroupEntries,
-		r.Config.FleetEntries, r.Config.IdleEntries, r.Load, loadAvg())
+		r.Config.FleetEntries, r.Config.IdleEntries, max(r.Config.RaftMultiplier, 1), r.Load, loadAvg())
 	fmt.Fprintf(&b, "| figure | value | target |\n|---|---|---|\n")
 	for _, row := range r.Rows {
 		fmt.Fprintf(&b, "| %s | %s | %s |\n", row[0], row[1], row[2])

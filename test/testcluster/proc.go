@@ -115,3 +115,24 @@ func (n *Node) ReadyErr() error {
 	}
 	return nil
 }
+
+// Metric returns the value of the unlabelled metric name from the node's
+// /metrics (Prometheus text format).
+func (n *Node) Metric(name string) (float64, error) {
+	cl := http.Client{Timeout: time.Minute}
+	resp, err := cl.Get("http://" + n.HealthAddr + "/metrics")
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			return strconv.ParseFloat(strings.TrimSpace(v), 64)
+		}
+	}
+	return 0, fmt.Errorf("testcluster: no metric %s on %s", name, n.ID)
+}

@@ -61,6 +61,7 @@ type Options struct {
 	SnapshotThreshold int
 	TrailingLogs      int
 	SnapshotInterval  string
+	RaftMultiplier    int    // cluster.raft_multiplier; 0 = the server's default
 	LogLevel          string // default debug
 	AgentLogLevel     string // agents' log_level; default debug
 	// AdminTCP also serves the admin services over mutual TLS (admin_addr).
@@ -207,6 +208,9 @@ func (c *Cluster) writeNode(id string, bootstrap bool, caDir, joinAddr string) *
 	}
 	if c.Opts.SnapshotInterval != "" {
 		fmt.Fprintf(&extra, "    snapshot_interval = %q\n", c.Opts.SnapshotInterval)
+	}
+	if c.Opts.RaftMultiplier > 0 {
+		fmt.Fprintf(&extra, "    raft_multiplier = %d\n", c.Opts.RaftMultiplier)
 	}
 	if c.Opts.AdvertiseAddr != nil {
 		fmt.Fprintf(&extra, "    advertise_addr = %q\n", c.Opts.AdvertiseAddr(id, n.ClusterAddr))
