@@ -212,7 +212,8 @@ func (c *Conn) readLoop() {
 				c.mu.Unlock()
 			}
 		case *http2.GoAwayFrame:
-			c.markSettled()
+			// Recorded before Settled fires: a reader woken by it reads
+			// these figures (it once read an empty LastGoAway).
 			c.stats.GoAways.Add(1)
 			if f.ErrCode == http2.ErrCodeEnhanceYourCalm {
 				c.stats.Refusals.Add(1)
@@ -220,6 +221,7 @@ func (c *Conn) readLoop() {
 			c.stats.mu.Lock()
 			c.stats.lastGoAway = f.ErrCode.String() + " " + string(f.DebugData())
 			c.stats.mu.Unlock()
+			c.markSettled()
 		case *http2.RSTStreamFrame:
 			c.stats.Resets.Add(1)
 			c.mu.Lock()
