@@ -20,7 +20,9 @@ import (
 // of what exists. So every listener but the admin socket accepts connections
 // only once the node has caught up, and the admin services wait for it too,
 // except those that manage membership, which a node outside any cluster must
-// answer to get into one.
+// answer to get into one. The listeners that present a server SVID (agent
+// API, OIDC, bundle endpoint) also wait for the CA to be able to sign it
+// (Server.signing).
 
 // servedBeforeCaughtUp are the admin methods that do not wait: membership
 // and disaster recovery, and those that say how the node is (health, info,

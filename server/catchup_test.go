@@ -118,6 +118,13 @@ func TestCaughtUpServes(t *testing.T) {
 	defer cancel()
 	_, err := ferrypb.NewDirectoryClient(conn).ListTenants(ctx, &ferrypb.ListTenantsRequest{})
 	require.NoError(t, err)
+	// Ready also waits for the CA's first authorities, published through
+	// the log after catching up.
+	select {
+	case <-srv.Serving():
+	case <-time.After(30 * time.Second):
+		t.Fatal("a one-node cluster was not serving in 30 s")
+	}
 	code, _ := get(t, "http://"+health+"/ready")
 	require.Equal(t, http.StatusOK, code)
 }

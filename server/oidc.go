@@ -298,7 +298,7 @@ func (s *Server) startOIDC(authority *ca.CA, errc chan<- error) (*http.Server, e
 		ErrorLog:          slog.NewLogLogger(s.log.With("component", "oidc").Handler(), slog.LevelDebug),
 	}
 	go func() {
-		if err := hs.ServeTLS(gate(lis, s.caughtUp), "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := hs.ServeTLS(gate(lis, s.signing), "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			errc <- fmt.Errorf("oidc: %w", err)
 		}
 	}()

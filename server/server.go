@@ -60,7 +60,8 @@ type Config struct {
 	// in $RUNTIME_DIRECTORY, else in /run/ferry/server.
 	AdminSocket string
 	// HealthAddr serves /live, /ready and /metrics over plain HTTP; empty disables it.
-	// /ready is 200 once the node has caught up with the log (CaughtUp) and knows a leader.
+	// /ready is 200 once the node has caught up with the log (CaughtUp), knows a
+	// leader and its CA can sign (ca.CA.SigningErr).
 	HealthAddr string
 	// Profiling serves Go's /debug/pprof on the health listener.
 	Profiling bool
@@ -153,6 +154,11 @@ type Server struct {
 	ready     chan struct{}
 	serving   chan struct{}
 	caughtUp  chan struct{}
+	// signing is closed once the node has caught up and its CA can sign
+	// (ca.CA.Signing): listeners that present a server SVID accept from
+	// then on. authority is set before ready is closed.
+	signing   chan struct{}
+	authority *ca.CA
 	started   time.Time
 }
 
@@ -173,7 +179,7 @@ func New(cfg Config) (*Server, error) {
 	return &Server{cfg: cfg, log: log, store: store, metrics: prometheus.NewRegistry(),
 		memReleased: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_memory_released_total",
 			Help: "Times the server returned free memory to the system after a burst of writes (see server/memory.go)."}),
-		ready: make(chan struct{}), serving: make(chan struct{}), caughtUp: make(chan struct{}), started: time.Now()}, nil
+		ready: make(chan struct{}), serving: make(chan struct{}), caughtUp: make(chan struct{}), signing: make(chan struct{}), started: time.Now()}, nil
 }
 
 func (s *Server) listen(network, address string) (net.Listener, error) {
@@ -191,9 +197,10 @@ func (s *Server) Store() *state.Store { return s.store }
 func (s *Server) Ready() <-chan struct{} { return s.ready }
 
 // Serving is closed the first time the node is what /ready reports
-// (readiness): every listener up, caught up with the cluster's log and a
-// leader known, so writes and agent attestation can be served. A node that joins a cluster later becomes
-// serving when it has joined.
+// (readiness): every listener up, caught up with the cluster's log, a
+// leader known and the CA able to sign, so writes and agent attestation can
+// be served. A node that joins a cluster later becomes serving when it has
+// joined.
 func (s *Server) Serving() <-chan struct{} { return s.serving }
 
 // watchServing closes Serving once readiness holds.
@@ -283,6 +290,17 @@ func (s *Server) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	s.authority = authority
+	go func() {
+		for _, ch := range []<-chan struct{}{s.caughtUp, authority.Signing()} {
+			select {
+			case <-ch:
+			case <-ctx.Done():
+				return
+			}
+		}
+		close(s.signing)
+	}()
 	admin, err := api.NewAdmin(api.Config{Cluster: clusterAPI{node, s.store}, Store: s.store, Logger: s.log.With("component", "admin"),
 		Authority: authority, TrustDomain: s.cfg.TrustDomain, JWTIssuer: s.cfg.CA.JWTIssuer,
 		Selectors: catalog.Selectors().Enable(selector.Node, agentAPI.Attestors()...),
@@ -330,7 +348,7 @@ func (s *Server) Run(ctx context.Context) error {
 
 	errc := make(chan error, 5)
 	go func() { errc <- gs.Serve(lis) }()
-	go func() { errc <- ags.Serve(gate(agentLis, s.caughtUp)) }()
+	go func() { errc <- ags.Serve(gate(agentLis, s.signing)) }()
 	oidcSrv, err := s.startOIDC(authority, errc)
 	if err != nil {
 		gs.Stop()
@@ -654,6 +672,9 @@ func (s *Server) readiness() error {
 	if id, _ := s.node.Leader(); id == "" {
 		return errors.New("no cluster leader known")
 	}
+	if err := s.authority.SigningErr(); err != nil {
+		return fmt.Errorf("the CA cannot sign yet: %w", err)
+	}
 	return nil
 }
 
@@ -790,7 +811,7 @@ func (s *Server) startFederation(ctx context.Context, refresher *federation.Refr
 		return fmt.Errorf("server: bundle endpoint listener: %w", err)
 	}
 	go func() {
-		if err := ep.Serve(ctx, gate(lis, s.caughtUp)); err != nil {
+		if err := ep.Serve(ctx, gate(lis, s.signing)); err != nil {
 			errc <- err
 		}
 	}()

@@ -539,4 +539,28 @@ func (c *CA) installSigners() {
 	} else {
 		c.jwtActive.Store(nil)
 	}
+	if c.SigningErr() == nil {
+		c.signingOnce.Do(func() { close(c.signing) })
+	}
+}
+
+// Signing is closed the first time the CA can sign: an X.509 and a JWT
+// authority are both active and unexpired. On a fresh data dir that is after
+// the first Rotate has published and activated them; on a restart it is as
+// soon as New has loaded them, unless they expired while the node was down.
+// Listeners that present a server SVID wait for it, so no client is refused
+// a handshake because the first authority is still being published.
+func (c *CA) Signing() <-chan struct{} { return c.signing }
+
+// SigningErr is nil when the CA can sign now, else ErrNoAuthority saying
+// which kind of authority is missing or expired.
+func (c *CA) SigningErr() error {
+	now := c.now()
+	if s := c.x509Active.Load(); s == nil || !now.Before(s.cert.NotAfter) {
+		return fmt.Errorf("%w: no unexpired X.509 authority", ErrNoAuthority)
+	}
+	if s := c.jwtActive.Load(); s == nil || !now.Before(s.notAfter) {
+		return fmt.Errorf("%w: no unexpired JWT authority", ErrNoAuthority)
+	}
+	return nil
 }

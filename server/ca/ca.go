@@ -196,6 +196,11 @@ type CA struct {
 
 	x509Active atomic.Pointer[x509Signer]
 	jwtActive  atomic.Pointer[jwtSigner]
+
+	// signing is closed the first time both an X.509 and a JWT authority
+	// are active and unexpired (see Signing).
+	signing     chan struct{}
+	signingOnce sync.Once
 }
 
 // New validates cfg, prepares the data directory and reloads any persisted
@@ -226,6 +231,7 @@ func New(cfg Config) (*CA, error) {
 		issuer:    cfg.JWTIssuer,
 		interval:  orDefault(cfg.RotateInterval, DefaultRotateInterval),
 		prune:     orDefault(cfg.PruneAfter, DefaultPruneAfter),
+		signing:   make(chan struct{}),
 	}
 	c.jwtKeyTTL = orDefault(cfg.JWTKeyTTL, c.caTTL)
 	if c.log == nil {

@@ -341,3 +341,47 @@ func TestSigningDuringRotation(t *testing.T) {
 		require.NoError(t, <-errs)
 	}
 }
+
+// closed reports whether ch is closed.
+func closed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+// TestSigningSignal: Signing is what the server's TLS listeners wait for
+// before they accept. It closes only once both kinds of authority are
+// active and unexpired: after the first Rotate on a fresh data dir, at once
+// on a restart, and only after Rotate on a restart past the authorities' end.
+func TestSigningSignal(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, nil)
+	e.pub.block = make(chan struct{})
+	e.pub.entered = make(chan string, 16)
+	done := make(chan error, 1)
+	go func() { done <- e.ca.Rotate(ctx) }()
+	assert.Equal(t, "publish-x509", <-e.pub.entered)
+	assert.False(t, closed(e.ca.Signing()), "fresh CA, first authority still being published")
+	require.ErrorIs(t, e.ca.SigningErr(), ca.ErrNoAuthority)
+	close(e.pub.block)
+	require.NoError(t, <-done)
+	assert.True(t, closed(e.ca.Signing()), "after the first Rotate")
+	require.NoError(t, e.ca.SigningErr())
+
+	e.reopen(t)
+	assert.True(t, closed(e.ca.Signing()), "a restart loads its active authorities")
+	require.NoError(t, e.ca.SigningErr())
+
+	old := e.active(t, ca.KindX509)
+	e.clock.Set(old.NotAfter.Add(time.Hour))
+	require.ErrorContains(t, e.ca.SigningErr(), "no unexpired X.509 authority", "expired while running")
+	e.reopen(t)
+	assert.False(t, closed(e.ca.Signing()), "a restart past the authorities' end waits for new ones")
+	require.ErrorIs(t, e.ca.SigningErr(), ca.ErrNoAuthority)
+	require.NoError(t, e.ca.Rotate(ctx))
+	assert.True(t, closed(e.ca.Signing()))
+	require.NoError(t, e.ca.SigningErr())
+}
