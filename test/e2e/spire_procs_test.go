@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferry-id/ferry/test/freeport"
 	"github.com/ferry-id/ferry/test/testcluster"
 )
 
@@ -274,14 +275,8 @@ func (a *spireAgent) waitSocket(t testing.TB) {
 	t.Fatalf("spire-agent: socket not ready:\n%s", a.logTail(40))
 }
 
-// freePort returns a loopback TCP port free at the time of the call.
+// freePort returns a loopback TCP port reserved for this test binary.
 func freePort(t testing.TB) int {
 	t.Helper()
-	_, port, err := net.SplitHostPort(testcluster.FreeAddr(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n int
-	fmt.Sscan(port, &n)
-	return n
+	return freeport.Port(t)
 }

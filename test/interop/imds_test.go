@@ -29,6 +29,8 @@ import (
 	"github.com/AzureAD/microsoft-authentication-library-for-go/apps/managedidentity"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/ferry-id/ferry/test/freeport"
 )
 
 // The managed-identity endpoint is tested against an agent process of its
@@ -289,11 +291,10 @@ func setupIMDSAgent(tb testing.TB) (*imdsAgent, error) {
 	}
 }
 
+// freePort is a loopback TCP port reserved for this test binary.
 func freePort(tb testing.TB) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(tb, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	tb.Helper()
+	return freeport.Port(tb)
 }
 
 // clientResult is what a client child prints.

@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/ferry-id/ferry/proto/ferrypb"
+	"github.com/ferry-id/ferry/test/freeport"
 )
 
 var (
@@ -487,28 +488,10 @@ func (c *Cluster) cleanup() {
 	}
 }
 
-var (
-	portsMu sync.Mutex
-	given   = map[string]bool{}
-)
-
-// FreeAddr returns a loopback address with a port free at the time of the call,
-// never the same one twice in a test binary (a stopped node's port may be free
-// again, but it is still that node's).
+// FreeAddr returns a loopback address whose port is reserved for this test
+// binary (see freeport): free now, never handed out twice, and not taken by
+// another process while a stopped node that owns it is down.
 func FreeAddr(t testing.TB) string {
 	t.Helper()
-	portsMu.Lock()
-	defer portsMu.Unlock()
-	for {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		addr := l.Addr().String()
-		l.Close()
-		if !given[addr] {
-			given[addr] = true
-			return addr
-		}
-	}
+	return freeport.Addr(t)
 }

@@ -18,13 +18,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
+
+	"github.com/ferry-id/ferry/test/freeport"
 )
 
 // proc is one program under test, its output in dir/name.log.
@@ -99,26 +100,10 @@ func run(bin string, env []string, args ...string) (string, error) {
 	return string(out), nil
 }
 
-var (
-	portsMu sync.Mutex
-	ports   = map[string]bool{}
-)
-
-// freeAddr is a loopback address with a port free now, never the same twice.
+// freeAddr is a loopback address with a port reserved for this test binary.
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	portsMu.Lock()
-	defer portsMu.Unlock()
-	for {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		require.NoError(t, err)
-		addr := l.Addr().String()
-		l.Close()
-		if !ports[addr] {
-			ports[addr] = true
-			return addr
-		}
-	}
+	return freeport.Addr(t)
 }
 
 // webPKI is a stand-in for a public CA: bundle endpoints of the https_web
