@@ -32,7 +32,7 @@ type Agent struct {
 	uid  uint32
 	mu   sync.Mutex
 	cmd  *exec.Cmd
-	done chan struct{}
+	done <-chan struct{}
 }
 
 // SocketAddr is the Workload API address as SPIFFE_ENDPOINT_SOCKET takes it.
@@ -236,17 +236,11 @@ func (a *Agent) Start() {
 func (a *Agent) Spawn() <-chan struct{} {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	logf, err := os.OpenFile(filepath.Join(a.Dir, "agent.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	cmd := a.Command()
+	done, err := StartLogged(cmd, filepath.Join(a.Dir, "agent.log"))
 	if err != nil {
 		a.c.t.Fatal(err)
 	}
-	cmd := a.Command()
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		a.c.t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); logf.Close(); close(done) }()
 	a.cmd, a.done = cmd, done
 	return done
 }
@@ -285,13 +279,7 @@ func (a *Agent) Stop() {
 	if cmd == nil {
 		return
 	}
-	_ = cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		_ = cmd.Process.Kill()
-		<-done
-	}
+	StopProcess(cmd, done, syscall.SIGTERM, 10*time.Second)
 	if a.c.t.Failed() {
 		a.c.t.Logf("==== agent %s\n%s", a.Name, a.LogTail(60))
 	}

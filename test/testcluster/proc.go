@@ -6,10 +6,41 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
+
+// StartLogged starts cmd with its output appended to the file at log
+// (created 0600) and returns a channel closed once the process has exited.
+func StartLogged(cmd *exec.Cmd, log string) (<-chan struct{}, error) {
+	logf, err := os.OpenFile(log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, err
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); logf.Close(); close(done) }()
+	return done, nil
+}
+
+// StopProcess sends sig to a process StartLogged started and waits until it
+// has exited (done), killing it if it is still running after grace.
+func StopProcess(cmd *exec.Cmd, done <-chan struct{}, sig syscall.Signal, grace time.Duration) {
+	_ = cmd.Process.Signal(sig)
+	select {
+	case <-done:
+	case <-time.After(grace):
+		_ = cmd.Process.Kill()
+		<-done
+	}
+}
 
 // ProcRSS returns the resident set (VmRSS) of process pid, in bytes.
 func ProcRSS(pid int) (int64, error) {

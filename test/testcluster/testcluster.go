@@ -108,7 +108,7 @@ type Node struct {
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
-	done chan struct{}
+	done <-chan struct{}
 	conn *grpc.ClientConn
 }
 
@@ -284,22 +284,16 @@ func (n *Node) Start() {
 	if n.cmd != nil {
 		n.c.t.Fatalf("node %s already running", n.ID)
 	}
-	logf, err := os.OpenFile(filepath.Join(n.Dir, "server.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		n.c.t.Fatal(err)
-	}
 	bin := n.c.Bin
 	if n.Bin != "" {
 		bin = n.Bin
 	}
 	cmd := exec.Command(bin, "server", "run", "--config", n.Config)
-	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = append(os.Environ(), "FERRY_ADMIN_SOCKET=")
-	if err := cmd.Start(); err != nil {
+	done, err := StartLogged(cmd, filepath.Join(n.Dir, "server.log"))
+	if err != nil {
 		n.c.t.Fatal(err)
 	}
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); logf.Close(); close(done) }()
 	n.cmd, n.done = cmd, done
 	n.waitSocket(30 * time.Second)
 }
@@ -338,13 +332,7 @@ func (n *Node) signal(sig syscall.Signal) {
 	if cmd == nil {
 		return
 	}
-	_ = cmd.Process.Signal(sig)
-	select {
-	case <-done:
-	case <-time.After(20 * time.Second):
-		_ = cmd.Process.Kill()
-		<-done
-	}
+	StopProcess(cmd, done, sig, 20*time.Second)
 }
 
 // Running reports whether the node's process is up.
