@@ -24,6 +24,8 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/ferry-id/ferry/internal/securedir"
 )
 
 // lowest is the first port handed out: well above the ports services
@@ -91,8 +93,9 @@ func pick() (int, error) {
 }
 
 // initRange finds the ports below the ephemeral range and the directory of
-// lock files (the user's cache directory: private to the user, and not
-// cleaned while tests run, as a temp directory may be).
+// lock files (in the user's cache directory, which is not cleaned while
+// tests run, as a temp directory may be; securedir refuses one another user
+// could change).
 func initRange() error {
 	low := 32768 // Linux's default start of the ephemeral range
 	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
@@ -111,16 +114,5 @@ func initRange() error {
 		return err
 	}
 	dir = filepath.Join(base, "ferry-test-ports")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	fi, err := os.Lstat(dir)
-	if err != nil {
-		return err
-	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !fi.IsDir() || !ok || int(st.Uid) != os.Getuid() || fi.Mode().Perm()&0o022 != 0 {
-		return fmt.Errorf("%s is not a directory of ours that only we may write", dir)
-	}
-	return nil
+	return securedir.MkdirAll(dir, 0o700)
 }
